@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   reference agent + proxy + Envoy on the default ports
+#   make test   everything CI runs: buf lint, then the whole pytest suite
+# Each target creates .venv, installs the package and its tools, and generates the stubs.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+BUF    := build/tools/node_modules/.bin/buf
+
+.PHONY: demo test lint gen install system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# compat mode puts the checkout on sys.path, so stubs generated later import too.
+	$(BIN)/pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+install: $(STAMP)
+
+gen: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix build/tools @bufbuild/buf
+
+lint: gen $(BUF)
+	$(BUF) lint
+	@echo "buf lint: clean"
+
+# Debian packages the tests drive for real (headless Chromium). Skipped when present.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (Debian) for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+demo: gen
+	$(BIN)/aiproxy demo
+
+test: lint system-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build ai
