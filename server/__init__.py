@@ -1,0 +1,1 @@
+"""The aiproxy process: configuration, assembly, forwarding, upstream pool, health, CLI."""

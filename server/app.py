@@ -1,0 +1,107 @@
+"""Assembly of the proxy process: gRPC server, interceptors, forwarding, pool, health.
+
+Lifecycle: start() brings up the pool (which starts watching upstream health) and the
+listener; drain() is the SIGTERM path: NOT_SERVING first, an optional delay for load
+balancers to notice, then stop accepting and give calls in flight the grace period
+before they are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from interceptors.chain import server_interceptors
+from server.config import SERVICE_NAME, Settings, parse_hostport
+from server.forwarding import Forwarder
+from server.health import ProxyHealth
+from server.logs import log_event, print_ready
+from server.upstream import UpstreamPool
+
+log = logging.getLogger("aiproxy.server")
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    s = settings.server
+    return [
+        ("grpc.server.max_pending_requests", s.max_pending_requests),
+        ("grpc.server.max_pending_requests_hard_limit", s.max_pending_requests * 2),
+        ("grpc.max_concurrent_streams", s.max_concurrent_streams_per_connection),
+        ("grpc.max_receive_message_length", s.max_receive_message_bytes),
+        ("grpc.max_send_message_length", s.max_send_message_bytes),
+        # Let callers (Envoy, meshes) keep idle connections alive with pings.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class ProxyServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool = UpstreamPool(settings.upstream)
+        self.health = ProxyHealth(self.pool)
+        self.forwarder = Forwarder(self.pool, settings)
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        host, _ = parse_hostport(self.settings.server.listen)
+        return f"{host}:{self.port}" if ":" not in host else f"[{host}]:{self.port}"
+
+    async def start(self) -> int:
+        await self.pool.start()
+        self.health.refresh()
+        server = grpc.aio.server(
+            interceptors=server_interceptors(self.settings),
+            options=server_options(self.settings),
+        )
+        server.add_generic_rpc_handlers((self.forwarder.generic_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        self.port = server.add_insecure_port(self.settings.server.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.settings.server.listen}")
+        await server.start()
+        self._server = server
+        log_event(log, "proxy_started", address=self.address, upstreams=self.settings.upstream.endpoints)
+        return self.port
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, drain delay, stop accepting, grace, cancel."""
+        grace = self.settings.server.grace_period_s if grace_s is None else grace_s
+        log_event(log, "proxy_draining", grace_s=grace, drain_delay_s=self.settings.server.drain_delay_s)
+        await self.health.drain()
+        if self.settings.server.drain_delay_s:
+            await asyncio.sleep(self.settings.server.drain_delay_s)
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.pool.close()
+        log_event(log, "proxy_stopped")
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+async def run_proxy(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain. Prints the ready line once listening."""
+    proxy = ProxyServer(settings)
+    await proxy.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print_ready("proxy", proxy.address)
+    await stop.wait()
+    await proxy.drain()

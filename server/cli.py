@@ -1,0 +1,110 @@
+"""`aiproxy`: the one command line. Other tools and checks rely on these flags.
+
+  aiproxy agent --listen HOST:PORT [--enable-faults]
+  aiproxy serve --listen HOST:PORT --upstream HOST:PORT [--upstream ...] [--config FILE]
+  aiproxy check-config FILE
+  aiproxy demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+import yaml
+
+from server import logs
+from server.config import ConfigError, load_settings
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides.setdefault("server", {})["listen"] = args.listen
+    if args.upstream:
+        overrides.setdefault("upstream", {})["endpoints"] = args.upstream
+    if args.log_level:
+        overrides.setdefault("log", {})["level"] = args.log_level
+    return overrides
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import run_proxy
+
+    try:
+        settings = load_settings(args.config, **_serve_overrides(args))
+    except ConfigError as exc:
+        print(f"aiproxy: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log.level)
+    _run(run_proxy(settings))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file)
+    except ConfigError as exc:
+        print(f"aiproxy: {exc}", file=sys.stderr)
+        return 2
+    print(f"# {args.file}: valid. Effective settings (file + AIPROXY_* environment + defaults):")
+    print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from agent import cli as agent_cli
+
+    return agent_cli.run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from server.demo import run_demo
+
+    return run_demo(args)
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # optional: grpc.aio runs on the default loop too
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aiproxy", description="gRPC-native middle tier for AI agent services")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--listen", help="HOST:PORT for the gRPC listener (default 127.0.0.1:50051)")
+    serve.add_argument("--upstream", action="append", metavar="HOST:PORT", help="agent endpoint (repeatable)")
+    serve.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.set_defaults(func=cmd_serve)
+
+    agent = sub.add_parser("agent", help="run the reference AI agent service (the upstream)")
+    from agent import cli as agent_cli
+
+    agent_cli.add_arguments(agent)
+    agent.set_defaults(func=cmd_agent)
+
+    check = sub.add_parser("check-config", help="validate a config file and print the effective settings")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=cmd_check_config)
+
+    demo = sub.add_parser("demo", help="reference agent + proxy + Envoy on the default ports")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

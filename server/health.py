@@ -1,0 +1,55 @@
+"""The proxy's own grpc.health.v1: SERVING only while the pool has a usable endpoint.
+
+Statuses are kept for the server as a whole ("") and for ai.agent.v1.AgentService;
+Watch subscribers hear every change at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from grpc_health.v1 import health, health_pb2
+
+from server.config import SERVICE_NAME
+from server.upstream import UpstreamPool
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICES = ("", SERVICE_NAME)
+
+
+class ProxyHealth:
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self._pool = pool
+        self._draining = False
+        self._status: int | None = None
+        self._updates: set[asyncio.Task[None]] = set()
+        pool.add_listener(lambda _pool: self.refresh())
+
+    @property
+    def serving(self) -> bool:
+        return self._status == SERVING
+
+    def refresh(self) -> None:
+        serving = not self._draining and self._pool.usable_count > 0
+        status = SERVING if serving else NOT_SERVING
+        if status == self._status:
+            return
+        self._status = status
+        # The aio servicer's set() is a coroutine (it wakes Watch streams); updates are
+        # applied in order because each takes the same per-service condition lock FIFO.
+        task = asyncio.get_running_loop().create_task(self._apply(status))
+        self._updates.add(task)
+        task.add_done_callback(self._updates.discard)
+
+    async def _apply(self, status: int) -> None:
+        for service in SERVICES:
+            await self.servicer.set(service, status)
+
+    async def drain(self) -> None:
+        """Report NOT_SERVING for good: the process is shutting down."""
+        self._draining = True
+        self.refresh()
+        await asyncio.gather(*self._updates)
+        await self.servicer.enter_graceful_shutdown()

@@ -1,0 +1,156 @@
+"""The stream pump: upstream chunks to the caller, bounded, with heartbeats.
+
+A reader task pulls chunks from the upstream call into a bounded queue; the caller's
+side takes them out. A slow caller therefore fills the queue and then stops the reader,
+and gRPC flow control pushes back on the upstream: memory per stream stays bounded.
+The reader is a separate task because cancelling a pending grpc.aio read cancels the
+whole upstream call; the caller's side can wait on the queue with a timeout instead,
+which is how heartbeats and the idle timeout are measured.
+
+Every chunk the caller sees is renumbered (`seq`), since heartbeats and coalescing
+change how many chunks there are. Chunks that queued up behind a slow caller may be
+merged into one (the first chunk is never held back: merging only takes what is
+already waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from server.config import StreamSettings
+
+# Fields a chunk may carry and still be merged into the chunk before it.
+_MERGEABLE_FIELDS = frozenset({"delta", "seq"})
+
+
+class _End:
+    """Queue marker: the upstream stream ended; `error` is why, if it failed."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+
+class StreamIdle(Exception):
+    """The upstream sent nothing for the configured idle time."""
+
+    def __init__(self, idle_s: float) -> None:
+        super().__init__(f"upstream sent nothing for {idle_s:g} s")
+        self.idle_s = idle_s
+
+
+class StreamPump:
+    """Reads one upstream call and yields the caller's chunks.
+
+    Raises the upstream's error (or StreamIdle) after the chunks that preceded it;
+    turning that into an in-band error chunk is the caller's decision, because it
+    depends on whether anything was sent.
+    """
+
+    def __init__(self, upstream_call: Any, response_cls: type, settings: StreamSettings) -> None:
+        self._call = upstream_call
+        self._cls = response_cls
+        self._settings = settings
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.buffer_chunks)
+        self._reader: asyncio.Task[None] | None = None
+        self.seq = 0
+
+    async def _read(self) -> None:
+        put = self._queue.put
+        try:
+            async for chunk in self._call:
+                await put(chunk)
+            await put(_End(None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the upstream's status, delivered in order
+            await put(_End(exc))
+
+    def _next_seq(self) -> int:
+        seq = self.seq
+        self.seq += 1
+        return seq
+
+    async def chunks(self) -> AsyncIterator[Any]:
+        """The caller's chunks, in upstream order, renumbered, with heartbeats."""
+        queue = self._queue
+        heartbeat_s = self._settings.heartbeat_interval_s
+        idle_s = self._settings.idle_timeout_s
+        coalesce = self._settings.coalesce
+        self._reader = asyncio.create_task(self._read())
+        last_upstream = last_sent = time.monotonic()
+        held: Any = None  # an item taken while coalescing that could not be merged
+        try:
+            while True:
+                if held is not None:
+                    item, held = held, None
+                elif not queue.empty():
+                    item = queue.get_nowait()
+                else:
+                    item = await self._wait(last_upstream, last_sent, heartbeat_s, idle_s)
+                    if item is None:  # idle caller connection: heartbeat due
+                        last_sent = time.monotonic()
+                        yield self._cls(heartbeat=True, seq=self._next_seq())
+                        continue
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                if coalesce and not queue.empty() and _is_plain_delta(item):
+                    held = self._merge_waiting(item)
+                item.seq = self._next_seq()
+                last_upstream = last_sent = time.monotonic()
+                yield item
+        finally:
+            await self.aclose()
+
+    async def _wait(self, last_upstream: float, last_sent: float, heartbeat_s: float, idle_s: float) -> Any:
+        """Next queue item, or None when a heartbeat is due; StreamIdle past idle_s."""
+        idle_deadline = last_upstream + idle_s
+        wait = min(idle_deadline, last_sent + heartbeat_s) - time.monotonic()
+        try:
+            async with asyncio.timeout(max(wait, 0)):
+                return await self._queue.get()
+        except TimeoutError:
+            if time.monotonic() >= idle_deadline:
+                raise StreamIdle(idle_s) from None
+            return None
+
+    def _merge_waiting(self, chunk: Any) -> Any:
+        """Fold plain-delta chunks already queued behind `chunk` into it.
+
+        Returns the first queued item that could not be merged (or None); the caller
+        sends it next, so order is kept.
+        """
+        queue = self._queue
+        while not queue.empty():
+            nxt = queue.get_nowait()
+            if isinstance(nxt, _End) or not _is_plain_delta(nxt):
+                return nxt
+            chunk.delta += nxt.delta
+        return None
+
+    async def aclose(self) -> None:
+        """Stop reading and cancel the upstream call (a no-op once it has finished)."""
+        self._call.cancel()
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def _is_plain_delta(chunk: Any) -> bool:
+    return all(field.name in _MERGEABLE_FIELDS for field, _ in chunk.ListFields())
+
+
+def status_code_of(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code()
+    if isinstance(exc, StreamIdle):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,226 @@
+"""The upstream pool: one channel per agent endpoint, health from grpc.health.v1, P2C.
+
+Each endpoint keeps one grpc.aio channel for its whole life and a task that follows the
+endpoint's health with the standard Watch stream (falling back to periodic Check for
+servers without Watch). New calls go only to usable endpoints, chosen by
+power-of-two-choices on outstanding calls, so a slow replica receives less work. Calls
+in flight on an endpoint that turns unhealthy are left to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.config import UpstreamSettings
+from server.logs import log_event
+
+log = logging.getLogger("aiproxy.upstream")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+# The longest a call may still run on an endpoint removed from the pool (the agent-run
+# maximum deadline); the channel is closed after it.
+_RETIRE_GRACE_S = 300.0
+
+
+def channel_options(settings: UpstreamSettings) -> list[tuple[str, Any]]:
+    return [
+        # Keepalive pings notice a peer that vanished without closing the connection.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # A replica that comes back is reconnected to within seconds.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", int(settings.reconnect_backoff_max_s * 1000)),
+        # Each endpoint gets its own connection even when two resolve to one address.
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        # No transparent retries inside grpc: the proxy owns retry policy.
+        ("grpc.enable_retries", 0),
+    ]
+
+
+class Endpoint:
+    """One upstream replica: its channel, its health, its outstanding calls."""
+
+    def __init__(
+        self,
+        address: str,
+        settings: UpstreamSettings,
+        on_change: Callable[[Endpoint], None],
+    ) -> None:
+        self.address = address
+        self._settings = settings
+        self._on_change = on_change
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(settings))
+        self.serving = False
+        self.in_flight = 0
+        self.total_calls = 0
+        self._callables: dict[tuple[str, bool], Any] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.serving
+
+    def start(self) -> None:
+        self._watch_task = asyncio.create_task(self._follow_health(), name=f"health:{self.address}")
+
+    async def close(self, grace: float | None = None) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+        await self.channel.close(grace)
+
+    def unary_unary(self, path: str, serializer: Callable, deserializer: Callable) -> Any:
+        key = (path, False)
+        callable_ = self._callables.get(key)
+        if callable_ is None:
+            callable_ = self.channel.unary_unary(
+                path, request_serializer=serializer, response_deserializer=deserializer, _registered_method=True
+            )
+            self._callables[key] = callable_
+        return callable_
+
+    def unary_stream(self, path: str, serializer: Callable, deserializer: Callable) -> Any:
+        key = (path, True)
+        callable_ = self._callables.get(key)
+        if callable_ is None:
+            callable_ = self.channel.unary_stream(
+                path, request_serializer=serializer, response_deserializer=deserializer, _registered_method=True
+            )
+            self._callables[key] = callable_
+        return callable_
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "serving": self.serving,
+            "usable": self.usable,
+            "in_flight": self.in_flight,
+            "total_calls": self.total_calls,
+        }
+
+    def _set_serving(self, serving: bool, why: str) -> None:
+        if serving == self.serving:
+            return
+        self.serving = serving
+        log_event(log, "upstream_health", address=self.address, serving=serving, why=why)
+        self._on_change(self)
+
+    async def _follow_health(self) -> None:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        request = health_pb2.HealthCheckRequest(service=self._settings.health_service)
+        backoff = 0.05
+        while True:
+            try:
+                # wait_for_ready: while the endpoint is down the call waits for the channel
+                # to reconnect instead of failing in a tight loop.
+                async for response in stub.Watch(request, wait_for_ready=True):
+                    backoff = 0.05
+                    self._set_serving(response.status == SERVING, "watch")
+                self._set_serving(False, "watch stream ended")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    await self._poll_health(stub, request)
+                    return
+                self._set_serving(False, f"watch failed: {exc.code().name}")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _poll_health(self, stub: health_pb2_grpc.HealthStub, request: Any) -> None:
+        """For servers without Watch: Check every health_check_interval_s."""
+        interval = self._settings.health_check_interval_s
+        while True:
+            try:
+                response = await stub.Check(request, timeout=interval, wait_for_ready=True)
+                self._set_serving(response.status == SERVING, "check")
+            except grpc.aio.AioRpcError as exc:
+                self._set_serving(False, f"check failed: {exc.code().name}")
+            await asyncio.sleep(interval)
+
+
+class UpstreamPool:
+    """The set of endpoints calls are balanced over."""
+
+    def __init__(self, settings: UpstreamSettings, *, rng: random.Random | None = None) -> None:
+        self._settings = settings
+        self._rng = rng or random.Random()
+        self.endpoints: dict[str, Endpoint] = {}
+        self._listeners: list[Callable[[UpstreamPool], None]] = []
+        self._usable: list[Endpoint] = []
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def add_listener(self, listener: Callable[[UpstreamPool], None]) -> None:
+        """Called whenever the set of usable endpoints may have changed."""
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        await self.set_addresses(self._settings.endpoints)
+
+    async def set_addresses(self, addresses: Iterable[str]) -> None:
+        """Add new endpoints and retire missing ones (their calls in flight finish)."""
+        wanted = list(dict.fromkeys(addresses))
+        for address in wanted:
+            if address not in self.endpoints:
+                endpoint = Endpoint(address, self._settings, self._endpoint_changed)
+                self.endpoints[address] = endpoint
+                endpoint.start()
+                log_event(log, "upstream_added", address=address)
+        retired = [ep for addr, ep in self.endpoints.items() if addr not in wanted]
+        for endpoint in retired:
+            del self.endpoints[endpoint.address]
+            log_event(log, "upstream_removed", address=endpoint.address)
+        self._refresh()
+        for endpoint in retired:
+            # Calls already on a retired endpoint may run to their own deadline; the
+            # caller of set_addresses (the resolver) does not wait for them.
+            task = asyncio.create_task(endpoint.close(grace=_RETIRE_GRACE_S))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def close(self) -> None:
+        endpoints, self.endpoints = list(self.endpoints.values()), {}
+        self._refresh()
+        await asyncio.gather(*(ep.close() for ep in endpoints), *self._retiring, return_exceptions=True)
+
+    @property
+    def usable_count(self) -> int:
+        return len(self._usable)
+
+    def pick(self, exclude: frozenset[str] | set[str] = frozenset()) -> Endpoint | None:
+        """Power of two choices on outstanding calls among usable endpoints.
+
+        `exclude` holds endpoints a retry should avoid; if nothing else is usable they
+        are still better than failing the call.
+        """
+        candidates = self._usable
+        if exclude:
+            others = [ep for ep in candidates if ep.address not in exclude]
+            candidates = others or candidates
+        n = len(candidates)
+        if n == 0:
+            return None
+        if n == 1:
+            return candidates[0]
+        a, b = self._rng.sample(candidates, 2)
+        return a if a.in_flight <= b.in_flight else b
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [ep.snapshot() for ep in self.endpoints.values()]
+
+    def _endpoint_changed(self, _endpoint: Endpoint) -> None:
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._usable = [ep for ep in self.endpoints.values() if ep.usable]
+        for listener in self._listeners:
+            listener(self)

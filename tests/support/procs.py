@@ -1,0 +1,132 @@
+"""Real processes for integration tests: start on port 0, wait until ready, stop by PID.
+
+Every aiproxy server command (`aiproxy agent|serve|envoy`) prints one JSON line on stdout
+when it is ready, e.g. {"event": "listening", "service": "agent", "address": "127.0.0.1:41234"}.
+Its logs are JSON lines on stderr; tests read them back with `log_events()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+_BIN = pathlib.Path(sys.executable).parent
+
+
+def aiproxy_argv(*args: str) -> list[str]:
+    """The `aiproxy` console script, exactly as users and containers run it."""
+    script = _BIN / "aiproxy"
+    if script.exists():
+        return [str(script), *args]
+    found = shutil.which("aiproxy")
+    if found:
+        return [found, *args]
+    return [sys.executable, "-m", "server.cli", *args]
+
+
+class ServiceProcess:
+    """One child process whose readiness is a JSON line on stdout."""
+
+    def __init__(self, argv: list[str], *, env: dict[str, str] | None = None, name: str = "") -> None:
+        self.argv = argv
+        self.name = name or pathlib.Path(argv[0]).name
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._dir = tempfile.TemporaryDirectory(prefix=f"aiproxy-{self.name}-")
+        self.stdout_path = pathlib.Path(self._dir.name) / "stdout"
+        self.stderr_path = pathlib.Path(self._dir.name) / "stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready: dict[str, Any] = {}
+
+    @property
+    def address(self) -> str:
+        return str(self.ready["address"])
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> "ServiceProcess":
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self._env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.stdout_lines():
+                if line.get("event") == "listening":
+                    self.ready = line
+                    return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode} before it was ready:\n"
+                    f"{self.stderr_text()[-4000:]}"
+                )
+            time.sleep(0.02)
+        self.stop()
+        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.stderr_text()[-4000:]}")
+
+    def stdout_lines(self) -> list[dict[str, Any]]:
+        return _json_lines(self.stdout_path)
+
+    def stderr_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def log_events(self, event: str | None = None) -> list[dict[str, Any]]:
+        """Structured log lines from stderr, optionally only those with this `event`."""
+        lines = _json_lines(self.stderr_path)
+        return [line for line in lines if event is None or line.get("event") == event]
+
+    def wait_for_log(self, predicate: Any, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log_events():
+                if predicate(line):
+                    return line
+            time.sleep(0.01)
+        raise TimeoutError(f"no matching log line from {self.name}:\n{self.stderr_text()[-4000:]}")
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time. Only our own child."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        self.stop()
+        self._dir.cleanup()
+
+
+def _json_lines(path: pathlib.Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for raw in path.read_text(errors="replace").splitlines():
+        raw = raw.strip()
+        if raw.startswith("{"):
+            try:
+                out.append(json.loads(raw))
+            except json.JSONDecodeError:
+                continue  # a line still being written
+    return out

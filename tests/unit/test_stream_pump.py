@@ -1,0 +1,137 @@
+"""StreamPump: ordering, renumbering, coalescing, heartbeats, idle timeout, cancellation.
+
+The upstream is a fake async iterator (pure logic: the pump's contract with grpc.aio is
+just async iteration and cancel()); the integration tests drive the real thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ai.agent.v1 import agent_service_pb2 as pb
+from server.config import StreamSettings
+from server.streaming import StreamIdle, StreamPump
+
+
+class FakeUpstream:
+    """Yields scripted items; an item that is a float sleeps that long first."""
+
+    def __init__(self, script: list, error: BaseException | None = None) -> None:
+        self.script = script
+        self.error = error
+        self.cancelled = False
+        self.sent = 0
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+    async def __aiter__(self):
+        for item in self.script:
+            if isinstance(item, float):
+                await asyncio.sleep(item)
+                continue
+            self.sent += 1
+            yield item
+        if self.error is not None:
+            raise self.error
+
+
+def chunk(delta: str = "", **fields) -> pb.StreamGenerateResponse:
+    return pb.StreamGenerateResponse(delta=delta, **fields)
+
+
+def settings(**overrides) -> StreamSettings:
+    return StreamSettings(**{"heartbeat_interval_s": 10.0, "idle_timeout_s": 10.0, **overrides})
+
+
+async def collect(pump: StreamPump, *, delay: float = 0.0) -> list:
+    out = []
+    async for item in pump.chunks():
+        out.append(item)
+        if delay:
+            await asyncio.sleep(delay)
+    return out
+
+
+async def test_passes_chunks_in_order_and_renumbers_seq() -> None:
+    upstream = FakeUpstream([chunk("a", seq=7, model="m"), chunk("b", seq=9), chunk("", is_final=True)])
+    out = await collect(StreamPump(upstream, pb.StreamGenerateResponse, settings(coalesce=False)))
+    assert [c.delta for c in out] == ["a", "b", ""]
+    assert [c.seq for c in out] == [0, 1, 2]
+    assert out[-1].is_final and out[0].model == "m"
+
+
+async def test_coalesces_only_plain_deltas_already_waiting() -> None:
+    script = [chunk("first", model="m")] + [chunk(f"{i} ") for i in range(20)] + [chunk("", is_final=True)]
+    upstream = FakeUpstream(script)
+    # A slow caller lets chunks queue up behind the first one.
+    out = await collect(StreamPump(upstream, pb.StreamGenerateResponse, settings()), delay=0.01)
+    assert out[0].delta == "first"  # never held back
+    assert "".join(c.delta for c in out) == "first" + "".join(f"{i} " for i in range(20))
+    assert len(out) < len(script)
+    assert out[-1].is_final and [c.seq for c in out] == list(range(len(out)))
+
+
+async def test_heartbeat_when_upstream_is_quiet() -> None:
+    upstream = FakeUpstream([chunk("a"), 0.25, chunk("b"), chunk("", is_final=True)])
+    out = await collect(StreamPump(upstream, pb.StreamGenerateResponse, settings(heartbeat_interval_s=0.1)))
+    heartbeats = [c for c in out if c.heartbeat]
+    assert heartbeats, "expected at least one heartbeat during the 250 ms pause"
+    assert [c.delta for c in out if not c.heartbeat] == ["a", "b", ""]
+    assert [c.seq for c in out] == list(range(len(out)))
+
+
+async def test_idle_upstream_ends_stream() -> None:
+    upstream = FakeUpstream([chunk("a"), 5.0, chunk("never")])
+    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings(idle_timeout_s=0.1, heartbeat_interval_s=0.04))
+    out = []
+    with pytest.raises(StreamIdle):
+        async for item in pump.chunks():
+            out.append(item)
+    assert out[0].delta == "a"
+    assert upstream.cancelled
+
+
+async def test_upstream_error_after_chunks_is_raised_in_order() -> None:
+    upstream = FakeUpstream([chunk("a"), chunk("b")], error=RuntimeError("boom"))
+    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings(coalesce=False))
+    out = []
+    with pytest.raises(RuntimeError, match="boom"):
+        async for item in pump.chunks():
+            out.append(item.delta)
+    assert out == ["a", "b"]
+
+
+async def test_bounded_buffer_backpressures_the_upstream() -> None:
+    upstream = FakeUpstream([chunk(str(i)) for i in range(1000)] + [chunk("", is_final=True)])
+    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings(buffer_chunks=5, coalesce=False))
+    chunks = pump.chunks()
+    first = await chunks.__anext__()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    # The reader stops when the queue is full: at most buffer + the chunk in hand + one
+    # blocked in put().
+    assert first.delta == "0"
+    assert upstream.sent <= 5 + 2
+    await chunks.aclose()
+    assert upstream.cancelled
+
+
+async def test_consumer_cancellation_cancels_upstream() -> None:
+    upstream = FakeUpstream([chunk("a"), 10.0, chunk("b")])
+    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings())
+    got_first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in pump.chunks():
+            got_first.set()
+
+    task = asyncio.create_task(consume())
+    await got_first.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert upstream.cancelled
