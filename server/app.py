@@ -17,7 +17,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from interceptors.chain import server_interceptors
+from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
+from interceptors.chain import client_interceptors, server_interceptors
+from server.admin import ADMIN_SERVICE_NAME, ProxyAdmin
 from server.config import SERVICE_NAME, Settings, parse_hostport
 from server.forwarding import Forwarder
 from server.health import ProxyHealth
@@ -45,7 +47,9 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
 class ProxyServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.pool = UpstreamPool(settings.upstream)
+        self.pool = UpstreamPool(
+            settings.upstream, breaker_settings=settings.breaker, client_interceptors=client_interceptors
+        )
         self.health = ProxyHealth(self.pool)
         self.forwarder = Forwarder(self.pool, settings)
         self._server: grpc.aio.Server | None = None
@@ -65,8 +69,14 @@ class ProxyServer:
         )
         server.add_generic_rpc_handlers((self.forwarder.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        admin_grpc.add_ProxyAdminServiceServicer_to_server(ProxyAdmin(self.pool), server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                ADMIN_SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         self.port = server.add_insecure_port(self.settings.server.listen)

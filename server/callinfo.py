@@ -22,6 +22,7 @@ class CallInfo:
     timeout_s: float | None = None
     upstream: str = ""
     attempts: int = 0
+    retries: int = 0
     code: str = "OK"
     reason: str = ""
     first_chunk_s: float | None = None

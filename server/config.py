@@ -63,6 +63,11 @@ class UpstreamSettings(_Section):
     """The agent replicas the proxy forwards to."""
 
     endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:50052"], min_length=1)
+    # Names (not IP literals) are re-resolved this often; the pool follows the answer.
+    dns_refresh_s: float = Field(default=5.0, gt=0)
+    # Connections per endpoint, so HTTP/2 stream limits never queue thousands of
+    # concurrent streams behind one connection; calls take them in turn.
+    channels_per_endpoint: int = Field(default=2, ge=1, le=64)
     # grpc.health.v1 service name watched on each endpoint ("" = the server as a whole).
     health_service: str = SERVICE_NAME
     # Used only when an endpoint does not implement Health/Watch.
@@ -104,6 +109,41 @@ class DeadlineSettings(_Section):
     agent_max_s: float = Field(default=300.0, gt=0)
 
 
+class BreakerSettings(_Section):
+    """One circuit breaker per upstream endpoint (client side)."""
+
+    enabled: bool = True
+    failure_threshold: int = Field(default=5, ge=1)  # consecutive failures that open it
+    failure_ratio: float = Field(default=0.5, gt=0, le=1)  # ... or this share of calls
+    window_s: float = Field(default=10.0, gt=0)  # ... over this rolling window
+    min_volume: int = Field(default=20, ge=1)  # ... once it holds this many calls
+    reset_timeout_s: float = Field(default=30.0, gt=0)  # open -> half-open after this
+    half_open_max_probes: int = Field(default=1, ge=1)  # calls admitted while half-open
+    success_threshold: int = Field(default=1, ge=1)  # probe successes that close it
+
+
+class RetrySettings(_Section):
+    """Retries of upstream calls: unary calls, and streams before their first chunk."""
+
+    max_attempts: int = Field(default=3, ge=1)  # the first call included
+    initial_backoff_s: float = Field(default=0.05, ge=0)
+    max_backoff_s: float = Field(default=1.0, ge=0)
+    multiplier: float = Field(default=2.0, ge=1)
+    # gRPC code names worth another attempt on another endpoint.
+    retryable_codes: list[str] = Field(default_factory=lambda: ["UNAVAILABLE"])
+
+    @field_validator("retryable_codes")
+    @classmethod
+    def _v_codes(cls, value: list[str]) -> list[str]:
+        import grpc
+
+        names = {code.name for code in grpc.StatusCode}
+        bad = [v for v in value if v.upper() not in names or v.upper() == "OK"]
+        if bad:
+            raise ValueError(f"not gRPC error code names: {bad}")
+        return [v.upper() for v in value]
+
+
 class LogSettings(_Section):
     level: str = "INFO"
 
@@ -135,6 +175,8 @@ class Settings(BaseSettings):
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     deadlines: DeadlineSettings = Field(default_factory=DeadlineSettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod

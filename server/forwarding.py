@@ -3,43 +3,76 @@
 Handlers are built from the service descriptor, so a method added to the proto is
 forwarded without code here. Each call: pick an endpoint from the pool, forward the
 caller's metadata (minus transport and credential headers) with the request id, give
-the upstream call the call's effective deadline, and relay the answer. Protection
-(limits, breaker, retries, error shape) lives in interceptors/, not here.
+the upstream call what is left of the call's effective deadline, and relay the answer.
+
+Retries live here, at the pool level, because the next attempt must be able to go to
+another endpoint (a channel's own interceptors only ever see one endpoint). They follow
+interceptors/retry.py's policy: unary calls, and streams before their first chunk has
+reached the caller; never past the deadline. Everything else that protects the
+upstreams or the callers is an interceptor (see interceptors/chain.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message_factory
 
 from ai.agent.v1 import agent_service_pb2
+from interceptors.deadline import Deadline
+from interceptors.errors import CircuitOpen
+from interceptors.retry import RetryPolicy
 from server.callinfo import CallInfo, current_call
 from server.config import SERVICE_NAME, Settings
 from server.streaming import StreamPump
-from server.upstream import UpstreamPool
+from server.upstream import Endpoint, UpstreamPool
 
 log = logging.getLogger("aiproxy.forward")
 
 REQUEST_ID = "x-request-id"
+# gRPC's own retry header (gRFC A6), so upstreams can tell a retry from a first try.
+PREVIOUS_ATTEMPTS = "grpc-previous-rpc-attempts"
+# Trailer telling the caller how many upstream attempts its call took.
+ATTEMPTS_TRAILER = "x-aiproxy-attempts"
 
 # Metadata that describes the caller's hop, not the call: never forwarded.
 _HOP_METADATA = frozenset(
-    {"content-type", "te", "user-agent", "host", "connection", "keep-alive", "accept-encoding", "grpc-accept-encoding"}
+    {
+        "content-type",
+        "te",
+        "user-agent",
+        "host",
+        "connection",
+        "keep-alive",
+        "accept-encoding",
+        "grpc-accept-encoding",
+        PREVIOUS_ATTEMPTS,
+        REQUEST_ID,
+    }
 )
 
-
-class NoUpstream(Exception):
-    """No endpoint can take the call (all unhealthy, or none configured)."""
+T = TypeVar("T")
 
 
 def service_descriptor() -> _descriptor.ServiceDescriptor:
     return agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    r = settings.retry
+    return RetryPolicy(
+        max_attempts=r.max_attempts,
+        initial_backoff_s=r.initial_backoff_s,
+        max_backoff_s=max(r.max_backoff_s, r.initial_backoff_s),
+        multiplier=r.multiplier,
+        retryable_codes=frozenset(grpc.StatusCode[name] for name in r.retryable_codes),
+    )
 
 
 class Forwarder:
@@ -48,7 +81,17 @@ class Forwarder:
     def __init__(self, pool: UpstreamPool, settings: Settings) -> None:
         self._pool = pool
         self._settings = settings
+        self._policy = retry_policy(settings)
         self._drop = _HOP_METADATA | {k.lower() for k in settings.upstream.drop_metadata}
+
+    @staticmethod
+    def stream_response_classes() -> dict[str, type]:
+        """Method path -> chunk class, for every server-streaming method."""
+        return {
+            f"/{SERVICE_NAME}/{m.name}": message_factory.GetMessageClass(m.output_type)
+            for m in service_descriptor().methods
+            if m.server_streaming
+        }
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -70,21 +113,69 @@ class Forwarder:
                 )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
-    def upstream_metadata(self, context: grpc.aio.ServicerContext, call: CallInfo | None) -> list[tuple[str, Any]]:
+    # -- per call ---------------------------------------------------------------------
+
+    def _metadata(self, context: grpc.aio.ServicerContext, call: CallInfo) -> list[tuple[str, Any]]:
         drop = self._drop
         out = [
             (key, value)
             for key, value in context.invocation_metadata() or ()
-            if key not in drop and not key.startswith(":") and key != REQUEST_ID
+            if key not in drop and not key.startswith(":")
         ]
-        if call is not None:
-            out.append((REQUEST_ID, call.request_id))
+        out.append((REQUEST_ID, call.request_id))
         return out
 
-    def _timeout(self, context: grpc.aio.ServicerContext, call: CallInfo | None) -> float | None:
-        if call is not None and call.timeout_s is not None:
-            return call.timeout_s
-        return context.time_remaining()
+    def _deadline(self, context: grpc.aio.ServicerContext, call: CallInfo) -> Deadline | None:
+        timeout = call.timeout_s if call.timeout_s is not None else context.time_remaining()
+        return None if timeout is None else Deadline.from_timeout(timeout)
+
+    async def _with_retries(
+        self,
+        context: grpc.aio.ServicerContext,
+        call: CallInfo,
+        attempt_on: Callable[[Endpoint, list[tuple[str, Any]], float | None], Awaitable[T]],
+    ) -> T:
+        """Run `attempt_on(endpoint, metadata, timeout)` until it succeeds or may not retry.
+
+        A breaker rejection sent nothing upstream, so it moves on to another endpoint
+        at once; an upstream failure with a retryable code waits a jittered backoff.
+        """
+        deadline = self._deadline(context, call)
+        metadata = self._metadata(context, call)
+        tried: set[str] = set()
+        policy = self._policy
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                endpoint = self._pool.pick(exclude=tried)
+                if endpoint is None:
+                    raise self._pool.unavailable_error()
+                tried.add(endpoint.address)
+                call.upstream = endpoint.address
+                call.attempts = attempt
+                attempt_metadata = metadata if attempt == 1 else [*metadata, (PREVIOUS_ATTEMPTS, str(attempt - 1))]
+                remaining = None if deadline is None else deadline.remaining()
+                endpoint.in_flight += 1
+                endpoint.total_calls += 1
+                try:
+                    return await attempt_on(endpoint, attempt_metadata, remaining)
+                except CircuitOpen:
+                    if attempt >= policy.max_attempts or not self._pool.has_other_usable(tried):
+                        raise
+                except grpc.aio.AioRpcError as exc:
+                    remaining = None if deadline is None else deadline.remaining()
+                    backoff = policy.backoff(attempt)
+                    if not policy.should_retry(exc.code(), attempt, remaining, backoff):
+                        raise
+                    call.retries += 1
+                    await asyncio.sleep(backoff)
+                finally:
+                    endpoint.in_flight -= 1
+        finally:
+            context.set_trailing_metadata(
+                ((REQUEST_ID, call.request_id), (ATTEMPTS_TRAILER, str(attempt)))
+            )
 
     def _unary_handler(self, path: str, request_cls: type, response_cls: type) -> Callable:
         serialize = request_cls.SerializeToString
@@ -92,22 +183,15 @@ class Forwarder:
 
         async def forward_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = current_call.get()
-            endpoint = self._pool.pick()
-            if endpoint is None:
-                raise NoUpstream("no healthy upstream endpoint")
-            if call is not None:
-                call.upstream = endpoint.address
-                call.attempts += 1
-            endpoint.in_flight += 1
-            endpoint.total_calls += 1
-            try:
-                response = await endpoint.unary_unary(path, serialize, deserialize)(
-                    request, metadata=self.upstream_metadata(context, call), timeout=self._timeout(context, call)
+            assert call is not None, "RequestContextInterceptor must run first"
+
+            async def attempt(endpoint: Endpoint, metadata: list, timeout: float | None) -> Any:
+                return await endpoint.unary_unary(path, serialize, deserialize)(
+                    request, metadata=metadata, timeout=timeout
                 )
-            finally:
-                endpoint.in_flight -= 1
-            if call is not None:
-                await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
+
+            response = await self._with_retries(context, call, attempt)
+            await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
             return response
 
         return forward_unary
@@ -119,27 +203,38 @@ class Forwarder:
 
         async def forward_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = current_call.get()
-            endpoint = self._pool.pick()
-            if endpoint is None:
-                raise NoUpstream("no healthy upstream endpoint")
-            if call is not None:
-                call.upstream = endpoint.address
-                call.attempts += 1
-            endpoint.in_flight += 1
-            endpoint.total_calls += 1
-            upstream_call = endpoint.unary_stream(path, serialize, deserialize)(
-                request, metadata=self.upstream_metadata(context, call), timeout=self._timeout(context, call)
-            )
-            pump = StreamPump(upstream_call, response_cls, settings)
+            assert call is not None, "RequestContextInterceptor must run first"
+
+            async def attempt(endpoint: Endpoint, metadata: list, timeout: float | None) -> tuple[Any, Any, Endpoint]:
+                upstream = endpoint.unary_stream(path, serialize, deserialize)(
+                    request, metadata=metadata, timeout=timeout
+                )
+                chunks = StreamPump(upstream, response_cls, settings).chunks()
+                try:
+                    # Retrying is safe until a chunk is on its way to the caller.
+                    first = await chunks.__anext__()
+                except StopAsyncIteration:
+                    first = None
+                except BaseException:
+                    await chunks.aclose()
+                    raise
+                endpoint.in_flight += 1  # the stream stays open past the attempt
+                return first, chunks, endpoint
+
+            first, chunks, endpoint = await self._with_retries(context, call, attempt)
             try:
-                async for chunk in pump.chunks():
-                    if call is not None and call.chunks == 0:
-                        call.first_chunk_s = time.monotonic() - call.started
-                        await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
-                    if call is not None:
-                        call.chunks += 1
+                if first is None:
+                    return
+                await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
+                call.first_chunk_s = time.monotonic() - call.started
+                call.chunks = 1
+                yield first
+                async for chunk in chunks:
+                    call.chunks += 1
                     yield chunk
             finally:
                 endpoint.in_flight -= 1
+                await chunks.aclose()
 
         return forward_stream
+

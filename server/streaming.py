@@ -20,8 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-
+from interceptors.errors import DeadlineExceeded
 from server.config import StreamSettings
 
 # Fields a chunk may carry and still be merged into the chunk before it.
@@ -37,11 +36,11 @@ class _End:
         self.error = error
 
 
-class StreamIdle(Exception):
+class StreamIdle(DeadlineExceeded):
     """The upstream sent nothing for the configured idle time."""
 
     def __init__(self, idle_s: float) -> None:
-        super().__init__(f"upstream sent nothing for {idle_s:g} s")
+        super().__init__(f"upstream sent nothing for {idle_s:g} s", metadata={"idle_timeout_s": f"{idle_s:g}"})
         self.idle_s = idle_s
 
 
@@ -146,11 +145,3 @@ class StreamPump:
 
 def _is_plain_delta(chunk: Any) -> bool:
     return all(field.name in _MERGEABLE_FIELDS for field, _ in chunk.ListFields())
-
-
-def status_code_of(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code()
-    if isinstance(exc, StreamIdle):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.INTERNAL

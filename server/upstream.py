@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.config import UpstreamSettings
+from interceptors.breaker import BreakerState, CircuitBreaker
+from interceptors.errors import UNAVAILABLE_RETRY_DELAY_S, CircuitOpen, ProxyError, UpstreamUnavailable
+from server.config import BreakerSettings, UpstreamSettings
+from server.discovery import Discovery, Resolver, system_resolver
 from server.logs import log_event
 
 log = logging.getLogger("aiproxy.upstream")
@@ -56,20 +59,33 @@ class Endpoint:
         address: str,
         settings: UpstreamSettings,
         on_change: Callable[[Endpoint], None],
+        *,
+        breaker: CircuitBreaker | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         self.address = address
         self._settings = settings
         self._on_change = on_change
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(settings))
+        self.breaker = breaker
+        options = channel_options(settings)
+        self.channels = [
+            grpc.aio.insecure_channel(address, options=options, interceptors=list(interceptors))
+            for _ in range(settings.channels_per_endpoint)
+        ]
+        self._next_channel = 0
         self.serving = False
         self.in_flight = 0
         self.total_calls = 0
-        self._callables: dict[tuple[str, bool], Any] = {}
+        self._callables: dict[tuple[str, bool, int], Any] = {}
         self._watch_task: asyncio.Task[None] | None = None
 
     @property
     def usable(self) -> bool:
-        return self.serving
+        """New calls may come here: healthy, and its breaker is not open."""
+        return self.serving and (self.breaker is None or self.breaker.state is not BreakerState.OPEN)
+
+    def breaker_changed(self) -> None:
+        self._on_change(self)
 
     def start(self) -> None:
         self._watch_task = asyncio.create_task(self._follow_health(), name=f"health:{self.address}")
@@ -78,27 +94,37 @@ class Endpoint:
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
-        await self.channel.close(grace)
+        await asyncio.gather(*(channel.close(grace) for channel in self.channels))
+
+    def _channel_index(self) -> int:
+        index = self._next_channel
+        self._next_channel = (index + 1) % len(self.channels)
+        return index
 
     def unary_unary(self, path: str, serializer: Callable, deserializer: Callable) -> Any:
-        key = (path, False)
+        """The cached multicallable for `path` on the next of this endpoint's channels."""
+        key = (path, False, self._channel_index())
         callable_ = self._callables.get(key)
         if callable_ is None:
-            callable_ = self.channel.unary_unary(
+            callable_ = self.channels[key[2]].unary_unary(
                 path, request_serializer=serializer, response_deserializer=deserializer, _registered_method=True
             )
             self._callables[key] = callable_
         return callable_
 
     def unary_stream(self, path: str, serializer: Callable, deserializer: Callable) -> Any:
-        key = (path, True)
+        key = (path, True, self._channel_index())
         callable_ = self._callables.get(key)
         if callable_ is None:
-            callable_ = self.channel.unary_stream(
+            callable_ = self.channels[key[2]].unary_stream(
                 path, request_serializer=serializer, response_deserializer=deserializer, _registered_method=True
             )
             self._callables[key] = callable_
         return callable_
+
+    def breaker_state_proto(self) -> int:
+        """The breaker's state as ai.proxy.v1.BreakerState (UNSPECIFIED: no breaker)."""
+        return 0 if self.breaker is None else int(self.breaker.state) + 1
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -106,6 +132,7 @@ class Endpoint:
             "serving": self.serving,
             "usable": self.usable,
             "in_flight": self.in_flight,
+            "breaker": None if self.breaker is None else self.breaker.state.name,
             "total_calls": self.total_calls,
         }
 
@@ -117,7 +144,7 @@ class Endpoint:
         self._on_change(self)
 
     async def _follow_health(self) -> None:
-        stub = health_pb2_grpc.HealthStub(self.channel)
+        stub = health_pb2_grpc.HealthStub(self.channels[0])
         request = health_pb2.HealthCheckRequest(service=self._settings.health_service)
         backoff = 0.05
         while True:
@@ -151,8 +178,21 @@ class Endpoint:
 class UpstreamPool:
     """The set of endpoints calls are balanced over."""
 
-    def __init__(self, settings: UpstreamSettings, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        *,
+        breaker_settings: BreakerSettings | None = None,
+        client_interceptors: Callable[[CircuitBreaker | None], Sequence[grpc.aio.ClientInterceptor]] = lambda _b: (),
+        rng: random.Random | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
         self._settings = settings
+        self._breaker_settings = breaker_settings
+        self._client_interceptors = client_interceptors
+        self.discovery = Discovery(
+            settings.endpoints, self.set_addresses, refresh_s=settings.dns_refresh_s, resolver=resolver or system_resolver
+        )
         self._rng = rng or random.Random()
         self.endpoints: dict[str, Endpoint] = {}
         self._listeners: list[Callable[[UpstreamPool], None]] = []
@@ -164,14 +204,14 @@ class UpstreamPool:
         self._listeners.append(listener)
 
     async def start(self) -> None:
-        await self.set_addresses(self._settings.endpoints)
+        await self.discovery.start()
 
     async def set_addresses(self, addresses: Iterable[str]) -> None:
         """Add new endpoints and retire missing ones (their calls in flight finish)."""
         wanted = list(dict.fromkeys(addresses))
         for address in wanted:
             if address not in self.endpoints:
-                endpoint = Endpoint(address, self._settings, self._endpoint_changed)
+                endpoint = self._new_endpoint(address)
                 self.endpoints[address] = endpoint
                 endpoint.start()
                 log_event(log, "upstream_added", address=address)
@@ -187,7 +227,66 @@ class UpstreamPool:
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
+    def _new_endpoint(self, address: str) -> Endpoint:
+        breaker = None
+        if self._breaker_settings is not None and self._breaker_settings.enabled:
+            b = self._breaker_settings
+            breaker = CircuitBreaker(
+                address,
+                failure_threshold=b.failure_threshold,
+                failure_ratio=b.failure_ratio,
+                window_s=b.window_s,
+                min_volume=b.min_volume,
+                reset_timeout_s=b.reset_timeout_s,
+                half_open_max_probes=b.half_open_max_probes,
+                success_threshold=b.success_threshold,
+                on_transition=self._breaker_transition,
+            )
+        return Endpoint(
+            address,
+            self._settings,
+            self._endpoint_changed,
+            breaker=breaker,
+            interceptors=self._client_interceptors(breaker),
+        )
+
+    def _breaker_transition(self, name: str, old: BreakerState, new: BreakerState) -> None:
+        log_event(log, "breaker_transition", upstream=name, old=old.name, new=new.name)
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            return
+        endpoint.breaker_changed()
+        if new is BreakerState.OPEN and endpoint.breaker is not None:
+            # OPEN turns HALF_OPEN lazily, when the state is read: read it when it is due
+            # so the endpoint becomes usable (for probes) without waiting for a call.
+            loop = asyncio.get_running_loop()
+            loop.call_later(endpoint.breaker.retry_after_s() + 0.001, self._recheck_breaker, name)
+
+    def _recheck_breaker(self, name: str) -> None:
+        endpoint = self.endpoints.get(name)
+        if endpoint is not None and endpoint.breaker is not None:
+            _ = endpoint.breaker.state  # may transition to HALF_OPEN (and call back)
+            self._refresh()
+
+    def has_other_usable(self, tried: set[str]) -> bool:
+        return any(ep.address not in tried for ep in self._usable)
+
+    def unavailable_error(self) -> ProxyError:
+        """Why no endpoint can take a call: all breakers open, or none healthy."""
+        open_breakers = [
+            ep.breaker
+            for ep in self.endpoints.values()
+            if ep.serving and ep.breaker is not None and ep.breaker.state is BreakerState.OPEN
+        ]
+        if open_breakers:
+            return CircuitOpen(
+                "every healthy upstream's circuit breaker is open",
+                retry_delay_s=min(b.retry_after_s() for b in open_breakers),
+            )
+        return UpstreamUnavailable("no healthy upstream endpoint", retry_delay_s=UNAVAILABLE_RETRY_DELAY_S)
+
     async def close(self) -> None:
+        await self.discovery.stop()
         endpoints, self.endpoints = list(self.endpoints.values()), {}
         self._refresh()
         await asyncio.gather(*(ep.close() for ep in endpoints), *self._retiring, return_exceptions=True)

@@ -1,0 +1,1 @@
+"""Server and client interceptors: one concern per module, assembled in chain.py."""

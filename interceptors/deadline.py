@@ -1,0 +1,110 @@
+"""Deadlines: how long an upstream call may take, per method.
+
+Each method has a default (used when the caller set no deadline) and a maximum; the
+effective timeout is the tighter of the caller's remaining time and the maximum, and it
+is what the upstream call gets, so a caller who leaves early or a runaway generation
+never holds an upstream past it. The source documents' values: 30 s for unary calls,
+2 min for streams, 5 min for agent runs (streamed or not: the run is what is long).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from google.protobuf.descriptor import ServiceDescriptor
+
+Clock = Callable[[], float]
+
+AGENT_METHODS: Final = frozenset({"ExecuteAgent", "StreamExecuteAgent"})
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineLimit:
+    """default_s applies when the caller set no deadline; max_s caps any deadline."""
+
+    default_s: float
+    max_s: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.default_s <= self.max_s:
+            raise ValueError(f"need 0 < default_s <= max_s, got {self.default_s} and {self.max_s}")
+
+
+class MethodDeadlines:
+    """Deadline limits keyed by full method path ("/ai.agent.v1.AgentService/Chat").
+
+    Unknown paths get `default`; nothing is cached per path, since callers choose the
+    paths and a cache would grow with them.
+    """
+
+    def __init__(
+        self, default: DeadlineLimit, per_method: Mapping[str, DeadlineLimit] | None = None
+    ) -> None:
+        self.default = default
+        self.per_method = dict(per_method or {})
+
+    @classmethod
+    def for_service(
+        cls,
+        service: ServiceDescriptor,
+        *,
+        unary: DeadlineLimit,
+        stream: DeadlineLimit,
+        agent: DeadlineLimit,
+        agent_methods: Collection[str] = AGENT_METHODS,
+        overrides: Mapping[str, DeadlineLimit] | None = None,
+    ) -> MethodDeadlines:
+        """Limits for every method of `service` by kind: `overrides` (by bare method
+        name) first, then agent runs, then streaming methods, then unary ones."""
+        overrides = overrides or {}
+        names = {method.name for method in service.methods}
+        unknown = (set(overrides) | set(agent_methods)) - names
+        if unknown:
+            raise ValueError(f"{service.full_name} has no methods {sorted(unknown)}")
+        per_method: dict[str, DeadlineLimit] = {}
+        for method in service.methods:
+            if method.name in overrides:
+                limit = overrides[method.name]
+            elif method.name in agent_methods:
+                limit = agent
+            elif method.server_streaming or method.client_streaming:
+                limit = stream
+            else:
+                limit = unary
+            per_method[f"/{service.full_name}/{method.name}"] = limit
+        return cls(unary, per_method)
+
+    def limit_for(self, method: str) -> DeadlineLimit:
+        return self.per_method.get(method, self.default)
+
+    def effective_timeout(self, method: str, caller_remaining_s: float | None) -> float:
+        """Seconds the upstream call may take: the method's default when the caller set
+        no deadline, else the tighter of the caller's remaining time and the maximum.
+        0 means the caller's deadline already passed: fail with DEADLINE_EXCEEDED."""
+        limit = self.limit_for(method)
+        if caller_remaining_s is None:
+            return limit.default_s
+        return max(0.0, min(caller_remaining_s, limit.max_s))
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Deadline:
+    """A point in monotonic time by which something must be done (as in grpclib)."""
+
+    expires_at: float
+    clock: Clock = field(default=time.monotonic, compare=False, repr=False)
+
+    @classmethod
+    def from_timeout(cls, timeout_s: float, clock: Clock = time.monotonic) -> Deadline:
+        return cls(clock() + timeout_s, clock)
+
+    def remaining(self) -> float:
+        """Seconds left, never negative."""
+        return max(0.0, self.expires_at - self.clock())
+
+    @property
+    def expired(self) -> bool:
+        return self.clock() >= self.expires_at

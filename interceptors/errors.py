@@ -1,0 +1,450 @@
+"""The proxy's one error shape.
+
+Every error that leaves the proxy is a `google.rpc.Status` carried in the
+`grpc-status-details-bin` trailer. Its details always start with an `ErrorInfo` whose
+`reason` (see `Reason`) is stable and whose `domain` is `DOMAIN`; then, where they
+apply, `RetryInfo` (when waiting helps), `QuotaFailure` (which limit was hit) and
+`BadRequest` (which fields are wrong). Callers branch on the reason, never on the
+message; the message is for humans and never carries internals (stack traces,
+addresses): those go to the log.
+
+Code raises a `ProxyError` subclass; the error interceptor turns it into the status
+(`abort_with`, or `to_status_proto` for an in-band stream error chunk). Upstream
+failures are mapped onto the same shape by `from_upstream`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, NoReturn, cast
+
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN: Final = "aiproxy.ai.agent.v1"
+
+# Trailer that carries the serialized google.rpc.Status (the gRPC convention).
+STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+
+# What a caller is told to wait when the upstreams are unavailable and did not say.
+UNAVAILABLE_RETRY_DELAY_S: Final = 1.0
+
+# An upstream message longer than this is not passed on (see `_safe_upstream_message`).
+MAX_UPSTREAM_MESSAGE_LEN: Final = 200
+
+Metadata = Sequence[tuple[str, str | bytes]]
+
+
+class Reason(enum.StrEnum):
+    """Stable `ErrorInfo.reason` values: part of the API, never renamed."""
+
+    RATE_LIMITED = "RATE_LIMITED"  # the caller's token bucket is empty
+    CONCURRENCY_LIMITED = "CONCURRENCY_LIMITED"  # the caller has too many open streams
+    OVERLOADED = "OVERLOADED"  # the proxy as a whole is at its concurrency cap
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"  # every upstream's breaker is open: failing fast
+    UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"  # no upstream could be reached
+    UPSTREAM_ERROR = "UPSTREAM_ERROR"  # the upstream failed; the code says how
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the effective deadline passed
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"  # the request is malformed; see BadRequest
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # missing or invalid credentials
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # authenticated, but not allowed
+    CANCELLED = "CANCELLED"  # the caller cancelled (recorded in logs and metrics)
+    INTERNAL = "INTERNAL"  # a proxy bug; the details are in the log, by request id
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaViolation:
+    """One entry of google.rpc.QuotaFailure: which limit, for whom."""
+
+    subject: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One entry of google.rpc.BadRequest: a request field and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+class ProxyError(Exception):
+    """An error with a caller-safe message, a gRPC code and a stable reason.
+
+    `code` and `reason` are fixed per subclass, so a raise site cannot pair them
+    inconsistently; only UpstreamError takes its code from the upstream.
+    """
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: Reason = Reason.INTERNAL
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        retry_delay_s: float | None = None,
+        quota_violations: Iterable[QuotaViolation] = (),
+        field_violations: Iterable[FieldViolation] = (),
+    ) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.retry_delay_s = None if retry_delay_s is None else max(0.0, retry_delay_s)
+        self.quota_violations = tuple(quota_violations)
+        self.field_violations = tuple(field_violations)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code.name}, {self.reason}, {self.message!r})"
+
+
+class RateLimited(ProxyError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.RATE_LIMITED
+    default_message = "rate limit exceeded"
+
+
+class ConcurrencyLimited(ProxyError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.CONCURRENCY_LIMITED
+    default_message = "too many concurrent streams"
+
+
+class Overloaded(ProxyError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.OVERLOADED
+    default_message = "proxy overloaded"
+
+
+class CircuitOpen(ProxyError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = Reason.CIRCUIT_OPEN
+    default_message = "upstream circuit open"
+
+
+class UpstreamUnavailable(ProxyError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = Reason.UPSTREAM_UNAVAILABLE
+    default_message = "upstream unavailable"
+
+
+class UpstreamError(ProxyError):
+    """The upstream failed. Its code is kept (INTERNAL when the proxy has no code,
+    e.g. an upstream that broke the protocol), so HTTP callers still get 4xx vs 5xx."""
+
+    reason = Reason.UPSTREAM_ERROR
+    default_message = "upstream error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        code: grpc.StatusCode = grpc.StatusCode.INTERNAL,
+        metadata: Mapping[str, str] | None = None,
+        retry_delay_s: float | None = None,
+        quota_violations: Iterable[QuotaViolation] = (),
+        field_violations: Iterable[FieldViolation] = (),
+    ) -> None:
+        if code is grpc.StatusCode.OK:
+            raise ValueError("an UpstreamError cannot have code OK")
+        super().__init__(
+            message,
+            metadata=metadata,
+            retry_delay_s=retry_delay_s,
+            quota_violations=quota_violations,
+            field_violations=field_violations,
+        )
+        self.code = code
+
+
+class DeadlineExceeded(ProxyError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = Reason.DEADLINE_EXCEEDED
+    default_message = "deadline exceeded"
+
+
+class InvalidArgument(ProxyError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = Reason.INVALID_ARGUMENT
+    default_message = "invalid argument"
+
+
+class Unauthenticated(ProxyError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = Reason.UNAUTHENTICATED
+    default_message = "unauthenticated"
+
+
+class PermissionDenied(ProxyError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = Reason.PERMISSION_DENIED
+    default_message = "permission denied"
+
+
+class Cancelled(ProxyError):
+    code = grpc.StatusCode.CANCELLED
+    reason = Reason.CANCELLED
+    default_message = "cancelled"
+
+
+class Internal(ProxyError):
+    code = grpc.StatusCode.INTERNAL
+    reason = Reason.INTERNAL
+    default_message = "internal error"
+
+
+def internal_error() -> Internal:
+    """The error for an unexpected exception: generic, the full story goes to the log."""
+    return Internal("internal error")
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    """Seconds as a Duration rounded UP to the millisecond, so a caller who waits exactly
+    that long is not turned away again by truncation (0.3 s stays 0.3 s: the float is
+    rounded to nanoseconds before the ceiling)."""
+    nanos = max(0, round(seconds * 1e9))
+    millis = -(-nanos // 1_000_000)
+    out = duration_pb2.Duration()
+    out.FromMilliseconds(millis)
+    return out
+
+
+def to_status_proto(err: ProxyError) -> status_pb2.Status:
+    """The google.rpc.Status for `err`: ErrorInfo first, then RetryInfo, QuotaFailure,
+    BadRequest (each only when it has content). Also what an in-band stream error chunk
+    carries in its `error` field."""
+    status = status_pb2.Status(code=err.code.value[0], message=err.message)
+    status.details.add().Pack(
+        error_details_pb2.ErrorInfo(reason=err.reason.value, domain=DOMAIN, metadata=err.metadata)
+    )
+    if err.retry_delay_s is not None:
+        status.details.add().Pack(
+            error_details_pb2.RetryInfo(retry_delay=_duration(err.retry_delay_s))
+        )
+    if err.quota_violations:
+        quota = error_details_pb2.QuotaFailure()
+        for qv in err.quota_violations:
+            quota.violations.add(subject=qv.subject, description=qv.description)
+        status.details.add().Pack(quota)
+    if err.field_violations:
+        bad = error_details_pb2.BadRequest()
+        for fv in err.field_violations:
+            bad.field_violations.add(field=fv.field, description=fv.description)
+        status.details.add().Pack(bad)
+    return status
+
+
+def to_grpc_status(err: ProxyError) -> grpc.Status:
+    """`err` as a grpc.Status whose trailing metadata carries the rich status."""
+    status: grpc.Status = rpc_status.to_status(to_status_proto(err))
+    return status
+
+
+async def abort_with(
+    context: grpc.aio.ServicerContext[Any, Any], err: ProxyError, trailing_metadata: Metadata = ()
+) -> NoReturn:
+    """End the call with `err`, keeping the trailing metadata already set on `context`.
+
+    grpc.aio's `abort_with_status` REPLACES the trailers set earlier with
+    `set_trailing_metadata` (e.g. x-request-id), so this calls `abort` with the merged
+    trailers instead: those already set, then `trailing_metadata`, then the status.
+    Like `abort`, it raises; calling it twice on one call is a grpc UsageError.
+    """
+    status = to_grpc_status(err)
+    kept = tuple((k, v) for k, v in (context.trailing_metadata() or ()) if k != STATUS_DETAILS_KEY)
+    await context.abort(
+        status.code, status.details, (*kept, *trailing_metadata, *status.trailing_metadata)
+    )
+    raise AssertionError("unreachable: ServicerContext.abort always raises")  # pragma: no cover
+
+
+# gRPC code -> HTTP status, the table Envoy's transcoder (Grpc::Utility::grpcToHttpStatus)
+# and grpc-gateway use, so a browser sees the same status through Envoy as `http_status_for`
+# says: rate/concurrency limits 429, unavailable/open breaker 503, deadline 504,
+# validation 400, auth 401/403, everything else 500.
+_HTTP_STATUS: Final[Mapping[grpc.StatusCode, int]] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+
+def http_status_for(code: grpc.StatusCode) -> int:
+    """The HTTP status an HTTP caller sees for `code` (Envoy's mapping)."""
+    return _HTTP_STATUS.get(code, 500)
+
+
+# ---- Upstream errors -------------------------------------------------------------------
+
+# Codes whose message describes the caller's request, so it can be passed on. Messages of
+# the other codes are where servers put exception text ("Exception calling application:
+# ...") and the C-core puts addresses ("ipv4:10.0.0.3:50052: Connection refused").
+_CALLER_FACING_CODES: Final = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+_LEAK_MARKERS: Final = ("traceback", 'file "', "exception", "ipv4:", "ipv6:", "unix:", "0x")
+
+# Upstream ErrorInfo reasons that mean "this caller is rate limited" (ours and Google's).
+_UPSTREAM_RATE_LIMIT_REASONS: Final = frozenset({"RATE_LIMITED", "RATE_LIMIT_EXCEEDED"})
+
+
+def _safe_upstream_message(code: grpc.StatusCode, message: str) -> str | None:
+    """The upstream's message if it may reach the caller, else None.
+
+    The rule: only for caller-facing codes (the message is about the request), at most
+    MAX_UPSTREAM_MESSAGE_LEN characters, one printable line, and none of the markers of
+    stack traces, exception text, addresses or pointers. Anything else is replaced by a
+    generic message; the original goes to the proxy's log with the request id.
+    """
+    if code not in _CALLER_FACING_CODES or not message or len(message) > MAX_UPSTREAM_MESSAGE_LEN:
+        return None
+    if not message.isprintable():  # also rejects newlines and tabs
+        return None
+    lowered = message.lower()
+    if any(marker in lowered for marker in _LEAK_MARKERS):
+        return None
+    return message
+
+
+@dataclass(slots=True)
+class _UpstreamDetails:
+    """The upstream's status details the proxy understands; DebugInfo and the rest
+    are dropped (DebugInfo is literally a stack trace)."""
+
+    reason: str = ""
+    retry_delay_s: float | None = None
+    quota: tuple[QuotaViolation, ...] = ()
+    fields: tuple[FieldViolation, ...] = ()
+
+
+def _upstream_details(code: grpc.StatusCode, status: status_pb2.Status | None) -> _UpstreamDetails:
+    out = _UpstreamDetails()
+    if status is None or status.code != code.value[0]:
+        return out
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            out.reason = info.reason
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            out.retry_delay_s = retry.retry_delay.ToNanoseconds() / 1e9
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            out.quota = tuple(QuotaViolation(v.subject, v.description) for v in quota.violations)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.fields = tuple(FieldViolation(v.field, v.description) for v in bad.field_violations)
+    return out
+
+
+def from_upstream(
+    code: grpc.StatusCode,
+    details: str,
+    status_proto: status_pb2.Status | None = None,
+    *,
+    unavailable_retry_s: float = UNAVAILABLE_RETRY_DELAY_S,
+) -> ProxyError:
+    """Map an upstream's failure onto the proxy's error shape.
+
+    UNAVAILABLE, and CANCELLED the proxy did not ask for (the upstream went away) ->
+    UpstreamUnavailable with RetryInfo (the upstream's delay, else `unavailable_retry_s`);
+    DEADLINE_EXCEEDED -> DeadlineExceeded; INVALID_ARGUMENT -> InvalidArgument keeping
+    the upstream's BadRequest; PERMISSION_DENIED -> PermissionDenied;
+    RESOURCE_EXHAUSTED -> RateLimited if the upstream's ErrorInfo says so, else
+    UpstreamError, keeping RetryInfo and QuotaFailure either way;
+    UNAUTHENTICATED -> UpstreamError INTERNAL: the proxy, not the caller, authenticates
+    to the upstream, so a 401 would send a browser into a pointless re-login;
+    anything else -> UpstreamError with the same code. The ErrorInfo metadata records
+    `upstreamCode`; the message follows `_safe_upstream_message`.
+    """
+    if code is grpc.StatusCode.OK:
+        raise ValueError("from_upstream needs a failed call")
+    found = _upstream_details(code, status_proto)
+    message = _safe_upstream_message(code, details)
+    metadata = {"upstreamCode": code.name}
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        delay = found.retry_delay_s if found.retry_delay_s is not None else unavailable_retry_s
+        return UpstreamUnavailable(metadata=metadata, retry_delay_s=delay)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(metadata=metadata)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(message, metadata=metadata, field_violations=found.fields)
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(message, metadata=metadata)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and found.reason in _UPSTREAM_RATE_LIMIT_REASONS:
+        return RateLimited(
+            message,
+            metadata=metadata,
+            retry_delay_s=found.retry_delay_s,
+            quota_violations=found.quota,
+        )
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return UpstreamError(code=grpc.StatusCode.INTERNAL, metadata=metadata)
+    return UpstreamError(
+        message,
+        code=code,
+        metadata=metadata,
+        retry_delay_s=found.retry_delay_s,
+        quota_violations=found.quota,
+    )
+
+
+def parse_rpc_error(
+    err: grpc.aio.AioRpcError,
+) -> tuple[grpc.StatusCode, str, status_pb2.Status | None]:
+    """(code, message, rich status or None) of a failed grpc.aio call.
+
+    grpcio-status's synchronous `from_call` reads it (its async twin would need the
+    call object, which a raised error no longer is). A rich status that does not
+    decode or disagrees with the call's code or message is ignored rather than trusted.
+    """
+    try:
+        # AioRpcError is not a grpc.Call, but has the synchronous accessors from_call uses.
+        status: status_pb2.Status | None = rpc_status.from_call(cast(grpc.Call, err))
+    except (ValueError, DecodeError):
+        status = None
+    return err.code(), err.details() or "", status
+
+
+def to_proxy_error(exc: Exception) -> ProxyError:
+    """Any exception as the error the caller gets: ProxyErrors as they are, failed
+    upstream calls via `from_upstream`, anything else as a generic INTERNAL (log `exc`).
+    asyncio.CancelledError is a BaseException and must propagate, not come here."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return from_upstream(*parse_rpc_error(exc))
+    return internal_error()

@@ -1,0 +1,320 @@
+"""Rate and concurrency limits per caller: the pure logic behind the limit interceptor.
+
+- `TokenBucket`: `burst` tokens, refilled continuously at `rate_per_s` (fractional refill:
+  0.25 s at 4/s is exactly one token; the source document refilled in whole-interval
+  steps, which lets a caller burst twice at every step boundary).
+- `KeyedLimiter`: one bucket per caller key, a default spec and per-key overrides, with
+  memory bounded however many distinct keys arrive.
+- `ConcurrencyLimiter`: open streams per key (long streams are what loads an LLM).
+- `caller_key`: who the caller is, for both.
+
+Single-threaded by design (one asyncio loop); nothing here awaits or locks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, NamedTuple
+
+from interceptors.errors import ConcurrencyLimited, QuotaViolation, RateLimited
+
+Clock = Callable[[], float]
+
+# Tolerance for float refill arithmetic: a caller who waits exactly `retry_after_s`
+# must get the token even if the subtraction came out a hair short.
+_EPS: Final = 1e-9
+
+API_KEY_HEADER: Final = "x-api-key"
+CLIENT_ID_HEADER: Final = "x-client-id"
+_MAX_CLIENT_ID_LEN: Final = 128
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """A token bucket's shape: sustained `rate_per_s`, at most `burst` at once."""
+
+    rate_per_s: float
+    burst: int
+
+    def __post_init__(self) -> None:
+        if not self.rate_per_s > 0 or not math.isfinite(self.rate_per_s):
+            raise ValueError(f"rate_per_s must be a positive number, got {self.rate_per_s}")
+        if self.burst < 1:
+            raise ValueError(f"burst must be at least 1, got {self.burst}")
+
+    @property
+    def refill_s(self) -> float:
+        """How long an empty bucket takes to fill up."""
+        return self.burst / self.rate_per_s
+
+
+class Decision(NamedTuple):
+    """The outcome of one `try_acquire` (a NamedTuple: built on every call, so cheap).
+
+    remaining: whole tokens left after this call; retry_after_s: 0 when allowed, else
+    how long until `n` tokens are there; reset_after_s: how long until the bucket is
+    full again; limit: the bucket's burst (for x-ratelimit-limit).
+    """
+
+    allowed: bool
+    remaining: int
+    retry_after_s: float
+    reset_after_s: float
+    limit: int
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """The x-ratelimit-* metadata (reset in whole seconds, rounded up)."""
+        return (
+            ("x-ratelimit-limit", str(self.limit)),
+            ("x-ratelimit-remaining", str(self.remaining)),
+            ("x-ratelimit-reset", str(math.ceil(self.reset_after_s))),
+        )
+
+
+class TokenBucket:
+    """A token bucket with continuous refill; starts full."""
+
+    __slots__ = ("_burst", "_clock", "_rate", "_stamp", "_tokens")
+
+    def __init__(self, rate_per_s: float, burst: int, clock: Clock = time.monotonic) -> None:
+        LimitSpec(rate_per_s, burst)  # validates
+        self._rate = float(rate_per_s)
+        self._burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._stamp = clock()
+
+    @property
+    def last_used(self) -> float:
+        return self._stamp
+
+    def try_acquire(self, n: int = 1) -> Decision:
+        """Take `n` tokens if they are there; never waits, never goes into debt."""
+        rate, burst = self._rate, self._burst
+        if not 1 <= n <= burst:
+            raise ValueError(f"n must be between 1 and the burst ({burst}), got {n}")
+        now = self._clock()
+        tokens = self._tokens
+        if now > self._stamp:  # a clock that steps back must not drain tokens
+            tokens += (now - self._stamp) * rate
+            if tokens > burst:
+                tokens = float(burst)
+            self._stamp = now
+        if tokens + _EPS >= n:
+            tokens = tokens - n if tokens > n else 0.0
+            self._tokens = tokens
+            return Decision(True, int(tokens + _EPS), 0.0, (burst - tokens) / rate, burst)
+        self._tokens = tokens
+        return Decision(
+            False, int(tokens + _EPS), (n - tokens) / rate, (burst - tokens) / rate, burst
+        )
+
+
+class KeyedLimiter:
+    """One token bucket per caller key, memory bounded.
+
+    Buckets are kept in least-recently-used order. A bucket unused for `idle_ttl_s` is
+    dropped; the TTL is never shorter than the longest spec's refill time, and a bucket
+    idle that long is full anyway, so dropping it forgives nothing. Past `max_keys`
+    the least recently used bucket is dropped even if it is not full, and that key
+    restarts with a full bucket: it can gain at most one burst, and only after
+    `max_keys` other callers were seen since its last call, so it cannot be arranged
+    cheaply; the proxy-wide concurrency cap still bounds the upstream's load.
+    """
+
+    def __init__(
+        self,
+        default: LimitSpec,
+        overrides: Mapping[str, LimitSpec] | None = None,
+        *,
+        max_keys: int = 100_000,
+        idle_ttl_s: float | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be at least 1, got {max_keys}")
+        self.default = default
+        self.overrides = dict(overrides or {})
+        self.max_keys = max_keys
+        longest_refill = max(spec.refill_s for spec in (default, *self.overrides.values()))
+        self.idle_ttl_s = max(idle_ttl_s or 0.0, longest_refill)
+        self._clock = clock
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def spec_for(self, key: str) -> LimitSpec:
+        return self.overrides.get(key, self.default)
+
+    def try_acquire(self, key: str, n: int = 1) -> Decision:
+        self._evict_idle()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._buckets.popitem(last=False)
+            spec = self.spec_for(key)
+            bucket = self._buckets[key] = TokenBucket(spec.rate_per_s, spec.burst, self._clock)
+        else:
+            self._buckets.move_to_end(key)
+        return bucket.try_acquire(n)
+
+    def _evict_idle(self) -> None:
+        """Drop idle buckets from the LRU end: amortized O(1) per call."""
+        horizon = self._clock() - self.idle_ttl_s
+        buckets = self._buckets
+        while buckets:
+            oldest = next(iter(buckets.values()))
+            if oldest.last_used > horizon:
+                return
+            buckets.popitem(last=False)
+
+
+def rate_limited_error(key: str, decision: Decision) -> RateLimited:
+    """The RESOURCE_EXHAUSTED for a denied `decision`, with RetryInfo and QuotaFailure."""
+    return RateLimited(
+        metadata={"limit": str(decision.limit)},
+        retry_delay_s=decision.retry_after_s,
+        quota_violations=(QuotaViolation(key, f"at most {decision.limit} requests in a burst"),),
+    )
+
+
+class Lease:
+    """One admitted stream's slot; `release()` frees it, once, however often it is called."""
+
+    __slots__ = ("_limiter", "_released", "key")
+
+    def __init__(self, limiter: ConcurrencyLimiter, key: str) -> None:
+        self.key = key
+        self._limiter = limiter
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._limiter._release(self.key)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class ConcurrencyLimiter:
+    """At most `max_per_key` (or the key's override) leases open at once per key.
+
+    A key's counter is deleted when its last lease is released, so memory is bounded by
+    the number of open leases (which the proxy-wide cap bounds), not by how many keys
+    were ever seen; no LRU is needed. The proxy-wide cap itself is this class with one
+    constant key.
+    """
+
+    def __init__(self, max_per_key: int, overrides: Mapping[str, int] | None = None) -> None:
+        if max_per_key < 1:
+            raise ValueError(f"max_per_key must be at least 1, got {max_per_key}")
+        self.max_per_key = max_per_key
+        self.overrides = dict(overrides or {})
+        self._open: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def limit_for(self, key: str) -> int:
+        return self.overrides.get(key, self.max_per_key)
+
+    def in_use(self, key: str) -> int:
+        return self._open.get(key, 0)
+
+    def try_acquire(self, key: str) -> Lease | None:
+        """A lease, or None when `key` is at its limit."""
+        count = self._open.get(key, 0)
+        if count >= self.limit_for(key):
+            return None
+        self._open[key] = count + 1
+        return Lease(self, key)
+
+    def _release(self, key: str) -> None:
+        count = self._open[key] - 1
+        if count:
+            self._open[key] = count
+        else:
+            del self._open[key]
+
+
+def concurrency_limited_error(
+    key: str, limit: int, retry_delay_s: float = 1.0
+) -> ConcurrencyLimited:
+    """The RESOURCE_EXHAUSTED for a key at its stream limit. When a stream ends is
+    unknowable, so RetryInfo carries a fixed hint."""
+    return ConcurrencyLimited(
+        metadata={"limit": str(limit)},
+        retry_delay_s=retry_delay_s,
+        quota_violations=(QuotaViolation(key, f"at most {limit} concurrent streams"),),
+    )
+
+
+def hash_api_key(raw: str) -> str:
+    """The id an API key is known by in keys, overrides and logs: the raw key is a
+    credential and is never kept. 128 bits of SHA-256 (keys are high-entropy secrets,
+    so an unsalted hash does not reveal them)."""
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def peer_host(peer: str) -> str:
+    """The caller's address without the port, from grpc's `context.peer()`.
+
+    "ipv4:127.0.0.1:5555" -> "127.0.0.1". IPv6 peers ("ipv6:[2001:db8::1]:5555", which
+    grpc 1.85 writes URL-encoded: "ipv6:%5B2001:db8::1%5D:5555") become their /64
+    network, since one client usually owns a whole /64 and could rotate addresses in it;
+    loopback and IPv4-mapped addresses stay single hosts. Other peers (unix sockets) are
+    returned as they are.
+    """
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    if kind == "ipv6":
+        host = urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")
+        try:
+            address = ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            return host
+        if address.ipv4_mapped is not None:  # an IPv4 client of a dual-stack listener
+            return str(address.ipv4_mapped)
+        if address.is_loopback:
+            return str(address)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return peer
+
+
+def caller_key(metadata: Mapping[str, str], peer: str, subject: str | None = None) -> str:
+    """Who the caller is, for limiting: the authenticated subject, else the API key
+    (hashed), else the client id header, else the peer address; prefixed with the kind
+    ("sub:", "key:", "client:", "peer:") so the kinds never collide.
+
+    The API key and client id are chosen by the caller: unless authentication checks
+    them, a caller can mint new ones to get fresh buckets; the proxy-wide cap is the
+    guard for that.
+    """
+    if subject:
+        return f"sub:{subject}"
+    api_key = metadata.get(API_KEY_HEADER)
+    if api_key:
+        return f"key:{hash_api_key(api_key)}"
+    client_id = metadata.get(CLIENT_ID_HEADER)
+    if client_id and len(client_id) <= _MAX_CLIENT_ID_LEN and client_id.isprintable():
+        return f"client:{client_id}"
+    return f"peer:{peer_host(peer)}"

@@ -1,0 +1,72 @@
+"""Client interceptor on each endpoint's channels: that endpoint's circuit breaker.
+
+While the breaker is open a call fails in microseconds with CIRCUIT_OPEN, nothing is
+sent. Otherwise the call's outcome settles its permit: upstream failures count, the
+caller's own errors and cancellations do not. A stream is settled when it ends, so a
+stream that fails mid-way counts as a failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from interceptors.breaker import CircuitBreaker, Permit
+from interceptors.errors import CircuitOpen
+
+
+def circuit_open_error(breaker: CircuitBreaker) -> CircuitOpen:
+    # The endpoint's address is for the log, not for callers.
+    return CircuitOpen("upstream circuit breaker is open", retry_delay_s=breaker.retry_after_s())
+
+
+class BreakerClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+
+    def _permit(self) -> Permit:
+        permit = self.breaker.try_acquire()
+        if permit is None:
+            raise circuit_open_error(self.breaker)
+        return permit
+
+    async def intercept_unary_unary(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
+        permit = self._permit()
+        try:
+            call = await continuation(client_call_details, request)
+            await call  # settle on the outcome: unary calls are short
+        except grpc.aio.AioRpcError as exc:
+            permit.record(exc.code())
+            raise
+        except BaseException:
+            permit.ignore()  # cancelled by our caller, or our own bug: no verdict on the upstream
+            raise
+        permit.success()
+        return call
+
+    async def intercept_unary_stream(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
+        permit = self._permit()
+        try:
+            call = await continuation(client_call_details, request)
+        except grpc.aio.AioRpcError as exc:
+            permit.record(exc.code())
+            raise
+        except BaseException:
+            permit.ignore()
+            raise
+        return _settle_when_done(call, permit)
+
+
+async def _settle_when_done(call: Any, permit: Permit) -> AsyncIterator[Any]:
+    try:
+        async for response in call:
+            yield response
+    except grpc.aio.AioRpcError as exc:
+        permit.record(exc.code())
+        raise
+    except BaseException:
+        permit.ignore()
+        raise
+    permit.success()

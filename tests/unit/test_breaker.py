@@ -1,0 +1,318 @@
+"""The circuit breaker's state machine, driven by a fake clock."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+
+from interceptors.breaker import BreakerState, CircuitBreaker, Permit, is_breaker_failure
+
+CLOSED, HALF_OPEN, OPEN = BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.OPEN
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def permit(breaker: CircuitBreaker) -> Permit:
+    got = breaker.try_acquire()
+    assert got is not None, f"breaker {breaker.state.name} rejected"
+    return got
+
+
+def fail(breaker: CircuitBreaker, times: int = 1) -> None:
+    for _ in range(times):
+        permit(breaker).failure()
+
+
+def succeed(breaker: CircuitBreaker, times: int = 1) -> None:
+    for _ in range(times):
+        permit(breaker).success()
+
+
+def open_breaker(clock: FakeClock, **kwargs: object) -> CircuitBreaker:
+    breaker = CircuitBreaker("up", clock=clock, **kwargs)  # type: ignore[arg-type]
+    fail(breaker, breaker.failure_threshold)
+    assert breaker.state is OPEN
+    return breaker
+
+
+def test_gauge_values() -> None:
+    assert (int(CLOSED), int(HALF_OPEN), int(OPEN)) == (0, 1, 2)
+
+
+def test_opens_after_n_consecutive_failures() -> None:
+    breaker = CircuitBreaker("up", failure_threshold=5, clock=FakeClock())
+    fail(breaker, 4)
+    assert breaker.state is CLOSED
+    fail(breaker)
+    assert breaker.state is OPEN
+    assert breaker.try_acquire() is None
+
+
+def test_a_success_resets_the_consecutive_count() -> None:
+    breaker = CircuitBreaker("up", failure_threshold=5, clock=FakeClock())
+    fail(breaker, 4)
+    succeed(breaker)
+    fail(breaker, 4)
+    assert breaker.state is CLOSED
+
+
+def alternate(breaker: CircuitBreaker, calls: int, first_fails: bool) -> None:
+    for i in range(calls):
+        (permit(breaker).failure if (i % 2 == 0) == first_fails else permit(breaker).success)()
+
+
+def test_opens_on_failure_ratio_once_there_is_enough_volume() -> None:
+    breaker = CircuitBreaker(
+        "up", failure_threshold=100, failure_ratio=0.5, min_volume=20, clock=FakeClock()
+    )
+    alternate(breaker, 19, first_fails=False)  # 9 failures of 19
+    assert breaker.state is CLOSED
+    fail(breaker)  # 10 of 20 = 0.5
+    assert breaker.state is OPEN
+
+
+def test_does_not_open_on_ratio_below_min_volume() -> None:
+    breaker = CircuitBreaker(
+        "up", failure_threshold=100, failure_ratio=0.5, min_volume=20, clock=FakeClock()
+    )
+    alternate(breaker, 19, first_fails=True)  # 10 failures of 19: ratio > 0.5, volume < 20
+    assert breaker.state is CLOSED
+
+
+def test_failures_age_out_of_the_rolling_window() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(
+        "up", failure_threshold=100, failure_ratio=0.5, min_volume=20, window_s=10, clock=clock
+    )
+    alternate(breaker, 18, first_fails=True)  # 9 failures of 18
+    clock.advance(10.5)  # all of them are older than the window now
+    alternate(breaker, 18, first_fails=False)  # 9 of 18 again: the window holds 18, not 36
+    assert breaker.state is CLOSED
+    clock.advance(5)  # the window keeps the last 18 and adds 2 failures: 11 of 20
+    fail(breaker, 2)
+    assert breaker.state is OPEN
+
+
+def test_rejects_while_open_with_the_time_left_as_retry_after() -> None:
+    clock = FakeClock()
+    breaker = open_breaker(clock, reset_timeout_s=30)
+    clock.advance(10)
+    assert breaker.try_acquire() is None
+    assert breaker.retry_after_s() == pytest.approx(20)
+    clock.advance(19.9)
+    assert breaker.state is OPEN
+    assert breaker.retry_after_s() == pytest.approx(0.1)
+
+
+def test_closed_breaker_says_no_wait() -> None:
+    assert CircuitBreaker("up", clock=FakeClock()).retry_after_s() == 0
+
+
+@pytest.mark.parametrize("probes", [1, 3])
+def test_half_open_admits_exactly_the_configured_probes_at_a_time(probes: int) -> None:
+    clock = FakeClock()
+    breaker = open_breaker(
+        clock, reset_timeout_s=30, half_open_max_probes=probes, success_threshold=99
+    )
+    clock.advance(30)
+    assert breaker.state is HALF_OPEN
+    admitted = [breaker.try_acquire() for _ in range(probes + 10)]
+    assert sum(p is not None for p in admitted) == probes
+    assert admitted[probes:] == [None] * 10
+    assert breaker.retry_after_s() == pytest.approx(1.0)
+    admitted[0].success()  # type: ignore[union-attr]
+    assert breaker.try_acquire() is not None  # that slot is free again
+    assert breaker.try_acquire() is None
+
+
+def test_a_probe_success_closes() -> None:
+    clock = FakeClock()
+    breaker = open_breaker(clock, reset_timeout_s=30)
+    clock.advance(30)
+    permit(breaker).success()
+    assert breaker.state is CLOSED
+    assert all(breaker.try_acquire() for _ in range(100))
+
+
+def test_success_threshold_needs_that_many_probe_successes() -> None:
+    clock = FakeClock()
+    breaker = open_breaker(clock, success_threshold=2)
+    clock.advance(30)
+    permit(breaker).success()
+    assert breaker.state is HALF_OPEN
+    permit(breaker).success()
+    assert breaker.state is CLOSED
+
+
+def test_a_probe_failure_reopens_for_a_full_reset_timeout() -> None:
+    clock = FakeClock()
+    breaker = open_breaker(clock, reset_timeout_s=30)
+    clock.advance(30)
+    permit(breaker).failure()
+    assert breaker.state is OPEN
+    assert breaker.retry_after_s() == pytest.approx(30)
+    clock.advance(29)
+    assert breaker.try_acquire() is None
+
+
+def test_ignore_releases_the_probe_slot_without_deciding() -> None:
+    clock = FakeClock()
+    breaker = open_breaker(clock)
+    clock.advance(30)
+    probe = permit(breaker)
+    assert breaker.try_acquire() is None
+    probe.ignore()
+    assert breaker.state is HALF_OPEN
+    permit(breaker).success()
+    assert breaker.state is CLOSED
+
+
+def test_settling_twice_counts_once() -> None:
+    breaker = CircuitBreaker("up", failure_threshold=2, clock=FakeClock())
+    once = permit(breaker)
+    once.failure()
+    once.failure()
+    once.success()
+    assert breaker.state is CLOSED
+    fail(breaker)
+    assert breaker.state is OPEN
+
+
+def test_permits_from_an_earlier_state_are_dropped() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("up", failure_threshold=2, clock=clock)
+    slow = [permit(breaker) for _ in range(3)]  # in flight when the upstream dies
+    fail(breaker, 2)
+    assert breaker.state is OPEN
+    clock.advance(30)
+    assert breaker.state is HALF_OPEN
+    slow[0].success()  # an old call finishing is not a probe: must not close
+    slow[1].failure()  # nor re-open
+    assert breaker.state is HALF_OPEN
+    probe = permit(breaker)
+    probe.success()
+    assert breaker.state is CLOSED
+    slow[2].failure()  # still stale after closing
+    fail(breaker)
+    assert breaker.state is CLOSED  # one failure since closing, not two
+
+
+def test_closing_starts_with_a_clean_window() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(
+        "up", failure_threshold=100, min_volume=4, failure_ratio=0.5, clock=clock
+    )
+    alternate(breaker, 4, first_fails=False)  # 2 failures of 4, the last one trips it
+    assert breaker.state is OPEN
+    clock.advance(30)
+    permit(breaker).success()
+    assert breaker.state is CLOSED
+    fail(breaker)  # 1 of 1, but below min volume in the fresh window
+    assert breaker.state is CLOSED
+
+
+@pytest.mark.parametrize(
+    ("code", "state_after"),
+    [
+        (grpc.StatusCode.OK, CLOSED),
+        (grpc.StatusCode.UNAVAILABLE, OPEN),
+        (grpc.StatusCode.INVALID_ARGUMENT, HALF_OPEN),
+        (grpc.StatusCode.CANCELLED, HALF_OPEN),
+    ],
+)
+def test_record_settles_by_code(code: grpc.StatusCode, state_after: BreakerState) -> None:
+    clock = FakeClock()
+    breaker = open_breaker(clock)
+    clock.advance(30)
+    permit(breaker).record(code)
+    assert breaker.state is state_after
+    if state_after is HALF_OPEN:  # ignored: the probe slot is free again
+        assert breaker.try_acquire() is not None
+
+
+@pytest.mark.parametrize(
+    ("code", "counts"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, True),
+        (grpc.StatusCode.INTERNAL, True),
+        (grpc.StatusCode.UNKNOWN, True),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, True),
+        (grpc.StatusCode.OK, False),
+        (grpc.StatusCode.INVALID_ARGUMENT, False),
+        (grpc.StatusCode.CANCELLED, False),
+        (grpc.StatusCode.NOT_FOUND, False),
+        (grpc.StatusCode.PERMISSION_DENIED, False),
+        (grpc.StatusCode.UNAUTHENTICATED, False),
+    ],
+)
+def test_is_breaker_failure(code: grpc.StatusCode, counts: bool) -> None:
+    assert is_breaker_failure(code) is counts
+
+
+def test_ignored_outcomes_never_open_it() -> None:
+    breaker = CircuitBreaker("up", failure_threshold=1, min_volume=1, clock=FakeClock())
+    for _ in range(100):
+        permit(breaker).record(grpc.StatusCode.INVALID_ARGUMENT)
+    assert breaker.state is CLOSED
+
+
+def test_transitions_are_reported_in_order() -> None:
+    clock = FakeClock()
+    seen: list[tuple[str, BreakerState, BreakerState]] = []
+    breaker = CircuitBreaker(
+        "agent-0:50052", failure_threshold=1, clock=clock, on_transition=lambda *t: seen.append(t)
+    )
+    fail(breaker)
+    clock.advance(30)
+    permit(breaker).failure()
+    clock.advance(30)
+    permit(breaker).success()
+    assert seen == [
+        ("agent-0:50052", CLOSED, OPEN),
+        ("agent-0:50052", OPEN, HALF_OPEN),
+        ("agent-0:50052", HALF_OPEN, OPEN),
+        ("agent-0:50052", OPEN, HALF_OPEN),
+        ("agent-0:50052", HALF_OPEN, CLOSED),
+    ]
+
+
+def test_a_failing_callback_does_not_break_calls(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(name: str, old: BreakerState, new: BreakerState) -> None:
+        raise RuntimeError("metrics down")
+
+    breaker = CircuitBreaker("up", failure_threshold=1, clock=FakeClock(), on_transition=broken)
+    with caplog.at_level(logging.ERROR, logger="interceptors.breaker"):
+        fail(breaker)
+    assert breaker.state is OPEN
+    assert "on_transition callback failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"failure_threshold": 0},
+        {"min_volume": 0},
+        {"half_open_max_probes": 0},
+        {"success_threshold": 0},
+        {"failure_ratio": 0},
+        {"failure_ratio": 1.5},
+        {"window_s": 0},
+        {"reset_timeout_s": 0},
+        {"window_buckets": 0},
+    ],
+)
+def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        CircuitBreaker("up", **kwargs)  # type: ignore[arg-type]
