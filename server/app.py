@@ -95,7 +95,16 @@ class ProxyServer:
         if self.settings.server.drain_delay_s:
             await asyncio.sleep(self.settings.server.drain_delay_s)
         if self._server is not None:
-            await self._server.stop(grace)
+            # stop(grace) refuses new calls at once; the forwarded calls get the grace
+            # period, but long-lived health Watch streams must not hold the exit, so
+            # once the forwarded calls are done stop(0) cancels whatever is left.
+            stopping = asyncio.create_task(self._server.stop(grace))
+            try:
+                await asyncio.wait_for(self.forwarder.wait_idle(), timeout=grace)
+            except TimeoutError:
+                log_event(log, "proxy_grace_expired", cancelled=self.forwarder.active)
+            await self._server.stop(0)
+            await stopping
         await self.pool.close()
         log_event(log, "proxy_stopped")
 

@@ -83,6 +83,22 @@ class Forwarder:
         self._settings = settings
         self._policy = retry_policy(settings)
         self._drop = _HOP_METADATA | {k.lower() for k in settings.upstream.drop_metadata}
+        # Calls being forwarded now; drain waits for them, not for health Watch streams.
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def _enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self._idle.set()
 
     @staticmethod
     def stream_response_classes() -> dict[str, type]:
@@ -190,7 +206,11 @@ class Forwarder:
                     request, metadata=metadata, timeout=timeout
                 )
 
-            response = await self._with_retries(context, call, attempt)
+            self._enter()
+            try:
+                response = await self._with_retries(context, call, attempt)
+            finally:
+                self._leave()
             await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
             return response
 
@@ -221,7 +241,12 @@ class Forwarder:
                 endpoint.in_flight += 1  # the stream stays open past the attempt
                 return first, chunks, endpoint
 
-            first, chunks, endpoint = await self._with_retries(context, call, attempt)
+            self._enter()
+            try:
+                first, chunks, endpoint = await self._with_retries(context, call, attempt)
+            except BaseException:
+                self._leave()
+                raise
             try:
                 if first is None:
                     return
@@ -234,6 +259,7 @@ class Forwarder:
                     yield chunk
             finally:
                 endpoint.in_flight -= 1
+                self._leave()
                 await chunks.aclose()
 
         return forward_stream

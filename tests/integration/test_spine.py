@@ -1,0 +1,208 @@
+"""The spine, end to end with real processes: agent <- proxy <- test client.
+
+Every RPC through the proxy answers what the agent answers directly; streams arrive
+complete and in order; cancellation, deadlines, request ids, health and SIGTERM drain
+behave as the issue asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import grpc
+import pytest
+from google.protobuf import json_format, struct_pb2
+from google.rpc import error_details_pb2  # noqa: F401  (registers BadRequest for Any -> JSON)
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ai.agent.v1 import agent_service_pb2 as pb
+from tests.conftest import agent_args, proxy_args
+from tests.support.grpc_helpers import NOT_SERVING, SERVING, health_status, stub, wait_health
+
+GENERATE = pb.GenerateRequest(prompt="Explain circuit breakers in one paragraph", options=pb.GenerationOptions(max_tokens=20))
+CHAT_MESSAGES = [
+    pb.ChatMessage(role=pb.CHAT_ROLE_SYSTEM, content="You are terse."),
+    pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="What is backpressure?"),
+]
+CONTEXT = struct_pb2.Struct()
+CONTEXT.update({"audience": "engineers", "limit": 3})
+
+# (method, request) for every unary RPC of the service.
+UNARY_CALLS = [
+    ("Generate", GENERATE),
+    ("Chat", pb.ChatRequest(session_id="s-unary", messages=CHAT_MESSAGES)),
+    ("SearchRag", pb.SearchRagRequest(query="circuit breaker half-open", top_k=3)),
+    (
+        "ExecuteAgent",
+        pb.ExecuteAgentRequest(
+            agent_type=pb.AGENT_TYPE_ANALYSIS, task="Compare 12*7 with 90", tools=["calculator", "search"], context=CONTEXT
+        ),
+    ),
+    ("BatchGenerate", pb.BatchGenerateRequest(prompts=["one", "", "three"], options=pb.GenerationOptions(max_tokens=8))),
+]
+STREAM_CALLS = [
+    ("StreamGenerate", pb.StreamGenerateRequest(prompt="Stream a haiku about queues")),
+    ("StreamChat", pb.StreamChatRequest(session_id="s-stream", messages=CHAT_MESSAGES)),
+    ("StreamRagGenerate", pb.StreamRagGenerateRequest(query="how does envoy transcode grpc", top_k=2)),
+    (
+        "StreamExecuteAgent",
+        pb.StreamExecuteAgentRequest(agent_type=pb.AGENT_TYPE_ASSISTANT, task="Count words in hello big world", tools=["word_count"]),
+    ),
+]
+# The proxy must re-export every RPC of the service; this list must follow the proto.
+assert {m for m, _ in UNARY_CALLS + STREAM_CALLS} == set(pb.DESCRIPTOR.services_by_name["AgentService"].methods_by_name)
+
+
+@pytest.fixture
+def unbuffered_proxy(spawn, agent):
+    """A proxy that never coalesces, so its chunks can be compared one to one."""
+    return spawn(*proxy_args(agent.address), env={"AIPROXY_STREAM__COALESCE": "false"}, name="proxy")
+
+
+@pytest.mark.parametrize(("method", "request_msg"), UNARY_CALLS, ids=[m for m, _ in UNARY_CALLS])
+async def test_unary_through_proxy_equals_direct(method, request_msg, agent_channel, proxy_channel) -> None:
+    direct = await getattr(stub(agent_channel), method)(request_msg, timeout=10)
+    proxied = await getattr(stub(proxy_channel), method)(request_msg, timeout=10)
+    # Field by field: the dict form names the first field that differs.
+    assert json_format.MessageToDict(proxied) == json_format.MessageToDict(direct)
+    assert proxied == direct
+
+
+@pytest.mark.parametrize(("method", "request_msg"), STREAM_CALLS, ids=[m for m, _ in STREAM_CALLS])
+async def test_stream_through_proxy_equals_direct(method, request_msg, agent, unbuffered_proxy) -> None:
+    async with grpc.aio.insecure_channel(agent.address) as a, grpc.aio.insecure_channel(unbuffered_proxy.address) as p:
+        direct = [c async for c in getattr(stub(a), method)(request_msg, timeout=10)]
+        proxied = [c async for c in getattr(stub(p), method)(request_msg, timeout=10)]
+    assert len(direct) > 3
+    assert [json_format.MessageToDict(c) for c in proxied] == [json_format.MessageToDict(c) for c in direct]
+    # Complete and in order.
+    assert [c.seq for c in proxied] == list(range(len(proxied)))
+    assert [c.is_final for c in proxied] == [False] * (len(proxied) - 1) + [True]
+    assert proxied[-1].usage.completion_tokens > 0
+
+
+async def test_coalescing_proxy_keeps_text_and_order(agent_channel, proxy_channel) -> None:
+    request = pb.StreamGenerateRequest(prompt="A long answer please", options=pb.GenerationOptions(max_tokens=200))
+    direct = [c async for c in stub(agent_channel).StreamGenerate(request, timeout=10)]
+    proxied = []
+    async for chunk in stub(proxy_channel).StreamGenerate(request, timeout=10):
+        proxied.append(chunk)
+        await asyncio.sleep(0.002)  # a slow reader lets chunks queue up in the proxy
+    assert "".join(c.delta for c in proxied) == "".join(c.delta for c in direct)
+    assert [c.seq for c in proxied] == list(range(len(proxied)))
+    assert proxied[-1].is_final and proxied[-1].usage == direct[-1].usage
+
+
+async def test_request_id_forwarded_and_echoed(agent, proxy_channel) -> None:
+    call = stub(proxy_channel).Generate(GENERATE, metadata=(("x-request-id", "req-abc-123"),), timeout=10)
+    await call
+    assert dict(await call.initial_metadata())["x-request-id"] == "req-abc-123"
+    assert dict(await call.trailing_metadata())["x-request-id"] == "req-abc-123"
+    agent.wait_for_log(lambda e: e.get("event") == "call_started" and e.get("request_id") == "req-abc-123")
+
+    # Absent: the proxy makes one up, sends it upstream, and tells the caller.
+    call = stub(proxy_channel).StreamGenerate(pb.StreamGenerateRequest(prompt="x"), timeout=10)
+    async for _ in call:
+        pass
+    generated = dict(await call.initial_metadata())["x-request-id"]
+    assert len(generated) >= 16
+    agent.wait_for_log(lambda e: e.get("event") == "call_started" and e.get("request_id") == generated)
+
+
+async def test_credentials_are_not_forwarded_upstream(agent, proxy_channel) -> None:
+    metadata = (("x-request-id", "req-cred"), ("authorization", "Bearer secret"), ("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01"))
+    await stub(proxy_channel).Generate(GENERATE, metadata=metadata, timeout=10)
+    started = agent.wait_for_log(lambda e: e.get("event") == "call_started" and e.get("request_id") == "req-cred")
+    assert started.get("traceparent", "").startswith("00-aaaa")  # trace context passes
+    assert "secret" not in agent.stderr_text()
+
+
+async def test_caller_cancellation_reaches_upstream_within_100ms(spawn) -> None:
+    slow_agent = spawn(*agent_args(token_delay_ms=200), name="agent")
+    proxy = spawn(*proxy_args(slow_agent.address), name="proxy")
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        call = stub(channel).StreamGenerate(
+            pb.StreamGenerateRequest(prompt="long", options=pb.GenerationOptions(max_tokens=100)),
+            metadata=(("x-request-id", "req-cancel"),),
+            timeout=30,
+        )
+        await call.read()
+        cancelled_at = time.time()
+        call.cancel()
+    finished = slow_agent.wait_for_log(
+        lambda e: e.get("event") == "call_finished" and e.get("request_id") == "req-cancel", timeout=5
+    )
+    assert finished["cancelled"] is True
+    assert finished["ts"] - cancelled_at < 0.100, f"upstream saw the cancel {finished['ts'] - cancelled_at:.3f}s later"
+
+
+@pytest.mark.parametrize("method", ["Generate", "StreamGenerate"])
+async def test_caller_deadline_propagates_upstream(method, agent, proxy_channel) -> None:
+    request = pb.GenerateRequest(prompt="x") if method == "Generate" else pb.StreamGenerateRequest(prompt="x")
+    rid = f"req-deadline-{method}"
+    call = getattr(stub(proxy_channel), method)(
+        request, metadata=(("x-request-id", rid), ("x-fault-hang", "1")), timeout=0.3
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        if method == "Generate":
+            await call
+        else:
+            async for _ in call:
+                pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    started = agent.wait_for_log(lambda e: e.get("event") == "call_started" and e.get("request_id") == rid)
+    assert 0 < started["deadline_remaining_ms"] <= 300
+
+
+async def test_proxy_health_follows_upstream(agent, proxy) -> None:
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        await wait_health(channel, SERVING)
+        await wait_health(channel, SERVING, service="ai.agent.v1.AgentService")
+        agent.send_signal(signal.SIGUSR1)  # agent -> NOT_SERVING
+        await wait_health(channel, NOT_SERVING, timeout=5)
+        assert await health_status(channel, "ai.agent.v1.AgentService") == NOT_SERVING
+        agent.send_signal(signal.SIGUSR2)  # agent -> SERVING
+        await wait_health(channel, SERVING, timeout=5)
+
+
+async def test_sigterm_lets_an_inflight_stream_finish(spawn) -> None:
+    agent = spawn(*agent_args(token_delay_ms=20), name="agent")
+    proxy = spawn(*proxy_args(agent.address), name="proxy")
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        call = stub(channel).StreamGenerate(
+            pb.StreamGenerateRequest(prompt="drain me", options=pb.GenerationOptions(max_tokens=40)), timeout=30
+        )
+        chunks = [await call.read()]
+        proxy.send_signal(signal.SIGTERM)
+        while (chunk := await call.read()) is not grpc.aio.EOF:
+            chunks.append(chunk)
+        assert chunks[-1].is_final
+        assert await call.code() == grpc.StatusCode.OK
+        assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert proxy.wait(timeout=15) == 0
+    events = [e["event"] for e in proxy.log_events()]
+    assert events.index("proxy_draining") < events.index("proxy_stopped")
+
+
+async def test_new_calls_after_sigterm_are_refused(spawn) -> None:
+    agent = spawn(*agent_args(token_delay_ms=50), name="agent")
+    proxy = spawn(*proxy_args(agent.address), name="proxy")
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        call = stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="keep busy"), timeout=30)
+        await call.read()
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert (await watch.read()).status == SERVING
+        proxy.send_signal(signal.SIGTERM)
+        assert (await watch.read()).status == NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub(channel).Generate(GENERATE, timeout=5)
+        # grpc core answers calls that arrive after shutdown began with CANCELLED (or
+        # UNAVAILABLE once the GOAWAY has reached the client): either way, refused.
+        assert refused.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        while (chunk := await call.read()) is not grpc.aio.EOF:
+            last = chunk
+        assert last.is_final
+    assert proxy.wait(timeout=15) == 0
