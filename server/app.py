@@ -63,6 +63,10 @@ class ProxyServer:
     async def start(self) -> int:
         await self.pool.start()
         self.health.refresh()
+        # Usually an upstream reports SERVING within milliseconds; waiting for it means
+        # the first calls after start-up do not fail. Health stays honest either way.
+        if not await self.pool.wait_usable(self.settings.upstream.startup_wait_s):
+            log_event(log, "no_usable_upstream_at_start", level=logging.WARNING, endpoints=self.settings.upstream.endpoints)
         server = grpc.aio.server(
             interceptors=server_interceptors(self.settings),
             options=server_options(self.settings),

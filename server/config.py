@@ -63,6 +63,8 @@ class UpstreamSettings(_Section):
     """The agent replicas the proxy forwards to."""
 
     endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:50052"], min_length=1)
+    # Start-up waits this long for a usable endpoint before it reports ready.
+    startup_wait_s: float = Field(default=5.0, ge=0)
     # Names (not IP literals) are re-resolved this often; the pool follows the answer.
     dns_refresh_s: float = Field(default=5.0, gt=0)
     # Connections per endpoint, so HTTP/2 stream limits never queue thousands of

@@ -268,6 +268,25 @@ class UpstreamPool:
             _ = endpoint.breaker.state  # may transition to HALF_OPEN (and call back)
             self._refresh()
 
+    async def wait_usable(self, timeout: float) -> bool:
+        """Wait until an endpoint is usable (True) or `timeout` passes (False)."""
+        if self._usable:
+            return True
+        ready = asyncio.Event()
+
+        def check(pool: UpstreamPool) -> None:
+            if pool._usable:
+                ready.set()
+
+        self._listeners.append(check)
+        try:
+            await asyncio.wait_for(ready.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._listeners.remove(check)
+
     def has_other_usable(self, tried: set[str]) -> bool:
         return any(ep.address not in tried for ep in self._usable)
 
