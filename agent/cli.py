@@ -1,0 +1,145 @@
+"""The agent's command line, shared by `aiproxy agent` and `python -m agent`.
+
+    add_arguments(parser)   adds --listen, --enable-faults, --first-token-delay-ms,
+                            --token-delay-ms, --model, --log-level
+    run(args)               serves until SIGTERM/SIGINT; returns the exit code
+
+When listening it prints one JSON line on stdout, which supervisors and tests wait for:
+    {"event": "listening", "service": "agent", "address": "127.0.0.1:50052"}
+Signals: SIGTERM/SIGINT drain (NOT_SERVING, 5 s for in-flight calls) and exit 0;
+SIGUSR1 reports NOT_SERVING, SIGUSR2 SERVING again (to exercise health-driven routing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from agent import logs
+from agent.logs import log_event
+from agent.server import AgentServer
+from agent.settings import DEFAULT_LISTEN, DEFAULT_MODEL, AgentSettings
+
+DESCRIPTION = (
+    "The reference AI agent service (the upstream aiproxy fronts): deterministic and offline."
+)
+DRAIN_GRACE_S = 5.0
+
+log = logging.getLogger("agent.cli")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"gRPC listen address, port 0 for any (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--enable-faults", action="store_true", help="honour x-fault-* request metadata"
+    )
+    parser.add_argument(
+        "--first-token-delay-ms",
+        type=_milliseconds,
+        default=40.0,
+        metavar="MS",
+        help="time to first token (default 40)",
+    )
+    parser.add_argument(
+        "--token-delay-ms",
+        type=_milliseconds,
+        default=15.0,
+        metavar="MS",
+        help="time between tokens (default 15)",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model name when a request names none (default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default INFO",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+    return AgentSettings(
+        listen=args.listen,
+        enable_faults=args.enable_faults,
+        first_token_delay_ms=args.first_token_delay_ms,
+        token_delay_ms=args.token_delay_ms,
+        model=args.model,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT.
+
+    Exit code 0 after a clean drain, 1 if the agent cannot start, 2 on bad settings.
+    """
+    logs.configure(getattr(args, "log_level", "INFO"))
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"agent: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(settings))
+
+
+async def serve(settings: AgentSettings) -> int:
+    server = AgentServer(settings)
+    try:
+        await server.start()
+    except RuntimeError as exc:
+        log_event(log, "agent_start_failed", logging.ERROR, error=str(exc))
+        return 1
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    background: set[asyncio.Task[None]] = set()
+
+    def in_background(coro: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(coro)
+        background.add(task)  # keep a reference until done, or the task may be collected
+        task.add_done_callback(background.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: in_background(server.set_serving(False)))
+    loop.add_signal_handler(signal.SIGUSR2, lambda: in_background(server.set_serving(True)))
+
+    _print_ready(server.address)
+    try:
+        await stop.wait()
+        log_event(log, "agent_draining", grace_s=DRAIN_GRACE_S)
+        await server.stop(grace=DRAIN_GRACE_S)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _print_ready(address: str) -> None:
+    sys.stdout.write(
+        json.dumps({"event": "listening", "service": "agent", "address": address}) + "\n"
+    )
+    sys.stdout.flush()
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number of milliseconds")
+    return value

@@ -1,0 +1,143 @@
+"""The agent's gRPC server: AgentService, grpc.health.v1 and reflection on one port.
+
+    server = AgentServer(AgentSettings(listen="127.0.0.1:0"))
+    port = await server.start()
+    ...
+    await server.stop(grace=5)
+
+grpc.aio only: every handler is a coroutine on the event loop, no thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from agent.interceptor import SERVICE_NAME, CallInterceptor
+from agent.logs import log_event
+from agent.rag import Corpus
+from agent.service import AgentServicer
+from agent.sessions import SessionStore
+from agent.settings import AgentSettings
+from agent.tools import build_tools
+from ai.agent.v1 import agent_service_pb2 as pb
+from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+
+__all__ = ["SERVICE_NAME", "AgentServer", "AgentSettings"]
+
+log = logging.getLogger("agent.server")
+
+_HEALTH_SERVICES = ("", SERVICE_NAME)  # the server as a whole, and the API
+
+
+class AgentServer:
+    def __init__(self, settings: AgentSettings | None = None) -> None:
+        self.settings = settings or AgentSettings()
+        self.health = health_aio.HealthServicer()
+        corpus = Corpus.bundled()
+        self.servicer = AgentServicer(
+            self.settings,
+            corpus,
+            SessionStore(self.settings.max_sessions, self.settings.max_session_messages),
+            build_tools(corpus),
+        )
+        self._server: grpc.aio.Server | None = None
+        self._port: int | None = None
+        self._serving: bool | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the agent server has not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT actually bound (the listen address with port 0 resolved)."""
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind, start serving, report SERVING; returns the bound port."""
+        if self._server is not None:
+            raise RuntimeError("the agent server is already started")
+        settings = self.settings
+        server = grpc.aio.server(
+            interceptors=[CallInterceptor(enable_faults=settings.enable_faults)],
+            options=[
+                ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+                ("grpc.server.max_pending_requests", settings.max_pending_requests),
+                ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_requests * 2),
+                # A proxy keeps long-lived connections with keepalive pings; do not answer
+                # them with GOAWAY "too_many_pings".
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ],
+        )
+        pb_grpc.add_AgentServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                pb.DESCRIPTOR.services_by_name["AgentService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        try:
+            port = server.add_insecure_port(settings.listen)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
+        await server.start()
+        self._server, self._port = server, port
+        await self.set_serving(True)
+        log_event(
+            log,
+            "agent_started",
+            address=self.address,
+            model=settings.model,
+            enable_faults=settings.enable_faults,
+            first_token_delay_ms=settings.first_token_delay_ms,
+            token_delay_ms=settings.token_delay_ms,
+        )
+        return port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING for "" and the API (Watch streams see it at once)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in _HEALTH_SERVICES:
+            await self.health.set(service, status)
+        if serving != self._serving:
+            self._serving = serving
+            log_event(
+                log,
+                "health_changed",
+                status=health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+            )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING for good, refuse new calls, give in-flight calls `grace` seconds.
+
+        As with grpc.aio.Server.stop, `grace=None` cancels in-flight calls at once.
+        """
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        if self._serving:
+            self._serving = False
+            log_event(log, "health_changed", status="NOT_SERVING")
+        log_event(log, "agent_stopping", grace_s=grace)
+        await self._server.stop(grace)
+        log_event(log, "agent_stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

@@ -1,0 +1,53 @@
+"""The agent's settings (re-exported by agent.server, where callers import them from)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_LISTEN = "127.0.0.1:50052"
+DEFAULT_MODEL = "ref-model-1"
+
+
+@dataclass
+class AgentSettings:
+    # HOST:PORT to listen on, insecure; port 0 picks a free port (AgentServer.start returns it).
+    listen: str = DEFAULT_LISTEN
+    # Honour x-fault-* request metadata (agent.faults). Off: the metadata is ignored.
+    enable_faults: bool = False
+    # Time to the first token, then between tokens. Unary calls wait the whole total.
+    first_token_delay_ms: float = 40.0
+    token_delay_ms: float = 15.0
+    # The model named in answers when a request names none.
+    model: str = DEFAULT_MODEL
+    # Chat memory bounds: sessions kept (least recently used dropped), messages per session.
+    max_sessions: int = 10_000
+    max_session_messages: int = 100
+    # Prompts per BatchGenerate call; more is INVALID_ARGUMENT.
+    max_batch_size: int = 64
+    # HTTP/2 streams per connection: a proxy multiplexes thousands of streams on one.
+    max_concurrent_streams: int = 100_000
+    # New calls C-core queues before it cancels them (default 1000 is too few for bursts).
+    max_pending_requests: int = 20_000
+
+    def __post_init__(self) -> None:
+        if ":" not in self.listen:
+            raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
+        for name in ("first_token_delay_ms", "token_delay_ms"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 <= value < math.inf):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not self.model:
+            raise ValueError("model must not be empty")
+        for name in (
+            "max_sessions",
+            "max_batch_size",
+            "max_concurrent_streams",
+            "max_pending_requests",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.max_session_messages < 2:
+            raise ValueError(
+                f"max_session_messages must be at least 2, got {self.max_session_messages!r}"
+            )

@@ -1,0 +1,132 @@
+"""The upstream pool with three real agent replicas: balance, health, failure, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import time
+
+import grpc
+import pytest
+
+from ai.agent.v1 import agent_service_pb2 as pb
+from ai.proxy.v1 import admin_service_pb2 as admin_pb
+from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
+from tests.conftest import agent_args, proxy_args
+from tests.support.grpc_helpers import stub
+
+REQUEST = pb.GenerateRequest(prompt="balance me", options=pb.GenerationOptions(max_tokens=4))
+
+
+async def endpoints(channel: grpc.aio.Channel) -> dict[str, admin_pb.UpstreamEndpoint]:
+    reply = await admin_grpc.ProxyAdminServiceStub(channel).ListEndpoints(admin_pb.ListEndpointsRequest(), timeout=5)
+    return {ep.address: ep for ep in reply.endpoints}
+
+
+async def wait_endpoint(channel: grpc.aio.Channel, address: str, *, usable: bool, timeout: float) -> float:
+    """Poll the admin RPC until `address` is (not) usable; returns the time it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if (await endpoints(channel))[address].usable == usable:
+            return time.monotonic() - start
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{address} not usable={usable} after {timeout}s")
+
+
+async def fire(channel: grpc.aio.Channel, n: int, concurrency: int) -> list[grpc.StatusCode]:
+    """n unary calls, `concurrency` at a time; returns each call's status code."""
+    codes: list[grpc.StatusCode] = []
+    queue = iter(range(n))
+
+    async def worker() -> None:
+        for _ in queue:
+            try:
+                await stub(channel).Generate(REQUEST, timeout=10)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return codes
+
+
+def calls_per_agent(agents) -> dict[str, int]:
+    return {a.address: len(a.log_events("call_started")) for a in agents}
+
+
+@pytest.fixture
+def replicas(spawn):
+    return [spawn(*agent_args(first_token_delay_ms=2, token_delay_ms=1), name=f"agent{i}") for i in range(3)]
+
+
+@pytest.fixture
+async def pool_proxy(spawn, replicas):
+    proxy = spawn(*proxy_args(*(a.address for a in replicas)), name="proxy")
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        for agent in replicas:
+            await wait_endpoint(channel, agent.address, usable=True, timeout=5)
+        yield proxy, channel
+
+
+async def test_uniform_load_spreads_evenly(replicas, pool_proxy) -> None:
+    _, channel = pool_proxy
+    codes = await fire(channel, 300, concurrency=12)
+    assert collections.Counter(codes) == {grpc.StatusCode.OK: 300}
+    counts = calls_per_agent(replicas)
+    fair = 300 / 3
+    assert sum(counts.values()) == 300
+    assert max(counts.values()) <= 1.5 * fair, counts
+
+
+async def test_not_serving_replica_gets_no_new_calls_within_1s(replicas, pool_proxy) -> None:
+    _, channel = pool_proxy
+    sick = replicas[0]
+    sick.send_signal(signal.SIGUSR1)
+    took = await wait_endpoint(channel, sick.address, usable=False, timeout=1.0)
+    before = len(sick.log_events("call_started"))
+    codes = await fire(channel, 60, concurrency=6)
+    assert set(codes) == {grpc.StatusCode.OK}
+    assert len(sick.log_events("call_started")) == before, f"NOT_SERVING replica got calls ({took:.3f}s to notice)"
+
+    # It comes back: used again.
+    sick.send_signal(signal.SIGUSR2)
+    await wait_endpoint(channel, sick.address, usable=True, timeout=2.0)
+    await fire(channel, 60, concurrency=6)
+    assert len(sick.log_events("call_started")) > before
+
+
+async def test_killed_replica_detected_within_5s_and_calls_keep_succeeding(replicas, pool_proxy) -> None:
+    _, channel = pool_proxy
+    victim = replicas[1]
+    load = asyncio.create_task(fire(channel, 400, concurrency=4))
+    await asyncio.sleep(0.1)  # the kill lands in the middle of the load
+    victim.proc.send_signal(signal.SIGKILL)
+    took = await wait_endpoint(channel, victim.address, usable=False, timeout=5.0)
+    codes = await load
+    assert collections.Counter(codes) == {grpc.StatusCode.OK: 400}, f"detected after {took:.3f}s"
+    assert set(await fire(channel, 50, concurrency=5)) == {grpc.StatusCode.OK}
+
+
+async def test_slow_replica_receives_less(spawn) -> None:
+    fast = [spawn(*agent_args(first_token_delay_ms=1, token_delay_ms=0), name=f"fast{i}") for i in range(2)]
+    slow = spawn(*agent_args(first_token_delay_ms=60, token_delay_ms=0), name="slow")
+    proxy = spawn(*proxy_args(*(a.address for a in [*fast, slow])), name="proxy")
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        for agent in [*fast, slow]:
+            await wait_endpoint(channel, agent.address, usable=True, timeout=5)
+        codes = await fire(channel, 300, concurrency=12)
+    assert set(codes) == {grpc.StatusCode.OK}
+    counts = calls_per_agent([*fast, slow])
+    slow_share = counts[slow.address]
+    fast_share = min(counts[a.address] for a in fast)
+    assert slow_share < 0.6 * fast_share, counts
+
+
+async def test_admin_lists_endpoints_with_breaker_state(replicas, pool_proxy) -> None:
+    _, channel = pool_proxy
+    listed = await endpoints(channel)
+    assert set(listed) == {a.address for a in replicas}
+    for ep in listed.values():
+        assert ep.serving and ep.usable
+        assert ep.breaker_state == admin_pb.BREAKER_STATE_CLOSED
