@@ -6,7 +6,15 @@ call first and its result last. The order, outermost first, and why:
   1. RequestContextInterceptor  opens CallInfo and the request id that every later
                                 interceptor, the access log and the upstream call use.
   2. ErrorInterceptor           turns whatever the inner ones raise into the one error
-                                shape, including in-band stream errors.
+                                shape, including in-band stream errors; everything
+                                below it only raises ProxyErrors.
+  3. LimitsInterceptor          admission: proxy-wide cap, the caller's token bucket,
+                                the caller's open streams. Before validation, so that a
+                                flood of malformed requests is limited like any other.
+  4. ValidationInterceptor      rejects malformed requests before they cost anything
+                                upstream.
+  5. DeadlineInterceptor        fixes the effective deadline the upstream call gets;
+                                innermost, so the time spent above is already counted.
 
 Upstream side, per endpoint channel (grpc.aio client interceptors, outermost first):
 
@@ -22,11 +30,14 @@ from __future__ import annotations
 import grpc
 
 from interceptors.breaker import CircuitBreaker
+from interceptors.deadline import DeadlineInterceptor, DeadlineLimit, MethodDeadlines
 from interceptors.error_handling import ErrorInterceptor
-from interceptors.upstream_breaker import BreakerClientInterceptor
+from interceptors.limits import LimitsInterceptor
 from interceptors.request_context import RequestContextInterceptor
-from server.forwarding import Forwarder
-from server.config import Settings
+from interceptors.upstream_breaker import BreakerClientInterceptor
+from interceptors.validation import RequestRules, ValidationInterceptor
+from server.config import SERVICE_NAME, Settings
+from server.forwarding import Forwarder, service_descriptor
 
 
 def client_interceptors(breaker: CircuitBreaker | None) -> list[grpc.aio.ClientInterceptor]:
@@ -37,8 +48,29 @@ def client_interceptors(breaker: CircuitBreaker | None) -> list[grpc.aio.ClientI
     return chain
 
 
+def method_deadlines(settings: Settings) -> MethodDeadlines:
+    d = settings.deadlines
+    return MethodDeadlines.for_service(
+        service_descriptor(),
+        unary=DeadlineLimit(d.unary_default_s, d.unary_max_s),
+        stream=DeadlineLimit(d.stream_default_s, d.stream_max_s),
+        agent=DeadlineLimit(d.agent_default_s, d.agent_max_s),
+        overrides={name: DeadlineLimit(o.default_s, o.max_s) for name, o in d.per_method.items()},
+    )
+
+
 def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
-    return [
+    """The interceptors on calls into the proxy, outermost first (see the module doc)."""
+    service = service_descriptor()
+    paths = [f"/{SERVICE_NAME}/{m.name}" for m in service.methods]
+    streaming = [f"/{SERVICE_NAME}/{m.name}" for m in service.methods if m.server_streaming]
+    chain: list[grpc.aio.ServerInterceptor] = [
         RequestContextInterceptor(),
         ErrorInterceptor(Forwarder.stream_response_classes()),
     ]
+    if settings.limits.enabled:
+        chain.append(LimitsInterceptor(settings.limits, paths, streaming))
+    if settings.validation.enabled:
+        chain.append(ValidationInterceptor(RequestRules(settings.validation).for_service(service)))
+    chain.append(DeadlineInterceptor(method_deadlines(settings)))
+    return chain

@@ -12,9 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from google.protobuf.descriptor import ServiceDescriptor
+from grpc_interceptor.server import AsyncServerInterceptor
+
+from interceptors.errors import DeadlineExceeded
+from server.callinfo import current_call
 
 Clock = Callable[[], float]
 
@@ -108,3 +112,28 @@ class Deadline:
     @property
     def expired(self) -> bool:
         return self.clock() >= self.expires_at
+
+
+class DeadlineInterceptor(AsyncServerInterceptor):
+    """Server interceptor: fix each AgentService call's effective deadline.
+
+    The result goes into CallInfo.timeout_s, which the forwarder gives the upstream call
+    (and every retry, as what is left of it). A caller whose deadline has already passed
+    is answered DEADLINE_EXCEEDED without an upstream call. Other services (health,
+    reflection) keep the caller's deadline as it is.
+    """
+
+    def __init__(self, deadlines: MethodDeadlines) -> None:
+        self._deadlines = deadlines
+
+    async def intercept(
+        self, method: Callable[..., Any], request_or_iterator: Any, context: Any, method_name: str
+    ) -> Any:
+        if method_name in self._deadlines.per_method:
+            timeout = self._deadlines.effective_timeout(method_name, context.time_remaining())
+            if timeout <= 0:
+                raise DeadlineExceeded("the caller's deadline had passed before the call started")
+            call = current_call.get()
+            if call is not None:
+                call.timeout_s = timeout
+        return await super().intercept(method, request_or_iterator, context, method_name)

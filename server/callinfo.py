@@ -30,6 +30,8 @@ class CallInfo:
     model: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Metadata the caller gets with the response headers (e.g. x-ratelimit-*).
+    reply_metadata: tuple[tuple[str, str], ...] = ()
 
 
 current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("current_call", default=None)

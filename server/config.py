@@ -11,7 +11,7 @@ import contextvars
 import pathlib
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -100,6 +100,23 @@ class StreamSettings(_Section):
     coalesce: bool = True
 
 
+class DeadlineOverride(_Section):
+    default_s: float = Field(gt=0)
+    max_s: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _v_order(self) -> DeadlineOverride:
+        if self.default_s > self.max_s:
+            raise ValueError(f"default_s ({self.default_s}) must not exceed max_s ({self.max_s})")
+        return self
+
+
+def _method_names() -> set[str]:
+    from ai.agent.v1 import agent_service_pb2
+
+    return {m.name for m in agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].methods}
+
+
 class DeadlineSettings(_Section):
     """Per-kind default and maximum deadlines, in seconds (the source documents' values)."""
 
@@ -109,6 +126,19 @@ class DeadlineSettings(_Section):
     stream_max_s: float = Field(default=120.0, gt=0)
     agent_default_s: float = Field(default=300.0, gt=0)
     agent_max_s: float = Field(default=300.0, gt=0)
+    # By bare method name, e.g. {"BatchGenerate": {"default_s": 60, "max_s": 90}}.
+    per_method: dict[str, DeadlineOverride] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _v_order(self) -> DeadlineSettings:
+        for kind in ("unary", "stream", "agent"):
+            default, maximum = getattr(self, f"{kind}_default_s"), getattr(self, f"{kind}_max_s")
+            if default > maximum:
+                raise ValueError(f"{kind}_default_s ({default}) must not exceed {kind}_max_s ({maximum})")
+        unknown = set(self.per_method) - _method_names()
+        if unknown:
+            raise ValueError(f"per_method names unknown methods {sorted(unknown)}")
+        return self
 
 
 class BreakerSettings(_Section):
@@ -146,6 +176,55 @@ class RetrySettings(_Section):
         return [v.upper() for v in value]
 
 
+class RateLimitOverride(_Section):
+    """A caller key's own bucket (and stream cap), replacing the default."""
+
+    rate_per_s: float = Field(gt=0)
+    burst: int = Field(ge=1)
+    max_streams: int | None = Field(default=None, ge=1)
+
+
+class LimitSettings(_Section):
+    """Admission control on calls into the proxy (server side).
+
+    Callers are keyed by authenticated subject, then API key (hashed), then the
+    x-client-id header, then peer address: "sub:alice", "key:<sha256/128>",
+    "client:web-42", "peer:10.0.0.7". Overrides are keyed the same way.
+    """
+
+    enabled: bool = True
+    # Token bucket per caller: sustained rate and burst (source documents: 100 QPS).
+    rate_per_s: float = Field(default=100.0, gt=0)
+    burst: int = Field(default=100, ge=1)
+    # Open streams per caller: long generations are what really load an LLM.
+    max_streams_per_caller: int = Field(default=100, ge=1)
+    # Every call in flight through this proxy process; past it RESOURCE_EXHAUSTED
+    # (OVERLOADED) at once instead of a queue that grows.
+    max_concurrent_calls: int = Field(default=10_000, ge=1)
+    # Buckets kept at most (least recently used dropped first): memory stays bounded.
+    max_tracked_callers: int = Field(default=100_000, ge=1)
+    overrides: dict[str, RateLimitOverride] = Field(default_factory=dict)
+
+
+class ValidationSettings(_Section):
+    """Request checks made before a call costs anything upstream."""
+
+    enabled: bool = True
+    max_prompt_chars: int = Field(default=32_000, ge=1)
+    max_messages: int = Field(default=200, ge=1)
+    max_message_chars: int = Field(default=32_000, ge=1)
+    max_total_chars: int = Field(default=200_000, ge=1)  # all text fields of one request
+    max_tokens: int = Field(default=4096, ge=1)
+    max_stop_sequences: int = Field(default=16, ge=0)
+    max_batch_prompts: int = Field(default=64, ge=1)
+    max_top_k: int = Field(default=50, ge=1)
+    max_filters: int = Field(default=16, ge=0)
+    max_tools: int = Field(default=16, ge=0)
+    max_steps: int = Field(default=50, ge=1)
+    max_context_bytes: int = Field(default=64 * 1024, ge=0)  # agent context, serialized
+    max_id_chars: int = Field(default=128, ge=1)  # model, session id, tool and filter names
+
+
 class LogSettings(_Section):
     level: str = "INFO"
 
@@ -179,6 +258,8 @@ class Settings(BaseSettings):
     deadlines: DeadlineSettings = Field(default_factory=DeadlineSettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod

@@ -211,7 +211,7 @@ class Forwarder:
                 response = await self._with_retries(context, call, attempt)
             finally:
                 self._leave()
-            await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
+            await context.send_initial_metadata(((REQUEST_ID, call.request_id), *call.reply_metadata))
             return response
 
         return forward_unary
@@ -250,7 +250,7 @@ class Forwarder:
             try:
                 if first is None:
                     return
-                await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
+                await context.send_initial_metadata(((REQUEST_ID, call.request_id), *call.reply_metadata))
                 call.first_chunk_s = time.monotonic() - call.started
                 call.chunks = 1
                 yield first

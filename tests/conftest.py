@@ -10,12 +10,24 @@ import pytest
 from tests.support.procs import ServiceProcess, aiproxy_argv
 
 
+# Every test client calls from 127.0.0.1, one caller key: tests that are not about
+# rate limits get a bucket they cannot empty (the limiter stays in the chain). Tests of
+# the limits pass their own AIPROXY_LIMITS__* values, which win.
+GENEROUS_LIMITS = {
+    "AIPROXY_LIMITS__RATE_PER_S": "1000000",
+    "AIPROXY_LIMITS__BURST": "1000000",
+    "AIPROXY_LIMITS__MAX_STREAMS_PER_CALLER": "100000",
+}
+
+
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., ServiceProcess]]:
     """Start `aiproxy ARGS...` and stop it (SIGTERM, by PID) when the test ends."""
     started: list[ServiceProcess] = []
 
     def _spawn(*args: str, env: dict[str, str] | None = None, name: str = "") -> ServiceProcess:
+        if args and args[0] == "serve":
+            env = {**GENEROUS_LIMITS, **(env or {})}
         proc = ServiceProcess(aiproxy_argv(*args), env=env, name=name or args[0])
         started.append(proc)
         return proc.start()

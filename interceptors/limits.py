@@ -1,0 +1,126 @@
+"""Server interceptor: admission control on AgentService calls.
+
+Three checks, cheapest and least personal first, before a call costs anything upstream:
+
+  1. the proxy-wide cap on calls in flight: past it RESOURCE_EXHAUSTED (OVERLOADED) at
+     once, instead of a queue that grows until memory or latency gives out; it does not
+     spend the caller's tokens, since the overload is not the caller's doing;
+  2. the caller's token bucket (rate and burst): RESOURCE_EXHAUSTED (RATE_LIMITED) with
+     RetryInfo saying when a token is back; admitted calls carry x-ratelimit-limit,
+     -remaining and -reset in their response headers;
+  3. for streams, the caller's open-stream cap: RESOURCE_EXHAUSTED (CONCURRENCY_LIMITED).
+
+The caller's key is the authenticated identity that an earlier interceptor put in
+CallInfo.caller, else what `caller_key` derives from the API key, client id header or
+peer address; it is written back to CallInfo.caller so the log shows who was limited.
+Health, reflection and admin calls are not limited: probes must never be turned away.
+
+The pure logic (buckets, leases, keys, memory bounds) is in ratelimit.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any, Final
+
+from grpc_interceptor.server import AsyncServerInterceptor
+
+from interceptors.errors import Overloaded
+from interceptors.ratelimit import (
+    API_KEY_HEADER,
+    CLIENT_ID_HEADER,
+    ConcurrencyLimiter,
+    KeyedLimiter,
+    Lease,
+    LimitSpec,
+    caller_key,
+    concurrency_limited_error,
+    rate_limited_error,
+)
+from server.callinfo import CallInfo, current_call
+from server.config import LimitSettings
+
+_PROXY_KEY: Final = "*"  # the one key of the proxy-wide cap
+# What an OVERLOADED caller is told to wait: calls finish in well under a second on
+# average, so a short, jittered retry (the client's job) finds room.
+OVERLOADED_RETRY_DELAY_S: Final = 0.5
+STREAM_RETRY_DELAY_S: Final = 1.0
+
+
+class LimitsInterceptor(AsyncServerInterceptor):
+    def __init__(self, settings: LimitSettings, limited_methods: Collection[str], streaming_methods: Collection[str]) -> None:
+        self._limited = frozenset(limited_methods)
+        self._streaming = frozenset(streaming_methods)
+        overrides = settings.overrides
+        self.rates = KeyedLimiter(
+            LimitSpec(settings.rate_per_s, settings.burst),
+            {key: LimitSpec(o.rate_per_s, o.burst) for key, o in overrides.items()},
+            max_keys=settings.max_tracked_callers,
+        )
+        self.streams = ConcurrencyLimiter(
+            settings.max_streams_per_caller,
+            {key: o.max_streams for key, o in overrides.items() if o.max_streams is not None},
+        )
+        self.in_flight = ConcurrencyLimiter(settings.max_concurrent_calls)
+
+    def _key(self, call: CallInfo, context: Any) -> str:
+        if call.caller:
+            return call.caller
+        headers = {
+            k: v for k, v in context.invocation_metadata() or () if k in (API_KEY_HEADER, CLIENT_ID_HEADER)
+        }
+        call.caller = caller_key(headers, context.peer())
+        return call.caller
+
+    def _admit(self, call: CallInfo, context: Any, stream: bool) -> list[Lease]:
+        """The leases that admit the call (release them when it ends), or a raise."""
+        overall = self.in_flight.try_acquire(_PROXY_KEY)
+        if overall is None:
+            raise Overloaded(
+                "the proxy is at its limit of calls in flight",
+                metadata={"limit": str(self.in_flight.max_per_key)},
+                retry_delay_s=OVERLOADED_RETRY_DELAY_S,
+            )
+        leases = [overall]
+        try:
+            key = self._key(call, context)
+            decision = self.rates.try_acquire(key)
+            if not decision.allowed:
+                raise rate_limited_error(key, decision)
+            call.reply_metadata += decision.headers()
+            if stream:
+                lease = self.streams.try_acquire(key)
+                if lease is None:
+                    raise concurrency_limited_error(key, self.streams.limit_for(key), STREAM_RETRY_DELAY_S)
+                leases.append(lease)
+        except BaseException:
+            _release(leases)
+            raise
+        return leases
+
+    async def intercept(self, method: Callable[..., Any], request: Any, context: Any, method_name: str) -> Any:
+        call = current_call.get()
+        if method_name not in self._limited or call is None:
+            return await super().intercept(method, request, context, method_name)
+        if method_name in self._streaming:
+            # Admitted inside the generator, so the leases are taken and released by the
+            # same frame: a stream cancelled before its first read never held any.
+            return self._limited_stream(method, request, context, call)
+        leases = self._admit(call, context, stream=False)
+        try:
+            return await method(request, context)
+        finally:
+            _release(leases)
+
+    async def _limited_stream(self, method: Callable[..., Any], request: Any, context: Any, call: CallInfo) -> AsyncIterator[Any]:
+        leases = self._admit(call, context, stream=True)
+        try:
+            async for chunk in method(request, context):
+                yield chunk
+        finally:
+            _release(leases)
+
+
+def _release(leases: list[Lease]) -> None:
+    for lease in leases:
+        lease.release()
