@@ -1,0 +1,49 @@
+"""The interceptor chains: one place, one documented order."""
+
+from __future__ import annotations
+
+from interceptors.chain import client_interceptors, method_deadlines, server_interceptors
+from interceptors.breaker import CircuitBreaker
+from interceptors.deadline import DeadlineInterceptor
+from interceptors.error_handling import ErrorInterceptor
+from interceptors.limits import LimitsInterceptor
+from interceptors.request_context import RequestContextInterceptor
+from interceptors.upstream_breaker import BreakerClientInterceptor
+from interceptors.validation import ValidationInterceptor
+from server.config import load_settings
+
+PREFIX = "/ai.agent.v1.AgentService/"
+
+
+def kinds(chain) -> list[type]:
+    return [type(i) for i in chain]
+
+
+def test_server_chain_order_outermost_first() -> None:
+    assert kinds(server_interceptors(load_settings())) == [
+        RequestContextInterceptor,
+        ErrorInterceptor,
+        LimitsInterceptor,
+        ValidationInterceptor,
+        DeadlineInterceptor,
+    ]
+
+
+def test_disabled_interceptors_leave_the_chain() -> None:
+    settings = load_settings(limits={"enabled": False}, validation={"enabled": False})
+    assert kinds(server_interceptors(settings)) == [RequestContextInterceptor, ErrorInterceptor, DeadlineInterceptor]
+
+
+def test_client_chain_has_the_endpoints_breaker() -> None:
+    breaker = CircuitBreaker("127.0.0.1:1")
+    (only,) = client_interceptors(breaker)
+    assert isinstance(only, BreakerClientInterceptor) and only.breaker is breaker
+    assert client_interceptors(None) == []
+
+
+def test_deadlines_by_kind_with_overrides() -> None:
+    settings = load_settings(deadlines={"per_method": {"BatchGenerate": {"default_s": 60, "max_s": 90}}})
+    limits = method_deadlines(settings)
+    assert (limits.limit_for(PREFIX + "Generate").max_s, limits.limit_for(PREFIX + "StreamChat").max_s) == (30, 120)
+    assert limits.limit_for(PREFIX + "ExecuteAgent").max_s == limits.limit_for(PREFIX + "StreamExecuteAgent").max_s == 300
+    assert (limits.limit_for(PREFIX + "BatchGenerate").default_s, limits.limit_for(PREFIX + "BatchGenerate").max_s) == (60, 90)
