@@ -20,6 +20,7 @@ The pure logic (buckets, leases, keys, memory bounds) is in ratelimit.py.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Final
 
@@ -62,14 +63,19 @@ class LimitsInterceptor(AsyncServerInterceptor):
             {key: o.max_streams for key, o in overrides.items() if o.max_streams is not None},
         )
         self.in_flight = ConcurrencyLimiter(settings.max_concurrent_calls)
+        self._address_header = settings.client_address_header.lower()
+        self._key_headers = frozenset({API_KEY_HEADER, CLIENT_ID_HEADER, self._address_header} - {""})
 
     def _key(self, call: CallInfo, context: Any) -> str:
         if call.caller:
             return call.caller
-        headers = {
-            k: v for k, v in context.invocation_metadata() or () if k in (API_KEY_HEADER, CLIENT_ID_HEADER)
-        }
-        call.caller = caller_key(headers, context.peer())
+        wanted = self._key_headers
+        headers = {k: v for k, v in context.invocation_metadata() or () if k in wanted}
+        peer = context.peer()
+        forwarded = headers.get(self._address_header) if self._address_header else None
+        if forwarded:
+            peer = _as_peer(forwarded) or peer
+        call.caller = caller_key(headers, peer)
         return call.caller
 
     def _admit(self, call: CallInfo, context: Any, stream: bool) -> list[Lease]:
@@ -119,6 +125,16 @@ class LimitsInterceptor(AsyncServerInterceptor):
                 yield chunk
         finally:
             _release(leases)
+
+
+def _as_peer(address: str) -> str | None:
+    """A client address from a trusted header, in grpc's peer format (so that
+    `caller_key` treats it like a connection's address), or None if it is not one."""
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return None
+    return f"ipv4:{ip}:0" if ip.version == 4 else f"ipv6:[{ip}]:0"
 
 
 def _release(leases: list[Lease]) -> None:

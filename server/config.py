@@ -204,6 +204,11 @@ class LimitSettings(_Section):
     # Buckets kept at most (least recently used dropped first): memory stays bounded.
     max_tracked_callers: int = Field(default=100_000, ge=1)
     overrides: dict[str, RateLimitOverride] = Field(default_factory=dict)
+    # Behind a proxy every caller has the proxy's address. Name a header that the proxy
+    # in front sets to the client's address and that callers cannot forge (Envoy with
+    # use_remote_address sets x-envoy-external-address) to key anonymous callers by it.
+    # Empty: the peer address of the connection.
+    client_address_header: str = ""
 
 
 class ValidationSettings(_Section):

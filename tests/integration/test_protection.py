@@ -506,3 +506,23 @@ async def test_limits_run_before_validation(spawn, agent) -> None:
         assert rich(await call_error(api.Generate(PROMPT, timeout=5))).reason == "RATE_LIMITED"
         assert rich(await call_error(api.Generate(pb.GenerateRequest(), timeout=5))).reason == "RATE_LIMITED"
     assert agent.log_events("call_started") == []
+
+
+async def test_behind_a_trusted_proxy_callers_are_keyed_by_its_client_address_header(spawn, agent) -> None:
+    proxy = spawn(
+        *proxy_args(agent.address),
+        env=env(limits__rate_per_s=0.01, limits__burst=1, limits__client_address_header="x-envoy-external-address"),
+        name="proxy",
+    )
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        api = stub(channel)
+        for client in ("203.0.113.7", "2001:db8::1"):
+            await api.Generate(PROMPT, metadata=(("x-envoy-external-address", client),), timeout=5)
+        r = rich(await call_error(api.Generate(PROMPT, metadata=(("x-envoy-external-address", "203.0.113.7"),), timeout=5)))
+        assert r.quota[0][0] == "peer:203.0.113.7"
+        r = rich(await call_error(api.Generate(PROMPT, metadata=(("x-envoy-external-address", "2001:db8::1"),), timeout=5)))
+        assert r.quota[0][0] == "peer:2001:db8::/64"
+        # Not an address: the connection's peer is used.
+        await api.Generate(PROMPT, metadata=(("x-envoy-external-address", "not-an-ip"),), timeout=5)
+        r = rich(await call_error(api.Generate(PROMPT, timeout=5)))
+        assert r.quota[0][0] == "peer:127.0.0.1"
