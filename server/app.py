@@ -62,7 +62,7 @@ class ProxyServer:
 
     async def start(self) -> int:
         await self.pool.start()
-        self.health.refresh()
+        await self.health.start()
         # Usually an upstream reports SERVING within milliseconds; waiting for it means
         # the first calls after start-up do not fail. Health stays honest either way.
         if not await self.pool.wait_usable(self.settings.upstream.startup_wait_s):

@@ -3,6 +3,7 @@
   aiproxy agent --listen HOST:PORT [--enable-faults]
   aiproxy serve --listen HOST:PORT --upstream HOST:PORT [--upstream ...] [--config FILE]
   aiproxy check-config FILE
+  aiproxy health [--address HOST:PORT] [--service NAME]
   aiproxy demo
 """
 
@@ -60,6 +61,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return agent_cli.run(args)
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from server.probe import run
+
+    return run(args.address, args.service, args.timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from server.demo import run_demo
 
@@ -95,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print the effective settings")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
+
+    health = sub.add_parser("health", help="probe a grpc.health.v1 service: exit 0 if SERVING (container health checks)")
+    health.add_argument("--address", default="127.0.0.1:50051", metavar="HOST:PORT")
+    health.add_argument("--service", default="", help='service name ("" = the server as a whole; "liveness" = the process)')
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    health.set_defaults(func=cmd_health)
 
     demo = sub.add_parser("demo", help="reference agent + proxy + Envoy on the default ports")
     demo.set_defaults(func=cmd_demo)

@@ -1,7 +1,9 @@
 """The proxy's own grpc.health.v1: SERVING only while the pool has a usable endpoint.
 
 Statuses are kept for the server as a whole ("") and for ai.agent.v1.AgentService;
-Watch subscribers hear every change at once.
+Watch subscribers hear every change at once. A third service, "liveness", is SERVING
+from start to exit, draining included: it says the process is alive (a liveness probe
+must not restart a proxy whose upstreams are down, or one that is draining).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from server.upstream import UpstreamPool
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICES = ("", SERVICE_NAME)
+LIVENESS_SERVICE = "liveness"
 
 
 class ProxyHealth:
@@ -30,6 +33,10 @@ class ProxyHealth:
     @property
     def serving(self) -> bool:
         return self._status == SERVING
+
+    async def start(self) -> None:
+        await self.servicer.set(LIVENESS_SERVICE, SERVING)
+        self.refresh()
 
     def refresh(self) -> None:
         serving = not self._draining and self._pool.usable_count > 0
@@ -52,4 +59,5 @@ class ProxyHealth:
         self._draining = True
         self.refresh()
         await asyncio.gather(*self._updates)
-        await self.servicer.enter_graceful_shutdown()
+        # Not servicer.enter_graceful_shutdown(): it would take liveness down too; the
+        # readiness services stay NOT_SERVING since refresh() honours _draining.
