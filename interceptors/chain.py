@@ -18,8 +18,8 @@ call first and its result last. The order, outermost first, and why:
 
 Upstream side, per endpoint channel (grpc.aio client interceptors, outermost first):
 
-  1. BreakerClientInterceptor   that endpoint's circuit breaker: fail fast while open,
-                                settle each call (streams when they end).
+  1. Breaker{Unary,Stream}Interceptor  that endpoint's circuit breaker: fail fast while
+                                open, settle each call (streams when they end).
 
 Retries sit above the channels, in server/forwarding.py, because the next attempt must
 be free to go to another endpoint.
@@ -34,7 +34,7 @@ from interceptors.deadline import DeadlineInterceptor, DeadlineLimit, MethodDead
 from interceptors.error_handling import ErrorInterceptor
 from interceptors.limits import LimitsInterceptor
 from interceptors.request_context import RequestContextInterceptor
-from interceptors.upstream_breaker import BreakerClientInterceptor
+from interceptors.upstream_breaker import breaker_interceptors
 from interceptors.validation import RequestRules, ValidationInterceptor
 from server.config import SERVICE_NAME, Settings
 from server.forwarding import Forwarder, service_descriptor
@@ -44,7 +44,7 @@ def client_interceptors(breaker: CircuitBreaker | None) -> list[grpc.aio.ClientI
     """The interceptors on each upstream endpoint's channels, outermost first."""
     chain: list[grpc.aio.ClientInterceptor] = []
     if breaker is not None:
-        chain.append(BreakerClientInterceptor(breaker))
+        chain += breaker_interceptors(breaker)
     return chain
 
 

@@ -22,7 +22,7 @@ def circuit_open_error(breaker: CircuitBreaker) -> CircuitOpen:
     return CircuitOpen("upstream circuit breaker is open", retry_delay_s=breaker.retry_after_s())
 
 
-class BreakerClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class _BreakerGate:
     def __init__(self, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
 
@@ -32,6 +32,13 @@ class BreakerClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
             raise circuit_open_error(self.breaker)
         return permit
 
+
+# grpc.aio files an interceptor under the FIRST client-interceptor type it is an instance
+# of (an if/elif in aio/_channel.py), so one class implementing both would only ever see
+# unary calls: each call type gets its own object, both sharing the endpoint's breaker.
+
+
+class BreakerUnaryInterceptor(_BreakerGate, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
         permit = self._permit()
         try:
@@ -46,6 +53,8 @@ class BreakerClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
         permit.success()
         return call
 
+
+class BreakerStreamInterceptor(_BreakerGate, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
         permit = self._permit()
         try:
@@ -57,6 +66,11 @@ class BreakerClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
             permit.ignore()
             raise
         return _settle_when_done(call, permit)
+
+
+def breaker_interceptors(breaker: CircuitBreaker) -> list[grpc.aio.ClientInterceptor]:
+    """The breaker's interceptors for one endpoint's channels: unary and streaming calls."""
+    return [BreakerUnaryInterceptor(breaker), BreakerStreamInterceptor(breaker)]
 
 
 async def _settle_when_done(call: Any, permit: Permit) -> AsyncIterator[Any]:

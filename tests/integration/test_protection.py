@@ -201,6 +201,27 @@ async def test_breaker_opens_rejects_half_open_admits_exact_probes_then_closes(s
     ]
 
 
+@pytest.mark.parametrize("after", ["0", "2"], ids=["before-first-chunk", "mid-stream"])
+async def test_failing_streams_open_the_breaker_and_are_then_refused(after, spawn) -> None:
+    agent = spawn(*agent_args(), name="agent")
+    proxy = spawn(
+        *proxy_args(agent.address),
+        env=env(breaker__failure_threshold=3, breaker__reset_timeout_s=30, retry__max_attempts=1),
+        name="proxy",
+    )
+    fail = (("x-fault-code", "UNAVAILABLE"), ("x-fault-after", after))
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        api = stub(channel)
+        for _ in range(3):
+            _, err = await read_stream(api.StreamGenerate(STREAM_PROMPT, metadata=fail, timeout=5))
+            assert rich(err).reason == "UPSTREAM_UNAVAILABLE"
+        assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_OPEN
+        sent = len(started_ids(agent))
+        chunks, err = await read_stream(api.StreamGenerate(STREAM_PROMPT, timeout=5))
+        assert chunks == [] and rich(err).reason == "CIRCUIT_OPEN"
+        assert len(started_ids(agent)) == sent
+
+
 async def test_callers_own_errors_never_open_the_breaker(spawn) -> None:
     agent = spawn(*agent_args(), name="agent")
     proxy = spawn(*proxy_args(agent.address), env=env(breaker__failure_threshold=2), name="proxy")

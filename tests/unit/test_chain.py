@@ -8,7 +8,7 @@ from interceptors.deadline import DeadlineInterceptor
 from interceptors.error_handling import ErrorInterceptor
 from interceptors.limits import LimitsInterceptor
 from interceptors.request_context import RequestContextInterceptor
-from interceptors.upstream_breaker import BreakerClientInterceptor
+from interceptors.upstream_breaker import BreakerStreamInterceptor, BreakerUnaryInterceptor
 from interceptors.validation import ValidationInterceptor
 from server.config import load_settings
 
@@ -36,8 +36,10 @@ def test_disabled_interceptors_leave_the_chain() -> None:
 
 def test_client_chain_has_the_endpoints_breaker() -> None:
     breaker = CircuitBreaker("127.0.0.1:1")
-    (only,) = client_interceptors(breaker)
-    assert isinstance(only, BreakerClientInterceptor) and only.breaker is breaker
+    unary, stream = client_interceptors(breaker)
+    # One object per call type: grpc.aio files an interceptor under its first type only.
+    assert isinstance(unary, BreakerUnaryInterceptor) and unary.breaker is breaker
+    assert isinstance(stream, BreakerStreamInterceptor) and stream.breaker is breaker
     assert client_interceptors(None) == []
 
 
