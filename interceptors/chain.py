@@ -5,13 +5,25 @@ call first and its result last. The order, outermost first, and why:
 
   1. RequestContextInterceptor  opens CallInfo and the request id that every later
                                 interceptor, the access log and the upstream call use.
-  2. ErrorInterceptor           turns whatever the inner ones raise into the one error
+  2. OpenTelemetry server       (tracing on) continues the caller's W3C trace context and
+     interceptor                opens the SERVER span the upstream attempts hang under.
+  3. ObservabilityInterceptor   metrics, span attributes, the access log: outside the
+                                ErrorInterceptor so it sees the FINAL status, including
+                                the inner interceptors' rejections and aborts.
+  4. ErrorInterceptor           turns whatever the inner ones raise into the one error
                                 shape, including in-band stream errors.
+  (planned, inside 4: auth, limits, validation, deadline; then the forwarder.)
 
 Upstream side, per endpoint channel (grpc.aio client interceptors, outermost first):
 
   1. BreakerClientInterceptor   that endpoint's circuit breaker: fail fast while open,
                                 settle each call (streams when they end).
+  2. OpenTelemetry client       (tracing on) one CLIENT span per attempt, traceparent
+     interceptors               injected. Inside the breaker on purpose: a fail-fast
+                                CircuitOpen is not an RpcError, and the instrumentation
+                                leaves its span un-ended on other exceptions; nothing is
+                                sent then anyway (the server span records CIRCUIT_OPEN).
+  3. ClientMetricsInterceptor   grpc_client_* series: RPCs actually sent upstream.
 
 Retries sit above the channels, in server/forwarding.py, because the next attempt must
 be free to go to another endpoint.
@@ -22,23 +34,35 @@ from __future__ import annotations
 import grpc
 
 from interceptors.breaker import CircuitBreaker
+from interceptors.client_observability import ClientMetricsInterceptor, client_tracing_interceptors
 from interceptors.error_handling import ErrorInterceptor
 from interceptors.upstream_breaker import BreakerClientInterceptor
+from interceptors.observability import ObservabilityInterceptor
 from interceptors.request_context import RequestContextInterceptor
 from server.forwarding import Forwarder
 from server.config import Settings
+from server.telemetry import Telemetry, server_tracing_interceptor
 
 
-def client_interceptors(breaker: CircuitBreaker | None) -> list[grpc.aio.ClientInterceptor]:
+def client_interceptors(
+    breaker: CircuitBreaker | None, telemetry: Telemetry | None = None
+) -> list[grpc.aio.ClientInterceptor]:
     """The interceptors on each upstream endpoint's channels, outermost first."""
     chain: list[grpc.aio.ClientInterceptor] = []
     if breaker is not None:
         chain.append(BreakerClientInterceptor(breaker))
+    if telemetry is not None:
+        if telemetry.tracing:
+            chain.extend(client_tracing_interceptors(telemetry.tracer_provider))
+        chain.append(ClientMetricsInterceptor(telemetry.grpc_client))
     return chain
 
 
-def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
-    return [
-        RequestContextInterceptor(),
-        ErrorInterceptor(Forwarder.stream_response_classes()),
-    ]
+def server_interceptors(settings: Settings, telemetry: Telemetry | None = None) -> list[grpc.aio.ServerInterceptor]:
+    chain: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
+    if telemetry is not None:
+        if telemetry.tracing:
+            chain.append(server_tracing_interceptor(telemetry.tracer_provider))
+        chain.append(ObservabilityInterceptor(telemetry))
+    chain.append(ErrorInterceptor(Forwarder.stream_response_classes()))
+    return chain
