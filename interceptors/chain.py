@@ -23,7 +23,8 @@ Upstream side, per endpoint channel (grpc.aio client interceptors, outermost fir
                                 CircuitOpen is not an RpcError, and the instrumentation
                                 leaves its span un-ended on other exceptions; nothing is
                                 sent then anyway (the server span records CIRCUIT_OPEN).
-  3. ClientMetricsInterceptor   grpc_client_* series: RPCs actually sent upstream.
+  3. client metrics            grpc_client_* series: RPCs actually sent upstream.
+     interceptors
 
 Retries sit above the channels, in server/forwarding.py, because the next attempt must
 be free to go to another endpoint.
@@ -34,7 +35,7 @@ from __future__ import annotations
 import grpc
 
 from interceptors.breaker import CircuitBreaker
-from interceptors.client_observability import ClientMetricsInterceptor, client_tracing_interceptors
+from interceptors.client_observability import client_metrics_interceptors, client_tracing_interceptors
 from interceptors.error_handling import ErrorInterceptor
 from interceptors.upstream_breaker import BreakerClientInterceptor
 from interceptors.observability import ObservabilityInterceptor
@@ -54,7 +55,7 @@ def client_interceptors(
     if telemetry is not None:
         if telemetry.tracing:
             chain.extend(client_tracing_interceptors(telemetry.tracer_provider))
-        chain.append(ClientMetricsInterceptor(telemetry.grpc_client))
+        chain.extend(client_metrics_interceptors(telemetry.grpc_client))
     return chain
 
 

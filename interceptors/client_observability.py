@@ -1,6 +1,6 @@
 """Client interceptors on each upstream endpoint's channels: metrics and tracing.
 
-- `ClientMetricsInterceptor` drives py-grpc-prometheus's grpc_client_* series (see
+- `client_metrics_interceptors` drive py-grpc-prometheus's grpc_client_* series (see
   server/telemetry.py) from grpc.aio: started, handled{grpc_code}, handling seconds
   (streams: until the stream ends), messages sent and received.
 - `client_tracing_interceptors` are opentelemetry-instrumentation-grpc's aio client
@@ -53,17 +53,32 @@ def _path(details: Any) -> str:
     return method.decode() if isinstance(method, bytes) else method
 
 
-class ClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class _ClientMethods:
+    """Label children per (method, type), shared by one endpoint's interceptors."""
+
     def __init__(self, metrics: GrpcClientMetrics) -> None:
         self._metrics = metrics
         self._methods: dict[tuple[str, str], _ClientMethod] = {}
 
-    def _method(self, details: Any, grpc_type: str) -> _ClientMethod:
+    def get(self, details: Any, grpc_type: str) -> _ClientMethod:
         path = _path(details)
         m = self._methods.get((path, grpc_type))
         if m is None:
             m = self._methods[(path, grpc_type)] = _ClientMethod(self._metrics, path, grpc_type)
         return m
+
+
+def client_metrics_interceptors(metrics: GrpcClientMetrics) -> list[grpc.aio.ClientInterceptor]:
+    """One interceptor per call type: grpc.aio files an interceptor under the FIRST
+    interceptor base class it is an instance of, so one object implementing both
+    unary-unary and unary-stream would never see streams."""
+    methods = _ClientMethods(metrics)
+    return [UnaryClientMetricsInterceptor(methods), StreamClientMetricsInterceptor(methods)]
+
+
+class UnaryClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, methods: _ClientMethods) -> None:
+        self._method = methods.get
 
     async def intercept_unary_unary(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
         m = self._method(client_call_details, "UNARY")
@@ -86,6 +101,10 @@ class ClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
             raise
         finally:
             m.finish(code, start, clock)
+
+class StreamClientMetricsInterceptor(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, methods: _ClientMethods) -> None:
+        self._method = methods.get
 
     async def intercept_unary_stream(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
         m = self._method(client_call_details, "SERVER_STREAMING")
