@@ -25,7 +25,7 @@ from agent.service import AgentServicer
 from agent.sessions import SessionStore
 from agent.settings import AgentSettings
 from agent.tools import build_tools
-from agent.tracing import server_interceptor as tracing_interceptor
+from agent.tracing import server_interceptors as tracing_interceptors
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 
@@ -73,7 +73,7 @@ class AgentServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [CallInterceptor(enable_faults=settings.enable_faults)]
         if self.tracer_provider is not None:
             # Outermost, so the span covers fault injection and the call log too.
-            interceptors.insert(0, tracing_interceptor(self.tracer_provider))
+            interceptors[:0] = tracing_interceptors(self.tracer_provider)
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

@@ -9,7 +9,9 @@ stderr; stdout is for the ready line), otlp (OTLP/gRPC).
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -44,9 +46,48 @@ def build_tracer_provider(exporter: str, otlp_endpoint: str = DEFAULT_OTLP_ENDPO
     return provider
 
 
-def server_interceptor(tracer_provider: Any) -> grpc.aio.ServerInterceptor:
-    """opentelemetry-instrumentation-grpc's aio server interceptor, probes excluded."""
+def server_interceptors(tracer_provider: Any) -> list[grpc.aio.ServerInterceptor]:
+    """opentelemetry-instrumentation-grpc's aio server interceptor (probes excluded), then
+    the adapter its streaming wrapper needs in front of agent.interceptor.CallInterceptor.
+    These go first (outermost), so spans cover fault injection and the call log too."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
     skip = filters.any_of(*(filters.service_name(s) for s in _UNTRACED))
-    return aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(skip))
+    return [
+        aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(skip)),
+        StreamAsGenerator(),
+    ]
+
+
+class StreamAsGenerator(grpc.aio.ServerInterceptor):
+    """Presents every server-streaming handler as an async generator.
+
+    The instrumentation's streaming wrapper runs `async for` over the handler's result, but
+    the agent's CallInterceptor writes chunks with `context.write` and returns None (a
+    coroutine, not a generator). Awaiting it inside an empty async generator keeps the
+    writes as they are and gives the instrumentation something to iterate.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_stream is None:
+            return handler
+        behavior = handler.unary_stream
+
+        async def as_generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                async for item in result:
+                    yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            as_generator,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -18,13 +18,14 @@ Upstream side, per endpoint channel (grpc.aio client interceptors, outermost fir
 
   1. BreakerClientInterceptor   that endpoint's circuit breaker: fail fast while open,
                                 settle each call (streams when they end).
-  2. OpenTelemetry client       (tracing on) one CLIENT span per attempt, traceparent
-     interceptors               injected. Inside the breaker on purpose: a fail-fast
-                                CircuitOpen is not an RpcError, and the instrumentation
-                                leaves its span un-ended on other exceptions; nothing is
-                                sent then anyway (the server span records CIRCUIT_OPEN).
-  3. client metrics            grpc_client_* series: RPCs actually sent upstream.
-     interceptors
+  2. client metrics             grpc_client_* series, so they count RPCs actually sent
+     interceptors               upstream (a breaker fast-fail sends nothing).
+  3. OpenTelemetry client       (tracing on) one CLIENT span per attempt, traceparent
+     interceptors               injected. Innermost on purpose: the instrumentation ends
+                                its unary span from the call's done-callback, and leaves
+                                it un-ended when its continuation raises instead (which
+                                an inner interceptor that awaits the call, like 1 and 2,
+                                or a CircuitOpen fast-fail, would do).
 
 Retries sit above the channels, in server/forwarding.py, because the next attempt must
 be free to go to another endpoint.
@@ -53,9 +54,9 @@ def client_interceptors(
     if breaker is not None:
         chain.append(BreakerClientInterceptor(breaker))
     if telemetry is not None:
+        chain.extend(client_metrics_interceptors(telemetry.grpc_client))
         if telemetry.tracing:
             chain.extend(client_tracing_interceptors(telemetry.tracer_provider))
-        chain.extend(client_metrics_interceptors(telemetry.grpc_client))
     return chain
 
 
