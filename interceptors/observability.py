@@ -267,20 +267,22 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 if n > 1:
                     m.interval.observe((last_at - first_at) / (n - 1))
                     m.gap_max.observe(gap_max)
-        self._usage(m, call, request, first, last)
+        requested = self._usage(m, call, request, first, last)
         if self._current_span is not None:
-            self._annotate_span(call)
+            self._annotate_span(call, requested)
         if self._access:
             self._log(call, elapsed)
 
-    def _usage(self, m: _Method, call: CallInfo, request: Any, first: Any, last: Any) -> None:
-        """Model and token counts from the request and the answer (no text is read)."""
+    def _usage(self, m: _Method, call: CallInfo, request: Any, first: Any, last: Any) -> str:
+        """Model and token counts from the request and the answer (no text is read).
+        Returns the model the request named ("" for the service's default)."""
         if request is not None and not m._probed_request and hasattr(type(request), "DESCRIPTOR"):
             m.probe_request(request)
-        if m.request_model and not call.model:
-            call.model = request.model
+        requested = request.model if m.request_model else ""
+        if requested and not call.model:
+            call.model = requested
         if first is None:
-            return
+            return requested
         if not m._probed_response:
             m.probe_response(first)
         if m.response_model and first.model:
@@ -290,8 +292,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             call.prompt_tokens = usage.prompt_tokens
             call.completion_tokens = usage.completion_tokens
             self._t.proxy.count_tokens(call.model, usage.prompt_tokens, usage.completion_tokens)
+        return requested
 
-    def _annotate_span(self, call: CallInfo) -> None:
+    def _annotate_span(self, call: CallInfo, requested_model: str) -> None:
         assert self._current_span is not None
         span = self._current_span()
         if not span.is_recording():
@@ -304,8 +307,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             span.set_attribute("aiproxy.attempts", call.attempts)
         if call.caller:
             span.set_attribute("enduser.id", call.caller)
+        # A request that names no model gets the service's default: the one that answered.
+        if requested_model or call.model:
+            span.set_attribute("gen_ai.request.model", requested_model or call.model)
         if call.model:
-            span.set_attribute("gen_ai.request.model", call.model)
+            span.set_attribute("gen_ai.response.model", call.model)
         if call.prompt_tokens or call.completion_tokens:
             span.set_attribute("gen_ai.usage.input_tokens", call.prompt_tokens)
             span.set_attribute("gen_ai.usage.output_tokens", call.completion_tokens)

@@ -136,7 +136,7 @@ async def test_one_trace_caller_proxy_agent(stack, provider, exporter, streaming
     assert attrs["aiproxy.request_id"] == f"trace-{method}"
     assert attrs["aiproxy.upstream"] == agent.address
     assert attrs["aiproxy.attempts"] == 1
-    assert attrs["gen_ai.request.model"] == model
+    assert attrs["gen_ai.request.model"] == attrs["gen_ai.response.model"] == model
     assert attrs["gen_ai.usage.input_tokens"] == usage.prompt_tokens
     assert attrs["gen_ai.usage.output_tokens"] == usage.completion_tokens > 0
     if streaming:
@@ -198,3 +198,36 @@ async def test_retry_attempts_are_numbered_client_spans(provider, exporter) -> N
         await proxy.drain(grace_s=1)
         await bad.stop(grace=None)
         await good.stop(grace=None)
+
+
+async def test_console_exporter_per_process_joins_into_one_trace(spawn) -> None:
+    """Real processes, exporter chosen by configuration: each writes its spans as JSON
+    lines on stderr; the caller's traceparent ties them into one trace."""
+    from tests.conftest import agent_args, proxy_args
+
+    agent = spawn(*agent_args("--trace-exporter", "console"), name="agent")
+    proxy = spawn(*proxy_args(agent.address), env={"AIPROXY_TRACING__EXPORTER": "console"}, name="proxy")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    caller_span = "00f067aa0ba902b7"
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        await pb_grpc.AgentServiceStub(channel).Generate(
+            pb.GenerateRequest(prompt="hi"),
+            metadata=(("traceparent", f"00-{trace_id}-{caller_span}-01"), ("x-request-id", "console-1")),
+            timeout=10,
+        )
+    # Batched spans are flushed when the processes shut down.
+    assert proxy.stop() == 0 and agent.stop() == 0
+
+    def spans(process) -> list[dict]:
+        return [line for line in process.log_events() if "context" in line and "kind" in line]
+
+    proxy_spans = {s["kind"]: s for s in spans(proxy) if s["context"]["trace_id"] == f"0x{trace_id}"}
+    agent_spans = [s for s in spans(agent) if s["context"]["trace_id"] == f"0x{trace_id}"]
+    assert set(proxy_spans) == {"SpanKind.SERVER", "SpanKind.CLIENT"}
+    server, client = proxy_spans["SpanKind.SERVER"], proxy_spans["SpanKind.CLIENT"]
+    assert server["parent_id"] == f"0x{caller_span}"
+    assert server["attributes"]["aiproxy.request_id"] == "console-1"
+    assert server["resource"]["attributes"]["service.name"] == "aiproxy"
+    assert client["parent_id"] == server["context"]["span_id"]
+    assert [s["parent_id"] for s in agent_spans] == [client["context"]["span_id"]]
+    assert agent_spans[0]["kind"] == "SpanKind.SERVER"
