@@ -208,6 +208,7 @@ class Telemetry:
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
         self.metrics_address: str | None = None
+        self._pool_seen: set[str] = set()
 
     @property
     def tracing(self) -> bool:
@@ -246,7 +247,6 @@ class Telemetry:
 
     def watch_pool(self, pool: Any) -> None:
         """Keep the breaker, health and usable gauges in step with the pool."""
-        self._pool_seen: set[str] = set()
         pool.add_listener(self._pool_changed)
         self._pool_changed(pool)
 

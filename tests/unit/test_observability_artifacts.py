@@ -61,3 +61,25 @@ def test_dashboard_panels_query_exported_series() -> None:
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in own}
     covered = {re.sub(r"_(bucket|sum|count)$", "", n) for n in queried}
     assert families <= covered, families - covered
+
+
+def test_exporter_is_chosen_by_configuration() -> None:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    from server.telemetry import build_tracer_provider
+
+    def exporter_of(**tracing: object) -> object:
+        provider = build_tracer_provider(load_settings(tracing=tracing).tracing)
+        if provider is None:
+            return None
+        try:
+            (processor,) = provider._active_span_processor._span_processors
+            return processor.span_exporter
+        finally:
+            provider.shutdown()
+
+    assert exporter_of() is None  # none by default: no spans made at all
+    assert isinstance(exporter_of(exporter="console"), ConsoleSpanExporter)
+    assert isinstance(exporter_of(exporter="otlp", otlp_endpoint="http://127.0.0.1:4317"), OTLPSpanExporter)
+    assert Telemetry(load_settings(metrics={"enabled": False})).tracing is False
