@@ -237,3 +237,38 @@ async def test_access_log_lines(agent, proxy) -> None:
     assert any(e["serving"] is True and e["address"] == agent.address for e in proxy.log_events("upstream_health"))
     # No prompt text in any log line.
     assert PROMPT not in proxy.stderr_text()
+
+
+def gauge(address: str, name: str, upstream: str) -> float | None:
+    for labels, value in scrape(address).get(name, []):
+        if labels.get("upstream") == upstream:
+            return value
+    return None
+
+
+async def test_breaker_gauge_follows_open_half_open_closed(spawn, agent) -> None:
+    proxy = spawn(
+        *proxy_args(agent.address),
+        env={**PROXY_ENV, "AIPROXY_BREAKER__FAILURE_THRESHOLD": "2", "AIPROXY_BREAKER__RESET_TIMEOUT_S": "1"},
+        name="proxy",
+    )
+    metrics = proxy.ready["metrics_address"]
+    assert gauge(metrics, "ai_proxy_circuit_breaker_state", agent.address) == 0
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        s = stub(channel)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await s.Generate(pb.GenerateRequest(prompt="x"), metadata=(("x-fault-code", "UNAVAILABLE"),), timeout=10)
+        assert gauge(metrics, "ai_proxy_circuit_breaker_state", agent.address) == 2
+        assert gauge(metrics, "ai_proxy_upstream_usable", agent.address) == 0
+        # After reset_timeout_s the pool re-reads the breaker: HALF_OPEN, usable for a probe.
+        proxy.wait_for_log(lambda e: e.get("event") == "breaker_transition" and e.get("new") == "HALF_OPEN", timeout=15)
+        assert gauge(metrics, "ai_proxy_circuit_breaker_state", agent.address) == 1
+        assert gauge(metrics, "ai_proxy_upstream_usable", agent.address) == 1
+        await s.Generate(pb.GenerateRequest(prompt="x"), timeout=10)  # the probe succeeds
+    assert gauge(metrics, "ai_proxy_circuit_breaker_state", agent.address) == 0
+    assert [(e["old"], e["new"]) for e in proxy.log_events("breaker_transition")] == [
+        ("CLOSED", "OPEN"),
+        ("OPEN", "HALF_OPEN"),
+        ("HALF_OPEN", "CLOSED"),
+    ]

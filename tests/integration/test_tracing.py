@@ -231,3 +231,34 @@ async def test_console_exporter_per_process_joins_into_one_trace(spawn) -> None:
     assert client["parent_id"] == server["context"]["span_id"]
     assert [s["parent_id"] for s in agent_spans] == [client["context"]["span_id"]]
     assert agent_spans[0]["kind"] == "SpanKind.SERVER"
+
+
+async def test_failed_call_spans_carry_the_error(provider, exporter) -> None:
+    agent = await start_agent(provider, enable_faults=True)
+    proxy = await start_proxy(provider, agent.address, breaker={"enabled": False}, retry={"max_attempts": 1})
+    try:
+        async with grpc.aio.insecure_channel(proxy.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pb_grpc.AgentServiceStub(channel).Generate(
+                    pb.GenerateRequest(prompt="p"),
+                    metadata=(("x-request-id", "fails-1"), ("x-fault-code", "UNAVAILABLE")),
+                    timeout=10,
+                )
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+
+        def complete(spans: list[ReadableSpan]) -> bool:
+            return sum(1 for x in spans if x.kind is SERVER) == 2
+
+        spans = await wait_spans(exporter, complete)
+        server = one([x for x in spans if x.kind is SERVER and (x.attributes or {}).get("aiproxy.request_id")])
+        client = one(children(spans, server, CLIENT))
+        agent_span = one(children(spans, client, SERVER))
+        unavailable = grpc.StatusCode.UNAVAILABLE.value[0]
+        for span in (server, client, agent_span):
+            assert span.status.status_code is trace.StatusCode.ERROR
+            assert span.attributes["rpc.grpc.status_code"] == unavailable
+        assert server.attributes["aiproxy.reason"] == "UPSTREAM_UNAVAILABLE"
+        assert server.attributes["aiproxy.attempts"] == 1
+    finally:
+        await proxy.drain(grace_s=1)
+        await agent.stop(grace=None)
