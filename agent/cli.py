@@ -1,7 +1,8 @@
 """The agent's command line, shared by `aiproxy agent` and `python -m agent`.
 
     add_arguments(parser)   adds --listen, --enable-faults, --first-token-delay-ms,
-                            --token-delay-ms, --model, --log-level
+                            --token-delay-ms, --model, --log-level, --trace-exporter,
+                            --otlp-endpoint
     run(args)               serves until SIGTERM/SIGINT; returns the exit code
 
 When listening it prints one JSON line on stdout, which supervisors and tests wait for:
@@ -25,6 +26,7 @@ from agent import logs
 from agent.logs import log_event
 from agent.server import AgentServer
 from agent.settings import DEFAULT_LISTEN, DEFAULT_MODEL, AgentSettings
+from agent.tracing import DEFAULT_OTLP_ENDPOINT, EXPORTERS, build_tracer_provider
 
 DESCRIPTION = (
     "The reference AI agent service (the upstream aiproxy fronts): deterministic and offline."
@@ -64,6 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"model name when a request names none (default {DEFAULT_MODEL})",
     )
     parser.add_argument(
+        "--trace-exporter",
+        default="none",
+        choices=EXPORTERS,
+        help="OpenTelemetry span exporter (default none)",
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=DEFAULT_OTLP_ENDPOINT,
+        metavar="URL",
+        help=f"OTLP/gRPC collector for --trace-exporter otlp (default {DEFAULT_OTLP_ENDPOINT})",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -92,11 +106,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(settings))
+    provider = build_tracer_provider(
+        getattr(args, "trace_exporter", "none"), getattr(args, "otlp_endpoint", DEFAULT_OTLP_ENDPOINT)
+    )
+    return asyncio.run(serve(settings, tracer_provider=provider))
 
 
-async def serve(settings: AgentSettings) -> int:
-    server = AgentServer(settings)
+async def serve(settings: AgentSettings, tracer_provider: Any | None = None) -> int:
+    server = AgentServer(settings, tracer_provider=tracer_provider)
     try:
         await server.start()
     except RuntimeError as exc:

@@ -11,6 +11,7 @@ grpc.aio only: every handler is a coroutine on the event loop, no thread pool.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,6 +25,7 @@ from agent.service import AgentServicer
 from agent.sessions import SessionStore
 from agent.settings import AgentSettings
 from agent.tools import build_tools
+from agent.tracing import server_interceptors as tracing_interceptors
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 
@@ -35,8 +37,10 @@ _HEALTH_SERVICES = ("", SERVICE_NAME)  # the server as a whole, and the API
 
 
 class AgentServer:
-    def __init__(self, settings: AgentSettings | None = None) -> None:
+    def __init__(self, settings: AgentSettings | None = None, *, tracer_provider: Any | None = None) -> None:
         self.settings = settings or AgentSettings()
+        # An OpenTelemetry TracerProvider: each call gets a SERVER span (see agent.tracing).
+        self.tracer_provider = tracer_provider
         self.health = health_aio.HealthServicer()
         corpus = Corpus.bundled()
         self.servicer = AgentServicer(
@@ -66,8 +70,12 @@ class AgentServer:
         if self._server is not None:
             raise RuntimeError("the agent server is already started")
         settings = self.settings
+        interceptors: list[grpc.aio.ServerInterceptor] = [CallInterceptor(enable_faults=settings.enable_faults)]
+        if self.tracer_provider is not None:
+            # Outermost, so the span covers fault injection and the call log too.
+            interceptors[:0] = tracing_interceptors(self.tracer_provider)
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(enable_faults=settings.enable_faults)],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
                 ("grpc.server.max_pending_requests", settings.max_pending_requests),
@@ -136,6 +144,8 @@ class AgentServer:
             log_event(log, "health_changed", status="NOT_SERVING")
         log_event(log, "agent_stopping", grace_s=grace)
         await self._server.stop(grace)
+        if self.tracer_provider is not None and hasattr(self.tracer_provider, "shutdown"):
+            self.tracer_provider.shutdown()  # flush spans not exported yet
         log_event(log, "agent_stopped")
 
     async def wait_for_termination(self) -> None:

@@ -5,21 +5,34 @@ call first and its result last. The order, outermost first, and why:
 
   1. RequestContextInterceptor  opens CallInfo and the request id that every later
                                 interceptor, the access log and the upstream call use.
-  2. ErrorInterceptor           turns whatever the inner ones raise into the one error
+  2. OpenTelemetry server       (tracing on) continues the caller's W3C trace context and
+     interceptor                opens the SERVER span the upstream attempts hang under.
+  3. ObservabilityInterceptor   metrics, span attributes, the access log: outside the
+                                ErrorInterceptor so it sees the FINAL status, including
+                                the inner interceptors' rejections and aborts.
+  4. ErrorInterceptor           turns whatever the inner ones raise into the one error
                                 shape, including in-band stream errors; everything
                                 below it only raises ProxyErrors.
-  3. LimitsInterceptor          admission: proxy-wide cap, the caller's token bucket,
+  5. LimitsInterceptor          admission: proxy-wide cap, the caller's token bucket,
                                 the caller's open streams. Before validation, so that a
                                 flood of malformed requests is limited like any other.
-  4. ValidationInterceptor      rejects malformed requests before they cost anything
+  6. ValidationInterceptor      rejects malformed requests before they cost anything
                                 upstream.
-  5. DeadlineInterceptor        fixes the effective deadline the upstream call gets;
+  7. DeadlineInterceptor        fixes the effective deadline the upstream call gets;
                                 innermost, so the time spent above is already counted.
 
 Upstream side, per endpoint channel (grpc.aio client interceptors, outermost first):
 
   1. Breaker{Unary,Stream}Interceptor  that endpoint's circuit breaker: fail fast while
                                 open, settle each call (streams when they end).
+  2. client metrics             grpc_client_* series, so they count RPCs actually sent
+     interceptors               upstream (a breaker fast-fail sends nothing).
+  3. OpenTelemetry client       (tracing on) one CLIENT span per attempt, traceparent
+     interceptors               injected. Innermost on purpose: the instrumentation ends
+                                its unary span from the call's done-callback, and leaves
+                                it un-ended when its continuation raises instead (which
+                                an inner interceptor that awaits the call, like 1 and 2,
+                                or a CircuitOpen fast-fail, would do).
 
 Retries sit above the channels, in server/forwarding.py, because the next attempt must
 be free to go to another endpoint.
@@ -30,21 +43,30 @@ from __future__ import annotations
 import grpc
 
 from interceptors.breaker import CircuitBreaker
+from interceptors.client_observability import client_metrics_interceptors, client_tracing_interceptors
 from interceptors.deadline import DeadlineInterceptor, DeadlineLimit, MethodDeadlines
 from interceptors.error_handling import ErrorInterceptor
 from interceptors.limits import LimitsInterceptor
+from interceptors.observability import ObservabilityInterceptor
 from interceptors.request_context import RequestContextInterceptor
 from interceptors.upstream_breaker import breaker_interceptors
 from interceptors.validation import RequestRules, ValidationInterceptor
 from server.config import SERVICE_NAME, Settings
 from server.forwarding import Forwarder, service_descriptor
+from server.telemetry import Telemetry, server_tracing_interceptor
 
 
-def client_interceptors(breaker: CircuitBreaker | None) -> list[grpc.aio.ClientInterceptor]:
+def client_interceptors(
+    breaker: CircuitBreaker | None, telemetry: Telemetry | None = None
+) -> list[grpc.aio.ClientInterceptor]:
     """The interceptors on each upstream endpoint's channels, outermost first."""
     chain: list[grpc.aio.ClientInterceptor] = []
     if breaker is not None:
         chain += breaker_interceptors(breaker)
+    if telemetry is not None:
+        chain.extend(client_metrics_interceptors(telemetry.grpc_client))
+        if telemetry.tracing:
+            chain.extend(client_tracing_interceptors(telemetry.tracer_provider))
     return chain
 
 
@@ -59,15 +81,17 @@ def method_deadlines(settings: Settings) -> MethodDeadlines:
     )
 
 
-def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(settings: Settings, telemetry: Telemetry | None = None) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors on calls into the proxy, outermost first (see the module doc)."""
     service = service_descriptor()
     paths = [f"/{SERVICE_NAME}/{m.name}" for m in service.methods]
     streaming = [f"/{SERVICE_NAME}/{m.name}" for m in service.methods if m.server_streaming]
-    chain: list[grpc.aio.ServerInterceptor] = [
-        RequestContextInterceptor(),
-        ErrorInterceptor(Forwarder.stream_response_classes()),
-    ]
+    chain: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
+    if telemetry is not None:
+        if telemetry.tracing:
+            chain.append(server_tracing_interceptor(telemetry.tracer_provider))
+        chain.append(ObservabilityInterceptor(telemetry))
+    chain.append(ErrorInterceptor(Forwarder.stream_response_classes()))
     if settings.limits.enabled:
         chain.append(LimitsInterceptor(settings.limits, paths, streaming))
     if settings.validation.enabled:

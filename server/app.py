@@ -9,6 +9,7 @@ before they are cancelled.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from typing import Any
@@ -24,6 +25,7 @@ from server.config import SERVICE_NAME, Settings, parse_hostport
 from server.forwarding import Forwarder
 from server.health import ProxyHealth
 from server.logs import log_event, print_ready
+from server.telemetry import Telemetry
 from server.upstream import UpstreamPool
 
 log = logging.getLogger("aiproxy.server")
@@ -45,11 +47,16 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
 
 
 class ProxyServer:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
+        # Metrics registry, scrape endpoint, tracer provider (tests may pass their own).
+        self.telemetry = telemetry if telemetry is not None else Telemetry(settings)
         self.pool = UpstreamPool(
-            settings.upstream, breaker_settings=settings.breaker, client_interceptors=client_interceptors
+            settings.upstream,
+            breaker_settings=settings.breaker,
+            client_interceptors=functools.partial(client_interceptors, telemetry=self.telemetry),
         )
+        self.telemetry.watch_pool(self.pool)
         self.health = ProxyHealth(self.pool)
         self.forwarder = Forwarder(self.pool, settings)
         self._server: grpc.aio.Server | None = None
@@ -67,8 +74,9 @@ class ProxyServer:
         # the first calls after start-up do not fail. Health stays honest either way.
         if not await self.pool.wait_usable(self.settings.upstream.startup_wait_s):
             log_event(log, "no_usable_upstream_at_start", level=logging.WARNING, endpoints=self.settings.upstream.endpoints)
+        self.telemetry.start_metrics_server()
         server = grpc.aio.server(
-            interceptors=server_interceptors(self.settings),
+            interceptors=server_interceptors(self.settings, self.telemetry),
             options=server_options(self.settings),
         )
         server.add_generic_rpc_handlers((self.forwarder.generic_handler(),))
@@ -110,6 +118,7 @@ class ProxyServer:
             await self._server.stop(0)
             await stopping
         await self.pool.close()
+        self.telemetry.shutdown()
         log_event(log, "proxy_stopped")
 
     async def wait_for_termination(self) -> None:
@@ -125,6 +134,7 @@ async def run_proxy(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print_ready("proxy", proxy.address)
+    extra = {"metrics_address": proxy.telemetry.metrics_address} if proxy.telemetry.metrics_address else {}
+    print_ready("proxy", proxy.address, **extra)
     await stop.wait()
     await proxy.drain()

@@ -2,6 +2,7 @@
 
   aiproxy agent --listen HOST:PORT [--enable-faults]
   aiproxy serve --listen HOST:PORT --upstream HOST:PORT [--upstream ...] [--config FILE]
+                [--metrics-listen HOST:PORT]
   aiproxy check-config FILE
   aiproxy health [--address HOST:PORT] [--service NAME]
   aiproxy demo
@@ -26,6 +27,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides.setdefault("server", {})["listen"] = args.listen
     if args.upstream:
         overrides.setdefault("upstream", {})["endpoints"] = args.upstream
+    if args.metrics_listen:
+        overrides.setdefault("metrics", {})["listen"] = args.metrics_listen
     if args.log_level:
         overrides.setdefault("log", {})["level"] = args.log_level
     return overrides
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", action="append", metavar="HOST:PORT", help="agent endpoint (repeatable)")
     serve.add_argument("--config", metavar="FILE", help="YAML configuration file")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="Prometheus /metrics listener (default 127.0.0.1:9091)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     agent = sub.add_parser("agent", help="run the reference AI agent service (the upstream)")

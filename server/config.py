@@ -232,6 +232,8 @@ class ValidationSettings(_Section):
 
 class LogSettings(_Section):
     level: str = "INFO"
+    # One JSON "access" line per call (ids, method, status, timings, tokens; never prompts).
+    access: bool = True
 
     @field_validator("level")
     @classmethod
@@ -239,6 +241,37 @@ class LogSettings(_Section):
         value = value.upper()
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return value
+
+
+class MetricsSettings(_Section):
+    """The Prometheus scrape endpoint (`/metrics`), see server/telemetry.py."""
+
+    enabled: bool = True
+    # HOST:PORT of the HTTP listener; port 0 picks a free one (reported in the ready line).
+    listen: str = "127.0.0.1:9091"
+
+    _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
+
+
+class TracingSettings(_Section):
+    """OpenTelemetry traces (W3C trace context in and out), see server/telemetry.py."""
+
+    # none: no spans are made (the caller's traceparent still passes through untouched);
+    # console: one JSON line per span on stderr (stdout is for the ready line);
+    # otlp: OTLP/gRPC to otlp_endpoint.
+    exporter: str = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    service_name: str = "aiproxy"
+    # Share of new traces recorded (a caller's sampled flag is honoured: parent-based).
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+
+    @field_validator("exporter")
+    @classmethod
+    def _v_exporter(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"none", "console", "otlp"}:
+            raise ValueError("must be one of none, console, otlp")
         return value
 
 
@@ -266,6 +299,8 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @classmethod
     def settings_customise_sources(

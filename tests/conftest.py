@@ -52,7 +52,8 @@ def agent_args(*extra: str, token_delay_ms: int = 1, first_token_delay_ms: int =
 
 
 def proxy_args(*upstreams: str, extra: tuple[str, ...] = ()) -> list[str]:
-    args = ["serve", "--listen", "127.0.0.1:0"]
+    # Metrics on a free port too: tests (and other suites on this machine) run in parallel.
+    args = ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]
     for upstream in upstreams:
         args += ["--upstream", upstream]
     return [*args, *extra]

@@ -10,7 +10,9 @@ from interceptors.limits import LimitsInterceptor
 from interceptors.request_context import RequestContextInterceptor
 from interceptors.upstream_breaker import BreakerStreamInterceptor, BreakerUnaryInterceptor
 from interceptors.validation import ValidationInterceptor
+from interceptors.observability import ObservabilityInterceptor
 from server.config import load_settings
+from server.telemetry import Telemetry
 
 PREFIX = "/ai.agent.v1.AgentService/"
 
@@ -22,6 +24,24 @@ def kinds(chain) -> list[type]:
 def test_server_chain_order_outermost_first() -> None:
     assert kinds(server_interceptors(load_settings())) == [
         RequestContextInterceptor,
+        ErrorInterceptor,
+        LimitsInterceptor,
+        ValidationInterceptor,
+        DeadlineInterceptor,
+    ]
+
+
+def test_full_server_chain_with_telemetry_and_tracing() -> None:
+    settings = load_settings(tracing={"exporter": "console"})
+    telemetry = Telemetry(settings)
+    try:
+        chain = kinds(server_interceptors(settings, telemetry))
+    finally:
+        telemetry.shutdown()
+    assert chain[0] is RequestContextInterceptor
+    assert chain[1].__module__.startswith("opentelemetry.instrumentation.grpc")
+    assert chain[2:] == [
+        ObservabilityInterceptor,
         ErrorInterceptor,
         LimitsInterceptor,
         ValidationInterceptor,

@@ -1,0 +1,210 @@
+"""The observability interceptor in a real grpc.aio server (port 0), in the chain order of
+interceptors/chain.py, with a stand-in for the inner interceptors (a limiter that refuses
+calls) and a stand-in forwarder. It must record the FINAL status the caller gets, count
+limiter rejections by reason, and time streams to their end, not to generator creation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+from grpc_interceptor.server import AsyncServerInterceptor
+
+from ai.agent.v1 import agent_service_pb2 as pb
+from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from interceptors.error_handling import ErrorInterceptor
+from interceptors.errors import ConcurrencyLimited, Overloaded, RateLimited, UpstreamUnavailable
+from interceptors.observability import ObservabilityInterceptor
+from interceptors.request_context import RequestContextInterceptor
+from server.callinfo import current_call
+from server.config import load_settings
+from server.forwarding import Forwarder
+from server.telemetry import MAX_MODELS, OTHER_MODEL, Telemetry
+
+SERVICE = "ai.agent.v1.AgentService"
+CHUNK_PAUSE_S = 0.15
+
+# x-test-refuse: the stand-in limiter's refusal for this call.
+REFUSALS = {"rate": RateLimited, "concurrency": ConcurrencyLimited, "overload": Overloaded}
+
+
+class StandInLimiter(AsyncServerInterceptor):
+    """Where auth/limits/validation will sit: refuses calls the way the limiter will."""
+
+    async def intercept(self, method: Callable, request: Any, context: grpc.aio.ServicerContext, method_name: str) -> Any:
+        refusal = dict(context.invocation_metadata()).get("x-test-refuse")
+        if refusal:
+            raise REFUSALS[refusal]()
+        return await super().intercept(method, request, context, method_name)
+
+
+class StandInForwarder(pb_grpc.AgentServiceServicer):
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        call = current_call.get()
+        assert call is not None
+        call.upstream, call.attempts = "10.0.0.7:50052", 1
+        if request.prompt == "upstream-limited":
+            raise RateLimited("upstream says slow down")  # what from_upstream makes of it
+        if request.prompt == "down":
+            call.retries = 2
+            call.attempts = 3
+            raise UpstreamUnavailable()
+        return pb.GenerateResponse(
+            text="ok", model=request.model or "m-1", usage=pb.Usage(prompt_tokens=4, completion_tokens=6, total_tokens=10)
+        )
+
+    async def StreamGenerate(
+        self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+        call = current_call.get()
+        assert call is not None
+        call.upstream, call.attempts = "10.0.0.7:50052", 1
+        yield pb.StreamGenerateResponse(delta="a", model="m-1")
+        for i in range(2):
+            await asyncio.sleep(CHUNK_PAUSE_S)
+            yield pb.StreamGenerateResponse(delta="b")
+        if request.prompt == "fail-midway":
+            raise UpstreamUnavailable()
+        yield pb.StreamGenerateResponse(is_final=True, usage=pb.Usage(prompt_tokens=3, completion_tokens=2))
+
+
+@pytest.fixture
+async def served():
+    settings = load_settings(metrics={"enabled": False})
+    telemetry = Telemetry(settings)
+    server = grpc.aio.server(
+        interceptors=[
+            RequestContextInterceptor(),
+            ObservabilityInterceptor(telemetry),
+            ErrorInterceptor(Forwarder.stream_response_classes()),
+            StandInLimiter(),
+        ]
+    )
+    pb_grpc.add_AgentServiceServicer_to_server(StandInForwarder(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield telemetry, pb_grpc.AgentServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+def value(telemetry: Telemetry, name: str, **labels: str) -> float:
+    got = telemetry.registry.get_sample_value(name, labels)
+    return 0.0 if got is None else got
+
+
+async def test_limiter_rejections_counted_by_reason_and_source(served) -> None:
+    telemetry, stub = served
+    for refusal in ("rate", "rate", "concurrency", "overload"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(pb.GenerateRequest(prompt="hi"), metadata=(("x-test-refuse", refusal),), timeout=10)
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Generate(pb.GenerateRequest(prompt="upstream-limited"), timeout=10)
+    await stub.Generate(pb.GenerateRequest(prompt="fine"), timeout=10)
+
+    rejections = "ai_proxy_rate_limit_rejections_total"
+    assert value(telemetry, rejections, method="Generate", reason="RATE_LIMITED", source="proxy") == 2
+    assert value(telemetry, rejections, method="Generate", reason="CONCURRENCY_LIMITED", source="proxy") == 1
+    assert value(telemetry, rejections, method="Generate", reason="OVERLOADED", source="proxy") == 1
+    assert value(telemetry, rejections, method="Generate", reason="RATE_LIMITED", source="upstream") == 1
+    assert value(telemetry, "ai_proxy_requests_total", method="Generate", status="RESOURCE_EXHAUSTED") == 5
+    assert value(telemetry, "ai_proxy_requests_total", method="Generate", status="OK") == 1
+    handled = dict(grpc_type="UNARY", grpc_service=SERVICE, grpc_method="Generate")
+    assert value(telemetry, "grpc_server_handled_total", **handled, grpc_code="RESOURCE_EXHAUSTED") == 5
+    assert value(telemetry, "grpc_server_handled_total", **handled, grpc_code="OK") == 1
+    assert value(telemetry, "grpc_server_started_total", **handled) == 6
+    assert value(telemetry, "grpc_server_msg_received_total", **handled) == 6
+    assert value(telemetry, "grpc_server_msg_sent_total", **handled) == 1
+
+
+async def test_unavailable_with_retries_and_tokens(served) -> None:
+    telemetry, stub = served
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Generate(pb.GenerateRequest(prompt="down"), timeout=10)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    reply = await stub.Generate(pb.GenerateRequest(prompt="x", model="m-2"), timeout=10)
+    assert reply.model == "m-2"
+    assert value(telemetry, "ai_proxy_upstream_retries_total", method="Generate") == 2
+    assert value(telemetry, "ai_proxy_tokens_total", model="m-2", kind="prompt") == 4
+    assert value(telemetry, "ai_proxy_tokens_total", model="m-2", kind="completion") == 6
+    # Not a limiter rejection: UNAVAILABLE is not admission control.
+    assert not [
+        s for m in telemetry.registry.collect() if m.name == "ai_proxy_rate_limit_rejections" for s in m.samples
+    ]
+
+
+async def test_stream_duration_covers_the_whole_stream(served) -> None:
+    telemetry, stub = served
+    chunks = [c async for c in stub.StreamGenerate(pb.StreamGenerateRequest(prompt="p"), timeout=10)]
+    assert len(chunks) == 4
+    labels = dict(grpc_type="SERVER_STREAMING", grpc_service=SERVICE, grpc_method="StreamGenerate")
+    # Two pauses between chunks: a timer that stopped at generator creation would see ~0.
+    assert value(telemetry, "ai_proxy_request_duration_seconds_sum", method="StreamGenerate") >= 2 * CHUNK_PAUSE_S
+    assert value(telemetry, "grpc_server_handling_seconds_sum", **labels) >= 2 * CHUNK_PAUSE_S
+    assert value(telemetry, "grpc_server_msg_sent_total", **labels) == 4
+    assert value(telemetry, "ai_proxy_stream_chunks_sent_total", method="StreamGenerate") == 4
+    assert value(telemetry, "ai_proxy_stream_first_chunk_seconds_count", method="StreamGenerate") == 1
+    assert value(telemetry, "ai_proxy_stream_first_chunk_seconds_sum", method="StreamGenerate") < CHUNK_PAUSE_S
+    # Mean interval: (3 gaps: pause, pause, ~0) / 3; largest gap: one pause.
+    mean = value(telemetry, "ai_proxy_stream_chunk_interval_seconds_sum", method="StreamGenerate")
+    assert 2 * CHUNK_PAUSE_S / 3 <= mean < CHUNK_PAUSE_S
+    assert value(telemetry, "ai_proxy_stream_chunk_gap_max_seconds_sum", method="StreamGenerate") >= CHUNK_PAUSE_S
+    assert value(telemetry, "ai_proxy_active_streams", method="StreamGenerate") == 0
+    assert value(telemetry, "ai_proxy_tokens_total", model="m-1", kind="completion") == 2
+    assert value(telemetry, "ai_proxy_requests_total", method="StreamGenerate", status="OK") == 1
+
+
+async def test_stream_failing_midway_counts_the_in_band_error_chunk(served) -> None:
+    telemetry, stub = served
+    got = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for chunk in stub.StreamGenerate(pb.StreamGenerateRequest(prompt="fail-midway"), timeout=10):
+            got.append(chunk)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert got[-1].error.code == grpc.StatusCode.UNAVAILABLE.value[0]  # the in-band error chunk
+    labels = dict(grpc_type="SERVER_STREAMING", grpc_service=SERVICE, grpc_method="StreamGenerate")
+    assert value(telemetry, "grpc_server_handled_total", **labels, grpc_code="UNAVAILABLE") == 1
+    assert value(telemetry, "grpc_server_msg_sent_total", **labels) == len(got) == 4
+    assert value(telemetry, "ai_proxy_requests_total", method="StreamGenerate", status="UNAVAILABLE") == 1
+
+
+async def test_cancelled_stream_is_recorded_and_active_gauge_returns_to_zero(served, caplog) -> None:
+    telemetry, stub = served
+    caplog.set_level(logging.INFO, logger="aiproxy.access")
+    call = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="p"), timeout=10)
+    first = await call.read()
+    assert first.delta == "a"
+    assert value(telemetry, "ai_proxy_active_streams", method="StreamGenerate") == 1
+    call.cancel()
+    labels = dict(grpc_type="SERVER_STREAMING", grpc_service=SERVICE, grpc_method="StreamGenerate")
+    for _ in range(200):  # the server sees the cancellation asynchronously
+        if value(telemetry, "grpc_server_handled_total", **labels, grpc_code="CANCELLED"):
+            break
+        await asyncio.sleep(0.01)
+    assert value(telemetry, "grpc_server_handled_total", **labels, grpc_code="CANCELLED") == 1
+    assert value(telemetry, "ai_proxy_active_streams", method="StreamGenerate") == 0
+    lines = [r.fields for r in caplog.records if r.name == "aiproxy.access"]
+    assert [(line["code"], line["reason"]) for line in lines] == [("CANCELLED", "CANCELLED")]
+
+
+def test_model_label_is_bounded() -> None:
+    telemetry = Telemetry(load_settings(metrics={"enabled": False}))
+    for i in range(MAX_MODELS + 5):
+        telemetry.proxy.count_tokens(f"model-{i}", 1, 1)
+    models = {
+        s.labels["model"]
+        for m in telemetry.registry.collect()
+        if m.name == "ai_proxy_tokens"
+        for s in m.samples
+    }
+    assert len(models) == MAX_MODELS + 1 and OTHER_MODEL in models
+    assert value(telemetry, "ai_proxy_tokens_total", model=OTHER_MODEL, kind="prompt") == 5
