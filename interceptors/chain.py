@@ -7,6 +7,9 @@ call first and its result last. The order, outermost first, and why:
                                 interceptor, the access log and the upstream call use.
   2. ErrorInterceptor           turns whatever the inner ones raise into the one error
                                 shape, including in-band stream errors.
+  3. AuthInterceptor            (when auth is on) who the caller is: JWT or API key ->
+                                CallInfo.caller, the identity the limits and logs use;
+                                health and reflection stay open.
 
 Upstream side, per endpoint channel (grpc.aio client interceptors, outermost first):
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import grpc
 
+from interceptors.auth import AuthInterceptor
 from interceptors.breaker import CircuitBreaker
 from interceptors.error_handling import ErrorInterceptor
 from interceptors.upstream_breaker import BreakerClientInterceptor
@@ -38,7 +42,10 @@ def client_interceptors(breaker: CircuitBreaker | None) -> list[grpc.aio.ClientI
 
 
 def server_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
-    return [
+    chain: list[grpc.aio.ServerInterceptor] = [
         RequestContextInterceptor(),
         ErrorInterceptor(Forwarder.stream_response_classes()),
     ]
+    if settings.auth.active:
+        chain.append(AuthInterceptor(settings.auth))
+    return chain

@@ -3,6 +3,8 @@
   aiproxy agent --listen HOST:PORT [--enable-faults]
   aiproxy serve --listen HOST:PORT --upstream HOST:PORT [--upstream ...] [--config FILE]
   aiproxy check-config FILE
+  aiproxy token --sub SUBJECT [--scope S] [--ttl SECONDS] [--secret S | --private-key FILE]
+  aiproxy api-key --name NAME [--key RAW] [--scope S]
   aiproxy demo
 """
 
@@ -95,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print the effective settings")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
+
+    from server import devtoken
+
+    token = sub.add_parser(
+        "token",
+        help="mint a development JWT",
+        epilog=devtoken.TOKEN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    devtoken.add_token_arguments(token)
+    token.set_defaults(func=devtoken.run_token)
+
+    api_key = sub.add_parser("api-key", help="make an API key and the config entry with its hash")
+    devtoken.add_api_key_arguments(api_key)
+    api_key.set_defaults(func=devtoken.run_api_key)
 
     demo = sub.add_parser("demo", help="reference agent + proxy + Envoy on the default ports")
     demo.set_defaults(func=cmd_demo)
