@@ -107,3 +107,14 @@ def run_api_key(args: argparse.Namespace) -> int:
     print("config (auth.api_keys entry; the proxy keeps only the hash):")
     print(f"  AIPROXY_AUTH__API_KEYS='{json.dumps([entry])}'")
     return 0
+
+
+def demo_hint() -> str:
+    """The demo banner's line about auth: empty unless the environment turns auth on."""
+    if not os.environ.get(SECRET_ENV):
+        return ""
+    return (
+        f"Auth is on ({SECRET_ENV} is set): add\n"
+        '  -H "authorization: Bearer $(aiproxy token --sub you --scope agent:execute)"\n'
+        "to each grpcurl call above (health and reflection need none).\n"
+    )

@@ -324,3 +324,12 @@ def test_bad_auth_configuration_is_refused(monkeypatch: pytest.MonkeyPatch, env:
         load_settings()
     assert message in str(exc.value)
     assert "short-secret" not in str(exc.value)  # secrets are never echoed
+
+
+def test_demo_hint_only_when_auth_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.devtoken import demo_hint
+
+    monkeypatch.delenv("AIPROXY_AUTH__JWT_SECRET", raising=False)
+    assert demo_hint() == ""
+    monkeypatch.setenv("AIPROXY_AUTH__JWT_SECRET", SECRET)
+    assert "aiproxy token --sub" in demo_hint()
