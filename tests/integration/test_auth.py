@@ -245,3 +245,34 @@ async def test_the_subject_is_the_callers_rate_limit_key(chain_server) -> None:
         caller_key({"x-api-key": API_KEY}, "ipv4:127.0.0.1:1"),
     ]
     assert servicer.callers[:2] == ["sub:alice", "sub:bob"]
+
+
+def test_api_key_command_prints_a_working_config_entry(monkeypatch) -> None:
+    out = subprocess.run(
+        aiproxy_argv("api-key", "--name", "ci", "--scope", "agent:execute"), capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    raw = out.splitlines()[0].removeprefix("key: ")
+    entry = next(line for line in out.splitlines() if "AIPROXY_AUTH__API_KEYS=" in line)
+    value = entry.split("=", 1)[1].strip().strip("'")
+    assert raw not in value  # only the hash goes into configuration
+    monkeypatch.setenv("AIPROXY_AUTH__API_KEYS", value)
+    from interceptors.auth import Authenticator
+
+    principal = Authenticator(load_settings().auth).authenticate((("x-api-key", raw),), "ipv4:127.0.0.1:1")
+    assert principal.caller == caller_key({"x-api-key": raw}, "") and principal.scopes == {"agent:execute"}
+
+
+def test_token_command_signs_with_a_private_key(tmp_path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "signing.key"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    out = subprocess.run(
+        aiproxy_argv("token", "--private-key", str(path), "--sub", "svc", "--kid", "k1", "--ttl", "60"),
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.strip()
+    assert jwt.get_unverified_header(out) == {"alg": "ES256", "kid": "k1", "typ": "JWT"}
+    claims = jwt.decode(out, key.public_key(), algorithms=["ES256"])
+    assert claims["sub"] == "svc" and claims["exp"] - claims["iat"] == 60
