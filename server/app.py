@@ -68,7 +68,7 @@ class ProxyServer:
             breaker_settings=settings.breaker,
             client_interceptors=client_interceptors,
             credentials=tls.channel_credentials(settings.tls.upstream),
-            extra_channel_options=tls.channel_options(settings.tls.upstream),
+            extra_channel_options=tls.channel_options(settings.tls.upstream, settings.upstream.endpoints),
         )
         self.health = ProxyHealth(self.pool)
         self.forwarder = Forwarder(self.pool, settings)

@@ -301,7 +301,8 @@ class UpstreamTlsSettings(_Section):
     ca_file: str | None = None  # PEM roots that sign the upstreams' certificates; default: system roots
     cert_file: str | None = None
     key_file: str | None = None
-    # The name the upstream certificate must carry, when it differs from the endpoint host.
+    # The name the upstream certificates must carry. Default: the endpoints' DNS name when
+    # they share one (discovery dials the resolved IPs), else the address dialled.
     server_name: str | None = None
 
     _v_files = field_validator("ca_file", "cert_file", "key_file")(classmethod(lambda cls, v: _check_file(v)))

@@ -4,20 +4,22 @@
   (grpc then refuses the handshake of a caller without a certificate signed by it).
 - Towards upstreams: `channel_credentials` -> TLS with the given roots (system roots
   when none), plus the proxy's client certificate for mutual TLS; `channel_options`
-  adds the server-name override when the upstreams' certificates carry a name other
-  than the address the proxy dials.
+  adds the name the upstreams' certificates must carry: `server_name`, or the DNS name
+  of the endpoints (discovery dials the IPs it resolves to).
 
 Plaintext stays the default: with nothing configured both return None.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
-from server.config import ServerTlsSettings, UpstreamTlsSettings
+from server.config import ServerTlsSettings, UpstreamTlsSettings, parse_hostport
 
 
 def _read(path: str | None) -> bytes | None:
@@ -49,8 +51,29 @@ def channel_credentials(settings: UpstreamTlsSettings) -> grpc.ChannelCredential
     )
 
 
-def channel_options(settings: UpstreamTlsSettings) -> list[tuple[str, Any]]:
-    """Channel options TLS needs: the expected server name, when overridden."""
-    if settings.active and settings.server_name:
-        return [("grpc.ssl_target_name_override", settings.server_name)]
-    return []
+def expected_server_name(settings: UpstreamTlsSettings, endpoints: Sequence[str] = ()) -> str | None:
+    """The name the upstreams' certificates must carry, if not the address dialled.
+
+    Discovery dials the IP addresses a DNS name resolves to, so without an explicit
+    `server_name` the certificate is checked against that name -- when all endpoints
+    share one (`agents.internal:50052`). With IP literals, or several names, it is None:
+    the dialled address is checked (set `server_name` when the certificates say otherwise).
+    """
+    if settings.server_name:
+        return settings.server_name
+    names = set()
+    for endpoint in endpoints:
+        host, _ = parse_hostport(endpoint)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            names.add(host)
+    return names.pop() if len(names) == 1 else None
+
+
+def channel_options(settings: UpstreamTlsSettings, endpoints: Sequence[str] = ()) -> list[tuple[str, Any]]:
+    """Channel options TLS needs: the expected server name (see expected_server_name)."""
+    if not settings.active:
+        return []
+    name = expected_server_name(settings, endpoints)
+    return [("grpc.ssl_target_name_override", name)] if name else []

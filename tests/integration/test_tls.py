@@ -23,6 +23,13 @@ def pki(tmp_path) -> Pki:
     return make_pki(tmp_path / "pki")
 
 
+@pytest.fixture
+def named_pki(tmp_path) -> Pki:
+    """The agent's certificate names only aiproxy.test and localhost, not 127.0.0.1, so
+    a proxy dialling 127.0.0.1 must check it against a name to accept it."""
+    return make_pki(tmp_path / "named-pki", ip_san=False)
+
+
 def listener_env(pki: Pki, *, mutual: bool) -> dict[str, str]:
     env = {"AIPROXY_TLS__SERVER__CERT_FILE": str(pki.server_cert), "AIPROXY_TLS__SERVER__KEY_FILE": str(pki.server_key)}
     if mutual:
@@ -90,7 +97,8 @@ def upstream_env(pki: Pki, *, client_cert: bool = True) -> dict[str, str]:
     return env
 
 
-async def test_mutual_tls_from_the_proxy_to_the_agent(spawn, pki) -> None:
+async def test_mutual_tls_from_the_proxy_to_the_agent(spawn, named_pki) -> None:
+    pki = named_pki
     agent = spawn(*tls_agent_args(pki), name="agent")
     await assert_refused(agent.address, None)  # the agent takes no plaintext
     await assert_refused(agent.address, client_credentials(pki, cert=None))  # nor callers without a cert
@@ -105,7 +113,22 @@ async def test_mutual_tls_from_the_proxy_to_the_agent(spawn, pki) -> None:
         assert chunks[-1].is_final
 
 
-async def test_proxy_without_its_client_certificate_cannot_use_the_agent(spawn, pki) -> None:
+async def test_upstream_name_mismatch_is_refused(spawn, named_pki) -> None:
+    """The agent's certificate does not carry the name the proxy expects: refused."""
+    pki = named_pki
+    agent = spawn(*tls_agent_args(pki), name="agent")
+    env = upstream_env(pki)
+    env["AIPROXY_TLS__UPSTREAM__SERVER_NAME"] = "someone-else.test"
+    env["AIPROXY_UPSTREAM__STARTUP_WAIT_S"] = "0.5"
+    proxy = spawn(*proxy_args(agent.address), env=env, name="proxy")
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub(channel).Generate(GENERATE, timeout=5)
+    assert exc.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_proxy_without_its_client_certificate_cannot_use_the_agent(spawn, named_pki) -> None:
+    pki = named_pki
     agent = spawn(*tls_agent_args(pki), name="agent")
     proxy = spawn(*proxy_args(agent.address), env=upstream_env(pki, client_cert=False), name="proxy")
     async with grpc.aio.insecure_channel(proxy.address) as channel:
@@ -127,3 +150,16 @@ async def test_tls_files_are_checked_at_start(spawn, agent, tmp_path) -> None:
         proc.start(timeout=60)
     assert "tls.server.cert_file" in proc.stderr_text()
     proc.cleanup()
+
+
+def test_expected_server_name() -> None:
+    """Discovery dials the IPs a name resolves to (only "localhost" is dialled by name), so
+    the name to check defaults to the endpoints' one DNS name."""
+    from server.config import UpstreamTlsSettings
+    from server.tls import expected_server_name
+
+    on = UpstreamTlsSettings(enabled=True)
+    assert expected_server_name(on, ["agents.internal:50052"]) == "agents.internal"
+    assert expected_server_name(on, ["10.0.0.1:50052", "[::1]:50052"]) is None
+    assert expected_server_name(on, ["a.internal:1", "b.internal:1"]) is None
+    assert expected_server_name(UpstreamTlsSettings(enabled=True, server_name="x"), ["a.internal:1"]) == "x"

@@ -74,7 +74,9 @@ def _ca(cn: str) -> tuple[Any, x509.Certificate]:
     return key, cert
 
 
-def _leaf(ca_key: Any, ca_cert: x509.Certificate, cn: str, *, server: bool) -> tuple[Any, x509.Certificate]:
+def _leaf(
+    ca_key: Any, ca_cert: x509.Certificate, cn: str, *, server: bool, ip_san: bool = True
+) -> tuple[Any, x509.Certificate]:
     key = _key()
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (
@@ -94,22 +96,20 @@ def _leaf(ca_key: Any, ca_cert: x509.Certificate, cn: str, *, server: bool) -> t
     if server:
         builder = builder.add_extension(
             x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.DNSName(cn),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
+                [x509.DNSName("localhost"), x509.DNSName(cn)]
+                + ([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if ip_san else [])
             ),
             critical=False,
         )
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
-def make_pki(directory: pathlib.Path, server_name: str = "aiproxy.test") -> Pki:
-    """CA, server (SAN localhost, 127.0.0.1, `server_name`) and client certificates."""
+def make_pki(directory: pathlib.Path, server_name: str = "aiproxy.test", *, ip_san: bool = True) -> Pki:
+    """CA, server (SAN localhost, `server_name`, and 127.0.0.1 if `ip_san`) and client
+    certificates. Without the IP, a client dialling 127.0.0.1 must be told the name."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = _ca("aiproxy test CA")
-    server_key, server_cert = _leaf(ca_key, ca_cert, server_name, server=True)
+    server_key, server_cert = _leaf(ca_key, ca_cert, server_name, server=True, ip_san=ip_san)
     client_key, client_cert = _leaf(ca_key, ca_cert, "aiproxy test client", server=False)
     rogue_ca_key, rogue_ca_cert = _ca("untrusted CA")
     rogue_key, rogue_cert = _leaf(rogue_ca_key, rogue_ca_cert, "rogue client", server=False)
