@@ -51,7 +51,6 @@ from interceptors.errors import PermissionDenied, Unauthenticated
 from interceptors.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
 from server.callinfo import current_call
 from server.config import (
-    EC_ALGORITHMS,
     HMAC_ALGORITHMS,
     OKP_ALGORITHMS,
     RSA_ALGORITHMS,

@@ -333,3 +333,13 @@ def test_demo_hint_only_when_auth_is_on(monkeypatch: pytest.MonkeyPatch) -> None
     assert demo_hint() == ""
     monkeypatch.setenv("AIPROXY_AUTH__JWT_SECRET", SECRET)
     assert "aiproxy token --sub" in demo_hint()
+
+
+def test_check_config_never_prints_the_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    config = tmp_path / "aiproxy.yaml"
+    config.write_text(f"auth:\n  jwt_secret: {SECRET}\n  audience: [aiproxy]\n")
+    assert main(["check-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert SECRET not in out and "jwt_secret: '**********'" in out
