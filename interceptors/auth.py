@@ -228,10 +228,14 @@ class Authenticator:
                 return self._from_token(credential.strip())
             if scheme == "apikey":
                 return self._from_api_key(credential.strip(), peer)
-            raise _unauthenticated(Cause.UNSUPPORTED_SCHEME, "authorization must be 'Bearer <token>' or 'ApiKey <key>'")
+            raise _unauthenticated(
+                Cause.UNSUPPORTED_SCHEME, "authorization must be 'Bearer <token>' or 'ApiKey <key>'"
+            )
         if api_key is not None:
             return self._from_api_key(api_key.strip(), peer)
-        raise _unauthenticated(Cause.MISSING_CREDENTIALS, "credentials required: authorization: Bearer <token>, or x-api-key")
+        raise _unauthenticated(
+            Cause.MISSING_CREDENTIALS, "credentials required: authorization: Bearer <token>, or x-api-key"
+        )
 
     def _from_api_key(self, raw: str, peer: str) -> Principal:
         if not raw or len(raw) > MAX_API_KEY_LEN:
@@ -243,7 +247,9 @@ class Authenticator:
 
     def _from_token(self, token: str) -> Principal:
         if not self._keys:
-            raise _unauthenticated(Cause.UNSUPPORTED_SCHEME, "bearer tokens are not accepted here; use an API key")
+            raise _unauthenticated(
+                Cause.UNSUPPORTED_SCHEME, "bearer tokens are not accepted here; use an API key"
+            )
         if not token or len(token) > MAX_TOKEN_LEN:
             raise _unauthenticated(Cause.MALFORMED_TOKEN, "malformed token")
         now = self._clock()
@@ -296,7 +302,8 @@ class Authenticator:
         if claims is None:
             raise _unauthenticated(Cause.BAD_SIGNATURE, "token signature does not verify")
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_LEN or not subject.isprintable():
+        usable = isinstance(subject, str) and 0 < len(subject) <= MAX_SUBJECT_LEN and subject.isprintable()
+        if not usable:
             raise _unauthenticated(Cause.INVALID_CLAIMS, "token subject is not usable")
         leeway = self._settings.leeway_s
         valid_from = _number(claims.get("nbf"), float("-inf")) - leeway
@@ -314,7 +321,8 @@ class Authenticator:
         if missing:
             scope = min(missing)
             raise PermissionDenied(
-                f"this call needs the scope {scope!r}", metadata={"cause": Cause.MISSING_SCOPE.value, "scope": scope}
+                f"this call needs the scope {scope!r}",
+                metadata={"cause": Cause.MISSING_SCOPE.value, "scope": scope},
             )
 
 
