@@ -2,7 +2,7 @@
 
     add_arguments(parser)   adds --listen, --enable-faults, --first-token-delay-ms,
                             --token-delay-ms, --model, --log-level, --trace-exporter,
-                            --otlp-endpoint
+                            --otlp-endpoint, --tls-cert, --tls-key, --tls-client-ca
     run(args)               serves until SIGTERM/SIGINT; returns the exit code
 
 When listening it prints one JSON line on stdout, which supervisors and tests wait for:
@@ -65,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help=f"model name when a request names none (default {DEFAULT_MODEL})",
     )
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="PEM CA: require client certificates signed by it (mutual TLS)",
+    )
     parser.add_argument(
         "--trace-exporter",
         default="none",
@@ -92,6 +99,9 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         first_token_delay_ms=args.first_token_delay_ms,
         token_delay_ms=args.token_delay_ms,
         model=args.model,
+        tls_cert_file=getattr(args, "tls_cert", None),
+        tls_key_file=getattr(args, "tls_key", None),
+        tls_client_ca_file=getattr(args, "tls_client_ca", None),
     )
 
 

@@ -97,8 +97,12 @@ class AgentServer:
             server,
         )
         try:
-            port = server.add_insecure_port(settings.listen)
-        except RuntimeError as exc:
+            credentials = _server_credentials(settings)
+            if credentials is None:
+                port = server.add_insecure_port(settings.listen)
+            else:
+                port = server.add_secure_port(settings.listen, credentials)
+        except (RuntimeError, OSError) as exc:
             raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
         await server.start()
         self._server, self._port = server, port
@@ -151,3 +155,16 @@ class AgentServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _server_credentials(settings: AgentSettings) -> grpc.ServerCredentials | None:
+    """TLS (mutual with a client CA) from the settings' PEM files; None for plaintext."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    with open(settings.tls_key_file, "rb") as key, open(settings.tls_cert_file, "rb") as cert:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if settings.tls_client_ca_file:
+        with open(settings.tls_client_ca_file, "rb") as ca:
+            client_ca = ca.read()
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)

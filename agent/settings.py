@@ -29,6 +29,11 @@ class AgentSettings:
     max_concurrent_streams: int = 100_000
     # New calls C-core queues before it cancels them (default 1000 is too few for bursts).
     max_pending_requests: int = 20_000
+    # TLS: PEM certificate chain and key (both or neither; neither = plaintext), and the
+    # CA whose client certificates are required (mutual TLS, e.g. only the proxy may call).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
@@ -47,6 +52,10 @@ class AgentSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.max_session_messages < 2:
             raise ValueError(
                 f"max_session_messages must be at least 2, got {self.max_session_messages!r}"

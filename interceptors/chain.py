@@ -13,12 +13,16 @@ call first and its result last. The order, outermost first, and why:
   4. ErrorInterceptor           turns whatever the inner ones raise into the one error
                                 shape, including in-band stream errors; everything
                                 below it only raises ProxyErrors.
-  5. LimitsInterceptor          admission: proxy-wide cap, the caller's token bucket,
+  5. AuthInterceptor            (when auth is on) who the caller is: JWT or API key ->
+                                CallInfo.caller, the identity the limits and logs use;
+                                health and reflection stay open. Before the limits, so
+                                an authenticated caller is limited by who it is.
+  6. LimitsInterceptor          admission: proxy-wide cap, the caller's token bucket,
                                 the caller's open streams. Before validation, so that a
                                 flood of malformed requests is limited like any other.
-  6. ValidationInterceptor      rejects malformed requests before they cost anything
+  7. ValidationInterceptor      rejects malformed requests before they cost anything
                                 upstream.
-  7. DeadlineInterceptor        fixes the effective deadline the upstream call gets;
+  8. DeadlineInterceptor        fixes the effective deadline the upstream call gets;
                                 innermost, so the time spent above is already counted.
 
 Upstream side, per endpoint channel (grpc.aio client interceptors, outermost first):
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import grpc
 
+from interceptors.auth import AuthInterceptor
 from interceptors.breaker import CircuitBreaker
 from interceptors.client_observability import client_metrics_interceptors, client_tracing_interceptors
 from interceptors.deadline import DeadlineInterceptor, DeadlineLimit, MethodDeadlines
@@ -92,6 +97,8 @@ def server_interceptors(settings: Settings, telemetry: Telemetry | None = None) 
             chain.append(server_tracing_interceptor(telemetry.tracer_provider))
         chain.append(ObservabilityInterceptor(telemetry))
     chain.append(ErrorInterceptor(Forwarder.stream_response_classes()))
+    if settings.auth.active:
+        chain.append(AuthInterceptor(settings.auth))
     if settings.limits.enabled:
         chain.append(LimitsInterceptor(settings.limits, paths, streaming))
     if settings.validation.enabled:

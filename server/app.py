@@ -21,9 +21,10 @@ from grpc_reflection.v1alpha import reflection
 from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
 from interceptors.chain import client_interceptors, server_interceptors
 from server.admin import ADMIN_SERVICE_NAME, ProxyAdmin
-from server.config import SERVICE_NAME, Settings, parse_hostport
+from server.config import SERVICE_NAME, ServerSettings, Settings, parse_hostport
 from server.forwarding import Forwarder
 from server.health import ProxyHealth
+from server import tls
 from server.logs import log_event, print_ready
 from server.telemetry import Telemetry
 from server.upstream import UpstreamPool
@@ -39,11 +40,26 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.max_concurrent_streams", s.max_concurrent_streams_per_connection),
         ("grpc.max_receive_message_length", s.max_receive_message_bytes),
         ("grpc.max_send_message_length", s.max_send_message_bytes),
+        # Soft and hard limit equal: past it every call is refused, none at random.
+        ("grpc.max_metadata_size", s.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", s.max_metadata_bytes),
+        *connection_limit_options(s),
         # Let callers (Envoy, meshes) keep idle connections alive with pings.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.so_reuseport", 0),
     ]
+
+
+def connection_limit_options(s: ServerSettings) -> list[tuple[str, Any]]:
+    """Idle and age limits on callers' connections (0 = no limit: the option is left out)."""
+    out: list[tuple[str, Any]] = []
+    if s.max_connection_idle_s:
+        out.append(("grpc.max_connection_idle_ms", int(s.max_connection_idle_s * 1000)))
+    if s.max_connection_age_s:
+        out.append(("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)))
+        out.append(("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)))
+    return out
 
 
 class ProxyServer:
@@ -55,6 +71,8 @@ class ProxyServer:
             settings.upstream,
             breaker_settings=settings.breaker,
             client_interceptors=functools.partial(client_interceptors, telemetry=self.telemetry),
+            credentials=tls.channel_credentials(settings.tls.upstream),
+            extra_channel_options=tls.channel_options(settings.tls.upstream, settings.upstream.endpoints),
         )
         self.telemetry.watch_pool(self.pool)
         self.health = ProxyHealth(self.pool)
@@ -91,12 +109,24 @@ class ProxyServer:
             ),
             server,
         )
-        self.port = server.add_insecure_port(self.settings.server.listen)
+        credentials = tls.server_credentials(self.settings.tls.server)
+        if credentials is None:
+            self.port = server.add_insecure_port(self.settings.server.listen)
+        else:
+            self.port = server.add_secure_port(self.settings.server.listen, credentials)
         if not self.port:
             raise OSError(f"cannot listen on {self.settings.server.listen}")
         await server.start()
         self._server = server
-        log_event(log, "proxy_started", address=self.address, upstreams=self.settings.upstream.endpoints)
+        log_event(
+            log,
+            "proxy_started",
+            address=self.address,
+            upstreams=self.settings.upstream.endpoints,
+            tls="mtls" if self.settings.tls.server.client_ca_file else "tls" if credentials else "plaintext",
+            upstream_tls=self.settings.tls.upstream.active,
+            auth=self.settings.auth.active,
+        )
         return self.port
 
     async def drain(self, grace_s: float | None = None) -> None:

@@ -5,6 +5,8 @@
                 [--metrics-listen HOST:PORT]
   aiproxy check-config FILE
   aiproxy health [--address HOST:PORT] [--service NAME]
+  aiproxy token --sub SUBJECT [--scope S] [--ttl SECONDS] [--secret S | --private-key FILE]
+  aiproxy api-key --name NAME [--key RAW] [--scope S]
   aiproxy demo
 """
 
@@ -114,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help='service name ("" = the server as a whole; "liveness" = the process)')
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     health.set_defaults(func=cmd_health)
+    from server import devtoken
+
+    token = sub.add_parser(
+        "token",
+        help="mint a development JWT",
+        epilog=devtoken.TOKEN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    devtoken.add_token_arguments(token)
+    token.set_defaults(func=devtoken.run_token)
+
+    api_key = sub.add_parser("api-key", help="make an API key and the config entry with its hash")
+    devtoken.add_api_key_arguments(api_key)
+    api_key.set_defaults(func=devtoken.run_api_key)
 
     demo = sub.add_parser("demo", help="reference agent + proxy + Envoy on the default ports")
     demo.set_defaults(func=cmd_demo)

@@ -11,7 +11,7 @@ import contextvars
 import pathlib
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -55,6 +55,15 @@ class ServerSettings(_Section):
     max_concurrent_streams_per_connection: int = Field(default=10_000, ge=1)
     max_receive_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_send_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Request metadata (headers) larger than this is refused by grpc itself (soft and hard
+    # limit alike, so the answer is deterministic). Envoy allows 60 KiB; JWTs are ~1 KiB.
+    max_metadata_bytes: int = Field(default=16 * 1024, ge=1024)
+    # A connection with no call for this long is closed with GOAWAY (0 = never).
+    max_connection_idle_s: float = Field(default=300.0, ge=0)
+    # Connections are recycled after this long (0 = never), so new replicas of the proxy
+    # behind an L4 balancer get traffic; calls in flight get the grace period to finish.
+    max_connection_age_s: float = Field(default=0.0, ge=0)
+    max_connection_age_grace_s: float = Field(default=330.0, ge=0)
 
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
@@ -228,6 +237,178 @@ class ValidationSettings(_Section):
     max_steps: int = Field(default=50, ge=1)
     max_context_bytes: int = Field(default=64 * 1024, ge=0)  # agent context, serialized
     max_id_chars: int = Field(default=128, ge=1)  # model, session id, tool and filter names
+class ApiKeySettings(_Section):
+    """A static API key, known by its hash only (`aiproxy api-key` makes one)."""
+
+    # Shown nowhere but the config: the caller identity is "key:<key_hash>", the same key
+    # the rate limiter derives from x-api-key (interceptors.ratelimit.caller_key).
+    name: str = Field(min_length=1, max_length=64)
+    # interceptors.ratelimit.hash_api_key(raw key): 32 lowercase hex characters.
+    key_hash: str = Field(pattern=r"^[0-9a-f]{32}$")
+    scopes: list[str] = Field(default_factory=list)
+
+
+# Signature algorithms a token may use; "none" is never one of them.
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+EC_ALGORITHMS = frozenset({"ES256", "ES384", "ES512"})
+OKP_ALGORITHMS = frozenset({"EdDSA"})
+ASYMMETRIC_ALGORITHMS = RSA_ALGORITHMS | EC_ALGORITHMS | OKP_ALGORITHMS
+
+
+def _check_file(value: str | None) -> str | None:
+    if value is not None and not pathlib.Path(value).is_file():
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
+class AuthSettings(_Section):
+    """Who may call (interceptors/auth.py). Off unless a credential source is configured:
+    setting jwt_secret (AIPROXY_AUTH__JWT_SECRET), a key file, a JWKS file or an API key
+    turns it on; `enabled: false` turns it off explicitly, `enabled: true` without any
+    source is an error. Health and reflection are always open."""
+
+    enabled: bool | None = None
+    # HS256/384/512 shared secret; at least 32 bytes (RFC 7518 3.2: as long as the hash).
+    jwt_secret: SecretStr | None = None
+    # PEM public key (RSA or EC) for RS*/PS*/ES* tokens.
+    jwt_public_key_file: str | None = None
+    # JSON Web Key Set file (the IdP's jwks.json); tokens pick their key by `kid`.
+    jwks_file: str | None = None
+    # Allowed `alg` values; empty = every algorithm the configured keys can verify.
+    algorithms: list[str] = Field(default_factory=list)
+    # When set, tokens must carry this `iss` / one of these `aud`. Without an audience,
+    # tokens that carry an `aud` are refused (they were meant for someone else).
+    issuer: str | None = None
+    audience: list[str] = Field(default_factory=list)
+    # Clock skew allowed on exp/nbf/iat.
+    leeway_s: float = Field(default=30.0, ge=0, le=300)
+    required_claims: list[str] = Field(default_factory=lambda: ["exp", "sub"])
+    api_keys: list[ApiKeySettings] = Field(default_factory=list)
+    # Method ("ExecuteAgent" or "/ai.agent.v1.AgentService/ExecuteAgent") -> scopes the
+    # caller must all have (JWT `scope`, space-separated, or `scp` list; API key scopes).
+    method_scopes: dict[str, list[str]] = Field(default_factory=dict)
+
+    _v_files = field_validator("jwt_public_key_file", "jwks_file")(classmethod(lambda cls, v: _check_file(v)))
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _v_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes (256 bits) for HS256")
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _v_algorithms(cls, value: list[str]) -> list[str]:
+        known = HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS
+        bad = [v for v in value if v not in known]
+        if bad:
+            raise ValueError(f"unsupported algorithms {bad} (allowed: {sorted(known)}; never 'none')")
+        return value
+
+    @field_validator("method_scopes")
+    @classmethod
+    def _v_method_scopes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for method in value:
+            if method.startswith("/"):
+                if method.count("/") != 2 or not method.rsplit("/", 1)[-1]:
+                    raise ValueError(f"not a method path: {method!r} (use '/pkg.Service/Method')")
+                continue
+            from ai.agent.v1 import agent_service_pb2  # generated; imported only when needed
+
+            known = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].methods_by_name
+            if method not in known:
+                raise ValueError(f"{SERVICE_NAME} has no method {method!r} (known: {sorted(known)})")
+        return value
+
+    @property
+    def active(self) -> bool:
+        if self.enabled is not None:
+            return self.enabled
+        return self.has_credentials
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key_file or self.jwks_file or self.api_keys)
+
+    @model_validator(mode="after")
+    def _v_consistent(self) -> "AuthSettings":
+        if self.enabled and not self.has_credentials:
+            raise ValueError("auth is enabled but no jwt_secret, jwt_public_key_file, jwks_file or api_keys is set")
+        algs = set(self.algorithms)
+        if algs & HMAC_ALGORITHMS and not self.jwt_secret:
+            raise ValueError(f"algorithms {sorted(algs & HMAC_ALGORITHMS)} need jwt_secret")
+        if algs & ASYMMETRIC_ALGORITHMS and not (self.jwt_public_key_file or self.jwks_file):
+            raise ValueError(f"algorithms {sorted(algs & ASYMMETRIC_ALGORITHMS)} need jwt_public_key_file or jwks_file")
+        if self.jwt_secret is not None:
+            secret_len = len(self.jwt_secret.get_secret_value().encode())
+            for alg in sorted(algs & HMAC_ALGORITHMS):
+                if secret_len < int(alg[2:]) // 8:
+                    raise ValueError(f"{alg} needs a jwt_secret of at least {int(alg[2:]) // 8} bytes")
+        names = [k.name for k in self.api_keys]
+        if len(set(names)) != len(names):
+            raise ValueError("api_keys names must be unique")
+        return self
+
+
+class ServerTlsSettings(_Section):
+    """TLS on the proxy's listener. Both files set: TLS; client_ca_file too: mutual TLS
+    (callers must present a certificate signed by that CA). Neither: plaintext."""
+
+    cert_file: str | None = None  # PEM certificate chain
+    key_file: str | None = None  # PEM private key
+    client_ca_file: str | None = None
+
+    _v_files = field_validator("cert_file", "key_file", "client_ca_file")(classmethod(lambda cls, v: _check_file(v)))
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _v_pair(self) -> "ServerTlsSettings":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("client_ca_file (mutual TLS) needs cert_file and key_file")
+        return self
+
+
+class UpstreamTlsSettings(_Section):
+    """TLS towards the agent replicas. Any file set (or enabled: true) turns it on;
+    cert_file + key_file present a client certificate (mutual TLS)."""
+
+    enabled: bool | None = None
+    ca_file: str | None = None  # PEM roots that sign the upstreams' certificates; default: system roots
+    cert_file: str | None = None
+    key_file: str | None = None
+    # The name the upstream certificates must carry. Default: the endpoints' DNS name when
+    # they share one (discovery dials the resolved IPs), else the address dialled.
+    server_name: str | None = None
+
+    _v_files = field_validator("ca_file", "cert_file", "key_file")(classmethod(lambda cls, v: _check_file(v)))
+
+    @property
+    def active(self) -> bool:
+        if self.enabled is not None:
+            return self.enabled
+        return bool(self.ca_file or self.cert_file or self.server_name)
+
+    @model_validator(mode="after")
+    def _v_pair(self) -> "UpstreamTlsSettings":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.enabled is False and (self.ca_file or self.cert_file):
+            raise ValueError("enabled is false but TLS files are set")
+        return self
+
+
+class TlsSettings(_Section):
+    """TLS for the listener and towards upstreams (server/tls.py); plaintext by default."""
+
+    server: ServerTlsSettings = Field(default_factory=ServerTlsSettings)
+    upstream: UpstreamTlsSettings = Field(default_factory=UpstreamTlsSettings)
 
 
 class LogSettings(_Section):
@@ -301,6 +482,8 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -362,5 +545,7 @@ def _describe(exc: ValidationError, path: pathlib.Path | None) -> str:
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"])
         env = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"] if not isinstance(p, int))
-        lines.append(f"  {key}: {err['msg']} (input: {err.get('input')!r}; env: {env})")
+        # Secrets (auth.jwt_secret) are never echoed, not even when they are wrong.
+        shown = "<redacted>" if "secret" in key else repr(err.get("input"))
+        lines.append(f"  {key}: {err['msg']} (input: {shown}; env: {env})")
     return "\n".join(lines)

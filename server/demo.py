@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server import devtoken
+
 AGENT = "127.0.0.1:50052"
 PROXY = "127.0.0.1:50051"
 ENVOY_HTTP = "127.0.0.1:8080"
@@ -88,7 +90,7 @@ async def _demo() -> int:
         children.append(await _spawn("agent", "agent", "--listen", AGENT))
         children.append(await _spawn("proxy", "serve", "--listen", PROXY, "--upstream", AGENT))
         await _wait_serving(PROXY)
-        print(_banner(), flush=True)
+        print(_banner() + devtoken.demo_hint(), flush=True)
         waiters = [asyncio.ensure_future(c.proc.wait()) for c in children]
         stopper = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait([stopper, *waiters], return_when=asyncio.FIRST_COMPLETED)

@@ -62,14 +62,18 @@ class Endpoint:
         *,
         breaker: CircuitBreaker | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        extra_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.address = address
         self._settings = settings
         self._on_change = on_change
         self.breaker = breaker
-        options = channel_options(settings)
+        options = [*channel_options(settings), *extra_options]
         self.channels = [
             grpc.aio.insecure_channel(address, options=options, interceptors=list(interceptors))
+            if credentials is None
+            else grpc.aio.secure_channel(address, credentials, options=options, interceptors=list(interceptors))
             for _ in range(settings.channels_per_endpoint)
         ]
         self._next_channel = 0
@@ -186,8 +190,13 @@ class UpstreamPool:
         client_interceptors: Callable[[CircuitBreaker | None], Sequence[grpc.aio.ClientInterceptor]] = lambda _b: (),
         rng: random.Random | None = None,
         resolver: Resolver | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        extra_channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._settings = settings
+        # TLS towards the endpoints (server/tls.py); None: plaintext.
+        self._credentials = credentials
+        self._extra_channel_options = tuple(extra_channel_options)
         self._breaker_settings = breaker_settings
         self._client_interceptors = client_interceptors
         self.discovery = Discovery(
@@ -248,6 +257,8 @@ class UpstreamPool:
             self._endpoint_changed,
             breaker=breaker,
             interceptors=self._client_interceptors(breaker),
+            credentials=self._credentials,
+            extra_options=self._extra_channel_options,
         )
 
     def _breaker_transition(self, name: str, old: BreakerState, new: BreakerState) -> None:

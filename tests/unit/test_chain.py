@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from interceptors.auth import AuthInterceptor
 from interceptors.chain import client_interceptors, method_deadlines, server_interceptors
 from interceptors.breaker import CircuitBreaker
 from interceptors.deadline import DeadlineInterceptor
@@ -43,6 +44,18 @@ def test_full_server_chain_with_telemetry_and_tracing() -> None:
     assert chain[2:] == [
         ObservabilityInterceptor,
         ErrorInterceptor,
+        LimitsInterceptor,
+        ValidationInterceptor,
+        DeadlineInterceptor,
+    ]
+
+
+def test_auth_joins_the_chain_after_errors_before_limits() -> None:
+    settings = load_settings(auth={"jwt_secret": "x" * 32})
+    assert kinds(server_interceptors(settings)) == [
+        RequestContextInterceptor,
+        ErrorInterceptor,
+        AuthInterceptor,
         LimitsInterceptor,
         ValidationInterceptor,
         DeadlineInterceptor,

@@ -1,0 +1,402 @@
+"""Server interceptor: who may call. JWT bearer tokens and static API keys.
+
+Credentials, in this order:
+
+  authorization: Bearer <JWT>     verified with PyJWT: the signature (HS* with the shared
+                                  secret; RS*/PS*/ES*/EdDSA with the PEM public key or the
+                                  JWKS file, chosen by `kid`), exp/nbf/iat with a small
+                                  leeway, iss and aud when configured, the required claims.
+  authorization: ApiKey <key>     a static API key (for clients that can only set
+  x-api-key: <key>                `authorization`); known by its hash only.
+
+The caller's identity goes into `CallInfo.caller`: "sub:<JWT subject>" or
+"key:<hash of the API key>" -- exactly what `interceptors.ratelimit.caller_key` gives
+for the same credentials, so the rate limiter (call.caller or caller_key(...)), the
+access log and the auth check agree on who the caller is. Scopes (JWT `scope`
+space-separated or `scp` list; an API key's configured scopes) are checked against
+`auth.method_scopes`.
+
+Failures raise Unauthenticated (no, bad, or expired credentials) or PermissionDenied
+(a scope this caller lacks); the error interceptor outside turns them into the one error
+shape. ErrorInfo.metadata["cause"] says what was wrong (see `Cause`). Neither the token
+nor the key ever reaches a log line, an error message or the upstream (forwarding drops
+`authorization` and `x-api-key`).
+
+Health and reflection stay open: the interceptor does not even wrap their handlers.
+Everything the verifier needs (keys, JWKS, hashes) is loaded once, at start-up; a
+verified token is cached until it expires, so a caller reusing its token costs a dict
+lookup and a clock read per call instead of a signature verification.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import pathlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import grpc
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from grpc_interceptor.server import AsyncServerInterceptor
+
+from interceptors.errors import PermissionDenied, Unauthenticated
+from interceptors.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
+from server.callinfo import current_call
+from server.config import (
+    HMAC_ALGORITHMS,
+    OKP_ALGORITHMS,
+    RSA_ALGORITHMS,
+    SERVICE_NAME,
+    AuthSettings,
+)
+from server.logs import log_event
+
+log = logging.getLogger("aiproxy.auth")
+
+AUTHORIZATION: Final = "authorization"
+# Methods that never need credentials: probes and grpcurl discovery.
+OPEN_METHOD_PREFIXES: Final = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+# Longer credentials are refused before any parsing (a JWT is typically ~1 KiB).
+MAX_TOKEN_LEN: Final = 8192
+MAX_API_KEY_LEN: Final = 512
+MAX_SUBJECT_LEN: Final = 256
+# Verified tokens remembered (per process); the least recently used are dropped.
+TOKEN_CACHE_SIZE: Final = 4096
+
+Clock = Callable[[], float]
+
+
+class Cause(enum.StrEnum):
+    """ErrorInfo.metadata["cause"] of an auth failure: stable, part of the API."""
+
+    MISSING_CREDENTIALS = "missing_credentials"  # no authorization / x-api-key
+    AMBIGUOUS_CREDENTIALS = "ambiguous_credentials"  # the header appears more than once
+    UNSUPPORTED_SCHEME = "unsupported_scheme"  # authorization is not Bearer / ApiKey
+    MALFORMED_TOKEN = "malformed_token"  # not a JWT (segments, base64, JSON)
+    ALGORITHM_NOT_ALLOWED = "algorithm_not_allowed"  # alg "none", or not in the allowlist
+    UNKNOWN_KEY = "unknown_key"  # no configured key for this alg / kid
+    INVALID_KEY = "invalid_key"  # a configured key unfit for the token (e.g. too short)
+    BAD_SIGNATURE = "bad_signature"  # signed with another key, or tampered with
+    TOKEN_EXPIRED = "token_expired"  # exp (plus leeway) has passed
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"  # nbf (minus leeway) still ahead
+    WRONG_AUDIENCE = "wrong_audience"  # aud is not ours (or present when none configured)
+    WRONG_ISSUER = "wrong_issuer"
+    MISSING_CLAIM = "missing_claim"  # a required claim is absent (metadata "claim")
+    INVALID_CLAIMS = "invalid_claims"  # iat in the future, sub not a usable string...
+    UNKNOWN_API_KEY = "unknown_api_key"
+    MISSING_SCOPE = "missing_scope"  # PERMISSION_DENIED (metadata "scope")
+
+
+def _unauthenticated(cause: Cause, message: str, **extra: str) -> Unauthenticated:
+    return Unauthenticated(message, metadata={"cause": cause.value, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller."""
+
+    caller: str  # "sub:<subject>" or "key:<hash>": the rate-limit key and the log identity
+    scopes: frozenset[str]
+    kind: str  # "jwt" or "api_key"
+
+
+@dataclass(frozen=True, slots=True)
+class _VerificationKey:
+    key: Any  # bytes (HMAC secret) or a cryptography public key
+    algorithms: frozenset[str]  # the allowed algorithms this key may verify
+    kid: str | None  # None: used for any kid (the PEM key, the secret)
+
+
+def _family(public_key: Any) -> frozenset[str]:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return RSA_ALGORITHMS
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        # An EC key verifies exactly one ES* algorithm: its curve decides which.
+        by_curve = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+        alg = by_curve.get(public_key.curve.name)
+        return frozenset({alg}) if alg else frozenset()
+    if isinstance(public_key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return OKP_ALGORITHMS
+    return frozenset()
+
+
+# What `algorithms: []` allows: the customary algorithm of each configured key.
+_DEFAULT_ALGORITHMS: Final = frozenset({"HS256", "RS256", "ES256", "ES384", "ES512", "EdDSA"})
+
+
+def load_public_key_file(path: str | pathlib.Path) -> Any:
+    """A PEM public key, or the public key of a PEM certificate."""
+    data = pathlib.Path(path).read_bytes()
+    if b"BEGIN CERTIFICATE" in data:
+        return x509.load_pem_x509_certificate(data).public_key()
+    return serialization.load_pem_public_key(data)
+
+
+def load_jwks_file(path: str | pathlib.Path) -> list[tuple[Any, str | None, str | None]]:
+    """(public key, kid, alg) of each usable signing key in a JWKS file.
+
+    Symmetric ("oct") and encryption-only ("use": "enc") keys are skipped: a JWKS is an
+    identity provider's published verification keys. An unusable file is an error.
+    """
+    document = json.loads(pathlib.Path(path).read_text())
+    raw_keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(raw_keys, list):
+        raise ValueError(f"{path}: not a JWK Set (no 'keys' list)")
+    out = []
+    for raw in raw_keys:
+        if not isinstance(raw, dict) or raw.get("kty") == "oct" or raw.get("use", "sig") != "sig":
+            continue
+        try:
+            jwk = jwt.PyJWK(raw)
+        except jwt.PyJWTError:
+            continue  # a key type this build cannot use
+        alg = raw.get("alg")
+        out.append((jwk.key, jwk.key_id, alg if isinstance(alg, str) else None))
+    if not out:
+        raise ValueError(f"{path}: no usable signing keys")
+    return out
+
+
+class Authenticator:
+    """Checks one call's credentials and scopes. Pure logic, no I/O after __init__."""
+
+    def __init__(self, settings: AuthSettings, *, clock: Clock = time.time) -> None:
+        self._settings = settings
+        self._clock = clock
+        keys: list[_VerificationKey] = []
+        configured = frozenset(settings.algorithms) or None
+        if settings.jwt_secret is not None:
+            allowed = (configured or frozenset({"HS256"})) & HMAC_ALGORITHMS
+            keys.append(_VerificationKey(settings.jwt_secret.get_secret_value().encode(), allowed, None))
+        public: list[tuple[Any, str | None, str | None]] = []
+        if settings.jwt_public_key_file:
+            public.append((load_public_key_file(settings.jwt_public_key_file), None, None))
+        if settings.jwks_file:
+            public.extend(load_jwks_file(settings.jwks_file))
+        for key, kid, jwk_alg in public:
+            allowed = _family(key) & (configured or _DEFAULT_ALGORITHMS | ({jwk_alg} if jwk_alg else set()))
+            if jwk_alg:  # a JWK that names its algorithm verifies only that one
+                allowed &= {jwk_alg}
+            if allowed:
+                keys.append(_VerificationKey(key, allowed, kid))
+        self._keys = tuple(keys)
+        self.algorithms = frozenset().union(*(k.algorithms for k in keys)) if keys else frozenset()
+        if (settings.jwt_secret or public) and not self.algorithms:
+            raise ValueError("no configured JWT key can verify any of the allowed algorithms")
+        self._api_keys = {k.key_hash: frozenset(k.scopes) for k in settings.api_keys}
+        self._required = sorted({*settings.required_claims, "sub"})
+        self._audience = list(settings.audience) or None
+        self._jwt = jwt.PyJWT(options={"enforce_minimum_key_length": True})
+        self._method_scopes = {
+            (m if m.startswith("/") else f"/{SERVICE_NAME}/{m}"): frozenset(scopes)
+            for m, scopes in settings.method_scopes.items()
+        }
+        # token -> (principal, valid from, valid until): both bounds already include leeway.
+        self._cache: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
+
+    # -- authentication ----------------------------------------------------------------
+
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None, peer: str = "") -> Principal:
+        """The caller behind `metadata`, or Unauthenticated."""
+        authorization: str | None = None
+        api_key: str | None = None
+        for key, value in metadata or ():
+            if key == AUTHORIZATION:
+                if authorization is not None:
+                    raise _unauthenticated(Cause.AMBIGUOUS_CREDENTIALS, "more than one authorization header")
+                authorization = value if isinstance(value, str) else ""
+            elif key == API_KEY_HEADER:
+                if api_key is not None:
+                    raise _unauthenticated(Cause.AMBIGUOUS_CREDENTIALS, "more than one x-api-key header")
+                api_key = value if isinstance(value, str) else ""
+        if authorization is not None:
+            scheme, _, credential = authorization.strip().partition(" ")
+            scheme = scheme.lower()
+            if scheme == "bearer":
+                return self._from_token(credential.strip())
+            if scheme == "apikey":
+                return self._from_api_key(credential.strip(), peer)
+            raise _unauthenticated(
+                Cause.UNSUPPORTED_SCHEME, "authorization must be 'Bearer <token>' or 'ApiKey <key>'"
+            )
+        if api_key is not None:
+            return self._from_api_key(api_key.strip(), peer)
+        raise _unauthenticated(
+            Cause.MISSING_CREDENTIALS, "credentials required: authorization: Bearer <token>, or x-api-key"
+        )
+
+    def _from_api_key(self, raw: str, peer: str) -> Principal:
+        if not raw or len(raw) > MAX_API_KEY_LEN:
+            raise _unauthenticated(Cause.UNKNOWN_API_KEY, "invalid API key")
+        scopes = self._api_keys.get(hash_api_key(raw))
+        if scopes is None:
+            raise _unauthenticated(Cause.UNKNOWN_API_KEY, "invalid API key")
+        return Principal(caller_key({API_KEY_HEADER: raw}, peer), scopes, "api_key")
+
+    def _from_token(self, token: str) -> Principal:
+        if not self._keys:
+            raise _unauthenticated(
+                Cause.UNSUPPORTED_SCHEME, "bearer tokens are not accepted here; use an API key"
+            )
+        if not token or len(token) > MAX_TOKEN_LEN:
+            raise _unauthenticated(Cause.MALFORMED_TOKEN, "malformed token")
+        now = self._clock()
+        cached = self._cache.get(token)
+        if cached is not None:
+            principal, valid_from, valid_until = cached
+            if valid_from <= now < valid_until:
+                self._cache.move_to_end(token)
+                return principal
+            del self._cache[token]
+        principal, valid_from, valid_until = self._verify(token)
+        if valid_from <= now < valid_until:
+            self._cache[token] = (principal, valid_from, valid_until)
+            if len(self._cache) > TOKEN_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float, float]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise _unauthenticated(Cause.MALFORMED_TOKEN, "malformed token") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            # "none" is never in the allowlist, so unsigned tokens end here.
+            raise _unauthenticated(Cause.ALGORITHM_NOT_ALLOWED, "token algorithm not allowed")
+        kid = header.get("kid")
+        candidates = [
+            k for k in self._keys if alg in k.algorithms and (k.kid is None or kid is None or k.kid == kid)
+        ]
+        if not candidates:
+            raise _unauthenticated(Cause.UNKNOWN_KEY, "no key for this token")
+        claims: dict[str, Any] | None = None
+        for key in candidates:
+            try:
+                claims = self._jwt.decode(
+                    token,
+                    key.key,
+                    algorithms=sorted(key.algorithms),
+                    audience=self._audience,
+                    issuer=self._settings.issuer,
+                    leeway=self._settings.leeway_s,
+                    options={"require": self._required},
+                )
+                break
+            except jwt.InvalidSignatureError:
+                continue  # maybe the next key (key rotation without kid)
+            except jwt.PyJWTError as exc:
+                raise _claims_error(exc) from None
+        if claims is None:
+            raise _unauthenticated(Cause.BAD_SIGNATURE, "token signature does not verify")
+        subject = claims.get("sub")
+        usable = isinstance(subject, str) and 0 < len(subject) <= MAX_SUBJECT_LEN and subject.isprintable()
+        if not usable:
+            raise _unauthenticated(Cause.INVALID_CLAIMS, "token subject is not usable")
+        leeway = self._settings.leeway_s
+        valid_from = _number(claims.get("nbf"), float("-inf")) - leeway
+        valid_until = _number(claims.get("exp"), float("inf")) + leeway
+        return Principal(caller_key({}, "", subject=subject), _scopes(claims), "jwt"), valid_from, valid_until
+
+    # -- authorization -----------------------------------------------------------------
+
+    def required_scopes(self, method: str) -> frozenset[str]:
+        return self._method_scopes.get(method, frozenset())
+
+    def authorize(self, principal: Principal, method: str) -> None:
+        """PermissionDenied unless `principal` has every scope `method` requires."""
+        missing = self.required_scopes(method) - principal.scopes
+        if missing:
+            scope = min(missing)
+            raise PermissionDenied(
+                f"this call needs the scope {scope!r}",
+                metadata={"cause": Cause.MISSING_SCOPE.value, "scope": scope},
+            )
+
+
+def _number(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
+def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    """OAuth 2 `scope` (space-separated, RFC 8693) and/or `scp` (a list, or a string)."""
+    out: set[str] = set()
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            out.update(value.split())
+        elif isinstance(value, list):
+            out.update(v for v in value if isinstance(v, str))
+    return frozenset(out)
+
+
+def _claims_error(exc: Exception) -> Unauthenticated:
+    """A PyJWT failure (other than a bad signature) as the caller's error."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return _unauthenticated(Cause.TOKEN_EXPIRED, "token expired")
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return _unauthenticated(Cause.TOKEN_NOT_YET_VALID, "token not yet valid")
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return _unauthenticated(Cause.WRONG_AUDIENCE, "token audience not accepted")
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return _unauthenticated(Cause.WRONG_ISSUER, "token issuer not accepted")
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return _unauthenticated(Cause.MISSING_CLAIM, "token lacks a required claim", claim=str(exc.claim))
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return _unauthenticated(Cause.ALGORITHM_NOT_ALLOWED, "token algorithm not allowed")
+    if isinstance(exc, jwt.InvalidKeyError):
+        return _unauthenticated(Cause.INVALID_KEY, "token cannot be verified")
+    if isinstance(exc, jwt.DecodeError):
+        return _unauthenticated(Cause.MALFORMED_TOKEN, "malformed token")
+    return _unauthenticated(Cause.INVALID_CLAIMS, "token claims not accepted")
+
+
+def is_open_method(method: str) -> bool:
+    return method.startswith(OPEN_METHOD_PREFIXES)
+
+
+class AuthInterceptor(AsyncServerInterceptor):
+    """Authenticates every call but health and reflection; see the module docstring."""
+
+    def __init__(self, settings: AuthSettings, *, clock: Clock = time.time) -> None:
+        self.authenticator = Authenticator(settings, clock=clock)
+
+    async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        if is_open_method(handler_call_details.method):
+            return await continuation(handler_call_details)  # not wrapped: no cost at all
+        return await super().intercept_service(continuation, handler_call_details)
+
+    async def intercept(
+        self, method: Callable, request_or_iterator: Any, context: grpc.aio.ServicerContext, method_name: str
+    ) -> Any:
+        call = current_call.get()
+        auth = self.authenticator
+        try:
+            principal = auth.authenticate(context.invocation_metadata(), context.peer())
+            if call is not None:
+                call.caller = principal.caller
+            auth.authorize(principal, method_name)
+        except (Unauthenticated, PermissionDenied) as err:
+            log_event(
+                log,
+                "auth_rejected",
+                method=method_name,
+                request_id=call.request_id if call else "",
+                caller=call.caller if call else "",
+                code=err.code.name,
+                cause=err.metadata.get("cause", ""),
+            )
+            raise
+        return await super().intercept(method, request_or_iterator, context, method_name)
