@@ -3,6 +3,7 @@
   aiproxy agent --listen HOST:PORT [--enable-faults]
   aiproxy serve --listen HOST:PORT --upstream HOST:PORT [--upstream ...] [--config FILE]
   aiproxy check-config FILE
+  aiproxy envoy --listen HOST:PORT --proxy HOST:PORT [--proxy ...]
   aiproxy demo
 """
 
@@ -60,6 +61,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return agent_cli.run(args)
 
 
+def cmd_envoy(args: argparse.Namespace) -> int:
+    from server import edge
+
+    return edge.main(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from server.demo import run_demo
 
@@ -95,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print the effective settings")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
+
+    envoy = sub.add_parser("envoy", help="run Envoy (HTTP/JSON, SSE, the browser page) in front of proxy replicas")
+    from server import edge
+
+    edge.add_arguments(envoy)
+    envoy.set_defaults(func=cmd_envoy)
 
     demo = sub.add_parser("demo", help="reference agent + proxy + Envoy on the default ports")
     demo.set_defaults(func=cmd_demo)
