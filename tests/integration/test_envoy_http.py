@@ -47,7 +47,7 @@ def stack() -> Iterator[dict[str, ServiceProcess]]:
             env={"AIPROXY_BREAKER__ENABLED": "false", "AIPROXY_STREAM__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)},
         )
         envoy = start(
-            ["envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1",
+            ["envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1", "--log-flush-ms", "50",
              "--cors-origin", "https://app.example.com", "--health-interval-s", "0.5"],
             "envoy",
         )  # fmt: skip
