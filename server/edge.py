@@ -88,7 +88,7 @@ def _duration(seconds: float) -> str:
 
 def _origin_matcher(origin: str) -> dict[str, Any]:
     # "*" allows any origin; anything else must match exactly (scheme://host[:port]).
-    return {"prefix": ""} if origin == "*" else {"exact": origin}
+    return {"safe_regex": {"regex": ".*"}} if origin == "*" else {"exact": origin}
 
 
 def render(settings: EdgeSettings, *, admin_port: int = 0) -> str:
