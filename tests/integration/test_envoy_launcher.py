@@ -58,3 +58,29 @@ def test_bad_arguments_exit_2_with_a_message(args: list[str]) -> None:
     proc = subprocess.run(aiproxy_argv("envoy", "--listen", "127.0.0.1:0", *args), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.startswith("aiproxy envoy: ") and proc.stdout == ""
+
+
+def test_sigterm_drains_open_streams_before_stopping(spawn: Callable[..., ServiceProcess]) -> None:
+    from tests.conftest import agent_args, proxy_args
+    from tests.support.edge import OpenStream
+
+    agent = spawn(*agent_args(), name="agent")
+    proxy = spawn(*proxy_args(agent.address), name="proxy")
+    envoy = spawn("envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1", "--drain-s", "20")
+    stream = OpenStream(
+        envoy.address, "/api/v1/ai/generate/stream", {"prompt": "drain me", "options": {"maxTokens": 20}},
+        headers={"x-fault-slow-ms": "50"},
+    )  # fmt: skip
+    try:
+        events = stream.events()
+        first = next(events)
+        envoy.send_signal(signal.SIGTERM)
+        envoy.wait_for_log(lambda e: e.get("event") == "envoy_draining", timeout=10)
+        assert request(envoy.address, "GET", "/healthz").status == 503  # balancers in front stop
+        rest = list(events)
+    finally:
+        stream.close()
+    chunks = [first, *rest]
+    assert chunks[-1]["isFinal"] and "error" not in chunks[-1] and len(chunks) == 21  # 20 deltas + final
+    assert envoy.wait(timeout=30) == 0
+    assert envoy.log_events("envoy_drained")[0]["open_requests"] == 0
