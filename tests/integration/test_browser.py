@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import agent_args, proxy_args
+from tests.support.edge import request, sse_events
 from tests.support.procs import ServiceProcess, aiproxy_argv
 
 pytestmark = [pytest.mark.envoy, pytest.mark.browser]
@@ -25,6 +26,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 TIMEOUT_MS = 30_000
+HEARTBEAT_S = 0.15
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra) is not installed")
 if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
@@ -35,15 +37,16 @@ if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
 def edge() -> Iterator[dict[str, ServiceProcess]]:
     started: list[ServiceProcess] = []
 
-    def start(argv: list[str], name: str) -> ServiceProcess:
-        proc = ServiceProcess(aiproxy_argv(*argv), name=name)
+    def start(argv: list[str], name: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        proc = ServiceProcess(aiproxy_argv(*argv), name=name, env=env)
         started.append(proc)
         return proc.start(timeout=60)
 
     try:
-        # Tokens 40 ms apart, so the page visibly fills in steps.
-        agent = start(agent_args(token_delay_ms=40), "agent")
-        proxy = start(proxy_args(agent.address), "proxy")
+        # Tokens 40 ms apart, so the page visibly fills in steps; the first after 0.5 s,
+        # so heartbeats (every 0.15 s here) reach the page before any text.
+        agent = start(agent_args(token_delay_ms=40, first_token_delay_ms=500), "agent")
+        proxy = start(proxy_args(agent.address), "proxy", env={"AIPROXY_STREAM__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)})
         envoy = start(["envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1"], "envoy")
         yield {"agent": agent, "proxy": proxy, "envoy": envoy}
     finally:
@@ -106,6 +109,31 @@ def test_an_answer_streams_in_several_steps_and_completes(page: Any, transport: 
     assert int(page.get_attribute("#status", "data-chunks")) >= 5
     assert not page.is_visible("#error")
     assert page.is_enabled("#send") and not page.is_enabled("#stop")
+
+
+def test_heartbeats_are_skipped_by_the_page(page: Any, edge: dict[str, ServiceProcess]) -> None:
+    """Heartbeats arrive before the first token in this stack (a plain HTTP client sees
+    them); the page neither shows nor counts them: when the first text appears it has
+    counted exactly one chunk, and the text is what the HTTP client got (the agent is
+    deterministic: same prompt, same answer)."""
+    prompt = "Describe heartbeats on idle streams."
+    events = sse_events(request(edge["envoy"].address, "POST", "/api/v1/ai/generate/stream", {"prompt": prompt}).body)
+    first_text = next(i for i, e in enumerate(events) if e["delta"])
+    assert first_text >= 2 and all(e["heartbeat"] for e in events[:first_text])
+    page.evaluate(
+        """() => {
+            const out = document.getElementById('output');
+            const obs = new MutationObserver(() => {
+                window.__chunksAtFirstText = document.getElementById('status').dataset.chunks;
+                obs.disconnect();
+            });
+            obs.observe(out, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    _ask(page, prompt)
+    assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
+    assert page.evaluate("window.__chunksAtFirstText") == "1"
+    assert page.text_content("#output") == "".join(e["delta"] for e in events if not e["heartbeat"])
 
 
 def test_chat_and_agent_endpoints_work_from_the_page(page: Any) -> None:
