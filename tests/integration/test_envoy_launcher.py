@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import yaml
 
+from agent.textgen import count_tokens
 from tests.support.edge import request
 from tests.support.procs import ServiceProcess, aiproxy_argv
 
@@ -81,6 +82,8 @@ def test_sigterm_drains_open_streams_before_stopping(spawn: Callable[..., Servic
     finally:
         stream.close()
     chunks = [first, *rest]
-    assert chunks[-1]["isFinal"] and "error" not in chunks[-1] and len(chunks) == 21  # 20 deltas + final
+    final = chunks[-1]
+    assert final["isFinal"] and "error" not in final and final["usage"]["completionTokens"] == 20
+    assert count_tokens("".join(c["delta"] for c in chunks)) == 20  # every token arrived
     assert envoy.wait(timeout=30) == 0
     assert envoy.log_events("envoy_drained")[0]["open_requests"] == 0
