@@ -43,7 +43,17 @@ from typing import Any
 from server.config import parse_hostport
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ENVOY_DIR = ROOT / "envoy"
+
+
+def _envoy_dir() -> pathlib.Path:
+    """envoy/ of the checkout, or where a wheel installs it (pyproject's data-files)."""
+    checkout = ROOT / "envoy"
+    if (checkout / "envoy.yaml.tmpl").is_file():
+        return checkout
+    return pathlib.Path(sys.prefix) / "share" / "aiproxy" / "envoy"
+
+
+ENVOY_DIR = _envoy_dir()
 TEMPLATE = ENVOY_DIR / "envoy.yaml.tmpl"
 PAGE = ENVOY_DIR / "page" / "index.html"
 DESCRIPTOR = ROOT / "build" / "descriptors" / "aiproxy.pb"
