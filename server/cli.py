@@ -7,6 +7,7 @@
   aiproxy health [--address HOST:PORT] [--service NAME]
   aiproxy token --sub SUBJECT [--scope S] [--ttl SECONDS] [--secret S | --private-key FILE]
   aiproxy api-key --name NAME [--key RAW] [--scope S]
+  aiproxy envoy --listen HOST:PORT --proxy HOST:PORT [--proxy ...]
   aiproxy demo
 """
 
@@ -70,6 +71,10 @@ def cmd_health(args: argparse.Namespace) -> int:
     from server.probe import run
 
     return run(args.address, args.service, args.timeout)
+def cmd_envoy(args: argparse.Namespace) -> int:
+    from server import edge
+
+    return edge.main(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -116,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help='service name ("" = the server as a whole; "liveness" = the process)')
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     health.set_defaults(func=cmd_health)
+
     from server import devtoken
 
     token = sub.add_parser(
@@ -130,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     api_key = sub.add_parser("api-key", help="make an API key and the config entry with its hash")
     devtoken.add_api_key_arguments(api_key)
     api_key.set_defaults(func=devtoken.run_api_key)
+    envoy = sub.add_parser("envoy", help="run Envoy (HTTP/JSON, SSE, the browser page) in front of proxy replicas")
+    from server import edge
+
+    edge.add_arguments(envoy)
+    envoy.set_defaults(func=cmd_envoy)
 
     demo = sub.add_parser("demo", help="reference agent + proxy + Envoy on the default ports")
     demo.set_defaults(func=cmd_demo)

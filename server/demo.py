@@ -1,8 +1,9 @@
-"""`aiproxy demo`: reference agent + proxy (+ Envoy) on the default ports, until Ctrl-C.
+"""`aiproxy demo`: reference agent + proxy + Envoy on the default ports, until Ctrl-C.
 
 Each part runs as its own process with the same command a user or container would use;
-the demo waits until the proxy reports SERVING through grpc.health.v1 before it tells the
-user what to try.
+the demo waits until the proxy reports SERVING through grpc.health.v1, and until Envoy
+answers /healthz (it has health-checked the proxy), before it tells the user what to try.
+The agent honours x-fault-* headers here, so the page can show what errors look like.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import asyncio
 import json
 import signal
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 
 import grpc
@@ -64,11 +67,37 @@ async def _wait_serving(address: str, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
+async def _wait_http_ok(url: str, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:  # noqa: S310 (loopback)
+                return bool(reply.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    while not await asyncio.to_thread(probe):
+        if loop.time() > deadline:
+            raise TimeoutError(f"{url} not OK after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 def _banner() -> str:
+    http = f"http://{ENVOY_HTTP}"
     return f"""
 aiproxy demo is up.
+  browser page     {http}/   (through Envoy: type a prompt, watch it stream)
+  Envoy (HTTP)     {ENVOY_HTTP}    (JSON + SSE under /api/v1/ai/..., gRPC too; /healthz)
   proxy (gRPC)     {PROXY}   (health, reflection: grpcurl works)
-  agent (gRPC)     {AGENT}   (the reference upstream)
+  agent (gRPC)     {AGENT}   (the reference upstream; x-fault-* headers enabled)
+
+HTTP (JSON and server-sent events):
+  curl -s {http}/api/v1/ai/generate -d '{{"prompt":"Explain circuit breakers"}}'
+  curl -N {http}/api/v1/ai/generate/stream -d '{{"prompt":"Stream me a haiku"}}'
+  curl -N '{http}/api/v1/ai/chat/stream?session_id=s1&user_message=Hello'
+  curl -i {http}/api/v1/ai/generate -H 'x-fault-code: UNAVAILABLE' -d '{{"prompt":"fail"}}'
 
 Try:
   grpcurl -plaintext {PROXY} list
@@ -87,9 +116,11 @@ async def _demo() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        children.append(await _spawn("agent", "agent", "--listen", AGENT))
+        children.append(await _spawn("agent", "agent", "--listen", AGENT, "--enable-faults"))
         children.append(await _spawn("proxy", "serve", "--listen", PROXY, "--upstream", AGENT))
         await _wait_serving(PROXY)
+        children.append(await _spawn("envoy", "envoy", "--listen", ENVOY_HTTP, "--proxy", PROXY))
+        await _wait_http_ok(f"http://{ENVOY_HTTP}/healthz")
         print(_banner() + devtoken.demo_hint(), flush=True)
         waiters = [asyncio.ensure_future(c.proc.wait()) for c in children]
         stopper = asyncio.ensure_future(stop.wait())

@@ -1,0 +1,186 @@
+"""The browser page in headless Chromium (Debian's /usr/bin/chromium; no browser download),
+loaded through a real Envoy in front of a real proxy and agent.
+
+It streams an answer (text arrives in several steps, then completes), shows an error
+before the first chunk and one in the middle of a stream, and stops a stream on demand.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from agent.textgen import count_tokens
+from tests.conftest import agent_args, proxy_args
+from tests.support.edge import request, sse_events
+from tests.support.procs import ServiceProcess, aiproxy_argv
+
+pytestmark = [pytest.mark.envoy, pytest.mark.browser]
+
+CHROMIUM = os.environ.get("AIPROXY_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+TIMEOUT_MS = 30_000
+HEARTBEAT_S = 0.15
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra) is not installed")
+if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+    pytest.skip("Debian chromium is not installed (make system-deps)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def edge() -> Iterator[dict[str, ServiceProcess]]:
+    started: list[ServiceProcess] = []
+
+    def start(argv: list[str], name: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        proc = ServiceProcess(aiproxy_argv(*argv), name=name, env=env)
+        started.append(proc)
+        return proc.start(timeout=60)
+
+    try:
+        # Tokens 40 ms apart, so the page visibly fills in steps; the first after 0.5 s,
+        # so heartbeats (every 0.15 s here) reach the page before any text.
+        agent = start(agent_args(token_delay_ms=40, first_token_delay_ms=500), "agent")
+        proxy = start(proxy_args(agent.address), "proxy", env={"AIPROXY_STREAM__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)})
+        envoy = start(["envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1"], "envoy")
+        yield {"agent": agent, "proxy": proxy, "envoy": envoy}
+    finally:
+        for proc in reversed(started):
+            proc.cleanup()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium"), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, edge: dict[str, ServiceProcess]) -> Iterator[Any]:
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(f"http://{edge['envoy'].address}/")
+    # Record every distinct length the answer goes through, as the browser renders it.
+    page.evaluate(
+        """() => {
+            window.__lengths = [];
+            const out = document.getElementById('output');
+            new MutationObserver(() => window.__lengths.push(out.textContent.length))
+                .observe(out, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    yield page
+    context.close()
+
+
+def _ask(page: Any, text: str, *, endpoint: str = "generate", transport: str = "fetch") -> None:
+    page.select_option("#endpoint", endpoint)
+    page.select_option("#transport", transport)
+    page.fill("#prompt", text)
+    page.click("#send")
+
+
+def _wait_state(page: Any, *states: str) -> str:
+    selector = ", ".join(f'#status[data-state="{s}"]' for s in states)
+    page.wait_for_selector(selector)
+    return str(page.get_attribute("#status", "data-state"))
+
+
+@pytest.mark.parametrize("transport", ["fetch", "eventsource"])
+def test_an_answer_streams_in_several_steps_and_completes(page: Any, transport: str) -> None:
+    _ask(page, "Explain circuit breakers in two sentences.", transport=transport)
+    assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
+    answer = page.text_content("#output") or ""
+    lengths = page.evaluate("window.__lengths")
+    assert len(answer) > 20
+    growing = [n for n in lengths if n > 0]
+    assert len(set(growing)) >= 3 and growing == sorted(growing), lengths  # several steps, only growing
+    assert growing[-1] == len(answer)
+    assert int(page.get_attribute("#status", "data-chunks")) >= 5
+    assert not page.is_visible("#error")
+    assert page.is_enabled("#send") and not page.is_enabled("#stop")
+
+
+def test_heartbeats_are_skipped_by_the_page(page: Any, edge: dict[str, ServiceProcess]) -> None:
+    """Heartbeats arrive before the first token in this stack (a plain HTTP client sees
+    them); the page neither shows nor counts them: when the first text appears it has
+    counted exactly one chunk, and the text is what the HTTP client got (the agent is
+    deterministic: same prompt, same answer)."""
+    prompt = "Describe heartbeats on idle streams."
+    events = sse_events(request(edge["envoy"].address, "POST", "/api/v1/ai/generate/stream", {"prompt": prompt}).body)
+    first_text = next(i for i, e in enumerate(events) if e["delta"])
+    assert first_text >= 2 and all(e["heartbeat"] for e in events[:first_text])
+    page.evaluate(
+        """() => {
+            const out = document.getElementById('output');
+            const obs = new MutationObserver(() => {
+                window.__chunksAtFirstText = document.getElementById('status').dataset.chunks;
+                obs.disconnect();
+            });
+            obs.observe(out, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    _ask(page, prompt)
+    assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
+    assert page.evaluate("window.__chunksAtFirstText") == "1"
+    assert page.text_content("#output") == "".join(e["delta"] for e in events if not e["heartbeat"])
+
+
+def test_chat_and_agent_endpoints_work_from_the_page(page: Any) -> None:
+    for endpoint in ("chat", "agent"):
+        _ask(page, "What is 12*7?", endpoint=endpoint)
+        assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
+        assert (page.text_content("#output") or "").strip()
+    assert page.locator("#steps li").count() >= 1  # the agent's reasoning steps
+
+
+def test_an_error_before_the_first_chunk_is_shown(page: Any) -> None:
+    page.click("summary")
+    page.select_option("#fault-code", "UNAVAILABLE")
+    page.fill("#fault-after", "0")
+    _ask(page, "fail please")
+    assert _wait_state(page, "done", "error") == "error"
+    error = page.locator("#error")
+    assert error.is_visible()
+    assert error.get_attribute("data-code") == "14" and error.get_attribute("data-reason") == "UPSTREAM_UNAVAILABLE"
+    assert "HTTP 503" in (page.text_content("#status") or "")
+    assert page.text_content("#output") == ""
+
+
+def test_an_error_mid_stream_is_shown_after_the_text_so_far(page: Any) -> None:
+    page.click("summary")
+    page.select_option("#fault-code", "INTERNAL")
+    page.fill("#fault-after", "4")
+    _ask(page, "fail half way")
+    assert _wait_state(page, "done", "error") == "error"
+    assert page.locator("#error").get_attribute("data-code") == "13"
+    # Four tokens (perhaps merged into fewer chunks by the proxy), then the error chunk.
+    assert 2 <= int(page.get_attribute("#status", "data-chunks")) <= 5
+    assert count_tokens(page.text_content("#output") or "") == 4
+
+
+def test_stop_aborts_the_stream_and_the_upstream_work(page: Any, edge: dict[str, ServiceProcess]) -> None:
+    page.select_option("#endpoint", "generate")
+    page.fill("#prompt", "a very long answer " * 5)
+    page.click("#send")
+    page.wait_for_function("Number(document.getElementById('status').dataset.chunks) >= 3")
+    page.click("#stop")
+    assert _wait_state(page, "stopped") == "stopped"
+    assert page.is_enabled("#send")
+    request_id = page.get_attribute("#status", "data-request-id")
+    assert request_id
+    finished = edge["agent"].wait_for_log(
+        lambda e: e.get("event") == "call_finished" and e.get("request_id") == request_id, timeout=10
+    )
+    assert finished["cancelled"] is True and finished["code"] == "CANCELLED"

@@ -1,0 +1,128 @@
+"""HTTP through a real Envoy (`aiproxy envoy`): a small client, SSE parsing, admin waits.
+
+The stdlib http.client is enough: it reads chunked bodies as they arrive, so a test can
+take the first SSE event of a stream and then drop the connection.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from server.edge import host_health
+from tests.support.procs import ServiceProcess
+
+# One SSE event exactly as the transcoder frames it: one data line of compact JSON.
+SSE_EVENT = re.compile(rb"data: (\{[^\n]*\})\n\n")
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def request(
+    address: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Reply:
+    """One HTTP/1.1 request; the whole body is read (a stream until it ends)."""
+    conn = http.client.HTTPConnection(*_split(address), timeout=timeout)
+    try:
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        hdrs = {"content-type": "application/json", **(headers or {})} if data is not None else dict(headers or {})
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        payload = resp.read()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload)
+    finally:
+        conn.close()
+
+
+def sse_events(body: bytes) -> list[dict[str, Any]]:
+    """The events of an SSE body; fails unless the body is exactly `data: {json}\\n\\n`*."""
+    events = []
+    pos = 0
+    for match in SSE_EVENT.finditer(body):
+        assert match.start() == pos, f"unexpected bytes in the SSE body at {pos}: {body[pos:match.start()]!r}"
+        events.append(json.loads(match.group(1)))
+        pos = match.end()
+    assert pos == len(body), f"trailing bytes in the SSE body: {body[pos:]!r}"
+    return events
+
+
+class OpenStream:
+    """A streaming request whose events are read one at a time; close() drops it."""
+
+    def __init__(self, address: str, path: str, body: Any, headers: dict[str, str] | None = None, timeout: float = 30.0) -> None:
+        self.conn = http.client.HTTPConnection(*_split(address), timeout=timeout)
+        self.conn.request("POST", path, body=json.dumps(body).encode(), headers={"content-type": "application/json", **(headers or {})})
+        self.resp = self.conn.getresponse()
+        self._buffer = b""
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        while True:
+            while b"\n\n" not in self._buffer:
+                piece = self.resp.read1(65536)
+                if not piece:
+                    return
+                self._buffer += piece
+            raw, self._buffer = self._buffer.split(b"\n\n", 1)
+            match = SSE_EVENT.fullmatch(raw + b"\n\n")
+            assert match, f"not an SSE data event: {raw!r}"
+            yield json.loads(match.group(1))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_host_health(envoy: ServiceProcess, proxy_address: str, healthy: bool, timeout: float = 20.0) -> None:
+    """Wait until Envoy's view of one proxy replica is `healthy`."""
+    wait_until(
+        lambda: host_health(envoy.ready["admin"]).get(proxy_address) is healthy,
+        timeout,
+        f"envoy to see {proxy_address} as {'healthy' if healthy else 'unhealthy'}",
+    )
+
+
+def access_logs(envoy: ServiceProcess, request_id: str | None = None) -> list[dict[str, Any]]:
+    return [e for e in envoy.log_events("access") if request_id is None or e.get("request_id") == request_id]
+
+
+def wait_access_log(envoy: ServiceProcess, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Envoy writes the access log line when the request ends; wait for it."""
+    return wait_until(lambda: next(iter(access_logs(envoy, request_id)), None), timeout, f"access log of {request_id}")
