@@ -77,6 +77,9 @@ def main() -> int:
             "google/rpc/error_details.proto",
         ]
     )
+    # The same set inside the generated package, so a wheel (the container image) ships
+    # it and `aiproxy envoy` finds it without a checkout (server/edge.py).
+    shutil.copyfile(DESCRIPTORS / "aiproxy.pb", ROOT / "ai" / "aiproxy.pb")
     print(f"gen_protos: {len(sources)} proto file(s) -> ai/, build/descriptors/aiproxy.pb")
     return 0
 

@@ -56,7 +56,18 @@ def _envoy_dir() -> pathlib.Path:
 ENVOY_DIR = _envoy_dir()
 TEMPLATE = ENVOY_DIR / "envoy.yaml.tmpl"
 PAGE = ENVOY_DIR / "page" / "index.html"
-DESCRIPTOR = ROOT / "build" / "descriptors" / "aiproxy.pb"
+def _descriptor() -> pathlib.Path:
+    """build/descriptors/ of the checkout, or the copy in the generated `ai` package
+    (what a wheel, e.g. the container image, has)."""
+    checkout = ROOT / "build" / "descriptors" / "aiproxy.pb"
+    if checkout.is_file():
+        return checkout
+    import ai
+
+    return pathlib.Path(ai.__file__).resolve().parent / "aiproxy.pb"
+
+
+DESCRIPTOR = _descriptor()
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_PROXY = "127.0.0.1:50051"
