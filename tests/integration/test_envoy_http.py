@@ -20,7 +20,7 @@ import pytest
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from agent.textgen import count_tokens
-from tests.conftest import agent_args, proxy_args
+from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import OpenStream, access_logs, request, sse_events, wait_access_log, wait_until
 from tests.support.grpc_helpers import SERVING, health_status, stub
 from tests.support.procs import ServiceProcess, aiproxy_argv
@@ -45,7 +45,7 @@ def stack() -> Iterator[dict[str, ServiceProcess]]:
         proxy = start(
             proxy_args(agent.address),
             "proxy",
-            env={"AIPROXY_BREAKER__ENABLED": "false", "AIPROXY_STREAM__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)},
+            env={**GENEROUS_LIMITS, "AIPROXY_BREAKER__ENABLED": "false", "AIPROXY_STREAM__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)},
         )
         envoy = start(
             ["envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1", "--log-flush-ms", "50",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import agent_args, proxy_args
+from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import request, sse_events, wait_access_log, wait_host_health, wait_until
 from tests.support.procs import ServiceProcess, aiproxy_argv
 
@@ -24,16 +24,16 @@ pytestmark = pytest.mark.envoy
 def replicas() -> Iterator[dict[str, ServiceProcess]]:
     started: list[ServiceProcess] = []
 
-    def start(argv: list[str], name: str) -> ServiceProcess:
-        proc = ServiceProcess(aiproxy_argv(*argv), name=name)
+    def start(argv: list[str], name: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        proc = ServiceProcess(aiproxy_argv(*argv), name=name, env=env)
         started.append(proc)
         return proc.start(timeout=60)
 
     try:
         agent_a = start(agent_args(), "agent-a")
         agent_b = start(agent_args(), "agent-b")
-        proxy_a = start(proxy_args(agent_a.address), "proxy-a")
-        proxy_b = start(proxy_args(agent_b.address), "proxy-b")
+        proxy_a = start(proxy_args(agent_a.address), "proxy-a", GENEROUS_LIMITS)
+        proxy_b = start(proxy_args(agent_b.address), "proxy-b", GENEROUS_LIMITS)
         envoy = start(
             ["envoy", "--listen", "127.0.0.1:0", "--proxy", proxy_a.address, "--proxy", proxy_b.address,
              "--concurrency", "1", "--log-flush-ms", "50", "--health-interval-s", "0.5"],
