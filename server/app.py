@@ -130,17 +130,28 @@ class ProxyServer:
         return self.port
 
     async def drain(self, grace_s: float | None = None) -> None:
-        """Graceful shutdown: NOT_SERVING, drain delay, stop accepting, grace, cancel."""
+        """Graceful shutdown: NOT_SERVING, drain delay, stop accepting, grace, cancel.
+
+        With a drain delay, calls keep being accepted while balancers notice the
+        NOT_SERVING. Without one, the listener stops accepting first, so nobody who has
+        seen NOT_SERVING can still get a new call in.
+        """
         grace = self.settings.server.grace_period_s if grace_s is None else grace_s
-        log_event(log, "proxy_draining", grace_s=grace, drain_delay_s=self.settings.server.drain_delay_s)
+        delay = self.settings.server.drain_delay_s
+        log_event(log, "proxy_draining", grace_s=grace, drain_delay_s=delay)
+        stopping: asyncio.Task[None] | None = None
+        if self._server is not None and not delay:
+            stopping = asyncio.create_task(self._server.stop(grace))
+            await asyncio.sleep(0)  # let stop() begin: new calls are refused from here
         await self.health.drain()
-        if self.settings.server.drain_delay_s:
-            await asyncio.sleep(self.settings.server.drain_delay_s)
+        if delay:
+            await asyncio.sleep(delay)
         if self._server is not None:
             # stop(grace) refuses new calls at once; the forwarded calls get the grace
             # period, but long-lived health Watch streams must not hold the exit, so
             # once the forwarded calls are done stop(0) cancels whatever is left.
-            stopping = asyncio.create_task(self._server.stop(grace))
+            if stopping is None:
+                stopping = asyncio.create_task(self._server.stop(grace))
             try:
                 await asyncio.wait_for(self.forwarder.wait_idle(), timeout=grace)
             except TimeoutError:
