@@ -45,6 +45,19 @@ STREAM_CHUNKS_MAX = 20  # the reference agent's answers are at least this many t
 
 # Load shapes. quick: about 2 minutes; full: at most about 15 minutes.
 MODES: dict[str, dict[str, Any]] = {
+    # A few seconds: the test suite's check that the harness works end to end.
+    "smoke": {
+        "unary_levels": [8],
+        "unary_duration_s": 1.0,
+        "unary_warmup_s": 0.0,
+        "latency_calls": 50,
+        "streams": [{"name": "smoke", "k": 20, "n": 5, "interval_ms": 10, "first_ms": 10, "duration_s": 0}],
+        "hold": [],
+        "hold_n": 2,
+        "workers_level": 8,
+        "workers_duration_s": 1.0,
+        "profile_s": 2,
+    },
     "quick": {
         "unary_levels": [16, 64],
         "unary_duration_s": 3.0,
@@ -725,6 +738,7 @@ def raise_nofile() -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="about 2 minutes instead of about 15")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, tiny loads (the test suite's check)")
     parser.add_argument("--only", default=",".join(ALL_SCENARIOS), help=f"comma-separated subset of {','.join(ALL_SCENARIOS)}")
     parser.add_argument("--out", default=str(RESULTS), help="results directory (default bench/results)")
     parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads for the plain-Envoy baseline (default 1, like one proxy process)")
@@ -747,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
-    bench = Bench("quick" if args.quick else "full", only, out, args.envoy_concurrency)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    bench = Bench(mode, only, out, args.envoy_concurrency)
     try:
         results = bench.run()
     finally:

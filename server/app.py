@@ -40,7 +40,9 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         # Let callers (Envoy, meshes) keep idle connections alive with pings.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-        ("grpc.so_reuseport", 0),
+        # Only `--workers N` shares the port; otherwise a second proxy on a taken port
+        # must fail instead of silently splitting the traffic.
+        ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
     ]
 
 

@@ -1,7 +1,7 @@
 """`aiproxy`: the one command line. Other tools and checks rely on these flags.
 
   aiproxy agent --listen HOST:PORT [--enable-faults]
-  aiproxy serve --listen HOST:PORT --upstream HOST:PORT [--upstream ...] [--config FILE]
+  aiproxy serve --listen HOST:PORT --upstream HOST:PORT [--upstream ...] [--config FILE] [--workers N]
   aiproxy check-config FILE
   aiproxy demo
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from server import logs
+from server import logs, workers
 from server.config import ConfigError, load_settings
 
 
@@ -27,6 +27,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides.setdefault("upstream", {})["endpoints"] = args.upstream
     if args.log_level:
         overrides.setdefault("log", {})["level"] = args.log_level
+    if getattr(args, "workers", None):
+        overrides.setdefault("server", {})["workers"] = args.workers
     return overrides
 
 
@@ -39,6 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"aiproxy: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log.level)
+    if settings.server.workers > 1 and not workers.is_worker():
+        return workers.supervise(settings, args)
     _run(run_proxy(settings))
     return 0
 
@@ -84,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", action="append", metavar="HOST:PORT", help="agent endpoint (repeatable)")
     serve.add_argument("--config", metavar="FILE", help="YAML configuration file")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--workers", type=int, metavar="N", help="N proxy processes sharing the port (SO_REUSEPORT; default 1)")
     serve.set_defaults(func=cmd_serve)
 
     agent = sub.add_parser("agent", help="run the reference AI agent service (the upstream)")

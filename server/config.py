@@ -55,6 +55,9 @@ class ServerSettings(_Section):
     max_concurrent_streams_per_connection: int = Field(default=10_000, ge=1)
     max_receive_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_send_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Processes serving the one port (SO_REUSEPORT; the kernel spreads connections), so a
+    # machine's cores are all used: `aiproxy serve --workers N`. 1: this process alone.
+    workers: int = Field(default=1, ge=1, le=64)
 
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
