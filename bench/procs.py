@@ -32,9 +32,12 @@ def tool(name: str) -> str | None:
     return shutil.which(name)
 
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
 def aiproxy_argv(*args: str) -> list[str]:
-    found = tool("aiproxy")
-    return [found, *args] if found else [sys.executable, "-m", "server.cli", *args]
+    """`aiproxy ARGS` from this checkout (children run with cwd=ROOT), whatever is installed."""
+    return [sys.executable, "-m", "server.cli", *args]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -83,7 +86,7 @@ class Proc:
 
     def start(self, timeout: float = 60.0, ready: Any = None) -> "Proc":
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self._env, start_new_session=True)
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self._env, cwd=ROOT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready is not None:

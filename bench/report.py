@@ -182,18 +182,33 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
         w("")
 
     prof = sc.get("profile")
-    if prof and prof.get("samples"):
-        w("## Where the proxy's CPU goes (py-spy, unary load at 64 in flight)\n")
-        w(f"{prof['samples']} samples of the proxy's Python threads (GIL holders and waiters). "
-          f"Flame graph: `{prof.get('speedscope', '')}` (open in https://www.speedscope.app).\n")
-        w("| inclusive: function (file) | share |")
-        w("|---|---|")
-        for row in prof["total"][:15]:
-            w(f"| `{row['function']}` | {row['share'] * 100:.1f} % |")
-        w("\n| self (innermost frame): function (file) | share |")
-        w("|---|---|")
-        for row in prof["self"][:12]:
-            w(f"| `{row['function']}` | {row['share'] * 100:.1f} % |")
+    if prof:
+        w("## Where the proxy's CPU goes (py-spy --native)\n")
+        w(f"{prof.get('note', '')} Buckets are shares of the busy samples of the proxy's event-loop thread "
+          "(the one that holds the GIL): *syscalls* = the innermost frame is a libc system call (gRPC writing/reading its "
+          "sockets, waking its poller), *from aiproxy code* when the innermost Python frame is ours; *aiproxy Python* = the "
+          "innermost Python frame is our server/ or interceptors/ code (with the C it calls directly); "
+          "*gRPC + asyncio* = the rest (grpc.aio's Cython and C core, grpc_interceptor, the event loop).\n")
+        w("| load | samples | idle | syscalls in gRPC | syscalls from aiproxy code | Python GC | aiproxy Python | gRPC + asyncio | flame graph |")
+        w("|---|---|---|---|---|---|---|---|---|")
+        for tag in ("unary", "streams"):
+            p = prof.get(tag)
+            if not p or not p.get("categories"):
+                continue
+            c = p["categories"]
+            b = c["share_of_busy_main_thread"]
+            w(f"| {tag} | {c['main_thread_samples']} | {_f(c['idle_share'] * 100 if c['idle_share'] is not None else None, '{:.0f} %')} | "
+              f"{b.get('syscalls_in_grpc', 0) * 100:.0f} % | {b.get('syscalls_under_aiproxy_code', 0) * 100:.0f} % | {b.get('python_gc', 0) * 100:.0f} % | "
+              f"{b.get('aiproxy_python', 0) * 100:.0f} % | {b.get('grpc_and_asyncio', 0) * 100:.0f} % | `{p.get('speedscope', '')}` |")
+        for tag in ("unary", "streams"):
+            p = prof.get(tag)
+            if not p or not p.get("self"):
+                continue
+            w(f"\nTop innermost frames, {tag} load (all threads):\n")
+            w("| function (file) | share |")
+            w("|---|---|")
+            for row in p["self"][:10]:
+                w(f"| `{row['function']}` | {row['share'] * 100:.1f} % |")
         w("")
 
     if png_name:

@@ -384,6 +384,13 @@ class Bench:
             if "".join(via_proxy) != "".join(expected):
                 raise RuntimeError("the proxy's answer differs from the agent's")
             row: dict[str, Any] = {"shape": shape}
+            # Warm both paths up (connections, first-call code paths) with a short load
+            # of 2-chunk streams; not recorded.
+            warm_req = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=2)).SerializeToString()
+            warm_expected = self.probe_stream(agent.address, warm_req)
+            warm_shape = {**shape, "name": f"{shape['name']}-warmup", "k": min(shape["k"], 200), "n": 2, "duration_s": 0}
+            for target in (agent.address, proxy.address):
+                self.stream_load("grpc", target, warm_shape, warm_expected, warm_req, watch=None)
             row["direct"] = self.stream_load("grpc", agent.address, shape, expected, request, watch=agent)
             _print_stream(shape, "direct", row["direct"])
             row["proxy"] = self.stream_load("grpc", proxy.address, shape, expected, request, watch=proxy)
@@ -391,9 +398,9 @@ class Bench:
             if with_sse:
                 edge = self.envoy_edge(proxy.address)
                 if edge is not None:
+                    self.stream_load("sse", edge.address, warm_shape, warm_expected, {"prompt": PROMPT, "options": {"maxTokens": 2}}, watch=None)
                     body = {"prompt": PROMPT, "options": {"maxTokens": n}}
                     row["sse"] = self.stream_load("sse", edge.address, shape, expected, body, watch=proxy)
-                    row["sse"]["envoy_cpu_s"] = None
                     _print_stream(shape, "sse", row["sse"])
             d, p = row["direct"], row["proxy"]
             row["proxy_over_direct_chunks"] = p["chunks_per_s"] / d["chunks_per_s"] if d["chunks_per_s"] else None
@@ -408,11 +415,13 @@ class Bench:
         """The Envoy edge from envoy/ (another part of the project), if it exists here."""
         if not self._edge_available():
             return None
-        return self._start("edge", aiproxy_argv("envoy", "--listen", "127.0.0.1:0", "--proxy", proxy_address))
+        extra = ["--concurrency", str(self.envoy_concurrency)] if "--concurrency" in self._edge_help else []
+        return self._start("edge", aiproxy_argv("envoy", "--listen", "127.0.0.1:0", "--proxy", proxy_address, *extra))
 
     def _edge_available(self) -> bool:
         if not hasattr(self, "_edge_ok"):
-            r = subprocess.run(aiproxy_argv("envoy", "--help"), capture_output=True, text=True, timeout=60)
+            r = subprocess.run(aiproxy_argv("envoy", "--help"), capture_output=True, text=True, timeout=60, cwd=ROOT)
+            self._edge_help = r.stdout
             self._edge_ok = r.returncode == 0 and (ROOT / "envoy").is_dir()
             if not self._edge_ok:
                 self.notes.append("SSE through Envoy's transcoder: not available in this checkout (no `aiproxy envoy` command / envoy/ config); skipped.")
@@ -437,7 +446,7 @@ class Bench:
     # -- workers ---------------------------------------------------------------------
 
     def scenario_workers(self) -> None:
-        help_text = subprocess.run(aiproxy_argv("serve", "--help"), capture_output=True, text=True, timeout=60).stdout
+        help_text = subprocess.run(aiproxy_argv("serve", "--help"), capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
         if "--workers" not in help_text:
             self.notes.append("--workers: `aiproxy serve --workers` not available; skipped.")
             return
@@ -473,34 +482,57 @@ class Bench:
     # -- profile ---------------------------------------------------------------------
 
     def scenario_profile(self) -> None:
+        """py-spy (with native frames, so time inside gRPC's C core and syscalls is
+        attributed) on the proxy under unary load, then under stream load."""
         spy = tool("py-spy")
         if spy is None:
-            self.notes.append("profile: py-spy not installed (pip install py-spy); skipped.")
+            self.notes.append("profile: py-spy not installed (pip install py-spy, or make bench-deps); skipped.")
             return
+        secs = self.cfg["profile_s"]
+        out: dict[str, Any] = {"seconds": secs, "note": "py-spy --native pauses the process to sample it: throughput while profiling is lower; shares are what count."}
+        # Unary: h2load at 64 in flight.
         agent = self.agent()
         proxy = self.proxy(agent.address)
-        secs = self.cfg["profile_s"]
-        raw = self.tmp / "profile.txt"
-        out_dir = self.out
-        speedscope = out_dir / f"{_stamp()}-proxy-unary.speedscope.json"
         try:
-            load = threading.Thread(target=self.h2load_run, args=(proxy.address, 64, secs + 3, 1.0, "profile"), daemon=True)
+            load = threading.Thread(target=self.h2load_run, args=(proxy.address, 64, secs + 3, 0.0, "profile"), daemon=True)
             load.start()
-            time.sleep(1.5)
-            for fmt, path in (("raw", raw),):
-                argv = [spy, "record", "--pid", str(proxy.pid), "--duration", str(secs), "--rate", "250", "--format", fmt, "--output", str(path), "--nonblocking"]
-                self.commands.append(" ".join(argv))
-                subprocess.run(argv, capture_output=True, timeout=secs + 60)
+            time.sleep(1.0)
+            out["unary"] = self._spy(spy, proxy, secs, "unary")
             load.join(timeout=secs + 90)
         finally:
             self.stop(proxy, agent)
+        # Streams: 200 streams of 20 chunks at 5 ms.
+        shape = {"name": "profile", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": secs + 3}
+        agent = self.agent(first_ms=shape["first_ms"], token_ms=shape["interval_ms"])
+        proxy = self.proxy(agent.address)
+        try:
+            from ai.agent.v1 import agent_service_pb2 as pb
+
+            request = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=shape["n"])).SerializeToString()
+            expected = self.probe_stream(agent.address, request)
+            load = threading.Thread(target=self.stream_load, args=("grpc", proxy.address, shape, expected, request, None), daemon=True)
+            load.start()
+            time.sleep(1.5)
+            out["streams"] = self._spy(spy, proxy, secs, "streams")
+            load.join(timeout=secs + 120)
+        finally:
+            self.stop(proxy, agent)
+        self.results["scenarios"]["profile"] = out
+
+    def _spy(self, spy: str, proxy: Proc, secs: float, tag: str) -> dict[str, Any]:
+        raw = self.tmp / f"profile-{tag}.txt"
+        argv = [spy, "record", "--pid", str(proxy.pid), "--duration", str(secs), "--rate", "200", "--native", "--format", "raw", "--output", str(raw)]
+        self.commands.append(" ".join(argv))
+        subprocess.run(argv, capture_output=True, timeout=secs + 60)
         summary = summarize_collapsed(raw)
+        summary["categories"] = categorize_collapsed(raw)
+        speedscope = self.out / f"{_stamp()}-proxy-{tag}.speedscope.json"
         try:
             _collapsed_to_speedscope(raw, speedscope)
             summary["speedscope"] = speedscope.name
         except OSError:
             pass
-        self.results["scenarios"]["profile"] = summary
+        return summary
 
     # -- the run ---------------------------------------------------------------------
 
@@ -619,6 +651,15 @@ def _stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
+def _frame_name(frame: str) -> str:
+    """'func (path/to/file.py:12)' -> 'func (file.py)'; native frames keep their library."""
+    name, sep, where = frame.partition(" (")
+    if not sep:
+        return frame
+    where = where.rstrip(")").split(":")[0].rsplit("/", 1)[-1]
+    return f"{name} ({where})"
+
+
 def summarize_collapsed(path: pathlib.Path, top: int = 20) -> dict[str, Any]:
     """py-spy's raw (collapsed) stacks -> the functions that take the samples.
 
@@ -635,7 +676,7 @@ def summarize_collapsed(path: pathlib.Path, top: int = 20) -> dict[str, Any]:
             continue
         n = int(count)
         samples += n
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")" if " (" in f else f for f in stack.split(";")]
+        frames = [_frame_name(f) for f in stack.split(";")]
         self_c[frames[-1]] = self_c.get(frames[-1], 0) + n
         for f in set(frames):
             total_c[f] = total_c.get(f, 0) + n
@@ -644,6 +685,57 @@ def summarize_collapsed(path: pathlib.Path, top: int = 20) -> dict[str, Any]:
         return [{"function": f, "samples": c, "share": c / samples} for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
 
     return {"samples": samples, "self": rank(self_c), "total": rank(total_c)}
+
+
+_SYSCALLS = ("sendmsg", "write", "writev", "recv", "recvmsg", "read", "syscall", "getpid", "sendto", "futex", "eventfd_write", "clock_gettime")
+_AIPROXY_FILES = ("server/", "interceptors/")
+
+
+def categorize_collapsed(path: pathlib.Path) -> dict[str, Any]:
+    """Where the proxy's event-loop thread spends its samples, in a few buckets.
+
+    idle: waiting in epoll; syscalls: the innermost frame is a libc system call (gRPC
+    writing and reading sockets, waking its poller), split by whether the innermost Python
+    frame is ours; gc: Python's cyclic garbage collector; aiproxy: the innermost Python
+    frame is our code (server/, interceptors/), including C it calls directly (protobuf);
+    grpc: everything else under the loop (gRPC's Cython/C core, grpc.aio, grpc_interceptor,
+    asyncio). Other threads (gRPC's poller) are counted separately."""
+    buckets = {"idle": 0, "syscalls_under_aiproxy_code": 0, "syscalls_in_grpc": 0, "python_gc": 0, "aiproxy_python": 0, "grpc_and_asyncio": 0}
+    other_threads = 0
+    main = 0
+    if not path.exists():
+        return {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        if any(f.startswith("Thread.run ") or f.startswith("Thread._bootstrap") for f in frames[:8]):
+            other_threads += n
+            continue
+        main += n
+        leaf = frames[-1].split(" (")[0]
+        # The innermost frame of Python source: whose code is running (or called the C below).
+        innermost_py = next((f for f in reversed(frames) if ".py:" in f), "")
+        ours = any(p in innermost_py for p in _AIPROXY_FILES) and "server/cli.py" not in innermost_py
+        if leaf in ("epoll_wait", "epoll_pwait", "select_epoll_poll_impl"):
+            buckets["idle"] += n
+        elif leaf in _SYSCALLS:
+            buckets["syscalls_under_aiproxy_code" if ours else "syscalls_in_grpc"] += n
+        elif leaf == "gc_collect_main" or any(f.startswith("gc_collect") for f in frames[-3:]):
+            buckets["python_gc"] += n
+        elif ours:
+            buckets["aiproxy_python"] += n
+        else:
+            buckets["grpc_and_asyncio"] += n
+    busy = main - buckets["idle"]
+    return {
+        "main_thread_samples": main,
+        "other_thread_samples": other_threads,
+        "share_of_busy_main_thread": {k: v / busy for k, v in buckets.items() if k != "idle"} if busy else {},
+        "idle_share": buckets["idle"] / main if main else None,
+    }
 
 
 def _collapsed_to_speedscope(raw: pathlib.Path, out: pathlib.Path) -> None:
