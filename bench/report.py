@@ -57,8 +57,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         if tp:
             h["chunks_per_s"] = tp[0]["proxy"]["chunks_per_s"]
             h["direct_chunks_per_s"] = tp[0]["direct"]["chunks_per_s"]
-        cpu = [r["proxy"].get("server_cpu_us_per_chunk") for r in rows if r["proxy"].get("server_cpu_us_per_chunk")]
-        h["cpu_us_per_chunk"] = min(cpu) if cpu else None
+        if tp:
+            h["cpu_us_per_chunk"] = tp[0]["proxy"].get("server_cpu_us_per_chunk")
         h["held_streams"] = streams.get("held_zero_loss")
         hold = [r for r in streams.get("hold", []) if r["proxy"]["zero_loss"]]
         if hold:
@@ -99,9 +99,9 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
         w(f"| added latency p50, sequential caller | {h['added_p50_us']:.0f} µs | Envoy adds {h['envoy_added_p50_us']:.0f} µs | < {TARGETS['added_p50_us']} µs | {_ok(h['added_p50_us'] < TARGETS['added_p50_us'])} |")
         w(f"| added latency p99, sequential caller | {h['added_p99_us']:.0f} µs | | < {TARGETS['added_p99_us']} µs | {_ok(h['added_p99_us'] < TARGETS['added_p99_us'])} |")
     if h.get("cpu_us_per_call") is not None:
-        w(f"| proxy CPU per unary call | {h['cpu_us_per_call']:.0f} µs | | < {TARGETS['cpu_us_per_call']} µs | {_ok(h['cpu_us_per_call'] < TARGETS['cpu_us_per_call'])} |")
+        w(f"| proxy CPU per unary call (best level) | {h['cpu_us_per_call']:.0f} µs | | < {TARGETS['cpu_us_per_call']} µs | {_ok(h['cpu_us_per_call'] < TARGETS['cpu_us_per_call'])} |")
     if h.get("cpu_us_per_chunk") is not None:
-        w(f"| proxy CPU per stream chunk (best scenario) | {h['cpu_us_per_chunk']:.0f} µs | | < {TARGETS['cpu_us_per_chunk']} µs | {_ok(h['cpu_us_per_chunk'] < TARGETS['cpu_us_per_chunk'])} |")
+        w(f"| proxy CPU per stream chunk (throughput scenario, stream set-up included) | {h['cpu_us_per_chunk']:.0f} µs | | < {TARGETS['cpu_us_per_chunk']} µs | {_ok(h['cpu_us_per_chunk'] < TARGETS['cpu_us_per_chunk'])} |")
     if h.get("chunks_per_s") is not None:
         w(f"| delivered chunks/s, one proxy process | {h['chunks_per_s']:.0f} | direct {h['direct_chunks_per_s']:.0f} | ≥ {TARGETS['chunks_per_s']} | {_ok(h['chunks_per_s'] >= TARGETS['chunks_per_s'])} |")
     if h.get("held_streams") is not None:
@@ -148,11 +148,12 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
         w("## Streams\n")
         w("`StreamGenerate`, every chunk checked by the stream generator (separate processes, raw bytes + upb parse): "
           "`seq` counts up without gaps, the deltas concatenate to exactly the agent's answer, a final chunk arrives, status OK. "
-          "*chunks/s*: upstream chunks whose content reached the caller, per second of the run. "
+          "*chunks/s*: upstream chunks whose content reached the caller, per second of the run. TTFC: time from a stream's start to its first chunk, as the caller sees it. "
+          "Scenarios with a `duration` keep K callers busy (each starts another stream when one ends), with starts spread over one stream's life, so arrivals are steady; the *hold* scenarios open K slow streams over the ramp and keep them all open. "
           "*server CPU/chunk* and *KiB/stream* are for the process the generators talk to (agent for direct, proxy otherwise): "
           "CPU time over the run / chunks delivered (stream set-up included); (peak RSS − RSS before) / peak open streams.\n")
-        w("| scenario | path | streams × chunks @ interval | calls ok | chunks/s | × direct | TTFC p50 | TTFC p99 | lost | seq errors | server CPU/chunk | KiB/stream | generator CPU/chunk | errors |")
-        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        w("| scenario | path | streams × chunks @ interval | calls ok | chunks/s | × direct | TTFC p50 | TTFC p99 | lost | seq errors | server CPU/chunk | server CPU/stream | KiB/stream | generator CPU/chunk | errors |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in streams.get("rows", []) + streams.get("hold", []):
             s = r["shape"]
             d = r["direct"]["chunks_per_s"] or 0
@@ -164,7 +165,7 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
                 kib = x.get("server_bytes_per_stream")
                 w(f"| {s['name']} | {path} | {s['k']} × {s['n']} @ {s['interval_ms']} ms | {x['ok']}/{x['calls']} | {x['chunks_per_s']:.0f} | {ratio:.2f}x | "
                   f"{_f(x['ttfc_p50_ms'], '{:.1f} ms')} | {_f(x['ttfc_p99_ms'], '{:.1f} ms')} | {x['lost_pieces']} | {x['seq_errors']} | "
-                  f"{_f(x.get('server_cpu_us_per_chunk'), '{:.0f} µs')} | {_f(None if kib is None else kib / 1024, '{:.1f}')} | {_f(x.get('client_cpu_us_per_chunk'), '{:.0f} µs')} | {x['errors'] or ''} |")
+                  f"{_f(x.get('server_cpu_us_per_chunk'), '{:.0f} µs')} | {_f(x.get('server_cpu_us_per_call'), '{:.0f} µs')} | {_f(None if kib is None else kib / 1024, '{:.1f}')} | {_f(x.get('client_cpu_us_per_chunk'), '{:.0f} µs')} | {x['errors'] or ''} |")
         w(f"\nHighest number of concurrent slow streams (1 chunk/s) held with zero loss in this run: **{streams.get('held_zero_loss')}**.\n")
         if not any("sse" in r for r in streams.get("rows", [])):
             w("SSE through Envoy's transcoder: not measured in this run (see notes).\n")

@@ -54,6 +54,7 @@ MODES: dict[str, dict[str, Any]] = {
         "streams": [{"name": "smoke", "k": 20, "n": 5, "interval_ms": 10, "first_ms": 10, "duration_s": 0}],
         "hold": [],
         "hold_n": 2,
+        "hold_ramp_s": 0.5,
         "workers_level": 8,
         "workers_duration_s": 1.0,
         "profile_s": 2,
@@ -67,10 +68,12 @@ MODES: dict[str, dict[str, Any]] = {
             # name, streams K, chunks N, token interval ms, first token ms, duration s (slots loop)
             {"name": "throughput", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 3},
             {"name": "k100", "k": 100, "n": 20, "interval_ms": 20, "first_ms": 50, "duration_s": 3},
-            {"name": "k1000", "k": 1000, "n": 10, "interval_ms": 100, "first_ms": 50, "duration_s": 0},
+            # Steady state: starts spread over one stream's life, then each caller goes again.
+            {"name": "k1000", "k": 1000, "n": 10, "interval_ms": 100, "first_ms": 50, "duration_s": 3, "ramp_s": 1.05},
         ],
         "hold": [2000],
         "hold_n": 4,
+        "hold_ramp_s": 2.0,
         "workers_level": 64,
         "workers_duration_s": 3.0,
         "profile_s": 5,
@@ -83,11 +86,14 @@ MODES: dict[str, dict[str, Any]] = {
         "streams": [
             {"name": "throughput", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 8},
             {"name": "k100", "k": 100, "n": 20, "interval_ms": 20, "first_ms": 50, "duration_s": 6},
-            {"name": "k1000", "k": 1000, "n": 20, "interval_ms": 100, "first_ms": 50, "duration_s": 0},
+            # Steady state: starts spread over one stream's life, then each caller goes again.
+            {"name": "k1000", "k": 1000, "n": 20, "interval_ms": 100, "first_ms": 50, "duration_s": 6, "ramp_s": 2.05},
         ],
-        # Slow streams (1 chunk/s): escalate until one fails or the list ends.
+        # Slow streams (1 chunk/s, 20 s each, opened over 10 s): escalate until one
+        # loses anything or the list ends.
         "hold": [5000, 10000, 15000],
-        "hold_n": 10,
+        "hold_n": 20,
+        "hold_ramp_s": 10.0,
         "workers_level": 128,
         "workers_duration_s": 6.0,
         "profile_s": 10,
@@ -326,7 +332,7 @@ class Bench:
         """Run K streams from G generator processes; sample `watch` (CPU, RSS) meanwhile."""
         k = shape["k"]
         gens = 1 if k < 1000 else 2
-        ramp_s = min(5.0, k / 2000)
+        ramp_s = shape.get("ramp_s", min(5.0, k / 2000))
         per_stream_s = (shape["first_ms"] + shape["n"] * shape["interval_ms"]) / 1000
         timeout_s = per_stream_s + ramp_s + 30
         hard_s = max(shape.get("duration_s", 0), per_stream_s) + ramp_s + timeout_s + 30
@@ -388,7 +394,7 @@ class Bench:
             # of 2-chunk streams; not recorded.
             warm_req = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=2)).SerializeToString()
             warm_expected = self.probe_stream(agent.address, warm_req)
-            warm_shape = {**shape, "name": f"{shape['name']}-warmup", "k": min(shape["k"], 200), "n": 2, "duration_s": 0}
+            warm_shape = {**shape, "name": f"{shape['name']}-warmup", "k": min(shape["k"], 200), "n": 2, "duration_s": 0, "ramp_s": 0.2}
             for target in (agent.address, proxy.address):
                 self.stream_load("grpc", target, warm_shape, warm_expected, warm_req, watch=None)
             row["direct"] = self.stream_load("grpc", agent.address, shape, expected, request, watch=agent)
@@ -433,7 +439,7 @@ class Bench:
             rows.append(self.stream_paths(shape, with_sse))
         hold_rows = []
         for k in self.cfg["hold"]:
-            shape = {"name": f"hold{k}", "k": k, "n": self.cfg["hold_n"], "interval_ms": 1000, "first_ms": 50, "duration_s": 0}
+            shape = {"name": f"hold{k}", "k": k, "n": self.cfg["hold_n"], "interval_ms": 1000, "first_ms": 50, "duration_s": 0, "ramp_s": self.cfg["hold_ramp_s"]}
             row = self.stream_paths(shape, with_sse)
             hold_rows.append(row)
             p = row["proxy"]
@@ -618,6 +624,7 @@ def _merge_stream_results(outs: list[dict[str, Any]], watched: dict[str, Any] | 
     m["messages_per_s"] = m["messages"] / window if window else 0.0
     m["ttfc_p50_ms"] = _p(ttfc, 50)
     m["ttfc_p99_ms"] = _p(ttfc, 99)
+    m["server_cpu_us_per_call"] = None
     m["client_cpu_us_per_chunk"] = m["client_cpu_s"] / m["pieces_delivered"] * 1e6 if m["pieces_delivered"] else None
     m["zero_loss"] = not (m["failed"] or m["lost_pieces"] or m["seq_errors"] or m["text_mismatch"] or m["no_final"])
     if watched is not None:
@@ -626,6 +633,7 @@ def _merge_stream_results(outs: list[dict[str, Any]], watched: dict[str, Any] | 
         m["server_bytes_per_stream"] = (watched["rss_peak"] - watched["rss_before"]) / max(1, m["open_peak"])
         m["server_cpu_s"] = watched["cpu_s"]
         m["server_cpu_us_per_chunk"] = watched["cpu_s"] / m["pieces_delivered"] * 1e6 if m["pieces_delivered"] else None
+        m["server_cpu_us_per_call"] = watched["cpu_s"] / m["calls"] * 1e6 if m["calls"] else None
     return m
 
 
