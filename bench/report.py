@@ -152,8 +152,8 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
           "Scenarios with a `duration` keep K callers busy (each starts another stream when one ends), with starts spread over one stream's life, so arrivals are steady; the *hold* scenarios open K slow streams over the ramp and keep them all open. "
           "*server CPU/chunk* and *KiB/stream* are for the process the generators talk to (agent for direct, proxy otherwise): "
           "CPU time over the run / chunks delivered (stream set-up included); (peak RSS − RSS before) / peak open streams.\n")
-        w("| scenario | path | streams × chunks @ interval | calls ok | chunks/s | × direct | TTFC p50 | TTFC p99 | lost | seq errors | server CPU/chunk | server CPU/stream | KiB/stream | generator CPU/chunk | errors |")
-        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        w("| scenario | path | streams × chunks @ interval | calls ok | chunks/s | messages/s | × direct | TTFC p50 | TTFC p99 | lost | seq errors | server CPU/chunk | server CPU/stream | KiB/stream | generator CPU/chunk | errors |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in streams.get("rows", []) + streams.get("hold", []):
             s = r["shape"]
             d = r["direct"]["chunks_per_s"] or 0
@@ -163,7 +163,7 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
                 x = r[path]
                 ratio = x["chunks_per_s"] / d if d else 0
                 kib = x.get("server_bytes_per_stream")
-                w(f"| {s['name']} | {path} | {s['k']} × {s['n']} @ {s['interval_ms']} ms | {x['ok']}/{x['calls']} | {x['chunks_per_s']:.0f} | {ratio:.2f}x | "
+                w(f"| {s['name']} | {path} | {s['k']} × {s['n']} @ {s['interval_ms']} ms | {x['ok']}/{x['calls']} | {x['chunks_per_s']:.0f} | {x['messages_per_s']:.0f} | {ratio:.2f}x | "
                   f"{_f(x['ttfc_p50_ms'], '{:.1f} ms')} | {_f(x['ttfc_p99_ms'], '{:.1f} ms')} | {x['lost_pieces']} | {x['seq_errors']} | "
                   f"{_f(x.get('server_cpu_us_per_chunk'), '{:.0f} µs')} | {_f(x.get('server_cpu_us_per_call'), '{:.0f} µs')} | {_f(None if kib is None else kib / 1024, '{:.1f}')} | {_f(x.get('client_cpu_us_per_chunk'), '{:.0f} µs')} | {x['errors'] or ''} |")
         w(f"\nHighest number of concurrent slow streams (1 chunk/s) held with zero loss in this run: **{streams.get('held_zero_loss')}**.\n")

@@ -67,6 +67,7 @@ MODES: dict[str, dict[str, Any]] = {
         "streams": [
             # name, streams K, chunks N, token interval ms, first token ms, duration s (slots loop)
             {"name": "throughput", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 3},
+            {"name": "coalesce20ms", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 3, "proxy_env": {"AIPROXY_STREAM__COALESCE_WINDOW_MS": "20"}},
             {"name": "k100", "k": 100, "n": 20, "interval_ms": 20, "first_ms": 50, "duration_s": 3},
             # Steady state: starts spread over one stream's life, then each caller goes again.
             {"name": "k1000", "k": 1000, "n": 10, "interval_ms": 100, "first_ms": 50, "duration_s": 3, "ramp_s": 1.05},
@@ -85,6 +86,8 @@ MODES: dict[str, dict[str, Any]] = {
         "latency_calls": 2000,
         "streams": [
             {"name": "throughput", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 8},
+            # The same, with the proxy's opt-in coalescing window: fewer, larger messages.
+            {"name": "coalesce20ms", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 8, "proxy_env": {"AIPROXY_STREAM__COALESCE_WINDOW_MS": "20"}},
             {"name": "k100", "k": 100, "n": 20, "interval_ms": 20, "first_ms": 50, "duration_s": 6},
             # Steady state: starts spread over one stream's life, then each caller goes again.
             {"name": "k1000", "k": 1000, "n": 20, "interval_ms": 100, "first_ms": 50, "duration_s": 6, "ramp_s": 2.05},
@@ -132,9 +135,12 @@ class Bench:
             ),
         )
 
-    def proxy(self, upstream: str, *extra: str) -> Proc:
+    def proxy(self, upstream: str, *extra: str, env: dict[str, str] | None = None) -> Proc:
         # Default configuration and default log level: the proxy users run.
-        return self._start("proxy", aiproxy_argv("serve", "--listen", "127.0.0.1:0", "--upstream", upstream, *extra))
+        argv = aiproxy_argv("serve", "--listen", "127.0.0.1:0", "--upstream", upstream, *extra)
+        if env:
+            self.commands.append(" ".join(f"{k}={v}" for k, v in env.items()) + " \\")
+        return self._start("proxy", argv, env=env)
 
     def envoy_plain(self, upstreams: list[str], lb: str = "ROUND_ROBIN") -> Proc:
         template = (ROOT / "bench" / "envoy_grpc.yaml").read_text()
@@ -379,7 +385,7 @@ class Bench:
 
         n = shape["n"]
         agent = self.agent(first_ms=shape["first_ms"], token_ms=shape["interval_ms"])
-        proxy = self.proxy(agent.address)
+        proxy = self.proxy(agent.address, env=shape.get("proxy_env"))
         edge = None
         try:
             request = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=n)).SerializeToString()

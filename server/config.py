@@ -101,6 +101,10 @@ class StreamSettings(_Section):
     idle_timeout_s: float = Field(default=60.0, gt=0)
     # Merge chunks that queued up behind a slow caller into one (never delays a chunk).
     coalesce: bool = True
+    # Opt-in: at most one push per this many ms after the first chunk (the source
+    # documents' 50 ms); deltas arriving meanwhile go out merged. Fewer, larger messages
+    # are what a Python proxy's CPU is spent on (bench/REPORT.md). 0 = off.
+    coalesce_window_ms: float = Field(default=0.0, ge=0, le=1000)
 
 
 class DeadlineSettings(_Section):
