@@ -340,7 +340,7 @@ class Bench:
         gens = 1 if k < 1000 else 2
         ramp_s = shape.get("ramp_s", min(5.0, k / 2000))
         per_stream_s = (shape["first_ms"] + shape["n"] * shape["interval_ms"]) / 1000
-        timeout_s = per_stream_s + ramp_s + 30
+        timeout_s = per_stream_s + ramp_s + 60
         hard_s = max(shape.get("duration_s", 0), per_stream_s) + ramp_s + timeout_s + 30
         procs = []
         for g in range(gens):
