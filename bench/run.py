@@ -100,6 +100,7 @@ MODES: dict[str, dict[str, Any]] = {
         "workers_level": 128,
         "workers_duration_s": 6.0,
         "profile_s": 10,
+        "profile_hold_k": 3000,
     },
 }
 
@@ -529,6 +530,23 @@ class Bench:
             load.join(timeout=secs + 120)
         finally:
             self.stop(proxy, agent)
+        # Many open slow streams: where the collector shows up (a big live heap).
+        k = self.cfg.get("profile_hold_k")
+        if k:
+            shape = {"name": "profile-hold", "k": k, "n": 20, "interval_ms": 1000, "first_ms": 50, "duration_s": 0, "ramp_s": 5.0}
+            agent = self.agent(first_ms=shape["first_ms"], token_ms=shape["interval_ms"])
+            proxy = self.proxy(agent.address)
+            try:
+                request = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=shape["n"])).SerializeToString()
+                expected = self.probe_stream(agent.address, request)
+                load = threading.Thread(target=self.stream_load, args=("grpc", proxy.address, shape, expected, request, None), daemon=True)
+                load.start()
+                time.sleep(7.0)
+                out["hold"] = self._spy(spy, proxy, secs, "hold")
+                out["hold"]["open_streams"] = k
+                load.join(timeout=120)
+            finally:
+                self.stop(proxy, agent)
         self.results["scenarios"]["profile"] = out
 
     def _spy(self, spy: str, proxy: Proc, secs: float, tag: str) -> dict[str, Any]:
