@@ -77,6 +77,17 @@ def _wait_ready(proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any
     raise TimeoutError(f"worker {proc.pid} not ready after {READY_TIMEOUT_S:g}s")
 
 
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGTERM if the supervisor dies (even by SIGKILL), so
+    workers never outlive it. Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _drain_stdout(proc: subprocess.Popen[bytes]) -> None:
     assert proc.stdout is not None
     for _ in proc.stdout:  # keep the pipe from filling; workers print only the ready line
@@ -105,7 +116,7 @@ def supervise(settings: Settings, args: argparse.Namespace) -> int:
         deadline = time.monotonic() + READY_TIMEOUT_S
         for index in range(n):
             env = {**os.environ, WORKER_ENV: str(index)}
-            procs.append(subprocess.Popen(_worker_argv(args, listen), stdout=subprocess.PIPE, env=env))
+            procs.append(subprocess.Popen(_worker_argv(args, listen), stdout=subprocess.PIPE, env=env, preexec_fn=_die_with_parent))
         for proc in procs:
             _wait_ready(proc, deadline)
             threading.Thread(target=_drain_stdout, args=(proc,), daemon=True).start()
