@@ -157,6 +157,11 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
     w(f"Versions: Python {v.get('python')}, grpcio {v.get('grpcio')}, protobuf {v.get('protobuf')}, "
       f"Envoy {v.get('envoy')}, {v.get('h2load')}, event loop {v.get('event_loop')}, commit {v.get('git_commit')}. "
       f"Run took {results.get('duration_s')} s. Raw figures: `{json_name}`.\n")
+    if results.get("proxy_env"):
+        w("The proxy runs its default configuration and interceptor chain, except: "
+          + ", ".join(f"`{k}={v}`" for k, v in results["proxy_env"].items())
+          + " (admission limits far above the benchmark's load, which all comes from one caller; the limits still run on every call; "
+          "the metrics listener on a free port).\n")
     w("Reproduce: `make bench` (full, ≤ 15 min) or `make bench-quick` (~2 min); "
       "`python -m bench.run --help` for the options. Needs `h2load` (`apt-get install -y nghttp2-client`).\n")
 

@@ -104,6 +104,20 @@ MODES: dict[str, dict[str, Any]] = {
     },
 }
 
+# The proxy runs its default configuration and interceptor chain, with two exceptions so
+# that it can be measured at all: admission limits are raised far above the benchmark's
+# load (every benchmark call comes from one caller, 127.0.0.1, and the defaults of 100
+# calls/s and 100 streams per caller would reject most of it; the limits interceptor still
+# runs on every call), and the metrics listener takes a free port (several proxies run at
+# once). Unknown sections are ignored by older checkouts, so this works on any version.
+PROXY_ENV = {
+    "AIPROXY_LIMITS__RATE_PER_S": "1000000",
+    "AIPROXY_LIMITS__BURST": "1000000",
+    "AIPROXY_LIMITS__MAX_STREAMS_PER_CALLER": "1000000",
+    "AIPROXY_LIMITS__MAX_CONCURRENT_CALLS": "1000000",
+    "AIPROXY_METRICS__LISTEN": "127.0.0.1:0",
+}
+
 ALL_SCENARIOS = ("unary", "latency", "streams", "sse", "workers", "profile")
 
 
@@ -141,7 +155,7 @@ class Bench:
         argv = aiproxy_argv("serve", "--listen", "127.0.0.1:0", "--upstream", upstream, *extra)
         if env:
             self.commands.append(" ".join(f"{k}={v}" for k, v in env.items()) + " \\")
-        return self._start("proxy", argv, env=env)
+        return self._start("proxy", argv, env={**PROXY_ENV, **(env or {})})
 
     def envoy_plain(self, upstreams: list[str], lb: str = "ROUND_ROBIN") -> Proc:
         template = (ROOT / "bench" / "envoy_grpc.yaml").read_text()
@@ -570,6 +584,7 @@ class Bench:
         started = time.monotonic()
         self.results["machine"] = machine()
         self.results["versions"] = versions()
+        self.results["proxy_env"] = PROXY_ENV
         self.results["started"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         steps = [
             ("unary", self.scenario_unary),
