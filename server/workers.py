@@ -49,17 +49,42 @@ def _reserve_port(host: str) -> tuple[socket.socket, int]:
     return sock, int(sock.getsockname()[1])
 
 
-def _worker_argv(args: argparse.Namespace, listen: str) -> list[str]:
-    argv = [sys.executable, "-m", "server.cli", "serve", "--listen", listen]
-    for upstream in args.upstream or ():
-        argv += ["--upstream", upstream]
-    if args.config:
-        argv += ["--config", args.config]
-    if args.log_level:
-        argv += ["--log-level", args.log_level]
-    if args.workers:
-        argv += ["--workers", str(args.workers)]  # so each worker sets SO_REUSEPORT
-    return argv
+def _replace_flag(argv: list[str], flag: str, value: str | None) -> list[str]:
+    """argv without `flag VALUE` / `flag=VALUE`, plus `flag value` when value is given."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == flag:
+            skip = True
+            continue
+        if arg.startswith(flag + "="):
+            continue
+        out.append(arg)
+    return out + ([flag, value] if value is not None else [])
+
+
+def _worker_argv(listen: str, argv: list[str] | None = None) -> list[str]:
+    """The supervisor's own command line (every flag, so TLS, config and the rest carry
+    over), with the reserved HOST:PORT as --listen."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return [sys.executable, "-m", "server.cli", *_replace_flag(args, "--listen", listen)]
+
+
+def _worker_env(settings: Settings, index: int) -> dict[str, str]:
+    env = {**os.environ, WORKER_ENV: str(index)}
+    # A per-process HTTP listener (Prometheus /metrics) cannot share a port: worker i
+    # gets PORT+i (port 0 stays 0). Scrape each worker, or use port 0 and the ready lines.
+    metrics = getattr(settings, "metrics", None)
+    listen = getattr(metrics, "listen", None)
+    if isinstance(listen, str):
+        host, port = parse_hostport(listen)
+        if port:
+            host = f"[{host}]" if ":" in host else host
+            env["AIPROXY_METRICS__LISTEN"] = f"{host}:{port + index}"
+    return env
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]:
@@ -114,9 +139,13 @@ def supervise(settings: Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop_all)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
+        argv = _worker_argv(listen)
+        if getattr(settings, "metrics", None) is not None:
+            argv = _replace_flag(argv, "--metrics-listen", None)  # per worker, via the environment
         for index in range(n):
-            env = {**os.environ, WORKER_ENV: str(index)}
-            procs.append(subprocess.Popen(_worker_argv(args, listen), stdout=subprocess.PIPE, env=env, preexec_fn=_die_with_parent))
+            procs.append(
+                subprocess.Popen(argv, stdout=subprocess.PIPE, env=_worker_env(settings, index), preexec_fn=_die_with_parent)
+            )
         for proc in procs:
             _wait_ready(proc, deadline)
             threading.Thread(target=_drain_stdout, args=(proc,), daemon=True).start()
