@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 BUF    := build/tools/node_modules/.bin/buf
 
-.PHONY: demo test lint gen install system-deps clean
+.PHONY: demo test lint gen install system-deps clean bench bench-quick bench-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,12 +35,28 @@ system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing chromium (Debian) for the browser test"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v h2load >/dev/null 2>&1 || { \
+	  echo "installing h2load (Debian nghttp2-client) for the benchmark smoke test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; }
 
 demo: gen
 	$(BIN)/aiproxy demo
 
 test: lint system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (bench/): direct vs proxy vs Envoy; writes bench/results/. Needs h2load.
+bench-deps: gen
+	$(BIN)/pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=compat
+	@command -v h2load >/dev/null 2>&1 || { \
+	  echo "installing h2load (Debian nghttp2-client) for the benchmarks"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; }
+
+bench: bench-deps
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: bench-deps
+	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build ai

