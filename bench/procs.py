@@ -11,13 +11,14 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
+
+from tests.support.procs import stop_child  # one stop-by-PID path for tests and benchmarks
 
 BIN = pathlib.Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -159,16 +160,7 @@ class Proc:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM to our own child's PID, SIGKILL if it lingers."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return self.proc.returncode
+        return None if self.proc is None else stop_child(self.proc, timeout)
 
 
 class Procs:

@@ -102,20 +102,23 @@ class ServiceProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit in time. Only our own child."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return self.proc.returncode
+        return None if self.proc is None else stop_child(self.proc, timeout)
 
     def cleanup(self) -> None:
         self.stop()
         self._dir.cleanup()
+
+
+def stop_child(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM to our own child, SIGKILL if it has not exited after `timeout`; its code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    return proc.returncode
 
 
 def _json_lines(path: pathlib.Path) -> list[dict[str, Any]]:
