@@ -242,7 +242,8 @@ def flaky_and_healthy(spawn):
     healthy = spawn("agent", "--listen", "127.0.0.1:0", "--token-delay-ms", "1", name="healthy")
     proxy = spawn(
         *proxy_args(flaky.address, healthy.address),
-        env=env(breaker__enabled="false", retry__initial_backoff_s=0.001),
+        # No coalescing: these tests count chunks, and under load queued chunks merge.
+        env=env(breaker__enabled="false", retry__initial_backoff_s=0.001, stream__coalesce="false"),
         name="proxy",
     )
     return flaky, healthy, proxy
@@ -479,7 +480,12 @@ UPSTREAM_FAILURES = {
 
 @pytest.fixture
 def single_attempt_proxy(spawn, agent):
-    return spawn(*proxy_args(agent.address), env=env(retry__max_attempts=1, breaker__enabled="false"), name="proxy")
+    # No coalescing: the test counts chunks, and under load queued chunks merge.
+    return spawn(
+        *proxy_args(agent.address),
+        env=env(retry__max_attempts=1, breaker__enabled="false", stream__coalesce="false"),
+        name="proxy",
+    )
 
 
 @pytest.mark.parametrize("upstream_code", sorted(UPSTREAM_FAILURES))
