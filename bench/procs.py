@@ -7,7 +7,6 @@ stopped by name.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
@@ -18,11 +17,12 @@ import tempfile
 import time
 from typing import Any
 
-from tests.support.procs import stop_child  # one stop-by-PID path for tests and benchmarks
+# Shared with the tests through devtools/: one stop-by-PID path, one /proc reader.
+from devtools.procs import cpu_seconds, json_lines, rss_bytes, stop_child
+
+__all__ = ["Proc", "Procs", "aiproxy_argv", "cpu_seconds", "free_port", "rss_bytes", "tool"]
 
 BIN = pathlib.Path(sys.executable).parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def tool(name: str) -> str | None:
@@ -39,22 +39,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def aiproxy_argv(*args: str) -> list[str]:
     """`aiproxy ARGS` from this checkout (children run with cwd=ROOT), whatever is installed."""
     return [sys.executable, "-m", "server.cli", *args]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, from /proc/PID/stat (fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size (VmRSS) from /proc/PID/status."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -107,15 +91,7 @@ class Proc:
         raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.stderr_tail()}")
 
     def stdout_lines(self) -> list[dict[str, Any]]:
-        out = []
-        if self.stdout_path.exists():
-            for raw in self.stdout_path.read_text(errors="replace").splitlines():
-                if raw.startswith("{"):
-                    try:
-                        out.append(json.loads(raw))
-                    except json.JSONDecodeError:
-                        pass
-        return out
+        return json_lines(self.stdout_path)
 
     def stderr_tail(self, n: int = 3000) -> str:
         return self.stderr_path.read_text(errors="replace")[-n:] if self.stderr_path.exists() else ""

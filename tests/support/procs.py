@@ -11,12 +11,14 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
+
+# One stop-by-PID path, shared with bench/ through devtools/ (neither imports the other).
+from devtools.procs import stop_child
 
 _BIN = pathlib.Path(sys.executable).parent
 
@@ -107,18 +109,6 @@ class ServiceProcess:
     def cleanup(self) -> None:
         self.stop()
         self._dir.cleanup()
-
-
-def stop_child(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM to our own child, SIGKILL if it has not exited after `timeout`; its code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    return proc.returncode
 
 
 def _json_lines(path: pathlib.Path) -> list[dict[str, Any]]:
