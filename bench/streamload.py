@@ -13,7 +13,9 @@ it; the proxy may merge queued deltas, which does not), that a final chunk came,
 the call ended OK. gRPC mode reads raw bytes and parses only the chunk (upb, C), so the
 generator spends as little CPU as it can; its own CPU time is reported.
 
-Prints one JSON line with the aggregate and the per-stream time to first chunk.
+Prints one JSON line with the aggregate, the per-stream time to first chunk, and a
+histogram of the interval between one content chunk and the next of the same stream (what
+a caller sees of coalescing: bucket = tenths of a millisecond).
 """
 
 from __future__ import annotations
@@ -42,10 +44,15 @@ class Tally:
         self.text_mismatch = 0
         self.no_final = 0
         self.ttfc_s: list[float] = []
+        self.interval_hist: dict[int, int] = {}  # 0.1 ms bucket -> count
         self.open_now = 0
         self.open_peak = 0
         self.first_start: float | None = None
         self.last_end = 0.0
+
+    def interval(self, seconds: float) -> None:
+        bucket = int(seconds * 10_000)
+        self.interval_hist[bucket] = self.interval_hist.get(bucket, 0) + 1
 
     def error(self, what: str) -> None:
         self.failed += 1
@@ -92,11 +99,13 @@ async def grpc_stream(channel: Any, spec: dict[str, Any], tally: Tally, chunk_cl
     seq_ok = True
     final = False
     first = True
+    last_content = 0.0
     try:
         async for raw in call:
             msg = chunk_cls.FromString(raw)
+            now = time.monotonic()
             if first:
-                tally.ttfc_s.append(time.monotonic() - t0)
+                tally.ttfc_s.append(now - t0)
                 first = False
             tally.messages += 1
             if msg.seq != expect_seq:
@@ -105,6 +114,9 @@ async def grpc_stream(channel: Any, spec: dict[str, Any], tally: Tally, chunk_cl
             if msg.heartbeat:
                 tally.heartbeats += 1
                 continue
+            if last_content:
+                tally.interval(now - last_content)
+            last_content = now
             if msg.HasField("error"):
                 tally.error(f"in-band error {msg.error.code}")
                 tally.settle("".join(parts), seq_ok, final)
@@ -143,6 +155,7 @@ async def sse_stream(spec: dict[str, Any], tally: Tally) -> None:
     seq_ok = True
     final = False
     first = True
+    last_content = 0.0
     writer = None
     try:
         async with asyncio.timeout(spec["timeout_s"]):
@@ -176,8 +189,9 @@ async def sse_stream(spec: dict[str, Any], tally: Tally) -> None:
                         if not line.startswith(b"data:"):
                             continue
                         msg = json.loads(line[5:])
+                        now = time.monotonic()
                         if first:
-                            tally.ttfc_s.append(time.monotonic() - t0)
+                            tally.ttfc_s.append(now - t0)
                             first = False
                         tally.messages += 1
                         seq = int(msg.get("seq", 0))
@@ -187,6 +201,9 @@ async def sse_stream(spec: dict[str, Any], tally: Tally) -> None:
                         if msg.get("heartbeat"):
                             tally.heartbeats += 1
                             continue
+                        if last_content:
+                            tally.interval(now - last_content)
+                        last_content = now
                         if msg.get("error"):
                             tally.error(f"in-band error {msg['error'].get('code')}")
                             tally.settle("".join(parts), seq_ok, final)
@@ -305,6 +322,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         "wall_s": wall,
         "client_cpu_s": cpu,
         "ttfc_s": tally.ttfc_s,
+        "interval_hist": tally.interval_hist,
     }
 
 
