@@ -243,15 +243,16 @@ def analysis(results: dict[str, Any], h: dict[str, Any]) -> str:
     prof = sc.get("profile", {})
     lines = ["## What bounds these figures\n"]
     buckets = []
-    for tag in ("unary", "streams", "hold"):
+    for tag in ("unary", "bare_unary", "streams", "hold"):
         c = (prof.get(tag) or {}).get("categories") or {}
         b = c.get("share_of_busy_main_thread")
         if b:
             sysc = b.get("syscalls_in_grpc", 0) + b.get("syscalls_under_aiproxy_code", 0)
+            whose = "the bare hop's" if tag.startswith("bare_") else "aiproxy's"
             buckets.append(
-                f"{tag}: {sysc * 100:.0f} % in system calls (socket writes and reads, poller wake-ups), "
+                f"{tag.replace('bare_', 'bare hop, ')}: {sysc * 100:.0f} % in system calls (socket writes and reads, poller wake-ups), "
                 f"{b.get('grpc_and_asyncio', 0) * 100:.0f} % in gRPC's Cython/C core and the event loop, "
-                f"{b.get('python_gc', 0) * 100:.0f} % in Python's GC, and only {b.get('aiproxy_python', 0) * 100:.0f} % in aiproxy's own Python"
+                f"{b.get('python_gc', 0) * 100:.0f} % in Python's GC, {b.get('aiproxy_python', 0) * 100:.0f} % in {whose} own Python"
             )
     floor = []
     if h.get("unary_cpu_over_bare") is not None:
@@ -439,25 +440,27 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
         w(f"{prof.get('note', '')} Buckets are shares of the busy samples of the proxy's event-loop thread "
           "(the one that holds the GIL): *syscalls* = the innermost frame is a libc system call (gRPC writing/reading its "
           "sockets, waking its poller), *from aiproxy code* when the innermost Python frame is ours; *aiproxy Python* = the "
-          "innermost Python frame is our server/ or interceptors/ code (with the C it calls directly); "
+          "innermost Python frame is our core/, server/ or interceptors/ code, or bench/barehop.py in the bare hop's row (with the C it calls directly); "
           "*gRPC + asyncio* = the rest (grpc.aio's Cython and C core, grpc_interceptor, the event loop).\n")
         w("| load | samples | idle | syscalls in gRPC | syscalls from aiproxy code | Python GC | aiproxy Python | gRPC + asyncio | flame graph |")
         w("|---|---|---|---|---|---|---|---|---|")
-        for tag in ("unary", "streams", "hold"):
+        for tag in ("unary", "bare_unary", "streams", "hold"):
             p = prof.get(tag)
             if not p or not p.get("categories"):
                 continue
             c = p["categories"]
             b = c["share_of_busy_main_thread"]
-            label = {"unary": "unary, 64 in flight", "streams": "200 streams × 20 chunks @ 5 ms", "hold": f"{p.get('open_streams')} open streams @ 1 chunk/s"}[tag]
+            if not b:
+                continue
+            label = {"unary": "aiproxy: unary, 64 in flight", "bare_unary": "bare hop: unary, 64 in flight", "streams": "aiproxy: 200 streams × 20 chunks @ 5 ms", "hold": f"aiproxy: {p.get('open_streams')} open streams @ 1 chunk/s"}[tag]
             w(f"| {label} | {c['main_thread_samples']} | {_f(c['idle_share'] * 100 if c['idle_share'] is not None else None, '{:.0f} %')} | "
               f"{b.get('syscalls_in_grpc', 0) * 100:.0f} % | {b.get('syscalls_under_aiproxy_code', 0) * 100:.0f} % | {b.get('python_gc', 0) * 100:.0f} % | "
               f"{b.get('aiproxy_python', 0) * 100:.0f} % | {b.get('grpc_and_asyncio', 0) * 100:.0f} % | `{p.get('speedscope', '')}` |")
-        for tag in ("unary", "streams"):
+        for tag in ("unary", "bare_unary", "streams"):
             p = prof.get(tag)
             if not p or not p.get("self"):
                 continue
-            w(f"\nTop innermost frames, {tag} load (all threads):\n")
+            w(f"\nTop innermost frames, {tag.replace('bare_', 'bare hop, ')} load (all threads):\n")
             w("| function (file) | share |")
             w("|---|---|")
             for row in p["self"][:10]:

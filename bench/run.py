@@ -588,17 +588,20 @@ class Bench:
             return
         secs = self.cfg["profile_s"]
         out: dict[str, Any] = {"seconds": secs, "note": "py-spy --native pauses the process to sample it: throughput while profiling is lower; shares are what count."}
-        # Unary: h2load at 64 in flight.
+        # Unary: h2load at 64 in flight, through aiproxy and then through the bare hop: the
+        # difference between the two profiles is where aiproxy's own work sits.
         agent = self.agent()
         proxy = self.proxy(agent.address)
+        bare = self.barehop(agent.address)
         try:
-            load = threading.Thread(target=self.h2load_run, args=(proxy.address, 64, secs + 3, 0.0, "profile"), daemon=True)
-            load.start()
-            time.sleep(1.0)
-            out["unary"] = self._spy(spy, proxy, secs, "unary")
-            load.join(timeout=secs + 90)
+            for tag, proc in (("unary", proxy), ("bare_unary", bare)):
+                load = threading.Thread(target=self.h2load_run, args=(proc.address, 64, secs + 3, 0.0, f"profile-{tag}"), daemon=True)
+                load.start()
+                time.sleep(1.0)
+                out[tag] = self._spy(spy, proc, secs, tag)
+                load.join(timeout=secs + 90)
         finally:
-            self.stop(proxy, agent)
+            self.stop(bare, proxy, agent)
         # Streams: 200 streams of 20 chunks at 5 ms.
         shape = {"name": "profile", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": secs + 3}
         agent = self.agent(first_ms=shape["first_ms"], token_ms=shape["interval_ms"])
@@ -641,7 +644,7 @@ class Bench:
         subprocess.run(argv, capture_output=True, timeout=secs + 60)
         summary = summarize_collapsed(raw)
         summary["categories"] = categorize_collapsed(raw)
-        speedscope = self.out / f"{_stamp()}-proxy-{tag}.speedscope.json"
+        speedscope = self.out / f"{_stamp()}-{'barehop-' + tag.removeprefix('bare_') if tag.startswith('bare_') else 'proxy-' + tag}.speedscope.json"
         try:
             _collapsed_to_speedscope(raw, speedscope)
             summary["speedscope"] = speedscope.name
@@ -851,7 +854,8 @@ def summarize_collapsed(path: pathlib.Path, top: int = 20) -> dict[str, Any]:
 
 
 _SYSCALLS = ("sendmsg", "write", "writev", "recv", "recvmsg", "read", "syscall", "getpid", "sendto", "futex", "eventfd_write", "clock_gettime")
-_AIPROXY_FILES = ("server/", "interceptors/")
+# Our own Python: aiproxy's layers, and the bare hop's one file when it is the one profiled.
+_AIPROXY_FILES = ("core/", "server/", "interceptors/", "bench/barehop.py")
 
 
 def categorize_collapsed(path: pathlib.Path) -> dict[str, Any]:
@@ -992,7 +996,7 @@ def raise_nofile() -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="about 2 minutes instead of about 15")
+    parser.add_argument("--quick", action="store_true", help="about 3 minutes instead of about 20")
     parser.add_argument("--smoke", action="store_true", help="a few seconds, tiny loads (the test suite's check)")
     parser.add_argument("--only", default=",".join(ALL_SCENARIOS), help=f"comma-separated subset of {','.join(ALL_SCENARIOS)}")
     parser.add_argument("--out", default=str(RESULTS), help="results directory (default bench/results)")
