@@ -84,11 +84,17 @@ def generic_handler(channel: grpc.aio.Channel) -> grpc.GenericRpcHandler:
     for method in SERVICE.methods:
         path = f"/{SERVICE.full_name}/{method.name}"
         if method.client_streaming:
-            raise SystemExit(f"barehop: {path} is client-streaming; only unary and server-streaming methods are forwarded")
+            raise SystemExit(
+                f"barehop: {path} is client-streaming; only unary and server-streaming methods are forwarded"
+            )
         if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_stream(channel.unary_stream(path)))
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _stream(channel.unary_stream(path))
+            )
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(channel.unary_unary(path)))
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(channel.unary_unary(path))
+            )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
 
 
@@ -111,14 +117,21 @@ async def serve(listen: str, upstream: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = listen.rsplit(":", 1)[0]
-    print(json.dumps({"event": "listening", "service": "barehop", "address": f"{host}:{port}"}), flush=True)
+    print(
+        json.dumps({"event": "listening", "service": "barehop", "address": f"{host}:{port}"}),
+        flush=True,
+    )
     await stop.wait()
     await server.stop(grace=2)
     await channel.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.barehop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.barehop",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the agent")
     args = parser.parse_args(argv)

