@@ -129,3 +129,147 @@ async def _no_upstream(admin: grpc.aio.Channel) -> bool:
 
 async def _cancelled(call: Any) -> bool:
     return (await call.code()) == grpc.StatusCode.CANCELLED
+
+
+# ---- (b) rolling restart of proxy replicas behind Envoy ------------------------------------
+
+HTTP_CLIENTS = 6  # concurrent SSE callers, each looping until the restart is over
+ROLL_STREAM = {"prompt": "rolling", "options": {"maxTokens": 30}}  # ~0.6 s at 20 ms a token
+ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
+
+
+def _classify(reply: Any) -> str:
+    """complete | shaped (an error with a google.rpc.Status and ErrorInfo) | unshaped | cut."""
+    if reply.status == 200:
+        try:
+            events = sse_events(reply.body)
+        except (AssertionError, ValueError):
+            return "cut"
+        final = events[-1] if events else {}
+        if not final.get("isFinal"):
+            return "cut"  # the body ended without a final event: a silent cut
+        if "error" not in final:
+            return "complete"
+        details = final["error"].get("details", [])
+        return "shaped" if any(d.get("@type") == ERROR_INFO for d in details) else "unshaped"
+    try:
+        status = json.loads(reply.body)
+    except ValueError:
+        return "unshaped"
+    details = status.get("details", []) if isinstance(status, dict) else []
+    return "shaped" if any(d.get("@type") == ERROR_INFO for d in details) else "unshaped"
+
+
+class HttpLoad:
+    """HTTP_CLIENTS threads streaming through Envoy until stopped; outcomes counted."""
+
+    def __init__(self, edge: str) -> None:
+        self.edge = edge
+        self.outcomes: Counter[str] = Counter()
+        self.samples: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(HTTP_CLIENTS, thread_name_prefix="sse")
+        self._futures: list[concurrent.futures.Future[None]] = []
+
+    def start(self) -> "HttpLoad":
+        self._futures = [self._pool.submit(self._client, i) for i in range(HTTP_CLIENTS)]
+        return self
+
+    def _client(self, n: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            try:
+                reply = request(self.edge, "POST", "/api/v1/ai/generate/stream", ROLL_STREAM,
+                                headers={"x-request-id": f"roll-{n}-{i}"}, timeout=30)  # fmt: skip
+                outcome = _classify(reply)
+                sample = f"{reply.status} {reply.body[-300:]!r}"
+            except OSError as exc:  # reset, refused, timed out, incomplete read: all cuts
+                outcome, sample = "cut", repr(exc)
+            with self._lock:
+                self.outcomes[outcome] += 1
+                self.samples.setdefault(outcome, sample)
+
+    def stop(self) -> Counter[str]:
+        self._stop.set()
+        for future in self._futures:
+            future.result(timeout=60)
+        self._pool.shutdown()
+        return self.outcomes
+
+
+def test_rolling_proxy_restart_behind_envoy_loses_no_stream(tmp_path) -> None:
+    started: list[ServiceProcess] = []
+
+    def start(argv: list[str], name: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        proc = ServiceProcess(aiproxy_argv(*argv), env=env, name=name)
+        started.append(proc)
+        return proc.start(timeout=60)
+
+    # SIGTERM: NOT_SERVING for drain_delay_s (Envoy checks every 0.5 s and ejects it), then
+    # no new calls, and calls in flight get the grace period: what deploy/ configures.
+    proxy_env = {**GENEROUS_LIMITS, "AIPROXY_SERVER__DRAIN_DELAY_S": "1.5", "AIPROXY_SERVER__GRACE_PERIOD_S": "20"}
+    load: HttpLoad | None = None
+    try:
+        agent = start(agent_args(token_delay_ms=20), "agent")
+        proxies = [start(proxy_args(agent.address), f"proxy-{n}", proxy_env) for n in "ab"]
+        envoy = start(
+            ["envoy", "--listen", "127.0.0.1:0", "--proxy", proxies[0].address, "--proxy", proxies[1].address,
+             "--concurrency", "1", "--log-flush-ms", "50", "--health-interval-s", "0.5"],
+            "envoy",
+        )  # fmt: skip
+        for proxy in proxies:
+            wait_host_health(envoy, proxy.address, True)
+        load = HttpLoad(envoy.address).start()
+        began = time.monotonic()
+        _wait_outcomes(load, 10)
+        steps: list[str] = []
+        during_drain: list[dict[str, Any]] = []
+        for n, old in enumerate(list(proxies)):
+            t0 = time.monotonic()
+            old.send_signal(signal.SIGTERM)
+            assert old.wait(timeout=60) == 0  # drained and exited cleanly
+            drained_s = time.monotonic() - t0
+            during_drain += _ended_while_draining(old)
+            # The replacement takes the same address: Envoy's cluster lists addresses.
+            new = start(proxy_args(agent.address, extra=("--listen", old.address)), f"proxy-{'ab'[n]}2", proxy_env)
+            wait_host_health(envoy, new.address, True)
+            steps.append(f"{'ab'[n]}: drained+exited {drained_s:.1f} s, replaced and healthy {time.monotonic() - t0:.1f} s")
+            proxies[n] = new
+            _wait_outcomes(load, sum(load.outcomes.values()) + 10)  # traffic flows between steps
+        outcomes = load.stop()
+        samples = load.samples
+        load = None
+        wall = time.monotonic() - began
+
+        # New requests keep succeeding once both replicas are the new ones.
+        after = Counter(_classify(request(envoy.address, "POST", "/api/v1/ai/generate/stream", ROLL_STREAM)) for _ in range(20))
+    finally:
+        if load is not None:
+            load.stop()
+        for proc in reversed(started):
+            proc.cleanup()
+
+    _figures("rolling restart", streams=sum(outcomes.values()), outcomes=dict(outcomes), wall_s=round(wall, 1),
+             steps="; ".join(steps), calls_that_ended_while_a_replica_drained=len(during_drain),
+             after=dict(after))  # fmt: skip
+    assert outcomes["cut"] == 0, f"silent cuts, e.g. {samples['cut']}"
+    assert outcomes["unshaped"] == 0, f"errors without the Status shape, e.g. {samples['unshaped']}"
+    assert outcomes["complete"] >= 30
+    # Streams were in flight on the replicas as they drained, and they finished.
+    assert during_drain and all(e["code"] == "OK" for e in during_drain), during_drain
+    assert after == Counter(complete=20)
+
+
+def _ended_while_draining(proxy: ServiceProcess) -> list[dict[str, Any]]:
+    """Access log lines of the calls a proxy finished after its SIGTERM."""
+    draining = next(e["ts"] for e in proxy.log_events("proxy_draining"))
+    return [e for e in proxy.log_events("access") if e["ts"] > draining]
+
+
+def _wait_outcomes(load: HttpLoad, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(load.outcomes.values()) < count:
+        assert time.monotonic() < deadline, f"load stalled at {dict(load.outcomes)}"
+        time.sleep(0.05)
