@@ -273,3 +273,136 @@ def _wait_outcomes(load: HttpLoad, count: int, timeout: float = 60.0) -> None:
     while sum(load.outcomes.values()) < count:
         assert time.monotonic() < deadline, f"load stalled at {dict(load.outcomes)}"
         time.sleep(0.05)
+
+
+# ---- (c) agents killed and restarted under load --------------------------------------------
+
+GRPC_WORKERS = 12
+CALL_DEADLINE_S = 5.0
+HANG_SLACK_S = 2.0  # past its deadline by more than this, a call counts as hung
+
+
+class GrpcLoad:
+    """GRPC_WORKERS callers alternating unary and streaming calls, each with a deadline."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.client = stub(channel)
+        self.outcomes: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.samples: dict[str, str] = {}
+        self.slowest_s = 0.0
+        self.unshaped_ids: list[str] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> "GrpcLoad":
+        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(GRPC_WORKERS)]
+        return self
+
+    @property
+    def total(self) -> int:
+        return sum(self.outcomes.values())
+
+    async def _worker(self, n: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            started = time.monotonic()
+            rid = f"kill-{n}-{i}"
+            try:
+                outcome = await self._one(rid, stream=i % 2 == 0)
+            except grpc.aio.AioRpcError as err:
+                info = error_info(err)
+                outcome = "shaped" if info is not None else "unshaped"
+                self.reasons[f"{err.code().name}/{info.reason if info else '-'}"] += 1
+                self.samples.setdefault(outcome, f"{rid} {err.code().name}: {err.details()}")
+                if outcome == "unshaped":
+                    self.unshaped_ids.append(rid)
+            elapsed = time.monotonic() - started
+            self.slowest_s = max(self.slowest_s, elapsed)
+            self.outcomes["hung" if elapsed > CALL_DEADLINE_S + HANG_SLACK_S else outcome] += 1
+
+    async def _one(self, rid: str, stream: bool) -> str:
+        metadata = (("x-request-id", rid),)
+        if not stream:
+            reply = await self.client.Generate(
+                pb.GenerateRequest(prompt="kill", options=pb.GenerationOptions(max_tokens=8)),
+                metadata=metadata, timeout=CALL_DEADLINE_S,
+            )  # fmt: skip
+            return "ok" if reply.text else "incomplete"
+        chunks = [c async for c in self.client.StreamGenerate(
+            pb.StreamGenerateRequest(prompt="kill", options=pb.GenerationOptions(max_tokens=30)),
+            metadata=metadata, timeout=CALL_DEADLINE_S,
+        )]  # fmt: skip
+        # Ended OK: it must have ended with its final chunk and no error in it.
+        return "ok" if chunks and chunks[-1].is_final and not chunks[-1].HasField("error") else "incomplete"
+
+    async def stop(self) -> Counter[str]:
+        self._stop.set()
+        await asyncio.wait_for(asyncio.gather(*self._tasks), timeout=CALL_DEADLINE_S + 10)
+        return self.outcomes
+
+
+async def test_agents_killed_and_restarted_under_load(spawn) -> None:
+    agents = [spawn(*agent_args(token_delay_ms=10), name=f"agent-{n}") for n in "ab"]
+    proxy = spawn(*proxy_args(*(a.address for a in agents)), name="proxy")
+    figures: dict[str, Any] = {}
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        await poll(lambda: _usable(channel, {a.address for a in agents}), 10, "both agents usable")
+        load = GrpcLoad(channel).start()
+        began = time.monotonic()
+        try:
+            await poll(lambda: load.total >= 40, 30, "load to get going")
+            for n, old in enumerate(list(agents)):
+                name = "ab"[n]
+                in_flight = {ep.address: ep.in_flight for ep in await list_endpoints(channel)}[old.address]
+                old.proc.kill()  # SIGKILL, calls in flight
+                old.wait(timeout=10)
+                killed_at = time.monotonic()
+                before_kill = load.total
+                await poll(lambda: load.total >= before_kill + 20, 30, "traffic to continue on the other agent")
+                new = spawn(*agent_args("--listen", old.address, token_delay_ms=10), name=f"agent-{name}2")
+                restarted_at = time.monotonic()
+                try:
+                    usable_s = await poll(lambda: _usable(channel, {new.address}), 20, f"agent {name} usable again")
+                except AssertionError as exc:  # say what the proxy thinks of it
+                    raise AssertionError(f"{exc}; the proxy's endpoints: {await _states(channel)}") from None
+                calls_before = await _total_calls(channel, new.address)
+                traffic_s = await poll(
+                    lambda: _calls_since(channel, new.address, calls_before, 5), 20, f"traffic back on agent {name}"
+                )
+                agents[n] = new
+                figures[f"agent_{name}"] = (
+                    f"{in_flight} in flight at kill, down {restarted_at - killed_at:.1f} s, usable {usable_s:.1f} s "
+                    f"after restart, traffic back {usable_s + traffic_s:.1f} s after restart"
+                )
+            await poll(lambda: load.total >= before_kill + 60, 30, "load after both restarts")
+        finally:
+            outcomes = await load.stop()
+    _figures("agents killed", calls=load.total, outcomes=dict(outcomes), errors=dict(load.reasons),
+             slowest_call_s=round(load.slowest_s, 2), wall_s=round(time.monotonic() - began, 1), **figures)  # fmt: skip
+    assert outcomes["hung"] == 0, f"calls past their deadline: {outcomes}"
+    unshaped = [e for e in proxy.log_events("access") if e.get("request_id") in load.unshaped_ids]
+    assert outcomes["unshaped"] == 0, f"errors without ErrorInfo, e.g. {load.samples['unshaped']}; the proxy logged {unshaped}"
+    assert outcomes["incomplete"] == 0, "a stream ended OK without its final chunk"
+    assert outcomes["ok"] >= 100
+
+
+async def _usable(channel: grpc.aio.Channel, addresses: set[str]) -> bool:
+    usable = {ep.address for ep in await list_endpoints(channel) if ep.usable}
+    return addresses <= usable
+
+
+async def _states(channel: grpc.aio.Channel) -> list[str]:
+    return [
+        f"{ep.address} serving={ep.serving} usable={ep.usable} breaker={ep.breaker_state} in_flight={ep.in_flight}"
+        for ep in await list_endpoints(channel)
+    ]
+
+
+async def _total_calls(channel: grpc.aio.Channel, address: str) -> int:
+    return next(ep.total_calls for ep in await list_endpoints(channel) if ep.address == address)
+
+
+async def _calls_since(channel: grpc.aio.Channel, address: str, before: int, at_least: int) -> bool:
+    return await _total_calls(channel, address) >= before + at_least
