@@ -199,6 +199,7 @@ class HttpLoad:
         return self.outcomes
 
 
+@pytest.mark.envoy
 def test_rolling_proxy_restart_behind_envoy_loses_no_stream(tmp_path) -> None:
     started: list[ServiceProcess] = []
 
