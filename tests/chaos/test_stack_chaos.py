@@ -81,10 +81,12 @@ async def test_cancel_storm_leaves_no_upstream_call_fd_or_task_behind(spawn, tas
             # Every stream is live upstream: none was dropped or merged on the way.
             assert peak_in_flight == STORM, f"{peak_in_flight} upstream calls open for {STORM} streams"
 
+            cancelled_at = time.monotonic()
             for call in calls:
                 call.cancel()
+            await poll(lambda: _no_upstream(admin), 10, "0 upstream calls alive after the storm")
+            drained_s = time.monotonic() - cancelled_at
             assert all(await asyncio.gather(*(_cancelled(c) for c in calls)))
-            drained_s = await poll(lambda: _no_upstream(admin), 10, "0 upstream calls alive after the storm")
         finally:
             for channel in channels:
                 await channel.close()
@@ -108,9 +110,10 @@ async def test_cancel_storm_leaves_no_upstream_call_fd_or_task_behind(spawn, tas
 
         try:
             settle_s = await poll(lambda: asyncio.to_thread(settled), 15, "proxy fds and tasks back near baseline", interval=0.2)
-        finally:
-            after = {**proc_figures(proxy.pid), "tasks": probe.tasks(fresh_after=time.time())}
-            print(f"\nchaos: cancel storm figures before/peak/after: {before} {peak} {after}")
+        except AssertionError as exc:
+            now = {**proc_figures(proxy.pid), "tasks": probe.tasks(fresh_after=time.time())}
+            raise AssertionError(f"{exc}: before {before}, peak {peak}, now {now}") from None
+        after = {**proc_figures(proxy.pid), "tasks": probe.tasks(fresh_after=time.time())}
         # Still serving.
         assert [c async for c in stub(admin).StreamGenerate(SHORT, timeout=10)][-1].is_final
 
