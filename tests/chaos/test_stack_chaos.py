@@ -19,7 +19,6 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import grpc
