@@ -2,7 +2,8 @@
 
     add_arguments(parser)   adds --listen, --enable-faults, --first-token-delay-ms,
                             --token-delay-ms, --model, --log-level, --trace-exporter,
-                            --otlp-endpoint, --tls-cert, --tls-key, --tls-client-ca
+                            --otlp-endpoint, --tls-cert, --tls-key, --tls-client-ca,
+                            --record-metadata (TEST ONLY)
     run(args)               serves until SIGTERM/SIGINT; returns the exit code
 
 When listening it prints one JSON line on stdout, which supervisors and tests wait for:
@@ -85,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"OTLP/gRPC collector for --trace-exporter otlp (default {DEFAULT_OTLP_ENDPOINT})",
     )
     parser.add_argument(
+        "--record-metadata",
+        metavar="FILE",
+        help="TEST ONLY: append every call's request metadata (names and values, credentials "
+        "included) to FILE as JSON lines; never use in production",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -119,11 +126,14 @@ def run(args: argparse.Namespace) -> int:
     provider = build_tracer_provider(
         getattr(args, "trace_exporter", "none"), getattr(args, "otlp_endpoint", DEFAULT_OTLP_ENDPOINT)
     )
-    return asyncio.run(serve(settings, tracer_provider=provider))
+    record = getattr(args, "record_metadata", None)
+    return asyncio.run(serve(settings, tracer_provider=provider, record_metadata=record))
 
 
-async def serve(settings: AgentSettings, tracer_provider: Any | None = None) -> int:
-    server = AgentServer(settings, tracer_provider=tracer_provider)
+async def serve(
+    settings: AgentSettings, tracer_provider: Any | None = None, record_metadata: str | None = None
+) -> int:
+    server = AgentServer(settings, tracer_provider=tracer_provider, record_metadata=record_metadata)
     try:
         await server.start()
     except RuntimeError as exc:

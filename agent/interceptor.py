@@ -7,6 +7,11 @@ Log lines (JSON on stderr, see agent.logs):
 A caller that leaves cancels the handler's task; call_finished is logged from the
 CancelledError at once (tests time it against the caller's cancel) and re-raised.
 
+MetadataRecorder (TEST ONLY, `--record-metadata FILE`): writes the metadata each
+AgentService call arrived with, names and values, one JSON line per call, so tests can
+prove what the proxy forwards (e.g. that it drops authorization, cookie, x-api-key).
+Off by default; it writes credentials to disk, so no production path turns it on.
+
 Streaming handlers are async generators; the wrapper drives them and writes each chunk
 with context.write, so that a cancellation raised anywhere (in the handler's sleep or
 in the write) lands in this one coroutine.
@@ -15,7 +20,9 @@ in the write) lands in this one coroutine.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -79,11 +86,41 @@ class _Call:
         )
 
 
+class MetadataRecorder:
+    """TEST ONLY: one JSON line per call, {"method": ..., "metadata": [[name, value], ...]}.
+
+    Binary (-bin) values are written as {"base64": ...}. The file is opened once, line
+    buffered: a write is one short append to the page cache, which is acceptable for a
+    test-only tool on the event loop (it never runs in production).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def record(self, method: str, metadata: Any) -> None:
+        pairs = [
+            [key, value if isinstance(value, str) else {"base64": base64.b64encode(value).decode()}]
+            for key, value in metadata or ()
+        ]
+        self._file.write(json.dumps({"method": method, "metadata": pairs}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every AgentService handler; other services (health, reflection) pass through."""
 
-    def __init__(self, *, enable_faults: bool, service: str = SERVICE_NAME) -> None:
+    def __init__(
+        self,
+        *,
+        enable_faults: bool,
+        service: str = SERVICE_NAME,
+        recorder: MetadataRecorder | None = None,
+    ) -> None:
         self._enable_faults = enable_faults
+        self._recorder = recorder  # test only, see MetadataRecorder
         self._prefix = f"/{service}/"
         self._per_item = {self._prefix + m for m in PER_ITEM_FAULT_METHODS}
         # Handlers are wrapped once per method, not per call: the wrapper reads all it
@@ -98,6 +135,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if not method.startswith(self._prefix):
             return await continuation(handler_call_details)
+        if self._recorder is not None:
+            self._recorder.record(method, handler_call_details.invocation_metadata)
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             handler = await continuation(handler_call_details)

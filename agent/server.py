@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from agent.interceptor import SERVICE_NAME, CallInterceptor
+from agent.interceptor import SERVICE_NAME, CallInterceptor, MetadataRecorder
 from agent.logs import log_event
 from agent.rag import Corpus
 from agent.service import AgentServicer
@@ -37,8 +37,17 @@ _HEALTH_SERVICES = ("", SERVICE_NAME)  # the server as a whole, and the API
 
 
 class AgentServer:
-    def __init__(self, settings: AgentSettings | None = None, *, tracer_provider: Any | None = None) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings | None = None,
+        *,
+        tracer_provider: Any | None = None,
+        record_metadata: str | None = None,
+    ) -> None:
         self.settings = settings or AgentSettings()
+        # TEST ONLY: a file that receives every call's metadata (agent.interceptor.MetadataRecorder).
+        self.record_metadata = record_metadata
+        self._recorder: MetadataRecorder | None = None
         # An OpenTelemetry TracerProvider: each call gets a SERVER span (see agent.tracing).
         self.tracer_provider = tracer_provider
         self.health = health_aio.HealthServicer()
@@ -70,7 +79,11 @@ class AgentServer:
         if self._server is not None:
             raise RuntimeError("the agent server is already started")
         settings = self.settings
-        interceptors: list[grpc.aio.ServerInterceptor] = [CallInterceptor(enable_faults=settings.enable_faults)]
+        if self.record_metadata:
+            self._recorder = MetadataRecorder(self.record_metadata)
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            CallInterceptor(enable_faults=settings.enable_faults, recorder=self._recorder)
+        ]
         if self.tracer_provider is not None:
             # Outermost, so the span covers fault injection and the call log too.
             interceptors[:0] = tracing_interceptors(self.tracer_provider)
@@ -113,6 +126,7 @@ class AgentServer:
             address=self.address,
             model=settings.model,
             enable_faults=settings.enable_faults,
+            recording_metadata=self._recorder is not None,
             first_token_delay_ms=settings.first_token_delay_ms,
             token_delay_ms=settings.token_delay_ms,
         )
@@ -148,6 +162,8 @@ class AgentServer:
             log_event(log, "health_changed", status="NOT_SERVING")
         log_event(log, "agent_stopping", grace_s=grace)
         await self._server.stop(grace)
+        if self._recorder is not None:
+            self._recorder.close()
         if self.tracer_provider is not None and hasattr(self.tracer_provider, "shutdown"):
             self.tracer_provider.shutdown()  # flush spans not exported yet
         log_event(log, "agent_stopped")

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import NOT_SERVING, SERVING, health_status, stub, wait_health
+from tests.support.procs import CREDENTIAL_HEADERS, recorded_metadata
 
 GENERATE = pb.GenerateRequest(prompt="Explain circuit breakers in one paragraph", options=pb.GenerationOptions(max_tokens=20))
 CHAT_MESSAGES = [
@@ -112,12 +113,46 @@ async def test_request_id_forwarded_and_echoed(agent, proxy_channel) -> None:
     agent.wait_for_log(lambda e: e.get("event") == "call_started" and e.get("request_id") == generated)
 
 
-async def test_credentials_are_not_forwarded_upstream(agent, proxy_channel) -> None:
-    metadata = (("x-request-id", "req-cred"), ("authorization", "Bearer secret"), ("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01"))
-    await stub(proxy_channel).Generate(GENERATE, metadata=metadata, timeout=10)
-    started = agent.wait_for_log(lambda e: e.get("event") == "call_started" and e.get("request_id") == "req-cred")
-    assert started.get("traceparent", "").startswith("00-aaaa")  # trace context passes
-    assert "secret" not in agent.stderr_text()
+async def test_credentials_are_not_forwarded_upstream(spawn, tmp_path) -> None:
+    """upstream.drop_metadata: the agent records what it receives (--record-metadata, a
+    test-only flag) and never sees authorization, cookie or x-api-key; other metadata
+    (request id, trace context, fault headers) still passes."""
+    record = tmp_path / "agent-metadata.jsonl"
+    recording_agent = spawn(*agent_args("--record-metadata", str(record)), name="agent")
+    proxy = spawn(*proxy_args(recording_agent.address), name="proxy")
+    secrets = {"authorization": "Bearer tok-5ecret-b34rer", "cookie": "session=c00kie-5ecret", "x-api-key": "ak-5ecret-k3y"}
+    traceparent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        for i, (name, value) in enumerate(secrets.items()):
+            metadata = (("x-request-id", f"req-cred-{i}"), (name, value), ("traceparent", traceparent), ("x-fault-slow-ms", "0"))
+            await stub(channel).Generate(GENERATE, metadata=metadata, timeout=10)
+            call = stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="x"), metadata=metadata, timeout=10)
+            assert [c async for c in call][-1].is_final
+        # All three at once.
+        metadata = (("x-request-id", "req-cred-all"), *secrets.items())
+        await stub(channel).Generate(GENERATE, metadata=metadata, timeout=10)
+    calls = wait_for_calls(record, 7)
+    assert {c["method"].rsplit("/", 1)[-1] for c in calls} == {"Generate", "StreamGenerate"}
+    for call in calls:
+        received = call["metadata"]
+        assert not set(CREDENTIAL_HEADERS) & set(received), f"credentials reached the agent: {received}"
+        assert received["x-request-id"][0].startswith("req-cred")  # the recorder sees real metadata
+    with_trace = [c for c in calls if c["metadata"]["x-request-id"][0] != "req-cred-all"]
+    assert all(c["metadata"]["traceparent"][0].startswith("00-aaaa") for c in with_trace)
+    assert all(c["metadata"]["x-fault-slow-ms"] == ["0"] for c in with_trace)
+    raw = record.read_text()
+    for value in secrets.values():
+        assert value not in raw
+        assert value not in recording_agent.stderr_text()
+
+
+def wait_for_calls(record, count: int, timeout: float = 10.0) -> list[dict]:
+    """The agent writes a call's line when the call arrives; wait until `count` are there."""
+    deadline = time.monotonic() + timeout
+    while len(calls := recorded_metadata(record)) < count:
+        assert time.monotonic() < deadline, f"{len(calls)} calls recorded, expected {count}"
+        time.sleep(0.02)
+    return calls
 
 
 async def test_caller_cancellation_reaches_upstream_within_100ms(spawn) -> None:

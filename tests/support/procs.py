@@ -123,3 +123,19 @@ def _json_lines(path: pathlib.Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue  # a line still being written
     return out
+
+
+def recorded_metadata(path: pathlib.Path | str) -> list[dict[str, Any]]:
+    """The calls an agent started with `--record-metadata FILE` has seen (TEST ONLY tool):
+    [{"method": "/ai.agent.v1.AgentService/Generate", "metadata": {name: [values...]}}]."""
+    calls = []
+    for line in _json_lines(pathlib.Path(path)):
+        values: dict[str, list[Any]] = {}
+        for name, value in line["metadata"]:
+            values.setdefault(name, []).append(value)
+        calls.append({"method": line["method"], "metadata": values})
+    return calls
+
+
+# Request metadata the proxy must never forward upstream (upstream.drop_metadata default).
+CREDENTIAL_HEADERS = ("authorization", "cookie", "x-api-key")
