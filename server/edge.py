@@ -95,6 +95,7 @@ GUARD_MESSAGES: dict[str, str] = {
     "-bin": "malformed binary header: a header whose name ends in -bin must be base64",
     "te": "malformed te header: gRPC requires te: trailers",
     "content-type": "malformed content-type header: application/grpc or application/grpc+FORMAT expected",
+    "size": "request headers too large",
     "repeated": "repeated gRPC-reserved header: each grpc-* header may appear once",
 }
 BODY_TOO_LARGE = "request body too large"
@@ -127,7 +128,7 @@ LOCAL_REPLIES: tuple[LocalReply, ...] = (
     LocalReply(405, 12, "METHOD_NOT_ALLOWED", "method not allowed on this path (see the Allow header)"),
     LocalReply(413, 3, "REQUEST_TOO_LARGE", BODY_TOO_LARGE),
     LocalReply(429, 8, "RATE_LIMITED", "too many requests", EDGE_RETRY_DELAY_S),
-    LocalReply(431, 3, "HEADERS_TOO_LARGE", "request headers too large"),
+    LocalReply(431, 3, "HEADERS_TOO_LARGE", GUARD_MESSAGES["size"]),
     LocalReply(500, 13, "INTERNAL", "internal error at the edge"),
     LocalReply(502, 14, "UPSTREAM_UNAVAILABLE", "the service is unavailable", EDGE_RETRY_DELAY_S),
     LocalReply(503, 14, "UPSTREAM_UNAVAILABLE", "the service is unavailable", EDGE_RETRY_DELAY_S),
@@ -217,7 +218,10 @@ def http_bindings(descriptor: pathlib.Path, service: str = "ai.agent.v1.AgentSer
 
 def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
     messages = {**GUARD_MESSAGES, "body": BODY_TOO_LARGE, "method": "method not allowed"}
-    details = {key: status_bin(3, message, "INVALID_ARGUMENT") for key, message in GUARD_MESSAGES.items()}
+    details = {
+        key: status_bin(3, message, "HEADERS_TOO_LARGE" if key == "size" else "INVALID_ARGUMENT")
+        for key, message in GUARD_MESSAGES.items()
+    }
     # Paths with {variables} would need a pattern match; this API has none, and a path
     # the table misses only falls back to the transcoder's 404.
     allow = {path: ", ".join([*sorted(verbs), "OPTIONS"]) for path, verbs in http_bindings(descriptor).items() if "{" not in path}
@@ -237,6 +241,13 @@ class EdgeSettings:
     stream_idle_timeout_s: float = 300.0
     max_concurrent_streams: int = 10_000
     max_request_body_bytes: int = 1024 * 1024
+    # Request headers the guard accepts. Below the proxy's server.max_metadata_bytes
+    # (16 KiB, refused there as RESOURCE_EXHAUSTED, which an HTTP caller would read as
+    # 429), with room for what Envoy adds (x-forwarded-for, x-request-id, ...); and at
+    # grpc's default soft limit (8 KiB), which agents without their own setting apply to
+    # the metadata the proxy forwards. nginx's default line buffer is 8 KiB too.
+    max_header_kb: int = 8
+    max_header_count: int = 100
     descriptor: pathlib.Path = DESCRIPTOR
     page: pathlib.Path = PAGE
     template: pathlib.Path = TEMPLATE
@@ -282,6 +293,11 @@ def render(settings: EdgeSettings, *, admin_port: int = 0) -> str:
         "stream_idle_timeout": json.dumps(_duration(settings.stream_idle_timeout_s)),
         "max_concurrent_streams": settings.max_concurrent_streams,
         "max_request_body_bytes": settings.max_request_body_bytes,
+        "max_header_kb": settings.max_header_kb,
+        "max_header_count": settings.max_header_count,
+        # The codec's own limits, well above: past them HTTP/2 callers get GOAWAY.
+        "codec_header_kb": max(96, 4 * settings.max_header_kb),
+        "codec_header_count": max(200, 4 * settings.max_header_count),
         "descriptor_path": json.dumps(str(settings.descriptor.resolve())),
         "page_path": json.dumps(str(settings.page.resolve())),
         "local_reply_mappers": json.dumps(local_reply_mappers()),
