@@ -248,6 +248,9 @@ class EdgeSettings:
     # the metadata the proxy forwards. nginx's default line buffer is 8 KiB too.
     max_header_kb: int = 8
     max_header_count: int = 100
+    # Added to every forwarded request as x-aiproxy-edge: the proxy believes the
+    # client-address header only with it (when its limits.edge_secret is set).
+    edge_secret: str | None = field(default=None, repr=False)
     descriptor: pathlib.Path = DESCRIPTOR
     page: pathlib.Path = PAGE
     template: pathlib.Path = TEMPLATE
@@ -272,8 +275,22 @@ def _origin_matcher(origin: str) -> dict[str, Any]:
     return {"safe_regex": {"regex": ".*"}} if origin == "*" else {"exact": origin}
 
 
-def render(settings: EdgeSettings, *, admin_port: int = 0) -> str:
-    """The Envoy configuration (YAML) for `settings`."""
+CLIENT_ADDRESS_HEADER = "x-envoy-external-address"
+EDGE_SECRET_HEADER = "x-aiproxy-edge"  # interceptors/limits.py: EDGE_SECRET_HEADER
+EDGE_SECRET_ENV = "AIPROXY_LIMITS__EDGE_SECRET"  # the proxy's limits.edge_secret, same variable
+_MASKED = "<edge secret: not printed>"
+
+
+def _edge_request_headers(secret: str | None) -> list[dict[str, Any]]:
+    headers = [{"header": {"key": CLIENT_ADDRESS_HEADER, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    if secret:
+        headers.append({"header": {"key": EDGE_SECRET_HEADER, "value": secret}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"})
+    return headers
+
+
+def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool = True) -> str:
+    """The Envoy configuration (YAML) for `settings` (the edge secret masked unless
+    `reveal_secret`: --print-config output ends up in terminals and tickets)."""
     for what, path in (("descriptor set", settings.descriptor), ("page", settings.page), ("template", settings.template)):
         if not path.is_file():
             hint = " (run `make gen`)" if what == "descriptor set" else ""
@@ -301,6 +318,7 @@ def render(settings: EdgeSettings, *, admin_port: int = 0) -> str:
         "descriptor_path": json.dumps(str(settings.descriptor.resolve())),
         "page_path": json.dumps(str(settings.page.resolve())),
         "local_reply_mappers": json.dumps(local_reply_mappers()),
+        "edge_request_headers": json.dumps(_edge_request_headers(settings.edge_secret if reveal_secret or not settings.edge_secret else _MASKED)),
         **_guard_tables(settings.descriptor),
         **settings.extra,
     }
@@ -605,7 +623,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="warning", choices=["trace", "debug", "info", "warning", "error", "critical", "off"], help="Envoy's log level (default warning)")
     parser.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, let requests in flight finish for up to this long (default 30)")
     parser.add_argument("--log-flush-ms", type=int, default=1000, help="how often buffered access log lines are written (default 1000)")
+    parser.add_argument("--edge-secret-file", type=pathlib.Path, default=None, help=f"file holding the secret Envoy adds as {EDGE_SECRET_HEADER} (the proxy's limits.edge_secret); default: ${EDGE_SECRET_ENV}")
     parser.add_argument("--print-config", action="store_true", help="print the rendered configuration and exit")  # fmt: skip
+
+
+def _edge_secret(path: pathlib.Path | None) -> str | None:
+    secret = path.read_text().strip() if path is not None else os.environ.get(EDGE_SECRET_ENV, "").strip()
+    if secret and not all(0x21 <= ord(c) < 0x7F for c in secret):
+        raise EdgeError("the edge secret must be printable ASCII without spaces (it is a header value)")
+    return secret or None
 
 
 def settings_from_args(args: argparse.Namespace) -> EdgeSettings:
@@ -614,6 +640,7 @@ def settings_from_args(args: argparse.Namespace) -> EdgeSettings:
         proxies=tuple(args.proxy or (DEFAULT_PROXY,)),
         cors_origins=tuple(args.cors_origin or DEFAULT_CORS_ORIGINS),
         health_interval_s=args.health_interval_s,
+        edge_secret=_edge_secret(args.edge_secret_file),
         descriptor=args.descriptor,
         page=args.page,
     )
@@ -623,9 +650,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         if args.print_config:
-            sys.stdout.write(render(settings))
+            sys.stdout.write(render(settings, reveal_secret=False))
             return 0
-    except (EdgeError, ValueError) as exc:
+    except (EdgeError, ValueError, OSError) as exc:
         print(f"aiproxy envoy: {exc}", file=sys.stderr)
         return 2
     return run(
