@@ -16,11 +16,14 @@ What one caller sends must never take the service away from another (issue 13):
 from __future__ import annotations
 
 import base64
+import http.client
 import itertools
 import json
 import os
+import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +37,7 @@ from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc
 from interceptors.errors import DOMAIN
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
-from tests.support.edge import access_logs, request, sse_events, wait_until
+from tests.support.edge import Reply, access_logs, request, sse_events, wait_until
 from tests.support.procs import ServiceProcess, aiproxy_argv
 
 pytestmark = pytest.mark.envoy
@@ -102,16 +105,25 @@ def _grpc_frame(message: Any) -> bytes:
     return b"\0" + struct.pack(">I", len(raw)) + raw
 
 
-def _curl_grpc(address: str, method: str, message: Any, headers: list[tuple[str, str]], tmp_path: Any) -> dict[str, str]:
+def _curl_grpc(address: str, method: str, message: Any | None, headers: list[tuple[str, str]], tmp_path: Any) -> dict[str, str]:
     """A native gRPC call over h2c by curl, whose headers we choose (grpc clients refuse to
-    send a malformed grpc-timeout); returns the response headers and trailers."""
-    frame = tmp_path / "frame.bin"
-    frame.write_bytes(_grpc_frame(message))
+    send a malformed grpc-timeout); returns the response headers and trailers.
+
+    A request the edge refuses is sent without a body (`message` None): Envoy answers at
+    the headers and resets a stream whose body is still coming (RST_STREAM NO_ERROR, RFC
+    9113 8.1), which curl may report as an error before it prints the answer.
+    """
     argv = ["curl", "-sS", "--http2-prior-knowledge", "-o", os.devnull, "-D", "-", "--max-time", "20",
-            f"http://{address}/ai.agent.v1.AgentService/{method}", "--data-binary", f"@{frame}"]  # fmt: skip
+            "-X", "POST", f"http://{address}/ai.agent.v1.AgentService/{method}"]  # fmt: skip
+    if message is not None:
+        frame = tmp_path / "frame.bin"
+        frame.write_bytes(_grpc_frame(message))
+        argv += ["--data-binary", f"@{frame}"]
     for key, value in [("content-type", "application/grpc"), ("te", "trailers"), *headers]:
         argv += ["-H", f"{key}: {value}"]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.startswith("HTTP/2"), (done.returncode, done.stderr)
+    out = done.stdout
     found: dict[str, str] = {}
     for line in out.splitlines():
         key, sep, value = line.partition(":")
@@ -174,7 +186,7 @@ def test_bad_headers_from_some_callers_never_fail_the_good_ones(stack: dict[str,
                     failures.append(f"SSE GET: {get_sse.status} {get_sse.body[-200:]!r}")
                 if bad_grpc is not None:
                     # A bad native gRPC caller (curl over h2c).
-                    answer = _curl_grpc(edge, "Generate", pb.GenerateRequest(prompt="bad"), bad_grpc, tmp_path)
+                    answer = _curl_grpc(edge, "Generate", None, bad_grpc, tmp_path)
                     assert answer.get("grpc-status") == "3", answer
                     status = _grpc_status(answer["grpc-status-details-bin"])
                     assert status.code == 3 and status.message == answer["grpc-message"]
@@ -207,7 +219,7 @@ def test_grpc_reserved_headers_that_are_not_the_callers_are_stripped(stack: dict
     answer = _curl_grpc(edge, "Generate", pb.GenerateRequest(prompt="p"), [("grpc-status", "13"), ("grpc-message", "x"), ("grpc-timeout", "5S")], tmp_path)
     assert answer.get("grpc-status") == "0", answer
     # A native gRPC caller must speak gRPC: te: trailers and an application/grpc content-type.
-    answer = _curl_grpc(edge, "Generate", pb.GenerateRequest(prompt="p"), [("content-type", "application/grpc-bogus")], tmp_path)
+    answer = _curl_grpc(edge, "Generate", None, [("content-type", "application/grpc-bogus")], tmp_path)
     assert answer.get("grpc-status") == "3" and _error_info(_grpc_status(answer["grpc-status-details-bin"])).reason == "INVALID_ARGUMENT"
 
 
@@ -226,28 +238,46 @@ def test_envoy_answers_have_error_info(stack: dict[str, ServiceProcess]) -> None
         assert reply.headers["allow"] == allow, (method, path, reply.headers)
 
 
+def _post_reading_early(address: str, path: str, body: bytes, chunked: bool) -> Reply:
+    """POST the way browsers and curl do: the answer is read while the body is still being
+    sent. Envoy refuses an oversized body as soon as it knows (at the headers for a
+    Content-Length, past the cap for a chunked one) and then closes the connection, so a
+    client that only reads after its last byte would see a reset instead of the 413."""
+    host, _, port = address.rpartition(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    framing = "transfer-encoding: chunked" if chunked else f"content-length: {len(body)}"
+    head = f"POST {path} HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
+
+    def send() -> None:
+        try:
+            sock.sendall(head.encode())
+            for i in range(0, len(body), 65536):
+                piece = body[i : i + 65536]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the edge answered and closed: what the test reads below
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        sock.close()
+        sender.join(timeout=30)
+
+
 @pytest.mark.parametrize("size_mib", [1.5, 5, 10])
 @pytest.mark.parametrize("chunked", [False, True])
 def test_oversized_bodies_are_413_whatever_the_framing(stack: dict[str, ServiceProcess], size_mib: float, chunked: bool) -> None:
-    edge = stack["envoy"].address
     body = json.dumps({"prompt": "a" * int(size_mib * 1024 * 1024)}).encode()
-    if chunked:
-        import http.client
-
-        host, _, port = edge.rpartition(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        try:
-            conn.request("POST", GENERATE, body=iter([body[i : i + 65536] for i in range(0, len(body), 65536)]),
-                         headers={"content-type": "application/json"}, encode_chunked=True)  # fmt: skip
-            resp = conn.getresponse()
-            from tests.support.edge import Reply
-
-            reply = Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
-        finally:
-            conn.close()
-    else:
-        reply = request(edge, "POST", GENERATE, body)
-    _status_body(reply, 413, 3, "REQUEST_TOO_LARGE")
+    _status_body(_post_reading_early(stack["envoy"].address, GENERATE, body, chunked), 413, 3, "REQUEST_TOO_LARGE")
+    # Just under the cap still reaches the proxy (which refuses the prompt's length itself).
+    small = json.dumps({"prompt": "a" * (1024 * 1024 - 100)}).encode()
+    assert _post_reading_early(stack["envoy"].address, GENERATE, small, chunked).status != 413
 
 
 def test_headers_too_large_are_431_not_goaway(stack: dict[str, ServiceProcess]) -> None:
