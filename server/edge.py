@@ -94,6 +94,7 @@ GUARD_MESSAGES: dict[str, str] = {
     "grpc-accept-encoding": "malformed grpc-accept-encoding header: content-coding names expected",
     "-bin": "malformed binary header: a header whose name ends in -bin must be base64",
     "te": "malformed te header: gRPC requires te: trailers",
+    "method": "gRPC calls are POST requests",
     "content-type": "malformed content-type header: application/grpc or application/grpc+FORMAT expected",
     "size": "request headers too large",
     "repeated": "repeated gRPC-reserved header: each grpc-* header may appear once",
@@ -217,7 +218,7 @@ def http_bindings(descriptor: pathlib.Path, service: str = "ai.agent.v1.AgentSer
 
 
 def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
-    messages = {**GUARD_MESSAGES, "body": BODY_TOO_LARGE, "method": "method not allowed"}
+    messages = {**GUARD_MESSAGES, "body": BODY_TOO_LARGE, "not-allowed": "method not allowed"}
     details = {
         key: status_bin(3, message, "HEADERS_TOO_LARGE" if key == "size" else "INVALID_ARGUMENT")
         for key, message in GUARD_MESSAGES.items()
