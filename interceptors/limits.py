@@ -13,6 +13,21 @@ Three checks, cheapest and least personal first, before a call costs anything up
 The caller's key is the authenticated identity that an earlier interceptor put in
 CallInfo.caller, else what `caller_key` derives from the API key, client id header or
 peer address; it is written back to CallInfo.caller so the log shows who was limited.
+
+Behind the edge every HTTP caller's peer is Envoy, so anonymous callers would share one
+bucket (one heavy browser exhausts everyone's budget). Envoy puts the caller's own
+address in `limits.client_address_header` (x-envoy-external-address, overwriting what a
+caller sent), and that address replaces the peer. But any direct gRPC caller can send
+the same header, to pick its own bucket key (a fresh one per call escapes its limits) or
+a victim's (to exhaust theirs). So the header is believed only from the edge:
+- the connection's peer is in `limits.trusted_edges` (default loopback: `aiproxy envoy`
+  and the demo run beside the proxy; compose names Envoy's fixed address), and
+- when `limits.edge_secret` is set, the call also carries it in x-aiproxy-edge, which
+  the project's Envoy adds to every request it forwards (compose, k8s, demo set it).
+  Peers alone cannot tell Envoy from another process on the same host or pod network;
+  a secret that only the edge holds can. The forwarder drops x-aiproxy-edge, so it never
+  reaches an agent.
+From anyone else the header is ignored and the peer address is the key.
 Health, reflection and admin calls are not limited: probes must never be turned away.
 
 The pure logic (buckets, leases, keys, memory bounds) is in ratelimit.py.
@@ -20,6 +35,7 @@ The pure logic (buckets, leases, keys, memory bounds) is in ratelimit.py.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Final
@@ -42,6 +58,8 @@ from server.callinfo import CallInfo, current_call
 from server.config import LimitSettings
 
 _PROXY_KEY: Final = "*"  # the one key of the proxy-wide cap
+# The edge's proof that a call came through it (see the module docstring).
+EDGE_SECRET_HEADER: Final = "x-aiproxy-edge"
 # What an OVERLOADED caller is told to wait: calls finish in well under a second on
 # average, so a short, jittered retry (the client's job) finds room.
 OVERLOADED_RETRY_DELAY_S: Final = 0.5
@@ -64,7 +82,10 @@ class LimitsInterceptor(AsyncServerInterceptor):
         )
         self.in_flight = ConcurrencyLimiter(settings.max_concurrent_calls)
         self._address_header = settings.client_address_header.lower()
-        self._key_headers = frozenset({API_KEY_HEADER, CLIENT_ID_HEADER, self._address_header} - {""})
+        self._edges = tuple(ipaddress.ip_network(net, strict=False) for net in settings.trusted_edges)
+        secret = settings.edge_secret.get_secret_value() if settings.edge_secret else ""
+        self._edge_secret = secret.encode()
+        self._key_headers = frozenset({API_KEY_HEADER, CLIENT_ID_HEADER, self._address_header, EDGE_SECRET_HEADER} - {""})
 
     def _key(self, call: CallInfo, context: Any) -> str:
         if call.caller:
@@ -73,10 +94,19 @@ class LimitsInterceptor(AsyncServerInterceptor):
         headers = {k: v for k, v in context.invocation_metadata() or () if k in wanted}
         peer = context.peer()
         forwarded = headers.get(self._address_header) if self._address_header else None
-        if forwarded:
+        if forwarded and self._from_edge(peer, headers.get(EDGE_SECRET_HEADER)):
             peer = _as_peer(forwarded) or peer
         call.caller = caller_key(headers, peer)
         return call.caller
+
+    def _from_edge(self, peer: str, secret: str | None) -> bool:
+        """Whether the call came through the edge (see the module docstring)."""
+        ip = _peer_ip(peer)
+        if ip is None or not any(ip in net for net in self._edges):
+            return False
+        if not self._edge_secret:
+            return True
+        return secret is not None and hmac.compare_digest(secret.encode(), self._edge_secret)
 
     def _admit(self, call: CallInfo, context: Any, stream: bool) -> list[Lease]:
         """The leases that admit the call (release them when it ends), or a raise."""
@@ -135,6 +165,24 @@ def _as_peer(address: str) -> str | None:
     except ValueError:
         return None
     return f"ipv4:{ip}:0" if ip.version == 4 else f"ipv6:[{ip}]:0"
+
+
+def _peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of a grpc peer string ("ipv4:1.2.3.4:5", "ipv6:[::1]:5"), or None (unix: ...)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        host = rest.rpartition(":")[0]
+    elif kind == "ipv6":
+        host = rest.rpartition(":")[0].strip("[]")
+    else:
+        return None
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return None
+    # An IPv4 peer on a dual-stack socket reads as ::ffff:a.b.c.d.
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped or ip
 
 
 def _release(leases: list[Lease]) -> None:

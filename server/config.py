@@ -8,6 +8,7 @@ defaults alone run the demo. Nested keys map to environment variables with `__`,
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import pathlib
 from typing import Any
 
@@ -220,11 +221,28 @@ class LimitSettings(_Section):
     # Buckets kept at most (least recently used dropped first): memory stays bounded.
     max_tracked_callers: int = Field(default=100_000, ge=1)
     overrides: dict[str, RateLimitOverride] = Field(default_factory=dict)
-    # Behind a proxy every caller has the proxy's address. Name a header that the proxy
-    # in front sets to the client's address and that callers cannot forge (Envoy with
-    # use_remote_address sets x-envoy-external-address) to key anonymous callers by it.
-    # Empty: the peer address of the connection.
-    client_address_header: str = ""
+    # Behind the edge every caller has Envoy's address: the header that the project's
+    # Envoy sets to the caller's address (it overwrites whatever a caller sent). Empty:
+    # always the peer address of the connection.
+    client_address_header: str = "x-envoy-external-address"
+    # Whom that header is believed from (interceptors/limits.py says why): peers in
+    # these networks, and, when edge_secret is set, only calls that also carry it in
+    # x-aiproxy-edge (Envoy adds it: `aiproxy envoy` reads AIPROXY_LIMITS__EDGE_SECRET).
+    # Anyone else who sends the header is keyed by their own peer address.
+    trusted_edges: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    edge_secret: SecretStr | None = None
+
+    @field_validator("trusted_edges")
+    @classmethod
+    def _v_edges(cls, value: list[str]) -> list[str]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad one
+        return value
+
+    @field_validator("edge_secret")
+    @classmethod
+    def _v_edge_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
 
 
 class ValidationSettings(_Section):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
 import signal
 import sys
 import urllib.error
@@ -111,6 +113,9 @@ Ctrl-C stops everything.
 
 async def _demo() -> int:
     children: list[Child] = []
+    # One secret for this run, inherited by the proxy and Envoy: the proxy believes the
+    # caller address Envoy sends only with it, never from a direct gRPC caller.
+    os.environ.setdefault("AIPROXY_LIMITS__EDGE_SECRET", secrets.token_urlsafe(32))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

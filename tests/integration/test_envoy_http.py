@@ -221,10 +221,19 @@ def test_error_mid_stream_is_an_in_band_final_event(edge: str, path: str) -> Non
 
 
 def test_unknown_path_is_404_json(edge: str) -> None:
-    for method, path in (("POST", "/api/v1/ai/nope"), ("GET", "/api/v1/ai/generate"), ("GET", "/nothing/here")):
+    for method, path in (("POST", "/api/v1/ai/nope"), ("GET", "/nothing/here")):
         reply = request(edge, method, path, {} if method == "POST" else None)
         assert reply.status == 404, (method, path, reply.body)
         assert reply.content_type == "application/json" and reply.json()["code"] == 5
+        assert reply.json()["details"][0]["reason"] == "NOT_FOUND"
+
+
+def test_a_known_path_with_another_method_is_405_with_allow(edge: str) -> None:
+    for method, path, allow in (("GET", "/api/v1/ai/generate", "POST, OPTIONS"), ("PUT", "/api/v1/ai/chat", "POST, OPTIONS"),
+                                ("DELETE", "/api/v1/ai/chat/stream", "GET, POST, OPTIONS")):  # fmt: skip
+        reply = request(edge, method, path, None)
+        assert reply.status == 405 and reply.headers["allow"] == allow, (method, path, reply.headers)
+        assert reply.json()["code"] == 12 and reply.json()["details"][0]["reason"] == "METHOD_NOT_ALLOWED"
 
 
 def test_unknown_query_parameter_is_400(edge: str) -> None:
@@ -240,7 +249,7 @@ def test_malformed_json_is_400(edge: str, body: bytes) -> None:
 
 
 def test_proxy_admin_rpc_is_not_exposed(edge: str) -> None:
-    reply = request(edge, "POST", "/ai.proxy.v1.ProxyAdminService/ListEndpoints", b"", headers={"content-type": "application/grpc"})
+    reply = request(edge, "POST", "/ai.proxy.v1.ProxyAdminService/ListEndpoints", b"", headers={"content-type": "application/grpc", "te": "trailers"})
     # Envoy answers a gRPC request's local reply the gRPC way: 403 -> PERMISSION_DENIED.
     assert reply.headers["grpc-status"] == "7" and "edge" in reply.headers["grpc-message"]
 

@@ -113,7 +113,10 @@ def test_no_healthy_replica_is_a_503_status_and_healthz_says_so(replicas: dict[s
     # healthy_panic_threshold 0: no routing to unhealthy replicas, a fast 503 instead.
     reply = request(edge, "POST", "/api/v1/ai/generate", {"prompt": "x"}, headers={"x-request-id": "none-healthy"})
     assert reply.status == 503
-    assert reply.json() == {"code": 14, "message": "no healthy upstream"}
+    body = reply.json()
+    assert body["code"] == 14 and body["message"] == "the service is unavailable", body
+    assert [d["@type"].rpartition(".")[2] for d in body["details"]] == ["ErrorInfo", "RetryInfo"]
+    assert body["details"][0]["reason"] == "UPSTREAM_UNAVAILABLE" and reply.headers["retry-after"] == "1"
     assert wait_access_log(envoy, "none-healthy")["response_flags"] == "UH"
     assert request(edge, "GET", "/healthz").status == 503
 

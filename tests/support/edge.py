@@ -45,15 +45,28 @@ def request(
     method: str,
     path: str,
     body: Any = None,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
     timeout: float = 30.0,
+    source: str | None = None,
 ) -> Reply:
-    """One HTTP/1.1 request; the whole body is read (a stream until it ends)."""
-    conn = http.client.HTTPConnection(*_split(address), timeout=timeout)
+    """One HTTP/1.1 request; the whole body is read (a stream until it ends).
+
+    `headers` as a list of pairs may repeat a name. `source` is the local address to
+    connect from (any of 127.0.0.0/8 works on Linux loopback): a caller with its own
+    address, as Envoy sees it.
+    """
+    conn = http.client.HTTPConnection(*_split(address), timeout=timeout, source_address=(source, 0) if source else None)
     try:
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        hdrs = {"content-type": "application/json", **(headers or {})} if data is not None else dict(headers or {})
-        conn.request(method, path, body=data, headers=hdrs)
+        pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+        if data is not None and not any(k.lower() == "content-type" for k, _ in pairs):
+            pairs.insert(0, ("content-type", "application/json"))
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for key, value in pairs:
+            conn.putheader(key, value)
+        if data is not None:
+            conn.putheader("content-length", str(len(data)))
+        conn.endheaders(data)
         resp = conn.getresponse()
         payload = resp.read()
         return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload)

@@ -3,13 +3,17 @@ Envoy itself accepts it (`envoy --mode validate`, no sockets opened)."""
 
 from __future__ import annotations
 
+import base64
 import pathlib
 from typing import Any
 
 import pytest
 import yaml
 
-from server.edge import DESCRIPTOR, EdgeError, EdgeSettings, render, validate
+from google.rpc import status_pb2
+
+from interceptors.errors import DOMAIN
+from server.edge import DESCRIPTOR, EdgeError, EdgeSettings, http_bindings, parse, render, settings_from_args, validate
 
 needs_descriptor = pytest.mark.skipif(not DESCRIPTOR.exists(), reason="run `make gen` first")
 
@@ -96,3 +100,78 @@ def test_envoy_rejects_a_broken_template(tmp_path: pathlib.Path) -> None:
     broken.write_text(pathlib.Path(EdgeSettings().template).read_text().replace("healthy_panic_threshold", "healthy_panic_treshold"))
     with pytest.raises(EdgeError, match="healthy_panic_treshold"):
         validate(EdgeSettings(template=broken))
+
+
+# ---- the guard, Envoy's own answers, the access log, the edge secret -----------------------
+
+
+@needs_descriptor
+def test_the_guard_runs_first_and_knows_the_api_paths() -> None:
+    config = _config()
+    filters = _hcm(config)["http_filters"]
+    assert filters[0]["name"] == "envoy.filters.http.lua"
+    source = filters[0]["typed_config"]["default_source_code"]["inline_string"]
+    # The methods each HTTP path allows come from the descriptor set (google.api.http).
+    assert '["/api/v1/ai/generate"] = "POST, OPTIONS"' in source
+    assert '["/api/v1/ai/generate/stream"] = "GET, POST, OPTIONS"' in source
+    # The spec's grpc-timeout grammar: 1-8 digits, one unit; "$$" rendered to "$".
+    assert 'local TIMEOUT = "^%d%d?%d?%d?%d?%d?%d?%d?[HMSmun]$"' in source
+    assert "$$" not in source
+    assert _hcm(config)["max_request_headers_kb"] > EdgeSettings().max_header_kb
+
+
+@needs_descriptor
+def test_every_answer_envoy_makes_itself_has_error_info() -> None:
+    mappers = _hcm(_config())["local_reply_config"]["mappers"]
+    http = {}
+    grpc_bins = {}
+    for mapper in mappers:
+        flt = mapper["filter"]
+        if "and_filter" in flt:
+            status = flt["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"]["default_value"]
+            grpc_bins[status] = (mapper["headers_to_add"][0]["header"]["value"], mapper["body_format_override"]["text_format_source"]["inline_string"])
+        else:
+            http[flt["status_code_filter"]["comparison"]["value"]["default_value"]] = mapper["body_format_override"]["json_format"]
+    assert {400, 403, 404, 405, 413, 429, 431, 500, 502, 503, 504} <= set(http)
+    for status, body in http.items():
+        info = body["details"][0]
+        assert info["@type"].endswith("google.rpc.ErrorInfo") and info["reason"] and info["domain"] == DOMAIN, status
+    for status in (429, 502, 503):
+        assert http[status]["details"][1] == {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s"}
+    # A gRPC caller gets the same Status as grpc-status-details-bin, its message equal to
+    # grpc-message (grpc's rpc_status.from_call refuses a mismatch).
+    for status, (value, message) in grpc_bins.items():
+        decoded = status_pb2.Status.FromString(base64.b64decode(value))
+        assert decoded.message == message and decoded.code == http[status]["code"], status
+
+
+def test_http_bindings_come_from_the_descriptor() -> None:
+    if not DESCRIPTOR.exists():
+        pytest.skip("run `make gen` first")
+    bindings = http_bindings(DESCRIPTOR)
+    assert bindings["/api/v1/ai/chat"] == {"POST"}
+    assert bindings["/api/v1/ai/chat/stream"] == {"GET", "POST"}
+
+
+@needs_descriptor
+def test_access_log_has_the_callers_method_and_no_query() -> None:
+    fmt = _hcm(_config())["access_log"][0]["typed_config"]["log_format"]
+    fields = fmt["json_format"]
+    assert fields["method"] == "%DYNAMIC_METADATA(aiproxy.edge:method)%"
+    assert fields["path"] == "%DYNAMIC_METADATA(aiproxy.edge:path)%"
+    assert fields["grpc_method"] == "%REQ_WITHOUT_QUERY(:PATH)%"
+    assert not any(v == "%REQ(:PATH)%" or "ORIGINAL-PATH" in str(v) for v in fields.values())
+    assert fmt["formatters"][0]["name"] == "envoy.formatter.req_without_query"
+
+
+@needs_descriptor
+def test_the_edge_secret_is_added_but_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    vhost = lambda text: yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]  # noqa: E731
+    settings = EdgeSettings(edge_secret="s3cret-value")
+    added = {h["header"]["key"]: h["header"]["value"] for h in vhost(render(settings))["request_headers_to_add"]}
+    assert added == {"x-envoy-external-address": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", "x-aiproxy-edge": "s3cret-value"}
+    assert "s3cret-value" not in render(settings, reveal_secret=False)
+    assert "s3cret-value" not in repr(settings)
+    assert {h["header"]["key"] for h in vhost(render(EdgeSettings()))["request_headers_to_add"]} == {"x-envoy-external-address"}
+    monkeypatch.setenv("AIPROXY_LIMITS__EDGE_SECRET", "from-env")
+    assert settings_from_args(parse([])).edge_secret == "from-env"
