@@ -292,6 +292,13 @@ class CircuitBreaker:
             return Permit(self, self._epoch, self._caller() if caller is None else caller)
         return None
 
+    def endpoint_recovered(self) -> None:
+        """The endpoint answers its health check again after it did not (restarted,
+        resumed): an OPEN verdict was about the process that failed, so let probes
+        decide now instead of after the rest of the reset timeout."""
+        if self.state is BreakerState.OPEN:
+            self._transition(BreakerState.HALF_OPEN)
+
     def retry_after_s(self) -> float:
         """How long a rejected caller should wait (for RetryInfo); 0 when CLOSED."""
         state = self.state

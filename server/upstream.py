@@ -287,7 +287,12 @@ class Endpoint:
             return
         self.serving = serving
         log_event(log, "upstream_health", address=self.address, serving=serving, why=why)
+        self._recovered_if_healthy()
         self._on_change(self)
+
+    def _recovered_if_healthy(self) -> None:
+        if self.healthy and self.breaker is not None:
+            self.breaker.endpoint_recovered()
 
     def _set_live(self, live: bool, why: str) -> None:
         if live == self.live:
@@ -297,6 +302,7 @@ class Endpoint:
             log, "upstream_liveness", level=logging.INFO if live else logging.WARNING,
             address=self.address, live=live, why=why,
         )
+        self._recovered_if_healthy()
         self._on_change(self)
 
     async def _supervise(self, what: str, run: Callable[[], Awaitable[None]]) -> None:

@@ -191,6 +191,18 @@ def test_rejects_while_open_with_the_time_left_as_retry_after() -> None:
     assert breaker.retry_after_s() == pytest.approx(0.1)
 
 
+def test_an_endpoint_that_recovers_goes_half_open_at_once() -> None:
+    clock = FakeClock()
+    breaker = open_breaker(clock, reset_timeout_s=30)
+    clock.advance(1)
+    breaker.endpoint_recovered()  # health says SERVING again (restarted on its port)
+    assert breaker.state is HALF_OPEN
+    permit(breaker).success()
+    assert breaker.state is CLOSED
+    breaker.endpoint_recovered()  # no-op unless open
+    assert breaker.state is CLOSED
+
+
 def test_closed_breaker_says_no_wait() -> None:
     assert CircuitBreaker("up", clock=FakeClock()).retry_after_s() == 0
 
