@@ -180,9 +180,10 @@ async def test_a_hung_agent_is_taken_out_and_its_streams_fail_in_band_fast(keepa
 
 
 async def test_the_only_agent_hung_fails_streams_and_new_calls_fast_then_recovers(spawn) -> None:
-    """One agent, SIGSTOPped: its stream ends in-band with UNAVAILABLE, new calls are
-    answered at once (UNAVAILABLE with RetryInfo, not a hang), the proxy reports
-    NOT_SERVING; after SIGCONT it serves again."""
+    """One agent, SIGSTOPped: its stream ends in-band with UNAVAILABLE and its unary call
+    in flight fails with UNAVAILABLE (both within keepalive time + timeout, not their
+    deadlines), new calls are answered at once (UNAVAILABLE with RetryInfo, not a hang),
+    the proxy reports NOT_SERVING; after SIGCONT it serves again."""
     agent = spawn(*agent_args(token_delay_ms=100), name="agent")
     proxy = spawn(
         *proxy_args(agent.address),
@@ -193,6 +194,9 @@ async def test_the_only_agent_hung_fails_streams_and_new_calls_fast_then_recover
         async with grpc.aio.insecure_channel(proxy.address) as channel:
             api = stub(channel)
             ((_, call),) = await open_streams(api, 1, "only")
+            slow = (("x-fault-delay-ms", "40000"), ("x-request-id", "slow-unary"))
+            unary = asyncio.ensure_future(api.Generate(PROMPT, metadata=slow, timeout=60))
+            await asyncio.to_thread(agent.wait_for_log, lambda e: e.get("request_id") == "slow-unary")
             os.kill(agent.pid, signal.SIGSTOP)
             stopped_at = time.monotonic()
             chunks, ended = await asyncio.wait_for(finish(call), 60)
@@ -200,6 +204,11 @@ async def test_the_only_agent_hung_fails_streams_and_new_calls_fast_then_recover
             assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE")
             print(f"\nonly agent hung: stream failed in-band after {ended - stopped_at:.2f} s")
             assert ended - stopped_at < 10
+            with pytest.raises(grpc.aio.AioRpcError) as unary_failed:
+                await asyncio.wait_for(unary, 20)
+            unary_took = time.monotonic() - stopped_at
+            print(f"only agent hung: unary call in flight failed after {unary_took:.2f} s")
+            assert unary_failed.value.code() == grpc.StatusCode.UNAVAILABLE and unary_took < 10
             await wait_health(channel, NOT_SERVING, SERVICE, timeout=10)
             started = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as failed:
