@@ -23,6 +23,7 @@ in flight on an endpoint that reports NOT_SERVING are left to finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -57,6 +58,10 @@ _SUPERVISE_BACKOFF_S = (0.05, 2.0)
 # While an endpoint does not answer, liveness is checked at least this often, so that it
 # is back within about this long after it answers again.
 _LIVENESS_RECHECK_S = 0.5
+# A call that fails with UNAVAILABLE (a connection that died: ping timeout, reset) asks for
+# a liveness check now instead of at the next interval; at most this often, whatever
+# the failures (an agent that answers UNAVAILABLE to one caller's requests included).
+_LIVENESS_HINT_SPACING_S = 1.0
 
 
 def channel_options(settings: UpstreamSettings) -> list[tuple[str, Any]]:
@@ -109,8 +114,10 @@ class CallsInFlight:
     ends above them with UNAVAILABLE.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_unavailable: Callable[[], None] = lambda: None) -> None:
         self._calls: set[_Tracked] = set()
+        # Told when a call fails with UNAVAILABLE by itself (the liveness probe's hint).
+        self.on_unavailable = on_unavailable
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -130,6 +137,13 @@ class CallsInFlight:
         call.add_done_callback(lambda _call: self._calls.discard(entry))
         return entry
 
+    def _ended_badly(self, entry: _Tracked, exc: BaseException) -> None:
+        """Raise UNAVAILABLE for a call the pool failed; hint at an UNAVAILABLE of its own."""
+        if entry.why is not None:
+            raise _unavailable(entry.why) from None
+        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.UNAVAILABLE:
+            self.on_unavailable()
+
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         # One object per call type: grpc.aio files an interceptor under the first
         # client-interceptor type it is an instance of (see interceptors/upstream_breaker.py).
@@ -145,9 +159,8 @@ class _TrackUnary(grpc.aio.UnaryUnaryClientInterceptor):
         entry = self._calls._track(call)
         try:
             await call
-        except (asyncio.CancelledError, grpc.aio.AioRpcError):
-            if entry.why is not None:
-                raise _unavailable(entry.why) from None
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
+            self._calls._ended_badly(entry, exc)
             raise
         finally:
             self._calls._calls.discard(entry)
@@ -166,9 +179,8 @@ class _TrackStream(grpc.aio.UnaryStreamClientInterceptor):
         try:
             async for response in call:
                 yield response
-        except (asyncio.CancelledError, grpc.aio.AioRpcError):
-            if entry.why is not None:
-                raise _unavailable(entry.why) from None
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
+            self._calls._ended_badly(entry, exc)
             raise
         finally:
             self._calls._calls.discard(entry)
@@ -192,7 +204,8 @@ class Endpoint:
         self._settings = settings
         self._on_change = on_change
         self.breaker = breaker
-        self.calls = CallsInFlight()
+        self._probe_now = asyncio.Event()
+        self.calls = CallsInFlight(on_unavailable=self._probe_now.set)
         options = [*channel_options(settings), *extra_options]
         chain = [*self.calls.interceptors(), *interceptors]
         self.channels = [self._channel(options, chain, credentials) for _ in range(settings.channels_per_endpoint)]
@@ -366,14 +379,22 @@ class Endpoint:
         answer in time means it is hung: new calls avoid it and the calls in flight on
         it fail now with UNAVAILABLE instead of waiting out their deadlines. A refused
         connection (UNAVAILABLE) only takes it out of the pool: grpc fails the calls on
-        a connection that closed by itself.
+        a connection that closed by itself. A call failing with UNAVAILABLE brings the
+        next check forward (grpc's ping timeout often fails a hung endpoint's streams
+        first; new calls must stop going there as soon, not at the next interval).
         """
         stub = health_pb2_grpc.HealthStub(self.health_channel)
         request = health_pb2.HealthCheckRequest(service=self._settings.health_service)
         interval = self._settings.keepalive_time_s
         timeout = self._settings.keepalive_timeout_s
+        spacing = min(_LIVENESS_HINT_SPACING_S, interval)
         while True:
-            await asyncio.sleep(interval if self.live else min(interval, _LIVENESS_RECHECK_S))
+            delay = interval if self.live else min(interval, _LIVENESS_RECHECK_S)
+            await asyncio.sleep(min(spacing, delay))
+            if delay > spacing:  # early on a hint: a call just failed with UNAVAILABLE
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._probe_now.wait(), delay - spacing)
+            self._probe_now.clear()
             try:
                 await stub.Check(request, timeout=timeout)
             except grpc.aio.AioRpcError as exc:

@@ -117,7 +117,7 @@ async def test_agent_killed_with_calls_in_flight_and_restarted_on_its_port_gets_
     assert restarted.log_events("call_finished")
 
 
-@pytest.mark.parametrize("keepalive", [(5.0, 1.0)], ids=["time5-timeout1"])
+@pytest.mark.parametrize("keepalive", [(5.0, 1.0), (10.0, 5.0)], ids=["time5-timeout1", "defaults-time10-timeout5"])
 async def test_a_hung_agent_is_taken_out_and_its_streams_fail_in_band_fast(keepalive, spawn) -> None:
     """SIGSTOP one of two agents with streams on both: the hung one's streams end with
     UNAVAILABLE/UPSTREAM_UNAVAILABLE in-band within keepalive_time + keepalive_timeout
