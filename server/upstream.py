@@ -223,7 +223,10 @@ class Endpoint:
         self._tasks: list[asyncio.Task[None]] = []
 
     def _channel(
-        self, options: list[tuple[str, Any]], chain: list[grpc.aio.ClientInterceptor], credentials: grpc.ChannelCredentials | None
+        self,
+        options: list[tuple[str, Any]],
+        chain: list[grpc.aio.ClientInterceptor],
+        credentials: grpc.ChannelCredentials | None,
     ) -> grpc.aio.Channel:
         if credentials is None:
             return grpc.aio.insecure_channel(self.address, options=options, interceptors=chain)
@@ -405,7 +408,9 @@ class Endpoint:
                     # on a process that does not answer will not finish.
                     failed = self.calls.fail_all("upstream stopped answering")
                     if failed:
-                        log_event(log, "upstream_calls_failed", level=logging.WARNING, address=self.address, calls=failed)
+                        log_event(
+                            log, "upstream_calls_failed", level=logging.WARNING, address=self.address, calls=failed
+                        )
                     continue
                 if code is grpc.StatusCode.UNAVAILABLE:
                     self._set_live(False, "unreachable")
