@@ -18,8 +18,11 @@ mid-way, ejected the endpoint for everyone. What counts now, and why:
 * Distinct callers (`min_failing_callers`, default 3). Failures count only once they
   come from that many different callers within the window (CallInfo.caller: the JWT
   subject, API key, client id or address, as the limits key them). One caller alone,
-  however many requests it sends, never opens it. Caveat: an unauthenticated caller can
-  mint client ids; the volume rule below is then what it must also beat.
+  however many requests it sends, never opens it. Caveats: an unauthenticated caller can
+  mint client ids, and the volume rule below is then what it must also beat; callers the
+  proxy cannot tell apart (auth and limits both off, or every browser behind an edge
+  that does not pass the client's address) are one caller, so only calls from elsewhere
+  can open it (set `min_failing_callers: 1` where one trusted caller is all there is).
 * Ratio over volume, not a short run: at least `min_volume` settled calls in the rolling
   `window_s`, of which at least `failure_ratio` failed. A handful of failures among many
   successes is a request problem, not an endpoint problem; and there is no "N in a row"
