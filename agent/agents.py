@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from agent import textgen
-from agent.tools import Tool, ToolError
+from agent.logs import log_event
+from agent.tools import Tool, ToolError, struct_safe
+
+log = logging.getLogger("agent.tools")
 
 DEFAULT_MAX_STEPS = 5
 MAX_STEPS_LIMIT = 50
@@ -151,7 +155,7 @@ def run_agent(
             continue
         call = _call_tool(tools[tool_name], f"call_{calls}", task, context)
         calls += 1
-        steps.append(Step(index, tools[tool_name].thought.format(**call.arguments), call))
+        steps.append(Step(index, _thought(tools[tool_name], call.arguments), call))
 
     rng = textgen.rng_for(
         model, "agent", int(kind), task, _canonical(context), ",".join(tool_names)
@@ -171,13 +175,28 @@ def run_agent(
 
 
 def _call_tool(tool: Tool, call_id: str, task: str, context: Mapping[str, Any]) -> ToolCallRecord:
-    arguments = tool.arguments(task, context)
+    """Run one tool; whatever goes wrong inside it is that call's error, recorded in the
+    run like a model would see it, never an exception out of the run (which the handler
+    could only answer with INTERNAL: "the agent is broken", for one bad request)."""
+    arguments: dict[str, Any] = {}
     try:
-        return ToolCallRecord(
-            call_id, tool.name, arguments, tool.run(arguments), "", tool.cost_tokens
-        )
+        arguments = struct_safe(tool.arguments(task, context))
+        result = struct_safe(tool.run(arguments))
+        return ToolCallRecord(call_id, tool.name, arguments, result, "", tool.cost_tokens)
     except ToolError as exc:
         return ToolCallRecord(call_id, tool.name, arguments, None, str(exc), tool.cost_tokens)
+    except Exception as exc:  # a tool's bug, or input it did not foresee
+        # The exception's class only: its message or traceback could quote the task.
+        log_event(log, "tool_failed", logging.WARNING, tool=tool.name, error=type(exc).__name__)
+        return ToolCallRecord(call_id, tool.name, arguments, None, "the tool failed", tool.cost_tokens)
+
+
+def _thought(tool: Tool, arguments: Mapping[str, Any]) -> str:
+    """The reasoning step before a tool call; plain when its arguments are missing."""
+    try:
+        return tool.thought.format(**arguments)
+    except (KeyError, IndexError, ValueError):
+        return f"Use the {tool.name} tool."
 
 
 def _finding(call: ToolCallRecord) -> str:

@@ -1,8 +1,13 @@
 """The tools an agent may call: search, calculator, word_count.
 
 Every tool is deterministic (no clock, no network), takes its arguments from the task
-and its context, and returns a JSON-like dict (it travels as a google.protobuf.Struct).
+and its context, and returns a JSON-like dict (it travels as a google.protobuf.Struct,
+whose numbers are doubles: `struct_safe` checks a result fits before it leaves here).
 A tool that cannot do its job raises ToolError; the run records the error and goes on.
+Out-of-range input (a result too large for a double, division by zero, an expression
+nested too deep) is a ToolError like any other, never an exception that escapes into the
+handler: that would answer INTERNAL, which says "the agent is broken" to everyone
+upstream of it (a circuit breaker, a retry policy) when only this request was bad.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ MAX_EXPRESSION_CHARS = 200
 # (9**9**9 has 370 million digits).
 MAX_EXPONENT = 64
 MAX_INT_BITS = 4096
+# Parentheses and signs nest at most this deep: the parser recurses per level, and no
+# real expression needs more.
+MAX_NESTING = 32
 _CANDIDATE = re.compile(r"[-(]*\d[\d\s.+\-*/%^()]*")
 _OPERATOR = re.compile(r"\d\s*(\*\*|[-+*/%^])\s*[-(]*\d")
 
@@ -110,9 +118,41 @@ def evaluate(expression: str) -> float | int:
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise ToolError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     try:
-        return _Parser(expression).parse()
-    except OverflowError:
+        return _as_number(_Parser(expression).parse())
+    except (OverflowError, RecursionError):
         raise ToolError("result too large") from None
+
+
+def _as_number(value: float | int) -> float | int:
+    """`value` if a Struct (whose numbers are doubles) can carry it, else ToolError:
+    4294967296**40 is a valid Python int of 1281 bits, beyond any double."""
+    as_float = float(value)  # OverflowError past ~1.8e308
+    if not math.isfinite(as_float):
+        raise ToolError("result too large")
+    return value
+
+
+def struct_safe(value: Any, _depth: int = 0) -> Any:
+    """`value` as plain JSON types a google.protobuf.Struct accepts (str keys; numbers a
+    double holds; no NaN or infinity), or ToolError: a tool result that cannot travel
+    is the tool's failure, not the agent's crash."""
+    if _depth > MAX_NESTING:
+        raise ToolError("result nested too deeply")
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, float)):
+        try:
+            number = _as_number(value)
+        except OverflowError:
+            raise ToolError("result too large") from None
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ToolError("result is not a finite number")
+        return number
+    if isinstance(value, Mapping):
+        return {str(k): struct_safe(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [struct_safe(v, _depth + 1) for v in value]
+    raise ToolError(f"result of unsupported type {type(value).__name__}")
 
 
 _TOKENS = re.compile(r"\s*(?:(\d+\.?\d*|\.\d+)|(\*\*|//|[-+*/%^()]))")
@@ -147,6 +187,12 @@ class _Parser:
             self.tokens.append(match.group(1) or match.group(2))
             pos = match.end()
         self.pos = 0
+        self.depth = 0
+
+    def _nest(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise ToolError(f"expression nested deeper than {MAX_NESTING} levels")
 
     def parse(self) -> float | int:
         if not self.tokens:
@@ -187,14 +233,19 @@ class _Parser:
     def _unary(self) -> Any:
         if self._peek() in ("-", "+"):
             sign = -1 if self._take() == "-" else 1
-            return sign * self._unary()
+            self._nest()
+            value = _checked(sign * self._unary())
+            self.depth -= 1
+            return value
         return self._power()
 
     def _power(self) -> Any:
         base = self._atom()
         if self._peek() in ("**", "^"):
             self._take()
+            self._nest()
             exponent = self._unary()  # right-associative: 2**3**2 == 2**9
+            self.depth -= 1
             if abs(exponent) > MAX_EXPONENT:
                 raise ToolError(f"exponent larger than {MAX_EXPONENT}")
             if base == 0 and exponent < 0:
@@ -211,9 +262,11 @@ class _Parser:
     def _atom(self) -> Any:
         token = self._take()
         if token == "(":
+            self._nest()
             value = self._expr()
             if self._take() != ")":
                 raise ToolError("missing ')' in expression")
+            self.depth -= 1
             return value
         if token[0].isdigit() or token[0] == ".":
             return float(token) if "." in token else int(token)

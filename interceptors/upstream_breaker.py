@@ -1,9 +1,11 @@
 """Client interceptor on each endpoint's channels: that endpoint's circuit breaker.
 
 While the breaker is open a call fails in microseconds with CIRCUIT_OPEN, nothing is
-sent. Otherwise the call's outcome settles its permit: upstream failures count, the
-caller's own errors and cancellations do not. A stream is settled when it ends, so a
-stream that fails mid-way counts as a failure.
+sent. Otherwise the call's outcome settles its permit, which carries the caller's key
+(the breaker's injected caller source): failures with the breaker's failure codes count,
+everything else (the caller's own errors, request-specific INTERNAL, cancellations) does
+not. A stream is settled when it ends, so a stream that fails mid-way with UNAVAILABLE
+counts; which callers failed is what decides (interceptors/breaker.py).
 """
 
 from __future__ import annotations

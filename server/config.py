@@ -87,7 +87,10 @@ class UpstreamSettings(_Section):
     health_service: str = SERVICE_NAME
     # Used only when an endpoint does not implement Health/Watch.
     health_check_interval_s: float = Field(default=2.0, gt=0)
-    # Keepalive pings notice a silently dead peer in keepalive_time + keepalive_timeout.
+    # A hung or silently dead endpoint is taken out (new calls avoided, its calls in
+    # flight failed with UNAVAILABLE) within keepalive_time_s + keepalive_timeout_s:
+    # HTTP/2 keepalive pings with that ack timeout, and a health Check with that deadline
+    # every keepalive_time_s on a separate connection (server/upstream.py).
     keepalive_time_s: float = Field(default=10.0, gt=0)
     keepalive_timeout_s: float = Field(default=5.0, gt=0)
     reconnect_backoff_max_s: float = Field(default=2.0, gt=0)
@@ -159,16 +162,26 @@ class DeadlineSettings(_Section):
 
 
 class BreakerSettings(_Section):
-    """One circuit breaker per upstream endpoint (client side)."""
+    """One circuit breaker per upstream endpoint (client side). It opens only on a failure
+    many callers share (interceptors/breaker.py says why each rule is there)."""
 
     enabled: bool = True
-    failure_threshold: int = Field(default=5, ge=1)  # consecutive failures that open it
-    failure_ratio: float = Field(default=0.5, gt=0, le=1)  # ... or this share of calls
+    failure_ratio: float = Field(default=0.5, gt=0, le=1)  # share of calls that failed
     window_s: float = Field(default=10.0, gt=0)  # ... over this rolling window
     min_volume: int = Field(default=20, ge=1)  # ... once it holds this many calls
+    # ... and the failures came from this many distinct callers (one caller never opens it).
+    min_failing_callers: int = Field(default=3, ge=1, le=64)
+    # gRPC code names that count as the endpoint's failure; INTERNAL/UNKNOWN are the
+    # request's, DEADLINE_EXCEEDED the caller's deadline: not counted by default.
+    failure_codes: list[str] = Field(default_factory=lambda: ["UNAVAILABLE"], min_length=1)
     reset_timeout_s: float = Field(default=30.0, gt=0)  # open -> half-open after this
     half_open_max_probes: int = Field(default=1, ge=1)  # calls admitted while half-open
     success_threshold: int = Field(default=1, ge=1)  # probe successes that close it
+
+    @field_validator("failure_codes")
+    @classmethod
+    def _v_codes(cls, value: list[str]) -> list[str]:
+        return _code_names(value)
 
 
 class RetrySettings(_Section):
@@ -184,13 +197,17 @@ class RetrySettings(_Section):
     @field_validator("retryable_codes")
     @classmethod
     def _v_codes(cls, value: list[str]) -> list[str]:
-        import grpc
+        return _code_names(value)
 
-        names = {code.name for code in grpc.StatusCode}
-        bad = [v for v in value if v.upper() not in names or v.upper() == "OK"]
-        if bad:
-            raise ValueError(f"not gRPC error code names: {bad}")
-        return [v.upper() for v in value]
+
+def _code_names(value: list[str]) -> list[str]:
+    import grpc
+
+    names = {code.name for code in grpc.StatusCode}
+    bad = [v for v in value if v.upper() not in names or v.upper() == "OK"]
+    if bad:
+        raise ValueError(f"not gRPC error code names: {bad}")
+    return [v.upper() for v in value]
 
 
 class RateLimitOverride(_Section):

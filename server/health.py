@@ -1,4 +1,12 @@
-"""The proxy's own grpc.health.v1: SERVING only while the pool has a usable endpoint.
+"""The proxy's own grpc.health.v1: SERVING only while the pool has a healthy endpoint.
+
+Healthy means SERVING by its own health check and answering the liveness probe; an
+endpoint's circuit breaker does not count. An open breaker is a verdict on calls, and
+this proxy still answers them at once (CIRCUIT_OPEN with RetryInfo, or another
+endpoint); NOT_SERVING would instead make the balancer in front eject this proxy, so one
+breaker trip became "no healthy upstream" for every caller of the proxy, and it also
+stops the traffic whose half-open probes would close the breaker. When no endpoint is
+healthy the proxy cannot serve anything, and says so.
 
 Statuses are kept for the server as a whole ("") and for ai.agent.v1.AgentService;
 Watch subscribers hear every change at once. A third service, "liveness", is SERVING
@@ -39,7 +47,7 @@ class ProxyHealth:
         self.refresh()
 
     def refresh(self) -> None:
-        serving = not self._draining and self._pool.usable_count > 0
+        serving = not self._draining and self._pool.healthy_count > 0
         status = SERVING if serving else NOT_SERVING
         if status == self._status:
             return

@@ -114,7 +114,7 @@ class ProxyMetrics:
         )
         self.upstream_healthy = Gauge(
             "ai_proxy_upstream_healthy",
-            "1 while the upstream endpoint reports SERVING on grpc.health.v1, else 0.",
+            "1 while the upstream endpoint reports SERVING on grpc.health.v1 and answers the liveness probe, else 0.",
             ["upstream"],
             registry=registry,
         )
@@ -264,7 +264,7 @@ class Telemetry:
             # pool reads it the same way on every refresh.
             state = endpoint.breaker.state if endpoint.breaker is not None else BreakerState.CLOSED
             pm.breaker_state.labels(address).set(int(state))
-            pm.upstream_healthy.labels(address).set(1 if endpoint.serving else 0)
+            pm.upstream_healthy.labels(address).set(1 if endpoint.healthy else 0)
             pm.upstream_usable.labels(address).set(1 if endpoint.usable else 0)
         self._pool_seen = current
 

@@ -1,18 +1,32 @@
-"""The upstream pool: one channel per agent endpoint, health from grpc.health.v1, P2C.
+"""The upstream pool: channels per agent endpoint, health from grpc.health.v1, P2C.
 
-Each endpoint keeps one grpc.aio channel for its whole life and a task that follows the
-endpoint's health with the standard Watch stream (falling back to periodic Check for
-servers without Watch). New calls go only to usable endpoints, chosen by
+Each endpoint keeps its channels for its whole life: the data channels (with the breaker
+and metrics interceptors) that carry calls, and one plain health channel, its own
+connection without interceptors, that two supervised tasks use:
+
+* health following: the standard Watch stream (periodic Check for servers without
+  Watch) says whether the endpoint is SERVING. It never goes through the breaker: an
+  open breaker used to make the re-subscription raise CircuitOpen, which ended the task
+  for good, and the endpoint stayed "not serving" after it came back (issue 13.3).
+* liveness: a health Check with a `keepalive_timeout_s` deadline every
+  `keepalive_time_s`. A process that holds its connections but does not answer (hung,
+  SIGSTOPped, a blocked event loop) is taken out within keepalive_time + keepalive_timeout
+  and its calls in flight fail at once with UNAVAILABLE (streams in-band, unary calls
+  retried elsewhere), whatever grpc-core's own ping timeouts do (issue 13.4).
+
+A supervisor restarts either task after any exception, with backoff, and logs it.
+New calls go only to usable endpoints (SERVING, answering, breaker not open), chosen by
 power-of-two-choices on outstanding calls, so a slow replica receives less work. Calls
-in flight on an endpoint that turns unhealthy are left to finish.
+in flight on an endpoint that reports NOT_SERVING are left to finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -20,11 +34,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interceptors.breaker import BreakerState, CircuitBreaker
 from interceptors.errors import UNAVAILABLE_RETRY_DELAY_S, CircuitOpen, ProxyError, UpstreamUnavailable
+from server.callinfo import current_call
 from server.config import BreakerSettings, UpstreamSettings
 from server.discovery import Discovery, Resolver, system_resolver
 from server.logs import log_event
 
 log = logging.getLogger("aiproxy.upstream")
+
+
+def _current_caller() -> str:
+    """The caller key of the call being forwarded (the breaker counts distinct callers)."""
+    call = current_call.get()
+    return call.caller if call is not None else ""
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 # The longest a call may still run on an endpoint removed from the pool (the agent-run
@@ -32,11 +53,29 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 _RETIRE_GRACE_S = 300.0
 
 
+# Health following restarts after a failure with this backoff (doubling up to the max).
+_SUPERVISE_BACKOFF_S = (0.05, 2.0)
+# While an endpoint does not answer, liveness is checked at least this often, so that it
+# is back within about this long after it answers again.
+_LIVENESS_RECHECK_S = 0.5
+# A call that fails with UNAVAILABLE (a connection that died: ping timeout, reset) asks for
+# a liveness check now instead of at the next interval; at most this often, whatever
+# the failures (an agent that answers UNAVAILABLE to one caller's requests included).
+_LIVENESS_HINT_SPACING_S = 1.0
+
+
 def channel_options(settings: UpstreamSettings) -> list[tuple[str, Any]]:
+    keepalive_timeout_ms = int(settings.keepalive_timeout_s * 1000)
     return [
         # Keepalive pings notice a peer that vanished without closing the connection.
         ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+        # grpc-core waits for a ping's ack for GRPC_ARG_PING_TIMEOUT_MS (default 60 s),
+        # and keepalive_timeout_ms alone is not what applies (grpc/grpc#39239: "keepalive
+        # timeout is never triggered and we solely rely on the ping timeout"); measured
+        # here on grpcio 1.85 with a SIGSTOPped agent: 60 s without it, keepalive_time +
+        # keepalive_timeout with it. The liveness probe does not depend on either.
+        ("grpc.http2.ping_timeout_ms", keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # A replica that comes back is reconnected to within seconds.
@@ -51,8 +90,104 @@ def channel_options(settings: UpstreamSettings) -> list[tuple[str, Any]]:
     ]
 
 
+class _Tracked:
+    __slots__ = ("call", "why")
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.why: str | None = None  # set when the pool fails the call
+
+
+def _unavailable(why: str) -> grpc.aio.AioRpcError:
+    """The error a call failed by the pool ends with: what grpc itself reports for a
+    connection that died (UNAVAILABLE), so retries and the error shape treat it alike."""
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=why)
+
+
+class CallsInFlight:
+    """The calls in flight on one endpoint's data channels, so that the pool can fail
+    them at once when the endpoint stops answering; grpc would otherwise let them wait
+    for their deadline (streams: the idle timeout) on a connection that looks open.
+
+    Its interceptors are the outermost on the endpoint's channels: a failed call is
+    cancelled below them (the breaker sees a cancellation and does not count it) and
+    ends above them with UNAVAILABLE.
+    """
+
+    def __init__(self, on_unavailable: Callable[[], None] = lambda: None) -> None:
+        self._calls: set[_Tracked] = set()
+        # Told when a call fails with UNAVAILABLE by itself (the liveness probe's hint).
+        self.on_unavailable = on_unavailable
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def fail_all(self, why: str) -> int:
+        """Cancel every call in flight; each ends with UNAVAILABLE `why`. How many."""
+        calls, self._calls = self._calls, set()
+        for entry in calls:
+            entry.why = why
+            entry.call.cancel()
+        return len(calls)
+
+    def _track(self, call: Any) -> _Tracked:
+        entry = _Tracked(call)
+        self._calls.add(entry)
+        # Also when nobody ever reads the call (a stream closed before its first read).
+        call.add_done_callback(lambda _call: self._calls.discard(entry))
+        return entry
+
+    def _ended_badly(self, entry: _Tracked, exc: BaseException) -> None:
+        """Raise UNAVAILABLE for a call the pool failed; hint at an UNAVAILABLE of its own."""
+        if entry.why is not None:
+            raise _unavailable(entry.why) from None
+        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.UNAVAILABLE:
+            self.on_unavailable()
+
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        # One object per call type: grpc.aio files an interceptor under the first
+        # client-interceptor type it is an instance of (see interceptors/upstream_breaker.py).
+        return [_TrackUnary(self), _TrackStream(self)]
+
+
+class _TrackUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, calls: CallsInFlight) -> None:
+        self._calls = calls
+
+    async def intercept_unary_unary(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
+        call = await continuation(client_call_details, request)
+        entry = self._calls._track(call)
+        try:
+            await call
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
+            self._calls._ended_badly(entry, exc)
+            raise
+        finally:
+            self._calls._calls.discard(entry)
+        return call
+
+
+class _TrackStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, calls: CallsInFlight) -> None:
+        self._calls = calls
+
+    async def intercept_unary_stream(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
+        call = await continuation(client_call_details, request)
+        return self._relay(call, self._calls._track(call))
+
+    async def _relay(self, call: Any, entry: _Tracked) -> AsyncIterator[Any]:
+        try:
+            async for response in call:
+                yield response
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
+            self._calls._ended_badly(entry, exc)
+            raise
+        finally:
+            self._calls._calls.discard(entry)
+
+
 class Endpoint:
-    """One upstream replica: its channel, its health, its outstanding calls."""
+    """One upstream replica: its channels, its health, its outstanding calls."""
 
     def __init__(
         self,
@@ -69,36 +204,58 @@ class Endpoint:
         self._settings = settings
         self._on_change = on_change
         self.breaker = breaker
+        self._probe_now = asyncio.Event()
+        self.calls = CallsInFlight(on_unavailable=self._probe_now.set)
         options = [*channel_options(settings), *extra_options]
-        self.channels = [
-            grpc.aio.insecure_channel(address, options=options, interceptors=list(interceptors))
-            if credentials is None
-            else grpc.aio.secure_channel(address, credentials, options=options, interceptors=list(interceptors))
-            for _ in range(settings.channels_per_endpoint)
-        ]
+        chain = [*self.calls.interceptors(), *interceptors]
+        self.channels = [self._channel(options, chain, credentials) for _ in range(settings.channels_per_endpoint)]
+        # Health and liveness: their own connection, no interceptors (no breaker, no
+        # client metrics: probes are not traffic).
+        self.health_channel = self._channel(options, [], credentials)
         self._next_channel = 0
         self.serving = False
+        # Answered its last liveness check (a fresh endpoint is presumed to: Watch
+        # decides when it is first used).
+        self.live = True
         self.in_flight = 0
         self.total_calls = 0
         self._callables: dict[tuple[str, bool, int], Any] = {}
-        self._watch_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _channel(
+        self,
+        options: list[tuple[str, Any]],
+        chain: list[grpc.aio.ClientInterceptor],
+        credentials: grpc.ChannelCredentials | None,
+    ) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(self.address, options=options, interceptors=chain)
+        return grpc.aio.secure_channel(self.address, credentials, options=options, interceptors=chain)
+
+    @property
+    def healthy(self) -> bool:
+        """SERVING and answering: the endpoint could take calls (its breaker aside)."""
+        return self.serving and self.live
 
     @property
     def usable(self) -> bool:
         """New calls may come here: healthy, and its breaker is not open."""
-        return self.serving and (self.breaker is None or self.breaker.state is not BreakerState.OPEN)
+        return self.healthy and (self.breaker is None or self.breaker.state is not BreakerState.OPEN)
 
     def breaker_changed(self) -> None:
         self._on_change(self)
 
     def start(self) -> None:
-        self._watch_task = asyncio.create_task(self._follow_health(), name=f"health:{self.address}")
+        self._tasks = [
+            asyncio.create_task(self._supervise("health", self._follow_health), name=f"health:{self.address}"),
+            asyncio.create_task(self._supervise("liveness", self._probe_liveness), name=f"liveness:{self.address}"),
+        ]
 
     async def close(self, grace: float | None = None) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            await asyncio.gather(self._watch_task, return_exceptions=True)
-        await asyncio.gather(*(channel.close(grace) for channel in self.channels))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(channel.close(grace) for channel in self.channels), self.health_channel.close())
 
     def _channel_index(self) -> int:
         index = self._next_channel
@@ -134,6 +291,7 @@ class Endpoint:
         return {
             "address": self.address,
             "serving": self.serving,
+            "live": self.live,
             "usable": self.usable,
             "in_flight": self.in_flight,
             "breaker": None if self.breaker is None else self.breaker.state.name,
@@ -145,10 +303,49 @@ class Endpoint:
             return
         self.serving = serving
         log_event(log, "upstream_health", address=self.address, serving=serving, why=why)
+        self._recovered_if_healthy()
         self._on_change(self)
 
+    def _recovered_if_healthy(self) -> None:
+        if self.healthy and self.breaker is not None:
+            self.breaker.endpoint_recovered()
+
+    def _set_live(self, live: bool, why: str) -> None:
+        if live == self.live:
+            return
+        self.live = live
+        log_event(
+            log, "upstream_liveness", level=logging.INFO if live else logging.WARNING,
+            address=self.address, live=live, why=why,
+        )
+        self._recovered_if_healthy()
+        self._on_change(self)
+
+    async def _supervise(self, what: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run `run` for the endpoint's whole life: restart it, with backoff, whatever
+        it raises (a task that ended would leave the endpoint's state frozen)."""
+        loop = asyncio.get_running_loop()
+        low, high = _SUPERVISE_BACKOFF_S
+        backoff = low
+        while True:
+            started = loop.time()
+            try:
+                await run()
+                why = "ended"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - anything at all: restart
+                why = type(exc).__name__
+            if what == "health":
+                self._set_serving(False, f"health following restarts: {why}")
+            log_event(log, "upstream_task_restart", level=logging.WARNING, address=self.address, task=what, why=why)
+            if loop.time() - started > high:
+                backoff = low  # it had been running fine: restart quickly
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, high)
+
     async def _follow_health(self) -> None:
-        stub = health_pb2_grpc.HealthStub(self.channels[0])
+        stub = health_pb2_grpc.HealthStub(self.health_channel)
         request = health_pb2.HealthCheckRequest(service=self._settings.health_service)
         backoff = 0.05
         while True:
@@ -177,6 +374,48 @@ class Endpoint:
             except grpc.aio.AioRpcError as exc:
                 self._set_serving(False, f"check failed: {exc.code().name}")
             await asyncio.sleep(interval)
+
+    async def _probe_liveness(self) -> None:
+        """A health Check with a keepalive_timeout_s deadline every keepalive_time_s.
+
+        Any answer (even NOT_SERVING or UNIMPLEMENTED) means the process answers. No
+        answer in time means it is hung: new calls avoid it and the calls in flight on
+        it fail now with UNAVAILABLE instead of waiting out their deadlines. A refused
+        connection (UNAVAILABLE) only takes it out of the pool: grpc fails the calls on
+        a connection that closed by itself. A call failing with UNAVAILABLE brings the
+        next check forward (grpc's ping timeout often fails a hung endpoint's streams
+        first; new calls must stop going there as soon, not at the next interval).
+        """
+        stub = health_pb2_grpc.HealthStub(self.health_channel)
+        request = health_pb2.HealthCheckRequest(service=self._settings.health_service)
+        interval = self._settings.keepalive_time_s
+        timeout = self._settings.keepalive_timeout_s
+        spacing = min(_LIVENESS_HINT_SPACING_S, interval)
+        while True:
+            delay = interval if self.live else min(interval, _LIVENESS_RECHECK_S)
+            await asyncio.sleep(min(spacing, delay))
+            if delay > spacing:  # early on a hint: a call just failed with UNAVAILABLE
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._probe_now.wait(), delay - spacing)
+            self._probe_now.clear()
+            try:
+                await stub.Check(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self._set_live(False, f"no health answer within {timeout:g} s")
+                    # Every time, not only on the first miss: whatever is still in flight
+                    # on a process that does not answer will not finish.
+                    failed = self.calls.fail_all("upstream stopped answering")
+                    if failed:
+                        log_event(
+                            log, "upstream_calls_failed", level=logging.WARNING, address=self.address, calls=failed
+                        )
+                    continue
+                if code is grpc.StatusCode.UNAVAILABLE:
+                    self._set_live(False, "unreachable")
+                    continue
+            self._set_live(True, "answered")
 
 
 class UpstreamPool:
@@ -242,10 +481,12 @@ class UpstreamPool:
             b = self._breaker_settings
             breaker = CircuitBreaker(
                 address,
-                failure_threshold=b.failure_threshold,
                 failure_ratio=b.failure_ratio,
                 window_s=b.window_s,
                 min_volume=b.min_volume,
+                min_failing_callers=b.min_failing_callers,
+                failure_codes=frozenset(grpc.StatusCode[name] for name in b.failure_codes),
+                caller=_current_caller,
                 reset_timeout_s=b.reset_timeout_s,
                 half_open_max_probes=b.half_open_max_probes,
                 success_threshold=b.success_threshold,
@@ -306,7 +547,7 @@ class UpstreamPool:
         open_breakers = [
             ep.breaker
             for ep in self.endpoints.values()
-            if ep.serving and ep.breaker is not None and ep.breaker.state is BreakerState.OPEN
+            if ep.healthy and ep.breaker is not None and ep.breaker.state is BreakerState.OPEN
         ]
         if open_breakers:
             return CircuitOpen(
@@ -324,6 +565,12 @@ class UpstreamPool:
     @property
     def usable_count(self) -> int:
         return len(self._usable)
+
+    @property
+    def healthy_count(self) -> int:
+        """Endpoints SERVING and answering, whatever their breakers say: what the
+        proxy's readiness follows (server/health.py)."""
+        return sum(1 for ep in self.endpoints.values() if ep.healthy)
 
     def pick(self, exclude: frozenset[str] | set[str] = frozenset()) -> Endpoint | None:
         """Power of two choices on outstanding calls among usable endpoints.

@@ -22,10 +22,14 @@ from tests.support.grpc_helpers import stub
 SERVICE = "ai.agent.v1.AgentService"
 # Never logged: the access log must not carry prompt text.
 PROMPT = "confidential prompt text 7f3a"
-# Breaker opens after 3 consecutive upstream failures and stays open for the test; one
+# Breaker opens on the second upstream UNAVAILABLE and stays open for the test; one
 # attempt per call, so every count below is exact; no coalescing, so chunks are 1:1.
 PROXY_ENV = {
-    "AIPROXY_BREAKER__FAILURE_THRESHOLD": "3",
+    # Opens on the second UNAVAILABLE of drive() (2 of 6 settled calls; RESOURCE_EXHAUSTED
+    # does not count), from its one caller.
+    "AIPROXY_BREAKER__MIN_VOLUME": "2",
+    "AIPROXY_BREAKER__MIN_FAILING_CALLERS": "1",
+    "AIPROXY_BREAKER__FAILURE_RATIO": "0.3",
     "AIPROXY_BREAKER__RESET_TIMEOUT_S": "300",
     "AIPROXY_RETRY__MAX_ATTEMPTS": "1",
     "AIPROXY_STREAM__COALESCE": "false",
@@ -160,8 +164,9 @@ async def test_metrics_after_known_traffic(agent, proxy) -> None:
         ("Generate", SERVICE, "UNARY"): 3,
         ("StreamGenerate", SERVICE, "SERVER_STREAMING"): n_chunks,
     }
-    # The pool's health Watch streams are client RPCs too, under their own labels.
-    assert any(labels["grpc_method"] == "Watch" for labels, _ in m["grpc_client_started_total"])
+    # The pool's health Watch and liveness Checks run on a plain channel of their own (no
+    # breaker, no client metrics): probes are not upstream traffic (server/upstream.py).
+    assert not any(labels["grpc_method"] in ("Watch", "Check") for labels, _ in m["grpc_client_started_total"])
 
     upstream = agent.address
     assert m["ai_proxy_circuit_breaker_state"] == [({"upstream": upstream}, 2.0)]
@@ -249,7 +254,7 @@ def gauge(address: str, name: str, upstream: str) -> float | None:
 async def test_breaker_gauge_follows_open_half_open_closed(spawn, agent) -> None:
     proxy = spawn(
         *proxy_args(agent.address),
-        env={**PROXY_ENV, "AIPROXY_BREAKER__FAILURE_THRESHOLD": "2", "AIPROXY_BREAKER__RESET_TIMEOUT_S": "1"},
+        env={**PROXY_ENV, "AIPROXY_BREAKER__MIN_VOLUME": "2", "AIPROXY_BREAKER__MIN_FAILING_CALLERS": "1", "AIPROXY_BREAKER__RESET_TIMEOUT_S": "1"},
         name="proxy",
     )
     metrics = proxy.ready["metrics_address"]

@@ -130,3 +130,41 @@ async def test_admin_lists_endpoints_with_breaker_state(replicas, pool_proxy) ->
     for ep in listed.values():
         assert ep.serving and ep.usable
         assert ep.breaker_state == admin_pb.BREAKER_STATE_CLOSED
+
+
+async def test_health_tasks_are_supervised_and_restart_after_any_exception(caplog) -> None:
+    """Whatever a health task raises (the old one died on CircuitOpen and froze the
+    endpoint as "not serving" for good), the supervisor logs it and runs it again."""
+    import logging
+
+    from server.config import UpstreamSettings
+    from server.upstream import Endpoint
+
+    endpoint = Endpoint("127.0.0.1:1", UpstreamSettings(endpoints=["127.0.0.1:1"]), lambda _ep: None)
+    runs = 0
+    healthy_again = asyncio.Event()
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise RuntimeError("a bug")
+        if runs == 2:
+            raise grpc.aio.UsageError("closed channel")  # not an AioRpcError either
+        if runs == 3:
+            return  # ended by itself
+        endpoint._set_serving(True, "watch")
+        healthy_again.set()
+        await asyncio.Event().wait()
+
+    with caplog.at_level(logging.WARNING, logger="aiproxy.upstream"):
+        task = asyncio.create_task(endpoint._supervise("health", flaky))
+        try:
+            await asyncio.wait_for(healthy_again.wait(), 5)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await endpoint.close()
+    assert runs == 4 and endpoint.serving
+    restarts = [r for r in caplog.records if r.getMessage() == "upstream_task_restart"]
+    assert [r.fields["why"] for r in restarts] == ["RuntimeError", "UsageError", "ended"]  # type: ignore[attr-defined]

@@ -21,7 +21,7 @@ from ai.proxy.v1 import admin_service_pb2 as admin_pb
 from interceptors.errors import DOMAIN
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_pool import endpoints
-from tests.support.grpc_helpers import stub
+from tests.support.grpc_helpers import SERVING, health_status, stub
 
 PROMPT = pb.GenerateRequest(prompt="protect me", options=pb.GenerationOptions(max_tokens=4))
 STREAM_PROMPT = pb.StreamGenerateRequest(prompt="stream for me", options=pb.GenerationOptions(max_tokens=8))
@@ -135,6 +135,11 @@ async def wait_breaker(channel, address: str, state: int, timeout: float = 5.0) 
     raise AssertionError(f"breaker of {address} never reached {admin_pb.BreakerState.Name(state)}")
 
 
+def caller(i: int | str) -> tuple[str, str]:
+    """Metadata that makes a call come from caller `i` (the limits key it "client:<id>")."""
+    return ("x-client-id", f"caller-{i}")
+
+
 # ---- circuit breaker ----------------------------------------------------------------
 
 
@@ -143,7 +148,8 @@ async def test_breaker_opens_rejects_half_open_admits_exact_probes_then_closes(s
     proxy = spawn(
         *proxy_args(agent.address),
         env=env(
-            breaker__failure_threshold=3,
+            breaker__min_volume=3,
+            breaker__min_failing_callers=3,
             breaker__reset_timeout_s=0.5,
             breaker__half_open_max_probes=2,
             breaker__success_threshold=2,
@@ -154,8 +160,8 @@ async def test_breaker_opens_rejects_half_open_admits_exact_probes_then_closes(s
     fail = (("x-fault-code", "UNAVAILABLE"),)
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         api = stub(channel)
-        for _ in range(3):
-            err = await call_error(api.Generate(PROMPT, metadata=fail, timeout=5))
+        for i in range(3):  # three callers: an outage, not one caller's requests
+            err = await call_error(api.Generate(PROMPT, metadata=(*fail, caller(i)), timeout=5))
             r = rich(err)
             assert (r.code, r.reason) == (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE")
             assert r.metadata == {"upstreamCode": "UNAVAILABLE"} and r.retry_delay_s == 1.0
@@ -183,11 +189,14 @@ async def test_breaker_opens_rejects_half_open_admits_exact_probes_then_closes(s
         assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_CLOSED
         await api.Generate(PROMPT, timeout=5)
 
-        # A failed probe re-opens it.
-        for _ in range(3):
-            await call_error(api.Generate(PROMPT, metadata=fail, timeout=5))
+        # Probes failing for three callers re-open it (one caller's only free the slot).
+        for i in range(3):
+            await call_error(api.Generate(PROMPT, metadata=(*fail, caller(i)), timeout=5))
         await wait_breaker(channel, agent.address, admin_pb.BREAKER_STATE_HALF_OPEN)
-        await call_error(api.Generate(PROMPT, metadata=fail, timeout=5))
+        for i in range(3):
+            await call_error(api.Generate(PROMPT, metadata=(*fail, caller(i)), timeout=5))
+            if i < 2:
+                assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_HALF_OPEN
         assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_OPEN
         assert rich(await call_error(api.Generate(PROMPT, timeout=5))).reason == "CIRCUIT_OPEN"
     transitions = [(e["old"], e["new"]) for e in proxy.log_events("breaker_transition")]
@@ -206,14 +215,16 @@ async def test_failing_streams_open_the_breaker_and_are_then_refused(after, spaw
     agent = spawn(*agent_args(), name="agent")
     proxy = spawn(
         *proxy_args(agent.address),
-        env=env(breaker__failure_threshold=3, breaker__reset_timeout_s=30, retry__max_attempts=1),
+        env=env(
+            breaker__min_volume=3, breaker__min_failing_callers=3, breaker__reset_timeout_s=30, retry__max_attempts=1
+        ),
         name="proxy",
     )
     fail = (("x-fault-code", "UNAVAILABLE"), ("x-fault-after", after))
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         api = stub(channel)
-        for _ in range(3):
-            _, err = await read_stream(api.StreamGenerate(STREAM_PROMPT, metadata=fail, timeout=5))
+        for i in range(3):
+            _, err = await read_stream(api.StreamGenerate(STREAM_PROMPT, metadata=(*fail, caller(i)), timeout=5))
             assert rich(err).reason == "UPSTREAM_UNAVAILABLE"
         assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_OPEN
         sent = len(started_ids(agent))
@@ -224,12 +235,100 @@ async def test_failing_streams_open_the_breaker_and_are_then_refused(after, spaw
 
 async def test_callers_own_errors_never_open_the_breaker(spawn) -> None:
     agent = spawn(*agent_args(), name="agent")
-    proxy = spawn(*proxy_args(agent.address), env=env(breaker__failure_threshold=2), name="proxy")
+    proxy = spawn(
+        *proxy_args(agent.address), env=env(breaker__min_volume=2, breaker__min_failing_callers=1), name="proxy"
+    )
     async with grpc.aio.insecure_channel(proxy.address) as channel:
-        for _ in range(5):
-            err = await call_error(stub(channel).Generate(PROMPT, metadata=(("x-fault-code", "INVALID_ARGUMENT"),), timeout=5))
+        for i in range(5):
+            metadata = (("x-fault-code", "INVALID_ARGUMENT"), caller(i))
+            err = await call_error(stub(channel).Generate(PROMPT, metadata=metadata, timeout=5))
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_CLOSED
+
+
+HOSTILE_CALC = pb.ExecuteAgentRequest(
+    agent_type=pb.AGENT_TYPE_ANALYSIS, task="compute 4294967296**40", tools=["calculator"]
+)
+
+
+async def test_the_calculator_overflow_is_a_tool_error_not_internal(spawn) -> None:
+    """The issue's trigger: the agent raised OverflowError into a Struct (INTERNAL)."""
+    agent = spawn(*agent_args(), name="agent")
+    proxy = spawn(*proxy_args(agent.address), name="proxy")
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        for _ in range(10):
+            reply = await stub(channel).ExecuteAgent(HOSTILE_CALC, timeout=10)
+            (tool_call,) = reply.tool_calls
+            assert tool_call.error == "result too large" and not tool_call.HasField("result")
+        assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_CLOSED
+    assert not [e for e in agent.log_events("call_finished") if e["code"] != "OK"]
+
+
+HOSTILE_FAULTS = {
+    # One caller whose requests make the agent fail, unary and mid-stream, with the
+    # request-specific code and with the endpoint-wide one.
+    "unary-internal": (False, (("x-fault-code", "INTERNAL"),)),
+    "unary-unavailable": (False, (("x-fault-code", "UNAVAILABLE"),)),
+    "stream-mid-internal": (True, (("x-fault-code", "INTERNAL"), ("x-fault-after", "2"))),
+    "stream-mid-unavailable": (True, (("x-fault-code", "UNAVAILABLE"), ("x-fault-after", "2"))),
+}
+
+
+@pytest.mark.parametrize("fault", list(HOSTILE_FAULTS))
+async def test_one_hostile_caller_cannot_open_the_breaker_for_everyone(fault, spawn) -> None:
+    """Default breaker settings; the hostile caller hammers its failing request (200
+    calls, far past the old 5-in-a-row) while another caller keeps working."""
+    streaming, faults = HOSTILE_FAULTS[fault]
+    agent = spawn(*agent_args(), name="agent")
+    proxy = spawn(*proxy_args(agent.address), env=env(retry__max_attempts=1, stream__coalesce="false"), name="proxy")
+    hostile = (*faults, ("x-client-id", "hostile"))
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        api = stub(channel)
+
+        async def attack() -> int:
+            failed = 0
+            for _ in range(200):
+                if streaming:
+                    chunks, err = await read_stream(api.StreamGenerate(STREAM_PROMPT, metadata=hostile, timeout=10))
+                    # Failed mid-stream: two deltas, then the error in-band as the final chunk.
+                    assert len(chunks) == 3 and chunks[-1].is_final and chunks[-1].error.code
+                else:
+                    err = await call_error(api.Generate(PROMPT, metadata=hostile, timeout=10))
+                assert err is not None
+                failed += 1
+            return failed
+
+        async def legit() -> int:
+            ok = 0
+            for _ in range(40):
+                await api.Generate(PROMPT, metadata=(caller("legit"),), timeout=10)
+                ok += 1
+                await asyncio.sleep(0.01)
+            return ok
+
+        failed, ok = await asyncio.gather(attack(), legit())
+        assert (failed, ok) == (200, 40)
+        assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_CLOSED
+        assert await health_status(channel, "ai.agent.v1.AgentService") == SERVING
+    assert proxy.log_events("breaker_transition") == []
+
+
+async def test_an_outage_for_every_caller_still_opens_it_and_the_proxy_stays_ready(spawn) -> None:
+    """Default breaker settings; four callers all get UNAVAILABLE: the breaker opens. The
+    proxy keeps reporting SERVING (its endpoint is healthy, and calls are answered at once
+    with CIRCUIT_OPEN) instead of being ejected by the balancer in front."""
+    agent = spawn(*agent_args(), name="agent")
+    proxy = spawn(*proxy_args(agent.address), env=env(retry__max_attempts=1), name="proxy")
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        api = stub(channel)
+        failing = (("x-fault-code", "UNAVAILABLE"),)
+        for i in range(20):
+            err = await call_error(api.Generate(PROMPT, metadata=(*failing, caller(i % 4)), timeout=5))
+            assert rich(err).reason == "UPSTREAM_UNAVAILABLE"
+        assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_OPEN
+        r = rich(await call_error(api.Generate(PROMPT, metadata=(caller("other"),), timeout=5)))
+        assert r.reason == "CIRCUIT_OPEN" and r.retry_delay_s is not None and r.retry_delay_s > 0
+        assert await health_status(channel, "ai.agent.v1.AgentService") == SERVING
 
 
 # ---- retries --------------------------------------------------------------------------

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 
 from agent import faults, textgen
 from agent.agents import AgentKind, RunStatus, run_agent
 from agent.errors import InvalidArgument
 from agent.rag import Corpus
 from agent.sessions import SessionStore
-from agent.tools import ToolError, build_tools, evaluate
+from agent.tools import ToolError, build_tools, evaluate, struct_safe
 
 # --- textgen --------------------------------------------------------------------------
 
@@ -149,6 +153,82 @@ def test_agent_run_plans_steps_and_calls_tools(corpus: Corpus) -> None:
         failed.tool_calls[0].result is None
         and "no arithmetic expression" in failed.tool_calls[0].error
     )
+
+
+# Input a caller controls that once escaped a tool as an exception (OverflowError from
+# the Struct, RecursionError from the parser) and made the agent answer INTERNAL.
+HOSTILE_EXPRESSIONS = [
+    "4294967296**40",  # a 1281-bit int: valid Python, beyond a double (the Struct's numbers)
+    "(2**64)**16",
+    "9**64/7",
+    "999999999999.5**64",
+    "7/0",
+    "7//0",
+    "7%0.0",
+    "0**-1",
+    "(-8)**0.5",
+    "(" * 90 + "1" + ")" * 90,
+    "-" * 150 + "1",
+    "2**" * 60 + "1",
+    "(2**4000)/3",
+]
+
+
+@pytest.mark.parametrize("expression", HOSTILE_EXPRESSIONS)
+def test_calculator_out_of_range_is_a_tool_error_and_the_run_travels(
+    expression: str, corpus: Corpus
+) -> None:
+    try:
+        value = evaluate(expression)
+    except ToolError:
+        pass
+    else:  # fine if it is a number a Struct carries
+        struct_pb2.Value(number_value=float(value))
+    run = run_agent(
+        AgentKind.ANALYSIS, "compute it", {"expression": expression}, ["calculator"],
+        build_tools(corpus), model="m",
+    )
+    (call,) = run.tool_calls
+    # What the servicer does with every tool call: both sides must fit a Struct.
+    struct_pb2.Struct().update(call.arguments)
+    if call.result is not None:
+        struct_pb2.Struct().update(call.result)
+    else:
+        assert call.error and "Traceback" not in call.error
+    assert run.status is RunStatus.COMPLETED and run.result.text
+
+
+def test_struct_safe_refuses_what_a_struct_cannot_carry() -> None:
+    assert struct_safe({"a": [1, 2.5, "x", None, True], 3: {"b": 2**60}}) == {
+        "a": [1, 2.5, "x", None, True],
+        "3": {"b": 2**60},
+    }
+    for bad in ({"v": 2**2000}, {"v": math.inf}, {"v": math.nan}, {"v": object()}):
+        with pytest.raises(ToolError):
+            struct_safe(bad)
+
+
+def test_a_tool_that_crashes_is_that_calls_error_not_the_runs(corpus: Corpus) -> None:
+    tools = dict(build_tools(corpus))
+
+    def broken(_args: dict) -> dict:
+        raise RuntimeError("secret internals: task text here")
+
+    def weird_result(_args: dict) -> dict:
+        return {"value": 10**400}
+
+    tools["calculator"] = dataclasses.replace(tools["calculator"], run=broken)
+    tools["word_count"] = dataclasses.replace(tools["word_count"], run=weird_result)
+    tools["search"] = dataclasses.replace(tools["search"], arguments=lambda _t, _c: {})  # thought needs {query}
+    run = run_agent(
+        AgentKind.REVIEW, "1+1", {}, ["calculator", "word_count", "search"], tools, model="m",
+        max_steps=10,
+    )
+    calc, words, search = run.tool_calls
+    assert calc.result is None and calc.error == "the tool failed"  # no internals
+    assert words.result is None and words.error == "result too large"
+    assert run.status is RunStatus.COMPLETED
+    assert "secret internals" not in run.result.text
 
 
 def test_agent_types_reason_differently(corpus: Corpus) -> None:
