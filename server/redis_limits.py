@@ -1,0 +1,517 @@
+"""The shared limits backend: every worker and replica keeps its limit state in one Redis.
+
+Each admission is one atomic Lua script, so one round trip and no check-then-use race
+between processes; the scripts read Redis's own clock (`TIME`), so processes whose clocks
+disagree still share one bucket. Scripts are registered once (`register_script`: EVALSHA,
+and EVAL again after a NOSCRIPT, e.g. when Redis restarted). Every key has an expiry:
+a request bucket lives until it would be full again, a stream-lease set until its last
+lease expires, a day counter until the day is over (plus an hour for late settles), so
+idle callers cost nothing. All keys live in one Redis (no Cluster: a token reservation
+touches the caller's bucket and the tenant's counter in one script).
+
+Failure policy. Every Redis call is bounded by `timeout_s` (a few ms). The first call
+that fails or times out turns the store `degraded` (one log line, one `on_state(False)`);
+while degraded no call touches Redis, so none waits; a background probe PINGs every
+`probe_interval_s` and turns it `healthy` again (one log line, `on_state(True)`). While
+degraded, the policy decides:
+
+- `fail_open`: each process limits from a local MemoryLimitStore at limit/N (N =
+  `processes`, the expected process count; rounded up), so the fleet stays near the
+  configured limit while Redis is away;
+- `fail_closed`: calls raise LimitsUnavailable (UNAVAILABLE, RetryInfo of one probe
+  interval).
+
+Settles that could not reach Redis are kept (bounded) and replayed on recovery; settling
+is idempotent in Redis (the reservation key is deleted by the first settle), so a replay
+of a settle that did arrive counts once.
+
+Stream leases: a sorted set per caller key, member = lease id, score = expiry (Redis ms).
+The store renews all leases it holds in one pipelined batch every `lease_ttl_s / 3`; a
+process that dies stops renewing and its leases lapse within `lease_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import math
+import uuid
+from collections.abc import Callable
+from typing import Any, Final, Literal
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from core.limitstore import (
+    TOKENS_PER_DAY,
+    TOKENS_PER_MINUTE,
+    LimitsUnavailable,
+    MemoryLimitStore,
+    Reservation,
+    StreamLease,
+    TokenBudget,
+    TokenLimits,
+    TokenRejection,
+)
+from interceptors.ratelimit import Decision, LimitSpec
+
+log = logging.getLogger("aiproxy.limits")
+
+Policy = Literal["fail_open", "fail_closed"]
+BACKEND: Final = "redis"
+_FALLBACK: Final = "fallback"
+_MAX_PENDING_SETTLES: Final = 10_000
+# What fails a Redis call: the client's errors, the socket's, and our bounded wait.
+_FAILURES: Final = (RedisError, OSError, TimeoutError)
+
+# Lua numbers print with 14 significant digits by default, which would round a
+# microsecond timestamp (16 digits): state is written with %.17g.
+_RATE_LUA: Final = """
+local rate = tonumber(ARGV[1]) / 1000000
+local burst = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local v = redis.call('HMGET', KEYS[1], 't', 's')
+local tokens, stamp = tonumber(v[1]), tonumber(v[2])
+if tokens == nil or stamp == nil then tokens = burst; stamp = now end
+if now > stamp then tokens = tokens + (now - stamp) * rate; stamp = now end
+if tokens > burst then tokens = burst end
+local allowed, retry = 0, 0
+if tokens + 1e-9 >= n then
+  tokens = tokens - n
+  if tokens < 0 then tokens = 0 end
+  allowed = 1
+else
+  retry = math.ceil((n - tokens) / rate)
+end
+local reset = math.ceil((burst - tokens) / rate)
+redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 's', string.format('%.17g', stamp))
+redis.call('PEXPIRE', KEYS[1], math.floor(reset / 1000) + 1)
+return {allowed, math.floor(tokens + 1e-9), retry, reset}
+"""
+
+# Acquire and renew are one script: re-adding a member that is still there renews it;
+# a member that lapsed (e.g. Redis was away) gets its slot back only if there is room.
+_LEASE_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[3]) then
+  if redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
+end
+redis.call('ZADD', KEYS[1], string.format('%.17g', now + ttl), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+# The per-minute token bucket may be in debt (level < 0) after a call used more than
+# it reserved; a reservation needs min(amount, capacity) tokens, so an amount larger
+# than the capacity is admitted on a full bucket instead of never.
+_TPM_READ_LUA: Final = """
+local function tpm_read(key, pm, now)
+  local v = redis.call('HMGET', key, 'l', 's')
+  local level, stamp = tonumber(v[1]), tonumber(v[2])
+  if level == nil or stamp == nil then level = pm; stamp = now end
+  if now > stamp then level = level + (now - stamp) * pm / 60000000; stamp = now end
+  if level > pm then level = pm end
+  return level
+end
+local function tpm_write(key, pm, level, now)
+  redis.call('HSET', key, 'l', string.format('%.17g', level), 's', string.format('%.17g', now))
+  redis.call('PEXPIRE', key, math.floor((pm - level) * 60 / pm) + 1)
+end
+"""
+
+_RESERVE_LUA: Final = (
+    _TPM_READ_LUA
+    + """
+local amount, pm, pd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now = sec * 1000000 + tonumber(t[2])
+local day = math.floor(sec / 86400)
+local day_reset = (day + 1) * 86400000000 - now
+local dkey = KEYS[2] .. ':' .. day
+local level, minute_wait = 0, 0
+if pm > 0 then
+  level = tpm_read(KEYS[1], pm, now)
+  local need = math.min(amount, pm)
+  if level + 1e-9 < need then minute_wait = math.ceil((need - level) * 60000000 / pm) end
+end
+local used, day_wait = 0, 0
+if pd > 0 then
+  used = tonumber(redis.call('GET', dkey) or '0')
+  if used + math.min(amount, pd) > pd then day_wait = day_reset end
+end
+local ok, quota = 1, 0
+if minute_wait > 0 or day_wait > 0 then
+  ok = 0
+  if day_wait >= minute_wait then quota = 2 else quota = 1 end
+else
+  if pm > 0 then
+    level = level - amount
+    tpm_write(KEYS[1], pm, level, now)
+  end
+  if pd > 0 then
+    used = redis.call('INCRBY', dkey, amount)
+    redis.call('PEXPIRE', dkey, math.floor(day_reset / 1000) + 3600000)
+  end
+  redis.call('SET', KEYS[3], string.format('%d:%d', amount, day), 'PX', ARGV[4])
+end
+local minute_reset = 0
+if pm > 0 then minute_reset = math.ceil((pm - level) * 60000000 / pm) end
+return {ok, quota, math.max(minute_wait, day_wait), math.floor(level + 1e-9), minute_reset,
+        pd - used, day_reset, day}
+"""
+)
+
+# Deleting the reservation key is what makes a settle count once.
+_SETTLE_LUA: Final = (
+    _TPM_READ_LUA
+    + """
+local v = redis.call('GET', KEYS[3])
+if not v then return 0 end
+redis.call('DEL', KEYS[3])
+local sep = string.find(v, ':', 1, true)
+local reserved, day = tonumber(string.sub(v, 1, sep - 1)), string.sub(v, sep + 1)
+local delta = tonumber(ARGV[1]) - reserved
+if delta == 0 then return 1 end
+local pm, pd = tonumber(ARGV[2]), tonumber(ARGV[3])
+if pm > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local level = tpm_read(KEYS[1], pm, now) - delta
+  if level > pm then level = pm end
+  tpm_write(KEYS[1], pm, level, now)
+end
+if pd > 0 then
+  local dkey = KEYS[2] .. ':' .. day
+  if redis.call('EXISTS', dkey) == 1 then
+    if redis.call('INCRBY', dkey, delta) < 0 then redis.call('SET', dkey, 0, 'KEEPTTL') end
+  end
+end
+return 1
+"""
+)
+
+
+def client_from_url(url: str, *, connect_timeout_s: float = 1.0, **kwargs: Any) -> aioredis.Redis:
+    """A redis.asyncio client for `url` (redis://, rediss://, unix://) that never retries
+    by itself (the store bounds and handles every failure) and never waits long to connect."""
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=connect_timeout_s,
+        socket_timeout=None,  # the store's own bounded wait applies to each call
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+        **kwargs,
+    )
+    return client
+
+
+class RedisLimitStore:
+    """The LimitStore on Redis. See the module docstring for keys, scripts and failures."""
+
+    local: Final = False
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = "aiproxy:limits:",
+        timeout_s: float = 0.01,
+        policy: Policy = "fail_open",
+        processes: int = 1,
+        lease_ttl_s: float = 10.0,
+        reservation_ttl_s: float = 3600.0,
+        probe_interval_s: float = 0.5,
+        probe_timeout_s: float = 0.5,
+        on_state: Callable[[bool], None] | None = None,
+        fallback: MemoryLimitStore | None = None,
+    ) -> None:
+        if policy not in ("fail_open", "fail_closed"):
+            raise ValueError(f"policy must be fail_open or fail_closed, got {policy!r}")
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, got {processes}")
+        if not timeout_s > 0 or not lease_ttl_s > 0 or not probe_interval_s > 0:
+            raise ValueError("timeout_s, lease_ttl_s and probe_interval_s must be positive")
+        self._client = client
+        self._prefix = prefix
+        self._timeout = timeout_s
+        self.policy: Policy = policy
+        self._processes = processes
+        self._lease_ttl_ms = max(1, round(lease_ttl_s * 1000))
+        self._renew_every = lease_ttl_s / 3
+        self._rsv_ttl_ms = max(1, round(reservation_ttl_s * 1000))
+        self._probe_every = probe_interval_s
+        self._probe_timeout = max(timeout_s, probe_timeout_s)
+        self._on_state = on_state
+        self._fallback = fallback or MemoryLimitStore(name=_FALLBACK)
+        self._rate = client.register_script(_RATE_LUA)
+        self._lease = client.register_script(_LEASE_LUA)
+        self._reserve = client.register_script(_RESERVE_LUA)
+        self._settle = client.register_script(_SETTLE_LUA)
+        self._token = uuid.uuid4().hex[:16]  # this process's ids never collide with another's
+        self._ids = itertools.count(1)
+        self._held: dict[str, StreamLease] = {}  # lease id -> lease, renewed in batches
+        self._pending: collections.deque[tuple[Reservation, int]] = collections.deque(
+            maxlen=_MAX_PENDING_SETTLES
+        )
+        self._scaled_specs: dict[LimitSpec, LimitSpec] = {}
+        self.healthy = True
+        self._probe_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisLimitStore:
+        return cls(client_from_url(url), **kwargs)
+
+    # -- state transitions
+
+    def _degrade(self, exc: BaseException) -> None:
+        """Called on a failed Redis call: the first one turns the store degraded."""
+        if not self.healthy or self._closed:
+            return
+        self.healthy = False
+        log.warning(
+            "limits store degraded: redis unreachable (%s), policy %s",
+            type(exc).__name__,
+            self.policy,
+            extra={"event": "limits_degraded", "policy": self.policy},
+        )
+        if self._on_state is not None:
+            self._on_state(False)
+        self._probe_task = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._probe_every)
+            try:
+                async with asyncio.timeout(self._probe_timeout):
+                    await self._client.ping()
+            except _FAILURES:
+                continue
+            await self._replay_settles()
+            self.healthy = True
+            log.warning(
+                "limits store healthy: redis reachable again",
+                extra={"event": "limits_recovered", "policy": self.policy},
+            )
+            if self._on_state is not None:
+                self._on_state(True)
+            return
+
+    async def _replay_settles(self) -> None:
+        while self._pending:
+            reservation, actual = self._pending[0]
+            try:
+                async with asyncio.timeout(self._probe_timeout):
+                    await self._run_settle(reservation, actual)
+            except _FAILURES:
+                return  # still flaky: the next recovery replays the rest
+            self._pending.popleft()
+
+    def _unavailable(self) -> LimitsUnavailable:
+        return LimitsUnavailable(retry_delay_s=self._probe_every)
+
+    # -- request rate
+
+    def _scaled(self, spec: LimitSpec) -> LimitSpec:
+        scaled = self._scaled_specs.get(spec)
+        if scaled is None:
+            n = self._processes
+            scaled = LimitSpec(spec.rate_per_s / n, max(1, math.ceil(spec.burst / n)))
+            if len(self._scaled_specs) < 1024:
+                self._scaled_specs[spec] = scaled
+        return scaled
+
+    async def take(self, key: str, spec: LimitSpec, n: int = 1) -> Decision:
+        if not 1 <= n <= spec.burst:
+            raise ValueError(f"n must be between 1 and the burst ({spec.burst}), got {n}")
+        if self.healthy:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    allowed, remaining, retry_us, reset_us = await self._rate(
+                        keys=(f"{self._prefix}rate:{key}",),
+                        args=(repr(spec.rate_per_s), spec.burst, n),
+                    )
+                return Decision(
+                    allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, spec.burst
+                )
+            except _FAILURES as exc:
+                self._degrade(exc)
+        if self.policy == "fail_closed":
+            raise self._unavailable()
+        scaled = self._scaled(spec)
+        return self._fallback.take_nowait(key, scaled, min(n, scaled.burst))
+
+    # -- stream leases
+
+    async def acquire_stream(self, key: str, limit: int) -> StreamLease | None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        if self.healthy:
+            lease = StreamLease(f"{self._token}:{next(self._ids)}", key, limit, BACKEND)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    granted = await self._lease(
+                        keys=(f"{self._prefix}streams:{key}",),
+                        args=(limit, self._lease_ttl_ms, lease.id),
+                    )
+            except _FAILURES as exc:
+                # It may have been granted before the wait ran out: it lapses in one TTL.
+                self._degrade(exc)
+            else:
+                if not granted:
+                    return None
+                self._held[lease.id] = lease
+                self._ensure_renewer()
+                return lease
+        if self.policy == "fail_closed":
+            raise self._unavailable()
+        return self._fallback.acquire_stream_nowait(key, math.ceil(limit / self._processes))
+
+    async def release_stream(self, lease: StreamLease) -> None:
+        if lease.backend != BACKEND:
+            self._fallback.release_stream_nowait(lease)
+            return
+        if lease.released:
+            return
+        lease.released = True
+        self._held.pop(lease.id, None)
+        if not self.healthy:
+            return  # not renewed any more: it lapses within one TTL
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._client.zrem(f"{self._prefix}streams:{lease.key}", lease.id)
+        except _FAILURES as exc:
+            self._degrade(exc)
+
+    def _ensure_renewer(self) -> None:
+        if self._renew_task is None or self._renew_task.done():
+            self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop())
+
+    async def _renew_loop(self) -> None:
+        """Renew every held lease, in one pipelined round trip per interval; ends when
+        none is held (the next acquire starts it again)."""
+        while self._held and not self._closed:
+            await asyncio.sleep(self._renew_every)
+            if not self.healthy or not self._held:
+                continue
+            leases = list(self._held.values())
+            try:
+                async with asyncio.timeout(max(self._probe_timeout, self._timeout)):
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for lease in leases:
+                            await self._lease(
+                                keys=(f"{self._prefix}streams:{lease.key}",),
+                                args=(lease.limit, self._lease_ttl_ms, lease.id),
+                                client=pipe,
+                            )
+                        await pipe.execute()
+            except _FAILURES as exc:
+                self._degrade(exc)
+        # A lease that lapsed while Redis was away and finds its key full again is not
+        # re-granted: the stream goes on (ending a live stream would be worse), and its
+        # caller is over the limit by that one stream until it ends.
+
+    # -- tokens
+
+    def _scaled_limits(self, limits: TokenLimits) -> TokenLimits:
+        n = self._processes
+        return TokenLimits(
+            None if limits.per_minute is None else math.ceil(limits.per_minute / n),
+            None if limits.per_day is None else math.ceil(limits.per_day / n),
+        )
+
+    async def reserve_tokens(
+        self, key: str, amount: int, limits: TokenLimits, *, budget_key: str | None = None
+    ) -> Reservation | TokenRejection:
+        if amount < 0:
+            raise ValueError(f"amount must not be negative, got {amount}")
+        budget_key = budget_key or key
+        if self.healthy:
+            rid = f"{self._token}:{next(self._ids)}"
+            try:
+                async with asyncio.timeout(self._timeout):
+                    row = await self._reserve(
+                        keys=(
+                            f"{self._prefix}tpm:{key}",
+                            f"{self._prefix}day:{budget_key}",
+                            f"{self._prefix}rsv:{rid}",
+                        ),
+                        args=(amount, limits.per_minute or 0, limits.per_day or 0, self._rsv_ttl_ms),
+                    )
+            except _FAILURES as exc:
+                self._degrade(exc)
+            else:
+                ok, quota, wait_us, m_left, m_reset_us, d_left, d_reset_us, day = row
+                budget = TokenBudget(
+                    limits.per_minute,
+                    m_left if limits.per_minute is not None else 0,
+                    m_reset_us / 1e6 if limits.per_minute is not None else 0.0,
+                    limits.per_day,
+                    d_left if limits.per_day is not None else 0,
+                    d_reset_us / 1e6 if limits.per_day is not None else 0.0,
+                )
+                if not ok:
+                    which = TOKENS_PER_DAY if quota == 2 else TOKENS_PER_MINUTE
+                    return TokenRejection(which, wait_us / 1e6, budget)
+                return Reservation(rid, key, budget_key, amount, limits, day, budget, BACKEND)
+        if self.policy == "fail_closed":
+            raise self._unavailable()
+        return self._fallback.reserve_tokens_nowait(
+            key, amount, self._scaled_limits(limits), budget_key=budget_key
+        )
+
+    async def _run_settle(self, reservation: Reservation, actual: int) -> None:
+        await self._settle(
+            keys=(
+                f"{self._prefix}tpm:{reservation.key}",
+                f"{self._prefix}day:{reservation.budget_key}",
+                f"{self._prefix}rsv:{reservation.id}",
+            ),
+            args=(
+                max(0, actual),
+                reservation.limits.per_minute or 0,
+                reservation.limits.per_day or 0,
+            ),
+        )
+
+    async def settle_tokens(self, reservation: Reservation, actual: int) -> None:
+        if reservation.backend != BACKEND:
+            self._fallback.settle_tokens_nowait(reservation, actual)
+            return
+        if reservation.settled:
+            return
+        reservation.settled = True
+        # Run even when actual == reserved: the settle deletes the reservation key, which
+        # would otherwise hold memory in Redis for reservation_ttl_s.
+        if self.healthy:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._run_settle(reservation, actual)
+                return
+            except _FAILURES as exc:
+                self._degrade(exc)
+        self._pending.append((reservation, actual))  # replayed on recovery, counted once
+
+    # -- lifecycle
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for task in (self._probe_task, self._renew_task):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        await self._client.aclose()
