@@ -124,7 +124,7 @@ local function tpm_read(key, pm, now)
 end
 local function tpm_write(key, pm, level, now)
   redis.call('HSET', key, 'l', string.format('%.17g', level), 's', string.format('%.17g', now))
-  redis.call('PEXPIRE', key, math.floor((pm - level) * 60 / pm) + 1)
+  redis.call('PEXPIRE', key, math.floor((pm - level) * 60000 / pm) + 1)
 end
 """
 
