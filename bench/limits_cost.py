@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.limits_cost [--calls 20000] [--concurrency 64] [--redis-url URL]
 
-Measures this process's CPU (time.process_time) per `take` for: the memory backend's sync
+Measures this process's CPU (time.process_time) per `take` (and per streaming call: take, lease, reserve, settle, release) for: the memory backend's sync
 twin (`take_nowait`, today's path), its coroutine (`await take`), and the Redis backend
 sequentially and with `--concurrency` tasks at once, with the hiredis parser and with
 redis-py's pure-Python parser. Without --redis-url it starts Debian's redis-server on a free
@@ -34,6 +34,21 @@ def _server_cpu_s(pid: int | None) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _started(store: RedisLimitStore) -> bool:
+    await store.start()
+    return store.healthy
+
+
+async def _stream_call(store: Any, key: str, limits: TokenLimits) -> None:
+    """Everything one streaming call with token limits asks of the store: 5 operations."""
+    decision = await store.take(key, SPEC)
+    lease = await store.acquire_stream(key, 1_000_000)
+    reservation = await store.reserve_tokens(key, 100, limits)
+    assert decision.allowed and lease is not None
+    await store.settle_tokens(reservation, 80)
+    await store.release_stream(lease)
 
 
 async def _run(op: Any, calls: int, concurrency: int) -> float:
@@ -72,14 +87,23 @@ async def measure(url: str, calls: int, concurrency: int, server_pid: int | None
 
     out["memory_reserve_settle_us"] = await _run(mem_tokens, calls, 1) * 1e6
 
+    async def mem_stream(i: int) -> None:
+        await _stream_call(mem, keys[i], limits)
+
+    out["memory_stream_call_us"] = await _run(mem_stream, calls, 1) * 1e6
+
     for parser in ("hiredis", "python"):
         extra = {} if parser == "hiredis" else {"parser_class": _AsyncRESP2Parser}
         store = RedisLimitStore(client_from_url(url, **extra), timeout_s=1.0)
-        await store.start()
+        while not store.healthy or not await _started(store):  # a loaded box: try again
+            await asyncio.sleep(0.5)
 
         async def red(i: int) -> None:
             d = await store.take(keys[i], SPEC)
             assert d.allowed
+
+        async def red_stream(i: int) -> None:
+            await _stream_call(store, keys[i], limits)
 
         async def red_tokens(i: int) -> None:
             r = await store.reserve_tokens(keys[i], 100, limits)
@@ -94,6 +118,10 @@ async def measure(url: str, calls: int, concurrency: int, server_pid: int | None
                 (_server_cpu_s(server_pid) - cpu0) / calls * 1e6
             )
         out[f"redis_{parser}_reserve_settle_c1_us"] = await _run(red_tokens, calls // 2, 1) * 1e6
+        for conc in (1, concurrency):
+            out[f"redis_{parser}_stream_call_c{conc}_us"] = (
+                await _run(red_stream, calls // 2, conc) * 1e6
+            )
         assert store.healthy, "the store degraded during the measurement"
         await store.aclose()
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}

@@ -568,6 +568,8 @@ class RedisLimitStore:
         if amount < 0:
             raise ValueError(f"amount must not be negative, got {amount}")
         budget_key = budget_key or key
+        if not limits.enforced:  # nothing to count: no round trip
+            return self._fallback.reserve_tokens_nowait(key, amount, limits, budget_key=budget_key)
         if self.healthy:
             rid = f"{self._token}:{next(self._ids)}"
             try:
@@ -636,6 +638,23 @@ class RedisLimitStore:
     # -- lifecycle
 
     async def aclose(self) -> None:
+        """Stop the background tasks and close the connections. Leases still held are
+        released first (bounded), so a replica that shuts down cleanly frees its callers'
+        slots at once instead of after one TTL. A second call does nothing."""
+        if self._closed:
+            return
+        held, self._held = list(self._held.values()), {}
+        if held and self.healthy:
+            try:
+                async with asyncio.timeout(self._probe_timeout):
+                    await asyncio.gather(
+                        *(
+                            self._pipe.call("ZREM", f"{self._prefix}streams:{lease.key}", lease.id)
+                            for lease in held
+                        )
+                    )
+            except _FAILURES:
+                pass  # they lapse within one TTL
         self._closed = True
         for task in (self._probe_task, self._renew_task):
             if task is not None and not task.done():

@@ -358,3 +358,24 @@ async def test_settles_that_missed_redis_are_replayed_once_on_recovery(
         assert after.budget.day_remaining == 900  # 500 reserved, 400 given back, once
     finally:
         await store.aclose()
+
+
+async def test_a_clean_shutdown_frees_its_leases_at_once(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    first = RedisLimitStore.from_url(redis_server.url, timeout_s=1.0, lease_ttl_s=30.0)
+    second = RedisLimitStore.from_url(redis_server.url, timeout_s=1.0, lease_ttl_s=30.0)
+    try:
+        await first.start()
+        await second.start()
+        assert await first.acquire_stream("client:a", 1) is not None
+        assert await second.acquire_stream("client:a", 1) is None
+        await first.aclose()  # not released by the caller: the store frees it on the way out
+        assert await second.acquire_stream("client:a", 1) is not None  # not 30 s later
+        # Calls without token limits cost no round trip and are never refused.
+        free = await second.reserve_tokens("client:a", 10**9, TokenLimits())
+        assert isinstance(free, Reservation)
+        await second.settle_tokens(free, 10)
+    finally:
+        await first.aclose()
+        await second.aclose()
