@@ -69,136 +69,208 @@ _MAX_PENDING_SETTLES: Final = 10_000
 _FAILURES: Final = (RedisError, OSError, TimeoutError)
 
 # Lua numbers print with 14 significant digits by default, which would round a
-# microsecond timestamp (16 digits): state is written with %.17g.
-_RATE_LUA: Final = """
-local rate = tonumber(ARGV[1]) / 1000000
-local burst = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local v = redis.call('HMGET', KEYS[1], 't', 's')
-local tokens, stamp = tonumber(v[1]), tonumber(v[2])
-if tokens == nil or stamp == nil then tokens = burst; stamp = now end
-if now > stamp then tokens = tokens + (now - stamp) * rate; stamp = now end
-if tokens > burst then tokens = burst end
-local allowed, retry = 0, 0
-if tokens + 1e-9 >= n then
-  tokens = tokens - n
-  if tokens < 0 then tokens = 0 end
-  allowed = 1
-else
-  retry = math.ceil((n - tokens) / rate)
-end
-local reset = math.ceil((burst - tokens) / rate)
-redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 's', string.format('%.17g', stamp))
-redis.call('PEXPIRE', KEYS[1], math.floor(reset / 1000) + 1)
-return {allowed, math.floor(tokens + 1e-9), retry, reset}
-"""
+# microsecond timestamp (16 digits): state is written with %.17g (`fmt`).
+#
+# Every script is this library followed by a few lines; the library's functions are the
+# one definition of each rule (refill, lease room, all-or-nothing tokens, settle once).
+_LIB_LUA: Final = """
+local function fmt(x) return string.format('%.17g', x) end
 
-# Acquire and renew are one script: re-adding a member that is still there renews it;
-# a member that lapsed (e.g. Redis was away) gets its slot back only if there is room.
-_LEASE_LUA: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[3]) then
-  if redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2]), tonumber(t[1])
 end
-redis.call('ZADD', KEYS[1], string.format('%.17g', now + ttl), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ttl)
-return 1
-"""
 
-# The per-minute token bucket may be in debt (level < 0) after a call used more than
-# it reserved; a reservation needs min(amount, capacity) tokens, so an amount larger
-# than the capacity is admitted on a full bucket instead of never.
-_TPM_READ_LUA: Final = """
+-- Request bucket: take n tokens if they are there. {allowed, remaining, retry_us, reset_us}
+local function take_rate(key, rate_s, burst, n, now)
+  local rate = rate_s / 1000000
+  local v = redis.call('HMGET', key, 't', 's')
+  local tokens, stamp = tonumber(v[1]), tonumber(v[2])
+  if tokens == nil or stamp == nil then tokens = burst; stamp = now end
+  if now > stamp then tokens = tokens + (now - stamp) * rate; stamp = now end
+  if tokens > burst then tokens = burst end
+  local allowed, retry = 0, 0
+  if tokens + 1e-9 >= n then
+    tokens = tokens - n
+    if tokens < 0 then tokens = 0 end
+    allowed = 1
+  else
+    retry = math.ceil((n - tokens) / rate)
+  end
+  local reset = math.ceil((burst - tokens) / rate)
+  redis.call('HSET', key, 't', fmt(tokens), 's', fmt(stamp))
+  redis.call('PEXPIRE', key, math.floor(reset / 1000) + 1)  -- gone once it is full again
+  return {allowed, math.floor(tokens + 1e-9), retry, reset}
+end
+
+-- Stream leases: a sorted set, member = lease id, score = expiry (ms). Re-adding a member
+-- that is still there renews it; a lapsed one gets a slot back only if there is room.
+local function lease_room(key, limit, member, now)
+  local now_ms = math.floor(now / 1000)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms)
+  if redis.call('ZSCORE', key, member) then return true end
+  return redis.call('ZCARD', key) < limit
+end
+
+local function lease_add(key, ttl_ms, member, now)
+  redis.call('ZADD', key, fmt(math.floor(now / 1000) + ttl_ms), member)
+  redis.call('PEXPIRE', key, ttl_ms)  -- the newest lease's expiry is the set's
+end
+
+-- Per-minute token bucket; may be in debt (level < 0) after a call used more than it
+-- reserved. A reservation needs min(amount, capacity), so an amount above the capacity
+-- runs on a full bucket instead of never.
 local function tpm_read(key, pm, now)
   local v = redis.call('HMGET', key, 'l', 's')
   local level, stamp = tonumber(v[1]), tonumber(v[2])
   if level == nil or stamp == nil then level = pm; stamp = now end
-  if now > stamp then level = level + (now - stamp) * pm / 60000000; stamp = now end
+  if now > stamp then level = level + (now - stamp) * pm / 60000000 end
   if level > pm then level = pm end
   return level
 end
+
 local function tpm_write(key, pm, level, now)
-  redis.call('HSET', key, 'l', string.format('%.17g', level), 's', string.format('%.17g', now))
+  redis.call('HSET', key, 'l', fmt(level), 's', fmt(now))
   redis.call('PEXPIRE', key, math.floor((pm - level) * 60000 / pm) + 1)
 end
-"""
 
-_RESERVE_LUA: Final = (
-    _TPM_READ_LUA
-    + """
-local amount, pm, pd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local t = redis.call('TIME')
-local sec = tonumber(t[1])
-local now = sec * 1000000 + tonumber(t[2])
-local day = math.floor(sec / 86400)
-local day_reset = (day + 1) * 86400000000 - now
-local dkey = KEYS[2] .. ':' .. day
-local level, minute_wait = 0, 0
-if pm > 0 then
-  level = tpm_read(KEYS[1], pm, now)
-  local need = math.min(amount, pm)
-  if level + 1e-9 < need then minute_wait = math.ceil((need - level) * 60000000 / pm) end
-end
-local used, day_wait = 0, 0
-if pd > 0 then
-  used = tonumber(redis.call('GET', dkey) or '0')
-  if used + math.min(amount, pd) > pd then day_wait = day_reset end
-end
-local ok, quota = 1, 0
-if minute_wait > 0 or day_wait > 0 then
-  ok = 0
-  if day_wait >= minute_wait then quota = 2 else quota = 1 end
-else
+-- Check both token quotas without taking anything. The day is Redis's UTC day.
+local function tokens_check(tpm_key, day_prefix, amount, pm, pd, now, sec)
+  local s = {level = 0, used = 0, minute_wait = 0, day_wait = 0}
+  s.day = math.floor(sec / 86400)
+  s.day_reset = (s.day + 1) * 86400000000 - now
+  s.dkey = day_prefix .. ':' .. s.day
   if pm > 0 then
-    level = level - amount
-    tpm_write(KEYS[1], pm, level, now)
+    s.level = tpm_read(tpm_key, pm, now)
+    local need = math.min(amount, pm)
+    if s.level + 1e-9 < need then s.minute_wait = math.ceil((need - s.level) * 60000000 / pm) end
   end
   if pd > 0 then
-    used = redis.call('INCRBY', dkey, amount)
-    redis.call('PEXPIRE', dkey, math.floor(day_reset / 1000) + 3600000)
+    s.used = tonumber(redis.call('GET', s.dkey) or '0')
+    if s.used + math.min(amount, pd) > pd then s.day_wait = s.day_reset end
   end
-  redis.call('SET', KEYS[3], string.format('%d:%d', amount, day), 'PX', ARGV[4])
+  return s
 end
-local minute_reset = 0
-if pm > 0 then minute_reset = math.ceil((pm - level) * 60000000 / pm) end
-return {ok, quota, math.max(minute_wait, day_wait), math.floor(level + 1e-9), minute_reset,
-        pd - used, day_reset, day}
-"""
-)
 
-# Deleting the reservation key is what makes a settle count once.
-_SETTLE_LUA: Final = (
-    _TPM_READ_LUA
-    + """
-local v = redis.call('GET', KEYS[3])
-if not v then return 0 end
-redis.call('DEL', KEYS[3])
-local sep = string.find(v, ':', 1, true)
-local reserved, day = tonumber(string.sub(v, 1, sep - 1)), string.sub(v, sep + 1)
-local delta = tonumber(ARGV[1]) - reserved
-if delta == 0 then return 1 end
-local pm, pd = tonumber(ARGV[2]), tonumber(ARGV[3])
-if pm > 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local level = tpm_read(KEYS[1], pm, now) - delta
-  if level > pm then level = pm end
-  tpm_write(KEYS[1], pm, level, now)
-end
-if pd > 0 then
-  local dkey = KEYS[2] .. ':' .. day
-  if redis.call('EXISTS', dkey) == 1 then
-    if redis.call('INCRBY', dkey, delta) < 0 then redis.call('SET', dkey, 0, 'KEEPTTL') end
+-- Take both (after tokens_check passed); the reservation key makes the settle count once.
+local function tokens_apply(s, tpm_key, rsv_key, amount, pm, pd, rsv_ttl, now)
+  if pm > 0 then
+    s.level = s.level - amount
+    tpm_write(tpm_key, pm, s.level, now)
   end
+  if pd > 0 then
+    s.used = redis.call('INCRBY', s.dkey, amount)
+    redis.call('PEXPIRE', s.dkey, math.floor(s.day_reset / 1000) + 3600000)
+  end
+  redis.call('SET', rsv_key, string.format('%d:%d', amount, s.day), 'PX', rsv_ttl)
+end
+
+-- {ok, quota (0 none, 1 per minute, 2 per day), wait_us, minute_left, minute_reset_us,
+--  day_left, day_reset_us, day}
+local function tokens_row(s, pm, pd)
+  local ok, quota = 1, 0
+  if s.minute_wait > 0 or s.day_wait > 0 then
+    ok = 0
+    if s.day_wait >= s.minute_wait then quota = 2 else quota = 1 end
+  end
+  local minute_reset = 0
+  if pm > 0 then minute_reset = math.ceil((pm - s.level) * 60000000 / pm) end
+  return {ok, quota, math.max(s.minute_wait, s.day_wait), math.floor(s.level + 1e-9),
+          minute_reset, pd - s.used, s.day_reset, s.day}
+end
+
+-- Correct a reservation by actual - reserved, once: the first settle deletes its key.
+local function settle(tpm_key, day_prefix, rsv_key, actual, pm, pd)
+  local v = redis.call('GET', rsv_key)
+  if not v then return 0 end
+  redis.call('DEL', rsv_key)
+  local sep = string.find(v, ':', 1, true)
+  local reserved, day = tonumber(string.sub(v, 1, sep - 1)), string.sub(v, sep + 1)
+  local delta = actual - reserved
+  if delta == 0 then return 1 end
+  if pm > 0 then
+    local now = clock()
+    local level = tpm_read(tpm_key, pm, now) - delta
+    if level > pm then level = pm end
+    tpm_write(tpm_key, pm, level, now)
+  end
+  if pd > 0 then
+    local dkey = day_prefix .. ':' .. day
+    if redis.call('EXISTS', dkey) == 1 then  -- a day long over is not touched
+      if redis.call('INCRBY', dkey, delta) < 0 then redis.call('SET', dkey, 0, 'KEEPTTL') end
+    end
+  end
+  return 1
+end
+"""
+
+# KEYS: bucket. ARGV: rate_per_s, burst, n.
+_RATE_LUA: Final = _LIB_LUA + """
+local now = clock()
+return take_rate(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), now)
+"""
+
+# KEYS: stream set. ARGV: limit, ttl_ms, member. Acquire and renew are this one script.
+_LEASE_LUA: Final = _LIB_LUA + """
+local now = clock()
+if not lease_room(KEYS[1], tonumber(ARGV[1]), ARGV[3], now) then return 0 end
+lease_add(KEYS[1], tonumber(ARGV[2]), ARGV[3], now)
+return 1
+"""
+
+# KEYS: tpm bucket, day counter prefix, reservation. ARGV: amount, per_minute, per_day
+# (0 = not enforced), reservation ttl ms.
+_RESERVE_LUA: Final = _LIB_LUA + """
+local amount, pm, pd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, sec = clock()
+local s = tokens_check(KEYS[1], KEYS[2], amount, pm, pd, now, sec)
+if s.minute_wait == 0 and s.day_wait == 0 then
+  tokens_apply(s, KEYS[1], KEYS[3], amount, pm, pd, ARGV[4], now)
+end
+return tokens_row(s, pm, pd)
+"""
+
+# KEYS: tpm bucket, day counter prefix, reservation. ARGV: actual, per_minute, per_day.
+_SETTLE_LUA: Final = _LIB_LUA + """
+return settle(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+"""
+
+# One round trip per admission. The request token is taken first (a refused call still
+# counts as a request, so retrying a refused stream in a loop is rate limited); the stream
+# slot and the tokens are then taken both or neither.
+# KEYS: bucket, stream set, tpm bucket, day prefix, reservation.
+# ARGV: rate_per_s, burst, n, stream limit (0 = no lease), lease ttl ms, lease member,
+#       amount, per_minute, per_day (0 = not enforced; both 0 = no reservation), rsv ttl ms.
+# Returns {outcome (0 admitted, 1 rate, 2 streams, 3 tokens), rate row, tokens row or 0}.
+_ADMIT_LUA: Final = _LIB_LUA + """
+local now, sec = clock()
+local rate = take_rate(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), now)
+if rate[1] == 0 then return {1, rate, 0} end
+local limit = tonumber(ARGV[4])
+if limit > 0 and not lease_room(KEYS[2], limit, ARGV[6], now) then return {2, rate, 0} end
+local amount, pm, pd = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local row = 0
+if pm > 0 or pd > 0 then
+  local s = tokens_check(KEYS[3], KEYS[4], amount, pm, pd, now, sec)
+  row = tokens_row(s, pm, pd)
+  if row[1] == 0 then return {3, rate, row} end
+  tokens_apply(s, KEYS[3], KEYS[5], amount, pm, pd, ARGV[10], now)
+  row = tokens_row(s, pm, pd)
+end
+if limit > 0 then lease_add(KEYS[2], tonumber(ARGV[5]), ARGV[6], now) end
+return {0, rate, row}
+"""
+
+# The end of a call: release its lease (member '' = none) and settle its reservation
+# (reservation key '' = none), one round trip.
+# KEYS: stream set, tpm bucket, day prefix, reservation. ARGV: member, actual, pm, pd.
+_FINISH_LUA: Final = _LIB_LUA + """
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+if KEYS[4] ~= '' then
+  settle(KEYS[2], KEYS[3], KEYS[4], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
 end
 return 1
 """
-)
 
 
 def client_from_url(url: str, *, connect_timeout_s: float = 1.0, **kwargs: Any) -> aioredis.Redis:
