@@ -34,7 +34,14 @@ from typing import Final, Generic, Literal, NamedTuple, Protocol, TypeVar, runti
 import grpc
 
 from interceptors.errors import ProxyError, QuotaViolation, RateLimited, Reason
-from interceptors.ratelimit import Clock, Decision, LimitSpec, TokenBucket
+from interceptors.ratelimit import (
+    Clock,
+    Decision,
+    LimitSpec,
+    TokenBucket,
+    concurrency_limited_error,
+    rate_limited_error,
+)
 
 _EPS: Final = 1e-9
 DAY_S: Final = 86_400
@@ -141,6 +148,31 @@ class StreamLease:
     released: bool = field(default=False)
 
 
+Refusal = Literal["rate", "streams", "tokens_per_minute", "tokens_per_day"]
+
+
+@dataclass(slots=True, eq=False)
+class Admission:
+    """The outcome of `admit`: everything one call takes at its start, in one step.
+
+    decision: the request bucket's answer (x-ratelimit-* headers, RetryInfo when refused
+    for rate); refused: None when admitted, else which limit refused; lease and
+    reservation: what was taken (None when not asked for, or refused); tokens: the token
+    budget left, or the TokenRejection when a token quota refused.
+    """
+
+    decision: Decision
+    refused: Refusal | None = None
+    lease: StreamLease | None = None
+    reservation: Reservation | None = None
+    rejection: TokenRejection | None = None
+    stream_limit: int = 0
+
+    @property
+    def allowed(self) -> bool:
+        return self.refused is None
+
+
 # ---- Errors for rejections --------------------------------------------------------------
 
 
@@ -158,6 +190,17 @@ def token_limited_error(key: str, rejection: TokenRejection) -> RateLimited:
         retry_delay_s=rejection.retry_after_s,
         quota_violations=(QuotaViolation(key, f"at most {limit} {what}"),),
     )
+
+
+def refusal_error(key: str, admission: Admission, stream_retry_s: float = 1.0) -> ProxyError:
+    """The RESOURCE_EXHAUSTED for a refused `admission` (rate, streams or tokens)."""
+    if admission.refused == "rate":
+        return rate_limited_error(key, admission.decision)
+    if admission.refused == "streams":
+        return concurrency_limited_error(key, admission.stream_limit, stream_retry_s)
+    if admission.rejection is not None:
+        return token_limited_error(key, admission.rejection)
+    raise ValueError("the admission was not refused")
 
 
 class LimitsUnavailable(ProxyError):
@@ -202,6 +245,29 @@ class LimitStore(Protocol):
 
     async def settle_tokens(self, reservation: Reservation, actual: int) -> None:
         """Correct the reservation by `actual - reservation.amount`; once."""
+        ...
+
+    async def admit(
+        self,
+        key: str,
+        spec: LimitSpec,
+        *,
+        stream_limit: int = 0,
+        tokens: int = 0,
+        token_limits: TokenLimits | None = None,
+        budget_key: str | None = None,
+    ) -> Admission:
+        """Everything a call takes at its start in one step (one round trip when shared):
+        a request token; then, if asked (stream_limit > 0, token_limits enforced), a
+        stream lease and a token reservation, both or neither. A call refused by the
+        streams or tokens still spent its request token (retrying in a loop is limited)."""
+        ...
+
+    async def finish(
+        self, lease: StreamLease | None, reservation: Reservation | None, actual_tokens: int = 0
+    ) -> None:
+        """The end of a call in one step: release the lease, settle the reservation with
+        the tokens actually used. Idempotent, like its two halves."""
         ...
 
     async def aclose(self) -> None:
@@ -505,6 +571,66 @@ class MemoryLimitStore:
             (limits.per_day - used) if limits.per_day is not None else 0,
             day_reset if limits.per_day is not None else 0.0,
         )
+
+    # -- one step per call
+
+    def admit_nowait(
+        self,
+        key: str,
+        spec: LimitSpec,
+        *,
+        stream_limit: int = 0,
+        tokens: int = 0,
+        token_limits: TokenLimits | None = None,
+        budget_key: str | None = None,
+    ) -> Admission:
+        decision = self.take_nowait(key, spec)
+        if not decision.allowed:
+            return Admission(decision, "rate", stream_limit=stream_limit)
+        # Check the stream slot before reserving tokens: a reservation cannot fail after
+        # the lease was taken, so nothing is ever taken and given back.
+        if stream_limit and self._streams.get(key, 0) >= stream_limit:
+            return Admission(decision, "streams", stream_limit=stream_limit)
+        reservation = None
+        if token_limits is not None and token_limits.enforced:
+            outcome = self.reserve_tokens_nowait(key, tokens, token_limits, budget_key=budget_key)
+            if isinstance(outcome, TokenRejection):
+                return Admission(decision, outcome.quota, None, None, outcome, stream_limit)
+            reservation = outcome
+        lease = self.acquire_stream_nowait(key, stream_limit) if stream_limit else None
+        return Admission(decision, None, lease, reservation, None, stream_limit)
+
+    async def admit(
+        self,
+        key: str,
+        spec: LimitSpec,
+        *,
+        stream_limit: int = 0,
+        tokens: int = 0,
+        token_limits: TokenLimits | None = None,
+        budget_key: str | None = None,
+    ) -> Admission:
+        return self.admit_nowait(
+            key,
+            spec,
+            stream_limit=stream_limit,
+            tokens=tokens,
+            token_limits=token_limits,
+            budget_key=budget_key,
+        )
+
+    def finish_nowait(
+        self, lease: StreamLease | None, reservation: Reservation | None, actual_tokens: int = 0
+    ) -> None:
+        if lease is not None:
+            self.release_stream_nowait(lease)
+        if reservation is not None:
+            self.settle_tokens_nowait(reservation, actual_tokens)
+
+    async def finish(
+        self, lease: StreamLease | None, reservation: Reservation | None, actual_tokens: int = 0
+    ) -> None:
+        self.finish_nowait(lease, reservation, actual_tokens)
 
     async def aclose(self) -> None:
         return None

@@ -47,6 +47,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from core.limitstore import (
+    Admission,
     TOKENS_PER_DAY,
     TOKENS_PER_MINUTE,
     LimitsUnavailable,
@@ -437,6 +438,8 @@ class RedisLimitStore:
         self._lease = client.register_script(_LEASE_LUA)
         self._reserve = client.register_script(_RESERVE_LUA)
         self._settle = client.register_script(_SETTLE_LUA)
+        self._admit = client.register_script(_ADMIT_LUA)
+        self._finish = client.register_script(_FINISH_LUA)
         self._token = uuid.uuid4().hex[:16]  # this process's ids never collide with another's
         self._ids = itertools.count(1)
         self._held: dict[str, StreamLease] = {}  # lease id -> lease, renewed in batches
@@ -706,6 +709,133 @@ class RedisLimitStore:
             except _FAILURES as exc:
                 self._degrade(exc)
         self._pending.append((reservation, actual))  # replayed on recovery, counted once
+
+    # -- one round trip per call at each end
+
+    def _token_budget(self, limits: TokenLimits, row: Any) -> TokenBudget:
+        _, _, _, m_left, m_reset_us, d_left, d_reset_us, _ = row
+        return TokenBudget(
+            limits.per_minute,
+            m_left if limits.per_minute is not None else 0,
+            m_reset_us / 1e6 if limits.per_minute is not None else 0.0,
+            limits.per_day,
+            d_left if limits.per_day is not None else 0,
+            d_reset_us / 1e6 if limits.per_day is not None else 0.0,
+        )
+
+    async def admit(
+        self,
+        key: str,
+        spec: LimitSpec,
+        *,
+        stream_limit: int = 0,
+        tokens: int = 0,
+        token_limits: TokenLimits | None = None,
+        budget_key: str | None = None,
+    ) -> Admission:
+        if stream_limit < 0 or tokens < 0:
+            raise ValueError("stream_limit and tokens must not be negative")
+        budget_key = budget_key or key
+        reserve = token_limits is not None and token_limits.enforced
+        limits = token_limits if token_limits is not None else TokenLimits()
+        if self.healthy:
+            uid = f"{self._token}:{next(self._ids)}"
+            p = self._prefix
+            try:
+                outcome, rate_row, token_row = await self._script(
+                    self._admit,
+                    (
+                        f"{p}rate:{key}",
+                        f"{p}streams:{key}",
+                        f"{p}tpm:{key}",
+                        f"{p}day:{budget_key}",
+                        f"{p}rsv:{uid}",
+                    ),
+                    (
+                        repr(spec.rate_per_s), spec.burst, 1,
+                        stream_limit, self._lease_ttl_ms, uid,
+                        tokens, limits.per_minute or 0, limits.per_day or 0, self._rsv_ttl_ms,
+                    ),  # fmt: skip
+                )
+            except _FAILURES as exc:
+                self._degrade(exc)
+            else:
+                allowed, remaining, retry_us, reset_us = rate_row
+                decision = Decision(allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, spec.burst)
+                if outcome == 1:
+                    return Admission(decision, "rate", stream_limit=stream_limit)
+                if outcome == 2:
+                    return Admission(decision, "streams", stream_limit=stream_limit)
+                reservation = rejection = None
+                if reserve:
+                    budget = self._token_budget(limits, token_row)
+                    if outcome == 3:
+                        quota = TOKENS_PER_DAY if token_row[1] == 2 else TOKENS_PER_MINUTE
+                        rejection = TokenRejection(quota, token_row[2] / 1e6, budget)
+                        return Admission(decision, quota, None, None, rejection, stream_limit)
+                    reservation = Reservation(
+                        uid, key, budget_key, tokens, limits, token_row[7], budget, BACKEND
+                    )
+                lease = None
+                if stream_limit:
+                    lease = StreamLease(uid, key, stream_limit, BACKEND)
+                    self._held[uid] = lease
+                    self._ensure_renewer()
+                return Admission(decision, None, lease, reservation, None, stream_limit)
+        if self.policy == "fail_closed":
+            raise self._unavailable()
+        n = self._processes
+        return self._fallback.admit_nowait(
+            key,
+            self._scaled(spec),
+            stream_limit=math.ceil(stream_limit / n) if stream_limit else 0,
+            tokens=tokens,
+            token_limits=self._scaled_limits(limits) if reserve else None,
+            budget_key=budget_key,
+        )
+
+    async def finish(
+        self, lease: StreamLease | None, reservation: Reservation | None, actual_tokens: int = 0
+    ) -> None:
+        # Whatever the fallback holds is the fallback's; the rest goes in one script.
+        if lease is not None and (lease.backend != BACKEND or lease.released):
+            await self.release_stream(lease)
+            lease = None
+        if reservation is not None and (reservation.backend != BACKEND or reservation.settled):
+            await self.settle_tokens(reservation, actual_tokens)
+            reservation = None
+        if lease is None and reservation is None:
+            return
+        if lease is not None:
+            lease.released = True
+            self._held.pop(lease.id, None)
+        if reservation is not None:
+            reservation.settled = True
+        if self.healthy:
+            p = self._prefix
+            limits = reservation.limits if reservation is not None else TokenLimits()
+            try:
+                await self._script(
+                    self._finish,
+                    (
+                        f"{p}streams:{lease.key}" if lease is not None else "",
+                        f"{p}tpm:{reservation.key}" if reservation is not None else "",
+                        f"{p}day:{reservation.budget_key}" if reservation is not None else "",
+                        f"{p}rsv:{reservation.id}" if reservation is not None else "",
+                    ),
+                    (
+                        lease.id if lease is not None else "",
+                        max(0, actual_tokens),
+                        limits.per_minute or 0,
+                        limits.per_day or 0,
+                    ),
+                )
+                return
+            except _FAILURES as exc:
+                self._degrade(exc)
+        # The lease is no longer renewed, so it lapses; the settle is replayed on recovery.
+        if reservation is not None:
+            self._pending.append((reservation, actual_tokens))
 
     # -- lifecycle
 

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from core.limitstore import (
     TOKENS_PER_DAY,
     LimitsUnavailable,
+    MemoryLimitStore,
     Reservation,
     TokenLimits,
     TokenRejection,
@@ -381,3 +382,97 @@ async def test_a_clean_shutdown_frees_its_leases_at_once(
     finally:
         await first.aclose()
         await second.aclose()
+
+
+# ---- one round trip per call at each end ----------------------------------------------------
+
+
+async def test_admit_and_finish_match_the_memory_store_in_one_round_trip_each(
+    redis_server: RedisServer,  # noqa: F811
+    raw: aioredis.Redis,
+) -> None:
+    store = RedisLimitStore.from_url(redis_server.url, timeout_s=1.0)
+    memory = MemoryLimitStore()
+    await store.start()
+    try:
+        spec = LimitSpec(rate_per_s=1, burst=4)
+        limits = TokenLimits(per_minute=1000, per_day=1200)
+        for backend in (memory, store):
+            a = await backend.admit("a", spec, stream_limit=1, tokens=800, token_limits=limits)
+            assert a.allowed and a.lease is not None and a.reservation is not None
+            assert a.decision.remaining == 3
+            assert a.reservation.budget.minute_remaining == 200
+            assert a.reservation.budget.day_remaining == 400
+            streams = await backend.admit("a", spec, stream_limit=1, tokens=1, token_limits=limits)
+            assert streams.refused == "streams"
+            day = await backend.admit("a", spec, stream_limit=2, tokens=500, token_limits=limits)
+            assert day.refused == TOKENS_PER_DAY and day.lease is None
+            assert day.rejection is not None and day.rejection.budget.day_remaining == 400
+            await backend.finish(a.lease, a.reservation, 50)  # a stream cancelled early
+            await backend.finish(a.lease, a.reservation, 50)  # once
+            again = await backend.admit("a", spec, stream_limit=1, tokens=10, token_limits=limits)
+            assert again.allowed and again.decision.remaining == 0
+            assert again.reservation is not None
+            assert again.reservation.budget.day_remaining == 1200 - 50 - 10
+            rate = await backend.admit("a", spec)
+            assert rate.refused == "rate" and rate.decision.retry_after_s > 0
+            await backend.finish(again.lease, again.reservation, 10)
+        assert await raw.keys(f"{PREFIX}rsv:*") == []
+        assert not await raw.exists(f"{PREFIX}streams:a")
+    finally:
+        await store.aclose()
+
+
+async def test_n_concurrent_admissions_over_two_connections_admit_exactly_k(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    stores = [RedisLimitStore.from_url(redis_server.url, timeout_s=2.0) for _ in range(2)]
+    try:
+        for store in stores:
+            await store.start()
+        spec = LimitSpec(rate_per_s=1, burst=1000)
+        # 40 streams against 5 slots and a budget that fits 7 reservations: 5 admitted
+        # (the slot is checked first), and no refused call kept tokens or a slot.
+        results = await asyncio.gather(
+            *(
+                stores[i % 2].admit(
+                    "sub:a", spec, stream_limit=5, tokens=100,
+                    token_limits=TokenLimits(per_day=700),
+                )  # fmt: skip
+                for i in range(40)
+            )
+        )
+        admitted = [r for r in results if r.allowed]
+        assert len(admitted) == 5
+        assert {r.refused for r in results if not r.allowed} == {"streams"}
+        probe = await stores[0].reserve_tokens("sub:a", 0, TokenLimits(per_day=700))
+        assert isinstance(probe, Reservation) and probe.budget.day_remaining == 200
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_admit_under_fail_open_uses_the_local_share_and_finish_frees_it(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    store = RedisLimitStore.from_url(
+        redis_server.url, timeout_s=0.2, probe_interval_s=0.1, processes=2
+    )
+    await store.start()
+    try:
+        redis_server.kill()
+        spec = LimitSpec(rate_per_s=100, burst=10)
+        limits = TokenLimits(per_minute=1000)
+        first = await store.admit("a", spec, stream_limit=4, tokens=400, token_limits=limits)
+        assert first.allowed and not store.healthy
+        assert first.decision.limit == 5  # burst 10 over 2 processes
+        assert first.reservation is not None and first.reservation.budget.minute_limit == 500
+        second = await store.admit("a", spec, stream_limit=4, tokens=1, token_limits=limits)
+        assert second.allowed
+        third = await store.admit("a", spec, stream_limit=4)
+        assert third.refused == "streams"  # 4 slots over 2 processes: 2 here
+        await store.finish(first.lease, first.reservation, 400)
+        fourth = await store.admit("a", spec, stream_limit=4)
+        assert fourth.allowed and fourth.lease is not None
+    finally:
+        await store.aclose()

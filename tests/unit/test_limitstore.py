@@ -20,6 +20,7 @@ from core.limitstore import (
     TokenBudget,
     TokenLimits,
     TokenRejection,
+    refusal_error,
     token_limited_error,
 )
 from interceptors.errors import Reason, to_status_proto
@@ -286,3 +287,54 @@ def test_limits_unavailable_is_unavailable_with_a_stable_reason() -> None:
     assert err.code is grpc.StatusCode.UNAVAILABLE
     assert to_status_proto(err).details[0].value  # ErrorInfo packed
     assert err.reason.value == "LIMITS_UNAVAILABLE"
+
+
+# ---- one step per call: admit and finish ---------------------------------------------------
+
+
+async def test_admit_takes_a_request_token_a_lease_and_tokens_together(
+    store: MemoryLimitStore,
+) -> None:
+    spec = LimitSpec(rate_per_s=1, burst=5)
+    limits = TokenLimits(per_minute=1000, per_day=5000)
+    a = await store.admit("a", spec, stream_limit=2, tokens=300, token_limits=limits)
+    assert a.allowed and a.refused is None
+    assert a.decision.remaining == 4
+    assert a.lease is not None and store.streams_in_use("a") == 1
+    assert a.reservation is not None and a.reservation.budget.minute_remaining == 700
+    await store.finish(a.lease, a.reservation, 100)
+    await store.finish(a.lease, a.reservation, 100)  # idempotent
+    assert store.streams_in_use("a") == 0
+    assert store.token_budget("a", limits).minute_remaining == 900
+    unary = await store.admit("a", spec)  # no stream, no tokens: just the request token
+    assert unary.allowed and unary.lease is None and unary.reservation is None
+    await store.finish(None, None)
+
+
+async def test_admit_refusals_say_which_limit_and_take_no_slot_or_tokens(
+    store: MemoryLimitStore,
+) -> None:
+    spec = LimitSpec(rate_per_s=1, burst=3)
+    limits = TokenLimits(per_minute=100)
+    held = await store.admit("a", spec, stream_limit=1)
+    assert held.lease is not None
+    streams = await store.admit("a", spec, stream_limit=1, tokens=10, token_limits=limits)
+    assert streams.refused == "streams" and streams.lease is None and streams.reservation is None
+    assert store.token_budget("a", limits).minute_remaining == 100  # no tokens taken
+    err = refusal_error("a", streams)
+    assert err.reason is Reason.CONCURRENCY_LIMITED and err.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    tokens = await store.admit("b", spec, stream_limit=1, tokens=500, token_limits=limits)
+    assert tokens.allowed  # more than the per-minute capacity: runs on a full bucket
+    refused = await store.admit("b", LimitSpec(1, 3), stream_limit=2, tokens=1, token_limits=limits)
+    assert refused.refused == TOKENS_PER_MINUTE and refused.rejection is not None
+    assert store.streams_in_use("b") == 1  # the refused call took no stream slot
+    assert refusal_error("b", refused).metadata["quota"] == TOKENS_PER_MINUTE
+    # The refused call spent its request token all the same (it is still a request):
+    # "a" made 2 calls of its burst of 3, so 1 is left, then none.
+    assert (await store.admit("a", spec)).decision.remaining == 0
+    rate = await store.admit("a", spec)
+    assert rate.refused == "rate"
+    assert not rate.decision.allowed
+    assert refusal_error("a", rate).reason is Reason.RATE_LIMITED
+    with pytest.raises(ValueError):
+        refusal_error("a", held)
