@@ -2,7 +2,9 @@
 
     .venv/bin/python -m bench.limits_cost [--calls 20000] [--concurrency 64] [--redis-url URL]
 
-Measures this process's CPU (time.process_time) per `take` (and per streaming call: take, lease, reserve, settle, release) for: the memory backend's sync
+Measures this process's CPU (time.process_time) per `take`,
+and per streaming call with token limits (take, lease, reserve, settle, release: five
+operations; or `admit` + `finish`: two) for: the memory backend's sync
 twin (`take_nowait`, today's path), its coroutine (`await take`), and the Redis backend
 sequentially and with `--concurrency` tasks at once, with the hiredis parser and with
 redis-py's pure-Python parser. Without --redis-url it starts Debian's redis-server on a free
@@ -51,6 +53,15 @@ async def _stream_call(store: Any, key: str, limits: TokenLimits) -> None:
     await store.release_stream(lease)
 
 
+async def _stream_call_admit(store: Any, key: str, limits: TokenLimits) -> None:
+    """The same streaming call with `admit` and `finish`: one operation at each end."""
+    admission = await store.admit(
+        key, SPEC, stream_limit=1_000_000, tokens=100, token_limits=limits
+    )
+    assert admission.allowed
+    await store.finish(admission.lease, admission.reservation, 80)
+
+
 async def _run(op: Any, calls: int, concurrency: int) -> float:
     """Seconds of this process's CPU per call of `op(i)`."""
     per_task = calls // concurrency
@@ -92,6 +103,11 @@ async def measure(url: str, calls: int, concurrency: int, server_pid: int | None
 
     out["memory_stream_call_us"] = await _run(mem_stream, calls, 1) * 1e6
 
+    async def mem_admit(i: int) -> None:
+        await _stream_call_admit(mem, keys[i], limits)
+
+    out["memory_stream_call_admit_us"] = await _run(mem_admit, calls, 1) * 1e6
+
     for parser in ("hiredis", "python"):
         extra = {} if parser == "hiredis" else {"parser_class": _AsyncRESP2Parser}
         store = RedisLimitStore(client_from_url(url, **extra), timeout_s=1.0)
@@ -105,6 +121,9 @@ async def measure(url: str, calls: int, concurrency: int, server_pid: int | None
         async def red_stream(i: int) -> None:
             await _stream_call(store, keys[i], limits)
 
+        async def red_admit(i: int) -> None:
+            await _stream_call_admit(store, keys[i], limits)
+
         async def red_tokens(i: int) -> None:
             r = await store.reserve_tokens(keys[i], 100, limits)
             await store.settle_tokens(r, 80)  # type: ignore[arg-type]
@@ -113,7 +132,8 @@ async def measure(url: str, calls: int, concurrency: int, server_pid: int | None
             cpu0 = _server_cpu_s(server_pid)
             wall0 = time.perf_counter()
             out[f"redis_{parser}_take_c{conc}_us"] = await _run(red, calls, conc) * 1e6
-            out[f"redis_{parser}_take_c{conc}_wall_us"] = (time.perf_counter() - wall0) / calls * 1e6
+            wall = time.perf_counter() - wall0
+            out[f"redis_{parser}_take_c{conc}_wall_us"] = wall / calls * 1e6
             out[f"redis_server_cpu_per_take_c{conc}_us"] = (
                 (_server_cpu_s(server_pid) - cpu0) / calls * 1e6
             )
@@ -121,6 +141,9 @@ async def measure(url: str, calls: int, concurrency: int, server_pid: int | None
         for conc in (1, concurrency):
             out[f"redis_{parser}_stream_call_c{conc}_us"] = (
                 await _run(red_stream, calls // 2, conc) * 1e6
+            )
+            out[f"redis_{parser}_stream_call_admit_c{conc}_us"] = (
+                await _run(red_admit, calls // 2, conc) * 1e6
             )
         assert store.healthy, "the store degraded during the measurement"
         await store.aclose()

@@ -296,10 +296,11 @@ class _AutoPipeline:
     commands in order). redis-py still does the connection, AUTH/SELECT, TLS, command packing and
     reply parsing (hiredis): only the multiplexing is ours.
 
-    Measured (bench/limits_cost.py, this 2-core box under load): ~70-90 us of CPU per
-    call one at a time, ~28 us with 64 calls in flight, against ~150-170 us and
-    ~170-220 us for the same script through redis-py's client (connection pool per call).
-    Most of what remains is the loopback send() itself, which batching amortizes.
+    Measured (bench/limits_cost.py, this 2-core box under load): ~70-110 us of CPU per
+    call one at a time, ~22-33 us with 64 calls in flight, against ~150-170 us through
+    redis-py's client and Script (connection pool per call). Most of what remains is the
+    loopback send() and epoll themselves, which batching amortizes; a write straight
+    from the caller (no writer task) measured the same, so the public API is kept.
 
     A caller that stops waiting (its bounded wait ran out) leaves its future cancelled;
     the reader still consumes its reply, so replies never go to the wrong caller. Any
@@ -332,7 +333,10 @@ class _AutoPipeline:
         error: BaseException = ConnectionError("limits pipeline closed")
         try:
             await conn.connect()
-            tasks = [loop.create_task(self._read_loop(conn)), loop.create_task(self._write_loop(conn))]
+            tasks = [
+                loop.create_task(self._read_loop(conn)),
+                loop.create_task(self._write_loop(conn)),
+            ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
@@ -457,7 +461,11 @@ class RedisLimitStore:
         return cls(client_from_url(url), **kwargs)
 
     async def _script(
-        self, script: Any, keys: tuple[str, ...], args: tuple[Any, ...], timeout: float | None = None
+        self,
+        script: Any,
+        keys: tuple[str, ...],
+        args: tuple[Any, ...],
+        timeout: float | None = None,
     ) -> Any:
         """One script call through the pipeline, bounded by the store's wait; EVAL once
         when Redis does not know the script (it restarted, or SCRIPT FLUSH)."""
@@ -545,7 +553,9 @@ class RedisLimitStore:
         if self.healthy:
             try:
                 allowed, remaining, retry_us, reset_us = await self._script(
-                    self._rate, (f"{self._prefix}rate:{key}",), (repr(spec.rate_per_s), spec.burst, n)
+                    self._rate,
+                    (f"{self._prefix}rate:{key}",),
+                    (repr(spec.rate_per_s), spec.burst, n),
                 )
                 return Decision(
                     allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, spec.burst
@@ -566,7 +576,9 @@ class RedisLimitStore:
             lease = StreamLease(f"{self._token}:{next(self._ids)}", key, limit, BACKEND)
             try:
                 granted = await self._script(
-                    self._lease, (f"{self._prefix}streams:{key}",), (limit, self._lease_ttl_ms, lease.id)
+                    self._lease,
+                    (f"{self._prefix}streams:{key}",),
+                    (limit, self._lease_ttl_ms, lease.id),
                 )
             except _FAILURES as exc:
                 # It may have been granted before the wait ran out: it lapses in one TTL.
@@ -761,7 +773,9 @@ class RedisLimitStore:
                 self._degrade(exc)
             else:
                 allowed, remaining, retry_us, reset_us = rate_row
-                decision = Decision(allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, spec.burst)
+                decision = Decision(
+                    allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, spec.burst
+                )
                 if outcome == 1:
                     return Admission(decision, "rate", stream_limit=stream_limit)
                 if outcome == 2:

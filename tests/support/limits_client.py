@@ -26,7 +26,9 @@ async def _wait_until(start_at: float) -> None:
     await asyncio.sleep(max(0.0, start_at - time.time()))
 
 
-async def take(url: str, key: str, rate: float, burst: int, start_at: float, seconds: float) -> None:
+async def take(
+    url: str, key: str, rate: float, burst: int, start_at: float, seconds: float
+) -> None:
     store = RedisLimitStore.from_url(url, timeout_s=2.0)
     await store.start()
     spec = LimitSpec(rate, burst)

@@ -322,7 +322,8 @@ async def test_admit_refusals_say_which_limit_and_take_no_slot_or_tokens(
     assert streams.refused == "streams" and streams.lease is None and streams.reservation is None
     assert store.token_budget("a", limits).minute_remaining == 100  # no tokens taken
     err = refusal_error("a", streams)
-    assert err.reason is Reason.CONCURRENCY_LIMITED and err.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.reason is Reason.CONCURRENCY_LIMITED
+    assert err.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     tokens = await store.admit("b", spec, stream_limit=1, tokens=500, token_limits=limits)
     assert tokens.allowed  # more than the per-minute capacity: runs on a full bucket
     refused = await store.admit("b", LimitSpec(1, 3), stream_limit=2, tokens=1, token_limits=limits)
