@@ -1,15 +1,21 @@
 """The shared limits backend: every worker and replica keeps its limit state in one Redis.
 
-Each admission is one atomic Lua script, so one round trip and no check-then-use race
-between processes; the scripts read Redis's own clock (`TIME`), so processes whose clocks
+Each admission (`admit`) and each end of a call (`finish`) is one atomic Lua script, so
+one round trip and no check-then-use race between processes; all of a process's calls
+share one pipelined connection (`_AutoPipeline`), so calls in flight together cost one
+write and one read between them; the scripts read Redis's own clock (`TIME`), so processes whose clocks
 disagree still share one bucket. Scripts are registered once (`register_script`: EVALSHA,
 and EVAL again after a NOSCRIPT, e.g. when Redis restarted). Every key has an expiry:
 a request bucket lives until it would be full again, a stream-lease set until its last
 lease expires, a day counter until the day is over (plus an hour for late settles), so
-idle callers cost nothing. All keys live in one Redis (no Cluster: a token reservation
+idle callers cost nothing; a reservation's key is deleted by its settle (or lapses after
+`reservation_ttl_s` if its process died). Keys start with `prefix`, so several proxies
+can share one Redis. All keys live in one Redis (no Cluster: a token reservation
 touches the caller's bucket and the tenant's counter in one script).
 
-Failure policy. Every Redis call is bounded by `timeout_s` (a few ms). The first call
+Failure policy. Every Redis call is bounded by `timeout_s` (a few ms; event-loop lag
+counts against it, so on a CPU-starved process a very tight bound sends calls to the
+policy before Redis is slow: 10-25 ms suits a loaded 2-core box). The first call
 that fails or times out turns the store `degraded` (one log line, one `on_state(False)`);
 while degraded no call touches Redis, so none waits; a background probe PINGs every
 `probe_interval_s` and turns it `healthy` again (one log line, `on_state(True)`). While
@@ -20,6 +26,10 @@ degraded, the policy decides:
   configured limit while Redis is away;
 - `fail_closed`: calls raise LimitsUnavailable (UNAVAILABLE, RetryInfo of one probe
   interval).
+
+A call whose wait ran out may still have been counted by Redis: it is then counted
+twice (in Redis and locally), never zero times; its Redis reservation keeps what it
+reserved. Limits err towards strict, budgets are never under-charged.
 
 Settles that could not reach Redis are kept (bounded) and replayed on recovery; settling
 is idempotent in Redis (the reservation key is deleted by the first settle), so a replay
@@ -47,9 +57,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from core.limitstore import (
-    Admission,
     TOKENS_PER_DAY,
     TOKENS_PER_MINUTE,
+    Admission,
     LimitsUnavailable,
     MemoryLimitStore,
     Reservation,
