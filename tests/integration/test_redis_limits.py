@@ -23,7 +23,7 @@ from core.limitstore import (
     TokenRejection,
 )
 from interceptors.ratelimit import Decision, LimitSpec
-from server.redis_limits import RedisLimitStore
+from server.redis_limits import Policy, RedisLimitStore
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 
 PREFIX = "aiproxy:limits:"
@@ -254,44 +254,72 @@ def transitions(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
-async def test_hung_redis_fail_open_serves_at_limit_over_n_and_recovers(
+@pytest.mark.parametrize("failure", ["hang", "crash"])
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+async def test_redis_failing_mid_load_no_call_hangs_the_policy_holds_and_it_recovers(
     redis_server: RedisServer,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
+    failure: str,
+    policy: Policy,
 ) -> None:
+    """hang: SIGSTOP (connections stay open, nothing answers; then SIGCONT);
+    crash: SIGKILL (connections reset, then refused; then a restart on the same port)."""
     caplog.set_level(logging.INFO, logger="aiproxy.limits")
     states: list[bool] = []
     bound = 0.2
     store = RedisLimitStore.from_url(
         redis_server.url, timeout_s=bound, probe_interval_s=0.1, processes=2,
-        policy="fail_open", on_state=states.append,
+        policy=policy, on_state=states.append,
     )  # fmt: skip
     await store.start()
     spec = LimitSpec(rate_per_s=10_000, burst=1000)
-    decisions: list[Decision] = []
+    outcomes: list[Decision | LimitsUnavailable] = []
     slowest = [0.0]
     running = True
 
     async def caller(i: int) -> None:
         while running:
             start = time.monotonic()
-            decisions.append(await store.take(f"client:{i % 4}", spec))
+            try:
+                outcomes.append(await store.take(f"client:{i % 4}", spec))
+            except LimitsUnavailable as exc:
+                outcomes.append(exc)
             slowest[0] = max(slowest[0], time.monotonic() - start)
             await asyncio.sleep(0.002)
 
+    def more(n: int) -> Callable[[], bool]:
+        seen = len(outcomes)
+        return lambda: len(outcomes) > seen + n
+
     tasks = [asyncio.create_task(caller(i)) for i in range(16)]
     try:
-        await wait_for(lambda: len(decisions) > 100)
-        assert decisions[-1].limit == 1000 and states == []
-        redis_server.pause()  # SIGSTOP: connections stay open, nothing answers
+        await wait_for(more(100))
+        last = outcomes[-1]
+        assert isinstance(last, Decision) and last.limit == 1000 and states == []
+        if failure == "hang":
+            redis_server.pause()
+        else:
+            redis_server.kill()
         await wait_for(lambda: states == [False])
-        seen = len(decisions)
-        await wait_for(lambda: len(decisions) > seen + 200)  # still serving while it hangs
-        assert all(d.limit == 500 and d.allowed for d in decisions[-50:])  # burst/N locally
-        redis_server.resume()
+        await wait_for(more(200))  # calls go on while Redis is away, none waits for it
+        recent = outcomes[-50:]
+        if policy == "fail_open":  # served from the local share: burst/N
+            assert all(isinstance(o, Decision) and o.limit == 500 and o.allowed for o in recent)
+        else:  # refused, with the probe interval as the retry hint
+            assert all(isinstance(o, LimitsUnavailable) for o in recent)
+            assert recent[-1].retry_delay_s == pytest.approx(0.1)  # type: ignore[union-attr]
+            with pytest.raises(LimitsUnavailable):
+                await store.admit("client:x", spec, stream_limit=2)
+            with pytest.raises(LimitsUnavailable):
+                await store.reserve_tokens("client:x", 10, TokenLimits(per_minute=100))
+        if failure == "hang":
+            redis_server.resume()
+        else:
+            redis_server.start()  # the same port: clients keep their URL
         await wait_for(lambda: states == [False, True], timeout=20)
-        seen = len(decisions)
-        await wait_for(lambda: len(decisions) > seen + 200)
-        assert decisions[-1].limit == 1000  # shared again
+        await wait_for(more(200))
+        last = outcomes[-1]
+        assert isinstance(last, Decision) and last.limit == 1000  # shared again
     finally:
         running = False
         await asyncio.gather(*tasks)
@@ -300,42 +328,6 @@ async def test_hung_redis_fail_open_serves_at_limit_over_n_and_recovers(
     assert slowest[0] < bound + 1.0, slowest[0]
     assert transitions(caplog) == ["limits_degraded", "limits_recovered"]  # not per call
     assert states == [False, True]
-
-
-async def test_dead_redis_fail_closed_refuses_fast_and_recovers_after_restart(
-    redis_server: RedisServer,  # noqa: F811
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.INFO, logger="aiproxy.limits")
-    states: list[bool] = []
-    store = RedisLimitStore.from_url(
-        redis_server.url, timeout_s=0.2, probe_interval_s=0.1, policy="fail_closed",
-        on_state=states.append,
-    )  # fmt: skip
-    await store.start()
-    spec = LimitSpec(rate_per_s=100, burst=100)
-    try:
-        assert (await store.take("client:a", spec)).allowed
-        redis_server.kill()  # SIGKILL: connection reset, then refused
-        start = time.monotonic()
-        for _ in range(50):
-            with pytest.raises(LimitsUnavailable) as caught:
-                await store.take("client:a", spec)
-        assert time.monotonic() - start < 1.5  # refusing costs no wait once degraded
-        assert caught.value.retry_delay_s == pytest.approx(0.1)
-        with pytest.raises(LimitsUnavailable):
-            await store.acquire_stream("client:a", 2)
-        with pytest.raises(LimitsUnavailable):
-            await store.reserve_tokens("client:a", 10, TokenLimits(per_minute=100))
-        assert states == [False]
-        redis_server.start()  # the same port: clients keep their URL
-        await wait_for(lambda: states == [False, True], timeout=20)
-        decision = await store.take("client:a", spec)
-        assert decision.allowed and decision.limit == 100
-        assert await store.acquire_stream("client:a", 2) is not None
-    finally:
-        await store.aclose()
-    assert transitions(caplog) == ["limits_degraded", "limits_recovered"]
 
 
 async def test_settles_that_missed_redis_are_replayed_once_on_recovery(
