@@ -30,7 +30,8 @@ lint: gen $(BUF)
 	$(BUF) lint
 	@echo "buf lint: clean"
 
-# Debian packages the tests drive for real (headless Chromium). Skipped when present.
+# Debian packages the tests drive for real (headless Chromium, redis-server for the shared
+# limits). Skipped when present.
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing chromium (Debian) for the browser test"; \
@@ -38,6 +39,9 @@ system-deps:
 	@command -v h2load >/dev/null 2>&1 || { \
 	  echo "installing h2load (Debian nghttp2-client) for the benchmark smoke test"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian) for the shared limits tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 demo: gen
 	$(BIN)/aiproxy demo

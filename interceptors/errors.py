@@ -48,6 +48,7 @@ class Reason(enum.StrEnum):
     OVERLOADED = "OVERLOADED"  # the proxy as a whole is at its concurrency cap
     CIRCUIT_OPEN = "CIRCUIT_OPEN"  # every upstream's breaker is open: failing fast
     UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"  # no upstream could be reached
+    LIMITS_UNAVAILABLE = "LIMITS_UNAVAILABLE"  # the shared limits store is down (fail_closed)
     UPSTREAM_ERROR = "UPSTREAM_ERROR"  # the upstream failed; the code says how
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the effective deadline passed
     INVALID_ARGUMENT = "INVALID_ARGUMENT"  # the request is malformed; see BadRequest
