@@ -144,6 +144,13 @@ class DeadlineSettings(_Section):
     agent_max_s: float = Field(default=300.0, gt=0)
     # By bare method name, e.g. {"BatchGenerate": {"default_s": 60, "max_s": 90}}.
     per_method: dict[str, DeadlineOverride] = Field(default_factory=dict)
+    # When the caller's own deadline is the binding one, the proxy ends the call this much
+    # before it (ratio of the caller's remaining time, clamped to [min, max] and to half
+    # of it), so the caller gets DEADLINE_EXCEEDED with ErrorInfo -- and a stream its final
+    # in-band error chunk -- instead of its deadline cutting the call off silently.
+    end_margin_ratio: float = Field(default=0.05, ge=0, le=0.5)
+    end_margin_min_s: float = Field(default=0.02, ge=0)
+    end_margin_max_s: float = Field(default=1.0, ge=0)
 
     @model_validator(mode="after")
     def _v_order(self) -> DeadlineSettings:
