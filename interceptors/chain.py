@@ -49,7 +49,7 @@ import grpc
 from interceptors.auth import AuthInterceptor
 from interceptors.breaker import CircuitBreaker
 from interceptors.client_observability import client_metrics_interceptors, client_tracing_interceptors
-from interceptors.deadline import DeadlineInterceptor, DeadlineLimit, MethodDeadlines
+from interceptors.deadline import DeadlineInterceptor, DeadlineLimit, EndMargin, MethodDeadlines
 from interceptors.error_handling import ErrorInterceptor
 from interceptors.limits import LimitsInterceptor
 from interceptors.observability import ObservabilityInterceptor
@@ -83,6 +83,7 @@ def method_deadlines(settings: Settings) -> MethodDeadlines:
         stream=DeadlineLimit(d.stream_default_s, d.stream_max_s),
         agent=DeadlineLimit(d.agent_default_s, d.agent_max_s),
         overrides={name: DeadlineLimit(o.default_s, o.max_s) for name, o in d.per_method.items()},
+        margin=EndMargin(d.end_margin_ratio, d.end_margin_min_s, d.end_margin_max_s),
     )
 
 

@@ -5,6 +5,14 @@ effective timeout is the tighter of the caller's remaining time and the maximum,
 is what the upstream call gets, so a caller who leaves early or a runaway generation
 never holds an upstream past it. The source documents' values: 30 s for unary calls,
 2 min for streams, 5 min for agent runs (streamed or not: the run is what is long).
+
+When the caller's own deadline is the binding one, the proxy ends the call a little
+before it (`EndMargin`): when the caller's deadline fires, grpc-core cancels the call
+under the proxy's feet, so a stream's body just stops (no final chunk, nothing for a
+browser to read), a unary call gets a bare 504 without ErrorInfo, and the proxy can only
+count it as CANCELLED. Ending it first lets the proxy answer DEADLINE_EXCEEDED itself,
+with ErrorInfo and, for a stream, the in-band final error chunk, cancel the upstream
+call, and count the call as DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -37,6 +45,27 @@ class DeadlineLimit:
             raise ValueError(f"need 0 < default_s <= max_s, got {self.default_s} and {self.max_s}")
 
 
+@dataclass(frozen=True, slots=True)
+class EndMargin:
+    """How long before the caller's deadline the proxy ends the call itself.
+
+    `ratio` of the caller's remaining time, at least `min_s`, at most `max_s`, and never
+    more than half of the remaining time (a caller in a hurry still gets a try).
+    """
+
+    ratio: float = 0.0
+    min_s: float = 0.0
+    max_s: float = 0.0
+
+    def for_remaining(self, remaining_s: float) -> float:
+        if remaining_s <= 0:
+            return 0.0
+        return min(max(self.min_s, self.ratio * remaining_s), self.max_s, remaining_s / 2)
+
+
+NO_MARGIN: Final = EndMargin()
+
+
 class MethodDeadlines:
     """Deadline limits keyed by full method path ("/ai.agent.v1.AgentService/Chat").
 
@@ -45,10 +74,14 @@ class MethodDeadlines:
     """
 
     def __init__(
-        self, default: DeadlineLimit, per_method: Mapping[str, DeadlineLimit] | None = None
+        self,
+        default: DeadlineLimit,
+        per_method: Mapping[str, DeadlineLimit] | None = None,
+        margin: EndMargin = NO_MARGIN,
     ) -> None:
         self.default = default
         self.per_method = dict(per_method or {})
+        self.margin = margin
 
     @classmethod
     def for_service(
@@ -60,6 +93,7 @@ class MethodDeadlines:
         agent: DeadlineLimit,
         agent_methods: Collection[str] = AGENT_METHODS,
         overrides: Mapping[str, DeadlineLimit] | None = None,
+        margin: EndMargin = NO_MARGIN,
     ) -> MethodDeadlines:
         """Limits for every method of `service` by kind: `overrides` (by bare method
         name) first, then agent runs, then streaming methods, then unary ones."""
@@ -79,19 +113,21 @@ class MethodDeadlines:
             else:
                 limit = unary
             per_method[f"/{service.full_name}/{method.name}"] = limit
-        return cls(unary, per_method)
+        return cls(unary, per_method, margin)
 
     def limit_for(self, method: str) -> DeadlineLimit:
         return self.per_method.get(method, self.default)
 
     def effective_timeout(self, method: str, caller_remaining_s: float | None) -> float:
-        """Seconds the upstream call may take: the method's default when the caller set
-        no deadline, else the tighter of the caller's remaining time and the maximum.
-        0 means the caller's deadline already passed: fail with DEADLINE_EXCEEDED."""
+        """Seconds the call may take: the method's default when the caller set no
+        deadline, else the tighter of the caller's remaining time (less the end margin)
+        and the maximum. 0 means the caller's deadline already passed: fail with
+        DEADLINE_EXCEEDED."""
         limit = self.limit_for(method)
         if caller_remaining_s is None:
             return limit.default_s
-        return max(0.0, min(caller_remaining_s, limit.max_s))
+        caller_s = caller_remaining_s - self.margin.for_remaining(caller_remaining_s)
+        return max(0.0, min(caller_s, limit.max_s))
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -118,7 +154,8 @@ class DeadlineInterceptor(AsyncServerInterceptor):
     """Server interceptor: fix each AgentService call's effective deadline.
 
     The result goes into CallInfo.timeout_s, which the forwarder gives the upstream call
-    (and every retry, as what is left of it). A caller whose deadline has already passed
+    (and every retry, as what is left of it) and by which it ends the call itself with
+    DEADLINE_EXCEEDED (streams: in-band first). A caller whose deadline has already passed
     is answered DEADLINE_EXCEEDED without an upstream call. Other services (health,
     reflection) keep the caller's deadline as it is.
     """

@@ -52,6 +52,7 @@ class Reason(enum.StrEnum):
     UPSTREAM_ERROR = "UPSTREAM_ERROR"  # the upstream failed; the code says how
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the effective deadline passed
     INVALID_ARGUMENT = "INVALID_ARGUMENT"  # the request is malformed; see BadRequest
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"  # the request bytes are not a valid message
     UNAUTHENTICATED = "UNAUTHENTICATED"  # missing or invalid credentials
     PERMISSION_DENIED = "PERMISSION_DENIED"  # authenticated, but not allowed
     CANCELLED = "CANCELLED"  # the caller cancelled (recorded in logs and metrics)
@@ -174,6 +175,13 @@ class InvalidArgument(ProxyError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = Reason.INVALID_ARGUMENT
     default_message = "invalid argument"
+
+
+class MalformedRequest(InvalidArgument):
+    """INVALID_ARGUMENT for request bytes that do not decode as the method's message."""
+
+    reason = Reason.MALFORMED_REQUEST
+    default_message = "malformed request"
 
 
 class Unauthenticated(ProxyError):

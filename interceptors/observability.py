@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from interceptors.errors import Reason
 from server.callinfo import CallInfo, current_call
@@ -36,6 +37,7 @@ from server.telemetry import Telemetry, untraced_services
 access_log = logging.getLogger("aiproxy.access")
 
 OK = grpc.StatusCode.OK
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 # Reasons of admission control (the limiter's refusals), counted as rejections.
 LIMIT_REASONS = frozenset({Reason.RATE_LIMITED.value, Reason.CONCURRENCY_LIMITED.value, Reason.OVERLOADED.value})
 _UNTRACED = frozenset(untraced_services())
@@ -172,7 +174,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     m.msg_sent.inc()
                 return response
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                code = _cancelled_code(context)
                 raise
             except BaseException:
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -213,7 +215,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     yield chunk
                 code = context.code() or OK
             except (asyncio.CancelledError, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED
+                code = _cancelled_code(context)
                 raise
             except BaseException:
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -248,8 +250,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         call.code = status
         if code is OK:
             call.reason = ""
-        elif not call.reason:
-            # Aborted by someone other than the ErrorInterceptor (or cancelled).
+        elif not call.reason or code is DEADLINE_EXCEEDED:
+            # Aborted by someone other than the ErrorInterceptor (or cancelled, or cut
+            # off by the caller's deadline: its reason then says so, not CANCELLED).
             call.reason = Reason.CANCELLED.value if code is grpc.StatusCode.CANCELLED else status
         m.requests(status).inc()
         m.duration.observe(elapsed)
@@ -276,9 +279,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def _usage(self, m: _Method, call: CallInfo, request: Any, first: Any, last: Any) -> str:
         """Model and token counts from the request and the answer (no text is read).
         Returns the model the request named ("" for the service's default)."""
-        if request is not None and not m._probed_request and hasattr(type(request), "DESCRIPTOR"):
+        if not isinstance(request, Message):  # e.g. bytes that did not decode
+            request = None
+        if request is not None and not m._probed_request:
             m.probe_request(request)
-        requested = request.model if m.request_model else ""
+        requested = request.model if request is not None and m.request_model else ""
         if requested and not call.model:
             call.model = requested
         if first is None:
@@ -338,6 +343,16 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             attempts=call.attempts,
             retries=call.retries,
         )
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why a call was cancelled under the handler: the caller's deadline (grpc-core ends
+    the call when it passes; the proxy normally answers just before, see
+    interceptors/deadline.py) or the caller leaving."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 async def _count(requests: Any, counter: Any) -> AsyncIterator[Any]:

@@ -53,6 +53,15 @@ class ServerSettings(_Section):
     # grpc.aio cancels bursts of new calls past max_pending_requests (default 1000):
     # admission is the limiters' job, so this is set far above any real burst.
     max_pending_requests: int = Field(default=20_000, ge=1)
+    # Calls being forwarded past which new API calls are refused at once, before any
+    # other work (RESOURCE_EXHAUSTED, OVERLOADED, RetryInfo): see interceptors/overload.py.
+    # 0 = no gate (limits.max_concurrent_calls still applies further in).
+    max_active_calls: int = Field(default=2000, ge=0)
+    # ... and while new calls wait longer than this to be taken (measured by a probe to
+    # the proxy's own listener, server/backlog.py), the limit drops until the queue drains,
+    # never below overload_min_active_calls (0 = fixed limit only; also off with TLS).
+    overload_wait_target_ms: float = Field(default=250.0, ge=0)
+    overload_min_active_calls: int = Field(default=16, ge=1)
     max_concurrent_streams_per_connection: int = Field(default=10_000, ge=1)
     max_receive_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_send_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -148,6 +157,13 @@ class DeadlineSettings(_Section):
     agent_max_s: float = Field(default=300.0, gt=0)
     # By bare method name, e.g. {"BatchGenerate": {"default_s": 60, "max_s": 90}}.
     per_method: dict[str, DeadlineOverride] = Field(default_factory=dict)
+    # When the caller's own deadline is the binding one, the proxy ends the call this much
+    # before it (ratio of the caller's remaining time, clamped to [min, max] and to half
+    # of it), so the caller gets DEADLINE_EXCEEDED with ErrorInfo -- and a stream its final
+    # in-band error chunk -- instead of its deadline cutting the call off silently.
+    end_margin_ratio: float = Field(default=0.05, ge=0, le=0.5)
+    end_margin_min_s: float = Field(default=0.02, ge=0)
+    end_margin_max_s: float = Field(default=1.0, ge=0)
 
     @model_validator(mode="after")
     def _v_order(self) -> DeadlineSettings:

@@ -26,7 +26,7 @@ from google.protobuf import message_factory
 
 from ai.agent.v1 import agent_service_pb2
 from interceptors.deadline import Deadline
-from interceptors.errors import CircuitOpen
+from interceptors.errors import CircuitOpen, DeadlineExceeded
 from interceptors.limits import EDGE_SECRET_HEADER
 from interceptors.retry import RetryPolicy
 from server.callinfo import CallInfo, current_call
@@ -148,10 +148,32 @@ class Forwarder:
         timeout = call.timeout_s if call.timeout_s is not None else context.time_remaining()
         return None if timeout is None else Deadline.from_timeout(timeout)
 
+    async def _within_deadline(
+        self,
+        context: grpc.aio.ServicerContext,
+        call: CallInfo,
+        deadline: Deadline | None,
+        attempt_on: Callable[[Endpoint, list[tuple[str, Any]], float | None], Awaitable[T]],
+    ) -> T:
+        """`_with_retries`, ended by the proxy itself with DEADLINE_EXCEEDED when the
+        call's effective deadline comes (picks, backoffs and attempts all count), so the
+        caller gets the shaped error before its own deadline fires; the attempt in
+        flight is cancelled, which cancels its upstream call."""
+        if deadline is None:
+            return await self._with_retries(context, call, deadline, attempt_on)
+        try:
+            async with asyncio.timeout(deadline.remaining()) as scope:
+                return await self._with_retries(context, call, deadline, attempt_on)
+        except TimeoutError:
+            if not scope.expired():
+                raise
+        raise DeadlineExceeded("the call's deadline passed")
+
     async def _with_retries(
         self,
         context: grpc.aio.ServicerContext,
         call: CallInfo,
+        deadline: Deadline | None,
         attempt_on: Callable[[Endpoint, list[tuple[str, Any]], float | None], Awaitable[T]],
     ) -> T:
         """Run `attempt_on(endpoint, metadata, timeout)` until it succeeds or may not retry.
@@ -159,7 +181,6 @@ class Forwarder:
         A breaker rejection sent nothing upstream, so it moves on to another endpoint
         at once; an upstream failure with a retryable code waits a jittered backoff.
         """
-        deadline = self._deadline(context, call)
         metadata = self._metadata(context, call)
         tried: set[str] = set()
         policy = self._policy
@@ -187,6 +208,7 @@ class Forwarder:
                     backoff = policy.backoff(attempt)
                     if not policy.should_retry(exc.code(), attempt, remaining, backoff):
                         raise
+                    del exc  # not kept alive (with its frames) across the backoff
                     call.retries += 1
                     await asyncio.sleep(backoff)
                 finally:
@@ -211,7 +233,7 @@ class Forwarder:
 
             self._enter()
             try:
-                response = await self._with_retries(context, call, attempt)
+                response = await self._within_deadline(context, call, self._deadline(context, call), attempt)
             finally:
                 self._leave()
             await context.send_initial_metadata(((REQUEST_ID, call.request_id), *call.reply_metadata))
@@ -227,12 +249,15 @@ class Forwarder:
         async def forward_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = current_call.get()
             assert call is not None, "RequestContextInterceptor must run first"
+            deadline = self._deadline(context, call)
+            end_at = None if deadline is None else deadline.expires_at
 
             async def attempt(endpoint: Endpoint, metadata: list, timeout: float | None) -> tuple[Any, Any, Endpoint]:
                 upstream = endpoint.unary_stream(path, serialize, deserialize)(
                     request, metadata=metadata, timeout=timeout
                 )
-                chunks = StreamPump(upstream, response_cls, settings).chunks()
+                # The pump ends the stream at the deadline (StreamDeadline), in-band.
+                chunks = StreamPump(upstream, response_cls, settings, end_at=end_at).chunks()
                 try:
                     # Retrying is safe until a chunk is on its way to the caller.
                     first = await chunks.__anext__()
@@ -246,7 +271,7 @@ class Forwarder:
 
             self._enter()
             try:
-                first, chunks, endpoint = await self._with_retries(context, call, attempt)
+                first, chunks, endpoint = await self._within_deadline(context, call, deadline, attempt)
             except BaseException:
                 self._leave()
                 raise

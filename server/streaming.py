@@ -17,6 +17,7 @@ per window, so a fast token stream becomes fewer, larger messages.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -45,6 +46,15 @@ class StreamIdle(DeadlineExceeded):
         self.idle_s = idle_s
 
 
+class StreamDeadline(DeadlineExceeded):
+    """The call's effective deadline (see interceptors/deadline.py) came: the proxy ends
+    the stream itself, so the caller gets the in-band final chunk before its own
+    deadline cuts the call off."""
+
+    def __init__(self) -> None:
+        super().__init__("the call's deadline passed")
+
+
 class StreamPump:
     """Reads one upstream call and yields the caller's chunks.
 
@@ -53,10 +63,14 @@ class StreamPump:
     depends on whether anything was sent.
     """
 
-    def __init__(self, upstream_call: Any, response_cls: type, settings: StreamSettings) -> None:
+    def __init__(
+        self, upstream_call: Any, response_cls: type, settings: StreamSettings, end_at: float | None = None
+    ) -> None:
         self._call = upstream_call
         self._cls = response_cls
         self._settings = settings
+        # time.monotonic() by which the stream ends with StreamDeadline (None: never).
+        self._end_at = math.inf if end_at is None else end_at
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.buffer_chunks)
         self._reader: asyncio.Task[None] | None = None
         self.seq = 0
@@ -70,7 +84,10 @@ class StreamPump:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the upstream's status, delivered in order
-            await put(_End(exc))
+            # Without its traceback: the frames it references (this task's, the grpc
+            # call's) would otherwise live in a reference cycle until a full collection.
+            await put(_End(exc.with_traceback(None)))
+            del exc
 
     def _next_seq(self) -> int:
         seq = self.seq
@@ -106,8 +123,12 @@ class StreamPump:
                         yield self._cls(heartbeat=True, seq=self._next_seq())
                         continue
                 if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
+                    error, item.error = item.error, None
+                    if error is not None:
+                        try:
+                            raise error
+                        finally:
+                            del error  # no frame -> exception -> frame cycle
                     return
                 if coalesce and not queue.empty() and _is_plain_delta(item):
                     held = self._merge_waiting(item)
@@ -118,14 +139,19 @@ class StreamPump:
             await self.aclose()
 
     async def _wait(self, last_upstream: float, last_sent: float, heartbeat_s: float, idle_s: float) -> Any:
-        """Next queue item, or None when a heartbeat is due; StreamIdle past idle_s."""
+        """Next queue item, or None when a heartbeat is due; StreamIdle past idle_s,
+        StreamDeadline at the call's deadline."""
         idle_deadline = last_upstream + idle_s
-        wait = min(idle_deadline, last_sent + heartbeat_s) - time.monotonic()
+        end_at = self._end_at
+        wait = min(idle_deadline, last_sent + heartbeat_s, end_at) - time.monotonic()
         try:
             async with asyncio.timeout(max(wait, 0)):
                 return await self._queue.get()
         except TimeoutError:
-            if time.monotonic() >= idle_deadline:
+            now = time.monotonic()
+            if now >= end_at:
+                raise StreamDeadline() from None
+            if now >= idle_deadline:
                 raise StreamIdle(idle_s) from None
             return None
 
@@ -146,9 +172,18 @@ class StreamPump:
     async def aclose(self) -> None:
         """Stop reading and cancel the upstream call (a no-op once it has finished)."""
         self._call.cancel()
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            if not reader.done():
+                reader.cancel()
+                await asyncio.wait((reader,))
+            # Retrieve the outcome so the task drops its exception (and traceback) now,
+            # not when the collector gets to it; leftover queue items hold errors too.
+            if not reader.cancelled():
+                reader.exception()
+        queue = self._queue
+        while not queue.empty():
+            queue.get_nowait()
 
 
 def _is_plain_delta(chunk: Any) -> bool:

@@ -130,3 +130,39 @@ def test_server_options_carry_the_bounds(monkeypatch) -> None:
     monkeypatch.setenv("AIPROXY_SERVER__MAX_CONNECTION_IDLE_S", "0")
     options = dict(server_options(load_settings()))
     assert "grpc.max_connection_age_ms" not in options and "grpc.max_connection_idle_ms" not in options
+
+
+# ---- bytes that are not a valid message (issue 13, item 7) -------------------------------
+
+# Field 1, wire type 2 (length-delimited), length 100, but only 3 bytes follow.
+TRUNCATED = b"\x0a\x64abc"
+
+
+@pytest.mark.parametrize(
+    "path, streaming",
+    [
+        ("/ai.agent.v1.AgentService/Generate", False),
+        ("/ai.agent.v1.AgentService/StreamGenerate", True),
+        ("/grpc.health.v1.Health/Check", False),
+    ],
+)
+async def test_malformed_request_bytes_are_invalid_argument_without_internals(bounded_proxy, path, streaming) -> None:
+    from tests.integration.test_protection import rich
+
+    async with grpc.aio.insecure_channel(bounded_proxy.address) as channel:
+        if streaming:
+            call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)(TRUNCATED, timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                async for _ in call:
+                    pass
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await channel.unary_unary(path, request_serializer=None, response_deserializer=None)(TRUNCATED, timeout=10)
+        err = exc.value
+        assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+        shaped = rich(err)
+        assert shaped.reason == "MALFORMED_REQUEST"
+        details = err.details() or ""
+        assert "class" not in details and "Error" not in details and "<" not in details, details
+        # The connection still serves well-formed calls.
+        assert (await stub(channel).Generate(SMALL, timeout=10)).text

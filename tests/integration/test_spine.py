@@ -242,3 +242,60 @@ async def test_new_calls_after_sigterm_are_refused(spawn) -> None:
             last = chunk
         assert last.is_final
     assert proxy.wait(timeout=15) == 0
+
+
+# ---- the caller's deadline: the proxy answers just before it (issue 13, item 6) ----------
+
+# A margin large enough that a loaded CI box still answers before the caller's deadline.
+DEADLINE_MARGIN_ENV = {"AIPROXY_DEADLINES__END_MARGIN_MIN_S": "0.25"}
+
+
+async def test_caller_deadline_ends_a_stream_in_band_with_deadline_exceeded(spawn, agent) -> None:
+    """A slow stream that outlives the caller's deadline gets the in-band final chunk
+    (DEADLINE_EXCEEDED, ErrorInfo) and the shaped status from the proxy -- not a silent
+    end cut by grpc -- the upstream call is cancelled, and the call is logged as
+    DEADLINE_EXCEEDED, not CANCELLED."""
+    from tests.integration.test_protection import read_stream, rich, rich_from_status
+
+    proxy = spawn(*proxy_args(agent.address), env=DEADLINE_MARGIN_ENV, name="proxy")
+    rid = "req-deadline-inband"
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        started = time.monotonic()
+        chunks, err = await read_stream(
+            stub(channel).StreamGenerate(
+                pb.StreamGenerateRequest(prompt="slow", options=pb.GenerationOptions(max_tokens=50)),
+                metadata=(("x-request-id", rid), ("x-fault-hang", "1"), ("x-fault-after", "1")),
+                timeout=1.0,
+            )
+        )
+        elapsed = time.monotonic() - started
+    assert err is not None and err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    shaped = rich(err)  # the proxy's own status (grpc's local deadline has no details)
+    assert shaped.reason == "DEADLINE_EXCEEDED"
+    assert len(chunks) == 2 and not chunks[0].is_final
+    last = chunks[-1]
+    assert last.is_final and last.finish_reason == pb.FINISH_REASON_ERROR
+    assert rich_from_status(last.error).reason == "DEADLINE_EXCEEDED"
+    assert elapsed < 1.0
+    finished = agent.wait_for_log(lambda e: e.get("event") == "call_finished" and e.get("request_id") == rid)
+    assert finished["cancelled"] is True
+    access = proxy.wait_for_log(lambda e: e.get("event") == "access" and e.get("request_id") == rid)
+    assert (access["code"], access["reason"]) == ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")
+
+
+async def test_caller_deadline_ends_a_unary_call_with_shaped_deadline_exceeded(spawn, agent) -> None:
+    from tests.integration.test_protection import rich
+
+    proxy = spawn(*proxy_args(agent.address), env=DEADLINE_MARGIN_ENV, name="proxy")
+    rid = "req-deadline-unary"
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub(channel).Generate(
+                GENERATE, metadata=(("x-request-id", rid), ("x-fault-hang", "1")), timeout=1.0
+            )
+    assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert rich(err.value).reason == "DEADLINE_EXCEEDED"
+    finished = agent.wait_for_log(lambda e: e.get("event") == "call_finished" and e.get("request_id") == rid)
+    assert finished["cancelled"] is True
+    access = proxy.wait_for_log(lambda e: e.get("event") == "access" and e.get("request_id") == rid)
+    assert (access["code"], access["reason"]) == ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")

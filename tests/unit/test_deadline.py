@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ai.agent.v1 import agent_service_pb2
-from interceptors.deadline import Deadline, DeadlineLimit, MethodDeadlines
+from interceptors.deadline import Deadline, DeadlineLimit, EndMargin, MethodDeadlines
 
 SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
 UNARY = DeadlineLimit(default_s=30, max_s=30)
@@ -114,3 +114,34 @@ def test_deadlines_order_by_expiry() -> None:
 def test_deadline_defaults_to_the_monotonic_clock() -> None:
     deadline = Deadline.from_timeout(60)
     assert 59 < deadline.remaining() <= 60
+
+
+# ---- the end margin: the proxy answers before the caller's deadline ------------------------
+
+
+def test_end_margin_is_a_clamped_share_of_the_callers_time() -> None:
+    margin = EndMargin(ratio=0.05, min_s=0.02, max_s=1.0)
+    assert margin.for_remaining(10) == pytest.approx(0.5)  # 5 %
+    assert margin.for_remaining(0.3) == pytest.approx(0.02)  # at least min_s
+    assert margin.for_remaining(100) == pytest.approx(1.0)  # at most max_s
+    assert margin.for_remaining(0.01) == pytest.approx(0.005)  # never more than half
+    assert margin.for_remaining(0) == 0 and margin.for_remaining(-1) == 0
+    assert EndMargin().for_remaining(5) == 0  # the default: no margin
+
+
+def test_effective_timeout_ends_before_the_callers_deadline_only_when_it_binds() -> None:
+    deadlines = MethodDeadlines(DeadlineLimit(10, 30), margin=EndMargin(ratio=0.05, min_s=0.02, max_s=1.0))
+    assert deadlines.effective_timeout("/x", None) == 10  # no caller deadline: the default
+    assert deadlines.effective_timeout("/x", 0.3) == pytest.approx(0.28)  # the caller's binds
+    assert deadlines.effective_timeout("/x", 3600) == 30  # the maximum binds: no margin
+    assert deadlines.effective_timeout("/x", 30.5) == pytest.approx(29.5)  # close call: the margin wins
+    assert deadlines.effective_timeout("/x", -0.2) == 0
+
+
+def test_settings_carry_the_margin_to_every_method() -> None:
+    from interceptors.chain import method_deadlines
+    from server.config import load_settings
+
+    deadlines = method_deadlines(load_settings())
+    assert deadlines.margin == EndMargin(0.05, 0.02, 1.0)
+    assert deadlines.effective_timeout(path("Generate"), 1.0) == pytest.approx(0.95)

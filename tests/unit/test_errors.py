@@ -56,6 +56,7 @@ def details_of(status: status_pb2.Status, cls: Any) -> list[Any]:
         (errors.UpstreamError, Code.INTERNAL, Reason.UPSTREAM_ERROR),
         (errors.DeadlineExceeded, Code.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED),
         (errors.InvalidArgument, Code.INVALID_ARGUMENT, Reason.INVALID_ARGUMENT),
+        (errors.MalformedRequest, Code.INVALID_ARGUMENT, Reason.MALFORMED_REQUEST),
         (errors.Unauthenticated, Code.UNAUTHENTICATED, Reason.UNAUTHENTICATED),
         (errors.PermissionDenied, Code.PERMISSION_DENIED, Reason.PERMISSION_DENIED),
         (errors.Cancelled, Code.CANCELLED, Reason.CANCELLED),
@@ -499,3 +500,104 @@ async def test_abort_with_ends_a_stream_after_its_chunks(channel: grpc.aio.Chann
             received.append(chunk)
     assert received == [b"chunk"]
     assert parse_rpc_error(caught.value)[2] == to_status_proto(ABORTS["rate"])
+
+
+# ---- ErrorInterceptor on a real server: nothing unshaped, no internals -------------------
+
+
+@pytest.fixture
+async def guarded() -> AsyncIterator[grpc.aio.Channel]:
+    """A server whose handlers fail in every way, behind the ErrorInterceptor."""
+    from ai.agent.v1 import agent_service_pb2 as pb
+    from interceptors.error_handling import ErrorInterceptor
+
+    async def unary(request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.GenerateResponse:
+        raise KeyError("<class 'secret.Internal'> at 0x7f")
+
+    async def stream(request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        yield pb.StreamGenerateResponse(delta="a")
+        raise ValueError("boom in ipv4:10.0.0.1")
+
+    async def echo(request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.GenerateResponse:
+        return pb.GenerateResponse(text=request.prompt)
+
+    async def echo_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async for request in request_iterator:
+            yield pb.GenerateResponse(text=request.prompt)
+
+    service = "ai.agent.v1.AgentService"
+    G, S = pb.GenerateRequest, pb.StreamGenerateRequest
+    handler = grpc.method_handlers_generic_handler(
+        service,
+        {
+            "Generate": grpc.unary_unary_rpc_method_handler(unary, G.FromString, pb.GenerateResponse.SerializeToString),
+            "StreamGenerate": grpc.unary_stream_rpc_method_handler(stream, S.FromString, pb.StreamGenerateResponse.SerializeToString),
+            "Echo": grpc.unary_unary_rpc_method_handler(echo, G.FromString, pb.GenerateResponse.SerializeToString),
+            "EchoStream": grpc.stream_stream_rpc_method_handler(echo_stream, G.FromString, pb.GenerateResponse.SerializeToString),
+        },
+    )
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor({f"/{service}/StreamGenerate": pb.StreamGenerateResponse})]
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            yield ch
+    finally:
+        await server.stop(None)
+
+
+# Field 1 length-delimited, length 100, then 3 bytes: not a message.
+_TRUNCATED = b"\x0a\x64abc"
+_LEAKS = ("class", "Error", "0x", "ipv4", "secret", "<")
+
+
+def _assert_clean(err: grpc.aio.AioRpcError, code: Code, reason: Reason) -> None:
+    got_code, message, status = parse_rpc_error(err)
+    assert got_code is code and status is not None
+    assert error_info(status).reason == reason.value
+    assert not any(leak in message for leak in _LEAKS), message
+
+
+async def test_malformed_request_bytes_are_invalid_argument(guarded: grpc.aio.Channel) -> None:
+    for path in ("/ai.agent.v1.AgentService/Generate", "/ai.agent.v1.AgentService/Echo"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await guarded.unary_unary(path)(_TRUNCATED, timeout=5)
+        _assert_clean(caught.value, Code.INVALID_ARGUMENT, Reason.MALFORMED_REQUEST)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in guarded.unary_stream("/ai.agent.v1.AgentService/StreamGenerate")(_TRUNCATED, timeout=5):
+            pass
+    _assert_clean(caught.value, Code.INVALID_ARGUMENT, Reason.MALFORMED_REQUEST)
+
+
+async def test_malformed_message_in_a_request_stream_is_invalid_argument(guarded: grpc.aio.Channel) -> None:
+    from ai.agent.v1 import agent_service_pb2 as pb
+
+    call = guarded.stream_stream("/ai.agent.v1.AgentService/EchoStream")(timeout=5)
+    await call.write(pb.GenerateRequest(prompt="fine").SerializeToString())
+    assert await call.read()  # the good message is answered
+    await call.write(_TRUNCATED)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    _assert_clean(caught.value, Code.INVALID_ARGUMENT, Reason.MALFORMED_REQUEST)
+
+
+async def test_servicer_exceptions_are_internal_without_their_text(guarded: grpc.aio.Channel) -> None:
+    from ai.agent.v1 import agent_service_pb2 as pb
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await guarded.unary_unary("/ai.agent.v1.AgentService/Generate")(pb.GenerateRequest(prompt="x").SerializeToString(), timeout=5)
+    _assert_clean(caught.value, Code.INTERNAL, Reason.INTERNAL)
+    chunks = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for chunk in guarded.unary_stream(
+            "/ai.agent.v1.AgentService/StreamGenerate", response_deserializer=pb.StreamGenerateResponse.FromString
+        )(pb.StreamGenerateRequest(prompt="x").SerializeToString(), timeout=5):
+            chunks.append(chunk)
+    _assert_clean(caught.value, Code.INTERNAL, Reason.INTERNAL)
+    # The in-band final chunk carries the same clean status.
+    assert [c.delta for c in chunks] == ["a", ""] and chunks[-1].is_final
+    assert error_info(chunks[-1].error).reason == "INTERNAL"

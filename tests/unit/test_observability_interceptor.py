@@ -208,3 +208,36 @@ def test_model_label_is_bounded() -> None:
     }
     assert len(models) == MAX_MODELS + 1 and OTHER_MODEL in models
     assert value(telemetry, "ai_proxy_tokens_total", model=OTHER_MODEL, kind="prompt") == 5
+
+
+class _Ctx:
+    def __init__(self, remaining: float | None) -> None:
+        self._remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self._remaining
+
+
+def test_a_cancellation_at_the_callers_deadline_counts_as_deadline_exceeded() -> None:
+    """grpc-core cancels the handler when the caller's deadline passes; that is a
+    DEADLINE_EXCEEDED for the metrics, the alert and the log, not a caller who left."""
+    from interceptors.observability import _cancelled_code
+
+    assert _cancelled_code(_Ctx(-0.001)) is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _cancelled_code(_Ctx(0.0)) is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _cancelled_code(_Ctx(5.0)) is grpc.StatusCode.CANCELLED
+    assert _cancelled_code(_Ctx(None)) is grpc.StatusCode.CANCELLED
+
+
+def test_usage_ignores_a_request_that_did_not_decode() -> None:
+    """The ErrorInterceptor's MALFORMED marker reaches the observability wrapper as the
+    request; reading the model from it must not fail the call's bookkeeping."""
+    from interceptors.error_handling import MALFORMED
+    from interceptors.observability import _Method
+    from server.callinfo import CallInfo
+
+    interceptor = ObservabilityInterceptor(Telemetry(load_settings(metrics={"enabled": False})))
+    m = _Method(interceptor._t, "/ai.agent.v1.AgentService/Generate", "UNARY")
+    call = CallInfo(method=m.path, request_id="r")
+    assert interceptor._usage(m, call, pb.GenerateRequest(model="m1"), None, None) == "m1"
+    assert interceptor._usage(m, call, MALFORMED, None, None) == ""

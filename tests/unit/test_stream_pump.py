@@ -164,3 +164,47 @@ async def test_coalesce_window_off_by_default_keeps_every_chunk() -> None:
     script = [chunk("a")] + [x for i in range(5) for x in (0.005, chunk(str(i)))] + [chunk("", is_final=True)]
     out = await collect(StreamPump(FakeUpstream(script), pb.StreamGenerateResponse, settings()))
     assert [c.delta for c in out] == ["a", "0", "1", "2", "3", "4", ""]
+
+
+# ---- the call's deadline --------------------------------------------------------------
+
+
+async def test_the_deadline_ends_the_stream_with_stream_deadline_and_cancels_upstream() -> None:
+    import time
+
+    from interceptors.errors import DeadlineExceeded
+    from server.streaming import StreamDeadline
+
+    upstream = FakeUpstream([chunk("a"), 5.0, chunk("b")])
+    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings(), end_at=time.monotonic() + 0.2)
+    got = []
+    with pytest.raises(StreamDeadline) as caught:
+        async for item in pump.chunks():
+            got.append(item.delta)
+    assert got == ["a"]
+    assert isinstance(caught.value, DeadlineExceeded)
+    assert upstream.cancelled
+
+
+async def test_a_deadline_in_the_future_changes_nothing() -> None:
+    import time
+
+    upstream = FakeUpstream([chunk("a"), chunk("b"), chunk("", is_final=True)])
+    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings(coalesce=False), end_at=time.monotonic() + 30)
+    assert [c.delta for c in await collect(pump)] == ["a", "b", ""]
+
+
+async def test_an_upstream_error_reaches_the_caller_without_its_traceback() -> None:
+    """The reader hands the error over stripped of its traceback, so no frame ->
+    exception -> frame cycle outlives the stream (issue 13, item 9)."""
+    upstream = FakeUpstream([chunk("a")], error=RuntimeError("upstream broke"))
+    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings())
+    with pytest.raises(RuntimeError) as caught:
+        await collect(pump)
+    # Only the frames it crossed on the caller's side, none of the reader task's.
+    frames = []
+    tb = caught.value.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert "_read" not in frames and "__aiter__" not in frames

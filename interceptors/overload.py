@@ -1,0 +1,134 @@
+"""Outermost server interceptor: refuse new API calls at once while the proxy is full.
+
+Why a gate before everything else (issue 13, item 5): grpc.aio takes new calls from
+grpc-core one at a time, on the event loop, a few loop iterations per call. Every call it
+takes then runs the whole interceptor chain before the limiter in interceptors/limits.py
+can refuse it, and while the loop is busy with that, the next callers wait in grpc-core's
+pending queue, invisible to the proxy. A burst of a few thousand streams therefore
+queued for many seconds, and the calls grpc-core held past
+`grpc.server_max_unrequested_time_in_server` (30 s by default) were CANCELLED without
+ever reaching an interceptor.
+
+This gate makes a refusal as cheap as it can be, so the loop drains that queue fast:
+when the calls being forwarded (`active()`) reach the current limit, a new API call gets
+a prebuilt handler that answers RESOURCE_EXHAUSTED (ErrorInfo OVERLOADED, RetryInfo)
+without decoding the request, creating a CallInfo, or building a status per call.
+interceptors/limits.py keeps its exact, lease-based cap further in; this one reads a
+counter the forwarder keeps anyway, so admitted calls pay nothing for it.
+
+The limit is `capacity` (a fixed ceiling) lowered by `BacklogLimit` while new calls
+wait too long to be taken. A fixed number alone cannot tell: a burst of short streams
+backs grpc-core's queue up with only a few dozen streams open, and the active count
+never reaches any sane ceiling. Nor can the loop's lag: it stays at a few ms while the
+queue grows, because the loop is not slow, it only takes one call per few iterations
+(grpc/grpc#43436 works on that main loop's throughput). So the proxy measures the wait
+itself (server/backlog.py: a probe call to its own listener that queues like any other
+new call) and the limit follows it, AIMD as TCP and Netflix's concurrency-limits do with
+latency: while the wait is above its target the limit drops below what is open now, so
+new calls are refused cheaply and the queue drains; once the wait is back under the
+target the limit climbs again. A floor keeps the proxy serving whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection
+from typing import Any, Final
+
+import grpc
+
+from interceptors.errors import Overloaded, to_grpc_status
+
+# What a refused caller is told to wait: long enough for a burst to pass, short enough
+# that a retry (jittered by the client) soon finds room.
+OVERLOADED_RETRY_DELAY_S: Final = 1.0
+
+
+class BacklogLimit:
+    """A concurrency limit that follows how long new calls wait (pure logic: `sample` is
+    fed by `run`, or by a test).
+
+    Every `interval_s` the wait (`delay()`, seconds) is compared with `target_s`: above
+    it the limit becomes `decrease` x min(limit, calls open now), never below `floor`;
+    at or under it the limit grows by `increase` of itself (at least 1), up to `ceiling`.
+    """
+
+    def __init__(
+        self,
+        ceiling: int,
+        floor: int,
+        target_s: float,
+        *,
+        interval_s: float = 0.05,
+        decrease: float = 0.9,
+        increase: float = 0.05,
+    ) -> None:
+        self.ceiling = ceiling
+        self.floor = min(floor, ceiling)
+        self.target_s = target_s
+        self.interval_s = interval_s
+        self._decrease = decrease
+        self._increase = increase
+        self.limit = ceiling
+
+    def sample(self, delay_s: float, active: int) -> None:
+        if delay_s > self.target_s:
+            self.limit = max(self.floor, int(self._decrease * min(self.limit, active)))
+        elif self.limit < self.ceiling:
+            self.limit = min(self.ceiling, self.limit + max(1, int(self.limit * self._increase)))
+
+    async def run(self, delay: Callable[[], float], active: Callable[[], int]) -> None:
+        """Sample until cancelled."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self.sample(delay(), active())
+
+
+class OverloadGate(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        unary_methods: Collection[str],
+        stream_methods: Collection[str],
+        active: Callable[[], int],
+        capacity: int,
+        on_reject: Callable[[str], None] | None = None,
+        backlog_limit: BacklogLimit | None = None,
+    ) -> None:
+        self._active = active
+        self.capacity = capacity
+        self._on_reject = on_reject
+        self.backlog_limit = backlog_limit
+        status = to_grpc_status(
+            Overloaded(
+                "the proxy is at capacity; retry after the delay in RetryInfo",
+                metadata={"limit": str(capacity)},
+                retry_delay_s=OVERLOADED_RETRY_DELAY_S,
+            )
+        )
+        code, details, trailers = status.code, status.details, tuple(status.trailing_metadata)
+
+        async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(code, details, trailers)
+
+        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(code, details, trailers)
+            yield  # pragma: no cover  (makes this an async generator, as grpc expects)
+
+        # Raw bytes in and out: a refused request is never decoded.
+        unary = grpc.unary_unary_rpc_method_handler(refuse_unary)
+        stream = grpc.unary_stream_rpc_method_handler(refuse_stream)
+        self._refusals: dict[str, grpc.RpcMethodHandler] = {
+            **{path: unary for path in unary_methods},
+            **{path: stream for path in stream_methods},
+        }
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        backlog_limit = self.backlog_limit
+        limit = self.capacity if backlog_limit is None else min(self.capacity, backlog_limit.limit)
+        if self._active() >= limit:
+            refusal = self._refusals.get(handler_call_details.method)
+            if refusal is not None:
+                if self._on_reject is not None:
+                    self._on_reject(handler_call_details.method)
+                return refusal
+        return await continuation(handler_call_details)

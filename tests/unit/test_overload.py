@@ -1,0 +1,199 @@
+"""The overload gate (interceptors/overload.py) and the backlog probe (server/backlog.py).
+
+BacklogLimit is pure logic, fed samples by hand; the gate runs on a real grpc.aio server
+on port 0 with a counter standing in for the forwarder's active calls; the probe runs
+against a real server whose accept path is held up by a busy event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from interceptors.overload import OVERLOADED_RETRY_DELAY_S, BacklogLimit, OverloadGate
+from server.backlog import BacklogProbe
+
+# ---- BacklogLimit --------------------------------------------------------------------------
+
+
+def test_limit_starts_at_the_ceiling_and_stays_while_the_wait_is_short() -> None:
+    limit = BacklogLimit(ceiling=2000, floor=16, target_s=0.25)
+    for _ in range(10):
+        limit.sample(0.01, active=500)
+    assert limit.limit == 2000
+
+
+def test_a_long_wait_drops_the_limit_below_what_is_open_now_down_to_the_floor() -> None:
+    limit = BacklogLimit(ceiling=2000, floor=16, target_s=0.25)
+    limit.sample(0.5, active=100)
+    assert limit.limit == 90  # 0.9 x the 100 calls open, not 0.9 x 2000
+    limit.sample(0.5, active=100)
+    assert limit.limit == 81  # 0.9 x min(limit, open)
+    for _ in range(100):
+        limit.sample(2.0, active=100)
+    assert limit.limit == 16  # never below the floor
+
+
+def test_the_limit_climbs_back_once_the_wait_is_short_again() -> None:
+    limit = BacklogLimit(ceiling=200, floor=16, target_s=0.25)
+    limit.sample(1.0, active=0)
+    assert limit.limit == 16
+    limit.sample(0.0, active=0)
+    assert limit.limit == 17  # at least +1
+    for _ in range(200):
+        limit.sample(0.0, active=0)
+    assert limit.limit == 200  # up to the ceiling, not past it
+
+
+def test_floor_never_exceeds_the_ceiling() -> None:
+    assert BacklogLimit(ceiling=8, floor=16, target_s=0.1).floor == 8
+
+
+# ---- OverloadGate on a real server -----------------------------------------------------
+
+SERVICE = "test.Gate"
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.active = 0
+        self.refused: list[str] = []
+        self.handled = 0
+
+
+@pytest.fixture
+async def gated() -> AsyncIterator[tuple[grpc.aio.Channel, Harness, OverloadGate]]:
+    harness = Harness()
+
+    async def unary(request: bytes, context: Any) -> bytes:
+        harness.handled += 1
+        return b"ok"
+
+    async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        harness.handled += 1
+        yield b"chunk"
+
+    async def health(request: bytes, context: Any) -> bytes:
+        return b"serving"
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Health": grpc.unary_unary_rpc_method_handler(health),
+        },
+    )
+    gate = OverloadGate(
+        [f"/{SERVICE}/Unary"], [f"/{SERVICE}/Stream"], active=lambda: harness.active, capacity=10, on_reject=harness.refused.append
+    )
+    server = grpc.aio.server(interceptors=[gate])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel, harness, gate
+    finally:
+        await server.stop(None)
+
+
+def _overloaded(err: grpc.aio.AioRpcError) -> float:
+    """Checks the refusal's shape; returns its RetryInfo delay."""
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info) and info.reason == "OVERLOADED"
+    assert info.metadata["limit"] == "10"
+    assert status.details[1].Unpack(retry)
+    return retry.retry_delay.ToNanoseconds() / 1e9
+
+
+async def test_below_capacity_calls_pass(gated) -> None:
+    channel, harness, _ = gated
+    harness.active = 9
+    assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"", timeout=5) == b"ok"
+    assert [c async for c in channel.unary_stream(f"/{SERVICE}/Stream")(b"", timeout=5)] == [b"chunk"]
+    assert harness.refused == [] and harness.handled == 2
+
+
+async def test_at_capacity_api_calls_are_refused_shaped_and_never_reach_the_handler(gated) -> None:
+    channel, harness, _ = gated
+    harness.active = 10
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(f"/{SERVICE}/Unary")(b"not even decoded", timeout=5)
+    assert _overloaded(caught.value) == pytest.approx(OVERLOADED_RETRY_DELAY_S)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in channel.unary_stream(f"/{SERVICE}/Stream")(b"", timeout=5):
+            pass
+    _overloaded(caught.value)
+    assert harness.handled == 0
+    assert harness.refused == [f"/{SERVICE}/Unary", f"/{SERVICE}/Stream"]
+    # Methods the gate does not guard (health, admin) always get through.
+    assert await channel.unary_unary(f"/{SERVICE}/Health")(b"", timeout=5) == b"serving"
+
+
+async def test_the_backlog_limit_lowers_the_capacity(gated) -> None:
+    channel, harness, gate = gated
+    gate.backlog_limit = BacklogLimit(ceiling=10, floor=2, target_s=0.1)
+    harness.active = 5
+    assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"", timeout=5) == b"ok"
+    gate.backlog_limit.sample(1.0, active=5)  # a long wait: limit 4 < 5 open
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(f"/{SERVICE}/Unary")(b"", timeout=5)
+    _overloaded(caught.value)
+
+
+# ---- BacklogProbe --------------------------------------------------------------------------
+
+
+def test_probe_delay_is_the_last_wait_or_the_age_of_the_one_out() -> None:
+    now = [100.0]
+    probe = BacklogProbe("127.0.0.1:1", clock=lambda: now[0])
+    assert probe.delay() == 0.0
+    probe.last_s = 0.05
+    assert probe.delay() == 0.05
+    probe._sent_at = 99.0  # a probe out for a second already
+    assert probe.delay() == pytest.approx(1.0)
+
+
+async def test_probe_measures_how_long_a_new_call_waits_to_be_taken() -> None:
+    """A server whose loop is blocked cannot take new calls: the probe's delay grows
+    with the block, and comes back down once the server takes calls again."""
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    probe = BacklogProbe(f"127.0.0.1:{port}", interval_s=0.02)
+    task = asyncio.create_task(probe.run())
+    try:
+        deadline = time.monotonic() + 10
+        while probe.last_s == 0.0 or probe._sent_at is not None:  # one probe answered
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert probe.delay() < 0.5
+        # Block the loop (server and probe share it) while a probe is out: it waits.
+        while probe._sent_at is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0)
+        time.sleep(0.4)  # noqa: ASYNC251  (on purpose: a saturated loop)
+        assert probe.delay() >= 0.4
+        while probe._sent_at is not None:  # ...and its round trip counted the block
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert probe.last_s >= 0.4
+        deadline = time.monotonic() + 10
+        while probe.delay() >= 0.3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.stop(None)
