@@ -8,7 +8,7 @@ operations; or `admit` + `finish`: two) for: the memory backend's sync
 twin (`take_nowait`, today's path), its coroutine (`await take`), and the Redis backend
 sequentially and with `--concurrency` tasks at once, with the hiredis parser and with
 redis-py's pure-Python parser. Without --redis-url it starts Debian's redis-server on a free
-port (tests/support/redis_server.py). redis-server's own CPU is reported separately: it is
+port (devtools/redis_server.py). redis-server's own CPU is reported separately: it is
 another process (on another core or host in production), not the proxy's cost.
 """
 
@@ -158,7 +158,7 @@ def main() -> None:
     args = parser.parse_args()
     server = None
     if args.redis_url is None:
-        from tests.support.redis_server import RedisServer
+        from devtools.redis_server import RedisServer
 
         server = RedisServer().start()
     try:
