@@ -23,6 +23,7 @@ RUN python -m pip install --upgrade pip setuptools wheel \
  && python -m pip install "grpcio-tools>=1.85,<2" "googleapis-common-protos>=1.66"
 COPY proto/ proto/
 COPY scripts/ scripts/
+COPY core/ core/
 COPY server/ server/
 COPY interceptors/ interceptors/
 COPY agent/ agent/

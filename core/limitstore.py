@@ -37,8 +37,8 @@ from typing import Final, Generic, Literal, NamedTuple, Protocol, TypeVar, runti
 
 import grpc
 
-from interceptors.errors import ProxyError, QuotaViolation, RateLimited, Reason
-from interceptors.ratelimit import (
+from core.errors import ProxyError, QuotaViolation, RateLimited, Reason
+from core.ratelimit import (
     Clock,
     Decision,
     LimitSpec,

@@ -10,7 +10,7 @@ Credentials, in this order:
   x-api-key: <key>                `authorization`); known by its hash only.
 
 The caller's identity goes into `CallInfo.caller`: "sub:<JWT subject>" or
-"key:<hash of the API key>" -- exactly what `interceptors.ratelimit.caller_key` gives
+"key:<hash of the API key>" -- exactly what `core.ratelimit.caller_key` gives
 for the same credentials, so the rate limiter (call.caller or caller_key(...)), the
 access log and the auth check agree on who the caller is. Scopes (JWT `scope`
 space-separated or `scp` list; an API key's configured scopes) are checked against
@@ -47,17 +47,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from grpc_interceptor.server import AsyncServerInterceptor
 
-from interceptors.errors import PermissionDenied, Unauthenticated
-from interceptors.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
-from server.callinfo import current_call
-from server.config import (
+from core.errors import PermissionDenied, Unauthenticated
+from core.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
+from core.callinfo import current_call
+from core.settings import (
     HMAC_ALGORITHMS,
     OKP_ALGORITHMS,
     RSA_ALGORITHMS,
-    SERVICE_NAME,
     AuthSettings,
 )
-from server.logs import log_event
+from core.service import SERVICE_NAME
+from core.logs import log_event
 
 log = logging.getLogger("aiproxy.auth")
 

@@ -8,7 +8,7 @@
   the outgoing metadata (replacing the caller's, which the proxy's server span already
   continued). A request hook adds the attempt's endpoint and number from CallInfo.
 
-See interceptors/chain.py for where they sit relative to the breaker.
+See server/chain.py for where they sit relative to the breaker.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import grpc
 
-from server.callinfo import current_call
-from server.telemetry import GrpcClientMetrics, untraced_services
+from core.callinfo import current_call
+from core.metrics import GrpcClientMetrics, untraced_services
 
 OK = grpc.StatusCode.OK
 CANCELLED = grpc.StatusCode.CANCELLED

@@ -18,20 +18,17 @@ call, and count the call as DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from google.protobuf.descriptor import ServiceDescriptor
 from grpc_interceptor.server import AsyncServerInterceptor
 
-from interceptors.errors import DeadlineExceeded
-from server.callinfo import current_call
+from core.errors import DeadlineExceeded
+from core.callinfo import current_call
+from core.service import Service
 
 Clock = Callable[[], float]
-
-AGENT_METHODS: Final = frozenset({"ExecuteAgent", "StreamExecuteAgent"})
-
 
 @dataclass(frozen=True, slots=True)
 class DeadlineLimit:
@@ -86,33 +83,24 @@ class MethodDeadlines:
     @classmethod
     def for_service(
         cls,
-        service: ServiceDescriptor,
+        service: Service,
         *,
         unary: DeadlineLimit,
         stream: DeadlineLimit,
         agent: DeadlineLimit,
-        agent_methods: Collection[str] = AGENT_METHODS,
         overrides: Mapping[str, DeadlineLimit] | None = None,
         margin: EndMargin = NO_MARGIN,
     ) -> MethodDeadlines:
-        """Limits for every method of `service` by kind: `overrides` (by bare method
-        name) first, then agent runs, then streaming methods, then unary ones."""
+        """Limits for every method of `service`: `overrides` (by bare method name) first,
+        then the method's deadline class (agent runs, streams, unary calls)."""
         overrides = overrides or {}
-        names = {method.name for method in service.methods}
-        unknown = (set(overrides) | set(agent_methods)) - names
+        unknown = set(overrides) - set(service.by_name)
         if unknown:
-            raise ValueError(f"{service.full_name} has no methods {sorted(unknown)}")
-        per_method: dict[str, DeadlineLimit] = {}
-        for method in service.methods:
-            if method.name in overrides:
-                limit = overrides[method.name]
-            elif method.name in agent_methods:
-                limit = agent
-            elif method.server_streaming or method.client_streaming:
-                limit = stream
-            else:
-                limit = unary
-            per_method[f"/{service.full_name}/{method.name}"] = limit
+            raise ValueError(f"{service.name} has no methods {sorted(unknown)}")
+        by_class = {"unary": unary, "stream": stream, "agent": agent}
+        per_method = {
+            m.path: overrides.get(m.name) or by_class[m.deadline_class] for m in service.methods
+        }
         return cls(unary, per_method, margin)
 
     def limit_for(self, method: str) -> DeadlineLimit:

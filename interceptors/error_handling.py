@@ -1,7 +1,7 @@
 """Server interceptor: every error leaves the proxy in the one shape of errors.py.
 
 - A ProxyError raised anywhere inside (limits, validation, the forwarder) becomes its
-  google.rpc.Status; a failed upstream call is mapped by errors.from_upstream; anything
+  google.rpc.Status; a failed upstream call is mapped by core/upstream_errors.py; anything
   else is a bug: INTERNAL with a generic message, the traceback in the log.
 - A status already set (someone called context.abort) is never overwritten.
 - Request bytes that do not decode (grpc would answer UNKNOWN with the exception's
@@ -21,16 +21,16 @@ import grpc
 from grpc_interceptor.server import AsyncServerInterceptor
 
 from ai.agent.v1 import agent_service_pb2 as pb
-from interceptors.errors import (
+from core.errors import (
     Internal,
     MalformedRequest,
     ProxyError,
     abort_with,
-    to_proxy_error,
     to_status_proto,
 )
-from server.callinfo import current_call
-from server.logs import log_event
+from core.upstream_errors import to_proxy_error
+from core.callinfo import current_call
+from core.logs import log_event
 
 log = logging.getLogger("aiproxy.errors")
 

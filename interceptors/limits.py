@@ -42,8 +42,8 @@ from typing import Any, Final
 
 from grpc_interceptor.server import AsyncServerInterceptor
 
-from interceptors.errors import Overloaded
-from interceptors.ratelimit import (
+from core.errors import Overloaded
+from core.ratelimit import (
     API_KEY_HEADER,
     CLIENT_ID_HEADER,
     ConcurrencyLimiter,
@@ -54,8 +54,8 @@ from interceptors.ratelimit import (
     concurrency_limited_error,
     rate_limited_error,
 )
-from server.callinfo import CallInfo, current_call
-from server.config import LimitSettings
+from core.callinfo import CallInfo, current_call
+from core.settings import LimitSettings
 
 _PROXY_KEY: Final = "*"  # the one key of the proxy-wide cap
 # The edge's proof that a call came through it (see the module docstring).

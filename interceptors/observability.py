@@ -29,10 +29,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from interceptors.errors import Reason
-from server.callinfo import CallInfo, current_call
-from server.logs import log_event
-from server.telemetry import Telemetry, untraced_services
+from core.errors import Reason
+from core.callinfo import CallInfo, current_call
+from core.logs import log_event
+from core.metrics import CallTelemetry, untraced_services
 
 access_log = logging.getLogger("aiproxy.access")
 
@@ -68,7 +68,7 @@ class _Method:
         "request_model", "response_model", "response_usage", "_probed_request", "_probed_response",
     )
 
-    def __init__(self, telemetry: Telemetry, path: str, grpc_type: str) -> None:
+    def __init__(self, telemetry: CallTelemetry, path: str, grpc_type: str) -> None:
         service, _, name = path.lstrip("/").partition("/")
         self.path, self.name, self.grpc_type = path, name, grpc_type
         g = telemetry.grpc_server
@@ -117,7 +117,7 @@ class _Method:
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, telemetry: Telemetry) -> None:
+    def __init__(self, telemetry: CallTelemetry) -> None:
         self._t = telemetry
         self._methods: dict[tuple[str, str], _Method] = {}
         self._tracing = telemetry.tracing

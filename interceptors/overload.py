@@ -37,7 +37,7 @@ from typing import Any, Final
 
 import grpc
 
-from interceptors.errors import Overloaded, to_grpc_status
+from core.errors import Overloaded, to_grpc_status
 
 # What a refused caller is told to wait: long enough for a burst to pass, short enough
 # that a retry (jittered by the client) soon finds room.

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from grpc_interceptor.server import AsyncServerInterceptor
 
-from server.callinfo import CallInfo, current_call
+from core.callinfo import CallInfo, current_call
 
 REQUEST_ID = "x-request-id"
 _MAX_REQUEST_ID_LEN = 128

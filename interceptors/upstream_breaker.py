@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from interceptors.breaker import CircuitBreaker, Permit
-from interceptors.errors import CircuitOpen
+from core.errors import CircuitOpen
 
 
 def circuit_open_error(breaker: CircuitBreaker) -> CircuitOpen:

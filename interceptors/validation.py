@@ -25,8 +25,8 @@ from google.protobuf.descriptor import EnumDescriptor, ServiceDescriptor
 from grpc_interceptor.server import AsyncServerInterceptor
 
 from ai.agent.v1 import agent_service_pb2 as pb
-from interceptors.errors import FieldViolation, InvalidArgument
-from server.config import ValidationSettings
+from core.errors import FieldViolation, InvalidArgument
+from core.settings import ValidationSettings
 
 Violations = list[FieldViolation]
 Validator = Callable[[Any], Violations]

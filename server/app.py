@@ -20,16 +20,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
-from interceptors.chain import client_interceptors, server_interceptors
-from interceptors.errors import Reason
+from server.chain import client_interceptors, server_interceptors
+from core.errors import Reason
 from interceptors.overload import BacklogLimit, OverloadGate
 from server.admin import ADMIN_SERVICE_NAME, ProxyAdmin
 from server.backlog import BacklogProbe
-from server.config import SERVICE_NAME, ServerSettings, Settings, parse_hostport
-from server.forwarding import Forwarder, service_descriptor
+from core.service import SERVICE_NAME, agent_service
+from core.settings import ServerSettings, Settings, parse_hostport
+from server.forwarding import Forwarder
 from server.health import ProxyHealth
 from server import tls
-from server.logs import log_event, print_ready
+from core.logs import log_event, print_ready
 from server.telemetry import Telemetry
 from server.upstream import UpstreamPool
 
@@ -93,8 +94,7 @@ class ProxyServer:
         capacity = self.settings.server.max_active_calls
         if not capacity:
             return []
-        service = service_descriptor()
-        paths = {f"/{SERVICE_NAME}/{m.name}": m.server_streaming for m in service.methods}
+        paths = {m.path: m.streaming for m in agent_service().methods}
         rejections = self.telemetry.proxy.rate_limit_rejections
         requests = self.telemetry.proxy.requests
         children: dict[str, tuple[Any, Any]] = {}

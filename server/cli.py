@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
-from server import logs, workers
-from server.config import ConfigError, load_settings
+from core import logs
+from server import workers
+from core.settings import ConfigError, load_settings
 
 
 def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -14,8 +14,8 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from server.config import parse_hostport
-from server.logs import log_event
+from core.settings import parse_hostport
+from core.logs import log_event
 
 log = logging.getLogger("aiproxy.discovery")
 

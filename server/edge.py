@@ -50,8 +50,8 @@ from typing import Any
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from interceptors.errors import DOMAIN
-from server.config import parse_hostport
+from core.errors import DOMAIN
+from core.settings import parse_hostport
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ Retries live here, at the pool level, because the next attempt must be able to g
 another endpoint (a channel's own interceptors only ever see one endpoint). They follow
 interceptors/retry.py's policy: unary calls, and streams before their first chunk has
 reached the caller; never past the deadline. Everything else that protects the
-upstreams or the callers is an interceptor (see interceptors/chain.py).
+upstreams or the callers is an interceptor (see server/chain.py).
 """
 
 from __future__ import annotations
@@ -21,16 +21,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message_factory
 
-from ai.agent.v1 import agent_service_pb2
 from interceptors.deadline import Deadline
-from interceptors.errors import CircuitOpen, DeadlineExceeded
+from core.errors import CircuitOpen, DeadlineExceeded
 from interceptors.limits import EDGE_SECRET_HEADER
 from interceptors.retry import RetryPolicy
-from server.callinfo import CallInfo, current_call
-from server.config import SERVICE_NAME, Settings
+from core.callinfo import CallInfo, current_call
+from core.service import SERVICE_NAME, agent_service
+from core.settings import Settings
 from server.streaming import StreamPump
 from server.upstream import Endpoint, UpstreamPool
 
@@ -59,10 +57,6 @@ _HOP_METADATA = frozenset(
 )
 
 T = TypeVar("T")
-
-
-def service_descriptor() -> _descriptor.ServiceDescriptor:
-    return agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -106,19 +100,13 @@ class Forwarder:
     @staticmethod
     def stream_response_classes() -> dict[str, type]:
         """Method path -> chunk class, for every server-streaming method."""
-        return {
-            f"/{SERVICE_NAME}/{m.name}": message_factory.GetMessageClass(m.output_type)
-            for m in service_descriptor().methods
-            if m.server_streaming
-        }
+        return {m.path: m.response_cls for m in agent_service().methods if m.streaming}
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers: dict[str, grpc.RpcMethodHandler] = {}
-        for method in service_descriptor().methods:
-            request_cls = message_factory.GetMessageClass(method.input_type)
-            response_cls = message_factory.GetMessageClass(method.output_type)
-            path = f"/{SERVICE_NAME}/{method.name}"
-            if method.server_streaming:
+        for method in agent_service().methods:
+            request_cls, response_cls, path = method.request_cls, method.response_cls, method.path
+            if method.streaming:
                 handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                     self._stream_handler(path, request_cls, response_cls),
                     request_deserializer=request_cls.FromString,

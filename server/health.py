@@ -20,7 +20,7 @@ import asyncio
 
 from grpc_health.v1 import health, health_pb2
 
-from server.config import SERVICE_NAME
+from core.service import SERVICE_NAME
 from server.upstream import UpstreamPool
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

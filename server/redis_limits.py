@@ -68,7 +68,7 @@ from core.limitstore import (
     TokenLimits,
     TokenRejection,
 )
-from interceptors.ratelimit import Decision, LimitSpec
+from core.ratelimit import Decision, LimitSpec
 
 log = logging.getLogger("aiproxy.limits")
 

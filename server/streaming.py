@@ -22,8 +22,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from interceptors.errors import DeadlineExceeded
-from server.config import StreamSettings
+from core.errors import DeadlineExceeded
+from core.settings import StreamSettings
 
 # Fields a chunk may carry and still be merged into the chunk before it.
 _MERGEABLE_FIELDS = frozenset({"delta", "seq"})

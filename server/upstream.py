@@ -33,11 +33,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interceptors.breaker import BreakerState, CircuitBreaker
-from interceptors.errors import UNAVAILABLE_RETRY_DELAY_S, CircuitOpen, ProxyError, UpstreamUnavailable
-from server.callinfo import current_call
-from server.config import BreakerSettings, UpstreamSettings
+from core.errors import UNAVAILABLE_RETRY_DELAY_S, CircuitOpen, ProxyError, UpstreamUnavailable
+from core.callinfo import current_call
+from core.settings import BreakerSettings, UpstreamSettings
 from server.discovery import Discovery, Resolver, system_resolver
-from server.logs import log_event
+from core.logs import log_event
 
 log = logging.getLogger("aiproxy.upstream")
 

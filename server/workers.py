@@ -25,8 +25,8 @@ import threading
 import time
 from typing import Any
 
-from server.config import Settings, parse_hostport
-from server.logs import log_event, print_ready
+from core.settings import Settings, parse_hostport
+from core.logs import log_event, print_ready
 
 log = logging.getLogger("aiproxy.workers")
 

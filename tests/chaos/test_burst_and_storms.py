@@ -12,7 +12,6 @@ import collections
 import time
 
 import grpc
-import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 

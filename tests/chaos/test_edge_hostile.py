@@ -35,7 +35,7 @@ from grpc_status import rpc_status
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc
-from interceptors.errors import DOMAIN
+from core.errors import DOMAIN
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import Reply, access_logs, request, sse_events, wait_until
 from tests.support.procs import ServiceProcess, aiproxy_argv

@@ -25,11 +25,11 @@ from grpc_status import rpc_status
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from ai.proxy.v1 import admin_service_pb2, admin_service_pb2_grpc
-from interceptors.chain import server_interceptors
-from interceptors.errors import DOMAIN
-from interceptors.ratelimit import caller_key, hash_api_key
-from server.callinfo import current_call
-from server.config import load_settings
+from server.chain import server_interceptors
+from core.errors import DOMAIN
+from core.ratelimit import caller_key, hash_api_key
+from core.callinfo import current_call
+from core.settings import load_settings
 from tests.conftest import proxy_args
 from tests.support.grpc_helpers import SERVING, stub, wait_health
 from tests.support.procs import aiproxy_argv

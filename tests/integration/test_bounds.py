@@ -13,7 +13,7 @@ import pytest
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from server.app import server_options
-from server.config import load_settings
+from core.settings import load_settings
 from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import stub
 

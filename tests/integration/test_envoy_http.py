@@ -21,7 +21,7 @@ import pytest
 from ai.agent.v1 import agent_service_pb2 as pb
 from agent.textgen import count_tokens
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
-from tests.support.edge import OpenStream, access_logs, request, sse_events, wait_access_log, wait_until
+from tests.support.edge import OpenStream, access_logs, request, sse_events, wait_access_log
 from tests.support.grpc_helpers import SERVING, health_status, stub
 from tests.support.procs import ServiceProcess, aiproxy_argv
 

@@ -9,7 +9,7 @@ import subprocess
 
 import grpc
 
-from server.config import SERVICE_NAME
+from core.service import SERVICE_NAME
 from tests.support.grpc_helpers import NOT_SERVING, wait_health
 from tests.support.procs import aiproxy_argv
 

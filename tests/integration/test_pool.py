@@ -137,7 +137,7 @@ async def test_health_tasks_are_supervised_and_restart_after_any_exception(caplo
     endpoint as "not serving" for good), the supervisor logs it and runs it again."""
     import logging
 
-    from server.config import UpstreamSettings
+    from core.settings import UpstreamSettings
     from server.upstream import Endpoint
 
     endpoint = Endpoint("127.0.0.1:1", UpstreamSettings(endpoints=["127.0.0.1:1"]), lambda _ep: None)

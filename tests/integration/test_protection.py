@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.proxy.v1 import admin_service_pb2 as admin_pb
-from interceptors.errors import DOMAIN
+from core.errors import DOMAIN
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_pool import endpoints
 from tests.support.grpc_helpers import SERVING, health_status, stub
@@ -624,7 +624,7 @@ async def test_unexpected_upstream_message_text_is_not_passed_on(single_attempt_
 
 async def test_limits_run_before_validation(spawn, agent) -> None:
     """Chain order on the wire: a malformed request still spends a token, so a flood of
-    them is limited like any other (interceptors/chain.py)."""
+    them is limited like any other (server/chain.py)."""
     proxy = spawn(*proxy_args(agent.address), env=env(limits__rate_per_s=0.01, limits__burst=1), name="proxy")
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         api = stub(channel)

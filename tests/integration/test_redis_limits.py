@@ -22,7 +22,7 @@ from core.limitstore import (
     TokenLimits,
     TokenRejection,
 )
-from interceptors.ratelimit import Decision, LimitSpec
+from core.ratelimit import Decision, LimitSpec
 from server.redis_limits import Policy, RedisLimitStore
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 

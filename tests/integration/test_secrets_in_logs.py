@@ -28,7 +28,7 @@ import jwt
 import pytest
 
 from ai.agent.v1 import agent_service_pb2 as pb
-from interceptors.ratelimit import hash_api_key
+from core.ratelimit import hash_api_key
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import request, sse_events, wait_access_log, wait_host_health
 from tests.support.grpc_helpers import stub

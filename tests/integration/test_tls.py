@@ -155,7 +155,7 @@ async def test_tls_files_are_checked_at_start(spawn, agent, tmp_path) -> None:
 def test_expected_server_name() -> None:
     """Discovery dials the IPs a name resolves to (only "localhost" is dialled by name), so
     the name to check defaults to the endpoints' one DNS name."""
-    from server.config import UpstreamTlsSettings
+    from core.settings import UpstreamTlsSettings
     from server.tls import expected_server_name
 
     on = UpstreamTlsSettings(enabled=True)

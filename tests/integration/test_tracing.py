@@ -24,7 +24,7 @@ from agent.server import AgentServer, AgentSettings
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from server.app import ProxyServer
-from server.config import load_settings
+from core.settings import load_settings
 from server.telemetry import Telemetry
 
 SERVICE = "ai.agent.v1.AgentService"

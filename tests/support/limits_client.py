@@ -18,7 +18,7 @@ import sys
 import time
 
 from core.limitstore import Reservation, TokenLimits
-from interceptors.ratelimit import LimitSpec
+from core.ratelimit import LimitSpec
 from server.redis_limits import RedisLimitStore
 
 

@@ -15,10 +15,10 @@ import jwt
 import pytest
 
 from interceptors.auth import AuthInterceptor, Authenticator, Cause, Principal, is_open_method
-from interceptors.chain import server_interceptors
-from interceptors.errors import PermissionDenied, Reason, Unauthenticated
-from interceptors.ratelimit import caller_key, hash_api_key
-from server.config import AuthSettings, ConfigError, load_settings
+from server.chain import server_interceptors
+from core.errors import PermissionDenied, Reason, Unauthenticated
+from core.ratelimit import caller_key, hash_api_key
+from core.settings import AuthSettings, ConfigError, load_settings
 from tests.support.certs import SigningKeys, make_signing_keys
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"  # 38 bytes
@@ -76,7 +76,7 @@ def test_valid_hs256_token_gives_the_subject_as_the_rate_limit_key() -> None:
     auth = Authenticator(settings())
     principal = auth.authenticate(bearer(hs(scope="agent:execute read")), PEER)
     assert principal == Principal("sub:alice", frozenset({"agent:execute", "read"}), "jwt")
-    # What the limiter computes for the same caller (interceptors/ratelimit.py).
+    # What the limiter computes for the same caller (core/ratelimit.py).
     assert principal.caller == caller_key({}, PEER, subject="alice")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from interceptors.auth import AuthInterceptor
-from interceptors.chain import client_interceptors, method_deadlines, server_interceptors
+from server.chain import client_interceptors, method_deadlines, server_interceptors
 from interceptors.breaker import CircuitBreaker
 from interceptors.deadline import DeadlineInterceptor
 from interceptors.error_handling import ErrorInterceptor
@@ -12,7 +12,7 @@ from interceptors.request_context import RequestContextInterceptor
 from interceptors.upstream_breaker import BreakerStreamInterceptor, BreakerUnaryInterceptor
 from interceptors.validation import ValidationInterceptor
 from interceptors.observability import ObservabilityInterceptor
-from server.config import load_settings
+from core.settings import load_settings
 from server.telemetry import Telemetry
 
 PREFIX = "/ai.agent.v1.AgentService/"

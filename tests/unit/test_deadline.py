@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ai.agent.v1 import agent_service_pb2
+from core.service import agent_service
 from interceptors.deadline import Deadline, DeadlineLimit, EndMargin, MethodDeadlines
 
-SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
+SERVICE = agent_service()
 UNARY = DeadlineLimit(default_s=30, max_s=30)
 STREAM = DeadlineLimit(default_s=120, max_s=120)
 AGENT = DeadlineLimit(default_s=300, max_s=300)
@@ -139,8 +139,8 @@ def test_effective_timeout_ends_before_the_callers_deadline_only_when_it_binds()
 
 
 def test_settings_carry_the_margin_to_every_method() -> None:
-    from interceptors.chain import method_deadlines
-    from server.config import load_settings
+    from server.chain import method_deadlines
+    from core.settings import load_settings
 
     deadlines = method_deadlines(load_settings())
     assert deadlines.margin == EndMargin(0.05, 0.02, 1.0)

@@ -27,7 +27,8 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from server.cli import build_parser
-from server.config import SERVICE_NAME, load_settings, parse_hostport
+from core.service import SERVICE_NAME
+from core.settings import load_settings, parse_hostport
 from server.health import LIVENESS_SERVICE
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import yaml
 
 from google.rpc import status_pb2
 
-from interceptors.errors import DOMAIN
+from core.errors import DOMAIN
 from server.edge import DESCRIPTOR, EdgeError, EdgeSettings, http_bindings, parse, render, settings_from_args, validate
 
 needs_descriptor = pytest.mark.skipif(not DESCRIPTOR.exists(), reason="run `make gen` first")

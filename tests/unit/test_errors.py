@@ -11,21 +11,19 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from interceptors import errors
-from interceptors.errors import (
+from core import errors
+from core.errors import (
     DOMAIN,
     FieldViolation,
     ProxyError,
     QuotaViolation,
     Reason,
     abort_with,
-    from_upstream,
     http_status_for,
-    parse_rpc_error,
     to_grpc_status,
-    to_proxy_error,
     to_status_proto,
 )
+from core.upstream_errors import from_upstream, parse_rpc_error, to_proxy_error
 
 Code = grpc.StatusCode
 

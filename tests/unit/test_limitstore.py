@@ -23,8 +23,8 @@ from core.limitstore import (
     refusal_error,
     token_limited_error,
 )
-from interceptors.errors import Reason, to_status_proto
-from interceptors.ratelimit import LimitSpec
+from core.errors import Reason, to_status_proto
+from core.ratelimit import LimitSpec
 
 # 2026-11-27 12:00:00 UTC: half a day before the next UTC midnight.
 NOON = 20784 * DAY_S + DAY_S / 2

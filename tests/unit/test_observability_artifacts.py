@@ -9,7 +9,7 @@ import re
 
 import yaml
 
-from server.config import load_settings
+from core.settings import load_settings
 from server.telemetry import Telemetry
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """The observability interceptor in a real grpc.aio server (port 0), in the chain order of
-interceptors/chain.py, with a stand-in for the inner interceptors (a limiter that refuses
+server/chain.py, with a stand-in for the inner interceptors (a limiter that refuses
 calls) and a stand-in forwarder. It must record the FINAL status the caller gets, count
 limiter rejections by reason, and time streams to their end, not to generator creation.
 """
@@ -18,13 +18,14 @@ from grpc_interceptor.server import AsyncServerInterceptor
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from interceptors.error_handling import ErrorInterceptor
-from interceptors.errors import ConcurrencyLimited, Overloaded, RateLimited, UpstreamUnavailable
+from core.errors import ConcurrencyLimited, Overloaded, RateLimited, UpstreamUnavailable
 from interceptors.observability import ObservabilityInterceptor
 from interceptors.request_context import RequestContextInterceptor
-from server.callinfo import current_call
-from server.config import load_settings
+from core.callinfo import current_call
+from core.settings import load_settings
 from server.forwarding import Forwarder
-from server.telemetry import MAX_MODELS, OTHER_MODEL, Telemetry
+from core.metrics import MAX_MODELS, OTHER_MODEL
+from server.telemetry import Telemetry
 
 SERVICE = "ai.agent.v1.AgentService"
 CHUNK_PAUSE_S = 0.15
@@ -234,7 +235,7 @@ def test_usage_ignores_a_request_that_did_not_decode() -> None:
     request; reading the model from it must not fail the call's bookkeeping."""
     from interceptors.error_handling import MALFORMED
     from interceptors.observability import _Method
-    from server.callinfo import CallInfo
+    from core.callinfo import CallInfo
 
     interceptor = ObservabilityInterceptor(Telemetry(load_settings(metrics={"enabled": False})))
     m = _Method(interceptor._t, "/ai.agent.v1.AgentService/Generate", "UNARY")

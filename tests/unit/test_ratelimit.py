@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from interceptors.errors import QuotaViolation, Reason
-from interceptors.ratelimit import (
+from core.errors import QuotaViolation, Reason
+from core.ratelimit import (
     ConcurrencyLimiter,
     KeyedLimiter,
     LimitSpec,

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from ai.agent.v1 import agent_service_pb2 as pb
-from server.config import StreamSettings
+from core.settings import StreamSettings
 from server.streaming import StreamIdle, StreamPump
 
 
@@ -172,7 +172,7 @@ async def test_coalesce_window_off_by_default_keeps_every_chunk() -> None:
 async def test_the_deadline_ends_the_stream_with_stream_deadline_and_cancels_upstream() -> None:
     import time
 
-    from interceptors.errors import DeadlineExceeded
+    from core.errors import DeadlineExceeded
     from server.streaming import StreamDeadline
 
     upstream = FakeUpstream([chunk("a"), 5.0, chunk("b")])

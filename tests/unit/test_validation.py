@@ -8,10 +8,10 @@ import pytest
 from google.protobuf import struct_pb2
 
 from ai.agent.v1 import agent_service_pb2 as pb
-from interceptors.errors import Reason
+from core.errors import Reason
 from interceptors.validation import RequestRules, invalid_request
-from server.config import ConfigError, ValidationSettings, load_settings
-from server.forwarding import service_descriptor
+from core.settings import ConfigError, ValidationSettings, load_settings
+from core.service import agent_service
 
 RULES = RequestRules(ValidationSettings(max_prompt_chars=100, max_messages=3, max_total_chars=150, max_batch_prompts=2))
 
@@ -21,8 +21,8 @@ def fields(violations) -> list[str]:
 
 
 def test_every_method_has_rules() -> None:
-    validators = RULES.for_service(service_descriptor())
-    assert set(validators) == {f"/ai.agent.v1.AgentService/{m.name}" for m in service_descriptor().methods}
+    validators = RULES.for_service(agent_service().descriptor)
+    assert set(validators) == set(agent_service().paths)
 
 
 @pytest.mark.parametrize(

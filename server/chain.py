@@ -56,8 +56,9 @@ from interceptors.observability import ObservabilityInterceptor
 from interceptors.request_context import RequestContextInterceptor
 from interceptors.upstream_breaker import breaker_interceptors
 from interceptors.validation import RequestRules, ValidationInterceptor
-from server.config import SERVICE_NAME, Settings
-from server.forwarding import Forwarder, service_descriptor
+from core.service import agent_service
+from core.settings import Settings
+from server.forwarding import Forwarder
 from server.telemetry import Telemetry, server_tracing_interceptor
 
 
@@ -78,7 +79,7 @@ def client_interceptors(
 def method_deadlines(settings: Settings) -> MethodDeadlines:
     d = settings.deadlines
     return MethodDeadlines.for_service(
-        service_descriptor(),
+        agent_service(),
         unary=DeadlineLimit(d.unary_default_s, d.unary_max_s),
         stream=DeadlineLimit(d.stream_default_s, d.stream_max_s),
         agent=DeadlineLimit(d.agent_default_s, d.agent_max_s),
@@ -89,9 +90,8 @@ def method_deadlines(settings: Settings) -> MethodDeadlines:
 
 def server_interceptors(settings: Settings, telemetry: Telemetry | None = None) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors on calls into the proxy, outermost first (see the module doc)."""
-    service = service_descriptor()
-    paths = [f"/{SERVICE_NAME}/{m.name}" for m in service.methods]
-    streaming = [f"/{SERVICE_NAME}/{m.name}" for m in service.methods if m.server_streaming]
+    service = agent_service()
+    paths, streaming = service.paths, service.streaming_paths
     chain: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
     if telemetry is not None:
         if telemetry.tracing:
@@ -103,6 +103,6 @@ def server_interceptors(settings: Settings, telemetry: Telemetry | None = None) 
     if settings.limits.enabled:
         chain.append(LimitsInterceptor(settings.limits, paths, streaming))
     if settings.validation.enabled:
-        chain.append(ValidationInterceptor(RequestRules(settings.validation).for_service(service)))
+        chain.append(ValidationInterceptor(RequestRules(settings.validation).for_service(service.descriptor)))
     chain.append(DeadlineInterceptor(method_deadlines(settings)))
     return chain

@@ -12,6 +12,7 @@ import ipaddress
 import pathlib
 from typing import Any
 
+from core.service import SERVICE_NAME, agent_service
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -21,7 +22,6 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "AIPROXY_"
-SERVICE_NAME = "ai.agent.v1.AgentService"
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -141,9 +141,7 @@ class DeadlineOverride(_Section):
 
 
 def _method_names() -> set[str]:
-    from ai.agent.v1 import agent_service_pb2
-
-    return {m.name for m in agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].methods}
+    return set(agent_service().by_name)
 
 
 class DeadlineSettings(_Section):
@@ -299,9 +297,9 @@ class ApiKeySettings(_Section):
     """A static API key, known by its hash only (`aiproxy api-key` makes one)."""
 
     # Shown nowhere but the config: the caller identity is "key:<key_hash>", the same key
-    # the rate limiter derives from x-api-key (interceptors.ratelimit.caller_key).
+    # the rate limiter derives from x-api-key (core.ratelimit.caller_key).
     name: str = Field(min_length=1, max_length=64)
-    # interceptors.ratelimit.hash_api_key(raw key): 32 lowercase hex characters.
+    # core.ratelimit.hash_api_key(raw key): 32 lowercase hex characters.
     key_hash: str = Field(pattern=r"^[0-9a-f]{32}$")
     scopes: list[str] = Field(default_factory=list)
 
@@ -373,9 +371,7 @@ class AuthSettings(_Section):
                 if method.count("/") != 2 or not method.rsplit("/", 1)[-1]:
                     raise ValueError(f"not a method path: {method!r} (use '/pkg.Service/Method')")
                 continue
-            from ai.agent.v1 import agent_service_pb2  # generated; imported only when needed
-
-            known = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].methods_by_name
+            known = agent_service().by_name
             if method not in known:
                 raise ValueError(f"{SERVICE_NAME} has no method {method!r} (known: {sorted(known)})")
         return value

@@ -1,0 +1,191 @@
+"""The metric families every layer records into: py-grpc-prometheus's standard gRPC
+series and the proxy's own `ai_proxy_*` series, each registered in a registry the caller
+owns (server/telemetry.py makes one per process; tests make their own).
+
+Label values are bounded: method names come from the service descriptor, codes and
+reasons from enums, upstreams from the configured pool, models from upstream answers
+(capped at MAX_MODELS distinct values, the rest is "other"). No request or caller ids.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from py_grpc_prometheus import client_metrics, server_metrics
+
+# Distinct `model` label values before further models are reported as "other".
+MAX_MODELS = 32
+OTHER_MODEL = "other"
+
+# Seconds; the first chunk alert is at 1 s, the chunk interval alert at 200 ms.
+FIRST_CHUNK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+CHUNK_INTERVAL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+_LEGACY_SERVER = ("legacy_grpc_server_handled_latency_seconds",)
+_LEGACY_CLIENT = (
+    "legacy_grpc_client_completed_counter",
+    "legacy_grpc_client_completed_latency_seconds_histogram",
+    "grpc_client_stream_recv_histogram",
+    "grpc_client_stream_send_histogram",
+)
+
+
+class GrpcServerMetrics:
+    """py-grpc-prometheus's server metrics, in `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        m = server_metrics.init_metrics(registry)
+        for name in _LEGACY_SERVER:
+            registry.unregister(m.pop(name))
+        self.started: Counter = m["grpc_server_started_counter"]
+        self.msg_received: Counter = m["grpc_server_stream_msg_received"]
+        self.msg_sent: Counter = m["grpc_server_stream_msg_sent"]
+        self.handling_seconds: Histogram = m["grpc_server_handled_histogram"]
+        self.handled: Counter = server_metrics.get_grpc_server_handled_counter(False, registry)
+
+
+class GrpcClientMetrics:
+    """py-grpc-prometheus's client metrics, in `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        m = client_metrics.init_metrics(registry)
+        for name in _LEGACY_CLIENT:
+            registry.unregister(m.pop(name))
+        self.started: Counter = m["grpc_client_started_counter"]
+        self.handled: Counter = m["grpc_client_handled_counter"]
+        self.msg_received: Counter = m["grpc_client_stream_msg_received"]
+        self.msg_sent: Counter = m["grpc_client_stream_msg_sent"]
+        self.handling_seconds: Histogram = m["grpc_client_handled_histogram"]
+
+
+class ProxyMetrics:
+    """The proxy's own metrics (`ai_proxy_*`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "ai_proxy_requests_total",
+            "Calls to the AI API, by method and final gRPC status.",
+            ["method", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "ai_proxy_request_duration_seconds",
+            "Whole-call duration (streams: until the last chunk or the error), by method.",
+            ["method"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.rate_limit_rejections = Counter(
+            "ai_proxy_rate_limit_rejections_total",
+            "Calls refused by admission control (reason RATE_LIMITED, CONCURRENCY_LIMITED or "
+            "OVERLOADED); source is proxy when the proxy's limiter refused the call before any "
+            "upstream attempt, upstream when an upstream said it was rate limited.",
+            ["method", "reason", "source"],
+            registry=registry,
+        )
+        self.breaker_state = Gauge(
+            "ai_proxy_circuit_breaker_state",
+            "Circuit breaker state per upstream endpoint: 0 closed, 1 half-open, 2 open.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.upstream_healthy = Gauge(
+            "ai_proxy_upstream_healthy",
+            "1 while the upstream endpoint reports SERVING on grpc.health.v1 and answers the liveness probe, else 0.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.upstream_usable = Gauge(
+            "ai_proxy_upstream_usable",
+            "1 while new calls may go to the endpoint (healthy and breaker not open).",
+            ["upstream"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "ai_proxy_upstream_retries_total",
+            "Upstream attempts beyond the first, by method.",
+            ["method"],
+            registry=registry,
+        )
+        self.active_streams = Gauge(
+            "ai_proxy_active_streams",
+            "Server streams open to callers now, by method.",
+            ["method"],
+            registry=registry,
+        )
+        self.stream_chunks = Counter(
+            "ai_proxy_stream_chunks_sent_total",
+            "Chunks sent to callers on server streams (heartbeats and in-band errors included).",
+            ["method"],
+            registry=registry,
+        )
+        self.first_chunk = Histogram(
+            "ai_proxy_stream_first_chunk_seconds",
+            "Time from the start of a call to its first chunk reaching the caller.",
+            ["method"],
+            buckets=FIRST_CHUNK_BUCKETS,
+            registry=registry,
+        )
+        self.chunk_interval = Histogram(
+            "ai_proxy_stream_chunk_interval_seconds",
+            "Mean interval between chunks of one stream (one observation per stream with "
+            "at least two chunks).",
+            ["method"],
+            buckets=CHUNK_INTERVAL_BUCKETS,
+            registry=registry,
+        )
+        self.chunk_gap_max = Histogram(
+            "ai_proxy_stream_chunk_gap_max_seconds",
+            "Longest interval between two chunks of one stream (one observation per stream).",
+            ["method"],
+            buckets=CHUNK_INTERVAL_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "ai_proxy_tokens_total",
+            "Tokens reported by the upstream's usage, by model and kind (prompt, completion).",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self._models: set[str] = set()
+        self._model_lock = threading.Lock()
+
+    def model_label(self, model: str) -> str:
+        """`model`, or "other" once MAX_MODELS distinct models have been seen."""
+        if model in self._models:
+            return model
+        with self._model_lock:
+            if model in self._models:
+                return model
+            if len(self._models) >= MAX_MODELS:
+                return OTHER_MODEL
+            self._models.add(model)
+            return model
+
+    def count_tokens(self, model: str, prompt: int, completion: int) -> None:
+        label = self.model_label(model or "unknown")
+        if prompt:
+            self.tokens.labels(label, "prompt").inc(prompt)
+        if completion:
+            self.tokens.labels(label, "completion").inc(completion)
+
+
+def untraced_services() -> Sequence[str]:
+    """Services whose calls get no spans (probes and tooling, not traffic)."""
+    return ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+
+
+class CallTelemetry(Protocol):
+    """What the server-side observability needs of a process's telemetry (server/telemetry.py's
+    Telemetry is one)."""
+
+    grpc_server: GrpcServerMetrics
+    proxy: ProxyMetrics
+    access_log: bool
+
+    @property
+    def tracing(self) -> bool: ...
