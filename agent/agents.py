@@ -188,7 +188,9 @@ def _call_tool(tool: Tool, call_id: str, task: str, context: Mapping[str, Any]) 
     except Exception as exc:  # a tool's bug, or input it did not foresee
         # The exception's class only: its message or traceback could quote the task.
         log_event(log, "tool_failed", logging.WARNING, tool=tool.name, error=type(exc).__name__)
-        return ToolCallRecord(call_id, tool.name, arguments, None, "the tool failed", tool.cost_tokens)
+        return ToolCallRecord(
+            call_id, tool.name, arguments, None, "the tool failed", tool.cost_tokens
+        )
 
 
 def _thought(tool: Tool, arguments: Mapping[str, Any]) -> str:

@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help=f"model name when a request names none (default {DEFAULT_MODEL})",
     )
-    parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
+    parser.add_argument(
+        "--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)"
+    )
     parser.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
     parser.add_argument(
         "--tls-client-ca",
@@ -124,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"agent: {exc}", file=sys.stderr)
         return 2
     provider = build_tracer_provider(
-        getattr(args, "trace_exporter", "none"), getattr(args, "otlp_endpoint", DEFAULT_OTLP_ENDPOINT)
+        getattr(args, "trace_exporter", "none"),
+        getattr(args, "otlp_endpoint", DEFAULT_OTLP_ENDPOINT),
     )
     record = getattr(args, "record_metadata", None)
     return asyncio.run(serve(settings, tracer_provider=provider, record_metadata=record))

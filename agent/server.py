@@ -183,4 +183,6 @@ def _server_credentials(settings: AgentSettings) -> grpc.ServerCredentials | Non
     if settings.tls_client_ca_file:
         with open(settings.tls_client_ca_file, "rb") as ca:
             client_ca = ca.read()
-    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )

@@ -37,11 +37,15 @@ def build_tracer_provider(exporter: str, otlp_endpoint: str = DEFAULT_OTLP_ENDPO
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME_KEY: SERVICE_NAME}))
     span_exporter: Any
     if exporter == "console":
-        span_exporter = ConsoleSpanExporter(out=sys.stderr, formatter=lambda span: span.to_json(indent=None) + "\n")
+        span_exporter = ConsoleSpanExporter(
+            out=sys.stderr, formatter=lambda span: span.to_json(indent=None) + "\n"
+        )
     else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        span_exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=otlp_endpoint.startswith("http://"))
+        span_exporter = OTLPSpanExporter(
+            endpoint=otlp_endpoint, insecure=otlp_endpoint.startswith("http://")
+        )
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     return provider
 
@@ -78,7 +82,9 @@ class StreamAsGenerator(grpc.aio.ServerInterceptor):
             return handler
         behavior = handler.unary_stream
 
-        async def as_generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def as_generator(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             result = behavior(request, context)
             if inspect.isawaitable(result):
                 result = await result

@@ -17,7 +17,9 @@ import struct
 import subprocess
 from typing import Any
 
-INSTALL_HINT = "h2load is missing: install it with `apt-get install -y nghttp2-client` (Debian/Ubuntu)"
+INSTALL_HINT = (
+    "h2load is missing: install it with `apt-get install -y nghttp2-client` (Debian/Ubuntu)"
+)
 
 
 def find() -> str | None:
@@ -55,19 +57,29 @@ def argv(
     exe = find() or "h2load"
     return [
         exe,
-        "-c", str(clients),
-        "-m", str(streams),
-        "-t", str(threads),
-        "-D", f"{duration_s:g}",
-        "-d", str(body),
-        "-H", "content-type: application/grpc",
-        "-H", "te: trailers",
-        "--log-file", str(log_file),
+        "-c",
+        str(clients),
+        "-m",
+        str(streams),
+        "-t",
+        str(threads),
+        "-D",
+        f"{duration_s:g}",
+        "-d",
+        str(body),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--log-file",
+        str(log_file),
         url,
     ]
 
 
-_DONE = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored")
+_DONE = re.compile(
+    r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored"
+)
 _RPS = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
 _TRAFFIC = re.compile(r"traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers .*?, .*?\((\d+)\) data")
 _STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
@@ -85,7 +97,9 @@ def parse(stdout: str) -> dict[str, Any]:
     if m := _TRAFFIC.search(stdout):
         out["bytes_total"], out["bytes_headers"], out["bytes_data"] = (int(g) for g in m.groups())
     if m := _STATUS.search(stdout):
-        out["http_2xx"], out["http_3xx"], out["http_4xx"], out["http_5xx"] = (int(g) for g in m.groups())
+        out["http_2xx"], out["http_3xx"], out["http_4xx"], out["http_5xx"] = (
+            int(g) for g in m.groups()
+        )
     return out
 
 

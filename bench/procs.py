@@ -51,7 +51,9 @@ class Proc:
     """One child process; ready when a JSON line with event=listening is on its stdout
     (aiproxy's convention), or when `ready` (a callable) says so."""
 
-    def __init__(self, name: str, argv: list[str], workdir: pathlib.Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], workdir: pathlib.Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.stdout_path = workdir / f"{name}.stdout"
@@ -71,7 +73,9 @@ class Proc:
 
     def start(self, timeout: float = 60.0, ready: Any = None) -> "Proc":
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self._env, cwd=ROOT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=err, env=self._env, cwd=ROOT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready is not None:
@@ -85,7 +89,9 @@ class Proc:
                         self.ready = line
                         return self
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.stderr_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.stderr_tail()}"
+                )
             time.sleep(0.02)
         self.stop()
         raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.stderr_tail()}")
@@ -94,7 +100,9 @@ class Proc:
         return json_lines(self.stdout_path)
 
     def stderr_tail(self, n: int = 3000) -> str:
-        return self.stderr_path.read_text(errors="replace")[-n:] if self.stderr_path.exists() else ""
+        return (
+            self.stderr_path.read_text(errors="replace")[-n:] if self.stderr_path.exists() else ""
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -147,7 +155,15 @@ class Procs:
         self.workdir = pathlib.Path(self._dir.name)
         self._procs: list[Proc] = []
 
-    def start(self, name: str, argv: list[str], *, timeout: float = 60.0, ready: Any = None, env: dict[str, str] | None = None) -> Proc:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        timeout: float = 60.0,
+        ready: Any = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
         n = sum(1 for p in self._procs if p.name.startswith(name))
         proc = Proc(f"{name}-{n}" if n else name, argv, self.workdir, env=env)
         self._procs.append(proc)
@@ -161,7 +177,10 @@ class Procs:
             try:
                 proc.stop(timeout=15.0)
             except Exception as exc:  # keep stopping the others
-                print(f"bench: could not stop {proc.name} (pid {proc.proc.pid if proc.proc else '?'}): {exc}", file=sys.stderr)
+                print(
+                    f"bench: could not stop {proc.name} (pid {proc.proc.pid if proc.proc else '?'}): {exc}",
+                    file=sys.stderr,
+                )
         self._procs.clear()
 
     def cleanup(self) -> None:

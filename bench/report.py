@@ -31,7 +31,13 @@ TARGETS = {
 }
 
 
-PATH_LABEL = {"direct": "direct", "bare": "bare hop", "proxy": "aiproxy", "envoy": "Envoy alone", "sse": "sse (edge → aiproxy)"}
+PATH_LABEL = {
+    "direct": "direct",
+    "bare": "bare hop",
+    "proxy": "aiproxy",
+    "envoy": "Envoy alone",
+    "sse": "sse (edge → aiproxy)",
+}
 
 
 def _f(v: Any, fmt: str = "{:.0f}", none: str = "—") -> str:
@@ -58,21 +64,32 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         h["unary_ratio_max"] = max(ratios)
         h["envoy_ratio_min"] = min(r["envoy_over_direct"] for r in unary)
         h["envoy_ratio_max"] = max(r["envoy_over_direct"] for r in unary)
-        cpu = [r["proxy"].get("cpu_us_per_call") for r in unary if r["proxy"].get("cpu_us_per_call")]
+        cpu = [
+            r["proxy"].get("cpu_us_per_call") for r in unary if r["proxy"].get("cpu_us_per_call")
+        ]
         h["cpu_us_per_call"] = min(cpu) if cpu else None
     floor_rows = [r for r in unary if r.get("bare")]
     if floor_rows:
-        at = next((r for r in floor_rows if r["level"] == FLOOR_LEVEL), max(floor_rows, key=lambda r: r["level"]))
+        at = next(
+            (r for r in floor_rows if r["level"] == FLOOR_LEVEL),
+            max(floor_rows, key=lambda r: r["level"]),
+        )
         h["floor_level"] = at["level"]
         h["unary_cpu_proxy_us"] = at["proxy"].get("cpu_us_per_call")
         h["unary_cpu_bare_us"] = at["bare"].get("cpu_us_per_call")
         h["unary_cpu_envoy_us"] = at["envoy"].get("cpu_us_per_call")
         h["unary_cpu_over_bare"] = at.get("proxy_cpu_over_bare")
-        h["unary_cpu_reps"] = {p: [x.get("cpu_us_per_call") for x in at[p].get("reps", [])] for p in ("bare", "proxy")}
-        ratios = [r["proxy_cpu_over_bare"] for r in floor_rows if r.get("proxy_cpu_over_bare") is not None]
+        h["unary_cpu_reps"] = {
+            p: [x.get("cpu_us_per_call") for x in at[p].get("reps", [])] for p in ("bare", "proxy")
+        }
+        ratios = [
+            r["proxy_cpu_over_bare"] for r in floor_rows if r.get("proxy_cpu_over_bare") is not None
+        ]
         if ratios:
             h["unary_cpu_over_bare_range"] = (min(ratios), max(ratios))
-        h["unary_rps_over_direct"] = {p: at.get(f"{p}_over_direct") for p in ("bare", "proxy", "envoy")}
+        h["unary_rps_over_direct"] = {
+            p: at.get(f"{p}_over_direct") for p in ("bare", "proxy", "envoy")
+        }
         h["unary_rps_over_bare"] = at.get("proxy_rps_over_bare")
     lat = sc.get("latency")
     if lat and "bare" in lat:
@@ -100,14 +117,21 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         if fl:
             f = fl[0]
             sh = f["shape"]
-            h["chunk_shape"] = f"{sh['name']}: {sh['k']} streams × {sh['n']} chunks @ {sh['interval_ms']} ms"
+            h["chunk_shape"] = (
+                f"{sh['name']}: {sh['k']} streams × {sh['n']} chunks @ {sh['interval_ms']} ms"
+            )
             h["chunk_cpu_proxy_us"] = f["proxy"].get("server_cpu_us_per_chunk")
             h["chunk_cpu_bare_us"] = f["bare"].get("server_cpu_us_per_chunk")
             h["chunk_cpu_envoy_us"] = (f.get("envoy") or {}).get("server_cpu_us_per_chunk")
             h["chunk_cpu_over_bare"] = f.get("proxy_cpu_per_chunk_over_bare")
-            h["chunk_cpu_reps"] = {p: [x.get("server_cpu_us_per_chunk") for x in f[p].get("reps", [])] for p in ("bare", "proxy")}
+            h["chunk_cpu_reps"] = {
+                p: [x.get("server_cpu_us_per_chunk") for x in f[p].get("reps", [])]
+                for p in ("bare", "proxy")
+            }
             h["chunks_over_bare"] = f.get("proxy_chunks_over_bare")
-            h["chunk_rates"] = {p: (f.get(p) or {}).get("chunks_per_s") for p in ("bare", "proxy", "envoy")}
+            h["chunk_rates"] = {
+                p: (f.get(p) or {}).get("chunks_per_s") for p in ("bare", "proxy", "envoy")
+            }
         if tp:
             co = [r for r in rows if r["shape"]["name"].startswith("coalesce")]
             if co:
@@ -136,12 +160,21 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         # Every scenario within what the machine holds; the escalation step that failed
         # (if any) is reported on its own line.
         held = streams.get("held_zero_loss") or 0
-        within = [r for r in streams.get("rows", [])] + [r for r in streams.get("hold", []) if r["shape"]["k"] <= held]
+        within = [r for r in streams.get("rows", [])] + [
+            r for r in streams.get("hold", []) if r["shape"]["k"] <= held
+        ]
         h["all_streams_zero_loss"] = all(r["proxy"]["zero_loss"] for r in within)
         beyond = [r for r in streams.get("hold", []) if r["shape"]["k"] > held]
         if beyond:
             b = beyond[0]["proxy"]
-            h["first_failed_hold"] = {"k": beyond[0]["shape"]["k"], "failed": b["failed"], "errors": b["errors"], "lost": b["lost_pieces"], "seq_errors": b["seq_errors"], "ttfc_p99_ms": b["ttfc_p99_ms"]}
+            h["first_failed_hold"] = {
+                "k": beyond[0]["shape"]["k"],
+                "failed": b["failed"],
+                "errors": b["errors"],
+                "lost": b["lost_pieces"],
+                "seq_errors": b["seq_errors"],
+                "ttfc_p99_ms": b["ttfc_p99_ms"],
+            }
     return h
 
 
@@ -154,15 +187,23 @@ def floor_section(h: dict[str, Any]) -> str:
     """Issue 15's headline: aiproxy's cost as ratios to the bare grpc.aio hop, same run."""
     out: list[str] = ["## Headline: aiproxy against the floor of a Python hop (issue 15)\n"]
     w = out.append
-    if "unary_cpu_over_bare" not in h and "chunk_cpu_over_bare" not in h and "added_p50_over_bare" not in h:
-        w("The bare grpc.aio hop was not measured in this run (results written before `bench/barehop.py` existed, "
-          "or its scenarios were left out), so aiproxy's cost against the floor is not stated here.\n")
+    if (
+        "unary_cpu_over_bare" not in h
+        and "chunk_cpu_over_bare" not in h
+        and "added_p50_over_bare" not in h
+    ):
+        w(
+            "The bare grpc.aio hop was not measured in this run (results written before `bench/barehop.py` existed, "
+            "or its scenarios were left out), so aiproxy's cost against the floor is not stated here.\n"
+        )
         return "\n".join(out)
-    w("*bare hop*: `bench/barehop.py`, a grpc.aio pass-through with nothing but one generic raw-bytes handler per method "
-      "and one channel to the agent (the caller's deadline passed on, the upstream's status relayed; no interceptors, no "
-      "parsing, no metadata), with aiproxy's transport options and GC settings. It runs in the same run, against the same "
-      "agent, interleaved with aiproxy, so the ratios below carry over between machines far better than the absolute figures do. "
-      "CPU is that of the middle process only (the bare hop, aiproxy or Envoy).\n")
+    w(
+        "*bare hop*: `bench/barehop.py`, a grpc.aio pass-through with nothing but one generic raw-bytes handler per method "
+        "and one channel to the agent (the caller's deadline passed on, the upstream's status relayed; no interceptors, no "
+        "parsing, no metadata), with aiproxy's transport options and GC settings. It runs in the same run, against the same "
+        "agent, interleaved with aiproxy, so the ratios below carry over between machines far better than the absolute figures do. "
+        "CPU is that of the middle process only (the bare hop, aiproxy or Envoy).\n"
+    )
     w("| figure | aiproxy | bare hop | aiproxy / bare hop | target | | Envoy alone |")
     w("|---|---|---|---|---|---|---|")
     t = FLOOR_TARGETS
@@ -170,46 +211,70 @@ def floor_section(h: dict[str, Any]) -> str:
         r = h["unary_cpu_over_bare"]
         rng = h.get("unary_cpu_over_bare_range")
         spread = f" (all levels {rng[0]:.2f}x – {rng[1]:.2f}x)" if rng and rng[0] != rng[1] else ""
-        w(f"| CPU per unary call, Generate at {h['floor_level']} in flight | {_f(h['unary_cpu_proxy_us'], '{:.0f} µs')}{_reps(h['unary_cpu_reps'].get('proxy'))} | "
-          f"{_f(h['unary_cpu_bare_us'], '{:.0f} µs')}{_reps(h['unary_cpu_reps'].get('bare'))} | {_f(r, '{:.2f}x')}{spread} | ≤ {t['unary_cpu_over_bare']}x | "
-          f"{_ok(None if r is None else r <= t['unary_cpu_over_bare'])} | {_f(h.get('unary_cpu_envoy_us'), '{:.0f} µs')} |")
+        w(
+            f"| CPU per unary call, Generate at {h['floor_level']} in flight | {_f(h['unary_cpu_proxy_us'], '{:.0f} µs')}{_reps(h['unary_cpu_reps'].get('proxy'))} | "
+            f"{_f(h['unary_cpu_bare_us'], '{:.0f} µs')}{_reps(h['unary_cpu_reps'].get('bare'))} | {_f(r, '{:.2f}x')}{spread} | ≤ {t['unary_cpu_over_bare']}x | "
+            f"{_ok(None if r is None else r <= t['unary_cpu_over_bare'])} | {_f(h.get('unary_cpu_envoy_us'), '{:.0f} µs')} |"
+        )
     if "chunk_cpu_over_bare" in h:
         r = h["chunk_cpu_over_bare"]
-        w(f"| CPU per stream chunk ({h['chunk_shape']}; coalescing off, stream set-up included) | {_f(h['chunk_cpu_proxy_us'], '{:.0f} µs')}{_reps(h['chunk_cpu_reps'].get('proxy'))} | "
-          f"{_f(h['chunk_cpu_bare_us'], '{:.0f} µs')}{_reps(h['chunk_cpu_reps'].get('bare'))} | {_f(r, '{:.2f}x')} | ≤ {t['chunk_cpu_over_bare']}x | "
-          f"{_ok(None if r is None else r <= t['chunk_cpu_over_bare'])} | {_f(h.get('chunk_cpu_envoy_us'), '{:.0f} µs')} |")
+        w(
+            f"| CPU per stream chunk ({h['chunk_shape']}; coalescing off, stream set-up included) | {_f(h['chunk_cpu_proxy_us'], '{:.0f} µs')}{_reps(h['chunk_cpu_reps'].get('proxy'))} | "
+            f"{_f(h['chunk_cpu_bare_us'], '{:.0f} µs')}{_reps(h['chunk_cpu_reps'].get('bare'))} | {_f(r, '{:.2f}x')} | ≤ {t['chunk_cpu_over_bare']}x | "
+            f"{_ok(None if r is None else r <= t['chunk_cpu_over_bare'])} | {_f(h.get('chunk_cpu_envoy_us'), '{:.0f} µs')} |"
+        )
     if "bare_added_p50_us" in h:
         r = h.get("added_p50_over_bare")
-        w(f"| added latency p50, one sequential caller | {h['added_p50_us']:+.0f} µs | {h['bare_added_p50_us']:+.0f} µs | {_f(r, '{:.2f}x')} | ≤ {t['added_p50_over_bare']}x | "
-          f"{_ok(None if r is None else r <= t['added_p50_over_bare'])} | {h['envoy_added_p50_us']:+.0f} µs |")
-        w(f"| added latency p99, one sequential caller | {h['added_p99_us']:+.0f} µs | {h['bare_added_p99_us']:+.0f} µs | {_f(h.get('added_p99_over_bare'), '{:.2f}x')} | | | {h['envoy_added_p99_us']:+.0f} µs |")
+        w(
+            f"| added latency p50, one sequential caller | {h['added_p50_us']:+.0f} µs | {h['bare_added_p50_us']:+.0f} µs | {_f(r, '{:.2f}x')} | ≤ {t['added_p50_over_bare']}x | "
+            f"{_ok(None if r is None else r <= t['added_p50_over_bare'])} | {h['envoy_added_p50_us']:+.0f} µs |"
+        )
+        w(
+            f"| added latency p99, one sequential caller | {h['added_p99_us']:+.0f} µs | {h['bare_added_p99_us']:+.0f} µs | {_f(h.get('added_p99_over_bare'), '{:.2f}x')} | | | {h['envoy_added_p99_us']:+.0f} µs |"
+        )
     if h.get("unary_rps_over_direct"):
         d = h["unary_rps_over_direct"]
-        w(f"| unary throughput / direct, at {h['floor_level']} in flight | {_f(d.get('proxy'), '{:.2f}x')} | {_f(d.get('bare'), '{:.2f}x')} | {_f(h.get('unary_rps_over_bare'), '{:.2f}x')} | | | {_f(d.get('envoy'), '{:.2f}x')} |")
+        w(
+            f"| unary throughput / direct, at {h['floor_level']} in flight | {_f(d.get('proxy'), '{:.2f}x')} | {_f(d.get('bare'), '{:.2f}x')} | {_f(h.get('unary_rps_over_bare'), '{:.2f}x')} | | | {_f(d.get('envoy'), '{:.2f}x')} |"
+        )
     if h.get("chunk_rates"):
         c = h["chunk_rates"]
-        w(f"| delivered chunks/s (same stream row) | {_f(c.get('proxy'))} | {_f(c.get('bare'))} | {_f(h.get('chunks_over_bare'), '{:.2f}x')} | | | {_f(c.get('envoy'))} |")
+        w(
+            f"| delivered chunks/s (same stream row) | {_f(c.get('proxy'))} | {_f(c.get('bare'))} | {_f(h.get('chunks_over_bare'), '{:.2f}x')} | | | {_f(c.get('envoy'))} |"
+        )
     w("")
     own = []
     if h.get("unary_cpu_proxy_us") and h.get("unary_cpu_bare_us"):
         d = h["unary_cpu_proxy_us"] - h["unary_cpu_bare_us"]
-        own.append(f"{d:.0f} µs of CPU per unary call ({d / h['unary_cpu_proxy_us'] * 100:.0f} % of what aiproxy spends on one)")
+        own.append(
+            f"{d:.0f} µs of CPU per unary call ({d / h['unary_cpu_proxy_us'] * 100:.0f} % of what aiproxy spends on one)"
+        )
     if h.get("chunk_cpu_proxy_us") and h.get("chunk_cpu_bare_us"):
         d = h["chunk_cpu_proxy_us"] - h["chunk_cpu_bare_us"]
         own.append(f"{d:.0f} µs per stream chunk ({d / h['chunk_cpu_proxy_us'] * 100:.0f} %)")
     if own:
-        w("What aiproxy's own work costs (aiproxy minus the bare hop, same run): " + "; ".join(own) + ". "
-          "That is the part its code decides (interceptors, metadata handling, metrics, logs, the stream pump, and the gRPC work "
-          "they cause); the rest is the floor of any grpc.aio hop on this runtime. A ratio near 1 means aiproxy adds little to "
-          "the floor; the floor itself moves only with more processes (`--workers`) or a compiled data plane (the Envoy column).\n")
+        w(
+            "What aiproxy's own work costs (aiproxy minus the bare hop, same run): "
+            + "; ".join(own)
+            + ". "
+            "That is the part its code decides (interceptors, metadata handling, metrics, logs, the stream pump, and the gRPC work "
+            "they cause); the rest is the floor of any grpc.aio hop on this runtime. A ratio near 1 means aiproxy adds little to "
+            "the floor; the floor itself moves only with more processes (`--workers`) or a compiled data plane (the Envoy column).\n"
+        )
     c = h.get("coalesce")
     if c:
-        ok = None if c["interval_p99_ms"] is None else c["interval_p99_ms"] < COALESCE_INTERVAL_P99_MS
-        w(f"Coalescing (*{c['name']}* row against *throughput*, same token stream): proxy CPU per upstream chunk "
-          f"{_f(c['cpu_us_per_chunk'], '{:.0f} µs')} vs {_f(c['off_cpu_us_per_chunk'], '{:.0f} µs')} without, "
-          f"{_f(c['messages_per_s'])} vs {_f(c['off_messages_per_s'])} messages/s to the callers, "
-          f"{_f(c['chunks_per_s'])} vs {_f(c['off_chunks_per_s'])} chunks/s of content; interval between a stream's chunks p99 "
-          f"{_f(c['interval_p99_ms'], '{:.1f} ms')} (vs {_f(c['off_interval_p99_ms'], '{:.1f} ms')}; < {COALESCE_INTERVAL_P99_MS} ms: {_ok(ok)}).\n")
+        ok = (
+            None
+            if c["interval_p99_ms"] is None
+            else c["interval_p99_ms"] < COALESCE_INTERVAL_P99_MS
+        )
+        w(
+            f"Coalescing (*{c['name']}* row against *throughput*, same token stream): proxy CPU per upstream chunk "
+            f"{_f(c['cpu_us_per_chunk'], '{:.0f} µs')} vs {_f(c['off_cpu_us_per_chunk'], '{:.0f} µs')} without, "
+            f"{_f(c['messages_per_s'])} vs {_f(c['off_messages_per_s'])} messages/s to the callers, "
+            f"{_f(c['chunks_per_s'])} vs {_f(c['off_chunks_per_s'])} chunks/s of content; interval between a stream's chunks p99 "
+            f"{_f(c['interval_p99_ms'], '{:.1f} ms')} (vs {_f(c['off_interval_p99_ms'], '{:.1f} ms')}; < {COALESCE_INTERVAL_P99_MS} ms: {_ok(ok)}).\n"
+        )
     return "\n".join(out)
 
 
@@ -263,29 +328,48 @@ def analysis(results: dict[str, Any], h: dict[str, Any]) -> str:
         floor.append(f"{h['added_p50_over_bare']:.2f}x its added latency at p50")
     if floor:
         missed = [k for k, limit in FLOOR_TARGETS.items() if h.get(k) is not None and h[k] > limit]
-        lines.append("- **Against the floor** (the headline above): aiproxy costs " + ", ".join(floor) + ". "
-                     + ("Where a ratio is over its target, the excess is aiproxy's own per-call work, not grpc.aio's: the bare hop pays the same "
-                        "gRPC core, event loop and system calls per message. The profile below shows where that work sits (the *aiproxy Python* share counts "
-                        "only the innermost frames; extra metadata, generator hops and interceptor layers show up as gRPC and asyncio time too)."
-                        if missed else "Every ratio is within its target: what is left is the floor of a grpc.aio hop, which only more processes or a compiled data plane move."))
+        lines.append(
+            "- **Against the floor** (the headline above): aiproxy costs "
+            + ", ".join(floor)
+            + ". "
+            + (
+                "Where a ratio is over its target, the excess is aiproxy's own per-call work, not grpc.aio's: the bare hop pays the same "
+                "gRPC core, event loop and system calls per message. The profile below shows where that work sits (the *aiproxy Python* share counts "
+                "only the innermost frames; extra metadata, generator hops and interceptor layers show up as gRPC and asyncio time too)."
+                if missed
+                else "Every ratio is within its target: what is left is the floor of a grpc.aio hop, which only more processes or a compiled data plane move."
+            )
+        )
     if buckets:
-        lines.append("- **Where the proxy's CPU goes.** Profile of its event-loop thread: " + "; ".join(buckets) + ". "
-                     "Every message costs an operation batch in gRPC's core, a `sendmsg` on the caller's connection and a wake-up of gRPC's poller thread, "
-                     "all under the GIL, one core per process: the bare hop pays that too, which is why the floor is far above Envoy's.")
-    lines.append("- **Unary throughput and CPU per call**: a call through the proxy costs the proxy more CPU than the agent's own per call "
-                 "(see CPU/call), and the proxy, the agent and the load generator share two cores. Envoy does the same hop for a fraction of the CPU. "
-                 "What moves it: `aiproxy serve --workers N` on a machine with cores to spare (the table below shows the scaling here), "
-                 "or putting the pass-through in a compiled data plane (Envoy) and keeping Python for what needs it.")
-    lines.append("- **Added latency**: for one sequential caller the added time is the proxy's CPU path for one call (server side, upstream client side, "
-                 "two more loopback hops), so it tracks CPU per call; p99 follows the machine's other load (the direct path's p99 moves with it).")
-    lines.append("- **Streams**: per delivered chunk the proxy spends its CPU in gRPC's per-message path (a read from the upstream, a write to the caller); "
-                 "each stream also pays its set-up (two calls, a reader task, a bounded queue: see *server CPU/stream*). Chunk rates above about "
-                 "1 / (CPU per chunk) saturate the proxy's one core; then time to first chunk grows with the backlog of new streams, and the pump's bounded "
-                 "queues hold chunks (memory per stream rises with that backlog). What moves it: fewer, larger messages — `stream.coalesce_window_ms` "
-                 "(the *coalesce50ms* row) merges the deltas of a window into one message — and more processes (`--workers`).")
-    lines.append("- **Slow streams held**: at 1 chunk/s, K open streams are K chunks/s through the proxy *and* the agent *and* the stream generators, "
-                 "all on the same two cores, plus the set-up of K/ramp new streams per second: the hold test is bounded by the machine's total CPU before "
-                 "the proxy's memory. Memory per stream includes chunks queued while the proxy is behind.")
+        lines.append(
+            "- **Where the proxy's CPU goes.** Profile of its event-loop thread: "
+            + "; ".join(buckets)
+            + ". "
+            "Every message costs an operation batch in gRPC's core, a `sendmsg` on the caller's connection and a wake-up of gRPC's poller thread, "
+            "all under the GIL, one core per process: the bare hop pays that too, which is why the floor is far above Envoy's."
+        )
+    lines.append(
+        "- **Unary throughput and CPU per call**: a call through the proxy costs the proxy more CPU than the agent's own per call "
+        "(see CPU/call), and the proxy, the agent and the load generator share two cores. Envoy does the same hop for a fraction of the CPU. "
+        "What moves it: `aiproxy serve --workers N` on a machine with cores to spare (the table below shows the scaling here), "
+        "or putting the pass-through in a compiled data plane (Envoy) and keeping Python for what needs it."
+    )
+    lines.append(
+        "- **Added latency**: for one sequential caller the added time is the proxy's CPU path for one call (server side, upstream client side, "
+        "two more loopback hops), so it tracks CPU per call; p99 follows the machine's other load (the direct path's p99 moves with it)."
+    )
+    lines.append(
+        "- **Streams**: per delivered chunk the proxy spends its CPU in gRPC's per-message path (a read from the upstream, a write to the caller); "
+        "each stream also pays its set-up (two calls, a reader task, a bounded queue: see *server CPU/stream*). Chunk rates above about "
+        "1 / (CPU per chunk) saturate the proxy's one core; then time to first chunk grows with the backlog of new streams, and the pump's bounded "
+        "queues hold chunks (memory per stream rises with that backlog). What moves it: fewer, larger messages — `stream.coalesce_window_ms` "
+        "(the *coalesce50ms* row) merges the deltas of a window into one message — and more processes (`--workers`)."
+    )
+    lines.append(
+        "- **Slow streams held**: at 1 chunk/s, K open streams are K chunks/s through the proxy *and* the agent *and* the stream generators, "
+        "all on the same two cores, plus the set-up of K/ramp new streams per second: the hold test is bounded by the machine's total CPU before "
+        "the proxy's memory. Memory per stream includes chunks queued while the proxy is behind."
+    )
     lines.append("")
     return "\n".join(lines)
 
@@ -298,20 +382,28 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
     out: list[str] = []
     w = out.append
     w(f"# aiproxy benchmark — {results.get('started', '')} ({results.get('mode')} mode)\n")
-    w(f"Machine: {m.get('cores')} cores, {m.get('cpu_model')}, {m.get('memory')}, Linux {m.get('kernel')}; "
-      f"load average before {_load(m.get('loadavg_before'))}, after {_load(m.get('loadavg_after'))}. "
-      "The load generators, the agent, the proxy and Envoy all share these cores.\n")
-    w(f"Versions: Python {v.get('python')}, grpcio {v.get('grpcio')}, protobuf {v.get('protobuf')}, "
-      f"Envoy {v.get('envoy')}, {v.get('h2load')}, event loop {v.get('event_loop')}, commit {v.get('git_commit')}. "
-      f"Run took {results.get('duration_s')} s. Raw figures: `{json_name}`.\n")
+    w(
+        f"Machine: {m.get('cores')} cores, {m.get('cpu_model')}, {m.get('memory')}, Linux {m.get('kernel')}; "
+        f"load average before {_load(m.get('loadavg_before'))}, after {_load(m.get('loadavg_after'))}. "
+        "The load generators, the agent, the proxy and Envoy all share these cores.\n"
+    )
+    w(
+        f"Versions: Python {v.get('python')}, grpcio {v.get('grpcio')}, protobuf {v.get('protobuf')}, "
+        f"Envoy {v.get('envoy')}, {v.get('h2load')}, event loop {v.get('event_loop')}, commit {v.get('git_commit')}. "
+        f"Run took {results.get('duration_s')} s. Raw figures: `{json_name}`.\n"
+    )
     if results.get("proxy_env"):
-        w("The proxy runs its default configuration and interceptor chain, except: "
-          + ", ".join(f"`{k}={v}`" for k, v in results["proxy_env"].items())
-          + " (admission limits far above the benchmark's load, which all comes from one caller; the limits still run on every call; "
-          "the metrics listener on a free port).\n")
-    w("Reproduce: `make bench` (full, ≤ 20 min) or `make bench-quick` (~3 min); on a quiet machine: the ratios to the bare hop "
-      "survive other load better than absolute figures, but not a machine busy with other work; "
-      "`python -m bench.run --help` for the options. Needs `h2load` (`apt-get install -y nghttp2-client`).\n")
+        w(
+            "The proxy runs its default configuration and interceptor chain, except: "
+            + ", ".join(f"`{k}={v}`" for k, v in results["proxy_env"].items())
+            + " (admission limits far above the benchmark's load, which all comes from one caller; the limits still run on every call; "
+            "the metrics listener on a free port).\n"
+        )
+    w(
+        "Reproduce: `make bench` (full, ≤ 20 min) or `make bench-quick` (~3 min); on a quiet machine: the ratios to the bare hop "
+        "survive other load better than absolute figures, but not a machine busy with other work; "
+        "`python -m bench.run --help` for the options. Needs `h2load` (`apt-get install -y nghttp2-client`).\n"
+    )
 
     w(floor_section(h))
 
@@ -319,31 +411,55 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
     w("| figure | this run | baseline (same run) | target | |")
     w("|---|---|---|---|---|")
     if "unary_ratio_min" in h:
-        w(f"| unary throughput, proxy / direct | {h['unary_ratio_min']:.2f}x – {h['unary_ratio_max']:.2f}x | Envoy / direct {h['envoy_ratio_min']:.2f}x – {h['envoy_ratio_max']:.2f}x | ≥ {TARGETS['unary_ratio']}x | {_ok(h['unary_ratio_min'] >= TARGETS['unary_ratio'])} |")
+        w(
+            f"| unary throughput, proxy / direct | {h['unary_ratio_min']:.2f}x – {h['unary_ratio_max']:.2f}x | Envoy / direct {h['envoy_ratio_min']:.2f}x – {h['envoy_ratio_max']:.2f}x | ≥ {TARGETS['unary_ratio']}x | {_ok(h['unary_ratio_min'] >= TARGETS['unary_ratio'])} |"
+        )
     if "added_p50_us" in h:
-        w(f"| added latency p50, sequential caller | {h['added_p50_us']:.0f} µs | Envoy adds {h['envoy_added_p50_us']:.0f} µs | < {TARGETS['added_p50_us']} µs | {_ok(h['added_p50_us'] < TARGETS['added_p50_us'])} |")
-        w(f"| added latency p99, sequential caller | {h['added_p99_us']:.0f} µs | | < {TARGETS['added_p99_us']} µs | {_ok(h['added_p99_us'] < TARGETS['added_p99_us'])} |")
+        w(
+            f"| added latency p50, sequential caller | {h['added_p50_us']:.0f} µs | Envoy adds {h['envoy_added_p50_us']:.0f} µs | < {TARGETS['added_p50_us']} µs | {_ok(h['added_p50_us'] < TARGETS['added_p50_us'])} |"
+        )
+        w(
+            f"| added latency p99, sequential caller | {h['added_p99_us']:.0f} µs | | < {TARGETS['added_p99_us']} µs | {_ok(h['added_p99_us'] < TARGETS['added_p99_us'])} |"
+        )
     if h.get("cpu_us_per_call") is not None:
-        w(f"| proxy CPU per unary call (best level) | {h['cpu_us_per_call']:.0f} µs | | < {TARGETS['cpu_us_per_call']} µs | {_ok(h['cpu_us_per_call'] < TARGETS['cpu_us_per_call'])} |")
+        w(
+            f"| proxy CPU per unary call (best level) | {h['cpu_us_per_call']:.0f} µs | | < {TARGETS['cpu_us_per_call']} µs | {_ok(h['cpu_us_per_call'] < TARGETS['cpu_us_per_call'])} |"
+        )
     if h.get("cpu_us_per_chunk") is not None:
-        w(f"| proxy CPU per stream chunk (throughput scenario, stream set-up included) | {h['cpu_us_per_chunk']:.0f} µs | | < {TARGETS['cpu_us_per_chunk']} µs | {_ok(h['cpu_us_per_chunk'] < TARGETS['cpu_us_per_chunk'])} |")
+        w(
+            f"| proxy CPU per stream chunk (throughput scenario, stream set-up included) | {h['cpu_us_per_chunk']:.0f} µs | | < {TARGETS['cpu_us_per_chunk']} µs | {_ok(h['cpu_us_per_chunk'] < TARGETS['cpu_us_per_chunk'])} |"
+        )
     if h.get("chunks_per_s") is not None:
-        w(f"| delivered chunks/s, one proxy process | {h['chunks_per_s']:.0f} | direct {h['direct_chunks_per_s']:.0f} | ≥ {TARGETS['chunks_per_s']} | {_ok(h['chunks_per_s'] >= TARGETS['chunks_per_s'])} |")
+        w(
+            f"| delivered chunks/s, one proxy process | {h['chunks_per_s']:.0f} | direct {h['direct_chunks_per_s']:.0f} | ≥ {TARGETS['chunks_per_s']} | {_ok(h['chunks_per_s'] >= TARGETS['chunks_per_s'])} |"
+        )
     if h.get("held_streams") is not None:
-        w(f"| concurrent slow streams held, zero loss | {h['held_streams']} | | {TARGETS['held_streams']} | {_ok(h['held_streams'] >= TARGETS['held_streams'])} |")
+        w(
+            f"| concurrent slow streams held, zero loss | {h['held_streams']} | | {TARGETS['held_streams']} | {_ok(h['held_streams'] >= TARGETS['held_streams'])} |"
+        )
     if h.get("kib_per_stream") is not None:
-        w(f"| proxy memory per open stream (at {h['kib_per_stream_at']} streams) | {h['kib_per_stream']:.1f} KiB | | < {TARGETS['kib_per_stream']} KiB | {_ok(h['kib_per_stream'] < TARGETS['kib_per_stream'])} |")
+        w(
+            f"| proxy memory per open stream (at {h['kib_per_stream_at']} streams) | {h['kib_per_stream']:.1f} KiB | | < {TARGETS['kib_per_stream']} KiB | {_ok(h['kib_per_stream'] < TARGETS['kib_per_stream'])} |"
+        )
     if h.get("ttfc_added_p99_ms") is not None:
-        w(f"| added time to first chunk p99, 1000 streams at 10 chunks/s | {h['ttfc_added_p99_ms']:.1f} ms (p50 {h['ttfc_added_p50_ms']:.1f} ms) | | < {TARGETS['ttfc_added_p99_ms']} ms | {_ok(h['ttfc_added_p99_ms'] < TARGETS['ttfc_added_p99_ms'])} |")
+        w(
+            f"| added time to first chunk p99, 1000 streams at 10 chunks/s | {h['ttfc_added_p99_ms']:.1f} ms (p50 {h['ttfc_added_p50_ms']:.1f} ms) | | < {TARGETS['ttfc_added_p99_ms']} ms | {_ok(h['ttfc_added_p99_ms'] < TARGETS['ttfc_added_p99_ms'])} |"
+        )
     if "all_streams_zero_loss" in h:
-        w(f"| lost or reordered chunks, every stream scenario up to the streams held | {'0' if h['all_streams_zero_loss'] else 'SOME (see below)'} | | 0 | {_ok(h['all_streams_zero_loss'])} |")
+        w(
+            f"| lost or reordered chunks, every stream scenario up to the streams held | {'0' if h['all_streams_zero_loss'] else 'SOME (see below)'} | | 0 | {_ok(h['all_streams_zero_loss'])} |"
+        )
     w("")
     if h.get("first_failed_hold"):
         f = h["first_failed_hold"]
-        w(f"Beyond that: at {f['k']} slow streams {f['failed']} calls failed ({f['errors']}), {f['lost']} chunks never sent, {f['seq_errors']} out of order; "
-          f"time to first chunk p99 {f['ttfc_p99_ms'] / 1000:.1f} s. CANCELLED with no chunk is gRPC's server refusing calls its application has not "
-          "picked up within 30 s (`grpc.server_max_unrequested_time_in_server`): the proxy's one core could not accept streams as fast as they came. "
-          "No accepted stream lost or reordered a chunk.\n" if not f["seq_errors"] else "")
+        w(
+            f"Beyond that: at {f['k']} slow streams {f['failed']} calls failed ({f['errors']}), {f['lost']} chunks never sent, {f['seq_errors']} out of order; "
+            f"time to first chunk p99 {f['ttfc_p99_ms'] / 1000:.1f} s. CANCELLED with no chunk is gRPC's server refusing calls its application has not "
+            "picked up within 30 s (`grpc.server_max_unrequested_time_in_server`): the proxy's one core could not accept streams as fast as they came. "
+            "No accepted stream lost or reordered a chunk.\n"
+            if not f["seq_errors"]
+            else ""
+        )
     w(CHANGES)
 
     w(analysis(results, h))
@@ -351,10 +467,14 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
     unary = sc.get("unary")
     if unary:
         w("## Unary: throughput and latency under load (h2load)\n")
-        w(f"`Generate` ({unary['request']}), agent with {unary['agent']}. Each level is the number of calls in flight "
-          "(h2load `-c` connections × `-m` streams). *verified*: every call's full response came back "
-          "(DATA bytes = calls × framed response size, all HTTP 200, and a 20-call gRPC probe with status checks).\n")
-        w("| in flight | path | req/s | × direct | p50 | p99 | CPU/call of the server | × bare hop CPU/call | verified |")
+        w(
+            f"`Generate` ({unary['request']}), agent with {unary['agent']}. Each level is the number of calls in flight "
+            "(h2load `-c` connections × `-m` streams). *verified*: every call's full response came back "
+            "(DATA bytes = calls × framed response size, all HTTP 200, and a 20-call gRPC probe with status checks).\n"
+        )
+        w(
+            "| in flight | path | req/s | × direct | p50 | p99 | CPU/call of the server | × bare hop CPU/call | verified |"
+        )
         w("|---|---|---|---|---|---|---|---|---|")
         for r in unary["rows"]:
             d = r["direct"].get("rps") or 0
@@ -364,12 +484,20 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
                     continue
                 x = r[path]
                 ratio = (x.get("rps") or 0) / d if d else 0
-                over_bare = x["cpu_us_per_call"] / bare_cpu if bare_cpu and x.get("cpu_us_per_call") and path != "direct" else None
+                over_bare = (
+                    x["cpu_us_per_call"] / bare_cpu
+                    if bare_cpu and x.get("cpu_us_per_call") and path != "direct"
+                    else None
+                )
                 reps = _reps([y.get("cpu_us_per_call") for y in x.get("reps", [])])
-                w(f"| {r['level']} | {PATH_LABEL[path]} | {_f(x.get('rps'))} | {ratio:.2f}x | {_f(x.get('p50_us'), '{:.0f} µs')} | {_f(x.get('p99_us'), '{:.0f} µs')} | "
-                  f"{_f(x.get('cpu_us_per_call'), '{:.0f} µs')}{reps} | {_f(over_bare, '{:.2f}x')} | {x.get('verified')} |")
-        w("\nCPU/call of the server: the CPU time of the process answering the load generator (agent, bare hop, proxy or Envoy) divided by the calls it served. "
-          "With several repetitions (interleaved path by path), the row is the repetition with the median CPU/call and the others are listed.\n")
+                w(
+                    f"| {r['level']} | {PATH_LABEL[path]} | {_f(x.get('rps'))} | {ratio:.2f}x | {_f(x.get('p50_us'), '{:.0f} µs')} | {_f(x.get('p99_us'), '{:.0f} µs')} | "
+                    f"{_f(x.get('cpu_us_per_call'), '{:.0f} µs')}{reps} | {_f(over_bare, '{:.2f}x')} | {x.get('verified')} |"
+                )
+        w(
+            "\nCPU/call of the server: the CPU time of the process answering the load generator (agent, bare hop, proxy or Envoy) divided by the calls it served. "
+            "With several repetitions (interleaved path by path), the row is the repetition with the median CPU/call and the others are listed.\n"
+        )
 
     lat = sc.get("latency")
     if lat:
@@ -384,23 +512,35 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
             x = lat[path]
             a50 = lat.get(f"{path}_added_p50_us")
             a99 = lat.get(f"{path}_added_p99_us")
-            over = a50 / bare50 if a50 is not None and bare50 and bare50 > 0 and path != "direct" else None
-            w(f"| {PATH_LABEL[path]} | {x['p50_us']:.0f} µs | {x['p99_us']:.0f} µs | {x['mean_us']:.0f} µs | {_f(a50, '{:+.0f} µs')} | {_f(a99, '{:+.0f} µs')} | {_f(over, '{:.2f}x')} |")
+            over = (
+                a50 / bare50
+                if a50 is not None and bare50 and bare50 > 0 and path != "direct"
+                else None
+            )
+            w(
+                f"| {PATH_LABEL[path]} | {x['p50_us']:.0f} µs | {x['p99_us']:.0f} µs | {x['mean_us']:.0f} µs | {_f(a50, '{:+.0f} µs')} | {_f(a99, '{:+.0f} µs')} | {_f(over, '{:.2f}x')} |"
+            )
         w("")
 
     streams = sc.get("streams")
     if streams:
         w("## Streams\n")
-        w("`StreamGenerate`, every chunk checked by the stream generator (separate processes, raw bytes + upb parse): "
-          "`seq` counts up without gaps, the deltas concatenate to exactly the agent's answer, a final chunk arrives, status OK. "
-          "*chunks/s*: upstream chunks whose content reached the caller, per second of the run. TTFC: time from a stream's start to its first chunk, as the caller sees it. "
-          "Scenarios with a `duration` keep K callers busy (each starts another stream when one ends), with starts spread over one stream's life, so arrivals are steady; the *hold* scenarios open K slow streams over the ramp and keep them all open. "
-          "*server CPU/chunk* and *KiB/stream* are for the process the generators talk to (agent for direct, the bare hop, Envoy alone, the proxy for proxy and sse): "
-          "CPU time over the run / chunks delivered (stream set-up included); (peak RSS − RSS before) / peak open streams.\n")
-        w("*× bare hop CPU/chunk*: the server CPU per chunk over the bare hop's in the same row. *interval p99*: the interval between "
-          "one content chunk of a stream and its next, as the caller sees it (coalescing makes it longer and the messages fewer). "
-          "Rows with several repetitions show the median one (by server CPU/chunk).\n")
-        w("| scenario | path | streams × chunks @ interval | calls ok | chunks/s | messages/s | × direct | TTFC p50 | TTFC p99 | interval p99 | lost | seq errors | server CPU/chunk | × bare hop CPU/chunk | server CPU/stream | KiB/stream | generator CPU/chunk | errors |")
+        w(
+            "`StreamGenerate`, every chunk checked by the stream generator (separate processes, raw bytes + upb parse): "
+            "`seq` counts up without gaps, the deltas concatenate to exactly the agent's answer, a final chunk arrives, status OK. "
+            "*chunks/s*: upstream chunks whose content reached the caller, per second of the run. TTFC: time from a stream's start to its first chunk, as the caller sees it. "
+            "Scenarios with a `duration` keep K callers busy (each starts another stream when one ends), with starts spread over one stream's life, so arrivals are steady; the *hold* scenarios open K slow streams over the ramp and keep them all open. "
+            "*server CPU/chunk* and *KiB/stream* are for the process the generators talk to (agent for direct, the bare hop, Envoy alone, the proxy for proxy and sse): "
+            "CPU time over the run / chunks delivered (stream set-up included); (peak RSS − RSS before) / peak open streams.\n"
+        )
+        w(
+            "*× bare hop CPU/chunk*: the server CPU per chunk over the bare hop's in the same row. *interval p99*: the interval between "
+            "one content chunk of a stream and its next, as the caller sees it (coalescing makes it longer and the messages fewer). "
+            "Rows with several repetitions show the median one (by server CPU/chunk).\n"
+        )
+        w(
+            "| scenario | path | streams × chunks @ interval | calls ok | chunks/s | messages/s | × direct | TTFC p50 | TTFC p99 | interval p99 | lost | seq errors | server CPU/chunk | × bare hop CPU/chunk | server CPU/stream | KiB/stream | generator CPU/chunk | errors |"
+        )
         w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in streams.get("rows", []) + streams.get("hold", []):
             s = r["shape"]
@@ -413,36 +553,52 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
                 ratio = x["chunks_per_s"] / d if d else 0
                 kib = x.get("server_bytes_per_stream")
                 cpu = x.get("server_cpu_us_per_chunk")
-                over_bare = cpu / bare_cpu if bare_cpu and cpu and path in ("proxy", "envoy", "sse") else None
+                over_bare = (
+                    cpu / bare_cpu
+                    if bare_cpu and cpu and path in ("proxy", "envoy", "sse")
+                    else None
+                )
                 reps = _reps([y.get("server_cpu_us_per_chunk") for y in x.get("reps", [])])
-                w(f"| {s['name']} | {PATH_LABEL[path]} | {s['k']} × {s['n']} @ {s['interval_ms']} ms | {x['ok']}/{x['calls']} | {x['chunks_per_s']:.0f} | {x['messages_per_s']:.0f} | {ratio:.2f}x | "
-                  f"{_f(x['ttfc_p50_ms'], '{:.1f} ms')} | {_f(x['ttfc_p99_ms'], '{:.1f} ms')} | {_f(x.get('chunk_interval_p99_ms'), '{:.1f} ms')} | {x['lost_pieces']} | {x['seq_errors']} | "
-                  f"{_f(cpu, '{:.0f} µs')}{reps} | {_f(over_bare, '{:.2f}x')} | {_f(x.get('server_cpu_us_per_call'), '{:.0f} µs')} | {_f(None if kib is None else kib / 1024, '{:.1f}')} | {_f(x.get('client_cpu_us_per_chunk'), '{:.0f} µs')} | {x['errors'] or ''} |")
-        w(f"\nHighest number of concurrent slow streams (1 chunk/s) held with zero loss in this run: **{streams.get('held_zero_loss')}**.\n")
+                w(
+                    f"| {s['name']} | {PATH_LABEL[path]} | {s['k']} × {s['n']} @ {s['interval_ms']} ms | {x['ok']}/{x['calls']} | {x['chunks_per_s']:.0f} | {x['messages_per_s']:.0f} | {ratio:.2f}x | "
+                    f"{_f(x['ttfc_p50_ms'], '{:.1f} ms')} | {_f(x['ttfc_p99_ms'], '{:.1f} ms')} | {_f(x.get('chunk_interval_p99_ms'), '{:.1f} ms')} | {x['lost_pieces']} | {x['seq_errors']} | "
+                    f"{_f(cpu, '{:.0f} µs')}{reps} | {_f(over_bare, '{:.2f}x')} | {_f(x.get('server_cpu_us_per_call'), '{:.0f} µs')} | {_f(None if kib is None else kib / 1024, '{:.1f}')} | {_f(x.get('client_cpu_us_per_chunk'), '{:.0f} µs')} | {x['errors'] or ''} |"
+                )
+        w(
+            f"\nHighest number of concurrent slow streams (1 chunk/s) held with zero loss in this run: **{streams.get('held_zero_loss')}**.\n"
+        )
         if not any("sse" in r for r in streams.get("rows", [])):
             w("SSE through Envoy's transcoder: not measured in this run (see notes).\n")
 
     workers = sc.get("workers")
     if workers:
         w("## Several proxy processes (`aiproxy serve --workers N`)\n")
-        w(f"Unary load at {workers['level']} in flight over {workers['connections']} connections. "
-          "*reuseport_N*: N processes sharing one port (SO_REUSEPORT, the kernel spreads connections); "
-          "*envoy_2_ports*: two single proxies on their own ports behind the plain Envoy (least request).\n")
+        w(
+            f"Unary load at {workers['level']} in flight over {workers['connections']} connections. "
+            "*reuseport_N*: N processes sharing one port (SO_REUSEPORT, the kernel spreads connections); "
+            "*envoy_2_ports*: two single proxies on their own ports behind the plain Envoy (least request).\n"
+        )
         w("| setup | req/s | × one process | p50 | p99 | proxy CPU/call | verified |")
         w("|---|---|---|---|---|---|---|")
         for k, x in workers["rows"].items():
-            w(f"| {k} | {_f(x.get('rps'))} | {workers['scaling'][k]:.2f}x | {_f(x.get('p50_us'), '{:.0f} µs')} | {_f(x.get('p99_us'), '{:.0f} µs')} | {_f(x.get('cpu_us_per_call'), '{:.0f} µs')} | {x.get('verified')} |")
+            w(
+                f"| {k} | {_f(x.get('rps'))} | {workers['scaling'][k]:.2f}x | {_f(x.get('p50_us'), '{:.0f} µs')} | {_f(x.get('p99_us'), '{:.0f} µs')} | {_f(x.get('cpu_us_per_call'), '{:.0f} µs')} | {x.get('verified')} |"
+            )
         w("")
 
     prof = sc.get("profile")
     if prof:
         w("## Where the proxy's CPU goes (py-spy --native)\n")
-        w(f"{prof.get('note', '')} Buckets are shares of the busy samples of the proxy's event-loop thread "
-          "(the one that holds the GIL): *syscalls* = the innermost frame is a libc system call (gRPC writing/reading its "
-          "sockets, waking its poller), *from aiproxy code* when the innermost Python frame is ours; *aiproxy Python* = the "
-          "innermost Python frame is our core/, server/ or interceptors/ code, or bench/barehop.py in the bare hop's row (with the C it calls directly); "
-          "*gRPC + asyncio* = the rest (grpc.aio's Cython and C core, grpc_interceptor, the event loop).\n")
-        w("| load | samples | idle | syscalls in gRPC | syscalls from aiproxy code | Python GC | aiproxy Python | gRPC + asyncio | flame graph |")
+        w(
+            f"{prof.get('note', '')} Buckets are shares of the busy samples of the proxy's event-loop thread "
+            "(the one that holds the GIL): *syscalls* = the innermost frame is a libc system call (gRPC writing/reading its "
+            "sockets, waking its poller), *from aiproxy code* when the innermost Python frame is ours; *aiproxy Python* = the "
+            "innermost Python frame is our core/, server/ or interceptors/ code, or bench/barehop.py in the bare hop's row (with the C it calls directly); "
+            "*gRPC + asyncio* = the rest (grpc.aio's Cython and C core, grpc_interceptor, the event loop).\n"
+        )
+        w(
+            "| load | samples | idle | syscalls in gRPC | syscalls from aiproxy code | Python GC | aiproxy Python | gRPC + asyncio | flame graph |"
+        )
         w("|---|---|---|---|---|---|---|---|---|")
         for tag in ("unary", "bare_unary", "streams", "hold"):
             p = prof.get(tag)
@@ -452,10 +608,17 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
             b = c["share_of_busy_main_thread"]
             if not b:
                 continue
-            label = {"unary": "aiproxy: unary, 64 in flight", "bare_unary": "bare hop: unary, 64 in flight", "streams": "aiproxy: 200 streams × 20 chunks @ 5 ms", "hold": f"aiproxy: {p.get('open_streams')} open streams @ 1 chunk/s"}[tag]
-            w(f"| {label} | {c['main_thread_samples']} | {_f(c['idle_share'] * 100 if c['idle_share'] is not None else None, '{:.0f} %')} | "
-              f"{b.get('syscalls_in_grpc', 0) * 100:.0f} % | {b.get('syscalls_under_aiproxy_code', 0) * 100:.0f} % | {b.get('python_gc', 0) * 100:.0f} % | "
-              f"{b.get('aiproxy_python', 0) * 100:.0f} % | {b.get('grpc_and_asyncio', 0) * 100:.0f} % | `{p.get('speedscope', '')}` |")
+            label = {
+                "unary": "aiproxy: unary, 64 in flight",
+                "bare_unary": "bare hop: unary, 64 in flight",
+                "streams": "aiproxy: 200 streams × 20 chunks @ 5 ms",
+                "hold": f"aiproxy: {p.get('open_streams')} open streams @ 1 chunk/s",
+            }[tag]
+            w(
+                f"| {label} | {c['main_thread_samples']} | {_f(c['idle_share'] * 100 if c['idle_share'] is not None else None, '{:.0f} %')} | "
+                f"{b.get('syscalls_in_grpc', 0) * 100:.0f} % | {b.get('syscalls_under_aiproxy_code', 0) * 100:.0f} % | {b.get('python_gc', 0) * 100:.0f} % | "
+                f"{b.get('aiproxy_python', 0) * 100:.0f} % | {b.get('grpc_and_asyncio', 0) * 100:.0f} % | `{p.get('speedscope', '')}` |"
+            )
         for tag in ("unary", "bare_unary", "streams"):
             p = prof.get(tag)
             if not p or not p.get("self"):
@@ -498,9 +661,17 @@ def plot(results: dict[str, Any], png_path: pathlib.Path) -> bool:
     panels = [p for p in ("unary", "streams", "workers") if p in sc]
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels) + (1 if "unary" in sc else 0), figsize=(5 * (len(panels) + 1), 4))
+    fig, axes = plt.subplots(
+        1, len(panels) + (1 if "unary" in sc else 0), figsize=(5 * (len(panels) + 1), 4)
+    )
     axes = list(axes) if hasattr(axes, "__iter__") else [axes]
-    colors = {"direct": "#4c72b0", "bare": "#937860", "proxy": "#dd8452", "envoy": "#55a868", "sse": "#c44e52"}
+    colors = {
+        "direct": "#4c72b0",
+        "bare": "#937860",
+        "proxy": "#dd8452",
+        "envoy": "#55a868",
+        "sse": "#c44e52",
+    }
     i = 0
     if "unary" in sc:
         rows = sc["unary"]["rows"]
@@ -509,7 +680,13 @@ def plot(results: dict[str, Any], png_path: pathlib.Path) -> bool:
         upaths = [p for p in ("direct", "bare", "proxy", "envoy") if all(p in r for r in rows)]
         width = 0.8 / len(upaths)
         for j, path in enumerate(upaths):
-            ax.bar([x + (j - (len(upaths) - 1) / 2) * width for x in range(len(levels))], [r[path].get("rps") or 0 for r in rows], width, label=PATH_LABEL[path], color=colors[path])
+            ax.bar(
+                [x + (j - (len(upaths) - 1) / 2) * width for x in range(len(levels))],
+                [r[path].get("rps") or 0 for r in rows],
+                width,
+                label=PATH_LABEL[path],
+                color=colors[path],
+            )
         ax.set_xticks(range(len(levels)), levels)
         ax.set_xlabel("calls in flight")
         ax.set_ylabel("unary req/s")
@@ -518,8 +695,21 @@ def plot(results: dict[str, Any], png_path: pathlib.Path) -> bool:
         i += 1
         ax = axes[i]
         for path in upaths:
-            ax.plot(levels, [(r[path].get("p99_us") or 0) / 1000 for r in rows], marker="o", label=f"{path} p99", color=colors[path])
-            ax.plot(levels, [(r[path].get("p50_us") or 0) / 1000 for r in rows], marker="x", linestyle="--", label=f"{path} p50", color=colors[path])
+            ax.plot(
+                levels,
+                [(r[path].get("p99_us") or 0) / 1000 for r in rows],
+                marker="o",
+                label=f"{path} p99",
+                color=colors[path],
+            )
+            ax.plot(
+                levels,
+                [(r[path].get("p50_us") or 0) / 1000 for r in rows],
+                marker="x",
+                linestyle="--",
+                label=f"{path} p50",
+                color=colors[path],
+            )
         ax.set_xlabel("calls in flight")
         ax.set_ylabel("latency (ms)")
         ax.set_title("Unary latency under load")
@@ -529,10 +719,18 @@ def plot(results: dict[str, Any], png_path: pathlib.Path) -> bool:
         rows = sc["streams"].get("rows", []) + sc["streams"].get("hold", [])
         names = [r["shape"]["name"] for r in rows]
         ax = axes[i]
-        paths = [p for p in ("direct", "bare", "proxy", "envoy", "sse") if any(p in r for r in rows)]
+        paths = [
+            p for p in ("direct", "bare", "proxy", "envoy", "sse") if any(p in r for r in rows)
+        ]
         width = 0.8 / len(paths)
         for j, path in enumerate(paths):
-            ax.bar([x + (j - (len(paths) - 1) / 2) * width for x in range(len(names))], [r[path]["chunks_per_s"] if path in r else 0 for r in rows], width, label=PATH_LABEL[path], color=colors[path])
+            ax.bar(
+                [x + (j - (len(paths) - 1) / 2) * width for x in range(len(names))],
+                [r[path]["chunks_per_s"] if path in r else 0 for r in rows],
+                width,
+                label=PATH_LABEL[path],
+                color=colors[path],
+            )
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_ylabel("delivered chunks/s")
         ax.set_title("Streams")
@@ -551,7 +749,9 @@ def plot(results: dict[str, Any], png_path: pathlib.Path) -> bool:
     return True
 
 
-def write(results: dict[str, Any], out: pathlib.Path, stamp: str, json_name: str) -> list[pathlib.Path]:
+def write(
+    results: dict[str, Any], out: pathlib.Path, stamp: str, json_name: str
+) -> list[pathlib.Path]:
     png = out / f"{stamp}-plot.png"
     has_png = plot(results, png)
     report = out / "REPORT.md"

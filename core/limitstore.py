@@ -640,4 +640,3 @@ class MemoryLimitStore:
 
     async def aclose(self) -> None:
         return None
-

@@ -48,6 +48,12 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **f
 
 def print_ready(service: str, address: str, **extra: Any) -> None:
     """The one stdout line that tells supervisors and tests a server is listening."""
-    line = {"event": "listening", "service": service, "address": address, "ts": time.time(), **extra}
+    line = {
+        "event": "listening",
+        "service": service,
+        "address": address,
+        "ts": time.time(),
+        **extra,
+    }
     sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()

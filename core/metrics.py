@@ -23,7 +23,23 @@ OTHER_MODEL = "other"
 # Seconds; the first chunk alert is at 1 s, the chunk interval alert at 200 ms.
 FIRST_CHUNK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 CHUNK_INTERVAL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
-REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+REQUEST_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 
 _LEGACY_SERVER = ("legacy_grpc_server_handled_latency_seconds",)
 _LEGACY_CLIENT = (
@@ -176,7 +192,11 @@ class ProxyMetrics:
 
 def untraced_services() -> Sequence[str]:
     """Services whose calls get no spans (probes and tooling, not traffic)."""
-    return ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+    return (
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    )
 
 
 class CallTelemetry(Protocol):

@@ -40,7 +40,9 @@ class Service:
 
     __slots__ = ("by_name", "by_path", "descriptor", "methods", "name")
 
-    def __init__(self, name: str, descriptor: _descriptor.ServiceDescriptor, methods: tuple[Method, ...]) -> None:
+    def __init__(
+        self, name: str, descriptor: _descriptor.ServiceDescriptor, methods: tuple[Method, ...]
+    ) -> None:
         self.name = name
         self.descriptor = descriptor
         self.methods = methods
@@ -65,7 +67,9 @@ def _deadline_class(method: _descriptor.MethodDescriptor) -> DeadlineClass:
 @functools.cache
 def agent_service() -> Service:
     """The model of AgentService (built on first use, then shared)."""
-    from ai.agent.v1 import agent_service_pb2  # generated stubs: settings import this module without them
+    from ai.agent.v1 import (
+        agent_service_pb2,  # generated stubs: settings import this module without them
+    )
 
     descriptor = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
     assert descriptor.full_name == SERVICE_NAME

@@ -12,14 +12,23 @@ import ipaddress
 import pathlib
 from typing import Any
 
-from core.service import SERVICE_NAME, agent_service
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from core.service import SERVICE_NAME, agent_service
 
 ENV_PREFIX = "AIPROXY_"
 
@@ -104,7 +113,9 @@ class UpstreamSettings(_Section):
     keepalive_timeout_s: float = Field(default=5.0, gt=0)
     reconnect_backoff_max_s: float = Field(default=2.0, gt=0)
     # Metadata never forwarded upstream (credentials the agent has no business seeing).
-    drop_metadata: list[str] = Field(default_factory=lambda: ["authorization", "cookie", "x-api-key"])
+    drop_metadata: list[str] = Field(
+        default_factory=lambda: ["authorization", "cookie", "x-api-key"]
+    )
 
     @field_validator("endpoints")
     @classmethod
@@ -168,7 +179,9 @@ class DeadlineSettings(_Section):
         for kind in ("unary", "stream", "agent"):
             default, maximum = getattr(self, f"{kind}_default_s"), getattr(self, f"{kind}_max_s")
             if default > maximum:
-                raise ValueError(f"{kind}_default_s ({default}) must not exceed {kind}_max_s ({maximum})")
+                raise ValueError(
+                    f"{kind}_default_s ({default}) must not exceed {kind}_max_s ({maximum})"
+                )
         unknown = set(self.per_method) - _method_names()
         if unknown:
             raise ValueError(f"per_method names unknown methods {sorted(unknown)}")
@@ -293,6 +306,8 @@ class ValidationSettings(_Section):
     max_steps: int = Field(default=50, ge=1)
     max_context_bytes: int = Field(default=64 * 1024, ge=0)  # agent context, serialized
     max_id_chars: int = Field(default=128, ge=1)  # model, session id, tool and filter names
+
+
 class ApiKeySettings(_Section):
     """A static API key, known by its hash only (`aiproxy api-key` makes one)."""
 
@@ -345,7 +360,9 @@ class AuthSettings(_Section):
     # caller must all have (JWT `scope`, space-separated, or `scp` list; API key scopes).
     method_scopes: dict[str, list[str]] = Field(default_factory=dict)
 
-    _v_files = field_validator("jwt_public_key_file", "jwks_file")(classmethod(lambda cls, v: _check_file(v)))
+    _v_files = field_validator("jwt_public_key_file", "jwks_file")(
+        classmethod(lambda cls, v: _check_file(v))
+    )
 
     @field_validator("jwt_secret")
     @classmethod
@@ -360,7 +377,9 @@ class AuthSettings(_Section):
         known = HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS
         bad = [v for v in value if v not in known]
         if bad:
-            raise ValueError(f"unsupported algorithms {bad} (allowed: {sorted(known)}; never 'none')")
+            raise ValueError(
+                f"unsupported algorithms {bad} (allowed: {sorted(known)}; never 'none')"
+            )
         return value
 
     @field_validator("method_scopes")
@@ -373,7 +392,9 @@ class AuthSettings(_Section):
                 continue
             known = agent_service().by_name
             if method not in known:
-                raise ValueError(f"{SERVICE_NAME} has no method {method!r} (known: {sorted(known)})")
+                raise ValueError(
+                    f"{SERVICE_NAME} has no method {method!r} (known: {sorted(known)})"
+                )
         return value
 
     @property
@@ -389,17 +410,23 @@ class AuthSettings(_Section):
     @model_validator(mode="after")
     def _v_consistent(self) -> "AuthSettings":
         if self.enabled and not self.has_credentials:
-            raise ValueError("auth is enabled but no jwt_secret, jwt_public_key_file, jwks_file or api_keys is set")
+            raise ValueError(
+                "auth is enabled but no jwt_secret, jwt_public_key_file, jwks_file or api_keys is set"
+            )
         algs = set(self.algorithms)
         if algs & HMAC_ALGORITHMS and not self.jwt_secret:
             raise ValueError(f"algorithms {sorted(algs & HMAC_ALGORITHMS)} need jwt_secret")
         if algs & ASYMMETRIC_ALGORITHMS and not (self.jwt_public_key_file or self.jwks_file):
-            raise ValueError(f"algorithms {sorted(algs & ASYMMETRIC_ALGORITHMS)} need jwt_public_key_file or jwks_file")
+            raise ValueError(
+                f"algorithms {sorted(algs & ASYMMETRIC_ALGORITHMS)} need jwt_public_key_file or jwks_file"
+            )
         if self.jwt_secret is not None:
             secret_len = len(self.jwt_secret.get_secret_value().encode())
             for alg in sorted(algs & HMAC_ALGORITHMS):
                 if secret_len < int(alg[2:]) // 8:
-                    raise ValueError(f"{alg} needs a jwt_secret of at least {int(alg[2:]) // 8} bytes")
+                    raise ValueError(
+                        f"{alg} needs a jwt_secret of at least {int(alg[2:]) // 8} bytes"
+                    )
         names = [k.name for k in self.api_keys]
         if len(set(names)) != len(names):
             raise ValueError("api_keys names must be unique")
@@ -414,7 +441,9 @@ class ServerTlsSettings(_Section):
     key_file: str | None = None  # PEM private key
     client_ca_file: str | None = None
 
-    _v_files = field_validator("cert_file", "key_file", "client_ca_file")(classmethod(lambda cls, v: _check_file(v)))
+    _v_files = field_validator("cert_file", "key_file", "client_ca_file")(
+        classmethod(lambda cls, v: _check_file(v))
+    )
 
     @property
     def enabled(self) -> bool:
@@ -434,14 +463,18 @@ class UpstreamTlsSettings(_Section):
     cert_file + key_file present a client certificate (mutual TLS)."""
 
     enabled: bool | None = None
-    ca_file: str | None = None  # PEM roots that sign the upstreams' certificates; default: system roots
+    ca_file: str | None = (
+        None  # PEM roots that sign the upstreams' certificates; default: system roots
+    )
     cert_file: str | None = None
     key_file: str | None = None
     # The name the upstream certificates must carry. Default: the endpoints' DNS name when
     # they share one (discovery dials the resolved IPs), else the address dialled.
     server_name: str | None = None
 
-    _v_files = field_validator("ca_file", "cert_file", "key_file")(classmethod(lambda cls, v: _check_file(v)))
+    _v_files = field_validator("ca_file", "cert_file", "key_file")(
+        classmethod(lambda cls, v: _check_file(v))
+    )
 
     @property
     def active(self) -> bool:
@@ -512,7 +545,9 @@ class TracingSettings(_Section):
 
 # The YAML file for the load in progress (sources are built by pydantic-settings, which
 # gives them no arguments of ours).
-_yaml_file: contextvars.ContextVar[pathlib.Path | None] = contextvars.ContextVar("_yaml_file", default=None)
+_yaml_file: contextvars.ContextVar[pathlib.Path | None] = contextvars.ContextVar(
+    "_yaml_file", default=None
+)
 
 
 class Settings(BaseSettings):
@@ -594,7 +629,9 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _describe(exc: ValidationError, path: pathlib.Path | None) -> str:
-    where = f" (file {path}, or environment {ENV_PREFIX}*)" if path else f" (environment {ENV_PREFIX}*)"
+    where = (
+        f" (file {path}, or environment {ENV_PREFIX}*)" if path else f" (environment {ENV_PREFIX}*)"
+    )
     lines = [f"invalid configuration{where}:"]
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"])

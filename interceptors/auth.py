@@ -47,17 +47,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from grpc_interceptor.server import AsyncServerInterceptor
 
-from core.errors import PermissionDenied, Unauthenticated
-from core.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
 from core.callinfo import current_call
+from core.errors import PermissionDenied, Unauthenticated
+from core.logs import log_event
+from core.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
+from core.service import SERVICE_NAME
 from core.settings import (
     HMAC_ALGORITHMS,
     OKP_ALGORITHMS,
     RSA_ALGORITHMS,
     AuthSettings,
 )
-from core.service import SERVICE_NAME
-from core.logs import log_event
 
 log = logging.getLogger("aiproxy.auth")
 
@@ -179,14 +179,18 @@ class Authenticator:
         configured = frozenset(settings.algorithms) or None
         if settings.jwt_secret is not None:
             allowed = (configured or frozenset({"HS256"})) & HMAC_ALGORITHMS
-            keys.append(_VerificationKey(settings.jwt_secret.get_secret_value().encode(), allowed, None))
+            keys.append(
+                _VerificationKey(settings.jwt_secret.get_secret_value().encode(), allowed, None)
+            )
         public: list[tuple[Any, str | None, str | None]] = []
         if settings.jwt_public_key_file:
             public.append((load_public_key_file(settings.jwt_public_key_file), None, None))
         if settings.jwks_file:
             public.extend(load_jwks_file(settings.jwks_file))
         for key, kid, jwk_alg in public:
-            allowed = _family(key) & (configured or _DEFAULT_ALGORITHMS | ({jwk_alg} if jwk_alg else set()))
+            allowed = _family(key) & (
+                configured or _DEFAULT_ALGORITHMS | ({jwk_alg} if jwk_alg else set())
+            )
             if jwk_alg:  # a JWK that names its algorithm verifies only that one
                 allowed &= {jwk_alg}
             if allowed:
@@ -208,18 +212,24 @@ class Authenticator:
 
     # -- authentication ----------------------------------------------------------------
 
-    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None, peer: str = "") -> Principal:
+    def authenticate(
+        self, metadata: Sequence[tuple[str, str | bytes]] | None, peer: str = ""
+    ) -> Principal:
         """The caller behind `metadata`, or Unauthenticated."""
         authorization: str | None = None
         api_key: str | None = None
         for key, value in metadata or ():
             if key == AUTHORIZATION:
                 if authorization is not None:
-                    raise _unauthenticated(Cause.AMBIGUOUS_CREDENTIALS, "more than one authorization header")
+                    raise _unauthenticated(
+                        Cause.AMBIGUOUS_CREDENTIALS, "more than one authorization header"
+                    )
                 authorization = value if isinstance(value, str) else ""
             elif key == API_KEY_HEADER:
                 if api_key is not None:
-                    raise _unauthenticated(Cause.AMBIGUOUS_CREDENTIALS, "more than one x-api-key header")
+                    raise _unauthenticated(
+                        Cause.AMBIGUOUS_CREDENTIALS, "more than one x-api-key header"
+                    )
                 api_key = value if isinstance(value, str) else ""
         if authorization is not None:
             scheme, _, credential = authorization.strip().partition(" ")
@@ -234,7 +244,8 @@ class Authenticator:
         if api_key is not None:
             return self._from_api_key(api_key.strip(), peer)
         raise _unauthenticated(
-            Cause.MISSING_CREDENTIALS, "credentials required: authorization: Bearer <token>, or x-api-key"
+            Cause.MISSING_CREDENTIALS,
+            "credentials required: authorization: Bearer <token>, or x-api-key",
         )
 
     def _from_api_key(self, raw: str, peer: str) -> Principal:
@@ -278,7 +289,9 @@ class Authenticator:
             raise _unauthenticated(Cause.ALGORITHM_NOT_ALLOWED, "token algorithm not allowed")
         kid = header.get("kid")
         candidates = [
-            k for k in self._keys if alg in k.algorithms and (k.kid is None or kid is None or k.kid == kid)
+            k
+            for k in self._keys
+            if alg in k.algorithms and (k.kid is None or kid is None or k.kid == kid)
         ]
         if not candidates:
             raise _unauthenticated(Cause.UNKNOWN_KEY, "no key for this token")
@@ -302,13 +315,21 @@ class Authenticator:
         if claims is None:
             raise _unauthenticated(Cause.BAD_SIGNATURE, "token signature does not verify")
         subject = claims.get("sub")
-        usable = isinstance(subject, str) and 0 < len(subject) <= MAX_SUBJECT_LEN and subject.isprintable()
+        usable = (
+            isinstance(subject, str)
+            and 0 < len(subject) <= MAX_SUBJECT_LEN
+            and subject.isprintable()
+        )
         if not usable:
             raise _unauthenticated(Cause.INVALID_CLAIMS, "token subject is not usable")
         leeway = self._settings.leeway_s
         valid_from = _number(claims.get("nbf"), float("-inf")) - leeway
         valid_until = _number(claims.get("exp"), float("inf")) + leeway
-        return Principal(caller_key({}, "", subject=subject), _scopes(claims), "jwt"), valid_from, valid_until
+        return (
+            Principal(caller_key({}, "", subject=subject), _scopes(claims), "jwt"),
+            valid_from,
+            valid_until,
+        )
 
     # -- authorization -----------------------------------------------------------------
 
@@ -327,7 +348,9 @@ class Authenticator:
 
 
 def _number(value: Any, default: float) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+    return (
+        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+    )
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -353,7 +376,9 @@ def _claims_error(exc: Exception) -> Unauthenticated:
     if isinstance(exc, jwt.InvalidIssuerError):
         return _unauthenticated(Cause.WRONG_ISSUER, "token issuer not accepted")
     if isinstance(exc, jwt.MissingRequiredClaimError):
-        return _unauthenticated(Cause.MISSING_CLAIM, "token lacks a required claim", claim=str(exc.claim))
+        return _unauthenticated(
+            Cause.MISSING_CLAIM, "token lacks a required claim", claim=str(exc.claim)
+        )
     if isinstance(exc, jwt.InvalidAlgorithmError):
         return _unauthenticated(Cause.ALGORITHM_NOT_ALLOWED, "token algorithm not allowed")
     if isinstance(exc, jwt.InvalidKeyError):
@@ -373,13 +398,19 @@ class AuthInterceptor(AsyncServerInterceptor):
     def __init__(self, settings: AuthSettings, *, clock: Clock = time.time) -> None:
         self.authenticator = Authenticator(settings, clock=clock)
 
-    async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+    async def intercept_service(
+        self, continuation: Any, handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
         if is_open_method(handler_call_details.method):
             return await continuation(handler_call_details)  # not wrapped: no cost at all
         return await super().intercept_service(continuation, handler_call_details)
 
     async def intercept(
-        self, method: Callable, request_or_iterator: Any, context: grpc.aio.ServicerContext, method_name: str
+        self,
+        method: Callable,
+        request_or_iterator: Any,
+        context: grpc.aio.ServicerContext,
+        method_name: str,
     ) -> Any:
         call = current_call.get()
         auth = self.authenticator

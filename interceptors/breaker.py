@@ -90,6 +90,7 @@ CallerSource = Callable[[], str]
 def _no_caller() -> str:
     return ""
 
+
 # Codes that mean "the endpoint itself is in trouble" by default (see the module doc for
 # why INTERNAL, UNKNOWN, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED are not among them).
 BREAKER_FAILURE_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -117,7 +118,16 @@ class _RollingWindow:
     answer is yes, otherwise every slot holds all of its callers and the union is exact.
     """
 
-    __slots__ = ("_bad", "_bucket_s", "_callers", "_callers_cap", "_head", "_ok", "failures", "successes")
+    __slots__ = (
+        "_bad",
+        "_bucket_s",
+        "_callers",
+        "_callers_cap",
+        "_head",
+        "_ok",
+        "failures",
+        "successes",
+    )
 
     def __init__(self, window_s: float, buckets: int, callers_cap: int = 1) -> None:
         self._bucket_s = window_s / buckets

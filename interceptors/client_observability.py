@@ -27,7 +27,15 @@ CANCELLED = grpc.StatusCode.CANCELLED
 
 
 class _ClientMethod:
-    __slots__ = ("labels", "started", "handled_parent", "handled_children", "handling", "sent", "received")
+    __slots__ = (
+        "labels",
+        "started",
+        "handled_parent",
+        "handled_children",
+        "handling",
+        "sent",
+        "received",
+    )
 
     def __init__(self, metrics: GrpcClientMetrics, path: str, grpc_type: str) -> None:
         service, _, name = path.lstrip("/").partition("/")
@@ -42,7 +50,9 @@ class _ClientMethod:
     def finish(self, code: grpc.StatusCode, start: float, loop_time: Callable[[], float]) -> None:
         child = self.handled_children.get(code)
         if child is None:
-            child = self.handled_children[code] = self.handled_parent.labels(*self.labels, code.name)
+            child = self.handled_children[code] = self.handled_parent.labels(
+                *self.labels, code.name
+            )
         child.inc()
         self.handling.observe(loop_time() - start)
 
@@ -80,7 +90,9 @@ class UnaryClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, methods: _ClientMethods) -> None:
         self._method = methods.get
 
-    async def intercept_unary_unary(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
+    async def intercept_unary_unary(
+        self, continuation: Callable, client_call_details: Any, request: Any
+    ) -> Any:
         m = self._method(client_call_details, "UNARY")
         clock = asyncio.get_running_loop().time
         m.started.inc()
@@ -102,11 +114,14 @@ class UnaryClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         finally:
             m.finish(code, start, clock)
 
+
 class StreamClientMetricsInterceptor(grpc.aio.UnaryStreamClientInterceptor):
     def __init__(self, methods: _ClientMethods) -> None:
         self._method = methods.get
 
-    async def intercept_unary_stream(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
+    async def intercept_unary_stream(
+        self, continuation: Callable, client_call_details: Any, request: Any
+    ) -> Any:
         m = self._method(client_call_details, "SERVER_STREAMING")
         clock = asyncio.get_running_loop().time
         m.started.inc()
@@ -123,7 +138,9 @@ class StreamClientMetricsInterceptor(grpc.aio.UnaryStreamClientInterceptor):
         return _observe_stream(call, m, start, clock)
 
 
-async def _observe_stream(call: Any, m: _ClientMethod, start: float, clock: Callable[[], float]) -> AsyncIterator[Any]:
+async def _observe_stream(
+    call: Any, m: _ClientMethod, start: float, clock: Callable[[], float]
+) -> AsyncIterator[Any]:
     received = m.received
     code = grpc.StatusCode.UNKNOWN
     try:

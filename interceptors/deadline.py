@@ -24,11 +24,12 @@ from typing import Any, Final
 
 from grpc_interceptor.server import AsyncServerInterceptor
 
-from core.errors import DeadlineExceeded
 from core.callinfo import current_call
+from core.errors import DeadlineExceeded
 from core.service import Service
 
 Clock = Callable[[], float]
+
 
 @dataclass(frozen=True, slots=True)
 class DeadlineLimit:

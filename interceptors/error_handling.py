@@ -21,6 +21,7 @@ import grpc
 from grpc_interceptor.server import AsyncServerInterceptor
 
 from ai.agent.v1 import agent_service_pb2 as pb
+from core.callinfo import current_call
 from core.errors import (
     Internal,
     MalformedRequest,
@@ -28,9 +29,8 @@ from core.errors import (
     abort_with,
     to_status_proto,
 )
-from core.upstream_errors import to_proxy_error
-from core.callinfo import current_call
 from core.logs import log_event
+from core.upstream_errors import to_proxy_error
 
 log = logging.getLogger("aiproxy.errors")
 
@@ -91,14 +91,21 @@ class ErrorInterceptor(AsyncServerInterceptor):
         # method path -> the chunk message of that server-streaming method
         self._chunk_classes = dict(stream_response_classes)
 
-    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+    async def intercept_service(
+        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
         """The wrapped handler, with a request deserializer that never raises (every
         service: the API, health, reflection). Interceptors outside this one copy it."""
         handler = await super().intercept_service(continuation, handler_call_details)
         if handler is None:
             return None
         factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
-        behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        behavior = (
+            handler.unary_unary
+            or handler.unary_stream
+            or handler.stream_unary
+            or handler.stream_stream
+        )
         return factory(
             behavior,
             request_deserializer=safe_deserializer(handler.request_deserializer),
@@ -106,7 +113,11 @@ class ErrorInterceptor(AsyncServerInterceptor):
         )
 
     async def intercept(
-        self, method: Callable, request_or_iterator: Any, context: grpc.aio.ServicerContext, method_name: str
+        self,
+        method: Callable,
+        request_or_iterator: Any,
+        context: grpc.aio.ServicerContext,
+        method_name: str,
     ) -> Any:
         try:
             if request_or_iterator is MALFORMED:
@@ -142,7 +153,12 @@ class ErrorInterceptor(AsyncServerInterceptor):
         chunk_cls = self._chunk_classes.get(method_name)
         if sent and chunk_cls is not None:
             # seq continues the stream's numbering: every chunk so far passed here.
-            yield chunk_cls(is_final=True, seq=sent, error=to_status_proto(err), finish_reason=pb.FINISH_REASON_ERROR)
+            yield chunk_cls(
+                is_final=True,
+                seq=sent,
+                error=to_status_proto(err),
+                finish_reason=pb.FINISH_REASON_ERROR,
+            )
         await self._fail(context, err)
 
     def _convert(self, exc: Exception, method_name: str) -> ProxyError:

@@ -42,6 +42,7 @@ from typing import Any, Final
 
 from grpc_interceptor.server import AsyncServerInterceptor
 
+from core.callinfo import CallInfo, current_call
 from core.errors import Overloaded
 from core.ratelimit import (
     API_KEY_HEADER,
@@ -54,7 +55,6 @@ from core.ratelimit import (
     concurrency_limited_error,
     rate_limited_error,
 )
-from core.callinfo import CallInfo, current_call
 from core.settings import LimitSettings
 
 _PROXY_KEY: Final = "*"  # the one key of the proxy-wide cap
@@ -67,7 +67,12 @@ STREAM_RETRY_DELAY_S: Final = 1.0
 
 
 class LimitsInterceptor(AsyncServerInterceptor):
-    def __init__(self, settings: LimitSettings, limited_methods: Collection[str], streaming_methods: Collection[str]) -> None:
+    def __init__(
+        self,
+        settings: LimitSettings,
+        limited_methods: Collection[str],
+        streaming_methods: Collection[str],
+    ) -> None:
         self._limited = frozenset(limited_methods)
         self._streaming = frozenset(streaming_methods)
         overrides = settings.overrides
@@ -82,10 +87,14 @@ class LimitsInterceptor(AsyncServerInterceptor):
         )
         self.in_flight = ConcurrencyLimiter(settings.max_concurrent_calls)
         self._address_header = settings.client_address_header.lower()
-        self._edges = tuple(ipaddress.ip_network(net, strict=False) for net in settings.trusted_edges)
+        self._edges = tuple(
+            ipaddress.ip_network(net, strict=False) for net in settings.trusted_edges
+        )
         secret = settings.edge_secret.get_secret_value() if settings.edge_secret else ""
         self._edge_secret = secret.encode()
-        self._key_headers = frozenset({API_KEY_HEADER, CLIENT_ID_HEADER, self._address_header, EDGE_SECRET_HEADER} - {""})
+        self._key_headers = frozenset(
+            {API_KEY_HEADER, CLIENT_ID_HEADER, self._address_header, EDGE_SECRET_HEADER} - {""}
+        )
 
     def _key(self, call: CallInfo, context: Any) -> str:
         if call.caller:
@@ -127,14 +136,18 @@ class LimitsInterceptor(AsyncServerInterceptor):
             if stream:
                 lease = self.streams.try_acquire(key)
                 if lease is None:
-                    raise concurrency_limited_error(key, self.streams.limit_for(key), STREAM_RETRY_DELAY_S)
+                    raise concurrency_limited_error(
+                        key, self.streams.limit_for(key), STREAM_RETRY_DELAY_S
+                    )
                 leases.append(lease)
         except BaseException:
             _release(leases)
             raise
         return leases
 
-    async def intercept(self, method: Callable[..., Any], request: Any, context: Any, method_name: str) -> Any:
+    async def intercept(
+        self, method: Callable[..., Any], request: Any, context: Any, method_name: str
+    ) -> Any:
         call = current_call.get()
         if method_name not in self._limited or call is None:
             return await super().intercept(method, request, context, method_name)
@@ -148,7 +161,9 @@ class LimitsInterceptor(AsyncServerInterceptor):
         finally:
             _release(leases)
 
-    async def _limited_stream(self, method: Callable[..., Any], request: Any, context: Any, call: CallInfo) -> AsyncIterator[Any]:
+    async def _limited_stream(
+        self, method: Callable[..., Any], request: Any, context: Any, call: CallInfo
+    ) -> AsyncIterator[Any]:
         leases = self._admit(call, context, stream=True)
         try:
             async for chunk in method(request, context):

@@ -29,8 +29,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from core.errors import Reason
 from core.callinfo import CallInfo, current_call
+from core.errors import Reason
 from core.logs import log_event
 from core.metrics import CallTelemetry, untraced_services
 
@@ -39,7 +39,9 @@ access_log = logging.getLogger("aiproxy.access")
 OK = grpc.StatusCode.OK
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 # Reasons of admission control (the limiter's refusals), counted as rejections.
-LIMIT_REASONS = frozenset({Reason.RATE_LIMITED.value, Reason.CONCURRENCY_LIMITED.value, Reason.OVERLOADED.value})
+LIMIT_REASONS = frozenset(
+    {Reason.RATE_LIMITED.value, Reason.CONCURRENCY_LIMITED.value, Reason.OVERLOADED.value}
+)
 _UNTRACED = frozenset(untraced_services())
 
 UNARY = "UNARY"
@@ -62,10 +64,30 @@ class _Method:
     """One method's label children (made once) and what its messages carry."""
 
     __slots__ = (
-        "path", "name", "grpc_type", "api", "started", "msg_received", "msg_sent", "handling",
-        "_handled", "_handled_children", "_requests", "_requests_children", "duration",
-        "retries", "active", "chunks", "first_chunk", "interval", "gap_max",
-        "request_model", "response_model", "response_usage", "_probed_request", "_probed_response",
+        "path",
+        "name",
+        "grpc_type",
+        "api",
+        "started",
+        "msg_received",
+        "msg_sent",
+        "handling",
+        "_handled",
+        "_handled_children",
+        "_requests",
+        "_requests_children",
+        "duration",
+        "retries",
+        "active",
+        "chunks",
+        "first_chunk",
+        "interval",
+        "gap_max",
+        "request_model",
+        "response_model",
+        "response_usage",
+        "_probed_request",
+        "_probed_response",
     )
 
     def __init__(self, telemetry: CallTelemetry, path: str, grpc_type: str) -> None:
@@ -97,7 +119,9 @@ class _Method:
     def handled(self, code: grpc.StatusCode) -> Any:
         child = self._handled_children.get(code)
         if child is None:
-            child = self._handled_children[code] = self._handled.labels(self.grpc_type, *self.path.lstrip("/").split("/", 1), code.name)
+            child = self._handled_children[code] = self._handled.labels(
+                self.grpc_type, *self.path.lstrip("/").split("/", 1), code.name
+            )
         return child
 
     def requests(self, status: str) -> Any:
@@ -137,7 +161,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             method = self._methods[key] = _Method(self._t, path, grpc_type)
         return method
 
-    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+    async def intercept_service(
+        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
@@ -146,10 +172,16 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, m), de, ser)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(self._stream(handler.unary_stream, m), de, ser)
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, m), de, ser
+            )
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, m), de, ser)
-        return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream, m), de, ser)
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, m), de, ser
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._stream(handler.stream_stream, m), de, ser
+        )
 
     # -- wrappers ----------------------------------------------------------------------
 
@@ -185,7 +217,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         return observed_unary
 
     def _stream(self, behavior: Callable, m: _Method) -> Callable:
-        async def observed_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def observed_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             m.started.inc()
             start = time.monotonic()
             call = current_call.get()
@@ -334,7 +368,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             code=call.code,
             reason=call.reason,
             duration_ms=round(elapsed * 1000, 3),
-            first_chunk_ms=None if call.first_chunk_s is None else round(call.first_chunk_s * 1000, 3),
+            first_chunk_ms=None
+            if call.first_chunk_s is None
+            else round(call.first_chunk_s * 1000, 3),
             chunks=call.chunks,
             model=call.model,
             prompt_tokens=call.prompt_tokens,

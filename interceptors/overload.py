@@ -122,7 +122,9 @@ class OverloadGate(grpc.aio.ServerInterceptor):
             **{path: stream for path in stream_methods},
         }
 
-    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+    async def intercept_service(
+        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
         backlog_limit = self.backlog_limit
         limit = self.capacity if backlog_limit is None else min(self.capacity, backlog_limit.limit)
         if self._active() >= limit:

@@ -32,9 +32,15 @@ def request_id_from(metadata: Any) -> str:
 
 class RequestContextInterceptor(AsyncServerInterceptor):
     async def intercept(
-        self, method: Callable, request_or_iterator: Any, context: grpc.aio.ServicerContext, method_name: str
+        self,
+        method: Callable,
+        request_or_iterator: Any,
+        context: grpc.aio.ServicerContext,
+        method_name: str,
     ) -> Any:
-        call = CallInfo(method=method_name, request_id=request_id_from(context.invocation_metadata()))
+        call = CallInfo(
+            method=method_name, request_id=request_id_from(context.invocation_metadata())
+        )
         current_call.set(call)
         context.set_trailing_metadata(((REQUEST_ID, call.request_id),))
         return await super().intercept(method, request_or_iterator, context, method_name)

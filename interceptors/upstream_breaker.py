@@ -15,8 +15,8 @@ from typing import Any
 
 import grpc
 
-from interceptors.breaker import CircuitBreaker, Permit
 from core.errors import CircuitOpen
+from interceptors.breaker import CircuitBreaker, Permit
 
 
 def circuit_open_error(breaker: CircuitBreaker) -> CircuitOpen:
@@ -41,7 +41,9 @@ class _BreakerGate:
 
 
 class BreakerUnaryInterceptor(_BreakerGate, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
+    async def intercept_unary_unary(
+        self, continuation: Callable, client_call_details: Any, request: Any
+    ) -> Any:
         permit = self._permit()
         try:
             call = await continuation(client_call_details, request)
@@ -57,7 +59,9 @@ class BreakerUnaryInterceptor(_BreakerGate, grpc.aio.UnaryUnaryClientInterceptor
 
 
 class BreakerStreamInterceptor(_BreakerGate, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
+    async def intercept_unary_stream(
+        self, continuation: Callable, client_call_details: Any, request: Any
+    ) -> Any:
         permit = self._permit()
         try:
             call = await continuation(client_call_details, request)

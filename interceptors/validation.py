@@ -77,11 +77,15 @@ class RequestRules:
 
     # -- shared pieces --------------------------------------------------------------
 
-    def _text(self, out: Violations, field: str, value: str, *, required: bool, max_chars: int) -> None:
+    def _text(
+        self, out: Violations, field: str, value: str, *, required: bool, max_chars: int
+    ) -> None:
         if required and not value.strip():
             out.append(FieldViolation(field, "must not be empty"))
         elif len(value) > max_chars:
-            out.append(FieldViolation(field, f"must be at most {max_chars} characters, got {len(value)}"))
+            out.append(
+                FieldViolation(field, f"must be at most {max_chars} characters, got {len(value)}")
+            )
 
     def _id(self, out: Violations, field: str, value: str) -> None:
         max_chars = self.limits.max_id_chars
@@ -100,14 +104,26 @@ class RequestRules:
         if not 0.0 <= o.top_p <= 1.0:
             out.append(FieldViolation("options.top_p", "must be between 0 and 1"))
         if not 0 <= o.max_tokens <= self.limits.max_tokens:
-            out.append(FieldViolation("options.max_tokens", f"must be between 0 and {self.limits.max_tokens}"))
+            out.append(
+                FieldViolation(
+                    "options.max_tokens", f"must be between 0 and {self.limits.max_tokens}"
+                )
+            )
         if len(o.stop) > self.limits.max_stop_sequences:
-            out.append(FieldViolation("options.stop", f"at most {self.limits.max_stop_sequences} stop sequences"))
+            out.append(
+                FieldViolation(
+                    "options.stop", f"at most {self.limits.max_stop_sequences} stop sequences"
+                )
+            )
         for i, stop in enumerate(o.stop):
-            self._text(out, f"options.stop[{i}]", stop, required=True, max_chars=self.limits.max_id_chars)
+            self._text(
+                out, f"options.stop[{i}]", stop, required=True, max_chars=self.limits.max_id_chars
+            )
 
     def _retrieval(self, out: Violations, request: Any) -> None:
-        self._text(out, "query", request.query, required=True, max_chars=self.limits.max_prompt_chars)
+        self._text(
+            out, "query", request.query, required=True, max_chars=self.limits.max_prompt_chars
+        )
         if not 0 <= request.top_k <= self.limits.max_top_k:
             out.append(FieldViolation("top_k", f"must be between 0 and {self.limits.max_top_k}"))
         if len(request.filters) > self.limits.max_filters:
@@ -120,7 +136,9 @@ class RequestRules:
 
     def generate(self, request: Any) -> Violations:
         out: Violations = []
-        self._text(out, "prompt", request.prompt, required=True, max_chars=self.limits.max_prompt_chars)
+        self._text(
+            out, "prompt", request.prompt, required=True, max_chars=self.limits.max_prompt_chars
+        )
         self._id(out, "model", request.model)
         self._options(out, request)
         return out
@@ -130,18 +148,39 @@ class RequestRules:
         out: Violations = []
         self._id(out, "session_id", request.session_id)
         if not request.messages and not request.user_message.strip():
-            out.append(FieldViolation("messages", "the conversation is empty: send messages or user_message"))
+            out.append(
+                FieldViolation(
+                    "messages", "the conversation is empty: send messages or user_message"
+                )
+            )
         if len(request.messages) > limits.max_messages:
             out.append(FieldViolation("messages", f"at most {limits.max_messages} messages"))
         total = len(request.user_message)
         for i, message in enumerate(request.messages[: limits.max_messages]):
             if message.role not in _ROLES:
                 out.append(FieldViolation(f"messages[{i}].role", f"must be {_ROLE_NAMES}"))
-            self._text(out, f"messages[{i}].content", message.content, required=True, max_chars=limits.max_message_chars)
+            self._text(
+                out,
+                f"messages[{i}].content",
+                message.content,
+                required=True,
+                max_chars=limits.max_message_chars,
+            )
             total += len(message.content)
-        self._text(out, "user_message", request.user_message, required=False, max_chars=limits.max_message_chars)
+        self._text(
+            out,
+            "user_message",
+            request.user_message,
+            required=False,
+            max_chars=limits.max_message_chars,
+        )
         if total > limits.max_total_chars:
-            out.append(FieldViolation("messages", f"the conversation must be at most {limits.max_total_chars} characters"))
+            out.append(
+                FieldViolation(
+                    "messages",
+                    f"the conversation must be at most {limits.max_total_chars} characters",
+                )
+            )
         self._id(out, "model", request.model)
         self._options(out, request)
         return out
@@ -165,7 +204,11 @@ class RequestRules:
             out.append(FieldViolation("agent_type", f"must be {_AGENT_TYPE_NAMES}"))
         self._text(out, "task", request.task, required=True, max_chars=limits.max_prompt_chars)
         if request.HasField("context") and request.context.ByteSize() > limits.max_context_bytes:
-            out.append(FieldViolation("context", f"must be at most {limits.max_context_bytes} bytes serialized"))
+            out.append(
+                FieldViolation(
+                    "context", f"must be at most {limits.max_context_bytes} bytes serialized"
+                )
+            )
         if len(request.tools) > limits.max_tools:
             out.append(FieldViolation("tools", f"at most {limits.max_tools} tools per run"))
         for i, tool in enumerate(request.tools[: limits.max_tools]):
@@ -181,14 +224,23 @@ class RequestRules:
         if not request.prompts:
             out.append(FieldViolation("prompts", "must hold at least one prompt"))
         elif len(request.prompts) > limits.max_batch_prompts:
-            out.append(FieldViolation("prompts", f"at most {limits.max_batch_prompts} prompts per batch"))
+            out.append(
+                FieldViolation("prompts", f"at most {limits.max_batch_prompts} prompts per batch")
+            )
         total = 0
         for i, prompt in enumerate(request.prompts[: limits.max_batch_prompts]):
             # An empty prompt is that item's own failure (the batch reports it per item).
-            self._text(out, f"prompts[{i}]", prompt, required=False, max_chars=limits.max_prompt_chars)
+            self._text(
+                out, f"prompts[{i}]", prompt, required=False, max_chars=limits.max_prompt_chars
+            )
             total += len(prompt)
         if total > limits.max_total_chars:
-            out.append(FieldViolation("prompts", f"the prompts must be at most {limits.max_total_chars} characters together"))
+            out.append(
+                FieldViolation(
+                    "prompts",
+                    f"the prompts must be at most {limits.max_total_chars} characters together",
+                )
+            )
         self._id(out, "model", request.model)
         self._options(out, request)
         return out
@@ -197,14 +249,18 @@ class RequestRules:
 def invalid_request(violations: Violations) -> InvalidArgument:
     first = violations[0]
     more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
-    return InvalidArgument(f"invalid request: {first.field} {first.description}{more}", field_violations=violations)
+    return InvalidArgument(
+        f"invalid request: {first.field} {first.description}{more}", field_violations=violations
+    )
 
 
 class ValidationInterceptor(AsyncServerInterceptor):
     def __init__(self, validators: dict[str, Validator]) -> None:
         self._validators = validators
 
-    async def intercept(self, method: Callable[..., Any], request: Any, context: Any, method_name: str) -> Any:
+    async def intercept(
+        self, method: Callable[..., Any], request: Any, context: Any, method_name: str
+    ) -> Any:
         validator = self._validators.get(method_name)
         if validator is not None:
             violations = validator(request)

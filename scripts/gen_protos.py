@@ -44,7 +44,9 @@ def copy_third_party() -> None:
     for rel in GOOGLEAPIS:
         src = src_root / rel
         if not src.exists():
-            raise SystemExit(f"gen_protos: {rel} not found in googleapis-common-protos at {src_root}")
+            raise SystemExit(
+                f"gen_protos: {rel} not found in googleapis-common-protos at {src_root}"
+            )
         dst = THIRD_PARTY / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)

@@ -29,4 +29,6 @@ class ProxyAdmin(admin_grpc.ProxyAdminServiceServicer):
             )
             for ep in self._pool.endpoints.values()
         ]
-        return admin_pb.ListEndpointsResponse(endpoints=endpoints, usable_count=self._pool.usable_count)
+        return admin_pb.ListEndpointsResponse(
+            endpoints=endpoints, usable_count=self._pool.usable_count
+        )

@@ -20,17 +20,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
-from server.chain import client_interceptors, server_interceptors
 from core.errors import Reason
-from interceptors.overload import BacklogLimit, OverloadGate
-from server.admin import ADMIN_SERVICE_NAME, ProxyAdmin
-from server.backlog import BacklogProbe
+from core.logs import log_event, print_ready
 from core.service import SERVICE_NAME, agent_service
 from core.settings import ServerSettings, Settings, parse_hostport
+from interceptors.overload import BacklogLimit, OverloadGate
+from server import tls
+from server.admin import ADMIN_SERVICE_NAME, ProxyAdmin
+from server.backlog import BacklogProbe
+from server.chain import client_interceptors, server_interceptors
 from server.forwarding import Forwarder
 from server.health import ProxyHealth
-from server import tls
-from core.logs import log_event, print_ready
 from server.telemetry import Telemetry
 from server.upstream import UpstreamPool
 
@@ -79,7 +79,9 @@ class ProxyServer:
             breaker_settings=settings.breaker,
             client_interceptors=functools.partial(client_interceptors, telemetry=self.telemetry),
             credentials=tls.channel_credentials(settings.tls.upstream),
-            extra_channel_options=tls.channel_options(settings.tls.upstream, settings.upstream.endpoints),
+            extra_channel_options=tls.channel_options(
+                settings.tls.upstream, settings.upstream.endpoints
+            ),
         )
         self.telemetry.watch_pool(self.pool)
         self.health = ProxyHealth(self.pool)
@@ -114,7 +116,9 @@ class ProxyServer:
         s = self.settings.server
         # The probe calls the plaintext listener; with TLS the gate keeps its fixed limit.
         if s.overload_wait_target_ms and not self.settings.tls.server.enabled:
-            self._backlog_limit = BacklogLimit(capacity, s.overload_min_active_calls, s.overload_wait_target_ms / 1000)
+            self._backlog_limit = BacklogLimit(
+                capacity, s.overload_min_active_calls, s.overload_wait_target_ms / 1000
+            )
         return [
             OverloadGate(
                 [p for p, streaming in paths.items() if not streaming],
@@ -139,7 +143,9 @@ class ProxyServer:
         forwarder = self.forwarder
         self._background = [
             asyncio.create_task(probe.run(), name="backlog-probe"),
-            asyncio.create_task(limit.run(probe.delay, lambda: forwarder.active), name="backlog-limit"),
+            asyncio.create_task(
+                limit.run(probe.delay, lambda: forwarder.active), name="backlog-limit"
+            ),
         ]
 
     @property
@@ -153,7 +159,12 @@ class ProxyServer:
         # Usually an upstream reports SERVING within milliseconds; waiting for it means
         # the first calls after start-up do not fail. Health stays honest either way.
         if not await self.pool.wait_usable(self.settings.upstream.startup_wait_s):
-            log_event(log, "no_usable_upstream_at_start", level=logging.WARNING, endpoints=self.settings.upstream.endpoints)
+            log_event(
+                log,
+                "no_usable_upstream_at_start",
+                level=logging.WARNING,
+                endpoints=self.settings.upstream.endpoints,
+            )
         self.telemetry.start_metrics_server()
         server = grpc.aio.server(
             interceptors=[*self._gate(), *server_interceptors(self.settings, self.telemetry)],
@@ -186,7 +197,11 @@ class ProxyServer:
             "proxy_started",
             address=self.address,
             upstreams=self.settings.upstream.endpoints,
-            tls="mtls" if self.settings.tls.server.client_ca_file else "tls" if credentials else "plaintext",
+            tls="mtls"
+            if self.settings.tls.server.client_ca_file
+            else "tls"
+            if credentials
+            else "plaintext",
             upstream_tls=self.settings.tls.upstream.active,
             auth=self.settings.auth.active,
         )
@@ -254,7 +269,9 @@ GC_CHECK_S = 10.0
 GC_FULL_AFTER = 10
 
 
-async def collect_garbage_periodically(check_s: float = GC_CHECK_S, full_after: int = GC_FULL_AFTER) -> None:
+async def collect_garbage_periodically(
+    check_s: float = GC_CHECK_S, full_after: int = GC_FULL_AFTER
+) -> None:
     """With tune_gc's thresholds a full collection waits for 100 collections of generation 1,
     i.e. tens of millions of allocations: garbage in reference cycles (what a storm of
     cancelled calls leaves: exceptions, tracebacks, frames, call state) can pile up
@@ -278,7 +295,11 @@ async def run_proxy(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    extra = {"metrics_address": proxy.telemetry.metrics_address} if proxy.telemetry.metrics_address else {}
+    extra = (
+        {"metrics_address": proxy.telemetry.metrics_address}
+        if proxy.telemetry.metrics_address
+        else {}
+    )
     print_ready("proxy", proxy.address, **extra)
     collector = asyncio.create_task(collect_garbage_periodically(), name="gc-safety-net")
     await stop.wait()

@@ -27,7 +27,12 @@ PROBE_PATH: Final = "/aiproxy.internal.v1.Backlog/Probe"
 
 class BacklogProbe:
     def __init__(
-        self, target: str, *, interval_s: float = 0.1, timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+        self,
+        target: str,
+        *,
+        interval_s: float = 0.1,
+        timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._target = target
         self.interval_s = interval_s
@@ -47,7 +52,9 @@ class BacklogProbe:
         """Probe until cancelled."""
         clock = self._clock
         # Its own connection (not shared with any other channel to this address).
-        async with grpc.aio.insecure_channel(self._target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        async with grpc.aio.insecure_channel(
+            self._target, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
             probe = channel.unary_unary(PROBE_PATH)
             while True:
                 self._sent_at = clock()

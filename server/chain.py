@@ -46,9 +46,14 @@ from __future__ import annotations
 
 import grpc
 
+from core.service import agent_service
+from core.settings import Settings
 from interceptors.auth import AuthInterceptor
 from interceptors.breaker import CircuitBreaker
-from interceptors.client_observability import client_metrics_interceptors, client_tracing_interceptors
+from interceptors.client_observability import (
+    client_metrics_interceptors,
+    client_tracing_interceptors,
+)
 from interceptors.deadline import DeadlineInterceptor, DeadlineLimit, EndMargin, MethodDeadlines
 from interceptors.error_handling import ErrorInterceptor
 from interceptors.limits import LimitsInterceptor
@@ -56,8 +61,6 @@ from interceptors.observability import ObservabilityInterceptor
 from interceptors.request_context import RequestContextInterceptor
 from interceptors.upstream_breaker import breaker_interceptors
 from interceptors.validation import RequestRules, ValidationInterceptor
-from core.service import agent_service
-from core.settings import Settings
 from server.forwarding import Forwarder
 from server.telemetry import Telemetry, server_tracing_interceptor
 
@@ -88,7 +91,9 @@ def method_deadlines(settings: Settings) -> MethodDeadlines:
     )
 
 
-def server_interceptors(settings: Settings, telemetry: Telemetry | None = None) -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(
+    settings: Settings, telemetry: Telemetry | None = None
+) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors on calls into the proxy, outermost first (see the module doc)."""
     service = agent_service()
     paths, streaming = service.paths, service.streaming_paths
@@ -103,6 +108,8 @@ def server_interceptors(settings: Settings, telemetry: Telemetry | None = None) 
     if settings.limits.enabled:
         chain.append(LimitsInterceptor(settings.limits, paths, streaming))
     if settings.validation.enabled:
-        chain.append(ValidationInterceptor(RequestRules(settings.validation).for_service(service.descriptor)))
+        chain.append(
+            ValidationInterceptor(RequestRules(settings.validation).for_service(service.descriptor))
+        )
     chain.append(DeadlineInterceptor(method_deadlines(settings)))
     return chain

@@ -1,14 +1,14 @@
 """`aiproxy`: the one command line. Other tools and checks rely on these flags.
 
-  aiproxy agent --listen HOST:PORT [--enable-faults]
-  aiproxy serve --listen HOST:PORT --upstream HOST:PORT [--upstream ...] [--config FILE]
-                [--metrics-listen HOST:PORT] [--workers N]
-  aiproxy check-config FILE
-  aiproxy health [--address HOST:PORT] [--service NAME]
-  aiproxy token --sub SUBJECT [--scope S] [--ttl SECONDS] [--secret S | --private-key FILE]
-  aiproxy api-key --name NAME [--key RAW] [--scope S]
-  aiproxy envoy --listen HOST:PORT --proxy HOST:PORT [--proxy ...]
-  aiproxy demo
+aiproxy agent --listen HOST:PORT [--enable-faults]
+aiproxy serve --listen HOST:PORT --upstream HOST:PORT [--upstream ...] [--config FILE]
+              [--metrics-listen HOST:PORT] [--workers N]
+aiproxy check-config FILE
+aiproxy health [--address HOST:PORT] [--service NAME]
+aiproxy token --sub SUBJECT [--scope S] [--ttl SECONDS] [--secret S | --private-key FILE]
+aiproxy api-key --name NAME [--key RAW] [--scope S]
+aiproxy envoy --listen HOST:PORT --proxy HOST:PORT [--proxy ...]
+aiproxy demo
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from core import logs
-from server import workers
 from core.settings import ConfigError, load_settings
+from server import workers
 
 
 def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,6 +76,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     from server.probe import run
 
     return run(args.address, args.service, args.timeout)
+
+
 def cmd_envoy(args: argparse.Namespace) -> int:
     from server import edge
 
@@ -98,18 +100,29 @@ def _run(coro: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aiproxy", description="gRPC-native middle tier for AI agent services")
+    parser = argparse.ArgumentParser(
+        prog="aiproxy", description="gRPC-native middle tier for AI agent services"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--listen", help="HOST:PORT for the gRPC listener (default 127.0.0.1:50051)")
-    serve.add_argument("--upstream", action="append", metavar="HOST:PORT", help="agent endpoint (repeatable)")
+    serve.add_argument(
+        "--upstream", action="append", metavar="HOST:PORT", help="agent endpoint (repeatable)"
+    )
     serve.add_argument("--config", metavar="FILE", help="YAML configuration file")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument(
-        "--metrics-listen", metavar="HOST:PORT", help="Prometheus /metrics listener (default 127.0.0.1:9091)"
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="Prometheus /metrics listener (default 127.0.0.1:9091)",
     )
-    serve.add_argument("--workers", type=int, metavar="N", help="N proxy processes sharing the port (SO_REUSEPORT; default 1)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="N proxy processes sharing the port (SO_REUSEPORT; default 1)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     agent = sub.add_parser("agent", help="run the reference AI agent service (the upstream)")
@@ -118,13 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     agent_cli.add_arguments(agent)
     agent.set_defaults(func=cmd_agent)
 
-    check = sub.add_parser("check-config", help="validate a config file and print the effective settings")
+    check = sub.add_parser(
+        "check-config", help="validate a config file and print the effective settings"
+    )
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
 
-    health = sub.add_parser("health", help="probe a grpc.health.v1 service: exit 0 if SERVING (container health checks)")
+    health = sub.add_parser(
+        "health", help="probe a grpc.health.v1 service: exit 0 if SERVING (container health checks)"
+    )
     health.add_argument("--address", default="127.0.0.1:50051", metavar="HOST:PORT")
-    health.add_argument("--service", default="", help='service name ("" = the server as a whole; "liveness" = the process)')
+    health.add_argument(
+        "--service",
+        default="",
+        help='service name ("" = the server as a whole; "liveness" = the process)',
+    )
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     health.set_defaults(func=cmd_health)
 
@@ -142,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     api_key = sub.add_parser("api-key", help="make an API key and the config entry with its hash")
     devtoken.add_api_key_arguments(api_key)
     api_key.set_defaults(func=devtoken.run_api_key)
-    envoy = sub.add_parser("envoy", help="run Envoy (HTTP/JSON, SSE, the browser page) in front of proxy replicas")
+    envoy = sub.add_parser(
+        "envoy", help="run Envoy (HTTP/JSON, SSE, the browser page) in front of proxy replicas"
+    )
     from server import edge
 
     edge.add_arguments(envoy)

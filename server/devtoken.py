@@ -44,14 +44,22 @@ Through Envoy, send the same header; without it the answer is 401.
 
 
 def add_token_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sub", required=True, help="the subject: the caller's identity and rate-limit key")
+    parser.add_argument(
+        "--sub", required=True, help="the subject: the caller's identity and rate-limit key"
+    )
     parser.add_argument("--scope", default="", help='space-separated scopes, e.g. "agent:execute"')
-    parser.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (default 3600)")
+    parser.add_argument(
+        "--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (default 3600)"
+    )
     parser.add_argument("--aud", action="append", default=[], help="audience (repeatable)")
     parser.add_argument("--iss", help="issuer")
     parser.add_argument("--secret", help=f"HS256 secret (default: ${SECRET_ENV})")
-    parser.add_argument("--private-key", metavar="FILE", help="PEM private key: sign with --alg instead")
-    parser.add_argument("--alg", default=None, help="algorithm (default HS256, or RS256/ES256 by key type)")
+    parser.add_argument(
+        "--private-key", metavar="FILE", help="PEM private key: sign with --alg instead"
+    )
+    parser.add_argument(
+        "--alg", default=None, help="algorithm (default HS256, or RS256/ES256 by key type)"
+    )
     parser.add_argument("--kid", help="key id header (matches a key of the proxy's JWKS file)")
 
 
@@ -69,12 +77,16 @@ def run_token(args: argparse.Namespace) -> int:
         claims["iss"] = args.iss
     headers = {"kid": args.kid} if args.kid else None
     if args.private_key:
-        key: Any = serialization.load_pem_private_key(pathlib.Path(args.private_key).read_bytes(), password=None)
+        key: Any = serialization.load_pem_private_key(
+            pathlib.Path(args.private_key).read_bytes(), password=None
+        )
         alg = args.alg or _default_alg(key)
     else:
         secret = args.secret or os.environ.get(SECRET_ENV)
         if not secret:
-            print(f"aiproxy token: give --secret, --private-key, or set {SECRET_ENV}", file=sys.stderr)
+            print(
+                f"aiproxy token: give --secret, --private-key, or set {SECRET_ENV}", file=sys.stderr
+            )
             return 2
         key, alg = secret, args.alg or "HS256"
     try:
@@ -97,7 +109,9 @@ def _default_alg(key: Any) -> str:
 def add_api_key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True, help="a name for the key (config only)")
     parser.add_argument("--key", help="hash this key instead of generating one")
-    parser.add_argument("--scope", action="append", default=[], help="scope the key grants (repeatable)")
+    parser.add_argument(
+        "--scope", action="append", default=[], help="scope the key grants (repeatable)"
+    )
 
 
 def run_api_key(args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from core.settings import parse_hostport
 from core.logs import log_event
+from core.settings import parse_hostport
 
 log = logging.getLogger("aiproxy.discovery")
 
@@ -77,14 +77,23 @@ class Discovery:
         for host, port in self._entries:
             if _is_ip(host) or host == "localhost":
                 # localhost stays a name: grpc resolves it (v4 or v6) itself.
-                addresses.append(format_address(host, port) if host != "localhost" else f"localhost:{port}")
+                addresses.append(
+                    format_address(host, port) if host != "localhost" else f"localhost:{port}"
+                )
                 continue
             try:
                 ips = await self._resolver(host, port)
             except (OSError, socket.gaierror) as exc:
                 # Keep the last good answer: a DNS hiccup must not empty the pool.
                 ips = self._last.get((host, port), [])
-                log_event(log, "dns_resolve_failed", level=logging.WARNING, host=host, error=str(exc), kept=len(ips))
+                log_event(
+                    log,
+                    "dns_resolve_failed",
+                    level=logging.WARNING,
+                    host=host,
+                    error=str(exc),
+                    kept=len(ips),
+                )
             if ips != self._last.get((host, port)):
                 log_event(log, "dns_resolved", host=host, port=port, addresses=ips)
             self._last[(host, port)] = ips

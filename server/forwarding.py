@@ -22,13 +22,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from interceptors.deadline import Deadline
-from core.errors import CircuitOpen, DeadlineExceeded
-from interceptors.limits import EDGE_SECRET_HEADER
-from interceptors.retry import RetryPolicy
 from core.callinfo import CallInfo, current_call
+from core.errors import CircuitOpen, DeadlineExceeded
 from core.service import SERVICE_NAME, agent_service
 from core.settings import Settings
+from interceptors.deadline import Deadline
+from interceptors.limits import EDGE_SECRET_HEADER
+from interceptors.retry import RetryPolicy
 from server.streaming import StreamPump
 from server.upstream import Endpoint, UpstreamPool
 
@@ -79,7 +79,11 @@ class Forwarder:
         self._policy = retry_policy(settings)
         # The edge's secret (limits.EDGE_SECRET_HEADER) proves a call came through Envoy;
         # it is for this proxy only, never for an agent.
-        self._drop = _HOP_METADATA | {EDGE_SECRET_HEADER} | {k.lower() for k in settings.upstream.drop_metadata}
+        self._drop = (
+            _HOP_METADATA
+            | {EDGE_SECRET_HEADER}
+            | {k.lower() for k in settings.upstream.drop_metadata}
+        )
         # Calls being forwarded now; drain waits for them, not for health Watch streams.
         self.active = 0
         self._idle = asyncio.Event()
@@ -182,7 +186,9 @@ class Forwarder:
                 tried.add(endpoint.address)
                 call.upstream = endpoint.address
                 call.attempts = attempt
-                attempt_metadata = metadata if attempt == 1 else [*metadata, (PREVIOUS_ATTEMPTS, str(attempt - 1))]
+                attempt_metadata = (
+                    metadata if attempt == 1 else [*metadata, (PREVIOUS_ATTEMPTS, str(attempt - 1))]
+                )
                 remaining = None if deadline is None else deadline.remaining()
                 endpoint.in_flight += 1
                 endpoint.total_calls += 1
@@ -221,10 +227,14 @@ class Forwarder:
 
             self._enter()
             try:
-                response = await self._within_deadline(context, call, self._deadline(context, call), attempt)
+                response = await self._within_deadline(
+                    context, call, self._deadline(context, call), attempt
+                )
             finally:
                 self._leave()
-            await context.send_initial_metadata(((REQUEST_ID, call.request_id), *call.reply_metadata))
+            await context.send_initial_metadata(
+                ((REQUEST_ID, call.request_id), *call.reply_metadata)
+            )
             return response
 
         return forward_unary
@@ -234,13 +244,17 @@ class Forwarder:
         deserialize = response_cls.FromString
         settings = self._settings.stream
 
-        async def forward_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def forward_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             call = current_call.get()
             assert call is not None, "RequestContextInterceptor must run first"
             deadline = self._deadline(context, call)
             end_at = None if deadline is None else deadline.expires_at
 
-            async def attempt(endpoint: Endpoint, metadata: list, timeout: float | None) -> tuple[Any, Any, Endpoint]:
+            async def attempt(
+                endpoint: Endpoint, metadata: list, timeout: float | None
+            ) -> tuple[Any, Any, Endpoint]:
                 upstream = endpoint.unary_stream(path, serialize, deserialize)(
                     request, metadata=metadata, timeout=timeout
                 )
@@ -259,14 +273,18 @@ class Forwarder:
 
             self._enter()
             try:
-                first, chunks, endpoint = await self._within_deadline(context, call, deadline, attempt)
+                first, chunks, endpoint = await self._within_deadline(
+                    context, call, deadline, attempt
+                )
             except BaseException:
                 self._leave()
                 raise
             try:
                 if first is None:
                     return
-                await context.send_initial_metadata(((REQUEST_ID, call.request_id), *call.reply_metadata))
+                await context.send_initial_metadata(
+                    ((REQUEST_ID, call.request_id), *call.reply_metadata)
+                )
                 call.first_chunk_s = time.monotonic() - call.started
                 call.chunks = 1
                 yield first
@@ -279,4 +297,3 @@ class Forwarder:
                 await chunks.aclose()
 
         return forward_stream
-

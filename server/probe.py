@@ -19,7 +19,9 @@ async def check(address: str, service: str = "", timeout_s: float = 3.0) -> tupl
     async with grpc.aio.insecure_channel(address) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s, wait_for_ready=True
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout_s,
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
             return 2, f"{address} {service or '(server)'}: {exc.code().name}: {exc.details()}"

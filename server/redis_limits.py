@@ -216,22 +216,30 @@ end
 """
 
 # KEYS: bucket. ARGV: rate_per_s, burst, n.
-_RATE_LUA: Final = _LIB_LUA + """
+_RATE_LUA: Final = (
+    _LIB_LUA
+    + """
 local now = clock()
 return take_rate(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), now)
 """
+)
 
 # KEYS: stream set. ARGV: limit, ttl_ms, member. Acquire and renew are this one script.
-_LEASE_LUA: Final = _LIB_LUA + """
+_LEASE_LUA: Final = (
+    _LIB_LUA
+    + """
 local now = clock()
 if not lease_room(KEYS[1], tonumber(ARGV[1]), ARGV[3], now) then return 0 end
 lease_add(KEYS[1], tonumber(ARGV[2]), ARGV[3], now)
 return 1
 """
+)
 
 # KEYS: tpm bucket, day counter prefix, reservation. ARGV: amount, per_minute, per_day
 # (0 = not enforced), reservation ttl ms.
-_RESERVE_LUA: Final = _LIB_LUA + """
+_RESERVE_LUA: Final = (
+    _LIB_LUA
+    + """
 local amount, pm, pd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now, sec = clock()
 local s = tokens_check(KEYS[1], KEYS[2], amount, pm, pd, now, sec)
@@ -240,11 +248,15 @@ if s.minute_wait == 0 and s.day_wait == 0 then
 end
 return tokens_row(s, pm, pd)
 """
+)
 
 # KEYS: tpm bucket, day counter prefix, reservation. ARGV: actual, per_minute, per_day.
-_SETTLE_LUA: Final = _LIB_LUA + """
+_SETTLE_LUA: Final = (
+    _LIB_LUA
+    + """
 return settle(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 """
+)
 
 # One round trip per admission. The request token is taken first (a refused call still
 # counts as a request, so retrying a refused stream in a loop is rate limited); the stream
@@ -253,7 +265,9 @@ return settle(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]), t
 # ARGV: rate_per_s, burst, n, stream limit (0 = no lease), lease ttl ms, lease member,
 #       amount, per_minute, per_day (0 = not enforced; both 0 = no reservation), rsv ttl ms.
 # Returns {outcome (0 admitted, 1 rate, 2 streams, 3 tokens), rate row, tokens row or 0}.
-_ADMIT_LUA: Final = _LIB_LUA + """
+_ADMIT_LUA: Final = (
+    _LIB_LUA
+    + """
 local now, sec = clock()
 local rate = take_rate(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), now)
 if rate[1] == 0 then return {1, rate, 0} end
@@ -271,17 +285,21 @@ end
 if limit > 0 then lease_add(KEYS[2], tonumber(ARGV[5]), ARGV[6], now) end
 return {0, rate, row}
 """
+)
 
 # The end of a call: release its lease (member '' = none) and settle its reservation
 # (reservation key '' = none), one round trip.
 # KEYS: stream set, tpm bucket, day prefix, reservation. ARGV: member, actual, pm, pd.
-_FINISH_LUA: Final = _LIB_LUA + """
+_FINISH_LUA: Final = (
+    _LIB_LUA
+    + """
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 if KEYS[4] ~= '' then
   settle(KEYS[2], KEYS[3], KEYS[4], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
 end
 return 1
 """
+)
 
 
 def client_from_url(url: str, *, connect_timeout_s: float = 1.0, **kwargs: Any) -> aioredis.Redis:
@@ -567,9 +585,7 @@ class RedisLimitStore:
                     (f"{self._prefix}rate:{key}",),
                     (repr(spec.rate_per_s), spec.burst, n),
                 )
-                return Decision(
-                    allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, spec.burst
-                )
+                return Decision(allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, spec.burst)
             except _FAILURES as exc:
                 self._degrade(exc)
         if self.policy == "fail_closed":
@@ -774,9 +790,16 @@ class RedisLimitStore:
                         f"{p}rsv:{uid}",
                     ),
                     (
-                        repr(spec.rate_per_s), spec.burst, 1,
-                        stream_limit, self._lease_ttl_ms, uid,
-                        tokens, limits.per_minute or 0, limits.per_day or 0, self._rsv_ttl_ms,
+                        repr(spec.rate_per_s),
+                        spec.burst,
+                        1,
+                        stream_limit,
+                        self._lease_ttl_ms,
+                        uid,
+                        tokens,
+                        limits.per_minute or 0,
+                        limits.per_day or 0,
+                        self._rsv_ttl_ms,
                     ),  # fmt: skip
                 )
             except _FAILURES as exc:

@@ -42,7 +42,9 @@ class StreamIdle(DeadlineExceeded):
     """The upstream sent nothing for the configured idle time."""
 
     def __init__(self, idle_s: float) -> None:
-        super().__init__(f"upstream sent nothing for {idle_s:g} s", metadata={"idle_timeout_s": f"{idle_s:g}"})
+        super().__init__(
+            f"upstream sent nothing for {idle_s:g} s", metadata={"idle_timeout_s": f"{idle_s:g}"}
+        )
         self.idle_s = idle_s
 
 
@@ -64,7 +66,11 @@ class StreamPump:
     """
 
     def __init__(
-        self, upstream_call: Any, response_cls: type, settings: StreamSettings, end_at: float | None = None
+        self,
+        upstream_call: Any,
+        response_cls: type,
+        settings: StreamSettings,
+        end_at: float | None = None,
     ) -> None:
         self._call = upstream_call
         self._cls = response_cls
@@ -138,7 +144,9 @@ class StreamPump:
         finally:
             await self.aclose()
 
-    async def _wait(self, last_upstream: float, last_sent: float, heartbeat_s: float, idle_s: float) -> Any:
+    async def _wait(
+        self, last_upstream: float, last_sent: float, heartbeat_s: float, idle_s: float
+    ) -> Any:
         """Next queue item, or None when a heartbeat is due; StreamIdle past idle_s,
         StreamDeadline at the call's deadline."""
         idle_deadline = last_upstream + idle_s

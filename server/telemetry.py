@@ -27,13 +27,13 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from core.metrics import GrpcClientMetrics, GrpcServerMetrics, ProxyMetrics, untraced_services
-
-from interceptors.breaker import BreakerState
-from core.settings import Settings, TracingSettings, parse_hostport
 from core.logs import log_event
+from core.metrics import GrpcClientMetrics, GrpcServerMetrics, ProxyMetrics, untraced_services
+from core.settings import Settings, TracingSettings, parse_hostport
+from interceptors.breaker import BreakerState
 
 log = logging.getLogger("aiproxy.telemetry")
+
 
 class Telemetry:
     """What one proxy process exports: metrics (always), traces (when configured)."""
@@ -46,7 +46,11 @@ class Telemetry:
         self.proxy = ProxyMetrics(self.registry)
         self.access_log = settings.log.access
         # A provider passed in (tests: an in-memory exporter) wins over the settings.
-        self.tracer_provider = tracer_provider if tracer_provider is not None else build_tracer_provider(settings.tracing)
+        self.tracer_provider = (
+            tracer_provider
+            if tracer_provider is not None
+            else build_tracer_provider(settings.tracing)
+        )
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
         self.metrics_address: str | None = None
@@ -133,7 +137,9 @@ def build_tracer_provider(settings: TracingSettings) -> Any | None:
     )
     exporter: Any
     if settings.exporter == "console":
-        exporter = ConsoleSpanExporter(out=sys.stderr, formatter=lambda span: span.to_json(indent=None) + "\n")
+        exporter = ConsoleSpanExporter(
+            out=sys.stderr, formatter=lambda span: span.to_json(indent=None) + "\n"
+        )
     else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

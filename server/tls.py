@@ -51,7 +51,9 @@ def channel_credentials(settings: UpstreamTlsSettings) -> grpc.ChannelCredential
     )
 
 
-def expected_server_name(settings: UpstreamTlsSettings, endpoints: Sequence[str] = ()) -> str | None:
+def expected_server_name(
+    settings: UpstreamTlsSettings, endpoints: Sequence[str] = ()
+) -> str | None:
     """The name the upstreams' certificates must carry, if not the address dialled.
 
     Discovery dials the IP addresses a DNS name resolves to, so without an explicit
@@ -71,7 +73,9 @@ def expected_server_name(settings: UpstreamTlsSettings, endpoints: Sequence[str]
     return names.pop() if len(names) == 1 else None
 
 
-def channel_options(settings: UpstreamTlsSettings, endpoints: Sequence[str] = ()) -> list[tuple[str, Any]]:
+def channel_options(
+    settings: UpstreamTlsSettings, endpoints: Sequence[str] = ()
+) -> list[tuple[str, Any]]:
     """Channel options TLS needs: the expected server name (see expected_server_name)."""
     if not settings.active:
         return []

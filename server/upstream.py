@@ -32,12 +32,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from interceptors.breaker import BreakerState, CircuitBreaker
-from core.errors import UNAVAILABLE_RETRY_DELAY_S, CircuitOpen, ProxyError, UpstreamUnavailable
 from core.callinfo import current_call
-from core.settings import BreakerSettings, UpstreamSettings
-from server.discovery import Discovery, Resolver, system_resolver
+from core.errors import UNAVAILABLE_RETRY_DELAY_S, CircuitOpen, ProxyError, UpstreamUnavailable
 from core.logs import log_event
+from core.settings import BreakerSettings, UpstreamSettings
+from interceptors.breaker import BreakerState, CircuitBreaker
+from server.discovery import Discovery, Resolver, system_resolver
 
 log = logging.getLogger("aiproxy.upstream")
 
@@ -46,6 +46,7 @@ def _current_caller() -> str:
     """The caller key of the call being forwarded (the breaker counts distinct callers)."""
     call = current_call.get()
     return call.caller if call is not None else ""
+
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 # The longest a call may still run on an endpoint removed from the pool (the agent-run
@@ -101,7 +102,9 @@ class _Tracked:
 def _unavailable(why: str) -> grpc.aio.AioRpcError:
     """The error a call failed by the pool ends with: what grpc itself reports for a
     connection that died (UNAVAILABLE), so retries and the error shape treat it alike."""
-    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=why)
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=why
+    )
 
 
 class CallsInFlight:
@@ -154,7 +157,9 @@ class _TrackUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, calls: CallsInFlight) -> None:
         self._calls = calls
 
-    async def intercept_unary_unary(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
+    async def intercept_unary_unary(
+        self, continuation: Callable, client_call_details: Any, request: Any
+    ) -> Any:
         call = await continuation(client_call_details, request)
         entry = self._calls._track(call)
         try:
@@ -171,7 +176,9 @@ class _TrackStream(grpc.aio.UnaryStreamClientInterceptor):
     def __init__(self, calls: CallsInFlight) -> None:
         self._calls = calls
 
-    async def intercept_unary_stream(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
+    async def intercept_unary_stream(
+        self, continuation: Callable, client_call_details: Any, request: Any
+    ) -> Any:
         call = await continuation(client_call_details, request)
         return self._relay(call, self._calls._track(call))
 
@@ -208,7 +215,10 @@ class Endpoint:
         self.calls = CallsInFlight(on_unavailable=self._probe_now.set)
         options = [*channel_options(settings), *extra_options]
         chain = [*self.calls.interceptors(), *interceptors]
-        self.channels = [self._channel(options, chain, credentials) for _ in range(settings.channels_per_endpoint)]
+        self.channels = [
+            self._channel(options, chain, credentials)
+            for _ in range(settings.channels_per_endpoint)
+        ]
         # Health and liveness: their own connection, no interceptors (no breaker, no
         # client metrics: probes are not traffic).
         self.health_channel = self._channel(options, [], credentials)
@@ -230,7 +240,9 @@ class Endpoint:
     ) -> grpc.aio.Channel:
         if credentials is None:
             return grpc.aio.insecure_channel(self.address, options=options, interceptors=chain)
-        return grpc.aio.secure_channel(self.address, credentials, options=options, interceptors=chain)
+        return grpc.aio.secure_channel(
+            self.address, credentials, options=options, interceptors=chain
+        )
 
     @property
     def healthy(self) -> bool:
@@ -240,22 +252,30 @@ class Endpoint:
     @property
     def usable(self) -> bool:
         """New calls may come here: healthy, and its breaker is not open."""
-        return self.healthy and (self.breaker is None or self.breaker.state is not BreakerState.OPEN)
+        return self.healthy and (
+            self.breaker is None or self.breaker.state is not BreakerState.OPEN
+        )
 
     def breaker_changed(self) -> None:
         self._on_change(self)
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._supervise("health", self._follow_health), name=f"health:{self.address}"),
-            asyncio.create_task(self._supervise("liveness", self._probe_liveness), name=f"liveness:{self.address}"),
+            asyncio.create_task(
+                self._supervise("health", self._follow_health), name=f"health:{self.address}"
+            ),
+            asyncio.create_task(
+                self._supervise("liveness", self._probe_liveness), name=f"liveness:{self.address}"
+            ),
         ]
 
     async def close(self, grace: float | None = None) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(channel.close(grace) for channel in self.channels), self.health_channel.close())
+        await asyncio.gather(
+            *(channel.close(grace) for channel in self.channels), self.health_channel.close()
+        )
 
     def _channel_index(self) -> int:
         index = self._next_channel
@@ -268,7 +288,10 @@ class Endpoint:
         callable_ = self._callables.get(key)
         if callable_ is None:
             callable_ = self.channels[key[2]].unary_unary(
-                path, request_serializer=serializer, response_deserializer=deserializer, _registered_method=True
+                path,
+                request_serializer=serializer,
+                response_deserializer=deserializer,
+                _registered_method=True,
             )
             self._callables[key] = callable_
         return callable_
@@ -278,7 +301,10 @@ class Endpoint:
         callable_ = self._callables.get(key)
         if callable_ is None:
             callable_ = self.channels[key[2]].unary_stream(
-                path, request_serializer=serializer, response_deserializer=deserializer, _registered_method=True
+                path,
+                request_serializer=serializer,
+                response_deserializer=deserializer,
+                _registered_method=True,
             )
             self._callables[key] = callable_
         return callable_
@@ -315,8 +341,12 @@ class Endpoint:
             return
         self.live = live
         log_event(
-            log, "upstream_liveness", level=logging.INFO if live else logging.WARNING,
-            address=self.address, live=live, why=why,
+            log,
+            "upstream_liveness",
+            level=logging.INFO if live else logging.WARNING,
+            address=self.address,
+            live=live,
+            why=why,
         )
         self._recovered_if_healthy()
         self._on_change(self)
@@ -338,7 +368,14 @@ class Endpoint:
                 why = type(exc).__name__
             if what == "health":
                 self._set_serving(False, f"health following restarts: {why}")
-            log_event(log, "upstream_task_restart", level=logging.WARNING, address=self.address, task=what, why=why)
+            log_event(
+                log,
+                "upstream_task_restart",
+                level=logging.WARNING,
+                address=self.address,
+                task=what,
+                why=why,
+            )
             if loop.time() - started > high:
                 backoff = low  # it had been running fine: restart quickly
             await asyncio.sleep(backoff)
@@ -409,7 +446,11 @@ class Endpoint:
                     failed = self.calls.fail_all("upstream stopped answering")
                     if failed:
                         log_event(
-                            log, "upstream_calls_failed", level=logging.WARNING, address=self.address, calls=failed
+                            log,
+                            "upstream_calls_failed",
+                            level=logging.WARNING,
+                            address=self.address,
+                            calls=failed,
                         )
                     continue
                 if code is grpc.StatusCode.UNAVAILABLE:
@@ -426,7 +467,9 @@ class UpstreamPool:
         settings: UpstreamSettings,
         *,
         breaker_settings: BreakerSettings | None = None,
-        client_interceptors: Callable[[CircuitBreaker | None], Sequence[grpc.aio.ClientInterceptor]] = lambda _b: (),
+        client_interceptors: Callable[
+            [CircuitBreaker | None], Sequence[grpc.aio.ClientInterceptor]
+        ] = lambda _b: (),
         rng: random.Random | None = None,
         resolver: Resolver | None = None,
         credentials: grpc.ChannelCredentials | None = None,
@@ -439,7 +482,10 @@ class UpstreamPool:
         self._breaker_settings = breaker_settings
         self._client_interceptors = client_interceptors
         self.discovery = Discovery(
-            settings.endpoints, self.set_addresses, refresh_s=settings.dns_refresh_s, resolver=resolver or system_resolver
+            settings.endpoints,
+            self.set_addresses,
+            refresh_s=settings.dns_refresh_s,
+            resolver=resolver or system_resolver,
         )
         self._rng = rng or random.Random()
         self.endpoints: dict[str, Endpoint] = {}
@@ -554,13 +600,17 @@ class UpstreamPool:
                 "every healthy upstream's circuit breaker is open",
                 retry_delay_s=min(b.retry_after_s() for b in open_breakers),
             )
-        return UpstreamUnavailable("no healthy upstream endpoint", retry_delay_s=UNAVAILABLE_RETRY_DELAY_S)
+        return UpstreamUnavailable(
+            "no healthy upstream endpoint", retry_delay_s=UNAVAILABLE_RETRY_DELAY_S
+        )
 
     async def close(self) -> None:
         await self.discovery.stop()
         endpoints, self.endpoints = list(self.endpoints.values()), {}
         self._refresh()
-        await asyncio.gather(*(ep.close() for ep in endpoints), *self._retiring, return_exceptions=True)
+        await asyncio.gather(
+            *(ep.close() for ep in endpoints), *self._retiring, return_exceptions=True
+        )
 
     @property
     def usable_count(self) -> int:

@@ -25,8 +25,8 @@ import threading
 import time
 from typing import Any
 
-from core.settings import Settings, parse_hostport
 from core.logs import log_event, print_ready
+from core.settings import Settings, parse_hostport
 
 log = logging.getLogger("aiproxy.workers")
 
@@ -144,7 +144,12 @@ def supervise(settings: Settings, args: argparse.Namespace) -> int:
             argv = _replace_flag(argv, "--metrics-listen", None)  # per worker, via the environment
         for index in range(n):
             procs.append(
-                subprocess.Popen(argv, stdout=subprocess.PIPE, env=_worker_env(settings, index), preexec_fn=_die_with_parent)
+                subprocess.Popen(
+                    argv,
+                    stdout=subprocess.PIPE,
+                    env=_worker_env(settings, index),
+                    preexec_fn=_die_with_parent,
+                )
             )
         for proc in procs:
             _wait_ready(proc, deadline)

@@ -9,7 +9,6 @@ import pytest
 
 from tests.support.procs import ServiceProcess, aiproxy_argv
 
-
 # Every test client calls from 127.0.0.1, one caller key: tests that are not about
 # rate limits get a bucket they cannot empty (the limiter stays in the chain). Tests of
 # the limits pass their own AIPROXY_LIMITS__* values, which win.

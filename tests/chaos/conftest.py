@@ -90,7 +90,9 @@ class TaskProbe:
 
     @property
     def env(self) -> dict[str, str]:
-        path = os.pathsep.join(p for p in (str(self.directory), os.environ.get("PYTHONPATH", "")) if p)
+        path = os.pathsep.join(
+            p for p in (str(self.directory), os.environ.get("PYTHONPATH", "")) if p
+        )
         return {"PYTHONPATH": path, "AIPROXY_TEST_TASK_PROBE": str(self.path)}
 
     def tasks(self, fresh_after: float | None = None, timeout: float = 5.0) -> int:
@@ -104,7 +106,9 @@ class TaskProbe:
             except (FileNotFoundError, json.JSONDecodeError, KeyError):
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"the task probe wrote nothing to {self.path} (uvloop? not a Python child?)")
+                raise AssertionError(
+                    f"the task probe wrote nothing to {self.path} (uvloop? not a Python child?)"
+                )
             time.sleep(0.05)
 
 
@@ -120,7 +124,9 @@ def task_probe(tmp_path: pathlib.Path) -> Callable[[str], TaskProbe]:
 # ---- waiting and outcomes ------------------------------------------------------------------
 
 
-async def poll(check: Callable[[], Awaitable[Any] | Any], timeout: float, what: str, interval: float = 0.05) -> float:
+async def poll(
+    check: Callable[[], Awaitable[Any] | Any], timeout: float, what: str, interval: float = 0.05
+) -> float:
     """Await/call `check` until it returns something truthy; returns the seconds it took."""
     start = time.monotonic()
     while True:
@@ -148,7 +154,9 @@ def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
 
 
 async def list_endpoints(channel: grpc.aio.Channel) -> list[admin_pb.UpstreamEndpoint]:
-    reply = await admin_grpc.ProxyAdminServiceStub(channel).ListEndpoints(admin_pb.ListEndpointsRequest(), timeout=5)
+    reply = await admin_grpc.ProxyAdminServiceStub(channel).ListEndpoints(
+        admin_pb.ListEndpointsRequest(), timeout=5
+    )
     return list(reply.endpoints)
 
 

@@ -23,7 +23,9 @@ from tests.support.grpc_helpers import stub
 
 BURST_STREAMS = 2000
 BURST_CHANNELS = 50  # separate connections, as separate callers would have
-BURST_REQUEST = pb.StreamGenerateRequest(prompt="burst", options=pb.GenerationOptions(max_tokens=20))
+BURST_REQUEST = pb.StreamGenerateRequest(
+    prompt="burst", options=pb.GenerationOptions(max_tokens=20)
+)
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -35,7 +37,9 @@ async def _burst_stream(channel: grpc.aio.Channel, caller: int) -> dict:
     started = time.monotonic()
     first_at = None
     chunks = []
-    call = stub(channel).StreamGenerate(BURST_REQUEST, metadata=(("x-client-id", f"caller-{caller}"),), timeout=120)
+    call = stub(channel).StreamGenerate(
+        BURST_REQUEST, metadata=(("x-client-id", f"caller-{caller}"),), timeout=120
+    )
     try:
         async for chunk in call:
             if first_at is None:
@@ -50,7 +54,13 @@ async def _burst_stream(channel: grpc.aio.Channel, caller: int) -> dict:
                 detail.Unpack(info)
                 reason = info.reason
             retry = retry or detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR)
-        return {"code": err.code().name, "reason": reason, "retry": retry, "after_s": time.monotonic() - started, "chunks": len(chunks)}
+        return {
+            "code": err.code().name,
+            "reason": reason,
+            "retry": retry,
+            "after_s": time.monotonic() - started,
+            "chunks": len(chunks),
+        }
     return {
         "code": "OK",
         "ttfb_s": first_at - started if first_at is not None else None,
@@ -62,17 +72,23 @@ async def test_burst_past_capacity_is_refused_fast_and_never_cancelled(spawn) ->
     agent = spawn(*agent_args(token_delay_ms=10), name="agent")
     proxy = spawn(*proxy_args(agent.address), env={"AIPROXY_LOG__ACCESS": "false"}, name="proxy")
     channels = [
-        grpc.aio.insecure_channel(proxy.address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(BURST_CHANNELS)
+        grpc.aio.insecure_channel(proxy.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(BURST_CHANNELS)
     ]
     try:
         await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 30) for c in channels))
         started = time.monotonic()
         results = await asyncio.wait_for(
-            asyncio.gather(*(_burst_stream(channels[i % BURST_CHANNELS], i) for i in range(BURST_STREAMS))), timeout=150
+            asyncio.gather(
+                *(_burst_stream(channels[i % BURST_CHANNELS], i) for i in range(BURST_STREAMS))
+            ),
+            timeout=150,
         )
         wall = time.monotonic() - started
         # The proxy still serves once the burst has passed.
-        assert [c async for c in stub(channels[0]).StreamGenerate(BURST_REQUEST, timeout=30)][-1].is_final
+        assert [c async for c in stub(channels[0]).StreamGenerate(BURST_REQUEST, timeout=30)][
+            -1
+        ].is_final
     finally:
         await asyncio.gather(*(c.close() for c in channels))
 
@@ -90,7 +106,9 @@ async def test_burst_past_capacity_is_refused_fast_and_never_cancelled(spawn) ->
     assert counts[("CANCELLED", "")] == 0
     # Every refusal is the proxy's own, shaped, with a retry hint, before any chunk.
     assert all(
-        (r["code"], r["reason"], r["retry"], r["chunks"]) == ("RESOURCE_EXHAUSTED", "OVERLOADED", True, 0) for r in refused
+        (r["code"], r["reason"], r["retry"], r["chunks"])
+        == ("RESOURCE_EXHAUSTED", "OVERLOADED", True, 0)
+        for r in refused
     ), collections.Counter((r["code"], r["reason"], r["retry"]) for r in refused)
     # Admitted streams complete, with a bounded time to first chunk; refusals come fast.
     # (Generous bounds: the load generator shares the 2 cores and is slow itself.)
@@ -104,7 +122,9 @@ async def test_burst_past_capacity_is_refused_fast_and_never_cancelled(spawn) ->
 STORM_STREAMS = 1000
 STORMS = 7
 STORM_CHANNELS = 20
-STORM_REQUEST = pb.StreamGenerateRequest(prompt="storm", options=pb.GenerationOptions(max_tokens=500))
+STORM_REQUEST = pb.StreamGenerateRequest(
+    prompt="storm", options=pb.GenerationOptions(max_tokens=500)
+)
 
 
 def rss_mib(pid: int) -> float:
@@ -117,7 +137,10 @@ def rss_mib(pid: int) -> float:
 
 async def _storm(channels: list[grpc.aio.Channel]) -> int:
     """Open STORM_STREAMS streams, wait for each one's first chunk, cancel them all."""
-    calls = [stub(channels[i % len(channels)]).StreamGenerate(STORM_REQUEST, timeout=60) for i in range(STORM_STREAMS)]
+    calls = [
+        stub(channels[i % len(channels)]).StreamGenerate(STORM_REQUEST, timeout=60)
+        for i in range(STORM_STREAMS)
+    ]
 
     async def first_chunk(call) -> bool:
         try:
@@ -125,7 +148,9 @@ async def _storm(channels: list[grpc.aio.Channel]) -> int:
         except grpc.aio.AioRpcError:
             return False
 
-    opened = sum(await asyncio.wait_for(asyncio.gather(*(first_chunk(c) for c in calls)), timeout=120))
+    opened = sum(
+        await asyncio.wait_for(asyncio.gather(*(first_chunk(c) for c in calls)), timeout=120)
+    )
     for call in calls:
         call.cancel()
     return opened
@@ -141,7 +166,8 @@ async def test_memory_returns_near_baseline_after_cancel_storms(spawn) -> None:
         name="proxy",
     )
     channels = [
-        grpc.aio.insecure_channel(proxy.address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(STORM_CHANNELS)
+        grpc.aio.insecure_channel(proxy.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(STORM_CHANNELS)
     ]
     loop = asyncio.get_running_loop()
 

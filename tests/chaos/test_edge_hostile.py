@@ -49,14 +49,26 @@ GENERATE = "/api/v1/ai/generate"
 STREAM = "/api/v1/ai/generate/stream"
 
 
-def _start(started: list[ServiceProcess], argv: list[str], name: str, env: dict[str, str] | None = None) -> ServiceProcess:
+def _start(
+    started: list[ServiceProcess], argv: list[str], name: str, env: dict[str, str] | None = None
+) -> ServiceProcess:
     proc = ServiceProcess(aiproxy_argv(*argv), env=env, name=name)
     started.append(proc)
     return proc.start(timeout=60.0)
 
 
 def _envoy_argv(*proxies: str, extra: tuple[str, ...] = ()) -> list[str]:
-    argv = ["envoy", "--listen", "127.0.0.1:0", "--concurrency", "1", "--log-flush-ms", "50", "--health-interval-s", "0.5"]
+    argv = [
+        "envoy",
+        "--listen",
+        "127.0.0.1:0",
+        "--concurrency",
+        "1",
+        "--log-flush-ms",
+        "50",
+        "--health-interval-s",
+        "0.5",
+    ]
     for proxy in proxies:
         argv += ["--proxy", proxy]
     return [*argv, *extra]
@@ -69,7 +81,12 @@ def stack() -> Iterator[dict[str, ServiceProcess]]:
     started: list[ServiceProcess] = []
     try:
         agent = _start(started, agent_args(), "agent")
-        proxy = _start(started, proxy_args(agent.address), "proxy", env={**GENEROUS_LIMITS, "AIPROXY_BREAKER__ENABLED": "false"})
+        proxy = _start(
+            started,
+            proxy_args(agent.address),
+            "proxy",
+            env={**GENEROUS_LIMITS, "AIPROXY_BREAKER__ENABLED": "false"},
+        )
         envoy = _start(started, _envoy_argv(proxy.address), "envoy")
         yield {"agent": agent, "proxy": proxy, "envoy": envoy}
     finally:
@@ -88,7 +105,9 @@ def _status_body(reply: Any, http_status: int, code: int, reason: str) -> dict[s
 
 
 def _grpc_status(details_bin: str) -> status_pb2.Status:
-    return status_pb2.Status.FromString(base64.b64decode(details_bin + "=" * (-len(details_bin) % 4)))
+    return status_pb2.Status.FromString(
+        base64.b64decode(details_bin + "=" * (-len(details_bin) % 4))
+    )
 
 
 def _error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo:
@@ -106,7 +125,12 @@ def _grpc_frame(message: Any) -> bytes:
 
 
 def _curl_grpc(
-    address: str, method: str, message: Any | None, headers: list[tuple[str, str]], tmp_path: Any, http_method: str = "POST"
+    address: str,
+    method: str,
+    message: Any | None,
+    headers: list[tuple[str, str]],
+    tmp_path: Any,
+    http_method: str = "POST",
 ) -> dict[str, str]:
     """A native gRPC call over h2c by curl, whose headers we choose (grpc clients refuse to
     send a malformed grpc-timeout); returns the response headers and trailers.
@@ -166,7 +190,9 @@ BAD_GRPC_CALLS: list[tuple[str, list[tuple[str, str]]]] = [
 ]
 
 
-def test_bad_headers_from_some_callers_never_fail_the_good_ones(stack: dict[str, ServiceProcess], tmp_path: Any) -> None:
+def test_bad_headers_from_some_callers_never_fail_the_good_ones(
+    stack: dict[str, ServiceProcess], tmp_path: Any
+) -> None:
     edge = stack["envoy"].address
     channel = grpc.insecure_channel(edge)  # one long-lived native gRPC client through Envoy
     stub = agent_service_pb2_grpc.AgentServiceStub(channel)
@@ -179,56 +205,119 @@ def test_bad_headers_from_some_callers_never_fail_the_good_ones(stack: dict[str,
                 # A bad HTTP/JSON caller.
                 reply = request(edge, "POST", GENERATE, {"prompt": "bad"}, headers=bad_http)
                 body = _status_body(reply, 400, 3, "INVALID_ARGUMENT")
-                assert bad_http[0][0] in body["message"] or "repeated" in body["message"] or "-bin" in body["message"], body
+                assert (
+                    bad_http[0][0] in body["message"]
+                    or "repeated" in body["message"]
+                    or "-bin" in body["message"]
+                ), body
                 counts["bad_http"] += 1
                 # Good callers of every kind right after it, each with its own valid deadline.
-                good = request(edge, "POST", GENERATE, {"prompt": f"good {round_no}"}, headers={"grpc-timeout": "7S"})
+                good = request(
+                    edge,
+                    "POST",
+                    GENERATE,
+                    {"prompt": f"good {round_no}"},
+                    headers={"grpc-timeout": "7S"},
+                )
                 if good.status != 200 or not good.json().get("text"):
                     failures.append(f"HTTP JSON: {good.status} {good.body[:200]!r}")
-                sse = request(edge, "POST", STREAM, {"prompt": "good stream"}, headers={"grpc-timeout": "30S"})
+                sse = request(
+                    edge, "POST", STREAM, {"prompt": "good stream"}, headers={"grpc-timeout": "30S"}
+                )
                 events = sse_events(sse.body) if sse.status == 200 else []
-                if sse.status != 200 or not events or not events[-1].get("isFinal") or "error" in events[-1]:
+                if (
+                    sse.status != 200
+                    or not events
+                    or not events[-1].get("isFinal")
+                    or "error" in events[-1]
+                ):
                     failures.append(f"SSE: {sse.status} {sse.body[-200:]!r}")
-                get_sse = request(edge, "GET", STREAM + "?prompt=good%20get", headers={"grpc-timeout": "20000m"})
+                get_sse = request(
+                    edge, "GET", STREAM + "?prompt=good%20get", headers={"grpc-timeout": "20000m"}
+                )
                 if get_sse.status != 200 or not sse_events(get_sse.body)[-1].get("isFinal"):
                     failures.append(f"SSE GET: {get_sse.status} {get_sse.body[-200:]!r}")
                 if bad_grpc is not None:
                     # A bad native gRPC caller (curl over h2c).
-                    answer = _curl_grpc(edge, "Generate", None, bad_grpc[1], tmp_path, http_method=bad_grpc[0])
+                    answer = _curl_grpc(
+                        edge, "Generate", None, bad_grpc[1], tmp_path, http_method=bad_grpc[0]
+                    )
                     assert answer.get("grpc-status") == "3", answer
                     status = _grpc_status(answer["grpc-status-details-bin"])
                     assert status.code == 3 and status.message == answer["grpc-message"]
-                    assert _error_info(status).reason == "INVALID_ARGUMENT" and _error_info(status).domain == DOMAIN
+                    assert (
+                        _error_info(status).reason == "INVALID_ARGUMENT"
+                        and _error_info(status).domain == DOMAIN
+                    )
                     counts["bad_grpc"] += 1
                 try:
                     unary = stub.Generate(pb.GenerateRequest(prompt="good grpc"), timeout=10)
                     assert unary.text
-                    chunks = list(stub.StreamGenerate(pb.StreamGenerateRequest(prompt="good grpc stream"), timeout=10))
+                    chunks = list(
+                        stub.StreamGenerate(
+                            pb.StreamGenerateRequest(prompt="good grpc stream"), timeout=10
+                        )
+                    )
                     assert chunks and chunks[-1].is_final
                 except grpc.RpcError as exc:
                     failures.append(f"gRPC: {exc.code()} {exc.details()}")
                 # A good call by curl too: a fresh client with an explicit valid grpc-timeout.
-                fresh = _curl_grpc(edge, "Generate", pb.GenerateRequest(prompt="good curl"), [("grpc-timeout", "5S")], tmp_path)
+                fresh = _curl_grpc(
+                    edge,
+                    "Generate",
+                    pb.GenerateRequest(prompt="good curl"),
+                    [("grpc-timeout", "5S")],
+                    tmp_path,
+                )
                 if fresh.get("grpc-status") != "0":
                     failures.append(f"gRPC by curl: {fresh}")
                 counts["good"] += 6
     finally:
         channel.close()
     assert not failures, f"{len(failures)} of {counts['good']} good requests failed: {failures[:5]}"
-    assert counts == {"good": 6 * rounds * len(BAD_HTTP_HEADERS), "bad_http": rounds * len(BAD_HTTP_HEADERS), "bad_grpc": rounds * len(BAD_GRPC_CALLS)}
+    assert counts == {
+        "good": 6 * rounds * len(BAD_HTTP_HEADERS),
+        "bad_http": rounds * len(BAD_HTTP_HEADERS),
+        "bad_grpc": rounds * len(BAD_GRPC_CALLS),
+    }
 
 
-def test_grpc_reserved_headers_that_are_not_the_callers_are_stripped(stack: dict[str, ServiceProcess], tmp_path: Any) -> None:
+def test_grpc_reserved_headers_that_are_not_the_callers_are_stripped(
+    stack: dict[str, ServiceProcess], tmp_path: Any
+) -> None:
     edge = stack["envoy"].address
     # An HTTP caller's grpc-encoding would make the upstream expect compressed frames the
     # transcoder never sends; grpc-status in a request is meaningless: both are dropped.
-    reply = request(edge, "POST", GENERATE, {"prompt": "p"}, headers={"grpc-encoding": "gzip", "grpc-status": "13", "te": "gzip", "grpc-internal-encoding-request": "gzip"})
+    reply = request(
+        edge,
+        "POST",
+        GENERATE,
+        {"prompt": "p"},
+        headers={
+            "grpc-encoding": "gzip",
+            "grpc-status": "13",
+            "te": "gzip",
+            "grpc-internal-encoding-request": "gzip",
+        },
+    )
     assert reply.status == 200 and reply.json()["text"]
-    answer = _curl_grpc(edge, "Generate", pb.GenerateRequest(prompt="p"), [("grpc-status", "13"), ("grpc-message", "x"), ("grpc-timeout", "5S")], tmp_path)
+    answer = _curl_grpc(
+        edge,
+        "Generate",
+        pb.GenerateRequest(prompt="p"),
+        [("grpc-status", "13"), ("grpc-message", "x"), ("grpc-timeout", "5S")],
+        tmp_path,
+    )
     assert answer.get("grpc-status") == "0", answer
     # A native gRPC caller must speak gRPC: te: trailers and an application/grpc content-type.
-    answer = _curl_grpc(edge, "Generate", None, [("content-type", "application/grpc-bogus")], tmp_path)
-    assert answer.get("grpc-status") == "3" and _error_info(_grpc_status(answer["grpc-status-details-bin"])).reason == "INVALID_ARGUMENT"
+    answer = _curl_grpc(
+        edge, "Generate", None, [("content-type", "application/grpc-bogus")], tmp_path
+    )
+    assert (
+        answer.get("grpc-status") == "3"
+        and _error_info(_grpc_status(answer["grpc-status-details-bin"])).reason
+        == "INVALID_ARGUMENT"
+    )
 
 
 # ---- 2. every answer Envoy makes itself has the documented shape ------------------------------
@@ -280,9 +369,16 @@ def _post_reading_early(address: str, path: str, body: bytes, chunked: bool) -> 
 
 @pytest.mark.parametrize("size_mib", [1.5, 5, 10])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_oversized_bodies_are_413_whatever_the_framing(stack: dict[str, ServiceProcess], size_mib: float, chunked: bool) -> None:
+def test_oversized_bodies_are_413_whatever_the_framing(
+    stack: dict[str, ServiceProcess], size_mib: float, chunked: bool
+) -> None:
     body = json.dumps({"prompt": "a" * int(size_mib * 1024 * 1024)}).encode()
-    _status_body(_post_reading_early(stack["envoy"].address, GENERATE, body, chunked), 413, 3, "REQUEST_TOO_LARGE")
+    _status_body(
+        _post_reading_early(stack["envoy"].address, GENERATE, body, chunked),
+        413,
+        3,
+        "REQUEST_TOO_LARGE",
+    )
     # Just under the cap still reaches the proxy (which refuses the prompt's length itself).
     small = json.dumps({"prompt": "a" * (1024 * 1024 - 100)}).encode()
     assert _post_reading_early(stack["envoy"].address, GENERATE, small, chunked).status != 413
@@ -290,8 +386,20 @@ def test_oversized_bodies_are_413_whatever_the_framing(stack: dict[str, ServiceP
 
 def test_headers_too_large_are_431_not_goaway(stack: dict[str, ServiceProcess]) -> None:
     edge = stack["envoy"].address
-    _status_body(request(edge, "POST", GENERATE, {"prompt": "p"}, headers={"x-big": "a" * 20_000}), 431, 3, "HEADERS_TOO_LARGE")
-    _status_body(request(edge, "POST", GENERATE, {"prompt": "p"}, headers={f"x-h{i}": "v" for i in range(150)}), 431, 3, "HEADERS_TOO_LARGE")
+    _status_body(
+        request(edge, "POST", GENERATE, {"prompt": "p"}, headers={"x-big": "a" * 20_000}),
+        431,
+        3,
+        "HEADERS_TOO_LARGE",
+    )
+    _status_body(
+        request(
+            edge, "POST", GENERATE, {"prompt": "p"}, headers={f"x-h{i}": "v" for i in range(150)}
+        ),
+        431,
+        3,
+        "HEADERS_TOO_LARGE",
+    )
     # A gRPC caller: a per-call INVALID_ARGUMENT, and its connection lives on (GOAWAY
     # would have failed the call UNAVAILABLE, which clients retry).
     with grpc.insecure_channel(edge) as channel:
@@ -308,7 +416,9 @@ def test_headers_too_large_are_431_not_goaway(stack: dict[str, ServiceProcess]) 
 def test_no_healthy_upstream_has_error_info_and_retry_info(tmp_path: Any) -> None:
     started: list[ServiceProcess] = []
     try:
-        envoy = _start(started, _envoy_argv("127.0.0.1:1", extra=("--startup-wait-s", "0.2")), "envoy-nobody")
+        envoy = _start(
+            started, _envoy_argv("127.0.0.1:1", extra=("--startup-wait-s", "0.2")), "envoy-nobody"
+        )
         reply = request(envoy.address, "POST", GENERATE, {"prompt": "p"})
         body = _status_body(reply, 503, 14, "UPSTREAM_UNAVAILABLE")
         assert "upstream" not in body["message"]  # fixed text, not Envoy's internals
@@ -316,7 +426,9 @@ def test_no_healthy_upstream_has_error_info_and_retry_info(tmp_path: Any) -> Non
         assert reply.headers.get("retry-after") == "1"
         with grpc.insecure_channel(envoy.address) as channel:
             with pytest.raises(grpc.RpcError) as caught:
-                agent_service_pb2_grpc.AgentServiceStub(channel).Generate(pb.GenerateRequest(prompt="p"), timeout=10)
+                agent_service_pb2_grpc.AgentServiceStub(channel).Generate(
+                    pb.GenerateRequest(prompt="p"), timeout=10
+                )
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         status = rpc_status.from_call(caught.value)
         assert status is not None and _error_info(status).reason == "UPSTREAM_UNAVAILABLE"
@@ -333,14 +445,26 @@ def test_access_log_has_no_query_and_the_callers_method(stack: dict[str, Service
     envoy = stack["envoy"]
     prompt, token = "secretprompt" + os.urandom(6).hex(), "secrettoken" + os.urandom(6).hex()
     rid = f"log-{time.monotonic_ns()}"
-    reply = request(envoy.address, "GET", f"{STREAM}?prompt={prompt}", headers={"x-request-id": rid})
+    reply = request(
+        envoy.address, "GET", f"{STREAM}?prompt={prompt}", headers={"x-request-id": rid}
+    )
     assert reply.status == 200 and sse_events(reply.body)[-1]["isFinal"]
     rid_token = f"log-token-{time.monotonic_ns()}"
-    request(envoy.address, "GET", f"{STREAM}?prompt=p&access_token={token}", headers={"x-request-id": rid_token})
+    request(
+        envoy.address,
+        "GET",
+        f"{STREAM}?prompt=p&access_token={token}",
+        headers={"x-request-id": rid_token},
+    )
     line = wait_until(lambda: next(iter(access_logs(envoy, rid)), None), 10, "the access log line")
     assert line["method"] == "GET" and line["path"] == STREAM, line
-    assert line["grpc_method"] == "/ai.agent.v1.AgentService/StreamGenerate" and line["http_status"] == 200
-    wait_until(lambda: access_logs(envoy, rid_token), 10, "the access log line of the token request")
+    assert (
+        line["grpc_method"] == "/ai.agent.v1.AgentService/StreamGenerate"
+        and line["http_status"] == 200
+    )
+    wait_until(
+        lambda: access_logs(envoy, rid_token), 10, "the access log line of the token request"
+    )
     log = envoy.stderr_text()
     assert prompt not in log and token not in log
 
@@ -350,22 +474,40 @@ def test_access_log_has_no_query_and_the_callers_method(stack: dict[str, Service
 
 def test_callers_behind_the_edge_have_their_own_buckets_and_forgers_do_not(tmp_path: Any) -> None:
     started: list[ServiceProcess] = []
-    limits = {"AIPROXY_LIMITS__RATE_PER_S": "0.01", "AIPROXY_LIMITS__BURST": "1", "AIPROXY_LIMITS__EDGE_SECRET": EDGE_SECRET}
+    limits = {
+        "AIPROXY_LIMITS__RATE_PER_S": "0.01",
+        "AIPROXY_LIMITS__BURST": "1",
+        "AIPROXY_LIMITS__EDGE_SECRET": EDGE_SECRET,
+    }
     try:
         agent = _start(started, agent_args(), "agent")
         proxy = _start(started, proxy_args(agent.address), "proxy", env=limits)
-        envoy = _start(started, _envoy_argv(proxy.address), "envoy", env={"AIPROXY_LIMITS__EDGE_SECRET": EDGE_SECRET})
+        envoy = _start(
+            started,
+            _envoy_argv(proxy.address),
+            "envoy",
+            env={"AIPROXY_LIMITS__EDGE_SECRET": EDGE_SECRET},
+        )
         edge = envoy.address
 
         def http_from(source: str, **headers: str) -> int:
-            return request(edge, "POST", GENERATE, {"prompt": "p"}, headers=headers, source=source).status
+            return request(
+                edge, "POST", GENERATE, {"prompt": "p"}, headers=headers, source=source
+            ).status
 
         # Two browsers with their own addresses: one bucket each.
         assert http_from("127.0.0.2") == 200
         assert http_from("127.0.0.3") == 200
         # Each bucket is spent now, whatever address a caller claims through the edge
         # (Envoy overwrites the header with the caller's real address).
-        reply = request(edge, "POST", GENERATE, {"prompt": "p"}, source="127.0.0.2", headers={"x-envoy-external-address": "10.1.2.3"})
+        reply = request(
+            edge,
+            "POST",
+            GENERATE,
+            {"prompt": "p"},
+            source="127.0.0.2",
+            headers={"x-envoy-external-address": "10.1.2.3"},
+        )
         _status_body(reply, 429, 8, "RATE_LIMITED")
         assert http_from("127.0.0.3", **{"x-envoy-external-address": "10.1.2.4"}) == 429
         # A third browser still gets in.
@@ -376,14 +518,23 @@ def test_callers_behind_the_edge_have_their_own_buckets_and_forgers_do_not(tmp_p
         # peer 127.0.0.1, the next one with another forged address is refused.
         with grpc.insecure_channel(proxy.address) as channel:
             stub = agent_service_pb2_grpc.AgentServiceStub(channel)
-            stub.Generate(pb.GenerateRequest(prompt="p"), metadata=[("x-envoy-external-address", "10.9.9.1")], timeout=10)
+            stub.Generate(
+                pb.GenerateRequest(prompt="p"),
+                metadata=[("x-envoy-external-address", "10.9.9.1")],
+                timeout=10,
+            )
             for forged in ([("x-envoy-external-address", "10.9.9.2")],
                            [("x-envoy-external-address", "10.9.9.3"), ("x-aiproxy-edge", "guess")]):  # fmt: skip
                 with pytest.raises(grpc.RpcError) as caught:
                     stub.Generate(pb.GenerateRequest(prompt="p"), metadata=forged, timeout=10)
                 assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         callers = {e.get("caller") for e in proxy.log_events("access") if e.get("caller")}
-        assert {"peer:127.0.0.2", "peer:127.0.0.3", "peer:127.0.0.4", "peer:127.0.0.1"} <= callers, callers
+        assert {
+            "peer:127.0.0.2",
+            "peer:127.0.0.3",
+            "peer:127.0.0.4",
+            "peer:127.0.0.1",
+        } <= callers, callers
         assert not any("10.9.9." in c or "10.1.2." in c for c in callers), callers
         # The edge secret is for the proxy only: it never reaches the agent, nor a log.
         for proc in (agent, proxy, envoy):

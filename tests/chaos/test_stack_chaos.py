@@ -44,7 +44,11 @@ def _active_streams(metrics_address: str) -> float:
     """Sum of ai_proxy_active_streams over methods, from the proxy's /metrics."""
     with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5) as reply:  # noqa: S310 (loopback)
         text = reply.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ai_proxy_active_streams{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ai_proxy_active_streams{")
+    )
 
 
 # ---- (a) cancel storm ----------------------------------------------------------------------
@@ -63,7 +67,9 @@ async def test_cancel_storm_leaves_no_upstream_call_fd_or_task_behind(spawn, tas
     # an 800-stream burst on a loaded 2-core box.
     no_gate = {"AIPROXY_SERVER__OVERLOAD_WAIT_TARGET_MS": "0"}
     proxy = spawn(*proxy_args(agent.address), env={**probe.env, **no_gate}, name="proxy")
-    request_msg = pb.StreamGenerateRequest(prompt="storm", options=pb.GenerationOptions(max_tokens=400))
+    request_msg = pb.StreamGenerateRequest(
+        prompt="storm", options=pb.GenerationOptions(max_tokens=400)
+    )
 
     async with grpc.aio.insecure_channel(proxy.address) as admin:
         # Warm up (first calls create lazily-built state), then take the baseline.
@@ -72,9 +78,15 @@ async def test_cancel_storm_leaves_no_upstream_call_fd_or_task_behind(spawn, tas
         await poll(lambda: _no_upstream(admin), 10, "warm-up calls to end")
         before = {**proc_figures(proxy.pid), "tasks": probe.tasks(fresh_after=time.time())}
 
-        channels = [grpc.aio.insecure_channel(proxy.address, options=OWN_CONNECTION) for _ in range(STORM_CHANNELS)]
+        channels = [
+            grpc.aio.insecure_channel(proxy.address, options=OWN_CONNECTION)
+            for _ in range(STORM_CHANNELS)
+        ]
         try:
-            calls = [stub(channels[i % STORM_CHANNELS]).StreamGenerate(request_msg, timeout=120) for i in range(STORM)]
+            calls = [
+                stub(channels[i % STORM_CHANNELS]).StreamGenerate(request_msg, timeout=120)
+                for i in range(STORM)
+            ]
             opened_at = time.monotonic()
             firsts = await asyncio.wait_for(asyncio.gather(*(c.read() for c in calls)), timeout=90)
             open_s = time.monotonic() - opened_at
@@ -82,7 +94,9 @@ async def test_cancel_storm_leaves_no_upstream_call_fd_or_task_behind(spawn, tas
             peak_in_flight = await upstream_in_flight(admin)
             peak = {**proc_figures(proxy.pid), "tasks": probe.tasks(fresh_after=time.time())}
             # Every stream is live upstream: none was dropped or merged on the way.
-            assert peak_in_flight == STORM, f"{peak_in_flight} upstream calls open for {STORM} streams"
+            assert peak_in_flight == STORM, (
+                f"{peak_in_flight} upstream calls open for {STORM} streams"
+            )
 
             cancelled_at = time.monotonic()
             for call in calls:
@@ -96,11 +110,25 @@ async def test_cancel_storm_leaves_no_upstream_call_fd_or_task_behind(spawn, tas
 
         # The agent saw each stream start and end as cancelled: no upstream work left behind.
         def storm_ends() -> list[dict[str, Any]]:
-            return [e for e in agent.log_events("call_finished") if e.get("method", "").endswith("StreamGenerate") and e["cancelled"]]
+            return [
+                e
+                for e in agent.log_events("call_finished")
+                if e.get("method", "").endswith("StreamGenerate") and e["cancelled"]
+            ]
 
-        await poll(lambda: len(storm_ends()) >= STORM, 10, "the agent to log every cancelled stream")
-        started = [e for e in agent.log_events("call_started") if e.get("method", "").endswith("StreamGenerate")]
-        finished = [e for e in agent.log_events("call_finished") if e.get("method", "").endswith("StreamGenerate")]
+        await poll(
+            lambda: len(storm_ends()) >= STORM, 10, "the agent to log every cancelled stream"
+        )
+        started = [
+            e
+            for e in agent.log_events("call_started")
+            if e.get("method", "").endswith("StreamGenerate")
+        ]
+        finished = [
+            e
+            for e in agent.log_events("call_finished")
+            if e.get("method", "").endswith("StreamGenerate")
+        ]
         assert len(started) == len(finished) == STORM + 5
         assert await asyncio.to_thread(_active_streams, proxy.ready["metrics_address"]) == 0
 
@@ -109,10 +137,18 @@ async def test_cancel_storm_leaves_no_upstream_call_fd_or_task_behind(spawn, tas
         # from the test process's side 15 s later), so they are allowed for.
         def settled() -> bool:
             now = proc_figures(proxy.pid)
-            return now["fds"] <= before["fds"] + STORM_CHANNELS + 2 and probe.tasks(fresh_after=time.time()) <= before["tasks"] + 5
+            return (
+                now["fds"] <= before["fds"] + STORM_CHANNELS + 2
+                and probe.tasks(fresh_after=time.time()) <= before["tasks"] + 5
+            )
 
         try:
-            settle_s = await poll(lambda: asyncio.to_thread(settled), 15, "proxy fds and tasks back near baseline", interval=0.2)
+            settle_s = await poll(
+                lambda: asyncio.to_thread(settled),
+                15,
+                "proxy fds and tasks back near baseline",
+                interval=0.2,
+            )
         except AssertionError as exc:
             now = {**proc_figures(proxy.pid), "tasks": probe.tasks(fresh_after=time.time())}
             raise AssertionError(f"{exc}: before {before}, peak {peak}, now {now}") from None
@@ -218,7 +254,11 @@ def test_rolling_proxy_restart_behind_envoy_loses_no_stream(tmp_path) -> None:
 
     # SIGTERM: NOT_SERVING for drain_delay_s (Envoy checks every 0.5 s and ejects it), then
     # no new calls, and calls in flight get the grace period: what deploy/ configures.
-    proxy_env = {**GENEROUS_LIMITS, "AIPROXY_SERVER__DRAIN_DELAY_S": "1.5", "AIPROXY_SERVER__GRACE_PERIOD_S": "20"}
+    proxy_env = {
+        **GENEROUS_LIMITS,
+        "AIPROXY_SERVER__DRAIN_DELAY_S": "1.5",
+        "AIPROXY_SERVER__GRACE_PERIOD_S": "20",
+    }
     load: HttpLoad | None = None
     try:
         agent = start(agent_args(token_delay_ms=20), "agent")
@@ -242,9 +282,15 @@ def test_rolling_proxy_restart_behind_envoy_loses_no_stream(tmp_path) -> None:
             drained_s = time.monotonic() - t0
             during_drain += _ended_while_draining(old)
             # The replacement takes the same address: Envoy's cluster lists addresses.
-            new = start(proxy_args(agent.address, extra=("--listen", old.address)), f"proxy-{'ab'[n]}2", proxy_env)
+            new = start(
+                proxy_args(agent.address, extra=("--listen", old.address)),
+                f"proxy-{'ab'[n]}2",
+                proxy_env,
+            )
             wait_host_health(envoy, new.address, True)
-            steps.append(f"{'ab'[n]}: drained+exited {drained_s:.1f} s, replaced and healthy {time.monotonic() - t0:.1f} s")
+            steps.append(
+                f"{'ab'[n]}: drained+exited {drained_s:.1f} s, replaced and healthy {time.monotonic() - t0:.1f} s"
+            )
             proxies[n] = new
             _wait_outcomes(load, sum(load.outcomes.values()) + 10)  # traffic flows between steps
         outcomes = load.stop()
@@ -253,7 +299,10 @@ def test_rolling_proxy_restart_behind_envoy_loses_no_stream(tmp_path) -> None:
         wall = time.monotonic() - began
 
         # New requests keep succeeding once both replicas are the new ones.
-        after = Counter(_classify(request(envoy.address, "POST", "/api/v1/ai/generate/stream", ROLL_STREAM)) for _ in range(20))
+        after = Counter(
+            _classify(request(envoy.address, "POST", "/api/v1/ai/generate/stream", ROLL_STREAM))
+            for _ in range(20)
+        )
     finally:
         if load is not None:
             load.stop()
@@ -344,7 +393,11 @@ class GrpcLoad:
             metadata=metadata, timeout=CALL_DEADLINE_S,
         )]  # fmt: skip
         # Ended OK: it must have ended with its final chunk and no error in it.
-        return "ok" if chunks and chunks[-1].is_final and not chunks[-1].HasField("error") else "incomplete"
+        return (
+            "ok"
+            if chunks and chunks[-1].is_final and not chunks[-1].HasField("error")
+            else "incomplete"
+        )
 
     async def stop(self) -> Counter[str]:
         self._stop.set()
@@ -364,21 +417,35 @@ async def test_agents_killed_and_restarted_under_load(spawn) -> None:
             await poll(lambda: load.total >= 40, 30, "load to get going")
             for n, old in enumerate(list(agents)):
                 name = "ab"[n]
-                in_flight = {ep.address: ep.in_flight for ep in await list_endpoints(channel)}[old.address]
+                in_flight = {ep.address: ep.in_flight for ep in await list_endpoints(channel)}[
+                    old.address
+                ]
                 old.proc.kill()  # SIGKILL, calls in flight
                 old.wait(timeout=10)
                 killed_at = time.monotonic()
                 before_kill = load.total
-                await poll(lambda: load.total >= before_kill + 20, 30, "traffic to continue on the other agent")
-                new = spawn(*agent_args("--listen", old.address, token_delay_ms=10), name=f"agent-{name}2")
+                await poll(
+                    lambda: load.total >= before_kill + 20,
+                    30,
+                    "traffic to continue on the other agent",
+                )
+                new = spawn(
+                    *agent_args("--listen", old.address, token_delay_ms=10), name=f"agent-{name}2"
+                )
                 restarted_at = time.monotonic()
                 try:
-                    usable_s = await poll(lambda: _usable(channel, {new.address}), 20, f"agent {name} usable again")
+                    usable_s = await poll(
+                        lambda: _usable(channel, {new.address}), 20, f"agent {name} usable again"
+                    )
                 except AssertionError as exc:  # say what the proxy thinks of it
-                    raise AssertionError(f"{exc}; the proxy's endpoints: {await _states(channel)}") from None
+                    raise AssertionError(
+                        f"{exc}; the proxy's endpoints: {await _states(channel)}"
+                    ) from None
                 calls_before = await _total_calls(channel, new.address)
                 traffic_s = await poll(
-                    lambda: _calls_since(channel, new.address, calls_before, 5), 20, f"traffic back on agent {name}"
+                    lambda: _calls_since(channel, new.address, calls_before, 5),
+                    20,
+                    f"traffic back on agent {name}",
                 )
                 agents[n] = new
                 figures[f"agent_{name}"] = (
@@ -392,7 +459,9 @@ async def test_agents_killed_and_restarted_under_load(spawn) -> None:
              slowest_call_s=round(load.slowest_s, 2), wall_s=round(time.monotonic() - began, 1), **figures)  # fmt: skip
     assert outcomes["hung"] == 0, f"calls past their deadline: {outcomes}"
     unshaped = [e for e in proxy.log_events("access") if e.get("request_id") in load.unshaped_ids]
-    assert outcomes["unshaped"] == 0, f"errors without ErrorInfo, e.g. {load.samples['unshaped']}; the proxy logged {unshaped}"
+    assert outcomes["unshaped"] == 0, (
+        f"errors without ErrorInfo, e.g. {load.samples['unshaped']}; the proxy logged {unshaped}"
+    )
     assert outcomes["incomplete"] == 0, "a stream ended OK without its final chunk"
     assert outcomes["ok"] >= 100
 

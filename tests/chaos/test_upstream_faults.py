@@ -27,7 +27,9 @@ from tests.support.procs import ServiceProcess
 
 SERVICE = "ai.agent.v1.AgentService"
 # Long, slow streams: still running when the fault comes (200 tokens at 100 ms).
-SLOW_STREAM = pb.StreamGenerateRequest(prompt="a long story about outages", options=pb.GenerationOptions(max_tokens=200))
+SLOW_STREAM = pb.StreamGenerateRequest(
+    prompt="a long story about outages", options=pb.GenerationOptions(max_tokens=200)
+)
 PROMPT = pb.GenerateRequest(prompt="are you back", options=pb.GenerationOptions(max_tokens=4))
 
 
@@ -73,7 +75,9 @@ def in_band_error(chunks: list):
     return rich_from_status(last.error)
 
 
-async def test_agent_killed_with_calls_in_flight_and_restarted_on_its_port_gets_traffic_again(spawn) -> None:
+async def test_agent_killed_with_calls_in_flight_and_restarted_on_its_port_gets_traffic_again(
+    spawn,
+) -> None:
     agent = spawn(*agent_args(token_delay_ms=100), name="agent")
     port = agent.address.rsplit(":", 1)[1]
     # A breaker that the kill itself opens (three callers' streams fail): the old health
@@ -95,7 +99,9 @@ async def test_agent_killed_with_calls_in_flight_and_restarted_on_its_port_gets_
         state = (await endpoints(channel))[agent.address].breaker_state
         assert state == admin_pb.BREAKER_STATE_OPEN  # the case that used to strand the endpoint
 
-        restarted = spawn(*agent_args(token_delay_ms=1), "--listen", f"127.0.0.1:{port}", name="agent-restarted")
+        restarted = spawn(
+            *agent_args(token_delay_ms=1), "--listen", f"127.0.0.1:{port}", name="agent-restarted"
+        )
         serving_at = time.monotonic()  # it prints its ready line once SERVING
         assert restarted.address.endswith(f":{port}")
         ok_at = None
@@ -117,8 +123,12 @@ async def test_agent_killed_with_calls_in_flight_and_restarted_on_its_port_gets_
     assert restarted.log_events("call_finished")
 
 
-@pytest.mark.parametrize("keepalive", [(5.0, 1.0), (10.0, 5.0)], ids=["time5-timeout1", "defaults-time10-timeout5"])
-async def test_a_hung_agent_is_taken_out_and_its_streams_fail_in_band_fast(keepalive, spawn) -> None:
+@pytest.mark.parametrize(
+    "keepalive", [(5.0, 1.0), (10.0, 5.0)], ids=["time5-timeout1", "defaults-time10-timeout5"]
+)
+async def test_a_hung_agent_is_taken_out_and_its_streams_fail_in_band_fast(
+    keepalive, spawn
+) -> None:
     """SIGSTOP one of two agents with streams on both: the hung one's streams end with
     UNAVAILABLE/UPSTREAM_UNAVAILABLE in-band within keepalive_time + keepalive_timeout
     (+ slack), not the 60 s idle timeout; new calls go to the other; SIGCONT brings it
@@ -146,13 +156,18 @@ async def test_a_hung_agent_is_taken_out_and_its_streams_fail_in_band_fast(keepa
 
             os.kill(hung.pid, signal.SIGSTOP)
             stopped_at = time.monotonic()
-            ends = await asyncio.wait_for(asyncio.gather(*(finish(call) for _, call in streams)), 60)
+            ends = await asyncio.wait_for(
+                asyncio.gather(*(finish(call) for _, call in streams)), 60
+            )
             # The hung agent's streams: in-band UNAVAILABLE, fast.
             detection = []
             for (request_id, _), (chunks, ended) in zip(streams, ends):
                 if request_id in on_hung:
                     err = in_band_error(chunks)
-                    assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE")
+                    assert (err.code, err.reason) == (
+                        grpc.StatusCode.UNAVAILABLE,
+                        "UPSTREAM_UNAVAILABLE",
+                    )
                     detection.append(ended - stopped_at)
                 else:  # the other agent's streams finish normally
                     assert chunks[-1].is_final and not chunks[-1].HasField("error")
@@ -162,7 +177,9 @@ async def test_a_hung_agent_is_taken_out_and_its_streams_fail_in_band_fast(keepa
             )
             assert max(detection) < keepalive_time + keepalive_timeout + 4
             taken_out = await wait_endpoint(channel, hung.address, usable=False, timeout=10)
-            print(f"hung agent unusable {time.monotonic() - stopped_at:.2f} s after SIGSTOP (waited {taken_out:.2f} s more)")
+            print(
+                f"hung agent unusable {time.monotonic() - stopped_at:.2f} s after SIGSTOP (waited {taken_out:.2f} s more)"
+            )
 
             # New calls go to the agent that answers; the proxy is still ready.
             for i in range(10):
@@ -187,7 +204,9 @@ async def test_the_only_agent_hung_fails_streams_and_new_calls_fast_then_recover
     agent = spawn(*agent_args(token_delay_ms=100), name="agent")
     proxy = spawn(
         *proxy_args(agent.address),
-        env=env(upstream__keepalive_time_s=5, upstream__keepalive_timeout_s=1, stream__coalesce="false"),
+        env=env(
+            upstream__keepalive_time_s=5, upstream__keepalive_timeout_s=1, stream__coalesce="false"
+        ),
         name="proxy",
     )
     with resumed_at_exit(agent):
@@ -196,7 +215,9 @@ async def test_the_only_agent_hung_fails_streams_and_new_calls_fast_then_recover
             ((_, call),) = await open_streams(api, 1, "only")
             slow = (("x-fault-delay-ms", "40000"), ("x-request-id", "slow-unary"))
             unary = asyncio.ensure_future(api.Generate(PROMPT, metadata=slow, timeout=60))
-            await asyncio.to_thread(agent.wait_for_log, lambda e: e.get("request_id") == "slow-unary")
+            await asyncio.to_thread(
+                agent.wait_for_log, lambda e: e.get("request_id") == "slow-unary"
+            )
             os.kill(agent.pid, signal.SIGSTOP)
             stopped_at = time.monotonic()
             chunks, ended = await asyncio.wait_for(finish(call), 60)

@@ -25,11 +25,11 @@ from grpc_status import rpc_status
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from ai.proxy.v1 import admin_service_pb2, admin_service_pb2_grpc
-from server.chain import server_interceptors
+from core.callinfo import current_call
 from core.errors import DOMAIN
 from core.ratelimit import caller_key, hash_api_key
-from core.callinfo import current_call
 from core.settings import load_settings
+from server.chain import server_interceptors
 from tests.conftest import proxy_args
 from tests.support.grpc_helpers import SERVING, stub, wait_health
 from tests.support.procs import aiproxy_argv
@@ -43,16 +43,26 @@ AUTH_ENV = {
     "AIPROXY_AUTH__METHOD_SCOPES": json.dumps(
         {"ExecuteAgent": ["agent:execute"], "StreamExecuteAgent": ["agent:execute"]}
     ),
-    "AIPROXY_AUTH__API_KEYS": json.dumps([{"name": "ci", "key_hash": hash_api_key(API_KEY), "scopes": []}]),
+    "AIPROXY_AUTH__API_KEYS": json.dumps(
+        [{"name": "ci", "key_hash": hash_api_key(API_KEY), "scopes": []}]
+    ),
 }
-GENERATE = pb.GenerateRequest(prompt="Explain token buckets", options=pb.GenerationOptions(max_tokens=8))
-EXECUTE = pb.ExecuteAgentRequest(agent_type=pb.AGENT_TYPE_ANALYSIS, task="What is 12*7?", tools=["calculator"])
+GENERATE = pb.GenerateRequest(
+    prompt="Explain token buckets", options=pb.GenerationOptions(max_tokens=8)
+)
+EXECUTE = pb.ExecuteAgentRequest(
+    agent_type=pb.AGENT_TYPE_ANALYSIS, task="What is 12*7?", tools=["calculator"]
+)
 
 
 def mint(*args: str) -> str:
     """A token from the `aiproxy token` command, as a developer would get one."""
     out = subprocess.run(
-        aiproxy_argv("token", "--secret", SECRET, *args), capture_output=True, text=True, timeout=60, check=True
+        aiproxy_argv("token", "--secret", SECRET, *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return out.stdout.strip()
 
@@ -92,7 +102,12 @@ async def test_valid_token_passes_unary_and_stream(channel, auth_proxy) -> None:
     good = mint("--sub", "alice", "--aud", AUDIENCE, "--scope", "agent:execute", "--ttl", "300")
     reply = await stub(channel).Generate(GENERATE, metadata=bearer(good), timeout=10)
     assert reply.text
-    chunks = [c async for c in stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="hi"), metadata=bearer(good), timeout=10)]
+    chunks = [
+        c
+        async for c in stub(channel).StreamGenerate(
+            pb.StreamGenerateRequest(prompt="hi"), metadata=bearer(good), timeout=10
+        )
+    ]
     assert chunks and chunks[-1].is_final
     result = await stub(channel).ExecuteAgent(EXECUTE, metadata=bearer(good), timeout=10)
     assert result.result
@@ -102,7 +117,9 @@ async def test_valid_token_passes_unary_and_stream(channel, auth_proxy) -> None:
 async def test_api_key_passes(channel) -> None:
     reply = await stub(channel).Generate(GENERATE, metadata=(("x-api-key", API_KEY),), timeout=10)
     assert reply.text
-    reply = await stub(channel).Generate(GENERATE, metadata=(("authorization", f"ApiKey {API_KEY}"),), timeout=10)
+    reply = await stub(channel).Generate(
+        GENERATE, metadata=(("authorization", f"ApiKey {API_KEY}"),), timeout=10
+    )
     assert reply.text
 
 
@@ -118,7 +135,13 @@ REJECTIONS = {
     "missing": (lambda: (), "missing_credentials"),
     "expired": (lambda: bearer(token(exp=int(time.time()) - 600)), "token_expired"),
     "wrong-signature": (
-        lambda: bearer(jwt.encode({"sub": "alice", "aud": AUDIENCE, "exp": int(time.time()) + 300}, "x" * 40, algorithm="HS256")),
+        lambda: bearer(
+            jwt.encode(
+                {"sub": "alice", "aud": AUDIENCE, "exp": int(time.time()) + 300},
+                "x" * 40,
+                algorithm="HS256",
+            )
+        ),
         "bad_signature",
     ),
     "wrong-audience": (lambda: bearer(token(aud="another-service")), "wrong_audience"),
@@ -129,7 +152,9 @@ REJECTIONS = {
 
 
 @pytest.mark.parametrize("make_metadata,cause", REJECTIONS.values(), ids=REJECTIONS.keys())
-async def test_rejected_credentials_are_unauthenticated(channel, auth_proxy, make_metadata, cause) -> None:
+async def test_rejected_credentials_are_unauthenticated(
+    channel, auth_proxy, make_metadata, cause
+) -> None:
     metadata = (*make_metadata(), ("x-request-id", f"req-{cause}"))
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await stub(channel).Generate(GENERATE, metadata=metadata, timeout=10)
@@ -138,7 +163,9 @@ async def test_rejected_credentials_are_unauthenticated(channel, auth_proxy, mak
     info = error_info(err)
     assert (info.reason, info.domain, info.metadata["cause"]) == ("UNAUTHENTICATED", DOMAIN, cause)
     assert ("x-request-id", f"req-{cause}") in tuple(err.trailing_metadata() or ())
-    line = auth_proxy.wait_for_log(lambda e: e.get("event") == "auth_rejected" and e.get("request_id") == f"req-{cause}")
+    line = auth_proxy.wait_for_log(
+        lambda e: e.get("event") == "auth_rejected" and e.get("request_id") == f"req-{cause}"
+    )
     assert line["cause"] == cause and line["code"] == "UNAUTHENTICATED"
     for key, value in metadata:
         if key in ("authorization", "x-api-key"):
@@ -146,7 +173,9 @@ async def test_rejected_credentials_are_unauthenticated(channel, auth_proxy, mak
 
 
 async def test_streams_are_refused_before_the_first_chunk(channel) -> None:
-    call = stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="hi"), metadata=bearer(token(exp=1)), timeout=10)
+    call = stub(channel).StreamGenerate(
+        pb.StreamGenerateRequest(prompt="hi"), metadata=bearer(token(exp=1)), timeout=10
+    )
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         async for _ in call:
             raise AssertionError("no chunk may reach an unauthenticated caller")
@@ -163,7 +192,9 @@ async def test_missing_scope_is_permission_denied(channel) -> None:
     assert info.reason == "PERMISSION_DENIED"
     assert dict(info.metadata) == {"cause": "missing_scope", "scope": "agent:execute"}
     stream = stub(channel).StreamExecuteAgent(
-        pb.StreamExecuteAgentRequest(agent_type=pb.AGENT_TYPE_ASSISTANT, task="count words"), metadata=bearer(reader), timeout=10
+        pb.StreamExecuteAgentRequest(agent_type=pb.AGENT_TYPE_ASSISTANT, task="count words"),
+        metadata=bearer(reader),
+        timeout=10,
     )
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         async for _ in stream:
@@ -190,7 +221,9 @@ async def test_admin_service_needs_credentials(channel) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await admin.ListEndpoints(admin_service_pb2.ListEndpointsRequest(), timeout=10)
     assert exc.value.code() is grpc.StatusCode.UNAUTHENTICATED
-    reply = await admin.ListEndpoints(admin_service_pb2.ListEndpointsRequest(), metadata=bearer(token()), timeout=10)
+    reply = await admin.ListEndpoints(
+        admin_service_pb2.ListEndpointsRequest(), metadata=bearer(token()), timeout=10
+    )
     assert reply.endpoints
 
 
@@ -203,13 +236,17 @@ class RecordingAgent(pb_grpc.AgentServiceServicer):
     def __init__(self) -> None:
         self.callers: list[str] = []
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
         call = current_call.get()
         assert call is not None
         self.callers.append(call.caller)
         return pb.GenerateResponse(text="ok")
 
-    async def StreamGenerate(self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamGenerateResponse]:
+    async def StreamGenerate(
+        self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamGenerateResponse]:
         call = current_call.get()
         assert call is not None
         self.callers.append(call.caller)
@@ -236,7 +273,9 @@ async def test_the_subject_is_the_callers_rate_limit_key(chain_server) -> None:
     address, servicer = chain_server
     async with grpc.aio.insecure_channel(address) as ch:
         await stub(ch).Generate(GENERATE, metadata=bearer(token(sub="alice")), timeout=10)
-        async for _ in stub(ch).StreamGenerate(pb.StreamGenerateRequest(prompt="x"), metadata=bearer(token(sub="bob")), timeout=10):
+        async for _ in stub(ch).StreamGenerate(
+            pb.StreamGenerateRequest(prompt="x"), metadata=bearer(token(sub="bob")), timeout=10
+        ):
             pass
         await stub(ch).Generate(GENERATE, metadata=(("x-api-key", API_KEY),), timeout=10)
     assert servicer.callers == [
@@ -249,7 +288,11 @@ async def test_the_subject_is_the_callers_rate_limit_key(chain_server) -> None:
 
 def test_api_key_command_prints_a_working_config_entry(monkeypatch) -> None:
     out = subprocess.run(
-        aiproxy_argv("api-key", "--name", "ci", "--scope", "agent:execute"), capture_output=True, text=True, timeout=60, check=True
+        aiproxy_argv("api-key", "--name", "ci", "--scope", "agent:execute"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     raw = out.splitlines()[0].removeprefix("key: ")
     entry = next(line for line in out.splitlines() if "AIPROXY_AUTH__API_KEYS=" in line)
@@ -258,8 +301,12 @@ def test_api_key_command_prints_a_working_config_entry(monkeypatch) -> None:
     monkeypatch.setenv("AIPROXY_AUTH__API_KEYS", value)
     from interceptors.auth import Authenticator
 
-    principal = Authenticator(load_settings().auth).authenticate((("x-api-key", raw),), "ipv4:127.0.0.1:1")
-    assert principal.caller == caller_key({"x-api-key": raw}, "") and principal.scopes == {"agent:execute"}
+    principal = Authenticator(load_settings().auth).authenticate(
+        (("x-api-key", raw),), "ipv4:127.0.0.1:1"
+    )
+    assert principal.caller == caller_key({"x-api-key": raw}, "") and principal.scopes == {
+        "agent:execute"
+    }
 
 
 def test_token_command_signs_with_a_private_key(tmp_path) -> None:
@@ -268,10 +315,21 @@ def test_token_command_signs_with_a_private_key(tmp_path) -> None:
 
     key = ec.generate_private_key(ec.SECP256R1())
     path = tmp_path / "signing.key"
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     out = subprocess.run(
-        aiproxy_argv("token", "--private-key", str(path), "--sub", "svc", "--kid", "k1", "--ttl", "60"),
-        capture_output=True, text=True, timeout=60, check=True,
+        aiproxy_argv(
+            "token", "--private-key", str(path), "--sub", "svc", "--kid", "k1", "--ttl", "60"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout.strip()
     assert jwt.get_unverified_header(out) == {"alg": "ES256", "kid": "k1", "typ": "JWT"}
     claims = jwt.decode(out, key.public_key(), algorithms=["ES256"])

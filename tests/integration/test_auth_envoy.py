@@ -25,13 +25,27 @@ pytestmark = pytest.mark.envoy
 @pytest.fixture
 def envoy_url(spawn, agent) -> str:
     proxy = spawn(*proxy_args(agent.address), env=AUTH_ENV, name="proxy")
-    envoy = spawn("envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1", name="envoy")
+    envoy = spawn(
+        "envoy",
+        "--listen",
+        "127.0.0.1:0",
+        "--proxy",
+        proxy.address,
+        "--concurrency",
+        "1",
+        name="envoy",
+    )
     return f"http://{envoy.address}"
 
 
-def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+def post(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json", **(headers or {})}, method="POST"
+        url,
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", **(headers or {})},
+        method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=20) as reply:
@@ -46,7 +60,9 @@ def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) 
 
 def token(**extra: Any) -> str:
     now = int(time.time())
-    return jwt.encode({"sub": "alice", "aud": AUDIENCE, "exp": now + 300, **extra}, SECRET, algorithm="HS256")
+    return jwt.encode(
+        {"sub": "alice", "aud": AUDIENCE, "exp": now + 300, **extra}, SECRET, algorithm="HS256"
+    )
 
 
 def error_info(body: dict[str, Any]) -> dict[str, Any]:
@@ -67,5 +83,12 @@ def test_http_callers_get_401_and_403(envoy_url) -> None:
     assert status == 200 and body["text"]
 
     execute = f"{envoy_url}/api/v1/ai/agents/execute"
-    status, body = post(execute, {"agentType": "AGENT_TYPE_ANALYSIS", "task": "2+2"}, {"authorization": f"Bearer {token(scope='read')}"})
-    assert status == 403 and error_info(body)["metadata"] == {"cause": "missing_scope", "scope": "agent:execute"}
+    status, body = post(
+        execute,
+        {"agentType": "AGENT_TYPE_ANALYSIS", "task": "2+2"},
+        {"authorization": f"Bearer {token(scope='read')}"},
+    )
+    assert status == 403 and error_info(body)["metadata"] == {
+        "cause": "missing_scope",
+        "scope": "agent:execute",
+    }

@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from ai.agent.v1 import agent_service_pb2 as pb
-from server.app import server_options
 from core.settings import load_settings
+from server.app import server_options
 from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import stub
 
@@ -39,7 +39,9 @@ def bounded_proxy(spawn, slow_agent):
 
 async def long_stream(address: str) -> list[pb.StreamGenerateResponse]:
     async with grpc.aio.insecure_channel(address) as channel:
-        request = pb.StreamGenerateRequest(prompt="a long answer", options=pb.GenerationOptions(max_tokens=30))
+        request = pb.StreamGenerateRequest(
+            prompt="a long answer", options=pb.GenerationOptions(max_tokens=30)
+        )
         return [c async for c in stub(channel).StreamGenerate(request, timeout=30)]
 
 
@@ -48,25 +50,35 @@ async def test_oversized_message_is_resource_exhausted_and_others_are_served(bou
     async with grpc.aio.insecure_channel(bounded_proxy.address) as channel:
         for _ in range(3):
             with pytest.raises(grpc.aio.AioRpcError) as exc:
-                await stub(channel).Generate(pb.GenerateRequest(prompt="x" * (MESSAGE_LIMIT + 1)), timeout=10)
+                await stub(channel).Generate(
+                    pb.GenerateRequest(prompt="x" * (MESSAGE_LIMIT + 1)), timeout=10
+                )
             assert exc.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "larger than max" in (exc.value.details() or "")
         # The same connection still works for a message within the limit (and within
         # the request validation's prompt cap).
-        assert (await stub(channel).Generate(pb.GenerateRequest(prompt="x" * 8000), timeout=10)).text
+        assert (
+            await stub(channel).Generate(pb.GenerateRequest(prompt="x" * 8000), timeout=10)
+        ).text
     chunks = await asyncio.wait_for(other, timeout=30)
     assert chunks[-1].is_final and not chunks[-1].HasField("error")
 
 
-async def test_oversized_metadata_is_resource_exhausted_and_others_are_served(bounded_proxy) -> None:
+async def test_oversized_metadata_is_resource_exhausted_and_others_are_served(
+    bounded_proxy,
+) -> None:
     other = asyncio.create_task(long_stream(bounded_proxy.address))
     async with grpc.aio.insecure_channel(bounded_proxy.address) as channel:
         for size in (METADATA_LIMIT + 1, 4 * METADATA_LIMIT):
             with pytest.raises(grpc.aio.AioRpcError) as exc:
-                await stub(channel).Generate(SMALL, metadata=(("x-padding", "p" * size),), timeout=10)
+                await stub(channel).Generate(
+                    SMALL, metadata=(("x-padding", "p" * size),), timeout=10
+                )
             assert exc.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "metadata" in (exc.value.details() or "")
-        assert (await stub(channel).Generate(SMALL, metadata=(("x-padding", "p" * 1024),), timeout=10)).text
+        assert (
+            await stub(channel).Generate(SMALL, metadata=(("x-padding", "p" * 1024),), timeout=10)
+        ).text
     chunks = await asyncio.wait_for(other, timeout=30)
     assert chunks[-1].is_final and not chunks[-1].HasField("error")
 
@@ -75,9 +87,13 @@ async def test_streams_per_connection_are_bounded(spawn, slow_agent) -> None:
     """With one stream per connection, a second stream on the same channel starts only
     after the first one ends (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
     proxy = spawn(
-        *proxy_args(slow_agent.address), env={"AIPROXY_SERVER__MAX_CONCURRENT_STREAMS_PER_CONNECTION": "1"}, name="proxy"
+        *proxy_args(slow_agent.address),
+        env={"AIPROXY_SERVER__MAX_CONCURRENT_STREAMS_PER_CONNECTION": "1"},
+        name="proxy",
     )
-    request = pb.StreamGenerateRequest(prompt="one at a time", options=pb.GenerationOptions(max_tokens=15))
+    request = pb.StreamGenerateRequest(
+        prompt="one at a time", options=pb.GenerationOptions(max_tokens=15)
+    )
     loop = asyncio.get_running_loop()
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         await stub(channel).Generate(SMALL, timeout=10)  # connected; SETTINGS received
@@ -101,7 +117,11 @@ async def test_streams_per_connection_are_bounded(spawn, slow_agent) -> None:
 
 
 async def test_idle_connections_are_closed(spawn, slow_agent) -> None:
-    proxy = spawn(*proxy_args(slow_agent.address), env={"AIPROXY_SERVER__MAX_CONNECTION_IDLE_S": "0.5"}, name="proxy")
+    proxy = spawn(
+        *proxy_args(slow_agent.address),
+        env={"AIPROXY_SERVER__MAX_CONNECTION_IDLE_S": "0.5"},
+        name="proxy",
+    )
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         await stub(channel).Generate(SMALL, timeout=10)
         assert channel.get_state() is grpc.ChannelConnectivity.READY
@@ -114,7 +134,9 @@ async def test_idle_connections_are_closed(spawn, slow_agent) -> None:
             return state
 
         # The server's GOAWAY after 0.5 s idle sends the channel back to IDLE.
-        assert await asyncio.wait_for(until_not_ready(), timeout=15) is grpc.ChannelConnectivity.IDLE
+        assert (
+            await asyncio.wait_for(until_not_ready(), timeout=15) is grpc.ChannelConnectivity.IDLE
+        )
         # ...and the next call simply reconnects.
         assert (await stub(channel).Generate(SMALL, timeout=10)).text
 
@@ -122,14 +144,18 @@ async def test_idle_connections_are_closed(spawn, slow_agent) -> None:
 def test_server_options_carry_the_bounds(monkeypatch) -> None:
     monkeypatch.setenv("AIPROXY_SERVER__MAX_CONNECTION_AGE_S", "600")
     options = dict(server_options(load_settings()))
-    assert options["grpc.max_metadata_size"] == options["grpc.absolute_max_metadata_size"] == 16 * 1024
+    assert (
+        options["grpc.max_metadata_size"] == options["grpc.absolute_max_metadata_size"] == 16 * 1024
+    )
     assert options["grpc.max_connection_idle_ms"] == 300_000
     assert options["grpc.max_connection_age_ms"] == 600_000
     assert options["grpc.max_connection_age_grace_ms"] == 330_000
     monkeypatch.setenv("AIPROXY_SERVER__MAX_CONNECTION_AGE_S", "0")
     monkeypatch.setenv("AIPROXY_SERVER__MAX_CONNECTION_IDLE_S", "0")
     options = dict(server_options(load_settings()))
-    assert "grpc.max_connection_age_ms" not in options and "grpc.max_connection_idle_ms" not in options
+    assert (
+        "grpc.max_connection_age_ms" not in options and "grpc.max_connection_idle_ms" not in options
+    )
 
 
 # ---- bytes that are not a valid message (issue 13, item 7) -------------------------------
@@ -146,18 +172,24 @@ TRUNCATED = b"\x0a\x64abc"
         ("/grpc.health.v1.Health/Check", False),
     ],
 )
-async def test_malformed_request_bytes_are_invalid_argument_without_internals(bounded_proxy, path, streaming) -> None:
+async def test_malformed_request_bytes_are_invalid_argument_without_internals(
+    bounded_proxy, path, streaming
+) -> None:
     from tests.integration.test_protection import rich
 
     async with grpc.aio.insecure_channel(bounded_proxy.address) as channel:
         if streaming:
-            call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)(TRUNCATED, timeout=10)
+            call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)(
+                TRUNCATED, timeout=10
+            )
             with pytest.raises(grpc.aio.AioRpcError) as exc:
                 async for _ in call:
                     pass
         else:
             with pytest.raises(grpc.aio.AioRpcError) as exc:
-                await channel.unary_unary(path, request_serializer=None, response_deserializer=None)(TRUNCATED, timeout=10)
+                await channel.unary_unary(
+                    path, request_serializer=None, response_deserializer=None
+                )(TRUNCATED, timeout=10)
         err = exc.value
         assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
         shaped = rich(err)

@@ -34,9 +34,13 @@ HEARTBEAT_S = 0.15
 if os.environ.get("CI"):
     import playwright.sync_api as sync_api
 
-    assert os.path.exists(CHROMIUM) or shutil.which("chromium"), "Debian chromium is missing (make system-deps)"
+    assert os.path.exists(CHROMIUM) or shutil.which("chromium"), (
+        "Debian chromium is missing (make system-deps)"
+    )
 else:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra) is not installed")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright (the dev extra) is not installed"
+    )
     if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
         pytest.skip("Debian chromium is not installed (make system-deps)", allow_module_level=True)
 
@@ -54,8 +58,15 @@ def edge() -> Iterator[dict[str, ServiceProcess]]:
         # Tokens 40 ms apart, so the page visibly fills in steps; the first after 0.5 s,
         # so heartbeats (every 0.15 s here) reach the page before any text.
         agent = start(agent_args(token_delay_ms=40, first_token_delay_ms=500), "agent")
-        proxy = start(proxy_args(agent.address), "proxy", env={**GENEROUS_LIMITS, "AIPROXY_STREAM__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)})
-        envoy = start(["envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1"], "envoy")
+        proxy = start(
+            proxy_args(agent.address),
+            "proxy",
+            env={**GENEROUS_LIMITS, "AIPROXY_STREAM__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)},
+        )
+        envoy = start(
+            ["envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1"],
+            "envoy",
+        )
         yield {"agent": agent, "proxy": proxy, "envoy": envoy}
     finally:
         for proc in reversed(started):
@@ -65,7 +76,10 @@ def edge() -> Iterator[dict[str, ServiceProcess]]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium"), args=CHROMIUM_ARGS)
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium"),
+            args=CHROMIUM_ARGS,
+        )
         try:
             yield chromium
         finally:
@@ -112,7 +126,9 @@ def test_an_answer_streams_in_several_steps_and_completes(page: Any, transport: 
     lengths = page.evaluate("window.__lengths")
     assert len(answer) > 20
     growing = [n for n in lengths if n > 0]
-    assert len(set(growing)) >= 3 and growing == sorted(growing), lengths  # several steps, only growing
+    assert len(set(growing)) >= 3 and growing == sorted(growing), (
+        lengths
+    )  # several steps, only growing
     assert growing[-1] == len(answer)
     assert int(page.get_attribute("#status", "data-chunks")) >= 5
     assert not page.is_visible("#error")
@@ -125,7 +141,11 @@ def test_heartbeats_are_skipped_by_the_page(page: Any, edge: dict[str, ServicePr
     counted exactly one chunk, and the text is what the HTTP client got (the agent is
     deterministic: same prompt, same answer)."""
     prompt = "Describe heartbeats on idle streams."
-    events = sse_events(request(edge["envoy"].address, "POST", "/api/v1/ai/generate/stream", {"prompt": prompt}).body)
+    events = sse_events(
+        request(
+            edge["envoy"].address, "POST", "/api/v1/ai/generate/stream", {"prompt": prompt}
+        ).body
+    )
     first_text = next(i for i, e in enumerate(events) if e["delta"])
     assert first_text >= 2 and all(e["heartbeat"] for e in events[:first_text])
     page.evaluate(
@@ -160,7 +180,10 @@ def test_an_error_before_the_first_chunk_is_shown(page: Any) -> None:
     assert _wait_state(page, "done", "error") == "error"
     error = page.locator("#error")
     assert error.is_visible()
-    assert error.get_attribute("data-code") == "14" and error.get_attribute("data-reason") == "UPSTREAM_UNAVAILABLE"
+    assert (
+        error.get_attribute("data-code") == "14"
+        and error.get_attribute("data-reason") == "UPSTREAM_UNAVAILABLE"
+    )
     assert "HTTP 503" in (page.text_content("#status") or "")
     assert page.text_content("#output") == ""
 
@@ -177,7 +200,9 @@ def test_an_error_mid_stream_is_shown_after_the_text_so_far(page: Any) -> None:
     assert count_tokens(page.text_content("#output") or "") == 4
 
 
-def test_stop_aborts_the_stream_and_the_upstream_work(page: Any, edge: dict[str, ServiceProcess]) -> None:
+def test_stop_aborts_the_stream_and_the_upstream_work(
+    page: Any, edge: dict[str, ServiceProcess]
+) -> None:
     page.select_option("#endpoint", "generate")
     page.fill("#prompt", "a very long answer " * 5)
     page.click("#send")
@@ -188,6 +213,7 @@ def test_stop_aborts_the_stream_and_the_upstream_work(page: Any, edge: dict[str,
     request_id = page.get_attribute("#status", "data-request-id")
     assert request_id
     finished = edge["agent"].wait_for_log(
-        lambda e: e.get("event") == "call_finished" and e.get("request_id") == request_id, timeout=10
+        lambda e: e.get("event") == "call_finished" and e.get("request_id") == request_id,
+        timeout=10,
     )
     assert finished["cancelled"] is True and finished["code"] == "CANCELLED"

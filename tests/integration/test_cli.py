@@ -13,13 +13,20 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     import os
 
     return subprocess.run(
-        aiproxy_argv(*args), capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, check=False
+        aiproxy_argv(*args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
 
 
 def test_check_config_prints_effective_settings(tmp_path) -> None:
     config = tmp_path / "aiproxy.yaml"
-    config.write_text("upstream:\n  endpoints: ['10.0.0.1:50052', '10.0.0.2:50052']\nstream:\n  heartbeat_interval_s: 5\n")
+    config.write_text(
+        "upstream:\n  endpoints: ['10.0.0.1:50052', '10.0.0.2:50052']\nstream:\n  heartbeat_interval_s: 5\n"
+    )
     done = run("check-config", str(config), env={"AIPROXY_STREAM__BUFFER_CHUNKS": "42"})
     assert done.returncode == 0, done.stderr
     effective = yaml.safe_load(done.stdout)
@@ -41,7 +48,9 @@ def test_bad_key_is_named(tmp_path) -> None:
 def test_bad_environment_value_is_named() -> None:
     done = run("serve", "--listen", "127.0.0.1:0", env={"AIPROXY_SERVER__GRACE_PERIOD_S": "soon"})
     assert done.returncode == 2
-    assert "server.grace_period_s" in done.stderr and "AIPROXY_SERVER__GRACE_PERIOD_S" in done.stderr
+    assert (
+        "server.grace_period_s" in done.stderr and "AIPROXY_SERVER__GRACE_PERIOD_S" in done.stderr
+    )
 
 
 def test_missing_file() -> None:

@@ -32,7 +32,9 @@ def with_listen(args: list[str], value: str = LOCAL) -> list[str]:
 
 async def assert_serves(proxy) -> None:
     async with grpc.aio.insecure_channel(proxy.address) as channel:
-        reply = await stub(channel).Generate(pb.GenerateRequest(prompt="from a container command"), timeout=10)
+        reply = await stub(channel).Generate(
+            pb.GenerateRequest(prompt="from a container command"), timeout=10
+        )
     assert reply.text
 
 
@@ -72,7 +74,9 @@ async def test_compose_services_commands_and_healthchecks(spawn) -> None:
         agents[name] = spawn(*with_listen(services[name]["command"]), name=name)
         test = services[name]["healthcheck"]["test"]
         args = build_parser().parse_args(test[2:])
-        assert (await probe("--address", agents[name].address, "--service", args.service)).returncode == 0
+        assert (
+            await probe("--address", agents[name].address, "--service", args.service)
+        ).returncode == 0
     proxy_service = services["proxy-1"]
     env = {k: str(v) for k, v in proxy_service["environment"].items()}
     env |= {
@@ -83,7 +87,9 @@ async def test_compose_services_commands_and_healthchecks(spawn) -> None:
     proxy = spawn(*proxy_service["command"], env=env, name="proxy-1")
     await assert_serves(proxy)
     # The image's HEALTHCHECK (the proxy's default) against it.
-    assert (await probe("--address", proxy.address, "--service", "ai.agent.v1.AgentService")).returncode == 0
+    assert (
+        await probe("--address", proxy.address, "--service", "ai.agent.v1.AgentService")
+    ).returncode == 0
 
 
 @pytest.mark.envoy
@@ -93,7 +99,19 @@ async def test_envoy_command_fronts_the_proxies(where, spawn, agent) -> None:
         command = compose()["services"]["envoy"]["command"]
     else:
         command = containers(by_kind("Deployment")["aiproxy-envoy"])[0]["args"]
-    proxies = [spawn("serve", "--listen", LOCAL, "--upstream", agent.address, "--metrics-listen", LOCAL, name=f"proxy{i}") for i in range(2)]
+    proxies = [
+        spawn(
+            "serve",
+            "--listen",
+            LOCAL,
+            "--upstream",
+            agent.address,
+            "--metrics-listen",
+            LOCAL,
+            name=f"proxy{i}",
+        )
+        for i in range(2)
+    ]
     args = with_listen(command)
     # Each --proxy (a compose service or the headless Service's name) -> a real proxy.
     replaced = iter(p.address for p in proxies)
@@ -108,7 +126,10 @@ async def test_envoy_command_fronts_the_proxies(where, spawn, agent) -> None:
 
 def http_json(url: str, body: dict) -> dict:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}, method="POST"
+        url,
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+        method="POST",
     )
     with urllib.request.urlopen(request, timeout=20) as reply:
         return json.loads(reply.read())

@@ -38,10 +38,24 @@ def stack() -> Iterator[dict[str, ServiceProcess]]:
         proxy = start(
             proxy_args(agent.address),
             "proxy",
-            env={**GENEROUS_LIMITS, "AIPROXY_BREAKER__ENABLED": "false", "AIPROXY_DEADLINES__END_MARGIN_MIN_S": str(MARGIN_S)},
+            env={
+                **GENEROUS_LIMITS,
+                "AIPROXY_BREAKER__ENABLED": "false",
+                "AIPROXY_DEADLINES__END_MARGIN_MIN_S": str(MARGIN_S),
+            },
         )
         envoy = start(
-            ["envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1", "--log-flush-ms", "50"],
+            [
+                "envoy",
+                "--listen",
+                "127.0.0.1:0",
+                "--proxy",
+                proxy.address,
+                "--concurrency",
+                "1",
+                "--log-flush-ms",
+                "50",
+            ],
             "envoy",
         )
         yield {"agent": agent, "proxy": proxy, "envoy": envoy}
@@ -58,7 +72,9 @@ def _error_info(status: dict) -> dict:
 
 def _access(proxy: ServiceProcess, rid: str) -> dict:
     return wait_until(
-        lambda: next((e for e in proxy.log_events("access") if e.get("request_id") == rid), None), 10, f"access log of {rid}"
+        lambda: next((e for e in proxy.log_events("access") if e.get("request_id") == rid), None),
+        10,
+        f"access log of {rid}",
     )
 
 
@@ -80,7 +96,9 @@ def test_slow_sse_stream_ends_with_a_final_deadline_event(stack: dict[str, Servi
     assert elapsed < 5
     access = _access(stack["proxy"], rid)
     assert (access["code"], access["reason"]) == ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")
-    finished = stack["agent"].wait_for_log(lambda e: e.get("event") == "call_finished" and e.get("request_id") == rid)
+    finished = stack["agent"].wait_for_log(
+        lambda e: e.get("event") == "call_finished" and e.get("request_id") == rid
+    )
     assert finished["cancelled"] is True
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
 from agent.textgen import count_tokens
+from ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import OpenStream, access_logs, request, sse_events, wait_access_log
 from tests.support.grpc_helpers import SERVING, health_status, stub
@@ -35,7 +35,9 @@ HEARTBEAT_S = 0.3
 def stack() -> Iterator[dict[str, ServiceProcess]]:
     started: list[ServiceProcess] = []
 
-    def start(argv: list[str], name: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> ServiceProcess:
+    def start(
+        argv: list[str], name: str, env: dict[str, str] | None = None, timeout: float = 60.0
+    ) -> ServiceProcess:
         proc = ServiceProcess(aiproxy_argv(*argv), env=env, name=name)
         started.append(proc)
         return proc.start(timeout=timeout)
@@ -45,7 +47,11 @@ def stack() -> Iterator[dict[str, ServiceProcess]]:
         proxy = start(
             proxy_args(agent.address),
             "proxy",
-            env={**GENEROUS_LIMITS, "AIPROXY_BREAKER__ENABLED": "false", "AIPROXY_STREAM__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)},
+            env={
+                **GENEROUS_LIMITS,
+                "AIPROXY_BREAKER__ENABLED": "false",
+                "AIPROXY_STREAM__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
+            },
         )
         envoy = start(
             ["envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1", "--log-flush-ms", "50",
@@ -70,10 +76,14 @@ def _rid(name: str) -> str:
 # ---- start-up ------------------------------------------------------------------------------
 
 
-def test_ready_line_names_the_bound_port_and_a_loopback_admin(stack: dict[str, ServiceProcess]) -> None:
+def test_ready_line_names_the_bound_port_and_a_loopback_admin(
+    stack: dict[str, ServiceProcess],
+) -> None:
     ready = stack["envoy"].ready
     assert ready["service"] == "envoy"
-    assert re.fullmatch(r"127\.0\.0\.1:\d+", ready["address"]) and not ready["address"].endswith(":0")
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", ready["address"]) and not ready["address"].endswith(
+        ":0"
+    )
     assert ready["admin"].startswith("127.0.0.1:")
     started = stack["envoy"].log_events("envoy_ready")
     assert started and started[0]["healthy_proxies"] == 1
@@ -116,7 +126,9 @@ def test_every_http_route_is_a_method_of_the_service() -> None:
 
 
 @pytest.mark.parametrize(("path", "body", "fields"), UNARY_ROUTES, ids=[r[0] for r in UNARY_ROUTES])
-def test_unary_routes_answer_json(edge: str, path: str, body: dict[str, Any], fields: set[str]) -> None:
+def test_unary_routes_answer_json(
+    edge: str, path: str, body: dict[str, Any], fields: set[str]
+) -> None:
     rid = _rid("unary")
     reply = request(edge, "POST", path, body, headers={"x-request-id": rid})
     assert reply.status == 200, reply.body
@@ -127,7 +139,10 @@ def test_unary_routes_answer_json(edge: str, path: str, body: dict[str, Any], fi
     if path == "/api/v1/ai/generate/batch":
         assert doc["succeeded"] == 2 and doc["failed"] == 0  # zero values are printed too
     if path == "/api/v1/ai/rag/search":
-        assert 1 <= len(doc["sources"]) <= 2 and {"id", "title", "snippet", "score"} <= doc["sources"][0].keys()
+        assert (
+            1 <= len(doc["sources"]) <= 2
+            and {"id", "title", "snippet", "score"} <= doc["sources"][0].keys()
+        )
 
 
 @pytest.mark.parametrize(("path", "body"), STREAM_ROUTES, ids=[r[0] for r in STREAM_ROUTES])
@@ -141,14 +156,21 @@ def test_stream_routes_are_exact_sse(edge: str, path: str, body: dict[str, Any])
     seqs = [e["seq"] for e in events]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     final = events[-1]
-    assert final["finishReason"] in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH") and "error" not in final
+    assert (
+        final["finishReason"] in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH")
+        and "error" not in final
+    )
     assert final["usage"]["totalTokens"] > 0
     assert "".join(e["delta"] for e in events).strip()
 
 
 def test_get_binding_streams_with_query_parameters(edge: str) -> None:
     """What EventSource uses: GET with the request's fields as query parameters."""
-    reply = request(edge, "GET", "/api/v1/ai/chat/stream?session_id=http-get&user_message=Hello%20there&options.max_tokens=5")
+    reply = request(
+        edge,
+        "GET",
+        "/api/v1/ai/chat/stream?session_id=http-get&user_message=Hello%20there&options.max_tokens=5",
+    )
     assert reply.status == 200 and reply.content_type == "text/event-stream"
     events = sse_events(reply.body)
     assert events[0]["sessionId"] == "http-get"
@@ -170,7 +192,9 @@ FAULTS = [
 
 
 @pytest.mark.parametrize("path", ["/api/v1/ai/generate", "/api/v1/ai/generate/stream"])
-@pytest.mark.parametrize(("fault", "http_status", "code", "reason"), FAULTS, ids=[f[0] for f in FAULTS])
+@pytest.mark.parametrize(
+    ("fault", "http_status", "code", "reason"), FAULTS, ids=[f[0] for f in FAULTS]
+)
 def test_error_before_the_first_chunk_is_an_http_status_with_a_status_body(
     edge: str, path: str, fault: str, http_status: int, code: int, reason: str | None
 ) -> None:
@@ -207,7 +231,9 @@ def test_callers_deadline_through_http_is_a_504(edge: str) -> None:
 @pytest.mark.parametrize("path", [p for p, _ in STREAM_ROUTES[:2]])
 def test_error_mid_stream_is_an_in_band_final_event(edge: str, path: str) -> None:
     body = dict(STREAM_ROUTES[[p for p, _ in STREAM_ROUTES].index(path)][1])
-    reply = request(edge, "POST", path, body, headers={"x-fault-code": "UNAVAILABLE", "x-fault-after": "3"})
+    reply = request(
+        edge, "POST", path, body, headers={"x-fault-code": "UNAVAILABLE", "x-fault-after": "3"}
+    )
     assert reply.status == 200  # the status line left long ago; the error is in the body
     events = [e for e in sse_events(reply.body) if not e["heartbeat"]]
     *text, final = events
@@ -215,9 +241,14 @@ def test_error_mid_stream_is_an_in_band_final_event(edge: str, path: str) -> Non
     # (coalescing behind a slower reader), never dropped or reordered them.
     assert 1 <= len(text) <= 3 and all(e["delta"] and not e["isFinal"] for e in text)
     assert count_tokens("".join(e["delta"] for e in text)) == 3
-    assert final["isFinal"] and final["finishReason"] == "FINISH_REASON_ERROR" and final["delta"] == ""
+    assert (
+        final["isFinal"] and final["finishReason"] == "FINISH_REASON_ERROR" and final["delta"] == ""
+    )
     assert final["error"]["code"] == 14
-    assert next(d for d in final["error"]["details"] if d["@type"] == ERROR_INFO)["reason"] == "UPSTREAM_UNAVAILABLE"
+    assert (
+        next(d for d in final["error"]["details"] if d["@type"] == ERROR_INFO)["reason"]
+        == "UPSTREAM_UNAVAILABLE"
+    )
 
 
 def test_unknown_path_is_404_json(edge: str) -> None:
@@ -232,8 +263,15 @@ def test_a_known_path_with_another_method_is_405_with_allow(edge: str) -> None:
     for method, path, allow in (("GET", "/api/v1/ai/generate", "POST, OPTIONS"), ("PUT", "/api/v1/ai/chat", "POST, OPTIONS"),
                                 ("DELETE", "/api/v1/ai/chat/stream", "GET, POST, OPTIONS")):  # fmt: skip
         reply = request(edge, method, path, None)
-        assert reply.status == 405 and reply.headers["allow"] == allow, (method, path, reply.headers)
-        assert reply.json()["code"] == 12 and reply.json()["details"][0]["reason"] == "METHOD_NOT_ALLOWED"
+        assert reply.status == 405 and reply.headers["allow"] == allow, (
+            method,
+            path,
+            reply.headers,
+        )
+        assert (
+            reply.json()["code"] == 12
+            and reply.json()["details"][0]["reason"] == "METHOD_NOT_ALLOWED"
+        )
 
 
 def test_unknown_query_parameter_is_400(edge: str) -> None:
@@ -241,7 +279,9 @@ def test_unknown_query_parameter_is_400(edge: str) -> None:
     assert reply.status == 400 and reply.json()["code"] == 3 and "bogus" in reply.json()["message"]
 
 
-@pytest.mark.parametrize("body", [b'{"prompt":', b'{"prompt": 5}', b'{"nosuchfield": "x"}', b"not json"])
+@pytest.mark.parametrize(
+    "body", [b'{"prompt":', b'{"prompt": 5}', b'{"nosuchfield": "x"}', b"not json"]
+)
 def test_malformed_json_is_400(edge: str, body: bytes) -> None:
     reply = request(edge, "POST", "/api/v1/ai/generate", body)
     assert reply.status == 400, reply.body
@@ -249,7 +289,13 @@ def test_malformed_json_is_400(edge: str, body: bytes) -> None:
 
 
 def test_proxy_admin_rpc_is_not_exposed(edge: str) -> None:
-    reply = request(edge, "POST", "/ai.proxy.v1.ProxyAdminService/ListEndpoints", b"", headers={"content-type": "application/grpc", "te": "trailers"})
+    reply = request(
+        edge,
+        "POST",
+        "/ai.proxy.v1.ProxyAdminService/ListEndpoints",
+        b"",
+        headers={"content-type": "application/grpc", "te": "trailers"},
+    )
     # Envoy answers a gRPC request's local reply the gRPC way: 403 -> PERMISSION_DENIED.
     assert reply.headers["grpc-status"] == "7" and "edge" in reply.headers["grpc-message"]
 
@@ -280,9 +326,21 @@ def test_cors_refuses_other_origins(edge: str) -> None:
         headers={"origin": "https://evil.example.com", "access-control-request-method": "POST"},
     )  # fmt: skip
     assert "access-control-allow-origin" not in preflight.headers
-    simple = request(edge, "POST", "/api/v1/ai/generate", {"prompt": "x", "options": {"maxTokens": 1}}, headers={"origin": "https://evil.example.com"})
+    simple = request(
+        edge,
+        "POST",
+        "/api/v1/ai/generate",
+        {"prompt": "x", "options": {"maxTokens": 1}},
+        headers={"origin": "https://evil.example.com"},
+    )
     assert "access-control-allow-origin" not in simple.headers
-    allowed = request(edge, "POST", "/api/v1/ai/generate", {"prompt": "x", "options": {"maxTokens": 1}}, headers={"origin": "https://app.example.com"})
+    allowed = request(
+        edge,
+        "POST",
+        "/api/v1/ai/generate",
+        {"prompt": "x", "options": {"maxTokens": 1}},
+        headers={"origin": "https://app.example.com"},
+    )
     assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
 
 
@@ -302,7 +360,9 @@ def test_heartbeats_reach_the_browser_while_the_upstream_is_quiet(edge: str) -> 
     assert events[-1]["isFinal"] and not events[-1]["heartbeat"]
 
 
-def test_client_disconnect_cancels_the_upstream_work(edge: str, stack: dict[str, ServiceProcess]) -> None:
+def test_client_disconnect_cancels_the_upstream_work(
+    edge: str, stack: dict[str, ServiceProcess]
+) -> None:
     rid = _rid("disconnect")
     stream = OpenStream(
         edge, "/api/v1/ai/generate/stream", {"prompt": "a long answer", "options": {"maxTokens": 200}},
@@ -320,20 +380,38 @@ def test_client_disconnect_cancels_the_upstream_work(edge: str, stack: dict[str,
     assert finished["chunks"] < 200
 
 
-def test_access_log_has_request_status_duration_and_stream_usage(edge: str, stack: dict[str, ServiceProcess]) -> None:
+def test_access_log_has_request_status_duration_and_stream_usage(
+    edge: str, stack: dict[str, ServiceProcess]
+) -> None:
     envoy = stack["envoy"]
     ok_id, err_id = _rid("log-ok"), _rid("log-err")
-    events = sse_events(request(edge, "POST", "/api/v1/ai/generate/stream", {"prompt": "count", "options": {"maxTokens": 7}}, headers={"x-request-id": ok_id}).body)
+    events = sse_events(
+        request(
+            edge,
+            "POST",
+            "/api/v1/ai/generate/stream",
+            {"prompt": "count", "options": {"maxTokens": 7}},
+            headers={"x-request-id": ok_id},
+        ).body
+    )
     usage = events[-1]["usage"]
     line = wait_access_log(envoy, ok_id)
     assert line["method"] == "POST" and line["path"] == "/api/v1/ai/generate/stream"
     assert line["grpc_method"] == "/ai.agent.v1.AgentService/StreamGenerate"
     assert line["http_status"] == 200 and line["grpc_status"] == "OK"
     assert isinstance(line["duration_ms"], int) and line["upstream_host"] == stack["proxy"].address
-    assert line["usage_total_tokens"] == usage["totalTokens"] and line["usage_completion_tokens"] == 7
+    assert (
+        line["usage_total_tokens"] == usage["totalTokens"] and line["usage_completion_tokens"] == 7
+    )
     assert line["model"] == events[0]["model"]
 
-    request(edge, "POST", "/api/v1/ai/generate", {"prompt": "x"}, headers={"x-request-id": err_id, "x-fault-code": "RESOURCE_EXHAUSTED"})
+    request(
+        edge,
+        "POST",
+        "/api/v1/ai/generate",
+        {"prompt": "x"},
+        headers={"x-request-id": err_id, "x-fault-code": "RESOURCE_EXHAUSTED"},
+    )
     line = wait_access_log(envoy, err_id)
     # The transcoder turned the error into HTTP 429 (which Envoy's %GRPC_STATUS% reads
     # back as Unavailable); grpc_code keeps the code the proxy answered with.
@@ -347,11 +425,21 @@ def test_access_log_has_request_status_duration_and_stream_usage(edge: str, stac
 async def test_grpc_clients_come_in_through_envoy_too(edge: str) -> None:
     async with grpc.aio.insecure_channel(edge) as channel:
         assert await health_status(channel, "ai.agent.v1.AgentService") == SERVING
-        chunks = [c async for c in stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="hi", options=pb.GenerationOptions(max_tokens=4)), timeout=30)]
+        chunks = [
+            c
+            async for c in stub(channel).StreamGenerate(
+                pb.StreamGenerateRequest(prompt="hi", options=pb.GenerationOptions(max_tokens=4)),
+                timeout=30,
+            )
+        ]
         assert chunks[-1].is_final and chunks[-1].usage.completion_tokens == 4
         assert count_tokens("".join(c.delta for c in chunks)) == 4
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub(channel).Generate(pb.GenerateRequest(prompt="x"), metadata=(("x-fault-code", "UNAVAILABLE"),), timeout=30)
+            await stub(channel).Generate(
+                pb.GenerateRequest(prompt="x"),
+                metadata=(("x-fault-code", "UNAVAILABLE"),),
+                timeout=30,
+            )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

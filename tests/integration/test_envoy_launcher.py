@@ -28,7 +28,17 @@ def test_without_a_healthy_proxy_it_still_starts_answers_503_and_stops_on_sigter
     spawn: Callable[..., ServiceProcess],
 ) -> None:
     dead = f"127.0.0.1:{_closed_port()}"
-    envoy = spawn("envoy", "--listen", "127.0.0.1:0", "--proxy", dead, "--startup-wait-s", "0.5", "--concurrency", "1")
+    envoy = spawn(
+        "envoy",
+        "--listen",
+        "127.0.0.1:0",
+        "--proxy",
+        dead,
+        "--startup-wait-s",
+        "0.5",
+        "--concurrency",
+        "1",
+    )
     warned = envoy.log_events("envoy_no_healthy_proxy")
     assert warned and warned[0]["proxies"] == [dead]
     assert request(envoy.address, "GET", "/healthz").status == 503
@@ -47,7 +57,9 @@ def test_print_config_renders_the_replicas() -> None:
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     config = yaml.safe_load(out.stdout)
-    endpoints = config["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    endpoints = config["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0][
+        "lb_endpoints"
+    ]
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == [1, 2]
 
 
@@ -56,7 +68,12 @@ def test_print_config_renders_the_replicas() -> None:
     [["--proxy", "no-port"], ["--listen", "nowhere"], ["--descriptor", "/nonexistent/aiproxy.pb"]],
 )
 def test_bad_arguments_exit_2_with_a_message(args: list[str]) -> None:
-    proc = subprocess.run(aiproxy_argv("envoy", "--listen", "127.0.0.1:0", *args), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        aiproxy_argv("envoy", "--listen", "127.0.0.1:0", *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("aiproxy envoy: ") and proc.stdout == ""
 
@@ -67,7 +84,17 @@ def test_sigterm_drains_open_streams_before_stopping(spawn: Callable[..., Servic
 
     agent = spawn(*agent_args(), name="agent")
     proxy = spawn(*proxy_args(agent.address), name="proxy")
-    envoy = spawn("envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1", "--drain-s", "20")
+    envoy = spawn(
+        "envoy",
+        "--listen",
+        "127.0.0.1:0",
+        "--proxy",
+        proxy.address,
+        "--concurrency",
+        "1",
+        "--drain-s",
+        "20",
+    )
     stream = OpenStream(
         envoy.address, "/api/v1/ai/generate/stream", {"prompt": "drain me", "options": {"maxTokens": 20}},
         headers={"x-fault-slow-ms": "50"},

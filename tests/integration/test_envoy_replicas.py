@@ -39,7 +39,13 @@ def replicas() -> Iterator[dict[str, ServiceProcess]]:
              "--concurrency", "1", "--log-flush-ms", "50", "--health-interval-s", "0.5"],
             "envoy",
         )  # fmt: skip
-        yield {"agent_a": agent_a, "agent_b": agent_b, "proxy_a": proxy_a, "proxy_b": proxy_b, "envoy": envoy}
+        yield {
+            "agent_a": agent_a,
+            "agent_b": agent_b,
+            "proxy_a": proxy_a,
+            "proxy_b": proxy_b,
+            "envoy": envoy,
+        }
     finally:
         for proc in reversed(started):
             proc.cleanup()
@@ -48,16 +54,30 @@ def replicas() -> Iterator[dict[str, ServiceProcess]]:
 def _call(edge: str, rid: str, stream: bool) -> int:
     """One request; returns the HTTP status, and fails on an incomplete stream."""
     if stream:
-        reply = request(edge, "POST", "/api/v1/ai/generate/stream", {"prompt": "hi", "options": {"maxTokens": 3}}, headers={"x-request-id": rid})
+        reply = request(
+            edge,
+            "POST",
+            "/api/v1/ai/generate/stream",
+            {"prompt": "hi", "options": {"maxTokens": 3}},
+            headers={"x-request-id": rid},
+        )
         if reply.status == 200:
             final = sse_events(reply.body)[-1]
             assert final["isFinal"] and "error" not in final, final
         return reply.status
-    reply = request(edge, "POST", "/api/v1/ai/generate", {"prompt": "hi", "options": {"maxTokens": 3}}, headers={"x-request-id": rid})
+    reply = request(
+        edge,
+        "POST",
+        "/api/v1/ai/generate",
+        {"prompt": "hi", "options": {"maxTokens": 3}},
+        headers={"x-request-id": rid},
+    )
     return reply.status
 
 
-def test_not_serving_replica_is_ejected_and_traffic_continues(replicas: dict[str, ServiceProcess]) -> None:
+def test_not_serving_replica_is_ejected_and_traffic_continues(
+    replicas: dict[str, ServiceProcess],
+) -> None:
     envoy = replicas["envoy"]
     edge = envoy.address
     a, b = replicas["proxy_a"].address, replicas["proxy_b"].address
@@ -101,7 +121,9 @@ def test_not_serving_replica_is_ejected_and_traffic_continues(replicas: dict[str
     assert a in back
 
 
-def test_no_healthy_replica_is_a_503_status_and_healthz_says_so(replicas: dict[str, ServiceProcess]) -> None:
+def test_no_healthy_replica_is_a_503_status_and_healthz_says_so(
+    replicas: dict[str, ServiceProcess],
+) -> None:
     envoy = replicas["envoy"]
     edge = envoy.address
     for agent, proxy in (("agent_a", "proxy_a"), ("agent_b", "proxy_b")):
@@ -111,12 +133,21 @@ def test_no_healthy_replica_is_a_503_status_and_healthz_says_so(replicas: dict[s
         wait_host_health(envoy, replicas[proxy].address, False, timeout=20)
 
     # healthy_panic_threshold 0: no routing to unhealthy replicas, a fast 503 instead.
-    reply = request(edge, "POST", "/api/v1/ai/generate", {"prompt": "x"}, headers={"x-request-id": "none-healthy"})
+    reply = request(
+        edge,
+        "POST",
+        "/api/v1/ai/generate",
+        {"prompt": "x"},
+        headers={"x-request-id": "none-healthy"},
+    )
     assert reply.status == 503
     body = reply.json()
     assert body["code"] == 14 and body["message"] == "the service is unavailable", body
     assert [d["@type"].rpartition(".")[2] for d in body["details"]] == ["ErrorInfo", "RetryInfo"]
-    assert body["details"][0]["reason"] == "UPSTREAM_UNAVAILABLE" and reply.headers["retry-after"] == "1"
+    assert (
+        body["details"][0]["reason"] == "UPSTREAM_UNAVAILABLE"
+        and reply.headers["retry-after"] == "1"
+    )
     assert wait_access_log(envoy, "none-healthy")["response_flags"] == "UH"
     assert request(edge, "GET", "/healthz").status == 503
 

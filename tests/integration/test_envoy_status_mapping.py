@@ -49,13 +49,17 @@ class FailingAgent(agent_service_pb2_grpc.AgentServiceServicer):
         code = grpc.StatusCode[prompt]
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.ErrorInfo(reason=f"TEST_{code.name}", domain="test"))
-        status = status_pb2.Status(code=getattr(code_pb2, code.name), message=f"failed with {code.name}", details=[detail])
+        status = status_pb2.Status(
+            code=getattr(code_pb2, code.name), message=f"failed with {code.name}", details=[detail]
+        )
         await context.abort_with_status(rpc_status.to_status(status))
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await self._fail(request.prompt, context)
 
-    async def StreamGenerate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def StreamGenerate(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         await self._fail(request.prompt, context)
         yield  # pragma: no cover  (an async generator that never yields)
 
@@ -70,7 +74,9 @@ async def failing_edge() -> AsyncIterator[str]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     envoy = ServiceProcess(
-        aiproxy_argv("envoy", "--listen", "127.0.0.1:0", "--proxy", f"127.0.0.1:{port}", "--concurrency", "1"),
+        aiproxy_argv(
+            "envoy", "--listen", "127.0.0.1:0", "--proxy", f"127.0.0.1:{port}", "--concurrency", "1"
+        ),
         name="envoy",
     )
     try:
@@ -89,4 +95,11 @@ async def test_grpc_codes_become_the_promised_http_statuses(failing_edge: str, p
         assert reply.content_type == "application/json"
         body = reply.json()
         assert body["code"] == code.value[0] and body["message"] == f"failed with {code.name}"
-        assert body["details"] == [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": f"TEST_{code.name}", "domain": "test", "metadata": {}}]
+        assert body["details"] == [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": f"TEST_{code.name}",
+                "domain": "test",
+                "metadata": {},
+            }
+        ]

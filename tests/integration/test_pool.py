@@ -20,11 +20,15 @@ REQUEST = pb.GenerateRequest(prompt="balance me", options=pb.GenerationOptions(m
 
 
 async def endpoints(channel: grpc.aio.Channel) -> dict[str, admin_pb.UpstreamEndpoint]:
-    reply = await admin_grpc.ProxyAdminServiceStub(channel).ListEndpoints(admin_pb.ListEndpointsRequest(), timeout=5)
+    reply = await admin_grpc.ProxyAdminServiceStub(channel).ListEndpoints(
+        admin_pb.ListEndpointsRequest(), timeout=5
+    )
     return {ep.address: ep for ep in reply.endpoints}
 
 
-async def wait_endpoint(channel: grpc.aio.Channel, address: str, *, usable: bool, timeout: float) -> float:
+async def wait_endpoint(
+    channel: grpc.aio.Channel, address: str, *, usable: bool, timeout: float
+) -> float:
     """Poll the admin RPC until `address` is (not) usable; returns the time it took."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -57,7 +61,10 @@ def calls_per_agent(agents) -> dict[str, int]:
 
 @pytest.fixture
 def replicas(spawn):
-    return [spawn(*agent_args(first_token_delay_ms=2, token_delay_ms=1), name=f"agent{i}") for i in range(3)]
+    return [
+        spawn(*agent_args(first_token_delay_ms=2, token_delay_ms=1), name=f"agent{i}")
+        for i in range(3)
+    ]
 
 
 @pytest.fixture
@@ -87,7 +94,9 @@ async def test_not_serving_replica_gets_no_new_calls_within_1s(replicas, pool_pr
     before = len(sick.log_events("call_started"))
     codes = await fire(channel, 60, concurrency=6)
     assert set(codes) == {grpc.StatusCode.OK}
-    assert len(sick.log_events("call_started")) == before, f"NOT_SERVING replica got calls ({took:.3f}s to notice)"
+    assert len(sick.log_events("call_started")) == before, (
+        f"NOT_SERVING replica got calls ({took:.3f}s to notice)"
+    )
 
     # It comes back: used again.
     sick.send_signal(signal.SIGUSR2)
@@ -96,7 +105,9 @@ async def test_not_serving_replica_gets_no_new_calls_within_1s(replicas, pool_pr
     assert len(sick.log_events("call_started")) > before
 
 
-async def test_killed_replica_detected_within_5s_and_calls_keep_succeeding(replicas, pool_proxy) -> None:
+async def test_killed_replica_detected_within_5s_and_calls_keep_succeeding(
+    replicas, pool_proxy
+) -> None:
     _, channel = pool_proxy
     victim = replicas[1]
     load = asyncio.create_task(fire(channel, 400, concurrency=4))
@@ -109,7 +120,10 @@ async def test_killed_replica_detected_within_5s_and_calls_keep_succeeding(repli
 
 
 async def test_slow_replica_receives_less(spawn) -> None:
-    fast = [spawn(*agent_args(first_token_delay_ms=1, token_delay_ms=0), name=f"fast{i}") for i in range(2)]
+    fast = [
+        spawn(*agent_args(first_token_delay_ms=1, token_delay_ms=0), name=f"fast{i}")
+        for i in range(2)
+    ]
     slow = spawn(*agent_args(first_token_delay_ms=60, token_delay_ms=0), name="slow")
     proxy = spawn(*proxy_args(*(a.address for a in [*fast, slow])), name="proxy")
     async with grpc.aio.insecure_channel(proxy.address) as channel:
@@ -140,7 +154,9 @@ async def test_health_tasks_are_supervised_and_restart_after_any_exception(caplo
     from core.settings import UpstreamSettings
     from server.upstream import Endpoint
 
-    endpoint = Endpoint("127.0.0.1:1", UpstreamSettings(endpoints=["127.0.0.1:1"]), lambda _ep: None)
+    endpoint = Endpoint(
+        "127.0.0.1:1", UpstreamSettings(endpoints=["127.0.0.1:1"]), lambda _ep: None
+    )
     runs = 0
     healthy_again = asyncio.Event()
 

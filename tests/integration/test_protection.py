@@ -24,7 +24,9 @@ from tests.integration.test_pool import endpoints
 from tests.support.grpc_helpers import SERVING, health_status, stub
 
 PROMPT = pb.GenerateRequest(prompt="protect me", options=pb.GenerationOptions(max_tokens=4))
-STREAM_PROMPT = pb.StreamGenerateRequest(prompt="stream for me", options=pb.GenerationOptions(max_tokens=8))
+STREAM_PROMPT = pb.StreamGenerateRequest(
+    prompt="stream for me", options=pb.GenerationOptions(max_tokens=8)
+)
 
 
 @dataclass
@@ -178,7 +180,9 @@ async def test_breaker_opens_rejects_half_open_admits_exact_probes_then_closes(s
         # Half-open: exactly two probes get through; the third caller is turned away.
         await wait_breaker(channel, agent.address, admin_pb.BREAKER_STATE_HALF_OPEN)
         slow = (("x-fault-delay-ms", "400"),)
-        probes = [asyncio.ensure_future(api.Generate(PROMPT, metadata=slow, timeout=5)) for _ in range(2)]
+        probes = [
+            asyncio.ensure_future(api.Generate(PROMPT, metadata=slow, timeout=5)) for _ in range(2)
+        ]
         await wait_started(agent, sent_before + 2)  # both probes in flight (400 ms each)
         r = rich(await call_error(api.Generate(PROMPT, timeout=5)))
         assert r.reason == "CIRCUIT_OPEN"
@@ -196,7 +200,9 @@ async def test_breaker_opens_rejects_half_open_admits_exact_probes_then_closes(s
         for i in range(3):
             await call_error(api.Generate(PROMPT, metadata=(*fail, caller(i)), timeout=5))
             if i < 2:
-                assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_HALF_OPEN
+                assert (
+                    await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_HALF_OPEN
+                )
         assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_OPEN
         assert rich(await call_error(api.Generate(PROMPT, timeout=5))).reason == "CIRCUIT_OPEN"
     transitions = [(e["old"], e["new"]) for e in proxy.log_events("breaker_transition")]
@@ -216,7 +222,10 @@ async def test_failing_streams_open_the_breaker_and_are_then_refused(after, spaw
     proxy = spawn(
         *proxy_args(agent.address),
         env=env(
-            breaker__min_volume=3, breaker__min_failing_callers=3, breaker__reset_timeout_s=30, retry__max_attempts=1
+            breaker__min_volume=3,
+            breaker__min_failing_callers=3,
+            breaker__reset_timeout_s=30,
+            retry__max_attempts=1,
         ),
         name="proxy",
     )
@@ -224,7 +233,9 @@ async def test_failing_streams_open_the_breaker_and_are_then_refused(after, spaw
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         api = stub(channel)
         for i in range(3):
-            _, err = await read_stream(api.StreamGenerate(STREAM_PROMPT, metadata=(*fail, caller(i)), timeout=5))
+            _, err = await read_stream(
+                api.StreamGenerate(STREAM_PROMPT, metadata=(*fail, caller(i)), timeout=5)
+            )
             assert rich(err).reason == "UPSTREAM_UNAVAILABLE"
         assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_OPEN
         sent = len(started_ids(agent))
@@ -236,7 +247,9 @@ async def test_failing_streams_open_the_breaker_and_are_then_refused(after, spaw
 async def test_callers_own_errors_never_open_the_breaker(spawn) -> None:
     agent = spawn(*agent_args(), name="agent")
     proxy = spawn(
-        *proxy_args(agent.address), env=env(breaker__min_volume=2, breaker__min_failing_callers=1), name="proxy"
+        *proxy_args(agent.address),
+        env=env(breaker__min_volume=2, breaker__min_failing_callers=1),
+        name="proxy",
     )
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         for i in range(5):
@@ -280,7 +293,11 @@ async def test_one_hostile_caller_cannot_open_the_breaker_for_everyone(fault, sp
     calls, far past the old 5-in-a-row) while another caller keeps working."""
     streaming, faults = HOSTILE_FAULTS[fault]
     agent = spawn(*agent_args(), name="agent")
-    proxy = spawn(*proxy_args(agent.address), env=env(retry__max_attempts=1, stream__coalesce="false"), name="proxy")
+    proxy = spawn(
+        *proxy_args(agent.address),
+        env=env(retry__max_attempts=1, stream__coalesce="false"),
+        name="proxy",
+    )
     hostile = (*faults, ("x-client-id", "hostile"))
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         api = stub(channel)
@@ -289,7 +306,9 @@ async def test_one_hostile_caller_cannot_open_the_breaker_for_everyone(fault, sp
             failed = 0
             for _ in range(200):
                 if streaming:
-                    chunks, err = await read_stream(api.StreamGenerate(STREAM_PROMPT, metadata=hostile, timeout=10))
+                    chunks, err = await read_stream(
+                        api.StreamGenerate(STREAM_PROMPT, metadata=hostile, timeout=10)
+                    )
                     # Failed mid-stream: two deltas, then the error in-band as the final chunk.
                     assert len(chunks) == 3 and chunks[-1].is_final and chunks[-1].error.code
                 else:
@@ -323,7 +342,9 @@ async def test_an_outage_for_every_caller_still_opens_it_and_the_proxy_stays_rea
         api = stub(channel)
         failing = (("x-fault-code", "UNAVAILABLE"),)
         for i in range(20):
-            err = await call_error(api.Generate(PROMPT, metadata=(*failing, caller(i % 4)), timeout=5))
+            err = await call_error(
+                api.Generate(PROMPT, metadata=(*failing, caller(i % 4)), timeout=5)
+            )
             assert rich(err).reason == "UPSTREAM_UNAVAILABLE"
         assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_OPEN
         r = rich(await call_error(api.Generate(PROMPT, metadata=(caller("other"),), timeout=5)))
@@ -353,7 +374,9 @@ async def test_unary_retries_land_on_the_other_replica(flaky_and_healthy) -> Non
     attempts = collections.Counter()
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         for _ in range(20):
-            call = stub(channel).Generate(PROMPT, metadata=(("x-fault-code", "UNAVAILABLE"),), timeout=5)
+            call = stub(channel).Generate(
+                PROMPT, metadata=(("x-fault-code", "UNAVAILABLE"),), timeout=5
+            )
             await call
             attempts[dict(await call.trailing_metadata())["x-aiproxy-attempts"]] += 1
     failed_first = started_ids(flaky)
@@ -371,7 +394,9 @@ async def test_streams_retry_before_the_first_chunk_never_after(flaky_and_health
         # Failing before the first chunk: retried elsewhere, the caller never notices.
         for _ in range(10):
             chunks, err = await read_stream(
-                stub(channel).StreamGenerate(STREAM_PROMPT, metadata=(("x-fault-code", "UNAVAILABLE"),), timeout=5)
+                stub(channel).StreamGenerate(
+                    STREAM_PROMPT, metadata=(("x-fault-code", "UNAVAILABLE"),), timeout=5
+                )
             )
             assert err is None and chunks[-1].is_final and not chunks[-1].HasField("error")
         before_first = set(started_ids(flaky))
@@ -384,7 +409,11 @@ async def test_streams_retry_before_the_first_chunk_never_after(flaky_and_health
             chunks, err = await read_stream(
                 stub(channel).StreamGenerate(
                     STREAM_PROMPT,
-                    metadata=(("x-fault-code", "UNAVAILABLE"), ("x-fault-after", "2"), ("x-request-id", request_id)),
+                    metadata=(
+                        ("x-fault-code", "UNAVAILABLE"),
+                        ("x-fault-after", "2"),
+                        ("x-request-id", request_id),
+                    ),
                     timeout=5,
                 )
             )
@@ -405,7 +434,9 @@ async def test_streams_retry_before_the_first_chunk_never_after(flaky_and_health
 
 async def test_100_concurrent_calls_against_a_burst_of_10_admit_exactly_10(spawn, agent) -> None:
     # 0.01 tokens/s: no token comes back during the test, so the burst is all there is.
-    proxy = spawn(*proxy_args(agent.address), env=env(limits__rate_per_s=0.01, limits__burst=10), name="proxy")
+    proxy = spawn(
+        *proxy_args(agent.address), env=env(limits__rate_per_s=0.01, limits__burst=10), name="proxy"
+    )
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         api = stub(channel)
 
@@ -445,17 +476,26 @@ async def test_stream_cap_per_caller_and_proxy_wide_cap(spawn, agent) -> None:
     hang = (("x-fault-hang", "1"),)
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         api = stub(channel)
-        open_streams = [api.StreamGenerate(STREAM_PROMPT, metadata=hang, timeout=10) for _ in range(2)]
+        open_streams = [
+            api.StreamGenerate(STREAM_PROMPT, metadata=hang, timeout=10) for _ in range(2)
+        ]
         await wait_started(agent, 2)
         _, err = await read_stream(api.StreamGenerate(STREAM_PROMPT, timeout=10))
         r = rich(err)
         assert (r.code, r.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "CONCURRENCY_LIMITED")
-        assert r.quota == [("peer:127.0.0.1", "at most 2 concurrent streams")] and r.retry_delay_s == 1.0
+        assert (
+            r.quota == [("peer:127.0.0.1", "at most 2 concurrent streams")]
+            and r.retry_delay_s == 1.0
+        )
 
         # Another caller may stream; then the proxy-wide cap (3 calls in flight) is reached.
-        other = api.StreamGenerate(STREAM_PROMPT, metadata=(*hang, ("x-client-id", "b")), timeout=10)
+        other = api.StreamGenerate(
+            STREAM_PROMPT, metadata=(*hang, ("x-client-id", "b")), timeout=10
+        )
         await wait_started(agent, 3)
-        r = rich(await call_error(api.Generate(PROMPT, metadata=(("x-client-id", "c"),), timeout=10)))
+        r = rich(
+            await call_error(api.Generate(PROMPT, metadata=(("x-client-id", "c"),), timeout=10))
+        )
         assert (r.code, r.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")
         assert r.metadata == {"limit": "3"} and r.retry_delay_s == 0.5
 
@@ -479,12 +519,17 @@ async def test_stream_cap_per_caller_and_proxy_wide_cap(spawn, agent) -> None:
 
 BAD_REQUESTS = {
     "Generate": (
-        pb.GenerateRequest(prompt=" ", options=pb.GenerationOptions(temperature=3, top_p=-1, max_tokens=10**6)),
+        pb.GenerateRequest(
+            prompt=" ", options=pb.GenerationOptions(temperature=3, top_p=-1, max_tokens=10**6)
+        ),
         {"prompt", "options.temperature", "options.top_p", "options.max_tokens"},
     ),
     "StreamChat": (
         pb.StreamChatRequest(
-            messages=[pb.ChatMessage(role=pb.CHAT_ROLE_UNSPECIFIED, content="hi"), pb.ChatMessage(role=7, content="")]
+            messages=[
+                pb.ChatMessage(role=pb.CHAT_ROLE_UNSPECIFIED, content="hi"),
+                pb.ChatMessage(role=7, content=""),
+            ]
         ),
         {"messages[0].role", "messages[1].role", "messages[1].content"},
     ),
@@ -525,12 +570,18 @@ async def test_method_maximum_caps_the_callers_deadline(spawn, agent) -> None:
         for caller_timeout, request_id in ((30, "req-capped"), (None, "req-default")):
             err = await call_error(
                 stub(channel).Generate(
-                    PROMPT, metadata=(("x-fault-hang", "1"), ("x-request-id", request_id)), timeout=caller_timeout
+                    PROMPT,
+                    metadata=(("x-fault-hang", "1"), ("x-request-id", request_id)),
+                    timeout=caller_timeout,
                 )
             )
             r = rich(err)
             assert (r.code, r.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")
-            seen = agent.wait_for_log(lambda e, i=request_id: e.get("event") == "call_started" and e.get("request_id") == i)
+            seen = agent.wait_for_log(
+                lambda e, i=request_id: (
+                    e.get("event") == "call_started" and e.get("request_id") == i
+                )
+            )
             limit_ms = 500 if caller_timeout else 300
             # + 1 ms: grpc-timeout goes on the wire rounded up to the millisecond.
             assert 0 < seen["deadline_remaining_ms"] <= limit_ms + 1
@@ -547,7 +598,11 @@ async def test_idle_stream_ends_with_deadline_exceeded_in_band(spawn, agent) -> 
         chunks, err = await read_stream(
             stub(channel).StreamGenerate(
                 STREAM_PROMPT,
-                metadata=(("x-fault-hang", "1"), ("x-fault-after", "1"), ("x-request-id", request_id)),
+                metadata=(
+                    ("x-fault-hang", "1"),
+                    ("x-fault-after", "1"),
+                    ("x-request-id", request_id),
+                ),
                 timeout=30,
             )
         )
@@ -557,7 +612,9 @@ async def test_idle_stream_ends_with_deadline_exceeded_in_band(spawn, agent) -> 
     assert last.metadata == {"idle_timeout_s": "0.4"}
     assert rich(err).reason == "DEADLINE_EXCEEDED"
     # The idle upstream call was cancelled, not left hanging.
-    finished = agent.wait_for_log(lambda e: e.get("event") == "call_finished" and e.get("request_id") == request_id)
+    finished = agent.wait_for_log(
+        lambda e: e.get("event") == "call_finished" and e.get("request_id") == request_id
+    )
     assert finished["cancelled"] is True
 
 
@@ -595,7 +652,9 @@ async def test_upstream_failures_map_to_one_shape(upstream_code, single_attempt_
         fault = (("x-fault-code", upstream_code),)
         unary = rich(await call_error(api.Generate(PROMPT, metadata=fault, timeout=5)))
         # Before the first chunk a stream fails like a unary call: status only, no chunks.
-        chunks, err = await read_stream(api.StreamGenerate(STREAM_PROMPT, metadata=fault, timeout=5))
+        chunks, err = await read_stream(
+            api.StreamGenerate(STREAM_PROMPT, metadata=fault, timeout=5)
+        )
         assert chunks == []
         before = rich(err)
         # After chunks: the same status in-band as a last chunk, and as the call's status.
@@ -604,7 +663,9 @@ async def test_upstream_failures_map_to_one_shape(upstream_code, single_attempt_
         )
         in_band = rich_from_status(chunks[-1].error)
         after = rich(err)
-    assert [c.seq for c in chunks] == [0, 1, 2, 3] and [c.is_final for c in chunks] == [False] * 3 + [True]
+    assert [c.seq for c in chunks] == [0, 1, 2, 3] and [c.is_final for c in chunks] == [
+        False
+    ] * 3 + [True]
     assert chunks[-1].finish_reason == pb.FINISH_REASON_ERROR and chunks[-1].delta == ""
     for r in (unary, before, in_band, after):
         assert (r.code, r.reason) == (code, reason), r
@@ -618,35 +679,63 @@ async def test_upstream_failures_map_to_one_shape(upstream_code, single_attempt_
 async def test_unexpected_upstream_message_text_is_not_passed_on(single_attempt_proxy) -> None:
     # The agent's INTERNAL messages name the fault; the caller gets a generic message.
     async with grpc.aio.insecure_channel(single_attempt_proxy.address) as channel:
-        err = await call_error(stub(channel).Generate(PROMPT, metadata=(("x-fault-code", "INTERNAL"),), timeout=5))
+        err = await call_error(
+            stub(channel).Generate(PROMPT, metadata=(("x-fault-code", "INTERNAL"),), timeout=5)
+        )
     assert err.details() == "upstream error"
 
 
 async def test_limits_run_before_validation(spawn, agent) -> None:
     """Chain order on the wire: a malformed request still spends a token, so a flood of
     them is limited like any other (server/chain.py)."""
-    proxy = spawn(*proxy_args(agent.address), env=env(limits__rate_per_s=0.01, limits__burst=1), name="proxy")
+    proxy = spawn(
+        *proxy_args(agent.address), env=env(limits__rate_per_s=0.01, limits__burst=1), name="proxy"
+    )
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         api = stub(channel)
-        assert rich(await call_error(api.Generate(pb.GenerateRequest(), timeout=5))).reason == "INVALID_ARGUMENT"
+        assert (
+            rich(await call_error(api.Generate(pb.GenerateRequest(), timeout=5))).reason
+            == "INVALID_ARGUMENT"
+        )
         assert rich(await call_error(api.Generate(PROMPT, timeout=5))).reason == "RATE_LIMITED"
-        assert rich(await call_error(api.Generate(pb.GenerateRequest(), timeout=5))).reason == "RATE_LIMITED"
+        assert (
+            rich(await call_error(api.Generate(pb.GenerateRequest(), timeout=5))).reason
+            == "RATE_LIMITED"
+        )
     assert agent.log_events("call_started") == []
 
 
-async def test_behind_a_trusted_proxy_callers_are_keyed_by_its_client_address_header(spawn, agent) -> None:
+async def test_behind_a_trusted_proxy_callers_are_keyed_by_its_client_address_header(
+    spawn, agent
+) -> None:
     proxy = spawn(
         *proxy_args(agent.address),
-        env=env(limits__rate_per_s=0.01, limits__burst=1, limits__client_address_header="x-envoy-external-address"),
+        env=env(
+            limits__rate_per_s=0.01,
+            limits__burst=1,
+            limits__client_address_header="x-envoy-external-address",
+        ),
         name="proxy",
     )
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         api = stub(channel)
         for client in ("203.0.113.7", "2001:db8::1"):
             await api.Generate(PROMPT, metadata=(("x-envoy-external-address", client),), timeout=5)
-        r = rich(await call_error(api.Generate(PROMPT, metadata=(("x-envoy-external-address", "203.0.113.7"),), timeout=5)))
+        r = rich(
+            await call_error(
+                api.Generate(
+                    PROMPT, metadata=(("x-envoy-external-address", "203.0.113.7"),), timeout=5
+                )
+            )
+        )
         assert r.quota[0][0] == "peer:203.0.113.7"
-        r = rich(await call_error(api.Generate(PROMPT, metadata=(("x-envoy-external-address", "2001:db8::1"),), timeout=5)))
+        r = rich(
+            await call_error(
+                api.Generate(
+                    PROMPT, metadata=(("x-envoy-external-address", "2001:db8::1"),), timeout=5
+                )
+            )
+        )
         assert r.quota[0][0] == "peer:2001:db8::/64"
         # Not an address: the connection's peer is used.
         await api.Generate(PROMPT, metadata=(("x-envoy-external-address", "not-an-ip"),), timeout=5)

@@ -53,14 +53,18 @@ AUTH_ENV = {
     "AIPROXY_AUTH__JWT_SECRET": JWT_SECRET,
     "AIPROXY_AUTH__AUDIENCE": json.dumps([AUDIENCE]),
     "AIPROXY_AUTH__METHOD_SCOPES": json.dumps({"ExecuteAgent": ["agent:execute"]}),
-    "AIPROXY_AUTH__API_KEYS": json.dumps([{"name": "ci", "key_hash": hash_api_key(API_KEY), "scopes": []}]),
+    "AIPROXY_AUTH__API_KEYS": json.dumps(
+        [{"name": "ci", "key_hash": hash_api_key(API_KEY), "scopes": []}]
+    ),
     "AIPROXY_VALIDATION__MAX_PROMPT_CHARS": "200",
 }
 
 
 def _token(key: str = JWT_SECRET, **claims: Any) -> str:
     now = int(time.time())
-    return jwt.encode({"sub": "alice", "aud": AUDIENCE, "exp": now + 600, **claims}, key, algorithm="HS256")
+    return jwt.encode(
+        {"sub": "alice", "aud": AUDIENCE, "exp": now + 600, **claims}, key, algorithm="HS256"
+    )
 
 
 # Signed at import, so each is a fixed string the test can look for.
@@ -119,7 +123,9 @@ def _rid(name: str) -> str:
     return f"sec-{name}-{time.monotonic_ns()}"
 
 
-def _post(edge: str, path: str, body: Any, headers: dict[str, str], name: str) -> tuple[int, bytes, str]:
+def _post(
+    edge: str, path: str, body: Any, headers: dict[str, str], name: str
+) -> tuple[int, bytes, str]:
     rid = _rid(name)
     reply = request(edge, "POST", path, body, headers={"x-request-id": rid, **headers})
     return reply.status, reply.body, rid
@@ -158,22 +164,44 @@ def test_secrets_in_headers_and_bodies_never_reach_a_log(stack: dict[str, Any]) 
 
     # Success, over HTTP: bearer + cookie, API key + cookie, a stream.
     outcomes["bearer"], _, _ = _post(edge, generate, body, bearer, "bearer")
-    outcomes["api key"], _, _ = _post(edge, generate, body, {"x-api-key": API_KEY, "cookie": COOKIE}, "apikey")
+    outcomes["api key"], _, _ = _post(
+        edge, generate, body, {"x-api-key": API_KEY, "cookie": COOKIE}, "apikey"
+    )
     status, raw, _ = _post(edge, stream, body, bearer, "stream")
     outcomes["stream"] = status
     assert sse_events(raw)[-1]["isFinal"]
     # The error paths: every credential wrong in its own way, a missing scope, bad input.
-    outcomes["garbage bearer"], _, _ = _post(edge, generate, body, {"authorization": f"Bearer {GARBAGE_BEARER}", "cookie": COOKIE}, "garbage")
-    outcomes["forged jwt"], _, _ = _post(edge, generate, body, {"authorization": f"Bearer {FORGED_JWT}"}, "forged")
-    outcomes["expired jwt"], _, _ = _post(edge, generate, body, {"authorization": f"Bearer {EXPIRED_JWT}"}, "expired")
-    outcomes["wrong api key"], _, _ = _post(edge, generate, body, {"x-api-key": WRONG_API_KEY}, "wrongkey")
+    outcomes["garbage bearer"], _, _ = _post(
+        edge,
+        generate,
+        body,
+        {"authorization": f"Bearer {GARBAGE_BEARER}", "cookie": COOKIE},
+        "garbage",
+    )
+    outcomes["forged jwt"], _, _ = _post(
+        edge, generate, body, {"authorization": f"Bearer {FORGED_JWT}"}, "forged"
+    )
+    outcomes["expired jwt"], _, _ = _post(
+        edge, generate, body, {"authorization": f"Bearer {EXPIRED_JWT}"}, "expired"
+    )
+    outcomes["wrong api key"], _, _ = _post(
+        edge, generate, body, {"x-api-key": WRONG_API_KEY}, "wrongkey"
+    )
     outcomes["cookie only"], _, _ = _post(edge, generate, body, {"cookie": COOKIE}, "cookieonly")
     outcomes["missing scope"], _, _ = _post(
-        edge, "/api/v1/ai/agents/execute", {"agentType": "AGENT_TYPE_ANALYSIS", "task": TASK}, bearer, "scope"
+        edge,
+        "/api/v1/ai/agents/execute",
+        {"agentType": "AGENT_TYPE_ANALYSIS", "task": TASK},
+        bearer,
+        "scope",
     )
     outcomes["too long"], _, _ = _post(edge, generate, {"prompt": LONG_PROMPT}, bearer, "toolong")
-    outcomes["malformed json"], _, _ = _post(edge, generate, b'{"prompt": "' + JSON_SECRET.encode() + b'", ', bearer, "badjson")
-    outcomes["upstream INTERNAL"], _, _ = _post(edge, generate, body, {**bearer, "x-fault-code": "INTERNAL"}, "internal")
+    outcomes["malformed json"], _, _ = _post(
+        edge, generate, b'{"prompt": "' + JSON_SECRET.encode() + b'", ', bearer, "badjson"
+    )
+    outcomes["upstream INTERNAL"], _, _ = _post(
+        edge, generate, body, {**bearer, "x-fault-code": "INTERNAL"}, "internal"
+    )
     status, raw, last_rid = _post(
         edge, stream, {"prompt": PROMPT, "options": {"maxTokens": 20}},
         {**bearer, "x-fault-code": "UNAVAILABLE", "x-fault-after": "2"}, "midstream",
@@ -189,7 +217,9 @@ def test_secrets_in_headers_and_bodies_never_reach_a_log(stack: dict[str, Any]) 
     }  # fmt: skip
     wait_access_log(stack["envoy"], last_rid)
     print(f"\nHTTP outcomes through Envoy: {outcomes}")
-    assert not _leaks(stack, HEADER_AND_BODY_SECRETS), "\n".join(_leaks(stack, HEADER_AND_BODY_SECRETS))
+    assert not _leaks(stack, HEADER_AND_BODY_SECRETS), "\n".join(
+        _leaks(stack, HEADER_AND_BODY_SECRETS)
+    )
     _assert_no_credentials_at_the_agent(stack, HEADER_AND_BODY_SECRETS)
 
 
@@ -212,7 +242,9 @@ async def test_secrets_over_grpc_never_reach_a_log(stack: dict[str, Any]) -> Non
                 if via == "envoy":
                     envoy_rids.append(rid)
                 try:
-                    await client.Generate(request_msg, metadata=(("x-request-id", rid), *metadata), timeout=10)
+                    await client.Generate(
+                        request_msg, metadata=(("x-request-id", rid), *metadata), timeout=10
+                    )
                     codes[f"{via} {label}"] = "OK"
                 except grpc.aio.AioRpcError as err:
                     codes[f"{via} {label}"] = err.code().name
@@ -225,10 +257,14 @@ async def test_secrets_over_grpc_never_reach_a_log(stack: dict[str, Any]) -> Non
     print(f"\ngRPC outcomes: {codes}")
     for via in ("envoy", "proxy"):
         assert codes[f"{via} bearer"] == codes[f"{via} api key"] == codes[f"{via} stream"] == "OK"
-        assert {codes[f"{via} {bad}"] for bad in ("garbage bearer", "forged jwt", "wrong api key")} == {"UNAUTHENTICATED"}
+        assert {
+            codes[f"{via} {bad}"] for bad in ("garbage bearer", "forged jwt", "wrong api key")
+        } == {"UNAUTHENTICATED"}
     for rid in envoy_rids:  # Envoy writes its access log lines when requests end
         wait_access_log(stack["envoy"], rid)
-    assert not _leaks(stack, HEADER_AND_BODY_SECRETS), "\n".join(_leaks(stack, HEADER_AND_BODY_SECRETS))
+    assert not _leaks(stack, HEADER_AND_BODY_SECRETS), "\n".join(
+        _leaks(stack, HEADER_AND_BODY_SECRETS)
+    )
     _assert_no_credentials_at_the_agent(stack, HEADER_AND_BODY_SECRETS)
 
 
@@ -237,14 +273,21 @@ def test_secrets_in_query_strings_never_reach_a_log(stack: dict[str, Any]) -> No
     edge = stack["envoy"].address
     bearer = {"authorization": f"Bearer {GOOD_JWT}"}
     get_rid = _rid("qprompt")
-    ok = request(edge, "GET", f"/api/v1/ai/generate/stream?prompt={QUERY_PROMPT}&options.maxTokens=4", headers={**bearer, "x-request-id": get_rid})
+    ok = request(
+        edge,
+        "GET",
+        f"/api/v1/ai/generate/stream?prompt={QUERY_PROMPT}&options.maxTokens=4",
+        headers={**bearer, "x-request-id": get_rid},
+    )
     assert ok.status == 200 and sse_events(ok.body)[-1]["isFinal"]
     # A token in the query is not a credential the stack accepts: refused, and not logged.
     statuses = []
-    for i, path in enumerate((
-        f"/api/v1/ai/generate/stream?prompt=hi&access_token={QUERY_TOKEN}",
-        f"/api/v1/ai/generate?access_token={QUERY_TOKEN}",
-    )):
+    for i, path in enumerate(
+        (
+            f"/api/v1/ai/generate/stream?prompt=hi&access_token={QUERY_TOKEN}",
+            f"/api/v1/ai/generate?access_token={QUERY_TOKEN}",
+        )
+    ):
         rid = _rid(f"qtoken{i}")
         if path.startswith("/api/v1/ai/generate?"):
             reply = request(edge, "POST", path, {"prompt": "hi"}, headers={"x-request-id": rid})

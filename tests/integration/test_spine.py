@@ -15,7 +15,6 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2  # noqa: F401  (registers BadRequest for Any -> JSON)
-
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ai.agent.v1 import agent_service_pb2 as pb
@@ -23,7 +22,9 @@ from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import NOT_SERVING, SERVING, health_status, stub, wait_health
 from tests.support.procs import CREDENTIAL_HEADERS, recorded_metadata
 
-GENERATE = pb.GenerateRequest(prompt="Explain circuit breakers in one paragraph", options=pb.GenerationOptions(max_tokens=20))
+GENERATE = pb.GenerateRequest(
+    prompt="Explain circuit breakers in one paragraph", options=pb.GenerationOptions(max_tokens=20)
+)
 CHAT_MESSAGES = [
     pb.ChatMessage(role=pb.CHAT_ROLE_SYSTEM, content="You are terse."),
     pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="What is backpressure?"),
@@ -39,32 +40,53 @@ UNARY_CALLS = [
     (
         "ExecuteAgent",
         pb.ExecuteAgentRequest(
-            agent_type=pb.AGENT_TYPE_ANALYSIS, task="Compare 12*7 with 90", tools=["calculator", "search"], context=CONTEXT
+            agent_type=pb.AGENT_TYPE_ANALYSIS,
+            task="Compare 12*7 with 90",
+            tools=["calculator", "search"],
+            context=CONTEXT,
         ),
     ),
-    ("BatchGenerate", pb.BatchGenerateRequest(prompts=["one", "", "three"], options=pb.GenerationOptions(max_tokens=8))),
+    (
+        "BatchGenerate",
+        pb.BatchGenerateRequest(
+            prompts=["one", "", "three"], options=pb.GenerationOptions(max_tokens=8)
+        ),
+    ),
 ]
 STREAM_CALLS = [
     ("StreamGenerate", pb.StreamGenerateRequest(prompt="Stream a haiku about queues")),
     ("StreamChat", pb.StreamChatRequest(session_id="s-stream", messages=CHAT_MESSAGES)),
-    ("StreamRagGenerate", pb.StreamRagGenerateRequest(query="how does envoy transcode grpc", top_k=2)),
+    (
+        "StreamRagGenerate",
+        pb.StreamRagGenerateRequest(query="how does envoy transcode grpc", top_k=2),
+    ),
     (
         "StreamExecuteAgent",
-        pb.StreamExecuteAgentRequest(agent_type=pb.AGENT_TYPE_ASSISTANT, task="Count words in hello big world", tools=["word_count"]),
+        pb.StreamExecuteAgentRequest(
+            agent_type=pb.AGENT_TYPE_ASSISTANT,
+            task="Count words in hello big world",
+            tools=["word_count"],
+        ),
     ),
 ]
 # The proxy must re-export every RPC of the service; this list must follow the proto.
-assert {m for m, _ in UNARY_CALLS + STREAM_CALLS} == set(pb.DESCRIPTOR.services_by_name["AgentService"].methods_by_name)
+assert {m for m, _ in UNARY_CALLS + STREAM_CALLS} == set(
+    pb.DESCRIPTOR.services_by_name["AgentService"].methods_by_name
+)
 
 
 @pytest.fixture
 def unbuffered_proxy(spawn, agent):
     """A proxy that never coalesces, so its chunks can be compared one to one."""
-    return spawn(*proxy_args(agent.address), env={"AIPROXY_STREAM__COALESCE": "false"}, name="proxy")
+    return spawn(
+        *proxy_args(agent.address), env={"AIPROXY_STREAM__COALESCE": "false"}, name="proxy"
+    )
 
 
 @pytest.mark.parametrize(("method", "request_msg"), UNARY_CALLS, ids=[m for m, _ in UNARY_CALLS])
-async def test_unary_through_proxy_equals_direct(method, request_msg, agent_channel, proxy_channel) -> None:
+async def test_unary_through_proxy_equals_direct(
+    method, request_msg, agent_channel, proxy_channel
+) -> None:
     direct = await getattr(stub(agent_channel), method)(request_msg, timeout=10)
     proxied = await getattr(stub(proxy_channel), method)(request_msg, timeout=10)
     # Field by field: the dict form names the first field that differs.
@@ -73,12 +95,19 @@ async def test_unary_through_proxy_equals_direct(method, request_msg, agent_chan
 
 
 @pytest.mark.parametrize(("method", "request_msg"), STREAM_CALLS, ids=[m for m, _ in STREAM_CALLS])
-async def test_stream_through_proxy_equals_direct(method, request_msg, agent, unbuffered_proxy) -> None:
-    async with grpc.aio.insecure_channel(agent.address) as a, grpc.aio.insecure_channel(unbuffered_proxy.address) as p:
+async def test_stream_through_proxy_equals_direct(
+    method, request_msg, agent, unbuffered_proxy
+) -> None:
+    async with (
+        grpc.aio.insecure_channel(agent.address) as a,
+        grpc.aio.insecure_channel(unbuffered_proxy.address) as p,
+    ):
         direct = [c async for c in getattr(stub(a), method)(request_msg, timeout=10)]
         proxied = [c async for c in getattr(stub(p), method)(request_msg, timeout=10)]
     assert len(direct) > 3
-    assert [json_format.MessageToDict(c) for c in proxied] == [json_format.MessageToDict(c) for c in direct]
+    assert [json_format.MessageToDict(c) for c in proxied] == [
+        json_format.MessageToDict(c) for c in direct
+    ]
     # Complete and in order.
     assert [c.seq for c in proxied] == list(range(len(proxied)))
     assert [c.is_final for c in proxied] == [False] * (len(proxied) - 1) + [True]
@@ -86,7 +115,9 @@ async def test_stream_through_proxy_equals_direct(method, request_msg, agent, un
 
 
 async def test_coalescing_proxy_keeps_text_and_order(agent_channel, proxy_channel) -> None:
-    request = pb.StreamGenerateRequest(prompt="A long answer please", options=pb.GenerationOptions(max_tokens=200))
+    request = pb.StreamGenerateRequest(
+        prompt="A long answer please", options=pb.GenerationOptions(max_tokens=200)
+    )
     direct = [c async for c in stub(agent_channel).StreamGenerate(request, timeout=10)]
     proxied = []
     async for chunk in stub(proxy_channel).StreamGenerate(request, timeout=10):
@@ -98,11 +129,15 @@ async def test_coalescing_proxy_keeps_text_and_order(agent_channel, proxy_channe
 
 
 async def test_request_id_forwarded_and_echoed(agent, proxy_channel) -> None:
-    call = stub(proxy_channel).Generate(GENERATE, metadata=(("x-request-id", "req-abc-123"),), timeout=10)
+    call = stub(proxy_channel).Generate(
+        GENERATE, metadata=(("x-request-id", "req-abc-123"),), timeout=10
+    )
     await call
     assert dict(await call.initial_metadata())["x-request-id"] == "req-abc-123"
     assert dict(await call.trailing_metadata())["x-request-id"] == "req-abc-123"
-    agent.wait_for_log(lambda e: e.get("event") == "call_started" and e.get("request_id") == "req-abc-123")
+    agent.wait_for_log(
+        lambda e: e.get("event") == "call_started" and e.get("request_id") == "req-abc-123"
+    )
 
     # Absent: the proxy makes one up, sends it upstream, and tells the caller.
     call = stub(proxy_channel).StreamGenerate(pb.StreamGenerateRequest(prompt="x"), timeout=10)
@@ -110,7 +145,9 @@ async def test_request_id_forwarded_and_echoed(agent, proxy_channel) -> None:
         pass
     generated = dict(await call.initial_metadata())["x-request-id"]
     assert len(generated) >= 16
-    agent.wait_for_log(lambda e: e.get("event") == "call_started" and e.get("request_id") == generated)
+    agent.wait_for_log(
+        lambda e: e.get("event") == "call_started" and e.get("request_id") == generated
+    )
 
 
 async def test_credentials_are_not_forwarded_upstream(spawn, tmp_path) -> None:
@@ -120,13 +157,24 @@ async def test_credentials_are_not_forwarded_upstream(spawn, tmp_path) -> None:
     record = tmp_path / "agent-metadata.jsonl"
     recording_agent = spawn(*agent_args("--record-metadata", str(record)), name="agent")
     proxy = spawn(*proxy_args(recording_agent.address), name="proxy")
-    secrets = {"authorization": "Bearer tok-5ecret-b34rer", "cookie": "session=c00kie-5ecret", "x-api-key": "ak-5ecret-k3y"}
+    secrets = {
+        "authorization": "Bearer tok-5ecret-b34rer",
+        "cookie": "session=c00kie-5ecret",
+        "x-api-key": "ak-5ecret-k3y",
+    }
     traceparent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         for i, (name, value) in enumerate(secrets.items()):
-            metadata = (("x-request-id", f"req-cred-{i}"), (name, value), ("traceparent", traceparent), ("x-fault-slow-ms", "0"))
+            metadata = (
+                ("x-request-id", f"req-cred-{i}"),
+                (name, value),
+                ("traceparent", traceparent),
+                ("x-fault-slow-ms", "0"),
+            )
             await stub(channel).Generate(GENERATE, metadata=metadata, timeout=10)
-            call = stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="x"), metadata=metadata, timeout=10)
+            call = stub(channel).StreamGenerate(
+                pb.StreamGenerateRequest(prompt="x"), metadata=metadata, timeout=10
+            )
             assert [c async for c in call][-1].is_final
         # All three at once.
         metadata = (("x-request-id", "req-cred-all"), *secrets.items())
@@ -135,7 +183,9 @@ async def test_credentials_are_not_forwarded_upstream(spawn, tmp_path) -> None:
     assert {c["method"].rsplit("/", 1)[-1] for c in calls} == {"Generate", "StreamGenerate"}
     for call in calls:
         received = call["metadata"]
-        assert not set(CREDENTIAL_HEADERS) & set(received), f"credentials reached the agent: {received}"
+        assert not set(CREDENTIAL_HEADERS) & set(received), (
+            f"credentials reached the agent: {received}"
+        )
         assert received["x-request-id"][0].startswith("req-cred")  # the recorder sees real metadata
     with_trace = [c for c in calls if c["metadata"]["x-request-id"][0] != "req-cred-all"]
     assert all(c["metadata"]["traceparent"][0].startswith("00-aaaa") for c in with_trace)
@@ -168,15 +218,22 @@ async def test_caller_cancellation_reaches_upstream_within_100ms(spawn) -> None:
         cancelled_at = time.time()
         call.cancel()
     finished = slow_agent.wait_for_log(
-        lambda e: e.get("event") == "call_finished" and e.get("request_id") == "req-cancel", timeout=5
+        lambda e: e.get("event") == "call_finished" and e.get("request_id") == "req-cancel",
+        timeout=5,
     )
     assert finished["cancelled"] is True
-    assert finished["ts"] - cancelled_at < 0.100, f"upstream saw the cancel {finished['ts'] - cancelled_at:.3f}s later"
+    assert finished["ts"] - cancelled_at < 0.100, (
+        f"upstream saw the cancel {finished['ts'] - cancelled_at:.3f}s later"
+    )
 
 
 @pytest.mark.parametrize("method", ["Generate", "StreamGenerate"])
 async def test_caller_deadline_propagates_upstream(method, agent, proxy_channel) -> None:
-    request = pb.GenerateRequest(prompt="x") if method == "Generate" else pb.StreamGenerateRequest(prompt="x")
+    request = (
+        pb.GenerateRequest(prompt="x")
+        if method == "Generate"
+        else pb.StreamGenerateRequest(prompt="x")
+    )
     rid = f"req-deadline-{method}"
     call = getattr(stub(proxy_channel), method)(
         request, metadata=(("x-request-id", rid), ("x-fault-hang", "1")), timeout=0.3
@@ -188,7 +245,9 @@ async def test_caller_deadline_propagates_upstream(method, agent, proxy_channel)
             async for _ in call:
                 pass
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    started = agent.wait_for_log(lambda e: e.get("event") == "call_started" and e.get("request_id") == rid)
+    started = agent.wait_for_log(
+        lambda e: e.get("event") == "call_started" and e.get("request_id") == rid
+    )
     # + 1 ms: grpc-timeout goes on the wire rounded up to the millisecond.
     assert 0 < started["deadline_remaining_ms"] <= 301
 
@@ -209,7 +268,10 @@ async def test_sigterm_lets_an_inflight_stream_finish(spawn) -> None:
     proxy = spawn(*proxy_args(agent.address), name="proxy")
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         call = stub(channel).StreamGenerate(
-            pb.StreamGenerateRequest(prompt="drain me", options=pb.GenerationOptions(max_tokens=40)), timeout=30
+            pb.StreamGenerateRequest(
+                prompt="drain me", options=pb.GenerationOptions(max_tokens=40)
+            ),
+            timeout=30,
         )
         chunks = [await call.read()]
         proxy.send_signal(signal.SIGTERM)
@@ -227,9 +289,13 @@ async def test_new_calls_after_sigterm_are_refused(spawn) -> None:
     agent = spawn(*agent_args(token_delay_ms=50), name="agent")
     proxy = spawn(*proxy_args(agent.address), name="proxy")
     async with grpc.aio.insecure_channel(proxy.address) as channel:
-        call = stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="keep busy"), timeout=30)
+        call = stub(channel).StreamGenerate(
+            pb.StreamGenerateRequest(prompt="keep busy"), timeout=30
+        )
         await call.read()
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
         assert (await watch.read()).status == SERVING
         proxy.send_signal(signal.SIGTERM)
         assert (await watch.read()).status == NOT_SERVING
@@ -263,7 +329,9 @@ async def test_caller_deadline_ends_a_stream_in_band_with_deadline_exceeded(spaw
         started = time.monotonic()
         chunks, err = await read_stream(
             stub(channel).StreamGenerate(
-                pb.StreamGenerateRequest(prompt="slow", options=pb.GenerationOptions(max_tokens=50)),
+                pb.StreamGenerateRequest(
+                    prompt="slow", options=pb.GenerationOptions(max_tokens=50)
+                ),
                 metadata=(("x-request-id", rid), ("x-fault-hang", "1"), ("x-fault-after", "1")),
                 timeout=1.0,
             )
@@ -277,13 +345,17 @@ async def test_caller_deadline_ends_a_stream_in_band_with_deadline_exceeded(spaw
     assert last.is_final and last.finish_reason == pb.FINISH_REASON_ERROR
     assert rich_from_status(last.error).reason == "DEADLINE_EXCEEDED"
     assert elapsed < 1.0
-    finished = agent.wait_for_log(lambda e: e.get("event") == "call_finished" and e.get("request_id") == rid)
+    finished = agent.wait_for_log(
+        lambda e: e.get("event") == "call_finished" and e.get("request_id") == rid
+    )
     assert finished["cancelled"] is True
     access = proxy.wait_for_log(lambda e: e.get("event") == "access" and e.get("request_id") == rid)
     assert (access["code"], access["reason"]) == ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")
 
 
-async def test_caller_deadline_ends_a_unary_call_with_shaped_deadline_exceeded(spawn, agent) -> None:
+async def test_caller_deadline_ends_a_unary_call_with_shaped_deadline_exceeded(
+    spawn, agent
+) -> None:
     from tests.integration.test_protection import rich
 
     proxy = spawn(*proxy_args(agent.address), env=DEADLINE_MARGIN_ENV, name="proxy")
@@ -295,7 +367,9 @@ async def test_caller_deadline_ends_a_unary_call_with_shaped_deadline_exceeded(s
             )
     assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert rich(err.value).reason == "DEADLINE_EXCEEDED"
-    finished = agent.wait_for_log(lambda e: e.get("event") == "call_finished" and e.get("request_id") == rid)
+    finished = agent.wait_for_log(
+        lambda e: e.get("event") == "call_finished" and e.get("request_id") == rid
+    )
     assert finished["cancelled"] is True
     access = proxy.wait_for_log(lambda e: e.get("event") == "access" and e.get("request_id") == rid)
     assert (access["code"], access["reason"]) == ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")

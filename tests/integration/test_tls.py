@@ -31,7 +31,10 @@ def named_pki(tmp_path) -> Pki:
 
 
 def listener_env(pki: Pki, *, mutual: bool) -> dict[str, str]:
-    env = {"AIPROXY_TLS__SERVER__CERT_FILE": str(pki.server_cert), "AIPROXY_TLS__SERVER__KEY_FILE": str(pki.server_key)}
+    env = {
+        "AIPROXY_TLS__SERVER__CERT_FILE": str(pki.server_cert),
+        "AIPROXY_TLS__SERVER__KEY_FILE": str(pki.server_key),
+    }
     if mutual:
         env["AIPROXY_TLS__SERVER__CLIENT_CA_FILE"] = str(pki.ca)
     return env
@@ -49,8 +52,14 @@ def client_credentials(pki: Pki, *, cert: str | None = "client") -> grpc.Channel
     )
 
 
-async def generate(address: str, credentials: grpc.ChannelCredentials | None) -> pb.GenerateResponse:
-    channel = grpc.aio.insecure_channel(address) if credentials is None else grpc.aio.secure_channel(address, credentials)
+async def generate(
+    address: str, credentials: grpc.ChannelCredentials | None
+) -> pb.GenerateResponse:
+    channel = (
+        grpc.aio.insecure_channel(address)
+        if credentials is None
+        else grpc.aio.secure_channel(address, credentials)
+    )
     async with channel:
         return await stub(channel).Generate(GENERATE, timeout=5)
 
@@ -73,14 +82,21 @@ async def test_mutual_tls_listener_requires_a_trusted_client_certificate(spawn, 
     assert (await generate(proxy.address, client_credentials(pki))).text
     assert proxy.log_events("proxy_started")[0]["tls"] == "mtls"
     await assert_refused(proxy.address, client_credentials(pki, cert=None))  # no client certificate
-    await assert_refused(proxy.address, client_credentials(pki, cert="rogue"))  # from an untrusted CA
+    await assert_refused(
+        proxy.address, client_credentials(pki, cert="rogue")
+    )  # from an untrusted CA
     # Refused handshakes do not disturb the listener.
     assert (await generate(proxy.address, client_credentials(pki))).text
 
 
 def tls_agent_args(pki: Pki) -> list[str]:
     return agent_args(
-        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--tls-client-ca",
+        str(pki.ca),
     )
 
 
@@ -101,15 +117,24 @@ async def test_mutual_tls_from_the_proxy_to_the_agent(spawn, named_pki) -> None:
     pki = named_pki
     agent = spawn(*tls_agent_args(pki), name="agent")
     await assert_refused(agent.address, None)  # the agent takes no plaintext
-    await assert_refused(agent.address, client_credentials(pki, cert=None))  # nor callers without a cert
+    await assert_refused(
+        agent.address, client_credentials(pki, cert=None)
+    )  # nor callers without a cert
     proxy = spawn(*proxy_args(agent.address), env=upstream_env(pki), name="proxy")
     assert proxy.log_events("proxy_started")[0]["upstream_tls"] is True
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest(service="ai.agent.v1.AgentService"), timeout=10)
+        reply = await health.Check(
+            health_pb2.HealthCheckRequest(service="ai.agent.v1.AgentService"), timeout=10
+        )
         assert reply.status == SERVING
         assert (await stub(channel).Generate(GENERATE, timeout=10)).text
-        chunks = [c async for c in stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="tls"), timeout=10)]
+        chunks = [
+            c
+            async for c in stub(channel).StreamGenerate(
+                pb.StreamGenerateRequest(prompt="tls"), timeout=10
+            )
+        ]
         assert chunks[-1].is_final
 
 
@@ -130,7 +155,9 @@ async def test_upstream_name_mismatch_is_refused(spawn, named_pki) -> None:
 async def test_proxy_without_its_client_certificate_cannot_use_the_agent(spawn, named_pki) -> None:
     pki = named_pki
     agent = spawn(*tls_agent_args(pki), name="agent")
-    proxy = spawn(*proxy_args(agent.address), env=upstream_env(pki, client_cert=False), name="proxy")
+    proxy = spawn(
+        *proxy_args(agent.address), env=upstream_env(pki, client_cert=False), name="proxy"
+    )
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stub(channel).Generate(GENERATE, timeout=5)
@@ -162,4 +189,7 @@ def test_expected_server_name() -> None:
     assert expected_server_name(on, ["agents.internal:50052"]) == "agents.internal"
     assert expected_server_name(on, ["10.0.0.1:50052", "[::1]:50052"]) is None
     assert expected_server_name(on, ["a.internal:1", "b.internal:1"]) is None
-    assert expected_server_name(UpstreamTlsSettings(enabled=True, server_name="x"), ["a.internal:1"]) == "x"
+    assert (
+        expected_server_name(UpstreamTlsSettings(enabled=True, server_name="x"), ["a.internal:1"])
+        == "x"
+    )

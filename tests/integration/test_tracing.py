@@ -23,8 +23,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from agent.server import AgentServer, AgentSettings
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
-from server.app import ProxyServer
 from core.settings import load_settings
+from server.app import ProxyServer
 from server.telemetry import Telemetry
 
 SERVICE = "ai.agent.v1.AgentService"
@@ -45,7 +45,12 @@ def provider(exporter: InMemorySpanExporter) -> TracerProvider:
 
 async def start_agent(provider: TracerProvider, enable_faults: bool = False) -> AgentServer:
     agent = AgentServer(
-        AgentSettings(listen="127.0.0.1:0", first_token_delay_ms=0, token_delay_ms=1, enable_faults=enable_faults),
+        AgentSettings(
+            listen="127.0.0.1:0",
+            first_token_delay_ms=0,
+            token_delay_ms=1,
+            enable_faults=enable_faults,
+        ),
         tracer_provider=provider,
     )
     await agent.start()
@@ -75,19 +80,27 @@ async def stack(provider: TracerProvider) -> AsyncIterator[tuple[AgentServer, Pr
         await agent.stop(grace=None)
 
 
-async def wait_spans(exporter: InMemorySpanExporter, done: Callable[[list[ReadableSpan]], bool]) -> list[ReadableSpan]:
+async def wait_spans(
+    exporter: InMemorySpanExporter, done: Callable[[list[ReadableSpan]], bool]
+) -> list[ReadableSpan]:
     """Spans end a moment after the caller has its answer: wait (bounded) until `done`."""
     for _ in range(500):
         spans = list(exporter.get_finished_spans())
         if done(spans):
             return spans
         await asyncio.sleep(0.01)
-    raise AssertionError(f"spans never complete: {[(s.name, s.kind) for s in exporter.get_finished_spans()]}")
+    raise AssertionError(
+        f"spans never complete: {[(s.name, s.kind) for s in exporter.get_finished_spans()]}"
+    )
 
 
-def children(spans: list[ReadableSpan], parent: ReadableSpan, kind: trace.SpanKind) -> list[ReadableSpan]:
+def children(
+    spans: list[ReadableSpan], parent: ReadableSpan, kind: trace.SpanKind
+) -> list[ReadableSpan]:
     return [
-        s for s in spans if s.parent is not None and s.parent.span_id == parent.context.span_id and s.kind is kind
+        s
+        for s in spans
+        if s.parent is not None and s.parent.span_id == parent.context.span_id and s.kind is kind
     ]
 
 
@@ -109,14 +122,23 @@ async def test_one_trace_caller_proxy_agent(stack, provider, exporter, streaming
         with tracer.start_as_current_span("caller") as root:
             metadata = (("x-request-id", f"trace-{method}"),)
             if streaming:
-                chunks = [c async for c in s.StreamGenerate(pb.StreamGenerateRequest(prompt="hello"), metadata=metadata, timeout=10)]
+                chunks = [
+                    c
+                    async for c in s.StreamGenerate(
+                        pb.StreamGenerateRequest(prompt="hello"), metadata=metadata, timeout=10
+                    )
+                ]
                 model, usage = chunks[0].model, chunks[-1].usage
             else:
-                reply = await s.Generate(pb.GenerateRequest(prompt="hello"), metadata=metadata, timeout=10)
+                reply = await s.Generate(
+                    pb.GenerateRequest(prompt="hello"), metadata=metadata, timeout=10
+                )
                 model, usage = reply.model, reply.usage
 
     def complete(spans: list[ReadableSpan]) -> bool:
-        return sum(1 for x in spans if x.name == path and x.kind is SERVER) == 2 and any(x.name == "caller" for x in spans)
+        return sum(1 for x in spans if x.name == path and x.kind is SERVER) == 2 and any(
+            x.name == "caller" for x in spans
+        )
 
     spans = await wait_spans(exporter, complete)
     trace_id = root.get_span_context().trace_id
@@ -160,7 +182,11 @@ async def test_retry_attempts_are_numbered_client_spans(provider, exporter) -> N
     bad = await start_agent(provider, enable_faults=True)
     good = await start_agent(provider, enable_faults=False)
     proxy = await start_proxy(
-        provider, bad.address, good.address, breaker={"enabled": False}, retry={"initial_backoff_s": 0.001}
+        provider,
+        bad.address,
+        good.address,
+        breaker={"enabled": False},
+        retry={"initial_backoff_s": 0.001},
     )
     try:
         async with grpc.aio.insecure_channel(proxy.address) as channel:
@@ -174,18 +200,31 @@ async def test_retry_attempts_are_numbered_client_spans(provider, exporter) -> N
         path = f"/{SERVICE}/Generate"
 
         def complete(spans: list[ReadableSpan]) -> bool:
-            servers = [x for x in spans if x.kind is SERVER and (x.attributes or {}).get("aiproxy.request_id")]
+            servers = [
+                x
+                for x in spans
+                if x.kind is SERVER and (x.attributes or {}).get("aiproxy.request_id")
+            ]
             return len(servers) == 12
 
         spans = await wait_spans(exporter, complete)
-        servers = [x for x in spans if x.kind is SERVER and (x.attributes or {}).get("aiproxy.request_id")]
+        servers = [
+            x for x in spans if x.kind is SERVER and (x.attributes or {}).get("aiproxy.request_id")
+        ]
         retried = 0
         for server_span in servers:
-            attempts = sorted(children(spans, server_span, CLIENT), key=lambda x: x.attributes["aiproxy.attempt"])
-            assert [x.attributes["aiproxy.attempt"] for x in attempts] == list(range(1, len(attempts) + 1))
+            attempts = sorted(
+                children(spans, server_span, CLIENT), key=lambda x: x.attributes["aiproxy.attempt"]
+            )
+            assert [x.attributes["aiproxy.attempt"] for x in attempts] == list(
+                range(1, len(attempts) + 1)
+            )
             assert server_span.attributes["aiproxy.attempts"] == len(attempts)
             assert [x.attributes["aiproxy.upstream"] for x in attempts][-1] == good.address
-            assert all(x.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0] for x in attempts[:-1])
+            assert all(
+                x.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+                for x in attempts[:-1]
+            )
             assert attempts[-1].attributes["rpc.grpc.status_code"] == 0
             assert all(x.name == path for x in attempts)
             # Every attempt reached an agent, whose span is the attempt's child.
@@ -206,13 +245,18 @@ async def test_console_exporter_per_process_joins_into_one_trace(spawn) -> None:
     from tests.conftest import agent_args, proxy_args
 
     agent = spawn(*agent_args("--trace-exporter", "console"), name="agent")
-    proxy = spawn(*proxy_args(agent.address), env={"AIPROXY_TRACING__EXPORTER": "console"}, name="proxy")
+    proxy = spawn(
+        *proxy_args(agent.address), env={"AIPROXY_TRACING__EXPORTER": "console"}, name="proxy"
+    )
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     caller_span = "00f067aa0ba902b7"
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         await pb_grpc.AgentServiceStub(channel).Generate(
             pb.GenerateRequest(prompt="hi"),
-            metadata=(("traceparent", f"00-{trace_id}-{caller_span}-01"), ("x-request-id", "console-1")),
+            metadata=(
+                ("traceparent", f"00-{trace_id}-{caller_span}-01"),
+                ("x-request-id", "console-1"),
+            ),
             timeout=10,
         )
     # Batched spans are flushed when the processes shut down.
@@ -221,7 +265,9 @@ async def test_console_exporter_per_process_joins_into_one_trace(spawn) -> None:
     def spans(process) -> list[dict]:
         return [line for line in process.log_events() if "context" in line and "kind" in line]
 
-    proxy_spans = {s["kind"]: s for s in spans(proxy) if s["context"]["trace_id"] == f"0x{trace_id}"}
+    proxy_spans = {
+        s["kind"]: s for s in spans(proxy) if s["context"]["trace_id"] == f"0x{trace_id}"
+    }
     agent_spans = [s for s in spans(agent) if s["context"]["trace_id"] == f"0x{trace_id}"]
     assert set(proxy_spans) == {"SpanKind.SERVER", "SpanKind.CLIENT"}
     server, client = proxy_spans["SpanKind.SERVER"], proxy_spans["SpanKind.CLIENT"]
@@ -235,7 +281,9 @@ async def test_console_exporter_per_process_joins_into_one_trace(spawn) -> None:
 
 async def test_failed_call_spans_carry_the_error(provider, exporter) -> None:
     agent = await start_agent(provider, enable_faults=True)
-    proxy = await start_proxy(provider, agent.address, breaker={"enabled": False}, retry={"max_attempts": 1})
+    proxy = await start_proxy(
+        provider, agent.address, breaker={"enabled": False}, retry={"max_attempts": 1}
+    )
     try:
         async with grpc.aio.insecure_channel(proxy.address) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -250,7 +298,13 @@ async def test_failed_call_spans_carry_the_error(provider, exporter) -> None:
             return sum(1 for x in spans if x.kind is SERVER) == 2
 
         spans = await wait_spans(exporter, complete)
-        server = one([x for x in spans if x.kind is SERVER and (x.attributes or {}).get("aiproxy.request_id")])
+        server = one(
+            [
+                x
+                for x in spans
+                if x.kind is SERVER and (x.attributes or {}).get("aiproxy.request_id")
+            ]
+        )
         client = one(children(spans, server, CLIENT))
         agent_span = one(children(spans, client, SERVER))
         unavailable = grpc.StatusCode.UNAVAILABLE.value[0]

@@ -42,7 +42,9 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _pem_key(key: Any) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _name(cn: str) -> x509.Name:
@@ -63,9 +65,15 @@ def _ca(cn: str) -> tuple[Any, x509.Certificate]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -89,7 +97,9 @@ def _leaf(
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
     )
@@ -104,7 +114,9 @@ def _leaf(
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
-def make_pki(directory: pathlib.Path, server_name: str = "aiproxy.test", *, ip_san: bool = True) -> Pki:
+def make_pki(
+    directory: pathlib.Path, server_name: str = "aiproxy.test", *, ip_san: bool = True
+) -> Pki:
     """CA, server (SAN localhost, `server_name`, and 127.0.0.1 if `ip_san`) and client
     certificates. Without the IP, a client dialling 127.0.0.1 must be told the name."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -148,7 +160,9 @@ def make_signing_keys(directory: pathlib.Path) -> SigningKeys:
     directory.mkdir(parents=True, exist_ok=True)
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ec_key = ec.generate_private_key(ec.SECP256R1())
-    pem = rsa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = rsa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     (directory / "jwt-rsa.pub.pem").write_bytes(pem)
     ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
     ec_jwk.update(kid="ec-1", use="sig", alg="ES256")

@@ -55,7 +55,9 @@ def request(
     connect from (any of 127.0.0.0/8 works on Linux loopback): a caller with its own
     address, as Envoy sees it.
     """
-    conn = http.client.HTTPConnection(*_split(address), timeout=timeout, source_address=(source, 0) if source else None)
+    conn = http.client.HTTPConnection(
+        *_split(address), timeout=timeout, source_address=(source, 0) if source else None
+    )
     try:
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
         pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
@@ -79,7 +81,9 @@ def sse_events(body: bytes) -> list[dict[str, Any]]:
     events = []
     pos = 0
     for match in SSE_EVENT.finditer(body):
-        assert match.start() == pos, f"unexpected bytes in the SSE body at {pos}: {body[pos:match.start()]!r}"
+        assert match.start() == pos, (
+            f"unexpected bytes in the SSE body at {pos}: {body[pos : match.start()]!r}"
+        )
         events.append(json.loads(match.group(1)))
         pos = match.end()
     assert pos == len(body), f"trailing bytes in the SSE body: {body[pos:]!r}"
@@ -89,9 +93,21 @@ def sse_events(body: bytes) -> list[dict[str, Any]]:
 class OpenStream:
     """A streaming request whose events are read one at a time; close() drops it."""
 
-    def __init__(self, address: str, path: str, body: Any, headers: dict[str, str] | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        path: str,
+        body: Any,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         self.conn = http.client.HTTPConnection(*_split(address), timeout=timeout)
-        self.conn.request("POST", path, body=json.dumps(body).encode(), headers={"content-type": "application/json", **(headers or {})})
+        self.conn.request(
+            "POST",
+            path,
+            body=json.dumps(body).encode(),
+            headers={"content-type": "application/json", **(headers or {})},
+        )
         self.resp = self.conn.getresponse()
         self._buffer = b""
 
@@ -111,7 +127,9 @@ class OpenStream:
         self.conn.close()
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
     """Poll `predicate` until it returns something truthy; fail after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -123,7 +141,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
-def wait_host_health(envoy: ServiceProcess, proxy_address: str, healthy: bool, timeout: float = 20.0) -> None:
+def wait_host_health(
+    envoy: ServiceProcess, proxy_address: str, healthy: bool, timeout: float = 20.0
+) -> None:
     """Wait until Envoy's view of one proxy replica is `healthy`."""
     wait_until(
         lambda: host_health(envoy.ready["admin"]).get(proxy_address) is healthy,
@@ -133,9 +153,19 @@ def wait_host_health(envoy: ServiceProcess, proxy_address: str, healthy: bool, t
 
 
 def access_logs(envoy: ServiceProcess, request_id: str | None = None) -> list[dict[str, Any]]:
-    return [e for e in envoy.log_events("access") if request_id is None or e.get("request_id") == request_id]
+    return [
+        e
+        for e in envoy.log_events("access")
+        if request_id is None or e.get("request_id") == request_id
+    ]
 
 
-def wait_access_log(envoy: ServiceProcess, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+def wait_access_log(
+    envoy: ServiceProcess, request_id: str, timeout: float = 10.0
+) -> dict[str, Any]:
     """Envoy writes the access log line when the request ends; wait for it."""
-    return wait_until(lambda: next(iter(access_logs(envoy, request_id)), None), timeout, f"access log of {request_id}")
+    return wait_until(
+        lambda: next(iter(access_logs(envoy, request_id)), None),
+        timeout,
+        f"access log of {request_id}",
+    )

@@ -18,15 +18,21 @@ def stub(channel: grpc.aio.Channel) -> agent_service_pb2_grpc.AgentServiceStub:
 
 
 async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
-    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    reply = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=5
+    )
     return reply.status
 
 
-async def wait_health(channel: grpc.aio.Channel, status: int, service: str = "", timeout: float = 10.0) -> float:
+async def wait_health(
+    channel: grpc.aio.Channel, status: int, service: str = "", timeout: float = 10.0
+) -> float:
     """Follow Health/Watch until `status`; returns how long it took."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service=service), timeout=timeout
+    )
     try:
         async for reply in watch:
             if reply.status == status:

@@ -37,7 +37,9 @@ def aiproxy_argv(*args: str) -> list[str]:
 class ServiceProcess:
     """One child process whose readiness is a JSON line on stdout."""
 
-    def __init__(self, argv: list[str], *, env: dict[str, str] | None = None, name: str = "") -> None:
+    def __init__(
+        self, argv: list[str], *, env: dict[str, str] | None = None, name: str = ""
+    ) -> None:
         self.argv = argv
         self.name = name or pathlib.Path(argv[0]).name
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

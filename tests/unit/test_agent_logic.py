@@ -185,8 +185,12 @@ def test_calculator_out_of_range_is_a_tool_error_and_the_run_travels(
     else:  # fine if it is a number a Struct carries
         struct_pb2.Value(number_value=float(value))
     run = run_agent(
-        AgentKind.ANALYSIS, "compute it", {"expression": expression}, ["calculator"],
-        build_tools(corpus), model="m",
+        AgentKind.ANALYSIS,
+        "compute it",
+        {"expression": expression},
+        ["calculator"],
+        build_tools(corpus),
+        model="m",
     )
     (call,) = run.tool_calls
     # What the servicer does with every tool call: both sides must fit a Struct.
@@ -219,9 +223,16 @@ def test_a_tool_that_crashes_is_that_calls_error_not_the_runs(corpus: Corpus) ->
 
     tools["calculator"] = dataclasses.replace(tools["calculator"], run=broken)
     tools["word_count"] = dataclasses.replace(tools["word_count"], run=weird_result)
-    tools["search"] = dataclasses.replace(tools["search"], arguments=lambda _t, _c: {})  # thought needs {query}
+    tools["search"] = dataclasses.replace(
+        tools["search"], arguments=lambda _t, _c: {}
+    )  # thought needs {query}
     run = run_agent(
-        AgentKind.REVIEW, "1+1", {}, ["calculator", "word_count", "search"], tools, model="m",
+        AgentKind.REVIEW,
+        "1+1",
+        {},
+        ["calculator", "word_count", "search"],
+        tools,
+        model="m",
         max_steps=10,
     )
     calc, words, search = run.tool_calls

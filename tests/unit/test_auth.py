@@ -14,11 +14,11 @@ from typing import Any
 import jwt
 import pytest
 
-from interceptors.auth import AuthInterceptor, Authenticator, Cause, Principal, is_open_method
-from server.chain import server_interceptors
 from core.errors import PermissionDenied, Reason, Unauthenticated
 from core.ratelimit import caller_key, hash_api_key
 from core.settings import AuthSettings, ConfigError, load_settings
+from interceptors.auth import Authenticator, AuthInterceptor, Cause, Principal, is_open_method
+from server.chain import server_interceptors
 from tests.support.certs import SigningKeys, make_signing_keys
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"  # 38 bytes
@@ -41,7 +41,12 @@ def claims(**overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def hs(secret: str = SECRET, alg: str = "HS256", headers: dict[str, Any] | None = None, **overrides: Any) -> str:
+def hs(
+    secret: str = SECRET,
+    alg: str = "HS256",
+    headers: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> str:
     return jwt.encode(claims(**overrides), secret, algorithm=alg, headers=headers)
 
 
@@ -55,7 +60,9 @@ def settings(**kwargs: Any) -> AuthSettings:
     return AuthSettings.model_validate(base)
 
 
-def cause_of(exc: pytest.ExceptionInfo[Unauthenticated] | pytest.ExceptionInfo[PermissionDenied]) -> str:
+def cause_of(
+    exc: pytest.ExceptionInfo[Unauthenticated] | pytest.ExceptionInfo[PermissionDenied],
+) -> str:
     return exc.value.metadata["cause"]
 
 
@@ -82,13 +89,23 @@ def test_valid_hs256_token_gives_the_subject_as_the_rate_limit_key() -> None:
 
 @pytest.mark.parametrize(
     "metadata",
-    [[("x-api-key", API_KEY)], [("authorization", f"ApiKey {API_KEY}")], [("authorization", f"apikey  {API_KEY} ")]],
+    [
+        [("x-api-key", API_KEY)],
+        [("authorization", f"ApiKey {API_KEY}")],
+        [("authorization", f"apikey  {API_KEY} ")],
+    ],
     ids=["x-api-key", "authorization-ApiKey", "scheme-case-insensitive"],
 )
 def test_api_key_identity_matches_the_limiter_key(metadata: list[tuple[str, str]]) -> None:
-    auth = Authenticator(settings(api_keys=[{"name": "ci", "key_hash": hash_api_key(API_KEY), "scopes": ["x"]}]))
+    auth = Authenticator(
+        settings(api_keys=[{"name": "ci", "key_hash": hash_api_key(API_KEY), "scopes": ["x"]}])
+    )
     principal = auth.authenticate(metadata, PEER)
-    assert principal.caller == caller_key({"x-api-key": API_KEY}, PEER) == f"key:{hash_api_key(API_KEY)}"
+    assert (
+        principal.caller
+        == caller_key({"x-api-key": API_KEY}, PEER)
+        == f"key:{hash_api_key(API_KEY)}"
+    )
     assert principal.scopes == {"x"} and principal.kind == "api_key"
 
 
@@ -117,7 +134,10 @@ REJECTED = {
         Cause.BAD_SIGNATURE,
     ),
     "alg-none": (lambda: unsigned(claims()), Cause.ALGORITHM_NOT_ALLOWED),
-    "alg-not-allowlisted": (lambda: hs(alg="HS512", secret=SECRET * 2), Cause.ALGORITHM_NOT_ALLOWED),
+    "alg-not-allowlisted": (
+        lambda: hs(alg="HS512", secret=SECRET * 2),
+        Cause.ALGORITHM_NOT_ALLOWED,
+    ),
     "malformed-garbage": (lambda: "not-a-token", Cause.MALFORMED_TOKEN),
     "malformed-segments": (lambda: "a.b.c", Cause.MALFORMED_TOKEN),
     "malformed-too-long": (lambda: "a" * 10_000, Cause.MALFORMED_TOKEN),
@@ -143,7 +163,10 @@ def test_bad_tokens_are_unauthenticated_with_their_cause(make_token: Any, cause:
 
 def test_audience_and_issuer_are_checked_when_configured() -> None:
     auth = Authenticator(settings(audience=["aiproxy"], issuer="https://idp.test"))
-    assert auth.authenticate(bearer(hs(aud="aiproxy", iss="https://idp.test")), PEER).caller == "sub:alice"
+    assert (
+        auth.authenticate(bearer(hs(aud="aiproxy", iss="https://idp.test")), PEER).caller
+        == "sub:alice"
+    )
     assert auth.authenticate(bearer(hs(aud=["other", "aiproxy"], iss="https://idp.test")), PEER)
     for token, cause in [
         (hs(aud="other", iss="https://idp.test"), Cause.WRONG_AUDIENCE),
@@ -163,7 +186,10 @@ def test_audience_and_issuer_are_checked_when_configured() -> None:
         ([("x-other", "1")], Cause.MISSING_CREDENTIALS),
         ([("authorization", "Basic YWxpY2U6cHc=")], Cause.UNSUPPORTED_SCHEME),
         ([("authorization", "Bearer")], Cause.MALFORMED_TOKEN),
-        ([("authorization", "Bearer a"), ("authorization", "Bearer b")], Cause.AMBIGUOUS_CREDENTIALS),
+        (
+            [("authorization", "Bearer a"), ("authorization", "Bearer b")],
+            Cause.AMBIGUOUS_CREDENTIALS,
+        ),
         ([("x-api-key", "nope")], Cause.UNKNOWN_API_KEY),
         ([("authorization", "ApiKey ")], Cause.UNKNOWN_API_KEY),
     ],
@@ -202,9 +228,9 @@ def test_hs256_signed_with_the_public_key_is_refused(keys: SigningKeys) -> None:
     """The classic algorithm-confusion attack: HS256 keyed with the (public) PEM text."""
     auth = Authenticator(AuthSettings(jwt_public_key_file=str(keys.rsa_public_pem)))
     pem = keys.rsa_public_pem.read_bytes()
-    import hmac
-    import hashlib
     import base64
+    import hashlib
+    import hmac
 
     def b64(data: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
@@ -218,12 +244,18 @@ def test_hs256_signed_with_the_public_key_is_refused(keys: SigningKeys) -> None:
 
 def test_jwks_keys_are_chosen_by_kid(keys: SigningKeys) -> None:
     auth = Authenticator(AuthSettings(jwks_file=str(keys.jwks)))
-    es = jwt.encode(claims(sub="ec-user"), keys.ec_private, algorithm="ES256", headers={"kid": "ec-1"})
-    rs = jwt.encode(claims(sub="rsa-user"), keys.rsa_private, algorithm="RS256", headers={"kid": "rsa-1"})
+    es = jwt.encode(
+        claims(sub="ec-user"), keys.ec_private, algorithm="ES256", headers={"kid": "ec-1"}
+    )
+    rs = jwt.encode(
+        claims(sub="rsa-user"), keys.rsa_private, algorithm="RS256", headers={"kid": "rsa-1"}
+    )
     assert auth.authenticate(bearer(es), PEER).caller == "sub:ec-user"
     assert auth.authenticate(bearer(rs), PEER).caller == "sub:rsa-user"
     unknown = jwt.encode(claims(), keys.ec_private, algorithm="ES256", headers={"kid": "ec-9"})
-    wrong_key = jwt.encode(claims(), keys.other_ec_private, algorithm="ES256", headers={"kid": "ec-1"})
+    wrong_key = jwt.encode(
+        claims(), keys.other_ec_private, algorithm="ES256", headers={"kid": "ec-1"}
+    )
     for token, cause in [(unknown, Cause.UNKNOWN_KEY), (wrong_key, Cause.BAD_SIGNATURE)]:
         with pytest.raises(Unauthenticated) as exc:
             auth.authenticate(bearer(token), PEER)
@@ -294,7 +326,9 @@ def test_open_methods() -> None:
     assert not is_open_method("/ai.proxy.v1.ProxyAdminService/ListUpstreams")
 
 
-def test_auth_is_off_by_default_and_the_secret_env_turns_it_on(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auth_is_off_by_default_and_the_secret_env_turns_it_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     assert not any(isinstance(i, AuthInterceptor) for i in server_interceptors(load_settings()))
     monkeypatch.setenv("AIPROXY_AUTH__JWT_SECRET", SECRET)
     loaded = load_settings()
@@ -309,15 +343,29 @@ def test_auth_is_off_by_default_and_the_secret_env_turns_it_on(monkeypatch: pyte
     "env,message",
     [
         ({"AIPROXY_AUTH__JWT_SECRET": "short-secret"}, "at least 32 bytes"),
-        ({"AIPROXY_AUTH__JWT_SECRET": SECRET, "AIPROXY_AUTH__ALGORITHMS": '["none"]'}, "never 'none'"),
-        ({"AIPROXY_AUTH__JWT_SECRET": SECRET, "AIPROXY_AUTH__ALGORITHMS": '["HS512"]'}, "at least 64 bytes"),
-        ({"AIPROXY_AUTH__JWT_SECRET": SECRET, "AIPROXY_AUTH__ALGORITHMS": '["RS256"]'}, "need jwt_public_key_file"),
+        (
+            {"AIPROXY_AUTH__JWT_SECRET": SECRET, "AIPROXY_AUTH__ALGORITHMS": '["none"]'},
+            "never 'none'",
+        ),
+        (
+            {"AIPROXY_AUTH__JWT_SECRET": SECRET, "AIPROXY_AUTH__ALGORITHMS": '["HS512"]'},
+            "at least 64 bytes",
+        ),
+        (
+            {"AIPROXY_AUTH__JWT_SECRET": SECRET, "AIPROXY_AUTH__ALGORITHMS": '["RS256"]'},
+            "need jwt_public_key_file",
+        ),
         ({"AIPROXY_AUTH__ENABLED": "true"}, "no jwt_secret"),
-        ({"AIPROXY_AUTH__JWT_SECRET": SECRET, "AIPROXY_AUTH__METHOD_SCOPES": '{"Nope": ["x"]}'}, "no method 'Nope'"),
+        (
+            {"AIPROXY_AUTH__JWT_SECRET": SECRET, "AIPROXY_AUTH__METHOD_SCOPES": '{"Nope": ["x"]}'},
+            "no method 'Nope'",
+        ),
         ({"AIPROXY_AUTH__JWKS_FILE": "/nonexistent/jwks.json"}, "file not found"),
     ],
 )
-def test_bad_auth_configuration_is_refused(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str) -> None:
+def test_bad_auth_configuration_is_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError) as exc:
@@ -335,7 +383,9 @@ def test_demo_hint_only_when_auth_is_on(monkeypatch: pytest.MonkeyPatch) -> None
     assert "aiproxy token --sub" in demo_hint()
 
 
-def test_check_config_never_prints_the_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_never_prints_the_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     from server.cli import main
 
     config = tmp_path / "aiproxy.yaml"

@@ -139,7 +139,9 @@ def test_the_callers_of_an_outage_are_counted_across_window_slots() -> None:
 
 def test_the_injected_caller_source_is_used_when_no_caller_is_given() -> None:
     who = {"now": "sub:alice"}
-    breaker = CircuitBreaker("up", min_volume=3, min_failing_callers=2, clock=FakeClock(), caller=lambda: who["now"])
+    breaker = CircuitBreaker(
+        "up", min_volume=3, min_failing_callers=2, clock=FakeClock(), caller=lambda: who["now"]
+    )
     for _ in range(5):
         breaker.try_acquire().failure()  # type: ignore[union-attr]
     assert breaker.state is CLOSED  # alice alone
@@ -150,7 +152,12 @@ def test_the_injected_caller_source_is_used_when_no_caller_is_given() -> None:
 
 @pytest.mark.parametrize(
     "code",
-    [grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED],
+    [
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ],
 )
 def test_request_specific_codes_never_open_it_even_from_many_callers(code: grpc.StatusCode) -> None:
     breaker = CircuitBreaker("up", min_volume=3, min_failing_callers=2, clock=FakeClock())
@@ -161,7 +168,10 @@ def test_request_specific_codes_never_open_it_even_from_many_callers(code: grpc.
 
 def test_failure_codes_are_configurable() -> None:
     breaker = CircuitBreaker(
-        "up", min_volume=3, min_failing_callers=2, clock=FakeClock(),
+        "up",
+        min_volume=3,
+        min_failing_callers=2,
+        clock=FakeClock(),
         failure_codes={grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL},
     )
     for _ in range(3):
@@ -300,7 +310,9 @@ def test_permits_from_an_earlier_state_are_dropped() -> None:
 
 def test_closing_starts_with_a_clean_window() -> None:
     clock = FakeClock()
-    breaker = CircuitBreaker("up", min_volume=4, failure_ratio=0.5, min_failing_callers=2, clock=clock)
+    breaker = CircuitBreaker(
+        "up", min_volume=4, failure_ratio=0.5, min_failing_callers=2, clock=clock
+    )
     alternate(breaker, 4, first_fails=False)  # 2 failures of 4, the last one trips it
     assert breaker.state is OPEN
     clock.advance(30)
@@ -361,7 +373,11 @@ def test_transitions_are_reported_in_order() -> None:
     clock = FakeClock()
     seen: list[tuple[str, BreakerState, BreakerState]] = []
     breaker = CircuitBreaker(
-        "agent-0:50052", min_volume=1, min_failing_callers=1, clock=clock, on_transition=lambda *t: seen.append(t)
+        "agent-0:50052",
+        min_volume=1,
+        min_failing_callers=1,
+        clock=clock,
+        on_transition=lambda *t: seen.append(t),
     )
     fail(breaker)
     clock.advance(30)
@@ -381,7 +397,9 @@ def test_a_failing_callback_does_not_break_calls(caplog: pytest.LogCaptureFixtur
     def broken(name: str, old: BreakerState, new: BreakerState) -> None:
         raise RuntimeError("metrics down")
 
-    breaker = CircuitBreaker("up", min_volume=1, min_failing_callers=1, clock=FakeClock(), on_transition=broken)
+    breaker = CircuitBreaker(
+        "up", min_volume=1, min_failing_callers=1, clock=FakeClock(), on_transition=broken
+    )
     with caplog.at_level(logging.ERROR, logger="interceptors.breaker"):
         fail(breaker)
     assert breaker.state is OPEN

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from core.settings import load_settings
 from interceptors.auth import AuthInterceptor
-from server.chain import client_interceptors, method_deadlines, server_interceptors
 from interceptors.breaker import CircuitBreaker
 from interceptors.deadline import DeadlineInterceptor
 from interceptors.error_handling import ErrorInterceptor
 from interceptors.limits import LimitsInterceptor
+from interceptors.observability import ObservabilityInterceptor
 from interceptors.request_context import RequestContextInterceptor
 from interceptors.upstream_breaker import BreakerStreamInterceptor, BreakerUnaryInterceptor
 from interceptors.validation import ValidationInterceptor
-from interceptors.observability import ObservabilityInterceptor
-from core.settings import load_settings
+from server.chain import client_interceptors, method_deadlines, server_interceptors
 from server.telemetry import Telemetry
 
 PREFIX = "/ai.agent.v1.AgentService/"
@@ -64,7 +64,11 @@ def test_auth_joins_the_chain_after_errors_before_limits() -> None:
 
 def test_disabled_interceptors_leave_the_chain() -> None:
     settings = load_settings(limits={"enabled": False}, validation={"enabled": False})
-    assert kinds(server_interceptors(settings)) == [RequestContextInterceptor, ErrorInterceptor, DeadlineInterceptor]
+    assert kinds(server_interceptors(settings)) == [
+        RequestContextInterceptor,
+        ErrorInterceptor,
+        DeadlineInterceptor,
+    ]
 
 
 def test_client_chain_has_the_endpoints_breaker() -> None:
@@ -77,8 +81,20 @@ def test_client_chain_has_the_endpoints_breaker() -> None:
 
 
 def test_deadlines_by_kind_with_overrides() -> None:
-    settings = load_settings(deadlines={"per_method": {"BatchGenerate": {"default_s": 60, "max_s": 90}}})
+    settings = load_settings(
+        deadlines={"per_method": {"BatchGenerate": {"default_s": 60, "max_s": 90}}}
+    )
     limits = method_deadlines(settings)
-    assert (limits.limit_for(PREFIX + "Generate").max_s, limits.limit_for(PREFIX + "StreamChat").max_s) == (30, 120)
-    assert limits.limit_for(PREFIX + "ExecuteAgent").max_s == limits.limit_for(PREFIX + "StreamExecuteAgent").max_s == 300
-    assert (limits.limit_for(PREFIX + "BatchGenerate").default_s, limits.limit_for(PREFIX + "BatchGenerate").max_s) == (60, 90)
+    assert (
+        limits.limit_for(PREFIX + "Generate").max_s,
+        limits.limit_for(PREFIX + "StreamChat").max_s,
+    ) == (30, 120)
+    assert (
+        limits.limit_for(PREFIX + "ExecuteAgent").max_s
+        == limits.limit_for(PREFIX + "StreamExecuteAgent").max_s
+        == 300
+    )
+    assert (
+        limits.limit_for(PREFIX + "BatchGenerate").default_s,
+        limits.limit_for(PREFIX + "BatchGenerate").max_s,
+    ) == (60, 90)

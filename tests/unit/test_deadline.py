@@ -130,17 +130,21 @@ def test_end_margin_is_a_clamped_share_of_the_callers_time() -> None:
 
 
 def test_effective_timeout_ends_before_the_callers_deadline_only_when_it_binds() -> None:
-    deadlines = MethodDeadlines(DeadlineLimit(10, 30), margin=EndMargin(ratio=0.05, min_s=0.02, max_s=1.0))
+    deadlines = MethodDeadlines(
+        DeadlineLimit(10, 30), margin=EndMargin(ratio=0.05, min_s=0.02, max_s=1.0)
+    )
     assert deadlines.effective_timeout("/x", None) == 10  # no caller deadline: the default
     assert deadlines.effective_timeout("/x", 0.3) == pytest.approx(0.28)  # the caller's binds
     assert deadlines.effective_timeout("/x", 3600) == 30  # the maximum binds: no margin
-    assert deadlines.effective_timeout("/x", 30.5) == pytest.approx(29.5)  # close call: the margin wins
+    assert deadlines.effective_timeout("/x", 30.5) == pytest.approx(
+        29.5
+    )  # close call: the margin wins
     assert deadlines.effective_timeout("/x", -0.2) == 0
 
 
 def test_settings_carry_the_margin_to_every_method() -> None:
-    from server.chain import method_deadlines
     from core.settings import load_settings
+    from server.chain import method_deadlines
 
     deadlines = method_deadlines(load_settings())
     assert deadlines.margin == EndMargin(0.05, 0.02, 1.0)

@@ -26,9 +26,9 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from server.cli import build_parser
 from core.service import SERVICE_NAME
 from core.settings import load_settings, parse_hostport
+from server.cli import build_parser
 from server.health import LIVENESS_SERVICE
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -55,7 +55,9 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 
 
-def settings_from(env: dict[str, str], config_text: str | None = None, tmp: pathlib.Path | None = None):
+def settings_from(
+    env: dict[str, str], config_text: str | None = None, tmp: pathlib.Path | None = None
+):
     """The real schema's verdict on a container's AIPROXY_* environment (and config file)."""
     assert all(k.startswith("AIPROXY_") for k in env), env
     config = None
@@ -101,7 +103,12 @@ def final_stage(df: DockerfileParser) -> list[dict[str, Any]]:
 
 def test_hadolint_is_clean() -> None:
     hadolint = shutil.which("hadolint") or str(pathlib.Path(os.sys.executable).parent / "hadolint")
-    result = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [hadolint, "--no-color", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -168,7 +175,9 @@ def test_compose_commands_and_environment_are_real() -> None:
             if test:
                 probe = parse_command(test[2:]) if test[0] == "CMD" else None
                 assert probe is not None and probe.command == "health"
-                expected = AGENT_HEALTH_SERVICES if args.command == "agent" else PROXY_HEALTH_SERVICES
+                expected = (
+                    AGENT_HEALTH_SERVICES if args.command == "agent" else PROXY_HEALTH_SERVICES
+                )
                 assert probe.service in expected
     envoy = parse_command(services["envoy"]["command"])
     assert [parse_hostport(p)[0] for p in envoy.proxy] == ["proxy-1", "proxy-2"]
@@ -177,7 +186,9 @@ def test_compose_commands_and_environment_are_real() -> None:
 def test_prometheus_scrapes_the_proxies_metrics_port() -> None:
     services = dict(compose_services())
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    targets = [
+        t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    ]
     for target in targets:
         host, port = parse_hostport(target)
         env = {k: str(v) for k, v in services[host]["environment"].items()}
@@ -197,7 +208,9 @@ def test_compose_mounts_what_exists_where_the_configs_expect_it() -> None:
     config = yaml.safe_load(mounted["/etc/prometheus/prometheus.yml"].read_text())
     for rule_file in config["rule_files"]:
         assert yaml.safe_load(mounted[rule_file].read_text())["groups"]
-    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "aiproxy.yaml").read_text())
+    provider = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "aiproxy.yaml").read_text()
+    )
     folder = provider["providers"][0]["options"]["path"]
     dashboards = [t for t in mounted if t.startswith(folder + "/") and t.endswith(".json")]
     assert dashboards and all(json.loads(mounted[d].read_text())["panels"] for d in dashboards)
@@ -219,7 +232,10 @@ def test_deployments_run_real_commands_with_matching_probes(tmp_path: pathlib.Pa
     config_maps = by_kind("ConfigMap")
     for name, deployment in by_kind("Deployment").items():
         spec = deployment["spec"]["template"]["spec"]
-        assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            deployment["spec"]["selector"]["matchLabels"].items()
+            <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        )
         for container in containers(deployment):
             args = parse_command(container["args"])
             ports = {p["containerPort"] for p in container["ports"]}
@@ -227,24 +243,36 @@ def test_deployments_run_real_commands_with_matching_probes(tmp_path: pathlib.Pa
                 probe = container.get(probe_name)
                 if probe and "grpc" in probe:
                     assert probe["grpc"]["port"] in ports, (name, probe_name)
-                    allowed = AGENT_HEALTH_SERVICES if args.command == "agent" else PROXY_HEALTH_SERVICES
+                    allowed = (
+                        AGENT_HEALTH_SERVICES if args.command == "agent" else PROXY_HEALTH_SERVICES
+                    )
                     assert probe["grpc"].get("service", "") in allowed, (name, probe_name)
             if args.command == "agent":
                 assert parse_hostport(args.listen)[1] in ports
             if args.command == "serve":
                 env = {e["name"]: e["value"] for e in container.get("env", [])}
-                mount = next(m for m in container["volumeMounts"] if args.config.startswith(m["mountPath"]))
+                mount = next(
+                    m for m in container["volumeMounts"] if args.config.startswith(m["mountPath"])
+                )
                 volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
-                config_text = config_maps[volume["configMap"]["name"]]["data"][pathlib.Path(args.config).name]
+                config_text = config_maps[volume["configMap"]["name"]]["data"][
+                    pathlib.Path(args.config).name
+                ]
                 settings = settings_from(env, config_text, tmp_path)
                 assert parse_hostport(settings.server.listen)[1] in ports
                 assert parse_hostport(settings.metrics.listen)[1] in ports
                 # preStop, then drain delay and grace must fit in the termination grace.
                 pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
                 assert pre_stop[0] == "sleep"
-                budget = float(pre_stop[1]) + settings.server.drain_delay_s + settings.server.grace_period_s
+                budget = (
+                    float(pre_stop[1])
+                    + settings.server.drain_delay_s
+                    + settings.server.grace_period_s
+                )
                 assert spec["terminationGracePeriodSeconds"] > budget
-                assert settings.server.grace_period_s >= settings.deadlines.agent_max_s, "agent runs must be able to drain"
+                assert settings.server.grace_period_s >= settings.deadlines.agent_max_s, (
+                    "agent runs must be able to drain"
+                )
 
 
 def test_services_select_pods_and_dns_names_resolve_to_them(tmp_path: pathlib.Path) -> None:
@@ -252,7 +280,9 @@ def test_services_select_pods_and_dns_names_resolve_to_them(tmp_path: pathlib.Pa
     services = by_kind("Service")
     pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
     for name, service in services.items():
-        assert any(service["spec"]["selector"].items() <= labels.items() for labels in pod_labels.values()), name
+        assert any(
+            service["spec"]["selector"].items() <= labels.items() for labels in pod_labels.values()
+        ), name
     for name, pdb in by_kind("PodDisruptionBudget").items():
         assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels[name].items()
         assert deployments[name]["spec"]["replicas"] > pdb["spec"]["minAvailable"]
@@ -261,7 +291,9 @@ def test_services_select_pods_and_dns_names_resolve_to_them(tmp_path: pathlib.Pa
         host, port = parse_hostport(address)
         service_name, namespace = host.split(".")[:2]
         service = services[service_name]
-        assert service["metadata"]["namespace"] == namespace and service["spec"]["clusterIP"] == "None"
+        assert (
+            service["metadata"]["namespace"] == namespace and service["spec"]["clusterIP"] == "None"
+        )
         assert port in {p["port"] for p in service["spec"]["ports"]}
         return service, port
 

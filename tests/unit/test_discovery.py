@@ -31,7 +31,9 @@ async def test_names_are_re_resolved_and_the_pool_follows() -> None:
         applied.append(addresses)
         changed.set()
 
-    discovery = Discovery(["agents.svc:50052", "127.0.0.9:7000"], apply, refresh_s=0.02, resolver=dns)
+    discovery = Discovery(
+        ["agents.svc:50052", "127.0.0.9:7000"], apply, refresh_s=0.02, resolver=dns
+    )
     await discovery.start()
     assert applied[-1] == ["10.0.0.1:50052", "10.0.0.2:50052", "127.0.0.9:7000"]
 
@@ -45,7 +47,12 @@ async def test_names_are_re_resolved_and_the_pool_follows() -> None:
 
     # A failing resolver keeps the last good answer instead of emptying the pool.
     dns.fail = True
-    assert await discovery.refresh() == ["10.0.0.2:50052", "10.0.0.3:50052", "[fd00::7]:50052", "127.0.0.9:7000"]
+    assert await discovery.refresh() == [
+        "10.0.0.2:50052",
+        "10.0.0.3:50052",
+        "[fd00::7]:50052",
+        "127.0.0.9:7000",
+    ]
     await discovery.stop()
 
 

@@ -9,11 +9,19 @@ from typing import Any
 
 import pytest
 import yaml
-
 from google.rpc import status_pb2
 
 from core.errors import DOMAIN
-from server.edge import DESCRIPTOR, EdgeError, EdgeSettings, http_bindings, parse, render, settings_from_args, validate
+from server.edge import (
+    DESCRIPTOR,
+    EdgeError,
+    EdgeSettings,
+    http_bindings,
+    parse,
+    render,
+    settings_from_args,
+    validate,
+)
 
 needs_descriptor = pytest.mark.skipif(not DESCRIPTOR.exists(), reason="run `make gen` first")
 
@@ -23,7 +31,9 @@ def _config(**kwargs: Any) -> dict[str, Any]:
 
 
 def _hcm(config: dict[str, Any]) -> dict[str, Any]:
-    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]
 
 
 def _filter(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -32,15 +42,35 @@ def _filter(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 @needs_descriptor
 def test_listener_replicas_and_origins_are_rendered() -> None:
-    config = _config(listen="0.0.0.0:8080", proxies=("10.0.0.1:50051", "proxy-b.internal:50051"), cors_origins=("https://a.example", "*"))
-    assert config["static_resources"]["listeners"][0]["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
+    config = _config(
+        listen="0.0.0.0:8080",
+        proxies=("10.0.0.1:50051", "proxy-b.internal:50051"),
+        cors_origins=("https://a.example", "*"),
+    )
+    assert config["static_resources"]["listeners"][0]["address"]["socket_address"] == {
+        "address": "0.0.0.0",
+        "port_value": 8080,
+    }
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     cluster = config["static_resources"]["clusters"][0]
-    endpoints = [e["endpoint"]["address"]["socket_address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
-    assert endpoints == [{"address": "10.0.0.1", "port_value": 50051}, {"address": "proxy-b.internal", "port_value": 50051}]
-    cors = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.cors"]
-    assert cors["allow_origin_string_match"] == [{"exact": "https://a.example"}, {"safe_regex": {"regex": ".*"}}]
-    assert {"authorization", "x-request-id", "last-event-id"} <= {h.strip() for h in cors["allow_headers"].split(",")}
+    endpoints = [
+        e["endpoint"]["address"]["socket_address"]
+        for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert endpoints == [
+        {"address": "10.0.0.1", "port_value": 50051},
+        {"address": "proxy-b.internal", "port_value": 50051},
+    ]
+    cors = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.cors"]
+    assert cors["allow_origin_string_match"] == [
+        {"exact": "https://a.example"},
+        {"safe_regex": {"regex": ".*"}},
+    ]
+    assert {"authorization", "x-request-id", "last-event-id"} <= {
+        h.strip() for h in cors["allow_headers"].split(",")
+    }
 
 
 @needs_descriptor
@@ -61,7 +91,9 @@ def test_what_the_edge_depends_on_is_configured() -> None:
 
     # sse_to_metadata must come before the transcoder (responses pass filters in reverse).
     names = [f["name"] for f in _hcm(config)["http_filters"]]
-    assert names.index("envoy.filters.http.sse_to_metadata") < names.index("envoy.filters.http.grpc_json_transcoder")
+    assert names.index("envoy.filters.http.sse_to_metadata") < names.index(
+        "envoy.filters.http.grpc_json_transcoder"
+    )
     assert names[-1] == "envoy.filters.http.router"
 
     routes = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
@@ -71,11 +103,17 @@ def test_what_the_edge_depends_on_is_configured() -> None:
     cluster = config["static_resources"]["clusters"][0]
     assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
     assert cluster["common_lb_config"]["update_merge_window"] == "0s"
-    assert cluster["health_checks"][0]["grpc_health_check"] == {"service_name": "ai.agent.v1.AgentService"}
+    assert cluster["health_checks"][0]["grpc_health_check"] == {
+        "service_name": "ai.agent.v1.AgentService"
+    }
     assert cluster["outlier_detection"]["split_external_local_origin_errors"] is True
     assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] >= 10_000
-    http2 = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-    assert http2["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"] >= 10_000
+    http2 = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert (
+        http2["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"] >= 10_000
+    )
 
 
 def test_bad_settings_are_refused(tmp_path: pathlib.Path) -> None:
@@ -90,14 +128,22 @@ def test_bad_settings_are_refused(tmp_path: pathlib.Path) -> None:
 @pytest.mark.envoy
 @needs_descriptor
 def test_envoy_accepts_the_rendered_configuration() -> None:
-    validate(EdgeSettings(listen="127.0.0.1:0", proxies=("127.0.0.1:1", "localhost:2"), cors_origins=("*",)))
+    validate(
+        EdgeSettings(
+            listen="127.0.0.1:0", proxies=("127.0.0.1:1", "localhost:2"), cors_origins=("*",)
+        )
+    )
 
 
 @pytest.mark.envoy
 @needs_descriptor
 def test_envoy_rejects_a_broken_template(tmp_path: pathlib.Path) -> None:
     broken = tmp_path / "envoy.yaml.tmpl"
-    broken.write_text(pathlib.Path(EdgeSettings().template).read_text().replace("healthy_panic_threshold", "healthy_panic_treshold"))
+    broken.write_text(
+        pathlib.Path(EdgeSettings().template)
+        .read_text()
+        .replace("healthy_panic_threshold", "healthy_panic_treshold")
+    )
     with pytest.raises(EdgeError, match="healthy_panic_treshold"):
         validate(EdgeSettings(template=broken))
 
@@ -128,16 +174,30 @@ def test_every_answer_envoy_makes_itself_has_error_info() -> None:
     for mapper in mappers:
         flt = mapper["filter"]
         if "and_filter" in flt:
-            status = flt["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"]["default_value"]
-            grpc_bins[status] = (mapper["headers_to_add"][0]["header"]["value"], mapper["body_format_override"]["text_format_source"]["inline_string"])
+            status = flt["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"][
+                "default_value"
+            ]
+            grpc_bins[status] = (
+                mapper["headers_to_add"][0]["header"]["value"],
+                mapper["body_format_override"]["text_format_source"]["inline_string"],
+            )
         else:
-            http[flt["status_code_filter"]["comparison"]["value"]["default_value"]] = mapper["body_format_override"]["json_format"]
+            http[flt["status_code_filter"]["comparison"]["value"]["default_value"]] = mapper[
+                "body_format_override"
+            ]["json_format"]
     assert {400, 403, 404, 405, 413, 429, 431, 500, 502, 503, 504} <= set(http)
     for status, body in http.items():
         info = body["details"][0]
-        assert info["@type"].endswith("google.rpc.ErrorInfo") and info["reason"] and info["domain"] == DOMAIN, status
+        assert (
+            info["@type"].endswith("google.rpc.ErrorInfo")
+            and info["reason"]
+            and info["domain"] == DOMAIN
+        ), status
     for status in (429, 502, 503):
-        assert http[status]["details"][1] == {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s"}
+        assert http[status]["details"][1] == {
+            "@type": "type.googleapis.com/google.rpc.RetryInfo",
+            "retryDelay": "1s",
+        }
     # A gRPC caller gets the same Status as grpc-status-details-bin, its message equal to
     # grpc-message (grpc's rpc_status.from_call refuses a mismatch).
     for status, (value, message) in grpc_bins.items():
@@ -166,12 +226,22 @@ def test_access_log_has_the_callers_method_and_no_query() -> None:
 
 @needs_descriptor
 def test_the_edge_secret_is_added_but_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
-    vhost = lambda text: yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]  # noqa: E731
+    vhost = lambda text: yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][
+        0
+    ]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]  # noqa: E731
     settings = EdgeSettings(edge_secret="s3cret-value")
-    added = {h["header"]["key"]: h["header"]["value"] for h in vhost(render(settings))["request_headers_to_add"]}
-    assert added == {"x-envoy-external-address": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", "x-aiproxy-edge": "s3cret-value"}
+    added = {
+        h["header"]["key"]: h["header"]["value"]
+        for h in vhost(render(settings))["request_headers_to_add"]
+    }
+    assert added == {
+        "x-envoy-external-address": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+        "x-aiproxy-edge": "s3cret-value",
+    }
     assert "s3cret-value" not in render(settings, reveal_secret=False)
     assert "s3cret-value" not in repr(settings)
-    assert {h["header"]["key"] for h in vhost(render(EdgeSettings()))["request_headers_to_add"]} == {"x-envoy-external-address"}
+    assert {
+        h["header"]["key"] for h in vhost(render(EdgeSettings()))["request_headers_to_add"]
+    } == {"x-envoy-external-address"}
     monkeypatch.setenv("AIPROXY_LIMITS__EDGE_SECRET", "from-env")
     assert settings_from_args(parse([])).edge_secret == "from-env"

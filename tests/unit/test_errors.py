@@ -509,17 +509,25 @@ async def guarded() -> AsyncIterator[grpc.aio.Channel]:
     from ai.agent.v1 import agent_service_pb2 as pb
     from interceptors.error_handling import ErrorInterceptor
 
-    async def unary(request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.GenerateResponse:
+    async def unary(
+        request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GenerateResponse:
         raise KeyError("<class 'secret.Internal'> at 0x7f")
 
-    async def stream(request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    async def stream(
+        request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         yield pb.StreamGenerateResponse(delta="a")
         raise ValueError("boom in ipv4:10.0.0.1")
 
-    async def echo(request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.GenerateResponse:
+    async def echo(
+        request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GenerateResponse:
         return pb.GenerateResponse(text=request.prompt)
 
-    async def echo_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    async def echo_stream(
+        request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         async for request in request_iterator:
             yield pb.GenerateResponse(text=request.prompt)
 
@@ -528,10 +536,18 @@ async def guarded() -> AsyncIterator[grpc.aio.Channel]:
     handler = grpc.method_handlers_generic_handler(
         service,
         {
-            "Generate": grpc.unary_unary_rpc_method_handler(unary, G.FromString, pb.GenerateResponse.SerializeToString),
-            "StreamGenerate": grpc.unary_stream_rpc_method_handler(stream, S.FromString, pb.StreamGenerateResponse.SerializeToString),
-            "Echo": grpc.unary_unary_rpc_method_handler(echo, G.FromString, pb.GenerateResponse.SerializeToString),
-            "EchoStream": grpc.stream_stream_rpc_method_handler(echo_stream, G.FromString, pb.GenerateResponse.SerializeToString),
+            "Generate": grpc.unary_unary_rpc_method_handler(
+                unary, G.FromString, pb.GenerateResponse.SerializeToString
+            ),
+            "StreamGenerate": grpc.unary_stream_rpc_method_handler(
+                stream, S.FromString, pb.StreamGenerateResponse.SerializeToString
+            ),
+            "Echo": grpc.unary_unary_rpc_method_handler(
+                echo, G.FromString, pb.GenerateResponse.SerializeToString
+            ),
+            "EchoStream": grpc.stream_stream_rpc_method_handler(
+                echo_stream, G.FromString, pb.GenerateResponse.SerializeToString
+            ),
         },
     )
     server = grpc.aio.server(
@@ -565,12 +581,16 @@ async def test_malformed_request_bytes_are_invalid_argument(guarded: grpc.aio.Ch
             await guarded.unary_unary(path)(_TRUNCATED, timeout=5)
         _assert_clean(caught.value, Code.INVALID_ARGUMENT, Reason.MALFORMED_REQUEST)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in guarded.unary_stream("/ai.agent.v1.AgentService/StreamGenerate")(_TRUNCATED, timeout=5):
+        async for _ in guarded.unary_stream("/ai.agent.v1.AgentService/StreamGenerate")(
+            _TRUNCATED, timeout=5
+        ):
             pass
     _assert_clean(caught.value, Code.INVALID_ARGUMENT, Reason.MALFORMED_REQUEST)
 
 
-async def test_malformed_message_in_a_request_stream_is_invalid_argument(guarded: grpc.aio.Channel) -> None:
+async def test_malformed_message_in_a_request_stream_is_invalid_argument(
+    guarded: grpc.aio.Channel,
+) -> None:
     from ai.agent.v1 import agent_service_pb2 as pb
 
     call = guarded.stream_stream("/ai.agent.v1.AgentService/EchoStream")(timeout=5)
@@ -583,16 +603,21 @@ async def test_malformed_message_in_a_request_stream_is_invalid_argument(guarded
     _assert_clean(caught.value, Code.INVALID_ARGUMENT, Reason.MALFORMED_REQUEST)
 
 
-async def test_servicer_exceptions_are_internal_without_their_text(guarded: grpc.aio.Channel) -> None:
+async def test_servicer_exceptions_are_internal_without_their_text(
+    guarded: grpc.aio.Channel,
+) -> None:
     from ai.agent.v1 import agent_service_pb2 as pb
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await guarded.unary_unary("/ai.agent.v1.AgentService/Generate")(pb.GenerateRequest(prompt="x").SerializeToString(), timeout=5)
+        await guarded.unary_unary("/ai.agent.v1.AgentService/Generate")(
+            pb.GenerateRequest(prompt="x").SerializeToString(), timeout=5
+        )
     _assert_clean(caught.value, Code.INTERNAL, Reason.INTERNAL)
     chunks = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for chunk in guarded.unary_stream(
-            "/ai.agent.v1.AgentService/StreamGenerate", response_deserializer=pb.StreamGenerateResponse.FromString
+            "/ai.agent.v1.AgentService/StreamGenerate",
+            response_deserializer=pb.StreamGenerateResponse.FromString,
         )(pb.StreamGenerateRequest(prompt="x").SerializeToString(), timeout=5):
             chunks.append(chunk)
     _assert_clean(caught.value, Code.INTERNAL, Reason.INTERNAL)

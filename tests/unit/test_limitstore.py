@@ -9,6 +9,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from core.errors import Reason, to_status_proto
 from core.limitstore import (
     DAY_S,
     TOKENS_PER_DAY,
@@ -23,7 +24,6 @@ from core.limitstore import (
     refusal_error,
     token_limited_error,
 )
-from core.errors import Reason, to_status_proto
 from core.ratelimit import LimitSpec
 
 # 2026-11-27 12:00:00 UTC: half a day before the next UTC midnight.

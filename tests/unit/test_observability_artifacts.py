@@ -81,5 +81,7 @@ def test_exporter_is_chosen_by_configuration() -> None:
 
     assert exporter_of() is None  # none by default: no spans made at all
     assert isinstance(exporter_of(exporter="console"), ConsoleSpanExporter)
-    assert isinstance(exporter_of(exporter="otlp", otlp_endpoint="http://127.0.0.1:4317"), OTLPSpanExporter)
+    assert isinstance(
+        exporter_of(exporter="otlp", otlp_endpoint="http://127.0.0.1:4317"), OTLPSpanExporter
+    )
     assert Telemetry(load_settings(metrics={"enabled": False})).tracing is False

@@ -17,14 +17,14 @@ from grpc_interceptor.server import AsyncServerInterceptor
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
-from interceptors.error_handling import ErrorInterceptor
+from core.callinfo import current_call
 from core.errors import ConcurrencyLimited, Overloaded, RateLimited, UpstreamUnavailable
+from core.metrics import MAX_MODELS, OTHER_MODEL
+from core.settings import load_settings
+from interceptors.error_handling import ErrorInterceptor
 from interceptors.observability import ObservabilityInterceptor
 from interceptors.request_context import RequestContextInterceptor
-from core.callinfo import current_call
-from core.settings import load_settings
 from server.forwarding import Forwarder
-from core.metrics import MAX_MODELS, OTHER_MODEL
 from server.telemetry import Telemetry
 
 SERVICE = "ai.agent.v1.AgentService"
@@ -37,7 +37,9 @@ REFUSALS = {"rate": RateLimited, "concurrency": ConcurrencyLimited, "overload": 
 class StandInLimiter(AsyncServerInterceptor):
     """Where auth/limits/validation will sit: refuses calls the way the limiter will."""
 
-    async def intercept(self, method: Callable, request: Any, context: grpc.aio.ServicerContext, method_name: str) -> Any:
+    async def intercept(
+        self, method: Callable, request: Any, context: grpc.aio.ServicerContext, method_name: str
+    ) -> Any:
         refusal = dict(context.invocation_metadata()).get("x-test-refuse")
         if refusal:
             raise REFUSALS[refusal]()
@@ -45,7 +47,9 @@ class StandInLimiter(AsyncServerInterceptor):
 
 
 class StandInForwarder(pb_grpc.AgentServiceServicer):
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
         call = current_call.get()
         assert call is not None
         call.upstream, call.attempts = "10.0.0.7:50052", 1
@@ -56,7 +60,9 @@ class StandInForwarder(pb_grpc.AgentServiceServicer):
             call.attempts = 3
             raise UpstreamUnavailable()
         return pb.GenerateResponse(
-            text="ok", model=request.model or "m-1", usage=pb.Usage(prompt_tokens=4, completion_tokens=6, total_tokens=10)
+            text="ok",
+            model=request.model or "m-1",
+            usage=pb.Usage(prompt_tokens=4, completion_tokens=6, total_tokens=10),
         )
 
     async def StreamGenerate(
@@ -71,7 +77,9 @@ class StandInForwarder(pb_grpc.AgentServiceServicer):
             yield pb.StreamGenerateResponse(delta="b")
         if request.prompt == "fail-midway":
             raise UpstreamUnavailable()
-        yield pb.StreamGenerateResponse(is_final=True, usage=pb.Usage(prompt_tokens=3, completion_tokens=2))
+        yield pb.StreamGenerateResponse(
+            is_final=True, usage=pb.Usage(prompt_tokens=3, completion_tokens=2)
+        )
 
 
 @pytest.fixture
@@ -106,21 +114,39 @@ async def test_limiter_rejections_counted_by_reason_and_source(served) -> None:
     telemetry, stub = served
     for refusal in ("rate", "rate", "concurrency", "overload"):
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.Generate(pb.GenerateRequest(prompt="hi"), metadata=(("x-test-refuse", refusal),), timeout=10)
+            await stub.Generate(
+                pb.GenerateRequest(prompt="hi"), metadata=(("x-test-refuse", refusal),), timeout=10
+            )
         assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Generate(pb.GenerateRequest(prompt="upstream-limited"), timeout=10)
     await stub.Generate(pb.GenerateRequest(prompt="fine"), timeout=10)
 
     rejections = "ai_proxy_rate_limit_rejections_total"
-    assert value(telemetry, rejections, method="Generate", reason="RATE_LIMITED", source="proxy") == 2
-    assert value(telemetry, rejections, method="Generate", reason="CONCURRENCY_LIMITED", source="proxy") == 1
+    assert (
+        value(telemetry, rejections, method="Generate", reason="RATE_LIMITED", source="proxy") == 2
+    )
+    assert (
+        value(
+            telemetry, rejections, method="Generate", reason="CONCURRENCY_LIMITED", source="proxy"
+        )
+        == 1
+    )
     assert value(telemetry, rejections, method="Generate", reason="OVERLOADED", source="proxy") == 1
-    assert value(telemetry, rejections, method="Generate", reason="RATE_LIMITED", source="upstream") == 1
-    assert value(telemetry, "ai_proxy_requests_total", method="Generate", status="RESOURCE_EXHAUSTED") == 5
+    assert (
+        value(telemetry, rejections, method="Generate", reason="RATE_LIMITED", source="upstream")
+        == 1
+    )
+    assert (
+        value(telemetry, "ai_proxy_requests_total", method="Generate", status="RESOURCE_EXHAUSTED")
+        == 5
+    )
     assert value(telemetry, "ai_proxy_requests_total", method="Generate", status="OK") == 1
     handled = dict(grpc_type="UNARY", grpc_service=SERVICE, grpc_method="Generate")
-    assert value(telemetry, "grpc_server_handled_total", **handled, grpc_code="RESOURCE_EXHAUSTED") == 5
+    assert (
+        value(telemetry, "grpc_server_handled_total", **handled, grpc_code="RESOURCE_EXHAUSTED")
+        == 5
+    )
     assert value(telemetry, "grpc_server_handled_total", **handled, grpc_code="OK") == 1
     assert value(telemetry, "grpc_server_started_total", **handled) == 6
     assert value(telemetry, "grpc_server_msg_received_total", **handled) == 6
@@ -139,26 +165,42 @@ async def test_unavailable_with_retries_and_tokens(served) -> None:
     assert value(telemetry, "ai_proxy_tokens_total", model="m-2", kind="completion") == 6
     # Not a limiter rejection: UNAVAILABLE is not admission control.
     assert not [
-        s for m in telemetry.registry.collect() if m.name == "ai_proxy_rate_limit_rejections" for s in m.samples
+        s
+        for m in telemetry.registry.collect()
+        if m.name == "ai_proxy_rate_limit_rejections"
+        for s in m.samples
     ]
 
 
 async def test_stream_duration_covers_the_whole_stream(served) -> None:
     telemetry, stub = served
-    chunks = [c async for c in stub.StreamGenerate(pb.StreamGenerateRequest(prompt="p"), timeout=10)]
+    chunks = [
+        c async for c in stub.StreamGenerate(pb.StreamGenerateRequest(prompt="p"), timeout=10)
+    ]
     assert len(chunks) == 4
     labels = dict(grpc_type="SERVER_STREAMING", grpc_service=SERVICE, grpc_method="StreamGenerate")
     # Two pauses between chunks: a timer that stopped at generator creation would see ~0.
-    assert value(telemetry, "ai_proxy_request_duration_seconds_sum", method="StreamGenerate") >= 2 * CHUNK_PAUSE_S
+    assert (
+        value(telemetry, "ai_proxy_request_duration_seconds_sum", method="StreamGenerate")
+        >= 2 * CHUNK_PAUSE_S
+    )
     assert value(telemetry, "grpc_server_handling_seconds_sum", **labels) >= 2 * CHUNK_PAUSE_S
     assert value(telemetry, "grpc_server_msg_sent_total", **labels) == 4
     assert value(telemetry, "ai_proxy_stream_chunks_sent_total", method="StreamGenerate") == 4
-    assert value(telemetry, "ai_proxy_stream_first_chunk_seconds_count", method="StreamGenerate") == 1
-    assert value(telemetry, "ai_proxy_stream_first_chunk_seconds_sum", method="StreamGenerate") < CHUNK_PAUSE_S
+    assert (
+        value(telemetry, "ai_proxy_stream_first_chunk_seconds_count", method="StreamGenerate") == 1
+    )
+    assert (
+        value(telemetry, "ai_proxy_stream_first_chunk_seconds_sum", method="StreamGenerate")
+        < CHUNK_PAUSE_S
+    )
     # Mean interval: (3 gaps: pause, pause, ~0) / 3; largest gap: one pause.
     mean = value(telemetry, "ai_proxy_stream_chunk_interval_seconds_sum", method="StreamGenerate")
     assert 2 * CHUNK_PAUSE_S / 3 <= mean < CHUNK_PAUSE_S
-    assert value(telemetry, "ai_proxy_stream_chunk_gap_max_seconds_sum", method="StreamGenerate") >= CHUNK_PAUSE_S
+    assert (
+        value(telemetry, "ai_proxy_stream_chunk_gap_max_seconds_sum", method="StreamGenerate")
+        >= CHUNK_PAUSE_S
+    )
     assert value(telemetry, "ai_proxy_active_streams", method="StreamGenerate") == 0
     assert value(telemetry, "ai_proxy_tokens_total", model="m-1", kind="completion") == 2
     assert value(telemetry, "ai_proxy_requests_total", method="StreamGenerate", status="OK") == 1
@@ -168,17 +210,24 @@ async def test_stream_failing_midway_counts_the_in_band_error_chunk(served) -> N
     telemetry, stub = served
     got = []
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for chunk in stub.StreamGenerate(pb.StreamGenerateRequest(prompt="fail-midway"), timeout=10):
+        async for chunk in stub.StreamGenerate(
+            pb.StreamGenerateRequest(prompt="fail-midway"), timeout=10
+        ):
             got.append(chunk)
     assert err.value.code() is grpc.StatusCode.UNAVAILABLE
     assert got[-1].error.code == grpc.StatusCode.UNAVAILABLE.value[0]  # the in-band error chunk
     labels = dict(grpc_type="SERVER_STREAMING", grpc_service=SERVICE, grpc_method="StreamGenerate")
     assert value(telemetry, "grpc_server_handled_total", **labels, grpc_code="UNAVAILABLE") == 1
     assert value(telemetry, "grpc_server_msg_sent_total", **labels) == len(got) == 4
-    assert value(telemetry, "ai_proxy_requests_total", method="StreamGenerate", status="UNAVAILABLE") == 1
+    assert (
+        value(telemetry, "ai_proxy_requests_total", method="StreamGenerate", status="UNAVAILABLE")
+        == 1
+    )
 
 
-async def test_cancelled_stream_is_recorded_and_active_gauge_returns_to_zero(served, caplog) -> None:
+async def test_cancelled_stream_is_recorded_and_active_gauge_returns_to_zero(
+    served, caplog
+) -> None:
     telemetry, stub = served
     caplog.set_level(logging.INFO, logger="aiproxy.access")
     call = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="p"), timeout=10)
@@ -233,9 +282,9 @@ def test_a_cancellation_at_the_callers_deadline_counts_as_deadline_exceeded() ->
 def test_usage_ignores_a_request_that_did_not_decode() -> None:
     """The ErrorInterceptor's MALFORMED marker reaches the observability wrapper as the
     request; reading the model from it must not fail the call's bookkeeping."""
+    from core.callinfo import CallInfo
     from interceptors.error_handling import MALFORMED
     from interceptors.observability import _Method
-    from core.callinfo import CallInfo
 
     interceptor = ObservabilityInterceptor(Telemetry(load_settings(metrics={"enabled": False})))
     m = _Method(interceptor._t, "/ai.agent.v1.AgentService/Generate", "UNARY")

@@ -92,7 +92,11 @@ async def gated() -> AsyncIterator[tuple[grpc.aio.Channel, Harness, OverloadGate
         },
     )
     gate = OverloadGate(
-        [f"/{SERVICE}/Unary"], [f"/{SERVICE}/Stream"], active=lambda: harness.active, capacity=10, on_reject=harness.refused.append
+        [f"/{SERVICE}/Unary"],
+        [f"/{SERVICE}/Stream"],
+        active=lambda: harness.active,
+        capacity=10,
+        on_reject=harness.refused.append,
     )
     server = grpc.aio.server(interceptors=[gate])
     server.add_generic_rpc_handlers((handler,))
@@ -121,7 +125,9 @@ async def test_below_capacity_calls_pass(gated) -> None:
     channel, harness, _ = gated
     harness.active = 9
     assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"", timeout=5) == b"ok"
-    assert [c async for c in channel.unary_stream(f"/{SERVICE}/Stream")(b"", timeout=5)] == [b"chunk"]
+    assert [c async for c in channel.unary_stream(f"/{SERVICE}/Stream")(b"", timeout=5)] == [
+        b"chunk"
+    ]
     assert harness.refused == [] and harness.handled == 2
 
 

@@ -57,7 +57,9 @@ async def collect(pump: StreamPump, *, delay: float = 0.0) -> list:
 
 
 async def test_passes_chunks_in_order_and_renumbers_seq() -> None:
-    upstream = FakeUpstream([chunk("a", seq=7, model="m"), chunk("b", seq=9), chunk("", is_final=True)])
+    upstream = FakeUpstream(
+        [chunk("a", seq=7, model="m"), chunk("b", seq=9), chunk("", is_final=True)]
+    )
     out = await collect(StreamPump(upstream, pb.StreamGenerateResponse, settings(coalesce=False)))
     assert [c.delta for c in out] == ["a", "b", ""]
     assert [c.seq for c in out] == [0, 1, 2]
@@ -65,7 +67,11 @@ async def test_passes_chunks_in_order_and_renumbers_seq() -> None:
 
 
 async def test_coalesces_only_plain_deltas_already_waiting() -> None:
-    script = [chunk("first", model="m")] + [chunk(f"{i} ") for i in range(20)] + [chunk("", is_final=True)]
+    script = (
+        [chunk("first", model="m")]
+        + [chunk(f"{i} ") for i in range(20)]
+        + [chunk("", is_final=True)]
+    )
     upstream = FakeUpstream(script)
     # A slow caller lets chunks queue up behind the first one.
     out = await collect(StreamPump(upstream, pb.StreamGenerateResponse, settings()), delay=0.01)
@@ -77,7 +83,9 @@ async def test_coalesces_only_plain_deltas_already_waiting() -> None:
 
 async def test_heartbeat_when_upstream_is_quiet() -> None:
     upstream = FakeUpstream([chunk("a"), 0.25, chunk("b"), chunk("", is_final=True)])
-    out = await collect(StreamPump(upstream, pb.StreamGenerateResponse, settings(heartbeat_interval_s=0.1)))
+    out = await collect(
+        StreamPump(upstream, pb.StreamGenerateResponse, settings(heartbeat_interval_s=0.1))
+    )
     heartbeats = [c for c in out if c.heartbeat]
     assert heartbeats, "expected at least one heartbeat during the 250 ms pause"
     assert [c.delta for c in out if not c.heartbeat] == ["a", "b", ""]
@@ -86,7 +94,9 @@ async def test_heartbeat_when_upstream_is_quiet() -> None:
 
 async def test_idle_upstream_ends_stream() -> None:
     upstream = FakeUpstream([chunk("a"), 5.0, chunk("never")])
-    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings(idle_timeout_s=0.1, heartbeat_interval_s=0.04))
+    pump = StreamPump(
+        upstream, pb.StreamGenerateResponse, settings(idle_timeout_s=0.1, heartbeat_interval_s=0.04)
+    )
     out = []
     with pytest.raises(StreamIdle):
         async for item in pump.chunks():
@@ -107,7 +117,9 @@ async def test_upstream_error_after_chunks_is_raised_in_order() -> None:
 
 async def test_bounded_buffer_backpressures_the_upstream() -> None:
     upstream = FakeUpstream([chunk(str(i)) for i in range(1000)] + [chunk("", is_final=True)])
-    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings(buffer_chunks=5, coalesce=False))
+    pump = StreamPump(
+        upstream, pb.StreamGenerateResponse, settings(buffer_chunks=5, coalesce=False)
+    )
     chunks = pump.chunks()
     first = await chunks.__anext__()
     for _ in range(10):
@@ -161,7 +173,11 @@ async def test_coalesce_window_pushes_at_most_once_per_window() -> None:
 
 async def test_coalesce_window_off_by_default_keeps_every_chunk() -> None:
     assert StreamSettings().coalesce_window_ms == 0
-    script = [chunk("a")] + [x for i in range(5) for x in (0.005, chunk(str(i)))] + [chunk("", is_final=True)]
+    script = (
+        [chunk("a")]
+        + [x for i in range(5) for x in (0.005, chunk(str(i)))]
+        + [chunk("", is_final=True)]
+    )
     out = await collect(StreamPump(FakeUpstream(script), pb.StreamGenerateResponse, settings()))
     assert [c.delta for c in out] == ["a", "0", "1", "2", "3", "4", ""]
 
@@ -176,7 +192,9 @@ async def test_the_deadline_ends_the_stream_with_stream_deadline_and_cancels_ups
     from server.streaming import StreamDeadline
 
     upstream = FakeUpstream([chunk("a"), 5.0, chunk("b")])
-    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings(), end_at=time.monotonic() + 0.2)
+    pump = StreamPump(
+        upstream, pb.StreamGenerateResponse, settings(), end_at=time.monotonic() + 0.2
+    )
     got = []
     with pytest.raises(StreamDeadline) as caught:
         async for item in pump.chunks():
@@ -190,7 +208,9 @@ async def test_a_deadline_in_the_future_changes_nothing() -> None:
     import time
 
     upstream = FakeUpstream([chunk("a"), chunk("b"), chunk("", is_final=True)])
-    pump = StreamPump(upstream, pb.StreamGenerateResponse, settings(coalesce=False), end_at=time.monotonic() + 30)
+    pump = StreamPump(
+        upstream, pb.StreamGenerateResponse, settings(coalesce=False), end_at=time.monotonic() + 30
+    )
     assert [c.delta for c in await collect(pump)] == ["a", "b", ""]
 
 
