@@ -56,6 +56,9 @@ class Reason(enum.StrEnum):
     PERMISSION_DENIED = "PERMISSION_DENIED"  # authenticated, but not allowed
     CANCELLED = "CANCELLED"  # the caller cancelled (recorded in logs and metrics)
     INTERNAL = "INTERNAL"  # a proxy bug; the details are in the log, by request id
+    STREAM_NOT_FOUND = "STREAM_NOT_FOUND"  # no resumable stream by that id (for this caller)
+    STREAM_EXPIRED = "STREAM_EXPIRED"  # the stream's data is gone: grace, time or bytes bound
+    STREAM_STORE_UNAVAILABLE = "STREAM_STORE_UNAVAILABLE"  # the shared stream store is down
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,290 @@
+"""The memory stream buffer and the grace rule: resume with no duplicate and no gap while
+appends race the reader, bounds in bytes and time, scope isolation, cancel, abandon."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import tracemalloc
+
+import grpc
+import pytest
+
+from core.errors import Reason
+from core.streambuffer import (
+    Chunk,
+    ChunkKind,
+    Grace,
+    MemoryStreamBuffer,
+    SequenceError,
+    StreamBuffer,
+    StreamExpired,
+    StreamNotFound,
+    StreamState,
+    Verdict,
+    new_stream_id,
+    valid_stream_id,
+    watch_owner,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def collect(buf: StreamBuffer, sid: str, scope: str, after: int = -1) -> list[Chunk]:
+    return [chunk async for chunk in buf.read(sid, scope, after)]
+
+
+def test_ids_are_unguessable_and_urlsafe() -> None:
+    ids = {new_stream_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 22 and valid_stream_id(i) for i in ids)
+    assert not valid_stream_id("x" * 65)
+    assert not valid_stream_id("abc/../" + "a" * 20)
+
+
+async def test_protocol_and_full_read() -> None:
+    buf = MemoryStreamBuffer()
+    assert isinstance(buf, StreamBuffer)
+    sid = await buf.create("tenant-a", "replica-1")
+    for seq in range(3):
+        await buf.append(sid, seq, b"c%d" % seq)
+    await buf.finish(sid, 3, b"final")
+    chunks = await collect(buf, sid, "tenant-a")
+    assert [c.seq for c in chunks] == [0, 1, 2, 3]
+    assert chunks[-1].kind is ChunkKind.FINAL and chunks[-1].data == b"final"
+    # Resuming after the last seen seq gives the rest; after the final, nothing.
+    assert [c.seq for c in await collect(buf, sid, "tenant-a", 1)] == [2, 3]
+    assert await collect(buf, sid, "tenant-a", 3) == []
+
+
+async def test_sequence_is_checked() -> None:
+    buf = MemoryStreamBuffer()
+    sid = await buf.create("t", "o")
+    with pytest.raises(SequenceError):
+        await buf.append(sid, 1, b"x")
+    await buf.append(sid, 0, b"x")
+    with pytest.raises(SequenceError):
+        await buf.append(sid, 0, b"x")
+    await buf.finish(sid, 1, b"f")
+    with pytest.raises(SequenceError):
+        await buf.append(sid, 2, b"x")
+
+
+async def test_other_scope_and_unknown_id_are_the_same_not_found() -> None:
+    buf = MemoryStreamBuffer()
+    sid = await buf.create("tenant-a", "o")
+    await buf.finish(sid, 0, b"f")
+    for bad_sid, scope in ((sid, "tenant-b"), (new_stream_id(), "tenant-a")):
+        with pytest.raises(StreamNotFound) as err:
+            await collect(buf, bad_sid, scope)
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+        assert err.value.reason == Reason.STREAM_NOT_FOUND
+    assert not await buf.request_cancel(sid, "tenant-b")
+
+
+async def test_live_tail_no_duplicate_no_gap_under_racing_appends() -> None:
+    """Readers that join at random points while the owner appends with random pauses all
+    see exactly the chunks after their seq, once each, in order."""
+    buf = MemoryStreamBuffer()
+    sid = await buf.create("t", "o")
+    n = 300
+
+    async def owner() -> None:
+        for seq in range(n - 1):
+            await buf.append(sid, seq, b"%d" % seq)
+            if seq % 7 == 0:
+                await asyncio.sleep(0)
+            if seq % 50 == 0:
+                await asyncio.sleep(0.001)
+        await buf.finish(sid, n - 1, b"end")
+
+    async def reader(start_after: int, delay: int) -> list[int]:
+        for _ in range(delay):
+            await asyncio.sleep(0)
+        return [c.seq async for c in buf.read(sid, "t", start_after)]
+
+    starts = [(-1, 0), (-1, 5), (10, 3), (100, 40), (250, 80), (298, 2)]
+    results = await asyncio.gather(owner(), *(reader(a, d) for a, d in starts))
+    for (after, _), seqs in zip(starts, results[1:], strict=True):
+        assert seqs == list(range(after + 1, n)), after
+
+
+async def test_bytes_bound_drops_oldest_and_resume_before_them_is_expired() -> None:
+    buf = MemoryStreamBuffer(max_bytes=100)
+    sid = await buf.create("t", "o")
+    for seq in range(10):
+        await buf.append(sid, seq, b"x" * 30)
+    assert buf.buffered_bytes <= 100
+    with pytest.raises(StreamExpired) as err:
+        await collect(buf, sid, "t", -1)
+    assert err.value.reason == Reason.STREAM_EXPIRED
+    await buf.finish(sid, 10, b"f")
+    tail = await collect(buf, sid, "t", 7)
+    assert [c.seq for c in tail] == [8, 9, 10]
+
+
+async def test_time_bound_after_last_write() -> None:
+    clock = FakeClock()
+    buf = MemoryStreamBuffer(ttl_s=60, clock=clock)
+    sid = await buf.create("t", "o")
+    await buf.append(sid, 0, b"a")
+    clock.now += 59
+    await buf.finish(sid, 1, b"f")  # a write renews the bound
+    clock.now += 59
+    assert len(await collect(buf, sid, "t")) == 2
+    clock.now += 2
+    with pytest.raises(StreamNotFound):
+        await collect(buf, sid, "t")
+    assert len(buf) == 0
+
+
+async def test_max_streams_drops_least_recently_written() -> None:
+    buf = MemoryStreamBuffer(max_streams=3)
+    sids = [await buf.create("t", "o") for _ in range(3)]
+    await buf.append(sids[0], 0, b"a")  # sids[0] is now the most recently written
+    extra = await buf.create("t", "o")
+    assert len(buf) == 3
+    assert (await buf.state(sids[1])).exists is False
+    assert (await buf.state(sids[0])).exists and (await buf.state(extra)).exists
+
+
+async def test_reader_of_an_evicted_stream_ends_with_expired() -> None:
+    buf = MemoryStreamBuffer(max_streams=1)
+    sid = await buf.create("t", "o")
+    await buf.append(sid, 0, b"a")
+    got: list[int] = []
+
+    async def read() -> None:
+        async for c in buf.read(sid, "t"):
+            got.append(c.seq)
+
+    task = asyncio.create_task(read())
+    while not got:
+        await asyncio.sleep(0)
+    await buf.create("t", "o")  # evicts sid
+    with pytest.raises(StreamExpired):
+        await asyncio.wait_for(task, 5)
+
+
+async def test_abandon_makes_resume_expired_and_wakes_readers() -> None:
+    buf = MemoryStreamBuffer()
+    sid = await buf.create("t", "o")
+    await buf.append(sid, 0, b"a")
+    seen: list[int] = []
+
+    async def read() -> None:
+        async for c in buf.read(sid, "t"):
+            seen.append(c.seq)
+
+    task = asyncio.create_task(read())
+    while not seen:
+        await asyncio.sleep(0)
+    await buf.abandon(sid)
+    with pytest.raises(StreamExpired):
+        await asyncio.wait_for(task, 5)
+    with pytest.raises(StreamExpired):
+        await collect(buf, sid, "t", 0)
+    assert (await buf.state(sid)).abandoned
+
+
+async def test_error_final_chunk_ends_the_read() -> None:
+    buf = MemoryStreamBuffer()
+    sid = await buf.create("t", "o")
+    await buf.append(sid, 0, b"a")
+    await buf.finish(sid, 1, b"status-bytes", error=True)
+    chunks = await collect(buf, sid, "t")
+    assert chunks[-1].kind is ChunkKind.ERROR and chunks[-1].last
+
+
+async def test_heartbeat_reports_owner_reader_and_cancel() -> None:
+    clock = FakeClock()
+    buf = MemoryStreamBuffer(reader_lease_s=3, clock=clock)
+    sid = await buf.create("t", "owner-1")
+    state = await buf.heartbeat(sid, "owner-1", 3)
+    assert state.owner_alive and not state.reader_attached and not state.cancel_requested
+    await buf.append(sid, 0, b"a")
+    reader = buf.read(sid, "t")
+    assert (await anext(reader)).seq == 0  # reading renews the reader lease
+    assert (await buf.heartbeat(sid, "owner-1", 3)).reader_attached
+    clock.now += 3.5
+    state = await buf.state(sid)
+    assert not state.owner_alive and not state.reader_attached
+    # Another owner name does not renew the lease.
+    assert not (await buf.heartbeat(sid, "owner-2", 3)).owner_alive
+    assert await buf.request_cancel(sid, "t")
+    assert (await buf.state(sid)).cancel_requested
+    await reader.aclose()
+
+
+def test_grace_rule() -> None:
+    clock = FakeClock()
+    grace = Grace(5.0, clock)
+    alive = StreamState(True)
+    assert grace.decide(alive) is Verdict.CONTINUE
+    clock.now += 100  # attached: no grace running
+    assert grace.decide(alive) is Verdict.CONTINUE
+    grace.caller_dropped()
+    clock.now += 4.9
+    assert grace.decide(alive) is Verdict.CONTINUE
+    # A resumer reading elsewhere restarts the grace each time it is seen.
+    assert grace.decide(alive._replace(reader_attached=True)) is Verdict.CONTINUE
+    clock.now += 4.9
+    assert grace.decide(alive) is Verdict.CONTINUE
+    clock.now += 0.2
+    assert grace.decide(alive) is Verdict.ABANDONED
+    # A cancel request wins over everything, attached or not.
+    grace.caller_attached()
+    assert grace.decide(alive._replace(cancel_requested=True)) is Verdict.CANCEL_REQUESTED
+    with pytest.raises(ValueError):
+        Grace(-1)
+
+
+async def test_watch_owner_cancels_after_grace_and_on_request() -> None:
+    buf = MemoryStreamBuffer()
+    sid = await buf.create("t", "o")
+    grace = Grace(0.2)
+    grace.caller_dropped()
+    verdict = await asyncio.wait_for(watch_owner(buf, sid, "o", grace, interval_s=0.05), 10)
+    assert verdict is Verdict.ABANDONED
+
+    sid2 = await buf.create("t", "o")
+    task = asyncio.create_task(watch_owner(buf, sid2, "o", Grace(30), interval_s=0.02))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    assert (await buf.state(sid2)).owner_alive
+    await buf.request_cancel(sid2, "t")
+    assert await asyncio.wait_for(task, 10) is Verdict.CANCEL_REQUESTED
+
+
+async def test_memory_per_stream_is_bounded_and_measured() -> None:
+    """What a buffered stream costs beyond its payload: the figure for the report."""
+    n_streams, n_chunks, size = 200, 50, 100
+    buf = MemoryStreamBuffer(max_bytes=1 << 20, max_streams=10_000)
+    payload = b"x" * size
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        sids = [await buf.create("tenant", "owner") for _ in range(n_streams)]
+        for sid in sids:
+            for seq in range(n_chunks):
+                await buf.append(sid, seq, bytes(bytearray(payload)))  # a fresh object, as read
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    total = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    per_stream = total / n_streams
+    overhead = per_stream - n_chunks * size
+    print(
+        f"memory per buffered stream: {per_stream:.0f} B for {n_chunks} x {size} B chunks "
+        f"(overhead {overhead:.0f} B, {overhead / n_chunks:.0f} B per chunk)"
+    )
+    assert buf.buffered_bytes == n_streams * n_chunks * size
+    # Bounded: payload plus a small constant per chunk and per stream.
+    assert overhead < n_chunks * 200 + 2000
