@@ -197,7 +197,7 @@ class Grace:
     is seen, so a resumer that drops too gets its own grace. A cancel request wins at once.
     """
 
-    __slots__ = ("grace_s", "_clock", "_attached", "_since")
+    __slots__ = ("_attached", "_clock", "_since", "grace_s")
 
     def __init__(self, grace_s: float, clock: Clock = time.monotonic) -> None:
         if grace_s < 0:

@@ -223,9 +223,7 @@ class RedisStreamBuffer:
                 try:
                     reply = await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
                 except NoScriptError:
-                    reply = await self._pipe.call(
-                        "EVAL", script.script, len(keys), *keys, *args
-                    )
+                    reply = await self._pipe.call("EVAL", script.script, len(keys), *keys, *args)
         except _FAILURES as exc:
             self._degrade(exc)
             raise StreamStoreUnavailable() from None
