@@ -206,6 +206,7 @@ class RedisStreamBuffer:
         self._read = client.register_script(_READ_LUA)
         self.healthy = True
         self._last_try = 0.0
+        self._reset_task: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisStreamBuffer:
@@ -240,7 +241,7 @@ class RedisStreamBuffer:
                 extra={"event": "streams_degraded"},
             )
             # Replies that may never come are not waited for; the next call reconnects.
-            asyncio.get_running_loop().create_task(self._pipe.reset())
+            self._reset_task = asyncio.get_running_loop().create_task(self._pipe.reset())
 
     def _recover(self) -> None:
         if not self.healthy:
@@ -347,6 +348,10 @@ class RedisStreamBuffer:
             await asyncio.sleep(min(self._block_s, 0.1))
 
     async def aclose(self) -> None:
+        if self._reset_task is not None:
+            await asyncio.gather(self._reset_task, return_exceptions=True)
         await self._pipe.reset()
         await self._blocking.aclose()
+        # A pool handed to a client is not closed with it (redis-py closes only its own).
+        await self._blocking.connection_pool.disconnect()
         await self._client.aclose()

@@ -1,0 +1,210 @@
+"""The Redis stream buffer against a real redis-server: one replica writes, another
+resumes (separate clients), no duplicate and no gap in the live tail, bounds in bytes and
+time, cancel and grace across replicas, and Redis going away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from core.errors import Reason
+from core.streambuffer import (
+    Chunk,
+    ChunkKind,
+    Grace,
+    SequenceError,
+    StreamExpired,
+    StreamNotFound,
+    StreamStoreUnavailable,
+    Verdict,
+    new_stream_id,
+    watch_owner,
+)
+from server.redis_streams import RedisStreamBuffer
+from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+
+
+@pytest.fixture
+async def pair(
+    redis_server: RedisServer,  # noqa: F811
+) -> AsyncIterator[tuple[RedisStreamBuffer, RedisStreamBuffer]]:
+    """Two replicas' buffers: independent clients on one Redis."""
+    a = RedisStreamBuffer.from_url(redis_server.url, timeout_s=1.0, block_s=0.3)
+    b = RedisStreamBuffer.from_url(redis_server.url, timeout_s=1.0, block_s=0.3)
+    yield a, b
+    await a.aclose()
+    await b.aclose()
+
+
+async def collect(buf: RedisStreamBuffer, sid: str, scope: str, after: int = -1) -> list[Chunk]:
+    return [c async for c in buf.read(sid, scope, after)]
+
+
+async def test_resume_on_another_replica_no_duplicate_no_gap(
+    pair: tuple[RedisStreamBuffer, RedisStreamBuffer],
+) -> None:
+    owner, other = pair
+    sid = await owner.create("tenant-a", "replica-a")
+    n = 200
+
+    async def produce() -> None:
+        for seq in range(n - 1):
+            await owner.append(sid, seq, b"chunk-%d" % seq)
+            if seq % 20 == 0:
+                await asyncio.sleep(0.005)
+        await owner.finish(sid, n - 1, b"final-usage")
+
+    async def resume(after: int, delay_s: float) -> list[Chunk]:
+        await asyncio.sleep(delay_s)
+        return await collect(other, sid, "tenant-a", after)
+
+    starts = [(-1, 0.0), (5, 0.01), (50, 0.03), (150, 0.05)]
+    results = await asyncio.wait_for(
+        asyncio.gather(produce(), *(resume(a, d) for a, d in starts)), 60
+    )
+    for (after, _), chunks in zip(starts, results[1:], strict=True):
+        assert [c.seq for c in chunks] == list(range(after + 1, n))
+        assert chunks[-1].kind is ChunkKind.FINAL and chunks[-1].data == b"final-usage"
+        assert all(c.data == b"chunk-%d" % c.seq for c in chunks[:-1])
+    # After the end: a reconnect that saw everything gets nothing more (no re-run).
+    assert await collect(other, sid, "tenant-a", n - 1) == []
+
+
+async def test_scope_sequence_and_unknown(
+    pair: tuple[RedisStreamBuffer, RedisStreamBuffer],
+) -> None:
+    owner, other = pair
+    sid = await owner.create("tenant-a", "a")
+    await owner.append(sid, 0, b"x")
+    with pytest.raises(SequenceError):
+        await owner.append(sid, 0, b"dup")
+    with pytest.raises(SequenceError):
+        await owner.append(sid, 5, b"hole")
+    for bad_sid, scope in ((sid, "tenant-b"), (new_stream_id(), "tenant-a")):
+        with pytest.raises(StreamNotFound) as err:
+            await collect(other, bad_sid, scope)
+        assert err.value.reason == Reason.STREAM_NOT_FOUND
+    with pytest.raises(StreamNotFound):
+        await owner.append(new_stream_id(), 0, b"x")
+    assert not await other.request_cancel(sid, "tenant-b")
+
+
+async def test_bytes_and_count_bounds(redis_server: RedisServer) -> None:  # noqa: F811
+    buf = RedisStreamBuffer.from_url(redis_server.url, timeout_s=1.0, max_bytes=100, max_chunks=3)
+    try:
+        sid = await buf.create("t", "o")
+        for seq in range(10):
+            await buf.append(sid, seq, b"x" * 30)
+        with pytest.raises(StreamExpired) as err:
+            await collect(buf, sid, "t")
+        assert err.value.reason == Reason.STREAM_EXPIRED
+        await buf.finish(sid, 10, b"f")
+        assert [c.seq for c in await collect(buf, sid, "t", 7)] == [8, 9, 10]
+    finally:
+        await buf.aclose()
+
+
+async def test_time_bound(redis_server: RedisServer) -> None:  # noqa: F811
+    buf = RedisStreamBuffer.from_url(redis_server.url, timeout_s=1.0, ttl_s=0.3)
+    try:
+        sid = await buf.create("t", "o")
+        await buf.finish(sid, 0, b"f")
+        assert len(await collect(buf, sid, "t")) == 1
+        deadline = time.monotonic() + 10
+        while (await buf.state(sid)).exists:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        with pytest.raises(StreamNotFound):
+            await collect(buf, sid, "t")
+    finally:
+        await buf.aclose()
+
+
+async def test_cancel_on_purpose_reaches_the_owner_on_another_replica(
+    pair: tuple[RedisStreamBuffer, RedisStreamBuffer],
+) -> None:
+    owner, other = pair
+    sid = await owner.create("t", "replica-a")
+    watch = asyncio.create_task(watch_owner(owner, sid, "replica-a", Grace(30), interval_s=0.05))
+    deadline = time.monotonic() + 10
+    while not (await other.state(sid)).owner_alive:  # the lease is visible elsewhere
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert await other.request_cancel(sid, "t")
+    assert await asyncio.wait_for(watch, 10) is Verdict.CANCEL_REQUESTED
+
+
+async def test_grace_kept_alive_by_a_resumer_elsewhere_then_abandoned(
+    pair: tuple[RedisStreamBuffer, RedisStreamBuffer],
+) -> None:
+    owner, other = pair
+    sid = await owner.create("t", "replica-a")
+    await owner.append(sid, 0, b"a")
+    grace = Grace(0.5)
+    grace.caller_dropped()
+    watch = asyncio.create_task(watch_owner(owner, sid, "replica-a", grace, interval_s=0.05))
+    # A resumer on the other replica reads the live tail for 1.5 s (> the grace).
+    reader = other.read(sid, "t", -1)
+    assert (await anext(reader)).seq == 0
+    pending = asyncio.ensure_future(anext(reader))
+    await asyncio.sleep(1.5)
+    assert not watch.done()
+    # The resumer goes away: its lease lapses, then the grace runs out.
+    pending.cancel()
+    await asyncio.gather(pending, return_exceptions=True)
+    await reader.aclose()
+    assert await asyncio.wait_for(watch, 20) is Verdict.ABANDONED
+    await owner.abandon(sid)
+    with pytest.raises(StreamExpired) as err:
+        await collect(other, sid, "t", 0)
+    assert err.value.reason == Reason.STREAM_EXPIRED
+
+
+async def test_reader_blocked_on_the_tail_is_woken_at_once(
+    pair: tuple[RedisStreamBuffer, RedisStreamBuffer],
+) -> None:
+    owner, other = pair
+    owner._block_s = other._block_s = 5.0  # a wake must come from the XADD, not the timeout
+    sid = await owner.create("t", "o")
+    got: list[float] = []
+
+    async def read() -> None:
+        async for _ in other.read(sid, "t"):
+            got.append(time.monotonic())
+
+    task = asyncio.create_task(read())
+    await asyncio.sleep(0.3)
+    sent = time.monotonic()
+    await owner.append(sid, 0, b"a")
+    await owner.finish(sid, 1, b"f")
+    await asyncio.wait_for(task, 10)
+    assert len(got) == 2 and got[0] - sent < 2.0
+
+
+async def test_redis_down_fails_fast_and_recovers(redis_server: RedisServer) -> None:  # noqa: F811
+    buf = RedisStreamBuffer.from_url(redis_server.url, timeout_s=0.2, probe_interval_s=0.2)
+    try:
+        sid = await buf.create("t", "o")
+        redis_server.stop()
+        with pytest.raises(StreamStoreUnavailable):
+            await buf.append(sid, 0, b"x")
+        assert not buf.healthy
+        start = time.monotonic()
+        with pytest.raises(StreamStoreUnavailable):
+            await buf.create("t", "o")  # within the probe interval: no wait at all
+        assert time.monotonic() - start < 0.1
+        redis_server.start()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                await buf.create("t", "o")
+                break
+            except StreamStoreUnavailable:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        assert buf.healthy
+    finally:
+        await buf.aclose()
