@@ -17,8 +17,9 @@ from typing import Any
 from server.edge import host_health
 from tests.support.procs import ServiceProcess
 
-# One SSE event exactly as the transcoder frames it: one data line of compact JSON.
-SSE_EVENT = re.compile(rb"data: (\{[^\n]*\})\n\n")
+# One SSE event exactly as the edge frames it: the id line the edge's sse_ids filter adds
+# (`id: <seq>` or `id: <stream id>:<seq>`), then one data line of compact JSON.
+SSE_EVENT = re.compile(rb"(?:id: ([^\n]*)\n)?data: (\{[^\n]*\})\n\n")
 
 
 @dataclass
@@ -84,10 +85,15 @@ def sse_events(body: bytes) -> list[dict[str, Any]]:
         assert match.start() == pos, (
             f"unexpected bytes in the SSE body at {pos}: {body[pos : match.start()]!r}"
         )
-        events.append(json.loads(match.group(1)))
+        events.append(json.loads(match.group(2)))
         pos = match.end()
     assert pos == len(body), f"trailing bytes in the SSE body: {body[pos:]!r}"
     return events
+
+
+def sse_ids(body: bytes) -> list[str | None]:
+    """The id line of each event of an SSE body (None where an event has none)."""
+    return [m.group(1).decode() if m.group(1) else None for m in SSE_EVENT.finditer(body)]
 
 
 class OpenStream:
@@ -110,6 +116,7 @@ class OpenStream:
         )
         self.resp = self.conn.getresponse()
         self._buffer = b""
+        self.last_id: str | None = None  # the id line of the last event read
 
     def events(self) -> Iterator[dict[str, Any]]:
         while True:
@@ -121,7 +128,8 @@ class OpenStream:
             raw, self._buffer = self._buffer.split(b"\n\n", 1)
             match = SSE_EVENT.fullmatch(raw + b"\n\n")
             assert match, f"not an SSE data event: {raw!r}"
-            yield json.loads(match.group(1))
+            self.last_id = match.group(1).decode() if match.group(1) is not None else None
+            yield json.loads(match.group(2))
 
     def close(self) -> None:
         self.conn.close()
