@@ -245,3 +245,31 @@ def test_the_edge_secret_is_added_but_never_printed(monkeypatch: pytest.MonkeyPa
     } == {"x-envoy-external-address"}
     monkeypatch.setenv("AIPROXY_LIMITS__EDGE_SECRET", "from-env")
     assert settings_from_args(parse([])).edge_secret == "from-env"
+
+
+@needs_descriptor
+def test_sse_ids_filter_streams_and_sits_before_the_transcoder() -> None:
+    """aiproxy.sse_ids (issue 16): listed before sse_to_metadata and the transcoder (so it
+    sees the transcoder's SSE text last on the way out and strips the resume query before
+    the transcoder validates it), rewrites chunk by chunk (bodyChunks, never body(), which
+    would buffer the whole stream), and CORS lets front ends send and read the headers."""
+    config = _config()
+    names = [f["name"] for f in _hcm(config)["http_filters"]]
+    assert names[0] == "envoy.filters.http.lua"  # the guard still runs first
+    assert (
+        names.index("aiproxy.sse_ids")
+        < names.index("envoy.filters.http.sse_to_metadata")
+        < names.index("envoy.filters.http.grpc_json_transcoder")
+    )
+    source = _filter(config, "aiproxy.sse_ids")["default_source_code"]["inline_string"]
+    assert "bodyChunks()" in source and ":body(" not in source
+    assert '"id: " .. prefix .. seq' in source
+    assert 'headers:get("x-aiproxy-stream-id")' in source
+    assert "$$" not in source
+    cors = _hcm(config)["route_config"]["virtual_hosts"][0]["typed_per_filter_config"][
+        "envoy.filters.http.cors"
+    ]
+    for header in ("x-aiproxy-resume", "x-aiproxy-resumable", "last-event-id", "cache-control"):
+        assert header in cors["allow_headers"]
+    for header in ("x-aiproxy-stream-id", "x-aiproxy-cache"):
+        assert header in cors["expose_headers"]
