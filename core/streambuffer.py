@@ -24,7 +24,8 @@ read by any number of *readers* (the original caller, then whoever resumes):
 Bounds: `max_bytes` per stream (the oldest chunks are dropped past it: a resume from
 before them is STREAM_EXPIRED), `ttl_s` after the last write (then the stream is gone:
 STREAM_NOT_FOUND), and, for the memory backend, `max_streams` per process (the least
-recently written stream is dropped first).
+recently written stream is dropped first) and `max_streams_per_scope` (a caller past it
+loses its own oldest stream, never another tenant's: one caller cannot flush the buffer).
 
 `Grace` is the pure rule for an upstream whose caller dropped: it continues for `grace_s`,
 longer while a reader is attached somewhere, and stops at once on a cancel request;
@@ -298,11 +299,17 @@ class MemoryStreamBuffer:
         max_bytes: int = DEFAULT_MAX_BYTES,
         ttl_s: float = DEFAULT_TTL_S,
         max_streams: int = 10_000,
+        max_streams_per_scope: int = 256,
         reader_lease_s: float = DEFAULT_LEASE_S,
         clock: Clock = time.monotonic,
     ) -> None:
-        if max_bytes < 1 or ttl_s <= 0 or max_streams < 1 or reader_lease_s <= 0:
-            raise ValueError("max_bytes, ttl_s, max_streams and reader_lease_s must be positive")
+        if (
+            min(max_bytes, max_streams, max_streams_per_scope) < 1
+            or min(ttl_s, reader_lease_s) <= 0
+        ):
+            raise ValueError("bounds, ttl_s and reader_lease_s must be positive")
+        self.max_streams_per_scope = max_streams_per_scope
+        self._by_scope: dict[str, OrderedDict[str, None]] = {}  # scope -> its ids, oldest first
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self.max_streams = max_streams
@@ -321,10 +328,17 @@ class MemoryStreamBuffer:
     def _live(self, stream_id: str) -> _Stream | None:
         s = self._streams.get(stream_id)
         if s is not None and self._clock() >= s.expires:
-            del self._streams[stream_id]
-            s.wake.set()
+            self._remove(stream_id)
             return None
         return s
+
+    def _remove(self, stream_id: str) -> None:
+        s = self._streams.pop(stream_id)
+        ids = self._by_scope[s.scope]
+        del ids[stream_id]
+        if not ids:
+            del self._by_scope[s.scope]
+        s.wake.set()  # a reader of a dropped stream ends (StreamExpired)
 
     def _sweep(self) -> None:
         now = self._clock()
@@ -332,8 +346,7 @@ class MemoryStreamBuffer:
             sid, s = next(iter(self._streams.items()))
             if now < s.expires and len(self._streams) <= self.max_streams:
                 break
-            del self._streams[sid]
-            s.wake.set()  # a reader of a dropped stream ends (StreamNotFound)
+            self._remove(sid)
 
     async def create(self, scope: str, owner: str) -> str:
         return self.create_nowait(scope, owner)
@@ -341,7 +354,12 @@ class MemoryStreamBuffer:
     def create_nowait(self, scope: str, owner: str) -> str:
         sid = new_stream_id()
         now = self._clock()
+        ids = self._by_scope.setdefault(scope, OrderedDict())
+        if len(ids) >= self.max_streams_per_scope:
+            self._remove(next(iter(ids)))  # the caller's own oldest, nobody else's
+            ids = self._by_scope.setdefault(scope, OrderedDict())
         self._streams[sid] = _Stream(scope, owner, now + self.ttl_s, owner_until=now)
+        ids[sid] = None
         self._sweep()
         return sid
 
@@ -452,3 +470,4 @@ class MemoryStreamBuffer:
         for s in self._streams.values():
             s.wake.set()
         self._streams.clear()
+        self._by_scope.clear()

@@ -208,3 +208,21 @@ async def test_redis_down_fails_fast_and_recovers(redis_server: RedisServer) -> 
         assert buf.healthy
     finally:
         await buf.aclose()
+
+
+async def test_redis_memory_per_buffered_stream(redis_server: RedisServer) -> None:  # noqa: F811
+    """What a buffered stream costs in Redis (MEMORY USAGE of its keys): the report's figure."""
+    buf = RedisStreamBuffer.from_url(redis_server.url, timeout_s=1.0)
+    raw = buf._client
+    try:
+        n_chunks, size = 50, 100
+        sid = await buf.create("tenant", "owner")
+        for seq in range(n_chunks - 1):
+            await buf.append(sid, seq, b"x" * size)
+        await buf.finish(sid, n_chunks - 1, b"x" * size)
+        meta, stream, _, _ = buf._keys(sid)
+        used = sum([await raw.memory_usage(k) or 0 for k in (meta, stream)])
+        print(f"\nredis memory per buffered stream: {used} B for {n_chunks} x {size} B chunks")
+        assert n_chunks * size <= used < n_chunks * size * 3 + 4096
+    finally:
+        await buf.aclose()

@@ -288,3 +288,14 @@ async def test_memory_per_stream_is_bounded_and_measured() -> None:
     assert buf.buffered_bytes == n_streams * n_chunks * size
     # Bounded: payload plus a small constant per chunk and per stream.
     assert overhead < n_chunks * 200 + 2000
+
+
+async def test_one_caller_cannot_flush_other_tenants_streams() -> None:
+    """Past max_streams_per_scope a caller loses its own oldest stream, nobody else's."""
+    buf = MemoryStreamBuffer(max_streams=100, max_streams_per_scope=3)
+    victim = await buf.create("tenant-a", "o")
+    await buf.finish(victim, 0, b"answer")
+    hostile = [await buf.create("tenant-b", "o") for _ in range(50)]
+    assert len(buf) == 4
+    assert [c.data for c in await collect(buf, victim, "tenant-a")] == [b"answer"]
+    assert [(await buf.state(s)).exists for s in hostile[-4:]] == [False, True, True, True]
