@@ -287,7 +287,16 @@ class RedisStreamBuffer:
         row = await self._script(self._state, (meta, okey, rkey), owner, lease_ms)
         if not row[0]:
             return MISSING
-        return StreamState(True, *(bool(v) for v in row[1:6]), int(row[6]))
+        _, fin, abandoned, cancel, owner_alive, reader, next_seq = row
+        return StreamState(
+            True,
+            finished=bool(fin),
+            abandoned=bool(abandoned),
+            cancel_requested=bool(cancel),
+            owner_alive=bool(owner_alive),
+            reader_attached=bool(reader),
+            next_seq=int(next_seq),
+        )
 
     async def state(self, stream_id: str) -> StreamState:
         return await self._read_state(stream_id, "", 1)
