@@ -44,7 +44,7 @@ import enum
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple, Protocol, runtime_checkable
 
@@ -471,3 +471,124 @@ class MemoryStreamBuffer:
             s.wake.set()
         self._streams.clear()
         self._by_scope.clear()
+
+
+# ---- What a call asks for (metadata) ---------------------------------------------------
+
+RESUMABLE_HEADER: Final = "x-aiproxy-resumable"  # request: "1" asks for a resumable stream
+RESUME_HEADER: Final = "x-aiproxy-resume"  # request: the stream id to resume
+LAST_EVENT_ID_HEADER: Final = "last-event-id"  # request: the last seq the caller saw
+CANCEL_HEADER: Final = "x-aiproxy-cancel"  # request: stop that stream's upstream now
+STREAM_ID_HEADER: Final = "x-aiproxy-stream-id"  # response (initial metadata): the id
+
+
+class ResumeAsk(NamedTuple):
+    """The resume-related metadata of one call, validated (invalid values read as absent:
+    a resume with a malformed id is a new call, never an error about the id's shape)."""
+
+    resumable: bool | None = None  # None: not said (the operator's default applies)
+    resume: str | None = None  # a stream id to resume
+    after_seq: int = -1  # resume after this seq (-1: from the start)
+    cancel: str | None = None  # a stream id whose upstream the caller stops on purpose
+
+
+def parse_resume(metadata: Iterable[tuple[str, str | bytes]]) -> ResumeAsk:
+    """x-aiproxy-resumable (1/true/0/false), x-aiproxy-resume, last-event-id (digits; the
+    edge already split "<stream id>:<seq>"), x-aiproxy-cancel."""
+    resumable: bool | None = None
+    resume = cancel = None
+    after = -1
+    for key, value in metadata:
+        if isinstance(value, bytes):
+            continue
+        if key == RESUMABLE_HEADER:
+            flag = value.strip().lower()
+            if flag in ("1", "true", "yes"):
+                resumable = True
+            elif flag in ("0", "false", "no"):
+                resumable = False
+        elif key == RESUME_HEADER and valid_stream_id(value):
+            resume = value
+        elif key == CANCEL_HEADER and valid_stream_id(value):
+            cancel = value
+        elif key == LAST_EVENT_ID_HEADER:
+            sid, _, seq = value.rpartition(":")
+            if sid and valid_stream_id(sid) and resume is None:
+                resume = sid  # a direct caller that kept the edge's combined form
+            if seq.isdigit() and len(seq) <= 10:
+                after = int(seq)
+    return ResumeAsk(resumable, resume, after, cancel)
+
+
+# ---- The owner's writer: the caller gets chunks at once, the buffer in order behind -----
+
+
+class StreamRecorder:
+    """Writes one stream's chunks to the buffer in order, off the caller's path.
+
+    The pump calls `record` per chunk (never suspends) and yields the chunk to its caller
+    at once; a writer task appends them in order. The first failure (store down, stream
+    evicted, a bug) stops recording: the stream goes on, not resumable any more, and a
+    later resume finds it expired or missing. `close()` waits (bounded) for what is queued,
+    so the final chunk is in the buffer before the owner lets go.
+    """
+
+    def __init__(self, buffer: StreamBuffer, stream_id: str, max_queued: int = 1024) -> None:
+        self.buffer = buffer
+        self.stream_id = stream_id
+        self.max_queued = max_queued
+        self.failed: BaseException | None = None
+        self._queue: list[tuple[int, bytes, ChunkKind]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def recording(self) -> bool:
+        return self.failed is None and not self._closed
+
+    def record(self, seq: int, data: bytes, kind: ChunkKind = ChunkKind.DATA) -> None:
+        if not self.recording:
+            return
+        if len(self._queue) >= self.max_queued:  # the store cannot keep up: give up on it
+            self.failed = StreamStoreUnavailable("stream store too slow")
+            self._queue.clear()
+            return
+        self._queue.append((seq, data, kind))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._write())
+        self._wake.set()
+
+    async def _write(self) -> None:
+        while True:
+            while self._queue:
+                seq, data, kind = self._queue.pop(0)
+                try:
+                    if kind == ChunkKind.DATA:
+                        await self.buffer.append(self.stream_id, seq, data)
+                    else:
+                        await self.buffer.finish(
+                            self.stream_id, seq, data, error=kind == ChunkKind.ERROR
+                        )
+                except (ProxyError, SequenceError) as exc:
+                    self.failed = exc
+                    self._queue.clear()
+                    return
+                if kind != ChunkKind.DATA:
+                    return
+            if self._closed:
+                return
+            await self._wake.wait()
+            self._wake.clear()
+
+    async def close(self, timeout_s: float = 1.0) -> None:
+        """Stop accepting chunks; wait up to `timeout_s` for the queued ones to be written."""
+        self._closed = True
+        self._wake.set()
+        task = self._task
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

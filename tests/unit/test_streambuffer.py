@@ -16,13 +16,16 @@ from core.streambuffer import (
     ChunkKind,
     Grace,
     MemoryStreamBuffer,
+    ResumeAsk,
     SequenceError,
     StreamBuffer,
     StreamExpired,
     StreamNotFound,
+    StreamRecorder,
     StreamState,
     Verdict,
     new_stream_id,
+    parse_resume,
     valid_stream_id,
     watch_owner,
 )
@@ -299,3 +302,68 @@ async def test_one_caller_cannot_flush_other_tenants_streams() -> None:
     assert len(buf) == 4
     assert [c.data for c in await collect(buf, victim, "tenant-a")] == [b"answer"]
     assert [(await buf.state(s)).exists for s in hostile[-4:]] == [False, True, True, True]
+
+
+def test_parse_resume() -> None:
+    sid = new_stream_id()
+    assert parse_resume([]) == ResumeAsk()
+    got = parse_resume(
+        [("x-aiproxy-resumable", "1"), ("x-aiproxy-resume", sid), ("last-event-id", "41")]
+    )
+    assert got == ResumeAsk(True, sid, 41, None)
+    # The edge's combined form, from a direct caller that kept it.
+    assert parse_resume([("last-event-id", f"{sid}:7")]) == ResumeAsk(None, sid, 7, None)
+    assert parse_resume([("x-aiproxy-cancel", sid)]).cancel == sid
+    assert parse_resume([("x-aiproxy-resumable", "false")]).resumable is False
+    # Malformed values read as absent.
+    bad = parse_resume(
+        [
+            ("x-aiproxy-resume", "short"),
+            ("last-event-id", "-3"),
+            ("x-aiproxy-resumable", "maybe"),
+            ("x-aiproxy-cancel", "x" * 100),
+            ("last-event-id", "9" * 11),
+        ]
+    )
+    assert bad == ResumeAsk()
+
+
+async def test_recorder_writes_in_order_off_the_callers_path() -> None:
+    buf = MemoryStreamBuffer()
+    sid = await buf.create("t", "o")
+    rec = StreamRecorder(buf, sid)
+    for seq in range(20):
+        rec.record(seq, b"%d" % seq)  # never suspends
+    rec.record(20, b"final", ChunkKind.FINAL)
+    await rec.close()
+    chunks = await collect(buf, sid, "t")
+    assert [c.seq for c in chunks] == list(range(21)) and chunks[-1].kind is ChunkKind.FINAL
+    assert rec.failed is None and not rec.recording
+
+
+async def test_recorder_stops_at_the_first_failure_and_the_stream_goes_on() -> None:
+    buf = MemoryStreamBuffer(max_streams_per_scope=1)
+    sid = await buf.create("t", "o")
+    rec = StreamRecorder(buf, sid)
+    rec.record(0, b"a")
+    await asyncio.sleep(0)
+    await buf.create("t", "o")  # evicts sid (the caller's own cap)
+    rec.record(1, b"b")
+    rec.record(2, b"c")
+    await rec.close()
+    assert isinstance(rec.failed, StreamNotFound) and not rec.recording
+    rec.record(3, b"d")  # ignored, no error
+
+
+async def test_recorder_gives_up_when_the_store_cannot_keep_up() -> None:
+    class Stuck(MemoryStreamBuffer):
+        async def append(self, stream_id: str, seq: int, data: bytes) -> None:
+            await asyncio.Event().wait()
+
+    buf = Stuck()
+    sid = await buf.create("t", "o")
+    rec = StreamRecorder(buf, sid, max_queued=5)
+    for seq in range(10):
+        rec.record(seq, b"x")
+    assert rec.failed is not None
+    await rec.close(timeout_s=0.05)  # bounded even though the store never answers
