@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from ai.agent.v1 import agent_service_pb2 as pb
 from core.errors import Reason
 from core.streambuffer import (
     Chunk,
@@ -18,6 +19,7 @@ from core.streambuffer import (
     SequenceError,
     StreamExpired,
     StreamNotFound,
+    StreamRecorder,
     StreamStoreUnavailable,
     Verdict,
     new_stream_id,
@@ -226,3 +228,50 @@ async def test_redis_memory_per_buffered_stream(redis_server: RedisServer) -> No
         assert n_chunks * size <= used < n_chunks * size * 3 + 4096
     finally:
         await buf.aclose()
+
+
+async def test_drop_and_resume_on_another_replica_equals_an_uninterrupted_run(
+    pair: tuple[RedisStreamBuffer, RedisStreamBuffer],
+) -> None:
+    """The owner records real chunk messages through a StreamRecorder while its caller
+    reads them directly; the caller drops after 5 and resumes on the other replica with
+    last-event-id: the text and the final usage equal the uninterrupted run's."""
+    owner, other = pair
+    words = [f"w{i} " for i in range(30)]
+
+    async def upstream() -> AsyncIterator[pb.StreamGenerateResponse]:
+        for seq, word in enumerate(words):
+            yield pb.StreamGenerateResponse(delta=word, seq=seq)
+            await asyncio.sleep(0.005)
+        yield pb.StreamGenerateResponse(
+            is_final=True, seq=len(words), usage=pb.Usage(completion_tokens=len(words))
+        )
+
+    sid = await owner.create("tenant", "replica-a")
+    recorder = StreamRecorder(owner, sid)
+    seen: list[pb.StreamGenerateResponse] = []
+
+    async def pump() -> None:  # the owner keeps going after its caller dropped (grace)
+        async for msg in upstream():
+            recorder.record(
+                msg.seq,
+                msg.SerializeToString(),
+                ChunkKind.FINAL if msg.is_final else ChunkKind.DATA,
+            )
+            if len(seen) < 5:
+                seen.append(msg)  # what the caller got before its connection dropped
+        await recorder.close()
+
+    pumping = asyncio.create_task(pump())
+    while len(seen) < 5:
+        await asyncio.sleep(0.001)
+    resumed = [
+        pb.StreamGenerateResponse.FromString(c.data)
+        async for c in other.read(sid, "tenant", seen[-1].seq)
+    ]
+    await asyncio.wait_for(pumping, 30)
+    got = seen + resumed
+    assert [m.seq for m in got] == list(range(len(words) + 1))
+    assert "".join(m.delta for m in got) == "".join(words)
+    assert got[-1].is_final and got[-1].usage.completion_tokens == len(words)
+    assert recorder.failed is None
