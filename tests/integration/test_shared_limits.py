@@ -225,6 +225,10 @@ async def test_redis_stopped_mid_load_no_call_hangs_the_policy_holds_and_it_reco
     away = [o for o in outcomes if o.sent_at >= t_stop + 0.3]
     away_s = 4.0 - (t_stop + 0.3)
     admitted_away = sum(o.code == grpc.StatusCode.OK for o in away)
+    slowest = max(o.latency_s for o in outcomes)
+    print(
+        f"{policy}: {len(away)} calls in {away_s:.1f}s without Redis, {admitted_away} admitted, slowest {slowest * 1000:.0f} ms"
+    )
     if policy == "fail_closed":
         assert admitted_away == 0, admitted_away
         unavailable = [o for o in away if o.code == grpc.StatusCode.UNAVAILABLE]
