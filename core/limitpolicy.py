@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from core.limitstore import TokenLimits
 from core.ratelimit import LimitSpec
-from core.settings import LimitSettings, RateLimitOverride
+from core.settings import LimitSettings, RateLimitOverride, Settings
 
 # A tenant claim's value becomes part of a key (and of a Redis key): bounded and plain.
 MAX_TENANT_CHARS: Final = 128
@@ -71,6 +71,12 @@ class LimitPolicy:
         self._default_per_day = settings.tokens_per_day
         # (override resolved, tenant key) -> limits; the overrides live as long as self.
         self._tenant_cache: dict[tuple[int, str], CallerLimits] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LimitPolicy:
+        """From the whole settings: `apikey:<name>` overrides find their callers' hashes."""
+        names = {f"key:{k.key_hash}": k.name for k in settings.auth.api_keys}
+        return cls(settings.limits, names)
 
     def _build(self, override: RateLimitOverride | None) -> CallerLimits:
         s = self._settings

@@ -25,9 +25,7 @@ def policy(**limits: object) -> LimitPolicy:
             **limits,
         },
     )
-    return LimitPolicy(
-        settings.limits, {f"key:{k.key_hash}": k.name for k in settings.auth.api_keys}
-    )
+    return LimitPolicy.from_settings(settings)
 
 
 def test_defaults_apply_to_a_caller_without_override_or_tenant() -> None:
