@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args
-from tests.integration.test_protection import rich_from_status
+from tests.integration.test_protection import rich_from_status, wait_started
 from tests.support.grpc_helpers import stub
 from tests.support.procs import ServiceProcess
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
@@ -257,3 +257,81 @@ async def test_redis_stopped_mid_load_no_call_hangs_the_policy_holds_and_it_reco
     assert recovered, "the proxies did not return to the shared bucket"
     for proxy in proxies:
         assert proxy.proc is not None and proxy.proc.poll() is None  # nobody crashed
+
+
+async def stream_outcome(channel: grpc.aio.Channel) -> tuple[grpc.StatusCode, str]:
+    """A short stream from the caller: OK (admitted and done) or its refusal."""
+    request = pb.StreamGenerateRequest(prompt="probe", options=pb.GenerationOptions(max_tokens=2))
+    try:
+        async for _ in stub(channel).StreamGenerate(
+            request, metadata=(("x-client-id", CALLER),), timeout=10
+        ):
+            pass
+    except grpc.aio.AioRpcError as err:
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+        return err.code(), rich_from_status(status).reason if status is not None else ""
+    return grpc.StatusCode.OK, ""
+
+
+async def admitted_within(channel: grpc.aio.Channel, limit_s: float) -> float:
+    """Probe until a stream is admitted; how long that took (fails past `limit_s`)."""
+    start = time.monotonic()
+    while True:
+        code, reason = await stream_outcome(channel)
+        if code == grpc.StatusCode.OK:
+            return time.monotonic() - start
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "CONCURRENCY_LIMITED")
+        assert time.monotonic() - start < limit_s, f"no stream admitted within {limit_s}s"
+        await asyncio.sleep(0.05)
+
+
+async def test_stream_cap_holds_across_replicas_and_a_dead_replicas_leases_lapse(
+    spawn,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    agent = spawn(*agent_args())
+    env = shared_env(
+        redis_server.url,
+        AIPROXY_LIMITS__RATE_PER_S="1000",
+        AIPROXY_LIMITS__BURST="1000",
+        AIPROXY_LIMITS__MAX_STREAMS_PER_CALLER="2",
+        AIPROXY_REDIS__LEASE_TTL_S="1",
+    )
+    a, b = (serve(spawn, agent.address, env) for _ in range(2))
+    hang = (("x-client-id", CALLER), ("x-fault-hang", "1"))
+    request = pb.StreamGenerateRequest(prompt="hold", options=pb.GenerationOptions(max_tokens=8))
+    async with (
+        grpc.aio.insecure_channel(a.address) as on_a,
+        grpc.aio.insecure_channel(b.address) as on_b,
+    ):
+        # One open stream on each replica: the caller's two slots, taken in Redis.
+        held_a = stub(on_a).StreamGenerate(request, metadata=hang, timeout=60)
+        held_b = stub(on_b).StreamGenerate(request, metadata=hang, timeout=60)
+        await wait_started(agent, 2)
+        for channel in (on_a, on_b):  # a third is refused on either replica
+            assert await stream_outcome(channel) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "CONCURRENCY_LIMITED",
+            )
+
+        # A stream that ends frees its slot for the other replica too, long before any
+        # lease TTL (the cancellation has to reach B first: poll briefly).
+        held_b.cancel()
+        assert await admitted_within(on_a, 0.9) < 0.9
+
+        # Fill the slot again from B, then kill A (SIGKILL: no clean release). Its lease
+        # is not renewed and lapses within the lease TTL: B admits a stream again.
+        held_b = stub(on_b).StreamGenerate(request, metadata=hang, timeout=60)
+        await wait_started(agent, 4)  # the two held, the probe, this one (refusals never start)
+        assert await stream_outcome(on_b) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "CONCURRENCY_LIMITED",
+        )
+        assert a.proc is not None
+        a.proc.kill()
+        a.proc.wait(timeout=10)
+        lapsed_s = await admitted_within(on_b, 10)
+        print(f"dead replica's lease lapsed after {lapsed_s:.2f}s (ttl 1 s)")
+        assert lapsed_s < 5
+        held_a.cancel()
+        held_b.cancel()
