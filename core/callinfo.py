@@ -18,6 +18,10 @@ class CallInfo:
     request_id: str
     started: float = dataclasses.field(default_factory=time.monotonic)
     caller: str = ""
+    # The caller's tenant (the value of limits.tenant_claim in its JWT), set by auth; ""
+    # when none. Its callers share `tenant:<value>` overrides and daily token budget
+    # (core/limitpolicy.py).
+    tenant: str = ""
     # Seconds the upstream call may take (the tighter of the caller's and the method's).
     timeout_s: float | None = None
     upstream: str = ""

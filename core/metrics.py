@@ -167,6 +167,20 @@ class ProxyMetrics:
             ["model", "kind"],
             registry=registry,
         )
+        self.limits_backend_up = Gauge(
+            "ai_proxy_limits_backend_up",
+            "1 while the limits backend answers (memory: always), 0 while it is degraded and "
+            "limits.failure_policy applies; backend is memory or redis.",
+            ["backend"],
+            registry=registry,
+        )
+        self.limits_backend_transitions = Counter(
+            "ai_proxy_limits_backend_transitions_total",
+            "Changes of the limits backend's state, by backend and the state entered "
+            "(healthy or degraded).",
+            ["backend", "state"],
+            registry=registry,
+        )
         self._models: set[str] = set()
         self._model_lock = threading.Lock()
 

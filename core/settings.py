@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import pathlib
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -237,12 +237,26 @@ def _code_names(value: list[str]) -> list[str]:
     return [v.upper() for v in value]
 
 
-class RateLimitOverride(_Section):
-    """A caller key's own bucket (and stream cap), replacing the default."""
+# The kinds of key a limits override may name (interceptors/limits.py derives the first
+# four from the call; the last two group callers): "sub:<jwt sub>", "key:<api key hash>",
+# "client:<x-client-id>", "peer:<ip>", "apikey:<auth.api_keys name>", "tenant:<claim value>".
+OVERRIDE_KINDS = ("sub", "key", "client", "peer", "apikey", "tenant")
 
-    rate_per_s: float = Field(gt=0)
-    burst: int = Field(ge=1)
+
+def _off_if_zero(value: int | None) -> int | None:
+    return None if value == 0 else value
+
+
+class RateLimitOverride(_Section):
+    """A caller's (or a group's: `apikey:NAME`, `tenant:VALUE`) own limits, replacing the
+    defaults. A key left out is inherited from the defaults (filled in when loaded)."""
+
+    rate_per_s: float | None = Field(default=None, gt=0)
+    burst: int | None = Field(default=None, ge=1)
     max_streams: int | None = Field(default=None, ge=1)
+    # LLM tokens; left out: the default; 0: not enforced for this key.
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_day: int | None = Field(default=None, ge=0)
 
 
 class LimitSettings(_Section):
@@ -254,6 +268,17 @@ class LimitSettings(_Section):
     """
 
     enabled: bool = True
+    # Where limit state lives (README: Shared limits). memory: in each process (nothing to
+    # run; limits multiply by workers and replicas). redis: one Redis (`redis.url`) shared
+    # by every worker and replica, so N processes admit what one would.
+    backend: Literal["memory", "redis"] = "memory"
+    # With redis, when Redis does not answer within redis.timeout_ms: fail_open limits each
+    # process from its own memory at limit/expected_processes; fail_closed refuses the call
+    # (UNAVAILABLE, reason LIMITS_UNAVAILABLE, RetryInfo). Recovery is automatic.
+    failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
+    # How many proxy processes share the limits (workers x replicas): under fail_open each
+    # one allows limit/N (rounded up), so the fleet stays near the limit while Redis is away.
+    expected_processes: int = Field(default=1, ge=1, le=4096)
     # Token bucket per caller: sustained rate and burst (source documents: 100 QPS).
     rate_per_s: float = Field(default=100.0, gt=0)
     burst: int = Field(default=100, ge=1)
@@ -264,6 +289,17 @@ class LimitSettings(_Section):
     max_concurrent_calls: int = Field(default=10_000, ge=1)
     # Buckets kept at most (least recently used dropped first): memory stays bounded.
     max_tracked_callers: int = Field(default=100_000, ge=1)
+    # LLM tokens per caller (reserved at admission from max_tokens or an estimate, settled
+    # with the usage the agent reports): a bucket refilled over a minute, and a budget
+    # per UTC day, per caller or per tenant. null or 0: not enforced.
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_day: int | None = Field(default=None, ge=0)
+    # A JWT claim naming the caller's tenant (e.g. "tenant"): callers whose tokens carry
+    # the same value share a `tenant:<value>` override and its daily token budget.
+    # null: no tenants (overrides by sub, API key and client only).
+    tenant_claim: str | None = Field(default=None, min_length=1, max_length=64)
+    # Keyed "<kind>:<value>", kind one of OVERRIDE_KINDS; the most specific key wins:
+    # the caller's own (sub/key/client/peer), then apikey:<name>, then tenant:<value>.
     overrides: dict[str, RateLimitOverride] = Field(default_factory=dict)
     # Behind the edge every caller has Envoy's address: the header that the project's
     # Envoy sets to the caller's address (it overwrites whatever a caller sent). Empty:
@@ -287,6 +323,56 @@ class LimitSettings(_Section):
     @classmethod
     def _v_edge_secret(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
+
+    _v_tokens = field_validator("tokens_per_minute", "tokens_per_day")(
+        classmethod(lambda cls, v: _off_if_zero(v))
+    )
+
+    @field_validator("tenant_claim")
+    @classmethod
+    def _v_tenant_claim(cls, value: str | None) -> str | None:
+        if value is not None and value in _RESERVED_CLAIMS:
+            raise ValueError(f"{value!r} is a registered JWT claim, not a tenant name")
+        return value
+
+    @model_validator(mode="after")
+    def _v_overrides(self) -> LimitSettings:
+        for key, override in self.overrides.items():
+            kind, sep, value = key.partition(":")
+            if not sep or not value or kind not in OVERRIDE_KINDS:
+                raise ValueError(
+                    f"override key {key!r} must be '<kind>:<value>' with kind one of "
+                    f"{', '.join(OVERRIDE_KINDS)}"
+                )
+            if kind == "tenant" and self.tenant_claim is None:
+                raise ValueError(f"override {key!r} needs limits.tenant_claim (e.g. 'tenant')")
+            # Inherit what the override leaves out, so every override is complete.
+            if override.rate_per_s is None:
+                override.rate_per_s = self.rate_per_s
+            if override.burst is None:
+                override.burst = self.burst
+        return self
+
+    def override_for(self, *keys: str | None) -> RateLimitOverride | None:
+        """The first override among `keys` (most specific first; None entries skipped)."""
+        for key in keys:
+            if key is not None and (found := self.overrides.get(key)) is not None:
+                return found
+        return None
+
+    def token_quotas(self, override: RateLimitOverride | None) -> tuple[int | None, int | None]:
+        """(tokens per minute, tokens per day) for a caller with `override`; None = off."""
+        per_minute, per_day = self.tokens_per_minute, self.tokens_per_day
+        if override is not None:
+            if override.tokens_per_minute is not None:
+                per_minute = _off_if_zero(override.tokens_per_minute)
+            if override.tokens_per_day is not None:
+                per_day = _off_if_zero(override.tokens_per_day)
+        return per_minute, per_day
+
+
+# Registered JWT claims (RFC 7519 4.1) and the ones auth reads for scopes: never a tenant.
+_RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "scp"})
 
 
 class ValidationSettings(_Section):
@@ -498,6 +584,46 @@ class TlsSettings(_Section):
     upstream: UpstreamTlsSettings = Field(default_factory=UpstreamTlsSettings)
 
 
+class RedisSettings(_Section):
+    """The Redis that holds shared limits when limits.backend is redis
+    (server/redis_limits.py; README: Shared limits). One Redis, not a Cluster: a token
+    reservation touches a caller's bucket and its tenant's budget in one script."""
+
+    # redis://HOST:PORT/DB, rediss:// (TLS) or unix:///path.sock. No password in it:
+    # the URL is shown by check-config and logs; put the password in redis.password.
+    url: str | None = None
+    password: SecretStr | None = None  # AIPROXY_REDIS__PASSWORD
+    # Every key starts with this, so several proxies (or environments) can share a Redis.
+    key_prefix: str = Field(default="aiproxy:limits:", min_length=1, max_length=128)
+    # The bounded wait for one Redis call; past it the call goes to limits.failure_policy.
+    # Event-loop lag counts against it: 10-25 ms suits a loaded 2-core box.
+    timeout_ms: float = Field(default=20.0, gt=0, le=5000)
+    connect_timeout_s: float = Field(default=1.0, gt=0, le=60)
+    # While degraded, Redis is PINGed this often; the first answer restores it.
+    probe_interval_s: float = Field(default=0.5, gt=0, le=60)
+    # A stream's lease lapses this long after its process stops renewing it (it died):
+    # renewed every lease_ttl_s / 3, in one batch per process.
+    lease_ttl_s: float = Field(default=10.0, ge=1, le=3600)
+    # A token reservation whose process died before settling is forgotten after this.
+    reservation_ttl_s: float = Field(default=3600.0, ge=60, le=7 * 86_400)
+
+    @field_validator("url")
+    @classmethod
+    def _v_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL, not {parts.scheme}://")
+        if parts.password:
+            raise ValueError("must not carry a password: set redis.password instead")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("names no host (redis://HOST:PORT/DB)")
+        return value
+
+
 class LogSettings(_Section):
     level: str = "INFO"
     # One JSON "access" line per call (ids, method, status, timings, tokens; never prompts).
@@ -567,12 +693,28 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @model_validator(mode="after")
+    def _v_cross_sections(self) -> Settings:
+        if self.limits.backend == "redis" and self.redis.url is None:
+            raise ValueError(
+                "limits.backend is redis but redis.url is not set "
+                "(e.g. AIPROXY_REDIS__URL=redis://host:6379/0)"
+            )
+        names = {k.name for k in self.auth.api_keys}
+        unknown = sorted(
+            k for k in self.limits.overrides if k.startswith("apikey:") and k[7:] not in names
+        )
+        if unknown:
+            raise ValueError(f"limits.overrides {unknown} name no auth.api_keys entry")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -636,7 +778,9 @@ def _describe(exc: ValidationError, path: pathlib.Path | None) -> str:
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"])
         env = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"] if not isinstance(p, int))
-        # Secrets (auth.jwt_secret) are never echoed, not even when they are wrong.
-        shown = "<redacted>" if "secret" in key else repr(err.get("input"))
+        # Secrets (auth.jwt_secret, redis.password) are never echoed, not even when wrong.
+        # A URL may carry a password: shown nowhere either.
+        hidden = "secret" in key or "password" in key or key.endswith("url")
+        shown = "<redacted>" if hidden else repr(err.get("input"))
         lines.append(f"  {key}: {err['msg']} (input: {shown}; env: {env})")
     return "\n".join(lines)

@@ -3,7 +3,16 @@
 A grpc.aio proxy is bound by the GIL (one core per process). The supervisor starts N
 ordinary `aiproxy serve` processes that listen on the same HOST:PORT with SO_REUSEPORT;
 the kernel spreads incoming connections over them. Each worker is a complete proxy
-(its own upstream pool, breakers and health), so nothing is shared between them.
+(its own upstream pool, breakers and health), so nothing is shared between them --
+except, with `limits.backend: redis`, the limits. With the default `memory` backend each
+worker has its own buckets, so a caller gets N times its configured limits: the
+supervisor says so at start-up (one WARNING line, `limits_per_worker`) rather than
+refusing, since many workers on one box without Redis is a sound way to use its cores
+when N x the limits is acceptable (README: Shared limits).
+
+Each worker's HTTP listener (Prometheus /metrics) needs a port of its own: worker i gets
+PORT+i, or with port 0 a free port each; the supervisor's ready line lists every worker's
+pid and metrics address (`worker_ready`), taken from the workers' own ready lines.
 
 The supervisor prints the usual ready line once every worker listens, forwards
 SIGTERM/SIGINT to the workers (each drains as usual) and exits when they have; if a
@@ -76,15 +85,57 @@ def _worker_argv(listen: str, argv: list[str] | None = None) -> list[str]:
 def _worker_env(settings: Settings, index: int) -> dict[str, str]:
     env = {**os.environ, WORKER_ENV: str(index)}
     # A per-process HTTP listener (Prometheus /metrics) cannot share a port: worker i
-    # gets PORT+i (port 0 stays 0). Scrape each worker, or use port 0 and the ready lines.
+    # gets PORT+i, and port 0 stays 0 (each picks a free one). Always passed on: the
+    # supervisor drops --metrics-listen from the workers' command line, so without it
+    # a worker would fall back to the config file's or the default port.
     metrics = getattr(settings, "metrics", None)
     listen = getattr(metrics, "listen", None)
     if isinstance(listen, str):
         host, port = parse_hostport(listen)
-        if port:
-            host = f"[{host}]" if ":" in host else host
-            env["AIPROXY_METRICS__LISTEN"] = f"{host}:{port + index}"
+        host = f"[{host}]" if ":" in host else host
+        env["AIPROXY_METRICS__LISTEN"] = f"{host}:{port + index if port else 0}"
     return env
+
+
+def limits_warnings(settings: Settings) -> list[tuple[str, dict[str, Any]]]:
+    """What N workers do to the configured limits, as (event, fields) log lines."""
+    limits = settings.limits
+    n = settings.server.workers
+    if not limits.enabled or n < 2:
+        return []
+    if limits.backend == "memory":
+        return [
+            (
+                "limits_per_worker",
+                {
+                    "detail": (
+                        f"limits.backend is memory: each of the {n} workers keeps its own "
+                        f"limits, so a caller may get up to {n} x the configured rate, burst "
+                        "and streams; set limits.backend: redis (and redis.url) to share them"
+                    ),
+                    "workers": n,
+                    "rate_per_s_per_caller": limits.rate_per_s * n,
+                    "burst_per_caller": limits.burst * n,
+                },
+            )
+        ]
+    if limits.failure_policy == "fail_open" and limits.expected_processes < n:
+        return [
+            (
+                "limits_expected_processes_low",
+                {
+                    "detail": (
+                        f"limits.expected_processes is {limits.expected_processes} but this "
+                        f"supervisor alone runs {n} workers: while Redis is away, fail_open "
+                        f"lets callers through at up to {n / limits.expected_processes:g} x "
+                        "the limit; set it to workers x replicas"
+                    ),
+                    "workers": n,
+                    "expected_processes": limits.expected_processes,
+                },
+            )
+        ]
+    return []
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]:
@@ -137,6 +188,9 @@ def supervise(settings: Settings, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
+    for event, fields in limits_warnings(settings):
+        log_event(log, event, level=logging.WARNING, **fields)
+    ready: list[dict[str, Any]] = []
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         argv = _worker_argv(listen)
@@ -152,7 +206,8 @@ def supervise(settings: Settings, args: argparse.Namespace) -> int:
                 )
             )
         for proc in procs:
-            _wait_ready(proc, deadline)
+            event = _wait_ready(proc, deadline)
+            ready.append({"pid": proc.pid, "metrics_address": event.get("metrics_address")})
             threading.Thread(target=_drain_stdout, args=(proc,), daemon=True).start()
     except (RuntimeError, TimeoutError) as exc:
         log_event(log, "workers_start_failed", level=logging.ERROR, error=str(exc))
@@ -163,8 +218,8 @@ def supervise(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         if reserved is not None:
             reserved.close()
-    log_event(log, "workers_started", address=listen, workers=n, pids=[p.pid for p in procs])
-    print_ready("proxy", listen, workers=n)
+    log_event(log, "workers_started", address=listen, workers=n, worker_ready=ready)
+    print_ready("proxy", listen, workers=n, worker_ready=ready)
     # Wait for a signal or for any worker to exit.
     while not stopping.is_set():
         if any(proc.poll() is not None for proc in procs):

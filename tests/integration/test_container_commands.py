@@ -19,6 +19,7 @@ from ai.agent.v1 import agent_service_pb2 as pb
 from server.cli import build_parser
 from tests.integration.test_health_probe import probe
 from tests.support.grpc_helpers import stub
+from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 from tests.unit.test_deploy import by_kind, compose, containers
 
 LOCAL = "127.0.0.1:0"
@@ -38,7 +39,11 @@ async def assert_serves(proxy) -> None:
     assert reply.text
 
 
-async def test_kubernetes_agent_and_proxy_commands(spawn, tmp_path: pathlib.Path) -> None:
+async def test_kubernetes_agent_and_proxy_commands(
+    spawn,
+    tmp_path: pathlib.Path,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
     deployments = by_kind("Deployment")
     agent_container = containers(deployments["aiproxy-agent"])[0]
     agent = spawn(*with_listen(agent_container["args"]), name="k8s-agent")
@@ -55,6 +60,8 @@ async def test_kubernetes_agent_and_proxy_commands(spawn, tmp_path: pathlib.Path
         "AIPROXY_METRICS__LISTEN": LOCAL,
         # The headless Service's DNS name, here: the agent started above.
         "AIPROXY_UPSTREAM__ENDPOINTS": json.dumps([agent.address]),
+        # The aiproxy-redis Service's DNS name, here: a real redis-server.
+        "AIPROXY_REDIS__URL": redis_server.url,
     }
     proxy = spawn(*args, env=env, name="k8s-proxy")
     await assert_serves(proxy)
@@ -67,7 +74,10 @@ async def test_kubernetes_agent_and_proxy_commands(spawn, tmp_path: pathlib.Path
     assert (await probe("--address", agent.address, "--service", agent_probe)).returncode == 0
 
 
-async def test_compose_services_commands_and_healthchecks(spawn) -> None:
+async def test_compose_services_commands_and_healthchecks(
+    spawn,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
     services = compose()["services"]
     agents = {}
     for name in ("agent-1", "agent-2"):
@@ -83,6 +93,7 @@ async def test_compose_services_commands_and_healthchecks(spawn) -> None:
         "AIPROXY_SERVER__LISTEN": LOCAL,
         "AIPROXY_METRICS__LISTEN": LOCAL,
         "AIPROXY_UPSTREAM__ENDPOINTS": json.dumps([a.address for a in agents.values()]),
+        "AIPROXY_REDIS__URL": redis_server.url,  # the compose `redis` service
     }
     proxy = spawn(*proxy_service["command"], env=env, name="proxy-1")
     await assert_serves(proxy)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import signal
+import urllib.request
 
 import grpc
 
@@ -25,11 +26,24 @@ def test_two_workers_share_the_port_and_stop_together(spawn) -> None:
         agent.address,
         "--workers",
         "2",
+        "--metrics-listen",
+        "127.0.0.1:0",
         name="proxy",
     )
     assert proxy.ready["workers"] == 2
     workers = _children(proxy.pid)
     assert len(workers) == 2
+    # Port 0 with workers: each worker found its own free port and reported it.
+    ready = proxy.ready["worker_ready"]
+    assert sorted(w["pid"] for w in ready) == sorted(workers)
+    addresses = [w["metrics_address"] for w in ready]
+    assert len(set(addresses)) == 2 and all(not a.endswith(":0") for a in addresses)
+    for address in addresses:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+            assert b"ai_proxy_requests_total" in reply.read()
+    # The default memory backend: the supervisor says the limits are per worker.
+    (warning,) = proxy.log_events("limits_per_worker")
+    assert warning["level"] == "warning" and warning["workers"] == 2
 
     # Separate connections (the kernel spreads connections, not calls): all answered.
     for _ in range(6):
@@ -106,8 +120,38 @@ def test_each_worker_gets_its_own_metrics_port(monkeypatch) -> None:
         "127.0.0.1:9093",
     ]
     assert [e[WORKER_ENV] for e in envs] == ["0", "1", "2"]
-    # Port 0 (any free port) and no metrics settings at all: nothing to spread.
-    assert "AIPROXY_METRICS__LISTEN" not in _worker_env(
-        SimpleNamespace(metrics=SimpleNamespace(listen="127.0.0.1:0")), 1
-    )  # type: ignore[arg-type]
+    # Port 0 is passed on as 0 (each worker picks a free port), never dropped: a worker
+    # without it would fall back to the default port, and the second would fail to bind.
+    zero = SimpleNamespace(metrics=SimpleNamespace(listen="127.0.0.1:0"))
+    assert [_worker_env(zero, i)["AIPROXY_METRICS__LISTEN"] for i in range(2)] == [  # type: ignore[arg-type]
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+    ]
+    v6 = SimpleNamespace(metrics=SimpleNamespace(listen="[::1]:9091"))
+    assert _worker_env(v6, 1)["AIPROXY_METRICS__LISTEN"] == "[::1]:9092"  # type: ignore[arg-type]
+    # No metrics settings at all: nothing to spread.
     assert "AIPROXY_METRICS__LISTEN" not in _worker_env(SimpleNamespace(), 1)  # type: ignore[arg-type]
+
+
+def test_memory_limits_with_workers_are_announced_as_per_worker() -> None:
+    from core.settings import load_settings
+    from server.workers import limits_warnings
+
+    (event, fields), *rest = limits_warnings(load_settings(server={"workers": 3}))
+    assert not rest and event == "limits_per_worker"
+    assert fields["workers"] == 3 and fields["rate_per_s_per_caller"] == 300
+    assert "3 x the configured" in fields["detail"] and "limits.backend: redis" in fields["detail"]
+    # One process, limits off, or a shared backend sized for the workers: nothing to say.
+    assert limits_warnings(load_settings()) == []
+    assert limits_warnings(load_settings(server={"workers": 3}, limits={"enabled": False})) == []
+    redis = {"url": "redis://127.0.0.1:6379/0"}
+    shared = {"backend": "redis", "expected_processes": 4}
+    assert limits_warnings(load_settings(server={"workers": 3}, limits=shared, redis=redis)) == []
+    # ... but a fail_open fallback sized for fewer processes than this box runs is named.
+    low = {"backend": "redis", "expected_processes": 1}
+    ((event, fields),) = limits_warnings(
+        load_settings(server={"workers": 2}, limits=low, redis=redis)
+    )
+    assert event == "limits_expected_processes_low" and fields["expected_processes"] == 1
+    closed = {**low, "failure_policy": "fail_closed"}
+    assert limits_warnings(load_settings(server={"workers": 2}, limits=closed, redis=redis)) == []

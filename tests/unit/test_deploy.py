@@ -18,6 +18,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -237,6 +238,8 @@ def test_deployments_run_real_commands_with_matching_probes(tmp_path: pathlib.Pa
             <= deployment["spec"]["template"]["metadata"]["labels"].items()
         )
         for container in containers(deployment):
+            if not container["image"].startswith("aiproxy"):
+                continue  # Redis: checked by test_k8s_proxies_share_limits_in_the_redis_service
             args = parse_command(container["args"])
             ports = {p["containerPort"] for p in container["ports"]}
             for probe_name in ("readinessProbe", "livenessProbe", "startupProbe"):
@@ -305,3 +308,78 @@ def test_services_select_pods_and_dns_names_resolve_to_them(tmp_path: pathlib.Pa
     for address in envoy.proxy:
         service, _ = headless_target(address)
         assert service["spec"]["selector"].items() <= pod_labels["aiproxy"].items()
+
+
+# ---- Shared limits (Redis) --------------------------------------------------------------
+
+
+def redis_port(args: list[str]) -> int:
+    """The port a redis-server command line listens on (6379 unless --port says)."""
+    assert args[0] == "redis-server", args
+    return int(args[args.index("--port") + 1]) if "--port" in args else 6379
+
+
+def assert_redis_is_ephemeral_and_bounded(args: list[str]) -> None:
+    joined = " ".join(args)
+    assert "--appendonly no" in joined and "--maxmemory " in joined, args
+    # Every key the store writes has a TTL: only volatile-* policies may evict them.
+    assert args[args.index("--maxmemory-policy") + 1].startswith("volatile-"), args
+
+
+def test_compose_proxies_share_limits_in_the_redis_service() -> None:
+    services = dict(compose_services())
+    proxies = {
+        n: s
+        for n, s in services.items()
+        if s.get("image", "").startswith("aiproxy")
+        and parse_command(s["command"]).command == "serve"
+    }
+    assert len(proxies) >= 2
+    for name, service in proxies.items():
+        settings = settings_from({k: str(v) for k, v in service["environment"].items()})
+        assert settings.limits.backend == "redis", name
+        assert settings.limits.expected_processes == len(proxies) * settings.server.workers
+        url = urllib.parse.urlsplit(settings.redis.url)
+        redis = services[url.hostname]
+        assert redis["image"].startswith("redis:"), redis["image"]
+        assert url.port == redis_port(redis["command"])
+        assert_redis_is_ephemeral_and_bounded(redis["command"])
+        # The proxies wait for a Redis that answers (its health check is a real PING).
+        assert service["depends_on"][url.hostname] == {"condition": "service_healthy"}
+        assert redis["healthcheck"]["test"][1:3] == ["redis-cli", "-p"]
+        assert int(redis["healthcheck"]["test"][3]) == url.port
+
+
+def test_k8s_proxies_share_limits_in_the_redis_service(tmp_path: pathlib.Path) -> None:
+    deployments = by_kind("Deployment")
+    services = by_kind("Service")
+    proxy = deployments["aiproxy"]
+    config_text = by_kind("ConfigMap")["aiproxy-config"]["data"]["config.yaml"]
+    env = {e["name"]: e["value"] for e in containers(proxy)[0].get("env", [])}
+    settings = settings_from(env, config_text, tmp_path)
+    assert settings.limits.backend == "redis"
+    # fail_open's local share is limit/expected_processes: one share per replica.
+    assert settings.limits.expected_processes == proxy["spec"]["replicas"] * settings.server.workers
+    url = urllib.parse.urlsplit(settings.redis.url)
+    service_name, namespace = url.hostname.split(".")[:2]
+    service = services[service_name]
+    assert namespace == service["metadata"]["namespace"] == proxy["metadata"]["namespace"]
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+    # The Service selects the Redis pods, and its target port is the one Redis listens on.
+    (redis,) = [
+        d
+        for d in deployments.values()
+        if service["spec"]["selector"].items()
+        <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert redis["spec"]["replicas"] == 1  # one Redis, not a Cluster (server/redis_limits.py)
+    (container,) = containers(redis)
+    assert container["image"].startswith("redis:")
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    target = port["targetPort"]
+    assert (named[target] if isinstance(target, str) else target) == redis_port(container["args"])
+    assert_redis_is_ephemeral_and_bounded(container["args"])
+    assert container["readinessProbe"]["exec"]["command"][:2] == ["redis-cli", "-p"]
+    # Applied with the rest.
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    assert "redis.yaml" in kustomization["resources"]
