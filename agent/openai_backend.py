@@ -31,6 +31,7 @@ Authorization header and appears in no message and no log line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -58,6 +59,13 @@ DEFAULT_RETRY_S = 1.0
 MAX_RETRY_S = 300.0
 # Characters of the model server's error message passed on for a 400.
 MAX_MESSAGE_CHARS = 200
+
+# A model server is not trusted with our memory: a whole non-stream answer (or error body)
+# and one SSE line are bounded; past that the answer is MODEL_BAD_ANSWER.
+MAX_ANSWER_BYTES = 8 << 20
+MAX_EVENT_BYTES = 1 << 20
+# After [DONE], how long the rest of the body may take before the connection is dropped.
+DRAIN_AFTER_DONE_S = 1.0
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -187,16 +195,21 @@ class ModelClient:
         body = {"model": model, "messages": messages, "stream": False, **options}
         timeout = self._timeout(timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                response = await self._http.post("chat/completions", json=body, timeout=timeout)
+            async with (
+                asyncio.timeout(timeout_s),
+                self._http.stream("POST", "chat/completions", json=body, timeout=timeout) as response,
+            ):
+                raw = await _read_bounded(response, MAX_ANSWER_BYTES)
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise _timed_out(model) from exc
         except httpx.HTTPError as exc:
             raise _unreachable(model, exc) from exc
+        if raw is None:
+            raise _broken(model, f"an answer larger than {MAX_ANSWER_BYTES} bytes")
         if response.status_code != 200:
-            raise _http_error(model, response.status_code, response.headers, response.content)
+            raise _http_error(model, response.status_code, response.headers, raw)
         try:
-            payload = response.json()
+            payload = json.loads(raw)
             choice = payload["choices"][0]
             text = choice["message"].get("content") or ""
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
@@ -232,37 +245,39 @@ class ModelClient:
                 "POST", "chat/completions", json=body, timeout=self._timeout(timeout_s)
             ) as response:
                 if response.status_code != 200:
-                    raw = await response.aread()
-                    raise _http_error(model, response.status_code, response.headers, raw)
+                    raw = await _read_bounded(response, MAX_ANSWER_BYTES)
+                    raise _http_error(model, response.status_code, response.headers, raw or b"")
                 begun = True
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments (": keep-alive"), event: lines
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    try:
-                        chunk = json.loads(data)
-                    except ValueError as exc:
-                        raise _broken(model, "a stream event that is not JSON") from exc
-                    if not isinstance(chunk, dict):
-                        raise _broken(model, "a stream event that is not a JSON object")
-                    if "error" in chunk:  # some servers report a late failure in-band
-                        raise ModelError(
-                            grpc.StatusCode.UNAVAILABLE,
-                            "MODEL_STREAM_FAILED",
-                            "the model server failed mid-answer",
-                        )
-                    usage = _usage(chunk) or usage
-                    for choice in chunk.get("choices") or ():
-                        if not isinstance(choice, dict):
-                            continue
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            yield Delta(str(text))
-                        if choice.get("finish_reason"):
-                            finish = _finish(choice["finish_reason"])
+                async with contextlib.aclosing(_lines(response, MAX_EVENT_BYTES)) as lines:
+                    async for line in lines:
+                        if line is None:
+                            raise _broken(model, f"a stream line longer than {MAX_EVENT_BYTES} bytes")
+                        if not line.startswith("data:"):
+                            continue  # blank separators, comments (": keep-alive"), event: lines
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            done = True
+                            break
+                        try:
+                            chunk = json.loads(data)
+                        except ValueError as exc:
+                            raise _broken(model, "a stream event that is not JSON") from exc
+                        if not isinstance(chunk, dict):
+                            raise _broken(model, "a stream event that is not a JSON object")
+                        if chunk.get("error"):  # some servers report a late failure in-band
+                            raise ModelError(
+                                grpc.StatusCode.UNAVAILABLE,
+                                "MODEL_STREAM_FAILED",
+                                "the model server failed mid-answer",
+                            )
+                        usage = _usage(chunk) or usage
+                        for text, reason in _choices(chunk):
+                            if text:
+                                yield Delta(text)
+                            if reason:
+                                finish = _finish(reason)
+                    if done:
+                        await _drain(lines)
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise _timed_out(model) from exc
         except httpx.HTTPError as exc:
@@ -334,6 +349,61 @@ class HealthMonitor:
             self._task = None
 
 
+# --- reading -------------------------------------------------------------------------
+
+
+async def _read_bounded(response: httpx.Response, limit: int) -> bytes | None:
+    """The body, or None once it passes `limit` bytes (the rest is never read)."""
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.aiter_bytes():
+        size += len(part)
+        if size > limit:
+            return None
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _lines(response: httpx.Response, limit: int) -> AsyncIterator[str | None]:
+    """The body's lines (\n, \r\n or \r ends one), decoded; None if one passes `limit`."""
+    pending = b""
+    async for part in response.aiter_bytes():
+        pending += part
+        *lines, pending = pending.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8", errors="replace")
+        if len(pending) > limit:
+            yield None
+            return
+    if pending:
+        yield pending.decode("utf-8", errors="replace")
+
+
+async def _drain(lines: AsyncIterator[str | None]) -> None:
+    """Read the body to its end after [DONE] (the chunked terminator), so that the
+    connection goes back to the pool: httpx closes a response that was not read through.
+    Bounded in time and lines for a server that keeps talking; a failure here is moot."""
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(DRAIN_AFTER_DONE_S):
+            extra = 0
+            async for line in lines:
+                extra += 1
+                if line is None or extra > 100:
+                    return
+
+
+def _choices(chunk: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(delta text, finish_reason) of each choice of a stream chunk, tolerating junk."""
+    choices = chunk.get("choices")
+    out = []
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict):
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else None
+            out.append((str(text) if text else "", choice.get("finish_reason")))
+    return out
+
+
 # --- mapping -------------------------------------------------------------------------
 
 
@@ -385,7 +455,7 @@ def _provider_message(raw: bytes) -> str:
 
 
 def _http_error(model: str, status: int, headers: httpx.Headers, raw: bytes) -> ModelError:
-    log_event(log, "model_http_error", logging.WARNING, model=model, http_status=status)
+    log_event(log, "model_http_error", logging.WARNING, model=model[:100], http_status=status)
     if status == 429:
         delay = retry_after_s(headers.get("retry-after"))
         return ModelError(
@@ -423,7 +493,12 @@ def _http_error(model: str, status: int, headers: httpx.Headers, raw: bytes) -> 
 
 def _unreachable(model: str, exc: httpx.HTTPError, started: bool = False) -> ModelError:
     log_event(
-        log, "model_unreachable", logging.WARNING, model=model, error=type(exc).__name__, mid_stream=started
+        log,
+        "model_unreachable",
+        logging.WARNING,
+        model=model[:100],
+        error=type(exc).__name__,
+        mid_stream=started,
     )
     return ModelError(
         grpc.StatusCode.UNAVAILABLE,
@@ -436,14 +511,14 @@ def _unreachable(model: str, exc: httpx.HTTPError, started: bool = False) -> Mod
 
 
 def _timed_out(model: str) -> ModelError:
-    log_event(log, "model_timeout", logging.WARNING, model=model)
+    log_event(log, "model_timeout", logging.WARNING, model=model[:100])
     return ModelError(
         grpc.StatusCode.DEADLINE_EXCEEDED, "MODEL_TIMEOUT", "the model server did not answer in time"
     )
 
 
 def _broken(model: str, what: str) -> ModelError:
-    log_event(log, "model_bad_answer", logging.WARNING, model=model, what=what)
+    log_event(log, "model_bad_answer", logging.WARNING, model=model[:100], what=what)
     return ModelError(
         grpc.StatusCode.UNAVAILABLE, "MODEL_BAD_ANSWER", f"the model server sent {what}"
     )

@@ -202,13 +202,20 @@ async def test_caller_cancel_closes_the_request_to_the_model(
     assert seen.chunks_sent < 200 and not seen.completed
 
 
+@pytest.mark.parametrize("streaming", [False, True])
 async def test_deadline_becomes_the_model_calls_timeout(
-    fake: FakeOpenAI, channel: grpc.aio.Channel
+    fake: FakeOpenAI, channel: grpc.aio.Channel, streaming: bool
 ) -> None:
     fake.behaviours["stuck"] = Behaviour(first_delay_s=30)
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub(channel).Generate(pb.GenerateRequest(prompt="x", model="stuck"), timeout=0.5)
+        if streaming:
+            async for _ in stub(channel).StreamGenerate(
+                pb.StreamGenerateRequest(prompt="x", model="stuck"), timeout=0.5
+            ):
+                pass
+        else:
+            await stub(channel).Generate(pb.GenerateRequest(prompt="x", model="stuck"), timeout=0.5)
     assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     seen = await asyncio.to_thread(fake.wait_for, lambda r: r.disconnected_at is not None, 5)
     assert seen.disconnected_at is not None and seen.disconnected_at - started < 3.0
@@ -368,3 +375,45 @@ async def test_stream_through_the_real_proxy(
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "".join(c.delta for c in got) == "".join(tokens[:3])
         assert got[-1].is_final and got[-1].error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+# --- the client: keep-alive, servers that say little or too much ------------------------
+
+
+async def test_calls_reuse_one_kept_alive_connection(
+    fake: FakeOpenAI, channel: grpc.aio.Channel
+) -> None:
+    for _ in range(3):
+        await stub(channel).Generate(pb.GenerateRequest(prompt="x"), timeout=10)
+        async for _ in stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="y"), timeout=10):
+            pass
+    assert len({r.connection for r in fake.chat_requests()}) == 1
+
+
+async def test_a_server_without_stream_usage_leaves_usage_unset(
+    fake: FakeOpenAI, channel: grpc.aio.Channel
+) -> None:
+    fake.behaviours["quiet"] = Behaviour(tokens=["a"], stream_usage=False)
+    chunks = [
+        c async for c in stub(channel).StreamGenerate(
+            pb.StreamGenerateRequest(prompt="x", model="quiet"), timeout=10
+        )
+    ]
+    assert chunks[-1].is_final and not chunks[-1].HasField("usage")
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_an_endless_stream_line_is_refused_not_buffered(
+    fake: FakeOpenAI, channel: grpc.aio.Channel
+) -> None:
+    fake.behaviours["huge"] = Behaviour(tokens=["a"], endless_line_bytes=4 << 20)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub(channel).StreamGenerate(
+            pb.StreamGenerateRequest(prompt="x", model="huge"), timeout=20
+        ):
+            pass
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    _, found = rich_status(err.value)
+    assert found["ErrorInfo"].reason == "MODEL_BAD_ANSWER"  # type: ignore[attr-defined]
+    seen = await asyncio.to_thread(fake.wait_for, lambda r: r.disconnected_at is not None, 10)
+    assert not seen.completed

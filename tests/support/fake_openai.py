@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import threading
 import time
@@ -54,6 +55,11 @@ class Behaviour:
     headers: dict[str, str] = field(default_factory=dict)
     # Close the connection (no [DONE], no final chunk) after this many token chunks.
     disconnect_after: int | None = None
+    # Honour stream_options.include_usage (some servers ignore it).
+    stream_usage: bool = True
+    # Before the tokens, send one `data:` line of this many bytes that never ends (a
+    # hostile or broken server); the client must give up rather than buffer it all.
+    endless_line_bytes: int = 0
 
 
 @dataclass
@@ -65,6 +71,7 @@ class Recorded:
     headers: dict[str, str]
     body: dict[str, Any] | None
     started: float  # time.monotonic()
+    connection: int  # requests on one kept-alive connection share this number
     completed: bool = False  # the whole answer was written
     disconnected_at: float | None = None  # the client closed the connection mid-answer
     chunks_sent: int = 0
@@ -87,6 +94,7 @@ class FakeOpenAI:
         self._writers: set[asyncio.StreamWriter] = set()
         # Chat completions being answered now, and the most ever at once.
         self.in_flight = 0
+        self._connections = itertools.count(1)
         self.max_in_flight = 0
 
     # --- lifecycle (called from the test's thread) ----------------------------------
@@ -155,6 +163,7 @@ class FakeOpenAI:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        connection = next(self._connections)
         try:
             while True:  # keep-alive: one request after another
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -167,7 +176,7 @@ class FakeOpenAI:
                         headers[name.strip().lower()] = value.strip()
                 raw = await reader.readexactly(int(headers.get("content-length", "0")))
                 body = json.loads(raw) if raw else None
-                record = Recorded(method, path, headers, body, time.monotonic())
+                record = Recorded(method, path, headers, body, time.monotonic(), connection)
                 with self._lock:
                     self.requests.append(record)
                 try:
@@ -248,6 +257,14 @@ class FakeOpenAI:
 
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model}
         await event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        if behaviour.endless_line_bytes:
+            block = b"x" * 65536
+            line = b"data: "
+            for _ in range(behaviour.endless_line_bytes // len(block)):
+                line += block
+            writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+            await writer.drain()
+            await _sleep_or_disconnect(30, watcher)
         for i, token in enumerate(tokens):
             if i:
                 await _sleep_or_disconnect(behaviour.token_delay_s, watcher)
@@ -259,7 +276,7 @@ class FakeOpenAI:
         await event(
             {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": behaviour.finish_reason}]}
         )
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if behaviour.stream_usage and (body.get("stream_options") or {}).get("include_usage"):
             await event({**base, "choices": [], "usage": _usage(usage)})
         await event("[DONE]")
         writer.write(b"0\r\n\r\n")
