@@ -417,3 +417,29 @@ async def test_an_endless_stream_line_is_refused_not_buffered(
     assert found["ErrorInfo"].reason == "MODEL_BAD_ANSWER"  # type: ignore[attr-defined]
     seen = await asyncio.to_thread(fake.wait_for, lambda r: r.disconnected_at is not None, 10)
     assert not seen.completed
+
+
+async def test_the_proxy_routes_away_from_an_agent_whose_model_is_down(
+    fake: FakeOpenAI, spawn: Callable[..., ServiceProcess]
+) -> None:
+    """The model server is up but its /models says 503: that agent reports NOT_SERVING, so
+    the proxy sends every call to the other (reference) agent and none reaches this model."""
+    fake.models_status = 503
+    model_agent = spawn(*_agent_argv(fake), name="agent-model")
+    reference = spawn("agent", "--listen", "127.0.0.1:0", "--first-token-delay-ms", "0",
+                      "--token-delay-ms", "0", name="agent-reference")  # fmt: skip
+    async with grpc.aio.insecure_channel(model_agent.address) as ch:
+        await wait_health(ch, NOT_SERVING, SERVICE, timeout=10)
+    proxy = spawn(*proxy_args(model_agent.address, reference.address), name="proxy")
+    async with grpc.aio.insecure_channel(proxy.address) as ch:
+        for _ in range(10):
+            reply = await stub(ch).Generate(pb.GenerateRequest(prompt="x"), timeout=10)
+            assert reply.model == "ref-model-1"
+        assert fake.chat_requests() == []
+        fake.models_status = 200  # the model is back: the agent says SERVING again...
+        async with grpc.aio.insecure_channel(model_agent.address) as agent_ch:
+            await wait_health(agent_ch, SERVING, SERVICE, timeout=10)
+        deadline = time.monotonic() + 15  # ...and the proxy sends it calls again
+        while not fake.chat_requests():
+            assert time.monotonic() < deadline, "the proxy never routed back to the model agent"
+            await stub(ch).Generate(pb.GenerateRequest(prompt="x"), timeout=10)

@@ -86,6 +86,8 @@ class FakeOpenAI:
         self.port = port
         self.default = Behaviour()
         self.behaviours: dict[str, Behaviour] = {}
+        # What GET /v1/models answers with (503: the server is up but not ready).
+        self.models_status = 200
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -195,6 +197,9 @@ class FakeOpenAI:
         self, record: Recorded, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         if record.method == "GET" and record.path == "/v1/models":
+            if self.models_status != 200:
+                await _send_json(writer, self.models_status, _error("not ready", "server_error"))
+                return
             data = [{"id": m, "object": "model", "owned_by": "tests"} for m in MODELS]
             await _send_json(writer, 200, {"object": "list", "data": data})
             return
@@ -228,7 +233,10 @@ class FakeOpenAI:
                 await _send_json(writer, 200, _completion(body, tokens, behaviour, usage))
         finally:
             self.in_flight -= 1
+            # Wait for the cancel to land: the next request's read must be the only reader.
             watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await watcher
 
     async def _stream(
         self,
