@@ -33,7 +33,8 @@ from agent.settings import BACKENDS, DEFAULT_LISTEN, DEFAULT_MODEL, AgentSetting
 from agent.tracing import DEFAULT_OTLP_ENDPOINT, EXPORTERS, build_tracer_provider
 
 DESCRIPTION = (
-    "The reference AI agent service (the upstream aiproxy fronts): deterministic and offline."
+    "The reference AI agent service (the upstream aiproxy fronts): deterministic and offline, "
+    "or --backend openai to answer with any OpenAI-compatible model server."
 )
 DRAIN_GRACE_S = 5.0
 

@@ -150,7 +150,10 @@ class ModelAgentServicer(AgentServicer):
         model = request.model or self.settings.model
         options = _model_options(_checked_options(request.options))
         completion = await self.client.complete(
-            _chat_messages(history), model=model, options=options, timeout_s=context.time_remaining()
+            _chat_messages(history),
+            model=model,
+            options=options,
+            timeout_s=context.time_remaining(),
         )
         self.sessions.put(session_id, [*history, (pb.CHAT_ROLE_ASSISTANT, completion.text)])
         return pb.ChatResponse(
@@ -269,7 +272,9 @@ def _model_options(options: pb.GenerationOptions) -> dict[str, Any]:
 
 
 def _chat_messages(history: list[tuple[int, str]]) -> list[dict[str, str]]:
-    return [{"role": _ROLE_NAMES.get(role, "user"), "content": content} for role, content in history]
+    return [
+        {"role": _ROLE_NAMES.get(role, "user"), "content": content} for role, content in history
+    ]
 
 
 def rag_prompt(hits: list[Hit]) -> str:

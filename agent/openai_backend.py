@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +145,7 @@ class ModelSettings:
 
 
 class ModelClient:
-    def __init__(self, settings: ModelSettings, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
         headers = {"accept": "application/json"}
         if settings.api_key:
@@ -159,7 +159,6 @@ class ModelClient:
                 keepalive_expiry=30.0,
             ),
             timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            transport=transport,
             follow_redirects=False,
             trust_env=False,  # no proxy or netrc from the environment: the URL says it all
         )
@@ -193,11 +192,15 @@ class ModelClient:
         timeout_s: float | None,
     ) -> Completion:
         body = {"model": model, "messages": messages, "stream": False, **options}
+        if timeout_s is not None and timeout_s <= 0:
+            raise _timed_out(model)  # the caller's deadline has already passed
         timeout = self._timeout(timeout_s)
         try:
             async with (
                 asyncio.timeout(timeout_s),
-                self._http.stream("POST", "chat/completions", json=body, timeout=timeout) as response,
+                self._http.stream(
+                    "POST", "chat/completions", json=body, timeout=timeout
+                ) as response,
             ):
                 raw = await _read_bounded(response, MAX_ANSWER_BYTES)
         except (TimeoutError, httpx.TimeoutException) as exc:
@@ -234,6 +237,8 @@ class ModelClient:
             "stream_options": {"include_usage": True},
             **options,
         }
+        if timeout_s is not None and timeout_s <= 0:
+            raise _timed_out(model)  # the caller's deadline has already passed
         finish: str | None = None
         usage: Usage | None = None
         done = begun = False
@@ -251,9 +256,9 @@ class ModelClient:
                 async with contextlib.aclosing(_lines(response, MAX_EVENT_BYTES)) as lines:
                     async for line in lines:
                         if line is None:
-                            raise _broken(model, f"a stream line longer than {MAX_EVENT_BYTES} bytes")
+                            raise _broken(model, f"a line longer than {MAX_EVENT_BYTES} bytes")
                         if not line.startswith("data:"):
-                            continue  # blank separators, comments (": keep-alive"), event: lines
+                            continue  # blank separators, ": keep-alive" comments, event: lines
                         data = line[5:].strip()
                         if data == "[DONE]":
                             done = True
@@ -294,14 +299,21 @@ class ModelClient:
 
     def _timeout(self, timeout_s: float | None) -> httpx.Timeout:
         """The caller's remaining deadline bounds every phase; without one, the defaults."""
-        limit = self.settings.timeout_s if timeout_s is None else min(timeout_s, self.settings.timeout_s)
+        limit = self.settings.timeout_s
+        if timeout_s is not None:
+            limit = min(timeout_s, limit)
         return httpx.Timeout(limit, connect=min(limit, self.settings.connect_timeout_s))
 
 
 class HealthMonitor:
     """Probes the model server every `interval_s`; calls `report(ok)` on every change."""
 
-    def __init__(self, client: ModelClient, interval_s: float, report: Any) -> None:
+    def __init__(
+        self,
+        client: ModelClient,
+        interval_s: float,
+        report: Callable[[bool], Awaitable[None]],
+    ) -> None:
         self._client = client
         self._interval_s = interval_s
         self._report = report
@@ -342,10 +354,8 @@ class HealthMonitor:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
 
@@ -420,7 +430,8 @@ def _usage(payload: dict[str, Any]) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     try:
-        return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        return Usage(int(prompt or 0), int(completion or 0))
     except (TypeError, ValueError):
         return None
 
@@ -447,7 +458,12 @@ def _provider_message(raw: bytes) -> str:
     """The model server's own error message, short and on one line, or ''."""
     try:
         payload = json.loads(raw)
-        message = payload["error"]["message"] if isinstance(payload.get("error"), dict) else payload.get("error") or payload.get("message")
+        error = payload.get("error")
+        # OpenAI/vLLM: {"error": {"message": ...}}; Ollama, llama.cpp: {"error": "..."} or
+        # {"message": ...}.
+        message = (
+            error.get("message") if isinstance(error, dict) else error or payload.get("message")
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
         return ""
     text = " ".join(str(message or "").split())
@@ -486,7 +502,8 @@ def _http_error(model: str, status: int, headers: httpx.Headers, raw: bytes) -> 
     return ModelError(
         grpc.StatusCode.INVALID_ARGUMENT,
         "MODEL_REJECTED_REQUEST",
-        f"the model server rejected the request (HTTP {status})" + (f": {detail}" if detail else ""),
+        f"the model server rejected the request (HTTP {status})"
+        + (f": {detail}" if detail else ""),
         http_status=status,
     )
 
@@ -513,7 +530,9 @@ def _unreachable(model: str, exc: httpx.HTTPError, started: bool = False) -> Mod
 def _timed_out(model: str) -> ModelError:
     log_event(log, "model_timeout", logging.WARNING, model=model[:100])
     return ModelError(
-        grpc.StatusCode.DEADLINE_EXCEEDED, "MODEL_TIMEOUT", "the model server did not answer in time"
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "MODEL_TIMEOUT",
+        "the model server did not answer in time",
     )
 
 

@@ -82,7 +82,9 @@ async def test_stream_maps_each_delta_to_a_chunk_and_reports_the_models_usage(
     chunks = [
         c
         async for c in stub(channel).StreamGenerate(
-            pb.StreamGenerateRequest(prompt="say hello", options=pb.GenerationOptions(max_tokens=9)),
+            pb.StreamGenerateRequest(
+                prompt="say hello", options=pb.GenerationOptions(max_tokens=9)
+            ),
             timeout=10,
         )
     ]
@@ -92,7 +94,11 @@ async def test_stream_maps_each_delta_to_a_chunk_and_reports_the_models_usage(
     assert chunks[0].model == "fake-model"
     final = chunks[-1]
     assert final.is_final and final.finish_reason == pb.FINISH_REASON_STOP
-    assert (final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.total_tokens) == (11, 4, 15)
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.total_tokens) == (
+        11,
+        4,
+        15,
+    )
     (request,) = fake.chat_requests()
     assert request.body is not None
     assert request.body["stream"] is True
@@ -109,7 +115,11 @@ async def test_unary_generate_and_finish_reason_length(
     reply = await stub(channel).Generate(pb.GenerateRequest(prompt="x", model="short"), timeout=10)
     assert reply.text == "ab" and reply.model == "short"
     assert reply.finish_reason == pb.FINISH_REASON_LENGTH
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (3, 2, 5)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (
+        3,
+        2,
+        5,
+    )
     assert fake.chat_requests()[0].body["stream"] is False  # type: ignore[index]
 
 
@@ -131,7 +141,9 @@ async def test_chat_sends_roles_and_the_session_remembers_the_answer(
     ]
     answer = "".join(c.delta for c in first)
     assert answer == "Echo: ping pong" and first[0].session_id == "s1"
-    reply = await stub(channel).Chat(pb.ChatRequest(session_id="s1", user_message="again"), timeout=10)
+    reply = await stub(channel).Chat(
+        pb.ChatRequest(session_id="s1", user_message="again"), timeout=10
+    )
     assert reply.message.content == "Echo: again" and reply.session_id == "s1"
     assert fake.chat_requests()[1].body["messages"] == [  # type: ignore[index]
         {"role": "system", "content": "be brief"},
@@ -191,7 +203,9 @@ async def test_caller_cancel_closes_the_request_to_the_model(
     fake: FakeOpenAI, channel: grpc.aio.Channel
 ) -> None:
     fake.behaviours["slow"] = Behaviour(tokens=[f" t{i}" for i in range(200)], token_delay_s=0.05)
-    call = stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="x", model="slow"), timeout=30)
+    call = stub(channel).StreamGenerate(
+        pb.StreamGenerateRequest(prompt="x", model="slow"), timeout=30
+    )
     assert (await call.read()).delta == " t0"
     cancelled_at = time.monotonic()
     call.cancel()
@@ -283,7 +297,9 @@ async def test_model_dying_mid_stream_ends_the_stream_unavailable(
     fake: FakeOpenAI, channel: grpc.aio.Channel
 ) -> None:
     fake.behaviours["dies"] = Behaviour(tokens=["a", "b", "c", "d"], disconnect_after=2)
-    call = stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="x", model="dies"), timeout=10)
+    call = stub(channel).StreamGenerate(
+        pb.StreamGenerateRequest(prompt="x", model="dies"), timeout=10
+    )
     got = []
     with pytest.raises(grpc.aio.AioRpcError) as err:
         async for chunk in call:
@@ -294,7 +310,9 @@ async def test_model_dying_mid_stream_ends_the_stream_unavailable(
     assert found["ErrorInfo"].reason == "MODEL_UNAVAILABLE"  # type: ignore[attr-defined]
 
 
-async def test_unreachable_model_is_unavailable(fake: FakeOpenAI, channel: grpc.aio.Channel) -> None:
+async def test_unreachable_model_is_unavailable(
+    fake: FakeOpenAI, channel: grpc.aio.Channel
+) -> None:
     await asyncio.to_thread(fake.stop)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub(channel).Generate(pb.GenerateRequest(prompt="x"), timeout=10)
@@ -375,6 +393,18 @@ async def test_stream_through_the_real_proxy(
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "".join(c.delta for c in got) == "".join(tokens[:3])
         assert got[-1].is_final and got[-1].error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        # The model's 429 reaches the proxy's caller as RESOURCE_EXHAUSTED, its retry-after
+        # as RetryInfo; its 401 as INTERNAL (not UNAUTHENTICATED: the caller is fine).
+        fake.behaviours["m429"] = Behaviour(status=429, headers={"retry-after": "7"})
+        fake.behaviours["m401"] = Behaviour(status=401)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub(ch).Generate(pb.GenerateRequest(prompt="x", model="m429"), timeout=20)
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        _, found = rich_status(err.value)
+        assert found["RetryInfo"].retry_delay.seconds == 7  # type: ignore[attr-defined]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub(ch).Generate(pb.GenerateRequest(prompt="x", model="m401"), timeout=20)
+        assert err.value.code() is grpc.StatusCode.INTERNAL
 
 
 # --- the client: keep-alive, servers that say little or too much ------------------------
@@ -385,7 +415,9 @@ async def test_calls_reuse_one_kept_alive_connection(
 ) -> None:
     for _ in range(3):
         await stub(channel).Generate(pb.GenerateRequest(prompt="x"), timeout=10)
-        async for _ in stub(channel).StreamGenerate(pb.StreamGenerateRequest(prompt="y"), timeout=10):
+        async for _ in stub(channel).StreamGenerate(
+            pb.StreamGenerateRequest(prompt="y"), timeout=10
+        ):
             pass
     assert len({r.connection for r in fake.chat_requests()}) == 1
 
@@ -395,7 +427,8 @@ async def test_a_server_without_stream_usage_leaves_usage_unset(
 ) -> None:
     fake.behaviours["quiet"] = Behaviour(tokens=["a"], stream_usage=False)
     chunks = [
-        c async for c in stub(channel).StreamGenerate(
+        c
+        async for c in stub(channel).StreamGenerate(
             pb.StreamGenerateRequest(prompt="x", model="quiet"), timeout=10
         )
     ]

@@ -264,7 +264,9 @@ class FakeOpenAI:
                 raise _Disconnected from exc
 
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model}
-        await event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        await event(
+            {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        )
         if behaviour.endless_line_bytes:
             block = b"x" * 65536
             line = b"data: "
@@ -282,7 +284,10 @@ class FakeOpenAI:
             await event({**base, "choices": [{"index": 0, "delta": {"content": token}}]})
             record.chunks_sent += 1
         await event(
-            {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": behaviour.finish_reason}]}
+            {
+                **base,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": behaviour.finish_reason}],
+            }
         )
         if behaviour.stream_usage and (body.get("stream_options") or {}).get("include_usage"):
             await event({**base, "choices": [], "usage": _usage(usage)})
@@ -359,7 +364,12 @@ def main() -> None:
     fake = FakeOpenAI(args.port)
     fake.default = Behaviour(token_delay_s=args.token_delay_s)
     fake.start()
-    print(json.dumps({"event": "listening", "service": "fake-openai", "address": f"127.0.0.1:{fake.port}"}), flush=True)
+    print(
+        json.dumps(
+            {"event": "listening", "service": "fake-openai", "address": f"127.0.0.1:{fake.port}"}
+        ),
+        flush=True,
+    )
     with contextlib.suppress(KeyboardInterrupt):
         threading.Event().wait()
     fake.shutdown()

@@ -77,8 +77,14 @@ def test_the_key_is_not_in_the_settings_repr() -> None:
         ({"backend": "openai"}, "needs base_url"),
         ({"backend": "openai", "base_url": "ftp://m/v1"}, r"http\(s\) URL"),
         ({"backend": "gpt"}, "backend must be one of"),
-        ({"backend": "openai", "base_url": "http://m", "health_interval_s": 0}, "health_interval_s"),
-        ({"backend": "openai", "base_url": "http://m", "batch_concurrency": 0}, "batch_concurrency"),
+        (
+            {"backend": "openai", "base_url": "http://m", "health_interval_s": 0},
+            "health_interval_s",
+        ),
+        (
+            {"backend": "openai", "base_url": "http://m", "batch_concurrency": 0},
+            "batch_concurrency",
+        ),
     ],
 )
 def test_bad_settings_are_refused(kwargs: dict[str, object], message: str) -> None:
@@ -122,7 +128,12 @@ def test_finish_reasons() -> None:
 def test_model_options_leave_zero_to_the_model() -> None:
     assert _model_options(pb.GenerationOptions()) == {}
     options = pb.GenerationOptions(temperature=0.5, top_p=0.9, max_tokens=3, stop=["\n"])
-    assert _model_options(options) == {"temperature": 0.5, "top_p": 0.9, "max_tokens": 3, "stop": ["\n"]}
+    assert _model_options(options) == {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "max_tokens": 3,
+        "stop": ["\n"],
+    }
 
 
 def test_rag_prompt_numbers_the_sources() -> None:
