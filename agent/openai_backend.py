@@ -22,7 +22,8 @@ sees the client go away and stops generating.
 
 Errors become `ModelError`, which carries a google.rpc.Status (ErrorInfo, RetryInfo):
 429 -> RESOURCE_EXHAUSTED (RetryInfo from retry-after), 5xx and connection failures ->
-UNAVAILABLE, 400/404/413/422 -> INVALID_ARGUMENT, 401/403 -> INTERNAL (the agent's own
+UNAVAILABLE (so is waiting longer than pool_timeout_s for a free connection),
+400/404/413/422 -> INVALID_ARGUMENT, 401/403 -> INTERNAL (the agent's own
 misconfiguration, not the caller's fault), a timeout -> DEADLINE_EXCEEDED, a broken answer
 (bad JSON, a stream cut before [DONE]) -> UNAVAILABLE. The API key is sent in the
 Authorization header and appears in no message and no log line.
@@ -141,6 +142,9 @@ class ModelSettings:
     timeout_s: float = 120.0
     connect_timeout_s: float = 5.0
     max_connections: int = 100
+    # Wait for a free connection this long at most, then UNAVAILABLE (MODEL_BUSY): the
+    # proxy can try another replica rather than queue behind max_connections here.
+    pool_timeout_s: float = 5.0
     probe_timeout_s: float = 2.0
 
 
@@ -203,6 +207,8 @@ class ModelClient:
                 ) as response,
             ):
                 raw = await _read_bounded(response, MAX_ANSWER_BYTES)
+        except httpx.PoolTimeout as exc:
+            raise _busy(model) from exc
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise _timed_out(model) from exc
         except httpx.HTTPError as exc:
@@ -283,6 +289,8 @@ class ModelClient:
                                 finish = _finish(reason)
                     if done:
                         await _drain(lines)
+        except httpx.PoolTimeout as exc:
+            raise _busy(model) from exc
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise _timed_out(model) from exc
         except httpx.HTTPError as exc:
@@ -302,7 +310,11 @@ class ModelClient:
         limit = self.settings.timeout_s
         if timeout_s is not None:
             limit = min(timeout_s, limit)
-        return httpx.Timeout(limit, connect=min(limit, self.settings.connect_timeout_s))
+        return httpx.Timeout(
+            limit,
+            connect=min(limit, self.settings.connect_timeout_s),
+            pool=min(limit, self.settings.pool_timeout_s),
+        )
 
 
 class HealthMonitor:
@@ -523,6 +535,16 @@ def _unreachable(model: str, exc: httpx.HTTPError, started: bool = False) -> Mod
         "the model server closed the connection mid-answer"
         if started
         else "the model server could not be reached",
+        retry_after_s=DEFAULT_RETRY_S,
+    )
+
+
+def _busy(model: str) -> ModelError:
+    log_event(log, "model_connections_exhausted", logging.WARNING, model=model[:100])
+    return ModelError(
+        grpc.StatusCode.UNAVAILABLE,
+        "MODEL_BUSY",
+        "the agent has no free connection to its model server; retry later",
         retry_after_s=DEFAULT_RETRY_S,
     )
 

@@ -476,3 +476,42 @@ async def test_the_proxy_routes_away_from_an_agent_whose_model_is_down(
         while not fake.chat_requests():
             assert time.monotonic() < deadline, "the proxy never routed back to the model agent"
             await stub(ch).Generate(pb.GenerateRequest(prompt="x"), timeout=10)
+
+
+async def test_no_free_connection_is_unavailable_not_a_long_queue(fake: FakeOpenAI) -> None:
+    from agent.openai_backend import ModelClient, ModelError, ModelSettings
+
+    fake.behaviours["slow"] = Behaviour(tokens=["a"] * 50, token_delay_s=0.1)
+    client = ModelClient(
+        ModelSettings(base_url=fake.base_url, max_connections=1, pool_timeout_s=0.2)
+    )
+    try:
+        stream = client.stream([], model="slow", options={}, timeout_s=30)
+        assert await anext(stream)  # holds the only connection
+        started = time.monotonic()
+        with pytest.raises(ModelError) as err:
+            await client.complete([], model="fake-model", options={}, timeout_s=30)
+        assert err.value.code is grpc.StatusCode.UNAVAILABLE and err.value.reason == "MODEL_BUSY"
+        assert time.monotonic() - started < 5
+        await stream.aclose()
+    finally:
+        await client.aclose()
+
+
+async def test_a_cancelled_batch_closes_every_model_request(
+    fake: FakeOpenAI, channel: grpc.aio.Channel
+) -> None:
+    fake.behaviours["stuck"] = Behaviour(first_delay_s=30)
+    call = stub(channel).BatchGenerate(
+        pb.BatchGenerateRequest(prompts=["a", "b", "c"], model="stuck"), timeout=30
+    )
+    deadline = time.monotonic() + 10
+    while len(fake.chat_requests()) < 2:  # batch_concurrency=2 in flight
+        assert time.monotonic() < deadline, "the batch's requests never reached the model server"
+        await asyncio.sleep(0.01)
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while sum(r.disconnected_at is not None for r in fake.chat_requests()) < 2:
+        assert time.monotonic() < deadline, "the model server still holds the batch's requests"
+        await asyncio.sleep(0.01)
+    assert len(fake.chat_requests()) == 2  # the third prompt was never sent

@@ -89,7 +89,7 @@ class FakeOpenAI:
         # What GET /v1/models answers with (503: the server is up but not ready).
         self.models_status = 200
         self.requests: list[Recorded] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # wait_for predicates may call chat_requests()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
