@@ -1,7 +1,9 @@
 """The agent's command line, shared by `aiproxy agent` and `python -m agent`.
 
     add_arguments(parser)   adds --listen, --enable-faults, --first-token-delay-ms,
-                            --token-delay-ms, --model, --log-level, --trace-exporter,
+                            --token-delay-ms, --model, --backend, --base-url,
+                            --model-timeout-s, --health-interval-s, --batch-concurrency,
+                            --log-level, --trace-exporter,
                             --otlp-endpoint, --tls-cert, --tls-key, --tls-client-ca,
                             --record-metadata (TEST ONLY)
     run(args)               serves until SIGTERM/SIGINT; returns the exit code
@@ -18,19 +20,21 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from agent import logs
 from agent.logs import log_event
 from agent.server import AgentServer
-from agent.settings import DEFAULT_LISTEN, DEFAULT_MODEL, AgentSettings
+from agent.settings import BACKENDS, DEFAULT_LISTEN, DEFAULT_MODEL, AgentSettings
 from agent.tracing import DEFAULT_OTLP_ENDPOINT, EXPORTERS, build_tracer_provider
 
 DESCRIPTION = (
-    "The reference AI agent service (the upstream aiproxy fronts): deterministic and offline."
+    "The reference AI agent service (the upstream aiproxy fronts): deterministic and offline, "
+    "or --backend openai to answer with any OpenAI-compatible model server."
 )
 DRAIN_GRACE_S = 5.0
 
@@ -63,8 +67,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"model name when a request names none (default {DEFAULT_MODEL})",
+        default=None,
+        help="model name when a request names none (env AIPROXY_AGENT_MODEL, then with "
+        f"--backend openai OPENAI_MODEL; default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="where answers come from: reference (deterministic, offline) or openai (an "
+        "OpenAI-compatible /v1/chat/completions server) (env AIPROXY_AGENT_BACKEND; "
+        "default reference)",
+    )
+    parser.add_argument(
+        "--base-url",
+        default=None,
+        metavar="URL",
+        help="--backend openai: the API root, e.g. http://127.0.0.1:11434/v1 (env "
+        "AIPROXY_AGENT_BASE_URL, then OPENAI_BASE_URL); the key comes from OPENAI_API_KEY only",
+    )
+    parser.add_argument(
+        "--model-timeout-s",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="--backend openai: per model call when the caller sets no deadline "
+        "(env AIPROXY_AGENT_MODEL_TIMEOUT_S; default 120)",
+    )
+    parser.add_argument(
+        "--health-interval-s",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="--backend openai: how often GET /models is probed for health "
+        "(env AIPROXY_AGENT_HEALTH_INTERVAL_S; default 5)",
+    )
+    parser.add_argument(
+        "--batch-concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--backend openai: BatchGenerate prompts sent to the model at once "
+        "(env AIPROXY_AGENT_BATCH_CONCURRENCY; default 4)",
     )
     parser.add_argument(
         "--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)"
@@ -101,16 +145,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+def settings_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> AgentSettings:
+    """Flags win over AIPROXY_AGENT_* environment, which wins over OPENAI_* (openai only).
+
+    The API key is read from OPENAI_API_KEY only: a flag would show it in `ps`.
+    """
+    env = os.environ if environ is None else environ
+
+    def pick(flag: Any, name: str, openai_name: str | None = None) -> Any:
+        if flag is not None:
+            return flag
+        value = env.get(f"AIPROXY_AGENT_{name}") or None
+        if value is None and openai_name and backend == "openai":
+            value = env.get(openai_name) or None
+        return value
+
+    backend = pick(getattr(args, "backend", None), "BACKEND") or "reference"
+    extra: dict[str, Any] = {}
+    for key, name, convert in (
+        ("model_timeout_s", "MODEL_TIMEOUT_S", float),
+        ("health_interval_s", "HEALTH_INTERVAL_S", float),
+        ("batch_concurrency", "BATCH_CONCURRENCY", int),
+    ):
+        value = pick(getattr(args, key, None), name)
+        if value is not None:
+            try:
+                extra[key] = convert(value)
+            except ValueError:
+                raise ValueError(f"AIPROXY_AGENT_{name}: {value!r} is not a number") from None
     return AgentSettings(
         listen=args.listen,
         enable_faults=args.enable_faults,
         first_token_delay_ms=args.first_token_delay_ms,
         token_delay_ms=args.token_delay_ms,
-        model=args.model,
+        model=pick(args.model, "MODEL", "OPENAI_MODEL") or DEFAULT_MODEL,
         tls_cert_file=getattr(args, "tls_cert", None),
         tls_key_file=getattr(args, "tls_key", None),
         tls_client_ca_file=getattr(args, "tls_client_ca", None),
+        backend=backend,
+        base_url=pick(getattr(args, "base_url", None), "BASE_URL", "OPENAI_BASE_URL"),
+        api_key=(env.get("OPENAI_API_KEY") or None) if backend == "openai" else None,
+        **extra,
     )
 
 
@@ -182,4 +259,14 @@ def _milliseconds(text: str) -> float:
         value = -1.0
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number of milliseconds")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value

@@ -13,6 +13,17 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 
+class StatusError(Exception):
+    """An error the handler reports as a ready google.rpc.Status (e.g. agent.openai_backend's
+    ModelError); `code_name` and `reason` go to the call log."""
+
+    code_name: str = "INTERNAL"
+    reason: str = ""
+
+    def to_status(self) -> status_pb2.Status:
+        raise NotImplementedError
+
+
 class InvalidArgument(Exception):
     """The request is malformed; `field` is its path in the request, e.g. "messages[2].role"."""
 

@@ -213,6 +213,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         except InvalidArgument as exc:
             call.finished("INVALID_ARGUMENT", field=exc.field)
             await errors.abort_with(context, exc.to_status())
+        except errors.StatusError as exc:
+            # E.g. the model server failed (agent.openai_backend): its status, as built.
+            call.finished(exc.code_name, reason=exc.reason)
+            await errors.abort_with(context, exc.to_status())
         except Exception:
             # A bug: log it with its traceback, tell the caller nothing internal.
             log.exception(

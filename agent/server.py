@@ -20,10 +20,12 @@ from grpc_reflection.v1alpha import reflection
 
 from agent.interceptor import SERVICE_NAME, CallInterceptor, MetadataRecorder
 from agent.logs import log_event
+from agent.model_service import ModelAgentServicer
+from agent.openai_backend import HealthMonitor, ModelClient, ModelSettings
 from agent.rag import Corpus
 from agent.service import AgentServicer
 from agent.sessions import SessionStore
-from agent.settings import AgentSettings
+from agent.settings import AgentSettings, safe_url
 from agent.tools import build_tools
 from agent.tracing import server_interceptors as tracing_interceptors
 from ai.agent.v1 import agent_service_pb2 as pb
@@ -52,15 +54,41 @@ class AgentServer:
         self.tracer_provider = tracer_provider
         self.health = health_aio.HealthServicer()
         corpus = Corpus.bundled()
-        self.servicer = AgentServicer(
+        parts = (
             self.settings,
             corpus,
             SessionStore(self.settings.max_sessions, self.settings.max_session_messages),
             build_tools(corpus),
         )
+        # backend openai: one pooled HTTP client for the process, made here and closed in
+        # stop(); a monitor probes the model server and drives health.
+        self.model: ModelClient | None = None
+        self._monitor: HealthMonitor | None = None
+        if self.settings.backend == "openai":
+            assert self.settings.base_url is not None  # AgentSettings checked it
+            self.model = ModelClient(
+                ModelSettings(
+                    base_url=self.settings.base_url,
+                    api_key=self.settings.api_key,
+                    timeout_s=self.settings.model_timeout_s,
+                    max_connections=self.settings.model_max_connections,
+                    probe_timeout_s=min(2.0, self.settings.health_interval_s),
+                )
+            )
+            self._monitor = HealthMonitor(
+                self.model, self.settings.health_interval_s, self._model_reachable
+            )
+            self.servicer: AgentServicer = ModelAgentServicer(*parts, client=self.model)
+        else:
+            self.servicer = AgentServicer(*parts)
         self._server: grpc.aio.Server | None = None
         self._port: int | None = None
         self._serving: bool | None = None
+        # Health is SERVING when both say so: the operator (set_serving, SIGUSR1/2) and,
+        # with a model backend, the last probe of the model server.
+        self._admin_serving = True
+        self._model_ok = True
+        self._stopping = False
 
     @property
     def port(self) -> int:
@@ -119,11 +147,18 @@ class AgentServer:
             raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
         await server.start()
         self._server, self._port = server, port
+        if self._monitor is not None:
+            # The first probe before the first health answer (bounded by its timeout).
+            self._model_ok = await self._monitor.check()
+            self._monitor.start()
         await self.set_serving(True)
         log_event(
             log,
             "agent_started",
             address=self.address,
+            backend=settings.backend,
+            base_url=safe_url(settings.base_url) if settings.base_url else None,
+            api_key_set=bool(settings.api_key),
             model=settings.model,
             enable_faults=settings.enable_faults,
             recording_metadata=self._recorder is not None,
@@ -133,7 +168,22 @@ class AgentServer:
         return port
 
     async def set_serving(self, serving: bool) -> None:
-        """Report SERVING or NOT_SERVING for "" and the API (Watch streams see it at once)."""
+        """Report SERVING or NOT_SERVING for "" and the API (Watch streams see it at once).
+
+        With a model backend, SERVING also needs the model server to be reachable.
+        """
+        self._admin_serving = serving
+        await self._publish()
+
+    async def _model_reachable(self, ok: bool) -> None:
+        self._model_ok = ok
+        if self._server is not None and self._serving is not None:
+            await self._publish()
+
+    async def _publish(self) -> None:
+        if self._server is None or self._stopping:
+            return
+        serving = self._admin_serving and self._model_ok
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -156,12 +206,17 @@ class AgentServer:
         """
         if self._server is None:
             return
+        self._stopping = True
+        if self._monitor is not None:
+            await self._monitor.stop()
         await self.health.enter_graceful_shutdown()
         if self._serving:
             self._serving = False
             log_event(log, "health_changed", status="NOT_SERVING")
         log_event(log, "agent_stopping", grace_s=grace)
         await self._server.stop(grace)
+        if self.model is not None:
+            await self.model.aclose()  # after the calls that use it have ended
         if self._recorder is not None:
             self._recorder.close()
         if self.tracer_provider is not None and hasattr(self.tracer_provider, "shutdown"):

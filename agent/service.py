@@ -141,6 +141,20 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     def _chat(
         self, request: pb.ChatRequest | pb.StreamChatRequest
     ) -> tuple[str, str, list[SessionMessage], textgen.Completion]:
+        session_id, history = self._conversation(request)
+        prompt = "\n".join(
+            f"{_ROLE_NAMES.get(role, 'user')}: {content}" for role, content in history
+        )
+        latest = next((c for r, c in reversed(history) if r == pb.CHAT_ROLE_USER), history[-1][1])
+        model, completion = self._generate(
+            prompt, request.model, request.options, topic_text=latest
+        )
+        return model, session_id, history, completion
+
+    def _conversation(
+        self, request: pb.ChatRequest | pb.StreamChatRequest
+    ) -> tuple[str, list[SessionMessage]]:
+        """Validate a chat request: its session id and the conversation so far."""
         if len(request.session_id) > MAX_SESSION_ID_CHARS:
             raise InvalidArgument(
                 "session_id", f"must be at most {MAX_SESSION_ID_CHARS} characters"
@@ -166,14 +180,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         )
         if request.user_message:
             history.append((pb.CHAT_ROLE_USER, request.user_message))
-        prompt = "\n".join(
-            f"{_ROLE_NAMES.get(role, 'user')}: {content}" for role, content in history
-        )
-        latest = next((c for r, c in reversed(history) if r == pb.CHAT_ROLE_USER), history[-1][1])
-        model, completion = self._generate(
-            prompt, request.model, request.options, topic_text=latest
-        )
-        return model, session_id, history, completion
+        return session_id, history
 
     def _remember(
         self, session_id: str, history: list[SessionMessage], completion: textgen.Completion

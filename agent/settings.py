@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 DEFAULT_LISTEN = "127.0.0.1:50052"
 DEFAULT_MODEL = "ref-model-1"
+BACKENDS = ("reference", "openai")
 
 
 @dataclass
@@ -34,6 +36,21 @@ class AgentSettings:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
+    # Where answers come from: "reference" (deterministic, offline text) or "openai" (an
+    # OpenAI-compatible /v1/chat/completions server at base_url; see agent.model_service).
+    backend: str = "reference"
+    # The model server's API root, e.g. http://127.0.0.1:11434/v1 (backend openai only).
+    base_url: str | None = None
+    # Bearer token for the model server (from OPENAI_API_KEY); never logged, never repr'd.
+    api_key: str | None = field(default=None, repr=False)
+    # Per model call when the caller sets no deadline (a deadline always wins when tighter).
+    model_timeout_s: float = 120.0
+    # How often GET /models is probed; health is NOT_SERVING while it fails.
+    health_interval_s: float = 5.0
+    # Connections kept to the model server (one pooled client per process).
+    model_max_connections: int = 100
+    # BatchGenerate: prompts sent to the model at once.
+    batch_concurrency: int = 4
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
@@ -56,7 +73,35 @@ class AgentSettings:
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "openai":
+            if not self.base_url:
+                raise ValueError(
+                    "backend openai needs base_url (--base-url, AIPROXY_AGENT_BASE_URL or "
+                    "OPENAI_BASE_URL), e.g. http://127.0.0.1:11434/v1"
+                )
+            parts = urlsplit(self.base_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"base_url must be an http(s) URL, got {safe_url(self.base_url)!r}")
+        for name in ("model_timeout_s", "health_interval_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("model_max_connections", "batch_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.max_session_messages < 2:
             raise ValueError(
                 f"max_session_messages must be at least 2, got {self.max_session_messages!r}"
             )
+
+
+def safe_url(url: str) -> str:
+    """The URL without user:password@ (it may carry credentials), for logs and messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return parts._replace(netloc=netloc).geturl()
