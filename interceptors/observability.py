@@ -88,35 +88,51 @@ class _Method:
     )
 
     def __init__(self, obs: Observability, method: Method) -> None:
-        telemetry = obs._t
         self._obs = obs
         self.exit = self._exit
         path = method.path
-        service, _, name = path.lstrip("/").partition("/")
-        grpc_type = SERVER_STREAMING if method.streaming else UNARY
-        self.path, self.name, self.grpc_type = path, name, grpc_type
+        _, _, name = path.lstrip("/").partition("/")
+        self.path, self.name = path, name
+        self.grpc_type = SERVER_STREAMING if method.streaming else UNARY
+        self.api = True
+        self._handled_children: dict[str, Any] = {}
+        self._requests_children: dict[str, Any] = {}
+        self.request_model = self.response_model = self.response_usage = False
+        self._probed_request = self._probed_response = False
+        # The label children, made on the method's first call (a series appears once it
+        # counts something, as it always did), then kept: never looked up per call.
+        self.started: Any = None
+        self.msg_received: Any = None
+        self.msg_sent: Any = None
+        self.handling: Any = None
+        self.duration: Any = None
+        self.retries: Any = None
+        self.active: Any = None
+        self.chunks: Any = None
+        self.first_chunk: Any = None
+        self.interval: Any = None
+        self.gap_max: Any = None
+
+    def _resolve(self) -> None:
+        telemetry = self._obs._t
+        service, _, name = self.path.lstrip("/").partition("/")
         g = telemetry.grpc_server
-        labels = (grpc_type, service, name)
-        self.started = g.started.labels(*labels)
+        labels = (self.grpc_type, service, name)
         self.msg_received = g.msg_received.labels(*labels)
         self.msg_sent = g.msg_sent.labels(*labels)
         self.handling = g.handling_seconds.labels(*labels)
         self._handled = g.handled
-        self._handled_children: dict[str, Any] = {}
-        self.api = True
         p = telemetry.proxy
         self._requests = p.requests
-        self._requests_children: dict[str, Any] = {}
         self.duration = p.request_duration.labels(name)
         self.retries = p.retries.labels(name)
-        streaming = method.streaming
-        self.active = p.active_streams.labels(name) if streaming and self.api else None
-        self.chunks = p.stream_chunks.labels(name) if streaming and self.api else None
-        self.first_chunk = p.first_chunk.labels(name) if streaming and self.api else None
-        self.interval = p.chunk_interval.labels(name) if streaming and self.api else None
-        self.gap_max = p.chunk_gap_max.labels(name) if streaming and self.api else None
-        self.request_model = self.response_model = self.response_usage = False
-        self._probed_request = self._probed_response = False
+        if self.grpc_type is SERVER_STREAMING:
+            self.active = p.active_streams.labels(name)
+            self.chunks = p.stream_chunks.labels(name)
+            self.first_chunk = p.first_chunk.labels(name)
+            self.interval = p.chunk_interval.labels(name)
+            self.gap_max = p.chunk_gap_max.labels(name)
+        self.started = g.started.labels(*labels)  # last: it marks the others as made
 
     def handled(self, code: str) -> Any:
         child = self._handled_children.get(code)
@@ -142,6 +158,8 @@ class _Method:
         self.response_usage = _has_field(response, "usage")
 
     async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+        if self.started is None:
+            self._resolve()
         self.started.inc()
         self.msg_received.inc()
         if self.active is not None:

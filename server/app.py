@@ -128,19 +128,20 @@ class ProxyServer:
             return None
         rejections = self.telemetry.proxy.rate_limit_rejections
         requests = self.telemetry.proxy.requests
-        # Label children resolved once per method, not per refusal.
-        children = {
-            m.path: (
-                rejections.labels(m.name, Reason.OVERLOADED.value, "proxy"),
-                requests.labels(m.name, "RESOURCE_EXHAUSTED"),
-            )
-            for m in agent_service().methods
-        }
+        # Label children made on a method's first refusal (a series only once it
+        # counts something), then reused.
+        children: dict[str, tuple[Any, Any]] = {}
 
         def count(path: str) -> None:
-            rejected, counted = children[path]
-            rejected.inc()
-            counted.inc()
+            pair = children.get(path)
+            if pair is None:
+                name = path.rsplit("/", 1)[-1]
+                pair = children[path] = (
+                    rejections.labels(name, Reason.OVERLOADED.value, "proxy"),
+                    requests.labels(name, "RESOURCE_EXHAUSTED"),
+                )
+            pair[0].inc()
+            pair[1].inc()
 
         forwarder = self.forwarder
         s = self.settings.server
