@@ -17,9 +17,11 @@ space-separated or `scp` list; an API key's configured scopes) are checked again
 `auth.method_scopes`.
 
 Failures raise Unauthenticated (no, bad, or expired credentials) or PermissionDenied
-(a scope this caller lacks); the pipeline turns them into the one error shape. ErrorInfo.metadata["cause"] says what was wrong (see `Cause`). Neither the token
-nor the key ever reaches a log line, an error message or the upstream (forwarding drops
-`authorization` and `x-api-key`).
+(a scope this caller lacks); the pipeline turns them into the one error shape.
+ErrorInfo.metadata["cause"] says what was wrong (see `Cause`). Neither the token nor the
+key ever reaches a log line, an error message or the upstream (forwarding drops
+`authorization` and `x-api-key`). The admin service, beside the pipeline, is behind the
+same check (`AuthStage.guard`).
 
 Health and reflection stay open: they are registered beside the pipeline and never
 reach this stage.
@@ -433,6 +435,37 @@ class AuthStage:
 
     def __init__(self, settings: AuthSettings, *, clock: Clock = time.time) -> None:
         self.authenticator = Authenticator(settings, clock=clock)
+
+    def guard(self, path: str, behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+        """`behavior` (a unary or server-streaming method of a service beside the
+        pipeline, e.g. admin) behind the same credentials and scopes; built once per
+        method. Refusals are raised as ProxyErrors for the caller's error shaping."""
+        auth = self.authenticator
+        scopes = auth.required_scopes(path)
+
+        def check(context: Any) -> None:
+            principal = auth.authenticate(context.invocation_metadata(), context.peer())
+            if scopes:
+                auth.authorize(principal, path)
+
+        if streaming:
+
+            async def guarded_stream(request: Any, context: Any) -> Any:
+                check(context)
+                result = behavior(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+
+            return guarded_stream
+
+        async def guarded_unary(request: Any, context: Any) -> Any:
+            check(context)
+            return await behavior(request, context)
+
+        return guarded_unary
 
     def bind(self, method: Method) -> _Bound | None:
         if is_open_method(method.path):

@@ -130,45 +130,63 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield request
 
 
-def safe_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """`handler` (of a service beside the pipeline) with a request deserializer that
-    never raises: bytes that do not decode get INVALID_ARGUMENT MALFORMED_REQUEST, not
-    grpc's UNKNOWN naming the exception class. Built once, at registration."""
-    if handler.request_deserializer is None:
+Wrap = Callable[[str, Callable[..., Any], bool], Callable[..., Any]]
+
+
+def safe_handler(
+    handler: grpc.RpcMethodHandler, path: str, wrap: Wrap | None = None
+) -> grpc.RpcMethodHandler:
+    """`handler` (of a service beside the pipeline) in the one error shape: a request
+    deserializer that never raises (bytes that do not decode get INVALID_ARGUMENT
+    MALFORMED_REQUEST, not grpc's UNKNOWN naming the exception class), ProxyErrors as
+    their Status, anything else INTERNAL without its text; an abort is kept. `wrap`
+    (e.g. the auth guard) wraps the behaviour first. Built once, at registration."""
+    if handler.request_deserializer is None and wrap is None:
         return handler
     behavior = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
-    deserializer = _safe(handler.request_deserializer)
+    if wrap is not None:
+        behavior = wrap(path, behavior, handler.response_streaming)
+    deserializer = (
+        None if handler.request_deserializer is None else _safe(handler.request_deserializer)
+    )
     if handler.response_streaming:
 
         async def guarded_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            if request is MALFORMED:
-                await fail(context, malformed())
-            if handler.request_streaming:
-                request = _checked(request)
             try:
+                if request is MALFORMED:
+                    raise malformed()
+                if handler.request_streaming:
+                    request = _checked(request)
                 result = behavior(request, context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         yield item
                 else:  # a coroutine that writes with context.write (health Watch)
                     await result
-            except MalformedRequest as err:
-                await fail(context, err)
+                return
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                err = shape(exc, None, path)
+            await fail(context, err)
 
         wrapped: Callable[..., Any] = guarded_stream
     else:
 
         async def guarded_unary(request: Any, context: Any) -> Any:
-            if request is MALFORMED:
-                await fail(context, malformed())
-            if handler.request_streaming:
-                request = _checked(request)
             try:
+                if request is MALFORMED:
+                    raise malformed()
+                if handler.request_streaming:
+                    request = _checked(request)
                 return await behavior(request, context)
-            except MalformedRequest as err:
-                await fail(context, err)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                err = shape(exc, None, path)
+            await fail(context, err)
 
         wrapped = guarded_unary
     factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
@@ -183,8 +201,9 @@ class SafeGenericHandler(grpc.GenericRpcHandler):
     """A generic handler whose method handlers go through `safe_handler` (cached: built
     once per method path that exists)."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler, wrap: Wrap | None = None) -> None:
         self._inner = inner
+        self._wrap = wrap
         self._cache: dict[str, grpc.RpcMethodHandler | None] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -194,5 +213,5 @@ class SafeGenericHandler(grpc.GenericRpcHandler):
         handler = self._inner.service(handler_call_details)
         if handler is None:
             return None  # not cached: callers choose the paths
-        safe = self._cache[method] = safe_handler(handler)
+        safe = self._cache[method] = safe_handler(handler, method, self._wrap)
         return safe

@@ -25,6 +25,7 @@ from core.limitstore import LimitStore
 from core.logs import log_event, print_ready
 from core.service import SERVICE_NAME, agent_service
 from core.settings import ServerSettings, Settings, parse_hostport
+from interceptors.auth import AuthStage, is_open_method
 from interceptors.error_handling import SafeGenericHandler, safe_handler
 from interceptors.observability import AccessLogQueue
 from interceptors.overload import BacklogLimit, OverloadGate
@@ -75,18 +76,34 @@ def connection_limit_options(s: ServerSettings) -> list[tuple[str, Any]]:
 
 class _BesideThePipeline:
     """What health, reflection and admin register through: the real server, with each
-    method handler given the pipeline's MALFORMED_REQUEST shaping (and nothing else)."""
+    method handler in the one error shape (MALFORMED_REQUEST, Status for every error) and,
+    when auth is on, admin behind the same credentials (health and reflection stay
+    open). They never run the business chain."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, auth: AuthStage | None) -> None:
         self._server = server
+        self._wrap = None if auth is None else _guard_closed(auth)
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        self._server.add_generic_rpc_handlers(tuple(SafeGenericHandler(h) for h in handlers))
+        self._server.add_generic_rpc_handlers(
+            tuple(SafeGenericHandler(h, self._wrap) for h in handlers)
+        )
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         self._server.add_registered_method_handlers(
-            service, {name: safe_handler(h) for name, h in handlers.items()}
+            service,
+            {
+                name: safe_handler(h, f"/{service}/{name}", self._wrap)
+                for name, h in handlers.items()
+            },
         )
+
+
+def _guard_closed(auth: AuthStage) -> Any:
+    def wrap(path: str, behavior: Any, streaming: bool) -> Any:
+        return behavior if is_open_method(path) else auth.guard(path, behavior, streaming)
+
+    return wrap
 
 
 class ProxyServer:
@@ -205,7 +222,8 @@ class ProxyServer:
         )
         stages = pipeline_stages(self.settings, self.telemetry, limit_store=self.limit_store)
         Pipeline(agent_service(), stages, self.forwarder, self._gate()).register(server)
-        beside = _BesideThePipeline(server)
+        auth = next((s for s in stages if isinstance(s, AuthStage)), None)
+        beside = _BesideThePipeline(server, auth)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, beside)
         admin_grpc.add_ProxyAdminServiceServicer_to_server(ProxyAdmin(self.pool), beside)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(

@@ -282,3 +282,36 @@ def test_usage_ignores_a_request_that_did_not_decode() -> None:
     call = CallInfo(method=m.path, request_id="r")
     assert obs._usage(m, call, pb.GenerateRequest(model="m1"), None, None) == "m1"
     assert obs._usage(m, call, None, None, None) == ""
+
+
+def test_access_log_is_written_by_a_thread_and_flushed_at_stop() -> None:
+    """AccessLogQueue: the event loop only enqueues; the listener thread formats and
+    writes; stop() writes what is still queued and puts the logger back."""
+    import threading
+
+    from interceptors.observability import AccessLogQueue, access_log
+
+    written: list[tuple[str, str]] = []
+
+    class Recording(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            written.append((threading.current_thread().name, self.format(record)))
+
+    root = logging.getLogger()
+    handler = Recording()
+    saved_level, saved_handlers = access_log.level, access_log.handlers[:]
+    root.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    queue = AccessLogQueue()
+    try:
+        queue.start()
+        assert access_log.propagate is False
+        for i in range(50):
+            access_log.info("access", extra={"fields": {"i": i}})
+        queue.stop()
+    finally:
+        root.removeHandler(handler)
+        access_log.setLevel(saved_level)
+    assert len(written) == 50
+    assert {thread for thread, _ in written} != {threading.current_thread().name}
+    assert access_log.propagate is True and access_log.handlers == saved_handlers
