@@ -176,6 +176,7 @@ class Observability:
         self._t = telemetry
         self._tracing = telemetry.tracing
         self._access = telemetry.access_log
+        self._token_children: dict[tuple[str, str], Any] = {}
         if self._tracing:
             from opentelemetry import trace
 
@@ -185,6 +186,21 @@ class Observability:
 
     def bind(self, method: Method) -> _Method:
         return _Method(self, method)
+
+    def _count_tokens(self, model: str, prompt: int, completion: int) -> None:
+        """ai_proxy_tokens_total, each (model label, kind) child made once (the labels
+        are bounded by core.metrics.MAX_MODELS, so is this cache)."""
+        label = self._t.proxy.model_label(model or "unknown")
+        if prompt:
+            self._tokens(label, "prompt").inc(prompt)
+        if completion:
+            self._tokens(label, "completion").inc(completion)
+
+    def _tokens(self, label: str, kind: str) -> Any:
+        child = self._token_children.get((label, kind))
+        if child is None:
+            child = self._token_children[(label, kind)] = self._t.proxy.tokens.labels(label, kind)
+        return child
 
     # -- the end of a call -------------------------------------------------------------
 
@@ -246,7 +262,7 @@ class Observability:
             usage = last.usage
             call.prompt_tokens = usage.prompt_tokens
             call.completion_tokens = usage.completion_tokens
-            self._t.proxy.count_tokens(call.model, usage.prompt_tokens, usage.completion_tokens)
+            self._count_tokens(call.model, usage.prompt_tokens, usage.completion_tokens)
         return requested
 
     def _annotate_span(self, call: CallInfo, requested_model: str) -> None:
