@@ -1,8 +1,9 @@
-"""What the proxy knows about the call in progress, shared along the interceptor chain.
+"""What the proxy knows about the call in progress, shared along the pipeline.
 
-The outermost server interceptor creates a CallInfo and puts it in `current_call`; the
-others and the forwarder fill it in; the access log and metrics read it when the call
-ends. One object per call instead of many context variables keeps the hot path cheap.
+The pipeline (server/pipeline.py) creates one CallInfo per call, with the caller's
+metadata read once into a dict, and puts it in `current_call`; the stages and the
+forwarder fill it in; the observability stage reads it when the call ends. One object
+per call instead of many context variables keeps the hot path cheap.
 """
 
 from __future__ import annotations
@@ -10,18 +11,50 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import time
+from collections.abc import Sequence
+from typing import Any
+
+Metadata = Sequence[tuple[str, str | bytes]]
+
+
+def metadata_dict(metadata: Metadata | None) -> tuple[dict[str, str | bytes], frozenset[str]]:
+    """The caller's metadata as a dict (the first value of each key wins) and the keys
+    that appear more than once (auth refuses a repeated credential instead of choosing)."""
+    headers: dict[str, str | bytes] = {}
+    if not metadata:
+        return headers, frozenset()
+    for key, value in metadata:
+        headers.setdefault(key, value)
+    if len(headers) == len(metadata):
+        return headers, frozenset()
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for key, _ in metadata:
+        if key in seen:
+            repeated.add(key)
+        seen.add(key)
+    return headers, frozenset(repeated)
 
 
 @dataclasses.dataclass(slots=True)
 class CallInfo:
     method: str
-    request_id: str
+    request_id: str = ""
     started: float = dataclasses.field(default_factory=time.monotonic)
+    # The invocation metadata, read once on entry (request id, auth, limits, forwarding).
+    metadata: dict[str, str | bytes] = dataclasses.field(default_factory=dict)
+    # Keys that appear more than once in the metadata.
+    repeated: frozenset[str] = frozenset()
+    peer: str = ""
+    # Who the caller is for limits and logs: "sub:", "key:", "client:<id>@<addr>", "peer:".
     caller: str = ""
     # The caller's tenant (the value of limits.tenant_claim in its JWT), set by auth; ""
     # when none. Its callers share `tenant:<value>` overrides and daily token budget
     # (core/limitpolicy.py).
     tenant: str = ""
+    # Unforgeable identity only (authenticated subject, verified API key, or address):
+    # what the breaker counts as distinct callers. Never the self-declared client id.
+    identity: str = ""
     # Seconds the upstream call may take (the tighter of the caller's and the method's).
     timeout_s: float | None = None
     upstream: str = ""
@@ -29,13 +62,30 @@ class CallInfo:
     retries: int = 0
     code: str = "OK"
     reason: str = ""
+    # Stream timing, kept by the pipeline's one stream wrapper.
     first_chunk_s: float | None = None
     chunks: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+    gap_max: float = 0.0
+    # The decoded request and the first / last answer (model and usage for the metrics).
+    request: Any = None
+    first: Any = None
+    last: Any = None
     model: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # Metadata the caller gets with the response headers (e.g. x-ratelimit-*).
     reply_metadata: tuple[tuple[str, str], ...] = ()
+    # What the limits stage holds for this call, released when it ends.
+    in_flight_lease: Any = None
+    stream_lease: Any = None
+    reservation: Any = None
+
+    def header(self, key: str) -> str | None:
+        """A text metadata value, or None (absent or binary)."""
+        value = self.metadata.get(key)
+        return value if isinstance(value, str) else None
 
 
 current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(

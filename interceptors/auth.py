@@ -1,4 +1,4 @@
-"""Server interceptor: who may call. JWT bearer tokens and static API keys.
+"""Stage: who may call. JWT bearer tokens and static API keys.
 
 Credentials, in this order:
 
@@ -17,12 +17,14 @@ space-separated or `scp` list; an API key's configured scopes) are checked again
 `auth.method_scopes`.
 
 Failures raise Unauthenticated (no, bad, or expired credentials) or PermissionDenied
-(a scope this caller lacks); the error interceptor outside turns them into the one error
-shape. ErrorInfo.metadata["cause"] says what was wrong (see `Cause`). Neither the token
-nor the key ever reaches a log line, an error message or the upstream (forwarding drops
-`authorization` and `x-api-key`).
+(a scope this caller lacks); the pipeline turns them into the one error shape.
+ErrorInfo.metadata["cause"] says what was wrong (see `Cause`). Neither the token nor the
+key ever reaches a log line, an error message or the upstream (forwarding drops
+`authorization` and `x-api-key`). The admin service, beside the pipeline, is behind the
+same check (`AuthStage.guard`).
 
-Health and reflection stay open: the interceptor does not even wrap their handlers.
+Health and reflection stay open: they are registered beside the pipeline and never
+reach this stage.
 Everything the verifier needs (keys, JWKS, hashes) is loaded once, at start-up; a
 verified token is cached until it expires, so a caller reusing its token costs a dict
 lookup and a clock read per call instead of a signature verification.
@@ -40,18 +42,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import grpc
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from grpc_interceptor.server import AsyncServerInterceptor
 
-from core.callinfo import current_call
+from core.callinfo import CallInfo
 from core.errors import PermissionDenied, Unauthenticated
 from core.logs import log_event
 from core.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
-from core.service import SERVICE_NAME
+from core.service import SERVICE_NAME, Method
 from core.settings import (
     HMAC_ALGORITHMS,
     OKP_ALGORITHMS,
@@ -216,22 +216,30 @@ class Authenticator:
         self, metadata: Sequence[tuple[str, str | bytes]] | None, peer: str = ""
     ) -> Principal:
         """The caller behind `metadata`, or Unauthenticated."""
-        authorization: str | None = None
-        api_key: str | None = None
+        headers: dict[str, str | bytes] = {}
+        repeated: set[str] = set()
         for key, value in metadata or ():
-            if key == AUTHORIZATION:
-                if authorization is not None:
-                    raise _unauthenticated(
-                        Cause.AMBIGUOUS_CREDENTIALS, "more than one authorization header"
-                    )
-                authorization = value if isinstance(value, str) else ""
-            elif key == API_KEY_HEADER:
-                if api_key is not None:
-                    raise _unauthenticated(
-                        Cause.AMBIGUOUS_CREDENTIALS, "more than one x-api-key header"
-                    )
-                api_key = value if isinstance(value, str) else ""
-        if authorization is not None:
+            if key in (AUTHORIZATION, API_KEY_HEADER):
+                if key in headers:
+                    repeated.add(key)
+                headers.setdefault(key, value)
+        return self.authenticate_headers(headers, frozenset(repeated), peer)
+
+    def authenticate_headers(
+        self, headers: Mapping[str, str | bytes], repeated: frozenset[str], peer: str = ""
+    ) -> Principal:
+        """As `authenticate`, from metadata already read into a dict (`repeated`: the
+        keys that appeared more than once)."""
+        if AUTHORIZATION in repeated:
+            raise _unauthenticated(
+                Cause.AMBIGUOUS_CREDENTIALS, "more than one authorization header"
+            )
+        if API_KEY_HEADER in repeated:
+            raise _unauthenticated(Cause.AMBIGUOUS_CREDENTIALS, "more than one x-api-key header")
+        raw_authorization = headers.get(AUTHORIZATION)
+        raw_api_key = headers.get(API_KEY_HEADER)
+        if raw_authorization is not None:
+            authorization = raw_authorization if isinstance(raw_authorization, str) else ""
             scheme, _, credential = authorization.strip().partition(" ")
             scheme = scheme.lower()
             if scheme == "bearer":
@@ -241,7 +249,8 @@ class Authenticator:
             raise _unauthenticated(
                 Cause.UNSUPPORTED_SCHEME, "authorization must be 'Bearer <token>' or 'ApiKey <key>'"
             )
-        if api_key is not None:
+        if raw_api_key is not None:
+            api_key = raw_api_key if isinstance(raw_api_key, str) else ""
             return self._from_api_key(api_key.strip(), peer)
         raise _unauthenticated(
             Cause.MISSING_CREDENTIALS,
@@ -392,42 +401,73 @@ def is_open_method(method: str) -> bool:
     return method.startswith(OPEN_METHOD_PREFIXES)
 
 
-class AuthInterceptor(AsyncServerInterceptor):
-    """Authenticates every call but health and reflection; see the module docstring."""
+class _Bound:
+    __slots__ = ("_auth", "_path", "_scopes")
+    exit = None
 
-    def __init__(self, settings: AuthSettings, *, clock: Clock = time.time) -> None:
-        self.authenticator = Authenticator(settings, clock=clock)
+    def __init__(self, auth: Authenticator, path: str) -> None:
+        self._auth, self._path = auth, path
+        self._scopes = auth.required_scopes(path)
 
-    async def intercept_service(
-        self, continuation: Any, handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        if is_open_method(handler_call_details.method):
-            return await continuation(handler_call_details)  # not wrapped: no cost at all
-        return await super().intercept_service(continuation, handler_call_details)
-
-    async def intercept(
-        self,
-        method: Callable,
-        request_or_iterator: Any,
-        context: grpc.aio.ServicerContext,
-        method_name: str,
-    ) -> Any:
-        call = current_call.get()
-        auth = self.authenticator
+    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+        auth = self._auth
         try:
-            principal = auth.authenticate(context.invocation_metadata(), context.peer())
-            if call is not None:
-                call.caller = principal.caller
-            auth.authorize(principal, method_name)
+            principal = auth.authenticate_headers(call.metadata, call.repeated, call.peer)
+            # Verified: both the limits key and the breaker's unforgeable identity.
+            call.caller = call.identity = principal.caller
+            if self._scopes:
+                auth.authorize(principal, self._path)
         except (Unauthenticated, PermissionDenied) as err:
             log_event(
                 log,
                 "auth_rejected",
-                method=method_name,
-                request_id=call.request_id if call else "",
-                caller=call.caller if call else "",
+                method=self._path,
+                request_id=call.request_id,
+                caller=call.caller,
                 code=err.code.name,
                 cause=err.metadata.get("cause", ""),
             )
             raise
-        return await super().intercept(method, request_or_iterator, context, method_name)
+
+
+class AuthStage:
+    """Stage: authenticates every API call; see the module docstring."""
+
+    def __init__(self, settings: AuthSettings, *, clock: Clock = time.time) -> None:
+        self.authenticator = Authenticator(settings, clock=clock)
+
+    def guard(self, path: str, behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+        """`behavior` (a unary or server-streaming method of a service beside the
+        pipeline, e.g. admin) behind the same credentials and scopes; built once per
+        method. Refusals are raised as ProxyErrors for the caller's error shaping."""
+        auth = self.authenticator
+        scopes = auth.required_scopes(path)
+
+        def check(context: Any) -> None:
+            principal = auth.authenticate(context.invocation_metadata(), context.peer())
+            if scopes:
+                auth.authorize(principal, path)
+
+        if streaming:
+
+            async def guarded_stream(request: Any, context: Any) -> Any:
+                check(context)
+                result = behavior(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+
+            return guarded_stream
+
+        async def guarded_unary(request: Any, context: Any) -> Any:
+            check(context)
+            return await behavior(request, context)
+
+        return guarded_unary
+
+    def bind(self, method: Method) -> _Bound | None:
+        if is_open_method(method.path):
+            return None
+        return _Bound(self.authenticator, method.path)

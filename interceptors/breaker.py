@@ -16,11 +16,10 @@ mid-way, ejected the endpoint for everyone. What counts now, and why:
   is the caller's own deadline (any caller can ask for a long answer in 1 ms).
   RESOURCE_EXHAUSTED is usually a per-caller quota upstream. Deployments may add codes.
 * Distinct callers (`min_failing_callers`, default 3). Failures count only once they
-  come from that many different callers within the window (CallInfo.caller: the JWT
-  subject, API key, client id or address, as the limits key them). One caller alone,
-  however many requests it sends, never opens it. Caveats: an unauthenticated caller can
-  mint client ids, and the volume rule below is then what it must also beat; callers the
-  proxy cannot tell apart (auth and limits both off, or every browser behind an edge
+  come from that many different callers within the window (CallInfo.identity: the
+  verified JWT subject or API key, else the address; never the self-declared
+  x-client-id, which any caller could mint). One caller alone, however many requests it
+  sends, never opens it. Caveat: callers the proxy cannot tell apart (auth and limits both off, or every browser behind an edge
   that does not pass the client's address) are one caller, so only calls from elsewhere
   can open it (set `min_failing_callers: 1` where one trusted caller is all there is).
 * Ratio over volume, not a short run: at least `min_volume` settled calls in the rolling

@@ -22,11 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from grpc_interceptor.server import AsyncServerInterceptor
-
-from core.callinfo import current_call
+from core.callinfo import CallInfo
 from core.errors import DeadlineExceeded
-from core.service import Service
+from core.service import Method, Service
 
 Clock = Callable[[], float]
 
@@ -139,27 +137,34 @@ class Deadline:
         return self.clock() >= self.expires_at
 
 
-class DeadlineInterceptor(AsyncServerInterceptor):
-    """Server interceptor: fix each AgentService call's effective deadline.
+class _Bound:
+    __slots__ = ("_deadlines", "_path")
+    exit = None
+
+    def __init__(self, deadlines: MethodDeadlines, path: str) -> None:
+        self._deadlines, self._path = deadlines, path
+
+    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+        timeout = self._deadlines.effective_timeout(self._path, context.time_remaining())
+        if timeout <= 0:
+            raise DeadlineExceeded("the caller's deadline had passed before the call started")
+        call.timeout_s = timeout
+
+
+class DeadlineStage:
+    """Stage: fix each AgentService call's effective deadline.
 
     The result goes into CallInfo.timeout_s, which the forwarder gives the upstream call
     (and every retry, as what is left of it) and by which it ends the call itself with
     DEADLINE_EXCEEDED (streams: in-band first). A caller whose deadline has already passed
     is answered DEADLINE_EXCEEDED without an upstream call. Other services (health,
-    reflection) keep the caller's deadline as it is.
+    reflection) never reach the pipeline and keep the caller's deadline as it is.
     """
 
     def __init__(self, deadlines: MethodDeadlines) -> None:
         self._deadlines = deadlines
 
-    async def intercept(
-        self, method: Callable[..., Any], request_or_iterator: Any, context: Any, method_name: str
-    ) -> Any:
-        if method_name in self._deadlines.per_method:
-            timeout = self._deadlines.effective_timeout(method_name, context.time_remaining())
-            if timeout <= 0:
-                raise DeadlineExceeded("the caller's deadline had passed before the call started")
-            call = current_call.get()
-            if call is not None:
-                call.timeout_s = timeout
-        return await super().intercept(method, request_or_iterator, context, method_name)
+    def bind(self, method: Method) -> _Bound | None:
+        if method.path not in self._deadlines.per_method:
+            return None
+        return _Bound(self._deadlines, method.path)

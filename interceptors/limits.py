@@ -1,4 +1,4 @@
-"""Server interceptor: admission control on AgentService calls.
+"""Stage: admission control on AgentService calls.
 
 Three checks, cheapest and least personal first, before a call costs anything upstream:
 
@@ -10,9 +10,17 @@ Three checks, cheapest and least personal first, before a call costs anything up
      -remaining and -reset in their response headers;
   3. for streams, the caller's open-stream cap: RESOURCE_EXHAUSTED (CONCURRENCY_LIMITED).
 
-The caller's key is the authenticated identity that an earlier interceptor put in
+The caller's key is the authenticated identity that the auth stage put in
 CallInfo.caller, else what `caller_key` derives from the API key, client id header or
-peer address; it is written back to CallInfo.caller so the log shows who was limited.
+address; it is written back to CallInfo.caller so the log shows who was limited.
+
+x-client-id is a label the caller declares, not an identity: keyed on its own, any
+caller could drain a victim's bucket by sending the victim's id, or mint ids to get
+fresh buckets. So a client id keys a bucket only inside the caller's address
+(`client:<id>@<address>`: callers behind one address, e.g. one office or one service's
+pods, can still be told apart); an override written for `client:<id>` still applies
+to it. CallInfo.identity, what the upstream breaker counts as distinct callers, is only
+ever unforgeable: the authenticated subject or verified key, else the address.
 
 Behind the edge every HTTP caller's peer is Envoy, so anonymous callers would share one
 bucket (one heavy browser exhausts everyone's budget). Envoy puts the caller's own
@@ -30,31 +38,33 @@ a victim's (to exhaust theirs). So the header is believed only from the edge:
 From anyone else the header is ignored and the peer address is the key.
 Health, reflection and admin calls are not limited: probes must never be turned away.
 
-The pure logic (buckets, leases, keys, memory bounds) is in ratelimit.py.
+Buckets and stream leases live in a LimitStore (core/limitstore.py: in memory, or shared
+in Redis), passed in by the assembly: one `admit` on the way in, one `finish` when the
+call ends. The proxy-wide cap stays in this process (it protects this process).
+Token-aware limits plug in at `_Bound.enter`: the store's admit already takes
+`tokens`, `token_limits` and `budget_key`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
-from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Final
 
-from grpc_interceptor.server import AsyncServerInterceptor
-
-from core.callinfo import CallInfo, current_call
+from core.callinfo import CallInfo
 from core.errors import Overloaded
+from core.limitstore import LimitStore, MemoryLimitStore, Reservation, StreamLease, refusal_error
 from core.ratelimit import (
     API_KEY_HEADER,
     CLIENT_ID_HEADER,
     ConcurrencyLimiter,
-    KeyedLimiter,
     Lease,
     LimitSpec,
     caller_key,
-    concurrency_limited_error,
-    rate_limited_error,
+    peer_host,
 )
+from core.service import Method
 from core.settings import LimitSettings
 
 _PROXY_KEY: Final = "*"  # the one key of the proxy-wide cap
@@ -66,24 +76,26 @@ OVERLOADED_RETRY_DELAY_S: Final = 0.5
 STREAM_RETRY_DELAY_S: Final = 1.0
 
 
-class LimitsInterceptor(AsyncServerInterceptor):
-    def __init__(
-        self,
-        settings: LimitSettings,
-        limited_methods: Collection[str],
-        streaming_methods: Collection[str],
-    ) -> None:
-        self._limited = frozenset(limited_methods)
-        self._streaming = frozenset(streaming_methods)
+def override_key(key: str) -> str:
+    """The key an override is written for: `client:<id>` for `client:<id>@<address>`."""
+    if key.startswith("client:"):
+        return key.partition("@")[0]
+    return key
+
+
+class Limits:
+    """Stage: admission control (see the module docstring)."""
+
+    def __init__(self, settings: LimitSettings, store: LimitStore | None = None) -> None:
         overrides = settings.overrides
-        self.rates = KeyedLimiter(
-            LimitSpec(settings.rate_per_s, settings.burst),
-            {key: LimitSpec(o.rate_per_s, o.burst) for key, o in overrides.items()},
-            max_keys=settings.max_tracked_callers,
-        )
-        self.streams = ConcurrencyLimiter(
-            settings.max_streams_per_caller,
-            {key: o.max_streams for key, o in overrides.items() if o.max_streams is not None},
+        self.default = LimitSpec(settings.rate_per_s, settings.burst)
+        self.overrides = {key: LimitSpec(o.rate_per_s, o.burst) for key, o in overrides.items()}
+        self.default_streams = settings.max_streams_per_caller
+        self.stream_overrides = {
+            key: o.max_streams for key, o in overrides.items() if o.max_streams is not None
+        }
+        self.store: LimitStore = (
+            store if store is not None else MemoryLimitStore(max_keys=settings.max_tracked_callers)
         )
         self.in_flight = ConcurrencyLimiter(settings.max_concurrent_calls)
         self._address_header = settings.client_address_header.lower()
@@ -92,21 +104,35 @@ class LimitsInterceptor(AsyncServerInterceptor):
         )
         secret = settings.edge_secret.get_secret_value() if settings.edge_secret else ""
         self._edge_secret = secret.encode()
-        self._key_headers = frozenset(
-            {API_KEY_HEADER, CLIENT_ID_HEADER, self._address_header, EDGE_SECRET_HEADER} - {""}
-        )
+        # Releases on a remote store, in flight (kept so they are not collected).
+        self._pending: set[asyncio.Task[None]] = set()
 
-    def _key(self, call: CallInfo, context: Any) -> str:
+    def bind(self, method: Method) -> _Bound:
+        return _Bound(self, method.streaming)
+
+    # -- keys ------------------------------------------------------------------------
+
+    def key(self, call: CallInfo) -> str:
+        """The caller's limits key (and CallInfo.caller / .identity when unset)."""
         if call.caller:
             return call.caller
-        wanted = self._key_headers
-        headers = {k: v for k, v in context.invocation_metadata() or () if k in wanted}
-        peer = context.peer()
-        forwarded = headers.get(self._address_header) if self._address_header else None
-        if forwarded and self._from_edge(peer, headers.get(EDGE_SECRET_HEADER)):
-            peer = _as_peer(forwarded) or peer
-        call.caller = caller_key(headers, peer)
-        return call.caller
+        peer = call.peer
+        if self._address_header:
+            forwarded = call.header(self._address_header)
+            if forwarded and self._from_edge(peer, call.header(EDGE_SECRET_HEADER)):
+                peer = _as_peer(forwarded) or peer
+        address = peer_host(peer)
+        if not call.identity:
+            call.identity = f"peer:{address}"
+        api_key = call.header(API_KEY_HEADER)
+        if api_key:
+            key = caller_key({API_KEY_HEADER: api_key}, peer)
+        else:
+            key = caller_key({CLIENT_ID_HEADER: call.header(CLIENT_ID_HEADER) or ""}, peer)
+            if key.startswith("client:"):
+                key = f"{key}@{address}"
+        call.caller = key
+        return key
 
     def _from_edge(self, peer: str, secret: str | None) -> bool:
         """Whether the call came through the edge (see the module docstring)."""
@@ -117,59 +143,75 @@ class LimitsInterceptor(AsyncServerInterceptor):
             return True
         return secret is not None and hmac.compare_digest(secret.encode(), self._edge_secret)
 
-    def _admit(self, call: CallInfo, context: Any, stream: bool) -> list[Lease]:
-        """The leases that admit the call (release them when it ends), or a raise."""
-        overall = self.in_flight.try_acquire(_PROXY_KEY)
+    def spec_for(self, key: str) -> LimitSpec:
+        return self.overrides.get(override_key(key), self.default)
+
+    def streams_for(self, key: str) -> int:
+        return self.stream_overrides.get(override_key(key), self.default_streams)
+
+    # -- the end of a call -----------------------------------------------------------
+
+    def finish(self, lease: StreamLease | None, reservation: Reservation | None) -> None:
+        store = self.store
+        if isinstance(store, MemoryLimitStore):
+            store.finish_nowait(lease, reservation)
+            return
+        # A remote release must not hold the caller's answer: it runs on its own.
+        task = asyncio.get_running_loop().create_task(store.finish(lease, reservation))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+
+class _Bound:
+    """One method's admission. What a call holds is kept on its CallInfo (the in-flight
+    lease, the store's stream lease and token reservation) and released by `exit`."""
+
+    __slots__ = ("_limits", "_stream", "exit")
+
+    def __init__(self, limits: Limits, stream: bool) -> None:
+        self._limits, self._stream = limits, stream
+        self.exit = self._exit
+
+    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+        limits = self._limits
+        overall = limits.in_flight.try_acquire(_PROXY_KEY)
         if overall is None:
             raise Overloaded(
                 "the proxy is at its limit of calls in flight",
-                metadata={"limit": str(self.in_flight.max_per_key)},
+                metadata={"limit": str(limits.in_flight.max_per_key)},
                 retry_delay_s=OVERLOADED_RETRY_DELAY_S,
             )
-        leases = [overall]
         try:
-            key = self._key(call, context)
-            decision = self.rates.try_acquire(key)
-            if not decision.allowed:
-                raise rate_limited_error(key, decision)
-            call.reply_metadata += decision.headers()
-            if stream:
-                lease = self.streams.try_acquire(key)
-                if lease is None:
-                    raise concurrency_limited_error(
-                        key, self.streams.limit_for(key), STREAM_RETRY_DELAY_S
-                    )
-                leases.append(lease)
+            key = limits.key(call)
+            # Token-aware limits (tokens, token_limits, budget_key) go here.
+            admission = await limits.store.admit(
+                key,
+                limits.spec_for(key),
+                stream_limit=limits.streams_for(key) if self._stream else 0,
+            )
+            if not admission.allowed:
+                raise refusal_error(key, admission, STREAM_RETRY_DELAY_S)
         except BaseException:
-            _release(leases)
+            overall.release()
             raise
-        return leases
+        call.reply_metadata += admission.decision.headers()
+        call.in_flight_lease = overall
+        call.stream_lease = admission.lease
+        call.reservation = admission.reservation
 
-    async def intercept(
-        self, method: Callable[..., Any], request: Any, context: Any, method_name: str
-    ) -> Any:
-        call = current_call.get()
-        if method_name not in self._limited or call is None:
-            return await super().intercept(method, request, context, method_name)
-        if method_name in self._streaming:
-            # Admitted inside the generator, so the leases are taken and released by the
-            # same frame: a stream cancelled before its first read never held any.
-            return self._limited_stream(method, request, context, call)
-        leases = self._admit(call, context, stream=False)
-        try:
-            return await method(request, context)
-        finally:
-            _release(leases)
+    def _exit(self, call: CallInfo) -> None:
+        lease = call.in_flight_lease
+        if lease is not None:
+            call.in_flight_lease = None
+            lease.release()
+        if call.stream_lease is not None or call.reservation is not None:
+            self._limits.finish(call.stream_lease, call.reservation)
+            call.stream_lease = call.reservation = None
 
-    async def _limited_stream(
-        self, method: Callable[..., Any], request: Any, context: Any, call: CallInfo
-    ) -> AsyncIterator[Any]:
-        leases = self._admit(call, context, stream=True)
-        try:
-            async for chunk in method(request, context):
-                yield chunk
-        finally:
-            _release(leases)
+
+def _release(leases: list[Lease]) -> None:
+    for lease in leases:
+        lease.release()
 
 
 def _as_peer(address: str) -> str | None:
@@ -198,8 +240,3 @@ def _peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     # An IPv4 peer on a dual-stack socket reads as ::ffff:a.b.c.d.
     mapped = getattr(ip, "ipv4_mapped", None)
     return mapped or ip
-
-
-def _release(leases: list[Lease]) -> None:
-    for lease in leases:
-        lease.release()

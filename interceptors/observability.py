@@ -1,38 +1,42 @@
-"""Server interceptor: metrics, span attributes and the access log of every call.
+"""Stage: metrics, span attributes and the access log of every API call.
 
-It sits right inside RequestContextInterceptor (and inside the OpenTelemetry server
-interceptor when tracing is on) and outside ErrorInterceptor, so what it records is the
-FINAL status the caller gets: the ErrorInterceptor's conversions, aborts by auth, limits
-and validation, and cancellations by the caller. It never changes the outcome: every
-exception is re-raised as it came.
+It is bound right after the request id (server/chain.py) and its exit runs after every
+other stage's, once the pipeline has settled the FINAL status the caller gets (the
+pipeline's own error shaping, refusals by auth, limits and validation, aborts, and
+cancellations by the caller). It never changes the outcome.
 
 Per call it records, once, at the end (streams: after the last chunk or the error, so
 durations cover the whole stream):
-  - py-grpc-prometheus's grpc_server_* series (all services);
-  - for the API (everything but health checks and reflection): ai_proxy_requests_total,
-    ai_proxy_request_duration_seconds, retries, limiter rejections, tokens by model,
-    stream first-chunk time, mean and largest chunk interval, active streams;
+  - py-grpc-prometheus's grpc_server_* series;
+  - ai_proxy_requests_total, ai_proxy_request_duration_seconds, retries, limiter
+    rejections, tokens by model, stream first-chunk time, mean and largest chunk
+    interval, active streams;
   - the span attributes (request id, upstream, attempts, GenAI model and tokens);
-  - one JSON access log line (aiproxy.access).
-Per chunk it only takes a timestamp and increments two counters. Label children are
-created once per method and status, never per call.
+  - one JSON access log line (aiproxy.access), formatted and written off the event loop
+    (AccessLogQueue: a queue and a thread).
+Per chunk it does nothing itself: the pipeline's one stream wrapper counts chunks and
+keeps the first / last timestamps and the largest gap in CallInfo. Label children are
+resolved in bind, once per method (and once per status code), never per call.
+Health checks and reflection never reach the pipeline, so they have no series here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import logging.handlers
+import queue
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
-from core.callinfo import CallInfo, current_call
+from core.callinfo import CallInfo
 from core.errors import Reason
 from core.logs import log_event
-from core.metrics import CallTelemetry, untraced_services
+from core.metrics import CallTelemetry
+from core.service import Method
 
 access_log = logging.getLogger("aiproxy.access")
 
@@ -42,18 +46,9 @@ DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 LIMIT_REASONS = frozenset(
     {Reason.RATE_LIMITED.value, Reason.CONCURRENCY_LIMITED.value, Reason.OVERLOADED.value}
 )
-_UNTRACED = frozenset(untraced_services())
 
 UNARY = "UNARY"
 SERVER_STREAMING = "SERVER_STREAMING"
-CLIENT_STREAMING = "CLIENT_STREAMING"
-BIDI_STREAMING = "BIDI_STREAMING"
-
-
-def _grpc_type(handler: grpc.RpcMethodHandler) -> str:
-    if handler.request_streaming:
-        return BIDI_STREAMING if handler.response_streaming else CLIENT_STREAMING
-    return SERVER_STREAMING if handler.response_streaming else UNARY
 
 
 def _has_field(message: Any, name: str) -> bool:
@@ -64,63 +59,86 @@ class _Method:
     """One method's label children (made once) and what its messages carry."""
 
     __slots__ = (
-        "path",
-        "name",
-        "grpc_type",
-        "api",
-        "started",
-        "msg_received",
-        "msg_sent",
-        "handling",
         "_handled",
         "_handled_children",
+        "_obs",
+        "_probed_request",
+        "_probed_response",
         "_requests",
         "_requests_children",
-        "duration",
-        "retries",
         "active",
+        "api",
         "chunks",
+        "duration",
+        "exit",
         "first_chunk",
-        "interval",
         "gap_max",
+        "grpc_type",
+        "handling",
+        "interval",
+        "msg_received",
+        "msg_sent",
+        "name",
+        "path",
         "request_model",
         "response_model",
         "response_usage",
-        "_probed_request",
-        "_probed_response",
+        "retries",
+        "started",
     )
 
-    def __init__(self, telemetry: CallTelemetry, path: str, grpc_type: str) -> None:
-        service, _, name = path.lstrip("/").partition("/")
-        self.path, self.name, self.grpc_type = path, name, grpc_type
+    def __init__(self, obs: Observability, method: Method) -> None:
+        self._obs = obs
+        self.exit = self._exit
+        path = method.path
+        _, _, name = path.lstrip("/").partition("/")
+        self.path, self.name = path, name
+        self.grpc_type = SERVER_STREAMING if method.streaming else UNARY
+        self.api = True
+        self._handled_children: dict[str, Any] = {}
+        self._requests_children: dict[str, Any] = {}
+        self.request_model = self.response_model = self.response_usage = False
+        self._probed_request = self._probed_response = False
+        # The label children, made on the method's first call (a series appears once it
+        # counts something, as it always did), then kept: never looked up per call.
+        self.started: Any = None
+        self.msg_received: Any = None
+        self.msg_sent: Any = None
+        self.handling: Any = None
+        self.duration: Any = None
+        self.retries: Any = None
+        self.active: Any = None
+        self.chunks: Any = None
+        self.first_chunk: Any = None
+        self.interval: Any = None
+        self.gap_max: Any = None
+
+    def _resolve(self) -> None:
+        telemetry = self._obs._t
+        service, _, name = self.path.lstrip("/").partition("/")
         g = telemetry.grpc_server
-        labels = (grpc_type, service, name)
-        self.started = g.started.labels(*labels)
+        labels = (self.grpc_type, service, name)
         self.msg_received = g.msg_received.labels(*labels)
         self.msg_sent = g.msg_sent.labels(*labels)
         self.handling = g.handling_seconds.labels(*labels)
         self._handled = g.handled
-        self._handled_children: dict[grpc.StatusCode, Any] = {}
-        self.api = service not in _UNTRACED
         p = telemetry.proxy
         self._requests = p.requests
-        self._requests_children: dict[str, Any] = {}
         self.duration = p.request_duration.labels(name)
         self.retries = p.retries.labels(name)
-        streaming = grpc_type in (SERVER_STREAMING, BIDI_STREAMING)
-        self.active = p.active_streams.labels(name) if streaming and self.api else None
-        self.chunks = p.stream_chunks.labels(name) if streaming and self.api else None
-        self.first_chunk = p.first_chunk.labels(name) if streaming and self.api else None
-        self.interval = p.chunk_interval.labels(name) if streaming and self.api else None
-        self.gap_max = p.chunk_gap_max.labels(name) if streaming and self.api else None
-        self.request_model = self.response_model = self.response_usage = False
-        self._probed_request = self._probed_response = False
+        if self.grpc_type is SERVER_STREAMING:
+            self.active = p.active_streams.labels(name)
+            self.chunks = p.stream_chunks.labels(name)
+            self.first_chunk = p.first_chunk.labels(name)
+            self.interval = p.chunk_interval.labels(name)
+            self.gap_max = p.chunk_gap_max.labels(name)
+        self.started = g.started.labels(*labels)  # last: it marks the others as made
 
-    def handled(self, code: grpc.StatusCode) -> Any:
+    def handled(self, code: str) -> Any:
         child = self._handled_children.get(code)
         if child is None:
             child = self._handled_children[code] = self._handled.labels(
-                self.grpc_type, *self.path.lstrip("/").split("/", 1), code.name
+                self.grpc_type, *self.path.lstrip("/").split("/", 1), code
             )
         return child
 
@@ -139,13 +157,26 @@ class _Method:
         self.response_model = _has_field(response, "model")
         self.response_usage = _has_field(response, "usage")
 
+    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+        if self.started is None:
+            self._resolve()
+        self.started.inc()
+        self.msg_received.inc()
+        if self.active is not None:
+            self.active.inc()
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    def _exit(self, call: CallInfo) -> None:
+        self._obs.finish(self, call)
+
+
+class Observability:
+    """Stage: see the module docstring."""
+
     def __init__(self, telemetry: CallTelemetry) -> None:
         self._t = telemetry
-        self._methods: dict[tuple[str, str], _Method] = {}
         self._tracing = telemetry.tracing
         self._access = telemetry.access_log
+        self._token_children: dict[tuple[str, str], Any] = {}
         if self._tracing:
             from opentelemetry import trace
 
@@ -153,141 +184,41 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         else:
             self._current_span = None
 
-    def _method(self, path: str, handler: grpc.RpcMethodHandler) -> _Method:
-        grpc_type = _grpc_type(handler)
-        key = (path, grpc_type)
-        method = self._methods.get(key)
-        if method is None:
-            method = self._methods[key] = _Method(self._t, path, grpc_type)
-        return method
+    def bind(self, method: Method) -> _Method:
+        return _Method(self, method)
 
-    async def intercept_service(
-        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        m = self._method(handler_call_details.method, handler)
-        ser, de = handler.response_serializer, handler.request_deserializer
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, m), de, ser)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, m), de, ser
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, m), de, ser
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream(handler.stream_stream, m), de, ser
-        )
+    def _count_tokens(self, model: str, prompt: int, completion: int) -> None:
+        """ai_proxy_tokens_total, each (model label, kind) child made once (the labels
+        are bounded by core.metrics.MAX_MODELS, so is this cache)."""
+        label = self._t.proxy.model_label(model or "unknown")
+        if prompt:
+            self._tokens(label, "prompt").inc(prompt)
+        if completion:
+            self._tokens(label, "completion").inc(completion)
 
-    # -- wrappers ----------------------------------------------------------------------
-
-    def _requests_in(self, request: Any, m: _Method) -> Any:
-        if m.grpc_type in (UNARY, SERVER_STREAMING):
-            m.msg_received.inc()
-            return request
-        return _count(request, m.msg_received)
-
-    def _unary(self, behavior: Callable, m: _Method) -> Callable:
-        async def observed_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            m.started.inc()
-            start = time.monotonic()
-            call = current_call.get()
-            request = self._requests_in(request, m)
-            response = None
-            code = OK
-            try:
-                response = await behavior(request, context)
-                code = context.code() or OK
-                if code is OK:
-                    m.msg_sent.inc()
-                return response
-            except asyncio.CancelledError:
-                code = _cancelled_code(context)
-                raise
-            except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                self._finish(m, call, code, start, request, response, response, None)
-
-        return observed_unary
-
-    def _stream(self, behavior: Callable, m: _Method) -> Callable:
-        async def observed_stream(
-            request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            m.started.inc()
-            start = time.monotonic()
-            call = current_call.get()
-            request = self._requests_in(request, m)
-            active, chunk_counter, sent = m.active, m.chunks, m.msg_sent
-            if active is not None:
-                active.inc()
-            n = 0
-            first_chunk = last_chunk = None
-            first_at = last_at = 0.0
-            gap_max = 0.0
-            code = OK
-            try:
-                async for chunk in behavior(request, context):
-                    now = time.monotonic()
-                    if n:
-                        gap = now - last_at
-                        if gap > gap_max:
-                            gap_max = gap
-                    else:
-                        first_at, first_chunk = now, chunk
-                    last_at, last_chunk = now, chunk
-                    n += 1
-                    sent.inc()
-                    if chunk_counter is not None:
-                        chunk_counter.inc()
-                    yield chunk
-                code = context.code() or OK
-            except (asyncio.CancelledError, GeneratorExit):
-                code = _cancelled_code(context)
-                raise
-            except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                if active is not None:
-                    active.dec()
-                timing = (n, first_at, last_at, gap_max)
-                self._finish(m, call, code, start, request, first_chunk, last_chunk, timing)
-
-        return observed_stream
+    def _tokens(self, label: str, kind: str) -> Any:
+        child = self._token_children.get((label, kind))
+        if child is None:
+            child = self._token_children[(label, kind)] = self._t.proxy.tokens.labels(label, kind)
+        return child
 
     # -- the end of a call -------------------------------------------------------------
 
-    def _finish(
-        self,
-        m: _Method,
-        call: CallInfo | None,
-        code: grpc.StatusCode,
-        start: float,
-        request: Any,
-        first: Any,
-        last: Any,
-        timing: tuple[int, float, float, float] | None,
-    ) -> None:
-        elapsed = time.monotonic() - start
-        m.handled(code).inc()
+    def finish(self, m: _Method, call: CallInfo) -> None:
+        elapsed = time.monotonic() - call.started
+        status = call.code
+        m.handled(status).inc()
         m.handling.observe(elapsed)
-        if not m.api or call is None:
-            return
-        status = code.name
-        call.code = status
-        if code is OK:
+        if status == "OK":
             call.reason = ""
-        elif not call.reason or code is DEADLINE_EXCEEDED:
-            # Aborted by someone other than the ErrorInterceptor (or cancelled, or cut
+            if m.grpc_type is UNARY:
+                m.msg_sent.inc()
+        elif not call.reason or status == "DEADLINE_EXCEEDED":
+            # Aborted by someone other than the pipeline's shaping (or cancelled, or cut
             # off by the caller's deadline: its reason then says so, not CANCELLED).
-            call.reason = Reason.CANCELLED.value if code is grpc.StatusCode.CANCELLED else status
+            call.reason = Reason.CANCELLED.value if status == "CANCELLED" else status
+        if m.active is not None:
+            m.active.dec()
         m.requests(status).inc()
         m.duration.observe(elapsed)
         if call.retries:
@@ -295,16 +226,17 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if call.reason in LIMIT_REASONS:
             source = "proxy" if call.attempts == 0 else "upstream"
             self._t.proxy.rate_limit_rejections.labels(m.name, call.reason, source).inc()
-        if timing is not None:
-            n, first_at, last_at, gap_max = timing
-            call.chunks = n
-            if n:
-                call.first_chunk_s = first_at - call.started
+        n = call.chunks
+        if n and m.chunks is not None:  # a stream (these children exist for streams only)
+            m.msg_sent.inc(n)
+            m.chunks.inc(n)
+            call.first_chunk_s = call.first_at - call.started
+            if m.first_chunk is not None:
                 m.first_chunk.observe(call.first_chunk_s)
-                if n > 1:
-                    m.interval.observe((last_at - first_at) / (n - 1))
-                    m.gap_max.observe(gap_max)
-        requested = self._usage(m, call, request, first, last)
+            if n > 1 and m.interval is not None and m.gap_max is not None:
+                m.interval.observe((call.last_at - call.first_at) / (n - 1))
+                m.gap_max.observe(call.gap_max)
+        requested = self._usage(m, call, call.request, call.first, call.last)
         if self._current_span is not None:
             self._annotate_span(call, requested)
         if self._access:
@@ -330,7 +262,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             usage = last.usage
             call.prompt_tokens = usage.prompt_tokens
             call.completion_tokens = usage.completion_tokens
-            self._t.proxy.count_tokens(call.model, usage.prompt_tokens, usage.completion_tokens)
+            self._count_tokens(call.model, usage.prompt_tokens, usage.completion_tokens)
         return requested
 
     def _annotate_span(self, call: CallInfo, requested_model: str) -> None:
@@ -381,17 +313,42 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """Why a call was cancelled under the handler: the caller's deadline (grpc-core ends
-    the call when it passes; the proxy normally answers just before, see
-    interceptors/deadline.py) or the caller leaving."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Puts the record on the queue as it is: formatting (the JSON) is the listener
+    thread's work, not the event loop's."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
 
 
-async def _count(requests: Any, counter: Any) -> AsyncIterator[Any]:
-    async for request in requests:
-        counter.inc()
-        yield request
+class AccessLogQueue:
+    """The access log written off the event loop: the aiproxy.access logger puts records
+    on a queue, a thread (logging.handlers.QueueListener) hands them to the handlers the
+    root logger had at start(). stop() flushes what is queued and ends the thread."""
+
+    def __init__(self, logger: logging.Logger = access_log) -> None:
+        self._logger = logger
+        self._listener: logging.handlers.QueueListener | None = None
+        self._saved: tuple[list[logging.Handler], bool] | None = None
+
+    def start(self) -> None:
+        if self._listener is not None:
+            return
+        handlers = logging.getLogger().handlers[:]
+        if not handlers:
+            return  # nothing to write to: leave the logger as it is
+        q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._saved = (self._logger.handlers[:], self._logger.propagate)
+        self._logger.handlers[:] = [_QueueHandler(q)]
+        self._logger.propagate = False
+        self._listener = logging.handlers.QueueListener(q, *handlers, respect_handler_level=True)
+        self._listener.start()
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        listener.stop()  # writes what is queued, then joins the thread
+        if self._saved is not None:
+            self._logger.handlers[:], self._logger.propagate = self._saved
+            self._saved = None

@@ -1,18 +1,19 @@
-"""Outermost server interceptor: refuse new API calls at once while the proxy is full.
+"""The pipeline's first step: refuse new API calls at once while the proxy is full.
 
 Why a gate before everything else (issue 13, item 5): grpc.aio takes new calls from
 grpc-core one at a time, on the event loop, a few loop iterations per call. Every call it
-takes then runs the whole interceptor chain before the limiter in interceptors/limits.py
+takes then runs the whole pipeline before the limiter in interceptors/limits.py
 can refuse it, and while the loop is busy with that, the next callers wait in grpc-core's
 pending queue, invisible to the proxy. A burst of a few thousand streams therefore
 queued for many seconds, and the calls grpc-core held past
 `grpc.server_max_unrequested_time_in_server` (30 s by default) were CANCELLED without
-ever reaching an interceptor.
+ever reaching the proxy's code.
 
 This gate makes a refusal as cheap as it can be, so the loop drains that queue fast:
-when the calls being forwarded (`active()`) reach the current limit, a new API call gets
-a prebuilt handler that answers RESOURCE_EXHAUSTED (ErrorInfo OVERLOADED, RetryInfo)
-without decoding the request, creating a CallInfo, or building a status per call.
+when the calls being forwarded (`active()`) reach the current limit, a new API call is
+answered RESOURCE_EXHAUSTED (ErrorInfo OVERLOADED, RetryInfo) with a prebuilt status,
+before the request is decoded or a CallInfo exists (server/pipeline.py runs `check`
+first, on the raw request bytes).
 interceptors/limits.py keeps its exact, lease-based cap further in; this one reads a
 counter the forwarder keeps anyway, so admitted calls pay nothing for it.
 
@@ -32,12 +33,11 @@ target the limit climbs again. A floor keeps the proxy serving whatever happens.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any, Final
 
-import grpc
-
 from core.errors import Overloaded, to_grpc_status
+from core.service import Method
 
 # What a refused caller is told to wait: long enough for a burst to pass, short enough
 # that a retry (jittered by the client) soon finds room.
@@ -84,11 +84,12 @@ class BacklogLimit:
             self.sample(delay(), active())
 
 
-class OverloadGate(grpc.aio.ServerInterceptor):
+class OverloadGate:
+    """The gate (see the module docstring). Not a Stage: it runs before the CallInfo and
+    the decoding; `bind(method)` gives the method's `check(context)`."""
+
     def __init__(
         self,
-        unary_methods: Collection[str],
-        stream_methods: Collection[str],
         active: Callable[[], int],
         capacity: int,
         on_reject: Callable[[str], None] | None = None,
@@ -105,32 +106,28 @@ class OverloadGate(grpc.aio.ServerInterceptor):
                 retry_delay_s=OVERLOADED_RETRY_DELAY_S,
             )
         )
-        code, details, trailers = status.code, status.details, tuple(status.trailing_metadata)
+        self.refusal = (status.code, status.details, tuple(status.trailing_metadata))
 
-        async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(code, details, trailers)
-
-        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(code, details, trailers)
-            yield  # pragma: no cover  (makes this an async generator, as grpc expects)
-
-        # Raw bytes in and out: a refused request is never decoded.
-        unary = grpc.unary_unary_rpc_method_handler(refuse_unary)
-        stream = grpc.unary_stream_rpc_method_handler(refuse_stream)
-        self._refusals: dict[str, grpc.RpcMethodHandler] = {
-            **{path: unary for path in unary_methods},
-            **{path: stream for path in stream_methods},
-        }
-
-    async def intercept_service(
-        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
+    def full(self) -> bool:
         backlog_limit = self.backlog_limit
         limit = self.capacity if backlog_limit is None else min(self.capacity, backlog_limit.limit)
-        if self._active() >= limit:
-            refusal = self._refusals.get(handler_call_details.method)
-            if refusal is not None:
-                if self._on_reject is not None:
-                    self._on_reject(handler_call_details.method)
-                return refusal
-        return await continuation(handler_call_details)
+        return self._active() >= limit
+
+    def bind(self, method: Method) -> GateCheck:
+        return GateCheck(self, method.path)
+
+
+class GateCheck:
+    """One method's gate: `await check(context)` aborts the call when the proxy is full."""
+
+    __slots__ = ("_gate", "_path")
+
+    def __init__(self, gate: OverloadGate, path: str) -> None:
+        self._gate, self._path = gate, path
+
+    async def check(self, context: Any) -> None:
+        gate = self._gate
+        if gate.full():
+            if gate._on_reject is not None:
+                gate._on_reject(self._path)
+            await context.abort(*gate.refusal)

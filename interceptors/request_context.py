@@ -1,4 +1,4 @@
-"""Outermost server interceptor: open the call's CallInfo and its request id.
+"""Stage: the call's request id.
 
 The request id comes from the caller's `x-request-id` (Envoy sets one on every HTTP
 request) or is generated; it goes upstream with the call and back to the caller in
@@ -8,39 +8,43 @@ the response metadata (initial metadata on success, trailing metadata always).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-import grpc
-from grpc_interceptor.server import AsyncServerInterceptor
-
-from core.callinfo import CallInfo, current_call
+from core.callinfo import CallInfo
+from core.service import Method
 
 REQUEST_ID = "x-request-id"
 _MAX_REQUEST_ID_LEN = 128
 
 
 def request_id_from(metadata: Any) -> str:
-    for key, value in metadata or ():
-        if key == REQUEST_ID and isinstance(value, str):
-            # A caller's id is echoed into logs and headers: keep it short and printable.
-            if 0 < len(value) <= _MAX_REQUEST_ID_LEN and value.isprintable():
-                return value
-            break
+    """The caller's request id if usable, else a new one (`metadata`: a dict or pairs)."""
+    value = metadata.get(REQUEST_ID) if isinstance(metadata, dict) else None
+    if not isinstance(metadata, dict):
+        for key, v in metadata or ():
+            if key == REQUEST_ID:
+                value = v
+                break
+    # A caller's id is echoed into logs and headers: keep it short and printable.
+    if isinstance(value, str) and 0 < len(value) <= _MAX_REQUEST_ID_LEN and value.isprintable():
+        return value
     return uuid.uuid4().hex
 
 
-class RequestContextInterceptor(AsyncServerInterceptor):
-    async def intercept(
-        self,
-        method: Callable,
-        request_or_iterator: Any,
-        context: grpc.aio.ServicerContext,
-        method_name: str,
-    ) -> Any:
-        call = CallInfo(
-            method=method_name, request_id=request_id_from(context.invocation_metadata())
-        )
-        current_call.set(call)
+class _Bound:
+    __slots__ = ()
+    exit = None
+
+    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+        call.request_id = request_id_from(call.metadata)
         context.set_trailing_metadata(((REQUEST_ID, call.request_id),))
-        return await super().intercept(method, request_or_iterator, context, method_name)
+
+
+_BOUND = _Bound()
+
+
+class RequestContext:
+    """Stage: every API method gets a request id (see the module docstring)."""
+
+    def bind(self, method: Method) -> _Bound:
+        return _BOUND

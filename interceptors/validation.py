@@ -1,4 +1,4 @@
-"""Server interceptor: reject malformed AgentService requests before they cost anything.
+"""Stage: reject malformed AgentService requests before they cost anything.
 
 Every violation in a request is reported at once, as INVALID_ARGUMENT with a
 google.rpc.BadRequest listing each field path ("messages[2].role") and what is wrong,
@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from google.protobuf.descriptor import EnumDescriptor, ServiceDescriptor
-from grpc_interceptor.server import AsyncServerInterceptor
 
 from ai.agent.v1 import agent_service_pb2 as pb
+from core.callinfo import CallInfo
 from core.errors import FieldViolation, InvalidArgument
+from core.service import Method
 from core.settings import ValidationSettings
 
 Violations = list[FieldViolation]
@@ -254,16 +255,26 @@ def invalid_request(violations: Violations) -> InvalidArgument:
     )
 
 
-class ValidationInterceptor(AsyncServerInterceptor):
+class _Bound:
+    __slots__ = ("_validator",)
+    exit = None
+
+    def __init__(self, validator: Validator) -> None:
+        self._validator = validator
+
+    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+        violations = self._validator(request)
+        if violations:
+            raise invalid_request(violations)
+
+
+class Validation:
+    """Stage: each method's validator, chosen once (`validators`: method path -> rules,
+    from RequestRules.for_service)."""
+
     def __init__(self, validators: dict[str, Validator]) -> None:
         self._validators = validators
 
-    async def intercept(
-        self, method: Callable[..., Any], request: Any, context: Any, method_name: str
-    ) -> Any:
-        validator = self._validators.get(method_name)
-        if validator is not None:
-            violations = validator(request)
-            if violations:
-                raise invalid_request(violations)
-        return await super().intercept(method, request, context, method_name)
+    def bind(self, method: Method) -> _Bound | None:
+        validator = self._validators.get(method.path)
+        return None if validator is None else _Bound(validator)

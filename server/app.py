@@ -1,4 +1,4 @@
-"""Assembly of the proxy process: gRPC server, interceptors, forwarding, pool, health.
+"""Assembly of the proxy process: gRPC server, the API pipeline, forwarding, pool, health.
 
 Lifecycle: start() brings up the pool (which starts watching upstream health) and the
 listener; drain() is the SIGTERM path: NOT_SERVING first, an optional delay for load
@@ -17,21 +17,26 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
 from core.errors import Reason
+from core.limitstore import LimitStore
 from core.logs import log_event, print_ready
 from core.service import SERVICE_NAME, agent_service
 from core.settings import ServerSettings, Settings, parse_hostport
+from interceptors.auth import AuthStage, is_open_method
+from interceptors.error_handling import SafeGenericHandler, safe_handler
+from interceptors.observability import AccessLogQueue
 from interceptors.overload import BacklogLimit, OverloadGate
 from server import tls
 from server.admin import ADMIN_SERVICE_NAME, ProxyAdmin
 from server.backlog import BacklogProbe
-from server.chain import client_interceptors, server_interceptors
+from server.chain import client_interceptors, pipeline_stages
 from server.forwarding import Forwarder
 from server.health import ProxyHealth
-from server.telemetry import Telemetry
+from server.pipeline import Pipeline
+from server.telemetry import Telemetry, server_tracing_interceptor
 from server.upstream import UpstreamPool
 
 log = logging.getLogger("aiproxy.server")
@@ -69,9 +74,49 @@ def connection_limit_options(s: ServerSettings) -> list[tuple[str, Any]]:
     return out
 
 
+class _BesideThePipeline:
+    """What health, reflection and admin register through: the real server, with each
+    method handler in the one error shape (MALFORMED_REQUEST, Status for every error) and,
+    when auth is on, admin behind the same credentials (health and reflection stay
+    open). They never run the business chain."""
+
+    def __init__(self, server: grpc.aio.Server, auth: AuthStage | None) -> None:
+        self._server = server
+        self._wrap = None if auth is None else _guard_closed(auth)
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(SafeGenericHandler(h, self._wrap) for h in handlers)
+        )
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(
+            service,
+            {
+                name: safe_handler(h, f"/{service}/{name}", self._wrap)
+                for name, h in handlers.items()
+            },
+        )
+
+
+def _guard_closed(auth: AuthStage) -> Any:
+    def wrap(path: str, behavior: Any, streaming: bool) -> Any:
+        return behavior if is_open_method(path) else auth.guard(path, behavior, streaming)
+
+    return wrap
+
+
 class ProxyServer:
-    def __init__(self, settings: Settings, *, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        telemetry: Telemetry | None = None,
+        limit_store: LimitStore | None = None,
+    ) -> None:
         self.settings = settings
+        # Where the limits keep per-caller state (None: in this process).
+        self.limit_store = limit_store
         # Metrics registry, scrape endpoint, tracer provider (tests may pass their own).
         self.telemetry = telemetry if telemetry is not None else Telemetry(settings)
         self.pool = UpstreamPool(
@@ -87,18 +132,21 @@ class ProxyServer:
         self.health = ProxyHealth(self.pool)
         self.forwarder = Forwarder(self.pool, settings)
         self._server: grpc.aio.Server | None = None
+        self._access_log = AccessLogQueue()
         self._backlog_limit: BacklogLimit | None = None
         self._background: list[asyncio.Task[None]] = []
         self.port: int | None = None
 
-    def _gate(self) -> list[grpc.aio.ServerInterceptor]:
-        """The overload gate, outermost (interceptors/overload.py), when a capacity is set."""
+    def _gate(self) -> OverloadGate | None:
+        """The overload gate, first in the pipeline (interceptors/overload.py), when a
+        capacity is set."""
         capacity = self.settings.server.max_active_calls
         if not capacity:
-            return []
-        paths = {m.path: m.streaming for m in agent_service().methods}
+            return None
         rejections = self.telemetry.proxy.rate_limit_rejections
         requests = self.telemetry.proxy.requests
+        # Label children made on a method's first refusal (a series only once it
+        # counts something), then reused.
         children: dict[str, tuple[Any, Any]] = {}
 
         def count(path: str) -> None:
@@ -119,16 +167,12 @@ class ProxyServer:
             self._backlog_limit = BacklogLimit(
                 capacity, s.overload_min_active_calls, s.overload_wait_target_ms / 1000
             )
-        return [
-            OverloadGate(
-                [p for p, streaming in paths.items() if not streaming],
-                [p for p, streaming in paths.items() if streaming],
-                active=lambda: forwarder.active,
-                capacity=capacity,
-                on_reject=count,
-                backlog_limit=self._backlog_limit,
-            )
-        ]
+        return OverloadGate(
+            active=lambda: forwarder.active,
+            capacity=capacity,
+            on_reject=count,
+            backlog_limit=self._backlog_limit,
+        )
 
     def _start_backlog_probe(self) -> None:
         limit = self._backlog_limit
@@ -166,22 +210,34 @@ class ProxyServer:
                 endpoints=self.settings.upstream.endpoints,
             )
         self.telemetry.start_metrics_server()
+        # API calls run no grpc.aio interceptor: the pipeline is their one handler. The
+        # OpenTelemetry server interceptor stays one when tracing is on (opt-in): it opens
+        # the SERVER span before the handler, so the whole pipeline is inside it.
+        tracing = self.telemetry.tracing
         server = grpc.aio.server(
-            interceptors=[*self._gate(), *server_interceptors(self.settings, self.telemetry)],
+            interceptors=[server_tracing_interceptor(self.telemetry.tracer_provider)]
+            if tracing
+            else None,
             options=server_options(self.settings),
         )
-        server.add_generic_rpc_handlers((self.forwarder.generic_handler(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
-        admin_grpc.add_ProxyAdminServiceServicer_to_server(ProxyAdmin(self.pool), server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                ADMIN_SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
+        stages = pipeline_stages(self.settings, self.telemetry, limit_store=self.limit_store)
+        Pipeline(agent_service(), stages, self.forwarder, self._gate()).register(server)
+        auth = next((s for s in stages if isinstance(s, AuthStage)), None)
+        beside = _BesideThePipeline(server, auth)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, beside)
+        admin_grpc.add_ProxyAdminServiceServicer_to_server(ProxyAdmin(self.pool), beside)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                (
+                    SERVICE_NAME,
+                    ADMIN_SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                )
             ),
-            server,
+            beside,
         )
+        self._access_log.start()
         credentials = tls.server_credentials(self.settings.tls.server)
         if credentials is None:
             self.port = server.add_insecure_port(self.settings.server.listen)
@@ -242,6 +298,7 @@ class ProxyServer:
             await asyncio.wait(self._background)
         await self.pool.close()
         self.telemetry.shutdown()
+        self._access_log.stop()  # writes the access lines still queued
         log_event(log, "proxy_stopped")
 
     async def wait_for_termination(self) -> None:

@@ -1,29 +1,40 @@
-"""The interceptor chains, built in one place.
+"""The request pipeline's order and the upstream interceptor chains, built in one place.
 
-grpc.aio runs server interceptors in list order: the first is the outermost, it sees the
-call first and its result last. The order, outermost first, and why:
+An API call crosses ONE handler, built per method at start-up by server/pipeline.py
+from the stages below (interceptors/stage.py: `bind(method)`, then `enter` in this order
+on the way in and `exit` in reverse when the call ends). The order, outermost first, and
+why:
 
-  1. RequestContextInterceptor  opens CallInfo and the request id that every later
-                                interceptor, the access log and the upstream call use.
-  2. OpenTelemetry server       (tracing on) continues the caller's W3C trace context and
-     interceptor                opens the SERVER span the upstream attempts hang under.
-  3. ObservabilityInterceptor   metrics, span attributes, the access log: outside the
-                                ErrorInterceptor so it sees the FINAL status, including
-                                the inner interceptors' rejections and aborts.
-  4. ErrorInterceptor           turns whatever the inner ones raise into the one error
-                                shape, including in-band stream errors; everything
-                                below it only raises ProxyErrors.
-  5. AuthInterceptor            (when auth is on) who the caller is: JWT or API key ->
-                                CallInfo.caller, the identity the limits and logs use;
-                                health and reflection stay open. Before the limits, so
-                                an authenticated caller is limited by who it is.
-  6. LimitsInterceptor          admission: proxy-wide cap, the caller's token bucket,
-                                the caller's open streams. Before validation, so that a
-                                flood of malformed requests is limited like any other.
-  7. ValidationInterceptor      rejects malformed requests before they cost anything
+  0. OverloadGate               (when a capacity is set) before anything else, on the
+                                raw request bytes: refusing must be as cheap as it can
+                                be while grpc-core's queue backs up (interceptors/
+                                overload.py). Not a stage: no CallInfo exists yet.
+  1. RequestContext             the request id that every later stage, the access log
+                                and the upstream call use (the pipeline has already
+                                read the metadata once into CallInfo).
+  2. Observability              metrics, span attributes, the access log: its exit runs
+                                last, once the pipeline has settled the FINAL status,
+                                including the inner stages' refusals and aborts.
+  3. AuthStage                  (when auth is on) who the caller is: JWT or API key ->
+                                CallInfo.caller / .identity, the identity the limits,
+                                the breaker and the logs use. Before the limits, so an
+                                authenticated caller is limited by who it is.
+  4. Limits                     admission: proxy-wide cap, the caller's token bucket,
+                                the caller's open streams. Before decoding and
+                                validation, so that a flood of malformed requests is
+                                limited like any other.
+  -  DECODE                     the request bytes become the message (a failure is
+                                INVALID_ARGUMENT MALFORMED_REQUEST, in one place).
+  5. Validation                 rejects invalid requests before they cost anything
                                 upstream.
-  8. DeadlineInterceptor        fixes the effective deadline the upstream call gets;
+  6. DeadlineStage              fixes the effective deadline the upstream call gets;
                                 innermost, so the time spent above is already counted.
+
+Error shaping is the pipeline's own frame (server/pipeline.py), around all of them: one
+place turns exceptions into the Status, never overwrites an abort, and ends a failing
+stream with its in-band final chunk. With tracing on, the OpenTelemetry server
+interceptor stays a real grpc.aio interceptor (opt-in; it opens the SERVER span from the
+caller's W3C context before the handler runs, so every stage's work is inside it).
 
 Upstream side, per endpoint channel (grpc.aio client interceptors, outermost first):
 
@@ -44,25 +55,38 @@ be free to go to another endpoint.
 
 from __future__ import annotations
 
+from typing import Final
+
 import grpc
 
+from core.limitstore import LimitStore
+from core.metrics import CallTelemetry
 from core.service import agent_service
 from core.settings import Settings
-from interceptors.auth import AuthInterceptor
+from interceptors.auth import AuthStage
 from interceptors.breaker import CircuitBreaker
 from interceptors.client_observability import (
     client_metrics_interceptors,
     client_tracing_interceptors,
 )
-from interceptors.deadline import DeadlineInterceptor, DeadlineLimit, EndMargin, MethodDeadlines
-from interceptors.error_handling import ErrorInterceptor
-from interceptors.limits import LimitsInterceptor
-from interceptors.observability import ObservabilityInterceptor
-from interceptors.request_context import RequestContextInterceptor
+from interceptors.deadline import DeadlineLimit, DeadlineStage, EndMargin, MethodDeadlines
+from interceptors.limits import Limits
+from interceptors.observability import Observability
+from interceptors.request_context import RequestContext
+from interceptors.stage import Stage
 from interceptors.upstream_breaker import breaker_interceptors
-from interceptors.validation import RequestRules, ValidationInterceptor
-from server.forwarding import Forwarder
-from server.telemetry import Telemetry, server_tracing_interceptor
+from interceptors.validation import RequestRules, Validation
+from server.telemetry import Telemetry
+
+
+class _Decode:
+    """The place of decoding in the order (a marker, not a stage)."""
+
+    def __repr__(self) -> str:
+        return "DECODE"
+
+
+DECODE: Final = _Decode()
 
 
 def client_interceptors(
@@ -91,25 +115,25 @@ def method_deadlines(settings: Settings) -> MethodDeadlines:
     )
 
 
-def server_interceptors(
-    settings: Settings, telemetry: Telemetry | None = None
-) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors on calls into the proxy, outermost first (see the module doc)."""
+def pipeline_stages(
+    settings: Settings,
+    telemetry: CallTelemetry | None = None,
+    *,
+    limit_store: LimitStore | None = None,
+) -> list[Stage | _Decode]:
+    """The API pipeline's stages, outermost first, with DECODE where the request is
+    decoded (see the module doc). `limit_store`: where the limits keep their state
+    (default: in this process)."""
     service = agent_service()
-    paths, streaming = service.paths, service.streaming_paths
-    chain: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
+    order: list[Stage | _Decode] = [RequestContext()]
     if telemetry is not None:
-        if telemetry.tracing:
-            chain.append(server_tracing_interceptor(telemetry.tracer_provider))
-        chain.append(ObservabilityInterceptor(telemetry))
-    chain.append(ErrorInterceptor(Forwarder.stream_response_classes()))
+        order.append(Observability(telemetry))
     if settings.auth.active:
-        chain.append(AuthInterceptor(settings.auth))
+        order.append(AuthStage(settings.auth))
     if settings.limits.enabled:
-        chain.append(LimitsInterceptor(settings.limits, paths, streaming))
+        order.append(Limits(settings.limits, limit_store))
+    order.append(DECODE)
     if settings.validation.enabled:
-        chain.append(
-            ValidationInterceptor(RequestRules(settings.validation).for_service(service.descriptor))
-        )
-    chain.append(DeadlineInterceptor(method_deadlines(settings)))
-    return chain
+        order.append(Validation(RequestRules(settings.validation).for_service(service.descriptor)))
+    order.append(DeadlineStage(method_deadlines(settings)))
+    return order

@@ -1,30 +1,31 @@
 """The forwarding servicer: every AgentService method, re-exported and sent upstream.
 
-Handlers are built from the service descriptor, so a method added to the proto is
-forwarded without code here. Each call: pick an endpoint from the pool, forward the
-caller's metadata (minus transport and credential headers) with the request id, give
-the upstream call what is left of the call's effective deadline, and relay the answer.
+It is the pipeline's terminal (server/pipeline.py): one forwarding function per method
+of the service model, so a method added to the proto is forwarded without code here.
+Each call: pick an endpoint from the pool, forward the caller's request bytes as they
+came (never re-serialized) and its metadata (minus transport and credential headers,
+read once into CallInfo) with the request id, give the upstream call what is left of
+the call's effective deadline, and relay the answer.
 
 Retries live here, at the pool level, because the next attempt must be able to go to
 another endpoint (a channel's own interceptors only ever see one endpoint). They follow
 interceptors/retry.py's policy: unary calls, and streams before their first chunk has
 reached the caller; never past the deadline. Everything else that protects the
-upstreams or the callers is an interceptor (see server/chain.py).
+upstreams or the callers is a stage or an interceptor (see server/chain.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from core.callinfo import CallInfo, current_call
+from core.callinfo import CallInfo
 from core.errors import CircuitOpen, DeadlineExceeded
-from core.service import SERVICE_NAME, agent_service
+from core.service import Method, agent_service
 from core.settings import Settings
 from interceptors.deadline import Deadline
 from interceptors.limits import EDGE_SECRET_HEADER
@@ -106,33 +107,13 @@ class Forwarder:
         """Method path -> chunk class, for every server-streaming method."""
         return {m.path: m.response_cls for m in agent_service().methods if m.streaming}
 
-    def generic_handler(self) -> grpc.GenericRpcHandler:
-        handlers: dict[str, grpc.RpcMethodHandler] = {}
-        for method in agent_service().methods:
-            request_cls, response_cls, path = method.request_cls, method.response_cls, method.path
-            if method.streaming:
-                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                    self._stream_handler(path, request_cls, response_cls),
-                    request_deserializer=request_cls.FromString,
-                    response_serializer=response_cls.SerializeToString,
-                )
-            else:
-                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    self._unary_handler(path, request_cls, response_cls),
-                    request_deserializer=request_cls.FromString,
-                    response_serializer=response_cls.SerializeToString,
-                )
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
-
     # -- per call ---------------------------------------------------------------------
 
     def _metadata(self, context: grpc.aio.ServicerContext, call: CallInfo) -> list[tuple[str, Any]]:
         drop = self._drop
-        out = [
-            (key, value)
-            for key, value in context.invocation_metadata() or ()
-            if key not in drop and not key.startswith(":")
-        ]
+        # The dict read on entry; a key the caller repeated keeps all its values.
+        pairs = context.invocation_metadata() or () if call.repeated else call.metadata.items()
+        out = [(key, value) for key, value in pairs if key not in drop and not key.startswith(":")]
         out.append((REQUEST_ID, call.request_id))
         return out
 
@@ -212,17 +193,18 @@ class Forwarder:
                 ((REQUEST_ID, call.request_id), (ATTEMPTS_TRAILER, str(attempt)))
             )
 
-    def _unary_handler(self, path: str, request_cls: type, response_cls: type) -> Callable:
-        serialize = request_cls.SerializeToString
-        deserialize = response_cls.FromString
+    # -- the pipeline's terminal: one forwarding function per method ------------------
 
-        async def forward_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = current_call.get()
-            assert call is not None, "RequestContextInterceptor must run first"
+    def unary(self, method: Method) -> Callable[..., Awaitable[Any]]:
+        path, deserialize = method.path, method.response_cls.FromString
 
+        async def forward_unary(
+            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
+        ) -> Any:
             async def attempt(endpoint: Endpoint, metadata: list, timeout: float | None) -> Any:
-                return await endpoint.unary_unary(path, serialize, deserialize)(
-                    request, metadata=metadata, timeout=timeout
+                # serializer None: the caller's bytes go upstream as they came.
+                return await endpoint.unary_unary(path, None, deserialize)(
+                    raw, metadata=metadata, timeout=timeout
                 )
 
             self._enter()
@@ -239,24 +221,22 @@ class Forwarder:
 
         return forward_unary
 
-    def _stream_handler(self, path: str, request_cls: type, response_cls: type) -> Callable:
-        serialize = request_cls.SerializeToString
+    def stream(self, method: Method) -> Callable[..., AsyncIterator[Any]]:
+        path, response_cls = method.path, method.response_cls
         deserialize = response_cls.FromString
         settings = self._settings.stream
 
         async def forward_stream(
-            request: Any, context: grpc.aio.ServicerContext
+            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
         ) -> AsyncIterator[Any]:
-            call = current_call.get()
-            assert call is not None, "RequestContextInterceptor must run first"
             deadline = self._deadline(context, call)
             end_at = None if deadline is None else deadline.expires_at
 
             async def attempt(
                 endpoint: Endpoint, metadata: list, timeout: float | None
             ) -> tuple[Any, Any, Endpoint]:
-                upstream = endpoint.unary_stream(path, serialize, deserialize)(
-                    request, metadata=metadata, timeout=timeout
+                upstream = endpoint.unary_stream(path, None, deserialize)(
+                    raw, metadata=metadata, timeout=timeout
                 )
                 # The pump ends the stream at the deadline (StreamDeadline), in-band.
                 chunks = StreamPump(upstream, response_cls, settings, end_at=end_at).chunks()
@@ -285,11 +265,8 @@ class Forwarder:
                 await context.send_initial_metadata(
                     ((REQUEST_ID, call.request_id), *call.reply_metadata)
                 )
-                call.first_chunk_s = time.monotonic() - call.started
-                call.chunks = 1
                 yield first
                 async for chunk in chunks:
-                    call.chunks += 1
                     yield chunk
             finally:
                 endpoint.in_flight -= 1

@@ -43,9 +43,10 @@ log = logging.getLogger("aiproxy.upstream")
 
 
 def _current_caller() -> str:
-    """The caller key of the call being forwarded (the breaker counts distinct callers)."""
+    """Who is calling, unforgeably (the breaker counts distinct callers): the verified
+    subject or key, else the address; never the self-declared x-client-id."""
     call = current_call.get()
-    return call.caller if call is not None else ""
+    return call.identity if call is not None else ""
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -28,8 +28,10 @@ from ai.proxy.v1 import admin_service_pb2, admin_service_pb2_grpc
 from core.callinfo import current_call
 from core.errors import DOMAIN
 from core.ratelimit import caller_key, hash_api_key
+from core.service import agent_service
 from core.settings import load_settings
-from server.chain import server_interceptors
+from server.chain import pipeline_stages
+from server.pipeline import Pipeline, ServicerTerminal
 from tests.conftest import proxy_args
 from tests.support.grpc_helpers import SERVING, stub, wait_health
 from tests.support.procs import aiproxy_argv
@@ -258,9 +260,11 @@ async def chain_server(monkeypatch) -> AsyncIterator[tuple[str, RecordingAgent]]
     for key, value in AUTH_ENV.items():
         monkeypatch.setenv(key, value)
     settings = load_settings()
-    server = grpc.aio.server(interceptors=server_interceptors(settings))
+    server = grpc.aio.server()
     servicer = RecordingAgent()
-    pb_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    Pipeline(agent_service(), pipeline_stages(settings), ServicerTerminal(servicer)).register(
+        server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

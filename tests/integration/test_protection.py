@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import uuid
+import zlib
 from dataclasses import dataclass, field
 
 import grpc
@@ -138,11 +140,55 @@ async def wait_breaker(channel, address: str, state: int, timeout: float = 5.0) 
 
 
 def caller(i: int | str) -> tuple[str, str]:
-    """Metadata that makes a call come from caller `i` (the limits key it "client:<id>")."""
-    return ("x-client-id", f"caller-{i}")
+    """Metadata that makes a call come from caller `i`: a client address set by the edge
+    (the test runs on loopback, a trusted edge by default). An x-client-id would not do:
+    it is self-declared, so the breaker never counts it as a distinct caller."""
+    n = zlib.crc32(str(i).encode()) % 0xFFFFFE + 1
+    return ("x-envoy-external-address", str(ipaddress.IPv4Address(0x0A000000 + n)))
 
 
 # ---- circuit breaker ----------------------------------------------------------------
+
+
+async def test_minted_client_ids_are_one_caller_to_the_breaker(spawn) -> None:
+    """x-client-id is self-declared: one address minting ids must not look like the
+    several callers the breaker needs to open (issue 15); distinct addresses do."""
+    agent = spawn(*agent_args(), name="agent")
+    proxy = spawn(
+        *proxy_args(agent.address),
+        env=env(breaker__min_volume=3, breaker__min_failing_callers=3, retry__max_attempts=1),
+        name="proxy",
+    )
+    fail = (("x-fault-code", "UNAVAILABLE"),)
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        api = stub(channel)
+        for i in range(6):
+            minted = ("x-client-id", f"minted-{i}-{uuid.uuid4().hex[:6]}")
+            r = rich(await call_error(api.Generate(PROMPT, metadata=(*fail, minted), timeout=5)))
+            assert r.reason == "UPSTREAM_UNAVAILABLE"
+        assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_CLOSED
+        for i in range(3):
+            await call_error(api.Generate(PROMPT, metadata=(*fail, caller(i)), timeout=5))
+        assert await breaker_state(channel, agent.address) == admin_pb.BREAKER_STATE_OPEN
+
+
+async def test_a_victims_client_id_does_not_drain_the_victims_bucket(spawn, agent) -> None:
+    """The limits key of an x-client-id stays inside the caller's address: a caller
+    sending a victim's id spends its own bucket, not the victim's."""
+    proxy = spawn(
+        *proxy_args(agent.address), env=env(limits__rate_per_s=0.01, limits__burst=2), name="proxy"
+    )
+    victim = ("x-client-id", "victim")
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        api = stub(channel)
+        attacker = (victim, caller("attacker"))
+        for _ in range(2):
+            await api.Generate(PROMPT, metadata=attacker, timeout=10)
+        r = rich(await call_error(api.Generate(PROMPT, metadata=attacker, timeout=10)))
+        assert r.reason == "RATE_LIMITED"
+        # The victim (another address) still has its whole burst.
+        for _ in range(2):
+            await api.Generate(PROMPT, metadata=(victim, caller("victim")), timeout=10)
 
 
 async def test_breaker_opens_rejects_half_open_admits_exact_probes_then_closes(spawn) -> None:

@@ -17,8 +17,8 @@ import pytest
 from core.errors import PermissionDenied, Reason, Unauthenticated
 from core.ratelimit import caller_key, hash_api_key
 from core.settings import AuthSettings, ConfigError, load_settings
-from interceptors.auth import Authenticator, AuthInterceptor, Cause, Principal, is_open_method
-from server.chain import server_interceptors
+from interceptors.auth import Authenticator, AuthStage, Cause, Principal, is_open_method
+from server.chain import pipeline_stages
 from tests.support.certs import SigningKeys, make_signing_keys
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"  # 38 bytes
@@ -329,12 +329,12 @@ def test_open_methods() -> None:
 def test_auth_is_off_by_default_and_the_secret_env_turns_it_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert not any(isinstance(i, AuthInterceptor) for i in server_interceptors(load_settings()))
+    assert not any(isinstance(i, AuthStage) for i in pipeline_stages(load_settings()))
     monkeypatch.setenv("AIPROXY_AUTH__JWT_SECRET", SECRET)
     loaded = load_settings()
     assert loaded.auth.active
-    chain = server_interceptors(loaded)
-    assert isinstance(chain[2], AuthInterceptor)  # right after the error interceptor
+    chain = pipeline_stages(loaded)
+    assert isinstance(chain[1], AuthStage)  # right after the request id
     monkeypatch.setenv("AIPROXY_AUTH__ENABLED", "false")
     assert not load_settings().auth.active
 

@@ -1,18 +1,18 @@
-"""The interceptor chains: one place, one documented order."""
+"""The pipeline order and the upstream chains: one place, one documented order."""
 
 from __future__ import annotations
 
+from core.service import agent_service
 from core.settings import load_settings
-from interceptors.auth import AuthInterceptor
+from interceptors.auth import AuthStage
 from interceptors.breaker import CircuitBreaker
-from interceptors.deadline import DeadlineInterceptor
-from interceptors.error_handling import ErrorInterceptor
-from interceptors.limits import LimitsInterceptor
-from interceptors.observability import ObservabilityInterceptor
-from interceptors.request_context import RequestContextInterceptor
+from interceptors.deadline import DeadlineStage
+from interceptors.limits import Limits
+from interceptors.observability import Observability
+from interceptors.request_context import RequestContext
 from interceptors.upstream_breaker import BreakerStreamInterceptor, BreakerUnaryInterceptor
-from interceptors.validation import ValidationInterceptor
-from server.chain import client_interceptors, method_deadlines, server_interceptors
+from interceptors.validation import Validation
+from server.chain import DECODE, client_interceptors, method_deadlines, pipeline_stages
 from server.telemetry import Telemetry
 
 PREFIX = "/ai.agent.v1.AgentService/"
@@ -22,53 +22,64 @@ def kinds(chain) -> list[type]:
     return [type(i) for i in chain]
 
 
-def test_server_chain_order_outermost_first() -> None:
-    assert kinds(server_interceptors(load_settings())) == [
-        RequestContextInterceptor,
-        ErrorInterceptor,
-        LimitsInterceptor,
-        ValidationInterceptor,
-        DeadlineInterceptor,
+def test_pipeline_order_outermost_first() -> None:
+    assert kinds(pipeline_stages(load_settings())) == [
+        RequestContext,
+        Limits,
+        type(DECODE),
+        Validation,
+        DeadlineStage,
     ]
 
 
-def test_full_server_chain_with_telemetry_and_tracing() -> None:
+def test_full_pipeline_with_telemetry_and_tracing() -> None:
     settings = load_settings(tracing={"exporter": "console"})
     telemetry = Telemetry(settings)
     try:
-        chain = kinds(server_interceptors(settings, telemetry))
+        order = kinds(pipeline_stages(settings, telemetry))
     finally:
         telemetry.shutdown()
-    assert chain[0] is RequestContextInterceptor
-    assert chain[1].__module__.startswith("opentelemetry.instrumentation.grpc")
-    assert chain[2:] == [
-        ObservabilityInterceptor,
-        ErrorInterceptor,
-        LimitsInterceptor,
-        ValidationInterceptor,
-        DeadlineInterceptor,
+    # The OpenTelemetry server interceptor is a grpc.aio interceptor (server/app.py),
+    # outside the pipeline; the stages are the same with tracing on or off.
+    assert order == [
+        RequestContext,
+        Observability,
+        Limits,
+        type(DECODE),
+        Validation,
+        DeadlineStage,
     ]
 
 
-def test_auth_joins_the_chain_after_errors_before_limits() -> None:
+def test_auth_joins_before_limits() -> None:
     settings = load_settings(auth={"jwt_secret": "x" * 32})
-    assert kinds(server_interceptors(settings)) == [
-        RequestContextInterceptor,
-        ErrorInterceptor,
-        AuthInterceptor,
-        LimitsInterceptor,
-        ValidationInterceptor,
-        DeadlineInterceptor,
+    assert kinds(pipeline_stages(settings)) == [
+        RequestContext,
+        AuthStage,
+        Limits,
+        type(DECODE),
+        Validation,
+        DeadlineStage,
     ]
 
 
-def test_disabled_interceptors_leave_the_chain() -> None:
+def test_disabled_stages_leave_the_pipeline() -> None:
     settings = load_settings(limits={"enabled": False}, validation={"enabled": False})
-    assert kinds(server_interceptors(settings)) == [
-        RequestContextInterceptor,
-        ErrorInterceptor,
-        DeadlineInterceptor,
-    ]
+    assert kinds(pipeline_stages(settings)) == [RequestContext, type(DECODE), DeadlineStage]
+
+
+def test_every_stage_binds_every_api_method_once() -> None:
+    """Bound at start-up: each stage gives each method its hooks (or None)."""
+    settings = load_settings(auth={"jwt_secret": "x" * 32})
+    service = agent_service()
+    for stage in pipeline_stages(settings):
+        if stage is DECODE:
+            continue
+        for method in service.methods:
+            bound = stage.bind(method)
+            assert bound is not None, (stage, method.name)
+            assert callable(bound.enter)
+            assert bound.exit is None or callable(bound.exit)
 
 
 def test_client_chain_has_the_endpoints_breaker() -> None:

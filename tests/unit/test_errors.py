@@ -500,25 +500,33 @@ async def test_abort_with_ends_a_stream_after_its_chunks(channel: grpc.aio.Chann
     assert parse_rpc_error(caught.value)[2] == to_status_proto(ABORTS["rate"])
 
 
-# ---- ErrorInterceptor on a real server: nothing unshaped, no internals -------------------
+# ---- The pipeline's error frame on a real server: nothing unshaped, no internals ---------
 
 
 @pytest.fixture
 async def guarded() -> AsyncIterator[grpc.aio.Channel]:
-    """A server whose handlers fail in every way, behind the ErrorInterceptor."""
+    """The AgentService pipeline (no stages: only its own error frame) over a servicer
+    that fails in every way, and beside it a service with a request stream, registered
+    as health and reflection are (interceptors/error_handling.SafeGenericHandler)."""
     from ai.agent.v1 import agent_service_pb2 as pb
-    from interceptors.error_handling import ErrorInterceptor
+    from core.service import agent_service
+    from interceptors.error_handling import SafeGenericHandler
+    from server.pipeline import Pipeline, ServicerTerminal
 
-    async def unary(
-        request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GenerateResponse:
-        raise KeyError("<class 'secret.Internal'> at 0x7f")
+    class Failing:
+        async def Generate(
+            self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> pb.GenerateResponse:
+            raise KeyError("<class 'secret.Internal'> at 0x7f")
 
-    async def stream(
-        request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        yield pb.StreamGenerateResponse(delta="a")
-        raise ValueError("boom in ipv4:10.0.0.1")
+        async def StreamGenerate(
+            self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            yield pb.StreamGenerateResponse(delta="a")
+            raise ValueError("boom in ipv4:10.0.0.1")
+
+        def __getattr__(self, name: str) -> Any:
+            return self.Generate
 
     async def echo(
         request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -531,17 +539,10 @@ async def guarded() -> AsyncIterator[grpc.aio.Channel]:
         async for request in request_iterator:
             yield pb.GenerateResponse(text=request.prompt)
 
-    service = "ai.agent.v1.AgentService"
-    G, S = pb.GenerateRequest, pb.StreamGenerateRequest
-    handler = grpc.method_handlers_generic_handler(
-        service,
+    G = pb.GenerateRequest
+    beside = grpc.method_handlers_generic_handler(
+        "test.Beside",
         {
-            "Generate": grpc.unary_unary_rpc_method_handler(
-                unary, G.FromString, pb.GenerateResponse.SerializeToString
-            ),
-            "StreamGenerate": grpc.unary_stream_rpc_method_handler(
-                stream, S.FromString, pb.StreamGenerateResponse.SerializeToString
-            ),
             "Echo": grpc.unary_unary_rpc_method_handler(
                 echo, G.FromString, pb.GenerateResponse.SerializeToString
             ),
@@ -550,10 +551,9 @@ async def guarded() -> AsyncIterator[grpc.aio.Channel]:
             ),
         },
     )
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor({f"/{service}/StreamGenerate": pb.StreamGenerateResponse})]
-    )
-    server.add_generic_rpc_handlers((handler,))
+    server = grpc.aio.server()
+    Pipeline(agent_service(), [], ServicerTerminal(Failing())).register(server)
+    server.add_generic_rpc_handlers((SafeGenericHandler(beside),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -576,7 +576,7 @@ def _assert_clean(err: grpc.aio.AioRpcError, code: Code, reason: Reason) -> None
 
 
 async def test_malformed_request_bytes_are_invalid_argument(guarded: grpc.aio.Channel) -> None:
-    for path in ("/ai.agent.v1.AgentService/Generate", "/ai.agent.v1.AgentService/Echo"):
+    for path in ("/ai.agent.v1.AgentService/Generate", "/test.Beside/Echo"):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await guarded.unary_unary(path)(_TRUNCATED, timeout=5)
         _assert_clean(caught.value, Code.INVALID_ARGUMENT, Reason.MALFORMED_REQUEST)
@@ -593,7 +593,7 @@ async def test_malformed_message_in_a_request_stream_is_invalid_argument(
 ) -> None:
     from ai.agent.v1 import agent_service_pb2 as pb
 
-    call = guarded.stream_stream("/ai.agent.v1.AgentService/EchoStream")(timeout=5)
+    call = guarded.stream_stream("/test.Beside/EchoStream")(timeout=5)
     await call.write(pb.GenerateRequest(prompt="fine").SerializeToString())
     assert await call.read()  # the good message is answered
     await call.write(_TRUNCATED)

@@ -1,6 +1,6 @@
-"""The observability interceptor in a real grpc.aio server (port 0), in the chain order of
-server/chain.py, with a stand-in for the inner interceptors (a limiter that refuses
-calls) and a stand-in forwarder. It must record the FINAL status the caller gets, count
+"""The observability stage in a real grpc.aio server (port 0), in the pipeline order of
+server/chain.py, with a stand-in for the inner stages (a limiter that refuses calls)
+and a stand-in forwarder. It must record the FINAL status the caller gets, count
 limiter rejections by reason, and time streams to their end, not to generator creation.
 """
 
@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
-from grpc_interceptor.server import AsyncServerInterceptor
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
-from core.callinfo import current_call
+from core.callinfo import CallInfo, current_call
 from core.errors import ConcurrencyLimited, Overloaded, RateLimited, UpstreamUnavailable
 from core.metrics import MAX_MODELS, OTHER_MODEL
+from core.service import Method, agent_service
 from core.settings import load_settings
-from interceptors.error_handling import ErrorInterceptor
-from interceptors.observability import ObservabilityInterceptor
-from interceptors.request_context import RequestContextInterceptor
-from server.forwarding import Forwarder
+from interceptors.error_handling import cancelled_code
+from interceptors.observability import Observability
+from interceptors.request_context import RequestContext
+from server.chain import DECODE
+from server.pipeline import Pipeline, ServicerTerminal
 from server.telemetry import Telemetry
 
 SERVICE = "ai.agent.v1.AgentService"
@@ -34,19 +35,21 @@ CHUNK_PAUSE_S = 0.15
 REFUSALS = {"rate": RateLimited, "concurrency": ConcurrencyLimited, "overload": Overloaded}
 
 
-class StandInLimiter(AsyncServerInterceptor):
-    """Where auth/limits/validation will sit: refuses calls the way the limiter will."""
+class StandInLimiter:
+    """Where auth/limits/validation sit: refuses calls the way the limiter does."""
 
-    async def intercept(
-        self, method: Callable, request: Any, context: grpc.aio.ServicerContext, method_name: str
-    ) -> Any:
-        refusal = dict(context.invocation_metadata()).get("x-test-refuse")
+    exit = None
+
+    def bind(self, method: Method) -> StandInLimiter:
+        return self
+
+    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+        refusal = call.header("x-test-refuse")
         if refusal:
             raise REFUSALS[refusal]()
-        return await super().intercept(method, request, context, method_name)
 
 
-class StandInForwarder(pb_grpc.AgentServiceServicer):
+class StandInForwarder:
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
@@ -86,15 +89,9 @@ class StandInForwarder(pb_grpc.AgentServiceServicer):
 async def served():
     settings = load_settings(metrics={"enabled": False})
     telemetry = Telemetry(settings)
-    server = grpc.aio.server(
-        interceptors=[
-            RequestContextInterceptor(),
-            ObservabilityInterceptor(telemetry),
-            ErrorInterceptor(Forwarder.stream_response_classes()),
-            StandInLimiter(),
-        ]
-    )
-    pb_grpc.add_AgentServiceServicer_to_server(StandInForwarder(), server)
+    server = grpc.aio.server()
+    stages = [RequestContext(), Observability(telemetry), StandInLimiter(), DECODE]
+    Pipeline(agent_service(), stages, ServicerTerminal(StandInForwarder())).register(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -271,23 +268,50 @@ class _Ctx:
 def test_a_cancellation_at_the_callers_deadline_counts_as_deadline_exceeded() -> None:
     """grpc-core cancels the handler when the caller's deadline passes; that is a
     DEADLINE_EXCEEDED for the metrics, the alert and the log, not a caller who left."""
-    from interceptors.observability import _cancelled_code
-
-    assert _cancelled_code(_Ctx(-0.001)) is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _cancelled_code(_Ctx(0.0)) is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _cancelled_code(_Ctx(5.0)) is grpc.StatusCode.CANCELLED
-    assert _cancelled_code(_Ctx(None)) is grpc.StatusCode.CANCELLED
+    assert cancelled_code(_Ctx(-0.001)) == "DEADLINE_EXCEEDED"
+    assert cancelled_code(_Ctx(0.0)) == "DEADLINE_EXCEEDED"
+    assert cancelled_code(_Ctx(5.0)) == "CANCELLED"
+    assert cancelled_code(_Ctx(None)) == "CANCELLED"
 
 
 def test_usage_ignores_a_request_that_did_not_decode() -> None:
-    """The ErrorInterceptor's MALFORMED marker reaches the observability wrapper as the
-    request; reading the model from it must not fail the call's bookkeeping."""
-    from core.callinfo import CallInfo
-    from interceptors.error_handling import MALFORMED
-    from interceptors.observability import _Method
-
-    interceptor = ObservabilityInterceptor(Telemetry(load_settings(metrics={"enabled": False})))
-    m = _Method(interceptor._t, "/ai.agent.v1.AgentService/Generate", "UNARY")
+    """A request that did not decode leaves CallInfo.request None; reading the model
+    from it must not fail the call's bookkeeping."""
+    obs = Observability(Telemetry(load_settings(metrics={"enabled": False})))
+    m = obs.bind(agent_service().by_name["Generate"])
     call = CallInfo(method=m.path, request_id="r")
-    assert interceptor._usage(m, call, pb.GenerateRequest(model="m1"), None, None) == "m1"
-    assert interceptor._usage(m, call, MALFORMED, None, None) == ""
+    assert obs._usage(m, call, pb.GenerateRequest(model="m1"), None, None) == "m1"
+    assert obs._usage(m, call, None, None, None) == ""
+
+
+def test_access_log_is_written_by_a_thread_and_flushed_at_stop() -> None:
+    """AccessLogQueue: the event loop only enqueues; the listener thread formats and
+    writes; stop() writes what is still queued and puts the logger back."""
+    import threading
+
+    from interceptors.observability import AccessLogQueue, access_log
+
+    written: list[tuple[str, str]] = []
+
+    class Recording(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            written.append((threading.current_thread().name, self.format(record)))
+
+    root = logging.getLogger()
+    handler = Recording()
+    saved_level, saved_handlers = access_log.level, access_log.handlers[:]
+    root.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    queue = AccessLogQueue()
+    try:
+        queue.start()
+        assert access_log.propagate is False
+        for i in range(50):
+            access_log.info("access", extra={"fields": {"i": i}})
+        queue.stop()
+    finally:
+        root.removeHandler(handler)
+        access_log.setLevel(saved_level)
+    assert len(written) == 50
+    assert {thread for thread, _ in written} != {threading.current_thread().name}
+    assert access_log.propagate is True and access_log.handlers == saved_handlers

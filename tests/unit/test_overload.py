@@ -17,8 +17,11 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from ai.agent.v1 import agent_service_pb2 as pb
+from core.service import agent_service
 from interceptors.overload import OVERLOADED_RETRY_DELAY_S, BacklogLimit, OverloadGate
 from server.backlog import BacklogProbe
+from server.pipeline import Pipeline, ServicerTerminal
 
 # ---- BacklogLimit --------------------------------------------------------------------------
 
@@ -58,7 +61,12 @@ def test_floor_never_exceeds_the_ceiling() -> None:
 
 # ---- OverloadGate on a real server -----------------------------------------------------
 
-SERVICE = "test.Gate"
+SERVICE = "ai.agent.v1.AgentService"
+UNARY = f"/{SERVICE}/Generate"
+STREAM = f"/{SERVICE}/StreamGenerate"
+HEALTH = "/test.Beside/Health"
+OK = pb.GenerateResponse(text="ok").SerializeToString()
+CHUNK = pb.StreamGenerateResponse(delta="chunk").SerializeToString()
 
 
 class Harness:
@@ -70,36 +78,33 @@ class Harness:
 
 @pytest.fixture
 async def gated() -> AsyncIterator[tuple[grpc.aio.Channel, Harness, OverloadGate]]:
+    """The AgentService pipeline with the gate first, and a service beside it."""
     harness = Harness()
 
-    async def unary(request: bytes, context: Any) -> bytes:
-        harness.handled += 1
-        return b"ok"
+    class Agent:
+        async def Generate(self, request: Any, context: Any) -> Any:
+            harness.handled += 1
+            return pb.GenerateResponse(text="ok")
 
-    async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
-        harness.handled += 1
-        yield b"chunk"
+        async def StreamGenerate(self, request: Any, context: Any) -> AsyncIterator[Any]:
+            harness.handled += 1
+            yield pb.StreamGenerateResponse(delta="chunk")
+
+        def __getattr__(self, name: str) -> Any:
+            return self.Generate
 
     async def health(request: bytes, context: Any) -> bytes:
         return b"serving"
 
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            "Unary": grpc.unary_unary_rpc_method_handler(unary),
-            "Stream": grpc.unary_stream_rpc_method_handler(stream),
-            "Health": grpc.unary_unary_rpc_method_handler(health),
-        },
+    beside = grpc.method_handlers_generic_handler(
+        "test.Beside", {"Health": grpc.unary_unary_rpc_method_handler(health)}
     )
     gate = OverloadGate(
-        [f"/{SERVICE}/Unary"],
-        [f"/{SERVICE}/Stream"],
-        active=lambda: harness.active,
-        capacity=10,
-        on_reject=harness.refused.append,
+        active=lambda: harness.active, capacity=10, on_reject=harness.refused.append
     )
-    server = grpc.aio.server(interceptors=[gate])
-    server.add_generic_rpc_handlers((handler,))
+    server = grpc.aio.server()
+    Pipeline(agent_service(), [], ServicerTerminal(Agent()), gate).register(server)
+    server.add_generic_rpc_handlers((beside,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -124,10 +129,8 @@ def _overloaded(err: grpc.aio.AioRpcError) -> float:
 async def test_below_capacity_calls_pass(gated) -> None:
     channel, harness, _ = gated
     harness.active = 9
-    assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"", timeout=5) == b"ok"
-    assert [c async for c in channel.unary_stream(f"/{SERVICE}/Stream")(b"", timeout=5)] == [
-        b"chunk"
-    ]
+    assert await channel.unary_unary(UNARY)(b"", timeout=5) == OK
+    assert [c async for c in channel.unary_stream(STREAM)(b"", timeout=5)] == [CHUNK]
     assert harness.refused == [] and harness.handled == 2
 
 
@@ -135,26 +138,27 @@ async def test_at_capacity_api_calls_are_refused_shaped_and_never_reach_the_hand
     channel, harness, _ = gated
     harness.active = 10
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await channel.unary_unary(f"/{SERVICE}/Unary")(b"not even decoded", timeout=5)
+        # Bytes that would be MALFORMED_REQUEST: the gate refuses before decoding.
+        await channel.unary_unary(UNARY)(b"\x0a\x64abc", timeout=5)
     assert _overloaded(caught.value) == pytest.approx(OVERLOADED_RETRY_DELAY_S)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in channel.unary_stream(f"/{SERVICE}/Stream")(b"", timeout=5):
+        async for _ in channel.unary_stream(STREAM)(b"", timeout=5):
             pass
     _overloaded(caught.value)
     assert harness.handled == 0
-    assert harness.refused == [f"/{SERVICE}/Unary", f"/{SERVICE}/Stream"]
-    # Methods the gate does not guard (health, admin) always get through.
-    assert await channel.unary_unary(f"/{SERVICE}/Health")(b"", timeout=5) == b"serving"
+    assert harness.refused == [UNARY, STREAM]
+    # Services beside the pipeline (health, admin) always get through.
+    assert await channel.unary_unary(HEALTH)(b"", timeout=5) == b"serving"
 
 
 async def test_the_backlog_limit_lowers_the_capacity(gated) -> None:
     channel, harness, gate = gated
     gate.backlog_limit = BacklogLimit(ceiling=10, floor=2, target_s=0.1)
     harness.active = 5
-    assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"", timeout=5) == b"ok"
+    assert await channel.unary_unary(UNARY)(b"", timeout=5) == OK
     gate.backlog_limit.sample(1.0, active=5)  # a long wait: limit 4 < 5 open
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await channel.unary_unary(f"/{SERVICE}/Unary")(b"", timeout=5)
+        await channel.unary_unary(UNARY)(b"", timeout=5)
     _overloaded(caught.value)
 
 

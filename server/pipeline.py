@@ -1,0 +1,290 @@
+"""The request pipeline: ONE grpc handler per AgentService method, composed at start-up.
+
+API calls do not go through grpc.aio server interceptors: for each method of the service
+model (core/service.py) this module binds every stage once (server/chain.py gives the
+order; interceptors/stage.py the interface) and builds one RpcMethodHandler whose frame:
+
+  1. runs the overload gate on the raw request bytes (nothing decoded, no CallInfo);
+  2. opens the CallInfo with the caller's metadata read ONCE into a dict;
+  3. runs each bound stage's `enter` in order, decoding the request where DECODE sits
+     (bytes that do not decode: INVALID_ARGUMENT MALFORMED_REQUEST, here only);
+  4. calls the terminal (the forwarder) with the message AND the caller's bytes, which
+     go upstream as they came (the proxy never modifies a request: no re-serializing);
+  5. is the one place errors are shaped: a ProxyError or an upstream failure becomes its
+     Status (interceptors/error_handling.py), an abort is never overwritten, a stream
+     that fails after its first chunk ends with the in-band final chunk;
+  6. runs the `exit` of every stage whose `enter` succeeded, innermost first, exactly
+     once (return, stream end, error, cancellation), with the final status in CallInfo.
+
+A stream's chunk crosses one wrapper, this frame's own async generator, which keeps the
+count, the first / last timestamps and the largest gap for observability inline.
+
+Requests are registered with no deserializer (raw bytes), responses with the method's
+serializer. Health, reflection and admin are registered beside the pipeline (with the
+same MALFORMED_REQUEST shaping, interceptors/error_handling.safe_handler) and never run
+the business chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import grpc
+
+from core.callinfo import CallInfo, current_call, metadata_dict
+from core.service import Method, Service
+from interceptors.error_handling import (
+    cancelled_code,
+    decode,
+    fail,
+    final_chunk,
+    shape,
+)
+from interceptors.overload import GateCheck, OverloadGate
+from interceptors.stage import Bound
+from server.chain import DECODE
+
+log = logging.getLogger("aiproxy.pipeline")
+
+UnaryCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], Awaitable[Any]]
+StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
+
+
+class Terminal(Protocol):
+    """What the pipeline hands an admitted call to (the forwarder), per method."""
+
+    def unary(self, method: Method) -> UnaryCall: ...
+
+    def stream(self, method: Method) -> StreamCall: ...
+
+
+async def _unimplemented(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    raise NotImplementedError  # shaped INTERNAL by the pipeline
+
+
+async def _unimplemented_stream(
+    request: Any, context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
+    raise NotImplementedError
+    yield  # pragma: no cover  (an async generator, as a stream method is)
+
+
+class ServicerTerminal:
+    """A terminal from an AgentService servicer object (tests, the demo): each method
+    calls `servicer.<Name>(request, context)`; a method it lacks is UNIMPLEMENTED."""
+
+    def __init__(self, servicer: Any) -> None:
+        self._servicer = servicer
+
+    def unary(self, method: Method) -> UnaryCall:
+        behavior = getattr(self._servicer, method.name, _unimplemented)
+
+        async def call_servicer(
+            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
+        ) -> Any:
+            return await behavior(request, context)
+
+        return call_servicer
+
+    def stream(self, method: Method) -> StreamCall:
+        behavior = getattr(self._servicer, method.name, _unimplemented_stream)
+
+        def call_servicer(
+            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
+        ) -> AsyncIterator[Any]:
+            result: AsyncIterator[Any] = behavior(request, context)
+            return result
+
+        return call_servicer
+
+
+def _aborted_code(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def _run_exits(exits: Sequence[Callable[[CallInfo], None] | None], n: int, call: CallInfo) -> None:
+    """The exits of the first `n` stages, innermost first; one failing never skips the
+    others (it is a bug: logged, the call's outcome unchanged)."""
+    for i in range(n - 1, -1, -1):
+        done = exits[i]
+        if done is not None:
+            try:
+                done(call)
+            except Exception:
+                log.exception("a pipeline stage failed at the end of request %s", call.request_id)
+
+
+class Pipeline:
+    """The handlers of one service, built once (see the module docstring)."""
+
+    def __init__(
+        self,
+        service: Service,
+        stages: Sequence[Any],
+        terminal: Terminal,
+        gate: OverloadGate | None = None,
+    ) -> None:
+        self.service = service
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method in service.methods:
+            bound: list[Bound] = []
+            decode_at = -1
+            for stage in stages:
+                if stage is DECODE:
+                    decode_at = len(bound)
+                    continue
+                b = stage.bind(method)
+                if b is not None:
+                    bound.append(b)
+            if decode_at < 0:
+                decode_at = len(bound)
+            check = gate.bind(method) if gate is not None else None
+            if method.streaming:
+                self.handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    _stream_handler(method, check, bound, decode_at, terminal.stream(method)),
+                    request_deserializer=None,
+                    response_serializer=method.response_cls.SerializeToString,
+                )
+            else:
+                self.handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    _unary_handler(method, check, bound, decode_at, terminal.unary(method)),
+                    request_deserializer=None,
+                    response_serializer=method.response_cls.SerializeToString,
+                )
+
+    def register(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((self.generic_handler(),))
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(self.service.name, self.handlers)
+
+
+def _open(method: Method, context: grpc.aio.ServicerContext) -> CallInfo:
+    headers, repeated = metadata_dict(context.invocation_metadata())
+    call = CallInfo(method.path, metadata=headers, repeated=repeated, peer=context.peer())
+    current_call.set(call)
+    return call
+
+
+def _unary_handler(
+    method: Method,
+    check: GateCheck | None,
+    bound: Sequence[Bound],
+    decode_at: int,
+    terminal: UnaryCall,
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
+    enters = tuple(b.enter for b in bound)
+    exits = tuple(b.exit for b in bound)
+    n = len(enters)
+    path, request_cls = method.path, method.request_cls
+
+    async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        if check is not None:
+            await check.check(context)
+        call = _open(method, context)
+        entered = 0
+        try:
+            request = None
+            while entered < n:
+                if entered == decode_at:
+                    request = call.request = decode(request_cls, raw)
+                await enters[entered](call, request, context)
+                entered += 1
+            if decode_at == n:
+                request = call.request = decode(request_cls, raw)
+            response = await terminal(request, raw, context, call)
+            call.first = call.last = response
+            return response
+        except grpc.aio.AbortError:
+            call.code = _aborted_code(context)
+            raise  # a status someone already chose
+        except asyncio.CancelledError:
+            call.code = cancelled_code(context)
+            raise
+        except Exception as exc:
+            err = shape(exc, call, path)
+        finally:
+            _run_exits(exits, entered, call)
+        # Aborted outside the except block: the abort does not chain the original
+        # exception (and, through its traceback, this call's frames) as its __context__.
+        await fail(context, err)
+
+    return unary
+
+
+def _stream_handler(
+    method: Method,
+    check: GateCheck | None,
+    bound: Sequence[Bound],
+    decode_at: int,
+    terminal: StreamCall,
+) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    enters = tuple(b.enter for b in bound)
+    exits = tuple(b.exit for b in bound)
+    n = len(enters)
+    path, request_cls, chunk_cls = method.path, method.request_cls, method.response_cls
+    monotonic = time.monotonic
+
+    async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if check is not None:
+            await check.check(context)
+        call = _open(method, context)
+        entered = 0
+        sent = 0
+        first = last = None
+        first_at = last_at = gap_max = 0.0
+        chunks: AsyncIterator[Any] | None = None
+        try:
+            err = None
+            try:
+                request = None
+                while entered < n:
+                    if entered == decode_at:
+                        request = call.request = decode(request_cls, raw)
+                    await enters[entered](call, request, context)
+                    entered += 1
+                if decode_at == n:
+                    request = call.request = decode(request_cls, raw)
+                chunks = terminal(request, raw, context, call)
+                async for chunk in chunks:
+                    now = monotonic()
+                    if sent:
+                        gap = now - last_at
+                        if gap > gap_max:
+                            gap_max = gap
+                    else:
+                        first_at, first = now, chunk
+                    last_at, last = now, chunk
+                    sent += 1
+                    yield chunk
+            except grpc.aio.AbortError:
+                call.code = _aborted_code(context)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                call.code = cancelled_code(context)
+                raise
+            except Exception as exc:
+                err = shape(exc, call, path)
+            if err is not None:
+                if sent:
+                    # seq continues the stream's numbering: every chunk so far passed here.
+                    last = final_chunk(chunk_cls, sent, err)
+                    last_at = monotonic()
+                    sent += 1
+                    yield last
+                await fail(context, err)
+        finally:
+            call.chunks, call.first, call.last = sent, first, last
+            call.first_at, call.last_at, call.gap_max = first_at, last_at, gap_max
+            try:
+                if chunks is not None:
+                    await chunks.aclose()  # type: ignore[attr-defined]
+            finally:
+                _run_exits(exits, entered, call)
+
+    return stream

@@ -1,0 +1,215 @@
+"""The pipeline (server/pipeline.py) on a real grpc.aio server (port 0), with recording
+stages: each stage's exit runs exactly once, innermost first, only after its enter
+succeeded, however the call ends; decoding happens where DECODE sits; a stream's chunks
+are counted and timed inline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from ai.agent.v1 import agent_service_pb2 as pb
+from core.callinfo import CallInfo, current_call, metadata_dict
+from core.errors import InvalidArgument
+from core.service import Method, agent_service
+from server.chain import DECODE
+from server.pipeline import Pipeline, ServicerTerminal
+
+GENERATE = "/ai.agent.v1.AgentService/Generate"
+STREAM = "/ai.agent.v1.AgentService/StreamGenerate"
+TRUNCATED = b"\x0a\x64abc"
+
+
+class Recorder:
+    """A stage that records its enters and exits; refuses when x-refuse names it."""
+
+    def __init__(self, name: str, log: list[str], calls: list[CallInfo]) -> None:
+        self.name, self.log, self.calls = name, log, calls
+        self.binds = 0
+        self.exit = self._exit
+
+    def bind(self, method: Method) -> Recorder:
+        self.binds += 1
+        return self
+
+    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+        self.log.append(f"enter {self.name} {type(request).__name__}")
+        if call.header("x-refuse") == self.name:
+            raise InvalidArgument(f"refused by {self.name}")
+
+    def _exit(self, call: CallInfo) -> None:
+        self.log.append(f"exit {self.name} {call.code}")
+        self.calls.append(call)
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def Generate(self, request: Any, context: Any) -> Any:
+        call = current_call.get()
+        assert call is not None and call.request is request
+        if request.prompt == "boom":
+            raise RuntimeError("a bug")
+        return pb.GenerateResponse(text=request.prompt)
+
+    async def StreamGenerate(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        for i in range(3):
+            yield pb.StreamGenerateResponse(delta=str(i), seq=i)
+        if request.prompt == "fail":
+            raise RuntimeError("midway")
+        if request.prompt == "hang":
+            await self.release.wait()
+        yield pb.StreamGenerateResponse(is_final=True, seq=3)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[grpc.aio.Channel, list[str], list[CallInfo], list]]:
+    log: list[str] = []
+    calls: list[CallInfo] = []
+    stages = [
+        Recorder("a", log, calls),
+        Recorder("b", log, calls),
+        DECODE,
+        Recorder("c", log, calls),
+    ]
+    server = grpc.aio.server()
+    Pipeline(agent_service(), stages, ServicerTerminal(Agent())).register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel, log, calls, stages
+    finally:
+        await server.stop(None)
+
+
+async def eventually(predicate: Any, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_stages_are_bound_once_per_method_at_build_time() -> None:
+    log: list[str] = []
+    stage = Recorder("a", log, [])
+    Pipeline(agent_service(), [stage], ServicerTerminal(Agent()))
+    assert stage.binds == len(agent_service().methods)
+    assert log == []
+
+
+async def test_unary_enters_in_order_decodes_at_its_place_and_exits_innermost_first(
+    served,
+) -> None:
+    channel, log, calls, _ = served
+    request = pb.GenerateRequest(prompt="hi").SerializeToString()
+    answer = await channel.unary_unary(GENERATE)(request, timeout=5)
+    assert pb.GenerateResponse.FromString(answer).text == "hi"
+    assert log == [
+        "enter a NoneType",
+        "enter b NoneType",
+        "enter c GenerateRequest",
+        "exit c OK",
+        "exit b OK",
+        "exit a OK",
+    ]
+    assert len({id(c) for c in calls}) == 1  # one CallInfo for the call
+
+
+async def test_a_refusal_exits_only_the_stages_that_entered(served) -> None:
+    channel, log, _, _ = served
+    request = pb.GenerateRequest(prompt="hi").SerializeToString()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(GENERATE)(request, metadata=(("x-refuse", "b"),), timeout=5)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert log == ["enter a NoneType", "enter b NoneType", "exit a INVALID_ARGUMENT"]
+
+
+async def test_malformed_bytes_fail_at_decode_after_the_stages_before_it(served) -> None:
+    channel, log, _, _ = served
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(GENERATE)(TRUNCATED, timeout=5)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert log == [
+        "enter a NoneType",
+        "enter b NoneType",
+        "exit b INVALID_ARGUMENT",
+        "exit a INVALID_ARGUMENT",
+    ]
+
+
+async def test_a_bug_is_internal_and_still_exits_everyone(served) -> None:
+    channel, log, calls, _ = served
+    request = pb.GenerateRequest(prompt="boom").SerializeToString()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(GENERATE)(request, timeout=5)
+    assert caught.value.code() is grpc.StatusCode.INTERNAL
+    assert [e for e in log if e.startswith("exit")] == [
+        "exit c INTERNAL",
+        "exit b INTERNAL",
+        "exit a INTERNAL",
+    ]
+    assert calls[0].reason == "INTERNAL"
+
+
+async def test_stream_chunks_are_counted_and_timed_inline(served) -> None:
+    channel, log, calls, _ = served
+    request = pb.StreamGenerateRequest(prompt="x").SerializeToString()
+    chunks = [c async for c in channel.unary_stream(STREAM)(request, timeout=5)]
+    assert len(chunks) == 4
+    await eventually(lambda: len(calls) == 3)
+    call = calls[0]
+    assert (call.code, call.chunks) == ("OK", 4)
+    assert call.first_at <= call.last_at and call.gap_max >= 0
+    assert call.first.delta == "0" and call.last.is_final
+    assert [e for e in log if e.startswith("exit")] == ["exit c OK", "exit b OK", "exit a OK"]
+
+
+async def test_stream_failing_midway_ends_in_band_and_exits_once(served) -> None:
+    channel, log, calls, _ = served
+    request = pb.StreamGenerateRequest(prompt="fail").SerializeToString()
+    got = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for chunk in channel.unary_stream(
+            STREAM, response_deserializer=pb.StreamGenerateResponse.FromString
+        )(request, timeout=5):
+            got.append(chunk)
+    assert caught.value.code() is grpc.StatusCode.INTERNAL
+    assert [c.seq for c in got] == [0, 1, 2, 3] and got[-1].is_final
+    assert got[-1].finish_reason == pb.FINISH_REASON_ERROR
+    await eventually(lambda: len(calls) == 3)
+    assert calls[0].chunks == 4
+    assert [e for e in log if e.startswith("exit")] == [
+        "exit c INTERNAL",
+        "exit b INTERNAL",
+        "exit a INTERNAL",
+    ]
+
+
+async def test_a_cancelled_stream_exits_once_as_cancelled(served) -> None:
+    channel, log, calls, _ = served
+    request = pb.StreamGenerateRequest(prompt="hang").SerializeToString()
+    call = channel.unary_stream(STREAM)(request, timeout=30)
+    for _ in range(3):
+        await call.read()
+    call.cancel()
+    await eventually(lambda: len(calls) == 3)
+    assert [e for e in log if e.startswith("exit")] == [
+        "exit c CANCELLED",
+        "exit b CANCELLED",
+        "exit a CANCELLED",
+    ]
+    await asyncio.sleep(0.1)
+    assert len(calls) == 3  # exactly once
+
+
+def test_metadata_is_read_once_into_a_dict_with_repeated_keys_noted() -> None:
+    headers, repeated = metadata_dict((("a", "1"), ("b", "2"), ("a", "3")))
+    assert headers == {"a": "1", "b": "2"} and repeated == {"a"}
+    assert metadata_dict(None) == ({}, frozenset())
