@@ -35,6 +35,7 @@ from server.backlog import BacklogProbe
 from server.chain import client_interceptors, pipeline_stages
 from server.forwarding import Forwarder
 from server.health import ProxyHealth
+from server.limits_backend import close_limit_store, open_limit_store
 from server.pipeline import Pipeline
 from server.telemetry import Telemetry, server_tracing_interceptor
 from server.upstream import UpstreamPool
@@ -220,6 +221,11 @@ class ProxyServer:
             else None,
             options=server_options(self.settings),
         )
+        if self.limit_store is None and self.settings.limits.enabled:
+            # memory: this process's own state; redis: shared by every worker and replica
+            # (limits.backend). A Redis that is down at start-up leaves the store degraded
+            # under limits.failure_policy; it recovers by itself.
+            self.limit_store = await open_limit_store(self.settings, self.telemetry.proxy)
         stages = pipeline_stages(self.settings, self.telemetry, limit_store=self.limit_store)
         Pipeline(agent_service(), stages, self.forwarder, self._gate()).register(server)
         auth = next((s for s in stages if isinstance(s, AuthStage)), None)
@@ -297,6 +303,7 @@ class ProxyServer:
         if self._background:
             await asyncio.wait(self._background)
         await self.pool.close()
+        await close_limit_store(self.limit_store)
         self.telemetry.shutdown()
         self._access_log.stop()  # writes the access lines still queued
         log_event(log, "proxy_stopped")

@@ -140,7 +140,8 @@ def served_calls(metrics_address: str) -> float:
 async def bucket_in_redis(url: str) -> bool:
     client = aioredis.Redis.from_url(url)
     try:
-        return bool(await client.exists(f"{PREFIX}rate:client:{CALLER}"))
+        # A self-declared client id is keyed inside the caller's address: client:<id>@<addr>.
+        return bool(await client.keys(f"{PREFIX}rate:client:{CALLER}@*"))
     finally:
         await client.aclose()
 
