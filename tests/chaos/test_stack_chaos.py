@@ -216,7 +216,7 @@ class HttpLoad:
         self._pool = concurrent.futures.ThreadPoolExecutor(HTTP_CLIENTS, thread_name_prefix="sse")
         self._futures: list[concurrent.futures.Future[None]] = []
 
-    def start(self) -> "HttpLoad":
+    def start(self) -> HttpLoad:
         self._futures = [self._pool.submit(self._client, i) for i in range(HTTP_CLIENTS)]
         return self
 
@@ -353,7 +353,7 @@ class GrpcLoad:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> "GrpcLoad":
+    def start(self) -> GrpcLoad:
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(GRPC_WORKERS)]
         return self
 
@@ -424,8 +424,9 @@ async def test_agents_killed_and_restarted_under_load(spawn) -> None:
                 old.wait(timeout=10)
                 killed_at = time.monotonic()
                 before_kill = load.total
+                # (B023: each poll is awaited before the loop variables change.)
                 await poll(
-                    lambda: load.total >= before_kill + 20,
+                    lambda: load.total >= before_kill + 20,  # noqa: B023
                     30,
                     "traffic to continue on the other agent",
                 )
@@ -435,7 +436,9 @@ async def test_agents_killed_and_restarted_under_load(spawn) -> None:
                 restarted_at = time.monotonic()
                 try:
                     usable_s = await poll(
-                        lambda: _usable(channel, {new.address}), 20, f"agent {name} usable again"
+                        lambda: _usable(channel, {new.address}),  # noqa: B023
+                        20,
+                        f"agent {name} usable again",
                     )
                 except AssertionError as exc:  # say what the proxy thinks of it
                     raise AssertionError(
@@ -443,7 +446,7 @@ async def test_agents_killed_and_restarted_under_load(spawn) -> None:
                     ) from None
                 calls_before = await _total_calls(channel, new.address)
                 traffic_s = await poll(
-                    lambda: _calls_since(channel, new.address, calls_before, 5),
+                    lambda: _calls_since(channel, new.address, calls_before, 5),  # noqa: B023
                     20,
                     f"traffic back on agent {name}",
                 )

@@ -161,7 +161,7 @@ async def test_a_hung_agent_is_taken_out_and_its_streams_fail_in_band_fast(
             )
             # The hung agent's streams: in-band UNAVAILABLE, fast.
             detection = []
-            for (request_id, _), (chunks, ended) in zip(streams, ends):
+            for (request_id, _), (chunks, ended) in zip(streams, ends, strict=True):
                 if request_id in on_hung:
                     err = in_band_error(chunks)
                     assert (err.code, err.reason) == (

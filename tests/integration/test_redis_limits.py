@@ -433,7 +433,7 @@ async def test_n_concurrent_admissions_over_two_connections_admit_exactly_k(
                     stream_limit=5,
                     tokens=100,
                     token_limits=TokenLimits(per_day=700),
-                )  # fmt: skip
+                )
                 for i in range(40)
             )
         )

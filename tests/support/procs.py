@@ -58,7 +58,7 @@ class ServiceProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 30.0) -> "ServiceProcess":
+    def start(self, timeout: float = 30.0) -> ServiceProcess:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self._env)
         deadline = time.monotonic() + timeout
