@@ -30,6 +30,7 @@ from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import request, sse_events, wait_host_health
 from tests.support.grpc_helpers import stub
 from tests.support.procs import ServiceProcess, aiproxy_argv
+from tests.support.waiting import wait_until
 
 # A separate HTTP/2 connection per channel: grpc.aio channels to one target share one
 # connection unless told not to, and a storm should look like many callers.
@@ -327,10 +328,11 @@ def _ended_while_draining(proxy: ServiceProcess) -> list[dict[str, Any]]:
 
 
 def _wait_outcomes(load: HttpLoad, count: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(load.outcomes.values()) < count:
-        assert time.monotonic() < deadline, f"load stalled at {dict(load.outcomes)}"
-        time.sleep(0.05)
+    def done() -> bool:
+        assert sum(load.outcomes.values()) >= count, f"load stalled at {dict(load.outcomes)}"
+        return True
+
+    wait_until(done, timeout, f"{count} outcomes of the load", interval=0.05)
 
 
 # ---- (c) agents killed and restarted under load --------------------------------------------
