@@ -70,8 +70,16 @@ system-deps:
 demo: gen
 	$(BIN)/aiproxy demo
 
+# Two passes. First everything but the load-sensitive tests, on PYTEST_WORKERS processes
+# (pytest-xdist; every server binds port 0 and every file is per test, so tests do not
+# share anything). Then the chaos tests and the ones marked `serial` (they measure
+# processes under load, so they run alone). Exit 5 (nothing selected, e.g. PYTEST_ARGS
+# names a file with no chaos test) is not a failure of that pass.
+PYTEST_WORKERS ?= 2
 test: lint system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not chaos and not serial" $(PYTEST_ARGS) \
+	  || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m "chaos or serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 unit: gen
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
