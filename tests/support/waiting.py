@@ -1,9 +1,9 @@
 """Wait for a state, never for a time: the one poll loop the tests use.
 
-`await eventually(check, ...)` calls `check` (a plain function, or one that returns an
-awaitable) until it returns something truthy, and returns that value. A check may also
-assert: an AssertionError means "not yet", and the last one is what a timeout reports, so
-`await eventually(lambda: assert_something(...))` reads like the assertion it waits for.
+`await eventually(check, timeout, what)` calls `check` (a plain function, or one that
+returns an awaitable) until it returns something truthy, and returns that value. A check
+may also assert: an AssertionError means "not yet", and the last one is what a timeout
+reports (so its message can say what was seen); such a check ends with `return True`.
 Any other exception ends the wait at once (a broken check should fail, not time out).
 
 `wait_until` is the same for synchronous tests (the Envoy tests drive blocking clients).
@@ -52,7 +52,7 @@ async def eventually(
             if inspect.isawaitable(value):
                 value = await value
             if value:
-                return value  # type: ignore[return-value]
+                return value
             last = value
         except AssertionError as exc:
             last = exc
