@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   reference agent + proxy + Envoy on the default ports
-#   make test   everything CI runs: buf lint, then the whole pytest suite
+#   make test   everything CI runs: `make lint`, then the whole pytest suite
+#   make lint   buf lint + buf breaking, ruff (check, format), mypy, import-linter contracts
+#   make unit   the unit tests only (seconds; no processes, no Envoy)
 # Each target creates .venv, installs the package and its tools, and generates the stubs.
 
 PYTHON ?= python3
@@ -9,7 +11,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 BUF    := build/tools/node_modules/.bin/buf
 
-.PHONY: demo test lint gen install system-deps clean bench bench-quick bench-deps
+.PHONY: demo test unit lint lint-proto lint-py typecheck lint-imports gen install system-deps \
+	clean bench bench-quick bench-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +29,30 @@ gen: $(STAMP)
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix build/tools @bufbuild/buf
 
-lint: gen $(BUF)
+# Each check is its own target (`make typecheck`, ...); `make -k lint` runs them all even
+# after one fails.
+lint: lint-proto lint-py typecheck lint-imports
+
+# buf breaking compares with another commit's proto/ (BUF_AGAINST, default the previous
+# commit); it says SKIPPED, and why, when there is none (first commit, shallow clone).
+BUF_AGAINST ?= HEAD~1
+lint-proto: gen $(BUF)
 	$(BUF) lint
 	@echo "buf lint: clean"
+	scripts/buf_breaking.sh $(BUF) $(BUF_AGAINST)
+
+lint-py: gen
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Strict on the lower layers (pyproject.toml [tool.mypy]); server/, agent/ and the tests
+# are not type-checked yet.
+typecheck: gen
+	$(BIN)/mypy core interceptors
+
+# The layering contracts in pyproject.toml [tool.importlinter].
+lint-imports: gen
+	$(BIN)/lint-imports
 
 # Debian packages the tests drive for real (headless Chromium, redis-server for the shared
 # limits). Skipped when present.
@@ -46,8 +70,19 @@ system-deps:
 demo: gen
 	$(BIN)/aiproxy demo
 
+# Two passes. First everything but the load-sensitive tests, on PYTEST_WORKERS processes
+# (pytest-xdist; every server binds port 0 and every file is per test, so tests do not
+# share anything). Then the chaos tests and the ones marked `serial` (they measure
+# processes under load, so they run alone). Exit 5 (nothing selected, e.g. PYTEST_ARGS
+# names a file with no chaos test) is not a failure of that pass.
+PYTEST_WORKERS ?= 2
 test: lint system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not chaos and not serial" $(PYTEST_ARGS) \
+	  || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m "chaos or serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+unit: gen
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # Benchmarks (bench/): direct vs proxy vs Envoy; writes bench/results/. Needs h2load.
 bench-deps: gen

@@ -291,7 +291,7 @@ class TokenMeter:
     the difference between reserved and used.
     """
 
-    __slots__ = ("capacity", "_clock", "_rate", "_stamp", "level")
+    __slots__ = ("_clock", "_rate", "_stamp", "capacity", "level")
 
     def __init__(self, capacity: int, window_s: float, clock: Clock) -> None:
         self.capacity = capacity

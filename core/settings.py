@@ -494,7 +494,7 @@ class AuthSettings(_Section):
         return bool(self.jwt_secret or self.jwt_public_key_file or self.jwks_file or self.api_keys)
 
     @model_validator(mode="after")
-    def _v_consistent(self) -> "AuthSettings":
+    def _v_consistent(self) -> AuthSettings:
         if self.enabled and not self.has_credentials:
             raise ValueError(
                 "auth is enabled but no jwt_secret, jwt_public_key_file, jwks_file or api_keys is set"
@@ -536,7 +536,7 @@ class ServerTlsSettings(_Section):
         return self.cert_file is not None
 
     @model_validator(mode="after")
-    def _v_pair(self) -> "ServerTlsSettings":
+    def _v_pair(self) -> ServerTlsSettings:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
         if self.client_ca_file and not self.cert_file:
@@ -569,7 +569,7 @@ class UpstreamTlsSettings(_Section):
         return bool(self.ca_file or self.cert_file or self.server_name)
 
     @model_validator(mode="after")
-    def _v_pair(self) -> "UpstreamTlsSettings":
+    def _v_pair(self) -> UpstreamTlsSettings:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
         if self.enabled is False and (self.ca_file or self.cert_file):

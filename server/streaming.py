@@ -12,6 +12,11 @@ change how many chunks there are. Chunks that queued up behind a slow caller may
 merged into one (the first chunk is never held back: merging only takes what is
 already waiting). With `coalesce_window_ms` (opt-in) later chunks are pushed at most once
 per window, so a fast token stream becomes fewer, larger messages.
+
+The pump reads the time (heartbeat and idle deadlines, the call's deadline, the coalescing
+window) from one injected `clock` only, like the breaker: time.monotonic by default, the
+clock `end_at` is on. The waits sleep the difference, so a test that moves a fake clock
+crosses a deadline at the pump's next wake-up.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from core.errors import DeadlineExceeded
@@ -71,11 +76,13 @@ class StreamPump:
         response_cls: type,
         settings: StreamSettings,
         end_at: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._call = upstream_call
+        self._clock = clock
         self._cls = response_cls
         self._settings = settings
-        # time.monotonic() by which the stream ends with StreamDeadline (None: never).
+        # clock() by which the stream ends with StreamDeadline (None: never).
         self._end_at = math.inf if end_at is None else end_at
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.buffer_chunks)
         self._reader: asyncio.Task[None] | None = None
@@ -107,15 +114,16 @@ class StreamPump:
         idle_s = self._settings.idle_timeout_s
         coalesce = self._settings.coalesce
         window_s = self._settings.coalesce_window_ms / 1000 if coalesce else 0.0
+        clock = self._clock
         self._reader = asyncio.create_task(self._read())
-        last_upstream = last_sent = time.monotonic()
+        last_upstream = last_sent = clock()
         held: Any = None  # an item taken while coalescing that could not be merged
         try:
             while True:
                 if window_s and self.seq:
                     # Not the first chunk: let deltas gather until the window has passed
                     # since the last push (they are merged below).
-                    pause = last_sent + window_s - time.monotonic()
+                    pause = last_sent + window_s - clock()
                     if pause > 0:
                         await asyncio.sleep(pause)
                 if held is not None:
@@ -125,7 +133,7 @@ class StreamPump:
                 else:
                     item = await self._wait(last_upstream, last_sent, heartbeat_s, idle_s)
                     if item is None:  # idle caller connection: heartbeat due
-                        last_sent = time.monotonic()
+                        last_sent = clock()
                         yield self._cls(heartbeat=True, seq=self._next_seq())
                         continue
                 if isinstance(item, _End):
@@ -139,7 +147,7 @@ class StreamPump:
                 if coalesce and not queue.empty() and _is_plain_delta(item):
                     held = self._merge_waiting(item)
                 item.seq = self._next_seq()
-                last_upstream = last_sent = time.monotonic()
+                last_upstream = last_sent = clock()
                 yield item
         finally:
             await self.aclose()
@@ -151,12 +159,12 @@ class StreamPump:
         StreamDeadline at the call's deadline."""
         idle_deadline = last_upstream + idle_s
         end_at = self._end_at
-        wait = min(idle_deadline, last_sent + heartbeat_s, end_at) - time.monotonic()
+        wait = min(idle_deadline, last_sent + heartbeat_s, end_at) - self._clock()
         try:
             async with asyncio.timeout(max(wait, 0)):
                 return await self._queue.get()
         except TimeoutError:
-            now = time.monotonic()
+            now = self._clock()
             if now >= end_at:
                 raise StreamDeadline() from None
             if now >= idle_deadline:

@@ -9,18 +9,17 @@ tests/conftest.py (`spawn`, `agent_args`, `proxy_args`); this file adds only:
   a sitecustomize module, put on the child's PYTHONPATH, that makes the main thread's
   event loop write `len(asyncio.all_tasks())` to a file every 0.2 s. It runs only in the
   processes a test starts with its environment; nothing in the product knows of it.
-- `poll(...)`: wait for a state with a deadline, never sleep for it;
+- `poll(...)`: wait for a state with a deadline, never sleep for it (tests/support/waiting.py's
+  `eventually`, returning the seconds it took);
 - `error_info(...)`: the google.rpc.ErrorInfo a gRPC error carries (its shape);
 - `ProxyAdmin`-based `upstream_in_flight(...)`: the calls a proxy has open upstream.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pathlib
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from ai.proxy.v1 import admin_service_pb2 as admin_pb
 from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
+from tests.support.waiting import eventually_timed, wait_until
 
 _HERE = pathlib.Path(__file__).parent.resolve()
 
@@ -97,19 +97,16 @@ class TaskProbe:
 
     def tasks(self, fresh_after: float | None = None, timeout: float = 5.0) -> int:
         """The latest count; with `fresh_after` (time.time()), one sampled after it."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def sample() -> dict[str, Any] | None:
             try:
-                sample = json.loads(self.path.read_text())
-                if fresh_after is None or sample["ts"] > fresh_after:
-                    return int(sample["tasks"])
+                value = json.loads(self.path.read_text())
+                return value if fresh_after is None or value["ts"] > fresh_after else None
             except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"the task probe wrote nothing to {self.path} (uvloop? not a Python child?)"
-                )
-            time.sleep(0.05)
+                return None
+
+        what = f"the task probe to write to {self.path} (uvloop? not a Python child?)"
+        return int(wait_until(sample, timeout, what, interval=0.05)["tasks"])
 
 
 @pytest.fixture
@@ -128,16 +125,8 @@ async def poll(
     check: Callable[[], Awaitable[Any] | Any], timeout: float, what: str, interval: float = 0.05
 ) -> float:
     """Await/call `check` until it returns something truthy; returns the seconds it took."""
-    start = time.monotonic()
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-            value = await value
-        if value:
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(interval)
+    _, took = await eventually_timed(check, timeout, what, interval=interval)
+    return took
 
 
 def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:

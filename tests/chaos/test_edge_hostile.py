@@ -424,11 +424,13 @@ def test_no_healthy_upstream_has_error_info_and_retry_info(tmp_path: Any) -> Non
         assert "upstream" not in body["message"]  # fixed text, not Envoy's internals
         assert next(d for d in body["details"] if d["@type"] == RETRY_INFO)["retryDelay"] == "1s"
         assert reply.headers.get("retry-after") == "1"
-        with grpc.insecure_channel(envoy.address) as channel:
-            with pytest.raises(grpc.RpcError) as caught:
-                agent_service_pb2_grpc.AgentServiceStub(channel).Generate(
-                    pb.GenerateRequest(prompt="p"), timeout=10
-                )
+        with (
+            grpc.insecure_channel(envoy.address) as channel,
+            pytest.raises(grpc.RpcError) as caught,
+        ):
+            agent_service_pb2_grpc.AgentServiceStub(channel).Generate(
+                pb.GenerateRequest(prompt="p"), timeout=10
+            )
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         status = rpc_status.from_call(caught.value)
         assert status is not None and _error_info(status).reason == "UPSTREAM_UNAVAILABLE"

@@ -30,6 +30,7 @@ from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import request, sse_events, wait_host_health
 from tests.support.grpc_helpers import stub
 from tests.support.procs import ServiceProcess, aiproxy_argv
+from tests.support.waiting import wait_until
 
 # A separate HTTP/2 connection per channel: grpc.aio channels to one target share one
 # connection unless told not to, and a storm should look like many callers.
@@ -216,7 +217,7 @@ class HttpLoad:
         self._pool = concurrent.futures.ThreadPoolExecutor(HTTP_CLIENTS, thread_name_prefix="sse")
         self._futures: list[concurrent.futures.Future[None]] = []
 
-    def start(self) -> "HttpLoad":
+    def start(self) -> HttpLoad:
         self._futures = [self._pool.submit(self._client, i) for i in range(HTTP_CLIENTS)]
         return self
 
@@ -327,10 +328,11 @@ def _ended_while_draining(proxy: ServiceProcess) -> list[dict[str, Any]]:
 
 
 def _wait_outcomes(load: HttpLoad, count: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(load.outcomes.values()) < count:
-        assert time.monotonic() < deadline, f"load stalled at {dict(load.outcomes)}"
-        time.sleep(0.05)
+    def done() -> bool:
+        assert sum(load.outcomes.values()) >= count, f"load stalled at {dict(load.outcomes)}"
+        return True
+
+    wait_until(done, timeout, f"{count} outcomes of the load", interval=0.05)
 
 
 # ---- (c) agents killed and restarted under load --------------------------------------------
@@ -353,7 +355,7 @@ class GrpcLoad:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> "GrpcLoad":
+    def start(self) -> GrpcLoad:
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(GRPC_WORKERS)]
         return self
 
@@ -424,8 +426,9 @@ async def test_agents_killed_and_restarted_under_load(spawn) -> None:
                 old.wait(timeout=10)
                 killed_at = time.monotonic()
                 before_kill = load.total
+                # (B023: each poll is awaited before the loop variables change.)
                 await poll(
-                    lambda: load.total >= before_kill + 20,
+                    lambda: load.total >= before_kill + 20,  # noqa: B023
                     30,
                     "traffic to continue on the other agent",
                 )
@@ -435,7 +438,9 @@ async def test_agents_killed_and_restarted_under_load(spawn) -> None:
                 restarted_at = time.monotonic()
                 try:
                     usable_s = await poll(
-                        lambda: _usable(channel, {new.address}), 20, f"agent {name} usable again"
+                        lambda: _usable(channel, {new.address}),  # noqa: B023
+                        20,
+                        f"agent {name} usable again",
                     )
                 except AssertionError as exc:  # say what the proxy thinks of it
                     raise AssertionError(
@@ -443,7 +448,7 @@ async def test_agents_killed_and_restarted_under_load(spawn) -> None:
                     ) from None
                 calls_before = await _total_calls(channel, new.address)
                 traffic_s = await poll(
-                    lambda: _calls_since(channel, new.address, calls_before, 5),
+                    lambda: _calls_since(channel, new.address, calls_before, 5),  # noqa: B023
                     20,
                     f"traffic back on agent {name}",
                 )

@@ -24,6 +24,7 @@ from tests.integration.test_pool import endpoints, wait_endpoint
 from tests.integration.test_protection import env, rich, rich_from_status
 from tests.support.grpc_helpers import NOT_SERVING, SERVING, stub, wait_health
 from tests.support.procs import ServiceProcess
+from tests.support.waiting import eventually
 
 SERVICE = "ai.agent.v1.AgentService"
 # Long, slow streams: still running when the fault comes (200 tokens at 100 ms).
@@ -104,16 +105,18 @@ async def test_agent_killed_with_calls_in_flight_and_restarted_on_its_port_gets_
         )
         serving_at = time.monotonic()  # it prints its ready line once SERVING
         assert restarted.address.endswith(f":{port}")
-        ok_at = None
-        while time.monotonic() - serving_at < 10:
+
+        async def a_call_succeeds() -> bool:
             try:
                 await api.Generate(PROMPT, metadata=(("x-client-id", "after"),), timeout=2)
-                ok_at = time.monotonic()
-                break
             except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.05)
-        assert ok_at is not None, "no call succeeded within 10 s of the agent serving again"
-        took = ok_at - serving_at
+                return False
+            return True
+
+        await eventually(
+            a_call_succeeds, 10, "a call to succeed after the agent serves again", interval=0.05
+        )
+        took = time.monotonic() - serving_at
         print(f"\ntraffic back {took:.2f} s after the restarted agent was ready")
         assert took < 5
         await wait_health(channel, SERVING, SERVICE, timeout=5)
@@ -161,7 +164,7 @@ async def test_a_hung_agent_is_taken_out_and_its_streams_fail_in_band_fast(
             )
             # The hung agent's streams: in-band UNAVAILABLE, fast.
             detection = []
-            for (request_id, _), (chunks, ended) in zip(streams, ends):
+            for (request_id, _), (chunks, ended) in zip(streams, ends, strict=True):
                 if request_id in on_hung:
                     err = in_band_error(chunks)
                     assert (err.code, err.reason) == (

@@ -24,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.envoy
+@pytest.mark.serial
 @pytest.mark.skipif(h2load.find() is None, reason=h2load.INSTALL_HINT)
 @pytest.mark.timeout(90)
 def test_smoke_run_writes_verified_results(tmp_path: pathlib.Path) -> None:

@@ -191,9 +191,7 @@ async def test_metrics_after_known_traffic(agent, proxy) -> None:
     assert m["ai_proxy_stream_chunk_interval_seconds_count"] == [
         ({"method": "StreamGenerate"}, 1.0)
     ]
-    assert dict(
-        (labels["method"], v) for labels, v in m["ai_proxy_request_duration_seconds_count"]
-    ) == {
+    assert {labels["method"]: v for labels, v in m["ai_proxy_request_duration_seconds_count"]} == {
         "Generate": 7,
         "StreamGenerate": 1,
     }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import signal
-import time
 
 import grpc
 import pytest
@@ -15,6 +14,7 @@ from ai.proxy.v1 import admin_service_pb2 as admin_pb
 from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
 from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import stub
+from tests.support.waiting import eventually, eventually_timed
 
 REQUEST = pb.GenerateRequest(prompt="balance me", options=pb.GenerationOptions(max_tokens=4))
 
@@ -30,17 +30,23 @@ async def wait_endpoint(
     channel: grpc.aio.Channel, address: str, *, usable: bool, timeout: float
 ) -> float:
     """Poll the admin RPC until `address` is (not) usable; returns the time it took."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if (await endpoints(channel))[address].usable == usable:
-            return time.monotonic() - start
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{address} not usable={usable} after {timeout}s")
+
+    async def reached() -> bool:
+        return (await endpoints(channel))[address].usable == usable
+
+    _, took = await eventually_timed(reached, timeout, f"{address} usable={usable}")
+    return took
 
 
-async def fire(channel: grpc.aio.Channel, n: int, concurrency: int) -> list[grpc.StatusCode]:
-    """n unary calls, `concurrency` at a time; returns each call's status code."""
-    codes: list[grpc.StatusCode] = []
+async def fire(
+    channel: grpc.aio.Channel,
+    n: int,
+    concurrency: int,
+    codes: list[grpc.StatusCode] | None = None,
+) -> list[grpc.StatusCode]:
+    """n unary calls, `concurrency` at a time; returns each call's status code (appended to
+    `codes` as they finish, when given, so a test can watch the load's progress)."""
+    codes = [] if codes is None else codes
     queue = iter(range(n))
 
     async def worker() -> None:
@@ -110,11 +116,19 @@ async def test_killed_replica_detected_within_5s_and_calls_keep_succeeding(
 ) -> None:
     _, channel = pool_proxy
     victim = replicas[1]
-    load = asyncio.create_task(fire(channel, 400, concurrency=4))
-    await asyncio.sleep(0.1)  # the kill lands in the middle of the load
+    codes: list[grpc.StatusCode] = []
+    load = asyncio.create_task(fire(channel, 400, concurrency=4, codes=codes))
+    # The kill lands in the middle of the load: calls have finished, the victim has taken
+    # its share of them, and most of the 400 are still to come.
+    await eventually(
+        lambda: len(codes) >= 20 and victim.log_events("call_started"),
+        30,
+        "the load under way, on the victim too",
+    )
+    assert len(codes) < 400, "the load finished before the kill"
     victim.proc.send_signal(signal.SIGKILL)
     took = await wait_endpoint(channel, victim.address, usable=False, timeout=5.0)
-    codes = await load
+    assert await load is codes
     assert collections.Counter(codes) == {grpc.StatusCode.OK: 400}, f"detected after {took:.3f}s"
     assert set(await fire(channel, 50, concurrency=5)) == {grpc.StatusCode.OK}
 

@@ -24,6 +24,7 @@ from core.errors import DOMAIN
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_pool import endpoints
 from tests.support.grpc_helpers import SERVING, health_status, stub
+from tests.support.waiting import eventually
 
 PROMPT = pb.GenerateRequest(prompt="protect me", options=pb.GenerationOptions(max_tokens=4))
 STREAM_PROMPT = pb.StreamGenerateRequest(
@@ -114,11 +115,13 @@ def started_ids(agent) -> list[str]:
 async def wait_started(agent, n: int, timeout: float = 5.0) -> None:
     """Until the agent has started `n` calls (a stream's headers come with its first
     chunk, so a hanging stream shows it was admitted only at the agent)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(started_ids(agent)) < n:
-        assert loop.time() < deadline, f"agent started {len(started_ids(agent))} calls, not {n}"
-        await asyncio.sleep(0.01)
+
+    def started() -> bool:
+        count = len(started_ids(agent))
+        assert count >= n, f"agent started {count} calls, not {n}"
+        return True
+
+    await eventually(started, timeout, f"the agent to start {n} calls")
 
 
 def env(**values: object) -> dict[str, str]:
@@ -130,13 +133,12 @@ async def breaker_state(channel, address: str) -> int:
 
 
 async def wait_breaker(channel, address: str, state: int, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if await breaker_state(channel, address) == state:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"breaker of {address} never reached {admin_pb.BreakerState.Name(state)}")
+    async def reached() -> bool:
+        return await breaker_state(channel, address) == state
+
+    await eventually(
+        reached, timeout, f"the breaker of {address} to be {admin_pb.BreakerState.Name(state)}"
+    )
 
 
 def caller(i: int | str) -> tuple[str, str]:
@@ -547,15 +549,17 @@ async def test_stream_cap_per_caller_and_proxy_wide_cap(spawn, agent) -> None:
 
         # A stream that ends gives its slots back.
         open_streams[0].cancel()
-        for _ in range(100):
+
+        async def a_slot_came_back() -> bool:
             try:
                 await api.Generate(PROMPT, timeout=10)
-                break
             except grpc.aio.AioRpcError as exc:
-                assert rich(exc).reason == "OVERLOADED"
-                await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the cancelled stream's slot never came back")
+                if rich(exc).reason != "OVERLOADED":
+                    raise  # any other failure ends the wait at once
+                return False
+            return True
+
+        await eventually(a_slot_came_back, 10, "the cancelled stream's slot to come back")
         for s in (open_streams[1], other):
             s.cancel()
 

@@ -25,18 +25,15 @@ from core.limitstore import (
 from core.ratelimit import Decision, LimitSpec
 from server.redis_limits import Policy, RedisLimitStore
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+from tests.support.waiting import eventually, eventually_timed
 
 PREFIX = "aiproxy:limits:"
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> float:
     """Poll until `predicate()`; the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
+    _, took = await eventually_timed(predicate, timeout, interval=0.01)
+    return took
 
 
 @pytest.fixture
@@ -224,18 +221,13 @@ async def test_a_dead_holders_leases_lapse_within_seconds_a_live_ones_do_not(
             await asyncio.sleep(0.1)
         holder.kill()  # a replica that dies without releasing anything
         holder.wait(timeout=10)
-        freed: list[object] = []
 
-        async def try_acquire() -> None:
-            lease = await store.acquire_stream("client:x", 2)
-            if lease is not None:
-                freed.append(lease)
+        async def a_lease_is_free() -> object:
+            return await store.acquire_stream("client:x", 2)
 
-        start = time.monotonic()
-        while not freed:
-            assert time.monotonic() - start < ttl + 3.0, "the dead holder's leases did not lapse"
-            await try_acquire()
-            await asyncio.sleep(0.05)
+        await eventually(
+            a_lease_is_free, ttl + 3.0, "the dead holder's leases to lapse", interval=0.05
+        )
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -433,7 +425,7 @@ async def test_n_concurrent_admissions_over_two_connections_admit_exactly_k(
                     stream_limit=5,
                     tokens=100,
                     token_limits=TokenLimits(per_day=700),
-                )  # fmt: skip
+                )
                 for i in range(40)
             )
         )

@@ -140,7 +140,7 @@ def _leaks(stack: dict[str, Any], secrets: dict[str, str]) -> list[str]:
             text = path.read_text(errors="replace") if path.exists() else ""
             for label, secret in secrets.items():
                 if secret in text:
-                    line = next(l for l in text.splitlines() if secret in l)
+                    line = next(ln for ln in text.splitlines() if secret in ln)
                     found.append(f"{label} in {name} {stream}: {line[:300]}")
     return found
 

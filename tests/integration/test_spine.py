@@ -21,6 +21,7 @@ from ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import NOT_SERVING, SERVING, health_status, stub, wait_health
 from tests.support.procs import CREDENTIAL_HEADERS, recorded_metadata
+from tests.support.waiting import eventually
 
 GENERATE = pb.GenerateRequest(
     prompt="Explain circuit breakers in one paragraph", options=pb.GenerationOptions(max_tokens=20)
@@ -179,7 +180,7 @@ async def test_credentials_are_not_forwarded_upstream(spawn, tmp_path) -> None:
         # All three at once.
         metadata = (("x-request-id", "req-cred-all"), *secrets.items())
         await stub(channel).Generate(GENERATE, metadata=metadata, timeout=10)
-    calls = wait_for_calls(record, 7)
+    calls = await wait_for_calls(record, 7)
     assert {c["method"].rsplit("/", 1)[-1] for c in calls} == {"Generate", "StreamGenerate"}
     for call in calls:
         received = call["metadata"]
@@ -196,13 +197,15 @@ async def test_credentials_are_not_forwarded_upstream(spawn, tmp_path) -> None:
         assert value not in recording_agent.stderr_text()
 
 
-def wait_for_calls(record, count: int, timeout: float = 10.0) -> list[dict]:
+async def wait_for_calls(record, count: int, timeout: float = 10.0) -> list[dict]:
     """The agent writes a call's line when the call arrives; wait until `count` are there."""
-    deadline = time.monotonic() + timeout
-    while len(calls := recorded_metadata(record)) < count:
-        assert time.monotonic() < deadline, f"{len(calls)} calls recorded, expected {count}"
-        time.sleep(0.02)
-    return calls
+
+    def recorded() -> list[dict]:
+        calls = recorded_metadata(record)
+        assert len(calls) >= count, f"{len(calls)} calls recorded, expected {count}"
+        return calls
+
+    return await eventually(recorded, timeout, f"{count} calls recorded")
 
 
 async def test_caller_cancellation_reaches_upstream_within_100ms(spawn) -> None:

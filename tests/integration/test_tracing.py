@@ -8,7 +8,6 @@ parent span id. (Separate processes could not share an in-memory exporter.)
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from core.settings import load_settings
 from server.app import ProxyServer
 from server.telemetry import Telemetry
+from tests.support.waiting import eventually
 
 SERVICE = "ai.agent.v1.AgentService"
 SERVER, CLIENT = trace.SpanKind.SERVER, trace.SpanKind.CLIENT
@@ -84,14 +84,13 @@ async def wait_spans(
     exporter: InMemorySpanExporter, done: Callable[[list[ReadableSpan]], bool]
 ) -> list[ReadableSpan]:
     """Spans end a moment after the caller has its answer: wait (bounded) until `done`."""
-    for _ in range(500):
+
+    def complete() -> list[ReadableSpan]:
         spans = list(exporter.get_finished_spans())
-        if done(spans):
-            return spans
-        await asyncio.sleep(0.01)
-    raise AssertionError(
-        f"spans never complete: {[(s.name, s.kind) for s in exporter.get_finished_spans()]}"
-    )
+        assert done(spans), f"spans so far: {[(s.name, s.kind) for s in spans]}"
+        return spans
+
+    return await eventually(complete, 10, "the spans to complete", interval=0.01)
 
 
 def children(

@@ -53,7 +53,7 @@ def _name(cn: str) -> x509.Name:
 
 def _ca(cn: str) -> tuple[Any, x509.Certificate]:
     key = _key()
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -86,7 +86,7 @@ def _leaf(
     ca_key: Any, ca_cert: x509.Certificate, cn: str, *, server: bool, ip_san: bool = True
 ) -> tuple[Any, x509.Certificate]:
     key = _key()
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from server.edge import host_health
 from tests.support.procs import ServiceProcess
+from tests.support.waiting import wait_until  # the Envoy tests import it from here too
 
 # One SSE event exactly as the edge frames it: the id line the edge's sse_ids filter adds
 # (`id: <seq>` or `id: <stream id>:<seq>`), then one data line of compact JSON.
@@ -133,20 +133,6 @@ class OpenStream:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def wait_host_health(

@@ -14,11 +14,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 # One stop-by-PID path, shared with bench/ through devtools/ (neither imports the other).
 from devtools.procs import stop_child
+from tests.support.waiting import wait_until
 
 _BIN = pathlib.Path(sys.executable).parent
 
@@ -58,23 +58,30 @@ class ServiceProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 30.0) -> "ServiceProcess":
+    def start(self, timeout: float = 30.0) -> ServiceProcess:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self._env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        proc = self.proc
+
+        def listening() -> dict[str, Any] | None:
             for line in self.stdout_lines():
                 if line.get("event") == "listening":
-                    self.ready = line
-                    return self
-            if self.proc.poll() is not None:
+                    return line
+            if proc.poll() is not None:
                 raise RuntimeError(
-                    f"{self.name} exited with {self.proc.returncode} before it was ready:\n"
+                    f"{self.name} exited with {proc.returncode} before it was ready:\n"
                     f"{self.stderr_text()[-4000:]}"
                 )
-            time.sleep(0.02)
-        self.stop()
-        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.stderr_text()[-4000:]}")
+            return None
+
+        try:
+            self.ready = wait_until(listening, timeout, f"{self.name} to be ready")
+        except AssertionError:
+            self.stop()
+            raise TimeoutError(
+                f"{self.name} not ready after {timeout}s:\n{self.stderr_text()[-4000:]}"
+            ) from None
+        return self
 
     def stdout_lines(self) -> list[dict[str, Any]]:
         return _json_lines(self.stdout_path)
@@ -88,13 +95,15 @@ class ServiceProcess:
         return [line for line in lines if event is None or line.get("event") == event]
 
     def wait_for_log(self, predicate: Any, timeout: float = 5.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.log_events():
-                if predicate(line):
-                    return line
-            time.sleep(0.01)
-        raise TimeoutError(f"no matching log line from {self.name}:\n{self.stderr_text()[-4000:]}")
+        def matching() -> dict[str, Any] | None:
+            return next((line for line in self.log_events() if predicate(line)), None)
+
+        try:
+            return wait_until(matching, timeout, f"a log line from {self.name}", interval=0.01)
+        except AssertionError:
+            raise TimeoutError(
+                f"no matching log line from {self.name}:\n{self.stderr_text()[-4000:]}"
+            ) from None
 
     def send_signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -235,7 +235,7 @@ def test_a_tool_that_crashes_is_that_calls_error_not_the_runs(corpus: Corpus) ->
         model="m",
         max_steps=10,
     )
-    calc, words, search = run.tool_calls
+    calc, words, _search = run.tool_calls
     assert calc.result is None and calc.error == "the tool failed"  # no internals
     assert words.result is None and words.error == "result too large"
     assert run.status is RunStatus.COMPLETED

@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 from agent.server import AgentServer, AgentSettings
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from tests.support.waiting import eventually
 
 SERVICE = "ai.agent.v1.AgentService"
 USER = pb.CHAT_ROLE_USER
@@ -78,12 +79,7 @@ def call_log(caplog: pytest.LogCaptureFixture) -> Callable[..., list[dict[str, A
 
 async def _wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
     """Poll a state (not a fixed sleep): the value of `predicate` once it is truthy."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError("state not reached in time")
-        await asyncio.sleep(0.005)
-    return value
+    return await eventually(predicate, timeout, interval=0.005)
 
 
 def _faults(**keys: str) -> tuple[tuple[str, str], ...]:

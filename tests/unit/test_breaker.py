@@ -9,19 +9,9 @@ import grpc
 import pytest
 
 from interceptors.breaker import BreakerState, CircuitBreaker, Permit, is_breaker_failure
+from tests.support.clock import FakeClock
 
 CLOSED, HALF_OPEN, OPEN = BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.OPEN
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # Callers take turns unless a test names one: most tests are about what many callers see.

@@ -162,7 +162,7 @@ def compose_services() -> Iterator[tuple[str, dict[str, Any]]]:
 
 def test_compose_commands_and_environment_are_real() -> None:
     services = dict(compose_services())
-    for name, service in services.items():
+    for service in services.values():
         if service.get("image", "").startswith("aiproxy"):
             args = parse_command(service["command"])
             env = {k: str(v) for k, v in (service.get("environment") or {}).items()}

@@ -226,9 +226,11 @@ def test_access_log_has_the_callers_method_and_no_query() -> None:
 
 @needs_descriptor
 def test_the_edge_secret_is_added_but_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
-    vhost = lambda text: yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][
-        0
-    ]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]  # noqa: E731
+    def vhost(text: str) -> dict:
+        listener = yaml.safe_load(text)["static_resources"]["listeners"][0]
+        http = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        return http["route_config"]["virtual_hosts"][0]
+
     settings = EdgeSettings(edge_secret="s3cret-value")
     added = {
         h["header"]["key"]: h["header"]["value"]

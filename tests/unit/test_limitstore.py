@@ -25,20 +25,10 @@ from core.limitstore import (
     token_limited_error,
 )
 from core.ratelimit import LimitSpec
+from tests.support.clock import FakeClock
 
 # 2026-11-27 12:00:00 UTC: half a day before the next UTC midnight.
 NOON = 20784 * DAY_S + DAY_S / 2
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

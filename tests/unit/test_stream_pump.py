@@ -1,18 +1,21 @@
 """StreamPump: ordering, renumbering, coalescing, heartbeats, idle timeout, cancellation.
 
 The upstream is a fake async iterator (pure logic: the pump's contract with grpc.aio is
-just async iteration and cancel()); the integration tests drive the real thing.
+just async iteration and cancel()); the integration tests drive the real thing. The
+deadlines are also driven on an injected fake clock (the last section).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from core.settings import StreamSettings
-from server.streaming import StreamIdle, StreamPump
+from server.streaming import StreamDeadline, StreamIdle, StreamPump
+from tests.support.clock import FakeClock
 
 
 class FakeUpstream:
@@ -167,7 +170,7 @@ async def test_coalesce_window_pushes_at_most_once_per_window() -> None:
     assert out[-1].is_final and [c.seq for c in out] == list(range(len(out)))
     # ~100 ms of 5 ms tokens in 40 ms windows: a handful of pushes instead of 22.
     assert len(out) <= 8
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(g >= 0.035 for g in gaps), gaps
 
 
@@ -189,7 +192,6 @@ async def test_the_deadline_ends_the_stream_with_stream_deadline_and_cancels_ups
     import time
 
     from core.errors import DeadlineExceeded
-    from server.streaming import StreamDeadline
 
     upstream = FakeUpstream([chunk("a"), 5.0, chunk("b")])
     pump = StreamPump(
@@ -228,3 +230,96 @@ async def test_an_upstream_error_reaches_the_caller_without_its_traceback() -> N
         frames.append(tb.tb_frame.f_code.co_name)
         tb = tb.tb_next
     assert "_read" not in frames and "__aiter__" not in frames
+
+
+# ---- the injected clock: every deadline is read on it ----------------------------------
+
+
+async def test_the_idle_timeout_is_measured_on_the_injected_clock() -> None:
+    """A 60 s idle timeout crossed in milliseconds: the pump reads only its clock (the short
+    real heartbeat is what wakes it up to look)."""
+    clock = FakeClock()
+    upstream = FakeUpstream([chunk("a"), 30.0, chunk("never")])
+    pump = StreamPump(
+        upstream,
+        pb.StreamGenerateResponse,
+        settings(idle_timeout_s=60, heartbeat_interval_s=0.01),
+        clock=clock,
+    )
+    got = []
+    with pytest.raises(StreamIdle):
+        async for item in pump.chunks():
+            got.append("heartbeat" if item.heartbeat else item.delta)
+            if item.heartbeat:
+                clock.advance(25)
+    # Quiet for 0, 25 and 50 s: heartbeats; at 75 s (past 60) the stream ends.
+    assert got == ["a", "heartbeat", "heartbeat", "heartbeat"]
+    assert upstream.cancelled
+
+
+async def test_a_stopped_clock_never_times_out_however_long_the_real_wait() -> None:
+    """The other half of the same contract: real time passing is not what ends a stream."""
+    clock = FakeClock()
+    upstream = FakeUpstream([chunk("a"), 30.0, chunk("never")])
+    pump = StreamPump(
+        upstream,
+        pb.StreamGenerateResponse,
+        settings(idle_timeout_s=0.05, heartbeat_interval_s=0.01),
+        end_at=clock() + 0.05,
+        clock=clock,
+    )
+    chunks = pump.chunks()
+    assert (await chunks.__anext__()).delta == "a"
+    # 20 heartbeats take at least 0.2 s of real time, four times the idle timeout and
+    # the deadline: neither is crossed, since the injected clock has not moved.
+    for _ in range(20):
+        assert (await chunks.__anext__()).heartbeat
+    await chunks.aclose()
+    assert upstream.cancelled
+
+
+async def test_the_calls_deadline_is_read_on_the_injected_clock() -> None:
+    clock = FakeClock()
+    upstream = FakeUpstream([chunk("a"), 30.0, chunk("b")])
+    pump = StreamPump(
+        upstream,
+        pb.StreamGenerateResponse,
+        settings(idle_timeout_s=3600, heartbeat_interval_s=3600),
+        end_at=clock() + 100,
+        clock=clock,
+    )
+    chunks = pump.chunks()
+    assert (await chunks.__anext__()).delta == "a"
+    clock.advance(100)  # the deadline is due now: the pump must not wait an hour for it
+    with pytest.raises(StreamDeadline):
+        await asyncio.wait_for(chunks.__anext__(), 10)
+    assert upstream.cancelled
+
+
+async def test_the_coalescing_pause_is_measured_on_the_injected_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pump sleeps what is left of the window by its clock: 10 ms of a 40 ms window
+    went by on the fake clock after each push, so it asks for 30 ms, not 40."""
+    clock = FakeClock()
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep_on_the_clock(delay: float, result: object = None) -> object:
+        pauses.append(delay)
+        clock.advance(delay)
+        return await real_sleep(0, result)
+
+    script = [chunk("first", model="m"), chunk("0 "), chunk("1 "), chunk("2 ")]
+    upstream = FakeUpstream([*script, chunk("", is_final=True)])
+    pump = StreamPump(
+        upstream, pb.StreamGenerateResponse, settings(coalesce_window_ms=40), clock=clock
+    )
+    monkeypatch.setattr(asyncio, "sleep", sleep_on_the_clock)
+    out = []
+    async for item in pump.chunks():
+        out.append(item)
+        clock.advance(0.01)
+    monkeypatch.undo()
+    assert [c.delta for c in out] == ["first", "0 1 2 ", ""]
+    assert len(pauses) >= 2 and pauses == pytest.approx([0.03] * len(pauses))
