@@ -226,7 +226,11 @@ class _Bound:
                 budget_key=resolved.budget_key,
             )
             if not admission.allowed:
-                raise refusal_error(key, admission, STREAM_RETRY_DELAY_S)
+                # A tenant's exhausted daily budget is the tenant's, not this caller's.
+                subject = key
+                if admission.refused == "tokens_per_day" and resolved.budget_key:
+                    subject = resolved.budget_key
+                raise refusal_error(subject, admission, STREAM_RETRY_DELAY_S)
         except BaseException:
             overall.release()
             raise

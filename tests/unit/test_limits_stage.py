@@ -271,8 +271,9 @@ async def test_a_tenants_callers_share_its_daily_budget() -> None:
     await enter(stage, bob, gen(10))
     carol = call_from("ipv4:10.0.0.3:1", caller="sub:carol")
     carol.tenant = "acme"
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimited) as refused:
         await enter(stage, carol, gen(10))
+    assert refused.value.quota_violations[0].subject == "tenant:acme"
     # A caller of no tenant keeps the default budget.
     await enter(stage, call_from("ipv4:10.0.0.4:1", caller="sub:dave"), gen(10))
 
