@@ -101,9 +101,9 @@ async def test_n_concurrent_calls_against_a_budget_for_k_admit_exactly_k(
     backend: str,
 ) -> None:
     n, k = 12, 5
-    # Every answer waits 2 s for its first token: all N are admitted or refused before
+    # Every answer waits 3 s for its first token: all N are admitted or refused before
     # any ends and settles.
-    agent = spawn(*agent_args(first_token_delay_ms=2000), name="agent")
+    agent = spawn(*agent_args(first_token_delay_ms=3000), name="agent")
     env = {"AIPROXY_LIMITS__TOKENS_PER_DAY": str(k * RESERVE)}
     if backend == "redis":
         env |= redis_env(redis_server.url)
@@ -167,7 +167,7 @@ async def test_a_cancelled_stream_is_charged_what_it_produced_once(
     backend: str,
 ) -> None:
     per_day = 100_000
-    agent = spawn(*agent_args(token_delay_ms=60), name="agent")
+    agent = spawn(*agent_args(token_delay_ms=100), name="agent")
     env = {"AIPROXY_LIMITS__TOKENS_PER_DAY": str(per_day)}
     if backend == "redis":
         env |= redis_env(redis_server.url)
@@ -200,9 +200,9 @@ async def test_a_cancelled_stream_is_charged_what_it_produced_once(
             if charged < reserved:
                 break
         # What went out: the prompt and the chunks sent (the caller read `read` of them;
-        # one or two more may have been on their way when it cancelled).
+        # a few more may have been on their way when it cancelled, on a loaded box).
         print(f"{backend}: reserved {reserved}, charged {charged} after reading {read} chunks")
-        assert prompt_est + read <= charged <= prompt_est + read + 3, (charged, reserved)
+        assert prompt_est + read <= charged <= prompt_est + read + 6, (charged, reserved)
         # Settled once: later calls see the same charge.
         assert await used_so_far(channel, per_day, probes) == charged
         # A stream that runs to its end is charged its reported usage, once.
