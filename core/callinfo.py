@@ -81,6 +81,13 @@ class CallInfo:
     in_flight_lease: Any = None
     stream_lease: Any = None
     reservation: Any = None
+    # Token-aware limits (core/tokens.py): the prompt's estimated tokens; when the limits
+    # stage holds a reservation, `chunk_tokens` (chunk -> its completion tokens) is set
+    # and the pipeline adds up, in `streamed_tokens`, those of the chunks that went out:
+    # what a stream that ends without usage (cancelled, failed) is charged.
+    prompt_estimate: int = 0
+    chunk_tokens: Any = None
+    streamed_tokens: int = 0
 
     def header(self, key: str) -> str | None:
         """A text metadata value, or None (absent or binary)."""
