@@ -102,4 +102,3 @@ async def test_stream_leases_are_taken_at_enter_and_released_at_exit() -> None:
     stage.bind(STREAM).exit(first)
     stage.bind(STREAM).exit(first)  # a second exit changes nothing
     await admit(stage, call_from("ipv4:10.0.0.1:2"), STREAM)
-
