@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args
-from tests.integration.test_protection import rich_from_status
+from tests.integration.test_protection import read_stream, rich_from_status
 from tests.support.grpc_helpers import stub
 from tests.support.procs import ServiceProcess, recorded_metadata
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
@@ -314,3 +314,38 @@ async def test_streams_are_cached_and_replayed_whole(stack) -> None:
         assert text_of(replay) == text_of(first) and replay[-1].usage == first[-1].usage
         assert [c.seq for c in replay] == list(range(len(replay)))
         assert agent_calls(record, STREAM) == 1
+
+
+async def test_errors_and_truncated_streams_are_never_cached(stack) -> None:
+    agent, record, (a, _) = stack  # noqa: RUF059
+    request = stream_request("fail me once", tokens=30)
+    md = (("cache-control", "max-age=60"), ("x-client-id", "tenant-a"))
+    async with grpc.aio.insecure_channel(a.address) as ca:
+        # Fails after 3 chunks: the caller gets the in-band error chunk; nothing is stored.
+        failing = stub(ca).StreamGenerate(
+            request,
+            metadata=(*md, ("x-fault-code", "UNAVAILABLE"), ("x-fault-after", "3")),
+            timeout=30,
+        )
+        chunks, error = await read_stream(failing)
+        assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+        assert chunks[-1].is_final and chunks[-1].HasField("error")
+        # Dropped mid-way (truncated): not stored either.
+        dropped = stub(ca).StreamGenerate(request, metadata=md, timeout=30)
+        async for _ in dropped:
+            break
+        dropped.cancel()
+        calls = agent_calls(record, STREAM)
+        # So the next identical request is a miss that runs the generation (and is stored).
+        ok = stub(ca).StreamGenerate(request, metadata=md, timeout=30)
+        whole = [c async for c in ok]
+        assert dict(await ok.initial_metadata())["x-aiproxy-cache"] == "miss"
+        assert whole[-1].is_final and not whole[-1].HasField("error")
+        assert agent_calls(record, STREAM) == calls + 1
+        tokens = metric(a, "ai_proxy_tokens_total")
+        hit = stub(ca).StreamGenerate(request, metadata=md, timeout=30)
+        assert text_of([c async for c in hit]) == text_of(whole)
+        assert dict(await hit.initial_metadata())["x-aiproxy-cache"] == "hit"
+        assert agent_calls(record, STREAM) == calls + 1
+        # A hit consumed no tokens upstream: the token counter does not move.
+        assert metric(a, "ai_proxy_tokens_total") == tokens > 0
