@@ -148,6 +148,12 @@ class ResumeSettings(_Section):
     # everyone's streams: past its own bound it loses its own oldest).
     max_streams: int = Field(default=10_000, ge=1)
     max_streams_per_caller: int = Field(default=256, ge=1)
+    # Generations kept running after their caller dropped (in their grace), per caller and
+    # per process: past either bound the oldest is stopped at once. Without it a caller
+    # could open streams, drop them, and keep any number of generations running (its
+    # open-stream limit counts connected streams only).
+    max_detached_per_caller: int = Field(default=8, ge=0)
+    max_detached: int = Field(default=1000, ge=0)
     # Every Redis key of the stream buffer starts with this.
     key_prefix: str = Field(default="aiproxy:streams:", min_length=1, max_length=128)
 

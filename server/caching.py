@@ -105,7 +105,7 @@ class Caching:
             detached = DetachedContext(context)
 
             async def load() -> bytes:
-                response = await inner(request, raw, detached, call)
+                response = await inner(request, raw, detached.as_context(), call)
                 return bytes(response.SerializeToString())
 
             outcome, data = await cache.unary(key, decision, load)
@@ -151,7 +151,7 @@ class Caching:
 
         async def produce() -> AsyncIterator[bytes]:
             complete = False
-            async for chunk in inner(request, raw, detached, call):
+            async for chunk in inner(request, raw, detached.as_context(), call):
                 if chunk.heartbeat:
                     continue
                 complete = chunk.is_final and not chunk.HasField("error")

@@ -23,6 +23,10 @@ cache in front of it). Per call, from the metadata (core/streambuffer.parse_resu
   `watch_owner` (its heartbeat) decides: a resume somewhere keeps it alive, otherwise
   it is cancelled after `grace_s` (the cancellation reaches the agent, only later) and
   the buffer `abandon`s the stream (later resumes: STREAM_EXPIRED).
+  Generations running without their caller are bounded per caller
+  (`max_detached_per_caller`) and per process (`max_detached`): past either, the oldest
+  is stopped at once (why="evicted"), so dropping streams is no way around the caller's
+  open-stream limit (which counts connected calls only).
 
 The stream's scope (who may resume or cancel it) is the caller's tenant, else its
 authenticated identity; an anonymous caller's stream is scoped to "anon" and the
@@ -34,8 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import grpc
 
@@ -99,6 +104,10 @@ class DetachedContext:
         except Exception:  # noqa: BLE001 - the caller's call is over: nobody to tell
             pass
 
+    def as_context(self) -> grpc.aio.ServicerContext:
+        """This object, typed as what the inner terminal takes (it duck-types it)."""
+        return cast("grpc.aio.ServicerContext", self)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
@@ -132,10 +141,12 @@ class _End:
 class _Owner:
     """One resumable stream's upstream, pumped in its own task (see the module docstring)."""
 
-    def __init__(self, sid: str, maxsize: int) -> None:
+    def __init__(self, sid: str, maxsize: int, caller: str) -> None:
         self.sid = sid
+        self.caller = caller
         self.attached = True
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=maxsize)
+        self.evicted = asyncio.Event()  # stop now: a bound on detached generations
 
     def detach(self) -> None:
         """The caller left: stop handing it chunks, and free a put that waits on it."""
@@ -168,6 +179,31 @@ class Resumer:
         self._methods = frozenset(settings.methods)
         # Owner tasks alive (caller attached or in grace): kept referenced, cancelled at close.
         self._tasks: set[asyncio.Task[None]] = set()
+        # Owners whose caller dropped, oldest first: all, and per caller.
+        self._detached: OrderedDict[_Owner, None] = OrderedDict()
+        self._detached_by_caller: dict[str, OrderedDict[_Owner, None]] = {}
+
+    @property
+    def detached(self) -> int:
+        return len(self._detached)
+
+    def _detach(self, owner: _Owner) -> None:
+        """The caller left: count the owner against the bounds; evict the oldest past them."""
+        owner.detach()
+        mine = self._detached_by_caller.setdefault(owner.caller, OrderedDict())
+        mine[owner] = None
+        self._detached[owner] = None
+        if len(mine) > self.settings.max_detached_per_caller:
+            next(iter(mine)).evicted.set()
+        if len(self._detached) > self.settings.max_detached:
+            next(iter(self._detached)).evicted.set()
+
+    def _forget(self, owner: _Owner) -> None:
+        if self._detached.pop(owner, 0) is None:
+            mine = self._detached_by_caller[owner.caller]
+            del mine[owner]
+            if not mine:
+                del self._detached_by_caller[owner.caller]
 
     def _default_for(self, method: Method) -> bool:
         return self.settings.default or method.name in self._methods or method.path in self._methods
@@ -261,11 +297,11 @@ class Resumer:
             async for chunk in inner(request, raw, context, call):
                 yield chunk
             return
-        owner = _Owner(sid, self._queue_chunks)
+        owner = _Owner(sid, self._queue_chunks, call.caller or call.peer)
         detached = DetachedContext(context)
         grace = Grace(self.settings.grace_s)
         task = asyncio.get_running_loop().create_task(
-            self._supervise(method, owner, grace, inner(request, raw, detached, call))
+            self._supervise(method, owner, grace, inner(request, raw, detached.as_context(), call))
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -290,8 +326,8 @@ class Resumer:
         finally:
             if not task.done():
                 # The caller left before the end: the owner goes on for the grace.
-                owner.detach()
                 grace.caller_dropped()
+                self._detach(owner)
 
     async def _supervise(
         self, method: Method, owner: _Owner, grace: Grace, chunks: AsyncIterator[Any]
@@ -301,12 +337,15 @@ class Resumer:
         watch = asyncio.create_task(
             watch_owner(self.buffer, owner.sid, self.replica_id, grace, interval_s=WATCH_INTERVAL_S)
         )
+        evicted = asyncio.create_task(owner.evicted.wait())
         try:
-            await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((pump, watch, evicted), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopped = None
+            stopped: Verdict | str | None = None
             if not pump.done():
-                if watch.done() and not watch.cancelled():
+                if evicted.done() and not evicted.cancelled():
+                    stopped = "evicted"
+                elif watch.done() and not watch.cancelled():
                     failed = watch.exception()
                     # A watcher that failed (a bug) cannot keep time: stop, bounded.
                     stopped = Verdict.ABANDONED if failed is not None else watch.result()
@@ -314,11 +353,19 @@ class Resumer:
                         log.error("stream watcher failed", exc_info=failed)
                 pump.cancel()  # cancels the upstream call (the forwarder closes its pump)
             watch.cancel()
-            await asyncio.wait((pump, watch))
+            evicted.cancel()
+            await asyncio.wait((pump, watch, evicted))
+            self._forget(owner)
             if not pump.cancelled():
                 pump.exception()  # retrieved: _pump handles its own errors
             if stopped is not None:
-                why = "cancel_requested" if stopped is Verdict.CANCEL_REQUESTED else "abandoned"
+                why = (
+                    stopped
+                    if isinstance(stopped, str)
+                    else "cancel_requested"
+                    if stopped is Verdict.CANCEL_REQUESTED
+                    else "abandoned"
+                )
                 self._count("streams_stopped", method.name, why)
                 log_event(log, "resumable_stream_stopped", method=method.name, why=why)
                 await owner.hand(_End(None))

@@ -349,3 +349,41 @@ async def test_errors_and_truncated_streams_are_never_cached(stack) -> None:
         assert agent_calls(record, STREAM) == calls + 1
         # A hit consumed no tokens upstream: the token counter does not move.
         assert metric(a, "ai_proxy_tokens_total") == tokens > 0
+
+
+async def test_dropped_generations_are_bounded_per_caller(
+    spawn: Callable[..., ServiceProcess],
+) -> None:
+    """Dropping streams is no way around the open-stream limit: with
+    max_detached_per_caller 1 and a long grace, a caller's second dropped stream stops the
+    first generation at once (the agent sees the cancellation); the second runs on."""
+    agent = spawn(*agent_args(token_delay_ms=100), name="agent")
+    proxy = spawn(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        agent.address,
+        env={
+            "AIPROXY_STREAM__RESUME__GRACE_S": "60",
+            "AIPROXY_STREAM__RESUME__MAX_DETACHED_PER_CALLER": "1",
+        },
+        name="proxy",
+    )
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        await drop_after(channel, stream_request("first dropped"), 2)
+        assert metric(proxy, "ai_proxy_resumable_streams_stopped_total") == 0
+        await drop_after(channel, stream_request("second dropped"), 2)
+        await until(
+            lambda: metric(proxy, "ai_proxy_resumable_streams_stopped_total", why="evicted") == 1,
+            10,
+            "the oldest dropped generation to be stopped",
+        )
+        await until(
+            lambda: any(e.get("code") == "CANCELLED" for e in agent.log_events("call_finished")),
+            10,
+            "the agent to see the cancellation",
+        )
+        assert metric(proxy, "ai_proxy_resumable_streams_stopped_total") == 1
