@@ -141,3 +141,25 @@ def http_status_for_name(name: str) -> int:
     import grpc
 
     return http_status_for(grpc.StatusCode[name])
+
+
+def test_cache_control_header_through_the_edge(stack: dict[str, Any]) -> None:
+    """The HTTP convention works from a browser: cache-control: max-age opts in, the
+    answer says x-aiproxy-cache (exposed to CORS callers), no-store bypasses."""
+    edge_a, _ = stack["edges"]
+    body = {"prompt": "cache me through the edge", "options": {"maxTokens": 5}}
+    cached = {"cache-control": "max-age=60", "x-client-id": "edge-cache"}
+    first = request(edge_a, "POST", "/api/v1/ai/generate", body, headers=cached)
+    second = request(edge_a, "POST", "/api/v1/ai/generate", body, headers=cached)
+    assert first.status == second.status == 200
+    assert first.headers.get("x-aiproxy-cache") == "miss"
+    assert second.headers.get("x-aiproxy-cache") == "hit"
+    assert second.json() == first.json()
+    bypass = request(
+        edge_a,
+        "POST",
+        "/api/v1/ai/generate",
+        body,
+        headers={"cache-control": "no-store", "x-client-id": "edge-cache"},
+    )
+    assert bypass.status == 200 and bypass.headers.get("x-aiproxy-cache") is None
