@@ -192,7 +192,8 @@ class ProxyMetrics:
             "ai_proxy_resumable_streams_stopped_total",
             "Upstream generations of resumable streams stopped before their end, by why "
             "(abandoned: the caller dropped and nobody resumed within the grace; "
-            "cancel_requested: a caller cancelled on purpose).",
+            "cancel_requested: a caller cancelled on purpose; evicted: past the bound on "
+            "generations without their caller; shutdown).",
             ["method", "why"],
             registry=registry,
         )

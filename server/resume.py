@@ -45,7 +45,7 @@ from typing import Any, Final, cast
 import grpc
 
 from core.callinfo import CallInfo
-from core.errors import ProxyError, Reason
+from core.errors import Cancelled, ProxyError, Reason
 from core.logs import log_event
 from core.metrics import ProxyMetrics
 from core.service import Method
@@ -157,6 +157,13 @@ class _Owner:
     async def hand(self, item: Any) -> None:
         if self.attached:
             await self.queue.put(item)
+
+    def queue_end(self, end: _End) -> None:
+        """The end, without waiting: what the caller had not read yet is dropped."""
+        if self.attached:
+            while self.queue.full():
+                self.queue.get_nowait()
+            self.queue.put_nowait(end)
 
 
 class Resumer:
@@ -305,11 +312,12 @@ class Resumer:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        sent = False
+        sent = ended = False
         try:
             while True:
                 item = await owner.queue.get()
                 if isinstance(item, _End):
+                    ended = True
                     if item.error is not None:
                         error, item.error = item.error, None
                         try:
@@ -324,7 +332,7 @@ class Resumer:
                     )
                 yield item
         finally:
-            if not task.done():
+            if not ended and not task.done():
                 # The caller left before the end: the owner goes on for the grace.
                 grace.caller_dropped()
                 self._detach(owner)
@@ -338,12 +346,18 @@ class Resumer:
             watch_owner(self.buffer, owner.sid, self.replica_id, grace, interval_s=WATCH_INTERVAL_S)
         )
         evicted = asyncio.create_task(owner.evicted.wait())
+        shutdown = False
         try:
             await asyncio.wait((pump, watch, evicted), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            shutdown = True  # Resumer.aclose: resumers must not wait for a tail that never comes
+            raise
         finally:
             stopped: Verdict | str | None = None
             if not pump.done():
-                if evicted.done() and not evicted.cancelled():
+                if shutdown:
+                    stopped = "shutdown"
+                elif evicted.done() and not evicted.cancelled():
                     stopped = "evicted"
                 elif watch.done() and not watch.cancelled():
                     failed = watch.exception()
@@ -368,7 +382,9 @@ class Resumer:
                 )
                 self._count("streams_stopped", method.name, why)
                 log_event(log, "resumable_stream_stopped", method=method.name, why=why)
-                await owner.hand(_End(None))
+                # A caller still attached (a cancel from elsewhere, a shutdown) gets the
+                # in-band CANCELLED end, not a stream that just stops.
+                owner.queue_end(_End(Cancelled(f"the generation was stopped ({why})")))
                 try:
                     await self.buffer.abandon(owner.sid)
                 except StreamStoreUnavailable:
