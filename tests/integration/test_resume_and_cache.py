@@ -38,7 +38,6 @@ from tests.support.procs import ServiceProcess, recorded_metadata
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 
 GRACE_S = 0.5
-DEBUG: list = []
 STREAM = "/ai.agent.v1.AgentService/StreamGenerate"
 UNARY = "/ai.agent.v1.AgentService/Generate"
 
@@ -73,7 +72,6 @@ def stack(spawn: Callable[..., ServiceProcess], redis_server: RedisServer, tmp_p
         )
         for i in range(2)
     ]
-    DEBUG[:] = [agent, *replicas]
     return agent, record, replicas
 
 
@@ -98,9 +96,6 @@ def metric(proxy: ServiceProcess, name: str, **labels: str) -> float:
 async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        if time.monotonic() > deadline:
-            for p in DEBUG:
-                print(p.name, p.stderr_text()[-3000:], p.stdout_lines()[-20:])
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
 
