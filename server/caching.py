@@ -10,8 +10,9 @@ method + canonical request + the caller's tenant scope (core/cache.cache_key), a
 - identical calls in flight share one upstream call (single flight);
 - a miss runs `inner` with a DetachedContext (the producer may outlive the first caller
   when others follow it) and stores the answer only if it is complete: an error never,
-  a stream only when it ended with its final chunk and no in-band error. Heartbeats are
-  not stored (a replay is immediate; they carry nothing).
+  a stream only when it ended with its final chunk and no in-band error. The callers of a
+  flight get its heartbeats (their connections must stay alive while the upstream is
+  quiet); a replay from the cache leaves them out (it is immediate).
 
 Every cached call gets `x-aiproxy-cache: hit|miss` in its initial metadata (hit: no
 upstream call was made for it, including a shared flight) and counts in
@@ -152,8 +153,6 @@ class Caching:
         async def produce() -> AsyncIterator[bytes]:
             complete = False
             async for chunk in inner(request, raw, detached.as_context(), call):
-                if chunk.heartbeat:
-                    continue
                 complete = chunk.is_final and not chunk.HasField("error")
                 yield bytes(chunk.SerializeToString())
             if not complete:
@@ -163,11 +162,14 @@ class Caching:
         count(outcome)
         if outcome is not Outcome.MISS:
             call.replayed = "cache"
+        hit = outcome is Outcome.HIT
         seq = 0
         try:
             async for data in chunks:
                 chunk = cls.FromString(data)
-                chunk.seq = seq  # this caller's own numbering (heartbeats were left out)
+                if hit and chunk.heartbeat:
+                    continue  # a replay is immediate: nothing to keep alive
+                chunk.seq = seq  # this caller's own numbering (heartbeats left out of a replay)
                 if not seq:
                     await context.send_initial_metadata(
                         initial_metadata(call, detached, (CACHE_HEADER, outcome.header))
