@@ -382,3 +382,34 @@ async def test_dropped_generations_are_bounded_per_caller(
             "the agent to see the cancellation",
         )
         assert metric(proxy, "ai_proxy_resumable_streams_stopped_total") == 1
+
+
+async def test_a_store_that_hangs_costs_resumability_and_hits_never_the_call(
+    stack,
+    redis_server: RedisServer,  # noqa: F811 - the fixture, the same instance as the stack's
+) -> None:
+    """Redis stops answering (SIGSTOP): a resumable request still gets its whole answer,
+    without a stream id (nothing is promised that cannot be kept), and a cacheable one is
+    answered from the upstream (L2 fails open); both within bounded time."""
+    _agent, _record, (a, _) = stack
+    request = stream_request("redis is away")
+    async with grpc.aio.insecure_channel(a.address) as ca:
+        baseline = await full_run(ca, request)
+        redis_server.pause()
+        try:
+            started = time.monotonic()
+            call = stub(ca).StreamGenerate(
+                request, metadata=(("x-aiproxy-resumable", "1"),), timeout=30
+            )
+            chunks = [c async for c in call]
+            assert "x-aiproxy-stream-id" not in dict(await call.initial_metadata())
+            assert text_of(chunks) == text_of(baseline) and chunks[-1].is_final
+            reply = stub(ca).Generate(
+                pb.GenerateRequest(prompt="cache while away"),
+                metadata=(("cache-control", "max-age=60"),),
+                timeout=30,
+            )
+            assert (await reply).text
+            assert time.monotonic() - started < 20
+        finally:
+            redis_server.resume()
