@@ -77,6 +77,10 @@ class CallInfo:
     completion_tokens: int = 0
     # Metadata the caller gets with the response headers (e.g. x-ratelimit-*).
     reply_metadata: tuple[tuple[str, str], ...] = ()
+    # Set when the answer does not come from an upstream call: "cache" (a cache hit or a
+    # shared in-flight call), "resume" (a replay from the stream buffer), "cancel". The
+    # upstream was paid for once already: no token charge for this call.
+    replayed: str = ""
     # What the limits stage holds for this call, released when it ends.
     in_flight_lease: Any = None
     stream_lease: Any = None
