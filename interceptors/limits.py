@@ -256,7 +256,11 @@ class _Bound:
 
 def used_tokens(call: CallInfo) -> int:
     """What a call that held a reservation is charged (see the module docstring): the
-    usage the agent reported in its last answer, else what went out to the caller."""
+    usage the agent reported in its last answer, else what went out to the caller. An
+    answer replayed from the cache or a resume buffer generated nothing: it is free (the
+    generation was charged to the call that ran it)."""
+    if call.replayed:
+        return 0
     reported = tokens.reported_usage(call.last)
     if reported is not None:
         return reported

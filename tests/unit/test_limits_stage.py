@@ -240,6 +240,19 @@ async def test_a_failed_stream_with_an_error_chunk_is_charged_its_deltas() -> No
     assert used_tokens(call) == 10
 
 
+@pytest.mark.parametrize("replayed", ["cache", "resume", "cancel"])
+async def test_a_replayed_answer_is_charged_nothing(replayed: str) -> None:
+    """A cache hit or a resume generated nothing: the call that ran the generation paid."""
+    call = call_from("ipv4:10.0.0.1:1")
+    call.prompt_estimate, call.streamed_tokens, call.chunks = 4, 6, 7
+    call.last = pb.StreamGenerateResponse(
+        is_final=True, seq=6, usage=pb.Usage(prompt_tokens=4, completion_tokens=6, total_tokens=10)
+    )
+    assert used_tokens(call) == 10
+    call.replayed = replayed
+    assert used_tokens(call) == 0
+
+
 async def test_a_refused_reservation_is_resource_exhausted_with_quota_and_retry() -> None:
     stage = token_stage(tokens_per_day=32)
     await enter(stage, call_from("ipv4:10.0.0.1:1", caller="sub:alice"), gen(10))  # 16
