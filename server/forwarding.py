@@ -201,11 +201,11 @@ class Forwarder:
         async def forward_unary(
             request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
         ) -> Any:
-            async def attempt(endpoint: Endpoint, metadata: list, timeout: float | None) -> Any:
-                # serializer None: the caller's bytes go upstream as they came.
-                return await endpoint.unary_unary(path, None, deserialize)(
-                    raw, metadata=metadata, timeout=timeout
-                )
+            def attempt(
+                endpoint: Endpoint, metadata: list, timeout: float | None
+            ) -> Awaitable[Any]:
+                # The caller's bytes go upstream as they came.
+                return endpoint.unary(path, deserialize, raw, metadata, timeout)
 
             self._enter()
             try:
@@ -235,9 +235,7 @@ class Forwarder:
             async def attempt(
                 endpoint: Endpoint, metadata: list, timeout: float | None
             ) -> tuple[Any, Any, Endpoint]:
-                upstream = endpoint.unary_stream(path, None, deserialize)(
-                    raw, metadata=metadata, timeout=timeout
-                )
+                upstream = endpoint.stream(path, deserialize, raw, metadata, timeout)
                 # The pump ends the stream at the deadline (StreamDeadline), in-band.
                 chunks = StreamPump(upstream, response_cls, settings, end_at=end_at).chunks()
                 try:
