@@ -10,8 +10,9 @@ which is how heartbeats and the idle timeout are measured.
 Every chunk the caller sees is renumbered (`seq`), since heartbeats and coalescing
 change how many chunks there are. Chunks that queued up behind a slow caller may be
 merged into one (the first chunk is never held back: merging only takes what is
-already waiting). With `coalesce_window_ms` (opt-in) later chunks are pushed at most once
-per window, so a fast token stream becomes fewer, larger messages.
+already waiting). With a coalescing window (opt-in: `coalesce_window_ms`, per method, or
+the caller's `x-aiproxy-coalesce-ms` header, see server/forwarding.py) later chunks are
+pushed at most once per window, so a fast token stream becomes fewer, larger messages.
 
 The pump reads the time (heartbeat and idle deadlines, the call's deadline, the coalescing
 window) from one injected `clock` only, like the breaker: time.monotonic by default, the
@@ -78,8 +79,11 @@ class StreamPump:
         settings: StreamSettings,
         end_at: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        window_ms: float | None = None,
     ) -> None:
         self._call = upstream_call
+        # This stream's coalescing window (None: settings.coalesce_window_ms).
+        self._window_ms = settings.coalesce_window_ms if window_ms is None else window_ms
         self._clock = clock
         self._cls = response_cls
         self._settings = settings
@@ -145,7 +149,7 @@ class StreamPump:
         heartbeat_s = self._settings.heartbeat_interval_s
         idle_s = self._settings.idle_timeout_s
         coalesce = self._settings.coalesce
-        window_s = self._settings.coalesce_window_ms / 1000 if coalesce else 0.0
+        window_s = self._window_ms / 1000 if coalesce else 0.0
         clock = self._clock
         self._reader = asyncio.create_task(self._read())
         last_upstream = last_sent = clock()
