@@ -105,7 +105,8 @@ def client_tracing_interceptors(tracer_provider: Any) -> list[grpc.aio.ClientInt
     from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
 
     skip = filters.any_of(*(filters.service_name(s) for s in untraced_services()))
-    interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors(
+    # The instrumentation is untyped.
+    interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors(  # type: ignore[no-untyped-call]
         tracer_provider=tracer_provider, filter_=filters.negate(skip), request_hook=_request_hook
     )
     return interceptors
