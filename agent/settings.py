@@ -83,7 +83,9 @@ class AgentSettings:
                 )
             parts = urlsplit(self.base_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"base_url must be an http(s) URL, got {safe_url(self.base_url)!r}")
+                raise ValueError(
+                    f"base_url must be an http(s) URL, got {safe_url(self.base_url)!r}"
+                )
         for name in ("model_timeout_s", "health_interval_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 < value < math.inf):

@@ -77,10 +77,21 @@ class CallInfo:
     completion_tokens: int = 0
     # Metadata the caller gets with the response headers (e.g. x-ratelimit-*).
     reply_metadata: tuple[tuple[str, str], ...] = ()
+    # Set when the answer does not come from an upstream call: "cache" (a cache hit or a
+    # shared in-flight call), "resume" (a replay from the stream buffer), "cancel". The
+    # upstream was paid for once already: no token charge for this call.
+    replayed: str = ""
     # What the limits stage holds for this call, released when it ends.
     in_flight_lease: Any = None
     stream_lease: Any = None
     reservation: Any = None
+    # Token-aware limits (core/tokens.py): the prompt's estimated tokens; when the limits
+    # stage holds a reservation, `chunk_tokens` (chunk -> its completion tokens) is set
+    # and the pipeline adds up, in `streamed_tokens`, those of the chunks that went out:
+    # what a stream that ends without usage (cancelled, failed) is charged.
+    prompt_estimate: int = 0
+    chunk_tokens: Any = None
+    streamed_tokens: int = 0
 
     def header(self, key: str) -> str | None:
         """A text metadata value, or None (absent or binary)."""

@@ -59,6 +59,7 @@ class Reason(enum.StrEnum):
     STREAM_NOT_FOUND = "STREAM_NOT_FOUND"  # no resumable stream by that id (for this caller)
     STREAM_EXPIRED = "STREAM_EXPIRED"  # the stream's data is gone: grace, time or bytes bound
     STREAM_STORE_UNAVAILABLE = "STREAM_STORE_UNAVAILABLE"  # the shared stream store is down
+    STREAM_FINISHED = "STREAM_FINISHED"  # resumed after the final chunk: nothing left to send
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,6 +181,29 @@ class ProxyMetrics:
             ["backend", "state"],
             registry=registry,
         )
+        self.stream_resumes = Counter(
+            "ai_proxy_stream_resumes_total",
+            "Resume requests of resumable streams, by method and outcome (resumed, "
+            "not_found, expired, finished).",
+            ["method", "outcome"],
+            registry=registry,
+        )
+        self.streams_stopped = Counter(
+            "ai_proxy_resumable_streams_stopped_total",
+            "Upstream generations of resumable streams stopped before their end, by why "
+            "(abandoned: the caller dropped and nobody resumed within the grace; "
+            "cancel_requested: a caller cancelled on purpose; evicted: past the bound on "
+            "generations without their caller; shutdown).",
+            ["method", "why"],
+            registry=registry,
+        )
+        self.cache_requests = Counter(
+            "ai_proxy_cache_requests_total",
+            "Calls that used the response cache, by method and outcome (hit, shared: joined "
+            "an identical call in flight, miss, bypass: no-store / no-cache).",
+            ["method", "outcome"],
+            registry=registry,
+        )
         self._models: set[str] = set()
         self._model_lock = threading.Lock()
 

@@ -123,8 +123,45 @@ class UpstreamSettings(_Section):
         return [_check_address(v) for v in value]
 
 
+class ResumeSettings(_Section):
+    """Resumable streams (server/resume.py; README: Resumable streams). A resumable stream
+    gets an id (x-aiproxy-stream-id), its chunks are kept in the stream buffer, and a
+    caller that lost its connection resumes it (x-aiproxy-resume + last-event-id) instead
+    of paying for the generation again."""
+
+    # Where chunks are kept: memory (this process: resume on the same replica only) or
+    # redis (redis.url, shared by every replica). null: the same as limits.backend.
+    backend: Literal["memory", "redis"] | None = None
+    # Streams are resumable without the caller asking (x-aiproxy-resumable: 1)...
+    default: bool = False
+    # ...or only these methods ("StreamGenerate" or the full path); the caller's
+    # x-aiproxy-resumable: 0 still opts out.
+    methods: list[str] = Field(default_factory=list)
+    # How long the upstream generation continues after its caller dropped, waiting for a
+    # resume; then it is cancelled (the cancellation reaches the agent, only later).
+    grace_s: float = Field(default=5.0, ge=0, le=600)
+    # Bounds per buffered stream: payload bytes (the oldest chunks are dropped past it)
+    # and time after the last write (then a resume is STREAM_NOT_FOUND).
+    max_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    ttl_s: float = Field(default=300.0, gt=0, le=86_400)
+    # memory backend: streams held per process and per caller (one caller cannot flush
+    # everyone's streams: past its own bound it loses its own oldest).
+    max_streams: int = Field(default=10_000, ge=1)
+    max_streams_per_caller: int = Field(default=256, ge=1)
+    # Generations kept running after their caller dropped (in their grace), per caller and
+    # per process: past either bound the oldest is stopped at once. Without it a caller
+    # could open streams, drop them, and keep any number of generations running (its
+    # open-stream limit counts connected streams only).
+    max_detached_per_caller: int = Field(default=8, ge=0)
+    max_detached: int = Field(default=1000, ge=0)
+    # Every Redis key of the stream buffer starts with this.
+    key_prefix: str = Field(default="aiproxy:streams:", min_length=1, max_length=128)
+
+
 class StreamSettings(_Section):
     """How server streams are pumped from the upstream to the caller."""
+
+    resume: ResumeSettings = Field(default_factory=ResumeSettings)
 
     # Chunks read ahead of a slow caller; past it the upstream read waits (backpressure).
     buffer_chunks: int = Field(default=100, ge=1)
@@ -642,6 +679,29 @@ class RedisSettings(_Section):
         return value
 
 
+class CacheSettings(_Section):
+    """The response cache (server/caching.py; README: Response cache): exact-match
+    answers, L1 in this process (LRU bounded in bytes), L2 the shared backend. A call
+    opts in with `cache-control: max-age=N`; the operator per method with a TTL."""
+
+    enabled: bool = True
+    # L2: memory (none: L1 only) or redis (redis.url, shared by replicas). null: the
+    # same as limits.backend.
+    backend: Literal["memory", "redis"] | None = None
+    # Method name ("Generate") or full path -> TTL in seconds: cached without the caller
+    # asking (cache-control: no-store / no-cache still bypass).
+    methods: dict[str, int] = Field(default_factory=dict)
+    # A caller's max-age is capped to this.
+    max_ttl_s: int = Field(default=3600, ge=1, le=7 * 86_400)
+    # L1 bound in bytes, and the largest entry kept (in L1 and sent to L2).
+    l1_max_bytes: int = Field(default=64 << 20, ge=1024)
+    max_entry_bytes: int = Field(default=1 << 20, ge=256)
+    # Answers are keyed by the caller's tenant (else the caller): never served across
+    # tenants. True shares answers between every caller (public, non-personal prompts).
+    shared_across_tenants: bool = False
+    key_prefix: str = Field(default="aiproxy:cache:", min_length=1, max_length=128)
+
+
 class LogSettings(_Section):
     level: str = "INFO"
     # One JSON "access" line per call (ids, method, status, timings, tokens; never prompts).
@@ -712,6 +772,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
@@ -726,6 +787,12 @@ class Settings(BaseSettings):
                 "limits.backend is redis but redis.url is not set "
                 "(e.g. AIPROXY_REDIS__URL=redis://host:6379/0)"
             )
+        for name, backend in (
+            ("stream.resume.backend", self.stream.resume.backend),
+            ("cache.backend", self.cache.backend),
+        ):
+            if backend == "redis" and self.redis.url is None:
+                raise ValueError(f"{name} is redis but redis.url is not set")
         names = {k.name for k in self.auth.api_keys}
         unknown = sorted(
             k for k in self.limits.overrides if k.startswith("apikey:") and k[7:] not in names

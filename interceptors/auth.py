@@ -12,7 +12,12 @@ Credentials, in this order:
 The caller's identity goes into `CallInfo.caller`: "sub:<JWT subject>" or
 "key:<hash of the API key>" -- exactly what `core.ratelimit.caller_key` gives
 for the same credentials, so the rate limiter (call.caller or caller_key(...)), the
-access log and the auth check agree on who the caller is. Scopes (JWT `scope`
+access log and the auth check agree on who the caller is. With `limits.tenant_claim`
+set, the value of that claim in a verified token (a short printable string or number;
+anything else is ignored) goes into `CallInfo.tenant`: the caller's `tenant:<value>`
+overrides and shared daily token budget (core/limitpolicy.py). API key callers are
+matched to their configured name (`apikey:<name>` overrides) by the limit policy, from
+the key's hash. Only a verified token names a tenant: a header never does. Scopes (JWT `scope`
 space-separated or `scp` list; an API key's configured scopes) are checked against
 `auth.method_scopes`.
 
@@ -49,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from core.callinfo import CallInfo
 from core.errors import PermissionDenied, Unauthenticated
+from core.limitpolicy import tenant_from_claims
 from core.logs import log_event
 from core.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
 from core.service import SERVICE_NAME, Method
@@ -110,6 +116,7 @@ class Principal:
     caller: str  # "sub:<subject>" or "key:<hash>": the rate-limit key and the log identity
     scopes: frozenset[str]
     kind: str  # "jwt" or "api_key"
+    tenant: str = ""  # the token's tenant claim (limits.tenant_claim), "" when none
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,9 +179,13 @@ def load_jwks_file(path: str | pathlib.Path) -> list[tuple[Any, str | None, str 
 class Authenticator:
     """Checks one call's credentials and scopes. Pure logic, no I/O after __init__."""
 
-    def __init__(self, settings: AuthSettings, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self, settings: AuthSettings, *, clock: Clock = time.time, tenant_claim: str | None = None
+    ) -> None:
+        """`tenant_claim`: limits.tenant_claim, the JWT claim naming the caller's tenant."""
         self._settings = settings
         self._clock = clock
+        self._tenant_claim = tenant_claim
         keys: list[_VerificationKey] = []
         configured = frozenset(settings.algorithms) or None
         if settings.jwt_secret is not None:
@@ -335,7 +346,12 @@ class Authenticator:
         valid_from = _number(claims.get("nbf"), float("-inf")) - leeway
         valid_until = _number(claims.get("exp"), float("inf")) + leeway
         return (
-            Principal(caller_key({}, "", subject=subject), _scopes(claims), "jwt"),
+            Principal(
+                caller_key({}, "", subject=subject),
+                _scopes(claims),
+                "jwt",
+                tenant_from_claims(claims, self._tenant_claim) or "",
+            ),
             valid_from,
             valid_until,
         )
@@ -415,6 +431,7 @@ class _Bound:
             principal = auth.authenticate_headers(call.metadata, call.repeated, call.peer)
             # Verified: both the limits key and the breaker's unforgeable identity.
             call.caller = call.identity = principal.caller
+            call.tenant = principal.tenant
             if self._scopes:
                 auth.authorize(principal, self._path)
         except (Unauthenticated, PermissionDenied) as err:
@@ -433,8 +450,10 @@ class _Bound:
 class AuthStage:
     """Stage: authenticates every API call; see the module docstring."""
 
-    def __init__(self, settings: AuthSettings, *, clock: Clock = time.time) -> None:
-        self.authenticator = Authenticator(settings, clock=clock)
+    def __init__(
+        self, settings: AuthSettings, *, clock: Clock = time.time, tenant_claim: str | None = None
+    ) -> None:
+        self.authenticator = Authenticator(settings, clock=clock, tenant_claim=tenant_claim)
 
     def guard(self, path: str, behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
         """`behavior` (a unary or server-streaming method of a service beside the

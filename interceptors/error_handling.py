@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import grpc
 
@@ -77,7 +77,7 @@ def final_chunk(chunk_cls: Any, seq: int, err: ProxyError) -> Any:
     )
 
 
-async def fail(context: grpc.aio.ServicerContext, err: ProxyError) -> None:
+async def fail(context: grpc.aio.ServicerContext[Any, Any], err: ProxyError) -> None:
     await abort_with(context, err)
 
 
@@ -134,8 +134,8 @@ Wrap = Callable[[str, Callable[..., Any], bool], Callable[..., Any]]
 
 
 def safe_handler(
-    handler: grpc.RpcMethodHandler, path: str, wrap: Wrap | None = None
-) -> grpc.RpcMethodHandler:
+    handler: grpc.RpcMethodHandler[Any, Any], path: str, wrap: Wrap | None = None
+) -> grpc.RpcMethodHandler[Any, Any]:
     """`handler` (of a service beside the pipeline) in the one error shape: a request
     deserializer that never raises (bytes that do not decode get INVALID_ARGUMENT
     MALFORMED_REQUEST, not grpc's UNKNOWN naming the exception class), ProxyErrors as
@@ -143,8 +143,14 @@ def safe_handler(
     (e.g. the auth guard) wraps the behaviour first. Built once, at registration."""
     if handler.request_deserializer is None and wrap is None:
         return handler
-    behavior = (
-        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    # grpc's stubs type the behaviours as sync callables; on a grpc.aio server they are
+    # coroutine functions or async generator functions, hence Any.
+    behavior: Callable[..., Any] = cast(
+        Callable[..., Any],
+        handler.unary_unary
+        or handler.unary_stream
+        or handler.stream_unary
+        or handler.stream_stream,
     )
     if wrap is not None:
         behavior = wrap(path, behavior, handler.response_streaming)
@@ -204,7 +210,7 @@ class SafeGenericHandler(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, wrap: Wrap | None = None) -> None:
         self._inner = inner
         self._wrap = wrap
-        self._cache: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._cache: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method

@@ -41,8 +41,24 @@ Health, reflection and admin calls are not limited: probes must never be turned 
 Buckets and stream leases live in a LimitStore (core/limitstore.py: in memory, or shared
 in Redis), passed in by the assembly: one `admit` on the way in, one `finish` when the
 call ends. The proxy-wide cap stays in this process (it protects this process).
-Token-aware limits plug in at `_Bound.enter`: the store's admit already takes
-`tokens`, `token_limits` and `budget_key`.
+
+Which limits apply is the LimitPolicy's answer (core/limitpolicy.py, built once): the
+caller's own override, else its API key name's (`apikey:<name>`), else its tenant's
+(`tenant:<value>`, the JWT claim auth put in CallInfo.tenant), else the defaults.
+
+Token-aware limits, for methods whose answers report `usage` (core/tokens.py): the same
+`admit` reserves the prompt's estimated tokens plus max_tokens (or a default when
+unset) from the caller's tokens-per-minute bucket and from the daily budget (the
+tenant's when it has one), all or nothing, inside the store (atomic in Redis: N
+concurrent calls against a budget that fits K admit K). A refusal is RESOURCE_EXHAUSTED
+with QuotaFailure and RetryInfo at the refill (or 00:00 UTC); an admitted call's
+response headers carry the token budget left (x-ratelimit-*-tokens[-day]). When the
+call ends, `exit` settles the reservation exactly once with what the agent reported
+(the unary response's or the stream's final chunk's usage), or, when no usage arrived
+(cancelled, failed mid-stream), with what went out: the prompt estimate plus the
+tokens of the chunks the caller was sent (counted by the pipeline). A call that sent
+the caller nothing is charged nothing. That is why this stage sits after DECODE: the
+reservation needs the request.
 """
 
 from __future__ import annotations
@@ -52,8 +68,12 @@ import hmac
 import ipaddress
 from typing import Any, Final
 
+from google.protobuf.message import Message
+
+from core import tokens
 from core.callinfo import CallInfo
 from core.errors import Overloaded
+from core.limitpolicy import LimitPolicy
 from core.limitstore import LimitStore, MemoryLimitStore, Reservation, StreamLease, refusal_error
 from core.ratelimit import (
     API_KEY_HEADER,
@@ -86,14 +106,17 @@ def override_key(key: str) -> str:
 class Limits:
     """Stage: admission control (see the module docstring)."""
 
-    def __init__(self, settings: LimitSettings, store: LimitStore | None = None) -> None:
-        overrides = settings.overrides
-        self.default = LimitSpec(settings.rate_per_s, settings.burst)
-        self.overrides = {key: LimitSpec(o.rate_per_s, o.burst) for key, o in overrides.items()}
-        self.default_streams = settings.max_streams_per_caller
-        self.stream_overrides = {
-            key: o.max_streams for key, o in overrides.items() if o.max_streams is not None
-        }
+    def __init__(
+        self,
+        settings: LimitSettings,
+        store: LimitStore | None = None,
+        *,
+        policy: LimitPolicy | None = None,
+    ) -> None:
+        """`policy`: LimitPolicy.from_settings(settings) so `apikey:<name>` overrides find
+        their callers (the default knows no API key names)."""
+        self.policy = policy if policy is not None else LimitPolicy(settings)
+        self.default = self.policy.default.spec
         self.store: LimitStore = (
             store if store is not None else MemoryLimitStore(max_keys=settings.max_tracked_callers)
         )
@@ -108,7 +131,7 @@ class Limits:
         self._pending: set[asyncio.Task[None]] = set()
 
     def bind(self, method: Method) -> _Bound:
-        return _Bound(self, method.streaming)
+        return _Bound(self, method.streaming, tokens.reports_usage(method.response_cls))
 
     # -- keys ------------------------------------------------------------------------
 
@@ -144,20 +167,24 @@ class Limits:
         return secret is not None and hmac.compare_digest(secret.encode(), self._edge_secret)
 
     def spec_for(self, key: str) -> LimitSpec:
-        return self.overrides.get(override_key(key), self.default)
+        return self.policy.for_caller(override_key(key)).spec
 
     def streams_for(self, key: str) -> int:
-        return self.stream_overrides.get(override_key(key), self.default_streams)
+        return self.policy.for_caller(override_key(key)).stream_limit
 
     # -- the end of a call -----------------------------------------------------------
 
-    def finish(self, lease: StreamLease | None, reservation: Reservation | None) -> None:
+    def finish(
+        self, lease: StreamLease | None, reservation: Reservation | None, actual_tokens: int = 0
+    ) -> None:
         store = self.store
         if isinstance(store, MemoryLimitStore):
-            store.finish_nowait(lease, reservation)
+            store.finish_nowait(lease, reservation, actual_tokens)
             return
         # A remote release must not hold the caller's answer: it runs on its own.
-        task = asyncio.get_running_loop().create_task(store.finish(lease, reservation))
+        task = asyncio.get_running_loop().create_task(
+            store.finish(lease, reservation, actual_tokens)
+        )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -166,10 +193,11 @@ class _Bound:
     """One method's admission. What a call holds is kept on its CallInfo (the in-flight
     lease, the store's stream lease and token reservation) and released by `exit`."""
 
-    __slots__ = ("_limits", "_stream", "exit")
+    __slots__ = ("_limits", "_metered", "_stream", "exit")
 
-    def __init__(self, limits: Limits, stream: bool) -> None:
+    def __init__(self, limits: Limits, stream: bool, metered: bool) -> None:
         self._limits, self._stream = limits, stream
+        self._metered = metered  # the method's answers report LLM token usage
         self.exit = self._exit
 
     async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
@@ -183,21 +211,37 @@ class _Bound:
             )
         try:
             key = limits.key(call)
-            # Token-aware limits (tokens, token_limits, budget_key) go here.
+            # Overrides for `client:<id>` apply to `client:<id>@<address>` (its bucket).
+            resolved = limits.policy.for_caller(override_key(key), call.tenant or None)
+            token_limits = resolved.token_limits if self._metered else None
+            reserve = 0
+            if token_limits is not None:
+                call.prompt_estimate, reserve = tokens.reserve(request)
             admission = await limits.store.admit(
                 key,
-                limits.spec_for(key),
-                stream_limit=limits.streams_for(key) if self._stream else 0,
+                resolved.spec,
+                stream_limit=resolved.stream_limit if self._stream else 0,
+                tokens=reserve,
+                token_limits=token_limits,
+                budget_key=resolved.budget_key,
             )
             if not admission.allowed:
-                raise refusal_error(key, admission, STREAM_RETRY_DELAY_S)
+                # A tenant's exhausted daily budget is the tenant's, not this caller's.
+                subject = key
+                if admission.refused == "tokens_per_day" and resolved.budget_key:
+                    subject = resolved.budget_key
+                raise refusal_error(subject, admission, STREAM_RETRY_DELAY_S)
         except BaseException:
             overall.release()
             raise
+        reservation = admission.reservation
         call.reply_metadata += admission.decision.headers()
+        if reservation is not None:
+            call.reply_metadata += reservation.budget.headers()
+            call.chunk_tokens = tokens.chunk_tokens  # the pipeline counts what goes out
         call.in_flight_lease = overall
         call.stream_lease = admission.lease
-        call.reservation = admission.reservation
+        call.reservation = reservation
 
     def _exit(self, call: CallInfo) -> None:
         lease = call.in_flight_lease
@@ -205,8 +249,26 @@ class _Bound:
             call.in_flight_lease = None
             lease.release()
         if call.stream_lease is not None or call.reservation is not None:
-            self._limits.finish(call.stream_lease, call.reservation)
+            used = used_tokens(call) if call.reservation is not None else 0
+            self._limits.finish(call.stream_lease, call.reservation, used)
             call.stream_lease = call.reservation = None
+
+
+def used_tokens(call: CallInfo) -> int:
+    """What a call that held a reservation is charged (see the module docstring): the
+    usage the agent reported in its last answer, else what went out to the caller. An
+    answer replayed from the cache or a resume buffer generated nothing: it is free (the
+    generation was charged to the call that ran it)."""
+    if call.replayed:
+        return 0
+    reported = tokens.reported_usage(call.last)
+    if reported is not None:
+        return reported
+    if not call.chunks and isinstance(call.last, Message):  # a unary answer, no usage
+        return call.prompt_estimate + tokens.text_tokens(call.last)
+    if not call.streamed_tokens:
+        return 0  # the caller got no generated text: nothing to charge
+    return call.prompt_estimate + call.streamed_tokens
 
 
 def _release(leases: list[Lease]) -> None:

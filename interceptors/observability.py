@@ -262,7 +262,8 @@ class Observability:
             usage = last.usage
             call.prompt_tokens = usage.prompt_tokens
             call.completion_tokens = usage.completion_tokens
-            self._count_tokens(call.model, usage.prompt_tokens, usage.completion_tokens)
+            if not call.replayed:  # a cache hit or a resume consumed no tokens upstream
+                self._count_tokens(call.model, usage.prompt_tokens, usage.completion_tokens)
         return requested
 
     def _annotate_span(self, call: CallInfo, requested_model: str) -> None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import secrets
 import signal
+import socket
 from typing import Any
 
 import grpc
@@ -31,11 +34,13 @@ from interceptors.overload import BacklogLimit, OverloadGate
 from server import tls
 from server.admin import ADMIN_SERVICE_NAME, ProxyAdmin
 from server.backlog import BacklogProbe
+from server.caching import AnswerTerminal, Caching, build_response_cache, cache_backend
 from server.chain import client_interceptors, pipeline_stages
 from server.forwarding import Forwarder
 from server.health import ProxyHealth
 from server.limits_backend import close_limit_store, open_limit_store
 from server.pipeline import Pipeline
+from server.resume import Resumer, build_stream_buffer, resume_backend
 from server.telemetry import Telemetry, server_tracing_interceptor
 from server.upstream import UpstreamPool
 
@@ -137,6 +142,9 @@ class ProxyServer:
         self._backlog_limit: BacklogLimit | None = None
         self._background: list[asyncio.Task[None]] = []
         self.port: int | None = None
+        # Resumable streams and the response cache (opened in start, closed in drain).
+        self.resumer: Resumer | None = None
+        self.caching: Caching | None = None
 
     def _gate(self) -> OverloadGate | None:
         """The overload gate, first in the pipeline (interceptors/overload.py), when a
@@ -174,6 +182,30 @@ class ProxyServer:
             on_reject=count,
             backlog_limit=self._backlog_limit,
         )
+
+    def _terminal(self) -> AnswerTerminal:
+        """The forwarder behind the response cache and resumable streams (server/caching.py,
+        server/resume.py); both on the backend their settings name (memory, or the shared
+        Redis of `redis.url`). Building them connects nothing: Redis is reached on first use,
+        and a Redis that is away costs a miss (cache) or an unresumable stream, never a call."""
+        s = self.settings
+        metrics = self.telemetry.proxy
+        self.resumer = Resumer(
+            build_stream_buffer(s),
+            s.stream.resume,
+            replica_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}",
+            queue_chunks=s.stream.buffer_chunks,
+            metrics=metrics,
+        )
+        if s.cache.enabled:
+            self.caching = Caching(build_response_cache(s), s.cache, metrics)
+        log_event(
+            log,
+            "answers_backends",
+            stream_buffer=resume_backend(s),
+            cache=cache_backend(s) if s.cache.enabled else "off",
+        )
+        return AnswerTerminal(self.forwarder, self.caching, self.resumer)
 
     def _start_backlog_probe(self) -> None:
         limit = self._backlog_limit
@@ -227,7 +259,7 @@ class ProxyServer:
             # under limits.failure_policy; it recovers by itself.
             self.limit_store = await open_limit_store(self.settings, self.telemetry.proxy)
         stages = pipeline_stages(self.settings, self.telemetry, limit_store=self.limit_store)
-        Pipeline(agent_service(), stages, self.forwarder, self._gate()).register(server)
+        Pipeline(agent_service(), stages, self._terminal(), self._gate()).register(server)
         auth = next((s for s in stages if isinstance(s, AuthStage)), None)
         beside = _BesideThePipeline(server, auth)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, beside)
@@ -302,6 +334,10 @@ class ProxyServer:
             task.cancel()
         if self._background:
             await asyncio.wait(self._background)
+        if self.resumer is not None:
+            await self.resumer.aclose()  # owners in their grace are cancelled now
+        if self.caching is not None and self.caching.cache.l2 is not None:
+            await self.caching.cache.l2.aclose()
         await self.pool.close()
         await close_limit_store(self.limit_store)
         self.telemetry.shutdown()

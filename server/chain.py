@@ -19,12 +19,15 @@ why:
                                 CallInfo.caller / .identity, the identity the limits,
                                 the breaker and the logs use. Before the limits, so an
                                 authenticated caller is limited by who it is.
-  4. Limits                     admission: proxy-wide cap, the caller's token bucket,
-                                the caller's open streams. Before decoding and
-                                validation, so that a flood of malformed requests is
-                                limited like any other.
   -  DECODE                     the request bytes become the message (a failure is
                                 INVALID_ARGUMENT MALFORMED_REQUEST, in one place).
+  4. Limits                     admission: proxy-wide cap, the caller's request
+                                bucket, open streams and LLM tokens. After decoding,
+                                because the token reservation needs the request
+                                (max_tokens, the prompt); a malformed request is
+                                refused by the decode at the cost of a parse, like an
+                                unauthenticated one by auth, and never goes upstream.
+                                Before validation, so invalid requests are limited.
   5. Validation                 rejects invalid requests before they cost anything
                                 upstream.
   6. DeadlineStage              fixes the effective deadline the upstream call gets;
@@ -63,6 +66,7 @@ from typing import Final
 
 import grpc
 
+from core.limitpolicy import LimitPolicy
 from core.limitstore import LimitStore
 from core.metrics import CallTelemetry
 from core.service import agent_service
@@ -122,10 +126,11 @@ def pipeline_stages(
     if telemetry is not None:
         order.append(Observability(telemetry))
     if settings.auth.active:
-        order.append(AuthStage(settings.auth))
-    if settings.limits.enabled:
-        order.append(Limits(settings.limits, limit_store))
+        order.append(AuthStage(settings.auth, tenant_claim=settings.limits.tenant_claim))
     order.append(DECODE)
+    if settings.limits.enabled:
+        policy = LimitPolicy.from_settings(settings)
+        order.append(Limits(settings.limits, limit_store, policy=policy))
     if settings.validation.enabled:
         order.append(Validation(RequestRules(settings.validation).for_service(service.descriptor)))
     order.append(DeadlineStage(method_deadlines(settings)))

@@ -251,6 +251,9 @@ def _stream_handler(
                 if decode_at == n:
                     request = call.request = decode(request_cls, raw)
                 chunks = terminal(request, raw, context, call)
+                # Set by the limits stage when the call holds a token reservation: a
+                # stream that ends without usage is charged the chunks that went out.
+                count = call.chunk_tokens
                 async for chunk in chunks:
                     now = monotonic()
                     if sent:
@@ -262,6 +265,8 @@ def _stream_handler(
                     last_at, last = now, chunk
                     sent += 1
                     yield chunk
+                    if count is not None:  # resumed: the chunk was sent
+                        call.streamed_tokens += count(chunk)
             except grpc.aio.AbortError:
                 call.code = _aborted_code(context)
                 raise

@@ -49,7 +49,10 @@ async def open_streams(api, n: int, tag: str) -> list:
     out = []
     for i in range(n):
         request_id = f"{tag}-{i}"
-        metadata = (("x-client-id", f"{tag}-caller-{i}"), ("x-request-id", request_id))
+        # Distinct callers as the breaker counts them: edge-reported addresses (loopback is a
+        # trusted edge by default); a self-declared x-client-id would be one caller.
+        address = f"10.77.0.{i + 1}"
+        metadata = (("x-envoy-external-address", address), ("x-request-id", request_id))
         call = api.StreamGenerate(SLOW_STREAM, metadata=metadata, timeout=90)
         first = await call.read()
         assert first.delta

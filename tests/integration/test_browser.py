@@ -217,3 +217,31 @@ def test_stop_aborts_the_stream_and_the_upstream_work(
         timeout=10,
     )
     assert finished["cancelled"] is True and finished["code"] == "CANCELLED"
+
+
+def test_drop_connection_resumes_where_the_answer_was(
+    page: Any, edge: dict[str, ServiceProcess]
+) -> None:
+    """ "Drop connection" aborts the fetch mid-answer without a cancel request, and the page
+    resumes the stream by its id: the answer continues and equals an uninterrupted run
+    (the agent is deterministic), with one upstream generation for the page's call."""
+    prompt = "Explain resumable streams to a phone on a train."
+    whole = sse_events(
+        request(
+            edge["envoy"].address, "POST", "/api/v1/ai/generate/stream", {"prompt": prompt}
+        ).body
+    )
+    expected = "".join(e["delta"] for e in whole if not e["heartbeat"])
+    started_before = len(edge["agent"].log_events("call_started"))
+    _ask(page, prompt)
+    page.wait_for_function(
+        "Number(document.getElementById('status').dataset.chunks) >= 3"
+        " && document.getElementById('status').dataset.streamId"
+    )
+    assert page.is_enabled("#drop")
+    page.click("#drop")
+    assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
+    assert page.get_attribute("#status", "data-resumes") == "1"
+    assert page.text_content("#output") == expected
+    # One generation for the page's call: the resume made no upstream call.
+    assert len(edge["agent"].log_events("call_started")) == started_before + 1

@@ -27,6 +27,7 @@ from core.streambuffer import (
 )
 from server.redis_streams import RedisStreamBuffer
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+from tests.support.waiting import eventually
 
 
 @pytest.fixture
@@ -263,8 +264,7 @@ async def test_drop_and_resume_on_another_replica_equals_an_uninterrupted_run(
         await recorder.close()
 
     pumping = asyncio.create_task(pump())
-    while len(seen) < 5:
-        await asyncio.sleep(0.001)
+    await eventually(lambda: len(seen) >= 5, 30, "five chunks to the caller", interval=0.001)
     resumed = [
         pb.StreamGenerateResponse.FromString(c.data)
         async for c in other.read(sid, "tenant", seen[-1].seq)

@@ -61,9 +61,12 @@ AUTH_ENV = {
 
 
 def _token(key: str = JWT_SECRET, **claims: Any) -> str:
+    # Valid for a day: these are signed when the module is imported, which is when the
+    # session collects (every xdist worker at its start), not when the test runs; with
+    # 10 minutes the good token expired before its test on a loaded box (401s).
     now = int(time.time())
     return jwt.encode(
-        {"sub": "alice", "aud": AUDIENCE, "exp": now + 600, **claims}, key, algorithm="HS256"
+        {"sub": "alice", "aud": AUDIENCE, "exp": now + 86_400, **claims}, key, algorithm="HS256"
     )
 
 

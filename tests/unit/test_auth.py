@@ -14,8 +14,10 @@ from typing import Any
 import jwt
 import pytest
 
+from core.callinfo import CallInfo, metadata_dict
 from core.errors import PermissionDenied, Reason, Unauthenticated
 from core.ratelimit import caller_key, hash_api_key
+from core.service import agent_service
 from core.settings import AuthSettings, ConfigError, load_settings
 from interceptors.auth import Authenticator, AuthStage, Cause, Principal, is_open_method
 from server.chain import pipeline_stages
@@ -393,3 +395,39 @@ def test_check_config_never_prints_the_secret(
     assert main(["check-config", str(config)]) == 0
     out = capsys.readouterr().out
     assert SECRET not in out and "jwt_secret: '**********'" in out
+
+
+def test_the_tenant_claim_names_the_callers_tenant() -> None:
+    auth = Authenticator(settings(), tenant_claim="tenant")
+    assert auth.authenticate(bearer(hs(tenant="acme"))).tenant == "acme"
+    assert auth.authenticate(bearer(hs(sub="bob", tenant=42))).tenant == "42"
+    # Absent, not a string, too long or unprintable: no tenant (limited as itself).
+    for value in (None, ["acme"], {"a": 1}, True, "x" * 200, "a\nb", ""):
+        assert auth.authenticate(bearer(hs(sub="carol", tenant=value))).tenant == ""
+    # Without limits.tenant_claim the claim means nothing.
+    assert Authenticator(settings()).authenticate(bearer(hs(tenant="acme"))).tenant == ""
+
+
+async def test_the_auth_stage_puts_the_tenant_in_callinfo() -> None:
+    method = agent_service().by_name["Generate"]
+    keys = [{"name": "ci", "key_hash": hash_api_key(API_KEY)}]
+    stage = AuthStage(settings(api_keys=keys), tenant_claim="tenant")
+    bound = stage.bind(method)
+    assert bound is not None
+    headers, repeated = metadata_dict(bearer(hs(sub="alice", tenant="acme")))
+    call = CallInfo(method.path, metadata=headers, repeated=repeated, peer=PEER)
+    await bound.enter(call, None, None)
+    assert (call.caller, call.tenant) == ("sub:alice", "acme")
+    # An API key caller has no tenant claim; its name applies through the limit policy.
+    headers, repeated = metadata_dict([("x-api-key", API_KEY)])
+    keyed = CallInfo(method.path, metadata=headers, repeated=repeated, peer=PEER)
+    await bound.enter(keyed, None, None)
+    assert keyed.tenant == "" and keyed.caller == f"key:{hash_api_key(API_KEY)}"
+
+
+def test_the_pipeline_passes_the_tenant_claim_to_auth() -> None:
+    stages = pipeline_stages(
+        load_settings(auth={"jwt_secret": SECRET}, limits={"tenant_claim": "team"})
+    )
+    auth = next(s for s in stages if isinstance(s, AuthStage))
+    assert auth.authenticator.authenticate(bearer(hs(team="blue"))).tenant == "blue"

@@ -25,6 +25,7 @@ from core.cache import (
     parse_cache_control,
 )
 from core.errors import UpstreamUnavailable
+from tests.support.waiting import eventually
 
 
 class FakeClock:
@@ -176,8 +177,7 @@ async def test_fifty_identical_streams_one_upstream_call_then_hits() -> None:
     cache = ResponseCache(LruCache(1 << 20))
     up = Upstream([b"c0", b"c1", b"final"])
     tasks = [asyncio.create_task(consume(cache, "k", up)) for _ in range(50)]
-    while cache.in_flight == 0 or up.calls == 0:
-        await asyncio.sleep(0)
+    await eventually(lambda: cache.in_flight and up.calls, 10, "the upstream call", interval=0)
     for _ in range(5):
         await asyncio.sleep(0)
     up.release.set()
@@ -214,8 +214,7 @@ async def test_cancelled_leader_neither_cancels_nor_hangs_the_followers() -> Non
     cache = ResponseCache(LruCache(1 << 20))
     up = Upstream([b"c0", b"c1", b"final"])
     leader = asyncio.create_task(consume(cache, "k", up))
-    while up.calls == 0:
-        await asyncio.sleep(0)
+    await eventually(lambda: up.calls, 10, "the leader's upstream call", interval=0)
     followers = [asyncio.create_task(consume(cache, "k", up)) for _ in range(10)]
     for _ in range(10):
         await asyncio.sleep(0)
@@ -248,8 +247,7 @@ async def test_producer_cancelled_from_outside_is_an_error_for_followers() -> No
     cache = ResponseCache(LruCache(1 << 20))
     up = Upstream([b"c0"])
     results = asyncio.gather(*(consume(cache, "k", up) for _ in range(3)), return_exceptions=True)
-    while cache.in_flight == 0 or up.calls == 0:
-        await asyncio.sleep(0)
+    await eventually(lambda: cache.in_flight and up.calls, 10, "the upstream call", interval=0)
     flight = cache._flights["k"]
     assert flight.task is not None
     flight.task.cancel()  # e.g. shutdown
@@ -269,8 +267,7 @@ async def test_unary_single_flight_bypass_and_no_cache() -> None:
         return b"answer-%d" % calls
 
     pending = [asyncio.create_task(cache.unary("k", CACHED, loader)) for _ in range(50)]
-    while calls == 0:
-        await asyncio.sleep(0)
+    await eventually(lambda: calls, 10, "the loader's first call", interval=0)
     for _ in range(5):
         await asyncio.sleep(0)
     gate.set()

@@ -23,8 +23,8 @@ def kinds(chain) -> list[type]:
 def test_pipeline_order_outermost_first() -> None:
     assert kinds(pipeline_stages(load_settings())) == [
         RequestContext,
-        Limits,
         type(DECODE),
+        Limits,
         Validation,
         DeadlineStage,
     ]
@@ -42,8 +42,8 @@ def test_full_pipeline_with_telemetry_and_tracing() -> None:
     assert order == [
         RequestContext,
         Observability,
-        Limits,
         type(DECODE),
+        Limits,
         Validation,
         DeadlineStage,
     ]
@@ -54,8 +54,8 @@ def test_auth_joins_before_limits() -> None:
     assert kinds(pipeline_stages(settings)) == [
         RequestContext,
         AuthStage,
-        Limits,
         type(DECODE),
+        Limits,
         Validation,
         DeadlineStage,
     ]

@@ -31,7 +31,7 @@ def test_the_environment_selects_redis(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_redis_backend_needs_a_url() -> None:
-    with pytest.raises(ConfigError, match="redis.url is not set"):
+    with pytest.raises(ConfigError, match=r"redis\.url is not set"):
         load_settings(limits={"backend": "redis"})
 
 

@@ -8,11 +8,16 @@ from typing import Any
 
 import pytest
 
+from ai.agent.v1 import agent_service_pb2 as pb
 from core.callinfo import CallInfo, metadata_dict
 from core.errors import ConcurrencyLimited, Overloaded, RateLimited
+from core.limitpolicy import LimitPolicy
+from core.limitstore import Admission, MemoryLimitStore, TokenLimits
+from core.ratelimit import hash_api_key
 from core.service import agent_service
 from core.settings import load_settings
-from interceptors.limits import Limits, override_key
+from core.tokens import DEFAULT_COMPLETION_TOKENS
+from interceptors.limits import Limits, override_key, used_tokens
 
 GENERATE = agent_service().by_name["Generate"]
 STREAM = agent_service().by_name["StreamGenerate"]
@@ -103,3 +108,192 @@ async def test_stream_leases_are_taken_at_enter_and_released_at_exit() -> None:
     stage.bind(STREAM).exit(first)  # a second exit changes nothing
     await admit(stage, call_from("ipv4:10.0.0.1:2"), STREAM)
 
+
+# ---- token-aware limits --------------------------------------------------------------
+
+
+class FakeStore(MemoryLimitStore):
+    """A memory store that records what the stage asked of it (the store's own logic is
+    tested in test_limitstore.py)."""
+
+    local = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.admits: list[dict[str, Any]] = []
+        self.finishes: list[tuple[Any, Any, int]] = []
+
+    def admit_nowait(self, key: str, spec: Any, **kwargs: Any) -> Admission:  # type: ignore[override]
+        self.admits.append({"key": key, **kwargs})
+        return super().admit_nowait(key, spec, **kwargs)
+
+    def finish_nowait(self, lease: Any, reservation: Any, actual_tokens: int = 0) -> None:
+        self.finishes.append((lease, reservation, actual_tokens))
+        super().finish_nowait(lease, reservation, actual_tokens)
+
+
+PROMPT = "Explain token buckets, briefly."  # 6 tokens by the estimate
+PROMPT_TOKENS = 6
+
+
+def token_stage(store: MemoryLimitStore | None = None, **limit_settings: Any) -> Limits:
+    settings = load_settings(
+        auth={"api_keys": [{"name": "ci", "key_hash": hash_api_key("k-ci")}]},
+        limits={
+            "rate_per_s": 1000,
+            "burst": 1000,
+            "tokens_per_minute": 10_000,
+            "tokens_per_day": 100,
+            **limit_settings,
+        },
+    )
+    return Limits(settings.limits, store, policy=LimitPolicy.from_settings(settings))
+
+
+def gen(max_tokens: int = 10) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=max_tokens))
+
+
+async def enter(stage: Limits, call: CallInfo, request: Any, method: Any = GENERATE) -> Any:
+    bound = stage.bind(method)
+    await bound.enter(call, request, Ctx())
+    return bound
+
+
+async def test_admission_reserves_the_prompt_estimate_plus_max_tokens() -> None:
+    store = FakeStore()
+    stage = token_stage(store)
+    call = call_from("ipv4:10.0.0.1:1", caller="sub:alice")
+    await enter(stage, call, gen(10))
+    (asked,) = store.admits
+    assert asked["tokens"] == PROMPT_TOKENS + 10
+    assert asked["token_limits"] == TokenLimits(10_000, 100)
+    assert asked["budget_key"] is None
+    headers = dict(call.reply_metadata)
+    assert headers["x-ratelimit-remaining-tokens-day"] == str(100 - 16)
+    assert headers["x-ratelimit-limit-tokens"] == "10000"
+    assert headers["x-ratelimit-remaining-tokens"] == str(10_000 - 16)
+
+
+async def test_without_max_tokens_the_completion_is_estimated() -> None:
+    store = FakeStore()
+    stage = token_stage(store, tokens_per_day=None)
+    await enter(stage, call_from("ipv4:10.0.0.1:1"), pb.GenerateRequest(prompt=PROMPT))
+    assert store.admits[0]["tokens"] == PROMPT_TOKENS + DEFAULT_COMPLETION_TOKENS
+
+
+async def test_a_method_without_usage_reserves_no_tokens() -> None:
+    store = FakeStore()
+    stage = token_stage(store)
+    search = agent_service().by_name["SearchRag"]
+    await enter(stage, call_from("ipv4:10.0.0.1:1"), pb.SearchRagRequest(query="q"), search)
+    assert store.admits[0]["token_limits"] is None
+
+
+async def test_the_end_settles_once_with_the_reported_usage() -> None:
+    store = FakeStore()
+    stage = token_stage(store)
+    call = call_from("ipv4:10.0.0.1:1", caller="sub:alice")
+    bound = await enter(stage, call, gen(10))
+    call.first = call.last = pb.GenerateResponse(
+        text="x", usage=pb.Usage(prompt_tokens=5, completion_tokens=3)
+    )
+    bound.exit(call)
+    bound.exit(call)  # a second exit settles nothing
+    assert [actual for _, _, actual in store.finishes] == [8]
+    # The daily budget was charged 8, not the 16 reserved.
+    budget = store.token_budget("sub:alice", TokenLimits(10_000, 100))
+    assert budget.day_remaining == 92
+
+
+async def test_a_cancelled_stream_is_charged_what_went_out() -> None:
+    store = FakeStore()
+    stage = token_stage(store)
+    call = call_from("ipv4:10.0.0.1:1", caller="sub:alice")
+    request = pb.StreamGenerateRequest(prompt=PROMPT, options=pb.GenerationOptions(max_tokens=50))
+    bound = await enter(stage, call, request, STREAM)
+    assert call.chunk_tokens is not None  # the pipeline counts what goes out
+    sent = [pb.StreamGenerateResponse(delta=d, seq=i) for i, d in enumerate(["Hi", ",", " there"])]
+    for chunk in sent:
+        call.streamed_tokens += call.chunk_tokens(chunk)
+    call.chunks, call.first, call.last = len(sent), sent[0], sent[-1]
+    call.code = "CANCELLED"
+    bound.exit(call)
+    assert [actual for _, _, actual in store.finishes] == [PROMPT_TOKENS + 3]
+
+
+async def test_a_stream_that_sent_nothing_is_charged_nothing() -> None:
+    store = FakeStore()
+    stage = token_stage(store)
+    call = call_from("ipv4:10.0.0.1:1", caller="sub:alice")
+    bound = await enter(stage, call, pb.StreamGenerateRequest(prompt=PROMPT), STREAM)
+    call.code = "UNAVAILABLE"
+    bound.exit(call)
+    assert [actual for _, _, actual in store.finishes] == [0]
+    assert store.token_budget("sub:alice", TokenLimits(10_000, 100)).day_remaining == 100
+
+
+async def test_a_failed_stream_with_an_error_chunk_is_charged_its_deltas() -> None:
+    call = call_from("ipv4:10.0.0.1:1")
+    call.prompt_estimate, call.streamed_tokens, call.chunks = 4, 6, 7
+    call.last = pb.StreamGenerateResponse(is_final=True, seq=6)  # the in-band error chunk
+    assert used_tokens(call) == 10
+
+
+@pytest.mark.parametrize("replayed", ["cache", "resume", "cancel"])
+async def test_a_replayed_answer_is_charged_nothing(replayed: str) -> None:
+    """A cache hit or a resume generated nothing: the call that ran the generation paid."""
+    call = call_from("ipv4:10.0.0.1:1")
+    call.prompt_estimate, call.streamed_tokens, call.chunks = 4, 6, 7
+    call.last = pb.StreamGenerateResponse(
+        is_final=True, seq=6, usage=pb.Usage(prompt_tokens=4, completion_tokens=6, total_tokens=10)
+    )
+    assert used_tokens(call) == 10
+    call.replayed = replayed
+    assert used_tokens(call) == 0
+
+
+async def test_a_refused_reservation_is_resource_exhausted_with_quota_and_retry() -> None:
+    stage = token_stage(tokens_per_day=32)
+    await enter(stage, call_from("ipv4:10.0.0.1:1", caller="sub:alice"), gen(10))  # 16
+    await enter(stage, call_from("ipv4:10.0.0.1:1", caller="sub:alice"), gen(10))  # 32
+    with pytest.raises(RateLimited) as refused:
+        await enter(stage, call_from("ipv4:10.0.0.1:1", caller="sub:alice"), gen(10))
+    err = refused.value
+    assert err.metadata["quota"] == "tokens_per_day"
+    assert err.quota_violations and err.quota_violations[0].subject == "sub:alice"
+    assert err.retry_delay_s is not None and 0 < err.retry_delay_s <= 86_400
+    # Someone else still has their own budget.
+    await enter(stage, call_from("ipv4:10.0.0.1:1", caller="sub:bob"), gen(10))
+
+
+async def test_a_tenants_callers_share_its_daily_budget() -> None:
+    store = FakeStore()
+    stage = token_stage(
+        store,
+        tokens_per_day=1000,
+        tenant_claim="tenant",
+        overrides={"tenant:acme": {"tokens_per_day": 32}},
+    )
+    alice = call_from("ipv4:10.0.0.1:1", caller="sub:alice")
+    alice.tenant = "acme"
+    await enter(stage, alice, gen(10))
+    assert store.admits[0]["budget_key"] == "tenant:acme"
+    bob = call_from("ipv4:10.0.0.2:1", caller="sub:bob")
+    bob.tenant = "acme"
+    await enter(stage, bob, gen(10))
+    carol = call_from("ipv4:10.0.0.3:1", caller="sub:carol")
+    carol.tenant = "acme"
+    with pytest.raises(RateLimited) as refused:
+        await enter(stage, carol, gen(10))
+    assert refused.value.quota_violations[0].subject == "tenant:acme"
+    # A caller of no tenant keeps the default budget.
+    await enter(stage, call_from("ipv4:10.0.0.4:1", caller="sub:dave"), gen(10))
+
+
+async def test_an_api_key_caller_gets_its_names_override() -> None:
+    store = FakeStore()
+    stage = token_stage(store, overrides={"apikey:ci": {"tokens_per_day": 7}})
+    call = call_from("ipv4:10.0.0.1:1", ("x-api-key", "k-ci"))
+    await enter(stage, call, gen(1))
+    assert store.admits[0]["token_limits"] == TokenLimits(10_000, 7)

@@ -29,6 +29,7 @@ from core.streambuffer import (
     valid_stream_id,
     watch_owner,
 )
+from tests.support.waiting import eventually
 
 
 class FakeClock:
@@ -168,8 +169,7 @@ async def test_reader_of_an_evicted_stream_ends_with_expired() -> None:
             got.append(c.seq)
 
     task = asyncio.create_task(read())
-    while not got:
-        await asyncio.sleep(0)
+    await eventually(lambda: got, 10, "the reader's first chunk", interval=0)
     await buf.create("t", "o")  # evicts sid
     with pytest.raises(StreamExpired):
         await asyncio.wait_for(task, 5)
@@ -186,8 +186,7 @@ async def test_abandon_makes_resume_expired_and_wakes_readers() -> None:
             seen.append(c.seq)
 
     task = asyncio.create_task(read())
-    while not seen:
-        await asyncio.sleep(0)
+    await eventually(lambda: seen, 10, "the reader's first chunk", interval=0)
     await buf.abandon(sid)
     with pytest.raises(StreamExpired):
         await asyncio.wait_for(task, 5)

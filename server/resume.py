@@ -1,0 +1,474 @@
+"""Resumable streams, wired: the stream id, the recording, the grace, the resume.
+
+`Resumer.wrap(method, inner)` wraps a stream method's terminal (the forwarder, or the
+cache in front of it). Per call, from the metadata (core/streambuffer.parse_resume):
+
+- `x-aiproxy-cancel: <id>`: the caller stops that stream's upstream on purpose
+  (`request_cancel`); the owner's watcher sees it at its next heartbeat and cancels the
+  upstream at once. The call answers with no chunk; an unknown id is STREAM_NOT_FOUND.
+- `x-aiproxy-resume: <id>` (+ `last-event-id: <seq>`): a replay from the buffer, on any
+  replica sharing it: the chunks after `seq`, then the live tail, to the final chunk.
+  No upstream call, so no token charge (CallInfo.replayed says so to the stages).
+  Unknown / other tenant's id: NOT_FOUND STREAM_NOT_FOUND; data gone (grace over, bytes
+  bound): NOT_FOUND STREAM_EXPIRED. Resuming at or after the final chunk answers
+  OUT_OF_RANGE STREAM_FINISHED: an error status, because an EventSource that nobody
+  closed stops reconnecting only on a non-200 answer (an empty 200 would make it
+  reconnect every 3 s forever; replaying the final chunk would too).
+- resumable (`x-aiproxy-resumable: 1`, or `stream.resume.default` / `.methods` unless
+  the caller said 0): `buffer.create` gives the id, sent in the initial metadata
+  (`x-aiproxy-stream-id`); the upstream is pumped by an *owner task*, not by the
+  caller's handler, which records every chunk (StreamRecorder) and hands it to the
+  caller through a bounded queue (a slow caller still pushes back on the upstream).
+  When the caller drops, the owner keeps going with nobody to hand chunks to, and
+  `watch_owner` (its heartbeat) decides: a resume somewhere keeps it alive, otherwise
+  it is cancelled after `grace_s` (the cancellation reaches the agent, only later) and
+  the buffer `abandon`s the stream (later resumes: STREAM_EXPIRED).
+  Generations running without their caller are bounded per caller
+  (`max_detached_per_caller`) and per process (`max_detached`): past either, the oldest
+  is stopped at once (why="evicted"), so dropping streams is no way around the caller's
+  open-stream limit (which counts connected calls only).
+
+The stream's scope (who may resume or cancel it) is the caller's tenant, else its
+authenticated identity; an anonymous caller's stream is scoped to "anon" and the
+128-bit id alone is the capability (a phone that reconnects from another address must
+still resume). A stream whose store is down at creation runs unresumable (no id sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final, cast
+
+import grpc
+
+from core.callinfo import CallInfo
+from core.errors import Cancelled, ProxyError, Reason
+from core.logs import log_event
+from core.metrics import ProxyMetrics
+from core.service import Method
+from core.settings import ResumeSettings, Settings
+from core.streambuffer import (
+    STREAM_ID_HEADER,
+    ChunkKind,
+    Grace,
+    MemoryStreamBuffer,
+    StreamBuffer,
+    StreamExpired,
+    StreamNotFound,
+    StreamRecorder,
+    StreamStoreUnavailable,
+    Verdict,
+    parse_resume,
+    watch_owner,
+)
+from interceptors.error_handling import final_chunk, shape
+
+log = logging.getLogger("aiproxy.resume")
+
+StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
+
+REQUEST_ID: Final = "x-request-id"
+# The owner's heartbeat (and so how soon a cancel request or the grace's end is seen).
+WATCH_INTERVAL_S: Final = 0.25
+
+
+class StreamFinished(ProxyError):
+    """A resume at or after the final chunk: the stream is complete, nothing is left."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+    reason = Reason.STREAM_FINISHED
+    default_message = "the stream has finished; nothing left to resume"
+
+
+class DetachedContext:
+    """The servicer context an inner terminal sees when it may outlive its caller (an
+    owner task, a shared cache producer): initial metadata is captured, not sent (the
+    wrapper sends it, with its own headers, to the caller it serves); everything else
+    goes to the real context, and a failure there (the caller left) is ignored."""
+
+    __slots__ = ("_context", "initial")
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self.initial: tuple[tuple[str, str], ...] | None = None
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        self.initial = tuple(metadata)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        try:
+            self._context.set_trailing_metadata(metadata)
+        except Exception:  # noqa: BLE001 - the caller's call is over: nobody to tell
+            pass
+
+    def as_context(self) -> grpc.aio.ServicerContext:
+        """This object, typed as what the inner terminal takes (it duck-types it)."""
+        return cast("grpc.aio.ServicerContext", self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def initial_metadata(
+    call: CallInfo, detached: DetachedContext | None, *extra: tuple[str, str]
+) -> tuple[tuple[str, str], ...]:
+    """What the inner terminal would have sent (or the forwarder's default), plus `extra`."""
+    base = detached.initial if detached is not None and detached.initial is not None else None
+    if base is None:
+        base = ((REQUEST_ID, call.request_id), *call.reply_metadata)
+    return (*base, *extra)
+
+
+def stream_scope(call: CallInfo) -> str:
+    """Who may resume or cancel a stream (see the module docstring)."""
+    if call.tenant:
+        return f"tenant:{call.tenant}"
+    if call.caller.startswith(("sub:", "key:")):
+        return call.caller
+    return "anon"
+
+
+class _End:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+
+class _Owner:
+    """One resumable stream's upstream, pumped in its own task (see the module docstring)."""
+
+    def __init__(self, sid: str, maxsize: int, caller: str) -> None:
+        self.sid = sid
+        self.caller = caller
+        self.attached = True
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=maxsize)
+        self.evicted = asyncio.Event()  # stop now: a bound on detached generations
+
+    def detach(self) -> None:
+        """The caller left: stop handing it chunks, and free a put that waits on it."""
+        self.attached = False
+        while not self.queue.empty():
+            self.queue.get_nowait()
+
+    async def hand(self, item: Any) -> None:
+        if self.attached:
+            await self.queue.put(item)
+
+    def queue_end(self, end: _End) -> None:
+        """The end, without waiting: what the caller had not read yet is dropped."""
+        if self.attached:
+            while self.queue.full():
+                self.queue.get_nowait()
+            self.queue.put_nowait(end)
+
+
+class Resumer:
+    """Resumable streams for every stream method (one per process)."""
+
+    def __init__(
+        self,
+        buffer: StreamBuffer,
+        settings: ResumeSettings,
+        *,
+        replica_id: str,
+        queue_chunks: int = 100,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
+        self.buffer = buffer
+        self.settings = settings
+        self.replica_id = replica_id
+        self._queue_chunks = queue_chunks
+        self._metrics = metrics
+        self._methods = frozenset(settings.methods)
+        # Owner tasks alive (caller attached or in grace): kept referenced, cancelled at close.
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Owners whose caller dropped, oldest first: all, and per caller.
+        self._detached: OrderedDict[_Owner, None] = OrderedDict()
+        self._detached_by_caller: dict[str, OrderedDict[_Owner, None]] = {}
+
+    @property
+    def detached(self) -> int:
+        return len(self._detached)
+
+    def _detach(self, owner: _Owner) -> None:
+        """The caller left: count the owner against the bounds; evict the oldest past them."""
+        owner.detach()
+        mine = self._detached_by_caller.setdefault(owner.caller, OrderedDict())
+        mine[owner] = None
+        self._detached[owner] = None
+        if len(mine) > self.settings.max_detached_per_caller:
+            next(iter(mine)).evicted.set()
+        if len(self._detached) > self.settings.max_detached:
+            next(iter(self._detached)).evicted.set()
+
+    def _forget(self, owner: _Owner) -> None:
+        if self._detached.pop(owner, 0) is None:
+            mine = self._detached_by_caller[owner.caller]
+            del mine[owner]
+            if not mine:
+                del self._detached_by_caller[owner.caller]
+
+    def _default_for(self, method: Method) -> bool:
+        return self.settings.default or method.name in self._methods or method.path in self._methods
+
+    def _count(self, counter: Any, *labels: str) -> None:
+        if self._metrics is not None:
+            getattr(self._metrics, counter).labels(*labels).inc()
+
+    def wrap(self, method: Method, inner: StreamCall) -> StreamCall:
+        by_default = self._default_for(method)
+        name = method.name
+
+        def resumable_stream(
+            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
+        ) -> AsyncIterator[Any]:
+            ask = parse_resume(call.metadata.items())
+            if ask.cancel is not None:
+                return self._cancel(ask.cancel, context, call)
+            if ask.resume is not None:
+                return self._replay(method, ask.resume, ask.after_seq, context, call)
+            wanted = by_default if ask.resumable is None else ask.resumable
+            if not wanted:
+                return inner(request, raw, context, call)
+            return self._own(method, inner, request, raw, context, call)
+
+        resumable_stream.__name__ = f"resumable_{name}"
+        return resumable_stream
+
+    # -- x-aiproxy-cancel ----------------------------------------------------------------
+
+    async def _cancel(
+        self, sid: str, context: grpc.aio.ServicerContext, call: CallInfo
+    ) -> AsyncIterator[Any]:
+        call.replayed = "cancel"
+        if not await self.buffer.request_cancel(sid, stream_scope(call)):
+            raise StreamNotFound()
+        await context.send_initial_metadata(initial_metadata(call, None, (STREAM_ID_HEADER, sid)))
+        return
+        yield  # pragma: no cover  (an async generator)
+
+    # -- x-aiproxy-resume ----------------------------------------------------------------
+
+    async def _replay(
+        self,
+        method: Method,
+        sid: str,
+        after_seq: int,
+        context: grpc.aio.ServicerContext,
+        call: CallInfo,
+    ) -> AsyncIterator[Any]:
+        call.replayed = "resume"  # no upstream call: the limits charge no tokens for it
+        cls = method.response_cls
+        reader = self.buffer.read(sid, stream_scope(call), after_seq)
+        try:
+            try:
+                first = await anext(reader)
+            except StopAsyncIteration:
+                self._count("stream_resumes", method.name, "finished")
+                raise StreamFinished() from None
+            except StreamNotFound:
+                self._count("stream_resumes", method.name, "not_found")
+                raise
+            except StreamExpired:
+                self._count("stream_resumes", method.name, "expired")
+                raise
+            self._count("stream_resumes", method.name, "resumed")
+            await context.send_initial_metadata(
+                initial_metadata(call, None, (STREAM_ID_HEADER, sid))
+            )
+            yield cls.FromString(first.data)
+            async for chunk in reader:
+                yield cls.FromString(chunk.data)
+        finally:
+            await reader.aclose()  # type: ignore[attr-defined]
+
+    # -- a new resumable stream ----------------------------------------------------------
+
+    async def _own(
+        self,
+        method: Method,
+        inner: StreamCall,
+        request: Any,
+        raw: bytes,
+        context: grpc.aio.ServicerContext,
+        call: CallInfo,
+    ) -> AsyncIterator[Any]:
+        try:
+            sid = await self.buffer.create(stream_scope(call), self.replica_id)
+        except StreamStoreUnavailable:
+            # The store is away: the stream runs, not resumable (no id is promised).
+            async for chunk in inner(request, raw, context, call):
+                yield chunk
+            return
+        owner = _Owner(sid, self._queue_chunks, call.caller or call.peer)
+        detached = DetachedContext(context)
+        grace = Grace(self.settings.grace_s)
+        task = asyncio.get_running_loop().create_task(
+            self._supervise(method, owner, grace, inner(request, raw, detached.as_context(), call))
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        sent = ended = False
+        try:
+            while True:
+                item = await owner.queue.get()
+                if isinstance(item, _End):
+                    ended = True
+                    if item.error is not None:
+                        error, item.error = item.error, None
+                        try:
+                            raise error
+                        finally:
+                            del error
+                    return
+                if not sent:
+                    sent = True
+                    await context.send_initial_metadata(
+                        initial_metadata(call, detached, (STREAM_ID_HEADER, sid))
+                    )
+                yield item
+        finally:
+            if not ended and not task.done():
+                # The caller left before the end: the owner goes on for the grace.
+                grace.caller_dropped()
+                self._detach(owner)
+
+    async def _supervise(
+        self, method: Method, owner: _Owner, grace: Grace, chunks: AsyncIterator[Any]
+    ) -> None:
+        """Run the owner's pump beside its watcher; the first to end decides."""
+        pump = asyncio.create_task(self._pump(method, owner, chunks))
+        watch = asyncio.create_task(
+            watch_owner(self.buffer, owner.sid, self.replica_id, grace, interval_s=WATCH_INTERVAL_S)
+        )
+        evicted = asyncio.create_task(owner.evicted.wait())
+        shutdown = False
+        try:
+            await asyncio.wait((pump, watch, evicted), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            shutdown = True  # Resumer.aclose: resumers must not wait for a tail that never comes
+            raise
+        finally:
+            stopped: Verdict | str | None = None
+            if not pump.done():
+                if shutdown:
+                    stopped = "shutdown"
+                elif evicted.done() and not evicted.cancelled():
+                    stopped = "evicted"
+                elif watch.done() and not watch.cancelled():
+                    failed = watch.exception()
+                    # A watcher that failed (a bug) cannot keep time: stop, bounded.
+                    stopped = Verdict.ABANDONED if failed is not None else watch.result()
+                    if failed is not None:
+                        log.error("stream watcher failed", exc_info=failed)
+                pump.cancel()  # cancels the upstream call (the forwarder closes its pump)
+            watch.cancel()
+            evicted.cancel()
+            await asyncio.wait((pump, watch, evicted))
+            self._forget(owner)
+            if not pump.cancelled():
+                pump.exception()  # retrieved: _pump handles its own errors
+            if stopped is not None:
+                why = (
+                    stopped
+                    if isinstance(stopped, str)
+                    else "cancel_requested"
+                    if stopped is Verdict.CANCEL_REQUESTED
+                    else "abandoned"
+                )
+                self._count("streams_stopped", method.name, why)
+                log_event(log, "resumable_stream_stopped", method=method.name, why=why)
+                # A caller still attached (a cancel from elsewhere, a shutdown) gets the
+                # in-band CANCELLED end, not a stream that just stops.
+                owner.queue_end(_End(Cancelled(f"the generation was stopped ({why})")))
+                try:
+                    await self.buffer.abandon(owner.sid)
+                except StreamStoreUnavailable:
+                    pass  # the stream's TTL removes it
+
+    async def _pump(self, method: Method, owner: _Owner, chunks: AsyncIterator[Any]) -> None:
+        recorder = StreamRecorder(self.buffer, owner.sid)
+        seq = 0
+        final = False
+        try:
+            async for chunk in chunks:
+                seq = chunk.seq + 1
+                final = chunk.is_final
+                recorder.record(
+                    chunk.seq,
+                    chunk.SerializeToString(),
+                    ChunkKind.FINAL if final else ChunkKind.DATA,
+                )
+                await owner.hand(chunk)
+            if not final:
+                # An upstream that ended without a final chunk: resumers still need an end.
+                recorder.record(
+                    seq,
+                    method.response_cls(is_final=True, seq=seq).SerializeToString(),
+                    ChunkKind.FINAL,
+                )
+            await owner.hand(_End(None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the caller gets it; the buffer its chunk
+            err = shape(exc, None, method.path)
+            recorder.record(
+                seq, final_chunk(method.response_cls, seq, err).SerializeToString(), ChunkKind.FINAL
+            )
+            await owner.hand(_End(exc.with_traceback(None)))
+            del exc
+        finally:
+            try:
+                await chunks.aclose()  # type: ignore[attr-defined]
+            finally:
+                await recorder.close()
+
+    async def aclose(self) -> None:
+        """Cancel the owners still running (shutdown), then close the buffer."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        await self.buffer.aclose()
+
+
+def resume_backend(settings: Settings) -> str:
+    return settings.stream.resume.backend or settings.limits.backend
+
+
+def build_stream_buffer(settings: Settings) -> StreamBuffer:
+    """The buffer `stream.resume.backend` names (memory, or Redis on `redis.url`)."""
+    r = settings.stream.resume
+    if resume_backend(settings) == "memory":
+        return MemoryStreamBuffer(
+            max_bytes=r.max_bytes,
+            ttl_s=r.ttl_s,
+            max_streams=r.max_streams,
+            max_streams_per_scope=r.max_streams_per_caller,
+        )
+    from server.redis_limits import client_from_url
+    from server.redis_streams import RedisStreamBuffer
+
+    rs = settings.redis
+    assert rs.url is not None  # Settings refuses backend redis without a url
+    password = rs.password.get_secret_value() if rs.password is not None else None
+    client = client_from_url(
+        rs.url,
+        connect_timeout_s=rs.connect_timeout_s,
+        **({"password": password} if password is not None else {}),
+    )
+    return RedisStreamBuffer(
+        client,
+        prefix=r.key_prefix,
+        max_bytes=r.max_bytes,
+        ttl_s=r.ttl_s,
+        # Writes are off the caller's path (StreamRecorder): a loaded box may take longer
+        # than a limits call's bound without failing the stream.
+        timeout_s=max(0.25, rs.timeout_ms / 1000),
+        probe_interval_s=rs.probe_interval_s,
+    )
