@@ -172,9 +172,27 @@ class StreamSettings(_Section):
     # Merge chunks that queued up behind a slow caller into one (never delays a chunk).
     coalesce: bool = True
     # Opt-in: at most one push per this many ms after the first chunk (the source
-    # documents' 50 ms); deltas arriving meanwhile go out merged. Fewer, larger messages
-    # are what a Python proxy's CPU is spent on (bench/REPORT.md). 0 = off.
+    # documents' 50 ms; the first chunk is never held back); deltas arriving meanwhile go
+    # out merged. Fewer, larger messages are what a Python proxy's CPU is spent on
+    # (bench/REPORT.md). 0 = off. Not the default: on the shared 2-core bench box the
+    # chunk interval p99 with 50 ms went past 100 ms (issue 15's condition).
     coalesce_window_ms: float = Field(default=0.0, ge=0, le=1000)
+    # The window per method (bare method name, e.g. {"StreamGenerate": 0}), overriding
+    # coalesce_window_ms. A caller chooses its own with the `x-aiproxy-coalesce-ms`
+    # request header (0 = off, at most 1000), e.g. a UI that wants every token at once.
+    coalesce_window_ms_per_method: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _v_windows(self) -> StreamSettings:
+        unknown = set(self.coalesce_window_ms_per_method) - _method_names()
+        if unknown:
+            raise ValueError(
+                f"coalesce_window_ms_per_method names unknown methods {sorted(unknown)}"
+            )
+        bad = {k: v for k, v in self.coalesce_window_ms_per_method.items() if not 0 <= v <= 1000}
+        if bad:
+            raise ValueError(f"coalesce windows must be within 0..1000 ms: {bad}")
+        return self
 
 
 class DeadlineOverride(_Section):

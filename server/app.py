@@ -9,7 +9,6 @@ before they are cancelled.
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
 import os
@@ -128,7 +127,8 @@ class ProxyServer:
         self.pool = UpstreamPool(
             settings.upstream,
             breaker_settings=settings.breaker,
-            client_interceptors=functools.partial(client_interceptors, telemetry=self.telemetry),
+            client_interceptors=client_interceptors(self.telemetry),
+            client_metrics=self.telemetry.grpc_client,
             credentials=tls.channel_credentials(settings.tls.upstream),
             extra_channel_options=tls.channel_options(
                 settings.tls.upstream, settings.upstream.endpoints

@@ -39,18 +39,22 @@ stream with its in-band final chunk. With tracing on, the OpenTelemetry server
 interceptor stays a real grpc.aio interceptor (opt-in; it opens the SERVER span from the
 caller's W3C context before the handler runs, so every stage's work is inside it).
 
-Upstream side, per endpoint channel (grpc.aio client interceptors, outermost first):
+Upstream side: no grpc.aio client interceptors on the endpoints' channels unless
+tracing is on (that machinery cost ~115 us of CPU per call, issue 15). Each upstream
+attempt (server/upstream.py `Endpoint.unary` / `.stream`) does, in this order:
 
-  1. Breaker{Unary,Stream}Interceptor  that endpoint's circuit breaker: fail fast while
-                                open, settle each call (streams when they end).
-  2. client metrics             grpc_client_* series, so they count RPCs actually sent
-     interceptors               upstream (a breaker fast-fail sends nothing).
-  3. OpenTelemetry client       (tracing on) one CLIENT span per attempt, traceparent
-     interceptors               injected. Innermost on purpose: the instrumentation ends
-                                its unary span from the call's done-callback, and leaves
-                                it un-ended when its continuation raises instead (which
-                                an inner interceptor that awaits the call, like 1 and 2,
-                                or a CircuitOpen fast-fail, would do).
+  1. the endpoint's circuit breaker   (interceptors/upstream_breaker.py) fail fast
+                                      while open, nothing sent; settle each call on its
+                                      outcome (streams when they end; cancellation is
+                                      no verdict).
+  2. client metrics                   (interceptors/client_observability.py) the
+                                      grpc_client_* series, counting RPCs actually sent
+                                      upstream (a breaker fast-fail sends nothing).
+  3. the call, tracked                so that the pool can fail it at once when the
+                                      endpoint stops answering (CallsInFlight).
+  4. OpenTelemetry client             (tracing on) one CLIENT span per attempt,
+     interceptors                     traceparent injected: the only channel
+                                      interceptors, innermost.
 
 Retries sit above the channels, in server/forwarding.py, because the next attempt must
 be free to go to another endpoint.
@@ -68,17 +72,12 @@ from core.metrics import CallTelemetry
 from core.service import agent_service
 from core.settings import Settings
 from interceptors.auth import AuthStage
-from interceptors.breaker import CircuitBreaker
-from interceptors.client_observability import (
-    client_metrics_interceptors,
-    client_tracing_interceptors,
-)
+from interceptors.client_observability import client_tracing_interceptors
 from interceptors.deadline import DeadlineLimit, DeadlineStage, EndMargin, MethodDeadlines
 from interceptors.limits import Limits
 from interceptors.observability import Observability
 from interceptors.request_context import RequestContext
 from interceptors.stage import Stage
-from interceptors.upstream_breaker import breaker_interceptors
 from interceptors.validation import RequestRules, Validation
 from server.telemetry import Telemetry
 
@@ -93,18 +92,12 @@ class _Decode:
 DECODE: Final = _Decode()
 
 
-def client_interceptors(
-    breaker: CircuitBreaker | None, telemetry: Telemetry | None = None
-) -> list[grpc.aio.ClientInterceptor]:
-    """The interceptors on each upstream endpoint's channels, outermost first."""
-    chain: list[grpc.aio.ClientInterceptor] = []
-    if breaker is not None:
-        chain += breaker_interceptors(breaker)
-    if telemetry is not None:
-        chain.extend(client_metrics_interceptors(telemetry.grpc_client))
-        if telemetry.tracing:
-            chain.extend(client_tracing_interceptors(telemetry.tracer_provider))
-    return chain
+def client_interceptors(telemetry: Telemetry | None = None) -> list[grpc.aio.ClientInterceptor]:
+    """The interceptors on each upstream endpoint's channels: the OpenTelemetry client
+    interceptors when tracing is on, else none (see the module doc)."""
+    if telemetry is not None and telemetry.tracing:
+        return client_tracing_interceptors(telemetry.tracer_provider)
+    return []
 
 
 def method_deadlines(settings: Settings) -> MethodDeadlines:

@@ -10,8 +10,9 @@ which is how heartbeats and the idle timeout are measured.
 Every chunk the caller sees is renumbered (`seq`), since heartbeats and coalescing
 change how many chunks there are. Chunks that queued up behind a slow caller may be
 merged into one (the first chunk is never held back: merging only takes what is
-already waiting). With `coalesce_window_ms` (opt-in) later chunks are pushed at most once
-per window, so a fast token stream becomes fewer, larger messages.
+already waiting). With a coalescing window (opt-in: `coalesce_window_ms`, per method, or
+the caller's `x-aiproxy-coalesce-ms` header, see server/forwarding.py) later chunks are
+pushed at most once per window, so a fast token stream becomes fewer, larger messages.
 
 The pump reads the time (heartbeat and idle deadlines, the call's deadline, the coalescing
 window) from one injected `clock` only, like the breaker: time.monotonic by default, the
@@ -22,6 +23,7 @@ crosses a deadline at the pump's next wake-up.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -77,19 +79,53 @@ class StreamPump:
         settings: StreamSettings,
         end_at: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        window_ms: float | None = None,
     ) -> None:
         self._call = upstream_call
+        # This stream's coalescing window (None: settings.coalesce_window_ms).
+        self._window_ms = settings.coalesce_window_ms if window_ms is None else window_ms
         self._clock = clock
         self._cls = response_cls
         self._settings = settings
         # clock() by which the stream ends with StreamDeadline (None: never).
         self._end_at = math.inf if end_at is None else end_at
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.buffer_chunks)
+        # The bounded buffer between the reader task and the caller's side: a deque and
+        # two wake-up futures instead of an asyncio.Queue, so that waiting for the next
+        # chunk needs no timeout context per chunk (asyncio.timeout costs ~10 us of CPU
+        # each time; one timer per stream is kept instead, re-armed only when it is due:
+        # `_wake_at`).
+        self._queue: collections.deque[Any] = collections.deque()
+        self._max = settings.buffer_chunks
+        self._ready: asyncio.Future[None] | None = None  # the caller's side waits
+        self._space: asyncio.Future[None] | None = None  # the reader waits (buffer full)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf  # clock() the timer is for
+        self._fired_for = -math.inf  # clock() the last timer that fired was for
         self._reader: asyncio.Task[None] | None = None
         self.seq = 0
 
+    async def _put(self, item: Any) -> None:
+        queue = self._queue
+        while len(queue) >= self._max:  # backpressure: wait for the caller's side
+            self._space = asyncio.get_running_loop().create_future()
+            try:
+                await self._space
+            finally:
+                self._space = None
+        queue.append(item)
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+
+    def _take(self) -> Any:
+        item = self._queue.popleft()
+        space = self._space
+        if space is not None and not space.done():
+            space.set_result(None)
+        return item
+
     async def _read(self) -> None:
-        put = self._queue.put
+        put = self._put
         try:
             async for chunk in self._call:
                 await put(chunk)
@@ -113,7 +149,7 @@ class StreamPump:
         heartbeat_s = self._settings.heartbeat_interval_s
         idle_s = self._settings.idle_timeout_s
         coalesce = self._settings.coalesce
-        window_s = self._settings.coalesce_window_ms / 1000 if coalesce else 0.0
+        window_s = self._window_ms / 1000 if coalesce else 0.0
         clock = self._clock
         self._reader = asyncio.create_task(self._read())
         last_upstream = last_sent = clock()
@@ -128,8 +164,8 @@ class StreamPump:
                         await asyncio.sleep(pause)
                 if held is not None:
                     item, held = held, None
-                elif not queue.empty():
-                    item = queue.get_nowait()
+                elif queue:
+                    item = self._take()
                 else:
                     item = await self._wait(last_upstream, last_sent, heartbeat_s, idle_s)
                     if item is None:  # idle caller connection: heartbeat due
@@ -144,7 +180,7 @@ class StreamPump:
                         finally:
                             del error  # no frame -> exception -> frame cycle
                     return
-                if coalesce and not queue.empty() and _is_plain_delta(item):
+                if coalesce and queue and _is_plain_delta(item):
                     held = self._merge_waiting(item)
                 item.seq = self._next_seq()
                 last_upstream = last_sent = clock()
@@ -159,17 +195,38 @@ class StreamPump:
         StreamDeadline at the call's deadline."""
         idle_deadline = last_upstream + idle_s
         end_at = self._end_at
-        wait = min(idle_deadline, last_sent + heartbeat_s, end_at) - self._clock()
-        try:
-            async with asyncio.timeout(max(wait, 0)):
-                return await self._queue.get()
-        except TimeoutError:
+        wake_at = min(idle_deadline, last_sent + heartbeat_s, end_at)
+        loop = asyncio.get_running_loop()
+        while not self._queue:
             now = self._clock()
-            if now >= end_at:
-                raise StreamDeadline() from None
-            if now >= idle_deadline:
-                raise StreamIdle(idle_s) from None
-            return None
+            # Due by the clock, or the timer armed for this wake-up fired (a fake clock
+            # that stands still: the real timer is what says "look now").
+            if now >= wake_at or self._fired_for >= wake_at:
+                if now >= end_at:
+                    raise StreamDeadline()
+                if now >= idle_deadline:
+                    raise StreamIdle(idle_s)
+                return None
+            if self._timer_at > wake_at:
+                # Re-armed only when the wake-up comes sooner than the timer (a timer
+                # that fires early just makes this loop look again).
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer_at = wake_at
+                self._timer = loop.call_later(wake_at - now, self._on_timer)
+            self._ready = ready = loop.create_future()
+            try:
+                await ready
+            finally:
+                self._ready = None
+        return self._take()
+
+    def _on_timer(self) -> None:
+        self._fired_for = self._timer_at
+        self._timer, self._timer_at = None, math.inf
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.set_result(None)
 
     def _merge_waiting(self, chunk: Any) -> Any:
         """Fold plain-delta chunks already queued behind `chunk` into it.
@@ -178,8 +235,8 @@ class StreamPump:
         sends it next, so order is kept.
         """
         queue = self._queue
-        while not queue.empty():
-            nxt = queue.get_nowait()
+        while queue:
+            nxt = self._take()
             if isinstance(nxt, _End) or not _is_plain_delta(nxt):
                 return nxt
             chunk.delta += nxt.delta
@@ -197,9 +254,10 @@ class StreamPump:
             # not when the collector gets to it; leftover queue items hold errors too.
             if not reader.cancelled():
                 reader.exception()
-        queue = self._queue
-        while not queue.empty():
-            queue.get_nowait()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+        self._queue.clear()
 
 
 def _is_plain_delta(chunk: Any) -> bool:

@@ -1,8 +1,9 @@
 """The upstream pool: channels per agent endpoint, health from grpc.health.v1, P2C.
 
-Each endpoint keeps its channels for its whole life: the data channels (with the breaker
-and metrics interceptors) that carry calls, and one plain health channel, its own
-connection without interceptors, that two supervised tasks use:
+Each endpoint keeps its channels for its whole life: the data channels that carry calls
+(through `Endpoint.unary` / `Endpoint.stream`, which apply the endpoint's breaker, the
+client metrics and the tracking of calls in flight), and one plain health channel, its
+own connection, that two supervised tasks use:
 
 * health following: the standard Watch stream (periodic Check for servers without
   Watch) says whether the endpoint is SERVING. It never goes through the breaker: an
@@ -35,8 +36,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from core.callinfo import current_call
 from core.errors import UNAVAILABLE_RETRY_DELAY_S, CircuitOpen, ProxyError, UpstreamUnavailable
 from core.logs import log_event
+from core.metrics import GrpcClientMetrics
 from core.settings import BreakerSettings, UpstreamSettings
-from interceptors.breaker import BreakerState, CircuitBreaker
+from interceptors.breaker import BreakerState, CircuitBreaker, Permit
+from interceptors.client_observability import ClientMethod, ClientMetrics
+from interceptors.upstream_breaker import acquire
 from server.discovery import Discovery, Resolver, system_resolver
 
 log = logging.getLogger("aiproxy.upstream")
@@ -113,9 +117,9 @@ class CallsInFlight:
     them at once when the endpoint stops answering; grpc would otherwise let them wait
     for their deadline (streams: the idle timeout) on a connection that looks open.
 
-    Its interceptors are the outermost on the endpoint's channels: a failed call is
-    cancelled below them (the breaker sees a cancellation and does not count it) and
-    ends above them with UNAVAILABLE.
+    The endpoint's upstream call (`Endpoint.unary` / `Endpoint.stream`) tracks each call
+    here: a call the pool fails is cancelled underneath (the breaker sees a cancellation
+    and does not count it) and ends for the forwarder with UNAVAILABLE.
     """
 
     def __init__(self, on_unavailable: Callable[[], None] = lambda: None) -> None:
@@ -134,64 +138,133 @@ class CallsInFlight:
             entry.call.cancel()
         return len(calls)
 
-    def _track(self, call: Any) -> _Tracked:
+    def track(self, call: Any) -> _Tracked:
         entry = _Tracked(call)
         self._calls.add(entry)
-        # Also when nobody ever reads the call (a stream closed before its first read).
-        call.add_done_callback(lambda _call: self._calls.discard(entry))
         return entry
 
-    def _ended_badly(self, entry: _Tracked, exc: BaseException) -> None:
+    def untrack(self, entry: _Tracked) -> None:
+        self._calls.discard(entry)
+
+    def ended_badly(self, entry: _Tracked, exc: BaseException) -> None:
         """Raise UNAVAILABLE for a call the pool failed; hint at an UNAVAILABLE of its own."""
         if entry.why is not None:
             raise _unavailable(entry.why) from None
         if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.UNAVAILABLE:
             self.on_unavailable()
 
-    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
-        # One object per call type: grpc.aio files an interceptor under the first
-        # client-interceptor type it is an instance of (see interceptors/upstream_breaker.py).
-        return [_TrackUnary(self), _TrackStream(self)]
+
+_OK = grpc.StatusCode.OK
+_UNKNOWN = grpc.StatusCode.UNKNOWN
+_CANCELLED = grpc.StatusCode.CANCELLED
 
 
-class _TrackUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, calls: CallsInFlight) -> None:
+class _Route:
+    """One method on one endpoint: its multicallable per channel (round robin) and its
+    client metrics, made on the method's first call."""
+
+    __slots__ = ("callables", "metrics", "next")
+
+    def __init__(self, callables: list[Any], metrics: ClientMethod | None) -> None:
+        self.callables = callables
+        self.metrics = metrics
+        self.next = 0
+
+    def callable(self) -> Any:
+        callables = self.callables
+        index = self.next
+        self.next = (index + 1) % len(callables)
+        return callables[index]
+
+
+class UpstreamStream:
+    """One upstream server-streaming call: iterate it for the chunks, `cancel()` it.
+
+    Settles the breaker permit and the client metrics when the stream ends (completed,
+    failed, or cancelled: ignored by the breaker); a call the pool failed ends with
+    UNAVAILABLE (CallsInFlight)."""
+
+    __slots__ = (
+        "_call",
+        "_calls",
+        "_entry",
+        "_metrics",
+        "_permit",
+        "_settled",
+        "_start",
+        "_started",
+    )
+
+    def __init__(
+        self,
+        call: Any,
+        calls: CallsInFlight,
+        permit: Permit | None,
+        metrics: ClientMethod | None,
+        start: float,
+    ) -> None:
+        self._call = call
         self._calls = calls
+        self._entry = calls.track(call)
+        self._permit = permit
+        self._metrics = metrics
+        self._start = start
+        self._started = False
+        self._settled = False
+        # Also when nobody ever reads it (a stream closed before its first read).
+        call.add_done_callback(self._done)
 
-    async def intercept_unary_unary(
-        self, continuation: Callable, client_call_details: Any, request: Any
-    ) -> Any:
-        call = await continuation(client_call_details, request)
-        entry = self._calls._track(call)
+    def cancel(self) -> bool:
+        cancelled: bool = self._call.cancel()
+        return cancelled
+
+    def _done(self, call: Any) -> None:
+        self._calls.untrack(self._entry)
+        if not self._started and call.cancelled():
+            # Cancelled before anyone read it (a stream closed before its first read):
+            # the iteration below would never settle it.
+            self._settled = True
+            if self._permit is not None:
+                self._permit.ignore()
+            if self._metrics is not None:
+                self._metrics.finish(_CANCELLED, self._start)
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        self._started = True
+        permit = None if self._settled else self._permit
+        m = None if self._settled else self._metrics
+        received = None if m is None else m.received
+        code = _UNKNOWN
         try:
-            await call
-        except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
-            self._calls._ended_badly(entry, exc)
-            raise
-        finally:
-            self._calls._calls.discard(entry)
-        return call
-
-
-class _TrackStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, calls: CallsInFlight) -> None:
-        self._calls = calls
-
-    async def intercept_unary_stream(
-        self, continuation: Callable, client_call_details: Any, request: Any
-    ) -> Any:
-        call = await continuation(client_call_details, request)
-        return self._relay(call, self._calls._track(call))
-
-    async def _relay(self, call: Any, entry: _Tracked) -> AsyncIterator[Any]:
-        try:
-            async for response in call:
+            async for response in self._call:
+                if received is not None:
+                    received.inc()
                 yield response
-        except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
-            self._calls._ended_badly(entry, exc)
+            code = _OK
+            if permit is not None:
+                permit.success()
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if permit is not None:
+                permit.record(code)
+            self._calls.ended_badly(self._entry, exc)
+            raise
+        except asyncio.CancelledError as exc:
+            code = _CANCELLED
+            if permit is not None:
+                permit.ignore()
+            self._calls.ended_badly(self._entry, exc)
+            raise
+        except BaseException as exc:
+            if isinstance(exc, GeneratorExit):  # closed early by its reader
+                code = _CANCELLED
+            if permit is not None:
+                permit.ignore()
             raise
         finally:
-            self._calls._calls.discard(entry)
+            self._calls.untrack(self._entry)
+            if m is not None:
+                m.finish(code, self._start)
 
 
 class Endpoint:
@@ -205,6 +278,7 @@ class Endpoint:
         *,
         breaker: CircuitBreaker | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        client_metrics: ClientMetrics | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         extra_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -215,7 +289,11 @@ class Endpoint:
         self._probe_now = asyncio.Event()
         self.calls = CallsInFlight(on_unavailable=self._probe_now.set)
         options = [*channel_options(settings), *extra_options]
-        chain = [*self.calls.interceptors(), *interceptors]
+        # Plain channels (the breaker, the client metrics and the tracking of calls in
+        # flight are in `unary`/`stream`, not grpc.aio client interceptors): only the
+        # opt-in tracing interceptors go here.
+        chain = list(interceptors)
+        self._metrics = client_metrics
         self.channels = [
             self._channel(options, chain, credentials)
             for _ in range(settings.channels_per_endpoint)
@@ -223,14 +301,13 @@ class Endpoint:
         # Health and liveness: their own connection, no interceptors (no breaker, no
         # client metrics: probes are not traffic).
         self.health_channel = self._channel(options, [], credentials)
-        self._next_channel = 0
         self.serving = False
         # Answered its last liveness check (a fresh endpoint is presumed to: Watch
         # decides when it is first used).
         self.live = True
         self.in_flight = 0
         self.total_calls = 0
-        self._callables: dict[tuple[str, bool, int], Any] = {}
+        self._routes: dict[tuple[str, bool], _Route] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def _channel(
@@ -240,9 +317,11 @@ class Endpoint:
         credentials: grpc.ChannelCredentials | None,
     ) -> grpc.aio.Channel:
         if credentials is None:
-            return grpc.aio.insecure_channel(self.address, options=options, interceptors=chain)
+            return grpc.aio.insecure_channel(
+                self.address, options=options, interceptors=chain or None
+            )
         return grpc.aio.secure_channel(
-            self.address, credentials, options=options, interceptors=chain
+            self.address, credentials, options=options, interceptors=chain or None
         )
 
     @property
@@ -278,37 +357,96 @@ class Endpoint:
             *(channel.close(grace) for channel in self.channels), self.health_channel.close()
         )
 
-    def _channel_index(self) -> int:
-        index = self._next_channel
-        self._next_channel = (index + 1) % len(self.channels)
-        return index
+    def _route(self, path: str, streaming: bool, deserializer: Callable[[bytes], Any]) -> _Route:
+        # serializer None: the caller's request bytes go upstream as they came.
+        if streaming:
+            callables = [
+                ch.unary_stream(path, response_deserializer=deserializer, _registered_method=True)
+                for ch in self.channels
+            ]
+        else:
+            callables = [
+                ch.unary_unary(path, response_deserializer=deserializer, _registered_method=True)
+                for ch in self.channels
+            ]
+        metrics = None if self._metrics is None else self._metrics.method(path, streaming)
+        route = self._routes[(path, streaming)] = _Route(callables, metrics)
+        return route
 
-    def unary_unary(self, path: str, serializer: Callable, deserializer: Callable) -> Any:
-        """The cached multicallable for `path` on the next of this endpoint's channels."""
-        key = (path, False, self._channel_index())
-        callable_ = self._callables.get(key)
-        if callable_ is None:
-            callable_ = self.channels[key[2]].unary_unary(
-                path,
-                request_serializer=serializer,
-                response_deserializer=deserializer,
-                _registered_method=True,
-            )
-            self._callables[key] = callable_
-        return callable_
+    async def unary(
+        self,
+        path: str,
+        deserializer: Callable[[bytes], Any],
+        request: bytes,
+        metadata: Sequence[tuple[str, Any]],
+        timeout: float | None,
+    ) -> Any:
+        """One unary call upstream: the breaker's permit first (CircuitOpen, nothing
+        sent, while open), then the call on the next channel, settled by its outcome;
+        the grpc_client_* series count it. UNAVAILABLE when the pool failed it."""
+        route = self._routes.get((path, False)) or self._route(path, False, deserializer)
+        permit = acquire(self.breaker)
+        m = route.metrics
+        start = 0.0 if m is None else m.begin()
+        code = _UNKNOWN
+        entry = None
+        try:
+            call = route.callable()(request, metadata=metadata, timeout=timeout)
+            entry = self.calls.track(call)
+            response = await call
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if permit is not None:
+                permit.record(code)
+            if entry is not None:
+                self.calls.ended_badly(entry, exc)
+            raise
+        except asyncio.CancelledError as exc:
+            code = _CANCELLED
+            if permit is not None:
+                permit.ignore()  # cancelled: no verdict on the upstream
+            if entry is not None:
+                self.calls.ended_badly(entry, exc)
+            raise
+        except BaseException:
+            if permit is not None:
+                permit.ignore()  # our own bug (or a closed channel): not the upstream's
+            raise
+        else:
+            code = _OK
+            if permit is not None:
+                permit.success()
+            if m is not None:
+                m.received.inc()
+            return response
+        finally:
+            if entry is not None:
+                self.calls.untrack(entry)
+            if m is not None:
+                m.finish(code, start)
 
-    def unary_stream(self, path: str, serializer: Callable, deserializer: Callable) -> Any:
-        key = (path, True, self._channel_index())
-        callable_ = self._callables.get(key)
-        if callable_ is None:
-            callable_ = self.channels[key[2]].unary_stream(
-                path,
-                request_serializer=serializer,
-                response_deserializer=deserializer,
-                _registered_method=True,
-            )
-            self._callables[key] = callable_
-        return callable_
+    def stream(
+        self,
+        path: str,
+        deserializer: Callable[[bytes], Any],
+        request: bytes,
+        metadata: Sequence[tuple[str, Any]],
+        timeout: float | None,
+    ) -> UpstreamStream:
+        """One server-streaming call upstream (see `unary`), settled when it ends."""
+        route = self._routes.get((path, True)) or self._route(path, True, deserializer)
+        permit = acquire(self.breaker)
+        m = route.metrics
+        start = 0.0 if m is None else m.begin()
+        try:
+            call = route.callable()(request, metadata=metadata, timeout=timeout)
+        except BaseException:
+            if permit is not None:
+                permit.ignore()
+            if m is not None:
+                m.finish(_UNKNOWN, start)
+            raise
+        return UpstreamStream(call, self.calls, permit, m, start)
 
     def breaker_state_proto(self) -> int:
         """The breaker's state as ai.proxy.v1.BreakerState (UNSPECIFIED: no breaker)."""
@@ -468,9 +606,8 @@ class UpstreamPool:
         settings: UpstreamSettings,
         *,
         breaker_settings: BreakerSettings | None = None,
-        client_interceptors: Callable[
-            [CircuitBreaker | None], Sequence[grpc.aio.ClientInterceptor]
-        ] = lambda _b: (),
+        client_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        client_metrics: GrpcClientMetrics | None = None,
         rng: random.Random | None = None,
         resolver: Resolver | None = None,
         credentials: grpc.ChannelCredentials | None = None,
@@ -481,7 +618,9 @@ class UpstreamPool:
         self._credentials = credentials
         self._extra_channel_options = tuple(extra_channel_options)
         self._breaker_settings = breaker_settings
-        self._client_interceptors = client_interceptors
+        # Channel interceptors: only the opt-in tracing ones (server/chain.py).
+        self._client_interceptors = tuple(client_interceptors)
+        self._client_metrics = None if client_metrics is None else ClientMetrics(client_metrics)
         self.discovery = Discovery(
             settings.endpoints,
             self.set_addresses,
@@ -544,7 +683,8 @@ class UpstreamPool:
             self._settings,
             self._endpoint_changed,
             breaker=breaker,
-            interceptors=self._client_interceptors(breaker),
+            interceptors=self._client_interceptors,
+            client_metrics=self._client_metrics,
             credentials=self._credentials,
             extra_options=self._extra_channel_options,
         )
