@@ -81,6 +81,10 @@ class CallInfo:
     # shared in-flight call), "resume" (a replay from the stream buffer), "cancel". The
     # upstream was paid for once already: no token charge for this call.
     replayed: str = ""
+    # Set by a resumable stream whose caller left while its generation goes on (server/
+    # resume.py): a future resolved with (last chunk, tokens produced) when the generation
+    # ends, so the limits settle the call's token reservation with all it produced, once.
+    generation_end: Any = None
     # What the limits stage holds for this call, released when it ends.
     in_flight_lease: Any = None
     stream_lease: Any = None

@@ -248,6 +248,20 @@ class _Bound:
         if lease is not None:
             call.in_flight_lease = None
             lease.release()
+        end = call.generation_end
+        if end is not None and call.reservation is not None and not end.done():
+            # A resumable generation goes on after its caller left: free the stream slot
+            # now, settle the tokens once it ends, with everything it produced.
+            reservation, prompt, limits = call.reservation, call.prompt_estimate, self._limits
+            limits.finish(call.stream_lease, None, 0)
+            call.stream_lease = call.reservation = None
+
+            def settle(done: Any) -> None:
+                last, produced = (None, 0) if done.cancelled() else done.result()
+                limits.finish(None, reservation, generated_tokens(last, produced, prompt))
+
+            end.add_done_callback(settle)
+            return
         if call.stream_lease is not None or call.reservation is not None:
             used = used_tokens(call) if call.reservation is not None else 0
             self._limits.finish(call.stream_lease, call.reservation, used)
@@ -269,6 +283,15 @@ def used_tokens(call: CallInfo) -> int:
     if not call.streamed_tokens:
         return 0  # the caller got no generated text: nothing to charge
     return call.prompt_estimate + call.streamed_tokens
+
+
+def generated_tokens(last: Any, produced: int, prompt_estimate: int) -> int:
+    """What a generation that outlived its caller is charged: the usage its last chunk
+    reported, else the prompt estimate plus the tokens of every chunk it produced."""
+    reported = tokens.reported_usage(last)
+    if reported is not None:
+        return reported
+    return prompt_estimate + produced if produced else 0
 
 
 def _release(leases: list[Lease]) -> None:

@@ -147,6 +147,12 @@ class _Owner:
         self.attached = True
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=maxsize)
         self.evicted = asyncio.Event()  # stop now: a bound on detached generations
+        # What the generation produced, for the token settlement of a caller that left
+        # (CallInfo.generation_end): the last chunk and the tokens of every chunk pumped.
+        self.count: Callable[[Any], int] | None = None
+        self.last: Any = None
+        self.produced = 0
+        self.done: asyncio.Future[tuple[Any, int]] = asyncio.get_running_loop().create_future()
 
     def detach(self) -> None:
         """The caller left: stop handing it chunks, and free a put that waits on it."""
@@ -305,6 +311,7 @@ class Resumer:
                 yield chunk
             return
         owner = _Owner(sid, self._queue_chunks, call.caller or call.peer)
+        owner.count = call.chunk_tokens  # set by the limits when the call reserved tokens
         detached = DetachedContext(context)
         grace = Grace(self.settings.grace_s)
         task = asyncio.get_running_loop().create_task(
@@ -336,6 +343,9 @@ class Resumer:
                 # The caller left before the end: the owner goes on for the grace.
                 grace.caller_dropped()
                 self._detach(owner)
+                # Charged when the generation ends, with everything it produced (read by
+                # the limits stage's exit, which runs after this).
+                call.generation_end = owner.done
 
     async def _supervise(
         self, method: Method, owner: _Owner, grace: Grace, chunks: AsyncIterator[Any]
@@ -398,6 +408,9 @@ class Resumer:
             async for chunk in chunks:
                 seq = chunk.seq + 1
                 final = chunk.is_final
+                owner.last = chunk
+                if owner.count is not None:
+                    owner.produced += owner.count(chunk)
                 recorder.record(
                     chunk.seq,
                     chunk.SerializeToString(),
@@ -422,6 +435,8 @@ class Resumer:
             await owner.hand(_End(exc.with_traceback(None)))
             del exc
         finally:
+            if not owner.done.done():
+                owner.done.set_result((owner.last, owner.produced))
             try:
                 await chunks.aclose()  # type: ignore[attr-defined]
             finally:

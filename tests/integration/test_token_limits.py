@@ -217,6 +217,45 @@ async def test_a_cancelled_stream_is_charged_what_it_produced_once(
         )
 
 
+async def test_a_resumable_generation_that_outlives_its_caller_is_charged_in_full(spawn) -> None:
+    """A resumable stream's generation goes on for the grace after its caller drops
+    (issue 16): the tokens it produces after the drop are charged too, once, when it ends,
+    so dropping and resuming (a replay is free) never gets a generation cheaper."""
+    per_day = 100_000
+    agent = spawn(*agent_args(token_delay_ms=30), name="agent")
+    proxy = serve(spawn, agent.address, {"AIPROXY_LIMITS__TOKENS_PER_DAY": str(per_day)})
+    request = pb.StreamGenerateRequest(
+        prompt="Tell me a story about token budgets",
+        options=pb.GenerationOptions(max_tokens=40),
+    )
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        probes: list[int] = []
+        assert await used_so_far(channel, per_day, probes) == 0
+        # What one uninterrupted run of this request costs: its reported usage.
+        full = [c async for c in stub(channel).StreamGenerate(request, timeout=60)]
+        cost = full[-1].usage.prompt_tokens + full[-1].usage.completion_tokens
+        assert await used_so_far(channel, per_day, probes) == cost
+        call = stub(channel).StreamGenerate(
+            request, metadata=(("x-aiproxy-resumable", "1"),), timeout=60
+        )
+        got = 0
+        async for chunk in call:
+            got += bool(chunk.delta)
+            if got == 3:
+                break
+        call.cancel()  # dropped, not cancelled on purpose: the generation goes on
+        _, reserved = reserve(request)
+        deadline = time.monotonic() + 30
+        charged = reserved
+        while time.monotonic() < deadline:
+            charged = await used_so_far(channel, per_day, probes) - cost
+            if charged != reserved:  # settled (until then its reservation shows)
+                break
+            await asyncio.sleep(0.2)
+        print(f"dropped after 3 chunks: charged {charged}, a full run costs {cost}")
+        assert charged == cost
+
+
 def token(sub: str, tenant: str) -> tuple[tuple[str, str], ...]:
     now = int(time.time())
     claims = {"sub": sub, "tenant": tenant, "iat": now, "exp": now + 600}

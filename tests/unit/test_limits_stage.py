@@ -4,6 +4,7 @@ identity for the breaker."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -238,6 +239,25 @@ async def test_a_failed_stream_with_an_error_chunk_is_charged_its_deltas() -> No
     call.prompt_estimate, call.streamed_tokens, call.chunks = 4, 6, 7
     call.last = pb.StreamGenerateResponse(is_final=True, seq=6)  # the in-band error chunk
     assert used_tokens(call) == 10
+
+
+async def test_a_generation_that_outlives_its_caller_is_charged_all_it_produced() -> None:
+    """A resumable stream whose caller left goes on (server/resume.py): its stream slot is
+    freed at once, its tokens are settled once, when the generation ends, with its usage."""
+    store = FakeStore()
+    stage = token_stage(store)
+    call = call_from("ipv4:10.0.0.1:1", caller="sub:alice")
+    bound = await enter(stage, call, pb.StreamGenerateRequest(prompt=PROMPT), STREAM)
+    reservation = call.reservation
+    call.streamed_tokens, call.chunks = 2, 2  # what the caller saw before it left
+    end: asyncio.Future[tuple[object, int]] = asyncio.get_running_loop().create_future()
+    call.generation_end = end
+    bound.exit(call)
+    assert [(r, n) for _, r, n in store.finishes] == [(None, 0)]  # the slot only
+    usage = pb.Usage(prompt_tokens=PROMPT_TOKENS, completion_tokens=40, total_tokens=46)
+    end.set_result((pb.StreamGenerateResponse(is_final=True, seq=41, usage=usage), 40))
+    await asyncio.sleep(0)  # the done callback runs on the next loop turn
+    assert [(r, n) for _, r, n in store.finishes] == [(None, 0), (reservation, 46)]
 
 
 @pytest.mark.parametrize("replayed", ["cache", "resume", "cancel"])
