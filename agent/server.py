@@ -70,6 +70,7 @@ class AgentServer:
                 ModelSettings(
                     base_url=self.settings.base_url,
                     api_key=self.settings.api_key,
+                    model=self.settings.model,
                     timeout_s=self.settings.model_timeout_s,
                     max_connections=self.settings.model_max_connections,
                     probe_timeout_s=min(2.0, self.settings.health_interval_s),

@@ -262,9 +262,13 @@ async def test_429_is_resource_exhausted_with_retry_info_from_retry_after(
     [
         (500, grpc.StatusCode.UNAVAILABLE, "MODEL_UNAVAILABLE"),
         (503, grpc.StatusCode.UNAVAILABLE, "MODEL_UNAVAILABLE"),
+        (408, grpc.StatusCode.UNAVAILABLE, "MODEL_UNAVAILABLE"),
         (400, grpc.StatusCode.INVALID_ARGUMENT, "MODEL_REJECTED_REQUEST"),
+        (422, grpc.StatusCode.INVALID_ARGUMENT, "MODEL_REJECTED_REQUEST"),
         (401, grpc.StatusCode.INTERNAL, "MODEL_AUTH_FAILED"),
         (403, grpc.StatusCode.INTERNAL, "MODEL_AUTH_FAILED"),
+        # A 404 that does not name the model: the agent's URL, not the caller's request.
+        (404, grpc.StatusCode.INTERNAL, "MODEL_MISCONFIGURED"),
     ],
 )
 async def test_http_errors_map_to_statuses(
@@ -285,10 +289,13 @@ async def test_http_errors_map_to_statuses(
     assert found["ErrorInfo"].reason == reason  # type: ignore[attr-defined]
     assert found["ErrorInfo"].metadata["httpStatus"] == str(http_status)  # type: ignore[attr-defined]
     assert API_KEY not in status.message
-    if http_status == 400:
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
         assert "maximum context length" in status.message  # the model server's own words
     if http_status in (401, 403):
         assert "OPENAI_API_KEY" in status.message and "request was fine" in status.message
+    if http_status == 404:
+        assert "POST /v1/chat/completions for model 'bad'" in status.message
+        assert "request was fine" in status.message
     if code is grpc.StatusCode.UNAVAILABLE:
         assert "RetryInfo" in found
 
