@@ -586,7 +586,9 @@ def _http_error(
         what = f"the model server has no POST {path} for model {named} (HTTP {status})"
         check = "its base URL (it usually ends in /v1) and its model"
     elif 300 <= status < 400:
-        what = f"the model server redirected POST {path} (HTTP {status}; redirects are not followed)"
+        what = (
+            f"the model server redirected POST {path} (HTTP {status}; redirects are not followed)"
+        )
         check = "its base URL: use the address it redirects to"
     else:
         what = f"the model server refused POST {path} for model {named} (HTTP {status})"
