@@ -359,7 +359,9 @@ async def test_caller_deadline_ends_a_stream_in_band_with_deadline_exceeded(spaw
     last = chunks[-1]
     assert last.is_final and last.finish_reason == pb.FINISH_REASON_ERROR
     assert rich_from_status(last.error).reason == "DEADLINE_EXCEEDED"
-    assert elapsed < 1.0
+    # Ended by the deadline, not later (whose deadline: the details above say the proxy's);
+    # slack past the 1 s for a loaded box, which the proxy's 5 % end margin alone is not.
+    assert elapsed < 1.5
     finished = agent.wait_for_log(
         lambda e: e.get("event") == "call_finished" and e.get("request_id") == rid
     )
