@@ -15,12 +15,12 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from agent.server import AgentServer
+from agent.server import LIVENESS_SERVICE, AgentServer
 from agent.settings import AgentSettings
 from ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import proxy_args
 from tests.support.fake_openai import Behaviour, FakeOpenAI
-from tests.support.grpc_helpers import NOT_SERVING, SERVING, stub, wait_health
+from tests.support.grpc_helpers import NOT_SERVING, SERVING, health_status, stub, wait_health
 from tests.support.procs import ServiceProcess
 
 API_KEY = "sk-test-4f9c1d2e8a7b6c5d"
@@ -336,6 +336,8 @@ async def test_health_follows_the_model_server(fake: FakeOpenAI, channel: grpc.a
     await asyncio.to_thread(fake.stop)
     await wait_health(channel, NOT_SERVING, SERVICE, timeout=10)
     await wait_health(channel, NOT_SERVING, "", timeout=10)
+    # ...but the process is alive: a liveness probe must not restart it for its model.
+    assert await health_status(channel, LIVENESS_SERVICE) == SERVING
     await asyncio.to_thread(fake.start)  # same port again
     await wait_health(channel, SERVING, SERVICE, timeout=10)
     probes = [r for r in fake.requests if r.path == "/v1/models"]
