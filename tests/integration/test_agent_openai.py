@@ -414,6 +414,20 @@ async def test_stream_through_the_real_proxy(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub(ch).Generate(pb.GenerateRequest(prompt="x", model="m401"), timeout=20)
         assert err.value.code() is grpc.StatusCode.INTERNAL
+        # A 404 about a model the caller asked for is the caller's (NOT_FOUND, and the
+        # proxy passes the message on); a 404 that names no model is the agent's (INTERNAL,
+        # never the INVALID_ARGUMENT that would tell the caller to change a fine request).
+        fake.behaviours["gpt-9"] = Behaviour(
+            status=404, error_message="The model `gpt-9` does not exist."
+        )
+        fake.behaviours["m404"] = Behaviour(status=404, error_message="Not Found")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub(ch).Generate(pb.GenerateRequest(prompt="x", model="gpt-9"), timeout=20)
+        assert err.value.code() is grpc.StatusCode.NOT_FOUND
+        assert "gpt-9" in (err.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub(ch).Generate(pb.GenerateRequest(prompt="x", model="m404"), timeout=20)
+        assert err.value.code() is grpc.StatusCode.INTERNAL
 
 
 # --- the client: keep-alive, servers that say little or too much ------------------------
