@@ -20,13 +20,21 @@ in the read of the response, whose `async with` closes it. A response that was n
 the end is not returned to the pool: httpcore closes its connection, so the model server
 sees the client go away and stops generating.
 
-Errors become `ModelError`, which carries a google.rpc.Status (ErrorInfo, RetryInfo):
-429 -> RESOURCE_EXHAUSTED (RetryInfo from retry-after), 5xx and connection failures ->
-UNAVAILABLE (so is waiting longer than pool_timeout_s for a free connection),
-400/404/413/422 -> INVALID_ARGUMENT, 401/403 -> INTERNAL (the agent's own
-misconfiguration, not the caller's fault), a timeout -> DEADLINE_EXCEEDED, a broken answer
-(bad JSON, a stream cut before [DONE]) -> UNAVAILABLE. The API key is sent in the
-Authorization header and appears in no message and no log line.
+Errors become `ModelError`, which carries a google.rpc.Status (ErrorInfo, RetryInfo).
+Whose fault an HTTP status is decides the code (`_http_error`):
+- the caller's request (its prompt, options or model): 400, 413, 422 -> INVALID_ARGUMENT
+  with the model server's own words; a 404/410 that names a model the caller asked for
+  -> NOT_FOUND;
+- the model server's load or state, worth a retry elsewhere: 429 -> RESOURCE_EXHAUSTED
+  (RetryInfo from retry-after); 408, 409, 425, 5xx, connection failures and waiting longer
+  than pool_timeout_s for a free connection -> UNAVAILABLE;
+- the agent's own configuration (the caller did nothing wrong, a retry will not help):
+  401/403 (the key), 404/410 for the agent's URL or its configured model, 3xx (we never
+  follow redirects: the base URL is wrong) and every other status -> INTERNAL, with a
+  message naming the URL path and the model, never the key or the host.
+A timeout -> DEADLINE_EXCEEDED, a broken answer (bad JSON, a stream cut before [DONE], a
+2xx other than 200) -> UNAVAILABLE. The API key is sent in the Authorization header and
+appears in no message and no log line.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import email.utils
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -137,6 +146,9 @@ class ModelError(StatusError):
 class ModelSettings:
     base_url: str
     api_key: str | None = None
+    # The agent's configured model: a 404 for it is the operator's mistake, while a 404 for
+    # a model the caller named instead may be the caller's (see _http_error).
+    model: str | None = None
     # Timeout when the caller set no deadline: for a whole unary answer, and between two
     # chunks of a stream (a stream as a whole is bounded by the caller's deadline only).
     timeout_s: float = 120.0
@@ -216,7 +228,7 @@ class ModelClient:
         if raw is None:
             raise _broken(model, f"an answer larger than {MAX_ANSWER_BYTES} bytes")
         if response.status_code != 200:
-            raise _http_error(model, response.status_code, response.headers, raw)
+            raise self._http_error(model, response, raw)
         try:
             payload = json.loads(raw)
             choice = payload["choices"][0]
@@ -257,7 +269,7 @@ class ModelClient:
             ) as response:
                 if response.status_code != 200:
                     raw = await _read_bounded(response, MAX_ANSWER_BYTES)
-                    raise _http_error(model, response.status_code, response.headers, raw or b"")
+                    raise self._http_error(model, response, raw or b"")
                 begun = True
                 async with contextlib.aclosing(_lines(response, MAX_EVENT_BYTES)) as lines:
                     async for line in lines:
@@ -304,6 +316,17 @@ class ModelClient:
                 "the model server ended the answer before it was complete",
             )
         yield Done(finish or FINISH_STOP, usage)
+
+    def _http_error(self, model: str, response: httpx.Response, raw: bytes) -> ModelError:
+        return _http_error(
+            model,
+            response.status_code,
+            response.headers,
+            raw,
+            # The path only: the URL's host, userinfo and query are the operator's business.
+            path=response.request.url.path,
+            caller_model=model != self.settings.model,
+        )
 
     def _timeout(self, timeout_s: float | None) -> httpx.Timeout:
         """The caller's remaining deadline bounds every phase; without one, the defaults."""
@@ -482,8 +505,37 @@ def _provider_message(raw: bytes) -> str:
     return text[:MAX_MESSAGE_CHARS] if text.isprintable() else ""
 
 
-def _http_error(model: str, status: int, headers: httpx.Headers, raw: bytes) -> ModelError:
-    log_event(log, "model_http_error", logging.WARNING, model=model[:100], http_status=status)
+# HTTP statuses that are about the caller's request (its prompt, options), not the agent.
+CALLER_STATUSES = frozenset({400, 413, 422})
+# Statuses that say "not now": worth a retry, on this model server or another replica.
+TRANSIENT_STATUSES = frozenset({408, 409, 425})
+# Characters of a model name quoted in a message (the name may come from the caller).
+MAX_MODEL_CHARS = 100
+
+
+def _http_error(
+    model: str,
+    status: int,
+    headers: httpx.Headers,
+    raw: bytes,
+    *,
+    path: str = "/chat/completions",
+    caller_model: bool = False,
+) -> ModelError:
+    """The ModelError for a non-200 answer. `caller_model`: the caller named `model`
+    (it is not the agent's configured one), so a 404 about that model is the caller's.
+
+    The default is the agent's fault: a status we do not know to be about the request
+    must not tell the caller to change a request that was fine."""
+    log_event(
+        log,
+        "model_http_error",
+        logging.WARNING,
+        model=model[:MAX_MODEL_CHARS],
+        http_status=status,
+        path=path[:200],
+    )
+    named = repr(model[:MAX_MODEL_CHARS])
     if status == 429:
         delay = retry_after_s(headers.get("retry-after"))
         return ModelError(
@@ -501,7 +553,7 @@ def _http_error(model: str, status: int, headers: httpx.Headers, raw: bytes) -> 
             "the agent is misconfigured (check OPENAI_API_KEY), the request was fine",
             http_status=status,
         )
-    if status >= 500 or status in (408, 409):
+    if status >= 500 or status in TRANSIENT_STATUSES:
         delay = retry_after_s(headers.get("retry-after"))
         return ModelError(
             grpc.StatusCode.UNAVAILABLE,
@@ -510,14 +562,52 @@ def _http_error(model: str, status: int, headers: httpx.Headers, raw: bytes) -> 
             http_status=status,
             retry_after_s=DEFAULT_RETRY_S if delay is None else delay,
         )
-    detail = _provider_message(raw)
+    if status in CALLER_STATUSES:
+        detail = _provider_message(raw)
+        return ModelError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "MODEL_REJECTED_REQUEST",
+            f"the model server rejected the request (HTTP {status})"
+            + (f": {detail}" if detail else ""),
+            http_status=status,
+        )
+    if 200 <= status < 300:
+        return _broken(model, f"HTTP {status} instead of an answer")
+    if status in (404, 410) and caller_model and _names_model(_provider_message(raw), model):
+        # The path exists (the server talks about models) and it has no such model.
+        return ModelError(
+            grpc.StatusCode.NOT_FOUND,
+            "MODEL_UNKNOWN",
+            f"the model server has no model {named} (HTTP {status}): "
+            "ask for another model, or none for the agent's default",
+            http_status=status,
+        )
+    if status in (404, 410):
+        what = f"the model server has no POST {path} for model {named} (HTTP {status})"
+        check = "its base URL (it usually ends in /v1) and its model"
+    elif 300 <= status < 400:
+        what = (
+            f"the model server redirected POST {path} (HTTP {status}; redirects are not followed)"
+        )
+        check = "its base URL: use the address it redirects to"
+    else:
+        what = f"the model server refused POST {path} for model {named} (HTTP {status})"
+        check = "its base URL and model"
     return ModelError(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "MODEL_REJECTED_REQUEST",
-        f"the model server rejected the request (HTTP {status})"
-        + (f": {detail}" if detail else ""),
+        grpc.StatusCode.INTERNAL,
+        "MODEL_MISCONFIGURED",
+        f"{what}: the agent is misconfigured (check {check}), the request was fine",
         http_status=status,
     )
+
+
+def _names_model(message: str, model: str) -> bool:
+    """Whether a model server's error message is about the model `model`: it says
+    "model" and names it as a whole word (OpenAI and vLLM: "The model `x` does not exist",
+    Ollama: 'model "x" not found'); a bare "Not Found" from a wrong path is not."""
+    if not model or "model" not in message.lower():
+        return False
+    return re.search(rf"(?<![\w.:/-]){re.escape(model)}(?![\w.:/-])", message) is not None
 
 
 def _unreachable(model: str, exc: httpx.HTTPError, started: bool = False) -> ModelError:

@@ -31,11 +31,14 @@ from agent.tracing import server_interceptors as tracing_interceptors
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 
-__all__ = ["SERVICE_NAME", "AgentServer", "AgentSettings"]
+__all__ = ["LIVENESS_SERVICE", "SERVICE_NAME", "AgentServer", "AgentSettings"]
 
 log = logging.getLogger("agent.server")
 
 _HEALTH_SERVICES = ("", SERVICE_NAME)  # the server as a whole, and the API
+# SERVING while the process runs, for liveness probes: "" and the API also follow the model
+# server (backend openai), and restarting the agent would not bring its model server back.
+LIVENESS_SERVICE = "liveness"
 
 
 class AgentServer:
@@ -70,6 +73,7 @@ class AgentServer:
                 ModelSettings(
                     base_url=self.settings.base_url,
                     api_key=self.settings.api_key,
+                    model=self.settings.model,
                     timeout_s=self.settings.model_timeout_s,
                     max_connections=self.settings.model_max_connections,
                     probe_timeout_s=min(2.0, self.settings.health_interval_s),
@@ -147,6 +151,7 @@ class AgentServer:
             raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
         await server.start()
         self._server, self._port = server, port
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self._monitor is not None:
             # The first probe before the first health answer (bounded by its timeout).
             self._model_ok = await self._monitor.check()

@@ -15,12 +15,12 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from agent.server import AgentServer
+from agent.server import LIVENESS_SERVICE, AgentServer
 from agent.settings import AgentSettings
 from ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import proxy_args
 from tests.support.fake_openai import Behaviour, FakeOpenAI
-from tests.support.grpc_helpers import NOT_SERVING, SERVING, stub, wait_health
+from tests.support.grpc_helpers import NOT_SERVING, SERVING, health_status, stub, wait_health
 from tests.support.procs import ServiceProcess
 
 API_KEY = "sk-test-4f9c1d2e8a7b6c5d"
@@ -262,9 +262,13 @@ async def test_429_is_resource_exhausted_with_retry_info_from_retry_after(
     [
         (500, grpc.StatusCode.UNAVAILABLE, "MODEL_UNAVAILABLE"),
         (503, grpc.StatusCode.UNAVAILABLE, "MODEL_UNAVAILABLE"),
+        (408, grpc.StatusCode.UNAVAILABLE, "MODEL_UNAVAILABLE"),
         (400, grpc.StatusCode.INVALID_ARGUMENT, "MODEL_REJECTED_REQUEST"),
+        (422, grpc.StatusCode.INVALID_ARGUMENT, "MODEL_REJECTED_REQUEST"),
         (401, grpc.StatusCode.INTERNAL, "MODEL_AUTH_FAILED"),
         (403, grpc.StatusCode.INTERNAL, "MODEL_AUTH_FAILED"),
+        # A 404 that does not name the model: the agent's URL, not the caller's request.
+        (404, grpc.StatusCode.INTERNAL, "MODEL_MISCONFIGURED"),
     ],
 )
 async def test_http_errors_map_to_statuses(
@@ -285,10 +289,13 @@ async def test_http_errors_map_to_statuses(
     assert found["ErrorInfo"].reason == reason  # type: ignore[attr-defined]
     assert found["ErrorInfo"].metadata["httpStatus"] == str(http_status)  # type: ignore[attr-defined]
     assert API_KEY not in status.message
-    if http_status == 400:
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
         assert "maximum context length" in status.message  # the model server's own words
     if http_status in (401, 403):
         assert "OPENAI_API_KEY" in status.message and "request was fine" in status.message
+    if http_status == 404:
+        assert "POST /v1/chat/completions for model 'bad'" in status.message
+        assert "request was fine" in status.message
     if code is grpc.StatusCode.UNAVAILABLE:
         assert "RetryInfo" in found
 
@@ -329,6 +336,8 @@ async def test_health_follows_the_model_server(fake: FakeOpenAI, channel: grpc.a
     await asyncio.to_thread(fake.stop)
     await wait_health(channel, NOT_SERVING, SERVICE, timeout=10)
     await wait_health(channel, NOT_SERVING, "", timeout=10)
+    # ...but the process is alive: a liveness probe must not restart it for its model.
+    assert await health_status(channel, LIVENESS_SERVICE) == SERVING
     await asyncio.to_thread(fake.start)  # same port again
     await wait_health(channel, SERVING, SERVICE, timeout=10)
     probes = [r for r in fake.requests if r.path == "/v1/models"]
@@ -404,6 +413,20 @@ async def test_stream_through_the_real_proxy(
         assert found["RetryInfo"].retry_delay.seconds == 7  # type: ignore[attr-defined]
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub(ch).Generate(pb.GenerateRequest(prompt="x", model="m401"), timeout=20)
+        assert err.value.code() is grpc.StatusCode.INTERNAL
+        # A 404 about a model the caller asked for is the caller's (NOT_FOUND, and the
+        # proxy passes the message on); a 404 that names no model is the agent's (INTERNAL,
+        # never the INVALID_ARGUMENT that would tell the caller to change a fine request).
+        fake.behaviours["gpt-9"] = Behaviour(
+            status=404, error_message="The model `gpt-9` does not exist."
+        )
+        fake.behaviours["m404"] = Behaviour(status=404, error_message="Not Found")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub(ch).Generate(pb.GenerateRequest(prompt="x", model="gpt-9"), timeout=20)
+        assert err.value.code() is grpc.StatusCode.NOT_FOUND
+        assert "gpt-9" in (err.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub(ch).Generate(pb.GenerateRequest(prompt="x", model="m404"), timeout=20)
         assert err.value.code() is grpc.StatusCode.INTERNAL
 
 

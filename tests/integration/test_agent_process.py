@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from tests.support.grpc_helpers import max_wire_timeout_ms
 from tests.support.procs import ServiceProcess
 
 SERVICE = "ai.agent.v1.AgentService"
@@ -73,11 +74,11 @@ async def test_signals_flip_health_and_watch_sees_it(agent_process: ServiceProce
     assert changes == ["SERVING", "NOT_SERVING", "SERVING"]
 
 
-async def test_cancellation_reaches_the_log_within_100ms(agent_process: ServiceProcess) -> None:
+async def test_cancellation_reaches_the_log_at_once(agent_process: ServiceProcess) -> None:
     async with grpc.aio.insecure_channel(agent_process.address) as channel:
         call = pb_grpc.AgentServiceStub(channel).StreamGenerate(
             pb.StreamGenerateRequest(prompt="long", options=pb.GenerationOptions(max_tokens=100)),
-            metadata=(("x-request-id", "req-cancel"), ("x-fault-slow-ms", "200")),
+            metadata=(("x-request-id", "req-cancel"), ("x-fault-slow-ms", str(SLOW_TOKEN_MS))),
             timeout=30,
         )
         await call.read()
@@ -87,7 +88,14 @@ async def test_cancellation_reaches_the_log_within_100ms(agent_process: ServiceP
         lambda e: e.get("event") == "call_finished" and e.get("request_id") == "req-cancel"
     )
     assert finished["cancelled"] is True and finished["code"] == "CANCELLED"
-    assert finished["ts"] - cancelled_at < 0.100
+    # At once, not at the next token (5 s away); ~2 ms when idle, the bound is for a loaded box.
+    assert finished["ts"] - cancelled_at < CANCEL_SEEN_WITHIN_S
+
+
+# A cancel seen only between tokens would take SLOW_TOKEN_MS; "at once" is well under it,
+# with room for a loaded 2-core CI box (a fixed 100 ms bound was not).
+SLOW_TOKEN_MS = 5000
+CANCEL_SEEN_WITHIN_S = 1.0
 
 
 async def test_hang_fault_ends_at_the_callers_deadline(agent_process: ServiceProcess) -> None:
@@ -102,7 +110,8 @@ async def test_hang_fault_ends_at_the_callers_deadline(agent_process: ServicePro
     started = agent_process.wait_for_log(
         lambda e: e.get("event") == "call_started" and e.get("request_id") == "req-hang"
     )
-    assert 0 < started["deadline_remaining_ms"] <= 300
+    # grpc-timeout goes on the wire rounded up (300.8 ms seen for 0.3 s): see the helper.
+    assert 0 < started["deadline_remaining_ms"] <= max_wire_timeout_ms(0.3)
 
 
 async def test_sigterm_drains_and_exits_zero(agent_process: ServiceProcess) -> None:

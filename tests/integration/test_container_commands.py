@@ -2,7 +2,10 @@
 
 Only what cannot be the same on a test machine is replaced: listen addresses become
 127.0.0.1:0, cluster DNS names become the addresses of the processes started here, and a
-ConfigMap's mount path becomes a temporary file with the ConfigMap's content.
+ConfigMap's mount path becomes a temporary file with the ConfigMap's content. The agent's
+environment is its ConfigMap (k8s) or its compose environment with nothing set in the
+shell; the real-model variant edits the ConfigMap as the README says and points it at
+tests.support.fake_openai.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import pytest
 from ai.agent.v1 import agent_service_pb2 as pb
 from server.cli import build_parser
 from tests.integration.test_health_probe import probe
+from tests.support.fake_openai import FakeOpenAI
 from tests.support.grpc_helpers import stub
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
-from tests.unit.test_deploy import by_kind, compose, containers
+from tests.support.waiting import eventually
+from tests.unit.test_deploy import by_kind, compose, containers, interpolate_all
 
 LOCAL = "127.0.0.1:0"
 
@@ -46,7 +51,11 @@ async def test_kubernetes_agent_and_proxy_commands(
 ) -> None:
     deployments = by_kind("Deployment")
     agent_container = containers(deployments["aiproxy-agent"])[0]
-    agent = spawn(*with_listen(agent_container["args"]), name="k8s-agent")
+    agent = spawn(
+        *with_listen(agent_container["args"]),
+        env=agent_config_map(agent_container),
+        name="k8s-agent",
+    )
 
     proxy_container = containers(deployments["aiproxy"])[0]
     args = list(proxy_container["args"])
@@ -70,8 +79,52 @@ async def test_kubernetes_agent_and_proxy_commands(
         service = proxy_container[kind]["grpc"].get("service", "")
         result = await probe("--address", proxy.address, "--service", service)
         assert result.returncode == 0, (kind, result.stdout)
-    agent_probe = agent_container["readinessProbe"]["grpc"].get("service", "")
-    assert (await probe("--address", agent.address, "--service", agent_probe)).returncode == 0
+    for kind in ("readinessProbe", "livenessProbe"):
+        service = agent_container[kind]["grpc"].get("service", "")
+        result = await probe("--address", agent.address, "--service", service)
+        assert result.returncode == 0, (kind, result.stdout)
+
+
+def agent_config_map(container: dict) -> dict[str, str]:
+    """The environment the agent's envFrom ConfigMap gives it."""
+    (source,) = container["envFrom"]
+    data = by_kind("ConfigMap")[source["configMapRef"]["name"]]["data"]
+    return {k: str(v) for k, v in data.items()}
+
+
+async def test_kubernetes_agent_with_a_real_model_backend(spawn) -> None:
+    """The ConfigMap edited for a real model and the key from the Secret, as the README
+    says: the agent answers from the model server with the key, and while the model server
+    is away its readiness probe fails and its liveness probe does not (no restart loop)."""
+    container = containers(by_kind("Deployment")["aiproxy-agent"])[0]
+    key = "sk-from-the-secret-0123456789"
+    with FakeOpenAI() as fake:
+        env = agent_config_map(container) | {
+            "AIPROXY_AGENT_BACKEND": "openai",
+            "AIPROXY_AGENT_BASE_URL": fake.base_url,
+            "AIPROXY_AGENT_MODEL": "fake-model",
+            "AIPROXY_AGENT_HEALTH_INTERVAL_S": "0.2",
+            "OPENAI_API_KEY": key,  # the secretKeyRef
+        }
+        agent = spawn(*with_listen(container["args"]), env=env, name="k8s-agent-openai")
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            reply = await stub(channel).Generate(pb.GenerateRequest(prompt="hi there"), timeout=10)
+        assert reply.model == "fake-model" and reply.text
+        (request,) = fake.chat_requests()
+        assert request.headers["authorization"] == f"Bearer {key}"
+        readiness = container["readinessProbe"]["grpc"]["service"]
+        liveness = container["livenessProbe"]["grpc"]["service"]
+        await asyncio.to_thread(fake.stop)
+
+        async def not_ready_but_alive() -> bool:
+            ready = await probe("--address", agent.address, "--service", readiness)
+            assert ready.returncode != 0, "still ready"
+            live = await probe("--address", agent.address, "--service", liveness)
+            assert live.returncode == 0, live.stdout
+            return True
+
+        await eventually(not_ready_but_alive, 20, "readiness to fail while liveness holds")
+    assert key not in agent.stderr_text() + "".join(map(str, agent.stdout_lines()))
 
 
 async def test_compose_services_commands_and_healthchecks(
@@ -81,7 +134,9 @@ async def test_compose_services_commands_and_healthchecks(
     services = compose()["services"]
     agents = {}
     for name in ("agent-1", "agent-2"):
-        agents[name] = spawn(*with_listen(services[name]["command"]), name=name)
+        # Its environment with nothing set in the shell: the reference backend.
+        env = interpolate_all({k: str(v) for k, v in services[name]["environment"].items()}, {})
+        agents[name] = spawn(*with_listen(services[name]["command"]), env=env, name=name)
         test = services[name]["healthcheck"]["test"]
         args = build_parser().parse_args(test[2:])
         assert (

@@ -19,7 +19,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args, proxy_args
-from tests.support.grpc_helpers import NOT_SERVING, SERVING, health_status, stub, wait_health
+from tests.support.grpc_helpers import (
+    NOT_SERVING,
+    SERVING,
+    health_status,
+    max_wire_timeout_ms,
+    stub,
+    wait_health,
+)
 from tests.support.procs import CREDENTIAL_HEADERS, recorded_metadata
 from tests.support.waiting import eventually
 
@@ -208,8 +215,11 @@ async def wait_for_calls(record, count: int, timeout: float = 10.0) -> list[dict
     return await eventually(recorded, timeout, f"{count} calls recorded")
 
 
-async def test_caller_cancellation_reaches_upstream_within_100ms(spawn) -> None:
-    slow_agent = spawn(*agent_args(token_delay_ms=200), name="agent")
+async def test_caller_cancellation_reaches_upstream_at_once(spawn) -> None:
+    # Tokens 5 s apart: a cancel seen only at the next token would take seconds; "at once"
+    # is ~2 ms when idle, and the 1 s bound leaves room for a loaded 2-core CI box (a fixed
+    # 100 ms bound did not).
+    slow_agent = spawn(*agent_args(token_delay_ms=5000), name="agent")
     proxy = spawn(*proxy_args(slow_agent.address), name="proxy")
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         call = stub(channel).StreamGenerate(
@@ -222,10 +232,10 @@ async def test_caller_cancellation_reaches_upstream_within_100ms(spawn) -> None:
         call.cancel()
     finished = slow_agent.wait_for_log(
         lambda e: e.get("event") == "call_finished" and e.get("request_id") == "req-cancel",
-        timeout=5,
+        timeout=10,
     )
     assert finished["cancelled"] is True
-    assert finished["ts"] - cancelled_at < 0.100, (
+    assert finished["ts"] - cancelled_at < 1.0, (
         f"upstream saw the cancel {finished['ts'] - cancelled_at:.3f}s later"
     )
 
@@ -251,8 +261,10 @@ async def test_caller_deadline_propagates_upstream(method, agent, proxy_channel)
     started = agent.wait_for_log(
         lambda e: e.get("event") == "call_started" and e.get("request_id") == rid
     )
-    # + 1 ms: grpc-timeout goes on the wire rounded up to the millisecond.
-    assert 0 < started["deadline_remaining_ms"] <= 301
+    # Two hops (caller -> proxy -> agent), each grpc-timeout rounded up on the wire.
+    assert (
+        0 < started["deadline_remaining_ms"] <= max_wire_timeout_ms(max_wire_timeout_ms(0.3) / 1000)
+    )
 
 
 async def test_proxy_health_follows_upstream(agent, proxy) -> None:
@@ -347,7 +359,9 @@ async def test_caller_deadline_ends_a_stream_in_band_with_deadline_exceeded(spaw
     last = chunks[-1]
     assert last.is_final and last.finish_reason == pb.FINISH_REASON_ERROR
     assert rich_from_status(last.error).reason == "DEADLINE_EXCEEDED"
-    assert elapsed < 1.0
+    # Ended by the deadline, not later (whose deadline: the details above say the proxy's);
+    # slack past the 1 s for a loaded box, which the proxy's 5 % end margin alone is not.
+    assert elapsed < 1.5
     finished = agent.wait_for_log(
         lambda e: e.get("event") == "call_finished" and e.get("request_id") == rid
     )

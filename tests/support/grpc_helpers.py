@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -11,6 +12,24 @@ from ai.agent.v1 import agent_service_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# What grpc-core's clock readings add to a timeout before it is encoded: the call's deadline
+# is rounded up to the millisecond, "now" (a cached reading) down, so the timeout sent can be
+# a millisecond or two above the caller's; a few more for a reading taken a little early.
+CLOCK_SLACK_MS = 5
+
+
+def max_wire_timeout_ms(timeout_s: float) -> float:
+    """The most a server can see left of a caller's `timeout_s` (its remaining time when
+    the call arrives): grpc-core sends grpc-timeout rounded UP to a unit that grows with
+    the value (whole ms below 1 s, 10 ms below 10 s, 100 ms below 100 s, then seconds:
+    Timeout::FromMillis in grpc/grpc src/core/lib/transport/timeout_encoding.cc). So a
+    caller's 10 s was seen as 10099 ms in CI. Bound deadline assertions with this, not
+    with the caller's timeout."""
+    millis = math.ceil(timeout_s * 1000) + CLOCK_SLACK_MS
+    unit = 1 if millis < 1000 else 10 if millis < 10_000 else 100 if millis < 100_000 else 1000
+    return float(math.ceil(millis / unit) * unit)
 
 
 def stub(channel: grpc.aio.Channel) -> agent_service_pb2_grpc.AgentServiceStub:

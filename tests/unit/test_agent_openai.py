@@ -1,10 +1,12 @@
 """Pure logic of the agent's OpenAI-compatible backend: settings and environment,
-Retry-After, finish reasons, the HTTP status -> google.rpc.Status mapping."""
+Retry-After, finish reasons, the HTTP status -> google.rpc.Status mapping (whose fault each
+status is), and the client against tests.support.fake_openai for the 404 cases."""
 
 from __future__ import annotations
 
 import argparse
 import email.utils
+from collections.abc import Awaitable, Callable, Iterator
 
 import grpc
 import httpx
@@ -18,13 +20,16 @@ from agent.openai_backend import (
     FINISH_LENGTH,
     FINISH_STOP,
     MAX_RETRY_S,
+    ModelClient,
     ModelError,
+    ModelSettings,
     _finish,
     _http_error,
     retry_after_s,
 )
 from agent.settings import AgentSettings, safe_url
 from ai.agent.v1 import agent_service_pb2 as pb
+from tests.support.fake_openai import Behaviour, FakeOpenAI
 
 KEY = "sk-unit-0123456789"
 
@@ -157,11 +162,27 @@ def _details(error: ModelError) -> dict[str, object]:
         (429, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
         (500, grpc.StatusCode.UNAVAILABLE, True),
         (502, grpc.StatusCode.UNAVAILABLE, True),
+        (503, grpc.StatusCode.UNAVAILABLE, True),
+        # "Not now": the model server's state, worth a retry (on another replica too).
+        (408, grpc.StatusCode.UNAVAILABLE, True),
+        (409, grpc.StatusCode.UNAVAILABLE, True),
+        (425, grpc.StatusCode.UNAVAILABLE, True),
+        # About the request's content (prompt too long, an option out of range): the caller's.
         (400, grpc.StatusCode.INVALID_ARGUMENT, False),
-        (404, grpc.StatusCode.INVALID_ARGUMENT, False),
+        (413, grpc.StatusCode.INVALID_ARGUMENT, False),
         (422, grpc.StatusCode.INVALID_ARGUMENT, False),
+        # The agent's own configuration (key, base URL, model, redirects): never the caller's.
         (401, grpc.StatusCode.INTERNAL, False),
         (403, grpc.StatusCode.INTERNAL, False),
+        (404, grpc.StatusCode.INTERNAL, False),
+        (405, grpc.StatusCode.INTERNAL, False),
+        (410, grpc.StatusCode.INTERNAL, False),
+        (415, grpc.StatusCode.INTERNAL, False),
+        (418, grpc.StatusCode.INTERNAL, False),
+        (301, grpc.StatusCode.INTERNAL, False),
+        (307, grpc.StatusCode.INTERNAL, False),
+        # A success that is not an answer: a broken model server.
+        (204, grpc.StatusCode.UNAVAILABLE, False),
     ],
 )
 def test_http_status_mapping(status: int, code: grpc.StatusCode, retry: bool) -> None:
@@ -169,8 +190,56 @@ def test_http_status_mapping(status: int, code: grpc.StatusCode, retry: bool) ->
     assert error.code is code
     assert error.to_status().code == code.value[0]
     details = _details(error)
-    assert details["ErrorInfo"].metadata["httpStatus"] == str(status)  # type: ignore[attr-defined]
+    if status >= 300:
+        assert details["ErrorInfo"].metadata["httpStatus"] == str(status)  # type: ignore[attr-defined]
     assert ("RetryInfo" in details) is retry
+    if code is grpc.StatusCode.INTERNAL:
+        assert "the request was fine" in error.message  # never blames the caller
+
+
+@pytest.mark.parametrize("status", [404, 405, 410, 301])
+def test_the_agents_own_misconfiguration_names_the_path_and_model(status: int) -> None:
+    error = _http_error(
+        "llama-3-8b",
+        status,
+        httpx.Headers(),
+        b'{"error": "404 page not found"}',
+        path="/api/chat/completions",
+    )
+    assert error.code is grpc.StatusCode.INTERNAL
+    assert _details(error)["ErrorInfo"].reason == "MODEL_MISCONFIGURED"  # type: ignore[attr-defined]
+    assert "POST /api/chat/completions" in error.message
+    if status != 301:
+        assert "'llama-3-8b'" in error.message
+    assert "base URL" in error.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "caller_model", "code", "reason"),
+    [
+        # The caller asked for a model the server does not have (OpenAI, vLLM, Ollama words).
+        (b'{"error": {"message": "The model `gpt-9` does not exist"}}', True,
+         grpc.StatusCode.NOT_FOUND, "MODEL_UNKNOWN"),
+        (b'{"error": "model \\"gpt-9\\" not found, try pulling it first"}', True,
+         grpc.StatusCode.NOT_FOUND, "MODEL_UNKNOWN"),
+        # The same words about the agent's configured model: the operator's mistake.
+        (b'{"error": {"message": "The model `gpt-9` does not exist"}}', False,
+         grpc.StatusCode.INTERNAL, "MODEL_MISCONFIGURED"),
+        # A bare 404 (a wrong base URL) says nothing about the model: the operator's.
+        (b'{"detail": "Not Found"}', True, grpc.StatusCode.INTERNAL, "MODEL_MISCONFIGURED"),
+        (b"404 page not found", True, grpc.StatusCode.INTERNAL, "MODEL_MISCONFIGURED"),
+        # Another model named (a longer name containing ours) is not ours.
+        (b'{"error": {"message": "The model `gpt-9-turbo` does not exist"}}', True,
+         grpc.StatusCode.INTERNAL, "MODEL_MISCONFIGURED"),
+    ],
+)  # fmt: skip
+def test_404_blames_the_caller_only_for_a_model_it_named(
+    raw: bytes, caller_model: bool, code: grpc.StatusCode, reason: str
+) -> None:
+    error = _http_error("gpt-9", 404, httpx.Headers(), raw, caller_model=caller_model)
+    assert error.code is code
+    assert _details(error)["ErrorInfo"].reason == reason  # type: ignore[attr-defined]
+    assert "gpt-9" in error.message
 
 
 def test_429_without_retry_after_still_says_when() -> None:
@@ -185,3 +254,75 @@ def test_provider_message_is_short_and_one_line() -> None:
     assert "bad thing" in error.message
     error = _http_error("m", 400, httpx.Headers(), b"<html>not json</html>")
     assert error.message == "the model server rejected the request (HTTP 400)"
+
+
+# --- against a real HTTP server (tests.support.fake_openai) ------------------------------
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI().start()
+    yield server
+    server.shutdown()
+
+
+async def _complete_error(client: ModelClient, model: str) -> ModelError:
+    try:
+        with pytest.raises(ModelError) as err:
+            await client.complete(
+                [{"role": "user", "content": "hi"}], model=model, options={}, timeout_s=10
+            )
+        return err.value
+    finally:
+        await client.aclose()
+
+
+async def _stream_error(client: ModelClient, model: str) -> ModelError:
+    try:
+        with pytest.raises(ModelError) as err:
+            async for _ in client.stream(
+                [{"role": "user", "content": "hi"}], model=model, options={}, timeout_s=10
+            ):
+                pass
+        return err.value
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("call", [_complete_error, _stream_error])
+async def test_a_wrong_base_url_is_the_agents_failure_naming_path_and_model(
+    fake: FakeOpenAI, call: Callable[[ModelClient, str], Awaitable[ModelError]]
+) -> None:
+    """The base URL without /v1, with credentials in it too: the fake answers 404 for the
+    path. The error names the path and the model, and neither the key nor the URL's
+    secrets."""
+    url = fake.base_url.replace("http://", "http://user:url-secret@").removesuffix("/v1")
+    client = ModelClient(ModelSettings(base_url=url, api_key=KEY, model="fake-model"))
+    error = await call(client, "fake-model")
+    assert error.code is grpc.StatusCode.INTERNAL
+    assert _details(error)["ErrorInfo"].reason == "MODEL_MISCONFIGURED"  # type: ignore[attr-defined]
+    assert "POST /chat/completions" in error.message and "'fake-model'" in error.message
+    status = error.to_status()
+    text = status.SerializeToString()
+    assert KEY.encode() not in text and b"url-secret" not in text and b"127.0.0.1" not in text
+    assert [r.path for r in fake.requests] == ["/chat/completions"]
+
+
+async def test_an_unknown_model_is_the_callers_only_if_the_caller_named_it(
+    fake: FakeOpenAI,
+) -> None:
+    for name in ("gpt-9", "configured-but-gone"):
+        fake.behaviours[name] = Behaviour(
+            status=404, error_message=f"The model `{name}` does not exist."
+        )
+    # The caller asked for gpt-9 (the agent is configured with fake-model).
+    settings = ModelSettings(base_url=fake.base_url, api_key=KEY, model="fake-model")
+    error = await _stream_error(ModelClient(settings), "gpt-9")
+    assert error.code is grpc.StatusCode.NOT_FOUND
+    assert _details(error)["ErrorInfo"].reason == "MODEL_UNKNOWN"  # type: ignore[attr-defined]
+    # The agent's own model is gone: the operator's to fix, not the caller's.
+    settings = ModelSettings(base_url=fake.base_url, api_key=KEY, model="configured-but-gone")
+    error = await _complete_error(ModelClient(settings), "configured-but-gone")
+    assert error.code is grpc.StatusCode.INTERNAL
+    assert _details(error)["ErrorInfo"].reason == "MODEL_MISCONFIGURED"  # type: ignore[attr-defined]
+    assert "/v1/chat/completions" in error.message and "'configured-but-gone'" in error.message

@@ -235,10 +235,7 @@ async def test_everyone_leaving_cancels_the_upstream_and_stores_nothing() -> Non
     assert outcome is Outcome.MISS
     assert await anext(chunks) == b"c0"  # first chunk at once
     await chunks.aclose()  # type: ignore[attr-defined]
-    for _ in range(100):
-        if up.cancelled:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: up.cancelled, what="the upstream cancelled")
     assert up.cancelled == 1  # truncated: the upstream stops, nothing is stored
     assert await cache.lookup("k") is None and cache.in_flight == 0
 

@@ -5,6 +5,10 @@
 - compose and Kubernetes: every container command parses with the real `aiproxy` CLI,
   every AIPROXY_* variable and config file is accepted by the real config schema, ports,
   probe service names, selectors and DNS names agree with each other;
+- the agent's model backend (README: Put a real model behind it): every AIPROXY_AGENT_* /
+  OPENAI_* variable the files set is one the agent reads, the reference backend is the
+  default, the openai backend is one environment (compose) or ConfigMap (k8s) away, and the
+  API key comes from the environment or a Secret, never from the files;
 - the Kubernetes manifests validate against the Kubernetes 1.37 OpenAPI schemas that the
   kubernetes-validate package ships (offline, --strict: unknown fields are errors).
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import urllib.parse
@@ -27,6 +32,9 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from agent import cli as agent_cli
+from agent.server import LIVENESS_SERVICE as AGENT_LIVENESS_SERVICE
+from agent.settings import DEFAULT_MODEL, AgentSettings
 from core.service import SERVICE_NAME
 from core.settings import load_settings, parse_hostport
 from server.cli import build_parser
@@ -36,7 +44,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.37"
 PROXY_HEALTH_SERVICES = {"", SERVICE_NAME, LIVENESS_SERVICE}
-AGENT_HEALTH_SERVICES = {"", SERVICE_NAME}
+AGENT_HEALTH_SERVICES = {"", SERVICE_NAME, AGENT_LIVENESS_SERVICE}
 
 
 def k8s_docs() -> list[dict[str, Any]]:
@@ -383,3 +391,125 @@ def test_k8s_proxies_share_limits_in_the_redis_service(tmp_path: pathlib.Path) -
     # Applied with the rest.
     kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
     assert "redis.yaml" in kustomization["resources"]
+
+
+# ---- The agent's model backend (README: Put a real model behind it) ----------------------
+
+# Each setting the deploy files expose, a value an operator might give it, and where it lands.
+MODEL_SETTINGS: dict[str, tuple[str, str, object]] = {
+    "AIPROXY_AGENT_BACKEND": ("openai", "backend", "openai"),
+    "AIPROXY_AGENT_BASE_URL": ("http://models:8000/v1", "base_url", "http://models:8000/v1"),
+    "AIPROXY_AGENT_MODEL": ("llama3.2", "model", "llama3.2"),
+    "AIPROXY_AGENT_MODEL_TIMEOUT_S": ("60", "model_timeout_s", 60.0),
+    "AIPROXY_AGENT_HEALTH_INTERVAL_S": ("2", "health_interval_s", 2.0),
+    "AIPROXY_AGENT_BATCH_CONCURRENCY": ("8", "batch_concurrency", 8),
+}
+API_KEY = "sk-deploy-test-0123456789"
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?-)([^}]*))?\}")
+
+
+def interpolate(value: str, shell: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR-default}, against `shell`."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, default = match.groups()
+        if op == ":-":
+            return shell.get(name) or default
+        if op == "-":
+            return shell.get(name, default)
+        return shell.get(name, "")
+
+    return _INTERPOLATION.sub(one, value)
+
+
+def interpolate_all(environment: dict[str, str], shell: dict[str, str]) -> dict[str, str]:
+    return {k: interpolate(v, shell) for k, v in environment.items()}
+
+
+def agent_settings(command: list[str], env: dict[str, str]) -> AgentSettings:
+    """What the real agent CLI makes of a container's command and environment."""
+    args = parse_command(command)
+    assert args.command == "agent"
+    return agent_cli.settings_from_args(args, environ=env)
+
+
+def compose_agents() -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in compose_services()
+        if service.get("image", "").startswith("aiproxy")
+        and parse_command(service["command"]).command == "agent"
+    }
+
+
+def test_compose_agents_take_the_model_backend_from_the_environment() -> None:
+    agents = compose_agents()
+    assert len(agents) >= 2
+    for name, service in agents.items():
+        environment = {k: str(v) for k, v in service["environment"].items()}
+        # Every value is its own variable from the shell (or deploy/.env), so nothing, the
+        # key least of all, is written in the file.
+        for key, value in environment.items():
+            match = _INTERPOLATION.fullmatch(value)
+            assert match is not None and match.group(1) == key, (name, key, value)
+        assert set(MODEL_SETTINGS) | {"OPENAI_API_KEY"} <= set(environment), name
+
+        # Nothing set: the reference backend, as before.
+        settings = agent_settings(service["command"], interpolate_all(environment, {}))
+        assert (settings.backend, settings.model, settings.api_key) == (
+            "reference",
+            DEFAULT_MODEL,
+            None,
+        )
+        # Every setting the file passes on is one the agent reads.
+        shell = {k: v for k, (v, _, _) in MODEL_SETTINGS.items()} | {"OPENAI_API_KEY": API_KEY}
+        settings = agent_settings(service["command"], interpolate_all(environment, shell))
+        for _, field, expected in MODEL_SETTINGS.values():
+            assert getattr(settings, field) == expected, (name, field)
+        assert settings.api_key == API_KEY
+        # OPENAI_BASE_URL / OPENAI_MODEL reach it too (the agent's own fallbacks).
+        shell = {
+            "AIPROXY_AGENT_BACKEND": "openai",
+            "OPENAI_BASE_URL": "https://api.openai.com/v1",
+            "OPENAI_MODEL": "gpt-4o-mini",
+        }
+        settings = agent_settings(service["command"], interpolate_all(environment, shell))
+        assert (settings.base_url, settings.model) == ("https://api.openai.com/v1", "gpt-4o-mini")
+        # A model server on the Docker host is reachable by name, on Linux too.
+        assert "host.docker.internal:host-gateway" in service["extra_hosts"], name
+
+
+def test_k8s_agent_takes_the_model_backend_from_a_config_map_and_the_key_from_a_secret() -> None:
+    agent = by_kind("Deployment")["aiproxy-agent"]
+    (container,) = containers(agent)
+    (source,) = container["envFrom"]
+    config_map = by_kind("ConfigMap")[source["configMapRef"]["name"]]
+    assert config_map["metadata"]["namespace"] == agent["metadata"]["namespace"]
+    data = {k: str(v) for k, v in config_map["data"].items()}
+    assert set(MODEL_SETTINGS) <= set(data)
+    # The key: only from a Secret, optional (the reference and local servers need none).
+    env = {e["name"]: e for e in container.get("env", [])}
+    key_ref = env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert "value" not in env["OPENAI_API_KEY"] and key_ref["optional"] is True
+    assert key_ref["key"] == "OPENAI_API_KEY"
+    assert not any(word in k for k in data for word in ("KEY", "SECRET", "TOKEN")), data
+    assert all("value" not in e for e in env.values()), "settings go in the ConfigMap"
+
+    # As shipped (no Secret): the reference backend.
+    settings = agent_settings(container["args"], data)
+    assert (settings.backend, settings.model, settings.api_key) == (
+        "reference",
+        DEFAULT_MODEL,
+        None,
+    )
+    # The ConfigMap edited for a real model, and the Secret created: every key is read.
+    edited = {k: v for k, (v, _, _) in MODEL_SETTINGS.items()}
+    settings = agent_settings(container["args"], {**data, **edited, "OPENAI_API_KEY": API_KEY})
+    for _, field, expected in MODEL_SETTINGS.values():
+        assert getattr(settings, field) == expected, field
+    assert settings.api_key == API_KEY
+
+    # Readiness follows the model server (no traffic while it is away); liveness does not
+    # (a restart would not bring the model back).
+    assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert container["livenessProbe"]["grpc"]["service"] == AGENT_LIVENESS_SERVICE

@@ -27,6 +27,7 @@ from interceptors.request_context import RequestContext
 from server.chain import DECODE
 from server.pipeline import Pipeline, ServicerTerminal
 from server.telemetry import Telemetry
+from tests.support.waiting import eventually
 
 SERVICE = "ai.agent.v1.AgentService"
 CHUNK_PAUSE_S = 0.15
@@ -233,10 +234,10 @@ async def test_cancelled_stream_is_recorded_and_active_gauge_returns_to_zero(
     assert value(telemetry, "ai_proxy_active_streams", method="StreamGenerate") == 1
     call.cancel()
     labels = dict(grpc_type="SERVER_STREAMING", grpc_service=SERVICE, grpc_method="StreamGenerate")
-    for _ in range(200):  # the server sees the cancellation asynchronously
-        if value(telemetry, "grpc_server_handled_total", **labels, grpc_code="CANCELLED"):
-            break
-        await asyncio.sleep(0.01)
+    await eventually(  # the server sees the cancellation asynchronously
+        lambda: value(telemetry, "grpc_server_handled_total", **labels, grpc_code="CANCELLED"),
+        what="the cancellation counted",
+    )
     assert value(telemetry, "grpc_server_handled_total", **labels, grpc_code="CANCELLED") == 1
     assert value(telemetry, "ai_proxy_active_streams", method="StreamGenerate") == 0
     lines = [r.fields for r in caplog.records if r.name == "aiproxy.access"]

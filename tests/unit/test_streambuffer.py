@@ -257,9 +257,12 @@ async def test_watch_owner_cancels_after_grace_and_on_request() -> None:
 
     sid2 = await buf.create("t", "o")
     task = asyncio.create_task(watch_owner(buf, sid2, "o", Grace(30), interval_s=0.02))
-    await asyncio.sleep(0.05)
+
+    async def owner_alive() -> bool:  # the watcher's first heartbeat took the lease
+        return (await buf.state(sid2)).owner_alive
+
+    await eventually(owner_alive, what="the owner's lease")
     assert not task.done()
-    assert (await buf.state(sid2)).owner_alive
     await buf.request_cancel(sid2, "t")
     assert await asyncio.wait_for(task, 10) is Verdict.CANCEL_REQUESTED
 
