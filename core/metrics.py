@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from py_grpc_prometheus import client_metrics, server_metrics
+
+if TYPE_CHECKING:
+    from core.accesslog import AccessLogWriter
 
 # Distinct `model` label values before further models are reported as "other".
 MAX_MODELS = 32
@@ -243,6 +246,8 @@ class CallTelemetry(Protocol):
     grpc_server: GrpcServerMetrics
     proxy: ProxyMetrics
     access_log: bool
+    # Where the access lines go when a server runs (None: through the logger itself).
+    access_writer: AccessLogWriter | None
 
     @property
     def tracing(self) -> bool: ...

@@ -12,8 +12,8 @@ durations cover the whole stream):
     rejections, tokens by model, stream first-chunk time, mean and largest chunk
     interval, active streams;
   - the span attributes (request id, upstream, attempts, GenAI model and tokens);
-  - one JSON access log line (aiproxy.access), formatted and written off the event loop
-    (AccessLogQueue: a queue and a thread).
+  - one JSON access log line (aiproxy.access), formatted and written off the event loop,
+    in batches (core/accesslog.py).
 Per chunk it does nothing itself: the pipeline's one stream wrapper counts chunks and
 keeps the first / last timestamps and the largest gap in CallInfo. Label children are
 resolved in bind, once per method (and once per status code), never per call.
@@ -23,8 +23,6 @@ Health checks and reflection never reach the pipeline, so they have no series he
 from __future__ import annotations
 
 import logging
-import logging.handlers
-import queue
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,13 +30,12 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from core.accesslog import access_log
 from core.callinfo import CallInfo
 from core.errors import Reason
 from core.logs import log_event
 from core.metrics import CallTelemetry
 from core.service import Method
-
-access_log = logging.getLogger("aiproxy.access")
 
 OK = grpc.StatusCode.OK
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -47,6 +44,7 @@ LIMIT_REASONS = frozenset(
     {Reason.RATE_LIMITED.value, Reason.CONCURRENCY_LIMITED.value, Reason.OVERLOADED.value}
 )
 
+INFO = logging.INFO
 UNARY = "UNARY"
 SERVER_STREAMING = "SERVER_STREAMING"
 
@@ -176,6 +174,7 @@ class Observability:
         self._t = telemetry
         self._tracing = telemetry.tracing
         self._access = telemetry.access_log
+        self._writer = telemetry.access_writer
         self._token_children: dict[tuple[str, str], Any] = {}
         if self._tracing:
             from opentelemetry import trace
@@ -292,9 +291,9 @@ class Observability:
             span.set_attribute("aiproxy.chunks", call.chunks)
 
     def _log(self, call: CallInfo, elapsed: float) -> None:
-        log_event(
-            access_log,
-            "access",
+        if not access_log.isEnabledFor(INFO):
+            return
+        fields: dict[str, Any] = dict(
             request_id=call.request_id,
             method=call.method,
             caller=call.caller,
@@ -312,44 +311,8 @@ class Observability:
             attempts=call.attempts,
             retries=call.retries,
         )
-
-
-class _QueueHandler(logging.handlers.QueueHandler):
-    """Puts the record on the queue as it is: formatting (the JSON) is the listener
-    thread's work, not the event loop's."""
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
-
-
-class AccessLogQueue:
-    """The access log written off the event loop: the aiproxy.access logger puts records
-    on a queue, a thread (logging.handlers.QueueListener) hands them to the handlers the
-    root logger had at start(). stop() flushes what is queued and ends the thread."""
-
-    def __init__(self, logger: logging.Logger = access_log) -> None:
-        self._logger = logger
-        self._listener: logging.handlers.QueueListener | None = None
-        self._saved: tuple[list[logging.Handler], bool] | None = None
-
-    def start(self) -> None:
-        if self._listener is not None:
-            return
-        handlers = logging.getLogger().handlers[:]
-        if not handlers:
-            return  # nothing to write to: leave the logger as it is
-        q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._saved = (self._logger.handlers[:], self._logger.propagate)
-        self._logger.handlers[:] = [_QueueHandler(q)]
-        self._logger.propagate = False
-        self._listener = logging.handlers.QueueListener(q, *handlers, respect_handler_level=True)
-        self._listener.start()
-
-    def stop(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is None:
-            return
-        listener.stop()  # writes what is queued, then joins the thread
-        if self._saved is not None:
-            self._logger.handlers[:], self._logger.propagate = self._saved
-            self._saved = None
+        writer = self._writer
+        if writer is not None and writer.running:
+            writer.write(fields)  # a queue append; the writer thread formats and writes
+        else:
+            log_event(access_log, "access", INFO, **fields)

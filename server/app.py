@@ -29,7 +29,6 @@ from core.service import SERVICE_NAME, agent_service
 from core.settings import ServerSettings, Settings, parse_hostport
 from interceptors.auth import AuthStage, is_open_method
 from interceptors.error_handling import SafeGenericHandler, safe_handler
-from interceptors.observability import AccessLogQueue
 from interceptors.overload import BacklogLimit, OverloadGate
 from server import tls
 from server.admin import ADMIN_SERVICE_NAME, ProxyAdmin
@@ -138,7 +137,6 @@ class ProxyServer:
         self.health = ProxyHealth(self.pool)
         self.forwarder = Forwarder(self.pool, settings)
         self._server: grpc.aio.Server | None = None
-        self._access_log = AccessLogQueue()
         self._backlog_limit: BacklogLimit | None = None
         self._background: list[asyncio.Task[None]] = []
         self.port: int | None = None
@@ -275,7 +273,8 @@ class ProxyServer:
             ),
             beside,
         )
-        self._access_log.start()
+        if self.telemetry.access_writer is not None:
+            self.telemetry.access_writer.start()
         credentials = tls.server_credentials(self.settings.tls.server)
         if credentials is None:
             self.port = server.add_insecure_port(self.settings.server.listen)
@@ -341,7 +340,8 @@ class ProxyServer:
         await self.pool.close()
         await close_limit_store(self.limit_store)
         self.telemetry.shutdown()
-        self._access_log.stop()  # writes the access lines still queued
+        if self.telemetry.access_writer is not None:
+            self.telemetry.access_writer.stop()  # writes the access lines still queued
         log_event(log, "proxy_stopped")
 
     async def wait_for_termination(self) -> None:

@@ -208,7 +208,11 @@ class Forwarder:
                 except grpc.aio.AioRpcError as exc:
                     remaining = None if deadline is None else deadline.remaining()
                     backoff = policy.backoff(attempt)
-                    if not policy.should_retry(exc.code(), attempt, remaining, backoff):
+                    if not policy.should_retry(
+                        exc.code(), attempt, remaining, backoff
+                    ) or not self._pool.has_other_usable(tried):
+                        # A retry goes to another endpoint (never the one that failed):
+                        # with none left, the backoff would only delay the same error.
                         raise
                     del exc  # not kept alive (with its frames) across the backoff
                     call.retries += 1

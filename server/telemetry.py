@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from core.accesslog import AccessLogWriter, access_log
 from core.logs import log_event
 from core.metrics import GrpcClientMetrics, GrpcServerMetrics, ProxyMetrics, untraced_services
 from core.settings import Settings, TracingSettings, parse_hostport
@@ -45,6 +46,8 @@ class Telemetry:
         self.grpc_client = GrpcClientMetrics(self.registry)
         self.proxy = ProxyMetrics(self.registry)
         self.access_log = settings.log.access
+        # Started and stopped by the server (server/app.py) with the process's log handlers.
+        self.access_writer = AccessLogWriter(access_log) if self.access_log else None
         # A provider passed in (tests: an in-memory exporter) wins over the settings.
         self.tracer_provider = (
             tracer_provider

@@ -155,6 +155,7 @@ class CallsInFlight:
 
 
 _OK = grpc.StatusCode.OK
+_EOF = grpc.aio.EOF
 _UNKNOWN = grpc.StatusCode.UNKNOWN
 _CANCELLED = grpc.StatusCode.CANCELLED
 
@@ -233,12 +234,17 @@ class UpstreamStream:
         self._started = True
         permit = None if self._settled else self._permit
         m = None if self._settled else self._metrics
-        received = None if m is None else m.received
+        received = 0  # counted once at the end: no metric lock per chunk
         code = _UNKNOWN
+        # call.read() rather than `async for`: grpc.aio's iterator is one more async
+        # generator frame per chunk (_fetch_stream_responses) around the same read.
+        read = self._call.read
         try:
-            async for response in self._call:
-                if received is not None:
-                    received.inc()
+            while True:
+                response = await read()
+                if response is _EOF:
+                    break
+                received += 1
                 yield response
             code = _OK
             if permit is not None:
@@ -264,6 +270,8 @@ class UpstreamStream:
         finally:
             self._calls.untrack(self._entry)
             if m is not None:
+                if received:
+                    m.received.inc(received)
                 m.finish(code, self._start)
 
 

@@ -436,6 +436,30 @@ async def test_unary_retries_land_on_the_other_replica(flaky_and_healthy) -> Non
         assert request_id in retried
 
 
+async def test_with_no_other_replica_the_error_comes_without_a_backoff(spawn) -> None:
+    """A retry goes to another endpoint, never the one that failed: with a single
+    replica, waiting the backoff first would only delay the same error."""
+    agent = spawn(*agent_args(), name="agent")
+    proxy = spawn(
+        *proxy_args(agent.address),
+        env=env(breaker__enabled="false", retry__initial_backoff_s=5, retry__max_backoff_s=5),
+        name="proxy",
+    )
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        await stub(channel).Generate(PROMPT, timeout=10)  # connected, warm
+        started = loop.time()
+        call = stub(channel).Generate(
+            PROMPT, metadata=(("x-fault-code", "UNAVAILABLE"),), timeout=10
+        )
+        err = await call_error(call)
+        elapsed = loop.time() - started
+        trailers = dict(await call.trailing_metadata())
+    assert err.code() is grpc.StatusCode.UNAVAILABLE
+    assert trailers["x-aiproxy-attempts"] == "1"
+    assert elapsed < 2.5, f"waited {elapsed:.2f} s: the 5 s backoff was slept"
+
+
 async def test_streams_retry_before_the_first_chunk_never_after(flaky_and_healthy) -> None:
     flaky, healthy, proxy = flaky_and_healthy
     async with grpc.aio.insecure_channel(proxy.address) as channel:

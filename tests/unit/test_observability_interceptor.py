@@ -286,11 +286,12 @@ def test_usage_ignores_a_request_that_did_not_decode() -> None:
 
 
 def test_access_log_is_written_by_a_thread_and_flushed_at_stop() -> None:
-    """AccessLogQueue: the event loop only enqueues; the listener thread formats and
-    writes; stop() writes what is still queued and puts the logger back."""
+    """AccessLogWriter: the event loop only enqueues; the writer thread formats and
+    writes; stop() writes what is still queued and puts the logger back. Records logged
+    through the logger itself take the same queue."""
     import threading
 
-    from interceptors.observability import AccessLogQueue, access_log
+    from core.accesslog import AccessLogWriter, access_log
 
     written: list[tuple[str, str]] = []
 
@@ -303,16 +304,18 @@ def test_access_log_is_written_by_a_thread_and_flushed_at_stop() -> None:
     saved_level, saved_handlers = access_log.level, access_log.handlers[:]
     root.addHandler(handler)
     access_log.setLevel(logging.INFO)
-    queue = AccessLogQueue()
+    writer = AccessLogWriter(access_log)
     try:
-        queue.start()
-        assert access_log.propagate is False
+        writer.start()
+        assert access_log.propagate is False and writer.running
         for i in range(50):
             access_log.info("access", extra={"fields": {"i": i}})
-        queue.stop()
+        for i in range(50, 100):
+            writer.write({"i": i})
+        writer.stop()
     finally:
         root.removeHandler(handler)
         access_log.setLevel(saved_level)
-    assert len(written) == 50
-    assert {thread for thread, _ in written} != {threading.current_thread().name}
+    assert len(written) == 100
+    assert {thread for thread, _ in written} == {"aiproxy-access-log"}
     assert access_log.propagate is True and access_log.handlers == saved_handlers
