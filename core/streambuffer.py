@@ -457,7 +457,14 @@ class MemoryStreamBuffer:
                 yield chunk
                 if chunk.last:
                     return
-            if s.finished:  # the final chunk was before after_seq: nothing more to send
+            # Each `yield` above suspends this reader (its caller writes to the network)
+            # while the owner may append, finish included: the slice we walked is stale.
+            # Decide on the stream's state as it is NOW, never on a flag read after the
+            # snapshot: checking `finished` alone here lost the final chunk of a resumed
+            # stream whenever it was appended during the reader's last yield (issue 16).
+            if last + 1 < s.next_seq:
+                continue  # more arrived while we yielded: send it before anything else
+            if s.finished:  # the final chunk was at or before after_seq: nothing more
                 return
             # Wake on the next write, or renew the reader lease while the owner is quiet.
             try:

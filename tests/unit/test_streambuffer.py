@@ -119,6 +119,43 @@ async def test_live_tail_no_duplicate_no_gap_under_racing_appends() -> None:
         assert seqs == list(range(after + 1, n)), after
 
 
+async def test_chunks_written_while_the_reader_is_suspended_are_all_sent() -> None:
+    """The reader's caller suspends at each chunk (it writes it to the network); the owner
+    appends the rest of the stream, final chunk included, meanwhile. The reader must send
+    them all: it once decided on `finished` after walking a stale slice and ended without
+    the final chunk (about 1 resume in 2 through Envoy and over gRPC, issue 16)."""
+    buf = MemoryStreamBuffer()
+    sid = await buf.create("t", "o")
+    await buf.append(sid, 0, b"0")
+    reader = buf.read(sid, "t", -1)
+    assert (await anext(reader)).seq == 0  # suspended at the yield of chunk 0
+    await buf.append(sid, 1, b"1")
+    await buf.finish(sid, 2, b"end")
+    rest = [c async for c in reader]
+    assert [c.seq for c in rest] == [1, 2] and rest[-1].kind is ChunkKind.FINAL
+
+    # The same with a slow consumer at every chunk while the owner keeps writing.
+    sid = await buf.create("t", "o")
+    n = 40
+
+    async def owner() -> None:
+        for seq in range(n - 1):
+            await buf.append(sid, seq, b"x")
+            await asyncio.sleep(0)
+        await buf.finish(sid, n - 1, b"end")
+
+    async def slow_reader(after: int) -> list[int]:
+        seqs = []
+        async for chunk in buf.read(sid, "t", after):
+            seqs.append(chunk.seq)
+            for _ in range(3):  # the caller's write takes a few loop turns
+                await asyncio.sleep(0)
+        return seqs
+
+    _, *results = await asyncio.gather(owner(), slow_reader(-1), slow_reader(5))
+    assert results == [list(range(n)), list(range(6, n))]
+
+
 async def test_bytes_bound_drops_oldest_and_resume_before_them_is_expired() -> None:
     buf = MemoryStreamBuffer(max_bytes=100)
     sid = await buf.create("t", "o")
