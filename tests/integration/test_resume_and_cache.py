@@ -24,14 +24,17 @@ import pathlib
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 import grpc
+import jwt
 import pytest
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from ai.agent.v1 import agent_service_pb2 as pb
-from tests.conftest import agent_args
+from core.streambuffer import new_stream_id
+from tests.conftest import agent_args, proxy_args
 from tests.integration.test_protection import read_stream, rich_from_status
 from tests.support.grpc_helpers import stub
 from tests.support.procs import ServiceProcess, recorded_metadata
@@ -109,11 +112,11 @@ async def full_run(channel: grpc.aio.Channel, request: pb.StreamGenerateRequest)
 
 
 async def drop_after(
-    channel: grpc.aio.Channel, request: pb.StreamGenerateRequest, n: int
+    channel: grpc.aio.Channel, request: pb.StreamGenerateRequest, n: int, metadata: tuple = ()
 ) -> tuple[str, list]:
     """A resumable call that reads `n` chunks and then drops its connection (cancel)."""
     call = stub(channel).StreamGenerate(
-        request, metadata=(("x-aiproxy-resumable", "1"),), timeout=60
+        request, metadata=(("x-aiproxy-resumable", "1"), *metadata), timeout=60
     )
     sid = dict(await call.initial_metadata()).get("x-aiproxy-stream-id")
     assert sid, "a resumable stream gets its id in the initial metadata"
@@ -413,3 +416,165 @@ async def test_a_store_that_hangs_costs_resumability_and_hits_never_the_call(
             assert time.monotonic() - started < 20
         finally:
             redis_server.resume()
+
+
+# Every request header only the proxy interprets (core/headers.py), as a caller sends them,
+# plus one named x-aiproxy-* that no module knows yet (the prefix rule) and the caller's own
+# header that must still reach the agent (so the record proves it saw the call's metadata).
+PROXY_ONLY_SENT = (
+    ("x-aiproxy-resumable", "1"),
+    ("x-aiproxy-resume", "sh0rt"),  # malformed: a new call, still never forwarded
+    ("last-event-id", "2"),
+    ("cache-control", "no-store"),
+    ("x-aiproxy-coalesce-ms", "0"),
+    ("x-aiproxy-some-future-knob", "1"),
+)
+PROXY_ONLY_NAMES = {k for k, _ in PROXY_ONLY_SENT} | {"x-aiproxy-cancel", "x-aiproxy-edge"}
+
+
+def agent_saw(record: pathlib.Path, request_id: str) -> dict[str, list]:
+    calls = [
+        c for c in recorded_metadata(record) if request_id in c["metadata"].get("x-request-id", [])
+    ]
+    assert len(calls) == 1, f"{len(calls)} agent calls for {request_id}"
+    return calls[0]["metadata"]
+
+
+async def test_proxy_only_metadata_never_reaches_the_agent(stack) -> None:
+    """Resume, cancel, cache and coalescing headers steer this proxy; the agent gets none of
+    them (an agent behind another aiproxy would act on them twice; a stream id is a
+    capability). Unary and stream calls, and a real cancel of a resumable stream."""
+    _agent, record, (a, _) = stack
+    async with grpc.aio.insecure_channel(a.address) as ca:
+        for i, name in enumerate(("unary", "stream")):
+            rid = f"proxy-only-{name}-{time.monotonic_ns()}"
+            md = (*PROXY_ONLY_SENT, ("x-request-id", rid), ("x-caller-note", "keep"))
+            if name == "unary":
+                await stub(ca).Generate(pb.GenerateRequest(prompt=f"p{i}"), metadata=md, timeout=30)
+            else:
+                call = stub(ca).StreamGenerate(stream_request(f"p{i}", 4), metadata=md, timeout=30)
+                chunks = [c async for c in call]
+                assert chunks[-1].is_final
+                # It was resumable (the header was acted on), only not forwarded.
+                assert "x-aiproxy-stream-id" in dict(await call.initial_metadata())
+            await until(lambda: record.exists(), 10, "the agent's record")
+            saw = await asyncio.to_thread(wait_agent_saw, record, rid)
+            assert saw.get("x-caller-note") == ["keep"]
+            leaked = PROXY_ONLY_NAMES & set(saw) | {k for k in saw if k.startswith("x-aiproxy-")}
+            assert not leaked, f"{name}: forwarded upstream: {sorted(leaked)}"
+
+        # A cancel on purpose makes no upstream call of its own; the stream it stops was
+        # started without the proxy's headers reaching the agent either.
+        sid, _seen = await drop_after(ca, stream_request("cancel me", 400), 2)
+        cancel = stub(ca).StreamGenerate(
+            stream_request("cancel me", 400), metadata=(("x-aiproxy-cancel", sid),), timeout=30
+        )
+        assert [c async for c in cancel] == []
+    for call in recorded_metadata(record):
+        assert not PROXY_ONLY_NAMES & set(call["metadata"]), call["metadata"].keys()
+
+
+def wait_agent_saw(record: pathlib.Path, request_id: str, timeout: float = 10) -> dict[str, list]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return agent_saw(record, request_id)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)
+
+
+JWT_SECRET = "resume-and-cache-secret-0123456789abcdef"
+
+
+def bearer(sub: str, tenant: str) -> tuple[tuple[str, str], ...]:
+    now = int(time.time())
+    claims = {"sub": sub, "tenant": tenant, "iat": now, "exp": now + 600}
+    return (("authorization", f"Bearer {jwt.encode(claims, JWT_SECRET, algorithm='HS256')}"),)
+
+
+async def expect_not_found(call: Any) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        [c async for c in call]
+    rich = error_of(err.value)
+    assert rich.code == grpc.StatusCode.NOT_FOUND and rich.reason == "STREAM_NOT_FOUND"
+
+
+async def test_jwt_tenants_scope_resumes_cancels_and_cached_answers(
+    spawn: Callable[..., ServiceProcess], tmp_path: pathlib.Path
+) -> None:
+    """With limits.tenant_claim, two subjects of one tenant share its streams and its cached
+    answers; a subject of another tenant gets NOT_FOUND for the stream (resume or cancel:
+    the same answer as an unknown id) and never the cached answer (memory backends)."""
+    record = tmp_path / "agent-calls.jsonl"
+    agent = spawn(*agent_args("--record-metadata", str(record), token_delay_ms=50), name="agent")
+    proxy = spawn(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        agent.address,
+        env={
+            "AIPROXY_AUTH__JWT_SECRET": JWT_SECRET,
+            "AIPROXY_LIMITS__TENANT_CLAIM": "tenant",
+            "AIPROXY_STREAM__RESUME__GRACE_S": "30",
+        },
+        name="proxy",
+    )
+    alice, bob, carol = bearer("alice", "acme"), bearer("bob", "acme"), bearer("carol", "globex")
+    request = stream_request("a tenant's own stream", tokens=60)
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        sid, seen = await drop_after(channel, request, 3, alice)
+        after = (("x-aiproxy-resume", sid), ("last-event-id", str(seen[-1].seq)))
+        api = stub(channel)
+        # Another tenant, holding the id: neither resume nor cancel (nor a hint it exists).
+        await expect_not_found(api.StreamGenerate(request, metadata=(*after, *carol), timeout=30))
+        await expect_not_found(
+            api.StreamGenerate(request, metadata=(("x-aiproxy-cancel", sid), *carol), timeout=30)
+        )
+        assert metric(proxy, "ai_proxy_resumable_streams_stopped_total") == 0
+        # The same tenant's other subject resumes it to the end.
+        rest = [c async for c in api.StreamGenerate(request, metadata=(*after, *bob), timeout=60)]
+        assert [c.seq for c in seen + rest] == list(range(len(seen) + len(rest)))
+        assert rest[-1].is_final
+
+        # The cache: keyed by tenant. alice fills it, bob (same tenant) hits, carol misses.
+        unary = pb.GenerateRequest(prompt="cache me per tenant")
+        opt_in = (("cache-control", "max-age=60"),)
+        calls = agent_calls(record, UNARY)
+        outcomes = []
+        for who in (alice, bob, carol, carol):
+            reply = api.Generate(unary, metadata=(*opt_in, *who), timeout=30)
+            answer = await reply
+            outcomes.append(dict(await reply.initial_metadata()).get("x-aiproxy-cache"))
+            assert answer.text
+        assert outcomes == ["miss", "hit", "miss", "hit"]
+        assert agent_calls(record, UNARY) == calls + 2  # one per tenant
+
+
+async def test_anonymous_callers_share_a_scope_the_id_is_the_capability(spawn) -> None:
+    """Anonymous callers (no JWT, no API key) share one resume scope, by design: a caller
+    that comes back as another caller (another address, another x-client-id) still
+    resumes with the id it was given; a guessed id is NOT_FOUND (server/resume.py's
+    stream_scope says why)."""
+    agent = spawn(*agent_args(token_delay_ms=50), name="agent")
+    proxy = spawn(*proxy_args(agent.address), name="proxy")
+    request = stream_request("anonymous but mine", tokens=40)
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        sid, seen = await drop_after(channel, request, 2, (("x-client-id", "phone-on-wifi"),))
+        api = stub(channel)
+        comeback = (
+            ("x-aiproxy-resume", sid),
+            ("last-event-id", str(seen[-1].seq)),
+            ("x-client-id", "phone-on-4g"),
+        )
+        rest = [c async for c in api.StreamGenerate(request, metadata=comeback, timeout=60)]
+        assert rest[-1].is_final
+        assert [c.seq for c in seen + rest] == list(range(len(seen) + len(rest)))
+        guessed = (("x-aiproxy-resume", new_stream_id()), ("last-event-id", "0"))
+        await expect_not_found(api.StreamGenerate(request, metadata=guessed, timeout=30))
+        cancel = (("x-aiproxy-cancel", new_stream_id()),)
+        await expect_not_found(api.StreamGenerate(request, metadata=cancel, timeout=30))

@@ -340,6 +340,23 @@ async def test_one_caller_cannot_flush_other_tenants_streams() -> None:
     assert [(await buf.state(s)).exists for s in hostile[-4:]] == [False, True, True, True]
 
 
+async def test_callers_sharing_a_scope_cannot_flush_each_others_streams() -> None:
+    """The anonymous scope is shared (the id is the capability), the per-caller bound is
+    not: it counts per holder, so one anonymous caller past it loses its own oldest."""
+    buf = MemoryStreamBuffer(max_streams=100, max_streams_per_scope=3)
+    victim = await buf.create("anon", "o", "peer:10.0.0.1")
+    await buf.finish(victim, 0, b"answer")
+    hostile = [await buf.create("anon", "o", "peer:10.0.0.2") for _ in range(50)]
+    assert len(buf) == 4
+    # Any caller of the scope holding the id reads it (a phone back on another network).
+    assert [c.data for c in await collect(buf, victim, "anon")] == [b"answer"]
+    assert [(await buf.state(s)).exists for s in hostile[-4:]] == [False, True, True, True]
+    # Without a holder the scope is the holder (the old rule, for direct users).
+    shared = [await buf.create("anon", "o") for _ in range(5)]
+    assert [(await buf.state(s)).exists for s in shared] == [False, False, True, True, True]
+    assert (await buf.state(victim)).exists
+
+
 def test_parse_resume() -> None:
     sid = new_stream_id()
     assert parse_resume([]) == ResumeAsk()
