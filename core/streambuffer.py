@@ -48,7 +48,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
 import grpc
 
@@ -96,11 +96,20 @@ class StreamExpired(ProxyError):
 
 
 class StreamStoreUnavailable(ProxyError):
-    """The shared stream store cannot be reached (the stream is not resumable now)."""
+    """The shared stream store cannot be reached (the stream is not resumable now).
+
+    A caller only ever sees it on a resume (a new stream just runs unresumable): waiting
+    can help (a store that restarts or fails over may still hold the chunks, within the
+    stream's grace), so it carries RetryInfo."""
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = Reason.STREAM_STORE_UNAVAILABLE
     default_message = "stream store unavailable"
+    RETRY_DELAY_S: Final = 1.0
+
+    def __init__(self, message: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("retry_delay_s", self.RETRY_DELAY_S)
+        super().__init__(message, **kwargs)
 
 
 class SequenceError(ValueError):

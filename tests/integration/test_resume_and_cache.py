@@ -578,3 +578,102 @@ async def test_anonymous_callers_share_a_scope_the_id_is_the_capability(spawn) -
         await expect_not_found(api.StreamGenerate(request, metadata=guessed, timeout=30))
         cancel = (("x-aiproxy-cancel", new_stream_id()),)
         await expect_not_found(api.StreamGenerate(request, metadata=cancel, timeout=30))
+
+
+async def test_redis_killed_mid_stream_the_caller_finishes_and_resumes_fail_fast(
+    stack,
+    redis_server: RedisServer,  # noqa: F811 - the fixture, the same instance as the stack's
+) -> None:
+    """Redis is SIGKILLed in the middle of resumable streams (redis backend).
+
+    What we decided: the stream store holds copies, never the answer's path. So the caller
+    still attached gets its whole answer, to the final chunk (it is only no longer
+    resumable); a resumer reading from the store (on another replica) and a new resume
+    attempt both end with UNAVAILABLE STREAM_STORE_UNAVAILABLE within bounded time; the
+    generation nobody reads any more is stopped after its grace (the agent sees the
+    cancellation); and each replica still drains and exits cleanly on SIGTERM: no task
+    or upstream call is left behind."""
+    agent, _record, (a, b) = stack
+    request = stream_request("redis dies under me", tokens=30)
+    async with (
+        grpc.aio.insecure_channel(a.address) as ca,
+        grpc.aio.insecure_channel(b.address) as cb,
+    ):
+        baseline = await full_run(ca, request)
+        live = stub(ca).StreamGenerate(
+            request, metadata=(("x-aiproxy-resumable", "1"),), timeout=60
+        )
+        live_sid = dict(await live.initial_metadata()).get("x-aiproxy-stream-id")
+        assert live_sid
+        got = []
+        async for chunk in live:
+            got.append(chunk)
+            if len(got) == 3:
+                break
+        # A second stream, dropped on A and being resumed on B when Redis dies.
+        other = stream_request("resumed when redis dies", tokens=60)
+        sid, seen = await drop_after(ca, other, 2)
+        resumer = stub(cb).StreamGenerate(
+            other,
+            metadata=(("x-aiproxy-resume", sid), ("last-event-id", str(seen[-1].seq))),
+            timeout=60,
+        )
+        resumed = [await anext(aiter(resumer))]
+        cancelled_before = sum(
+            e.get("code") == "CANCELLED" for e in agent.log_events("call_finished")
+        )
+
+        redis_server.kill()
+        started = time.monotonic()
+
+        # The attached caller: the rest of its answer, the same as an uninterrupted run.
+        got += [c async for c in live]
+        assert text_of(got) == text_of(baseline) and got[-1].is_final
+        assert got[-1].usage == baseline[-1].usage
+        assert await live.code() == grpc.StatusCode.OK
+
+        # The resumer on B: a clear error, not a hang (an in-band last chunk may precede it).
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for chunk in resumer:
+                resumed.append(chunk)
+        rich = error_of(err.value)
+        assert rich.code == grpc.StatusCode.UNAVAILABLE, rich
+        assert rich.reason == "STREAM_STORE_UNAVAILABLE" and rich.retry_delay_s == 1.0
+        print(f"\nresumer ended {time.monotonic() - started:.2f} s after the kill: {rich}")
+
+        # A new resume attempt while Redis is down, on either replica: the same, fast.
+        for channel in (ca, cb):
+            attempt_started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await full_run_with(channel, request, ("x-aiproxy-resume", live_sid), 3)
+            rich = error_of(err.value)
+            assert rich.code == grpc.StatusCode.UNAVAILABLE and (
+                rich.reason == "STREAM_STORE_UNAVAILABLE" and rich.retry_delay_s == 1.0
+            ), rich
+            assert time.monotonic() - attempt_started < 5
+        assert time.monotonic() - started < 30
+
+        # Nobody reads the second generation any more: stopped after its grace on A.
+        await until(
+            lambda: metric(a, "ai_proxy_resumable_streams_stopped_total", why="abandoned") == 1,
+            GRACE_S + 20,
+            "the unread generation to be stopped",
+        )
+        await until(
+            lambda: (
+                sum(e.get("code") == "CANCELLED" for e in agent.log_events("call_finished"))
+                > cancelled_before
+            ),
+            10,
+            "the agent to see the cancellation",
+        )
+    # Both replicas still answer (nothing wedged), and say nothing of unretrieved tasks.
+    async with grpc.aio.insecure_channel(a.address) as ca:
+        assert [c async for c in stub(ca).StreamGenerate(stream_request("after", 3), timeout=30)]
+    for proxy in (a, b):
+        stopping = time.monotonic()
+        assert proxy.stop(timeout=20) == 0  # SIGTERM: drained, not SIGKILLed after a hang
+        print(f"{proxy.name} exited cleanly in {time.monotonic() - stopping:.2f} s")
+        text = proxy.stderr_text()
+        assert "Task exception was never retrieved" not in text
+        assert "Task was destroyed but it is pending" not in text
