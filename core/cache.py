@@ -39,9 +39,10 @@ from typing import Final, NamedTuple, Protocol, runtime_checkable
 
 from google.protobuf.message import Message
 
+from core.headers import CACHE_CONTROL  # proxy-only: never forwarded upstream
+
 Clock = Callable[[], float]
 
-CACHE_CONTROL: Final = "cache-control"
 CACHE_HEADER: Final = "x-aiproxy-cache"  # response metadata: hit | miss
 _ENTRY_VERSION: Final = 1
 

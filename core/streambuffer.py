@@ -4,9 +4,10 @@ its connection can resume it (on any replica) instead of paying for the generati
 One stream in the buffer is written by one *owner* (the replica pumping the upstream) and
 read by any number of *readers* (the original caller, then whoever resumes):
 
-- `create(scope)` gives an unguessable id (128 random bits, urlsafe) bound to `scope`
-  (the caller's tenant/caller key): a read with another scope is NOT_FOUND, exactly like
-  an unknown id, so ids cannot be probed across tenants;
+- `create(scope, owner, holder)` gives an unguessable id (128 random bits, urlsafe)
+  bound to `scope` (who may read or cancel it: server/resume.py's stream_scope): a read
+  with another scope is NOT_FOUND, exactly like an unknown id, so ids cannot be probed
+  across tenants; `holder` (the caller) is whom the stream counts against;
 - `append(id, seq, data)`: one chunk, its serialized proto bytes; `seq` numbers the
   chunks from 0 with no hole (the agent API's own `seq`), so a reader can tell a gap;
 - `finish(id, seq, data)`: the final chunk (with usage), or with `error=True` a final
@@ -24,8 +25,9 @@ read by any number of *readers* (the original caller, then whoever resumes):
 Bounds: `max_bytes` per stream (the oldest chunks are dropped past it: a resume from
 before them is STREAM_EXPIRED), `ttl_s` after the last write (then the stream is gone:
 STREAM_NOT_FOUND), and, for the memory backend, `max_streams` per process (the least
-recently written stream is dropped first) and `max_streams_per_scope` (a caller past it
-loses its own oldest stream, never another tenant's: one caller cannot flush the buffer).
+recently written stream is dropped first) and `max_streams_per_scope` per holder (a caller
+past it loses its own oldest stream, never anyone else's, even in a shared scope such as
+the anonymous one: one caller cannot flush the buffer).
 
 `Grace` is the pure rule for an upstream whose caller dropped: it continues for `grace_s`,
 longer while a reader is attached somewhere, and stops at once on a cancel request;
@@ -46,11 +48,12 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
 import grpc
 
 from core.errors import ProxyError, Reason
+from core.headers import CANCEL_HEADER, LAST_EVENT_ID_HEADER, RESUMABLE_HEADER, RESUME_HEADER
 
 Clock = Callable[[], float]
 
@@ -93,11 +96,20 @@ class StreamExpired(ProxyError):
 
 
 class StreamStoreUnavailable(ProxyError):
-    """The shared stream store cannot be reached (the stream is not resumable now)."""
+    """The shared stream store cannot be reached (the stream is not resumable now).
+
+    A caller only ever sees it on a resume (a new stream just runs unresumable): waiting
+    can help (a store that restarts or fails over may still hold the chunks, within the
+    stream's grace), so it carries RetryInfo."""
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = Reason.STREAM_STORE_UNAVAILABLE
     default_message = "stream store unavailable"
+    RETRY_DELAY_S: Final = 1.0
+
+    def __init__(self, message: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("retry_delay_s", self.RETRY_DELAY_S)
+        super().__init__(message, **kwargs)
 
 
 class SequenceError(ValueError):
@@ -144,8 +156,10 @@ class StreamBuffer(Protocol):
     """Buffered chunks of resumable streams, local or shared. All methods are safe to call
     concurrently from one event loop; none blocks it; the shared backend bounds its waits."""
 
-    async def create(self, scope: str, owner: str) -> str:
-        """A new stream owned by `owner` (a replica-unique name); its id."""
+    async def create(self, scope: str, owner: str, holder: str = "") -> str:
+        """A new stream owned by `owner` (a replica-unique name); its id. `scope` is who
+        may read or cancel it; `holder` (default: the scope) whom it counts against in a
+        per-caller bound, so callers sharing a scope cannot flush each other's streams."""
         ...
 
     async def append(self, stream_id: str, seq: int, data: bytes) -> None:
@@ -271,6 +285,7 @@ class _Stream:
     scope: str
     owner: str
     expires: float
+    holder: str  # whose per-caller bound it counts against (max_streams_per_scope)
     chunks: list[Chunk] = field(default_factory=list)
     first_seq: int = 0  # seq of chunks[0]; chunks before it were dropped (bytes bound)
     next_seq: int = 0
@@ -309,7 +324,7 @@ class MemoryStreamBuffer:
         ):
             raise ValueError("bounds, ttl_s and reader_lease_s must be positive")
         self.max_streams_per_scope = max_streams_per_scope
-        self._by_scope: dict[str, OrderedDict[str, None]] = {}  # scope -> its ids, oldest first
+        self._by_holder: dict[str, OrderedDict[str, None]] = {}  # holder -> ids, oldest first
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self.max_streams = max_streams
@@ -334,10 +349,10 @@ class MemoryStreamBuffer:
 
     def _remove(self, stream_id: str) -> None:
         s = self._streams.pop(stream_id)
-        ids = self._by_scope[s.scope]
+        ids = self._by_holder[s.holder]
         del ids[stream_id]
         if not ids:
-            del self._by_scope[s.scope]
+            del self._by_holder[s.holder]
         s.wake.set()  # a reader of a dropped stream ends (StreamExpired)
 
     def _sweep(self) -> None:
@@ -348,17 +363,18 @@ class MemoryStreamBuffer:
                 break
             self._remove(sid)
 
-    async def create(self, scope: str, owner: str) -> str:
-        return self.create_nowait(scope, owner)
+    async def create(self, scope: str, owner: str, holder: str = "") -> str:
+        return self.create_nowait(scope, owner, holder)
 
-    def create_nowait(self, scope: str, owner: str) -> str:
+    def create_nowait(self, scope: str, owner: str, holder: str = "") -> str:
         sid = new_stream_id()
         now = self._clock()
-        ids = self._by_scope.setdefault(scope, OrderedDict())
+        holder = holder or scope
+        ids = self._by_holder.setdefault(holder, OrderedDict())
         if len(ids) >= self.max_streams_per_scope:
             self._remove(next(iter(ids)))  # the caller's own oldest, nobody else's
-            ids = self._by_scope.setdefault(scope, OrderedDict())
-        self._streams[sid] = _Stream(scope, owner, now + self.ttl_s, owner_until=now)
+            ids = self._by_holder.setdefault(holder, OrderedDict())
+        self._streams[sid] = _Stream(scope, owner, now + self.ttl_s, holder, owner_until=now)
         ids[sid] = None
         self._sweep()
         return sid
@@ -457,7 +473,14 @@ class MemoryStreamBuffer:
                 yield chunk
                 if chunk.last:
                     return
-            if s.finished:  # the final chunk was before after_seq: nothing more to send
+            # Each `yield` above suspends this reader (its caller writes to the network)
+            # while the owner may append, finish included: the slice we walked is stale.
+            # Decide on the stream's state as it is NOW, never on a flag read after the
+            # snapshot: checking `finished` alone here lost the final chunk of a resumed
+            # stream whenever it was appended during the reader's last yield (issue 16).
+            if last + 1 < s.next_seq:
+                continue  # more arrived while we yielded: send it before anything else
+            if s.finished:  # the final chunk was at or before after_seq: nothing more
                 return
             # Wake on the next write, or renew the reader lease while the owner is quiet.
             try:
@@ -470,15 +493,12 @@ class MemoryStreamBuffer:
         for s in self._streams.values():
             s.wake.set()
         self._streams.clear()
-        self._by_scope.clear()
+        self._by_holder.clear()
 
 
 # ---- What a call asks for (metadata) ---------------------------------------------------
 
-RESUMABLE_HEADER: Final = "x-aiproxy-resumable"  # request: "1" asks for a resumable stream
-RESUME_HEADER: Final = "x-aiproxy-resume"  # request: the stream id to resume
-LAST_EVENT_ID_HEADER: Final = "last-event-id"  # request: the last seq the caller saw
-CANCEL_HEADER: Final = "x-aiproxy-cancel"  # request: stop that stream's upstream now
+# The request headers are named in core/headers.py (proxy-only: never forwarded upstream).
 STREAM_ID_HEADER: Final = "x-aiproxy-stream-id"  # response (initial metadata): the id
 
 

@@ -70,7 +70,7 @@ from typing import Any, Final
 
 from google.protobuf.message import Message
 
-from core import tokens
+from core import headers, tokens
 from core.callinfo import CallInfo
 from core.errors import Overloaded
 from core.limitpolicy import LimitPolicy
@@ -88,8 +88,9 @@ from core.service import Method
 from core.settings import LimitSettings
 
 _PROXY_KEY: Final = "*"  # the one key of the proxy-wide cap
-# The edge's proof that a call came through it (see the module docstring).
-EDGE_SECRET_HEADER: Final = "x-aiproxy-edge"
+# The edge's proof that a call came through it (see the module docstring); named in
+# core/headers.py with the proxy's other own headers (never forwarded upstream).
+EDGE_SECRET_HEADER: Final = headers.EDGE_SECRET_HEADER
 # What an OVERLOADED caller is told to wait: calls finish in well under a second on
 # average, so a short, jittered retry (the client's job) finds room.
 OVERLOADED_RETRY_DELAY_S: Final = 0.5

@@ -50,6 +50,7 @@ from typing import Any
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from core import headers
 from core.errors import DOMAIN
 from core.settings import parse_hostport
 
@@ -339,7 +340,7 @@ def _origin_matcher(origin: str) -> dict[str, Any]:
 
 
 CLIENT_ADDRESS_HEADER = "x-envoy-external-address"
-EDGE_SECRET_HEADER = "x-aiproxy-edge"  # interceptors/limits.py: EDGE_SECRET_HEADER
+EDGE_SECRET_HEADER = headers.EDGE_SECRET_HEADER  # the proxy checks it (interceptors/limits.py)
 EDGE_SECRET_ENV = "AIPROXY_LIMITS__EDGE_SECRET"  # the proxy's limits.edge_secret, same variable
 _MASKED = "<edge secret: not printed>"
 

@@ -25,10 +25,10 @@ import grpc
 
 from core.callinfo import CallInfo
 from core.errors import CircuitOpen, DeadlineExceeded
+from core.headers import COALESCE_HEADER, proxy_only
 from core.service import Method, agent_service
 from core.settings import Settings
 from interceptors.deadline import Deadline
-from interceptors.limits import EDGE_SECRET_HEADER
 from interceptors.retry import RetryPolicy
 from server.streaming import StreamPump
 from server.upstream import Endpoint, UpstreamPool
@@ -40,11 +40,12 @@ REQUEST_ID = "x-request-id"
 PREVIOUS_ATTEMPTS = "grpc-previous-rpc-attempts"
 # Trailer telling the caller how many upstream attempts its call took.
 ATTEMPTS_TRAILER = "x-aiproxy-attempts"
-# A caller's own stream coalescing window in ms (0 = every chunk as it comes; at most
-# 1000), overriding stream.coalesce_window_ms[_per_method] for its call.
-COALESCE_HEADER = "x-aiproxy-coalesce-ms"
+# COALESCE_HEADER (core/headers.py): a caller's own stream coalescing window in ms (0 =
+# every chunk as it comes; at most 1000), overriding stream.coalesce_window_ms[_per_method].
 
-# Metadata that describes the caller's hop, not the call: never forwarded.
+# Metadata that describes the caller's hop, not the call: never forwarded. Nor is what
+# only this proxy interprets (core/headers.py's proxy_only: resume, cancel, cache-control,
+# coalescing, the edge's secret, any x-aiproxy-*).
 _HOP_METADATA = frozenset(
     {
         "content-type",
@@ -57,7 +58,6 @@ _HOP_METADATA = frozenset(
         "grpc-accept-encoding",
         PREVIOUS_ATTEMPTS,
         REQUEST_ID,
-        COALESCE_HEADER,
     }
 )
 
@@ -98,13 +98,7 @@ class Forwarder:
         self._pool = pool
         self._settings = settings
         self._policy = retry_policy(settings)
-        # The edge's secret (limits.EDGE_SECRET_HEADER) proves a call came through Envoy;
-        # it is for this proxy only, never for an agent.
-        self._drop = (
-            _HOP_METADATA
-            | {EDGE_SECRET_HEADER}
-            | {k.lower() for k in settings.upstream.drop_metadata}
-        )
+        self._drop = _HOP_METADATA | {k.lower() for k in settings.upstream.drop_metadata}
         # Calls being forwarded now; drain waits for them, not for health Watch streams.
         self.active = 0
         self._idle = asyncio.Event()
@@ -133,7 +127,11 @@ class Forwarder:
         drop = self._drop
         # The dict read on entry; a key the caller repeated keeps all its values.
         pairs = context.invocation_metadata() or () if call.repeated else call.metadata.items()
-        out = [(key, value) for key, value in pairs if key not in drop and not key.startswith(":")]
+        out = [
+            (key, value)
+            for key, value in pairs
+            if key not in drop and not key.startswith(":") and not proxy_only(key)
+        ]
         out.append((REQUEST_ID, call.request_id))
         return out
 

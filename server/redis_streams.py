@@ -250,7 +250,9 @@ class RedisStreamBuffer:
 
     # -- the StreamBuffer interface
 
-    async def create(self, scope: str, owner: str) -> str:
+    async def create(self, scope: str, owner: str, holder: str = "") -> str:
+        # `holder` is for a per-caller count bound, which this backend does not keep
+        # (ttl_s and the bytes bounds per stream hold; the caller's rate limits pace it).
         if not self.healthy and time.monotonic() - self._last_try < self._probe_every:
             raise StreamStoreUnavailable()  # fail fast: no wait per call while Redis is away
         sid = new_stream_id()

@@ -123,7 +123,19 @@ def initial_metadata(
 
 
 def stream_scope(call: CallInfo) -> str:
-    """Who may resume or cancel a stream (see the module docstring)."""
+    """Who may resume or cancel a stream (see the module docstring).
+
+    Anonymous callers share one scope on purpose. Keying them by address instead would
+    break the very case resume is for: a phone that drops off Wi-Fi comes back over its
+    mobile network with another address (and behind Envoy without an edge secret every
+    caller has Envoy's address anyway, so it would isolate nobody). The stream id is the
+    capability instead: 128 bits from `secrets` (core/streambuffer.new_stream_id), sent
+    only to the caller that started the stream, checked before any work, and an unknown
+    id gets the same NOT_FOUND as another scope's (nothing to probe). What a shared scope
+    must not share, the per-caller bound, is counted per caller (`holder` in create): one
+    anonymous caller cannot flush another's streams. Authenticated callers and tenants
+    get their own scope: a leaked id is useless to anyone outside it.
+    """
     if call.tenant:
         return f"tenant:{call.tenant}"
     if call.caller.startswith(("sub:", "key:")):
@@ -304,7 +316,9 @@ class Resumer:
         call: CallInfo,
     ) -> AsyncIterator[Any]:
         try:
-            sid = await self.buffer.create(stream_scope(call), self.replica_id)
+            sid = await self.buffer.create(
+                stream_scope(call), self.replica_id, call.caller or call.peer
+            )
         except StreamStoreUnavailable:
             # The store is away: the stream runs, not resumable (no id is promised).
             async for chunk in inner(request, raw, context, call):

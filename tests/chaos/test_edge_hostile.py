@@ -530,6 +530,12 @@ def test_callers_behind_the_edge_have_their_own_buckets_and_forgers_do_not(tmp_p
                 with pytest.raises(grpc.RpcError) as caught:
                     stub.Generate(pb.GenerateRequest(prompt="p"), metadata=forged, timeout=10)
                 assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The access log is written in batches (core/accesslog.py): wait for the direct
+        # caller's line; the edge callers' lines were written before it.
+        proxy.wait_for_log(
+            lambda line: line.get("event") == "access" and line.get("caller") == "peer:127.0.0.1",
+            timeout=10,
+        )
         callers = {e.get("caller") for e in proxy.log_events("access") if e.get("caller")}
         assert {
             "peer:127.0.0.2",

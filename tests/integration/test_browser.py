@@ -262,9 +262,10 @@ def test_drop_connection_resumes_where_the_answer_was(
     assert page.is_enabled("#drop")
     page.click("#drop")
     assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
-    # The drop, and (rarely, on a loaded box) a resumed body that ended before its final
-    # chunk, which the page resumes again after the last chunk it saw.
-    assert 1 <= int(page.get_attribute("#status", "data-resumes") or 0) <= 2
+    # Exactly one resume, the drop's: the resumed body ends with its final chunk. (It once
+    # ended without it about 1 run in 2: the proxy's memory buffer lost a final chunk
+    # appended while a resume was writing the previous one; see test_envoy_sse_ids.py.)
+    assert page.get_attribute("#status", "data-resumes") == "1"
     assert page.text_content("#output") == expected
     # One generation for the page's call: the resume made no upstream call.
     assert len(edge["agent"].log_events("call_started")) == started_before + 1

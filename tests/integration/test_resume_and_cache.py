@@ -24,14 +24,17 @@ import pathlib
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 import grpc
+import jwt
 import pytest
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from ai.agent.v1 import agent_service_pb2 as pb
-from tests.conftest import agent_args
+from core.streambuffer import new_stream_id
+from tests.conftest import agent_args, proxy_args
 from tests.integration.test_protection import read_stream, rich_from_status
 from tests.support.grpc_helpers import stub
 from tests.support.procs import ServiceProcess, recorded_metadata
@@ -109,11 +112,11 @@ async def full_run(channel: grpc.aio.Channel, request: pb.StreamGenerateRequest)
 
 
 async def drop_after(
-    channel: grpc.aio.Channel, request: pb.StreamGenerateRequest, n: int
+    channel: grpc.aio.Channel, request: pb.StreamGenerateRequest, n: int, metadata: tuple = ()
 ) -> tuple[str, list]:
     """A resumable call that reads `n` chunks and then drops its connection (cancel)."""
     call = stub(channel).StreamGenerate(
-        request, metadata=(("x-aiproxy-resumable", "1"),), timeout=60
+        request, metadata=(("x-aiproxy-resumable", "1"), *metadata), timeout=60
     )
     sid = dict(await call.initial_metadata()).get("x-aiproxy-stream-id")
     assert sid, "a resumable stream gets its id in the initial metadata"
@@ -413,3 +416,264 @@ async def test_a_store_that_hangs_costs_resumability_and_hits_never_the_call(
             assert time.monotonic() - started < 20
         finally:
             redis_server.resume()
+
+
+# Every request header only the proxy interprets (core/headers.py), as a caller sends them,
+# plus one named x-aiproxy-* that no module knows yet (the prefix rule) and the caller's own
+# header that must still reach the agent (so the record proves it saw the call's metadata).
+PROXY_ONLY_SENT = (
+    ("x-aiproxy-resumable", "1"),
+    ("x-aiproxy-resume", "sh0rt"),  # malformed: a new call, still never forwarded
+    ("last-event-id", "2"),
+    ("cache-control", "no-store"),
+    ("x-aiproxy-coalesce-ms", "0"),
+    ("x-aiproxy-some-future-knob", "1"),
+)
+PROXY_ONLY_NAMES = {k for k, _ in PROXY_ONLY_SENT} | {"x-aiproxy-cancel", "x-aiproxy-edge"}
+
+
+def agent_saw(record: pathlib.Path, request_id: str) -> dict[str, list]:
+    calls = [
+        c for c in recorded_metadata(record) if request_id in c["metadata"].get("x-request-id", [])
+    ]
+    assert len(calls) == 1, f"{len(calls)} agent calls for {request_id}"
+    return calls[0]["metadata"]
+
+
+async def test_proxy_only_metadata_never_reaches_the_agent(stack) -> None:
+    """Resume, cancel, cache and coalescing headers steer this proxy; the agent gets none of
+    them (an agent behind another aiproxy would act on them twice; a stream id is a
+    capability). Unary and stream calls, and a real cancel of a resumable stream."""
+    _agent, record, (a, _) = stack
+    async with grpc.aio.insecure_channel(a.address) as ca:
+        for i, name in enumerate(("unary", "stream")):
+            rid = f"proxy-only-{name}-{time.monotonic_ns()}"
+            md = (*PROXY_ONLY_SENT, ("x-request-id", rid), ("x-caller-note", "keep"))
+            if name == "unary":
+                await stub(ca).Generate(pb.GenerateRequest(prompt=f"p{i}"), metadata=md, timeout=30)
+            else:
+                call = stub(ca).StreamGenerate(stream_request(f"p{i}", 4), metadata=md, timeout=30)
+                chunks = [c async for c in call]
+                assert chunks[-1].is_final
+                # It was resumable (the header was acted on), only not forwarded.
+                assert "x-aiproxy-stream-id" in dict(await call.initial_metadata())
+            await until(lambda: record.exists(), 10, "the agent's record")
+            saw = await asyncio.to_thread(wait_agent_saw, record, rid)
+            assert saw.get("x-caller-note") == ["keep"]
+            leaked = PROXY_ONLY_NAMES & set(saw) | {k for k in saw if k.startswith("x-aiproxy-")}
+            assert not leaked, f"{name}: forwarded upstream: {sorted(leaked)}"
+
+        # A cancel on purpose makes no upstream call of its own; the stream it stops was
+        # started without the proxy's headers reaching the agent either.
+        sid, _seen = await drop_after(ca, stream_request("cancel me", 400), 2)
+        cancel = stub(ca).StreamGenerate(
+            stream_request("cancel me", 400), metadata=(("x-aiproxy-cancel", sid),), timeout=30
+        )
+        assert [c async for c in cancel] == []
+    for call in recorded_metadata(record):
+        assert not PROXY_ONLY_NAMES & set(call["metadata"]), call["metadata"].keys()
+
+
+def wait_agent_saw(record: pathlib.Path, request_id: str, timeout: float = 10) -> dict[str, list]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return agent_saw(record, request_id)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)
+
+
+JWT_SECRET = "resume-and-cache-secret-0123456789abcdef"
+
+
+def bearer(sub: str, tenant: str) -> tuple[tuple[str, str], ...]:
+    now = int(time.time())
+    claims = {"sub": sub, "tenant": tenant, "iat": now, "exp": now + 600}
+    return (("authorization", f"Bearer {jwt.encode(claims, JWT_SECRET, algorithm='HS256')}"),)
+
+
+async def expect_not_found(call: Any) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        [c async for c in call]
+    rich = error_of(err.value)
+    assert rich.code == grpc.StatusCode.NOT_FOUND and rich.reason == "STREAM_NOT_FOUND"
+
+
+async def test_jwt_tenants_scope_resumes_cancels_and_cached_answers(
+    spawn: Callable[..., ServiceProcess], tmp_path: pathlib.Path
+) -> None:
+    """With limits.tenant_claim, two subjects of one tenant share its streams and its cached
+    answers; a subject of another tenant gets NOT_FOUND for the stream (resume or cancel:
+    the same answer as an unknown id) and never the cached answer (memory backends)."""
+    record = tmp_path / "agent-calls.jsonl"
+    agent = spawn(*agent_args("--record-metadata", str(record), token_delay_ms=50), name="agent")
+    proxy = spawn(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        agent.address,
+        env={
+            "AIPROXY_AUTH__JWT_SECRET": JWT_SECRET,
+            "AIPROXY_LIMITS__TENANT_CLAIM": "tenant",
+            "AIPROXY_STREAM__RESUME__GRACE_S": "30",
+        },
+        name="proxy",
+    )
+    alice, bob, carol = bearer("alice", "acme"), bearer("bob", "acme"), bearer("carol", "globex")
+    request = stream_request("a tenant's own stream", tokens=60)
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        sid, seen = await drop_after(channel, request, 3, alice)
+        after = (("x-aiproxy-resume", sid), ("last-event-id", str(seen[-1].seq)))
+        api = stub(channel)
+        # Another tenant, holding the id: neither resume nor cancel (nor a hint it exists).
+        await expect_not_found(api.StreamGenerate(request, metadata=(*after, *carol), timeout=30))
+        await expect_not_found(
+            api.StreamGenerate(request, metadata=(("x-aiproxy-cancel", sid), *carol), timeout=30)
+        )
+        assert metric(proxy, "ai_proxy_resumable_streams_stopped_total") == 0
+        # The same tenant's other subject resumes it to the end.
+        rest = [c async for c in api.StreamGenerate(request, metadata=(*after, *bob), timeout=60)]
+        assert [c.seq for c in seen + rest] == list(range(len(seen) + len(rest)))
+        assert rest[-1].is_final
+
+        # The cache: keyed by tenant. alice fills it, bob (same tenant) hits, carol misses.
+        unary = pb.GenerateRequest(prompt="cache me per tenant")
+        opt_in = (("cache-control", "max-age=60"),)
+        calls = agent_calls(record, UNARY)
+        outcomes = []
+        for who in (alice, bob, carol, carol):
+            reply = api.Generate(unary, metadata=(*opt_in, *who), timeout=30)
+            answer = await reply
+            outcomes.append(dict(await reply.initial_metadata()).get("x-aiproxy-cache"))
+            assert answer.text
+        assert outcomes == ["miss", "hit", "miss", "hit"]
+        assert agent_calls(record, UNARY) == calls + 2  # one per tenant
+
+
+async def test_anonymous_callers_share_a_scope_the_id_is_the_capability(spawn) -> None:
+    """Anonymous callers (no JWT, no API key) share one resume scope, by design: a caller
+    that comes back as another caller (another address, another x-client-id) still
+    resumes with the id it was given; a guessed id is NOT_FOUND (server/resume.py's
+    stream_scope says why)."""
+    agent = spawn(*agent_args(token_delay_ms=50), name="agent")
+    proxy = spawn(*proxy_args(agent.address), name="proxy")
+    request = stream_request("anonymous but mine", tokens=40)
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        sid, seen = await drop_after(channel, request, 2, (("x-client-id", "phone-on-wifi"),))
+        api = stub(channel)
+        comeback = (
+            ("x-aiproxy-resume", sid),
+            ("last-event-id", str(seen[-1].seq)),
+            ("x-client-id", "phone-on-4g"),
+        )
+        rest = [c async for c in api.StreamGenerate(request, metadata=comeback, timeout=60)]
+        assert rest[-1].is_final
+        assert [c.seq for c in seen + rest] == list(range(len(seen) + len(rest)))
+        guessed = (("x-aiproxy-resume", new_stream_id()), ("last-event-id", "0"))
+        await expect_not_found(api.StreamGenerate(request, metadata=guessed, timeout=30))
+        cancel = (("x-aiproxy-cancel", new_stream_id()),)
+        await expect_not_found(api.StreamGenerate(request, metadata=cancel, timeout=30))
+
+
+async def test_redis_killed_mid_stream_the_caller_finishes_and_resumes_fail_fast(
+    stack,
+    redis_server: RedisServer,  # noqa: F811 - the fixture, the same instance as the stack's
+) -> None:
+    """Redis is SIGKILLed in the middle of resumable streams (redis backend).
+
+    What we decided: the stream store holds copies, never the answer's path. So the caller
+    still attached gets its whole answer, to the final chunk (it is only no longer
+    resumable); a resumer reading from the store (on another replica) and a new resume
+    attempt both end with UNAVAILABLE STREAM_STORE_UNAVAILABLE within bounded time; the
+    generation nobody reads any more is stopped after its grace (the agent sees the
+    cancellation); and each replica still drains and exits cleanly on SIGTERM: no task
+    or upstream call is left behind."""
+    agent, _record, (a, b) = stack
+    request = stream_request("redis dies under me", tokens=30)
+    async with (
+        grpc.aio.insecure_channel(a.address) as ca,
+        grpc.aio.insecure_channel(b.address) as cb,
+    ):
+        baseline = await full_run(ca, request)
+        live = stub(ca).StreamGenerate(
+            request, metadata=(("x-aiproxy-resumable", "1"),), timeout=60
+        )
+        live_sid = dict(await live.initial_metadata()).get("x-aiproxy-stream-id")
+        assert live_sid
+        got = []
+        async for chunk in live:
+            got.append(chunk)
+            if len(got) == 3:
+                break
+        # A second stream, dropped on A and being resumed on B when Redis dies.
+        other = stream_request("resumed when redis dies", tokens=60)
+        sid, seen = await drop_after(ca, other, 2)
+        resumer = stub(cb).StreamGenerate(
+            other,
+            metadata=(("x-aiproxy-resume", sid), ("last-event-id", str(seen[-1].seq))),
+            timeout=60,
+        )
+        resumed = [await anext(aiter(resumer))]
+        cancelled_before = sum(
+            e.get("code") == "CANCELLED" for e in agent.log_events("call_finished")
+        )
+
+        redis_server.kill()
+        started = time.monotonic()
+
+        # The attached caller: the rest of its answer, the same as an uninterrupted run.
+        got += [c async for c in live]
+        assert text_of(got) == text_of(baseline) and got[-1].is_final
+        assert got[-1].usage == baseline[-1].usage
+        assert await live.code() == grpc.StatusCode.OK
+
+        # The resumer on B: a clear error, not a hang (an in-band last chunk may precede it).
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for chunk in resumer:
+                resumed.append(chunk)
+        rich = error_of(err.value)
+        assert rich.code == grpc.StatusCode.UNAVAILABLE, rich
+        assert rich.reason == "STREAM_STORE_UNAVAILABLE" and rich.retry_delay_s == 1.0
+        print(f"\nresumer ended {time.monotonic() - started:.2f} s after the kill: {rich}")
+
+        # A new resume attempt while Redis is down, on either replica: the same, fast.
+        for channel in (ca, cb):
+            attempt_started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await full_run_with(channel, request, ("x-aiproxy-resume", live_sid), 3)
+            rich = error_of(err.value)
+            assert rich.code == grpc.StatusCode.UNAVAILABLE and (
+                rich.reason == "STREAM_STORE_UNAVAILABLE" and rich.retry_delay_s == 1.0
+            ), rich
+            assert time.monotonic() - attempt_started < 5
+        assert time.monotonic() - started < 30
+
+        # Nobody reads the second generation any more: stopped after its grace on A.
+        await until(
+            lambda: metric(a, "ai_proxy_resumable_streams_stopped_total", why="abandoned") == 1,
+            GRACE_S + 20,
+            "the unread generation to be stopped",
+        )
+        await until(
+            lambda: (
+                sum(e.get("code") == "CANCELLED" for e in agent.log_events("call_finished"))
+                > cancelled_before
+            ),
+            10,
+            "the agent to see the cancellation",
+        )
+    # Both replicas still answer (nothing wedged), and say nothing of unretrieved tasks.
+    async with grpc.aio.insecure_channel(a.address) as ca:
+        assert [c async for c in stub(ca).StreamGenerate(stream_request("after", 3), timeout=30)]
+    for proxy in (a, b):
+        stopping = time.monotonic()
+        assert proxy.stop(timeout=20) == 0  # SIGTERM: drained, not SIGKILLed after a hang
+        print(f"{proxy.name} exited cleanly in {time.monotonic() - stopping:.2f} s")
+        text = proxy.stderr_text()
+        assert "Task exception was never retrieved" not in text
+        assert "Task was destroyed but it is pending" not in text

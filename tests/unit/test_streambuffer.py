@@ -119,6 +119,43 @@ async def test_live_tail_no_duplicate_no_gap_under_racing_appends() -> None:
         assert seqs == list(range(after + 1, n)), after
 
 
+async def test_chunks_written_while_the_reader_is_suspended_are_all_sent() -> None:
+    """The reader's caller suspends at each chunk (it writes it to the network); the owner
+    appends the rest of the stream, final chunk included, meanwhile. The reader must send
+    them all: it once decided on `finished` after walking a stale slice and ended without
+    the final chunk (about 1 resume in 2 through Envoy and over gRPC, issue 16)."""
+    buf = MemoryStreamBuffer()
+    sid = await buf.create("t", "o")
+    await buf.append(sid, 0, b"0")
+    reader = buf.read(sid, "t", -1)
+    assert (await anext(reader)).seq == 0  # suspended at the yield of chunk 0
+    await buf.append(sid, 1, b"1")
+    await buf.finish(sid, 2, b"end")
+    rest = [c async for c in reader]
+    assert [c.seq for c in rest] == [1, 2] and rest[-1].kind is ChunkKind.FINAL
+
+    # The same with a slow consumer at every chunk while the owner keeps writing.
+    sid = await buf.create("t", "o")
+    n = 40
+
+    async def owner() -> None:
+        for seq in range(n - 1):
+            await buf.append(sid, seq, b"x")
+            await asyncio.sleep(0)
+        await buf.finish(sid, n - 1, b"end")
+
+    async def slow_reader(after: int) -> list[int]:
+        seqs = []
+        async for chunk in buf.read(sid, "t", after):
+            seqs.append(chunk.seq)
+            for _ in range(3):  # the caller's write takes a few loop turns
+                await asyncio.sleep(0)
+        return seqs
+
+    _, *results = await asyncio.gather(owner(), slow_reader(-1), slow_reader(5))
+    assert results == [list(range(n)), list(range(6, n))]
+
+
 async def test_bytes_bound_drops_oldest_and_resume_before_them_is_expired() -> None:
     buf = MemoryStreamBuffer(max_bytes=100)
     sid = await buf.create("t", "o")
@@ -304,6 +341,23 @@ async def test_one_caller_cannot_flush_other_tenants_streams() -> None:
     assert len(buf) == 4
     assert [c.data for c in await collect(buf, victim, "tenant-a")] == [b"answer"]
     assert [(await buf.state(s)).exists for s in hostile[-4:]] == [False, True, True, True]
+
+
+async def test_callers_sharing_a_scope_cannot_flush_each_others_streams() -> None:
+    """The anonymous scope is shared (the id is the capability), the per-caller bound is
+    not: it counts per holder, so one anonymous caller past it loses its own oldest."""
+    buf = MemoryStreamBuffer(max_streams=100, max_streams_per_scope=3)
+    victim = await buf.create("anon", "o", "peer:10.0.0.1")
+    await buf.finish(victim, 0, b"answer")
+    hostile = [await buf.create("anon", "o", "peer:10.0.0.2") for _ in range(50)]
+    assert len(buf) == 4
+    # Any caller of the scope holding the id reads it (a phone back on another network).
+    assert [c.data for c in await collect(buf, victim, "anon")] == [b"answer"]
+    assert [(await buf.state(s)).exists for s in hostile[-4:]] == [False, True, True, True]
+    # Without a holder the scope is the holder (the old rule, for direct users).
+    shared = [await buf.create("anon", "o") for _ in range(5)]
+    assert [(await buf.state(s)).exists for s in shared] == [False, False, True, True, True]
+    assert (await buf.state(victim)).exists
 
 
 def test_parse_resume() -> None:

@@ -1,0 +1,50 @@
+"""Request metadata that only this proxy interprets: defined once, never forwarded upstream.
+
+A caller (or Envoy, from HTTP headers) sends these to steer the proxy: resume a stream,
+cancel one on purpose, use the cache, pick a coalescing window, prove it came through the
+edge. None of them means anything to an agent, and some would mislead one (an agent
+behind another aiproxy would act on `x-aiproxy-resume` or `cache-control` a second
+time) or leak a capability (a stream id is the key to someone's answer). So the forwarder
+drops every name in `PROXY_ONLY_METADATA`, and, so that a header added later cannot slip
+through by being forgotten here, every request key with the `x-aiproxy-` prefix too.
+
+The modules that act on a header import its name from here (core/streambuffer.py,
+core/cache.py, server/forwarding.py, interceptors/limits.py).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Every request header named x-aiproxy-* is this proxy's own (see the module docstring).
+PROXY_PREFIX: Final = "x-aiproxy-"
+
+# Resumable streams (core/streambuffer.py, server/resume.py).
+RESUMABLE_HEADER: Final = "x-aiproxy-resumable"  # "1" asks for a resumable stream
+RESUME_HEADER: Final = "x-aiproxy-resume"  # the stream id to resume
+LAST_EVENT_ID_HEADER: Final = "last-event-id"  # the last seq the caller saw (SSE's name)
+CANCEL_HEADER: Final = "x-aiproxy-cancel"  # stop that stream's upstream now
+# The response cache (core/cache.py): the HTTP convention, max-age / no-cache / no-store.
+CACHE_CONTROL: Final = "cache-control"
+# A caller's own stream coalescing window in ms (server/forwarding.py).
+COALESCE_HEADER: Final = "x-aiproxy-coalesce-ms"
+# The edge's proof that a call came through Envoy (interceptors/limits.py); a secret.
+EDGE_SECRET_HEADER: Final = "x-aiproxy-edge"
+
+PROXY_ONLY_METADATA: Final = frozenset(
+    {
+        RESUMABLE_HEADER,
+        RESUME_HEADER,
+        LAST_EVENT_ID_HEADER,
+        CANCEL_HEADER,
+        CACHE_CONTROL,
+        COALESCE_HEADER,
+        EDGE_SECRET_HEADER,
+    }
+)
+
+
+def proxy_only(key: str) -> bool:
+    """True for request metadata the proxy consumes and must not forward (`key` lower-case,
+    as gRPC gives metadata keys)."""
+    return key in PROXY_ONLY_METADATA or key.startswith(PROXY_PREFIX)
