@@ -176,7 +176,7 @@ MODES: dict[str, dict[str, Any]] = {
 # that it can be measured at all: admission limits are raised far above the benchmark's
 # load (every benchmark call comes from one caller, 127.0.0.1, and the defaults of 100
 # calls/s and 100 streams per caller would reject most of it; the limits interceptor still
-# runs on every call; the overload gate's adaptive limit is off, below), and the metrics listener takes a free port (several proxies run at
+# runs on every call; the overload gate's adaptive limit is off and its fixed capacity raised, below), and the metrics listener takes a free port (several proxies run at
 # once). Unknown sections are ignored by older checkouts, so this works on any version.
 PROXY_ENV = {
     "AIPROXY_LIMITS__RATE_PER_S": "1000000",
@@ -187,6 +187,9 @@ PROXY_ENV = {
     # noise into RESOURCE_EXHAUSTED streams, whose CPU then counts against the chunks
     # that did flow; the fixed capacity (server.max_active_calls) still applies.
     "AIPROXY_SERVER__OVERLOAD_WAIT_TARGET_MS": "0",
+    # The gate's fixed capacity (2000 calls in flight by default) would cap the hold rows,
+    # which measure how many slow streams one process can carry: raised like the limits.
+    "AIPROXY_SERVER__MAX_ACTIVE_CALLS": "1000000",
     "AIPROXY_METRICS__LISTEN": "127.0.0.1:0",
 }
 

@@ -63,13 +63,7 @@ def stack(spawn: Callable[..., ServiceProcess], redis_server: RedisServer, tmp_p
     }
     replicas = [
         spawn(
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            agent.address,
+            *proxy_args(agent.address),
             env=env,
             name=f"proxy-{i}",
         )
@@ -357,13 +351,7 @@ async def test_dropped_generations_are_bounded_per_caller(
     first generation at once (the agent sees the cancellation); the second runs on."""
     agent = spawn(*agent_args(token_delay_ms=100), name="agent")
     proxy = spawn(
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--upstream",
-        agent.address,
+        *proxy_args(agent.address),
         env={
             "AIPROXY_STREAM__RESUME__GRACE_S": "60",
             "AIPROXY_STREAM__RESUME__MAX_DETACHED_PER_CALLER": "1",
@@ -510,13 +498,7 @@ async def test_jwt_tenants_scope_resumes_cancels_and_cached_answers(
     record = tmp_path / "agent-calls.jsonl"
     agent = spawn(*agent_args("--record-metadata", str(record), token_delay_ms=50), name="agent")
     proxy = spawn(
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--upstream",
-        agent.address,
+        *proxy_args(agent.address),
         env={
             "AIPROXY_AUTH__JWT_SECRET": JWT_SECRET,
             "AIPROXY_LIMITS__TENANT_CLAIM": "tenant",

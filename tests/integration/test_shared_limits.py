@@ -29,7 +29,7 @@ from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from ai.agent.v1 import agent_service_pb2 as pb
-from tests.conftest import agent_args
+from tests.conftest import agent_args, proxy_args
 from tests.integration.test_protection import rich_from_status, wait_started
 from tests.support.grpc_helpers import stub
 from tests.support.procs import ServiceProcess
@@ -59,13 +59,7 @@ def shared_env(url: str, **extra: str) -> dict[str, str]:
 
 def serve(spawn: Callable[..., ServiceProcess], agent: str, env: dict[str, str], *extra: str):
     return spawn(
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--upstream",
-        agent,
+        *proxy_args(agent),
         *extra,
         env=env,
         name="proxy",

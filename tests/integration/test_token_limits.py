@@ -29,7 +29,7 @@ from grpc_status import rpc_status
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from core.tokens import reserve
-from tests.conftest import agent_args
+from tests.conftest import agent_args, proxy_args
 from tests.integration.test_protection import rich_from_status
 from tests.support.grpc_helpers import stub
 from tests.support.procs import ServiceProcess
@@ -47,13 +47,7 @@ PROMPT_EST, RESERVE = reserve(GENERATE)  # 4 + 10: the reference agent's count e
 
 def serve(spawn: Callable[..., ServiceProcess], agent: str, env: dict[str, str]) -> ServiceProcess:
     return spawn(
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--upstream",
-        agent,
+        *proxy_args(agent),
         env=env,
         name="proxy",
     )
