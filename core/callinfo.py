@@ -91,7 +91,7 @@ class CallInfo:
     reservation: Any = None
     # Token-aware limits (core/tokens.py): the prompt's estimated tokens; when the limits
     # stage holds a reservation, `chunk_tokens` (chunk -> its completion tokens) is set
-    # and the pipeline adds up, in `streamed_tokens`, those of the chunks that went out:
+    # and the pipeline adds up, in `streamed_tokens`, those of the chunks handed to gRPC:
     # what a stream that ends without usage (cancelled, failed) is charged.
     prompt_estimate: int = 0
     chunk_tokens: Any = None

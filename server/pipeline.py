@@ -264,9 +264,13 @@ def _stream_handler(
                         first_at, first = now, chunk
                     last_at, last = now, chunk
                     sent += 1
-                    yield chunk
-                    if count is not None:  # resumed: the chunk was sent
+                    # Counted as it is handed to gRPC, not after the write: a caller that
+                    # cancels right after reading a chunk can cancel before this frame
+                    # resumes, and must still be charged for it (at most one chunk in
+                    # flight is charged without being seen, never one seen and not charged).
+                    if count is not None:
                         call.streamed_tokens += count(chunk)
+                    yield chunk
             except grpc.aio.AbortError:
                 call.code = _aborted_code(context)
                 raise

@@ -213,3 +213,46 @@ def test_metadata_is_read_once_into_a_dict_with_repeated_keys_noted() -> None:
     headers, repeated = metadata_dict((("a", "1"), ("b", "2"), ("a", "3")))
     assert headers == {"a": "1", "b": "2"} and repeated == {"a"}
     assert metadata_dict(None) == ({}, frozenset())
+
+
+class _Context:
+    """Just what the pipeline's stream frame asks of a grpc context."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def time_remaining(self) -> float:
+        return 30.0
+
+
+async def test_a_chunk_handed_to_grpc_is_charged_even_if_the_caller_leaves_before_its_write_ends() -> (
+    None
+):
+    """grpc cancels a stream by closing the handler's generator at its `yield`: the chunk
+    given to grpc may already have reached the caller (it read it, then cancelled), so it
+    counts in streamed_tokens (what a stream without usage is charged) before the yield."""
+    calls: list[CallInfo] = []
+
+    class Tokens:
+        exit = None
+
+        def bind(self, method: Method) -> Tokens:
+            return self
+
+        async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+            call.chunk_tokens = lambda chunk: len(chunk.delta)
+            calls.append(call)
+
+    handler = Pipeline(agent_service(), [DECODE, Tokens()], ServicerTerminal(Agent())).handlers[
+        "StreamGenerate"
+    ]
+    raw = pb.StreamGenerateRequest(prompt="hang").SerializeToString()
+    chunks = handler.unary_stream(raw, _Context())
+    for _ in range(2):
+        await chunks.__anext__()
+    await chunks.aclose()  # as grpc does when the caller cancels during the second write
+    (call,) = calls
+    assert (call.chunks, call.streamed_tokens, call.code) == (2, 2, "CANCELLED")
