@@ -18,6 +18,7 @@ from core.errors import InvalidArgument
 from core.service import Method, agent_service
 from server.chain import DECODE
 from server.pipeline import Pipeline, ServicerTerminal
+from tests.support.waiting import eventually
 
 GENERATE = "/ai.agent.v1.AgentService/Generate"
 STREAM = "/ai.agent.v1.AgentService/StreamGenerate"
@@ -86,14 +87,6 @@ async def served() -> AsyncIterator[tuple[grpc.aio.Channel, list[str], list[Call
             yield channel, log, calls, stages
     finally:
         await server.stop(None)
-
-
-async def eventually(predicate: Any, timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def test_stages_are_bound_once_per_method_at_build_time() -> None:
