@@ -193,16 +193,10 @@ def build_response_cache(settings: Settings) -> ResponseCache:
     if cache_backend(settings) == "memory":
         return ResponseCache(l1, None)
     from server.redis_cache import RedisL2
-    from server.redis_limits import client_from_url
+    from server.redis_limits import client_from_settings
 
     rs = settings.redis
-    assert rs.url is not None  # Settings refuses backend redis without a url
-    password = rs.password.get_secret_value() if rs.password is not None else None
-    client = client_from_url(
-        rs.url,
-        connect_timeout_s=rs.connect_timeout_s,
-        **({"password": password} if password is not None else {}),
-    )
+    client = client_from_settings(rs)
     l2 = RedisL2(
         client,
         prefix=c.key_prefix,

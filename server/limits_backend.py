@@ -27,7 +27,7 @@ from core.limitstore import LimitStore, MemoryLimitStore
 from core.logs import log_event
 from core.metrics import ProxyMetrics
 from core.settings import Settings
-from server.redis_limits import RedisLimitStore, client_from_url
+from server.redis_limits import RedisLimitStore, client_from_settings
 
 log = logging.getLogger("aiproxy.limits")
 
@@ -41,13 +41,7 @@ def build_limit_store(settings: Settings, *, on_state: StateCallback | None = No
     if limits.backend == "memory":
         return MemoryLimitStore(max_keys=limits.max_tracked_callers)
     r = settings.redis
-    assert r.url is not None  # Settings refuses backend redis without a url
-    password = r.password.get_secret_value() if r.password is not None else None
-    client = client_from_url(
-        r.url,
-        connect_timeout_s=r.connect_timeout_s,
-        **({"password": password} if password is not None else {}),
-    )
+    client = client_from_settings(r)
     return RedisLimitStore(
         client,
         prefix=r.key_prefix,

@@ -69,6 +69,7 @@ from core.limitstore import (
     TokenRejection,
 )
 from core.ratelimit import Decision, LimitSpec
+from core.settings import RedisSettings
 
 log = logging.getLogger("aiproxy.limits")
 
@@ -314,6 +315,17 @@ def client_from_url(url: str, *, connect_timeout_s: float = 1.0, **kwargs: Any) 
         **kwargs,
     )
     return client
+
+
+def client_from_settings(r: RedisSettings) -> aioredis.Redis:
+    """The client for the `redis` section (limits, stream buffer and cache alike)."""
+    assert r.url is not None  # Settings refuses a redis backend without a url
+    password = r.password.get_secret_value() if r.password is not None else None
+    return client_from_url(
+        r.url,
+        connect_timeout_s=r.connect_timeout_s,
+        **({"password": password} if password is not None else {}),
+    )
 
 
 class _AutoPipeline:

@@ -480,17 +480,11 @@ def build_stream_buffer(settings: Settings) -> StreamBuffer:
             max_streams=r.max_streams,
             max_streams_per_scope=r.max_streams_per_caller,
         )
-    from server.redis_limits import client_from_url
+    from server.redis_limits import client_from_settings
     from server.redis_streams import RedisStreamBuffer
 
     rs = settings.redis
-    assert rs.url is not None  # Settings refuses backend redis without a url
-    password = rs.password.get_secret_value() if rs.password is not None else None
-    client = client_from_url(
-        rs.url,
-        connect_timeout_s=rs.connect_timeout_s,
-        **({"password": password} if password is not None else {}),
-    )
+    client = client_from_settings(rs)
     return RedisStreamBuffer(
         client,
         prefix=r.key_prefix,

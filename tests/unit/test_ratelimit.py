@@ -16,17 +16,7 @@ from core.ratelimit import (
     hash_api_key,
     rate_limited_error,
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.clock import FakeClock
 
 
 def drain(bucket: TokenBucket) -> int:
