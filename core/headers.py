@@ -42,9 +42,3 @@ PROXY_ONLY_METADATA: Final = frozenset(
         EDGE_SECRET_HEADER,
     }
 )
-
-
-def proxy_only(key: str) -> bool:
-    """True for request metadata the proxy consumes and must not forward (`key` lower-case,
-    as gRPC gives metadata keys)."""
-    return key in PROXY_ONLY_METADATA or key.startswith(PROXY_PREFIX)

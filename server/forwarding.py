@@ -25,7 +25,7 @@ import grpc
 
 from core.callinfo import CallInfo
 from core.errors import CircuitOpen, DeadlineExceeded
-from core.headers import COALESCE_HEADER, proxy_only
+from core.headers import COALESCE_HEADER, PROXY_ONLY_METADATA, PROXY_PREFIX
 from core.service import Method, agent_service
 from core.settings import Settings
 from interceptors.deadline import Deadline
@@ -44,8 +44,8 @@ ATTEMPTS_TRAILER = "x-aiproxy-attempts"
 # every chunk as it comes; at most 1000), overriding stream.coalesce_window_ms[_per_method].
 
 # Metadata that describes the caller's hop, not the call: never forwarded. Nor is what
-# only this proxy interprets (core/headers.py's proxy_only: resume, cancel, cache-control,
-# coalescing, the edge's secret, any x-aiproxy-*).
+# only this proxy interprets (core/headers.py: resume, cancel, cache-control, coalescing,
+# the edge's secret, and any x-aiproxy-* by its prefix).
 _HOP_METADATA = frozenset(
     {
         "content-type",
@@ -60,6 +60,9 @@ _HOP_METADATA = frozenset(
         REQUEST_ID,
     }
 )
+
+# Pseudo-headers, and the proxy's own x-aiproxy-* (core/headers.py), whatever their name.
+_NEVER_FORWARDED_PREFIXES = (":", PROXY_PREFIX)
 
 T = TypeVar("T")
 # An upstream DEADLINE_EXCEEDED this close to the call's own deadline is grpc's local
@@ -98,7 +101,11 @@ class Forwarder:
         self._pool = pool
         self._settings = settings
         self._policy = retry_policy(settings)
-        self._drop = _HOP_METADATA | {k.lower() for k in settings.upstream.drop_metadata}
+        self._drop = (
+            _HOP_METADATA
+            | PROXY_ONLY_METADATA
+            | {k.lower() for k in settings.upstream.drop_metadata}
+        )
         # Calls being forwarded now; drain waits for them, not for health Watch streams.
         self.active = 0
         self._idle = asyncio.Event()
@@ -130,7 +137,7 @@ class Forwarder:
         out = [
             (key, value)
             for key, value in pairs
-            if key not in drop and not key.startswith(":") and not proxy_only(key)
+            if key not in drop and not key.startswith(_NEVER_FORWARDED_PREFIXES)
         ]
         out.append((REQUEST_ID, call.request_id))
         return out
