@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from core.limitstore import (
+from aiproxy.core.limitstore import (
     TOKENS_PER_DAY,
     LimitsUnavailable,
     MemoryLimitStore,
@@ -23,8 +23,8 @@ from core.limitstore import (
     TokenLimits,
     TokenRejection,
 )
-from core.ratelimit import Decision, LimitSpec
-from server.redis_limits import Policy, RedisLimitStore
+from aiproxy.core.ratelimit import Decision, LimitSpec
+from aiproxy.server.stores.redis_limits import Policy, RedisLimitStore
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 from tests.support.waiting import eventually, eventually_timed
 
@@ -527,11 +527,11 @@ async def test_rotating_client_ids_through_the_stage_on_redis_get_the_address_bu
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     """What the issue measured (20/20 admitted where 2 are), with the shared store."""
-    from core.callinfo import CallInfo
-    from core.errors import RateLimited
-    from core.service import agent_service
-    from core.settings import load_settings
-    from interceptors.limits import Limits
+    from aiproxy.core.callinfo import CallInfo
+    from aiproxy.core.errors import RateLimited
+    from aiproxy.core.service import agent_service
+    from aiproxy.core.settings import load_settings
+    from aiproxy.interceptors.limits import Limits
 
     rng = random.Random()
     store = RedisLimitStore.from_url(redis_server.url, timeout_s=2.0)
