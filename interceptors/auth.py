@@ -40,6 +40,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import pathlib
 import time
 from collections import OrderedDict
@@ -292,10 +293,16 @@ class Authenticator:
                 return principal
             del self._cache[token]
         principal, valid_from, valid_until = self._verify(token)
-        if valid_from <= now < valid_until:
-            self._cache[token] = (principal, valid_from, valid_until)
-            if len(self._cache) > TOKEN_CACHE_SIZE:
-                self._cache.popitem(last=False)
+        # PyJWT checked exp/nbf against its own clock; the same bounds (the same parse of
+        # the same claims) are enforced here on this authenticator's clock, so a fresh
+        # token and a cached one expire at one instant.
+        if now >= valid_until:
+            raise _unauthenticated(Cause.TOKEN_EXPIRED, "token expired")
+        if now < valid_from:
+            raise _unauthenticated(Cause.TOKEN_NOT_YET_VALID, "token not yet valid")
+        self._cache[token] = (principal, valid_from, valid_until)
+        if len(self._cache) > TOKEN_CACHE_SIZE:
+            self._cache.popitem(last=False)
         return principal
 
     def _verify(self, token: str) -> tuple[Principal, float, float]:
@@ -343,8 +350,8 @@ class Authenticator:
         if not usable:
             raise _unauthenticated(Cause.INVALID_CLAIMS, "token subject is not usable")
         leeway = self._settings.leeway_s
-        valid_from = _number(claims.get("nbf"), float("-inf")) - leeway
-        valid_until = _number(claims.get("exp"), float("inf")) + leeway
+        valid_from = _time_claim(claims, "nbf", -math.inf) - leeway
+        valid_until = _time_claim(claims, "exp", math.inf) + leeway
         return (
             Principal(
                 caller_key({}, "", subject=subject),
@@ -372,10 +379,18 @@ class Authenticator:
             )
 
 
-def _number(value: Any, default: float) -> float:
-    return (
-        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
-    )
+def _time_claim(claims: Mapping[str, Any], name: str, default: float) -> float:
+    """A time claim (exp, nbf) read exactly as PyJWT read it when it checked it:
+    `int(value)` (so "1700000000" and 1.7e9 count, as they did for PyJWT), a time past
+    what a float holds being never/always, `default` when absent. PyJWT refused the
+    token if `int()` failed, so it cannot fail here."""
+    if name not in claims:
+        return default
+    value = int(claims[name])
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
