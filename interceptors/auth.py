@@ -19,7 +19,9 @@ overrides and shared daily token budget (core/limitpolicy.py). API key callers a
 matched to their configured name (`apikey:<name>` overrides) by the limit policy, from
 the key's hash. Only a verified token names a tenant: a header never does. Scopes (JWT `scope`
 space-separated or `scp` list; an API key's configured scopes) are checked against
-`auth.method_scopes`.
+`auth.method_scopes`; every method of the proxy's admin service needs `auth.admin_scopes`
+as well (default `aiproxy.admin`): being authenticated for the AI API is not enough to
+read the deployment.
 
 Failures raise Unauthenticated (no, bad, or expired credentials) or PermissionDenied
 (a scope this caller lacks); the pipeline turns them into the one error shape.
@@ -60,6 +62,7 @@ from aiproxy.core.logs import log_event
 from aiproxy.core.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
 from aiproxy.core.service import SERVICE_NAME, Method
 from aiproxy.core.settings import (
+    ADMIN_SERVICE_NAME,
     HMAC_ALGORITHMS,
     OKP_ALGORITHMS,
     RSA_ALGORITHMS,
@@ -75,6 +78,7 @@ OPEN_METHOD_PREFIXES: Final = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+_ADMIN_PREFIX: Final = f"/{ADMIN_SERVICE_NAME}/"
 # Longer credentials are refused before any parsing (a JWT is typically ~1 KiB).
 MAX_TOKEN_LEN: Final = 8192
 MAX_API_KEY_LEN: Final = 512
@@ -219,6 +223,7 @@ class Authenticator:
             (m if m.startswith("/") else f"/{SERVICE_NAME}/{m}"): frozenset(scopes)
             for m, scopes in settings.method_scopes.items()
         }
+        self._admin_scopes = frozenset(settings.admin_scopes)
         # token -> (principal, valid from, valid until): both bounds already include leeway.
         self._cache: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
 
@@ -366,7 +371,12 @@ class Authenticator:
     # -- authorization -----------------------------------------------------------------
 
     def required_scopes(self, method: str) -> frozenset[str]:
-        return self._method_scopes.get(method, frozenset())
+        """The scopes `method` needs: its `method_scopes`, and for every method of the
+        admin service, `admin_scopes` too."""
+        scopes = self._method_scopes.get(method, frozenset())
+        if method.startswith(_ADMIN_PREFIX):
+            scopes |= self._admin_scopes
+        return scopes
 
     def authorize(self, principal: Principal, method: str) -> None:
         """PermissionDenied unless `principal` has every scope `method` requires."""

@@ -463,3 +463,22 @@ def test_the_pipeline_passes_the_tenant_claim_to_auth() -> None:
     )
     auth = next(s for s in stages if isinstance(s, AuthStage))
     assert auth.authenticator.authenticate(bearer(hs(team="blue"))).tenant == "blue"
+
+
+def test_the_admin_service_needs_its_own_scope_configurable() -> None:
+    """Issue 20 §4: authenticated with no scope was enough for ProxyAdminService."""
+    path = "/ai.proxy.v1.ProxyAdminService/ListEndpoints"
+    plain = Principal("sub:alice", frozenset({"agent:execute"}), "jwt")
+    admin = Principal("sub:root", frozenset({"aiproxy.admin"}), "jwt")
+    auth = Authenticator(settings())
+    assert auth.required_scopes(path) == {"aiproxy.admin"}
+    assert auth.required_scopes(GENERATE) == frozenset()
+    with pytest.raises(PermissionDenied) as denied:
+        auth.authorize(plain, path)
+    assert denied.value.metadata["scope"] == "aiproxy.admin"
+    auth.authorize(admin, path)
+    ops = Authenticator(settings(admin_scopes=["ops", "read"]))
+    with pytest.raises(PermissionDenied):
+        ops.authorize(admin, path)
+    ops.authorize(Principal("sub:o", frozenset({"ops", "read"}), "jwt"), path)
+    Authenticator(settings(admin_scopes=[])).authorize(plain, path)  # the operator's choice
