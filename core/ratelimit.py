@@ -340,9 +340,10 @@ def caller_key(metadata: Mapping[str, str], peer: str, subject: str | None = Non
     (hashed), else the client id header, else the peer address; prefixed with the kind
     ("sub:", "key:", "client:", "peer:") so the kinds never collide.
 
-    The API key and client id are chosen by the caller: unless authentication checks
-    them, a caller can mint new ones to get fresh buckets; the proxy-wide cap is the
-    guard for that.
+    Only the subject and a VERIFIED API key are identities (auth uses this for them). The
+    limits stage never keys a bucket on an unverified key or a client id alone: those
+    are declared labels, given a sub-bucket inside the caller's identity or address
+    (interceptors/limits.py), so minting them gains nothing.
     """
     if subject:
         return f"sub:{subject}"

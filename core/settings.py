@@ -317,9 +317,12 @@ class RateLimitOverride(_Section):
 class LimitSettings(_Section):
     """Admission control on calls into the proxy (server side).
 
-    Callers are keyed by authenticated subject, then API key (hashed), then the
-    x-client-id header, then peer address: "sub:alice", "key:<sha256/128>",
-    "client:web-42", "peer:10.0.0.7". Overrides are keyed the same way.
+    Callers are keyed by who they are: authenticated subject or API key (hashed), else
+    peer address ("sub:alice", "key:<sha256/128>", "peer:10.0.0.7"). An id the caller
+    declares (x-client-id; x-api-key while auth is off) only gets a sub-bucket inside
+    that key's ("client:web-42@peer:10.0.0.7"): it splits the budget, never multiplies it
+    (interceptors/limits.py). Overrides are keyed "sub:", "key:", "peer:", "client:<id>"
+    (a declared id's share: it can only narrow), "apikey:<name>", "tenant:<value>".
     """
 
     enabled: bool = True
