@@ -10,10 +10,11 @@ import grpc
 from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
 from aiproxy.ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
 from aiproxy.core.settings import ADMIN_SERVICE_NAME
-from aiproxy.server.pool.upstream import UpstreamPool
+from aiproxy.server.pool.pool import UpstreamPool
 
-# The name auth's admin scope check uses is the proto's (checked at import).
-assert admin_pb.DESCRIPTOR.services_by_name["ProxyAdminService"].full_name == ADMIN_SERVICE_NAME
+# The name auth's admin scope check uses must be the proto's.
+if admin_pb.DESCRIPTOR.services_by_name["ProxyAdminService"].full_name != ADMIN_SERVICE_NAME:
+    raise RuntimeError("core.settings.ADMIN_SERVICE_NAME differs from the admin proto")
 
 
 class ProxyAdmin(admin_grpc.ProxyAdminServiceServicer):
