@@ -110,15 +110,22 @@ def test_rate_limited_429_carries_retry_after(stack: dict[str, ServiceProcess], 
     assert all("retry-after" not in r.headers for r in replies[:BURST])
 
 
-@pytest.mark.parametrize("path", [GENERATE, STREAM])
+@pytest.mark.parametrize(
+    ("path", "extra", "source"),
+    [
+        (GENERATE, {}, "127.0.0.21"),
+        (STREAM, {}, "127.0.0.22"),
+        (STREAM, {"x-aiproxy-resumable": "1"}, "127.0.0.23"),
+    ],
+    ids=["unary", "stream", "resumable-stream"],
+)
 def test_upstream_failure_503_carries_retry_after(
-    stack: dict[str, ServiceProcess], path: str
+    stack: dict[str, ServiceProcess], path: str, extra: dict[str, str], source: str
 ) -> None:
     edge = stack["envoy"].address
-    source = "127.0.0.21" if path == GENERATE else "127.0.0.22"
     reply = request(
-        edge, "POST", path, {"prompt": "fail"}, headers={"x-fault-code": "UNAVAILABLE"},
-        source=source,
+        edge, "POST", path, {"prompt": "fail"},
+        headers={"x-fault-code": "UNAVAILABLE", **extra}, source=source,
     )  # fmt: skip
     assert reply.status == 503, reply.body
     assert _reason(reply.json()) == "UPSTREAM_UNAVAILABLE"
