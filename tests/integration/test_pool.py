@@ -9,9 +9,9 @@ import signal
 import grpc
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.proxy.v1 import admin_service_pb2 as admin_pb
-from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
+from aiproxy.ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
 from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import stub
 from tests.support.waiting import eventually, eventually_timed
@@ -165,8 +165,8 @@ async def test_health_tasks_are_supervised_and_restart_after_any_exception(caplo
     endpoint as "not serving" for good), the supervisor logs it and runs it again."""
     import logging
 
-    from core.settings import UpstreamSettings
-    from server.upstream import Endpoint
+    from aiproxy.core.settings import UpstreamSettings
+    from aiproxy.server.pool.endpoint import Endpoint
 
     endpoint = Endpoint(
         "127.0.0.1:1", UpstreamSettings(endpoints=["127.0.0.1:1"]), lambda _ep: None
@@ -183,12 +183,12 @@ async def test_health_tasks_are_supervised_and_restart_after_any_exception(caplo
             raise grpc.aio.UsageError("closed channel")  # not an AioRpcError either
         if runs == 3:
             return  # ended by itself
-        endpoint._set_serving(True, "watch")
+        endpoint.set_serving(True, "watch")
         healthy_again.set()
         await asyncio.Event().wait()
 
     with caplog.at_level(logging.WARNING, logger="aiproxy.upstream"):
-        task = asyncio.create_task(endpoint._supervise("health", flaky))
+        task = asyncio.create_task(endpoint.health._supervise("health", flaky))
         try:
             await asyncio.wait_for(healthy_again.wait(), 5)
         finally:
