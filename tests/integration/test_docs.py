@@ -211,10 +211,12 @@ _INSTALL = """() => {
     };
 }"""
 
-_RUN = """async (code) => {
+_RUN = """async ([code, ms]) => {
     const AsyncFunction = (async () => {}).constructor;
+    const late = new Promise((_, reject) =>
+        setTimeout(() => reject(new Error(`still running after ${ms} ms`)), ms));
     try {
-        await new AsyncFunction(code)();
+        await Promise.race([new AsyncFunction(code)(), late]);
         return null;
     } catch (error) {
         if (error instanceof Error) return `${error.name}: ${error.message}`;
@@ -263,7 +265,7 @@ def _run_browser(block: Block, addresses: dict[str, str], browser: Any) -> None:
         page.goto(origin + HARNESS_PATH)
         page.evaluate(_INSTALL)
         code = _substitute(block.code, addresses)
-        thrown = page.evaluate(_RUN, code)
+        thrown = page.evaluate(_RUN, [code, int(BLOCK_TIMEOUT_S * 1000)])
         assert thrown is None, f"{block.name} threw: {thrown}\n--- block ---\n{code}"
         page.wait_for_function(
             "() => window.__eventSources.every((es) => es.readyState === EventSource.CLOSED)"
@@ -306,3 +308,39 @@ def test_code_block_runs(block: Block, request: pytest.FixtureRequest) -> None:
         _run_browser(block, addresses, request.getfixturevalue("browser"))
     else:
         _run_subprocess(block, addresses)
+
+
+# ---- the harness fails what fails ------------------------------------------------------------
+
+_SELF = pathlib.Path(__file__)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "curl -s localhost:8080/api/v1/ai/nope -d '{}'\n",  # HTTP 404
+        "grpcurl -plaintext localhost:50051 ai.agent.v1.AgentService/Nope\n",
+        "curl -s localhost:8080/healthz | grep -q never-there\n",  # pipefail
+    ],
+    ids=["http-error", "grpc-error", "pipeline"],
+)
+def test_a_failing_shell_block_fails(code: str, stack: dict[str, str]) -> None:
+    with pytest.raises(AssertionError, match="exited"):
+        _run_subprocess(Block(_SELF, 1, "sh", code), stack)
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [
+        ('JSON.parse("id: 0\\ndata: {}");\n', "threw: SyntaxError"),
+        ('showError({ message: "stream failed" });\n', "called showError"),
+        ('const reply = await fetch("/api/v1/ai/nope", { method: "POST", body: "{}" });\n'
+         "if (!reply.ok) throw await reply.json();\n", 'threw: thrown: {"code":5'),
+        ("output.textContent += '';\n", "wrote nothing"),
+    ],
+    ids=["throws", "show-error", "http-error", "no-output"],
+)  # fmt: skip
+def test_a_failing_js_block_fails(code: str, why: str, stack: dict[str, str], browser: Any) -> None:
+    with pytest.raises(AssertionError, match=re.escape(why)):
+        _run_browser(Block(_SELF, 1, "js", code), stack, browser)
