@@ -147,6 +147,23 @@ def test_error_mid_stream_carries_retry_info_in_band_and_no_header(
     assert _retry_delay_s(final["error"]) > 0
 
 
+def test_cross_origin_fetch_may_read_retry_after(stack: dict[str, ServiceProcess]) -> None:
+    """retry-after is not a CORS-safelisted response header: a front end on another
+    origin reads it only if the edge exposes it (the default origins include
+    http://localhost:3000)."""
+    edge = stack["envoy"].address
+    replies = [
+        request(edge, "POST", GENERATE, {"prompt": "hi"}, source="127.0.0.51",
+                headers={"origin": "http://localhost:3000"})
+        for _ in range(BURST + 1)
+    ]  # fmt: skip
+    refused = replies[-1]
+    assert refused.status == 429 and "retry-after" in refused.headers
+    assert refused.headers["access-control-allow-origin"] == "http://localhost:3000"
+    exposed = {h.strip() for h in refused.headers["access-control-expose-headers"].split(",")}
+    assert "retry-after" in exposed, exposed
+
+
 # ---- query strings as browsers encode them ---------------------------------------------------
 
 
