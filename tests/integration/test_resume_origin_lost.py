@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_protection import read_stream, rich_from_status
 from tests.integration.test_resume_and_cache import error_of, stream_request, text_of

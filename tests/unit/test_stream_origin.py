@@ -8,17 +8,17 @@ import asyncio
 
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.errors import Reason, to_status_proto
-from core.settings import ResumeSettings
-from core.streambuffer import (
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.errors import Reason, to_status_proto
+from aiproxy.core.settings import ResumeSettings
+from aiproxy.core.streambuffer import (
     ChunkKind,
     Grace,
     MemoryStreamBuffer,
     StreamOriginLost,
     watch_owner,
 )
-from server.resume import Resumer
+from aiproxy.server.request.resume import Resumer
 from tests.support.clock import FakeClock
 from tests.unit.test_answers_wiring import METHOD, REQUEST, Context, Upstream, call_with
 
