@@ -27,7 +27,7 @@ import pytest
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_protection import read_stream, rich_from_status
-from tests.integration.test_resume_and_cache import error_of, stream_request, text_of
+from tests.integration.test_resume_and_cache import error_of, metric, stream_request, text_of
 from tests.support.grpc_helpers import stub
 from tests.support.procs import ServiceProcess
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
@@ -130,6 +130,8 @@ async def test_origin_killed_the_resumer_gets_every_seen_chunk_then_origin_lost(
         chunks, err = await read_stream(again)
         assert chunks == [] and err is not None
         origin_lost(error_of(err))
+    # Counted where an operator looks: once in the resumed stream, once at the reconnect.
+    assert metric(p2, "ai_proxy_stream_resumes_total", outcome="origin_lost") == 2
 
 
 async def test_a_slow_origin_is_not_a_dead_one(replicas: list[ServiceProcess]) -> None:
