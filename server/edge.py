@@ -99,9 +99,10 @@ LOG_FORMAT = '{"ts":"%Y-%m-%dT%T.%eZ","event":"envoy_log","level":"%l","logger":
 # keyed by what it found wrong; "body" is a Content-Length past the body cap.
 GUARD_MESSAGES: dict[str, str] = {
     "grpc-timeout": "malformed grpc-timeout header: 1 to 8 digits and a unit (H, M, S, m, u or n) expected, once",
-    "grpc-encoding": "malformed grpc-encoding header: one content-coding name expected",
+    "grpc-encoding": "unsupported grpc-encoding header: identity, gzip or deflate expected",
     "grpc-accept-encoding": "malformed grpc-accept-encoding header: content-coding names expected",
-    "-bin": "malformed binary header: a header whose name ends in -bin must be base64",
+    "-bin": "malformed binary header: a header whose name ends in -bin must be base64 (standard alphabet, canonical; padding optional)",
+    "lb-cost-bin": "malformed lb-cost-bin header: base64 of at least 8 bytes expected",
     "te": "malformed te header: gRPC requires te: trailers",
     "method": "gRPC calls are POST requests",
     "content-type": "malformed content-type header: application/grpc or application/grpc+FORMAT expected",
