@@ -34,6 +34,23 @@ from core.upstream_errors import to_proxy_error
 log = logging.getLogger("aiproxy.errors")
 
 
+# A call whose stream ended without one whole request message (no DATA, or a length
+# prefix larger than the bytes that came, then END_STREAM). grpc.aio's unary-request path
+# never calls the handler for it and never answers either (the caller waits until its own
+# deadline, forever without one), so every handler of the proxy is registered as
+# request-streaming and reads its one message itself (`read_one`): such a call is
+# answered at once.
+NO_MESSAGE: Final = "the request stream ended without a complete message"
+
+
+async def read_one(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    """The call's one request message, or MalformedRequest(NO_MESSAGE) raised."""
+    request = await context.read()
+    if request is grpc.aio.EOF:
+        raise MalformedRequest(NO_MESSAGE)
+    return request
+
+
 def malformed() -> MalformedRequest:
     return MalformedRequest("the request is not a valid message of the method's request type")
 
@@ -141,7 +158,7 @@ def safe_handler(
     MALFORMED_REQUEST, not grpc's UNKNOWN naming the exception class), ProxyErrors as
     their Status, anything else INTERNAL without its text; an abort is kept. `wrap`
     (e.g. the auth guard) wraps the behaviour first. Built once, at registration."""
-    if handler.request_deserializer is None and wrap is None:
+    if handler.request_streaming and handler.request_deserializer is None and wrap is None:
         return handler
     # grpc's stubs type the behaviours as sync callables; on a grpc.aio server they are
     # coroutine functions or async generator functions, hence Any.
@@ -161,6 +178,8 @@ def safe_handler(
 
         async def guarded_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
+                if not handler.request_streaming:
+                    request = await read_one(context)
                 if request is MALFORMED:
                     raise malformed()
                 if handler.request_streaming:
@@ -183,6 +202,8 @@ def safe_handler(
 
         async def guarded_unary(request: Any, context: Any) -> Any:
             try:
+                if not handler.request_streaming:
+                    request = await read_one(context)
                 if request is MALFORMED:
                     raise malformed()
                 if handler.request_streaming:
@@ -195,7 +216,8 @@ def safe_handler(
             await fail(context, err)
 
         wrapped = guarded_unary
-    factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    # Request-streaming whatever the method's kind: see NO_MESSAGE.
+    factory = _FACTORIES[(True, handler.response_streaming)]
     return factory(
         wrapped,
         request_deserializer=deserializer,

@@ -211,6 +211,12 @@ def test_metadata_is_read_once_into_a_dict_with_repeated_keys_noted() -> None:
 class _Context:
     """Just what the pipeline's stream frame asks of a grpc context."""
 
+    def __init__(self, raw: bytes = b"") -> None:
+        self._raw = raw
+
+    async def read(self) -> bytes:
+        return self._raw
+
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return ()
 
@@ -243,7 +249,7 @@ async def test_a_chunk_handed_to_grpc_is_charged_even_if_the_caller_leaves_befor
         "StreamGenerate"
     ]
     raw = pb.StreamGenerateRequest(prompt="hang").SerializeToString()
-    chunks = handler.unary_stream(raw, _Context())
+    chunks = handler.stream_stream(None, _Context(raw))
     for _ in range(2):
         await chunks.__anext__()
     await chunks.aclose()  # as grpc does when the caller cancels during the second write
