@@ -193,14 +193,18 @@ def _status_filter(http_status: int) -> dict[str, Any]:
 
 # A native gRPC caller, as the guard (first filter) saw it: the request's content-type
 # cannot tell, since the transcoder has made every API request application/grpc by the
-# time it or the router answers.
+# time it or the router answers. A request the codec refused before any filter ran (an
+# HTTP/1.1 431 past the codec's header limits) has no such metadata: it is NOT a gRPC
+# caller (Envoy's default, match_if_key_not_found true, gave it the gRPC mapper's plain
+# text instead of the JSON Status body).
 _GRPC_REQUEST = {
     "metadata_filter": {
         "matcher": {
             "filter": "aiproxy.edge",
             "path": [{"key": "grpc"}],
             "value": {"bool_match": True},
-        }
+        },
+        "match_if_key_not_found": False,
     }
 }
 

@@ -35,12 +35,14 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 
 from ai.agent.v1 import agent_service_pb2 as pb
 from ai.agent.v1 import agent_service_pb2_grpc
+from server.edge import admin_get
 from tests.chaos.test_edge_hostile import GENERATE, _envoy_argv, _grpc_status, _start
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
-from tests.support.edge import request
+from tests.support.edge import request, wait_until
 from tests.support.procs import ServiceProcess
 
 pytestmark = pytest.mark.envoy
@@ -257,3 +259,124 @@ def test_random_unparsable_headers_never_fail_other_callers(
     assert not attackers, (
         f"seed {seed}: {len(attackers)} of {attacks} attackers got no clear answer: {attackers[:8]}"
     )
+
+
+# ---- calls the handler never saw must still end (issue 20, section 2) -------------------------
+
+# A stream that ends (END_STREAM) without one whole request message: no DATA at all, or a
+# length prefix of 48 bytes followed by 3. grpc.aio's unary-request path never called the
+# handler for these and never answered: the caller waited until its own deadline.
+NO_WHOLE_MESSAGE = {
+    "empty": b"",
+    "short": b"\x00\x00\x00\x00\x30\x0a\x01\x78",
+}
+METHODS = (
+    "ai.agent.v1.AgentService/Generate",
+    "ai.agent.v1.AgentService/StreamGenerate",
+    "grpc.health.v1.Health/Check",
+)
+
+
+def _curl_raw(
+    address: str, method: str, body: bytes, tmp_path: Any, max_s: int = 10
+) -> dict[str, str]:
+    frame = tmp_path / f"raw-{len(body)}.bin"
+    frame.write_bytes(body)
+    argv = ["curl", "-sS", "--http2-prior-knowledge", "-o", os.devnull, "-D", "-", "--max-time", str(max_s),
+            "--data-binary", f"@{frame}", "-H", "content-type: application/grpc", "-H", "te: trailers",
+            f"http://{address}/{method}"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=max_s + 10)
+    found: dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip():
+            found.setdefault(key.strip().lower(), value.strip())
+    return found
+
+
+def _upstream_active(admin: str) -> int:
+    doc = admin_get(admin, "/stats?format=json&filter=cluster%5C.aiproxy%5C.upstream_rq_active%24")
+    return int(sum(s.get("value", 0) for s in doc.get("stats", [])))
+
+
+def test_calls_without_a_whole_request_message_are_answered(
+    stack: dict[str, ServiceProcess], tmp_path: Any
+) -> None:
+    """Directly and through Envoy, every method kind: INVALID_ARGUMENT MALFORMED_REQUEST
+    with the Status, not silence until the caller gives up (curl's --max-time 10 s here,
+    which the answer never reaches: no timing assertion, a missing answer fails)."""
+    for target in (stack["proxy"].address, stack["envoy"].address):
+        for method in METHODS:
+            for name, body in NO_WHOLE_MESSAGE.items():
+                answer = _curl_raw(target, method, body, tmp_path)
+                assert answer.get("grpc-status") == "3", (target, method, name, answer)
+                status = _grpc_status(answer["grpc-status-details-bin"])
+                reasons = [_reason(d) for d in status.details]
+                assert "MALFORMED_REQUEST" in reasons, (target, method, name, status)
+
+
+def _reason(detail: Any) -> str:
+    info = error_details_pb2.ErrorInfo()
+    return info.reason if detail.Unpack(info) else ""
+
+
+def test_such_calls_hold_no_stream_of_the_shared_connection(
+    stack: dict[str, ServiceProcess], tmp_path: Any
+) -> None:
+    """Many at once through one Envoy worker: each is answered, and none is left open on
+    the upstream connection every caller shares (Envoy's upstream_rq_active back to 0)."""
+    envoy = stack["envoy"]
+    procs = []
+    frame = tmp_path / "short.bin"
+    frame.write_bytes(NO_WHOLE_MESSAGE["short"])
+    for _ in range(30):
+        argv = ["curl", "-sS", "--http2-prior-knowledge", "-o", os.devnull, "-D", "-", "--max-time", "10",
+                "--data-binary", f"@{frame}", "-H", "content-type: application/grpc", "-H", "te: trailers",
+                f"http://{envoy.address}/ai.agent.v1.AgentService/StreamGenerate"]  # fmt: skip
+        procs.append(
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        )
+    answers = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=30)
+        answers.append("grpc-status: 3" in out)
+    assert all(answers), f"{answers.count(False)} of {len(answers)} got no answer"
+    wait_until(
+        lambda: _upstream_active(envoy.ready["admin"]) == 0, 10, "no request left open upstream"
+    )
+    # The connection serves everyone as before.
+    assert curl_grpc(envoy.address, [], tmp_path).get("grpc-status") == "0"
+
+
+# ---- headers past Envoy's codec limits ----------------------------------------------------------
+
+
+def test_headers_past_the_codec_limits(stack: dict[str, ServiceProcess]) -> None:
+    """The guard answers 431 / INVALID_ARGUMENT HEADERS_TOO_LARGE up to the codec's limits
+    (96 KiB, 400 headers). Past them HTTP/1.1 callers still get the 431 with the Status body
+    (it was Envoy's plain text: the gRPC mapper matched a request no filter had seen); an
+    HTTP/2 caller's stream is reset by Envoy's codec before any filter (documented in the
+    README: Envoy cannot answer it), and only that stream: its connection serves on."""
+    edge = stack["envoy"].address
+    for headers in (
+        {f"x-h{i}": "v" for i in range(450)},
+        {f"x-h{i}": "v" * 1100 for i in range(90)},
+    ):
+        reply = request(edge, "POST", GENERATE, {"prompt": "p"}, headers=headers)
+        assert reply.status == 431 and reply.content_type.startswith("application/json"), (
+            reply.status,
+            reply.headers,
+            reply.body[:200],
+        )
+        body = reply.json()
+        assert body["code"] == 3 and body["details"][0]["reason"] == "HEADERS_TOO_LARGE", body
+    with grpc.insecure_channel(edge) as channel:
+        stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(
+                pb.GenerateRequest(prompt="p"),
+                metadata=[(f"x-h{i}", "v") for i in range(450)],
+                timeout=10,
+            )
+        assert caught.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+        assert stub.Generate(pb.GenerateRequest(prompt="after"), timeout=10).text
