@@ -27,6 +27,8 @@ COPY core/ core/
 COPY server/ server/
 COPY interceptors/ interceptors/
 COPY agent/ agent/
+# The one installed name: aiproxy/ holds links to the folders above (pyproject.toml maps them).
+COPY aiproxy/ aiproxy/
 COPY envoy/ envoy/
 # Generated code is never committed: generate it here, as `make gen` does.
 RUN python scripts/gen_protos.py \

@@ -48,7 +48,7 @@ lint-py: gen
 # Strict on the lower layers (pyproject.toml [tool.mypy]); server/, agent/ and the tests
 # are not type-checked yet.
 typecheck: gen
-	$(BIN)/mypy core interceptors
+	$(BIN)/mypy -p aiproxy.core -p aiproxy.interceptors
 
 # The layering contracts in pyproject.toml [tool.importlinter].
 lint-imports: gen
@@ -98,4 +98,4 @@ bench-quick: bench-deps
 	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build ai
+	rm -rf $(VENV) build aiproxy/ai

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent import cli
+from aiproxy.agent import cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent import textgen
-from agent.logs import log_event
-from agent.tools import Tool, ToolError, struct_safe
+from aiproxy.agent import textgen
+from aiproxy.agent.logs import log_event
+from aiproxy.agent.tools import Tool, ToolError, struct_safe
 
 log = logging.getLogger("agent.tools")
 

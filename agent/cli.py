@@ -26,11 +26,11 @@ import sys
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
-from agent import logs
-from agent.logs import log_event
-from agent.server import AgentServer
-from agent.settings import BACKENDS, DEFAULT_LISTEN, DEFAULT_MODEL, AgentSettings
-from agent.tracing import DEFAULT_OTLP_ENDPOINT, EXPORTERS, build_tracer_provider
+from aiproxy.agent import logs
+from aiproxy.agent.logs import log_event
+from aiproxy.agent.server import AgentServer
+from aiproxy.agent.settings import BACKENDS, DEFAULT_LISTEN, DEFAULT_MODEL, AgentSettings
+from aiproxy.agent.tracing import DEFAULT_OTLP_ENDPOINT, EXPORTERS, build_tracer_provider
 
 DESCRIPTION = (
     "The reference AI agent service (the upstream aiproxy fronts): deterministic and offline, "

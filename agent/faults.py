@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from agent.errors import InvalidArgument
+from aiproxy.agent.errors import InvalidArgument
 
 CODE = "x-fault-code"
 AFTER = "x-fault-after"

@@ -30,9 +30,9 @@ from typing import Any
 
 import grpc
 
-from agent import errors, faults
-from agent.errors import InvalidArgument
-from agent.logs import log_event
+from aiproxy.agent import errors, faults
+from aiproxy.agent.errors import InvalidArgument
+from aiproxy.agent.logs import log_event
 
 log = logging.getLogger("agent.calls")
 

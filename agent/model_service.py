@@ -27,9 +27,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from agent import faults
-from agent.errors import InvalidArgument
-from agent.openai_backend import (
+from aiproxy.agent import faults
+from aiproxy.agent.errors import InvalidArgument
+from aiproxy.agent.openai_backend import (
     FINISH_ERROR,
     FINISH_LENGTH,
     Delta,
@@ -37,8 +37,8 @@ from agent.openai_backend import (
     ModelError,
     Usage,
 )
-from agent.rag import Hit
-from agent.service import (
+from aiproxy.agent.rag import Hit
+from aiproxy.agent.service import (
     _ROLE_NAMES,
     AgentServicer,
     Chunk,
@@ -47,7 +47,7 @@ from agent.service import (
     _checked_options,
     _source,
 )
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 
 _FINISH = {FINISH_LENGTH: pb.FINISH_REASON_LENGTH, FINISH_ERROR: pb.FINISH_REASON_ERROR}
 

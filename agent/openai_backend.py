@@ -56,8 +56,8 @@ import httpx
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from agent.errors import StatusError, rpc_status_proto
-from agent.logs import log_event
+from aiproxy.agent.errors import StatusError, rpc_status_proto
+from aiproxy.agent.logs import log_event
 
 log = logging.getLogger("agent.model")
 

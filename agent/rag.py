@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from agent.textgen import STOPWORDS, tokenize
+from aiproxy.agent.textgen import STOPWORDS, tokenize
 
 DEFAULT_TOP_K = 3
 MAX_TOP_K = 20

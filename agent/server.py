@@ -18,18 +18,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from agent.interceptor import SERVICE_NAME, CallInterceptor, MetadataRecorder
-from agent.logs import log_event
-from agent.model_service import ModelAgentServicer
-from agent.openai_backend import HealthMonitor, ModelClient, ModelSettings
-from agent.rag import Corpus
-from agent.service import AgentServicer
-from agent.sessions import SessionStore
-from agent.settings import AgentSettings, safe_url
-from agent.tools import build_tools
-from agent.tracing import server_interceptors as tracing_interceptors
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from aiproxy.agent.interceptor import SERVICE_NAME, CallInterceptor, MetadataRecorder
+from aiproxy.agent.logs import log_event
+from aiproxy.agent.model_service import ModelAgentServicer
+from aiproxy.agent.openai_backend import HealthMonitor, ModelClient, ModelSettings
+from aiproxy.agent.rag import Corpus
+from aiproxy.agent.service import AgentServicer
+from aiproxy.agent.sessions import SessionStore
+from aiproxy.agent.settings import AgentSettings, safe_url
+from aiproxy.agent.tools import build_tools
+from aiproxy.agent.tracing import server_interceptors as tracing_interceptors
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 
 __all__ = ["LIVENESS_SERVICE", "SERVICE_NAME", "AgentServer", "AgentSettings"]
 

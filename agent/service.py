@@ -15,17 +15,25 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from agent import faults, textgen
-from agent.agents import MAX_TOOLS, AgentKind, AgentRun, RunStatus, Step, ToolCallRecord, run_agent
-from agent.errors import InvalidArgument, rpc_status_proto
-from agent.pacing import Pacer
-from agent.rag import DEFAULT_TOP_K, MAX_TOP_K, Corpus, Hit
-from agent.sessions import Message as SessionMessage
-from agent.sessions import SessionStore
-from agent.settings import AgentSettings
-from agent.tools import Tool
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from aiproxy.agent import faults, textgen
+from aiproxy.agent.agents import (
+    MAX_TOOLS,
+    AgentKind,
+    AgentRun,
+    RunStatus,
+    Step,
+    ToolCallRecord,
+    run_agent,
+)
+from aiproxy.agent.errors import InvalidArgument, rpc_status_proto
+from aiproxy.agent.pacing import Pacer
+from aiproxy.agent.rag import DEFAULT_TOP_K, MAX_TOP_K, Corpus, Hit
+from aiproxy.agent.sessions import Message as SessionMessage
+from aiproxy.agent.sessions import SessionStore
+from aiproxy.agent.settings import AgentSettings
+from aiproxy.agent.tools import Tool
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 
 Chunk = TypeVar("Chunk", bound=Message)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.rag import Corpus
+from aiproxy.agent.rag import Corpus
 
 
 class ToolError(Exception):

@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from ai.agent.v1 import agent_service_pb2
+from aiproxy.ai.agent.v1 import agent_service_pb2
 
 SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
 

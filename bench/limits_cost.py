@@ -23,9 +23,9 @@ from typing import Any
 
 from redis._parsers import _AsyncRESP2Parser
 
-from core.limitstore import MemoryLimitStore, TokenLimits
-from core.ratelimit import LimitSpec
-from server.redis_limits import RedisLimitStore, client_from_url
+from aiproxy.core.limitstore import MemoryLimitStore, TokenLimits
+from aiproxy.core.ratelimit import LimitSpec
+from aiproxy.server.stores.redis_limits import RedisLimitStore, client_from_url
 
 SPEC = LimitSpec(1e9, 1_000_000_000)  # never refuses: measures the admission, not the refusal
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from bench.procs import Procs, aiproxy_argv, cpu_seconds
 from devtools.redis_server import RedisServer
 

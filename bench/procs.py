@@ -38,7 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def aiproxy_argv(*args: str) -> list[str]:
     """`aiproxy ARGS` from this checkout (children run with cwd=ROOT), whatever is installed."""
-    return [sys.executable, "-m", "server.cli", *args]
+    return [sys.executable, "-m", "aiproxy.server.cli", *args]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -346,7 +346,7 @@ class Bench:
     def probe_stream(self, target: str, request: bytes) -> list[str]:
         import grpc
 
-        from ai.agent.v1 import agent_service_pb2 as pb
+        from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 
         with grpc.insecure_channel(target) as ch:
             call = ch.unary_stream(f"/{SERVICE}/StreamGenerate")
@@ -361,7 +361,7 @@ class Bench:
     # -- unary -----------------------------------------------------------------------
 
     def unary_request(self) -> bytes:
-        from ai.agent.v1 import agent_service_pb2 as pb
+        from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 
         return pb.GenerateRequest(
             prompt=PROMPT, options=pb.GenerationOptions(max_tokens=16)
@@ -696,7 +696,7 @@ class Bench:
     def stream_paths(self, shape: dict[str, Any], with_sse: bool) -> dict[str, Any]:
         """One stream shape through every path of `shape["paths"]` (default: direct, bare
         hop, proxy, Envoy alone), each against a fresh agent-side process set."""
-        from ai.agent.v1 import agent_service_pb2 as pb
+        from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 
         n = shape["n"]
         wanted = shape.get("paths", STREAM_PATHS)
@@ -973,7 +973,7 @@ class Bench:
         agent = self.agent(first_ms=shape["first_ms"], token_ms=shape["interval_ms"])
         proxy = self.proxy(agent.address)
         try:
-            from ai.agent.v1 import agent_service_pb2 as pb
+            from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 
             request = pb.StreamGenerateRequest(
                 prompt=PROMPT, options=pb.GenerationOptions(max_tokens=shape["n"])

@@ -261,7 +261,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["mode"] == "grpc":
         import grpc
 
-        from ai.agent.v1 import agent_service_pb2 as pb
+        from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 
         chunk_cls = getattr(pb, spec.get("chunk", "StreamGenerateResponse"))
         n_channels = max(1, int(spec.get("channels", 1)))

@@ -39,7 +39,7 @@ from typing import Final, NamedTuple, Protocol, runtime_checkable
 
 from google.protobuf.message import Message
 
-from core.headers import CACHE_CONTROL  # proxy-only: never forwarded upstream
+from aiproxy.core.headers import CACHE_CONTROL  # proxy-only: never forwarded upstream
 
 Clock = Callable[[], float]
 

@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from core.limitstore import TokenLimits
-from core.ratelimit import LimitSpec
-from core.settings import LimitSettings, RateLimitOverride, Settings
+from aiproxy.core.limitstore import TokenLimits
+from aiproxy.core.ratelimit import LimitSpec
+from aiproxy.core.settings import LimitSettings, RateLimitOverride, Settings
 
 # A tenant claim's value becomes part of a key (and of a Redis key): bounded and plain.
 MAX_TENANT_CHARS: Final = 128

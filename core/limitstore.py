@@ -37,8 +37,8 @@ from typing import Final, Generic, Literal, NamedTuple, Protocol, TypeVar, runti
 
 import grpc
 
-from core.errors import ProxyError, QuotaViolation, RateLimited, Reason
-from core.ratelimit import (
+from aiproxy.core.errors import ProxyError, QuotaViolation, RateLimited, Reason
+from aiproxy.core.ratelimit import (
     Clock,
     Decision,
     LimitSpec,

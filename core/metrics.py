@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from py_grpc_prometheus import client_metrics, server_metrics
 
 if TYPE_CHECKING:
-    from core.accesslog import AccessLogWriter
+    from aiproxy.core.accesslog import AccessLogWriter
 
 # Distinct `model` label values before further models are reported as "other".
 MAX_MODELS = 32

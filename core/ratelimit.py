@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, NamedTuple
 
-from core.errors import ConcurrencyLimited, QuotaViolation, RateLimited
+from aiproxy.core.errors import ConcurrencyLimited, QuotaViolation, RateLimited
 
 Clock = Callable[[], float]
 

@@ -67,7 +67,7 @@ def _deadline_class(method: _descriptor.MethodDescriptor) -> DeadlineClass:
 @functools.cache
 def agent_service() -> Service:
     """The model of AgentService (built on first use, then shared)."""
-    from ai.agent.v1 import (
+    from aiproxy.ai.agent.v1 import (
         agent_service_pb2,  # generated stubs: settings import this module without them
     )
 

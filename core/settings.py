@@ -28,7 +28,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from core.service import SERVICE_NAME, agent_service
+from aiproxy.core.service import SERVICE_NAME, agent_service
 
 ENV_PREFIX = "AIPROXY_"
 

@@ -52,8 +52,13 @@ from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
 import grpc
 
-from core.errors import ProxyError, Reason
-from core.headers import CANCEL_HEADER, LAST_EVENT_ID_HEADER, RESUMABLE_HEADER, RESUME_HEADER
+from aiproxy.core.errors import ProxyError, Reason
+from aiproxy.core.headers import (
+    CANCEL_HEADER,
+    LAST_EVENT_ID_HEADER,
+    RESUMABLE_HEADER,
+    RESUME_HEADER,
+)
 
 Clock = Callable[[], float]
 

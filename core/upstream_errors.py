@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from core.errors import (
+from aiproxy.core.errors import (
     MAX_UPSTREAM_MESSAGE_LEN,
     UNAVAILABLE_RETRY_DELAY_S,
     DeadlineExceeded,

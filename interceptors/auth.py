@@ -52,13 +52,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from core.callinfo import CallInfo
-from core.errors import PermissionDenied, Unauthenticated
-from core.limitpolicy import tenant_from_claims
-from core.logs import log_event
-from core.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
-from core.service import SERVICE_NAME, Method
-from core.settings import (
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.errors import PermissionDenied, Unauthenticated
+from aiproxy.core.limitpolicy import tenant_from_claims
+from aiproxy.core.logs import log_event
+from aiproxy.core.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
+from aiproxy.core.service import SERVICE_NAME, Method
+from aiproxy.core.settings import (
     HMAC_ALGORITHMS,
     OKP_ALGORITHMS,
     RSA_ALGORITHMS,

@@ -20,8 +20,8 @@ from typing import Any
 
 import grpc
 
-from core.callinfo import current_call
-from core.metrics import GrpcClientMetrics, untraced_services
+from aiproxy.core.callinfo import current_call
+from aiproxy.core.metrics import GrpcClientMetrics, untraced_services
 
 
 class ClientMethod:

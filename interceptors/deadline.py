@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from core.callinfo import CallInfo
-from core.errors import DeadlineExceeded
-from core.service import Method, Service
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.errors import DeadlineExceeded
+from aiproxy.core.service import Method, Service
 
 Clock = Callable[[], float]
 

@@ -25,11 +25,11 @@ from typing import Any, Final, cast
 
 import grpc
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.callinfo import CallInfo
-from core.errors import Internal, MalformedRequest, ProxyError, abort_with, to_status_proto
-from core.logs import log_event
-from core.upstream_errors import to_proxy_error
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.errors import Internal, MalformedRequest, ProxyError, abort_with, to_status_proto
+from aiproxy.core.logs import log_event
+from aiproxy.core.upstream_errors import to_proxy_error
 
 log = logging.getLogger("aiproxy.errors")
 

@@ -70,12 +70,18 @@ from typing import Any, Final
 
 from google.protobuf.message import Message
 
-from core import headers, tokens
-from core.callinfo import CallInfo
-from core.errors import Overloaded
-from core.limitpolicy import LimitPolicy
-from core.limitstore import LimitStore, MemoryLimitStore, Reservation, StreamLease, refusal_error
-from core.ratelimit import (
+from aiproxy.core import headers, tokens
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.errors import Overloaded
+from aiproxy.core.limitpolicy import LimitPolicy
+from aiproxy.core.limitstore import (
+    LimitStore,
+    MemoryLimitStore,
+    Reservation,
+    StreamLease,
+    refusal_error,
+)
+from aiproxy.core.ratelimit import (
     API_KEY_HEADER,
     CLIENT_ID_HEADER,
     ConcurrencyLimiter,
@@ -84,8 +90,8 @@ from core.ratelimit import (
     caller_key,
     peer_host,
 )
-from core.service import Method
-from core.settings import LimitSettings
+from aiproxy.core.service import Method
+from aiproxy.core.settings import LimitSettings
 
 _PROXY_KEY: Final = "*"  # the one key of the proxy-wide cap
 # The edge's proof that a call came through it (see the module docstring); named in

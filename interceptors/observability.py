@@ -30,12 +30,12 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from core.accesslog import access_log
-from core.callinfo import CallInfo
-from core.errors import Reason
-from core.logs import log_event
-from core.metrics import CallTelemetry
-from core.service import Method
+from aiproxy.core.accesslog import access_log
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.errors import Reason
+from aiproxy.core.logs import log_event
+from aiproxy.core.metrics import CallTelemetry
+from aiproxy.core.service import Method
 
 OK = grpc.StatusCode.OK
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED

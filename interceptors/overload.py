@@ -36,8 +36,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Final
 
-from core.errors import Overloaded, to_grpc_status
-from core.service import Method
+from aiproxy.core.errors import Overloaded, to_grpc_status
+from aiproxy.core.service import Method
 
 # What a refused caller is told to wait: long enough for a burst to pass, short enough
 # that a retry (jittered by the client) soon finds room.

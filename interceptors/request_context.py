@@ -10,8 +10,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from core.callinfo import CallInfo
-from core.service import Method
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.service import Method
 
 REQUEST_ID = "x-request-id"
 _MAX_REQUEST_ID_LEN = 128

@@ -1,7 +1,7 @@
 """The stage interface: one concern of the request pipeline, bound once per method.
 
-server/pipeline.py builds one grpc handler per AgentService method at start-up. For each
-method it asks every stage, in the order of server/chain.py, `bind(method)`: None when
+server/request/pipeline.py builds one grpc handler per AgentService method at start-up.
+For each method it asks every stage, in the order of server/chain.py, `bind(method)`: None when
 the concern does not apply to that method, else a Bound whose hooks the handler calls:
 
   await bound.enter(call, request, context)   on the way in, in order; raise a
@@ -22,10 +22,10 @@ enter and exit do only per-call work. Stages depend on core/ only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
-from core.callinfo import CallInfo
-from core.service import Method
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.service import Method
 
 Exit = Callable[[CallInfo], None]
 
@@ -42,3 +42,20 @@ class Stage(Protocol):
     """One concern of the pipeline (see the module docstring)."""
 
     def bind(self, method: Method) -> Bound | None: ...
+
+
+class Decode:
+    """Where the request is decoded in a pipeline's order: a marker, not a stage.
+
+    Stages before it see the raw request bytes (refusing costs no parse); stages after it
+    see the message. A failure to decode is INVALID_ARGUMENT MALFORMED_REQUEST, in one
+    place (the pipeline)."""
+
+    def __repr__(self) -> str:
+        return "DECODE"
+
+
+DECODE: Final = Decode()
+
+# One step of a pipeline's order: a stage, or the place of decoding.
+Step = Stage | Decode

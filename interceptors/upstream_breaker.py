@@ -15,8 +15,8 @@ counts; which callers failed is what decides (interceptors/breaker.py).
 
 from __future__ import annotations
 
-from core.errors import CircuitOpen
-from interceptors.breaker import CircuitBreaker, Permit
+from aiproxy.core.breaker import CircuitBreaker, Permit
+from aiproxy.core.errors import CircuitOpen
 
 
 def circuit_open_error(breaker: CircuitBreaker) -> CircuitOpen:

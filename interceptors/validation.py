@@ -23,11 +23,11 @@ from typing import Any
 
 from google.protobuf.descriptor import EnumDescriptor, ServiceDescriptor
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.callinfo import CallInfo
-from core.errors import FieldViolation, InvalidArgument
-from core.service import Method
-from core.settings import ValidationSettings
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.errors import FieldViolation, InvalidArgument
+from aiproxy.core.service import Method
+from aiproxy.core.settings import ValidationSettings
 
 Violations = list[FieldViolation]
 Validator = Callable[[Any], Violations]

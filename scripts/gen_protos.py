@@ -1,8 +1,10 @@
 """Generate the Python stubs and Envoy's descriptor set from proto/.
 
 Generated code is never committed: `make` (and the Dockerfile) run this before anything
-imports `ai.agent.v1`. It writes
-  ai/agent/v1/*_pb2*.py          Python messages and gRPC stubs (import path = proto package)
+imports `aiproxy.ai.agent.v1`. It writes
+  aiproxy/ai/agent/v1/*_pb2*.py  Python messages and gRPC stubs: the proto package, inside
+                                 the one installed namespace (protoc writes `ai.agent.v1`
+                                 imports; they are rewritten to `aiproxy.ai.agent.v1`)
   build/third_party/google/...   the googleapis protos we import, for buf and protoc
   build/descriptors/aiproxy.pb   a FileDescriptorSet for Envoy's gRPC-JSON transcoder; it
                                  includes google/rpc/error_details.proto, without which
@@ -12,6 +14,7 @@ imports `ai.agent.v1`. It writes
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
 import sys
 
@@ -22,6 +25,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 THIRD_PARTY = ROOT / "build" / "third_party"
 DESCRIPTORS = ROOT / "build" / "descriptors"
+# The stubs go inside the installed namespace, aiproxy/ (the package that holds the links
+# to core/, server/, ...).
+OUT = ROOT / "aiproxy"
+# protoc names modules by the proto package (`ai.agent.v1`): imports between stubs.
+_STUB_IMPORT = re.compile(r"^(from|import) ai([. ])", re.MULTILINE)
 
 # googleapis protos our API imports (or Envoy needs to render errors).
 GOOGLEAPIS = [
@@ -62,11 +70,14 @@ def run_protoc(args: list[str]) -> None:
 def main() -> int:
     copy_third_party()
     sources = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
-    run_protoc([f"--python_out={ROOT}", f"--pyi_out={ROOT}", f"--grpc_python_out={ROOT}", *sources])
+    run_protoc([f"--python_out={OUT}", f"--pyi_out={OUT}", f"--grpc_python_out={OUT}", *sources])
+    for generated in (OUT / "ai").rglob("*_pb2*.py*"):
+        text = generated.read_text()
+        generated.write_text(_STUB_IMPORT.sub(r"\1 aiproxy.ai\2", text))
     # Regular packages (not namespace ones), so wheels and setuptools find them.
     for source in sources:
-        package = (ROOT / source).parent
-        while package != ROOT:
+        package = (OUT / source).parent
+        while package != OUT:
             (package / "__init__.py").touch()
             package = package.parent
     DESCRIPTORS.mkdir(parents=True, exist_ok=True)
@@ -80,9 +91,9 @@ def main() -> int:
         ]
     )
     # The same set inside the generated package, so a wheel (the container image) ships
-    # it and `aiproxy envoy` finds it without a checkout (server/edge.py).
-    shutil.copyfile(DESCRIPTORS / "aiproxy.pb", ROOT / "ai" / "aiproxy.pb")
-    print(f"gen_protos: {len(sources)} proto file(s) -> ai/, build/descriptors/aiproxy.pb")
+    # it and `aiproxy envoy` finds it without a checkout (server/edge/config.py).
+    shutil.copyfile(DESCRIPTORS / "aiproxy.pb", OUT / "ai" / "aiproxy.pb")
+    print(f"gen_protos: {len(sources)} proto file(s) -> aiproxy/ai/, build/descriptors/aiproxy.pb")
     return 0
 
 

@@ -21,27 +21,32 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
-from core.errors import Reason
-from core.limitstore import LimitStore
-from core.logs import log_event, print_ready
-from core.service import SERVICE_NAME, agent_service
-from core.settings import ServerSettings, Settings, parse_hostport
-from interceptors.auth import AuthStage, is_open_method
-from interceptors.error_handling import SafeGenericHandler, safe_handler
-from interceptors.overload import BacklogLimit, OverloadGate
-from server import tls
-from server.admin import ADMIN_SERVICE_NAME, ProxyAdmin
-from server.backlog import BacklogProbe
-from server.caching import AnswerTerminal, Caching, build_response_cache, cache_backend
-from server.chain import client_interceptors, pipeline_stages
-from server.forwarding import Forwarder
-from server.health import ProxyHealth
-from server.limits_backend import close_limit_store, open_limit_store
-from server.pipeline import Pipeline
-from server.resume import Resumer, build_stream_buffer, resume_backend
-from server.telemetry import Telemetry, server_tracing_interceptor
-from server.upstream import UpstreamPool
+from aiproxy.ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
+from aiproxy.core.errors import Reason
+from aiproxy.core.limitstore import LimitStore
+from aiproxy.core.logs import log_event, print_ready
+from aiproxy.core.service import SERVICE_NAME, agent_service
+from aiproxy.core.settings import ServerSettings, Settings, parse_hostport
+from aiproxy.interceptors.auth import AuthStage, is_open_method
+from aiproxy.interceptors.error_handling import SafeGenericHandler, safe_handler
+from aiproxy.interceptors.overload import BacklogLimit, OverloadGate
+from aiproxy.server import tls
+from aiproxy.server.chain import client_interceptors, pipeline_stages
+from aiproxy.server.pool.backlog import BacklogProbe
+from aiproxy.server.pool.upstream import UpstreamPool
+from aiproxy.server.request.admin import ADMIN_SERVICE_NAME, ProxyAdmin
+from aiproxy.server.request.caching import (
+    AnswerTerminal,
+    Caching,
+    build_response_cache,
+    cache_backend,
+)
+from aiproxy.server.request.forwarding import Forwarder
+from aiproxy.server.request.health import ProxyHealth
+from aiproxy.server.request.pipeline import Pipeline
+from aiproxy.server.request.resume import Resumer, build_stream_buffer, resume_backend
+from aiproxy.server.stores.limits_backend import close_limit_store, open_limit_store
+from aiproxy.server.telemetry import Telemetry, server_tracing_interceptor
 
 log = logging.getLogger("aiproxy.server")
 

@@ -1,6 +1,6 @@
 """The request pipeline's order and the upstream interceptor chains, built in one place.
 
-An API call crosses ONE handler, built per method at start-up by server/pipeline.py
+An API call crosses ONE handler, built per method at start-up by server/request/pipeline.py
 from the stages below (interceptors/stage.py: `bind(method)`, then `enter` in this order
 on the way in and `exit` in reverse when the call ends). The order, outermost first, and
 why:
@@ -33,15 +33,15 @@ why:
   6. DeadlineStage              fixes the effective deadline the upstream call gets;
                                 innermost, so the time spent above is already counted.
 
-Error shaping is the pipeline's own frame (server/pipeline.py), around all of them: one
+Error shaping is the pipeline's own frame (server/request/pipeline.py), around all of them: one
 place turns exceptions into the Status, never overwrites an abort, and ends a failing
 stream with its in-band final chunk. With tracing on, the OpenTelemetry server
 interceptor stays a real grpc.aio interceptor (opt-in; it opens the SERVER span from the
 caller's W3C context before the handler runs, so every stage's work is inside it).
 
 Upstream side: no grpc.aio client interceptors on the endpoints' channels unless
-tracing is on (that machinery cost ~115 us of CPU per call, issue 15). Each upstream
-attempt (server/upstream.py `Endpoint.unary` / `.stream`) does, in this order:
+tracing is on (that machinery cost ~115 us of CPU per call). Each upstream
+attempt (server/pool/upstream.py `Endpoint.unary` / `.stream`) does, in this order:
 
   1. the endpoint's circuit breaker   (interceptors/upstream_breaker.py) fail fast
                                       while open, nothing sent; settle each call on its
@@ -56,40 +56,28 @@ attempt (server/upstream.py `Endpoint.unary` / `.stream`) does, in this order:
      interceptors                     traceparent injected: the only channel
                                       interceptors, innermost.
 
-Retries sit above the channels, in server/forwarding.py, because the next attempt must
+Retries sit above the channels, in server/request/forwarding.py, because the next attempt must
 be free to go to another endpoint.
 """
 
 from __future__ import annotations
 
-from typing import Final
-
 import grpc
 
-from core.limitpolicy import LimitPolicy
-from core.limitstore import LimitStore
-from core.metrics import CallTelemetry
-from core.service import agent_service
-from core.settings import Settings
-from interceptors.auth import AuthStage
-from interceptors.client_observability import client_tracing_interceptors
-from interceptors.deadline import DeadlineLimit, DeadlineStage, EndMargin, MethodDeadlines
-from interceptors.limits import Limits
-from interceptors.observability import Observability
-from interceptors.request_context import RequestContext
-from interceptors.stage import Stage
-from interceptors.validation import RequestRules, Validation
-from server.telemetry import Telemetry
-
-
-class _Decode:
-    """The place of decoding in the order (a marker, not a stage)."""
-
-    def __repr__(self) -> str:
-        return "DECODE"
-
-
-DECODE: Final = _Decode()
+from aiproxy.core.limitpolicy import LimitPolicy
+from aiproxy.core.limitstore import LimitStore
+from aiproxy.core.metrics import CallTelemetry
+from aiproxy.core.service import agent_service
+from aiproxy.core.settings import Settings
+from aiproxy.interceptors.auth import AuthStage
+from aiproxy.interceptors.client_observability import client_tracing_interceptors
+from aiproxy.interceptors.deadline import DeadlineLimit, DeadlineStage, EndMargin, MethodDeadlines
+from aiproxy.interceptors.limits import Limits
+from aiproxy.interceptors.observability import Observability
+from aiproxy.interceptors.request_context import RequestContext
+from aiproxy.interceptors.stage import DECODE, Step
+from aiproxy.interceptors.validation import RequestRules, Validation
+from aiproxy.server.telemetry import Telemetry
 
 
 def client_interceptors(telemetry: Telemetry | None = None) -> list[grpc.aio.ClientInterceptor]:
@@ -117,12 +105,12 @@ def pipeline_stages(
     telemetry: CallTelemetry | None = None,
     *,
     limit_store: LimitStore | None = None,
-) -> list[Stage | _Decode]:
+) -> list[Step]:
     """The API pipeline's stages, outermost first, with DECODE where the request is
     decoded (see the module doc). `limit_store`: where the limits keep their state
     (default: in this process)."""
     service = agent_service()
-    order: list[Stage | _Decode] = [RequestContext()]
+    order: list[Step] = [RequestContext()]
     if telemetry is not None:
         order.append(Observability(telemetry))
     if settings.auth.active:

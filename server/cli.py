@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from core import logs
-from core.settings import ConfigError, load_settings
-from server import workers
+from aiproxy.core import logs
+from aiproxy.core.settings import ConfigError, load_settings
+from aiproxy.server.process import workers
 
 
 def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import run_proxy
+    from aiproxy.server.app import run_proxy
 
     try:
         settings = load_settings(args.config, **_serve_overrides(args))
@@ -67,25 +67,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from agent import cli as agent_cli
+    from aiproxy.agent import cli as agent_cli
 
     return agent_cli.run(args)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from server.probe import run
+    from aiproxy.server.process.probe import run
 
     return run(args.address, args.service, args.timeout)
 
 
 def cmd_envoy(args: argparse.Namespace) -> int:
-    from server import edge
+    from aiproxy.server.edge import cli as edge_cli
 
-    return edge.main(args)
+    return edge_cli.main(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from server.demo import run_demo
+    from aiproxy.server.process.demo import run_demo
 
     return run_demo(args)
 
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     agent = sub.add_parser("agent", help="run the reference AI agent service (the upstream)")
-    from agent import cli as agent_cli
+    from aiproxy.agent import cli as agent_cli
 
     agent_cli.add_arguments(agent)
     agent.set_defaults(func=cmd_agent)
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     health.set_defaults(func=cmd_health)
 
-    from server import devtoken
+    from aiproxy.server.process import devtoken
 
     token = sub.add_parser(
         "token",
@@ -166,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     envoy = sub.add_parser(
         "envoy", help="run Envoy (HTTP/JSON, SSE, the browser page) in front of proxy replicas"
     )
-    from server import edge
+    from aiproxy.server.edge import cli as edge_cli
 
-    edge.add_arguments(envoy)
+    edge_cli.add_arguments(envoy)
     envoy.set_defaults(func=cmd_envoy)
 
     demo = sub.add_parser("demo", help="reference agent + proxy + Envoy on the default ports")

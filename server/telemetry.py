@@ -27,11 +27,16 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from core.accesslog import AccessLogWriter, access_log
-from core.logs import log_event
-from core.metrics import GrpcClientMetrics, GrpcServerMetrics, ProxyMetrics, untraced_services
-from core.settings import Settings, TracingSettings, parse_hostport
-from interceptors.breaker import BreakerState
+from aiproxy.core.accesslog import AccessLogWriter, access_log
+from aiproxy.core.breaker import BreakerState
+from aiproxy.core.logs import log_event
+from aiproxy.core.metrics import (
+    GrpcClientMetrics,
+    GrpcServerMetrics,
+    ProxyMetrics,
+    untraced_services,
+)
+from aiproxy.core.settings import Settings, TracingSettings, parse_hostport
 
 log = logging.getLogger("aiproxy.telemetry")
 

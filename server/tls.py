@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from core.settings import ServerTlsSettings, UpstreamTlsSettings, parse_hostport
+from aiproxy.core.settings import ServerTlsSettings, UpstreamTlsSettings, parse_hostport
 
 
 def _read(path: str | None) -> bytes | None:

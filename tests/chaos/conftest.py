@@ -27,8 +27,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from ai.proxy.v1 import admin_service_pb2 as admin_pb
-from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
+from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
+from aiproxy.ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
 from tests.support.waiting import eventually_timed, wait_until
 
 _HERE = pathlib.Path(__file__).parent.resolve()

@@ -16,7 +16,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.chaos.conftest import upstream_in_flight
 from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import stub

@@ -33,9 +33,9 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.agent.v1 import agent_service_pb2_grpc
-from core.errors import DOMAIN
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc
+from aiproxy.core.errors import DOMAIN
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import Reply, access_logs, request, sse_events, wait_until
 from tests.support.procs import ServiceProcess, aiproxy_argv

@@ -37,9 +37,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.agent.v1 import agent_service_pb2_grpc
-from server.edge import admin_get
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc
+from aiproxy.server.edge.admin import admin_get
 from tests.chaos.test_edge_hostile import GENERATE, _envoy_argv, _grpc_status, _start
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import request, wait_until

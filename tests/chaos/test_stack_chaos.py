@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.chaos.conftest import error_info, list_endpoints, poll, proc_figures, upstream_in_flight
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import request, sse_events, wait_host_health

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.proxy.v1 import admin_service_pb2 as admin_pb
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_pool import endpoints, wait_endpoint
 from tests.integration.test_protection import env, rich, rich_from_status

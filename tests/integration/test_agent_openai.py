@@ -15,9 +15,9 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from agent.server import LIVENESS_SERVICE, AgentServer
-from agent.settings import AgentSettings
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.agent.server import LIVENESS_SERVICE, AgentServer
+from aiproxy.agent.settings import AgentSettings
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import proxy_args
 from tests.support.fake_openai import Behaviour, FakeOpenAI
 from tests.support.grpc_helpers import NOT_SERVING, SERVING, health_status, stub, wait_health
@@ -502,7 +502,7 @@ async def test_the_proxy_routes_away_from_an_agent_whose_model_is_down(
 
 
 async def test_no_free_connection_is_unavailable_not_a_long_queue(fake: FakeOpenAI) -> None:
-    from agent.openai_backend import ModelClient, ModelError, ModelSettings
+    from aiproxy.agent.openai_backend import ModelClient, ModelError, ModelSettings
 
     fake.behaviours["slow"] = Behaviour(tokens=["a"] * 50, token_delay_s=0.1)
     client = ModelClient(

@@ -13,8 +13,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from tests.support.grpc_helpers import max_wire_timeout_ms
 from tests.support.procs import ServiceProcess
 
@@ -25,7 +25,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @pytest.fixture
 def agent_process() -> Iterator[ServiceProcess]:
-    argv = [sys.executable, "-m", "agent", "--listen", "127.0.0.1:0", "--enable-faults",
+    argv = [sys.executable, "-m", "aiproxy.agent", "--listen", "127.0.0.1:0", "--enable-faults",
             "--first-token-delay-ms", "0", "--token-delay-ms", "1"]  # fmt: skip
     proc = ServiceProcess(argv, name="agent").start()
     yield proc

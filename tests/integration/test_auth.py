@@ -22,16 +22,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
-from ai.proxy.v1 import admin_service_pb2, admin_service_pb2_grpc
-from core.callinfo import current_call
-from core.errors import DOMAIN
-from core.ratelimit import caller_key, hash_api_key
-from core.service import agent_service
-from core.settings import load_settings
-from server.chain import pipeline_stages
-from server.pipeline import Pipeline, ServicerTerminal
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from aiproxy.ai.proxy.v1 import admin_service_pb2, admin_service_pb2_grpc
+from aiproxy.core.callinfo import current_call
+from aiproxy.core.errors import DOMAIN
+from aiproxy.core.ratelimit import caller_key, hash_api_key
+from aiproxy.core.service import agent_service
+from aiproxy.core.settings import load_settings
+from aiproxy.server.chain import pipeline_stages
+from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
 from tests.conftest import proxy_args
 from tests.support.grpc_helpers import SERVING, stub, wait_health
 from tests.support.procs import aiproxy_argv
@@ -303,7 +303,7 @@ def test_api_key_command_prints_a_working_config_entry(monkeypatch) -> None:
     value = entry.split("=", 1)[1].strip().strip("'")
     assert raw not in value  # only the hash goes into configuration
     monkeypatch.setenv("AIPROXY_AUTH__API_KEYS", value)
-    from interceptors.auth import Authenticator
+    from aiproxy.interceptors.auth import Authenticator
 
     principal = Authenticator(load_settings().auth).authenticate(
         (("x-api-key", raw),), "ipv4:127.0.0.1:1"

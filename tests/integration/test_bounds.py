@@ -11,9 +11,9 @@ import asyncio
 import grpc
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.settings import load_settings
-from server.app import server_options
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.settings import load_settings
+from aiproxy.server.app import server_options
 from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import stub
 

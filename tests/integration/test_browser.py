@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.textgen import count_tokens
+from aiproxy.agent.textgen import count_tokens
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import request, sse_events
 from tests.support.procs import ServiceProcess, aiproxy_argv

@@ -18,8 +18,8 @@ import urllib.request
 import grpc
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from server.cli import build_parser
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.server.cli import build_parser
 from tests.integration.test_health_probe import probe
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.grpc_helpers import stub

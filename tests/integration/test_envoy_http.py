@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.textgen import count_tokens
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.agent.textgen import count_tokens
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import OpenStream, access_logs, request, sse_events, wait_access_log
 from tests.support.grpc_helpers import SERVING, health_status, stub

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import yaml
 
-from agent.textgen import count_tokens
+from aiproxy.agent.textgen import count_tokens
 from tests.support.edge import request
 from tests.support.procs import ServiceProcess, aiproxy_argv
 

@@ -23,8 +23,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.streambuffer import new_stream_id
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.streambuffer import new_stream_id
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import OpenStream, request, sse_events, sse_ids
 from tests.support.procs import ServiceProcess, aiproxy_argv, recorded_metadata

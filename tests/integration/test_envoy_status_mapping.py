@@ -21,8 +21,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from ai.agent.v1 import agent_service_pb2_grpc
-from core.errors import http_status_for
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc
+from aiproxy.core.errors import http_status_for
 from tests.support.edge import request
 from tests.support.procs import ServiceProcess, aiproxy_argv
 

@@ -9,7 +9,7 @@ import subprocess
 
 import grpc
 
-from core.service import SERVICE_NAME
+from aiproxy.core.service import SERVICE_NAME
 from tests.support.grpc_helpers import NOT_SERVING, wait_health
 from tests.support.procs import aiproxy_argv
 

@@ -11,17 +11,17 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from core.limitstore import LimitsUnavailable, MemoryLimitStore, TokenLimits
-from core.metrics import ProxyMetrics
-from core.ratelimit import LimitSpec
-from core.settings import Settings, load_settings
-from server.limits_backend import (
+from aiproxy.core.limitstore import LimitsUnavailable, MemoryLimitStore, TokenLimits
+from aiproxy.core.metrics import ProxyMetrics
+from aiproxy.core.ratelimit import LimitSpec
+from aiproxy.core.settings import Settings, load_settings
+from aiproxy.server.stores.limits_backend import (
     backend_state_recorder,
     build_limit_store,
     close_limit_store,
     open_limit_store,
 )
-from server.redis_limits import RedisLimitStore
+from aiproxy.server.stores.redis_limits import RedisLimitStore
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 
 SPEC = LimitSpec(5, 5)

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import stub
 

@@ -9,9 +9,9 @@ import signal
 import grpc
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.proxy.v1 import admin_service_pb2 as admin_pb
-from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
+from aiproxy.ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
 from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import stub
 from tests.support.waiting import eventually, eventually_timed
@@ -165,8 +165,8 @@ async def test_health_tasks_are_supervised_and_restart_after_any_exception(caplo
     endpoint as "not serving" for good), the supervisor logs it and runs it again."""
     import logging
 
-    from core.settings import UpstreamSettings
-    from server.upstream import Endpoint
+    from aiproxy.core.settings import UpstreamSettings
+    from aiproxy.server.pool.upstream import Endpoint
 
     endpoint = Endpoint(
         "127.0.0.1:1", UpstreamSettings(endpoints=["127.0.0.1:1"]), lambda _ep: None

@@ -18,9 +18,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.proxy.v1 import admin_service_pb2 as admin_pb
-from core.errors import DOMAIN
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
+from aiproxy.core.errors import DOMAIN
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_pool import endpoints
 from tests.support.grpc_helpers import SERVING, health_status, max_wire_timeout_ms, stub

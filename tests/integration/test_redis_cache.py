@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from core.cache import Decision, Entry, LruCache, Outcome, ResponseCache
-from server.redis_cache import RedisL2
+from aiproxy.core.cache import Decision, Entry, LruCache, Outcome, ResponseCache
+from aiproxy.server.stores.redis_cache import RedisL2
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 from tests.support.waiting import eventually
 

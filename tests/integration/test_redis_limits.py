@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from core.limitstore import (
+from aiproxy.core.limitstore import (
     TOKENS_PER_DAY,
     LimitsUnavailable,
     MemoryLimitStore,
@@ -22,8 +22,8 @@ from core.limitstore import (
     TokenLimits,
     TokenRejection,
 )
-from core.ratelimit import Decision, LimitSpec
-from server.redis_limits import Policy, RedisLimitStore
+from aiproxy.core.ratelimit import Decision, LimitSpec
+from aiproxy.server.stores.redis_limits import Policy, RedisLimitStore
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 from tests.support.waiting import eventually, eventually_timed
 

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.errors import Reason
-from core.streambuffer import (
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.errors import Reason
+from aiproxy.core.streambuffer import (
     Chunk,
     ChunkKind,
     Grace,
@@ -25,7 +25,7 @@ from core.streambuffer import (
     new_stream_id,
     watch_owner,
 )
-from server.redis_streams import RedisStreamBuffer
+from aiproxy.server.stores.redis_streams import RedisStreamBuffer
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 from tests.support.waiting import eventually
 

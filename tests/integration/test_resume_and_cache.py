@@ -32,8 +32,8 @@ import pytest
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.streambuffer import new_stream_id
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.streambuffer import new_stream_id
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_protection import read_stream, rich_from_status
 from tests.support.grpc_helpers import stub

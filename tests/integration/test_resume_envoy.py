@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from core.errors import http_status_for
+from aiproxy.core.errors import http_status_for
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import OpenStream, request, sse_events, sse_ids
 from tests.support.procs import ServiceProcess, aiproxy_argv, recorded_metadata

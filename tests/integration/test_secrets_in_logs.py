@@ -27,8 +27,8 @@ import grpc
 import jwt
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.ratelimit import hash_api_key
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.ratelimit import hash_api_key
 from tests.conftest import GENEROUS_LIMITS, agent_args, proxy_args
 from tests.support.edge import request, sse_events, wait_access_log, wait_host_health
 from tests.support.grpc_helpers import stub

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_protection import rich_from_status, wait_started
 from tests.support.grpc_helpers import stub

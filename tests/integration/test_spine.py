@@ -17,7 +17,7 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2  # noqa: F401  (registers BadRequest for Any -> JSON)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args, proxy_args
 from tests.support.grpc_helpers import (
     NOT_SERVING,

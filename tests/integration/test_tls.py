@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args, proxy_args
 from tests.support.certs import Pki, make_pki
 from tests.support.grpc_helpers import SERVING, stub
@@ -182,8 +182,8 @@ async def test_tls_files_are_checked_at_start(spawn, agent, tmp_path) -> None:
 def test_expected_server_name() -> None:
     """Discovery dials the IPs a name resolves to (only "localhost" is dialled by name), so
     the name to check defaults to the endpoints' one DNS name."""
-    from core.settings import UpstreamTlsSettings
-    from server.tls import expected_server_name
+    from aiproxy.core.settings import UpstreamTlsSettings
+    from aiproxy.server.tls import expected_server_name
 
     on = UpstreamTlsSettings(enabled=True)
     assert expected_server_name(on, ["agents.internal:50052"]) == "agents.internal"

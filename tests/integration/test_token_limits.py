@@ -27,8 +27,8 @@ import pytest
 import redis.asyncio as aioredis
 from grpc_status import rpc_status
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.tokens import reserve
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.tokens import reserve
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_protection import rich_from_status
 from tests.support.grpc_helpers import stub

@@ -19,12 +19,12 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from agent.server import AgentServer, AgentSettings
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
-from core.settings import load_settings
-from server.app import ProxyServer
-from server.telemetry import Telemetry
+from aiproxy.agent.server import AgentServer, AgentSettings
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from aiproxy.core.settings import load_settings
+from aiproxy.server.app import ProxyServer
+from aiproxy.server.telemetry import Telemetry
 from tests.support.waiting import eventually
 
 SERVICE = "ai.agent.v1.AgentService"

@@ -8,7 +8,7 @@ import urllib.request
 
 import grpc
 
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import agent_args
 
 
@@ -83,13 +83,13 @@ def test_one_worker_is_the_plain_proxy(spawn) -> None:
 
 
 def test_worker_command_line_keeps_every_flag_but_the_listener() -> None:
-    from server.workers import _replace_flag, _worker_argv
+    from aiproxy.server.process.workers import _replace_flag, _worker_argv
 
     argv = _worker_argv(
         "127.0.0.1:4000",
         ["serve", "--listen", "127.0.0.1:0", "--config", "x.yaml", "--workers", "2"],
     )
-    assert argv[1:3] == ["-m", "server.cli"]
+    assert argv[1:3] == ["-m", "aiproxy.server.cli"]
     assert argv[3:] == [
         "serve",
         "--config",
@@ -110,7 +110,7 @@ def test_each_worker_gets_its_own_metrics_port(monkeypatch) -> None:
     monkeypatch.delenv("AIPROXY_METRICS__LISTEN", raising=False)
     from types import SimpleNamespace
 
-    from server.workers import WORKER_ENV, _worker_env
+    from aiproxy.server.process.workers import WORKER_ENV, _worker_env
 
     settings = SimpleNamespace(metrics=SimpleNamespace(listen="127.0.0.1:9091"))
     envs = [_worker_env(settings, i) for i in range(3)]  # type: ignore[arg-type]
@@ -134,8 +134,8 @@ def test_each_worker_gets_its_own_metrics_port(monkeypatch) -> None:
 
 
 def test_memory_limits_with_workers_are_announced_as_per_worker() -> None:
-    from core.settings import load_settings
-    from server.workers import limits_warnings
+    from aiproxy.core.settings import load_settings
+    from aiproxy.server.process.workers import limits_warnings
 
     (event, fields), *rest = limits_warnings(load_settings(server={"workers": 3}))
     assert not rest and event == "limits_per_worker"

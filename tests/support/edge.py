@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from server.edge import host_health
+from aiproxy.server.edge.admin import host_health
 from tests.support.procs import ServiceProcess
 from tests.support.waiting import wait_until  # the Envoy tests import it from here too
 

@@ -8,7 +8,7 @@ import math
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ai.agent.v1 import agent_service_pb2_grpc
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

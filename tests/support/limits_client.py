@@ -17,9 +17,9 @@ import json
 import sys
 import time
 
-from core.limitstore import Reservation, TokenLimits
-from core.ratelimit import LimitSpec
-from server.redis_limits import RedisLimitStore
+from aiproxy.core.limitstore import Reservation, TokenLimits
+from aiproxy.core.ratelimit import LimitSpec
+from aiproxy.server.stores.redis_limits import RedisLimitStore
 
 
 async def _wait_until(start_at: float) -> None:

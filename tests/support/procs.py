@@ -31,7 +31,7 @@ def aiproxy_argv(*args: str) -> list[str]:
     found = shutil.which("aiproxy")
     if found:
         return [found, *args]
-    return [sys.executable, "-m", "server.cli", *args]
+    return [sys.executable, "-m", "aiproxy.server.cli", *args]
 
 
 class ServiceProcess:

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from core.accesslog import AccessLogWriter
-from core.logs import JsonFormatter
+from aiproxy.core.accesslog import AccessLogWriter
+from aiproxy.core.logs import JsonFormatter
 
 
 class CountingStream(io.StringIO):

@@ -9,12 +9,12 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from agent import faults, textgen
-from agent.agents import AgentKind, RunStatus, run_agent
-from agent.errors import InvalidArgument
-from agent.rag import Corpus
-from agent.sessions import SessionStore
-from agent.tools import ToolError, build_tools, evaluate, struct_safe
+from aiproxy.agent import faults, textgen
+from aiproxy.agent.agents import AgentKind, RunStatus, run_agent
+from aiproxy.agent.errors import InvalidArgument
+from aiproxy.agent.rag import Corpus
+from aiproxy.agent.sessions import SessionStore
+from aiproxy.agent.tools import ToolError, build_tools, evaluate, struct_safe
 
 # --- textgen --------------------------------------------------------------------------
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from google.rpc import error_details_pb2
 
-from agent import cli
-from agent.model_service import _model_options, rag_prompt
-from agent.openai_backend import (
+from aiproxy.agent import cli
+from aiproxy.agent.model_service import _model_options, rag_prompt
+from aiproxy.agent.openai_backend import (
     FINISH_ERROR,
     FINISH_LENGTH,
     FINISH_STOP,
@@ -27,8 +27,8 @@ from agent.openai_backend import (
     _http_error,
     retry_after_s,
 )
-from agent.settings import AgentSettings, safe_url
-from ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.agent.settings import AgentSettings, safe_url
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.support.fake_openai import Behaviour, FakeOpenAI
 
 KEY = "sk-unit-0123456789"

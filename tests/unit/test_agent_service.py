@@ -20,9 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from agent.server import AgentServer, AgentSettings
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from aiproxy.agent.server import AgentServer, AgentSettings
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from tests.support.grpc_helpers import max_wire_timeout_ms
 from tests.support.waiting import eventually
 

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.cache import LruCache, ResponseCache
-from core.callinfo import CallInfo
-from core.service import agent_service
-from core.settings import CacheSettings, ResumeSettings
-from core.streambuffer import MemoryStreamBuffer, StreamExpired
-from server.caching import Caching
-from server.resume import Resumer, StreamFinished, stream_scope
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.cache import LruCache, ResponseCache
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.service import agent_service
+from aiproxy.core.settings import CacheSettings, ResumeSettings
+from aiproxy.core.streambuffer import MemoryStreamBuffer, StreamExpired
+from aiproxy.server.request.caching import Caching
+from aiproxy.server.request.resume import Resumer, StreamFinished, stream_scope
 from tests.support.waiting import eventually
 
 METHOD = next(m for m in agent_service().methods if m.name == "StreamGenerate")

@@ -14,13 +14,13 @@ from typing import Any
 import jwt
 import pytest
 
-from core.callinfo import CallInfo, metadata_dict
-from core.errors import PermissionDenied, Reason, Unauthenticated
-from core.ratelimit import caller_key, hash_api_key
-from core.service import agent_service
-from core.settings import AuthSettings, ConfigError, load_settings
-from interceptors.auth import Authenticator, AuthStage, Cause, Principal, is_open_method
-from server.chain import pipeline_stages
+from aiproxy.core.callinfo import CallInfo, metadata_dict
+from aiproxy.core.errors import PermissionDenied, Reason, Unauthenticated
+from aiproxy.core.ratelimit import caller_key, hash_api_key
+from aiproxy.core.service import agent_service
+from aiproxy.core.settings import AuthSettings, ConfigError, load_settings
+from aiproxy.interceptors.auth import Authenticator, AuthStage, Cause, Principal, is_open_method
+from aiproxy.server.chain import pipeline_stages
 from tests.support.certs import SigningKeys, make_signing_keys
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"  # 38 bytes
@@ -377,7 +377,7 @@ def test_bad_auth_configuration_is_refused(
 
 
 def test_demo_hint_only_when_auth_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.devtoken import demo_hint
+    from aiproxy.server.process.devtoken import demo_hint
 
     monkeypatch.delenv("AIPROXY_AUTH__JWT_SECRET", raising=False)
     assert demo_hint() == ""
@@ -388,7 +388,7 @@ def test_demo_hint_only_when_auth_is_on(monkeypatch: pytest.MonkeyPatch) -> None
 def test_check_config_never_prints_the_secret(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from server.cli import main
+    from aiproxy.server.cli import main
 
     config = tmp_path / "aiproxy.yaml"
     config.write_text(f"auth:\n  jwt_secret: {SECRET}\n  audience: [aiproxy]\n")

@@ -8,7 +8,7 @@ import logging
 import grpc
 import pytest
 
-from interceptors.breaker import BreakerState, CircuitBreaker, Permit, is_breaker_failure
+from aiproxy.core.breaker import BreakerState, CircuitBreaker, Permit, is_breaker_failure
 from tests.support.clock import FakeClock
 
 CLOSED, HALF_OPEN, OPEN = BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.OPEN
@@ -390,7 +390,7 @@ def test_a_failing_callback_does_not_break_calls(caplog: pytest.LogCaptureFixtur
     breaker = CircuitBreaker(
         "up", min_volume=1, min_failing_callers=1, clock=FakeClock(), on_transition=broken
     )
-    with caplog.at_level(logging.ERROR, logger="interceptors.breaker"):
+    with caplog.at_level(logging.ERROR, logger="aiproxy.core.breaker"):
         fail(breaker)
     assert breaker.state is OPEN
     assert "on_transition callback failed" in caplog.text

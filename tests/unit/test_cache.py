@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.cache import (
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.cache import (
     CacheControl,
     Decision,
     Entry,
@@ -24,7 +24,7 @@ from core.cache import (
     decide,
     parse_cache_control,
 )
-from core.errors import UpstreamUnavailable
+from aiproxy.core.errors import UpstreamUnavailable
 from tests.support.waiting import eventually
 
 

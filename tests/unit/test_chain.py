@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from core.service import agent_service
-from core.settings import load_settings
-from interceptors.auth import AuthStage
-from interceptors.deadline import DeadlineStage
-from interceptors.limits import Limits
-from interceptors.observability import Observability
-from interceptors.request_context import RequestContext
-from interceptors.validation import Validation
-from server.chain import DECODE, client_interceptors, method_deadlines, pipeline_stages
-from server.telemetry import Telemetry
+from aiproxy.core.service import agent_service
+from aiproxy.core.settings import load_settings
+from aiproxy.interceptors.auth import AuthStage
+from aiproxy.interceptors.deadline import DeadlineStage
+from aiproxy.interceptors.limits import Limits
+from aiproxy.interceptors.observability import Observability
+from aiproxy.interceptors.request_context import RequestContext
+from aiproxy.interceptors.validation import Validation
+from aiproxy.server.chain import DECODE, client_interceptors, method_deadlines, pipeline_stages
+from aiproxy.server.telemetry import Telemetry
 
 PREFIX = "/ai.agent.v1.AgentService/"
 

@@ -6,7 +6,7 @@ import pathlib
 
 import yaml
 
-from core.settings import load_settings
+from aiproxy.core.settings import load_settings
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "config.example.yaml"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.service import agent_service
-from interceptors.deadline import Deadline, DeadlineLimit, EndMargin, MethodDeadlines
+from aiproxy.core.service import agent_service
+from aiproxy.interceptors.deadline import Deadline, DeadlineLimit, EndMargin, MethodDeadlines
 
 SERVICE = agent_service()
 UNARY = DeadlineLimit(default_s=30, max_s=30)
@@ -143,8 +143,8 @@ def test_effective_timeout_ends_before_the_callers_deadline_only_when_it_binds()
 
 
 def test_settings_carry_the_margin_to_every_method() -> None:
-    from core.settings import load_settings
-    from server.chain import method_deadlines
+    from aiproxy.core.settings import load_settings
+    from aiproxy.server.chain import method_deadlines
 
     deadlines = method_deadlines(load_settings())
     assert deadlines.margin == EndMargin(0.05, 0.02, 1.0)

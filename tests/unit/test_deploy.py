@@ -32,13 +32,13 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from agent import cli as agent_cli
-from agent.server import LIVENESS_SERVICE as AGENT_LIVENESS_SERVICE
-from agent.settings import DEFAULT_MODEL, AgentSettings
-from core.service import SERVICE_NAME
-from core.settings import load_settings, parse_hostport
-from server.cli import build_parser
-from server.health import LIVENESS_SERVICE
+from aiproxy.agent import cli as agent_cli
+from aiproxy.agent.server import LIVENESS_SERVICE as AGENT_LIVENESS_SERVICE
+from aiproxy.agent.settings import DEFAULT_MODEL, AgentSettings
+from aiproxy.core.service import SERVICE_NAME
+from aiproxy.core.settings import load_settings, parse_hostport
+from aiproxy.server.cli import build_parser
+from aiproxy.server.request.health import LIVENESS_SERVICE
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

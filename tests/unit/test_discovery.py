@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from server.discovery import Discovery
+from aiproxy.server.pool.discovery import Discovery
 
 
 class FakeDns:

@@ -11,17 +11,10 @@ import pytest
 import yaml
 from google.rpc import status_pb2
 
-from core.errors import DOMAIN
-from server.edge import (
-    DESCRIPTOR,
-    EdgeError,
-    EdgeSettings,
-    http_bindings,
-    parse,
-    render,
-    settings_from_args,
-    validate,
-)
+from aiproxy.core.errors import DOMAIN
+from aiproxy.server.edge.cli import parse, settings_from_args
+from aiproxy.server.edge.config import DESCRIPTOR, EdgeError, EdgeSettings, http_bindings, render
+from aiproxy.server.edge.process import validate
 
 needs_descriptor = pytest.mark.skipif(not DESCRIPTOR.exists(), reason="run `make gen` first")
 

@@ -11,8 +11,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from core import errors
-from core.errors import (
+from aiproxy.core import errors
+from aiproxy.core.errors import (
     DOMAIN,
     FieldViolation,
     ProxyError,
@@ -23,7 +23,7 @@ from core.errors import (
     to_grpc_status,
     to_status_proto,
 )
-from core.upstream_errors import from_upstream, parse_rpc_error, to_proxy_error
+from aiproxy.core.upstream_errors import from_upstream, parse_rpc_error, to_proxy_error
 
 Code = grpc.StatusCode
 
@@ -508,10 +508,10 @@ async def guarded() -> AsyncIterator[grpc.aio.Channel]:
     """The AgentService pipeline (no stages: only its own error frame) over a servicer
     that fails in every way, and beside it a service with a request stream, registered
     as health and reflection are (interceptors/error_handling.SafeGenericHandler)."""
-    from ai.agent.v1 import agent_service_pb2 as pb
-    from core.service import agent_service
-    from interceptors.error_handling import SafeGenericHandler
-    from server.pipeline import Pipeline, ServicerTerminal
+    from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+    from aiproxy.core.service import agent_service
+    from aiproxy.interceptors.error_handling import SafeGenericHandler
+    from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
 
     class Failing:
         async def Generate(
@@ -591,7 +591,7 @@ async def test_malformed_request_bytes_are_invalid_argument(guarded: grpc.aio.Ch
 async def test_malformed_message_in_a_request_stream_is_invalid_argument(
     guarded: grpc.aio.Channel,
 ) -> None:
-    from ai.agent.v1 import agent_service_pb2 as pb
+    from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 
     call = guarded.stream_stream("/test.Beside/EchoStream")(timeout=5)
     await call.write(pb.GenerateRequest(prompt="fine").SerializeToString())
@@ -606,7 +606,7 @@ async def test_malformed_message_in_a_request_stream_is_invalid_argument(
 async def test_servicer_exceptions_are_internal_without_their_text(
     guarded: grpc.aio.Channel,
 ) -> None:
-    from ai.agent.v1 import agent_service_pb2 as pb
+    from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await guarded.unary_unary("/ai.agent.v1.AgentService/Generate")(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from core.limitpolicy import LimitPolicy, tenant_from_claims
-from core.limitstore import TokenLimits
-from core.ratelimit import LimitSpec
-from core.settings import load_settings
+from aiproxy.core.limitpolicy import LimitPolicy, tenant_from_claims
+from aiproxy.core.limitstore import TokenLimits
+from aiproxy.core.ratelimit import LimitSpec
+from aiproxy.core.settings import load_settings
 
 HASH = "a" * 32
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.settings import ConfigError, load_settings
+from aiproxy.core.settings import ConfigError, load_settings
 
 REDIS = {"url": "redis://127.0.0.1:6379/0"}
 

@@ -9,16 +9,16 @@ from typing import Any
 
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.callinfo import CallInfo, metadata_dict
-from core.errors import ConcurrencyLimited, Overloaded, RateLimited
-from core.limitpolicy import LimitPolicy
-from core.limitstore import Admission, MemoryLimitStore, TokenLimits
-from core.ratelimit import hash_api_key
-from core.service import agent_service
-from core.settings import load_settings
-from core.tokens import DEFAULT_COMPLETION_TOKENS
-from interceptors.limits import Limits, override_key, used_tokens
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.callinfo import CallInfo, metadata_dict
+from aiproxy.core.errors import ConcurrencyLimited, Overloaded, RateLimited
+from aiproxy.core.limitpolicy import LimitPolicy
+from aiproxy.core.limitstore import Admission, MemoryLimitStore, TokenLimits
+from aiproxy.core.ratelimit import hash_api_key
+from aiproxy.core.service import agent_service
+from aiproxy.core.settings import load_settings
+from aiproxy.core.tokens import DEFAULT_COMPLETION_TOKENS
+from aiproxy.interceptors.limits import Limits, override_key, used_tokens
 
 GENERATE = agent_service().by_name["Generate"]
 STREAM = agent_service().by_name["StreamGenerate"]

@@ -9,8 +9,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from core.errors import Reason, to_status_proto
-from core.limitstore import (
+from aiproxy.core.errors import Reason, to_status_proto
+from aiproxy.core.limitstore import (
     DAY_S,
     TOKENS_PER_DAY,
     TOKENS_PER_MINUTE,
@@ -24,7 +24,7 @@ from core.limitstore import (
     refusal_error,
     token_limited_error,
 )
-from core.ratelimit import LimitSpec
+from aiproxy.core.ratelimit import LimitSpec
 from tests.support.clock import FakeClock
 
 # 2026-11-27 12:00:00 UTC: half a day before the next UTC midnight.

@@ -9,8 +9,8 @@ import re
 
 import yaml
 
-from core.settings import load_settings
-from server.telemetry import Telemetry
+from aiproxy.core.settings import load_settings
+from aiproxy.server.telemetry import Telemetry
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "aiproxy-alerts.yaml"
@@ -67,7 +67,7 @@ def test_exporter_is_chosen_by_configuration() -> None:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-    from server.telemetry import build_tracer_provider
+    from aiproxy.server.telemetry import build_tracer_provider
 
     def exporter_of(**tracing: object) -> object:
         provider = build_tracer_provider(load_settings(tracing=tracing).tracing)

@@ -14,19 +14,19 @@ from typing import Any
 import grpc
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
-from core.callinfo import CallInfo, current_call
-from core.errors import ConcurrencyLimited, Overloaded, RateLimited, UpstreamUnavailable
-from core.metrics import MAX_MODELS, OTHER_MODEL
-from core.service import Method, agent_service
-from core.settings import load_settings
-from interceptors.error_handling import cancelled_code
-from interceptors.observability import Observability
-from interceptors.request_context import RequestContext
-from server.chain import DECODE
-from server.pipeline import Pipeline, ServicerTerminal
-from server.telemetry import Telemetry
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from aiproxy.core.callinfo import CallInfo, current_call
+from aiproxy.core.errors import ConcurrencyLimited, Overloaded, RateLimited, UpstreamUnavailable
+from aiproxy.core.metrics import MAX_MODELS, OTHER_MODEL
+from aiproxy.core.service import Method, agent_service
+from aiproxy.core.settings import load_settings
+from aiproxy.interceptors.error_handling import cancelled_code
+from aiproxy.interceptors.observability import Observability
+from aiproxy.interceptors.request_context import RequestContext
+from aiproxy.server.chain import DECODE
+from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
+from aiproxy.server.telemetry import Telemetry
 from tests.support.waiting import eventually
 
 SERVICE = "ai.agent.v1.AgentService"
@@ -291,7 +291,7 @@ def test_access_log_is_written_by_a_thread_and_flushed_at_stop() -> None:
     through the logger itself take the same queue."""
     import threading
 
-    from core.accesslog import AccessLogWriter, access_log
+    from aiproxy.core.accesslog import AccessLogWriter, access_log
 
     written: list[tuple[str, str]] = []
 

@@ -17,11 +17,11 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.service import agent_service
-from interceptors.overload import OVERLOADED_RETRY_DELAY_S, BacklogLimit, OverloadGate
-from server.backlog import BacklogProbe
-from server.pipeline import Pipeline, ServicerTerminal
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.service import agent_service
+from aiproxy.interceptors.overload import OVERLOADED_RETRY_DELAY_S, BacklogLimit, OverloadGate
+from aiproxy.server.pool.backlog import BacklogProbe
+from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
 
 # ---- BacklogLimit --------------------------------------------------------------------------
 

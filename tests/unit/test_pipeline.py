@@ -12,12 +12,12 @@ from typing import Any
 import grpc
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.callinfo import CallInfo, current_call, metadata_dict
-from core.errors import InvalidArgument
-from core.service import Method, agent_service
-from server.chain import DECODE
-from server.pipeline import Pipeline, ServicerTerminal
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.callinfo import CallInfo, current_call, metadata_dict
+from aiproxy.core.errors import InvalidArgument
+from aiproxy.core.service import Method, agent_service
+from aiproxy.server.chain import DECODE
+from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
 from tests.support.waiting import eventually
 
 GENERATE = "/ai.agent.v1.AgentService/Generate"

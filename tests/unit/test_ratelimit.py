@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from core.errors import QuotaViolation, Reason
-from core.ratelimit import (
+from aiproxy.core.errors import QuotaViolation, Reason
+from aiproxy.core.ratelimit import (
     ConcurrencyLimiter,
     KeyedLimiter,
     LimitSpec,

@@ -7,7 +7,7 @@ import random
 import grpc
 import pytest
 
-from interceptors.retry import RetryPolicy
+from aiproxy.core.retry import RetryPolicy
 
 Code = grpc.StatusCode
 

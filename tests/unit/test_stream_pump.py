@@ -12,9 +12,9 @@ import itertools
 
 import pytest
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.settings import StreamSettings
-from server.streaming import StreamDeadline, StreamIdle, StreamPump
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.settings import StreamSettings
+from aiproxy.server.request.streaming import StreamDeadline, StreamIdle, StreamPump
 from tests.support.clock import FakeClock
 
 
@@ -193,7 +193,7 @@ async def test_coalesce_window_off_by_default_keeps_every_chunk() -> None:
 async def test_the_deadline_ends_the_stream_with_stream_deadline_and_cancels_upstream() -> None:
     import time
 
-    from core.errors import DeadlineExceeded
+    from aiproxy.core.errors import DeadlineExceeded
 
     upstream = FakeUpstream([chunk("a"), 5.0, chunk("b")])
     pump = StreamPump(

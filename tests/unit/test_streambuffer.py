@@ -10,8 +10,8 @@ import tracemalloc
 import grpc
 import pytest
 
-from core.errors import Reason
-from core.streambuffer import (
+from aiproxy.core.errors import Reason
+from aiproxy.core.streambuffer import (
     Chunk,
     ChunkKind,
     Grace,

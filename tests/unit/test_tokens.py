@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from agent import textgen
-from ai.agent.v1 import agent_service_pb2 as pb
-from core import tokens
+from aiproxy.agent import textgen
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core import tokens
 
 
 def test_the_estimate_is_the_reference_agents_count() -> None:

@@ -10,14 +10,14 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from core.callinfo import CallInfo
-from core.errors import CircuitOpen
-from core.metrics import GrpcClientMetrics
-from core.settings import ConfigError, UpstreamSettings, load_settings
-from interceptors.breaker import BreakerState, CircuitBreaker
-from interceptors.client_observability import ClientMetrics
-from server.forwarding import coalesce_window
-from server.upstream import Endpoint
+from aiproxy.core.breaker import BreakerState, CircuitBreaker
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.errors import CircuitOpen
+from aiproxy.core.metrics import GrpcClientMetrics
+from aiproxy.core.settings import ConfigError, UpstreamSettings, load_settings
+from aiproxy.interceptors.client_observability import ClientMetrics
+from aiproxy.server.pool.upstream import Endpoint
+from aiproxy.server.request.forwarding import coalesce_window
 from tests.support.clock import FakeClock
 from tests.support.waiting import eventually
 

@@ -7,11 +7,11 @@ import math
 import pytest
 from google.protobuf import struct_pb2
 
-from ai.agent.v1 import agent_service_pb2 as pb
-from core.errors import Reason
-from core.service import agent_service
-from core.settings import ConfigError, ValidationSettings, load_settings
-from interceptors.validation import RequestRules, invalid_request
+from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.errors import Reason
+from aiproxy.core.service import agent_service
+from aiproxy.core.settings import ConfigError, ValidationSettings, load_settings
+from aiproxy.interceptors.validation import RequestRules, invalid_request
 
 RULES = RequestRules(
     ValidationSettings(

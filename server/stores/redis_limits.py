@@ -56,7 +56,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from core.limitstore import (
+from aiproxy.core.limitstore import (
     TOKENS_PER_DAY,
     TOKENS_PER_MINUTE,
     Admission,
@@ -68,8 +68,8 @@ from core.limitstore import (
     TokenLimits,
     TokenRejection,
 )
-from core.ratelimit import Decision, LimitSpec
-from core.settings import RedisSettings
+from aiproxy.core.ratelimit import Decision, LimitSpec
+from aiproxy.core.settings import RedisSettings
 
 log = logging.getLogger("aiproxy.limits")
 

@@ -14,8 +14,8 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from core.logs import log_event
-from core.settings import parse_hostport
+from aiproxy.core.logs import log_event
+from aiproxy.core.settings import parse_hostport
 
 log = logging.getLogger("aiproxy.discovery")
 

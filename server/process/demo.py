@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server import devtoken
+from aiproxy.server.process import devtoken
 
 AGENT = "127.0.0.1:50052"
 PROXY = "127.0.0.1:50051"
@@ -38,7 +38,7 @@ class Child:
 
 async def _spawn(name: str, *args: str) -> Child:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", *args, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-m", "aiproxy.server.cli", *args, stdout=asyncio.subprocess.PIPE
     )
     assert proc.stdout is not None
     while True:  # the ready line; logs go to our stderr as they are

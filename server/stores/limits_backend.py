@@ -23,11 +23,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from core.limitstore import LimitStore, MemoryLimitStore
-from core.logs import log_event
-from core.metrics import ProxyMetrics
-from core.settings import Settings
-from server.redis_limits import RedisLimitStore, client_from_settings
+from aiproxy.core.limitstore import LimitStore, MemoryLimitStore
+from aiproxy.core.logs import log_event
+from aiproxy.core.metrics import ProxyMetrics
+from aiproxy.core.settings import Settings
+from aiproxy.server.stores.redis_limits import RedisLimitStore, client_from_settings
 
 log = logging.getLogger("aiproxy.limits")
 

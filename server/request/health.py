@@ -20,8 +20,8 @@ import asyncio
 
 from grpc_health.v1 import health, health_pb2
 
-from core.service import SERVICE_NAME
-from server.upstream import UpstreamPool
+from aiproxy.core.service import SERVICE_NAME
+from aiproxy.server.pool.upstream import UpstreamPool
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 
-from server.redis_limits import _FAILURES, _AutoPipeline, client_from_url
+from aiproxy.server.stores.redis_limits import _FAILURES, _AutoPipeline, client_from_url
 
 log = logging.getLogger("aiproxy.cache")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from ai.proxy.v1 import admin_service_pb2 as admin_pb
-from ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
-from server.upstream import UpstreamPool
+from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
+from aiproxy.ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
+from aiproxy.server.pool.upstream import UpstreamPool
 
 ADMIN_SERVICE_NAME = admin_pb.DESCRIPTOR.services_by_name["ProxyAdminService"].full_name
 

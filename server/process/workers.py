@@ -34,8 +34,8 @@ import threading
 import time
 from typing import Any
 
-from core.logs import log_event, print_ready
-from core.settings import Settings, parse_hostport
+from aiproxy.core.logs import log_event, print_ready
+from aiproxy.core.settings import Settings, parse_hostport
 
 log = logging.getLogger("aiproxy.workers")
 
@@ -79,7 +79,7 @@ def _worker_argv(listen: str, argv: list[str] | None = None) -> list[str]:
     """The supervisor's own command line (every flag, so TLS, config and the rest carry
     over), with the reserved HOST:PORT as --listen."""
     args = list(sys.argv[1:] if argv is None else argv)
-    return [sys.executable, "-m", "server.cli", *_replace_flag(args, "--listen", listen)]
+    return [sys.executable, "-m", "aiproxy.server.cli", *_replace_flag(args, "--listen", listen)]
 
 
 def _worker_env(settings: Settings, index: int) -> dict[str, str]:

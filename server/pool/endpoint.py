@@ -33,15 +33,20 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from core.callinfo import current_call
-from core.errors import UNAVAILABLE_RETRY_DELAY_S, CircuitOpen, ProxyError, UpstreamUnavailable
-from core.logs import log_event
-from core.metrics import GrpcClientMetrics
-from core.settings import BreakerSettings, UpstreamSettings
-from interceptors.breaker import BreakerState, CircuitBreaker, Permit
-from interceptors.client_observability import ClientMethod, ClientMetrics
-from interceptors.upstream_breaker import acquire
-from server.discovery import Discovery, Resolver, system_resolver
+from aiproxy.core.breaker import BreakerState, CircuitBreaker, Permit
+from aiproxy.core.callinfo import current_call
+from aiproxy.core.errors import (
+    UNAVAILABLE_RETRY_DELAY_S,
+    CircuitOpen,
+    ProxyError,
+    UpstreamUnavailable,
+)
+from aiproxy.core.logs import log_event
+from aiproxy.core.metrics import GrpcClientMetrics
+from aiproxy.core.settings import BreakerSettings, UpstreamSettings
+from aiproxy.interceptors.client_observability import ClientMethod, ClientMetrics
+from aiproxy.interceptors.upstream_breaker import acquire
+from aiproxy.server.pool.discovery import Discovery, Resolver, system_resolver
 
 log = logging.getLogger("aiproxy.upstream")
 

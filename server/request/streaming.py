@@ -29,8 +29,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from core.errors import DeadlineExceeded
-from core.settings import StreamSettings
+from aiproxy.core.errors import DeadlineExceeded
+from aiproxy.core.settings import StreamSettings
 
 # Fields a chunk may carry and still be merged into the chunk before it.
 _MERGEABLE_FIELDS = frozenset({"delta", "seq"})

@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from core.cache import (
+from aiproxy.core.cache import (
     CACHE_HEADER,
     LruCache,
     Outcome,
@@ -41,11 +41,11 @@ from core.cache import (
     decide,
     parse_cache_control,
 )
-from core.callinfo import CallInfo
-from core.metrics import ProxyMetrics
-from core.service import Method
-from core.settings import CacheSettings, Settings
-from server.resume import DetachedContext, initial_metadata
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.metrics import ProxyMetrics
+from aiproxy.core.service import Method
+from aiproxy.core.settings import CacheSettings, Settings
+from aiproxy.server.request.resume import DetachedContext, initial_metadata
 
 UnaryCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], Awaitable[Any]]
 StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
@@ -192,8 +192,8 @@ def build_response_cache(settings: Settings) -> ResponseCache:
     l1 = LruCache(c.l1_max_bytes, max_entry_bytes=c.max_entry_bytes)
     if cache_backend(settings) == "memory":
         return ResponseCache(l1, None)
-    from server.redis_cache import RedisL2
-    from server.redis_limits import client_from_settings
+    from aiproxy.server.stores.redis_cache import RedisL2
+    from aiproxy.server.stores.redis_limits import client_from_settings
 
     rs = settings.redis
     client = client_from_settings(rs)

@@ -40,7 +40,7 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from core.streambuffer import (
+from aiproxy.core.streambuffer import (
     DEFAULT_LEASE_S,
     DEFAULT_MAX_BYTES,
     DEFAULT_TTL_S,
@@ -54,7 +54,7 @@ from core.streambuffer import (
     StreamStoreUnavailable,
     new_stream_id,
 )
-from server.redis_limits import _FAILURES, _AutoPipeline, client_from_url
+from aiproxy.server.stores.redis_limits import _FAILURES, _AutoPipeline, client_from_url
 
 log = logging.getLogger("aiproxy.streams")
 

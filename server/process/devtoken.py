@@ -28,7 +28,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from core.ratelimit import hash_api_key
+from aiproxy.core.ratelimit import hash_api_key
 
 SECRET_ENV = "AIPROXY_AUTH__JWT_SECRET"
 

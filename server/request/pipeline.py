@@ -40,10 +40,10 @@ from typing import Any, Protocol
 
 import grpc
 
-from core.callinfo import CallInfo, current_call, metadata_dict
-from core.errors import MalformedRequest
-from core.service import Method, Service
-from interceptors.error_handling import (
+from aiproxy.core.callinfo import CallInfo, current_call, metadata_dict
+from aiproxy.core.errors import MalformedRequest
+from aiproxy.core.service import Method, Service
+from aiproxy.interceptors.error_handling import (
     cancelled_code,
     decode,
     fail,
@@ -51,9 +51,8 @@ from interceptors.error_handling import (
     read_one,
     shape,
 )
-from interceptors.overload import GateCheck, OverloadGate
-from interceptors.stage import Bound
-from server.chain import DECODE
+from aiproxy.interceptors.overload import GateCheck, OverloadGate
+from aiproxy.interceptors.stage import DECODE, Bound
 
 log = logging.getLogger("aiproxy.pipeline")
 

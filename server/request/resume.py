@@ -44,13 +44,13 @@ from typing import Any, Final, cast
 
 import grpc
 
-from core.callinfo import CallInfo
-from core.errors import Cancelled, ProxyError, Reason
-from core.logs import log_event
-from core.metrics import ProxyMetrics
-from core.service import Method
-from core.settings import ResumeSettings, Settings
-from core.streambuffer import (
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.errors import Cancelled, ProxyError, Reason
+from aiproxy.core.logs import log_event
+from aiproxy.core.metrics import ProxyMetrics
+from aiproxy.core.service import Method
+from aiproxy.core.settings import ResumeSettings, Settings
+from aiproxy.core.streambuffer import (
     STREAM_ID_HEADER,
     ChunkKind,
     Grace,
@@ -64,7 +64,7 @@ from core.streambuffer import (
     parse_resume,
     watch_owner,
 )
-from interceptors.error_handling import final_chunk, shape
+from aiproxy.interceptors.error_handling import final_chunk, shape
 
 log = logging.getLogger("aiproxy.resume")
 
@@ -480,8 +480,8 @@ def build_stream_buffer(settings: Settings) -> StreamBuffer:
             max_streams=r.max_streams,
             max_streams_per_scope=r.max_streams_per_caller,
         )
-    from server.redis_limits import client_from_settings
-    from server.redis_streams import RedisStreamBuffer
+    from aiproxy.server.stores.redis_limits import client_from_settings
+    from aiproxy.server.stores.redis_streams import RedisStreamBuffer
 
     rs = settings.redis
     client = client_from_settings(rs)

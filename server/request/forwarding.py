@@ -23,15 +23,15 @@ from typing import Any, TypeVar
 
 import grpc
 
-from core.callinfo import CallInfo
-from core.errors import CircuitOpen, DeadlineExceeded
-from core.headers import COALESCE_HEADER, PROXY_ONLY_METADATA, PROXY_PREFIX
-from core.service import Method, agent_service
-from core.settings import Settings
-from interceptors.deadline import Deadline
-from interceptors.retry import RetryPolicy
-from server.streaming import StreamPump
-from server.upstream import Endpoint, UpstreamPool
+from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.errors import CircuitOpen, DeadlineExceeded
+from aiproxy.core.headers import COALESCE_HEADER, PROXY_ONLY_METADATA, PROXY_PREFIX
+from aiproxy.core.retry import RetryPolicy
+from aiproxy.core.service import Method, agent_service
+from aiproxy.core.settings import Settings
+from aiproxy.interceptors.deadline import Deadline
+from aiproxy.server.pool.upstream import Endpoint, UpstreamPool
+from aiproxy.server.request.streaming import StreamPump
 
 log = logging.getLogger("aiproxy.forward")
 

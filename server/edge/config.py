@@ -1,0 +1,396 @@
+"""The edge's configuration: Envoy's YAML rendered from envoy/envoy.yaml.tmpl.
+
+The template (annotated there) is rendered with the listener, the proxy replicas, the
+CORS origins and the paths of the descriptor set and the browser page. Rendered from
+Python rather than written in the template: the local reply mappers (one table,
+LOCAL_REPLIES, so an HTTP body and a gRPC caller's grpc-status-details-bin say the same),
+the guard's messages and the API's HTTP paths with their methods (read from the
+descriptor set), and the headers Envoy adds for the proxy's caller keying (the edge
+secret from AIPROXY_LIMITS__EDGE_SECRET or --edge-secret-file; masked by --print-config).
+
+The rest of `aiproxy envoy` lives beside this module: process.py runs Envoy, admin.py
+reads its admin API, cli.py is the command line.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pathlib
+import string
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from aiproxy.core import headers
+from aiproxy.core.errors import DOMAIN
+from aiproxy.core.settings import parse_hostport
+
+# The checkout (server/edge/ is two folders below it); in a wheel this is site-packages/.
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _envoy_dir() -> pathlib.Path:
+    """envoy/ of the checkout, or where a wheel installs it (pyproject's data-files)."""
+    checkout = ROOT / "envoy"
+    if (checkout / "envoy.yaml.tmpl").is_file():
+        return checkout
+    return pathlib.Path(sys.prefix) / "share" / "aiproxy" / "envoy"
+
+
+ENVOY_DIR = _envoy_dir()
+TEMPLATE = ENVOY_DIR / "envoy.yaml.tmpl"
+PAGE = ENVOY_DIR / "page" / "index.html"
+
+
+def _descriptor() -> pathlib.Path:
+    """build/descriptors/ of the checkout, or the copy in the generated `aiproxy.ai` package
+    (what a wheel, e.g. the container image, has)."""
+    checkout = ROOT / "build" / "descriptors" / "aiproxy.pb"
+    if checkout.is_file():
+        return checkout
+    import aiproxy.ai
+
+    return pathlib.Path(aiproxy.ai.__file__).resolve().parent / "aiproxy.pb"
+
+
+DESCRIPTOR = _descriptor()
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_PROXY = "127.0.0.1:50051"
+# Front ends served from another origin that may call the API (a local dev server).
+DEFAULT_CORS_ORIGINS = ("http://localhost:3000", "http://127.0.0.1:3000")
+CLUSTER = "aiproxy"
+
+# Envoy's own log lines as JSON, like every other aiproxy process (%j escapes for JSON).
+LOG_FORMAT = '{"ts":"%Y-%m-%dT%T.%eZ","event":"envoy_log","level":"%l","logger":"%n","msg":"%j"}'
+
+
+# ---- answers Envoy makes itself ---------------------------------------------------------
+
+# What the edge's guard (the Lua filter in the template) says about a rejected header,
+# keyed by what it found wrong; "body" is a Content-Length past the body cap.
+GUARD_MESSAGES: dict[str, str] = {
+    "grpc-timeout": "malformed grpc-timeout header: 1 to 8 digits and a unit (H, M, S, m, u or n) expected, once",
+    "grpc-encoding": "unsupported grpc-encoding header: identity, gzip or deflate expected",
+    "grpc-accept-encoding": "malformed grpc-accept-encoding header: content-coding names expected",
+    "-bin": "malformed binary header: a header whose name ends in -bin must be base64 (standard alphabet, canonical; padding optional)",
+    "lb-cost-bin": "malformed lb-cost-bin header: base64 of at least 8 bytes expected",
+    "te": "malformed te header: gRPC requires te: trailers",
+    "method": "gRPC calls are POST requests",
+    "content-type": "malformed content-type header: application/grpc or application/grpc+FORMAT expected",
+    "size": "request headers too large",
+    "repeated": "repeated gRPC-reserved header: each grpc-* header may appear once",
+}
+BODY_TOO_LARGE = "request body too large"
+
+# Delay a caller is told to wait before retrying an edge-level unavailability (the proxy's
+# own UNAVAILABLE_RETRY_DELAY_S is the same 1 s).
+EDGE_RETRY_DELAY_S = 1
+
+
+@dataclass(frozen=True)
+class LocalReply:
+    """How Envoy shapes one HTTP status it answers itself.
+
+    `message` None keeps Envoy's own text: only for statuses whose text describes the
+    caller's request (the transcoder's "Could not resolve ... to a method", a JSON parse
+    error, the guard's messages). Fixed text everywhere else, so nothing internal leaks.
+    """
+
+    http_status: int
+    code: int  # google.rpc.Code
+    reason: str  # ErrorInfo.reason: stable, part of the API (README: "Errors at the edge")
+    message: str | None = None
+    retry_delay_s: int | None = None
+
+
+LOCAL_REPLIES: tuple[LocalReply, ...] = (
+    LocalReply(400, 3, "INVALID_ARGUMENT"),
+    LocalReply(403, 7, "PERMISSION_DENIED", "not available through the edge"),
+    LocalReply(404, 5, "NOT_FOUND"),
+    LocalReply(
+        405, 12, "METHOD_NOT_ALLOWED", "method not allowed on this path (see the Allow header)"
+    ),
+    LocalReply(413, 3, "REQUEST_TOO_LARGE", BODY_TOO_LARGE),
+    LocalReply(429, 8, "RATE_LIMITED", "too many requests", EDGE_RETRY_DELAY_S),
+    LocalReply(431, 3, "HEADERS_TOO_LARGE", GUARD_MESSAGES["size"]),
+    LocalReply(500, 13, "INTERNAL", "internal error at the edge"),
+    LocalReply(502, 14, "UPSTREAM_UNAVAILABLE", "the service is unavailable", EDGE_RETRY_DELAY_S),
+    LocalReply(503, 14, "UPSTREAM_UNAVAILABLE", "the service is unavailable", EDGE_RETRY_DELAY_S),
+    LocalReply(504, 4, "DEADLINE_EXCEEDED", "deadline exceeded at the edge"),
+)
+
+
+def _status_details(
+    code: int, message: str, reason: str, retry_delay_s: int | None = None
+) -> list[dict[str, Any]]:
+    details: list[dict[str, Any]] = [
+        {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": DOMAIN}
+    ]
+    if retry_delay_s is not None:
+        details.append(
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_delay_s}s"}
+        )
+    return details
+
+
+def status_bin(code: int, message: str, reason: str, retry_delay_s: int | None = None) -> str:
+    """A google.rpc.Status as a grpc-status-details-bin value (base64, unpadded is fine)."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+    details = [info]
+    if retry_delay_s is not None:
+        retry = any_pb2.Any()
+        retry.Pack(
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=retry_delay_s))
+        )
+        details.append(retry)
+    raw = status_pb2.Status(code=code, message=message, details=details).SerializeToString()
+    return base64.b64encode(raw).decode()
+
+
+def _status_filter(http_status: int) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": "EQ",
+                "value": {
+                    "default_value": http_status,
+                    "runtime_key": f"edge.local_reply.{http_status}",
+                },
+            }
+        }
+    }
+
+
+# A native gRPC caller, as the guard (first filter) saw it: the request's content-type
+# cannot tell, since the transcoder has made every API request application/grpc by the
+# time it or the router answers. A request the codec refused before any filter ran (an
+# HTTP/1.1 431 past the codec's header limits) has no such metadata: it is NOT a gRPC
+# caller (Envoy's default, match_if_key_not_found true, gave it the gRPC mapper's plain
+# text instead of the JSON Status body).
+_GRPC_REQUEST = {
+    "metadata_filter": {
+        "matcher": {
+            "filter": "aiproxy.edge",
+            "path": [{"key": "grpc"}],
+            "value": {"bool_match": True},
+        },
+        "match_if_key_not_found": False,
+    }
+}
+
+
+def local_reply_mappers() -> list[dict[str, Any]]:
+    """local_reply_config mappers: per status, one for native gRPC callers (the Status as
+    grpc-status-details-bin, grpc-message fixed to match it) and one for HTTP callers
+    (the Status as the JSON body). Only the first matching mapper applies."""
+    mappers: list[dict[str, Any]] = []
+    for reply in LOCAL_REPLIES:
+        if reply.message is not None:
+            # Envoy puts a gRPC local reply's body into grpc-message.
+            mappers.append({
+                "filter": {"and_filter": {"filters": [_status_filter(reply.http_status), _GRPC_REQUEST]}},
+                "headers_to_add": [{
+                    "header": {"key": "grpc-status-details-bin", "value": status_bin(reply.code, reply.message, reply.reason, reply.retry_delay_s)},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }],
+                "body_format_override": {"text_format_source": {"inline_string": reply.message}},
+            })  # fmt: skip
+        message = reply.message if reply.message is not None else "%LOCAL_REPLY_BODY%"
+        body = {
+            "code": reply.code,
+            "message": message,
+            "details": _status_details(reply.code, message, reply.reason, reply.retry_delay_s),
+        }
+        mapper: dict[str, Any] = {
+            "filter": _status_filter(reply.http_status),
+            "body_format_override": {"json_format": body},
+        }
+        if reply.retry_delay_s is not None:
+            mapper["headers_to_add"] = [
+                {
+                    "header": {"key": "retry-after", "value": str(reply.retry_delay_s)},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ]
+        mappers.append(mapper)
+    return mappers
+
+
+def _lua_table(values: dict[str, str]) -> str:
+    # A Lua table literal; json.dumps gives Lua-compatible double-quoted ASCII strings.
+    return (
+        "{"
+        + ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in sorted(values.items()))
+        + "}"
+    )
+
+
+def http_bindings(
+    descriptor: pathlib.Path, service: str = "ai.agent.v1.AgentService"
+) -> dict[str, set[str]]:
+    """{HTTP path: methods} of `service`'s google.api.http rules in the descriptor set."""
+    from google.api import annotations_pb2  # registers the google.api.http extension
+    from google.protobuf import descriptor_pb2
+
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes()).file
+    out: dict[str, set[str]] = {}
+    for file in files:
+        for svc in file.service:
+            if f"{file.package}.{svc.name}" != service:
+                continue
+            for method in svc.method:
+                rule = method.options.Extensions[annotations_pb2.http]
+                for binding in (rule, *rule.additional_bindings):
+                    verb = binding.WhichOneof("pattern")
+                    if verb and verb != "custom":
+                        out.setdefault(getattr(binding, verb), set()).add(verb.upper())
+    return out
+
+
+def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
+    messages = {**GUARD_MESSAGES, "body": BODY_TOO_LARGE, "not-allowed": "method not allowed"}
+    details = {
+        key: status_bin(3, message, "HEADERS_TOO_LARGE" if key == "size" else "INVALID_ARGUMENT")
+        for key, message in GUARD_MESSAGES.items()
+    }
+    # Paths with {variables} would need a pattern match; this API has none, and a path
+    # the table misses only falls back to the transcoder's 404.
+    allow = {
+        path: ", ".join([*sorted(verbs), "OPTIONS"])
+        for path, verbs in http_bindings(descriptor).items()
+        if "{" not in path
+    }
+    return {
+        "lua_messages": _lua_table(messages),
+        "lua_grpc_details": _lua_table(details),
+        "lua_allow": _lua_table(allow),
+    }
+
+
+class EdgeError(Exception):
+    """Envoy cannot be configured or did not start."""
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    listen: str = DEFAULT_LISTEN
+    proxies: tuple[str, ...] = (DEFAULT_PROXY,)
+    cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+    health_interval_s: float = 1.0
+    stream_idle_timeout_s: float = 300.0
+    max_concurrent_streams: int = 10_000
+    max_request_body_bytes: int = 1024 * 1024
+    # Request headers the guard accepts. Below the proxy's server.max_metadata_bytes
+    # (16 KiB, refused there as RESOURCE_EXHAUSTED, which an HTTP caller would read as
+    # 429), with room for what Envoy adds (x-forwarded-for, x-request-id, ...); and at
+    # grpc's default soft limit (8 KiB), which agents without their own setting apply to
+    # the metadata the proxy forwards. nginx's default line buffer is 8 KiB too.
+    max_header_kb: int = 8
+    max_header_count: int = 100
+    # Added to every forwarded request as x-aiproxy-edge: the proxy believes the
+    # client-address header only with it (when its limits.edge_secret is set).
+    edge_secret: str | None = field(default=None, repr=False)
+    descriptor: pathlib.Path = DESCRIPTOR
+    page: pathlib.Path = PAGE
+    template: pathlib.Path = TEMPLATE
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.listen)
+        if not self.proxies:
+            raise EdgeError("at least one --proxy HOST:PORT is needed")
+        for proxy in self.proxies:
+            parse_hostport(proxy)
+        if self.health_interval_s <= 0 or self.stream_idle_timeout_s <= 0:
+            raise EdgeError("intervals and timeouts must be positive")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def _origin_matcher(origin: str) -> dict[str, Any]:
+    # "*" allows any origin; anything else must match exactly (scheme://host[:port]).
+    return {"safe_regex": {"regex": ".*"}} if origin == "*" else {"exact": origin}
+
+
+CLIENT_ADDRESS_HEADER = "x-envoy-external-address"
+EDGE_SECRET_HEADER = headers.EDGE_SECRET_HEADER  # the proxy checks it (interceptors/limits.py)
+EDGE_SECRET_ENV = "AIPROXY_LIMITS__EDGE_SECRET"  # the proxy's limits.edge_secret, same variable
+_MASKED = "<edge secret: not printed>"
+
+
+def _edge_request_headers(secret: str | None) -> list[dict[str, Any]]:
+    headers = [
+        {
+            "header": {
+                "key": CLIENT_ADDRESS_HEADER,
+                "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+            },
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    ]
+    if secret:
+        headers.append(
+            {
+                "header": {"key": EDGE_SECRET_HEADER, "value": secret},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        )
+    return headers
+
+
+def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool = True) -> str:
+    """The Envoy configuration (YAML) for `settings` (the edge secret masked unless
+    `reveal_secret`: --print-config output ends up in terminals and tickets)."""
+    for what, path in (
+        ("descriptor set", settings.descriptor),
+        ("page", settings.page),
+        ("template", settings.template),
+    ):
+        if not path.is_file():
+            hint = " (run `make gen`)" if what == "descriptor set" else ""
+            raise EdgeError(f"{what} not found: {path}{hint}")
+    host, port = parse_hostport(settings.listen)
+    endpoints = []
+    for proxy in settings.proxies:
+        phost, pport = parse_hostport(proxy)
+        endpoints.append(
+            {"endpoint": {"address": {"socket_address": {"address": phost, "port_value": pport}}}}
+        )
+    values = {
+        "admin_port": admin_port,
+        "listen_host": json.dumps(host),
+        "listen_port": port,
+        "lb_endpoints": json.dumps(endpoints),
+        "cors_origins": json.dumps([_origin_matcher(o) for o in settings.cors_origins]),
+        "health_interval": json.dumps(_duration(settings.health_interval_s)),
+        "stream_idle_timeout": json.dumps(_duration(settings.stream_idle_timeout_s)),
+        "max_concurrent_streams": settings.max_concurrent_streams,
+        "max_request_body_bytes": settings.max_request_body_bytes,
+        "max_header_kb": settings.max_header_kb,
+        "max_header_count": settings.max_header_count,
+        # The codec's own limits, well above: past them HTTP/2 callers get GOAWAY.
+        "codec_header_kb": max(96, 4 * settings.max_header_kb),
+        "codec_header_count": max(200, 4 * settings.max_header_count),
+        "descriptor_path": json.dumps(str(settings.descriptor.resolve())),
+        "page_path": json.dumps(str(settings.page.resolve())),
+        "local_reply_mappers": json.dumps(local_reply_mappers()),
+        "edge_request_headers": json.dumps(
+            _edge_request_headers(
+                settings.edge_secret if reveal_secret or not settings.edge_secret else _MASKED
+            )
+        ),
+        **_guard_tables(settings.descriptor),
+        **settings.extra,
+    }
+    try:
+        return string.Template(settings.template.read_text()).substitute(values)
+    except (KeyError, ValueError) as exc:
+        raise EdgeError(f"template {settings.template}: bad placeholder {exc}") from None
