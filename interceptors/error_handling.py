@@ -19,6 +19,7 @@ status; these are its pieces:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, cast
@@ -41,11 +42,22 @@ log = logging.getLogger("aiproxy.errors")
 # request-streaming and reads its one message itself (`read_one`): such a call is
 # answered at once.
 NO_MESSAGE: Final = "the request stream ended without a complete message"
+# And one whose message has not all arrived this long after the call began (a caller that
+# sends part of it and then nothing, or trickles it): it would otherwise hold its stream,
+# and a task here, for as long as its connection lives. Every real caller sends its one
+# message at once; 30 s is a 1 MiB request at 35 KB/s.
+READ_TIMEOUT_S: Final = 30.0
+NO_MESSAGE_IN_TIME: Final = f"the request message did not arrive within {READ_TIMEOUT_S:g} s"
 
 
 async def read_one(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-    """The call's one request message, or MalformedRequest(NO_MESSAGE) raised."""
-    request = await context.read()
+    """The call's one request message, or MalformedRequest raised (NO_MESSAGE or
+    NO_MESSAGE_IN_TIME)."""
+    try:
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            request = await context.read()
+    except TimeoutError:
+        raise MalformedRequest(NO_MESSAGE_IN_TIME) from None
     if request is grpc.aio.EOF:
         raise MalformedRequest(NO_MESSAGE)
     return request
