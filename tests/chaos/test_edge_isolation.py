@@ -380,3 +380,59 @@ def test_headers_past_the_codec_limits(stack: dict[str, ServiceProcess]) -> None
             )
         assert caught.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
         assert stub.Generate(pb.GenerateRequest(prompt="after"), timeout=10).text
+
+
+# ---- the guard accepts exactly what grpc-core parses -------------------------------------------
+
+# (header, value, grpc-core parses it): grpc-core's HPACK parser drops trailing '=', then
+# needs the standard alphabet, never 1 character past a group of 4, and zero unused bits in
+# a last partial group; lb-cost-bin needs at least 8 bytes; grpc-encoding its own codings.
+EXACT_CASES = [
+    ("x-t-bin", "", True),
+    ("x-t-bin", "AA", True),
+    ("x-t-bin", "AA==", True),
+    ("x-t-bin", "AAA", True),
+    ("x-t-bin", "AAE=", True),
+    ("x-t-bin", "QUJD", True),
+    ("x-t-bin", "QUJDRA", True),  # unpadded
+    ("x-t-bin", "QUJDRA===", True),  # any number of trailing '='
+    ("x-t-bin", "A", False),
+    ("x-t-bin", "AAAAA", False),
+    ("x-t-bin", "AB", False),  # unused bits not zero
+    ("x-t-bin", "AAB", False),
+    ("x-t-bin", "AA=A", False),
+    ("x-t-bin", "QU-D", False),  # the URL-safe alphabet is not grpc-core's
+    ("lb-cost-bin", base64.b64encode(b"\0" * 8).decode(), True),
+    ("lb-cost-bin", base64.b64encode(b"\0" * 8 + b"name").decode(), True),
+    ("lb-cost-bin", "AAAA", False),  # 3 bytes
+    ("lb-cost-bin", base64.b64encode(b"\0" * 7).decode(), False),
+    ("grpc-encoding", "identity", True),
+    ("grpc-encoding", "gzip", True),
+    ("grpc-encoding", "deflate", True),
+    ("grpc-encoding", "GZIP", False),
+    ("grpc-encoding", "br", False),
+    ("grpc-encoding", "zstd", False),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "parsed"), EXACT_CASES)
+def test_the_guard_refuses_exactly_what_grpc_core_cannot_parse(
+    stack: dict[str, ServiceProcess], tmp_path: Any, name: str, value: str, parsed: bool
+) -> None:
+    """`parsed` is checked against grpc-core itself too: the same header sent to the proxy
+    directly (its own connection, no guard) fails INTERNAL exactly when the guard refuses it."""
+    direct = curl_grpc(stack["proxy"].address, [(name, value)], tmp_path)
+    assert (direct.get("grpc-status") == "0") is parsed, ("grpc-core directly", direct)
+    edge = stack["envoy"].address
+    answer = curl_grpc(edge, [(name, value)], tmp_path)
+    if "grpc-status" not in answer:  # refused at the headers (see curl_grpc)
+        answer = curl_grpc(edge, [(name, value)], tmp_path, body=False)
+    assert answer.get("grpc-status") == ("0" if parsed else "3"), answer
+    if not parsed:
+        status = _grpc_status(answer["grpc-status-details-bin"])
+        assert "INVALID_ARGUMENT" in [_reason(d) for d in status.details], status
+    if name != "grpc-encoding":  # HTTP callers' grpc-encoding is stripped, not checked twice
+        reply = request(
+            edge, "POST", GENERATE, {"prompt": "p"}, headers=[(name, value)], timeout=20
+        )
+        assert reply.status == (200 if parsed else 400), (reply.status, reply.body[:200])
