@@ -208,6 +208,20 @@ class ProxyMetrics:
             ["method", "outcome"],
             registry=registry,
         )
+        self.discovery_up = Gauge(
+            "ai_proxy_discovery_up",
+            "1 while a dynamic discovery source (consul://..., dns://NAME:PORT) answers, 0 "
+            "while it fails and the pool keeps its last known endpoints.",
+            ["source"],
+            registry=registry,
+        )
+        self.discovery_errors = Counter(
+            "ai_proxy_discovery_errors_total",
+            "Failed queries or resolutions of a discovery source (the last known endpoints "
+            "were kept).",
+            ["source"],
+            registry=registry,
+        )
         self._models: set[str] = set()
         self._model_lock = threading.Lock()
 

@@ -93,11 +93,17 @@ class ServerSettings(_Section):
 class UpstreamSettings(_Section):
     """The agent replicas the proxy forwards to."""
 
+    # HOST:PORT (an IP, or a name re-resolved every dns_refresh_s) or
+    # consul://HOST:PORT/SERVICE[?tag=T&dc=D] (Consul's healthy instances, followed with
+    # blocking queries; ACL token from CONSUL_HTTP_TOKEN only).
     endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:50052"], min_length=1)
     # Start-up waits this long for a usable endpoint before it reports ready.
     startup_wait_s: float = Field(default=5.0, ge=0)
     # Names (not IP literals) are re-resolved this often; the pool follows the answer.
     dns_refresh_s: float = Field(default=5.0, gt=0)
+    # The `wait` of Consul's blocking queries (Consul caps it at 10 minutes): how long
+    # Consul may hold a query with no change; changes come back at once regardless.
+    consul_wait_s: float = Field(default=300.0, gt=0, le=600)
     # Connections per endpoint, so HTTP/2 stream limits never queue thousands of
     # concurrent streams behind one connection; calls take them in turn.
     channels_per_endpoint: int = Field(default=2, ge=1, le=64)
@@ -120,7 +126,9 @@ class UpstreamSettings(_Section):
     @field_validator("endpoints")
     @classmethod
     def _v_endpoints(cls, value: list[str]) -> list[str]:
-        return [_check_address(v) for v in value]
+        # consul://HOST:PORT/SERVICE[?tag=T&dc=D] is checked by server/pool/consul.py when
+        # the pool starts (core/ does not know the discovery sources' grammar).
+        return [v if v.startswith("consul://") else _check_address(v) for v in value]
 
 
 class ResumeSettings(_Section):

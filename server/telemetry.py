@@ -103,6 +103,12 @@ class Telemetry:
         """Keep the breaker, health and usable gauges in step with the pool."""
         pool.add_listener(self._pool_changed)
         self._pool_changed(pool)
+        pool.discovery.add_status_listener(self._discovery_status)
+
+    def _discovery_status(self, source: str, up: bool) -> None:
+        self.proxy.discovery_up.labels(source).set(1 if up else 0)
+        if not up:
+            self.proxy.discovery_errors.labels(source).inc()
 
     def _pool_changed(self, pool: Any) -> None:
         pm = self.proxy
