@@ -86,8 +86,29 @@ class ServerSettings(_Section):
     # Processes serving the one port (SO_REUSEPORT; the kernel spreads connections), so a
     # machine's cores are all used: `aiproxy serve --workers N`. 1: this process alone.
     workers: int = Field(default=1, ge=1, le=64)
+    # The deployment's own grpc.aio.ServerInterceptors, `module:attribute` (a class or a
+    # factory called with no arguments, or an instance): outermost, after tracing, in
+    # this order (server/chain.py). Empty: the server runs no interceptor for them at all.
+    extra_interceptors: list[str] = Field(default_factory=list)
 
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
+    _v_extra = field_validator("extra_interceptors")(
+        classmethod(lambda cls, v: [_check_import_path(p) for p in v])
+    )
+
+
+def _check_import_path(value: str) -> str:
+    module, sep, attribute = value.partition(":")
+    if (
+        not sep
+        or not module
+        or not attribute
+        or not all(part.isidentifier() for part in (*module.split("."), *attribute.split(".")))
+    ):
+        raise ValueError(
+            f"expected module:attribute (e.g. mypkg.grpc:AuditInterceptor), got {value!r}"
+        )
+    return value
 
 
 class UpstreamSettings(_Section):
@@ -118,9 +139,16 @@ class UpstreamSettings(_Section):
     keepalive_time_s: float = Field(default=10.0, gt=0)
     keepalive_timeout_s: float = Field(default=5.0, gt=0)
     reconnect_backoff_max_s: float = Field(default=2.0, gt=0)
+    # The deployment's own grpc.aio.ClientInterceptors on every endpoint's channels,
+    # `module:attribute` like server.extra_interceptors (server/chain.py: innermost).
+    extra_interceptors: list[str] = Field(default_factory=list)
     # Metadata never forwarded upstream (credentials the agent has no business seeing).
     drop_metadata: list[str] = Field(
         default_factory=lambda: ["authorization", "cookie", "x-api-key"]
+    )
+
+    _v_extra = field_validator("extra_interceptors")(
+        classmethod(lambda cls, v: [_check_import_path(p) for p in v])
     )
 
     @field_validator("endpoints")

@@ -31,7 +31,7 @@ from aiproxy.interceptors.auth import AuthStage, is_open_method
 from aiproxy.interceptors.error_handling import SafeGenericHandler, safe_handler
 from aiproxy.interceptors.overload import BacklogLimit, OverloadGate
 from aiproxy.server import tls
-from aiproxy.server.chain import client_interceptors, pipeline_stages
+from aiproxy.server.chain import client_interceptors, pipeline_stages, server_interceptors
 from aiproxy.server.pool.backlog import BacklogProbe
 from aiproxy.server.pool.pool import UpstreamPool
 from aiproxy.server.request.admin import ADMIN_SERVICE_NAME, ProxyAdmin
@@ -46,7 +46,7 @@ from aiproxy.server.request.health import ProxyHealth
 from aiproxy.server.request.pipeline import Pipeline
 from aiproxy.server.request.resume import Resumer, build_stream_buffer, resume_backend
 from aiproxy.server.stores.limits_backend import close_limit_store, open_limit_store
-from aiproxy.server.telemetry import Telemetry, server_tracing_interceptor
+from aiproxy.server.telemetry import Telemetry
 
 log = logging.getLogger("aiproxy.server")
 
@@ -131,7 +131,9 @@ class ProxyServer:
         self.pool = UpstreamPool(
             settings.upstream,
             breaker_settings=settings.breaker,
-            client_interceptors=client_interceptors(self.telemetry),
+            client_interceptors=client_interceptors(
+                self.telemetry, settings.upstream.extra_interceptors
+            ),
             client_metrics=self.telemetry.grpc_client,
             credentials=tls.channel_credentials(settings.tls.upstream),
             extra_channel_options=tls.channel_options(
@@ -247,13 +249,10 @@ class ProxyServer:
             )
         self.telemetry.start_metrics_server()
         # API calls run no grpc.aio interceptor: the pipeline is their one handler. The
-        # OpenTelemetry server interceptor stays one when tracing is on (opt-in): it opens
-        # the SERVER span before the handler, so the whole pipeline is inside it.
-        tracing = self.telemetry.tracing
+        # OpenTelemetry server interceptor (tracing on, opt-in) and the deployment's own
+        # (server.extra_interceptors) are the only ones (server/chain.py says where).
         server = grpc.aio.server(
-            interceptors=[server_tracing_interceptor(self.telemetry.tracer_provider)]
-            if tracing
-            else None,
+            interceptors=server_interceptors(self.settings, self.telemetry),
             options=server_options(self.settings),
         )
         if self.limit_store is None and self.settings.limits.enabled:
