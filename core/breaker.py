@@ -68,9 +68,9 @@ from typing import Final
 
 import grpc
 
-log = logging.getLogger(__name__)
+from aiproxy.core.types import Clock
 
-Clock = Callable[[], float]
+log = logging.getLogger(__name__)
 
 
 class BreakerState(enum.IntEnum):

@@ -40,8 +40,7 @@ from typing import Final, NamedTuple, Protocol, runtime_checkable
 from google.protobuf.message import Message
 
 from aiproxy.core.headers import CACHE_CONTROL  # proxy-only: never forwarded upstream
-
-Clock = Callable[[], float]
+from aiproxy.core.types import Clock
 
 CACHE_HEADER: Final = "x-aiproxy-cache"  # response metadata: hit | miss
 _ENTRY_VERSION: Final = 1

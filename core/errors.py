@@ -33,6 +33,11 @@ STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 # What a caller is told to wait when the upstreams are unavailable and did not say.
 UNAVAILABLE_RETRY_DELAY_S: Final = 1.0
 
+# What a caller refused with OVERLOADED is told to wait, by the overload gate and by the
+# cap on calls in flight alike (one reason, one delay): long enough for a burst to pass,
+# short enough that a retry (jittered by the client) soon finds room.
+OVERLOADED_RETRY_DELAY_S: Final = 1.0
+
 # An upstream message longer than this is not passed on (see `_safe_upstream_message`).
 MAX_UPSTREAM_MESSAGE_LEN: Final = 200
 

@@ -39,13 +39,13 @@ import grpc
 
 from aiproxy.core.errors import ProxyError, QuotaViolation, RateLimited, Reason
 from aiproxy.core.ratelimit import (
-    Clock,
     Decision,
     LimitSpec,
     TokenBucket,
     concurrency_limited_error,
     rate_limited_error,
 )
+from aiproxy.core.types import Clock
 
 _EPS: Final = 1e-9
 DAY_S: Final = 86_400

@@ -19,14 +19,13 @@ import math
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, NamedTuple
 
 from aiproxy.core.errors import ConcurrencyLimited, QuotaViolation, RateLimited
-
-Clock = Callable[[], float]
+from aiproxy.core.types import Clock
 
 # Tolerance for float refill arithmetic: a caller who waits exactly `retry_after_s`
 # must get the token even if the subtraction came out a hair short.

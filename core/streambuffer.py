@@ -46,7 +46,7 @@ import enum
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
@@ -59,8 +59,7 @@ from aiproxy.core.headers import (
     RESUMABLE_HEADER,
     RESUME_HEADER,
 )
-
-Clock = Callable[[], float]
+from aiproxy.core.types import Clock
 
 ID_BYTES: Final = 16  # 128 bits: unguessable, so an id is a capability (with its scope)
 DEFAULT_MAX_BYTES: Final = 1 << 20

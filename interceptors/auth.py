@@ -64,6 +64,7 @@ from aiproxy.core.settings import (
     RSA_ALGORITHMS,
     AuthSettings,
 )
+from aiproxy.core.types import Clock
 
 log = logging.getLogger("aiproxy.auth")
 
@@ -80,8 +81,6 @@ MAX_API_KEY_LEN: Final = 512
 MAX_SUBJECT_LEN: Final = 256
 # Verified tokens remembered (per process); the least recently used are dropped.
 TOKEN_CACHE_SIZE: Final = 4096
-
-Clock = Callable[[], float]
 
 
 class Cause(enum.StrEnum):

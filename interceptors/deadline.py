@@ -18,15 +18,14 @@ call, and count the call as DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.errors import DeadlineExceeded
 from aiproxy.core.service import Method, Service
-
-Clock = Callable[[], float]
+from aiproxy.core.types import Clock
 
 
 @dataclass(frozen=True, slots=True)

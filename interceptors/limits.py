@@ -72,7 +72,7 @@ from google.protobuf.message import Message
 
 from aiproxy.core import headers, tokens
 from aiproxy.core.callinfo import CallInfo
-from aiproxy.core.errors import Overloaded
+from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S, Overloaded
 from aiproxy.core.limitpolicy import LimitPolicy
 from aiproxy.core.limitstore import (
     LimitStore,
@@ -85,8 +85,6 @@ from aiproxy.core.ratelimit import (
     API_KEY_HEADER,
     CLIENT_ID_HEADER,
     ConcurrencyLimiter,
-    Lease,
-    LimitSpec,
     caller_key,
     peer_host,
 )
@@ -97,9 +95,6 @@ _PROXY_KEY: Final = "*"  # the one key of the proxy-wide cap
 # The edge's proof that a call came through it (see the module docstring); named in
 # core/headers.py with the proxy's other own headers (never forwarded upstream).
 EDGE_SECRET_HEADER: Final = headers.EDGE_SECRET_HEADER
-# What an OVERLOADED caller is told to wait: calls finish in well under a second on
-# average, so a short, jittered retry (the client's job) finds room.
-OVERLOADED_RETRY_DELAY_S: Final = 0.5
 STREAM_RETRY_DELAY_S: Final = 1.0
 
 
@@ -123,7 +118,6 @@ class Limits:
         """`policy`: LimitPolicy.from_settings(settings) so `apikey:<name>` overrides find
         their callers (the default knows no API key names)."""
         self.policy = policy if policy is not None else LimitPolicy(settings)
-        self.default = self.policy.default.spec
         self.store: LimitStore = (
             store if store is not None else MemoryLimitStore(max_keys=settings.max_tracked_callers)
         )
@@ -172,12 +166,6 @@ class Limits:
         if not self._edge_secret:
             return True
         return secret is not None and hmac.compare_digest(secret.encode(), self._edge_secret)
-
-    def spec_for(self, key: str) -> LimitSpec:
-        return self.policy.for_caller(override_key(key)).spec
-
-    def streams_for(self, key: str) -> int:
-        return self.policy.for_caller(override_key(key)).stream_limit
 
     # -- the end of a call -----------------------------------------------------------
 
@@ -263,7 +251,7 @@ class _Bound:
             limits.finish(call.stream_lease, None, 0)
             call.stream_lease = call.reservation = None
 
-            def settle(done: Any) -> None:
+            def settle(done: asyncio.Future[tuple[Any, int]]) -> None:
                 last, produced = (None, 0) if done.cancelled() else done.result()
                 limits.finish(None, reservation, generated_tokens(last, produced, prompt))
 
@@ -299,11 +287,6 @@ def generated_tokens(last: Any, produced: int, prompt_estimate: int) -> int:
     if reported is not None:
         return reported
     return prompt_estimate + produced if produced else 0
-
-
-def _release(leases: list[Lease]) -> None:
-    for lease in leases:
-        lease.release()
 
 
 def _as_peer(address: str) -> str | None:

@@ -34,14 +34,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any
 
-from aiproxy.core.errors import Overloaded, to_grpc_status
+from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S, Overloaded, to_grpc_status
 from aiproxy.core.service import Method
-
-# What a refused caller is told to wait: long enough for a burst to pass, short enough
-# that a retry (jittered by the client) soon finds room.
-OVERLOADED_RETRY_DELAY_S: Final = 1.0
 
 
 class BacklogLimit:

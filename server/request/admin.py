@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import grpc
-
 from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
 from aiproxy.ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
+from aiproxy.core.types import Context
 from aiproxy.server.pool.upstream import UpstreamPool
 
 ADMIN_SERVICE_NAME = admin_pb.DESCRIPTOR.services_by_name["ProxyAdminService"].full_name
@@ -16,7 +15,7 @@ class ProxyAdmin(admin_grpc.ProxyAdminServiceServicer):
         self._pool = pool
 
     async def ListEndpoints(
-        self, request: admin_pb.ListEndpointsRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb.ListEndpointsRequest, context: Context
     ) -> admin_pb.ListEndpointsResponse:
         endpoints = [
             admin_pb.UpstreamEndpoint(

@@ -26,10 +26,8 @@ callers behind different addresses never share answers); "" when the operator se
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
-
-import grpc
 
 from aiproxy.core.cache import (
     CACHE_HEADER,
@@ -45,10 +43,8 @@ from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.metrics import ProxyMetrics
 from aiproxy.core.service import Method
 from aiproxy.core.settings import CacheSettings, Settings
+from aiproxy.core.types import Context, StreamCall, UnaryCall
 from aiproxy.server.request.resume import DetachedContext, initial_metadata
-
-UnaryCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], Awaitable[Any]]
-StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
 
 
 class _Incomplete(Exception):
@@ -95,9 +91,7 @@ class Caching:
         count = self._counter(method)
         cache = self.cache
 
-        async def cached_unary(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> Any:
+        async def cached_unary(request: Any, raw: bytes, context: Context, call: CallInfo) -> Any:
             decision = decide(parse_cache_control(call.metadata.items()), ttl, max_ttl)
             if decision.bypass:
                 count(Outcome.BYPASS)
@@ -125,7 +119,7 @@ class Caching:
         count = self._counter(method)
 
         def cached_stream(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
+            request: Any, raw: bytes, context: Context, call: CallInfo
         ) -> AsyncIterator[Any]:
             decision = decide(parse_cache_control(call.metadata.items()), ttl, max_ttl)
             if decision.bypass:
@@ -143,7 +137,7 @@ class Caching:
         count: Callable[[Outcome], None],
         request: Any,
         raw: bytes,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
     ) -> AsyncIterator[Any]:
         cls = method.response_cls

@@ -29,6 +29,7 @@ from aiproxy.core.headers import COALESCE_HEADER, PROXY_ONLY_METADATA, PROXY_PRE
 from aiproxy.core.retry import RetryPolicy
 from aiproxy.core.service import Method, agent_service
 from aiproxy.core.settings import Settings
+from aiproxy.core.types import Context, StreamCall, UnaryCall
 from aiproxy.interceptors.deadline import Deadline
 from aiproxy.server.pool.upstream import Endpoint, UpstreamPool
 from aiproxy.server.request.streaming import StreamPump
@@ -130,7 +131,7 @@ class Forwarder:
 
     # -- per call ---------------------------------------------------------------------
 
-    def _metadata(self, context: grpc.aio.ServicerContext, call: CallInfo) -> list[tuple[str, Any]]:
+    def _metadata(self, context: Context, call: CallInfo) -> list[tuple[str, Any]]:
         drop = self._drop
         # The dict read on entry; a key the caller repeated keeps all its values.
         pairs = context.invocation_metadata() or () if call.repeated else call.metadata.items()
@@ -142,13 +143,13 @@ class Forwarder:
         out.append((REQUEST_ID, call.request_id))
         return out
 
-    def _deadline(self, context: grpc.aio.ServicerContext, call: CallInfo) -> Deadline | None:
+    def _deadline(self, context: Context, call: CallInfo) -> Deadline | None:
         timeout = call.timeout_s if call.timeout_s is not None else context.time_remaining()
         return None if timeout is None else Deadline.from_timeout(timeout)
 
     async def _within_deadline(
         self,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
         deadline: Deadline | None,
         attempt_on: Callable[[Endpoint, list[tuple[str, Any]], float | None], Awaitable[T]],
@@ -174,7 +175,7 @@ class Forwarder:
 
     async def _with_retries(
         self,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
         deadline: Deadline | None,
         attempt_on: Callable[[Endpoint, list[tuple[str, Any]], float | None], Awaitable[T]],
@@ -231,14 +232,12 @@ class Forwarder:
 
     # -- the pipeline's terminal: one forwarding function per method ------------------
 
-    def unary(self, method: Method) -> Callable[..., Awaitable[Any]]:
+    def unary(self, method: Method) -> UnaryCall:
         path, deserialize = method.path, method.response_cls.FromString
 
-        async def forward_unary(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> Any:
+        async def forward_unary(request: Any, raw: bytes, context: Context, call: CallInfo) -> Any:
             def attempt(
-                endpoint: Endpoint, metadata: list, timeout: float | None
+                endpoint: Endpoint, metadata: list[tuple[str, Any]], timeout: float | None
             ) -> Awaitable[Any]:
                 # The caller's bytes go upstream as they came.
                 return endpoint.unary(path, deserialize, raw, metadata, timeout)
@@ -257,7 +256,7 @@ class Forwarder:
 
         return forward_unary
 
-    def stream(self, method: Method) -> Callable[..., AsyncIterator[Any]]:
+    def stream(self, method: Method) -> StreamCall:
         path, response_cls = method.path, method.response_cls
         deserialize = response_cls.FromString
         settings = self._settings.stream
@@ -266,14 +265,14 @@ class Forwarder:
         )
 
         async def forward_stream(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
+            request: Any, raw: bytes, context: Context, call: CallInfo
         ) -> AsyncIterator[Any]:
             deadline = self._deadline(context, call)
             end_at = None if deadline is None else deadline.expires_at
             window = coalesce_window(call, window_ms)
 
             async def attempt(
-                endpoint: Endpoint, metadata: list, timeout: float | None
+                endpoint: Endpoint, metadata: list[tuple[str, Any]], timeout: float | None
             ) -> tuple[Any, Any, Endpoint]:
                 upstream = endpoint.stream(path, deserialize, raw, metadata, timeout)
                 # The pump ends the stream at the deadline (StreamDeadline), in-band.

@@ -37,6 +37,7 @@ import grpc
 
 from aiproxy.core.callinfo import CallInfo, current_call, metadata_dict
 from aiproxy.core.service import Method, Service
+from aiproxy.core.types import Context, StreamCall, UnaryCall
 from aiproxy.interceptors.error_handling import (
     cancelled_code,
     decode,
@@ -45,12 +46,9 @@ from aiproxy.interceptors.error_handling import (
     shape,
 )
 from aiproxy.interceptors.overload import GateCheck, OverloadGate
-from aiproxy.interceptors.stage import DECODE, Bound
+from aiproxy.interceptors.stage import Bound, Decode, Step
 
 log = logging.getLogger("aiproxy.pipeline")
-
-UnaryCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], Awaitable[Any]]
-StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
 
 
 class Terminal(Protocol):
@@ -61,13 +59,11 @@ class Terminal(Protocol):
     def stream(self, method: Method) -> StreamCall: ...
 
 
-async def _unimplemented(request: Any, context: grpc.aio.ServicerContext) -> Any:
+async def _unimplemented(request: Any, context: Context) -> Any:
     raise NotImplementedError  # shaped INTERNAL by the pipeline
 
 
-async def _unimplemented_stream(
-    request: Any, context: grpc.aio.ServicerContext
-) -> AsyncIterator[Any]:
+async def _unimplemented_stream(request: Any, context: Context) -> AsyncIterator[Any]:
     raise NotImplementedError
     yield  # pragma: no cover  (an async generator, as a stream method is)
 
@@ -82,9 +78,7 @@ class ServicerTerminal:
     def unary(self, method: Method) -> UnaryCall:
         behavior = getattr(self._servicer, method.name, _unimplemented)
 
-        async def call_servicer(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> Any:
+        async def call_servicer(request: Any, raw: bytes, context: Context, call: CallInfo) -> Any:
             return await behavior(request, context)
 
         return call_servicer
@@ -93,7 +87,7 @@ class ServicerTerminal:
         behavior = getattr(self._servicer, method.name, _unimplemented_stream)
 
         def call_servicer(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
+            request: Any, raw: bytes, context: Context, call: CallInfo
         ) -> AsyncIterator[Any]:
             result: AsyncIterator[Any] = behavior(request, context)
             return result
@@ -101,7 +95,7 @@ class ServicerTerminal:
         return call_servicer
 
 
-def _aborted_code(context: grpc.aio.ServicerContext) -> str:
+def _aborted_code(context: Context) -> str:
     code = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
@@ -124,7 +118,7 @@ class Pipeline:
     def __init__(
         self,
         service: Service,
-        stages: Sequence[Any],
+        stages: Sequence[Step],
         terminal: Terminal,
         gate: OverloadGate | None = None,
     ) -> None:
@@ -134,7 +128,7 @@ class Pipeline:
             bound: list[Bound] = []
             decode_at = -1
             for stage in stages:
-                if stage is DECODE:
+                if isinstance(stage, Decode):
                     decode_at = len(bound)
                     continue
                 b = stage.bind(method)
@@ -163,7 +157,7 @@ class Pipeline:
         return grpc.method_handlers_generic_handler(self.service.name, self.handlers)
 
 
-def _open(method: Method, context: grpc.aio.ServicerContext) -> CallInfo:
+def _open(method: Method, context: Context) -> CallInfo:
     headers, repeated = metadata_dict(context.invocation_metadata())
     call = CallInfo(method.path, metadata=headers, repeated=repeated, peer=context.peer())
     current_call.set(call)
@@ -176,13 +170,13 @@ def _unary_handler(
     bound: Sequence[Bound],
     decode_at: int,
     terminal: UnaryCall,
-) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
+) -> Callable[[bytes, Context], Awaitable[Any]]:
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
     path, request_cls = method.path, method.request_cls
 
-    async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(raw: bytes, context: Context) -> Any:
         if check is not None:
             await check.check(context)
         call = _open(method, context)
@@ -222,14 +216,14 @@ def _stream_handler(
     bound: Sequence[Bound],
     decode_at: int,
     terminal: StreamCall,
-) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+) -> Callable[[bytes, Context], AsyncIterator[Any]]:
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
     path, request_cls, chunk_cls = method.path, method.request_cls, method.response_cls
     monotonic = time.monotonic
 
-    async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream(raw: bytes, context: Context) -> AsyncIterator[Any]:
         if check is not None:
             await check.check(context)
         call = _open(method, context)

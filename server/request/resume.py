@@ -64,11 +64,11 @@ from aiproxy.core.streambuffer import (
     parse_resume,
     watch_owner,
 )
+from aiproxy.core.types import Context, StreamCall
 from aiproxy.interceptors.error_handling import final_chunk, shape
 
 log = logging.getLogger("aiproxy.resume")
 
-StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
 
 REQUEST_ID: Final = "x-request-id"
 # The owner's heartbeat (and so how soon a cancel request or the grace's end is seen).
@@ -91,7 +91,7 @@ class DetachedContext:
 
     __slots__ = ("_context", "initial")
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, context: Context) -> None:
         self._context = context
         self.initial: tuple[tuple[str, str], ...] | None = None
 
@@ -104,9 +104,9 @@ class DetachedContext:
         except Exception:  # noqa: BLE001 - the caller's call is over: nobody to tell
             pass
 
-    def as_context(self) -> grpc.aio.ServicerContext:
+    def as_context(self) -> Context:
         """This object, typed as what the inner terminal takes (it duck-types it)."""
-        return cast("grpc.aio.ServicerContext", self)
+        return cast(Context, self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -242,7 +242,7 @@ class Resumer:
         name = method.name
 
         def resumable_stream(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
+            request: Any, raw: bytes, context: Context, call: CallInfo
         ) -> AsyncIterator[Any]:
             ask = parse_resume(call.metadata.items())
             if ask.cancel is not None:
@@ -259,9 +259,7 @@ class Resumer:
 
     # -- x-aiproxy-cancel ----------------------------------------------------------------
 
-    async def _cancel(
-        self, sid: str, context: grpc.aio.ServicerContext, call: CallInfo
-    ) -> AsyncIterator[Any]:
+    async def _cancel(self, sid: str, context: Context, call: CallInfo) -> AsyncIterator[Any]:
         call.replayed = "cancel"
         if not await self.buffer.request_cancel(sid, stream_scope(call)):
             raise StreamNotFound()
@@ -276,7 +274,7 @@ class Resumer:
         method: Method,
         sid: str,
         after_seq: int,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
     ) -> AsyncIterator[Any]:
         call.replayed = "resume"  # no upstream call: the limits charge no tokens for it
@@ -312,7 +310,7 @@ class Resumer:
         inner: StreamCall,
         request: Any,
         raw: bytes,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
     ) -> AsyncIterator[Any]:
         try:

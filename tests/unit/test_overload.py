@@ -18,8 +18,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S
 from aiproxy.core.service import agent_service
-from aiproxy.interceptors.overload import OVERLOADED_RETRY_DELAY_S, BacklogLimit, OverloadGate
+from aiproxy.interceptors.overload import BacklogLimit, OverloadGate
 from aiproxy.server.pool.backlog import BacklogProbe
 from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
 
