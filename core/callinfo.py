@@ -12,7 +12,7 @@ import asyncio
 import contextvars
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 Metadata = Sequence[tuple[str, str | bytes]]
 
 
-def metadata_dict(metadata: Metadata | None) -> tuple[dict[str, str | bytes], frozenset[str]]:
+def metadata_dict(
+    metadata: Collection[tuple[str, str | bytes]] | None,
+) -> tuple[dict[str, str | bytes], frozenset[str]]:
     """The caller's metadata as a dict (the first value of each key wins) and the keys
     that appear more than once (auth refuses a repeated credential instead of choosing)."""
     headers: dict[str, str | bytes] = {}

@@ -7,12 +7,13 @@
 - `UnaryCall` / `StreamCall`: a method's terminal, what the pipeline hands an admitted
   call to (the forwarder, and the wrappers in front of it: the cache, resumable
   streams). It takes the decoded request, the caller's bytes as they came (they go
-  upstream unmodified), the servicer context and the call's CallInfo.
+  upstream unmodified), the servicer context and the call's CallInfo. A stream's is an
+  async generator: the pipeline closes it (`aclose`) when the call ends, however it ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
@@ -24,4 +25,4 @@ Clock: TypeAlias = Callable[[], float]
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 UnaryCall: TypeAlias = Callable[[Any, bytes, Context, CallInfo], Awaitable[Any]]
-StreamCall: TypeAlias = Callable[[Any, bytes, Context, CallInfo], AsyncIterator[Any]]
+StreamCall: TypeAlias = Callable[[Any, bytes, Context, CallInfo], AsyncGenerator[Any, None]]

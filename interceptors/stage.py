@@ -33,7 +33,9 @@ Exit = Callable[[CallInfo], None]
 class Bound(Protocol):
     """A stage's hooks for one method."""
 
-    exit: Exit | None
+    # Read-only here, so a stage may declare it as a plain `exit = None` or a bound method.
+    @property
+    def exit(self) -> Exit | None: ...
 
     async def enter(self, call: CallInfo, request: Any, context: Any) -> None: ...
 

@@ -15,7 +15,7 @@ import os
 import secrets
 import signal
 import socket
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -106,6 +106,11 @@ class _BesideThePipeline:
                 for name, h in handlers.items()
             },
         )
+
+    def as_server(self) -> grpc.aio.Server:
+        """This object, typed as what the generated `add_*_to_server` functions take
+        (they call only the two methods above)."""
+        return cast("grpc.aio.Server", self)
 
 
 def _guard_closed(auth: AuthStage) -> Any:
@@ -264,10 +269,12 @@ class ProxyServer:
         stages = pipeline_stages(self.settings, self.telemetry, limit_store=self.limit_store)
         Pipeline(agent_service(), stages, self._terminal(), self._gate()).register(server)
         auth = next((s for s in stages if isinstance(s, AuthStage)), None)
-        beside = _BesideThePipeline(server, auth)
+        beside = _BesideThePipeline(server, auth).as_server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, beside)
-        admin_grpc.add_ProxyAdminServiceServicer_to_server(ProxyAdmin(self.pool), beside)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        # Untyped: protoc's generated *_pb2_grpc.py, and the grpcio-reflection stubs'
+        # declaration of it.
+        admin_grpc.add_ProxyAdminServiceServicer_to_server(ProxyAdmin(self.pool), beside)  # type: ignore[no-untyped-call]
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
             reflection.aio.ReflectionServicer(
                 (
                     SERVICE_NAME,

@@ -372,14 +372,17 @@ class Endpoint:
 
     def _route(self, path: str, streaming: bool, deserializer: Callable[[bytes], Any]) -> _Route:
         # serializer None: the caller's request bytes go upstream as they came.
+        # _registered_method: grpc.aio's own (private) hint that spares a per-call method
+        # lookup; the grpcio stubs do not declare it.
+        callables: list[Any]
         if streaming:
             callables = [
-                ch.unary_stream(path, response_deserializer=deserializer, _registered_method=True)
+                ch.unary_stream(path, response_deserializer=deserializer, _registered_method=True)  # type: ignore[call-arg]
                 for ch in self.channels
             ]
         else:
             callables = [
-                ch.unary_unary(path, response_deserializer=deserializer, _registered_method=True)
+                ch.unary_unary(path, response_deserializer=deserializer, _registered_method=True)  # type: ignore[call-arg]
                 for ch in self.channels
             ]
         metrics = None if self._metrics is None else self._metrics.method(path, streaming)
@@ -541,7 +544,7 @@ class Endpoint:
             try:
                 # wait_for_ready: while the endpoint is down the call waits for the channel
                 # to reconnect instead of failing in a tight loop.
-                async for response in stub.Watch(request, wait_for_ready=True):
+                async for response in stub.Watch(request, wait_for_ready=True):  # type: ignore[attr-defined]  # stubs: HealthStub has no methods
                     backoff = 0.05
                     self._set_serving(response.status == SERVING, "watch")
                 self._set_serving(False, "watch stream ended")
@@ -558,7 +561,7 @@ class Endpoint:
         interval = self._settings.health_check_interval_s
         while True:
             try:
-                response = await stub.Check(request, timeout=interval, wait_for_ready=True)
+                response = await stub.Check(request, timeout=interval, wait_for_ready=True)  # type: ignore[attr-defined]  # stubs: HealthStub has no methods
                 self._set_serving(response.status == SERVING, "check")
             except grpc.aio.AioRpcError as exc:
                 self._set_serving(False, f"check failed: {exc.code().name}")
@@ -588,7 +591,7 @@ class Endpoint:
                     await asyncio.wait_for(self._probe_now.wait(), delay - spacing)
             self._probe_now.clear()
             try:
-                await stub.Check(request, timeout=timeout)
+                await stub.Check(request, timeout=timeout)  # type: ignore[attr-defined]  # stubs: HealthStub has no methods
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code is grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -24,7 +24,7 @@ class ProxyAdmin(admin_grpc.ProxyAdminServiceServicer):
                 usable=ep.usable,
                 in_flight=ep.in_flight,
                 total_calls=ep.total_calls,
-                breaker_state=ep.breaker_state_proto(),
+                breaker_state=admin_pb.BreakerState.Name(ep.breaker_state_proto()),
             )
             for ep in self._pool.endpoints.values()
         ]

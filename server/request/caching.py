@@ -26,7 +26,7 @@ callers behind different addresses never share answers); "" when the operator se
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from aiproxy.core.cache import (
@@ -120,7 +120,7 @@ class Caching:
 
         def cached_stream(
             request: Any, raw: bytes, context: Context, call: CallInfo
-        ) -> AsyncIterator[Any]:
+        ) -> AsyncGenerator[Any, None]:
             decision = decide(parse_cache_control(call.metadata.items()), ttl, max_ttl)
             if decision.bypass:
                 count(Outcome.BYPASS)
@@ -139,7 +139,7 @@ class Caching:
         raw: bytes,
         context: Context,
         call: CallInfo,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         cls = method.response_cls
         key = cache_key(method.path, self._scope(call), canonical_request(request))
         detached = DetachedContext(context)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -266,7 +266,7 @@ class Forwarder:
 
         async def forward_stream(
             request: Any, raw: bytes, context: Context, call: CallInfo
-        ) -> AsyncIterator[Any]:
+        ) -> AsyncGenerator[Any, None]:
             deadline = self._deadline(context, call)
             end_at = None if deadline is None else deadline.expires_at
             window = coalesce_window(call, window_ms)

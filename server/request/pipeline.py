@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -63,7 +63,7 @@ async def _unimplemented(request: Any, context: Context) -> Any:
     raise NotImplementedError  # shaped INTERNAL by the pipeline
 
 
-async def _unimplemented_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+async def _unimplemented_stream(request: Any, context: Context) -> AsyncGenerator[Any, None]:
     raise NotImplementedError
     yield  # pragma: no cover  (an async generator, as a stream method is)
 
@@ -88,8 +88,8 @@ class ServicerTerminal:
 
         def call_servicer(
             request: Any, raw: bytes, context: Context, call: CallInfo
-        ) -> AsyncIterator[Any]:
-            result: AsyncIterator[Any] = behavior(request, context)
+        ) -> AsyncGenerator[Any, None]:
+            result: AsyncGenerator[Any, None] = behavior(request, context)
             return result
 
         return call_servicer
@@ -123,7 +123,7 @@ class Pipeline:
         gate: OverloadGate | None = None,
     ) -> None:
         self.service = service
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.handlers: dict[str, grpc.RpcMethodHandler[bytes, Any]] = {}
         for method in service.methods:
             bound: list[Bound] = []
             decode_at = -1
@@ -216,14 +216,14 @@ def _stream_handler(
     bound: Sequence[Bound],
     decode_at: int,
     terminal: StreamCall,
-) -> Callable[[bytes, Context], AsyncIterator[Any]]:
+) -> Callable[[bytes, Context], AsyncGenerator[Any, None]]:
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
     path, request_cls, chunk_cls = method.path, method.request_cls, method.response_cls
     monotonic = time.monotonic
 
-    async def stream(raw: bytes, context: Context) -> AsyncIterator[Any]:
+    async def stream(raw: bytes, context: Context) -> AsyncGenerator[Any, None]:
         if check is not None:
             await check.check(context)
         call = _open(method, context)
@@ -231,7 +231,7 @@ def _stream_handler(
         sent = 0
         first = last = None
         first_at = last_at = gap_max = 0.0
-        chunks: AsyncIterator[Any] | None = None
+        chunks: AsyncGenerator[Any, None] | None = None
         try:
             err = None
             try:
@@ -285,7 +285,7 @@ def _stream_handler(
             call.first_at, call.last_at, call.gap_max = first_at, last_at, gap_max
             try:
                 if chunks is not None:
-                    await chunks.aclose()  # type: ignore[attr-defined]
+                    await chunks.aclose()
             finally:
                 _run_exits(exits, entered, call)
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Final, cast
 
 import grpc
@@ -243,7 +243,7 @@ class Resumer:
 
         def resumable_stream(
             request: Any, raw: bytes, context: Context, call: CallInfo
-        ) -> AsyncIterator[Any]:
+        ) -> AsyncGenerator[Any, None]:
             ask = parse_resume(call.metadata.items())
             if ask.cancel is not None:
                 return self._cancel(ask.cancel, context, call)
@@ -259,7 +259,9 @@ class Resumer:
 
     # -- x-aiproxy-cancel ----------------------------------------------------------------
 
-    async def _cancel(self, sid: str, context: Context, call: CallInfo) -> AsyncIterator[Any]:
+    async def _cancel(
+        self, sid: str, context: Context, call: CallInfo
+    ) -> AsyncGenerator[Any, None]:
         call.replayed = "cancel"
         if not await self.buffer.request_cancel(sid, stream_scope(call)):
             raise StreamNotFound()
@@ -276,7 +278,7 @@ class Resumer:
         after_seq: int,
         context: Context,
         call: CallInfo,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         call.replayed = "resume"  # no upstream call: the limits charge no tokens for it
         cls = method.response_cls
         reader = self.buffer.read(sid, stream_scope(call), after_seq)
@@ -312,7 +314,7 @@ class Resumer:
         raw: bytes,
         context: Context,
         call: CallInfo,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         try:
             sid = await self.buffer.create(
                 stream_scope(call), self.replica_id, call.caller or call.peer

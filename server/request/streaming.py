@@ -26,7 +26,7 @@ import asyncio
 import collections
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from aiproxy.core.errors import DeadlineExceeded
@@ -143,7 +143,7 @@ class StreamPump:
         self.seq += 1
         return seq
 
-    async def chunks(self) -> AsyncIterator[Any]:
+    async def chunks(self) -> AsyncGenerator[Any, None]:
         """The caller's chunks, in upstream order, renumbered, with heartbeats."""
         queue = self._queue
         heartbeat_s = self._settings.heartbeat_interval_s

@@ -367,7 +367,8 @@ class _AutoPipeline:
         return fut
 
     async def _run(self) -> None:
-        conn = self._client.connection_pool.make_connection()
+        # redis-py leaves this one unannotated.
+        conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task[None]] = []
         error: BaseException = ConnectionError("limits pipeline closed")
