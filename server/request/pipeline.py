@@ -52,47 +52,13 @@ log = logging.getLogger("aiproxy.pipeline")
 
 
 class Terminal(Protocol):
-    """What the pipeline hands an admitted call to (the forwarder), per method."""
+    """What the pipeline hands an admitted call to, per method: the forwarder (with the
+    cache and resumable streams in front of it); in tests, a stand-in agent
+    (tests/support/pipeline.py)."""
 
     def unary(self, method: Method) -> UnaryCall: ...
 
     def stream(self, method: Method) -> StreamCall: ...
-
-
-async def _unimplemented(request: Any, context: Context) -> Any:
-    raise NotImplementedError  # shaped INTERNAL by the pipeline
-
-
-async def _unimplemented_stream(request: Any, context: Context) -> AsyncGenerator[Any, None]:
-    raise NotImplementedError
-    yield  # pragma: no cover  (an async generator, as a stream method is)
-
-
-class ServicerTerminal:
-    """A terminal from an AgentService servicer object (tests, the demo): each method
-    calls `servicer.<Name>(request, context)`; a method it lacks is UNIMPLEMENTED."""
-
-    def __init__(self, servicer: Any) -> None:
-        self._servicer = servicer
-
-    def unary(self, method: Method) -> UnaryCall:
-        behavior = getattr(self._servicer, method.name, _unimplemented)
-
-        async def call_servicer(request: Any, raw: bytes, context: Context, call: CallInfo) -> Any:
-            return await behavior(request, context)
-
-        return call_servicer
-
-    def stream(self, method: Method) -> StreamCall:
-        behavior = getattr(self._servicer, method.name, _unimplemented_stream)
-
-        def call_servicer(
-            request: Any, raw: bytes, context: Context, call: CallInfo
-        ) -> AsyncGenerator[Any, None]:
-            result: AsyncGenerator[Any, None] = behavior(request, context)
-            return result
-
-        return call_servicer
 
 
 def _aborted_code(context: Context) -> str:

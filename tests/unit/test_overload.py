@@ -19,10 +19,9 @@ from grpc_status import rpc_status
 
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S
-from aiproxy.core.service import agent_service
 from aiproxy.interceptors.overload import BacklogLimit, OverloadGate
 from aiproxy.server.pool.backlog import BacklogProbe
-from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
+from tests.support.pipeline import channel_for
 
 # ---- BacklogLimit --------------------------------------------------------------------------
 
@@ -103,16 +102,8 @@ async def gated() -> AsyncIterator[tuple[grpc.aio.Channel, Harness, OverloadGate
     gate = OverloadGate(
         active=lambda: harness.active, capacity=10, on_reject=harness.refused.append
     )
-    server = grpc.aio.server()
-    Pipeline(agent_service(), [], ServicerTerminal(Agent()), gate).register(server)
-    server.add_generic_rpc_handlers((beside,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel, harness, gate
-    finally:
-        await server.stop(None)
+    async with channel_for(Agent(), gate=gate, beside=[beside]) as channel:
+        yield channel, harness, gate
 
 
 def _overloaded(err: grpc.aio.AioRpcError) -> float:
