@@ -8,8 +8,9 @@ apply, `RetryInfo` (when waiting helps), `QuotaFailure` (which limit was hit) an
 message; the message is for humans and never carries internals (stack traces,
 addresses): those go to the log.
 
-Code raises a `ProxyError` subclass; the error interceptor turns it into the status
-(`abort_with`, or `to_status_proto` for an in-band stream error chunk). Upstream
+Code raises a `ProxyError` subclass; the pipeline's one error frame
+(server/request/pipeline.py, with interceptors/error_handling.py) turns it into the
+status (`abort_with`, or `to_status_proto` for an in-band stream error chunk). Upstream
 failures are mapped onto the same shape by core/upstream_errors.py.
 """
 

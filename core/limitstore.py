@@ -1,6 +1,6 @@
 """The limits store: where per-caller limit state lives, behind one async interface.
 
-Three kinds of state, each keyed by a caller (or tenant) key the interceptor chooses:
+Three kinds of state, each keyed by a caller (or tenant) key the limits stage chooses:
 
 - request rate: a token bucket per key (`take`), the spec passed on each call so the
   store holds no policy (overrides and tenants are resolved by the caller of the store);
@@ -17,7 +17,7 @@ neither) and `finish` at its end (release and settle): one step, and with Redis 
 round trip, at each end. The single operations exist for callers that need one of them.
 
 `LimitStore` is the interface; `MemoryLimitStore` is the embedded backend (one process,
-nothing to run) and `server/redis_limits.py` the shared one. Every method is async so the
+nothing to run) and `server/stores/redis_limits.py` the shared one. Every method is async so the
 interceptor has one code path; the memory backend never suspends, and also offers
 `*_nowait` twins (`store.local` says they exist) that skip the coroutine: ~2 us per call
 (bench/limits_cost.py), 0.2 % of a proxied call, so awaiting is fine everywhere.

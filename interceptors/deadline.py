@@ -3,8 +3,8 @@
 Each method has a default (used when the caller set no deadline) and a maximum; the
 effective timeout is the tighter of the caller's remaining time and the maximum, and it
 is what the upstream call gets, so a caller who leaves early or a runaway generation
-never holds an upstream past it. The source documents' values: 30 s for unary calls,
-2 min for streams, 5 min for agent runs (streamed or not: the run is what is long).
+never holds an upstream past it. The defaults: 30 s for unary calls, 2 min for streams,
+5 min for agent runs (streamed or not: the run is what is long).
 
 When the caller's own deadline is the binding one, the proxy ends the call a little
 before it (`EndMargin`): when the caller's deadline fires, grpc-core cancels the call

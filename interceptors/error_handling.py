@@ -1,6 +1,6 @@
 """Error shaping: every error leaves the proxy in the one shape of core/errors.py.
 
-The pipeline (server/pipeline.py) is the one frame that turns exceptions into the
+The pipeline (server/request/pipeline.py) is the one frame that turns exceptions into the
 status; these are its pieces:
 
 - A ProxyError raised anywhere inside (a stage, the forwarder) becomes its

@@ -192,8 +192,8 @@ class ProxyServer:
         )
 
     def _terminal(self) -> AnswerTerminal:
-        """The forwarder behind the response cache and resumable streams (server/caching.py,
-        server/resume.py); both on the backend their settings name (memory, or the shared
+        """The forwarder behind the response cache and resumable streams (server/request/caching.py,
+        server/request/resume.py); both on the backend their settings name (memory, or the shared
         Redis of `redis.url`). Building them connects nothing: Redis is reached on first use,
         and a Redis that is away costs a miss (cache) or an unresumable stream, never a call."""
         s = self.settings
@@ -387,7 +387,7 @@ async def collect_garbage_periodically(
     """With tune_gc's thresholds a full collection waits for 100 collections of generation 1,
     i.e. tens of millions of allocations: garbage in reference cycles (what a storm of
     cancelled calls leaves: exceptions, tracebacks, frames, call state) can pile up
-    for a long time meanwhile (issue 13: RSS 127 -> 244 MiB after seven storms of 1000
+    for a long time meanwhile (measured: RSS 127 -> 244 MiB after seven storms of 1000
     cancelled streams). The proxy breaks those cycles where it makes them
     (error_handling, streaming, forwarding); this bounds what the rest (grpc's and
     asyncio's own) can hold, at the cost of one full collection per `check_s` at most,

@@ -1,7 +1,7 @@
-"""The forwarding servicer: every AgentService method, re-exported and sent upstream.
+"""The forwarder: every AgentService method, re-exported and sent upstream.
 
-It is the pipeline's terminal (server/pipeline.py): one forwarding function per method
-of the service model, so a method added to the proto is forwarded without code here.
+It is the pipeline's terminal (server/request/pipeline.py): one forwarding function per
+method of the service model, so a method added to the proto is forwarded without code here.
 Each call: pick an endpoint from the pool, forward the caller's request bytes as they
 came (never re-serialized) and its metadata (minus transport and credential headers,
 read once into CallInfo) with the request id, give the upstream call what is left of
@@ -9,7 +9,7 @@ the call's effective deadline, and relay the answer.
 
 Retries live here, at the pool level, because the next attempt must be able to go to
 another endpoint (a channel's own interceptors only ever see one endpoint). They follow
-interceptors/retry.py's policy: unary calls, and streams before their first chunk has
+core/retry.py's policy: unary calls, and streams before their first chunk has
 reached the caller; never past the deadline. Everything else that protects the
 upstreams or the callers is a stage or an interceptor (see server/chain.py).
 """
@@ -27,7 +27,7 @@ from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.errors import CircuitOpen, DeadlineExceeded
 from aiproxy.core.headers import COALESCE_HEADER, PROXY_ONLY_METADATA, PROXY_PREFIX
 from aiproxy.core.retry import RetryPolicy
-from aiproxy.core.service import Method, agent_service
+from aiproxy.core.service import Method
 from aiproxy.core.settings import Settings
 from aiproxy.core.types import Context, StreamCall, UnaryCall
 from aiproxy.interceptors.deadline import Deadline
@@ -97,7 +97,8 @@ def coalesce_window(call: CallInfo, default_ms: float) -> float:
 
 
 class Forwarder:
-    """Builds the generic handler that re-exports AgentService through the pool."""
+    """The pipeline's terminal: per method, the function that sends an admitted call
+    through the pool (with retries) and relays the answer."""
 
     def __init__(self, pool: UpstreamPool, settings: Settings) -> None:
         self._pool = pool
@@ -124,11 +125,6 @@ class Forwarder:
         self.active -= 1
         if not self.active:
             self._idle.set()
-
-    @staticmethod
-    def stream_response_classes() -> dict[str, type]:
-        """Method path -> chunk class, for every server-streaming method."""
-        return {m.path: m.response_cls for m in agent_service().methods if m.streaming}
 
     # -- per call ---------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ Every chunk the caller sees is renumbered (`seq`), since heartbeats and coalesci
 change how many chunks there are. Chunks that queued up behind a slow caller may be
 merged into one (the first chunk is never held back: merging only takes what is
 already waiting). With a coalescing window (opt-in: `coalesce_window_ms`, per method, or
-the caller's `x-aiproxy-coalesce-ms` header, see server/forwarding.py) later chunks are
+the caller's `x-aiproxy-coalesce-ms` header, see server/request/forwarding.py) later chunks are
 pushed at most once per window, so a fast token stream becomes fewer, larger messages.
 
 The pump reads the time (heartbeat and idle deadlines, the call's deadline, the coalescing

@@ -1,4 +1,4 @@
-"""The overload gate (interceptors/overload.py) and the backlog probe (server/backlog.py).
+"""The overload gate (interceptors/overload.py) and the backlog probe (server/pool/backlog.py).
 
 BacklogLimit is pure logic, fed samples by hand; the gate runs on a real grpc.aio server
 on port 0 with a counter standing in for the forwarder's active calls; the probe runs
