@@ -28,6 +28,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from aiproxy.core.contract import MAX_ID_CHARS, MAX_STEPS, MAX_STOP_SEQUENCES, MAX_TOOLS
 from aiproxy.core.service import SERVICE_NAME, agent_service
 
 ENV_PREFIX = "AIPROXY_"
@@ -432,7 +433,9 @@ _RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "
 
 
 class ValidationSettings(_Section):
-    """Request checks made before a call costs anything upstream."""
+    """Request checks made before a call costs anything upstream. The counts default to
+    the request contract's (core/contract.py); the operator may set others (the reference
+    agent still enforces the contract's own)."""
 
     enabled: bool = True
     max_prompt_chars: int = Field(default=32_000, ge=1)
@@ -440,14 +443,16 @@ class ValidationSettings(_Section):
     max_message_chars: int = Field(default=32_000, ge=1)
     max_total_chars: int = Field(default=200_000, ge=1)  # all text fields of one request
     max_tokens: int = Field(default=4096, ge=1)
-    max_stop_sequences: int = Field(default=16, ge=0)
+    max_stop_sequences: int = Field(default=MAX_STOP_SEQUENCES, ge=0)
     max_batch_prompts: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=50, ge=1)
     max_filters: int = Field(default=16, ge=0)
-    max_tools: int = Field(default=16, ge=0)
-    max_steps: int = Field(default=50, ge=1)
+    max_tools: int = Field(default=MAX_TOOLS, ge=0)
+    max_steps: int = Field(default=MAX_STEPS, ge=1)
     max_context_bytes: int = Field(default=64 * 1024, ge=0)  # agent context, serialized
-    max_id_chars: int = Field(default=128, ge=1)  # model, session id, tool and filter names
+    max_id_chars: int = Field(
+        default=MAX_ID_CHARS, ge=1
+    )  # model, session id, tool and filter names
 
 
 class ApiKeySettings(_Section):
