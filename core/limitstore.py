@@ -412,8 +412,6 @@ class MemoryLimitStore:
         self._meters: _Lru[TokenMeter] = _Lru(max_keys, 60.0, clock)
         self._days: _Lru[tuple[int, int]] = _Lru(max_keys, math.inf, clock)  # key -> (day, used)
         self._streams: dict[str, int] = {}
-        self._leases: dict[str, StreamLease] = {}
-        self._reservations = 0
 
     # -- request rate
 
@@ -520,7 +518,6 @@ class MemoryLimitStore:
         if limits.per_day is not None:
             used += amount
             self._days.set(budget_key, (day, used))
-        self._reservations += 1
         return Reservation(
             f"{self.name}:{next(_ids)}",
             key,

@@ -27,7 +27,6 @@ from aiproxy.server.process import devtoken
 AGENT = "127.0.0.1:50052"
 PROXY = "127.0.0.1:50051"
 ENVOY_HTTP = "127.0.0.1:8080"
-METRICS = "127.0.0.1:9091"
 
 
 @dataclass
