@@ -28,13 +28,13 @@ class ClientMethod:
     """One upstream method's grpc_client_* label children, resolved once."""
 
     __slots__ = (
-        "labels",
-        "started",
-        "handled_parent",
         "handled_children",
+        "handled_parent",
         "handling",
-        "sent",
+        "labels",
         "received",
+        "sent",
+        "started",
     )
 
     def __init__(self, metrics: GrpcClientMetrics, path: str, grpc_type: str) -> None:

@@ -813,7 +813,7 @@ class RedisLimitStore:
                         limits.per_minute or 0,
                         limits.per_day or 0,
                         self._rsv_ttl_ms,
-                    ),  # fmt: skip
+                    ),
                 )
             except _FAILURES as exc:
                 self._degrade(exc)

@@ -76,7 +76,7 @@ class StandInForwarder:
         assert call is not None
         call.upstream, call.attempts = "10.0.0.7:50052", 1
         yield pb.StreamGenerateResponse(delta="a", model="m-1")
-        for i in range(2):
+        for _ in range(2):
             await asyncio.sleep(CHUNK_PAUSE_S)
             yield pb.StreamGenerateResponse(delta="b")
         if request.prompt == "fail-midway":
