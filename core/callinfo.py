@@ -12,7 +12,7 @@ import asyncio
 import contextvars
 import dataclasses
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     # for the annotations only, so this module stays at the bottom of core/.
     from aiproxy.core.limitstore import Reservation, StreamLease
     from aiproxy.core.ratelimit import Lease
-
-Metadata = Sequence[tuple[str, str | bytes]]
 
 
 def metadata_dict(

@@ -17,14 +17,16 @@ failures are mapped onto the same shape by core/upstream_errors.py.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, NoReturn
+from typing import ClassVar, Final, NoReturn
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from aiproxy.core.types import Context, Metadata
 
 DOMAIN: Final = "aiproxy.ai.agent.v1"
 
@@ -41,8 +43,6 @@ OVERLOADED_RETRY_DELAY_S: Final = 1.0
 
 # An upstream message longer than this is not passed on (see `_safe_upstream_message`).
 MAX_UPSTREAM_MESSAGE_LEN: Final = 200
-
-Metadata = Sequence[tuple[str, str | bytes]]
 
 
 class Reason(enum.StrEnum):
@@ -266,7 +266,7 @@ def to_grpc_status(err: ProxyError) -> grpc.Status:
 
 
 async def abort_with(
-    context: grpc.aio.ServicerContext[Any, Any], err: ProxyError, trailing_metadata: Metadata = ()
+    context: Context, err: ProxyError, trailing_metadata: Metadata = ()
 ) -> NoReturn:
     """End the call with `err`, keeping the trailing metadata already set on `context`.
 

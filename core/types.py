@@ -4,6 +4,7 @@
   production, a fake in tests): token buckets, the breaker, caches, stream buffers,
   deadlines, the stream pump.
 - `Context`: the grpc.aio servicer context as the request path passes it along.
+- `Metadata`: gRPC metadata as (key, value) pairs; values of `-bin` keys are bytes.
 - `UnaryCall` / `StreamCall`: a method's terminal, what the pipeline hands an admitted
   call to (the forwarder, and the wrappers in front of it: the cache, resumable
   streams). It takes the decoded request, the caller's bytes as they came (they go
@@ -13,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -23,6 +24,8 @@ from aiproxy.core.callinfo import CallInfo
 Clock: TypeAlias = Callable[[], float]
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+Metadata: TypeAlias = Sequence[tuple[str, str | bytes]]
 
 UnaryCall: TypeAlias = Callable[[Any, bytes, Context, CallInfo], Awaitable[Any]]
 StreamCall: TypeAlias = Callable[[Any, bytes, Context, CallInfo], AsyncGenerator[Any, None]]

@@ -53,7 +53,7 @@ from aiproxy.interceptors.error_handling import (
     shape,
 )
 from aiproxy.interceptors.overload import GateCheck, OverloadGate
-from aiproxy.interceptors.stage import Bound, Decode, Step
+from aiproxy.interceptors.stage import Bound, Decode, Exit, Step
 
 log = logging.getLogger("aiproxy.pipeline")
 
@@ -73,7 +73,7 @@ def _aborted_code(context: Context) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
-def _run_exits(exits: Sequence[Callable[[CallInfo], None] | None], n: int, call: CallInfo) -> None:
+def _run_exits(exits: Sequence[Exit | None], n: int, call: CallInfo) -> None:
     """The exits of the first `n` stages, innermost first; one failing never skips the
     others (it is a bug: logged, the call's outcome unchanged)."""
     for i in range(n - 1, -1, -1):
