@@ -64,7 +64,7 @@ from aiproxy.core.settings import (
     RSA_ALGORITHMS,
     AuthSettings,
 )
-from aiproxy.core.types import Clock
+from aiproxy.core.types import Clock, Context
 
 log = logging.getLogger("aiproxy.auth")
 
@@ -424,7 +424,7 @@ class _Bound:
         self._auth, self._path = auth, path
         self._scopes = auth.required_scopes(path)
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         auth = self._auth
         try:
             principal = auth.authenticate_headers(call.metadata, call.repeated, call.peer)

@@ -25,7 +25,7 @@ from typing import Any, Final
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.errors import DeadlineExceeded
 from aiproxy.core.service import Method, Service
-from aiproxy.core.types import Clock
+from aiproxy.core.types import Clock, Context
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +143,7 @@ class _Bound:
     def __init__(self, deadlines: MethodDeadlines, path: str) -> None:
         self._deadlines, self._path = deadlines, path
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         timeout = self._deadlines.effective_timeout(self._path, context.time_remaining())
         if timeout <= 0:
             raise DeadlineExceeded("the caller's deadline had passed before the call started")

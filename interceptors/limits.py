@@ -90,6 +90,7 @@ from aiproxy.core.ratelimit import (
 )
 from aiproxy.core.service import Method
 from aiproxy.core.settings import LimitSettings
+from aiproxy.core.types import Context
 
 _PROXY_KEY: Final = "*"  # the one key of the proxy-wide cap
 # The edge's proof that a call came through it (see the module docstring); named in
@@ -195,7 +196,7 @@ class _Bound:
         self._metered = metered  # the method's answers report LLM token usage
         self.exit = self._exit
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         limits = self._limits
         overall = limits.in_flight.try_acquire(_PROXY_KEY)
         if overall is None:

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S, Overloaded, to_grpc_status
 from aiproxy.core.service import Method
+from aiproxy.core.types import Context
 
 
 class BacklogLimit:
@@ -121,7 +121,7 @@ class GateCheck:
     def __init__(self, gate: OverloadGate, path: str) -> None:
         self._gate, self._path = gate, path
 
-    async def check(self, context: Any) -> None:
+    async def check(self, context: Context) -> None:
         gate = self._gate
         if gate.full():
             if gate._on_reject is not None:

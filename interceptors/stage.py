@@ -26,6 +26,7 @@ from typing import Any, Final, Protocol
 
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.service import Method
+from aiproxy.core.types import Context
 
 Exit = Callable[[CallInfo], None]
 
@@ -37,7 +38,7 @@ class Bound(Protocol):
     @property
     def exit(self) -> Exit | None: ...
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None: ...
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None: ...
 
 
 class Stage(Protocol):

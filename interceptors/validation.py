@@ -29,6 +29,7 @@ from aiproxy.core.contract import TEMPERATURE, TOP_P
 from aiproxy.core.errors import FieldViolation, InvalidArgument
 from aiproxy.core.service import Method
 from aiproxy.core.settings import ValidationSettings
+from aiproxy.core.types import Context
 
 Violations = list[FieldViolation]
 Validator = Callable[[Any], Violations]
@@ -263,7 +264,7 @@ class _Bound:
     def __init__(self, validator: Validator) -> None:
         self._validator = validator
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         violations = self._validator(request)
         if violations:
             raise invalid_request(violations)
