@@ -26,7 +26,7 @@ from aiproxy.core.errors import Reason
 from aiproxy.core.limitstore import LimitStore
 from aiproxy.core.logs import log_event, print_ready
 from aiproxy.core.service import SERVICE_NAME, agent_service
-from aiproxy.core.settings import ServerSettings, Settings, parse_hostport
+from aiproxy.core.settings import ADMIN_SERVICE_NAME, ServerSettings, Settings, parse_hostport
 from aiproxy.interceptors.auth import AuthStage, is_open_method
 from aiproxy.interceptors.error_handling import SafeGenericHandler, safe_handler
 from aiproxy.interceptors.overload import BacklogLimit, OverloadGate
@@ -34,7 +34,7 @@ from aiproxy.server import tls
 from aiproxy.server.chain import client_interceptors, pipeline_stages
 from aiproxy.server.pool.backlog import BacklogProbe
 from aiproxy.server.pool.pool import UpstreamPool
-from aiproxy.server.request.admin import ADMIN_SERVICE_NAME, ProxyAdmin
+from aiproxy.server.request.admin import ProxyAdmin
 from aiproxy.server.request.caching import (
     AnswerTerminal,
     Caching,
