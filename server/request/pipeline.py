@@ -24,10 +24,12 @@ serializer. Every method is registered as request-STREAMING and the frame reads 
 message itself (`context.read()`): grpc.aio's unary-request path, given a call whose
 stream ends without one whole message (no DATA, or a length prefix larger than the bytes
 that came, then END_STREAM), never calls the handler and never answers either, so the
-caller waited until its own deadline, forever without one (issue 20). Here such a call
-gets INVALID_ARGUMENT / MALFORMED_REQUEST at once, like any request that does not decode. Health, reflection and admin are registered beside the pipeline (with the
-same MALFORMED_REQUEST shaping, interceptors/error_handling.safe_handler) and never run
-the business chain.
+caller waited until its own deadline, forever without one. Here such a call gets
+INVALID_ARGUMENT / MALFORMED_REQUEST at once, like any request that does not decode.
+
+Health, reflection and admin are registered beside the pipeline (with the same
+MALFORMED_REQUEST shaping, interceptors/error_handling.safe_handler) and never run the
+business chain.
 """
 
 from __future__ import annotations

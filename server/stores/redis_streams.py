@@ -9,7 +9,7 @@ Keys per stream (one hash tag per stream, so they would sit on one Cluster slot)
   serialized chunk) and k (0 data, 1 final, 2 error);
 - `{prefix}{<id>}:o` the owner's lease (PX), `{prefix}{<id>}:r` a reader's lease (PX).
   `create` takes the owner's first lease; the owner's watcher renews it (every 0.25 s,
-  server/resume.py), independently of chunks.
+  server/request/resume.py), independently of chunks.
 
 Every write is one Lua script (check seq, XADD, bytes accounting and trimming, expiry),
 one round trip, sent over the one pipelined connection of server/stores/redis_limits.py
