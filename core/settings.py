@@ -783,6 +783,10 @@ class MetricsSettings(_Section):
     enabled: bool = True
     # HOST:PORT of the HTTP listener; port 0 picks a free one (reported in the ready line).
     listen: str = "127.0.0.1:9091"
+    # The gen_ai.provider.name of the OpenTelemetry GenAI series (gen_ai_*): who serves the
+    # models behind the agents, one of the spec's well-known values (openai, anthropic,
+    # aws.bedrock, ...) when it applies; the default names the agent service itself.
+    gen_ai_provider_name: str = Field(default="aiproxy.agent", min_length=1, max_length=64)
 
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 

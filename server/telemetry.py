@@ -49,7 +49,7 @@ class Telemetry:
         self.registry = CollectorRegistry(auto_describe=True)
         self.grpc_server = GrpcServerMetrics(self.registry)
         self.grpc_client = GrpcClientMetrics(self.registry)
-        self.proxy = ProxyMetrics(self.registry)
+        self.proxy = ProxyMetrics(self.registry, settings.metrics.gen_ai_provider_name)
         self.access_log = settings.log.access
         # Started and stopped by the server (server/app.py) with the process's log handlers.
         self.access_writer = AccessLogWriter(access_log) if self.access_log else None
