@@ -23,8 +23,8 @@ MODEL_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request
 
 def series(samples, name, **labels):
     return [
-        (l, v)
-        for l, v in samples.get(name, [])
+        (lab, v)
+        for lab, v in samples.get(name, [])
         if all(lab.get(k) == v2 for k, v2 in labels.items())
     ]
 
@@ -121,8 +121,8 @@ async def test_gen_ai_series(spawn) -> None:
     assert one("gen_ai_server_request_duration_seconds_count", **gen, error_type="") == 1
     assert one("gen_ai_server_request_duration_seconds_count", **chat, error_type="") == 1
     failed = [
-        l
-        for l, v in series(
+        lab
+        for lab, v in series(
             m, "gen_ai_server_request_duration_seconds_count", error_type="UNAVAILABLE"
         )
         if v == 1
