@@ -296,6 +296,11 @@ class EdgeSettings:
     # Added to every forwarded request as x-aiproxy-edge: the proxy believes the
     # client-address header only with it (when its limits.edge_secret is set).
     edge_secret: str | None = field(default=None, repr=False)
+    # Response compression (brotli, gzip) of JSON answers and pages at least this large;
+    # SSE streams only with compress_sse (see the template).
+    compression: bool = True
+    compress_min_bytes: int = 1024
+    compress_sse: bool = False
     descriptor: pathlib.Path = DESCRIPTOR
     page: pathlib.Path = PAGE
     template: pathlib.Path = TEMPLATE
@@ -307,8 +312,19 @@ class EdgeSettings:
             raise EdgeError("at least one --proxy HOST:PORT is needed")
         for proxy in self.proxies:
             parse_hostport(proxy)
+        if not 0 <= self.compress_min_bytes <= 1 << 20:
+            raise EdgeError("--compress-min-bytes must be between 0 and 1 MiB")
         if self.health_interval_s <= 0 or self.stream_idle_timeout_s <= 0:
             raise EdgeError("intervals and timeouts must be positive")
+
+
+# What the edge compresses: the transcoder's JSON answers and errors, the pages.
+COMPRESSED_TYPES = ("application/json", "text/html", "application/javascript", "text/css")
+SSE_TYPE = "text/event-stream"
+
+
+def compress_content_types(settings: EdgeSettings) -> list[str]:
+    return [*COMPRESSED_TYPES, *((SSE_TYPE,) if settings.compress_sse else ())]
 
 
 def _duration(seconds: float) -> str:
@@ -382,6 +398,9 @@ def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool =
         "descriptor_path": json.dumps(str(settings.descriptor.resolve())),
         "page_path": json.dumps(str(settings.page.resolve())),
         "local_reply_mappers": json.dumps(local_reply_mappers()),
+        "compress_enabled": json.dumps(settings.compression),
+        "compress_min_bytes": settings.compress_min_bytes,
+        "compress_content_types": json.dumps(compress_content_types(settings)),
         "edge_request_headers": json.dumps(
             _edge_request_headers(
                 settings.edge_secret if reveal_secret or not settings.edge_secret else _MASKED
