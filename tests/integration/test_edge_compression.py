@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import itertools
 import json
 import statistics
 import time
@@ -201,7 +202,7 @@ def sse_timings(address: str, accept_encoding: str | None) -> tuple[str | None, 
 
 
 def _summary(name: str, encoding: str | None, times: list[float], wire: int) -> str:
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     return (
         f"{name:<28} encoding={encoding!s:<5} events={len(times)} first={times[0] * 1000:6.1f} ms "
         f"gap mean={statistics.mean(gaps) * 1000:5.1f} ms min={min(gaps) * 1000:5.1f} ms "
