@@ -272,7 +272,16 @@ class ProxyServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, beside)
         # Untyped: protoc's generated *_pb2_grpc.py, and the grpcio-reflection stubs'
         # declaration of it.
-        admin_grpc.add_ProxyAdminServiceServicer_to_server(ProxyAdmin(self.pool), beside)  # type: ignore[no-untyped-call]
+        resumer = self.resumer
+        admin = ProxyAdmin(
+            self.pool,
+            settings=self.settings,
+            metrics=self.telemetry.proxy,
+            serving=lambda: self.health.serving,
+            active_calls=lambda: self.forwarder.active,
+            resumable=lambda: (0, 0) if resumer is None else (resumer.generating, resumer.detached),
+        )
+        admin_grpc.add_ProxyAdminServiceServicer_to_server(admin, beside)  # type: ignore[no-untyped-call]
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
             reflection.aio.ReflectionServicer(
                 (
@@ -296,6 +305,8 @@ class ProxyServer:
         await server.start()
         self._server = server
         self._start_backlog_probe()
+        # The admin overview's rates: counters sampled once a second (server/request/admin.py).
+        self._background.append(asyncio.create_task(admin.sampler.run(), name="admin-sampler"))
         log_event(
             log,
             "proxy_started",

@@ -109,6 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compress SSE streams (text/event-stream) too (default off; docs/operations.md has the measurement)",
     )
+    parser.add_argument(
+        "--admin-view",
+        action="store_true",
+        help="serve the operators' live view at /admin/ and GET /admin/v1/overview (ProxyAdminService.GetOverview; needs an admin scope when the proxy's auth is on)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the rendered configuration and exit")  # fmt: skip
 
 
@@ -135,6 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> EdgeSettings:
         compression=not args.no_compression,
         compress_min_bytes=args.compress_min_bytes,
         compress_sse=args.compress_sse,
+        admin_view=args.admin_view,
         descriptor=args.descriptor,
         page=args.page,
     )

@@ -44,6 +44,7 @@ def _envoy_dir() -> pathlib.Path:
 ENVOY_DIR = _envoy_dir()
 TEMPLATE = ENVOY_DIR / "envoy.yaml.tmpl"
 PAGE = ENVOY_DIR / "page" / "index.html"
+ADMIN_PAGE = ENVOY_DIR / "page" / "admin.html"
 
 
 def _descriptor() -> pathlib.Path:
@@ -86,6 +87,10 @@ GUARD_MESSAGES: dict[str, str] = {
     "repeated": "repeated gRPC-reserved header: each grpc-* header may appear once",
 }
 BODY_TOO_LARGE = "request body too large"
+ADMIN_NOT_EXPOSED = "not available through the edge"
+ADMIN_VIEW_OFF = "the live view is off (aiproxy envoy --admin-view turns it on)"
+AGENT_SERVICE = "ai.agent.v1.AgentService"
+ADMIN_SERVICE = "ai.proxy.v1.ProxyAdminService"
 
 # Delay a caller is told to wait before retrying an edge-level unavailability (the proxy's
 # own UNAVAILABLE_RETRY_DELAY_S is the same 1 s).
@@ -254,11 +259,17 @@ def http_bindings(
 
 
 def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
-    messages = {**GUARD_MESSAGES, "body": BODY_TOO_LARGE, "not-allowed": "method not allowed"}
+    messages = {
+        **GUARD_MESSAGES,
+        "body": BODY_TOO_LARGE,
+        "not-allowed": "method not allowed",
+        "admin": ADMIN_NOT_EXPOSED,
+    }
     details = {
         key: status_bin(3, message, "HEADERS_TOO_LARGE" if key == "size" else "INVALID_ARGUMENT")
         for key, message in GUARD_MESSAGES.items()
     }
+    details["admin"] = status_bin(7, ADMIN_NOT_EXPOSED, "PERMISSION_DENIED")
     # Paths with {variables} would need a pattern match; this API has none, and a path
     # the table misses only falls back to the transcoder's 404.
     allow = {
@@ -301,6 +312,10 @@ class EdgeSettings:
     compression: bool = True
     compress_min_bytes: int = 1024
     compress_sse: bool = False
+    # The operators' live view at /admin/ and its GET /admin/v1/overview (ProxyAdminService
+    # through the transcoder; an admin scope when the proxy's auth is on).
+    admin_view: bool = False
+    admin_page: pathlib.Path = ADMIN_PAGE
     descriptor: pathlib.Path = DESCRIPTOR
     page: pathlib.Path = PAGE
     template: pathlib.Path = TEMPLATE
@@ -368,6 +383,7 @@ def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool =
     for what, path in (
         ("descriptor set", settings.descriptor),
         ("page", settings.page),
+        ("admin page", settings.admin_page),
         ("template", settings.template),
     ):
         if not path.is_file():
@@ -398,6 +414,14 @@ def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool =
         "descriptor_path": json.dumps(str(settings.descriptor.resolve())),
         "page_path": json.dumps(str(settings.page.resolve())),
         "local_reply_mappers": json.dumps(local_reply_mappers()),
+        "transcoder_services": json.dumps(
+            [AGENT_SERVICE, *((ADMIN_SERVICE,) if settings.admin_view else ())]
+        ),
+        "admin_page_response": json.dumps(
+            {"status": 200, "body": {"filename": str(settings.admin_page.resolve())}}
+            if settings.admin_view
+            else {"status": 404, "body": {"inline_string": ADMIN_VIEW_OFF}}
+        ),
         "compress_enabled": json.dumps(settings.compression),
         "compress_min_bytes": settings.compress_min_bytes,
         "compress_content_types": json.dumps(compress_content_types(settings)),
