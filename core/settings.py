@@ -117,7 +117,8 @@ class UpstreamSettings(_Section):
 
     # HOST:PORT (an IP, or a name re-resolved every dns_refresh_s) or
     # consul://HOST:PORT/SERVICE[?tag=T&dc=D] (Consul's healthy instances, followed with
-    # blocking queries; ACL token from CONSUL_HTTP_TOKEN only).
+    # blocking queries; ACL token from CONSUL_HTTP_TOKEN only), or
+    # srv://_SERVICE._PROTO.NAME[?nameserver=HOST:PORT] (DNS SRV, re-resolved like names).
     endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:50052"], min_length=1)
     # Start-up waits this long for a usable endpoint before it reports ready.
     startup_wait_s: float = Field(default=5.0, ge=0)
@@ -155,9 +156,9 @@ class UpstreamSettings(_Section):
     @field_validator("endpoints")
     @classmethod
     def _v_endpoints(cls, value: list[str]) -> list[str]:
-        # consul://HOST:PORT/SERVICE[?tag=T&dc=D] is checked by server/pool/consul.py when
-        # the pool starts (core/ does not know the discovery sources' grammar).
-        return [v if v.startswith("consul://") else _check_address(v) for v in value]
+        # consul://... and srv://... are checked by server/pool/consul.py and srv.py at
+        # start-up (core/ does not know the discovery sources' grammar).
+        return [v if v.startswith(("consul://", "srv://")) else _check_address(v) for v in value]
 
 
 class ResumeSettings(_Section):

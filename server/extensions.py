@@ -70,6 +70,7 @@ def check_settings(settings: Settings) -> None:
     """Fail early, with the setting's name, on what only start-up would find: the extra
     interceptors (imported and built once here) and the Consul targets' grammar."""
     from aiproxy.server.pool.consul import ConsulTarget, is_consul
+    from aiproxy.server.pool.srv import SrvTarget, is_srv
 
     server_interceptors(settings.server.extra_interceptors)
     client_interceptors(settings.upstream.extra_interceptors)
@@ -77,5 +78,10 @@ def check_settings(settings: Settings) -> None:
         if is_consul(entry):
             try:
                 ConsulTarget.parse(entry)
+            except ValueError as exc:
+                raise ConfigError(f"upstream.endpoints: {exc}") from None
+        if is_srv(entry):
+            try:
+                SrvTarget.parse(entry)
             except ValueError as exc:
                 raise ConfigError(f"upstream.endpoints: {exc}") from None

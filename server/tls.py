@@ -65,7 +65,7 @@ def expected_server_name(
         return settings.server_name
     names = set()
     for endpoint in endpoints:
-        if endpoint.startswith("consul://"):
+        if endpoint.startswith(("consul://", "srv://")):
             return None  # Consul's instances carry addresses: set server_name
         host, _ = parse_hostport(endpoint)
         try:

@@ -1,9 +1,10 @@
 """Where the upstream endpoints are: static addresses, DNS names re-resolved, Consul.
 
-An entry of `upstream.endpoints` is `HOST:PORT` or `consul://HOST:PORT/SERVICE[?tag=T&dc=D]`.
-An IP literal is used as it is; a name is resolved now and every `upstream.dns_refresh_s`
-after, and the pool follows the answer (the Kubernetes headless-service case: one A record
-per ready pod). A Consul entry is followed with blocking queries (consul.py). The pool gets
+An entry of `upstream.endpoints` is `HOST:PORT`, `consul://HOST:PORT/SERVICE[?tag=T&dc=D]`
+or `srv://_SERVICE._PROTO.NAME[?nameserver=HOST:PORT]`. An IP literal is used as it is; a
+name is resolved now and every `upstream.dns_refresh_s` after, and the pool follows the
+answer (the Kubernetes headless-service case: one A record per ready pod); so is an SRV
+name (srv.py). A Consul entry is followed with blocking queries (consul.py). The pool gets
 the union of all entries' addresses. Endpoints that disappear from the answer are retired;
 their calls in flight finish. A source that fails keeps its last good answer and reports
 itself down (`on_status`, the ai_proxy_discovery_* metrics).
@@ -21,6 +22,7 @@ from typing import Any
 from aiproxy.core.logs import log_event
 from aiproxy.core.settings import parse_hostport
 from aiproxy.server.pool.consul import ConsulTarget, ConsulWatch, is_consul
+from aiproxy.server.pool.srv import SrvTarget, is_srv, resolve_srv
 
 log = logging.getLogger("aiproxy.discovery")
 
@@ -57,7 +59,9 @@ class Discovery:
         resolver: Resolver = system_resolver,
         consul_options: dict[str, Any] | None = None,
     ) -> None:
-        self._entries = [parse_hostport(e) for e in entries if not is_consul(e)]
+        self._entries = [parse_hostport(e) for e in entries if not is_consul(e) and not is_srv(e)]
+        self._srv = [SrvTarget.parse(e) for e in entries if is_srv(e)]
+        self._srv_last: dict[str, list[str]] = {}
         self._apply = apply
         self._refresh_s = refresh_s
         self._resolver = resolver
@@ -80,7 +84,9 @@ class Discovery:
 
     @property
     def dynamic(self) -> bool:
-        return any(not _is_ip(host) and host != "localhost" for host, _ in self._entries)
+        return bool(self._srv) or any(
+            not _is_ip(host) and host != "localhost" for host, _ in self._entries
+        )
 
     def add_status_listener(self, listener: Callable[[str, bool], None]) -> None:
         """`listener(source, up)` after each resolution or query of a dynamic source."""
@@ -147,8 +153,30 @@ class Discovery:
                 log_event(log, "dns_resolved", host=host, port=port, addresses=ips)
             self._last[(host, port)] = ips
             addresses.extend(format_address(ip, port) for ip in ips)
+        for target in self._srv:
+            addresses.extend(await self._resolve_srv(target))
         self._resolved = addresses
         return await self._publish()
+
+    async def _resolve_srv(self, target: SrvTarget) -> list[str]:
+        try:
+            found = [format_address(host, port) for host, port in await resolve_srv(target)]
+            self._status(target.source, True)
+        except OSError as exc:
+            found = self._srv_last.get(target.name, [])
+            log_event(
+                log,
+                "srv_resolve_failed",
+                level=logging.WARNING,
+                name=target.name,
+                error=str(exc),
+                kept=len(found),
+            )
+            self._status(target.source, False)
+        if found != self._srv_last.get(target.name):
+            log_event(log, "srv_resolved", name=target.name, addresses=found)
+        self._srv_last[target.name] = found
+        return found
 
     async def _loop(self) -> None:
         while True:
