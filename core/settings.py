@@ -186,7 +186,7 @@ class UpstreamSettings(_Section):
         "avoided, its calls in flight failed with UNAVAILABLE) within keepalive_time_s + "
         "keepalive_timeout_s: HTTP/2 keepalive pings with that ack timeout, and a health "
         "Check with that deadline every keepalive_time_s on a separate connection "
-        "(server/pool/upstream.py).",
+        "(server/pool/health.py).",
     )
     keepalive_timeout_s: float = Field(
         default=5.0,
