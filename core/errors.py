@@ -60,6 +60,7 @@ class Reason(enum.StrEnum):
     STREAM_EXPIRED = "STREAM_EXPIRED"  # the stream's data is gone: grace, time or bytes bound
     STREAM_STORE_UNAVAILABLE = "STREAM_STORE_UNAVAILABLE"  # the shared stream store is down
     STREAM_FINISHED = "STREAM_FINISHED"  # resumed after the final chunk: nothing left to send
+    STREAM_ORIGIN_LOST = "STREAM_ORIGIN_LOST"  # the replica generating the stream is gone
 
 
 @dataclass(frozen=True, slots=True)

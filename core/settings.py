@@ -253,6 +253,15 @@ class ResumeSettings(_Section):
         description="A stream is kept this long after its last write (then a resume is "
         "STREAM_NOT_FOUND).",
     )
+    owner_lease_s: float = Field(
+        default=3.0,
+        ge=1.0,
+        le=60,
+        description="The owner replica's lease on each stream it generates, renewed every "
+        "0.25 s apart from the chunks (a slow generation keeps it). A resumer of a stream "
+        "whose lease lapsed before its final chunk (the replica died) gets the stored chunks, "
+        "then UNAVAILABLE STREAM_ORIGIN_LOST, within about owner_lease_s + 1 s of the death.",
+    )
     max_streams: int = Field(
         default=10_000, ge=1, description="memory backend: streams held per process."
     )

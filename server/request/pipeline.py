@@ -280,8 +280,10 @@ def _stream_handler(
                 err = shape(exc, call, path)
             if err is not None:
                 if sent:
-                    # seq continues the stream's numbering: every chunk so far passed here.
-                    last = final_chunk(chunk_cls, sent, err)
+                    # seq continues the stream's numbering: every chunk so far passed here,
+                    # except on a resume, which started after the caller's last-event-id.
+                    nxt = last.seq + 1 if call.replayed == "resume" else sent
+                    last = final_chunk(chunk_cls, nxt, err)
                     last_at = monotonic()
                     sent += 1
                     yield last
