@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import pathlib
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -200,7 +200,9 @@ class UpstreamSettings(_Section):
     drop_metadata: list[str] = Field(
         default_factory=lambda: ["authorization", "cookie", "x-api-key"],
         description="Metadata never forwarded upstream (credentials the agent has no business "
-        "seeing). The proxy's own headers (core/headers.py) are never forwarded either.",
+        "seeing), besides every header whose name carries a credential word "
+        "(core/headers.is_credential). The proxy's own headers (core/headers.py) are never "
+        "forwarded either.",
     )
 
     @field_validator("endpoints")
@@ -530,9 +532,12 @@ class RateLimitOverride(_Section):
 class LimitSettings(_Section):
     """Admission control on calls into the proxy (server side; docs/limits.md).
 
-    Callers are keyed by authenticated subject, then API key (hashed), then the
-    x-client-id header, then peer address: "sub:alice", "key:<sha256/128>",
-    "client:web-42", "peer:10.0.0.7". Overrides are keyed the same way.
+    Callers are keyed by who they are: authenticated subject or API key (hashed), else
+    peer address ("sub:alice", "key:<sha256/128>", "peer:10.0.0.7"). An id the caller
+    declares (x-client-id; x-api-key while auth is off) only gets a sub-bucket inside
+    that key's ("client:web-42@peer:10.0.0.7"): it splits the budget, never multiplies it
+    (interceptors/limits.py). Overrides are keyed "sub:", "key:", "peer:", "client:<id>"
+    (a declared id's share: it can only narrow), "apikey:<name>", "tenant:<value>".
     """
 
     enabled: bool = Field(default=True, description="Limits on or off.")
@@ -601,7 +606,8 @@ class LimitSettings(_Section):
     overrides: dict[str, RateLimitOverride] = Field(
         default_factory=dict,
         description='Keyed "<kind>:<value>", kind one of sub, key, client, peer, apikey, '
-        "tenant; the most specific key wins: the caller's own (sub/key/client/peer), then "
+        "tenant (client:<id> is a declared id's share inside its owner's, and can only "
+        "narrow); the most specific key wins: the caller's own (sub/key/client/peer), then "
         'apikey:<name>, then tenant:<value>. E.g. {"sub:batch-service": {"rate_per_s": 500, '
         '"burst": 1000, "max_streams": 400}, "tenant:acme": {"tokens_per_day": 2000000}}.',
     )
@@ -751,6 +757,12 @@ def _check_file(value: str | None) -> str | None:
     return value
 
 
+# The scope the admin service needs by default (auth.admin_scopes).
+ADMIN_SCOPE: Final = "aiproxy.admin"
+# The proxy's own admin service (proto/ai/proxy/v1): every method of it needs admin_scopes.
+ADMIN_SERVICE_NAME: Final = "ai.proxy.v1.ProxyAdminService"
+
+
 class AuthSettings(_Section):
     """Who may call (interceptors/auth.py; docs/security.md). Off unless a credential source
     is configured: setting jwt_secret (AIPROXY_AUTH__JWT_SECRET), a key file, a JWKS file or
@@ -805,6 +817,13 @@ class AuthSettings(_Section):
         description='Method ("ExecuteAgent" or "/ai.agent.v1.AgentService/ExecuteAgent") -> '
         "scopes the caller must all have (JWT `scope`, space-separated, or `scp` list; API "
         'key scopes), e.g. {"ExecuteAgent": ["agent:execute"]}.',
+    )
+    admin_scopes: list[str] = Field(
+        default_factory=lambda: [ADMIN_SCOPE],
+        description="Scopes a caller must all have to call the proxy's own admin service "
+        "(ai.proxy.v1.ProxyAdminService: the pool, its addresses and health). "
+        "Authenticating is not enough: a token minted for the AI API must not read the "
+        "deployment. [] lets any authenticated caller in (not recommended).",
     )
 
     _v_files = field_validator("jwt_public_key_file", "jwks_file")(

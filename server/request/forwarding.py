@@ -25,7 +25,12 @@ import grpc
 
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.errors import CircuitOpen, DeadlineExceeded
-from aiproxy.core.headers import COALESCE_HEADER, PROXY_ONLY_METADATA, PROXY_PREFIX
+from aiproxy.core.headers import (
+    COALESCE_HEADER,
+    PROXY_ONLY_METADATA,
+    PROXY_PREFIX,
+    is_credential,
+)
 from aiproxy.core.retry import RetryPolicy
 from aiproxy.core.service import Method, agent_service
 from aiproxy.core.settings import Settings
@@ -46,7 +51,9 @@ ATTEMPTS_TRAILER = "x-aiproxy-attempts"
 
 # Metadata that describes the caller's hop, not the call: never forwarded. Nor is what
 # only this proxy interprets (core/headers.py: resume, cancel, cache-control, coalescing,
-# the edge's secret, and any x-aiproxy-* by its prefix).
+# the edge's secret, and any x-aiproxy-* by its prefix), nor any credential-bearing
+# header (core/headers.is_credential: authorization, proxy-authorization, cookie,
+# x-api-key, *-token, *-secret..., a class of names), nor `upstream.drop_metadata`.
 _HOP_METADATA = frozenset(
     {
         "content-type",
@@ -138,7 +145,9 @@ class Forwarder:
         out = [
             (key, value)
             for key, value in pairs
-            if key not in drop and not key.startswith(_NEVER_FORWARDED_PREFIXES)
+            if key not in drop
+            and not key.startswith(_NEVER_FORWARDED_PREFIXES)
+            and not is_credential(key)
         ]
         out.append((REQUEST_ID, call.request_id))
         return out
