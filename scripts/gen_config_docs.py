@@ -149,6 +149,11 @@ def constraints(info: FieldInfo) -> str:
         pattern = getattr(item, "pattern", None)
         if isinstance(pattern, str):
             out.append(f"matches `{pattern}`")
+    low = next((o for o in out if o.startswith("length ≥ ")), None)
+    high = next((o for o in out if o.startswith("length ≤ ")), None)
+    if low and high:
+        out[out.index(low)] = f"length {low[9:]}-{high[9:]}"
+        out.remove(high)
     return ", ".join(out)
 
 
@@ -170,6 +175,12 @@ def _inline(value: Any) -> str:
 
 
 # --- Markdown -------------------------------------------------------------------------
+
+
+def _shown(value: Any) -> str:
+    """A default in the reference: strings as they are (the type column says str), the rest
+    as YAML writes them."""
+    return value if isinstance(value, str) and value else _inline(value)
 
 
 def _cell(text: str) -> str:
@@ -196,7 +207,7 @@ def render_markdown() -> str:
         for key in keys((name,), model, defaults):
             owner = key.dotted
             lines.append(
-                f"| `{owner}` | {_cell(_type_cell(key.info))} | `{_cell(_inline(key.default))}` "
+                f"| `{owner}` | {_cell(_type_cell(key.info))} | `{_cell(_shown(key.default))}` "
                 f"| `{key.env}` | {_cell(_description(owner, key.info))} |"
             )
             item_models += [(owner, m) for m in _item_models(key.info.annotation)]
@@ -207,7 +218,7 @@ def render_markdown() -> str:
                 default = (
                     "required"
                     if info.is_required()
-                    else f"`{_inline(info.get_default(call_default_factory=True))}`"
+                    else f"`{_shown(info.get_default(call_default_factory=True))}`"
                 )
                 lines.append(
                     f"| `{field}` | {_cell(_type_cell(info))} | {default} "
