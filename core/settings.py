@@ -29,6 +29,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from aiproxy.core.contract import MAX_ID_CHARS, MAX_STEPS, MAX_STOP_SEQUENCES, MAX_TOOLS
 from aiproxy.core.service import SERVICE_NAME, agent_service
 
 ENV_PREFIX = "AIPROXY_"
@@ -369,8 +370,10 @@ def _method_names() -> set[str]:
 
 
 class DeadlineSettings(_Section):
-    """Per-kind default and maximum deadlines, in seconds: the effective deadline is the
-    tighter of the caller's and the maximum, the default when the caller sets none."""
+    """Per-kind default and maximum deadlines, in seconds: 30 s for a unary call, 2 min
+    for a stream, 5 min for an agent run (see interceptors/deadline.py). The effective
+    deadline is the tighter of the caller's and the maximum, the default when the caller
+    sets none."""
 
     unary_default_s: float = Field(
         default=30.0, gt=0, description="Unary calls, when the caller sets no deadline."
@@ -694,7 +697,9 @@ _RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "
 
 
 class ValidationSettings(_Section):
-    """Request checks made before a call costs anything upstream (interceptors/validation.py)."""
+    """Request checks made before a call costs anything upstream (interceptors/validation.py).
+    The counts default to the request contract's (core/contract.py); the operator may set
+    others (the reference agent still enforces the contract's own)."""
 
     enabled: bool = Field(default=True, description="Validation on or off.")
     max_prompt_chars: int = Field(
@@ -708,17 +713,21 @@ class ValidationSettings(_Section):
         default=200_000, ge=1, description="All text fields of one request together."
     )
     max_tokens: int = Field(default=4096, ge=1, description="The largest `options.max_tokens`.")
-    max_stop_sequences: int = Field(default=16, ge=0, description="Entries of `options.stop`.")
+    max_stop_sequences: int = Field(
+        default=MAX_STOP_SEQUENCES, ge=0, description="Entries of `options.stop`."
+    )
     max_batch_prompts: int = Field(default=64, ge=1, description="Prompts in one BatchGenerate.")
     max_top_k: int = Field(default=50, ge=1, description="The largest RAG `top_k`.")
     max_filters: int = Field(default=16, ge=0, description="RAG filters in one request.")
-    max_tools: int = Field(default=16, ge=0, description="Tools named in one agent run.")
-    max_steps: int = Field(default=50, ge=1, description="The largest `max_steps` of an agent run.")
+    max_tools: int = Field(default=MAX_TOOLS, ge=0, description="Tools named in one agent run.")
+    max_steps: int = Field(
+        default=MAX_STEPS, ge=1, description="The largest `max_steps` of an agent run."
+    )
     max_context_bytes: int = Field(
         default=64 * 1024, ge=0, description="An agent run's context, serialized."
     )
     max_id_chars: int = Field(
-        default=128,
+        default=MAX_ID_CHARS,
         ge=1,
         description="Model, session id, tool and filter names, stop sequences.",
     )
