@@ -85,6 +85,8 @@ GUARD_MESSAGES: dict[str, str] = {
     "size": "request headers too large",
     "repeated": "repeated gRPC-reserved header: each grpc-* header may appear once",
     "connect-timeout-ms": "malformed connect-timeout-ms header: 1 to 10 digits expected",
+    "connect-content-encoding": "unsupported connect-content-encoding header: identity, gzip or deflate expected",
+    "connect-accept-encoding": "malformed connect-accept-encoding header: content-coding names expected",
     "connect-codec": "Connect with the binary codec only: content-type application/proto (unary) or application/connect+proto (streams)",
 }
 # The google.rpc.Code of the guard's answer where it is not INVALID_ARGUMENT: Connect's
