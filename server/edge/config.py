@@ -193,7 +193,9 @@ _GRPC_REQUEST = {
 
 
 # The guard's own answer to a Connect unary call it refused: already Connect's JSON error
-# (the guard writes it), which the HTTP mappers would wrap in a Status.
+# (the guard writes it), which the HTTP mappers would wrap in a Status. Not a request no
+# filter has seen (the codec's 431): Envoy's default, match_if_key_not_found true, would
+# take one for a Connect caller.
 _CONNECT_REFUSED = {
     "and_filter": {
         "filters": [
@@ -203,7 +205,8 @@ _CONNECT_REFUSED = {
                         "filter": "aiproxy.edge",
                         "path": [{"key": "protocol"}],
                         "value": {"string_match": {"exact": "connect"}},
-                    }
+                    },
+                    "match_if_key_not_found": False,
                 }
             },
             {
@@ -212,7 +215,8 @@ _CONNECT_REFUSED = {
                         "filter": "aiproxy.edge",
                         "path": [{"key": "rejected"}],
                         "value": {"present_match": True},
-                    }
+                    },
+                    "match_if_key_not_found": False,
                 }
             },
         ]
