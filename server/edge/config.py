@@ -87,11 +87,13 @@ GUARD_MESSAGES: dict[str, str] = {
     "connect-timeout-ms": "malformed connect-timeout-ms header: 1 to 10 digits expected",
     "connect-content-encoding": "unsupported connect-content-encoding header: identity, gzip or deflate expected",
     "connect-accept-encoding": "malformed connect-accept-encoding header: content-coding names expected",
+    "connect-get": "Connect GET requests are not supported (no method of this API is free of side effects): use POST",
     "connect-codec": "Connect with the binary codec only: content-type application/proto (unary) or application/connect+proto (streams)",
 }
 # The google.rpc.Code of the guard's answer where it is not INVALID_ARGUMENT: Connect's
-# JSON codec is not implemented (HTTP 415, as the Connect protocol says).
-GUARD_CODES: dict[str, int] = {"connect-codec": 12}
+# JSON codec (HTTP 415, as the Connect protocol says) and Connect GET (405) are not
+# implemented.
+GUARD_CODES: dict[str, int] = {"connect-codec": 12, "connect-get": 12}
 BODY_TOO_LARGE = "request body too large"
 
 # Delay a caller is told to wait before retrying an edge-level unavailability (the proxy's
@@ -316,6 +318,8 @@ def connect_error(code: int, message: str, reason: str) -> str:
 def _guard_reason(key: str) -> str:
     if key == "size":
         return "HEADERS_TOO_LARGE"
+    if key == "connect-get":
+        return "METHOD_NOT_ALLOWED"
     return "UNSUPPORTED_MEDIA_TYPE" if key == "connect-codec" else "INVALID_ARGUMENT"
 
 

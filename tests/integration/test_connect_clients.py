@@ -238,8 +238,8 @@ def test_connect_error_json_and_end_of_stream(edge: str) -> None:
 
 def test_the_guard_answers_in_the_callers_protocol(edge: str) -> None:
     """The edge's guard runs for these callers too (they reach the proxy as gRPC): a header
-    grpc-core could not parse, a malformed connect-timeout-ms and a non-POST gRPC-Web call
-    are refused in the caller's own protocol, never passed on."""
+    grpc-core could not parse, a malformed connect-timeout-ms, a non-POST gRPC-Web call and
+    a Connect GET are refused in the caller's own protocol, never passed on."""
     message = pb.GenerateRequest(prompt="p").SerializeToString()
     connect = {"content-type": "application/proto", "connect-protocol-version": "1"}
     for bad in ({"x-trace-bin": "A"}, {"connect-timeout-ms": "12345678901"}):
@@ -253,6 +253,12 @@ def test_the_guard_answers_in_the_callers_protocol(edge: str) -> None:
             base64.b64decode(reply.headers["grpc-status-details-bin"] + "==")
         )
         assert _reasons(status) == ["INVALID_ARGUMENT"], status
+    # Connect GET (which Envoy's bridge would take): for methods free of side effects only.
+    query = (
+        "?connect=v1&encoding=proto&base64=1&message=" + base64.urlsafe_b64encode(message).decode()
+    )
+    reply = request(edge, "GET", GENERATE + query)
+    assert reply.status == 405 and reply.json()["code"] == "unimplemented", reply
     ok = request(
         edge, "POST", GENERATE, message, headers={**connect, "connect-timeout-ms": "30000"}
     )
