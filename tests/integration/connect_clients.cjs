@@ -126,6 +126,22 @@ async function main() {
     grpcWeb: await run("grpc-web", createGrpcWebTransport(options)),
     connect: await run("connect", createConnectTransport({ ...options, useBinaryFormat: true })),
   };
+  // Over HTTP/2 (h2c, prior knowledge) as well: one unary call, one stream, one error each.
+  report.http2 = {};
+  const h2 = { baseUrl: BASE_URL, httpVersion: "2" };
+  for (const [name, transport] of [
+    ["grpcWeb", createGrpcWebTransport(h2)],
+    ["connect", createConnectTransport({ ...h2, useBinaryFormat: true })],
+  ]) {
+    const client = createClient(AgentService, transport);
+    report.http2[name] = {
+      unary: await outcome(callOf(client, "generate", REQUESTS.generate)),
+      stream: await outcome(callOf(client, "streamGenerate", REQUESTS.streamGenerate)),
+      error: await outcome(
+        callOf(client, "generate", REQUESTS.generate, { headers: { "x-fault-code": "UNAVAILABLE" } }),
+      ),
+    };
+  }
   // Connect's JSON codec (connect-web's default; connect-node's is binary): the edge
   // refuses it clearly (415, unimplemented) rather than hand the proxy JSON as gRPC.
   const json = createClient(

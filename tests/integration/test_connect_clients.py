@@ -2,9 +2,9 @@
 
 `@connectrpc/connect-node` (tests/integration/connect_clients.cjs, run with node) calls every
 AgentService method, unary and streaming, through `aiproxy envoy` over HTTP/1.1 with its
-gRPC-Web transport and its Connect transport (binary codec), and reads errors as its own
-ConnectError with the ErrorInfo and RetryInfo decoded: before any answer, in the middle of a
-stream, from the edge's guard, at the caller's deadline. The other tests here pin the wire
+gRPC-Web transport and its Connect transport (binary codec), a few calls over HTTP/2 too,
+and reads errors as its own ConnectError with the ErrorInfo and RetryInfo decoded: before
+any answer, in the middle of a stream, from the edge's guard, at the caller's deadline. The other tests here pin the wire
 format those clients rely on (gRPC-Web's text mode and trailer frame, Connect's JSON error
 and end-of-stream message, CORS), with the standard library as the client.
 """
@@ -134,6 +134,13 @@ def test_errors_with_their_details(report: dict[str, Any], transport: str) -> No
         assert "binary header" in error["message"], error
     deadline = errors["deadline"]["error"]
     assert deadline["code"] == "DeadlineExceeded", deadline
+
+
+@pytest.mark.parametrize("transport", ["grpcWeb", "connect"])
+def test_over_http2_too(report: dict[str, Any], transport: str) -> None:
+    calls = report["http2"][transport]
+    assert calls["unary"]["ok"]["text"] and calls["stream"]["ok"]["finalLast"], calls
+    assert calls["error"]["error"]["reasons"] == ["UPSTREAM_UNAVAILABLE"], calls
 
 
 def test_connect_json_codec_is_refused_clearly(report: dict[str, Any]) -> None:
