@@ -265,6 +265,10 @@ def test_the_guard_answers_in_the_callers_protocol(edge: str) -> None:
             base64.b64decode(reply.headers["grpc-status-details-bin"] + "==")
         )
         assert _reasons(status) == ["INVALID_ARGUMENT"], status
+    # A gRPC-Web call that also says connect-protocol-version stays a gRPC-Web call.
+    mixed = {**web, "connect-protocol-version": "1"}
+    reply = request(edge, "POST", GENERATE, _envelope(message), headers=mixed)
+    assert reply.status == 200 and _frames(reply.body)[-1][1].startswith(b"grpc-status:0"), reply
     # Connect GET (which Envoy's bridge would take): for methods free of side effects only.
     query = (
         "?connect=v1&encoding=proto&base64=1&message=" + base64.urlsafe_b64encode(message).decode()
