@@ -318,5 +318,5 @@ def test_the_access_log_names_the_callers_protocol(stack: dict[str, ServiceProce
         assert reply.status == 200, reply
         line = wait_access_log(stack["envoy"], rid)
         # (Its grpc_status reads the response trailers, which these protocols' filters have
-        # moved into the body by then: "Unknown", README: the access log.)
+        # moved into the body by then: "Unknown", docs/http.md.)
         assert line["caller_protocol"] == protocol and line["http_status"] == 200, line
