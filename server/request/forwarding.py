@@ -30,6 +30,7 @@ from aiproxy.core.headers import (
     PROXY_ONLY_METADATA,
     PROXY_PREFIX,
     SESSION_OWNER_HEADER,
+    is_credential,
 )
 from aiproxy.core.retry import RetryPolicy
 from aiproxy.core.service import Method, agent_service
@@ -53,7 +54,9 @@ ATTEMPTS_TRAILER = "x-aiproxy-attempts"
 
 # Metadata that describes the caller's hop, not the call: never forwarded. Nor is what
 # only this proxy interprets (core/headers.py: resume, cancel, cache-control, coalescing,
-# the edge's secret, and any x-aiproxy-* by its prefix).
+# the edge's secret, and any x-aiproxy-* by its prefix), nor any credential-bearing
+# header (core/headers.is_credential: authorization, proxy-authorization, cookie,
+# x-api-key, *-token, *-secret..., a class of names), nor `upstream.drop_metadata`.
 _HOP_METADATA = frozenset(
     {
         "content-type",
@@ -147,7 +150,9 @@ class Forwarder:
         out = [
             (key, value)
             for key, value in pairs
-            if key not in drop and not key.startswith(_NEVER_FORWARDED_PREFIXES)
+            if key not in drop
+            and not key.startswith(_NEVER_FORWARDED_PREFIXES)
+            and not is_credential(key)
         ]
         out.append((REQUEST_ID, call.request_id))
         if call.method in self._session_paths:

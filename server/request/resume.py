@@ -140,13 +140,22 @@ def stream_scope(call: CallInfo) -> str:
     id gets the same NOT_FOUND as another scope's (nothing to probe). What a shared scope
     must not share, the per-caller bound, is counted per caller (`holder` in create): one
     anonymous caller cannot flush another's streams. Authenticated callers and tenants
-    get their own scope: a leaked id is useless to anyone outside it.
+    get their own scope: a leaked id is useless to anyone outside it. Both the scope and
+    the holder come from CallInfo.identity (what auth verified, else the address), never
+    from an id the caller declares (x-client-id, an unverified x-api-key): a fresh id per
+    call must not be a fresh per-caller bound (`caller_of`).
     """
     if call.tenant:
         return f"tenant:{call.tenant}"
-    if call.caller.startswith(("sub:", "key:")):
-        return call.caller
+    if call.identity.startswith(("sub:", "key:")):  # verified by auth, never declared
+        return call.identity
     return "anon"
+
+
+def caller_of(call: CallInfo) -> str:
+    """Whom a stream counts against in the per-caller bounds: the caller's unforgeable
+    identity (see `stream_scope`)."""
+    return call.identity or call.peer
 
 
 class _End:
@@ -330,15 +339,13 @@ class Resumer:
         call: CallInfo,
     ) -> AsyncIterator[Any]:
         try:
-            sid = await self.buffer.create(
-                stream_scope(call), self.replica_id, call.caller or call.peer
-            )
+            sid = await self.buffer.create(stream_scope(call), self.replica_id, caller_of(call))
         except StreamStoreUnavailable:
             # The store is away: the stream runs, not resumable (no id is promised).
             async for chunk in inner(request, raw, context, call):
                 yield chunk
             return
-        owner = _Owner(sid, self._queue_chunks, call.caller or call.peer)
+        owner = _Owner(sid, self._queue_chunks, caller_of(call))
         owner.count = call.chunk_tokens  # set by the limits when the call reserved tokens
         detached = DetachedContext(context)
         grace = Grace(self.settings.grace_s)
