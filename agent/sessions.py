@@ -326,7 +326,7 @@ class RedisSessionStore:
         import redis.asyncio as aioredis
         from redis.backoff import NoBackoff
         from redis.exceptions import RedisError
-        from redis.retry import Retry
+        from redis.asyncio.retry import Retry
 
         self.bounds = bounds or Bounds()
         self._timeout_s = timeout_s
