@@ -48,8 +48,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from aiproxy.agent.errors import StatusError, rpc_status_proto
 from aiproxy.agent.logs import log_event
@@ -323,11 +327,6 @@ class RedisSessionStore:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         clock: Clock = time.time,
     ) -> None:
-        import redis.asyncio as aioredis
-        from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
-        from redis.asyncio.retry import Retry
-
         self.bounds = bounds or Bounds()
         self._timeout_s = timeout_s
         self._prefix = key_prefix

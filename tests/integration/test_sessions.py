@@ -78,7 +78,9 @@ async def _endpoints_usable(channel: grpc.aio.Channel, addresses: list[str]) -> 
 
     async def all_usable() -> bool:
         reply = await admin_grpc.ProxyAdminServiceStub(channel).ListEndpoints(
-            admin_pb.ListEndpointsRequest(), metadata=bearer(token(scope="aiproxy.admin")), timeout=5
+            admin_pb.ListEndpointsRequest(),
+            metadata=bearer(token(scope="aiproxy.admin")),
+            timeout=5,
         )
         usable = {ep.address for ep in reply.endpoints if ep.usable}
         return set(addresses) <= usable
