@@ -422,6 +422,11 @@ async def test_the_three_http_routes_through_envoy(spawn: Any, tmp_path: pathlib
     assert body["messages"][0]["content"] == "hi"
     assert body["messages"][3]["content"] == "".join(e.get("delta", "") for e in events)
 
+    # Another method on a session's path: 405 with what it allows, from the HTTP rules.
+    wrong = request(address, "PUT", f"/api/v1/ai/sessions/{sid}", {})
+    assert wrong.status == 405 and wrong.headers["allow"] == "DELETE, GET, OPTIONS"
+    assert request(address, "GET", "/api/v1/ai/sessions").headers.get("allow") == "POST, OPTIONS"
+
     deleted = request(address, "DELETE", f"/api/v1/ai/sessions/{sid}")
     assert deleted.status == 200 and deleted.json() == {}, deleted.body
     for method in ("GET", "DELETE"):
