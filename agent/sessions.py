@@ -170,7 +170,8 @@ class SessionStore(Protocol):
 
 
 class MemorySessionStore:
-    """This process's conversations: an LRU with a TTL per entry, on an injected clock.
+    """This process's conversations: the least recently written dropped past
+    max_sessions (as in Redis: reads change nothing), a TTL per entry, on an injected clock.
 
     Single-threaded (one event loop): each method is one synchronous step, so appends
     never interleave."""
@@ -205,10 +206,7 @@ class MemorySessionStore:
 
     async def load(self, key: str) -> tuple[Message, ...] | None:
         messages = self._live(key)
-        if messages is None:
-            return None
-        self._sessions.move_to_end(key)
-        return tuple(messages)
+        return None if messages is None else tuple(messages)
 
     async def append(self, key: str, messages: Sequence[Message], *, replace: bool) -> None:
         kept = [] if replace else (self._live(key) or [])
@@ -226,17 +224,19 @@ class MemorySessionStore:
 # Per session (hash tag = the session's hash, so both keys would share a Cluster slot):
 #   {prefix}{<h>}:l   the messages, a list, oldest first, each "<role>:<content>"
 #   {prefix}{<h>}:e   the marker that the session exists (a created session has no list)
-# and one sorted set {prefix}index (member <h>, score: last write in ms) for the bound on
-# sessions. <h> is the first 128 bits of SHA-256 over the scoped key: no owner or id in
+# and one sorted set {prefix}index (member <h>, score: the order of its last write, from
+# the counter {prefix}index:seq) for the bound on sessions. <h> is the first 128 bits of SHA-256 over the scoped key: no owner or id in
 # Redis. The index spans sessions, so this store wants one Redis (a primary, replicas
 # allowed), not a Cluster.
 
-# Drop index entries older than the TTL (their keys expired by themselves), then the least
-# recently written past max_sessions, with their keys. ARGV: prefix, now_ms, ttl_ms, max.
+# The session becomes the most recently written (its score: the next number of a counter,
+# so that two writes in one millisecond still have an order), then the least recently
+# written past max_sessions go, with their keys. Sessions that expired by themselves stay
+# in the index until then; they are the least recently written (a write refreshes the
+# TTL), so they go first and never push a live session out.
 _BOUND_LUA: Final = """
-local function bound(index, prefix, member, now, ttl, max)
-  redis.call('ZADD', index, now, member)
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. (now - ttl))
+local function bound(index, prefix, member, max)
+  redis.call('ZADD', index, redis.call('INCR', index .. ':seq'), member)
   local over = redis.call('ZCARD', index) - max
   if over > 0 then
     local old = redis.call('ZPOPMIN', index, over)
@@ -247,26 +247,26 @@ local function bound(index, prefix, member, now, ttl, max)
 end
 """
 
-# KEYS: list, marker, index. ARGV: prefix, member, now_ms, ttl_ms, max_sessions.
+# KEYS: list, marker, index. ARGV: prefix, member, ttl_ms, max_sessions.
 _CREATE_LUA: Final = (
     _BOUND_LUA
     + """
 redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], 1, 'PX', ARGV[4])
-bound(KEYS[3], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
+bound(KEYS[3], ARGV[1], ARGV[2], tonumber(ARGV[4]))
 return 1
 """
 )
 
-# KEYS: list, marker, index. ARGV: prefix, member, now_ms, ttl_ms, max_sessions,
-# max_messages, replace (0/1), then the encoded messages.
+# KEYS: list, marker, index. ARGV: prefix, member, ttl_ms, max_sessions, max_messages,
+# replace (0/1), then the encoded messages.
 _APPEND_LUA: Final = (
     _BOUND_LUA
     + """
-if ARGV[7] == '1' then redis.call('DEL', KEYS[1]) end
+if ARGV[6] == '1' then redis.call('DEL', KEYS[1]) end
 local n = 0
-for i = 8, #ARGV do n = redis.call('RPUSH', KEYS[1], ARGV[i]) end
-local max = tonumber(ARGV[6])
+for i = 7, #ARGV do n = redis.call('RPUSH', KEYS[1], ARGV[i]) end
+local max = tonumber(ARGV[5])
 if n > max then
   local first = redis.call('LINDEX', KEYS[1], 0)
   if string.sub(first, 1, 2) == '1:' then
@@ -276,9 +276,9 @@ if n > max then
     redis.call('LTRIM', KEYS[1], n - max, -1)
   end
 end
-redis.call('SET', KEYS[2], 1, 'PX', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-bound(KEYS[3], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+bound(KEYS[3], ARGV[1], ARGV[2], tonumber(ARGV[4]))
 return n
 """
 )
@@ -325,12 +325,10 @@ class RedisSessionStore:
         *,
         timeout_s: float = 1.0,
         key_prefix: str = DEFAULT_KEY_PREFIX,
-        clock: Clock = time.time,
     ) -> None:
         self.bounds = bounds or Bounds()
         self._timeout_s = timeout_s
         self._prefix = key_prefix
-        self._clock = clock
         self._failures: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self._client = aioredis.Redis.from_url(
             url,
@@ -352,13 +350,7 @@ class RedisSessionStore:
 
     def _common(self, member: str) -> list[Any]:
         b = self.bounds
-        return [
-            self._prefix,
-            member,
-            int(self._clock() * 1000),
-            int(b.ttl_s * 1000),
-            b.max_sessions,
-        ]
+        return [self._prefix, member, max(1, int(b.ttl_s * 1000)), b.max_sessions]
 
     async def _run(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:

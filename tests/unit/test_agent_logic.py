@@ -254,16 +254,16 @@ def test_agent_types_reason_differently(corpus: Corpus) -> None:
 # --- sessions -------------------------------------------------------------------------
 
 
-async def test_sessions_are_bounded_lru_with_a_ttl() -> None:
+async def test_sessions_are_bounded_by_last_write_with_a_ttl() -> None:
     now = [0.0]
     store = MemorySessionStore(
         Bounds(max_sessions=2, max_messages=3, max_chars=5, ttl_s=10), clock=lambda: now[0]
     )
-    await store.append("a", [(2, "hello world")], replace=False)
     await store.append("b", [(2, "x")], replace=False)
-    await store.load("a")  # a is now the most recently used
+    await store.append("a", [(2, "hello world")], replace=False)
+    assert await store.load("b") == ((2, "x"),)  # a read changes nothing
     await store.append("c", [(2, "y")], replace=False)
-    assert await store.load("b") is None
+    assert await store.load("b") is None  # the least recently written went
     assert await store.load("a") == ((2, "hello"),)  # content capped
 
     await store.append("a", [(1, "sys"), (2, "1"), (3, "2"), (2, "3"), (3, "4")], replace=True)
