@@ -463,6 +463,8 @@ def test_compose_agents_take_the_model_backend_from_the_environment() -> None:
             DEFAULT_MODEL,
             None,
         )
+        # Chat sessions shared through the stack's Redis (docs/sessions.md).
+        assert (settings.sessions, settings.redis_url) == ("redis", "redis://redis:6379/1")
         # Every setting the file passes on is one the agent reads.
         shell = {k: v for k, (v, _, _) in MODEL_SETTINGS.items()} | {"OPENAI_API_KEY": API_KEY}
         settings = agent_settings(service["command"], interpolate_all(environment, shell))
