@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 
 from aiproxy.agent.interceptor import REPLICA_TRAILER
 from aiproxy.agent.server import AgentServer, AgentSettings
+from aiproxy.agent.sessions import SessionStoreUnavailable
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from aiproxy.core.headers import SESSION_OWNER_HEADER
@@ -330,6 +331,33 @@ async def test_session_ids_are_checked(stub: pb_grpc.AgentServiceStub, call: Any
         await call(stub)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _bad_request_fields(err.value) == ["session_id"]
+
+
+async def test_an_answer_the_store_cannot_remember_ends_with_its_error(
+    server: AgentServer, stub: pb_grpc.AgentServiceStub
+) -> None:
+    """A stream is remembered just before its final chunk: when that write fails, the
+    caller gets SESSION_STORE_UNAVAILABLE instead of a final chunk (never an answer that
+    looks complete but is not in the session); a unary turn fails whole."""
+    store = server.conversations.store
+
+    async def failing_append(*args: Any, **kwargs: Any) -> None:
+        raise SessionStoreUnavailable()
+
+    store.append = failing_append  # type: ignore[method-assign]
+    chunks = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for chunk in stub.StreamChat(pb.StreamChatRequest(session_id="w", user_message="hi")):
+            chunks.append(chunk)
+    assert chunks and not any(c.is_final for c in chunks)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _reason(err.value) == "SESSION_STORE_UNAVAILABLE"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Chat(pb.ChatRequest(session_id="w", user_message="hi"))
+    assert _reason(err.value) == "SESSION_STORE_UNAVAILABLE"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetSession(pb.GetSessionRequest(session_id="w"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was remembered
 
 
 async def test_every_answer_says_which_replica_gave_it(server: AgentServer) -> None:
