@@ -63,7 +63,11 @@ class AgentServer:
             build_store(
                 s.sessions,
                 Bounds(
-                    s.max_sessions, s.max_session_messages, s.max_message_chars, s.session_ttl_s
+                    max_sessions=s.max_sessions,
+                    max_messages=s.max_session_messages,
+                    max_chars=s.max_message_chars,
+                    ttl_s=s.session_ttl_s,
+                    max_sessions_per_owner=s.max_sessions_per_owner,
                 ),
                 redis_url=s.redis_url,
                 timeout_s=s.session_store_timeout_s,

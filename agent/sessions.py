@@ -25,8 +25,9 @@ leaves no trace. A request that sends `messages` replaces the conversation with 
 
 Bounds, on every axis, so no caller grows the store without limit: characters per
 message (longer content is cut), messages per session (the oldest are dropped, a
-leading system message kept), sessions (the least recently used are dropped), and a
-TTL refreshed by every turn (CreateSession sets it; reads do not refresh it).
+leading system message kept), sessions per owner and sessions in all (the least
+recently written are dropped: one caller making sessions in a loop pushes out its own
+first), and a TTL refreshed by every turn (CreateSession sets it; reads do not).
 
 Failures. A store that cannot answer (Redis down, slow past `--session-store-timeout-s`)
 fails the call with UNAVAILABLE, ErrorInfo SESSION_STORE_UNAVAILABLE and RetryInfo: never
@@ -111,6 +112,11 @@ class SessionStoreUnavailable(StatusError):
         )
 
 
+def owner_part(key: str) -> str:
+    """The owner of a scoped key (core/sessions.scoped_key: owner, NUL, session id)."""
+    return key.partition("\x00")[0]
+
+
 def owner_of(metadata: Iterable[tuple[str, Any]] | None) -> str:
     """The owner the proxy named for this call ("anonymous" when none did)."""
     for key, value in metadata or ():
@@ -127,10 +133,16 @@ class Bounds:
     max_messages: int = 100
     max_chars: int = 8192
     ttl_s: float = DEFAULT_TTL_S
+    # One owner's sessions: past it, that owner's least recently written goes, so one
+    # caller making sessions in a loop pushes out its own, not everyone's. Anonymous
+    # callers share one owner, and so this bound.
+    max_sessions_per_owner: int = 1000
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1 or self.max_messages < 2 or self.max_chars < 1:
             raise ValueError("session limits must be positive (and max_messages >= 2)")
+        if self.max_sessions_per_owner < 1:
+            raise ValueError("max_sessions_per_owner must be at least 1")
         if not self.ttl_s > 0:
             raise ValueError("the session TTL must be positive")
 
@@ -182,24 +194,40 @@ class MemorySessionStore:
         self.bounds = bounds or Bounds()
         self._clock = clock
         self._sessions: OrderedDict[str, tuple[list[Message], float]] = OrderedDict()
+        # Each owner's keys, least recently written first (the per-owner bound).
+        self._owners: dict[str, OrderedDict[str, None]] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def _drop(self, key: str) -> None:
+        self._sessions.pop(key, None)
+        owner = owner_part(key)
+        mine = self._owners.get(owner)
+        if mine is not None:
+            mine.pop(key, None)
+            if not mine:
+                del self._owners[owner]
 
     def _live(self, key: str) -> list[Message] | None:
         entry = self._sessions.get(key)
         if entry is None:
             return None
         if entry[1] <= self._clock():
-            del self._sessions[key]
+            self._drop(key)
             return None
         return entry[0]
 
     def _store(self, key: str, messages: list[Message]) -> None:
         self._sessions[key] = (messages, self._clock() + self.bounds.ttl_s)
         self._sessions.move_to_end(key)
+        mine = self._owners.setdefault(owner_part(key), OrderedDict())
+        mine[key] = None
+        mine.move_to_end(key)
+        while len(mine) > self.bounds.max_sessions_per_owner:
+            self._drop(next(iter(mine)))
         while len(self._sessions) > self.bounds.max_sessions:
-            self._sessions.popitem(last=False)
+            self._drop(next(iter(self._sessions)))
 
     async def create(self, key: str) -> None:
         self._store(key, [])
@@ -213,7 +241,10 @@ class MemorySessionStore:
         self._store(key, bounded([*kept, *messages], self.bounds))
 
     async def delete(self, key: str) -> bool:
-        return self._live(key) is not None and self._sessions.pop(key, None) is not None
+        if self._live(key) is None:
+            return False
+        self._drop(key)
+        return True
 
     async def aclose(self) -> None:
         return None
@@ -224,19 +255,21 @@ class MemorySessionStore:
 # Per session (hash tag = the session's hash, so both keys would share a Cluster slot):
 #   {prefix}{<h>}:l   the messages, a list, oldest first, each "<role>:<content>"
 #   {prefix}{<h>}:e   the marker that the session exists (a created session has no list)
-# and one sorted set {prefix}index (member <h>, score: the order of its last write, from
-# the counter {prefix}index:seq) for the bound on sessions. <h> is the first 128 bits of SHA-256 over the scoped key: no owner or id in
+# and, for the bounds on sessions, the sorted sets {prefix}index (every session) and
+# {prefix}owner:<owner hash> (one owner's), member <h>, score the order of its last write
+# (the counter {prefix}index:seq). <h> is the first 128 bits of SHA-256 over the scoped key: no owner or id in
 # Redis. The index spans sessions, so this store wants one Redis (a primary, replicas
 # allowed), not a Cluster.
 
-# The session becomes the most recently written (its score: the next number of a counter,
-# so that two writes in one millisecond still have an order), then the least recently
-# written past max_sessions go, with their keys. Sessions that expired by themselves stay
-# in the index until then; they are the least recently written (a write refreshes the
-# TTL), so they go first and never push a live session out.
+# The session becomes the most recently written, in the index and in its owner's index
+# (score: the next number of one counter, so two writes in one millisecond still have an
+# order), then the least recently written go, with their keys: the owner's past
+# max_sessions_per_owner, everyone's past max_sessions. Sessions that expired by
+# themselves, or that the other bound took, stay in an index until then; they are the
+# least recently written of it (a write refreshes the TTL), so they go first and never
+# push a live session out. An owner's index expires with its last session.
 _BOUND_LUA: Final = """
-local function bound(index, prefix, member, max)
-  redis.call('ZADD', index, redis.call('INCR', index .. ':seq'), member)
+local function trim(index, prefix, max)
   local over = redis.call('ZCARD', index) - max
   if over > 0 then
     local old = redis.call('ZPOPMIN', index, over)
@@ -245,28 +278,37 @@ local function bound(index, prefix, member, max)
     end
   end
 end
+local function bound(index, owner_index, prefix, member, ttl, max, max_owner)
+  local seq = redis.call('INCR', index .. ':seq')
+  redis.call('ZADD', index, seq, member)
+  redis.call('ZADD', owner_index, seq, member)
+  redis.call('PEXPIRE', owner_index, ttl)
+  trim(owner_index, prefix, max_owner)
+  trim(index, prefix, max)
+end
 """
 
-# KEYS: list, marker, index. ARGV: prefix, member, ttl_ms, max_sessions.
+# KEYS: list, marker, index, owner index. ARGV: prefix, member, ttl_ms, max_sessions,
+# max_sessions_per_owner.
 _CREATE_LUA: Final = (
     _BOUND_LUA
     + """
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
-bound(KEYS[3], ARGV[1], ARGV[2], tonumber(ARGV[4]))
+bound(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 return 1
 """
 )
 
-# KEYS: list, marker, index. ARGV: prefix, member, ttl_ms, max_sessions, max_messages,
-# replace (0/1), then the encoded messages.
+# KEYS: list, marker, index, owner index. ARGV: prefix, member, ttl_ms, max_sessions,
+# max_sessions_per_owner, max_messages, replace (0/1), then the encoded messages.
 _APPEND_LUA: Final = (
     _BOUND_LUA
     + """
-if ARGV[6] == '1' then redis.call('DEL', KEYS[1]) end
+if ARGV[7] == '1' then redis.call('DEL', KEYS[1]) end
 local n = 0
-for i = 7, #ARGV do n = redis.call('RPUSH', KEYS[1], ARGV[i]) end
-local max = tonumber(ARGV[5])
+for i = 8, #ARGV do n = redis.call('RPUSH', KEYS[1], ARGV[i]) end
+local max = tonumber(ARGV[6])
 if n > max then
   local first = redis.call('LINDEX', KEYS[1], 0)
   if string.sub(first, 1, 2) == '1:' then
@@ -278,7 +320,7 @@ if n > max then
 end
 redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-bound(KEYS[3], ARGV[1], ARGV[2], tonumber(ARGV[4]))
+bound(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 return n
 """
 )
@@ -289,13 +331,19 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return {0, {}} end
 return {1, redis.call('LRANGE', KEYS[1], 0, -1)}
 """
 
-# KEYS: list, marker, index. ARGV: member. 1 when the session existed.
+# KEYS: list, marker, index, owner index. ARGV: member. 1 when the session existed.
 _DELETE_LUA: Final = """
 local existed = redis.call('DEL', KEYS[2])
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 return existed
 """
+
+
+def _digest(text: str) -> str:
+    """128 bits of SHA-256, hex: a key name that reveals no owner or session id."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _encode(message: Message) -> bytes:
@@ -344,13 +392,20 @@ class RedisSessionStore:
         self._degraded = False
 
     def _keys(self, key: str) -> tuple[str, list[str]]:
-        member = hashlib.sha256(key.encode()).hexdigest()[:32]
+        member = _digest(key)
         base = f"{self._prefix}{{{member}}}"
-        return member, [f"{base}:l", f"{base}:e", f"{self._prefix}index"]
+        owner_index = f"{self._prefix}owner:{_digest(owner_part(key))}"
+        return member, [f"{base}:l", f"{base}:e", f"{self._prefix}index", owner_index]
 
     def _common(self, member: str) -> list[Any]:
         b = self.bounds
-        return [self._prefix, member, max(1, int(b.ttl_s * 1000)), b.max_sessions]
+        return [
+            self._prefix,
+            member,
+            max(1, int(b.ttl_s * 1000)),
+            b.max_sessions,
+            b.max_sessions_per_owner,
+        ]
 
     async def _run(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:

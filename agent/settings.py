@@ -26,10 +26,12 @@ class AgentSettings:
     # Chat sessions (agent/sessions.py): where they are kept, "memory" (this process) or
     # "redis" (shared by every replica, at redis_url), and their bounds: sessions kept
     # (least recently used dropped), messages per session, characters per message, and a
-    # TTL refreshed by every turn. Each store call waits at most session_store_timeout_s.
+    # TTL refreshed by every turn; one owner (caller) keeps at most max_sessions_per_owner.
+    # Each store call waits at most session_store_timeout_s.
     sessions: str = "memory"
     redis_url: str | None = None
     max_sessions: int = 10_000
+    max_sessions_per_owner: int = 1000
     max_session_messages: int = 100
     max_message_chars: int = 8192
     session_ttl_s: float = 24 * 3600.0
@@ -117,7 +119,7 @@ class AgentSettings:
                     f"redis_url must be redis://, rediss:// or unix://, got "
                     f"{safe_url(self.redis_url)!r}"
                 )
-        for name in ("max_message_chars", "prefix_cache_tokens"):
+        for name in ("max_message_chars", "prefix_cache_tokens", "max_sessions_per_owner"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.replica_name is not None and not (

@@ -118,6 +118,35 @@ async def test_the_least_recently_written_sessions_go_past_the_bound(
         await store.aclose()
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_one_owner_making_sessions_pushes_out_its_own_not_everyones(
+    kind: str,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    bounds = Bounds(max_sessions=100, max_sessions_per_owner=3, ttl_s=60)
+    store: SessionStore = (
+        MemorySessionStore(bounds)
+        if kind == "memory"
+        else RedisSessionStore(redis_server.url, bounds, timeout_s=0.5)
+    )
+    try:
+        await store.append("alice\x00mine", [(USER, "keep me")], replace=False)
+        for n in range(10):
+            await store.create(f"mallory\x00s{n}")
+        assert await store.load("alice\x00mine") == ((USER, "keep me"),)
+        alive = [n for n in range(10) if await store.load(f"mallory\x00s{n}") is not None]
+        assert alive == [7, 8, 9]
+        assert await store.delete("mallory\x00s8")
+        await store.create("mallory\x00s10")  # room again: nothing else goes
+        assert [await store.load(f"mallory\x00s{n}") is not None for n in (7, 9, 10)] == [
+            True,
+            True,
+            True,
+        ]
+    finally:
+        await store.aclose()
+
+
 async def test_the_ttl_runs_from_the_last_turn(redis_server: RedisServer) -> None:  # noqa: F811
     store = RedisSessionStore(redis_server.url, Bounds(ttl_s=0.3), timeout_s=0.5)
     try:
