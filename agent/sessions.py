@@ -54,6 +54,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from aiproxy.agent.errors import StatusError, rpc_status_proto
@@ -255,6 +256,7 @@ class MemorySessionStore:
 # Per session (hash tag = the session's hash, so both keys would share a Cluster slot):
 #   {prefix}{<h>}:l   the messages, a list, oldest first, each "<role>:<content>"
 #   {prefix}{<h>}:e   the marker that the session exists (a created session has no list)
+#   {prefix}{<h>}:t   the ids of its last appends (a retried append is applied once)
 # and, for the bounds on sessions, the sorted sets {prefix}index (every session) and
 # {prefix}owner:<owner hash> (one owner's), member <h>, score the order of its last write
 # (the counter {prefix}index:seq). <h> is the first 128 bits of SHA-256 over the scoped key: no owner or id in
@@ -274,7 +276,8 @@ local function trim(index, prefix, max)
   if over > 0 then
     local old = redis.call('ZPOPMIN', index, over)
     for i = 1, #old, 2 do
-      redis.call('DEL', prefix .. '{' .. old[i] .. '}:l', prefix .. '{' .. old[i] .. '}:e')
+      local base = prefix .. '{' .. old[i] .. '}'
+      redis.call('DEL', base .. ':l', base .. ':e', base .. ':t')
     end
   end
 end
@@ -285,6 +288,7 @@ local function bound(index, owner_index, prefix, member, ttl, max, max_owner)
   redis.call('PEXPIRE', owner_index, ttl)
   trim(owner_index, prefix, max_owner)
   trim(index, prefix, max)
+  return seq
 end
 """
 
@@ -300,14 +304,17 @@ return 1
 """
 )
 
-# KEYS: list, marker, index, owner index. ARGV: prefix, member, ttl_ms, max_sessions,
-# max_sessions_per_owner, max_messages, replace (0/1), then the encoded messages.
+# KEYS: list, marker, index, owner index, applied appends. ARGV: prefix, member, ttl_ms,
+# max_sessions, max_sessions_per_owner, max_messages, replace (0/1), append id, then the
+# encoded messages. An append id already applied is not applied again (-1): a retry after
+# a lost reply never adds a turn twice. The last 32 ids are kept.
 _APPEND_LUA: Final = (
     _BOUND_LUA
     + """
+if redis.call('ZSCORE', KEYS[5], ARGV[8]) then return -1 end
 if ARGV[7] == '1' then redis.call('DEL', KEYS[1]) end
 local n = 0
-for i = 8, #ARGV do n = redis.call('RPUSH', KEYS[1], ARGV[i]) end
+for i = 9, #ARGV do n = redis.call('RPUSH', KEYS[1], ARGV[i]) end
 local max = tonumber(ARGV[6])
 if n > max then
   local first = redis.call('LINDEX', KEYS[1], 0)
@@ -320,7 +327,10 @@ if n > max then
 end
 redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-bound(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+local seq = bound(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+redis.call('ZADD', KEYS[5], seq, ARGV[8])
+redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -33)
+redis.call('PEXPIRE', KEYS[5], ARGV[3])
 return n
 """
 )
@@ -331,10 +341,11 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return {0, {}} end
 return {1, redis.call('LRANGE', KEYS[1], 0, -1)}
 """
 
-# KEYS: list, marker, index, owner index. ARGV: member. 1 when the session existed.
+# KEYS: list, marker, index, owner index, applied appends. ARGV: member. 1 when the
+# session existed.
 _DELETE_LUA: Final = """
 local existed = redis.call('DEL', KEYS[2])
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[5])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 return existed
@@ -360,9 +371,11 @@ class RedisSessionStore:
     """The conversations of every replica, in one Redis (see the module docstring).
 
     Each operation is one Lua script (one round trip, atomic), bounded by `timeout_s`;
-    any failure raises SessionStoreUnavailable. redis-py's client never retries by itself
-    and reconnects on the next call: nothing here remembers that Redis was down, except
-    one log line when it goes ("session_store_degraded") and one when it is back."""
+    any failure raises SessionStoreUnavailable. A call that finds its pooled connection
+    closed (Redis restarted meanwhile) is sent once more on a new one, within the same
+    bound; redis-py's client never retries by itself. Nothing here remembers that Redis
+    was down, except one log line when it goes ("session_store_degraded") and one when
+    it is back."""
 
     kind = "redis"
 
@@ -395,7 +408,13 @@ class RedisSessionStore:
         member = _digest(key)
         base = f"{self._prefix}{{{member}}}"
         owner_index = f"{self._prefix}owner:{_digest(owner_part(key))}"
-        return member, [f"{base}:l", f"{base}:e", f"{self._prefix}index", owner_index]
+        return member, [
+            f"{base}:l",
+            f"{base}:e",
+            f"{self._prefix}index",
+            owner_index,
+            f"{base}:t",
+        ]
 
     def _common(self, member: str) -> list[Any]:
         b = self.bounds
@@ -410,7 +429,13 @@ class RedisSessionStore:
     async def _run(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
             async with asyncio.timeout(self._timeout_s):
-                result = await script(keys=keys, args=args)
+                try:
+                    result = await script(keys=keys, args=args)
+                except RedisConnectionError:
+                    # A pooled connection the server closed (Redis restarted while this
+                    # process was idle): once more, on a new connection, within the same
+                    # bound. Safe for every script: an append carries its id (applied once).
+                    result = await script(keys=keys, args=args)
         except self._failures as exc:
             if not self._degraded:
                 self._degraded = True
@@ -429,7 +454,7 @@ class RedisSessionStore:
 
     async def create(self, key: str) -> None:
         member, keys = self._keys(key)
-        await self._run("create", self._create, keys, self._common(member))
+        await self._run("create", self._create, keys[:4], self._common(member))
 
     async def load(self, key: str) -> tuple[Message, ...] | None:
         _, keys = self._keys(key)
@@ -442,7 +467,8 @@ class RedisSessionStore:
         member, keys = self._keys(key)
         b = self.bounds
         encoded = [_encode(m) for m in bounded(messages, b)]
-        args = [*self._common(member), b.max_messages, 1 if replace else 0, *encoded]
+        append_id = secrets.token_hex(8)
+        args = [*self._common(member), b.max_messages, 1 if replace else 0, append_id, *encoded]
         await self._run("append", self._append, keys, args)
 
     async def delete(self, key: str) -> bool:

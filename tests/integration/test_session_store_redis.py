@@ -26,8 +26,9 @@ async def two_stores(
 ) -> AsyncIterator[tuple[RedisSessionStore, RedisSessionStore]]:
     """Two replicas' stores on one Redis."""
     bounds = Bounds(max_sessions=50, max_messages=200, max_chars=64, ttl_s=60)
-    a = RedisSessionStore(redis_server.url, bounds, timeout_s=0.5)
-    b = RedisSessionStore(redis_server.url, bounds, timeout_s=0.5)
+    # A generous bound: 40 appends at once open 40 connections on a loaded 2-core box.
+    a = RedisSessionStore(redis_server.url, bounds, timeout_s=3.0)
+    b = RedisSessionStore(redis_server.url, bounds, timeout_s=3.0)
     try:
         yield a, b
     finally:
@@ -185,5 +186,35 @@ async def test_redis_down_or_hung_is_unavailable_and_it_recovers_by_itself(
         assert await store.load("k") is None
         await store.append("k", [(USER, "again")], replace=False)
         assert await store.load("k") == ((USER, "again"),)
+    finally:
+        await store.aclose()
+
+
+async def test_an_append_sent_twice_is_applied_once(redis_server: RedisServer) -> None:  # noqa: F811
+    """What makes retrying an append safe (a reply lost with the connection): its id."""
+    store = RedisSessionStore(redis_server.url, Bounds(), timeout_s=0.5)
+    try:
+        member, keys = store._keys("k")
+        args = [*store._common(member), 100, 0, "append-1", b"2:q", b"3:a"]
+        assert await store._append(keys=keys, args=args) == 2
+        assert await store._append(keys=keys, args=args) == -1  # the same append again
+        assert await store.load("k") == ((USER, "q"), (ASSISTANT, "a"))
+        assert await store.delete("k")
+        assert await store._append(keys=keys, args=args) == 2  # deleted: its ids went too
+    finally:
+        await store.aclose()
+
+
+async def test_a_redis_restart_while_idle_costs_no_failed_call(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    store = RedisSessionStore(redis_server.url, Bounds(), timeout_s=0.5)
+    try:
+        await store.append("k", [(USER, "before")], replace=False)
+        redis_server.stop()
+        redis_server.start()  # the pooled connection is now closed by the other side
+        assert await store.load("k") is None  # (persistence is off here)
+        await store.append("k", [(USER, "after")], replace=False)
+        assert await store.load("k") == ((USER, "after"),)
     finally:
         await store.aclose()
