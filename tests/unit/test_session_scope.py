@@ -147,3 +147,40 @@ def test_agent_retry_info_is_whole_milliseconds() -> None:
     retry = error_details_pb2.RetryInfo()
     assert status.details[1].Unpack(retry)
     assert retry.retry_delay == duration_pb2.Duration(seconds=1)
+
+
+def test_the_agent_takes_its_session_store_from_flags_then_environment() -> None:
+    import argparse
+
+    from aiproxy.agent import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    env = {
+        "AIPROXY_AGENT_SESSIONS": "redis",
+        "AIPROXY_AGENT_REDIS_URL": "redis://sessions:6379/1",
+        "AIPROXY_AGENT_SESSION_TTL_S": "60",
+    }
+    settings = cli.settings_from_args(parser.parse_args([]), env)
+    assert (settings.sessions, settings.redis_url, settings.session_ttl_s) == (
+        "redis",
+        "redis://sessions:6379/1",
+        60.0,
+    )
+    assert settings.prefill_ms_per_token == 0 and settings.replica_name is None  # off
+    flags = parser.parse_args(
+        ["--sessions", "memory", "--prefill-ms-per-token", "2", "--replica-name", "r1"]
+    )
+    settings = cli.settings_from_args(flags, env)
+    assert (settings.sessions, settings.prefill_ms_per_token, settings.replica_name) == (
+        "memory",
+        2.0,
+        "r1",
+    )
+    assert cli.settings_from_args(parser.parse_args([]), {}).sessions == "memory"
+    with pytest.raises(ValueError, match="redis_url"):
+        cli.settings_from_args(parser.parse_args(["--sessions", "redis"]), {})
+    with pytest.raises(ValueError, match="redis_url must be"):
+        cli.settings_from_args(
+            parser.parse_args(["--sessions", "redis", "--redis-url", "http://x"]), {}
+        )
