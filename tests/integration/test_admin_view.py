@@ -213,6 +213,27 @@ def test_overview_is_admin_only_and_the_same_over_grpc_and_http(stack) -> None:
     )
     assert refused.headers["grpc-status"] == "7" and "edge" in refused.headers["grpc-message"]
     assert refused.headers.get("grpc-status-details-bin")
+    # ... and for gRPC-Web and Connect callers, each in its protocol.
+    web = request(
+        edge,
+        "POST",
+        "/ai.proxy.v1.ProxyAdminService/GetOverview",
+        b"\x00\x00\x00\x00\x00",
+        headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1", **auth(ADMIN)},
+    )
+    assert web.headers.get("grpc-status") == "7", (web.status, web.headers)
+    connect = request(
+        edge,
+        "POST",
+        "/ai.proxy.v1.ProxyAdminService/GetOverview",
+        b"{}",
+        headers={
+            "content-type": "application/json",
+            "connect-protocol-version": "1",
+            **auth(ADMIN),
+        },
+    )
+    assert connect.status == 403 and connect.json()["code"] == "permission_denied", connect.body
 
 
 def test_live_view_in_chromium(stack, browser) -> None:  # noqa: F811
