@@ -141,9 +141,7 @@ async def _start_model(args: argparse.Namespace, children: list[Child]) -> Model
         return None
     if choice == "local":
         # Loading takes a second or two; the first use of `make demo-model` built it already.
-        child = await _spawn(
-            "model-server", "model-server", "--listen", "127.0.0.1:0", timeout=180
-        )
+        child = await _spawn("model-server", "model-server", "--listen", "127.0.0.1:0", timeout=180)
         children.append(child)
         return ModelChoice(
             base_url=str(child.ready["base_url"]),

@@ -20,6 +20,18 @@ What this adds over `python -m llama_cpp.server --model FILE --port P` (which wo
   cut short because someone else asked. Here a request waits for the one before it, so
   whoever leaves must stop their generation (the agent closes the HTTP request when its
   caller cancels; llama-cpp-python stops between two tokens).
+- `GET /v1/models` answers at once. llama-cpp-python serves it under the same lock as a
+  generation, so it waits for the answer in progress: the agent's health probe (2 s timeout)
+  would fail during any longer answer and take the agent out of the pool, and with
+  interrupt_requests on, the waiting probe would even end the stream in progress (early,
+  as if complete). A busy model server is not an unhealthy one.
+- Streams end with the model's usage. llama-cpp-python 0.3.36 ignores
+  `stream_options.include_usage` and sends none, so a streamed answer's final chunk would
+  carry no token counts (and token limits would settle on estimates). Here the generator
+  counts what llama-cpp-python itself counts for a non-streamed answer (the prompt's tokens,
+  and each generated token that is not end-of-generation) and the stream ends with an
+  OpenAI usage chunk (`"choices": []`, `"usage": {...}`): the same numbers a non-streamed
+  answer reports (the realmodel suite compares them).
 - SIGTERM/SIGINT: uvicorn stops accepting, open streams get `--grace-s`, then it exits.
 
 Imports of llama_cpp, uvicorn and the model package happen only in this command: the rest of
@@ -30,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import pathlib
@@ -146,6 +159,8 @@ def _app(args: argparse.Namespace, path: pathlib.Path, host: str, port: int) -> 
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
+    _count_stream_usage()
+
     model: dict[str, Any] = dict(
         model=str(path),
         model_alias=args.alias,
@@ -161,11 +176,90 @@ def _app(args: argparse.Namespace, path: pathlib.Path, host: str, port: int) -> 
     )
 
 
+def _count_stream_usage() -> None:
+    """Make llama-cpp-python's streamed chat completions end with a usage chunk.
+
+    `Llama.generate(prompt_tokens, ...)` yields every sampled token; `_create_completion`
+    stops at the first end-of-generation token without counting it and counts every other
+    one it receives (its non-streamed `usage` is len(prompt_tokens), len(completion_tokens)).
+    Counting the same here gives the same numbers. One generation at a time per model (the
+    server's lock), so a count per Llama instance is enough."""
+    from llama_cpp import Llama
+    from llama_cpp import llama_cpp as capi
+
+    if getattr(Llama, "_aiproxy_stream_usage", False):
+        return
+    generate = Llama.generate
+    chat = Llama.create_chat_completion
+
+    def counting_generate(self: Any, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        counts = self._aiproxy_counts = [len(tokens), 0]
+        with contextlib.closing(generate(self, tokens, *args, **kwargs)) as inner:
+            for token in inner:
+                if not capi.llama_vocab_is_eog(self._model.vocab, token):
+                    counts[1] += 1
+                yield token
+
+    def with_usage(self: Any, chunks: Any) -> Any:
+        self._aiproxy_counts = None
+        last = None
+        for chunk in chunks:
+            last = chunk
+            yield chunk
+        counts = self._aiproxy_counts
+        if last is not None and counts is not None:
+            prompt, completion = counts
+            yield {
+                "id": last["id"],
+                "object": "chat.completion.chunk",
+                "created": last["created"],
+                "model": last["model"],
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
+            }
+
+    def chat_completion(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = chat(self, *args, **kwargs)
+        return with_usage(self, result) if kwargs.get("stream") else result
+
+    Llama.generate = counting_generate
+    Llama.create_chat_completion = chat_completion
+    Llama._aiproxy_stream_usage = True
+
+
+def _models_without_the_lock(app: Any, alias: str) -> Any:
+    """The app, with `GET /v1/models` answered here instead of behind the model's lock."""
+    body = json.dumps(
+        {
+            "object": "list",
+            "data": [{"id": alias, "object": "model", "owned_by": "me", "permissions": []}],
+        }
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and scope["path"].rstrip("/") == "/v1/models"
+        ):
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await app(scope, receive, send)
+
+    return asgi
+
+
 async def _serve(app: Any, sock: socket.socket, args: argparse.Namespace) -> int:
     import uvicorn
 
     config = uvicorn.Config(
-        app,
+        _models_without_the_lock(app, args.alias),
         log_level="debug" if args.verbose else "warning",
         access_log=args.verbose,
         timeout_graceful_shutdown=max(args.grace_s, 0.1),

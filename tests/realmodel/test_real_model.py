@@ -214,9 +214,7 @@ async def test_a_chat_session_keeps_its_history_through_the_proxy(stack: Stack) 
             chunks = [
                 c
                 async for c in stub(ch).StreamChat(
-                    pb.StreamChatRequest(
-                        session_id=session, user_message=text, options=greedy(24)
-                    ),
+                    pb.StreamChatRequest(session_id=session, user_message=text, options=greedy(24)),
                     timeout=60,
                 )
             ]
