@@ -46,7 +46,9 @@ class CallInfo:
     # Keys that appear more than once in the metadata.
     repeated: frozenset[str] = frozenset()
     peer: str = ""
-    # Who the caller is for limits and logs: "sub:", "key:", "client:<id>@<addr>", "peer:".
+    # Who the caller is for logs and the cache's scope: its identity ("sub:", "key:",
+    # "peer:"), or "<declared id>@<identity>" ("client:<id>@peer:10.0.0.1") when it
+    # declared an id (interceptors/limits.py: a sub-bucket inside the identity's).
     caller: str = ""
     # The caller's tenant (the value of limits.tenant_claim in its JWT), set by auth; ""
     # when none. Its callers share `tenant:<value>` overrides and daily token budget

@@ -171,6 +171,9 @@ class Admission:
     reservation: Reservation | None = None
     rejection: TokenRejection | None = None
     stream_limit: int = 0
+    # The key whose limit refused: the sub-bucket's when a declared id's own bucket
+    # refused (see `admit`), else "" (the caller's key).
+    refused_key: str = ""
 
     @property
     def allowed(self) -> bool:
@@ -260,11 +263,19 @@ class LimitStore(Protocol):
         tokens: int = 0,
         token_limits: TokenLimits | None = None,
         budget_key: str | None = None,
+        sub_key: str | None = None,
+        sub_spec: LimitSpec | None = None,
     ) -> Admission:
         """Everything a call takes at its start in one step (one round trip when shared):
         a request token; then, if asked (stream_limit > 0, token_limits enforced), a
         stream lease and a token reservation, both or neither. A call refused by the
-        streams or tokens still spent its request token (retrying in a loop is limited)."""
+        streams or tokens still spent its request token (retrying in a loop is limited).
+
+        `sub_key` / `sub_spec`: a bucket inside `key`'s (a caller-declared id's share of
+        its address's or identity's budget). The request token is taken from both or
+        from neither: `key`'s bucket is always charged, so declaring ids (any number of
+        them) never adds to `key`'s budget; the sub-bucket can only refuse sooner. A
+        refusal by the sub-bucket sets `refused_key`. Streams and tokens are `key`'s."""
         ...
 
     async def finish(
@@ -419,11 +430,14 @@ class MemoryLimitStore:
 
     def take_nowait(self, key: str, spec: LimitSpec, n: int = 1) -> Decision:
         self._evict_full_buckets()
+        return self._bucket(key, spec).try_acquire(n)
+
+    def _bucket(self, key: str, spec: LimitSpec) -> TokenBucket:
         entry = self._buckets.get(key)
         if entry is None or (entry[0] is not spec and entry[0] != spec):
             entry = (spec, TokenBucket(spec.rate_per_s, spec.burst, self._clock))
             self._buckets.put(key, entry)
-        return entry[1].try_acquire(n)
+        return entry[1]
 
     async def take(self, key: str, spec: LimitSpec, n: int = 1) -> Decision:
         return self.take_nowait(key, spec, n)
@@ -589,10 +603,24 @@ class MemoryLimitStore:
         tokens: int = 0,
         token_limits: TokenLimits | None = None,
         budget_key: str | None = None,
+        sub_key: str | None = None,
+        sub_spec: LimitSpec | None = None,
     ) -> Admission:
-        decision = self.take_nowait(key, spec)
+        self._evict_full_buckets()
+        sub = None
+        if sub_key is not None and sub_spec is not None:
+            # Inner first, without taking: a refusal there charges neither bucket.
+            sub = self._bucket(sub_key, sub_spec)
+            peeked = sub.peek()
+            if not peeked.allowed:
+                return Admission(peeked, "rate", stream_limit=stream_limit, refused_key=sub_key)
+        decision = self._bucket(key, spec).try_acquire()
         if not decision.allowed:
             return Admission(decision, "rate", stream_limit=stream_limit)
+        if sub is not None:
+            inner = sub.try_acquire()  # peeked above, nothing ran since: it admits
+            if inner.remaining < decision.remaining:
+                decision = inner  # the headers tell the tighter of the two
         # Check the stream slot before reserving tokens: a reservation cannot fail after
         # the lease was taken, so nothing is ever taken and given back.
         if stream_limit and self._streams.get(key, 0) >= stream_limit:
@@ -615,6 +643,8 @@ class MemoryLimitStore:
         tokens: int = 0,
         token_limits: TokenLimits | None = None,
         budget_key: str | None = None,
+        sub_key: str | None = None,
+        sub_spec: LimitSpec | None = None,
     ) -> Admission:
         return self.admit_nowait(
             key,
@@ -623,6 +653,8 @@ class MemoryLimitStore:
             tokens=tokens,
             token_limits=token_limits,
             budget_key=budget_key,
+            sub_key=sub_key,
+            sub_spec=sub_spec,
         )
 
     def finish_nowait(

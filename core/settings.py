@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import pathlib
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -144,6 +144,11 @@ class ResumeSettings(_Section):
     # and time after the last write (then a resume is STREAM_NOT_FOUND).
     max_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     ttl_s: float = Field(default=300.0, gt=0, le=86_400)
+    # The owner replica's lease on each stream it generates, renewed every 0.25 s apart
+    # from the chunks (a slow generation keeps it). A resumer of a stream whose lease
+    # lapsed before its final chunk (the replica died) gets the stored chunks, then
+    # UNAVAILABLE STREAM_ORIGIN_LOST, within about owner_lease_s + 1 s of the death.
+    owner_lease_s: float = Field(default=3.0, ge=1.0, le=60)
     # memory backend: streams held per process and per caller (one caller cannot flush
     # everyone's streams: past its own bound it loses its own oldest).
     max_streams: int = Field(default=10_000, ge=1)
@@ -317,9 +322,12 @@ class RateLimitOverride(_Section):
 class LimitSettings(_Section):
     """Admission control on calls into the proxy (server side).
 
-    Callers are keyed by authenticated subject, then API key (hashed), then the
-    x-client-id header, then peer address: "sub:alice", "key:<sha256/128>",
-    "client:web-42", "peer:10.0.0.7". Overrides are keyed the same way.
+    Callers are keyed by who they are: authenticated subject or API key (hashed), else
+    peer address ("sub:alice", "key:<sha256/128>", "peer:10.0.0.7"). An id the caller
+    declares (x-client-id; x-api-key while auth is off) only gets a sub-bucket inside
+    that key's ("client:web-42@peer:10.0.0.7"): it splits the budget, never multiplies it
+    (interceptors/limits.py). Overrides are keyed "sub:", "key:", "peer:", "client:<id>"
+    (a declared id's share: it can only narrow), "apikey:<name>", "tenant:<value>".
     """
 
     enabled: bool = True
@@ -474,6 +482,12 @@ def _check_file(value: str | None) -> str | None:
     return value
 
 
+# The scope the admin service needs by default (auth.admin_scopes).
+ADMIN_SCOPE: Final = "aiproxy.admin"
+# The proxy's own admin service (proto/ai/proxy/v1): every method of it needs admin_scopes.
+ADMIN_SERVICE_NAME: Final = "ai.proxy.v1.ProxyAdminService"
+
+
 class AuthSettings(_Section):
     """Who may call (interceptors/auth.py). Off unless a credential source is configured:
     setting jwt_secret (AIPROXY_AUTH__JWT_SECRET), a key file, a JWKS file or an API key
@@ -500,6 +514,11 @@ class AuthSettings(_Section):
     # Method ("ExecuteAgent" or "/ai.agent.v1.AgentService/ExecuteAgent") -> scopes the
     # caller must all have (JWT `scope`, space-separated, or `scp` list; API key scopes).
     method_scopes: dict[str, list[str]] = Field(default_factory=dict)
+    # Scopes a caller must all have to call the proxy's own admin service
+    # (ai.proxy.v1.ProxyAdminService: the pool, its addresses and health). Authenticating
+    # is not enough: a token minted for the AI API must not read the deployment. [] lets
+    # any authenticated caller in (not recommended).
+    admin_scopes: list[str] = Field(default_factory=lambda: [ADMIN_SCOPE])
 
     _v_files = field_validator("jwt_public_key_file", "jwks_file")(
         classmethod(lambda cls, v: _check_file(v))

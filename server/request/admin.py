@@ -1,4 +1,7 @@
-"""ai.proxy.v1.ProxyAdminService: the pool as the proxy sees it (read-only)."""
+"""ai.proxy.v1.ProxyAdminService: the pool as the proxy sees it (read-only).
+
+With auth on, every method needs the caller's credentials AND `auth.admin_scopes`
+(default `aiproxy.admin`; interceptors/auth.py), checked by AuthStage.guard."""
 
 from __future__ import annotations
 
@@ -6,9 +9,12 @@ import grpc
 
 from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
 from aiproxy.ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
-from aiproxy.server.pool.upstream import UpstreamPool
+from aiproxy.core.settings import ADMIN_SERVICE_NAME
+from aiproxy.server.pool.pool import UpstreamPool
 
-ADMIN_SERVICE_NAME = admin_pb.DESCRIPTOR.services_by_name["ProxyAdminService"].full_name
+# The name auth's admin scope check uses must be the proto's.
+if admin_pb.DESCRIPTOR.services_by_name["ProxyAdminService"].full_name != ADMIN_SERVICE_NAME:
+    raise RuntimeError("core.settings.ADMIN_SERVICE_NAME differs from the admin proto")
 
 
 class ProxyAdmin(admin_grpc.ProxyAdminServiceServicer):

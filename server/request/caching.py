@@ -21,7 +21,10 @@ no upstream call, no token charge.
 
 Scope: `tenant:<t>` when the caller has a tenant, else its caller key (so anonymous
 callers behind different addresses never share answers); "" when the operator sets
-`cache.shared_across_tenants`.
+`cache.shared_across_tenants`. The caller key is its identity (verified, else its
+address), or `<declared id>@<identity>`: an id the caller declares (x-client-id, an
+unverified x-api-key) only narrows the scope inside its identity, never widens it to
+whoever else declares the same value.
 """
 
 from __future__ import annotations

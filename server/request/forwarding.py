@@ -25,12 +25,18 @@ import grpc
 
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.errors import CircuitOpen, DeadlineExceeded
-from aiproxy.core.headers import COALESCE_HEADER, PROXY_ONLY_METADATA, PROXY_PREFIX
+from aiproxy.core.headers import (
+    COALESCE_HEADER,
+    PROXY_ONLY_METADATA,
+    PROXY_PREFIX,
+    is_credential,
+)
 from aiproxy.core.retry import RetryPolicy
 from aiproxy.core.service import Method, agent_service
 from aiproxy.core.settings import Settings
 from aiproxy.interceptors.deadline import Deadline
-from aiproxy.server.pool.upstream import Endpoint, UpstreamPool
+from aiproxy.server.pool.endpoint import Endpoint
+from aiproxy.server.pool.pool import UpstreamPool
 from aiproxy.server.request.streaming import StreamPump
 
 log = logging.getLogger("aiproxy.forward")
@@ -45,7 +51,9 @@ ATTEMPTS_TRAILER = "x-aiproxy-attempts"
 
 # Metadata that describes the caller's hop, not the call: never forwarded. Nor is what
 # only this proxy interprets (core/headers.py: resume, cancel, cache-control, coalescing,
-# the edge's secret, and any x-aiproxy-* by its prefix).
+# the edge's secret, and any x-aiproxy-* by its prefix), nor any credential-bearing
+# header (core/headers.is_credential: authorization, proxy-authorization, cookie,
+# x-api-key, *-token, *-secret..., a class of names), nor `upstream.drop_metadata`.
 _HOP_METADATA = frozenset(
     {
         "content-type",
@@ -137,7 +145,9 @@ class Forwarder:
         out = [
             (key, value)
             for key, value in pairs
-            if key not in drop and not key.startswith(_NEVER_FORWARDED_PREFIXES)
+            if key not in drop
+            and not key.startswith(_NEVER_FORWARDED_PREFIXES)
+            and not is_credential(key)
         ]
         out.append((REQUEST_ID, call.request_id))
         return out

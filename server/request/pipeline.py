@@ -20,7 +20,12 @@ A stream's chunk crosses one wrapper, this frame's own async generator, which ke
 count, the first / last timestamps and the largest gap for observability inline.
 
 Requests are registered with no deserializer (raw bytes), responses with the method's
-serializer. Health, reflection and admin are registered beside the pipeline (with the
+serializer. Every method is registered as request-STREAMING and the frame reads its one
+message itself (`context.read()`): grpc.aio's unary-request path, given a call whose
+stream ends without one whole message (no DATA, or a length prefix larger than the bytes
+that came, then END_STREAM), never calls the handler and never answers either, so the
+caller waited until its own deadline, forever without one (issue 20). Here such a call
+gets INVALID_ARGUMENT / MALFORMED_REQUEST at once, like any request that does not decode. Health, reflection and admin are registered beside the pipeline (with the
 same MALFORMED_REQUEST shaping, interceptors/error_handling.safe_handler) and never run
 the business chain.
 """
@@ -36,12 +41,14 @@ from typing import Any, Protocol
 import grpc
 
 from aiproxy.core.callinfo import CallInfo, current_call, metadata_dict
+from aiproxy.core.errors import MalformedRequest
 from aiproxy.core.service import Method, Service
 from aiproxy.interceptors.error_handling import (
     cancelled_code,
     decode,
     fail,
     final_chunk,
+    read_one,
     shape,
 )
 from aiproxy.interceptors.overload import GateCheck, OverloadGate
@@ -144,13 +151,13 @@ class Pipeline:
                 decode_at = len(bound)
             check = gate.bind(method) if gate is not None else None
             if method.streaming:
-                self.handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                self.handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                     _stream_handler(method, check, bound, decode_at, terminal.stream(method)),
                     request_deserializer=None,
                     response_serializer=method.response_cls.SerializeToString,
                 )
             else:
-                self.handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                self.handlers[method.name] = grpc.stream_unary_rpc_method_handler(
                     _unary_handler(method, check, bound, decode_at, terminal.unary(method)),
                     request_deserializer=None,
                     response_serializer=method.response_cls.SerializeToString,
@@ -161,6 +168,15 @@ class Pipeline:
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(self.service.name, self.handlers)
+
+
+async def _read_one(context: grpc.aio.ServicerContext) -> bytes:
+    """The call's request message (see the module docstring: why not grpc's own read)."""
+    try:
+        raw: bytes = await read_one(context)
+    except MalformedRequest as err:
+        await fail(context, err)
+    return raw
 
 
 def _open(method: Method, context: grpc.aio.ServicerContext) -> CallInfo:
@@ -176,13 +192,14 @@ def _unary_handler(
     bound: Sequence[Bound],
     decode_at: int,
     terminal: UnaryCall,
-) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
     path, request_cls = method.path, method.request_cls
 
-    async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        raw = await _read_one(context)
         if check is not None:
             await check.check(context)
         call = _open(method, context)
@@ -222,14 +239,15 @@ def _stream_handler(
     bound: Sequence[Bound],
     decode_at: int,
     terminal: StreamCall,
-) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
     path, request_cls, chunk_cls = method.path, method.request_cls, method.response_cls
     monotonic = time.monotonic
 
-    async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream(_requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        raw = await _read_one(context)
         if check is not None:
             await check.check(context)
         call = _open(method, context)
@@ -280,8 +298,10 @@ def _stream_handler(
                 err = shape(exc, call, path)
             if err is not None:
                 if sent:
-                    # seq continues the stream's numbering: every chunk so far passed here.
-                    last = final_chunk(chunk_cls, sent, err)
+                    # seq continues the stream's numbering: every chunk so far passed here,
+                    # except on a resume, which started after the caller's last-event-id.
+                    nxt = last.seq + 1 if call.replayed == "resume" else sent
+                    last = final_chunk(chunk_cls, nxt, err)
                     last_at = monotonic()
                     sent += 1
                     yield last

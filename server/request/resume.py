@@ -10,15 +10,20 @@ cache in front of it). Per call, from the metadata (core/streambuffer.parse_resu
   replica sharing it: the chunks after `seq`, then the live tail, to the final chunk.
   No upstream call, so no token charge (CallInfo.replayed says so to the stages).
   Unknown / other tenant's id: NOT_FOUND STREAM_NOT_FOUND; data gone (grace over, bytes
-  bound): NOT_FOUND STREAM_EXPIRED. Resuming at or after the final chunk answers
+  bound): NOT_FOUND STREAM_EXPIRED. The owner replica died (its lease, renewed by its
+  watcher every WATCH_INTERVAL_S whatever the chunks do, lapsed before the final chunk):
+  the stored chunks, then UNAVAILABLE STREAM_ORIGIN_LOST with RetryInfo (in-band as the
+  final chunk when chunks were sent; before any, the status alone, so an EventSource
+  reconnecting after that final chunk gets HTTP 503 and stops). The generation is not
+  re-run here: its caller sends the request again (a new generation, charged as one). Resuming at or after the final chunk answers
   OUT_OF_RANGE STREAM_FINISHED: an error status, because an EventSource that nobody
   closed stops reconnecting only on a non-200 answer (an empty 200 would make it
   reconnect every 3 s forever; replaying the final chunk would too).
 - resumable (`x-aiproxy-resumable: 1`, or `stream.resume.default` / `.methods` unless
   the caller said 0): `buffer.create` gives the id, sent in the initial metadata
   (`x-aiproxy-stream-id`); the upstream is pumped by an *owner task*, not by the
-  caller's handler, which records every chunk (StreamRecorder) and hands it to the
-  caller through a bounded queue (a slow caller still pushes back on the upstream).
+  caller's handler, which stores every chunk (StreamRecorder.write) and only then hands
+  it to the caller through a bounded queue (whatever a caller saw, a resume finds) (a slow caller still pushes back on the upstream).
   When the caller drops, the owner keeps going with nobody to hand chunks to, and
   `watch_owner` (its heartbeat) decides: a resume somewhere keeps it alive, otherwise
   it is cancelled after `grace_s` (the cancellation reaches the agent, only later) and
@@ -58,6 +63,7 @@ from aiproxy.core.streambuffer import (
     StreamBuffer,
     StreamExpired,
     StreamNotFound,
+    StreamOriginLost,
     StreamRecorder,
     StreamStoreUnavailable,
     Verdict,
@@ -134,13 +140,22 @@ def stream_scope(call: CallInfo) -> str:
     id gets the same NOT_FOUND as another scope's (nothing to probe). What a shared scope
     must not share, the per-caller bound, is counted per caller (`holder` in create): one
     anonymous caller cannot flush another's streams. Authenticated callers and tenants
-    get their own scope: a leaked id is useless to anyone outside it.
+    get their own scope: a leaked id is useless to anyone outside it. Both the scope and
+    the holder come from CallInfo.identity (what auth verified, else the address), never
+    from an id the caller declares (x-client-id, an unverified x-api-key): a fresh id per
+    call must not be a fresh per-caller bound (`caller_of`).
     """
     if call.tenant:
         return f"tenant:{call.tenant}"
-    if call.caller.startswith(("sub:", "key:")):
-        return call.caller
+    if call.identity.startswith(("sub:", "key:")):  # verified by auth, never declared
+        return call.identity
     return "anon"
+
+
+def caller_of(call: CallInfo) -> str:
+    """Whom a stream counts against in the per-caller bounds: the caller's unforgeable
+    identity (see `stream_scope`)."""
+    return call.identity or call.peer
 
 
 class _End:
@@ -294,13 +309,21 @@ class Resumer:
             except StreamExpired:
                 self._count("stream_resumes", method.name, "expired")
                 raise
+            except StreamOriginLost:
+                self._count("stream_resumes", method.name, "origin_lost")
+                raise
             self._count("stream_resumes", method.name, "resumed")
             await context.send_initial_metadata(
                 initial_metadata(call, None, (STREAM_ID_HEADER, sid))
             )
             yield cls.FromString(first.data)
-            async for chunk in reader:
-                yield cls.FromString(chunk.data)
+            try:
+                async for chunk in reader:
+                    yield cls.FromString(chunk.data)
+            except StreamOriginLost:
+                # In-band: the pipeline ends the stream with its final error chunk.
+                self._count("stream_resumes", method.name, "origin_lost")
+                raise
         finally:
             await reader.aclose()  # type: ignore[attr-defined]
 
@@ -316,15 +339,13 @@ class Resumer:
         call: CallInfo,
     ) -> AsyncIterator[Any]:
         try:
-            sid = await self.buffer.create(
-                stream_scope(call), self.replica_id, call.caller or call.peer
-            )
+            sid = await self.buffer.create(stream_scope(call), self.replica_id, caller_of(call))
         except StreamStoreUnavailable:
             # The store is away: the stream runs, not resumable (no id is promised).
             async for chunk in inner(request, raw, context, call):
                 yield chunk
             return
-        owner = _Owner(sid, self._queue_chunks, call.caller or call.peer)
+        owner = _Owner(sid, self._queue_chunks, caller_of(call))
         owner.count = call.chunk_tokens  # set by the limits when the call reserved tokens
         detached = DetachedContext(context)
         grace = Grace(self.settings.grace_s)
@@ -365,9 +386,20 @@ class Resumer:
         self, method: Method, owner: _Owner, grace: Grace, chunks: AsyncIterator[Any]
     ) -> None:
         """Run the owner's pump beside its watcher; the first to end decides."""
-        pump = asyncio.create_task(self._pump(method, owner, chunks))
+        recorder = StreamRecorder(self.buffer, owner.sid)
+        pump = asyncio.create_task(self._pump(method, owner, chunks, recorder))
         watch = asyncio.create_task(
-            watch_owner(self.buffer, owner.sid, self.replica_id, grace, interval_s=WATCH_INTERVAL_S)
+            watch_owner(
+                self.buffer,
+                owner.sid,
+                self.replica_id,
+                grace,
+                interval_s=WATCH_INTERVAL_S,
+                lease_s=self.settings.owner_lease_s,
+                # A stream the store stopped receiving is let go: resumers get
+                # STREAM_ORIGIN_LOST after the lease instead of waiting forever.
+                renew=lambda: recorder.failed is None,
+            )
         )
         evicted = asyncio.create_task(owner.evicted.wait())
         shutdown = False
@@ -414,8 +446,13 @@ class Resumer:
                 except StreamStoreUnavailable:
                     pass  # the stream's TTL removes it
 
-    async def _pump(self, method: Method, owner: _Owner, chunks: AsyncIterator[Any]) -> None:
-        recorder = StreamRecorder(self.buffer, owner.sid)
+    async def _pump(
+        self,
+        method: Method,
+        owner: _Owner,
+        chunks: AsyncIterator[Any],
+        recorder: StreamRecorder,
+    ) -> None:
         seq = 0
         final = False
         try:
@@ -425,7 +462,10 @@ class Resumer:
                 owner.last = chunk
                 if owner.count is not None:
                     owner.produced += owner.count(chunk)
-                recorder.record(
+                # Stored first, then handed: a chunk the caller saw is there for a resume,
+                # even if this replica dies right after (bounded by the store's timeout; a
+                # failed store stops recording, never the stream).
+                await recorder.write(
                     chunk.seq,
                     chunk.SerializeToString(),
                     ChunkKind.FINAL if final else ChunkKind.DATA,
@@ -433,7 +473,7 @@ class Resumer:
                 await owner.hand(chunk)
             if not final:
                 # An upstream that ended without a final chunk: resumers still need an end.
-                recorder.record(
+                await recorder.write(
                     seq,
                     method.response_cls(is_final=True, seq=seq).SerializeToString(),
                     ChunkKind.FINAL,
@@ -443,7 +483,7 @@ class Resumer:
             raise
         except Exception as exc:  # noqa: BLE001 - the caller gets it; the buffer its chunk
             err = shape(exc, None, method.path)
-            recorder.record(
+            await recorder.write(
                 seq, final_chunk(method.response_cls, seq, err).SerializeToString(), ChunkKind.FINAL
             )
             await owner.hand(_End(exc.with_traceback(None)))
@@ -479,6 +519,7 @@ def build_stream_buffer(settings: Settings) -> StreamBuffer:
             ttl_s=r.ttl_s,
             max_streams=r.max_streams,
             max_streams_per_scope=r.max_streams_per_caller,
+            owner_lease_s=r.owner_lease_s,
         )
     from aiproxy.server.stores.redis_limits import client_from_settings
     from aiproxy.server.stores.redis_streams import RedisStreamBuffer
@@ -490,8 +531,10 @@ def build_stream_buffer(settings: Settings) -> StreamBuffer:
         prefix=r.key_prefix,
         max_bytes=r.max_bytes,
         ttl_s=r.ttl_s,
-        # Writes are off the caller's path (StreamRecorder): a loaded box may take longer
-        # than a limits call's bound without failing the stream.
+        owner_lease_s=r.owner_lease_s,
+        # A write delays its chunk by at most this (StreamRecorder.write), once: a store
+        # past it stops the recording. A loaded box may take longer than a limits call's
+        # bound without losing resumability.
         timeout_s=max(0.25, rs.timeout_ms / 1000),
         probe_interval_s=rs.probe_interval_s,
     )

@@ -218,13 +218,25 @@ async def test_health_and_reflection_need_no_credentials(channel) -> None:
     assert "ai.agent.v1.AgentService" in {s.name for s in reply.list_services_response.service}
 
 
-async def test_admin_service_needs_credentials(channel) -> None:
+async def test_admin_service_needs_credentials_and_the_admin_scope(channel) -> None:
     admin = admin_service_pb2_grpc.ProxyAdminServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await admin.ListEndpoints(admin_service_pb2.ListEndpointsRequest(), timeout=10)
     assert exc.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    # Issue 20 §4: any authenticated subject, with no scope, could read the pool.
+    for scope in (None, "agent:execute", "aiproxy.admins"):
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await admin.ListEndpoints(
+                admin_service_pb2.ListEndpointsRequest(),
+                metadata=bearer(token(scope=scope)),
+                timeout=10,
+            )
+        assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert error_info(denied.value).metadata["scope"] == "aiproxy.admin"
     reply = await admin.ListEndpoints(
-        admin_service_pb2.ListEndpointsRequest(), metadata=bearer(token()), timeout=10
+        admin_service_pb2.ListEndpointsRequest(),
+        metadata=bearer(token(scope="agent:execute aiproxy.admin")),
+        timeout=10,
     )
     assert reply.endpoints
 
