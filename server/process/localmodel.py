@@ -176,6 +176,12 @@ def _app(args: argparse.Namespace, path: pathlib.Path, host: str, port: int) -> 
     )
 
 
+def _log(event: str, **fields: Any) -> None:
+    """One JSON line on stderr, like aiproxy's other commands."""
+    line = json.dumps({"ts": round(time.time(), 6), "event": event, **fields})
+    print(line, file=sys.stderr, flush=True)
+
+
 def _count_stream_usage() -> None:
     """Make llama-cpp-python's streamed chat completions end with a usage chunk.
 
@@ -193,38 +199,69 @@ def _count_stream_usage() -> None:
     chat = Llama.create_chat_completion
 
     def counting_generate(self: Any, tokens: Any, *args: Any, **kwargs: Any) -> Any:
-        counts = self._aiproxy_counts = [len(tokens), 0]
+        # The call's own record (set by chat_completion just before: one call at a time).
+        counts = getattr(self, "_aiproxy_counts", None)
+        if counts is None:
+            counts = {}
+        counts.update(prompt=len(tokens), completion=0, last_token_at=time.time())
         with contextlib.closing(generate(self, tokens, *args, **kwargs)) as inner:
             for token in inner:
                 if not capi.llama_vocab_is_eog(self._model.vocab, token):
-                    counts[1] += 1
+                    counts["completion"] += 1
+                counts["last_token_at"] = time.time()
                 yield token
 
-    def with_usage(self: Any, chunks: Any) -> Any:
-        self._aiproxy_counts = None
+    def ended(counts: dict[str, Any], how: str, started: float) -> None:
+        # Once per call. An abandoned stream is logged by the next call (the lock says it has
+        # stopped by then) or when its generator is collected, whichever comes first:
+        # last_token_at says when the model computed its last token.
+        if counts.get("logged"):
+            return
+        counts["logged"] = True
+        _log("generation_ended", ended=how, prompt_tokens=counts.get("prompt", 0),
+             completion_tokens=counts.get("completion", 0),
+             last_token_at=round(counts.get("last_token_at", 0.0), 6),
+             seconds=round(time.monotonic() - started, 3))  # fmt: skip
+
+    def with_usage(chunks: Any, counts: dict[str, Any], started: float) -> Any:
         last = None
-        for chunk in chunks:
-            last = chunk
-            yield chunk
-        counts = self._aiproxy_counts
-        if last is not None and counts is not None:
-            prompt, completion = counts
-            yield {
-                "id": last["id"],
-                "object": "chat.completion.chunk",
-                "created": last["created"],
-                "model": last["model"],
-                "choices": [],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion,
-                    "total_tokens": prompt + completion,
-                },
-            }
+        how = "abandoned"  # closed before its end: the caller left
+        try:
+            for chunk in chunks:
+                last = chunk
+                for choice in chunk.get("choices") or ():
+                    how = choice.get("finish_reason") or how
+                yield chunk
+            if last is not None and "prompt" in counts:
+                prompt, completion = counts["prompt"], counts["completion"]
+                yield {
+                    "id": last["id"],
+                    "object": "chat.completion.chunk",
+                    "created": last["created"],
+                    "model": last["model"],
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": completion,
+                        "total_tokens": prompt + completion,
+                    },
+                }
+        finally:
+            ended(counts, how, started)
 
     def chat_completion(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # Called under the server's lock: the call before this one has stopped generating.
+        before = getattr(self, "_aiproxy_counts", None)
+        if before is not None:
+            ended(before, "abandoned", before["started"])
+        started = time.monotonic()
+        counts: dict[str, Any] = {"started": started}
+        self._aiproxy_counts = counts
+        if kwargs.get("stream"):
+            return with_usage(chat(self, *args, **kwargs), counts, started)
         result = chat(self, *args, **kwargs)
-        return with_usage(self, result) if kwargs.get("stream") else result
+        ended(counts, str(result["choices"][0].get("finish_reason")), started)
+        return result
 
     Llama.generate = counting_generate
     Llama.create_chat_completion = chat_completion
@@ -283,6 +320,9 @@ async def _serve(app: Any, sock: socket.socket, args: argparse.Namespace) -> int
         "model": args.alias,
     }
     print(json.dumps(ready), flush=True)
+    # llama-cpp-python prints to stdout ("disconnected"...): after the ready line stdout is
+    # for nothing else (a parent that read the ready line may not read the pipe any more).
+    sys.stdout = sys.stderr
     await task
     return 0
 
