@@ -9,7 +9,7 @@ drops every name in `PROXY_ONLY_METADATA`, and, so that a header added later can
 through by being forgotten here, every request key with the `x-aiproxy-` prefix too.
 
 The modules that act on a header import its name from here (core/streambuffer.py,
-core/cache.py, server/forwarding.py, interceptors/limits.py).
+core/cache.py, server/request/forwarding.py, interceptors/limits.py).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from typing import Final
 # Every request header named x-aiproxy-* is this proxy's own (see the module docstring).
 PROXY_PREFIX: Final = "x-aiproxy-"
 
-# Resumable streams (core/streambuffer.py, server/resume.py).
+# Resumable streams (core/streambuffer.py, server/request/resume.py).
 RESUMABLE_HEADER: Final = "x-aiproxy-resumable"  # "1" asks for a resumable stream
 RESUME_HEADER: Final = "x-aiproxy-resume"  # the stream id to resume
 LAST_EVENT_ID_HEADER: Final = "last-event-id"  # the last seq the caller saw (SSE's name)
 CANCEL_HEADER: Final = "x-aiproxy-cancel"  # stop that stream's upstream now
 # The response cache (core/cache.py): the HTTP convention, max-age / no-cache / no-store.
 CACHE_CONTROL: Final = "cache-control"
-# A caller's own stream coalescing window in ms (server/forwarding.py).
+# A caller's own stream coalescing window in ms (server/request/forwarding.py).
 COALESCE_HEADER: Final = "x-aiproxy-coalesce-ms"
 # The edge's proof that a call came through Envoy (interceptors/limits.py); a secret.
 EDGE_SECRET_HEADER: Final = "x-aiproxy-edge"

@@ -1,6 +1,6 @@
 """The limits store: where per-caller limit state lives, behind one async interface.
 
-Three kinds of state, each keyed by a caller (or tenant) key the interceptor chooses:
+Three kinds of state, each keyed by a caller (or tenant) key the limits stage chooses:
 
 - request rate: a token bucket per key (`take`), the spec passed on each call so the
   store holds no policy (overrides and tenants are resolved by the caller of the store);
@@ -17,7 +17,7 @@ neither) and `finish` at its end (release and settle): one step, and with Redis 
 round trip, at each end. The single operations exist for callers that need one of them.
 
 `LimitStore` is the interface; `MemoryLimitStore` is the embedded backend (one process,
-nothing to run) and `server/redis_limits.py` the shared one. Every method is async so the
+nothing to run) and `server/stores/redis_limits.py` the shared one. Every method is async so the
 interceptor has one code path; the memory backend never suspends, and also offers
 `*_nowait` twins (`store.local` says they exist) that skip the coroutine: ~2 us per call
 (bench/limits_cost.py), 0.2 % of a proxied call, so awaiting is fine everywhere.
@@ -39,13 +39,13 @@ import grpc
 
 from aiproxy.core.errors import ProxyError, QuotaViolation, RateLimited, Reason
 from aiproxy.core.ratelimit import (
-    Clock,
     Decision,
     LimitSpec,
     TokenBucket,
     concurrency_limited_error,
     rate_limited_error,
 )
+from aiproxy.core.types import Clock
 
 _EPS: Final = 1e-9
 DAY_S: Final = 86_400
@@ -423,8 +423,6 @@ class MemoryLimitStore:
         self._meters: _Lru[TokenMeter] = _Lru(max_keys, 60.0, clock)
         self._days: _Lru[tuple[int, int]] = _Lru(max_keys, math.inf, clock)  # key -> (day, used)
         self._streams: dict[str, int] = {}
-        self._leases: dict[str, StreamLease] = {}
-        self._reservations = 0
 
     # -- request rate
 
@@ -534,7 +532,6 @@ class MemoryLimitStore:
         if limits.per_day is not None:
             used += amount
             self._days.set(budget_key, (day, used))
-        self._reservations += 1
         return Reservation(
             f"{self.name}:{next(_ids)}",
             key,

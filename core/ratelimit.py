@@ -1,8 +1,8 @@
-"""Rate and concurrency limits per caller: the pure logic behind the limit interceptor.
+"""Rate and concurrency limits per caller: the pure logic behind the limits stage.
 
 - `TokenBucket`: `burst` tokens, refilled continuously at `rate_per_s` (fractional refill:
-  0.25 s at 4/s is exactly one token; the source document refilled in whole-interval
-  steps, which lets a caller burst twice at every step boundary).
+  0.25 s at 4/s is exactly one token; a bucket refilled in whole-interval steps lets a
+  caller burst twice at every step boundary).
 - `KeyedLimiter`: one bucket per caller key, a default spec and per-key overrides, with
   memory bounded however many distinct keys arrive.
 - `ConcurrencyLimiter`: open streams per key (long streams are what loads an LLM).
@@ -19,14 +19,13 @@ import math
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, NamedTuple
 
 from aiproxy.core.errors import ConcurrencyLimited, QuotaViolation, RateLimited
-
-Clock = Callable[[], float]
+from aiproxy.core.types import Clock
 
 # Tolerance for float refill arithmetic: a caller who waits exactly `retry_after_s`
 # must get the token even if the subtraction came out a hair short.

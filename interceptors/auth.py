@@ -68,6 +68,7 @@ from aiproxy.core.settings import (
     RSA_ALGORITHMS,
     AuthSettings,
 )
+from aiproxy.core.types import Clock, Context
 
 log = logging.getLogger("aiproxy.auth")
 
@@ -85,8 +86,6 @@ MAX_API_KEY_LEN: Final = 512
 MAX_SUBJECT_LEN: Final = 256
 # Verified tokens remembered (per process); the least recently used are dropped.
 TOKEN_CACHE_SIZE: Final = 4096
-
-Clock = Callable[[], float]
 
 
 class Cause(enum.StrEnum):
@@ -450,7 +449,7 @@ class _Bound:
         self._auth, self._path = auth, path
         self._scopes = auth.required_scopes(path)
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         auth = self._auth
         try:
             principal = auth.authenticate_headers(call.metadata, call.repeated, call.peer)

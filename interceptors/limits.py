@@ -82,7 +82,7 @@ from google.protobuf.message import Message
 
 from aiproxy.core import headers, tokens
 from aiproxy.core.callinfo import CallInfo
-from aiproxy.core.errors import Overloaded
+from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S, Overloaded
 from aiproxy.core.limitpolicy import LimitPolicy
 from aiproxy.core.limitstore import (
     LimitStore,
@@ -96,7 +96,6 @@ from aiproxy.core.ratelimit import (
     CLIENT_ID_HEADER,
     MAX_CLIENT_ID_LEN,
     ConcurrencyLimiter,
-    Lease,
     LimitSpec,
     hash_api_key,
     peer_host,
@@ -104,14 +103,12 @@ from aiproxy.core.ratelimit import (
 )
 from aiproxy.core.service import Method
 from aiproxy.core.settings import LimitSettings
+from aiproxy.core.types import Context
 
 _PROXY_KEY: Final = "*"  # the one key of the proxy-wide cap
 # The edge's proof that a call came through it (see the module docstring); named in
 # core/headers.py with the proxy's other own headers (never forwarded upstream).
 EDGE_SECRET_HEADER: Final = headers.EDGE_SECRET_HEADER
-# What an OVERLOADED caller is told to wait: calls finish in well under a second on
-# average, so a short, jittered retry (the client's job) finds room.
-OVERLOADED_RETRY_DELAY_S: Final = 0.5
 STREAM_RETRY_DELAY_S: Final = 1.0
 
 
@@ -157,7 +154,6 @@ class Limits:
         """`policy`: LimitPolicy.from_settings(settings) so `apikey:<name>` overrides find
         their callers (the default knows no API key names)."""
         self.policy = policy if policy is not None else LimitPolicy(settings)
-        self.default = self.policy.default.spec
         self.store: LimitStore = (
             store if store is not None else MemoryLimitStore(max_keys=settings.max_tracked_callers)
         )
@@ -248,7 +244,7 @@ class _Bound:
         self._metered = metered  # the method's answers report LLM token usage
         self.exit = self._exit
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         limits = self._limits
         overall = limits.in_flight.try_acquire(_PROXY_KEY)
         if overall is None:
@@ -306,7 +302,7 @@ class _Bound:
             limits.finish(call.stream_lease, None, 0)
             call.stream_lease = call.reservation = None
 
-            def settle(done: Any) -> None:
+            def settle(done: asyncio.Future[tuple[Any, int]]) -> None:
                 last, produced = (None, 0) if done.cancelled() else done.result()
                 limits.finish(None, reservation, generated_tokens(last, produced, prompt))
 
@@ -342,11 +338,6 @@ def generated_tokens(last: Any, produced: int, prompt_estimate: int) -> int:
     if reported is not None:
         return reported
     return prompt_estimate + produced if produced else 0
-
-
-def _release(leases: list[Lease]) -> None:
-    for lease in leases:
-        lease.release()
 
 
 def _as_peer(address: str) -> str | None:

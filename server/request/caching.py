@@ -29,10 +29,8 @@ whoever else declares the same value.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
-
-import grpc
 
 from aiproxy.core.cache import (
     CACHE_HEADER,
@@ -48,10 +46,8 @@ from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.metrics import ProxyMetrics
 from aiproxy.core.service import Method
 from aiproxy.core.settings import CacheSettings, Settings
+from aiproxy.core.types import Context, StreamCall, UnaryCall
 from aiproxy.server.request.resume import DetachedContext, initial_metadata
-
-UnaryCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], Awaitable[Any]]
-StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
 
 
 class _Incomplete(Exception):
@@ -98,9 +94,7 @@ class Caching:
         count = self._counter(method)
         cache = self.cache
 
-        async def cached_unary(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> Any:
+        async def cached_unary(request: Any, raw: bytes, context: Context, call: CallInfo) -> Any:
             decision = decide(parse_cache_control(call.metadata.items()), ttl, max_ttl)
             if decision.bypass:
                 count(Outcome.BYPASS)
@@ -128,8 +122,8 @@ class Caching:
         count = self._counter(method)
 
         def cached_stream(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> AsyncIterator[Any]:
+            request: Any, raw: bytes, context: Context, call: CallInfo
+        ) -> AsyncGenerator[Any, None]:
             decision = decide(parse_cache_control(call.metadata.items()), ttl, max_ttl)
             if decision.bypass:
                 count(Outcome.BYPASS)
@@ -146,9 +140,9 @@ class Caching:
         count: Callable[[Outcome], None],
         request: Any,
         raw: bytes,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         cls = method.response_cls
         key = cache_key(method.path, self._scope(call), canonical_request(request))
         detached = DetachedContext(context)

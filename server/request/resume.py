@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Final, cast
 
 import grpc
@@ -70,11 +70,11 @@ from aiproxy.core.streambuffer import (
     parse_resume,
     watch_owner,
 )
+from aiproxy.core.types import Context, StreamCall
 from aiproxy.interceptors.error_handling import final_chunk, shape
 
 log = logging.getLogger("aiproxy.resume")
 
-StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
 
 REQUEST_ID: Final = "x-request-id"
 # The owner's heartbeat (and so how soon a cancel request or the grace's end is seen).
@@ -97,7 +97,7 @@ class DetachedContext:
 
     __slots__ = ("_context", "initial")
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, context: Context) -> None:
         self._context = context
         self.initial: tuple[tuple[str, str], ...] | None = None
 
@@ -110,9 +110,9 @@ class DetachedContext:
         except Exception:  # noqa: BLE001 - the caller's call is over: nobody to tell
             pass
 
-    def as_context(self) -> grpc.aio.ServicerContext:
+    def as_context(self) -> Context:
         """This object, typed as what the inner terminal takes (it duck-types it)."""
-        return cast("grpc.aio.ServicerContext", self)
+        return cast(Context, self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -257,8 +257,8 @@ class Resumer:
         name = method.name
 
         def resumable_stream(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> AsyncIterator[Any]:
+            request: Any, raw: bytes, context: Context, call: CallInfo
+        ) -> AsyncGenerator[Any, None]:
             ask = parse_resume(call.metadata.items())
             if ask.cancel is not None:
                 return self._cancel(ask.cancel, context, call)
@@ -275,8 +275,8 @@ class Resumer:
     # -- x-aiproxy-cancel ----------------------------------------------------------------
 
     async def _cancel(
-        self, sid: str, context: grpc.aio.ServicerContext, call: CallInfo
-    ) -> AsyncIterator[Any]:
+        self, sid: str, context: Context, call: CallInfo
+    ) -> AsyncGenerator[Any, None]:
         call.replayed = "cancel"
         if not await self.buffer.request_cancel(sid, stream_scope(call)):
             raise StreamNotFound()
@@ -291,9 +291,9 @@ class Resumer:
         method: Method,
         sid: str,
         after_seq: int,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         call.replayed = "resume"  # no upstream call: the limits charge no tokens for it
         cls = method.response_cls
         reader = self.buffer.read(sid, stream_scope(call), after_seq)
@@ -335,9 +335,9 @@ class Resumer:
         inner: StreamCall,
         request: Any,
         raw: bytes,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         try:
             sid = await self.buffer.create(stream_scope(call), self.replica_id, caller_of(call))
         except StreamStoreUnavailable:

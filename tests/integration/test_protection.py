@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
-from aiproxy.core.errors import DOMAIN
+from aiproxy.core.errors import DOMAIN, OVERLOADED_RETRY_DELAY_S
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_pool import endpoints
 from tests.support.grpc_helpers import SERVING, health_status, max_wire_timeout_ms, stub
@@ -587,7 +587,7 @@ async def test_stream_cap_per_caller_and_proxy_wide_cap(spawn, agent) -> None:
         await wait_started(agent, 3)
         r = rich(await call_error(api.Generate(PROMPT, metadata=(caller("c"),), timeout=10)))
         assert (r.code, r.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")
-        assert r.metadata == {"limit": "3"} and r.retry_delay_s == 0.5
+        assert r.metadata == {"limit": "3"} and r.retry_delay_s == OVERLOADED_RETRY_DELAY_S
 
         # A stream that ends gives its slots back.
         open_streams[0].cancel()

@@ -1,4 +1,4 @@
-"""server/resume.py and server/caching.py around a stand-in terminal (pure logic: the
+"""server/request/resume.py and server/request/caching.py around a stand-in terminal (pure logic: the
 real processes are in tests/integration/test_resume_and_cache.py)."""
 
 from __future__ import annotations

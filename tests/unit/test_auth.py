@@ -22,6 +22,7 @@ from aiproxy.core.settings import AuthSettings, ConfigError, load_settings
 from aiproxy.interceptors.auth import Authenticator, AuthStage, Cause, Principal, is_open_method
 from aiproxy.server.chain import pipeline_stages
 from tests.support.certs import SigningKeys, make_signing_keys
+from tests.support.clock import FakeClock
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"  # 38 bytes
 OTHER_SECRET = "another-secret-that-is-long-enough-000"
@@ -289,16 +290,8 @@ def test_method_scopes_need_every_scope() -> None:
 # -- the verified-token cache -------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_verified_tokens_are_cached_until_they_expire(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = Clock()
+    clock = FakeClock(time.time())
     auth = Authenticator(settings(leeway_s=5), clock=clock)
     verified: list[str] = []
     real_verify = auth._verify
@@ -331,7 +324,7 @@ def test_an_expiry_past_what_a_float_holds_is_valid_not_a_crash(exp: Any) -> Non
 def test_an_expiry_pyjwt_accepted_is_the_one_enforced_once_cached(as_text: Any) -> None:
     """Issue 20 §4: a string `exp` passed PyJWT (it reads int(exp)) but was ignored by the
     cache's own parse, so the token stayed valid forever once cached."""
-    clock = Clock()
+    clock = FakeClock(time.time())
     auth = Authenticator(settings(leeway_s=5), clock=clock)
     exp = int(clock.now) + 60
     try:

@@ -328,7 +328,7 @@ async def test_a_failed_stream_with_an_error_chunk_is_charged_its_deltas() -> No
 
 
 async def test_a_generation_that_outlives_its_caller_is_charged_all_it_produced() -> None:
-    """A resumable stream whose caller left goes on (server/resume.py): its stream slot is
+    """A resumable stream whose caller left goes on (server/request/resume.py): its stream slot is
     freed at once, its tokens are settled once, when the generation ends, with its usage."""
     store = FakeStore()
     stage = token_stage(store)
