@@ -78,7 +78,13 @@ class Starter:
 
     def proxy(self, agent: ServiceProcess) -> ServiceProcess:
         # Breaker off: the kill test's failures must not open it for the next test.
-        env = {**GENEROUS_LIMITS, "AIPROXY_BREAKER__ENABLED": "false"}
+        # Heartbeats only after a minute: a busy CI box can take longer than the default 15 s
+        # for a first token, and these tests are about the model's chunks, not keep-alives.
+        env = {
+            **GENEROUS_LIMITS,
+            "AIPROXY_BREAKER__ENABLED": "false",
+            "AIPROXY_STREAM__HEARTBEAT_INTERVAL_S": "60",
+        }
         return self(proxy_args(agent.address), "proxy", env=env)
 
     def stack(self) -> Stack:
