@@ -15,7 +15,7 @@ STAMP  := $(VENV)/.installed-stamp
 BUF    := build/tools/node_modules/.bin/buf
 
 .PHONY: demo demo-model model test unit lint lint-proto lint-py typecheck lint-imports gen docs install \
-	system-deps clean bench bench-quick bench-deps
+	system-deps node-deps clean bench bench-quick bench-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,17 @@ docs: gen
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix build/tools @bufbuild/buf
+
+# npm packages the tests drive, beside buf in build/tools: @connectrpc/connect-node (its
+# gRPC-Web and Connect transports) and @bufbuild/protobuf (a registry read from the
+# descriptor set, no generated code) for tests/integration/test_connect_clients.py.
+# Major versions pinned: the test reads their error classes and details.
+CONNECT_NPM := build/tools/node_modules/@connectrpc/connect-node/package.json
+$(CONNECT_NPM):
+	npm install --silent --no-audit --no-fund --prefix build/tools \
+	  @connectrpc/connect@2 @connectrpc/connect-node@2 @bufbuild/protobuf@2
+
+node-deps: $(CONNECT_NPM)
 
 # Each check is its own target (`make typecheck`, ...); `make -k lint` runs them all even
 # after one fails.
@@ -125,7 +136,7 @@ demo-model: gen model
 # Exit 5 (nothing selected, e.g. PYTEST_ARGS names a file with no chaos test) is not a
 # failure of that pass.
 PYTEST_WORKERS ?= 2
-test: lint system-deps model
+test: lint system-deps node-deps model
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not chaos and not serial and not realmodel" \
 	  $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(BIN)/python -m pytest -m "chaos or serial or realmodel" $(PYTEST_ARGS) || [ $$? -eq 5 ]
