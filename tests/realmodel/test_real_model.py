@@ -38,7 +38,7 @@ pytestmark = pytest.mark.realmodel
 TOP_P = 0.0001  # greedy: the nucleus keeps the most likely token only
 SHORT_PROMPT = "Name one colour."
 ANSWER_PROMPT = "Explain in two sentences what a circuit breaker does in software."
-# A prompt SmolLM2 answers at length (greedy, it does not stop before 128 tokens).
+# A prompt SmolLM2 answers at length (greedy, it does not stop before 256 tokens).
 LONG_PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
@@ -152,11 +152,12 @@ async def test_a_callers_cancel_frees_the_model_for_the_next_call(stack: Stack) 
     test, nothing fixed:
     - a short call behind a long answer that is being read: what running on would cost the
       next caller (the reference for the wall-clock bound);
-    - three times: a long answer cancelled after its first chunks, then a short call: the
-      short calls take well under the reference (median), and the model server's own log
-      says each cancelled generation stopped far from its end (tokens computed: a count,
-      which a busy shared box slows down but hardly changes)."""
-    long_tokens = 128
+    - five times: a long answer cancelled after its first chunks, then a short call: the
+      short calls take well under the reference (their median under half of it), and the
+      model server's own log says each cancelled generation stopped far from its end
+      (tokens computed: a count, which a busy shared box slows down but hardly changes;
+      the wall clock of one call there can swing by seconds, hence the median)."""
+    long_tokens = 192
     long_request = pb.StreamGenerateRequest(prompt=LONG_PROMPT, options=greedy(long_tokens))
     started_at = time.time()
 
@@ -185,7 +186,7 @@ async def test_a_callers_cancel_frees_the_model_for_the_next_call(stack: Stack) 
         )
         # The same long answer, abandoned after its first chunks, then a short call.
         after_cancel: list[float] = []
-        for _ in range(3):
+        for _ in range(5):
             call = await long_call_started()
             call.cancel()
             after_cancel.append(await short_call())
@@ -196,7 +197,7 @@ async def test_a_callers_cancel_frees_the_model_for_the_next_call(stack: Stack) 
             for e in stack.model.log_events("generation_ended")
             if e["ts"] >= started_at and e["ended"] == "abandoned"
         ]
-        return lines if len(lines) >= 3 else None
+        return lines if len(lines) >= 5 else None
 
     # Logged when llama-cpp-python drops the generator, which may be a little later.
     stopped = wait_until(abandoned, 10, "the model server to log the cancelled generations")
