@@ -60,6 +60,7 @@ class Reason(enum.StrEnum):
     STREAM_EXPIRED = "STREAM_EXPIRED"  # the stream's data is gone: grace, time or bytes bound
     STREAM_STORE_UNAVAILABLE = "STREAM_STORE_UNAVAILABLE"  # the shared stream store is down
     STREAM_FINISHED = "STREAM_FINISHED"  # resumed after the final chunk: nothing left to send
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"  # the OpenAI API's `model` names no configured model
 
 
 @dataclass(frozen=True, slots=True)

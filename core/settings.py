@@ -702,6 +702,38 @@ class CacheSettings(_Section):
     key_prefix: str = Field(default="aiproxy:cache:", min_length=1, max_length=128)
 
 
+class OpenAIModel(_Section):
+    """One model of the OpenAI-compatible API (GET /v1/models, a request's `model`)."""
+
+    # The id callers name (`model` in a request, `id` in the list).
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+    # The model the agents are asked for (ChatRequest.model); null: the same as `id`.
+    upstream: str | None = Field(default=None, min_length=1, max_length=128)
+    owned_by: str = Field(default="aiproxy", min_length=1, max_length=64)
+
+
+class OpenAISettings(_Section):
+    """The OpenAI-compatible HTTP API (docs/openai.md): /v1/chat/completions and
+    /v1/models through the edge, mapped onto Chat / StreamChat through the same pipeline
+    as native calls (server/request/openai_front.py)."""
+
+    enabled: bool = True
+    # What GET /v1/models lists and a request's `model` may name: any other model is
+    # 404 model_not_found. The agents have no list of their own (AgentService has no
+    # such method, and the reference agent answers any name), so the operator says.
+    models: list[OpenAIModel] = Field(
+        default_factory=lambda: [OpenAIModel(id="ref-model-1")], min_length=1
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _v_models(cls, value: list[OpenAIModel]) -> list[OpenAIModel]:
+        ids = [m.id for m in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("model ids must be unique")
+        return value
+
+
 class LogSettings(_Section):
     level: str = "INFO"
     # One JSON "access" line per call (ids, method, status, timings, tokens; never prompts).
@@ -779,6 +811,7 @@ class Settings(BaseSettings):
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
 
     @model_validator(mode="after")
     def _v_cross_sections(self) -> Settings:

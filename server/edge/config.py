@@ -64,6 +64,9 @@ DEFAULT_PROXY = "127.0.0.1:50051"
 # Front ends served from another origin that may call the API (a local dev server).
 DEFAULT_CORS_ORIGINS = ("http://localhost:3000", "http://127.0.0.1:3000")
 CLUSTER = "aiproxy"
+# The services the transcoder maps HTTP onto (the template's `services:`).
+AGENT_SERVICE = "ai.agent.v1.AgentService"
+OPENAI_SERVICE = "ai.openai.v1.OpenAIService"  # the OpenAI-compatible API (docs/openai.md)
 
 # Envoy's own log lines as JSON, like every other aiproxy process (%j escapes for JSON).
 LOG_FORMAT = '{"ts":"%Y-%m-%dT%T.%eZ","event":"envoy_log","level":"%l","logger":"%n","msg":"%j"}'
@@ -256,9 +259,12 @@ def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
     }
     # Paths with {variables} would need a pattern match; this API has none, and a path
     # the table misses only falls back to the transcoder's 404.
+    bindings = http_bindings(descriptor)
+    for path, verbs in http_bindings(descriptor, OPENAI_SERVICE).items():
+        bindings.setdefault(path, set()).update(verbs)
     allow = {
         path: ", ".join([*sorted(verbs), "OPTIONS"])
-        for path, verbs in http_bindings(descriptor).items()
+        for path, verbs in bindings.items()
         if "{" not in path
     }
     return {

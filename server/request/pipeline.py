@@ -51,6 +51,11 @@ log = logging.getLogger("aiproxy.pipeline")
 
 UnaryCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], Awaitable[Any]]
 StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
+# What a handler decodes at DECODE: the wire input (the request bytes, for a native call)
+# -> the request message and the bytes the terminal forwards upstream. A front (another
+# API mapped onto a method, server/request/openai_front.py) brings its own, raising a
+# ProxyError for input it refuses; the pipeline shapes that like any other refusal.
+Decoder = Callable[[Any], tuple[Any, bytes]]
 
 
 class Terminal(Protocol):
@@ -118,6 +123,16 @@ def _run_exits(exits: Sequence[Callable[[CallInfo], None] | None], n: int, call:
                 log.exception("a pipeline stage failed at the end of request %s", call.request_id)
 
 
+def native_decoder(request_cls: Any) -> Decoder:
+    """A native call's decoder: the message from the caller's bytes, which go upstream
+    as they came (never re-serialized)."""
+
+    def decode_native(raw: bytes) -> tuple[Any, bytes]:
+        return decode(request_cls, raw), raw
+
+    return decode_native
+
+
 class Pipeline:
     """The handlers of one service, built once (see the module docstring)."""
 
@@ -130,6 +145,8 @@ class Pipeline:
     ) -> None:
         self.service = service
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        # Per method: what its handlers are built from (a front builds more, `behavior`).
+        self._parts: dict[str, tuple[Method, GateCheck | None, list[Bound], int, Any]] = {}
         for method in service.methods:
             bound: list[Bound] = []
             decode_at = -1
@@ -143,18 +160,29 @@ class Pipeline:
             if decode_at < 0:
                 decode_at = len(bound)
             check = gate.bind(method) if gate is not None else None
-            if method.streaming:
-                self.handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                    _stream_handler(method, check, bound, decode_at, terminal.stream(method)),
-                    request_deserializer=None,
-                    response_serializer=method.response_cls.SerializeToString,
-                )
-            else:
-                self.handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    _unary_handler(method, check, bound, decode_at, terminal.unary(method)),
-                    request_deserializer=None,
-                    response_serializer=method.response_cls.SerializeToString,
-                )
+            end = terminal.stream(method) if method.streaming else terminal.unary(method)
+            self._parts[method.name] = (method, check, bound, decode_at, end)
+            behavior = self.behavior(method.name, native_decoder(method.request_cls))
+            factory = (
+                grpc.unary_stream_rpc_method_handler
+                if method.streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+            self.handlers[method.name] = factory(
+                behavior,
+                request_deserializer=None,
+                response_serializer=method.response_cls.SerializeToString,
+            )
+
+    def behavior(self, name: str, decoder: Decoder) -> Callable[..., Any]:
+        """Method `name`'s handler function, `(wire input, context)`, with `decoder` at
+        DECODE: the same gate, stages and terminal as the method's own handler (built
+        once, at start-up). A front calls it with its own input and a context of its own
+        (server/request/openai_front.py) and gets the method's answer or chunks."""
+        method, check, bound, decode_at, end = self._parts[name]
+        if method.streaming:
+            return _stream_handler(method, check, bound, decode_at, end, decoder)
+        return _unary_handler(method, check, bound, decode_at, end, decoder)
 
     def register(self, server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers((self.generic_handler(),))
@@ -176,26 +204,30 @@ def _unary_handler(
     bound: Sequence[Bound],
     decode_at: int,
     terminal: UnaryCall,
-) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
+    decoder: Decoder,
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
-    path, request_cls = method.path, method.request_cls
+    path = method.path
 
-    async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(wire: Any, context: grpc.aio.ServicerContext) -> Any:
         if check is not None:
             await check.check(context)
         call = _open(method, context)
         entered = 0
         try:
             request = None
+            raw = b""
             while entered < n:
                 if entered == decode_at:
-                    request = call.request = decode(request_cls, raw)
+                    request, raw = decoder(wire)
+                    call.request = request
                 await enters[entered](call, request, context)
                 entered += 1
             if decode_at == n:
-                request = call.request = decode(request_cls, raw)
+                request, raw = decoder(wire)
+                call.request = request
             response = await terminal(request, raw, context, call)
             call.first = call.last = response
             return response
@@ -222,14 +254,15 @@ def _stream_handler(
     bound: Sequence[Bound],
     decode_at: int,
     terminal: StreamCall,
-) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    decoder: Decoder,
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
-    path, request_cls, chunk_cls = method.path, method.request_cls, method.response_cls
+    path, chunk_cls = method.path, method.response_cls
     monotonic = time.monotonic
 
-    async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream(wire: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if check is not None:
             await check.check(context)
         call = _open(method, context)
@@ -242,13 +275,16 @@ def _stream_handler(
             err = None
             try:
                 request = None
+                raw = b""
                 while entered < n:
                     if entered == decode_at:
-                        request = call.request = decode(request_cls, raw)
+                        request, raw = decoder(wire)
+                        call.request = request
                     await enters[entered](call, request, context)
                     entered += 1
                 if decode_at == n:
-                    request = call.request = decode(request_cls, raw)
+                    request, raw = decoder(wire)
+                    call.request = request
                 chunks = terminal(request, raw, context, call)
                 # Set by the limits stage when the call holds a token reservation: a
                 # stream that ends without usage is charged the chunks that went out.
