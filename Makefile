@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 BUF    := build/tools/node_modules/.bin/buf
 
-.PHONY: demo test unit lint lint-proto lint-py typecheck lint-imports gen install system-deps \
+.PHONY: demo test unit lint lint-proto lint-py typecheck lint-imports gen install system-deps node-deps \
 	clean bench bench-quick bench-deps
 
 $(STAMP): pyproject.toml
@@ -28,6 +28,14 @@ gen: $(STAMP)
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix build/tools @bufbuild/buf
+
+# The `openai` npm package, for the OpenAI SDK test (tests/integration/test_openai_sdk.py),
+# beside buf in build/tools. Major version pinned: its error classes are what the test reads.
+OPENAI_NPM := build/tools/node_modules/openai/package.json
+$(OPENAI_NPM):
+	npm install --silent --no-audit --no-fund --prefix build/tools openai@7
+
+node-deps: $(OPENAI_NPM)
 
 # Each check is its own target (`make typecheck`, ...); `make -k lint` runs them all even
 # after one fails.
@@ -76,7 +84,7 @@ demo: gen
 # processes under load, so they run alone). Exit 5 (nothing selected, e.g. PYTEST_ARGS
 # names a file with no chaos test) is not a failure of that pass.
 PYTEST_WORKERS ?= 2
-test: lint system-deps
+test: lint system-deps node-deps
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not chaos and not serial" $(PYTEST_ARGS) \
 	  || [ $$? -eq 5 ]
 	$(BIN)/python -m pytest -m "chaos or serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
