@@ -33,7 +33,7 @@ from aiproxy.interceptors.overload import BacklogLimit, OverloadGate
 from aiproxy.server import tls
 from aiproxy.server.chain import client_interceptors, pipeline_stages
 from aiproxy.server.pool.backlog import BacklogProbe
-from aiproxy.server.pool.upstream import UpstreamPool
+from aiproxy.server.pool.pool import UpstreamPool
 from aiproxy.server.request.admin import ADMIN_SERVICE_NAME, ProxyAdmin
 from aiproxy.server.request.caching import (
     AnswerTerminal,

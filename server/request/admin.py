@@ -6,7 +6,7 @@ import grpc
 
 from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
 from aiproxy.ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
-from aiproxy.server.pool.upstream import UpstreamPool
+from aiproxy.server.pool.pool import UpstreamPool
 
 ADMIN_SERVICE_NAME = admin_pb.DESCRIPTOR.services_by_name["ProxyAdminService"].full_name
 

@@ -30,7 +30,8 @@ from aiproxy.core.retry import RetryPolicy
 from aiproxy.core.service import Method, agent_service
 from aiproxy.core.settings import Settings
 from aiproxy.interceptors.deadline import Deadline
-from aiproxy.server.pool.upstream import Endpoint, UpstreamPool
+from aiproxy.server.pool.endpoint import Endpoint
+from aiproxy.server.pool.pool import UpstreamPool
 from aiproxy.server.request.streaming import StreamPump
 
 log = logging.getLogger("aiproxy.forward")

@@ -21,7 +21,7 @@ import asyncio
 from grpc_health.v1 import health, health_pb2
 
 from aiproxy.core.service import SERVICE_NAME
-from aiproxy.server.pool.upstream import UpstreamPool
+from aiproxy.server.pool.pool import UpstreamPool
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

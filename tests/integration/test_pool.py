@@ -166,7 +166,7 @@ async def test_health_tasks_are_supervised_and_restart_after_any_exception(caplo
     import logging
 
     from aiproxy.core.settings import UpstreamSettings
-    from aiproxy.server.pool.upstream import Endpoint
+    from aiproxy.server.pool.endpoint import Endpoint
 
     endpoint = Endpoint(
         "127.0.0.1:1", UpstreamSettings(endpoints=["127.0.0.1:1"]), lambda _ep: None
@@ -183,12 +183,12 @@ async def test_health_tasks_are_supervised_and_restart_after_any_exception(caplo
             raise grpc.aio.UsageError("closed channel")  # not an AioRpcError either
         if runs == 3:
             return  # ended by itself
-        endpoint._set_serving(True, "watch")
+        endpoint.set_serving(True, "watch")
         healthy_again.set()
         await asyncio.Event().wait()
 
     with caplog.at_level(logging.WARNING, logger="aiproxy.upstream"):
-        task = asyncio.create_task(endpoint._supervise("health", flaky))
+        task = asyncio.create_task(endpoint.health._supervise("health", flaky))
         try:
             await asyncio.wait_for(healthy_again.wait(), 5)
         finally:

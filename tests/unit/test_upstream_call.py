@@ -16,7 +16,7 @@ from aiproxy.core.errors import CircuitOpen
 from aiproxy.core.metrics import GrpcClientMetrics
 from aiproxy.core.settings import ConfigError, UpstreamSettings, load_settings
 from aiproxy.interceptors.client_observability import ClientMetrics
-from aiproxy.server.pool.upstream import Endpoint
+from aiproxy.server.pool.endpoint import Endpoint
 from aiproxy.server.request.forwarding import coalesce_window
 from tests.support.clock import FakeClock
 from tests.support.waiting import eventually

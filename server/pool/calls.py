@@ -1,0 +1,197 @@
+"""One call upstream: the calls in flight on an endpoint, and the stream wrapper.
+
+`Endpoint.unary` / `Endpoint.stream` (endpoint.py) track every call they send in the
+endpoint's CallsInFlight, so that the health supervisor (health.py) can fail them at once
+when the endpoint stops answering; UpstreamStream settles a stream's breaker permit and
+client metrics when it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from aiproxy.core.breaker import Permit
+from aiproxy.interceptors.client_observability import ClientMethod
+
+
+class Tracked:
+    __slots__ = ("call", "why")
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.why: str | None = None  # set when the pool fails the call
+
+
+def _unavailable(why: str) -> grpc.aio.AioRpcError:
+    """The error a call failed by the pool ends with: what grpc itself reports for a
+    connection that died (UNAVAILABLE), so retries and the error shape treat it alike."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=why
+    )
+
+
+class CallsInFlight:
+    """The calls in flight on one endpoint's data channels, so that the pool can fail
+    them at once when the endpoint stops answering; grpc would otherwise let them wait
+    for their deadline (streams: the idle timeout) on a connection that looks open.
+
+    The endpoint's upstream call (`Endpoint.unary` / `Endpoint.stream`) tracks each call
+    here: a call the pool fails is cancelled underneath (the breaker sees a cancellation
+    and does not count it) and ends for the forwarder with UNAVAILABLE.
+    """
+
+    def __init__(self, on_unavailable: Callable[[], None] = lambda: None) -> None:
+        self._calls: set[Tracked] = set()
+        # Told when a call fails with UNAVAILABLE by itself (the liveness probe's hint).
+        self.on_unavailable = on_unavailable
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def fail_all(self, why: str) -> int:
+        """Cancel every call in flight; each ends with UNAVAILABLE `why`. How many."""
+        calls, self._calls = self._calls, set()
+        for entry in calls:
+            entry.why = why
+            entry.call.cancel()
+        return len(calls)
+
+    def track(self, call: Any) -> Tracked:
+        entry = Tracked(call)
+        self._calls.add(entry)
+        return entry
+
+    def untrack(self, entry: Tracked) -> None:
+        self._calls.discard(entry)
+
+    def ended_badly(self, entry: Tracked, exc: BaseException) -> None:
+        """Raise UNAVAILABLE for a call the pool failed; hint at an UNAVAILABLE of its own."""
+        if entry.why is not None:
+            raise _unavailable(entry.why) from None
+        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.UNAVAILABLE:
+            self.on_unavailable()
+
+
+OK = grpc.StatusCode.OK
+UNKNOWN = grpc.StatusCode.UNKNOWN
+CANCELLED = grpc.StatusCode.CANCELLED
+_EOF = grpc.aio.EOF
+
+
+class Route:
+    """One method on one endpoint: its multicallable per channel (round robin) and its
+    client metrics, made on the method's first call."""
+
+    __slots__ = ("callables", "metrics", "next")
+
+    def __init__(self, callables: list[Any], metrics: ClientMethod | None) -> None:
+        self.callables = callables
+        self.metrics = metrics
+        self.next = 0
+
+    def callable(self) -> Any:
+        callables = self.callables
+        index = self.next
+        self.next = (index + 1) % len(callables)
+        return callables[index]
+
+
+class UpstreamStream:
+    """One upstream server-streaming call: iterate it for the chunks, `cancel()` it.
+
+    Settles the breaker permit and the client metrics when the stream ends (completed,
+    failed, or cancelled: ignored by the breaker); a call the pool failed ends with
+    UNAVAILABLE (CallsInFlight)."""
+
+    __slots__ = (
+        "_call",
+        "_calls",
+        "_entry",
+        "_metrics",
+        "_permit",
+        "_settled",
+        "_start",
+        "_started",
+    )
+
+    def __init__(
+        self,
+        call: Any,
+        calls: CallsInFlight,
+        permit: Permit | None,
+        metrics: ClientMethod | None,
+        start: float,
+    ) -> None:
+        self._call = call
+        self._calls = calls
+        self._entry = calls.track(call)
+        self._permit = permit
+        self._metrics = metrics
+        self._start = start
+        self._started = False
+        self._settled = False
+        # Also when nobody ever reads it (a stream closed before its first read).
+        call.add_done_callback(self._done)
+
+    def cancel(self) -> bool:
+        cancelled: bool = self._call.cancel()
+        return cancelled
+
+    def _done(self, call: Any) -> None:
+        self._calls.untrack(self._entry)
+        if not self._started and call.cancelled():
+            # Cancelled before anyone read it (a stream closed before its first read):
+            # the iteration below would never settle it.
+            self._settled = True
+            if self._permit is not None:
+                self._permit.ignore()
+            if self._metrics is not None:
+                self._metrics.finish(CANCELLED, self._start)
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        self._started = True
+        permit = None if self._settled else self._permit
+        m = None if self._settled else self._metrics
+        received = 0  # counted once at the end: no metric lock per chunk
+        code = UNKNOWN
+        # call.read() rather than `async for`: grpc.aio's iterator is one more async
+        # generator frame per chunk (_fetch_stream_responses) around the same read.
+        read = self._call.read
+        try:
+            while True:
+                response = await read()
+                if response is _EOF:
+                    break
+                received += 1
+                yield response
+            code = OK
+            if permit is not None:
+                permit.success()
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if permit is not None:
+                permit.record(code)
+            self._calls.ended_badly(self._entry, exc)
+            raise
+        except asyncio.CancelledError as exc:
+            code = CANCELLED
+            if permit is not None:
+                permit.ignore()
+            self._calls.ended_badly(self._entry, exc)
+            raise
+        except BaseException as exc:
+            if isinstance(exc, GeneratorExit):  # closed early by its reader
+                code = CANCELLED
+            if permit is not None:
+                permit.ignore()
+            raise
+        finally:
+            self._calls.untrack(self._entry)
+            if m is not None:
+                if received:
+                    m.received.inc(received)
+                m.finish(code, self._start)
