@@ -183,10 +183,61 @@ _GRPC_REQUEST = {
 }
 
 
+# A caller of the OpenAI-compatible API (/v1/...), as the guard recorded its path: Envoy's
+# own answers to it take OpenAI's error shape, which its SDKs read.
+_OPENAI_REQUEST = {
+    "metadata_filter": {
+        "matcher": {
+            "filter": "aiproxy.edge",
+            "path": [{"key": "path"}],
+            "value": {"string_match": {"prefix": "/v1/"}},
+        }
+    }
+}
+
+
+def _openai_type(http_status: int) -> str:
+    if http_status == 429:
+        return "requests"
+    return "server_error" if http_status >= 500 else "invalid_request_error"
+
+
+def _openai_mapper(reply: LocalReply) -> dict[str, Any]:
+    """Envoy's answer to an OpenAI API caller: `{"error": {message, type, param, code}}`,
+    and retry-after / retry-after-ms where a retry helps (server/request/openai_api.py
+    gives the proxy's own answers the same shape)."""
+    message = reply.message if reply.message is not None else "%LOCAL_REPLY_BODY%"
+    body = {
+        "error": {
+            "message": message,
+            "type": _openai_type(reply.http_status),
+            "param": None,
+            "code": reply.reason.lower(),
+        }
+    }
+    mapper: dict[str, Any] = {
+        "filter": {"and_filter": {"filters": [_status_filter(reply.http_status), _OPENAI_REQUEST]}},
+        "body_format_override": {"json_format": body},
+    }
+    if reply.retry_delay_s is not None:
+        mapper["headers_to_add"] = [
+            {
+                "header": {"key": key, "value": value},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+            for key, value in (
+                ("retry-after", str(reply.retry_delay_s)),
+                ("retry-after-ms", str(reply.retry_delay_s * 1000)),
+            )
+        ]
+    return mapper
+
+
 def local_reply_mappers() -> list[dict[str, Any]]:
     """local_reply_config mappers: per status, one for native gRPC callers (the Status as
-    grpc-status-details-bin, grpc-message fixed to match it) and one for HTTP callers
-    (the Status as the JSON body). Only the first matching mapper applies."""
+    grpc-status-details-bin, grpc-message fixed to match it), one for callers of the
+    OpenAI API (OpenAI's error body) and one for HTTP callers (the Status as the JSON
+    body). Only the first matching mapper applies."""
     mappers: list[dict[str, Any]] = []
     for reply in LOCAL_REPLIES:
         if reply.message is not None:
@@ -199,6 +250,7 @@ def local_reply_mappers() -> list[dict[str, Any]]:
                 }],
                 "body_format_override": {"text_format_source": {"inline_string": reply.message}},
             })  # fmt: skip
+        mappers.append(_openai_mapper(reply))
         message = reply.message if reply.message is not None else "%LOCAL_REPLY_BODY%"
         body = {
             "code": reply.code,

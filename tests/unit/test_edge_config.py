@@ -166,6 +166,8 @@ def test_every_answer_envoy_makes_itself_has_error_info() -> None:
     grpc_bins = {}
     for mapper in mappers:
         flt = mapper["filter"]
+        if "error" in mapper["body_format_override"].get("json_format", {}):
+            continue  # the OpenAI API's shape (test_the_openai_api_is_transcoded_...)
         if "and_filter" in flt:
             status = flt["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"][
                 "default_value"
@@ -268,3 +270,35 @@ def test_sse_ids_filter_streams_and_sits_before_the_transcoder() -> None:
         assert header in cors["allow_headers"]
     for header in ("x-aiproxy-stream-id", "x-aiproxy-cache"):
         assert header in cors["expose_headers"]
+
+
+@needs_descriptor
+def test_the_openai_api_is_transcoded_with_its_own_response_code_and_error_shape() -> None:
+    config = _config()
+    transcoder = _filter(config, "envoy.filters.http.grpc_json_transcoder")
+    assert "ai.openai.v1.OpenAIService" in transcoder["services"]
+    assert http_bindings(DESCRIPTOR, "ai.openai.v1.OpenAIService") == {
+        "/v1/models": {"GET"},
+        "/v1/models/{model=**}": {"GET"},
+        "/v1/chat/completions": {"POST"},
+    }
+    vhost = _hcm(config)["route_config"]["virtual_hosts"][0]
+    route = next(
+        r for r in vhost["routes"] if r["match"] == {"prefix": "/ai.openai.v1.OpenAIService/"}
+    )
+    code = route["typed_per_filter_config"]["aiproxy.sse_ids"]["source_code"]["inline_string"]
+    assert 'headers:get("x-aiproxy-http-status")' in code and '":status"' in code
+    assert route["route"]["timeout"] == "0s"
+    guard = _filter(config, "envoy.filters.http.lua")["default_source_code"]["inline_string"]
+    assert '["/v1/chat/completions"] = "POST, OPTIONS"' in guard
+    openai_503 = next(
+        m
+        for m in _hcm(config)["local_reply_config"]["mappers"]
+        if "error" in m.get("body_format_override", {}).get("json_format", {})
+        and "503" in str(m["filter"])
+    )
+    assert openai_503["body_format_override"]["json_format"]["error"]["type"] == "server_error"
+    assert {h["header"]["key"] for h in openai_503["headers_to_add"]} == {
+        "retry-after",
+        "retry-after-ms",
+    }
