@@ -51,6 +51,7 @@ from aiproxy.core.logs import log_event
 from aiproxy.core.settings import OpenAISettings
 from aiproxy.core.streambuffer import STREAM_ID_HEADER
 from aiproxy.interceptors.auth import AUTHORIZATION, bearer_as_api_key
+from aiproxy.interceptors.error_handling import malformed
 from aiproxy.server.request.openai_api import (
     SEED_METADATA,
     USER_METADATA,
@@ -233,7 +234,7 @@ class OpenAIFront:
         try:
             model = self._models.get(opb.GetModelRequest.FromString(raw).model)
         except (ProxyError, DecodeError) as exc:
-            err = exc if isinstance(exc, ProxyError) else Internal("malformed request")
+            err = exc if isinstance(exc, ProxyError) else malformed()
             return await self._error(context, OpenAIError.from_error(err))
         return _body(JSON, dumps(self._models.object(model)))
 

@@ -419,3 +419,33 @@ def test_the_openai_npm_package(stack: dict[str, Any], base_url: str) -> None:
     }
     finished = agent_finished(stack, report["cancel_request_id"])
     assert finished["cancelled"] is True
+
+
+# ---- the same RPCs for gRPC callers -------------------------------------------------------
+
+
+@pytest.mark.parametrize("through", ["proxy", "envoy"])
+def test_native_grpc_callers_reach_the_same_service(stack: dict[str, Any], through: str) -> None:
+    import grpc
+
+    from aiproxy.ai.openai.v1 import openai_service_pb2 as opb
+    from aiproxy.ai.openai.v1 import openai_service_pb2_grpc as ogrpc
+
+    auth = (("authorization", f"Bearer {KEY}"),)
+    with grpc.insecure_channel(stack[through].address) as channel:
+        service = ogrpc.OpenAIServiceStub(channel)
+        models = service.ListModels(opb.ListModelsRequest(), metadata=auth, timeout=10)
+        assert models.content_type == "application/json"
+        assert json.loads(models.data)["data"][0]["id"] == MODEL
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "n": 2}
+        request = opb.CreateChatCompletionRequest()
+        request.body.content_type = "application/json"
+        request.body.data = json.dumps(body).encode()
+        call = service.CreateChatCompletion(request, metadata=auth, timeout=10)
+        replies = []
+        with pytest.raises(grpc.RpcError) as caught:
+            replies.extend(call)
+        # The OpenAI error body first (an HTTP caller's answer), then the real status.
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert json.loads(replies[0].data)["error"]["param"] == "n"
+        assert dict(call.initial_metadata())["x-aiproxy-http-status"] == "400"
