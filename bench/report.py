@@ -36,6 +36,7 @@ PATH_LABEL = {
     "bare": "bare hop",
     "proxy": "aiproxy",
     "envoy": "Envoy alone",
+    "envoy_hpack0": "Envoy, hpack_table_size 0",
     "sse": "sse (edge → aiproxy)",
 }
 
@@ -525,7 +526,7 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
         for r in unary["rows"]:
             d = r["direct"].get("rps") or 0
             bare_cpu = (r.get("bare") or {}).get("cpu_us_per_call")
-            for path in ("direct", "bare", "proxy", "envoy"):
+            for path in ("direct", "bare", "proxy", "envoy", "envoy_hpack0"):
                 if path not in r:
                     continue
                 x = r[path]
@@ -544,6 +545,20 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
             "\nCPU/call of the server: the CPU time of the process answering the load generator (agent, bare hop, proxy or Envoy) divided by the calls it served. "
             "With several repetitions (interleaved path by path), the row is the repetition with the median CPU/call and the others are listed.\n"
         )
+        w(
+            "*Envoy, hpack_table_size 0*: the same Envoy sending no HPACK dynamic table upstream, as the edge does towards the proxy "
+            "(one caller's header never reaches another's call). Its cost per call against *Envoy alone*, in Envoy and in the agent behind it "
+            "(whose grpc-core then parses every header of every call):\n"
+        )
+        w("| in flight | Envoy CPU/call | agent CPU/call | p50 | p99 |")
+        w("|---|---|---|---|---|")
+        for r in unary["rows"]:
+            if "envoy_hpack0" in r:
+                w(
+                    f"| {r['level']} | {_f(r.get('hpack0_added_cpu_us_per_call'), '{:+.1f} µs')} | {_f(r.get('hpack0_added_upstream_cpu_us_per_call'), '{:+.1f} µs')} | "
+                    f"{_f(r.get('hpack0_added_p50_us'), '{:+.0f} µs')} | {_f(r.get('hpack0_added_p99_us'), '{:+.0f} µs')} |"
+                )
+        w("")
 
     lat = sc.get("latency")
     if lat:
@@ -552,7 +567,7 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
         w("| path | p50 | p99 | mean | added p50 | added p99 | added p50 × bare hop's |")
         w("|---|---|---|---|---|---|---|")
         bare50 = lat.get("bare_added_p50_us")
-        for path in ("direct", "bare", "proxy", "envoy"):
+        for path in ("direct", "bare", "proxy", "envoy", "envoy_hpack0"):
             if path not in lat:
                 continue
             x = lat[path]

@@ -14,6 +14,10 @@ Paths measured:
            ratios to it (CPU per unary call, CPU per stream chunk, added latency)
   proxy    caller -> aiproxy (default configuration, default interceptor chain) -> agent
   envoy    caller -> Envoy as a plain gRPC proxy (bench/envoy_grpc.yaml) -> agent
+  envoy_hpack0  the same Envoy with `hpack_table_size: 0` upstream, as the edge sends to
+           the proxy (issue 20: no caller's header can reach another caller's call through
+           a shared HPACK table): what that costs per call, in Envoy and (encoding and
+           decoding every header literally) in the upstream's grpc-core
   sse      HTTP caller -> Envoy edge from envoy/ (transcoder, SSE) -> aiproxy -> agent,
            when `aiproxy envoy` exists (skipped with a note otherwise)
 """
@@ -258,8 +262,16 @@ class Bench:
             ],
         )
 
-    def envoy_plain(self, upstreams: list[str], lb: str = "ROUND_ROBIN") -> Proc:
+    def envoy_plain(
+        self, upstreams: list[str], lb: str = "ROUND_ROBIN", hpack_table_size: int | None = None
+    ) -> Proc:
         template = (ROOT / "bench" / "envoy_grpc.yaml").read_text()
+        extra = (
+            f"\n              hpack_table_size: {hpack_table_size}"
+            if hpack_table_size is not None
+            else ""
+        )
+        template = template.replace("{{UPSTREAM_H2_EXTRA}}", extra)
         rows = []
         for address in upstreams:
             host, port = address.rsplit(":", 1)
@@ -364,6 +376,7 @@ class Bench:
         tag: str,
         cpu_pids: list[int] | None = None,
         clients: int | None = None,
+        upstream_pid: int | None = None,
     ) -> dict[str, Any]:
         request = self.unary_request()
         body = h2load.write_body(self.tmp / "generate.bin", request)
@@ -396,10 +409,12 @@ class Bench:
         )
         self.commands.append(" ".join(argv))
         cpu0 = {pid: _cpu(pid) for pid in cpu_pids or []}
+        upstream0 = _cpu(upstream_pid) if upstream_pid else 0.0
         t0 = time.monotonic()
         stdout = self._h2load(argv, duration_s)
         wall = time.monotonic() - t0
         cpu = {pid: _cpu(pid) - cpu0[pid] for pid in cpu0}
+        upstream_cpu = _cpu(upstream_pid) - upstream0 if upstream_pid else None
         out = h2load.parse(stdout)
         lat = h2load.latencies_us(log_file)
         out.update(
@@ -433,6 +448,8 @@ class Bench:
             out["cpu_s"] = total_cpu
             out["cpu_us_per_call"] = total_cpu / done * 1e6
             out["cpu_window_s"] = wall
+        if upstream_cpu is not None and done:
+            out["upstream_cpu_us_per_call"] = upstream_cpu / done * 1e6
         return out
 
     def _h2load(self, argv: list[str], duration_s: float) -> str:
@@ -450,12 +467,17 @@ class Bench:
         bare = self.barehop(agent.address)
         proxy = self.proxy(agent.address)
         envoy = self.envoy_plain([agent.address])
+        envoy0 = self.envoy_plain([agent.address], hpack_table_size=0)
         paths = {
             "direct": (agent.address, [agent.pid]),
             "bare": (bare.address, [bare.pid]),
             "proxy": (proxy.address, [proxy.pid]),
             "envoy": (envoy.address, [envoy.pid]),
+            "envoy_hpack0": (envoy0.address, [envoy0.pid]),
         }
+        # The two Envoy rows also count the agent's CPU: without a dynamic table the cost
+        # moves to the upstream's grpc-core, which parses every header of every call.
+        with_upstream = {"envoy": agent.pid, "envoy_hpack0": agent.pid}
         reps = self.cfg["unary_reps"]
         rows = []
         try:
@@ -476,13 +498,21 @@ class Bench:
                                 warmup,
                                 name,
                                 cpu_pids=pids,
+                                upstream_pid=with_upstream.get(name),
                             )
                         )
                 for name, rs in runs.items():
                     r = row[name] = _median_run(
                         rs,
                         "cpu_us_per_call",
-                        ("rps", "cpu_us_per_call", "p50_us", "p99_us", "verified"),
+                        (
+                            "rps",
+                            "cpu_us_per_call",
+                            "upstream_cpu_us_per_call",
+                            "p50_us",
+                            "p99_us",
+                            "verified",
+                        ),
                     )
                     print(
                         f"  unary c={level:<4} {name:<6} {r.get('rps', 0):8.0f} req/s  p50 {_ms(r['p50_us'])}  p99 {_ms(r['p99_us'])}  "
@@ -500,13 +530,22 @@ class Bench:
                 row["envoy_cpu_over_bare"] = _ratio(
                     row["envoy"].get("cpu_us_per_call"), row["bare"].get("cpu_us_per_call")
                 )
+                # What sending no HPACK dynamic table upstream costs per call (issue 20).
+                for key in ("cpu_us_per_call", "upstream_cpu_us_per_call", "p50_us", "p99_us"):
+                    a, b = row["envoy_hpack0"].get(key), row["envoy"].get(key)
+                    row[f"hpack0_added_{key}"] = a - b if a is not None and b is not None else None
+                print(
+                    f"  unary c={level:<4} hpack_table_size 0 adds: Envoy CPU/call {row['hpack0_added_cpu_us_per_call'] or 0:+.1f} us, "
+                    f"agent CPU/call {row['hpack0_added_upstream_cpu_us_per_call'] or 0:+.1f} us, p50 {row['hpack0_added_p50_us'] or 0:+.0f} us",
+                    flush=True,
+                )
                 print(
                     f"  unary c={level:<4} proxy/bare CPU per call {_x(row['proxy_cpu_over_bare'])}",
                     flush=True,
                 )
                 rows.append(row)
         finally:
-            self.stop(envoy, proxy, bare, agent)
+            self.stop(envoy0, envoy, proxy, bare, agent)
         self.results["scenarios"]["unary"] = {
             "rows": rows,
             "agent": "zero token delay (CPU-bound upstream)",
@@ -522,12 +561,14 @@ class Bench:
         bare = self.barehop(agent.address)
         proxy = self.proxy(agent.address)
         envoy = self.envoy_plain([agent.address])
+        envoy0 = self.envoy_plain([agent.address], hpack_table_size=0)
         request = self.unary_request()
         targets = {
             "direct": agent.address,
             "bare": bare.address,
             "proxy": proxy.address,
             "envoy": envoy.address,
+            "envoy_hpack0": envoy0.address,
         }
         samples: dict[str, list[float]] = {k: [] for k in targets}
         channels = {
@@ -551,7 +592,7 @@ class Bench:
         finally:
             for ch in channels.values():
                 ch.close()
-            self.stop(envoy, proxy, bare, agent)
+            self.stop(envoy0, envoy, proxy, bare, agent)
         out: dict[str, Any] = {
             "calls_per_path": len(samples["direct"]),
             "client": "grpc (sync), one channel per path, sequential, interleaved blocks of 50",
@@ -562,7 +603,7 @@ class Bench:
                 "p99_us": h2load.percentile(vals, 99),
                 "mean_us": sum(vals) / len(vals),
             }
-        for k in ("bare", "proxy", "envoy"):
+        for k in ("bare", "proxy", "envoy", "envoy_hpack0"):
             out[f"{k}_added_p50_us"] = out[k]["p50_us"] - out["direct"]["p50_us"]
             out[f"{k}_added_p99_us"] = out[k]["p99_us"] - out["direct"]["p99_us"]
         # A ratio of added times means something only when the floor adds time at all.
@@ -575,7 +616,8 @@ class Bench:
         print(
             f"  latency: direct p50 {out['direct']['p50_us']:.0f} us; added p50 / p99: bare {out['bare_added_p50_us']:.0f} / {out['bare_added_p99_us']:.0f} us, "
             f"proxy {out['proxy_added_p50_us']:.0f} / {out['proxy_added_p99_us']:.0f} us ({_x(out['proxy_added_p50_over_bare'])} the bare hop's at p50), "
-            f"envoy {out['envoy_added_p50_us']:.0f} / {out['envoy_added_p99_us']:.0f} us",
+            f"envoy {out['envoy_added_p50_us']:.0f} / {out['envoy_added_p99_us']:.0f} us, "
+            f"envoy with hpack_table_size 0 {out['envoy_hpack0_added_p50_us']:.0f} / {out['envoy_hpack0_added_p99_us']:.0f} us",
             flush=True,
         )
         self.results["scenarios"]["latency"] = out

@@ -23,12 +23,19 @@ from typing import Any, ClassVar, Final, NoReturn
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 DOMAIN: Final = "aiproxy.ai.agent.v1"
 
 # Trailer that carries the serialized google.rpc.Status (the gRPC convention).
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+
+# Trailer beside RetryInfo: the same delay in whole seconds, rounded up. An error before
+# the first chunk is a trailers-only response, whose metadata Envoy's transcoder turns
+# into HTTP response headers: HTTP callers get `retry-after`, which browsers' fetch code
+# and HTTP SDKs pace their retries by (measured with Envoy 1.40: a trailer sent after
+# initial metadata would not reach the HTTP headers, and the proxy sends initial metadata
+# only with the first chunk). gRPC callers read RetryInfo and ignore it.
+RETRY_AFTER_KEY: Final = "retry-after"
 
 # What a caller is told to wait when the upstreams are unavailable and did not say.
 UNAVAILABLE_RETRY_DELAY_S: Final = 1.0
@@ -60,6 +67,7 @@ class Reason(enum.StrEnum):
     STREAM_EXPIRED = "STREAM_EXPIRED"  # the stream's data is gone: grace, time or bytes bound
     STREAM_STORE_UNAVAILABLE = "STREAM_STORE_UNAVAILABLE"  # the shared stream store is down
     STREAM_FINISHED = "STREAM_FINISHED"  # resumed after the final chunk: nothing left to send
+    STREAM_ORIGIN_LOST = "STREAM_ORIGIN_LOST"  # the replica generating the stream is gone
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"  # the OpenAI API's `model` names no configured model
 
 
@@ -253,10 +261,35 @@ def to_status_proto(err: ProxyError) -> status_pb2.Status:
     return status
 
 
+def retry_after_s(retry: error_details_pb2.RetryInfo) -> int:
+    """RetryInfo's delay as `retry-after` says it: whole seconds, rounded up."""
+    delay = retry.retry_delay
+    return max(0, int(delay.seconds) + (1 if delay.nanos > 0 else 0))
+
+
+class _Status(grpc.Status):
+    """grpc.Status is an interface; grpc_status.rpc_status.to_status builds the same."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, str | bytes], ...],
+    ) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
 def to_grpc_status(err: ProxyError) -> grpc.Status:
-    """`err` as a grpc.Status whose trailing metadata carries the rich status."""
-    status: grpc.Status = rpc_status.to_status(to_status_proto(err))
-    return status
+    """`err` as a grpc.Status whose trailing metadata carries the rich status, and
+    `retry-after` when it has RetryInfo (same delay, whole seconds rounded up)."""
+    proto = to_status_proto(err)
+    trailers: list[tuple[str, str | bytes]] = [(STATUS_DETAILS_KEY, proto.SerializeToString())]
+    if err.retry_delay_s is not None:
+        retry = error_details_pb2.RetryInfo(retry_delay=_duration(err.retry_delay_s))
+        trailers.append((RETRY_AFTER_KEY, str(retry_after_s(retry))))
+    return _Status(err.code, proto.message, tuple(trailers))
 
 
 async def abort_with(

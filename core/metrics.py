@@ -187,7 +187,8 @@ class ProxyMetrics:
         self.stream_resumes = Counter(
             "ai_proxy_stream_resumes_total",
             "Resume requests of resumable streams, by method and outcome (resumed, "
-            "not_found, expired, finished).",
+            "not_found, expired, finished, origin_lost: the generating replica died; also "
+            "counted when it ends a resume counted as resumed).",
             ["method", "outcome"],
             registry=registry,
         )

@@ -144,6 +144,11 @@ class ResumeSettings(_Section):
     # and time after the last write (then a resume is STREAM_NOT_FOUND).
     max_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     ttl_s: float = Field(default=300.0, gt=0, le=86_400)
+    # The owner replica's lease on each stream it generates, renewed every 0.25 s apart
+    # from the chunks (a slow generation keeps it). A resumer of a stream whose lease
+    # lapsed before its final chunk (the replica died) gets the stored chunks, then
+    # UNAVAILABLE STREAM_ORIGIN_LOST, within about owner_lease_s + 1 s of the death.
+    owner_lease_s: float = Field(default=3.0, ge=1.0, le=60)
     # memory backend: streams held per process and per caller (one caller cannot flush
     # everyone's streams: past its own bound it loses its own oldest).
     max_streams: int = Field(default=10_000, ge=1)

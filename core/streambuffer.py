@@ -15,9 +15,15 @@ read by any number of *readers* (the original caller, then whoever resumes):
 - `read(id, scope, after_seq)`: the chunks with seq > after_seq (`last-event-id`), then
   the live tail until the final chunk: no duplicate and no gap, however appends race it;
   a reader whose chunks were dropped (bytes bound) gets STREAM_EXPIRED, not a gap;
+  a reader waiting on the tail of a stream whose owner's lease lapsed (the replica died,
+  or stopped recording) gets every chunk stored, then STREAM_ORIGIN_LOST: never silence;
 - `heartbeat(id, owner)`: the owner's lease (a resumer elsewhere knows the generation
   is alive) and, in the same step, what the owner must act on: a cancel request and
-  whether some reader is attached (a reading iterator renews a reader lease by itself);
+  whether some reader is attached (a reading iterator renews a reader lease by itself).
+  `create` takes the first lease (`owner_lease_s`); `watch_owner` renews it on its own
+  clock, never per chunk, so a slow generation (a long gap between tokens) is not a dead
+  one; an owner stores a chunk before its caller gets it (`StreamRecorder.write`), so
+  whatever a caller saw is there for its resume;
 - `request_cancel(id, scope)`: a caller that cancels on purpose stops the upstream at once;
 - `abandon(id)`: the owner gave up (grace over, nobody resumed): the chunks are dropped
   and a later resume gets STREAM_EXPIRED.
@@ -110,6 +116,22 @@ class StreamStoreUnavailable(ProxyError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = Reason.STREAM_STORE_UNAVAILABLE
     default_message = "stream store unavailable"
+    RETRY_DELAY_S: Final = 1.0
+
+    def __init__(self, message: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("retry_delay_s", self.RETRY_DELAY_S)
+        super().__init__(message, **kwargs)
+
+
+class StreamOriginLost(ProxyError):
+    """The replica generating the stream stopped renewing its lease before the final
+    chunk (it died, or lost the store): nothing more will come. Sent after every chunk the
+    store holds, in-band when some were sent. The generation cannot be resumed anywhere;
+    sending the request again (a new generation) can succeed, hence RetryInfo."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = Reason.STREAM_ORIGIN_LOST
+    default_message = "the replica generating this stream is gone; send the request again"
     RETRY_DELAY_S: Final = 1.0
 
     def __init__(self, message: str | None = None, **kwargs: Any) -> None:
@@ -265,14 +287,21 @@ async def watch_owner(
     *,
     interval_s: float = 0.5,
     lease_s: float = DEFAULT_LEASE_S,
+    renew: Callable[[], bool] | None = None,
 ) -> Verdict:
     """Heartbeat the owner's lease every `interval_s` and return when the upstream must be
     cancelled (never CONTINUE). Run it as a task beside the pump; cancel the task when the
     stream ends. A heartbeat that fails (store down) is skipped: the generation goes on
-    under the local rule (the grace still runs out for a caller that left)."""
+    under the local rule (the grace still runs out for a caller that left).
+
+    The lease is renewed on this clock alone, not per chunk: a generation that is merely
+    slow keeps it. While `renew()` is false (the owner stopped recording: the store holds
+    no more of the stream) the state is still read but the lease is let lapse, so a
+    resumer gets STREAM_ORIGIN_LOST instead of waiting for chunks that will never come."""
     while True:
         try:
-            state = await buffer.heartbeat(stream_id, owner, lease_s)
+            who = owner if renew is None or renew() else ""
+            state = await buffer.heartbeat(stream_id, who, lease_s)
         except StreamStoreUnavailable:
             state = StreamState(True)
         verdict = grace.decide(state)
@@ -321,13 +350,15 @@ class MemoryStreamBuffer:
         max_streams: int = 10_000,
         max_streams_per_scope: int = 256,
         reader_lease_s: float = DEFAULT_LEASE_S,
+        owner_lease_s: float = DEFAULT_LEASE_S,
         clock: Clock = time.monotonic,
     ) -> None:
         if (
             min(max_bytes, max_streams, max_streams_per_scope) < 1
-            or min(ttl_s, reader_lease_s) <= 0
+            or min(ttl_s, reader_lease_s, owner_lease_s) <= 0
         ):
-            raise ValueError("bounds, ttl_s and reader_lease_s must be positive")
+            raise ValueError("bounds, ttl_s and the leases must be positive")
+        self.owner_lease_s = owner_lease_s
         self.max_streams_per_scope = max_streams_per_scope
         self._by_holder: dict[str, OrderedDict[str, None]] = {}  # holder -> ids, oldest first
         self.max_bytes = max_bytes
@@ -379,7 +410,9 @@ class MemoryStreamBuffer:
         if len(ids) >= self.max_streams_per_scope:
             self._remove(next(iter(ids)))  # the caller's own oldest, nobody else's
             ids = self._by_holder.setdefault(holder, OrderedDict())
-        self._streams[sid] = _Stream(scope, owner, now + self.ttl_s, holder, owner_until=now)
+        self._streams[sid] = _Stream(
+            scope, owner, now + self.ttl_s, holder, owner_until=now + self.owner_lease_s
+        )
         ids[sid] = None
         self._sweep()
         return sid
@@ -487,6 +520,8 @@ class MemoryStreamBuffer:
                 continue  # more arrived while we yielded: send it before anything else
             if s.finished:  # the final chunk was at or before after_seq: nothing more
                 return
+            if self._clock() >= s.owner_until:  # every stored chunk sent; no more will come
+                raise StreamOriginLost()
             # Wake on the next write, or renew the reader lease while the owner is quiet.
             try:
                 async with asyncio.timeout(self.reader_lease_s / 3):
@@ -545,17 +580,25 @@ def parse_resume(metadata: Iterable[tuple[str, str | bytes]]) -> ResumeAsk:
     return ResumeAsk(resumable, resume, after, cancel)
 
 
-# ---- The owner's writer: the caller gets chunks at once, the buffer in order behind -----
+# ---- The owner's writer: a chunk is in the buffer before its caller gets it ------------
 
 
 class StreamRecorder:
-    """Writes one stream's chunks to the buffer in order, off the caller's path.
+    """Writes one stream's chunks to the buffer in order.
 
-    The pump calls `record` per chunk (never suspends) and yields the chunk to its caller
-    at once; a writer task appends them in order. The first failure (store down, stream
-    evicted, a bug) stops recording: the stream goes on, not resumable any more, and a
-    later resume finds it expired or missing. `close()` waits (bounded) for what is queued,
-    so the final chunk is in the buffer before the owner lets go.
+    The owner's pump awaits `write` per chunk, then hands the chunk to its caller: what a
+    caller has seen is in the buffer, so a resume after it never misses a chunk (a chunk
+    handed first and written behind was lost with a replica killed in between: the caller
+    had seq 9, the store 8). The cost is one store round trip per chunk on the caller's
+    path (pipelined with every other stream's; each bounded by the store's timeout).
+    `record` (never suspends; a writer task appends behind) is the off-path variant; one
+    recorder uses one or the other.
+
+    The first failure (store down, stream evicted, a bug) stops recording: the stream
+    goes on, not resumable any more (the owner lets its lease lapse: watch_owner's
+    `renew`), and a later resume finds it expired, missing or its origin lost. `close()`
+    waits (bounded) for what is queued, so the final chunk is in the buffer before the
+    owner lets go.
     """
 
     def __init__(self, buffer: StreamBuffer, stream_id: str, max_queued: int = 1024) -> None:
@@ -571,6 +614,23 @@ class StreamRecorder:
     @property
     def recording(self) -> bool:
         return self.failed is None and not self._closed
+
+    async def write(self, seq: int, data: bytes, kind: ChunkKind = ChunkKind.DATA) -> None:
+        """Record one chunk and wait until it is in the buffer (or recording stopped)."""
+        if not self.recording:
+            return
+        if self._task is not None:
+            raise RuntimeError("write() after record(): one recorder writes one way")
+        try:
+            if kind == ChunkKind.DATA:
+                await self.buffer.append(self.stream_id, seq, data)
+            else:
+                await self.buffer.finish(self.stream_id, seq, data, error=kind == ChunkKind.ERROR)
+        except (ProxyError, SequenceError) as exc:
+            self.failed = exc
+        else:
+            if kind != ChunkKind.DATA:
+                self._closed = True  # nothing follows the final chunk
 
     def record(self, seq: int, data: bytes, kind: ChunkKind = ChunkKind.DATA) -> None:
         if not self.recording:

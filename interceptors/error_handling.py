@@ -19,6 +19,7 @@ status; these are its pieces:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, cast
@@ -32,6 +33,34 @@ from aiproxy.core.logs import log_event
 from aiproxy.core.upstream_errors import to_proxy_error
 
 log = logging.getLogger("aiproxy.errors")
+
+
+# A call whose stream ended without one whole request message (no DATA, or a length
+# prefix larger than the bytes that came, then END_STREAM). grpc.aio's unary-request path
+# never calls the handler for it and never answers either (the caller waits until its own
+# deadline, forever without one), so every handler of the proxy is registered as
+# request-streaming and reads its one message itself (`read_one`): such a call is
+# answered at once.
+NO_MESSAGE: Final = "the request stream ended without a complete message"
+# And one whose message has not all arrived this long after the call began (a caller that
+# sends part of it and then nothing, or trickles it): it would otherwise hold its stream,
+# and a task here, for as long as its connection lives. Every real caller sends its one
+# message at once; 30 s is a 1 MiB request at 35 KB/s.
+READ_TIMEOUT_S: Final = 30.0
+NO_MESSAGE_IN_TIME: Final = f"the request message did not arrive within {READ_TIMEOUT_S:g} s"
+
+
+async def read_one(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    """The call's one request message, or MalformedRequest raised (NO_MESSAGE or
+    NO_MESSAGE_IN_TIME)."""
+    try:
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            request = await context.read()
+    except TimeoutError:
+        raise MalformedRequest(NO_MESSAGE_IN_TIME) from None
+    if request is grpc.aio.EOF:
+        raise MalformedRequest(NO_MESSAGE)
+    return request
 
 
 def malformed() -> MalformedRequest:
@@ -141,7 +170,7 @@ def safe_handler(
     MALFORMED_REQUEST, not grpc's UNKNOWN naming the exception class), ProxyErrors as
     their Status, anything else INTERNAL without its text; an abort is kept. `wrap`
     (e.g. the auth guard) wraps the behaviour first. Built once, at registration."""
-    if handler.request_deserializer is None and wrap is None:
+    if handler.request_streaming and handler.request_deserializer is None and wrap is None:
         return handler
     # grpc's stubs type the behaviours as sync callables; on a grpc.aio server they are
     # coroutine functions or async generator functions, hence Any.
@@ -161,6 +190,8 @@ def safe_handler(
 
         async def guarded_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
+                if not handler.request_streaming:
+                    request = await read_one(context)
                 if request is MALFORMED:
                     raise malformed()
                 if handler.request_streaming:
@@ -183,6 +214,8 @@ def safe_handler(
 
         async def guarded_unary(request: Any, context: Any) -> Any:
             try:
+                if not handler.request_streaming:
+                    request = await read_one(context)
                 if request is MALFORMED:
                     raise malformed()
                 if handler.request_streaming:
@@ -195,7 +228,8 @@ def safe_handler(
             await fail(context, err)
 
         wrapped = guarded_unary
-    factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    # Request-streaming whatever the method's kind: see NO_MESSAGE.
+    factory = _FACTORIES[(True, handler.response_streaming)]
     return factory(
         wrapped,
         request_deserializer=deserializer,

@@ -78,9 +78,10 @@ LOG_FORMAT = '{"ts":"%Y-%m-%dT%T.%eZ","event":"envoy_log","level":"%l","logger":
 # keyed by what it found wrong; "body" is a Content-Length past the body cap.
 GUARD_MESSAGES: dict[str, str] = {
     "grpc-timeout": "malformed grpc-timeout header: 1 to 8 digits and a unit (H, M, S, m, u or n) expected, once",
-    "grpc-encoding": "malformed grpc-encoding header: one content-coding name expected",
+    "grpc-encoding": "unsupported grpc-encoding header: identity, gzip or deflate expected",
     "grpc-accept-encoding": "malformed grpc-accept-encoding header: content-coding names expected",
-    "-bin": "malformed binary header: a header whose name ends in -bin must be base64",
+    "-bin": "malformed binary header: a header whose name ends in -bin must be base64 (standard alphabet, canonical; padding optional)",
+    "lb-cost-bin": "malformed lb-cost-bin header: base64 of at least 8 bytes expected",
     "te": "malformed te header: gRPC requires te: trailers",
     "method": "gRPC calls are POST requests",
     "content-type": "malformed content-type header: application/grpc or application/grpc+FORMAT expected",
@@ -171,14 +172,18 @@ def _status_filter(http_status: int) -> dict[str, Any]:
 
 # A native gRPC caller, as the guard (first filter) saw it: the request's content-type
 # cannot tell, since the transcoder has made every API request application/grpc by the
-# time it or the router answers.
+# time it or the router answers. A request the codec refused before any filter ran (an
+# HTTP/1.1 431 past the codec's header limits) has no such metadata: it is NOT a gRPC
+# caller (Envoy's default, match_if_key_not_found true, gave it the gRPC mapper's plain
+# text instead of the JSON Status body).
 _GRPC_REQUEST = {
     "metadata_filter": {
         "matcher": {
             "filter": "aiproxy.edge",
             "path": [{"key": "grpc"}],
             "value": {"bool_match": True},
-        }
+        },
+        "match_if_key_not_found": False,
     }
 }
 

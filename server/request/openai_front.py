@@ -46,12 +46,12 @@ from google.rpc import status_pb2
 
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.ai.openai.v1 import openai_service_pb2 as opb
-from aiproxy.core.errors import STATUS_DETAILS_KEY, Internal, ProxyError
+from aiproxy.core.errors import STATUS_DETAILS_KEY, Internal, MalformedRequest, ProxyError
 from aiproxy.core.logs import log_event
 from aiproxy.core.settings import OpenAISettings
 from aiproxy.core.streambuffer import STREAM_ID_HEADER
 from aiproxy.interceptors.auth import AUTHORIZATION, bearer_as_api_key
-from aiproxy.interceptors.error_handling import malformed
+from aiproxy.interceptors.error_handling import fail, malformed, read_one
 from aiproxy.server.request.openai_api import (
     SEED_METADATA,
     USER_METADATA,
@@ -174,13 +174,15 @@ class OpenAIFront:
         return grpc.method_handlers_generic_handler(
             OPENAI_SERVICE_NAME,
             {
-                "ListModels": grpc.unary_unary_rpc_method_handler(
+                # Request-streaming, the one message read by the handler, as the
+                # pipeline's (server/request/pipeline.py says why).
+                "ListModels": grpc.stream_unary_rpc_method_handler(
                     self.list_models, response_serializer=serialize
                 ),
-                "GetModel": grpc.unary_unary_rpc_method_handler(
+                "GetModel": grpc.stream_unary_rpc_method_handler(
                     self.get_model, response_serializer=serialize
                 ),
-                "CreateChatCompletion": grpc.unary_stream_rpc_method_handler(
+                "CreateChatCompletion": grpc.stream_stream_rpc_method_handler(
                     self.create_chat_completion, response_serializer=serialize
                 ),
             },
@@ -221,13 +223,22 @@ class OpenAIFront:
             return OpenAIError.from_error(err)
         return None
 
-    async def list_models(self, raw: bytes, context: Context) -> httpbody_pb2.HttpBody:
+    async def _read(self, context: Context) -> bytes:
+        try:
+            raw: bytes = await read_one(context)
+        except MalformedRequest as err:
+            await fail(context, err)
+        return raw
+
+    async def list_models(self, _requests: Any, context: Context) -> httpbody_pb2.HttpBody:
+        await self._read(context)
         refused = self._checked(context)
         if refused is not None:
             return await self._error(context, refused)
         return _body(JSON, self._models.list_body())
 
-    async def get_model(self, raw: bytes, context: Context) -> httpbody_pb2.HttpBody:
+    async def get_model(self, _requests: Any, context: Context) -> httpbody_pb2.HttpBody:
+        raw = await self._read(context)
         refused = self._checked(context)
         if refused is not None:
             return await self._error(context, refused)
@@ -239,8 +250,9 @@ class OpenAIFront:
         return _body(JSON, dumps(self._models.object(model)))
 
     async def create_chat_completion(
-        self, raw: bytes, context: Context
+        self, _requests: Any, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        raw = await self._read(context)
         try:
             data = opb.CreateChatCompletionRequest.FromString(raw).body.data
         except DecodeError:

@@ -20,7 +20,12 @@ A stream's chunk crosses one wrapper, this frame's own async generator, which ke
 count, the first / last timestamps and the largest gap for observability inline.
 
 Requests are registered with no deserializer (raw bytes), responses with the method's
-serializer. Health, reflection and admin are registered beside the pipeline (with the
+serializer. Every method is registered as request-STREAMING and the frame reads its one
+message itself (`context.read()`): grpc.aio's unary-request path, given a call whose
+stream ends without one whole message (no DATA, or a length prefix larger than the bytes
+that came, then END_STREAM), never calls the handler and never answers either, so the
+caller waited until its own deadline, forever without one (issue 20). Here such a call
+gets INVALID_ARGUMENT / MALFORMED_REQUEST at once, like any request that does not decode. Health, reflection and admin are registered beside the pipeline (with the
 same MALFORMED_REQUEST shaping, interceptors/error_handling.safe_handler) and never run
 the business chain.
 """
@@ -36,12 +41,14 @@ from typing import Any, Protocol
 import grpc
 
 from aiproxy.core.callinfo import CallInfo, current_call, metadata_dict
+from aiproxy.core.errors import MalformedRequest
 from aiproxy.core.service import Method, Service
 from aiproxy.interceptors.error_handling import (
     cancelled_code,
     decode,
     fail,
     final_chunk,
+    read_one,
     shape,
 )
 from aiproxy.interceptors.overload import GateCheck, OverloadGate
@@ -123,16 +130,6 @@ def _run_exits(exits: Sequence[Callable[[CallInfo], None] | None], n: int, call:
                 log.exception("a pipeline stage failed at the end of request %s", call.request_id)
 
 
-def native_decoder(request_cls: Any) -> Decoder:
-    """A native call's decoder: the message from the caller's bytes, which go upstream
-    as they came (never re-serialized)."""
-
-    def decode_native(raw: bytes) -> tuple[Any, bytes]:
-        return decode(request_cls, raw), raw
-
-    return decode_native
-
-
 class Pipeline:
     """The handlers of one service, built once (see the module docstring)."""
 
@@ -162,33 +159,55 @@ class Pipeline:
             check = gate.bind(method) if gate is not None else None
             end = terminal.stream(method) if method.streaming else terminal.unary(method)
             self._parts[method.name] = (method, check, bound, decode_at, end)
-            behavior = self.behavior(method.name, native_decoder(method.request_cls))
-            factory = (
-                grpc.unary_stream_rpc_method_handler
-                if method.streaming
-                else grpc.unary_unary_rpc_method_handler
-            )
-            self.handlers[method.name] = factory(
-                behavior,
-                request_deserializer=None,
-                response_serializer=method.response_cls.SerializeToString,
-            )
+            decoder = native_decoder(method.request_cls)
+            if method.streaming:
+                self.handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    _stream_handler(method, check, bound, decode_at, end, decoder, read=True),
+                    request_deserializer=None,
+                    response_serializer=method.response_cls.SerializeToString,
+                )
+            else:
+                self.handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                    _unary_handler(method, check, bound, decode_at, end, decoder, read=True),
+                    request_deserializer=None,
+                    response_serializer=method.response_cls.SerializeToString,
+                )
 
     def behavior(self, name: str, decoder: Decoder) -> Callable[..., Any]:
         """Method `name`'s handler function, `(wire input, context)`, with `decoder` at
         DECODE: the same gate, stages and terminal as the method's own handler (built
-        once, at start-up). A front calls it with its own input and a context of its own
-        (server/request/openai_front.py) and gets the method's answer or chunks."""
+        once, at start-up), given its input instead of reading it. A front calls it with
+        its own input and a context of its own (server/request/openai_front.py) and gets
+        the method's answer or chunks."""
         method, check, bound, decode_at, end = self._parts[name]
         if method.streaming:
-            return _stream_handler(method, check, bound, decode_at, end, decoder)
-        return _unary_handler(method, check, bound, decode_at, end, decoder)
+            return _stream_handler(method, check, bound, decode_at, end, decoder, read=False)
+        return _unary_handler(method, check, bound, decode_at, end, decoder, read=False)
 
     def register(self, server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers((self.generic_handler(),))
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(self.service.name, self.handlers)
+
+
+async def _read_one(context: grpc.aio.ServicerContext) -> bytes:
+    """The call's request message (see the module docstring: why not grpc's own read)."""
+    try:
+        raw: bytes = await read_one(context)
+    except MalformedRequest as err:
+        await fail(context, err)
+    return raw
+
+
+def native_decoder(request_cls: Any) -> Decoder:
+    """A native call's decoder: the message from the caller's bytes, which go upstream
+    as they came (never re-serialized)."""
+
+    def decode_native(raw: bytes) -> tuple[Any, bytes]:
+        return decode(request_cls, raw), raw
+
+    return decode_native
 
 
 def _open(method: Method, context: grpc.aio.ServicerContext) -> CallInfo:
@@ -205,13 +224,19 @@ def _unary_handler(
     decode_at: int,
     terminal: UnaryCall,
     decoder: Decoder,
+    *,
+    read: bool,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """`read`: the handler reads its request message itself (native, registered as
+    request-streaming; its first argument is grpc's request iterator, unused), else its
+    first argument is the wire input (a front's)."""
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
     path = method.path
 
-    async def unary(wire: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(given: Any, context: grpc.aio.ServicerContext) -> Any:
+        wire = await _read_one(context) if read else given
         if check is not None:
             await check.check(context)
         call = _open(method, context)
@@ -255,14 +280,18 @@ def _stream_handler(
     decode_at: int,
     terminal: StreamCall,
     decoder: Decoder,
+    *,
+    read: bool,
 ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """`read` as for _unary_handler."""
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
     path, chunk_cls = method.path, method.response_cls
     monotonic = time.monotonic
 
-    async def stream(wire: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream(given: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        wire = await _read_one(context) if read else given
         if check is not None:
             await check.check(context)
         call = _open(method, context)
@@ -316,8 +345,10 @@ def _stream_handler(
                 err = shape(exc, call, path)
             if err is not None:
                 if sent:
-                    # seq continues the stream's numbering: every chunk so far passed here.
-                    last = final_chunk(chunk_cls, sent, err)
+                    # seq continues the stream's numbering: every chunk so far passed here,
+                    # except on a resume, which started after the caller's last-event-id.
+                    nxt = last.seq + 1 if call.replayed == "resume" else sent
+                    last = final_chunk(chunk_cls, nxt, err)
                     last_at = monotonic()
                     sent += 1
                     yield last

@@ -10,15 +10,20 @@ cache in front of it). Per call, from the metadata (core/streambuffer.parse_resu
   replica sharing it: the chunks after `seq`, then the live tail, to the final chunk.
   No upstream call, so no token charge (CallInfo.replayed says so to the stages).
   Unknown / other tenant's id: NOT_FOUND STREAM_NOT_FOUND; data gone (grace over, bytes
-  bound): NOT_FOUND STREAM_EXPIRED. Resuming at or after the final chunk answers
+  bound): NOT_FOUND STREAM_EXPIRED. The owner replica died (its lease, renewed by its
+  watcher every WATCH_INTERVAL_S whatever the chunks do, lapsed before the final chunk):
+  the stored chunks, then UNAVAILABLE STREAM_ORIGIN_LOST with RetryInfo (in-band as the
+  final chunk when chunks were sent; before any, the status alone, so an EventSource
+  reconnecting after that final chunk gets HTTP 503 and stops). The generation is not
+  re-run here: its caller sends the request again (a new generation, charged as one). Resuming at or after the final chunk answers
   OUT_OF_RANGE STREAM_FINISHED: an error status, because an EventSource that nobody
   closed stops reconnecting only on a non-200 answer (an empty 200 would make it
   reconnect every 3 s forever; replaying the final chunk would too).
 - resumable (`x-aiproxy-resumable: 1`, or `stream.resume.default` / `.methods` unless
   the caller said 0): `buffer.create` gives the id, sent in the initial metadata
   (`x-aiproxy-stream-id`); the upstream is pumped by an *owner task*, not by the
-  caller's handler, which records every chunk (StreamRecorder) and hands it to the
-  caller through a bounded queue (a slow caller still pushes back on the upstream).
+  caller's handler, which stores every chunk (StreamRecorder.write) and only then hands
+  it to the caller through a bounded queue (whatever a caller saw, a resume finds) (a slow caller still pushes back on the upstream).
   When the caller drops, the owner keeps going with nobody to hand chunks to, and
   `watch_owner` (its heartbeat) decides: a resume somewhere keeps it alive, otherwise
   it is cancelled after `grace_s` (the cancellation reaches the agent, only later) and
@@ -58,6 +63,7 @@ from aiproxy.core.streambuffer import (
     StreamBuffer,
     StreamExpired,
     StreamNotFound,
+    StreamOriginLost,
     StreamRecorder,
     StreamStoreUnavailable,
     Verdict,
@@ -294,13 +300,21 @@ class Resumer:
             except StreamExpired:
                 self._count("stream_resumes", method.name, "expired")
                 raise
+            except StreamOriginLost:
+                self._count("stream_resumes", method.name, "origin_lost")
+                raise
             self._count("stream_resumes", method.name, "resumed")
             await context.send_initial_metadata(
                 initial_metadata(call, None, (STREAM_ID_HEADER, sid))
             )
             yield cls.FromString(first.data)
-            async for chunk in reader:
-                yield cls.FromString(chunk.data)
+            try:
+                async for chunk in reader:
+                    yield cls.FromString(chunk.data)
+            except StreamOriginLost:
+                # In-band: the pipeline ends the stream with its final error chunk.
+                self._count("stream_resumes", method.name, "origin_lost")
+                raise
         finally:
             await reader.aclose()  # type: ignore[attr-defined]
 
@@ -365,9 +379,20 @@ class Resumer:
         self, method: Method, owner: _Owner, grace: Grace, chunks: AsyncIterator[Any]
     ) -> None:
         """Run the owner's pump beside its watcher; the first to end decides."""
-        pump = asyncio.create_task(self._pump(method, owner, chunks))
+        recorder = StreamRecorder(self.buffer, owner.sid)
+        pump = asyncio.create_task(self._pump(method, owner, chunks, recorder))
         watch = asyncio.create_task(
-            watch_owner(self.buffer, owner.sid, self.replica_id, grace, interval_s=WATCH_INTERVAL_S)
+            watch_owner(
+                self.buffer,
+                owner.sid,
+                self.replica_id,
+                grace,
+                interval_s=WATCH_INTERVAL_S,
+                lease_s=self.settings.owner_lease_s,
+                # A stream the store stopped receiving is let go: resumers get
+                # STREAM_ORIGIN_LOST after the lease instead of waiting forever.
+                renew=lambda: recorder.failed is None,
+            )
         )
         evicted = asyncio.create_task(owner.evicted.wait())
         shutdown = False
@@ -414,8 +439,13 @@ class Resumer:
                 except StreamStoreUnavailable:
                     pass  # the stream's TTL removes it
 
-    async def _pump(self, method: Method, owner: _Owner, chunks: AsyncIterator[Any]) -> None:
-        recorder = StreamRecorder(self.buffer, owner.sid)
+    async def _pump(
+        self,
+        method: Method,
+        owner: _Owner,
+        chunks: AsyncIterator[Any],
+        recorder: StreamRecorder,
+    ) -> None:
         seq = 0
         final = False
         try:
@@ -425,7 +455,10 @@ class Resumer:
                 owner.last = chunk
                 if owner.count is not None:
                     owner.produced += owner.count(chunk)
-                recorder.record(
+                # Stored first, then handed: a chunk the caller saw is there for a resume,
+                # even if this replica dies right after (bounded by the store's timeout; a
+                # failed store stops recording, never the stream).
+                await recorder.write(
                     chunk.seq,
                     chunk.SerializeToString(),
                     ChunkKind.FINAL if final else ChunkKind.DATA,
@@ -433,7 +466,7 @@ class Resumer:
                 await owner.hand(chunk)
             if not final:
                 # An upstream that ended without a final chunk: resumers still need an end.
-                recorder.record(
+                await recorder.write(
                     seq,
                     method.response_cls(is_final=True, seq=seq).SerializeToString(),
                     ChunkKind.FINAL,
@@ -443,7 +476,7 @@ class Resumer:
             raise
         except Exception as exc:  # noqa: BLE001 - the caller gets it; the buffer its chunk
             err = shape(exc, None, method.path)
-            recorder.record(
+            await recorder.write(
                 seq, final_chunk(method.response_cls, seq, err).SerializeToString(), ChunkKind.FINAL
             )
             await owner.hand(_End(exc.with_traceback(None)))
@@ -479,6 +512,7 @@ def build_stream_buffer(settings: Settings) -> StreamBuffer:
             ttl_s=r.ttl_s,
             max_streams=r.max_streams,
             max_streams_per_scope=r.max_streams_per_caller,
+            owner_lease_s=r.owner_lease_s,
         )
     from aiproxy.server.stores.redis_limits import client_from_settings
     from aiproxy.server.stores.redis_streams import RedisStreamBuffer
@@ -490,8 +524,10 @@ def build_stream_buffer(settings: Settings) -> StreamBuffer:
         prefix=r.key_prefix,
         max_bytes=r.max_bytes,
         ttl_s=r.ttl_s,
-        # Writes are off the caller's path (StreamRecorder): a loaded box may take longer
-        # than a limits call's bound without failing the stream.
+        owner_lease_s=r.owner_lease_s,
+        # A write delays its chunk by at most this (StreamRecorder.write), once: a store
+        # past it stops the recording. A loaded box may take longer than a limits call's
+        # bound without losing resumability.
         timeout_s=max(0.25, rs.timeout_ms / 1000),
         probe_interval_s=rs.probe_interval_s,
     )

@@ -8,6 +8,8 @@ Keys per stream (one hash tag per stream, so they would sit on one Cluster slot)
   duplicate or an older seq by itself, and "after seq N" is the id `N-1`), fields d (the
   serialized chunk) and k (0 data, 1 final, 2 error);
 - `{prefix}{<id>}:o` the owner's lease (PX), `{prefix}{<id>}:r` a reader's lease (PX).
+  `create` takes the owner's first lease; the owner's watcher renews it (every 0.25 s,
+  server/resume.py), independently of chunks.
 
 Every write is one Lua script (check seq, XADD, bytes accounting and trimming, expiry),
 one round trip, sent over the one pipelined connection of server/redis_limits.py
@@ -17,7 +19,10 @@ is STREAM_EXPIRED, not a silent gap), and `ttl_s` after the last write (PEXPIRE 
 keys: the stream is then gone, STREAM_NOT_FOUND). An abandoned stream keeps only its
 hash (a tombstone: resumes get STREAM_EXPIRED) until that expires too.
 
-Reads: one script returns the chunks after the reader's seq and renews the reader lease;
+Reads: one script returns the chunks after the reader's seq, renews the reader lease and
+says whether the owner's lease is alive, atomically: a reader that has every stored chunk
+of an unfinished stream whose owner's lease lapsed (the replica died) ends with
+STREAM_ORIGIN_LOST, at most `owner lease + block_s` after the owner's last renewal;
 the live tail is XREAD BLOCK on a separate, bounded pool of connections (a blocking read
 must not hold the pipelined connection), at most `block_s` per wait so the reader renews
 its lease and notices abandonment; a reader that finds the pool exhausted waits for a
@@ -50,6 +55,7 @@ from aiproxy.core.streambuffer import (
     SequenceError,
     StreamExpired,
     StreamNotFound,
+    StreamOriginLost,
     StreamState,
     StreamStoreUnavailable,
     new_stream_id,
@@ -65,10 +71,12 @@ _LIB_LUA: Final = """
 local function entry_seq(id) return tonumber(string.sub(id, 1, string.find(id, '-', 1, true) - 1)) end
 """
 
+# KEYS: meta, owner. ARGV: scope, owner, ttl_ms, owner lease ms.
 _CREATE_LUA: Final = """
 redis.call('HSET', KEYS[1], 'scope', ARGV[1], 'owner', ARGV[2], 'next', 0, 'b', 0, 'first', 0,
            'fin', 0, 'ab', 0, 'cx', 0)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[4])
 return 1
 """
 
@@ -127,15 +135,16 @@ redis.call('DEL', KEYS[2], KEYS[3])
 return 1
 """
 
-# KEYS: meta, stream, reader. ARGV: scope, after id (exclusive, or '-'), count, reader lease ms.
-# {status, first, fin, entries}: status 1 ok, -1 not found, -2 abandoned.
+# KEYS: meta, stream, reader, owner. ARGV: scope, after id (exclusive, or '-'), count,
+# reader lease ms. {status, first, fin, entries, owner alive}: status 1 ok, -1 not found,
+# -2 abandoned.
 _READ_LUA: Final = """
 local m = redis.call('HMGET', KEYS[1], 'scope', 'first', 'fin', 'ab')
-if not m[1] or m[1] ~= ARGV[1] then return {-1, 0, 0, {}} end
-if m[4] == '1' then return {-2, 0, 0, {}} end
+if not m[1] or m[1] ~= ARGV[1] then return {-1, 0, 0, {}, 0} end
+if m[4] == '1' then return {-2, 0, 0, {}, 0} end
 redis.call('SET', KEYS[3], 1, 'PX', ARGV[4])
 local entries = redis.call('XRANGE', KEYS[2], ARGV[2], '+', 'COUNT', ARGV[3])
-return {1, tonumber(m[2]), tonumber(m[3]), entries}
+return {1, tonumber(m[2]), tonumber(m[3]), entries, redis.call('EXISTS', KEYS[4])}
 """
 
 
@@ -169,6 +178,7 @@ class RedisStreamBuffer:
         max_chunks: int = 100_000,
         ttl_s: float = DEFAULT_TTL_S,
         reader_lease_s: float = DEFAULT_LEASE_S,
+        owner_lease_s: float = DEFAULT_LEASE_S,
         timeout_s: float = 0.05,
         block_s: float = 1.0,
         max_blocking_readers: int = 64,
@@ -176,14 +186,15 @@ class RedisStreamBuffer:
     ) -> None:
         if min(max_bytes, max_chunks, max_blocking_readers) < 1:
             raise ValueError("max_bytes, max_chunks and max_blocking_readers must be positive")
-        if min(ttl_s, reader_lease_s, timeout_s, block_s, probe_interval_s) <= 0:
-            raise ValueError("ttl_s, reader_lease_s, timeout_s and block_s must be positive")
+        if min(ttl_s, reader_lease_s, owner_lease_s, timeout_s, block_s, probe_interval_s) <= 0:
+            raise ValueError("ttl_s, the leases, timeout_s and block_s must be positive")
         self._client = client
         self._prefix = prefix
         self.max_bytes = max_bytes
         self.max_chunks = max_chunks
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._reader_lease_ms = max(1, round(reader_lease_s * 1000))
+        self._owner_lease_ms = max(1, round(owner_lease_s * 1000))
         self._timeout = timeout_s
         self._block_s = min(block_s, reader_lease_s / 3)
         self._probe_every = probe_interval_s
@@ -256,7 +267,10 @@ class RedisStreamBuffer:
         if not self.healthy and time.monotonic() - self._last_try < self._probe_every:
             raise StreamStoreUnavailable()  # fail fast: no wait per call while Redis is away
         sid = new_stream_id()
-        await self._script(self._create, self._keys(sid)[:1], scope, owner, self._ttl_ms)
+        meta, _, okey, _ = self._keys(sid)
+        await self._script(
+            self._create, (meta, okey), scope, owner, self._ttl_ms, self._owner_lease_ms
+        )
         return sid
 
     async def _write(self, sid: str, seq: int, data: bytes, kind: ChunkKind) -> None:
@@ -313,12 +327,12 @@ class RedisStreamBuffer:
         await self._script(self._abandon, self._keys(stream_id)[:3])
 
     async def read(self, stream_id: str, scope: str, after_seq: int = -1) -> AsyncIterator[Chunk]:
-        meta, stream, _, rkey = self._keys(stream_id)
+        meta, stream, okey, rkey = self._keys(stream_id)
         last = after_seq
         while True:
-            status, first, fin, entries = await self._script(
+            status, first, fin, entries, owner_alive = await self._script(
                 self._read,
-                (meta, stream, rkey),
+                (meta, stream, rkey, okey),
                 scope,
                 _after_id(last),
                 _READ_COUNT,
@@ -344,6 +358,10 @@ class RedisStreamBuffer:
                 continue  # more is already there
             if fin:
                 return  # the final chunk was at or before after_seq
+            if not owner_alive:
+                # Every stored chunk is sent and the owner's lease lapsed in the same
+                # atomic read: nothing more will come (the owner died, or stopped recording).
+                raise StreamOriginLost()
             # The live tail: wait for the next entry (or block_s, then check the state).
             await self._wait_for_more(stream, last)
 

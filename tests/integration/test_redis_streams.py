@@ -19,6 +19,7 @@ from aiproxy.core.streambuffer import (
     SequenceError,
     StreamExpired,
     StreamNotFound,
+    StreamOriginLost,
     StreamRecorder,
     StreamStoreUnavailable,
     Verdict,
@@ -284,3 +285,42 @@ async def test_drop_and_resume_on_another_replica_equals_an_uninterrupted_run(
     assert "".join(m.delta for m in got) == "".join(words)
     assert got[-1].is_final and got[-1].usage.completion_tokens == len(words)
     assert recorder.failed is None
+
+
+async def test_a_reader_elsewhere_gets_origin_lost_once_the_owner_lease_lapses(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """The owner (replica a) stores 3 chunks, renews its lease for a while with no chunk
+    (a slow generation: the reader on replica b keeps waiting), then stops renewing (it
+    died): b's reader gets the 3 chunks, then STREAM_ORIGIN_LOST, never silence."""
+    lease_s = 0.5
+    a = RedisStreamBuffer.from_url(
+        redis_server.url, timeout_s=1.0, block_s=0.2, owner_lease_s=lease_s
+    )
+    b = RedisStreamBuffer.from_url(redis_server.url, timeout_s=1.0, block_s=0.2)
+    try:
+        sid = await a.create("t", "replica-a")
+        for seq in range(3):
+            await a.append(sid, seq, b"%d" % seq)
+        watch = asyncio.create_task(
+            watch_owner(a, sid, "replica-a", Grace(60), interval_s=0.05, lease_s=lease_s)
+        )
+        reader = b.read(sid, "t", -1)
+        assert [(await anext(reader)).seq for _ in range(3)] == [0, 1, 2]
+        waiting = asyncio.ensure_future(anext(reader))
+        await asyncio.sleep(lease_s * 4)  # no chunk for 4 leases: alive, so b waits
+        assert not waiting.done()
+        watch.cancel()  # the owner dies: nobody renews its lease
+        await asyncio.gather(watch, return_exceptions=True)
+        died = time.monotonic()
+        with pytest.raises(StreamOriginLost) as err:
+            await asyncio.wait_for(waiting, 30)
+        assert err.value.reason == Reason.STREAM_ORIGIN_LOST and err.value.retry_delay_s
+        # Bound: the lease, then one blocking wait of the reader (generous on a busy box).
+        assert time.monotonic() - died < 10 * (lease_s + 0.2 + 1.0)
+        # A reconnect after everything stored: the status at once, no chunk.
+        with pytest.raises(StreamOriginLost):
+            await collect(b, sid, "t", 2)
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -123,6 +123,9 @@ def _overloaded(err: grpc.aio.AioRpcError) -> float:
     assert status.details[0].Unpack(info) and info.reason == "OVERLOADED"
     assert info.metadata["limit"] == "10"
     assert status.details[1].Unpack(retry)
+    # HTTP callers read the same delay as retry-after (whole seconds, rounded up).
+    trailers = dict(err.trailing_metadata() or ())
+    assert trailers["retry-after"] == str(-(-retry.retry_delay.ToNanoseconds() // 10**9))
     return retry.retry_delay.ToNanoseconds() / 1e9
 
 

@@ -14,8 +14,9 @@ import pytest
 
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.core.callinfo import CallInfo, current_call, metadata_dict
-from aiproxy.core.errors import InvalidArgument
+from aiproxy.core.errors import InvalidArgument, MalformedRequest
 from aiproxy.core.service import Method, agent_service
+from aiproxy.interceptors import error_handling
 from aiproxy.server.chain import DECODE
 from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
 from tests.support.waiting import eventually
@@ -211,6 +212,12 @@ def test_metadata_is_read_once_into_a_dict_with_repeated_keys_noted() -> None:
 class _Context:
     """Just what the pipeline's stream frame asks of a grpc context."""
 
+    def __init__(self, raw: bytes = b"") -> None:
+        self._raw = raw
+
+    async def read(self) -> bytes:
+        return self._raw
+
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return ()
 
@@ -243,9 +250,32 @@ async def test_a_chunk_handed_to_grpc_is_charged_even_if_the_caller_leaves_befor
         "StreamGenerate"
     ]
     raw = pb.StreamGenerateRequest(prompt="hang").SerializeToString()
-    chunks = handler.unary_stream(raw, _Context())
+    chunks = handler.stream_stream(None, _Context(raw))
     for _ in range(2):
         await chunks.__anext__()
     await chunks.aclose()  # as grpc does when the caller cancels during the second write
     (call,) = calls
     assert (call.chunks, call.streamed_tokens, call.code) == (2, 2, "CANCELLED")
+
+
+async def test_a_call_without_its_whole_request_message_is_refused_not_left_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream ended without one whole message (grpc.aio's EOF): refused at once. Part of
+    a message and then nothing: refused after READ_TIMEOUT_S, not held for as long as the
+    connection lives (real processes: tests/chaos/test_edge_isolation.py)."""
+
+    class Ended:
+        async def read(self) -> Any:
+            return grpc.aio.EOF
+
+    class Silent:
+        async def read(self) -> Any:
+            await asyncio.sleep(3600)
+
+    with pytest.raises(MalformedRequest, match="ended without"):
+        await error_handling.read_one(Ended())  # type: ignore[arg-type]
+    monkeypatch.setattr(error_handling, "READ_TIMEOUT_S", 0.05)
+    with pytest.raises(MalformedRequest, match="did not arrive"):
+        await error_handling.read_one(Silent())  # type: ignore[arg-type]
+    assert await error_handling.read_one(_Context(b"raw")) == b"raw"  # type: ignore[arg-type]
