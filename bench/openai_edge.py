@@ -12,8 +12,8 @@ HTTP/1.1 callers, path after path, repetitions interleaved:
 
 Every stream is checked (bench/streamload.py: the text equals the agent's answer, a final
 chunk came). Reported per path: delivered chunks/s, the CPU of proxy + Envoy per chunk
-(their /proc times over the load), first-chunk p50. With --litellm (and `litellm[proxy]`
-importable), LiteLLM's proxy in front of the OpenAI route is a third path (LiteLLM cannot
+(their /proc times over the load), first-chunk p50. With --litellm PYTHON (a
+Python with `litellm[proxy]`), LiteLLM's proxy in front of the OpenAI route is a third path (LiteLLM cannot
 speak gRPC to the agent; behind it sits aiproxy's own OpenAI route, so its CPU per chunk
 is LiteLLM's plus ours). Prints one JSON line and a table; writes nothing else.
 """
@@ -31,7 +31,8 @@ from typing import Any
 from bench.procs import ROOT, Procs, aiproxy_argv
 from bench.run import PROXY_ENV, _merge_stream_results, _Sampler
 
-PROMPT = "Explain backpressure in streaming systems"
+LITELLM_KEY = "sk-bench-litellm-0123456789abcdef"  # LiteLLM refuses to start without one
+PROMPT = "Explain backpressure in streaming systems in detail, step by step"
 
 
 def _post(address: str, path: str, body: dict[str, Any]) -> bytes:
@@ -78,7 +79,9 @@ def _load(
     procs: Procs, mode: str, target: str, path: str, body: Any, pieces: list[str], k: int,
     watch: list[Any],
 ) -> dict[str, Any]:  # fmt: skip
+    litellm = watch[0].name.startswith("litellm")
     spec = {
+        "headers": {"authorization": f"Bearer {LITELLM_KEY}"} if litellm else {},
         "mode": mode,
         "target": target,
         "path": path,
@@ -116,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=30)
     parser.add_argument("--interval-ms", type=float, default=20.0)
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--litellm", action="store_true")
+    parser.add_argument(
+        "--litellm",
+        metavar="PYTHON",
+        help="a Python with `litellm[proxy]` installed (its own venv: it pulls ~100 packages); "
+        "adds LiteLLM's proxy as a third path",
+    )
     args = parser.parse_args(argv)
     procs = Procs()
     try:
@@ -136,14 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                          "--concurrency", "1"),
         )  # fmt: skip
         pieces = _native_pieces(edge.address, args.chunks)
-        if len(pieces) != args.chunks:
-            raise RuntimeError(f"expected {args.chunks} chunks from the agent, got {len(pieces)}")
+        if not pieces:
+            raise RuntimeError("the agent's answer has no text")
         paths: dict[str, tuple[str, str, str, Any, list[Any]]] = {
             "native": ("sse", edge.address, "/api/v1/ai/chat/stream", _native_body(args.chunks), [proxy, edge]),
             "openai": ("openai", edge.address, "/v1/chat/completions", _openai_body(args.chunks), [proxy, edge]),
         }  # fmt: skip
         if args.litellm:
-            litellm = _litellm(procs, edge.address)
+            litellm = _litellm(procs, edge.address, args.litellm)
             if litellm is not None:
                 paths["litellm"] = (
                     "openai", litellm[1], "/v1/chat/completions",
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                     _load(procs, mode, target, path, body, pieces, args.streams, watch)
                 )
         row: dict[str, Any] = {
-            "shape": {"streams": args.streams, "chunks": args.chunks, "interval_ms": args.interval_ms},
+            "shape": {"streams": args.streams, "chunks": len(pieces), "interval_ms": args.interval_ms},
         }  # fmt: skip
         for name, rs in runs.items():
             best = sorted(rs, key=lambda r: r["server_cpu_us_per_chunk"] or 0)[len(rs) // 2]
@@ -182,13 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         procs.cleanup()
 
 
-def _litellm(procs: Procs, edge: str) -> Any:
+def _litellm(procs: Procs, edge: str, python: str) -> Any:
     """LiteLLM's proxy (1 worker) with one model routed to aiproxy's OpenAI route."""
-    try:
-        import litellm  # noqa: F401
-    except ImportError:
-        print("  litellm not installed: its row is skipped", file=sys.stderr)
-        return None
     from bench.procs import free_port
 
     port = free_port()
@@ -200,19 +203,23 @@ def _litellm(procs: Procs, edge: str) -> Any:
         "      model: openai/ref-model-1\n"
         f"      api_base: http://{edge}/v1\n"
         "      api_key: none\n"
+        "general_settings:\n"
+        f"  master_key: {LITELLM_KEY}\n"
     )
 
-    def ready() -> bool:
+    def ready(_proc: Any) -> dict[str, str] | None:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             conn.request("GET", "/health/liveliness")
-            return conn.getresponse().status == 200
+            if conn.getresponse().status == 200:
+                return {"address": f"127.0.0.1:{port}"}
         except OSError:
-            return False
+            pass
+        return None
 
     proc = procs.start(
         "litellm",
-        [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(config),
+        [python, "-m", "litellm.proxy.proxy_cli", "--config", str(config),
          "--port", str(port), "--host", "127.0.0.1", "--num_workers", "1"],
         ready=ready, timeout=120,
     )  # fmt: skip

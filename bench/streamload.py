@@ -5,7 +5,7 @@
 SPEC (JSON): {"mode": "grpc"|"sse"|"openai", "target": "HOST:PORT", "path": "/pkg.Svc/Method"
 or "/api/..." or "/v1/chat/completions", "request": "<hex of the serialized request>" (grpc)
 or {...} (the JSON body: sse, and openai, whose events are OpenAI's chunks),
-"expected": ["piece", ...], "streams": K, "ramp_s": S, "timeout_s": T, "channels": C,
+"expected": ["piece", ...], "headers": {...} (optional, sse/openai), "streams": K, "ramp_s": S, "timeout_s": T, "channels": C,
 "duration_s": D, "max_rounds": R}: K callers each run stream after stream for D seconds.
 
 Each stream checks that `seq` counts 0, 1, 2, ... with no gap or repeat, that the deltas
@@ -167,7 +167,8 @@ async def sse_stream(spec: dict[str, Any], tally: Tally) -> None:
                 (
                     f"POST {spec['path']} HTTP/1.1\r\nHost: {spec['target']}\r\n"
                     f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n"
+                    + "".join(f"{k}: {v}\r\n" for k, v in spec.get("headers", {}).items())
+                    + f"Content-Length: {len(body)}\r\n\r\n"
                 ).encode()
                 + body
             )
