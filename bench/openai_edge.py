@@ -29,7 +29,9 @@ import time
 from typing import Any
 
 from bench.procs import ROOT, Procs, aiproxy_argv
-from bench.run import PROXY_ENV, _merge_stream_results, _Sampler
+from bench.sampling import Sampler
+from bench.stack import PROXY_ENV
+from bench.stats import merge_stream_results
 
 LITELLM_KEY = "sk-bench-litellm-0123456789abcdef"  # LiteLLM refuses to start without one
 PROMPT = "Explain backpressure in streaming systems in detail, step by step"
@@ -95,7 +97,7 @@ def _load(
     }
     spec_path = procs.workdir / f"openai-{mode}-{time.monotonic_ns()}.json"
     spec_path.write_text(json.dumps(spec))
-    samplers = [_Sampler(p) for p in watch]
+    samplers = [Sampler(p) for p in watch]
     done = subprocess.run(
         [sys.executable, "-m", "bench.streamload", "--spec", str(spec_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
@@ -110,7 +112,7 @@ def _load(
         "cpu_s": sum(w["cpu_s"] for w in watched),
         "window_s": max(w["window_s"] for w in watched),
     }
-    return _merge_stream_results([json.loads(line)], cpu, k)
+    return merge_stream_results([json.loads(line)], cpu, k)
 
 
 def main(argv: list[str] | None = None) -> int:
