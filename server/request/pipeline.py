@@ -120,7 +120,8 @@ class Pipeline:
             if decode_at < 0:
                 decode_at = len(bound)
             check = gate.bind(method) if gate is not None else None
-            end = terminal.stream(method) if method.streaming else terminal.unary(method)
+            # A StreamCall for a streaming method, else a UnaryCall.
+            end: Any = terminal.stream(method) if method.streaming else terminal.unary(method)
             self._parts[method.name] = (method, check, bound, decode_at, end)
             decoder = native_decoder(method.request_cls)
             if method.streaming:
