@@ -54,6 +54,31 @@ async function main() {
   errors["404"] = `${err.constructor.name}:${err.code}`;
   report.errors = errors;
 
+  // Retries, counted by the test in Envoy's access log (one x-request-id per call).
+  const stamp = Date.now();
+  const ids = { unavailable: `oa-node-503-${stamp}`, rate: `oa-node-429-${stamp}`, day: `oa-node-day-${stamp}` };
+  const retrying = new OpenAI({ baseURL: BASE_URL, apiKey: API_KEY, maxRetries: 1, timeout: 30000 });
+  err = await errorOf(retrying.chat.completions.create(
+    { model: MODEL, messages },
+    { headers: { "x-request-id": ids.unavailable, "x-fault-code": "UNAVAILABLE" } },
+  ));
+  report.unavailable = `${err.constructor.name}:${err.status}`;
+  // 1 request per second: the first call takes the burst, the next waits retry-after-ms.
+  const limited = new OpenAI({ baseURL: BASE_URL, apiKey: process.env.SLOW_KEY, maxRetries: 2, timeout: 30000 });
+  await limited.chat.completions.create({ model: MODEL, messages, max_tokens: 2 });
+  const late = await limited.chat.completions.create(
+    { model: MODEL, messages, max_tokens: 2 }, { headers: { "x-request-id": ids.rate } },
+  );
+  report.rate_retried = Boolean(late.choices[0].message.content);
+  // A spent daily budget: x-should-retry false, one attempt despite maxRetries.
+  const broke = new OpenAI({ baseURL: BASE_URL, apiKey: process.env.BROKE_KEY, maxRetries: 2, timeout: 30000 });
+  await errorOf(broke.chat.completions.create({ model: MODEL, messages, max_tokens: 5 })).catch(() => null);
+  err = await errorOf(broke.chat.completions.create(
+    { model: MODEL, messages, max_tokens: 5 }, { headers: { "x-request-id": ids.day } },
+  ));
+  report.day = `${err.constructor.name}:${err.code}`;
+  report.retry_ids = ids;
+
   // Cancel mid-stream: abort the stream's controller after the first content chunk.
   const requestId = `oa-node-cancel-${Date.now()}`;
   const slow = await client.chat.completions.create(

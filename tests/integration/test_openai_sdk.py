@@ -400,6 +400,8 @@ def test_the_openai_npm_package(stack: dict[str, Any], base_url: str) -> None:
         "NODE_PATH": str(NODE_MODULES),
         "BASE_URL": base_url,
         "API_KEY": KEY,
+        "SLOW_KEY": SLOW_KEY,
+        "BROKE_KEY": BROKE_KEY,
         "MODEL": MODEL,
     }
     done = subprocess.run(
@@ -419,6 +421,14 @@ def test_the_openai_npm_package(stack: dict[str, Any], base_url: str) -> None:
     }
     finished = agent_finished(stack, report["cancel_request_id"])
     assert finished["cancelled"] is True
+    ids = report["retry_ids"]
+    assert report["unavailable"] == "InternalServerError:503"
+    assert [line["http_status"] for line in attempts(stack, ids["unavailable"], 2)] == [503, 503]
+    assert report["rate_retried"] is True
+    statuses = [line["http_status"] for line in attempts(stack, ids["rate"], 2)]
+    assert statuses[-1] == 200 and 429 in statuses
+    assert report["day"] == "RateLimitError:insufficient_quota"
+    assert len(attempts(stack, ids["day"], 1)) == 1
 
 
 # ---- the same RPCs for gRPC callers -------------------------------------------------------
