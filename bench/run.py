@@ -1,6 +1,6 @@
 """The benchmark: what one aiproxy hop costs, against a direct call and against Envoy alone.
 
-    python -m bench.run [--quick] [--only unary,latency,streams,sse,workers,profile]
+    python -m bench.run [--quick] [--only unary,latency,streams,sse,openai,workers,profile]
 
 Every scenario runs its baseline in the same run on the same machine, and every figure is
 written next to it: bench/results/<date>-results.json, bench/results/REPORT.md and a PNG.
