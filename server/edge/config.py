@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import pathlib
+import re
 import string
 import sys
 from dataclasses import dataclass, field
@@ -390,22 +391,37 @@ def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
         key: connect_error(GUARD_CODES.get(key, 3), message, _guard_reason(key))
         for key, message in GUARD_MESSAGES.items()
     }
-    # Paths with {variables} would need a pattern match (only /v1/models/{model=**} has
-    # one); a path the table misses only falls back to the transcoder's 404.
-    bindings = http_bindings(descriptor)
+    rules = http_bindings(descriptor)
     for path, verbs in http_bindings(descriptor, OPENAI_SERVICE).items():
-        bindings.setdefault(path, set()).update(verbs)
-    allow = {
-        path: ", ".join([*sorted(verbs), "OPTIONS"])
-        for path, verbs in bindings.items()
-        if "{" not in path
-    }
+        rules.setdefault(path, set()).update(verbs)
+    bindings = {path: ", ".join([*sorted(verbs), "OPTIONS"]) for path, verbs in rules.items()}
+    allow = {path: verbs for path, verbs in bindings.items() if "{" not in path}
+    # Paths with {variables} (/api/v1/ai/sessions/{session_id}) as anchored Lua patterns,
+    # a variable matching one path segment, tried after the exact paths.
+    patterns = [
+        f"{{{json.dumps(_lua_path_pattern(path))}, {json.dumps(verbs)}}}"
+        for path, verbs in sorted(bindings.items())
+        if "{" in path
+    ]
     return {
         "lua_messages": _lua_table(messages),
         "lua_grpc_details": _lua_table(details),
         "lua_connect_errors": _lua_table(connect_errors),
         "lua_allow": _lua_table(allow),
+        "lua_allow_patterns": "{" + ", ".join(patterns) + "}",
     }
+
+
+def _lua_path_pattern(path: str) -> str:
+    """An HTTP rule's path template as an anchored Lua pattern: `{name}` (one segment)
+    becomes `[^/]+`, `{name=**}` (the rest of the path: /v1/models/{model=**}) `.+`, every
+    other character is literal (Lua's magic ones escaped)."""
+    out = []
+    for literal, variable in re.findall(r"([^{]*)(\{[^}]*\})?", path):
+        out.append(re.sub(r"([%^$().\[\]*+\-?])", r"%\1", literal))
+        if variable:
+            out.append(".+" if variable.endswith("=**}") else "[^/]+")
+    return "^" + "".join(out) + "$"
 
 
 class EdgeError(Exception):
