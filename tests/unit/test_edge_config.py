@@ -329,3 +329,11 @@ def test_connect_errors_of_the_guard() -> None:
         "inline_string"
     ]
     assert '["connect-codec"] = "{\\"code\\":\\"unimplemented\\"' in source
+
+
+def test_path_templates_as_lua_patterns() -> None:
+    from aiproxy.server.edge.config import _lua_path_pattern
+
+    assert _lua_path_pattern("/api/v1/ai/sessions/{session_id}") == "^/api/v1/ai/sessions/[^/]+$"
+    # A rest-of-path variable: model ids such as meta-llama/Llama-3 have slashes.
+    assert _lua_path_pattern("/v1/models/{model=**}") == "^/v1/models/.+$"
