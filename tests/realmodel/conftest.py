@@ -12,6 +12,7 @@ where `make test` has run `make model` first: there a missing model is a failure
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ class Starter:
             **GENEROUS_LIMITS,
             "AIPROXY_BREAKER__ENABLED": "false",
             "AIPROXY_STREAM__HEARTBEAT_INTERVAL_S": "60",
+            # The OpenAI-compatible API through the edge names the model the server serves.
+            "AIPROXY_OPENAI__MODELS": json.dumps([{"id": MODEL}]),
         }
         return self(proxy_args(agent.address), "proxy", env=env)
 

@@ -2,7 +2,8 @@
 (`aiproxy model-server`), `aiproxy agent --backend openai`, `aiproxy serve`, `aiproxy envoy`.
 
 What a mock cannot prove: the tokens a real inference engine streams reach the caller in
-order and complete, with the engine's own usage; a caller who leaves frees the engine (it
+order and complete, with the engine's own usage (gRPC, SSE through Envoy, and the official
+`openai` SDK on the edge's OpenAI API); a caller who leaves frees the engine (it
 serves one request at a time: an abandoned generation that ran on would delay the next
 caller by its whole length); an engine that dies mid-answer is an in-band UNAVAILABLE; a
 chat session's history really goes to the model (its prompt grows).
@@ -25,6 +26,7 @@ import grpc
 import httpx
 import pytest
 from google.rpc import error_details_pb2
+from openai import OpenAI
 
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from tests.realmodel.conftest import MODEL, Stack
@@ -146,6 +148,37 @@ def test_the_edge_streams_the_models_text_as_sse(stack: Stack, envoy: ServicePro
     assert final["isFinal"] and not any(e["isFinal"] for e in events[:-1])
     assert final["usage"]["completionTokens"] == direct["usage"]["completion_tokens"]
     assert final["usage"]["promptTokens"] == direct["usage"]["prompt_tokens"]
+
+
+@pytest.mark.envoy
+def test_the_openai_sdk_through_the_edge_gets_the_models_answer(
+    stack: Stack, envoy: ServiceProcess
+) -> None:
+    """The official `openai` package against the edge's OpenAI-compatible API, onto the real
+    model: the streamed text and the usage chunk are the model's own."""
+    max_tokens = 24
+    messages = [{"role": "user", "content": ANSWER_PROMPT}]
+    direct = direct_completion(stack.base_url, messages, max_tokens)
+    client = OpenAI(base_url=f"http://{envoy.address}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": ANSWER_PROMPT}],
+        max_tokens=max_tokens,
+        top_p=TOP_P,
+        stream=True,
+        stream_options={"include_usage": True},
+        timeout=120,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == direct["choices"][0]["message"]["content"]
+    usage = chunks[-1].usage
+    assert usage is not None and not chunks[-1].choices
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        direct["usage"]["prompt_tokens"],
+        direct["usage"]["completion_tokens"],
+    )
 
 
 async def test_a_callers_cancel_frees_the_model_for_the_next_call(stack: Stack) -> None:
