@@ -90,6 +90,79 @@ class ServerSettings(_Section):
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
 
+class ShedClassSettings(_Section):
+    """A class of callers or methods for the overload gate (core/shedding.py)."""
+
+    name: str = Field(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_-]*$")
+    # Past this fraction of the gate's limit, the class's callers are held to their
+    # fair share: < 1 is shed earlier than the default (batch), > 1 later (interactive).
+    sheds_at: float = Field(gt=0, le=2)
+
+
+def _default_shed_classes() -> list[ShedClassSettings]:
+    return [
+        ShedClassSettings(name="interactive", sheds_at=1.1),
+        ShedClassSettings(name="default", sheds_at=1.0),
+        ShedClassSettings(name="batch", sheds_at=0.7),
+    ]
+
+
+class OverloadSettings(_Section):
+    """Who the overload gate refuses when it must (interceptors/overload.py, core/shedding.py;
+    README: Overload). The gate's size is server.max_active_calls and its adaptive limit
+    server.overload_wait_target_ms; this section says whom it refuses."""
+
+    # fair: past the limit, refuse only callers holding their fair share or more (per
+    # verified identity, else per address; within an address per credential or client id).
+    # blind: the old gate, refusing every new call past the limit (kept to compare).
+    policy: Literal["fair", "blind"] = "fair"
+    # The part of server.max_active_calls the adaptive limit never uses: room for callers
+    # under their share and for classes that shed later, before the hard ceiling.
+    reserve: float = Field(default=0.1, ge=0, lt=1)
+    # Past the limit, a caller holding fewer calls than this is admitted whatever its share
+    # (up to max_active_calls): many callers dividing a low limit never refuse a light one.
+    min_share: int = Field(default=4, ge=1)
+    # Classes, most important first (health, reflection and admin never meet the gate).
+    classes: list[ShedClassSettings] = Field(default_factory=_default_shed_classes, min_length=1)
+    # Operator-marked callers -> class: "apikey:<auth.api_keys name>", "sub:<JWT subject>",
+    # "tenant:<limits.tenant_claim value>", "cidr:<network>" (the caller's address). A JWT
+    # caller's class applies once the proxy has verified its token (its first call).
+    callers: dict[str, str] = Field(default_factory=dict)
+    # Methods ("BatchGenerate" or the full path) -> class; a marked caller's class wins.
+    methods: dict[str, str] = Field(default_factory=dict)
+    # A stream whose caller's deadline ends before the first chunk usually comes (the
+    # recent first-chunk time, p90-like estimate) is refused at the door, not admitted.
+    refuse_doomed_streams: bool = True
+
+    @model_validator(mode="after")
+    def _v_classes(self) -> OverloadSettings:
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):
+            raise ValueError("overload.classes names must be unique")
+        if "default" not in names:
+            raise ValueError("overload.classes must have a class named 'default'")
+        for where, mapping in (("callers", self.callers), ("methods", self.methods)):
+            for key, cls in mapping.items():
+                if cls not in names:
+                    raise ValueError(f"overload.{where}[{key!r}]: no class {cls!r} ({names})")
+        for key in self.callers:
+            kind, sep, value = key.partition(":")
+            if not sep or not value or kind not in ("apikey", "sub", "tenant", "cidr"):
+                raise ValueError(
+                    f"overload.callers key {key!r}: apikey:NAME, sub:SUBJECT, tenant:VALUE or cidr:NET"
+                )
+            if kind == "cidr":
+                try:
+                    ipaddress.ip_network(value, strict=False)
+                except ValueError as err:
+                    raise ValueError(f"overload.callers key {key!r}: {err}") from None
+        known = agent_service().by_name
+        for method in self.methods:
+            if not method.startswith("/") and method not in known:
+                raise ValueError(f"overload.methods: {SERVICE_NAME} has no method {method!r}")
+        return self
+
+
 class UpstreamSettings(_Section):
     """The agent replicas the proxy forwards to."""
 
@@ -784,6 +857,7 @@ class Settings(BaseSettings):
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    overload: OverloadSettings = Field(default_factory=OverloadSettings)
 
     @model_validator(mode="after")
     def _v_cross_sections(self) -> Settings:

@@ -100,7 +100,10 @@ async def gated() -> AsyncIterator[tuple[grpc.aio.Channel, Harness, OverloadGate
         "test.Beside", {"Health": grpc.unary_unary_rpc_method_handler(health)}
     )
     gate = OverloadGate(
-        active=lambda: harness.active, capacity=10, on_reject=harness.refused.append
+        active=lambda: harness.active,
+        capacity=10,
+        on_reject=lambda path, cause, cls: harness.refused.append(path),
+        policy="blind",
     )
     server = grpc.aio.server()
     Pipeline(agent_service(), [], ServicerTerminal(Agent()), gate).register(server)
