@@ -1,5 +1,7 @@
 """The burst row (issue 23): 3,000 streams from 50 callers at once beside a light caller
-(one Generate every 100 ms), against the old blind gate and the fair one, same run.
+(one Generate every 100 ms), against the old blind gate and the fair one, same run. Each
+burst caller connects from its own 127.0.0.N (devtools/relay.py), the light one from
+127.0.0.1: callers by address, as the proxy tells them apart with auth off.
 
     .venv/bin/python -m bench.burst [--streams 3000] [--rounds 1]
 
@@ -56,10 +58,11 @@ def burst_rows(procs: Procs, streams: int = 3000, rounds: int = 1) -> dict[str, 
                 figures = asyncio.run(
                     run_burst(
                         proxy.address,
-                        [(("x-client-id", f"burst-{i}"),) for i in range(50)],
-                        (("x-client-id", "light"),),
+                        [() for _ in range(50)],
+                        (),
                         streams=streams,
                         quiet=True,
+                        by_address=True,
                     )
                 )
             finally:

@@ -16,11 +16,12 @@ Callers are counted in two levels, so that what a caller can mint buys it nothin
 The rule, with n calls in flight, `limit` the gate's current limit and `ceiling` the hard
 cap (server.max_active_calls):
 - while n < limit x the class's `sheds_at`, every call is admitted;
-- past it, a call is admitted only if its key holds fewer than `min_share` calls (a light
-  caller is never refused because many callers divide the limit) or less than its fair share:
-  share(group) = limit / groups in flight (its own counted), share(key) = share(group) /
-  keys in flight in that group; refusals therefore come from the callers using the most,
-  never first from one far under its share;
+- past it, a call is admitted if its group holds fewer than `min_share` calls (a light
+  caller is never refused because many callers divide a low limit) or less than its fair
+  share, share(group) = limit x sheds_at / groups in flight (its own counted); in a group
+  holding its share, only a key under share(group) / keys in flight in that group is
+  admitted; refusals therefore come from the callers using the most, never first from one
+  far under its share;
 - never at or past the ceiling, whoever asks (the reserve between limit and ceiling is
   what callers under their share are admitted into).
 A class with `sheds_at` < 1 (batch) is shed earlier than the default, one above 1
@@ -92,12 +93,13 @@ class FairShedder:
     def usage(self, group: str, key: str = "") -> int:
         return self._keys.get(_qualified(group, key), 0)
 
-    def share(self, group: str, key: str = "") -> float:
-        """The fair share `key` of `group` would have if it asked now."""
+    def share(self, group: str, key: str = "", sheds_at: float = 1.0) -> tuple[float, float]:
+        """The fair shares (of its group, of its key) a call of `key` in `group` would have
+        if it asked now, in a class that sheds at `sheds_at`."""
         groups = len(self._groups) + (group not in self._groups)
-        qualified = _qualified(group, key)
-        keys = self._keys_in.get(group, 0) + (qualified not in self._keys)
-        return self.limit / groups / keys
+        group_share = self.limit * sheds_at / groups
+        keys = self._keys_in.get(group, 0) + (_qualified(group, key) not in self._keys)
+        return group_share, group_share / keys
 
     def admit(self, group: str, key: str, sheds_at: float = 1.0, busy: int = 0) -> Ticket | str:
         """A Ticket, or the cause of the refusal (OVER_SHARE, FULL). `busy`: calls in
@@ -106,11 +108,15 @@ class FairShedder:
         if n >= self.ceiling:
             return FULL
         if n >= self.limit * sheds_at:
-            # A caller holding fewer than `min_share` calls is always under its share,
-            # however many callers divide the limit (the share may be below one call).
-            held = self._keys.get(_qualified(group, key), 0)
-            if held >= self.min_share and held + 1 > self.share(group, key):
-                return OVER_SHARE
+            held = self._groups.get(group, 0)
+            group_share, key_share = self.share(group, key, sheds_at)
+            # A group holding fewer than `min_share` calls, or less than its share, is
+            # admitted: many groups dividing a low limit never refuse a light one. Inside
+            # a group holding its share, its keys split that share: minting keys (client
+            # ids, made-up credentials) buys nothing.
+            if held >= self.min_share and held + 1 > group_share:
+                if self._keys.get(_qualified(group, key), 0) + 1 > key_share:
+                    return OVER_SHARE
         self._take(group, key)
         return Ticket(self, group, key)
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import pathlib
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -131,6 +133,23 @@ async def light_caller(
     return list(await asyncio.gather(*calls))
 
 
+@contextlib.asynccontextmanager
+async def relayed(target: str, callers: int, first_host: int = 10) -> AsyncIterator[list[str]]:
+    """Addresses that reach `target` from 127.0.0.first_host, +1, ... (devtools/relay.py,
+    its own process, killed by its handle at the end)."""
+    relay = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "devtools.relay", target, str(callers), str(first_host),
+        stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert relay.stdout is not None
+        ports = json.loads(await asyncio.wait_for(relay.stdout.readline(), 30))["ports"]
+        yield [f"127.0.0.1:{port}" for port in ports]
+    finally:
+        relay.kill()
+        await relay.wait()
+
+
 async def run_burst(
     proxy_address: str,
     burst_metadata: list[tuple[tuple[str, str], ...]],
@@ -140,10 +159,19 @@ async def run_burst(
     light_target: str | None = None,
     streams: int = 3000,
     quiet: bool = False,
+    by_address: bool = False,
 ) -> dict[str, Any]:
     """The burst (`streams` over the callers' own connections, from its own process: this
     module's main) beside the light caller (on the caller's loop); the figures.
-    `burst_targets` / `light_target`: per-caller addresses (the Envoy relay)."""
+    `burst_targets` / `light_target`: per-caller addresses. `by_address`: each burst
+    caller connects from its own 127.0.0.N (through devtools/relay.py), the light caller
+    from 127.0.0.1: callers told apart by address, as without auth they are."""
+    if by_address and burst_targets is None:
+        async with relayed(proxy_address, len(burst_metadata)) as targets:
+            return await run_burst(
+                proxy_address, burst_metadata, light_metadata, burst_targets=targets,
+                light_target=light_target, streams=streams, quiet=quiet,
+            )  # fmt: skip
     callers = len(burst_metadata)
     spec = {
         "targets": burst_targets or [proxy_address] * callers,
@@ -165,7 +193,7 @@ async def run_burst(
         )
         lighter = asyncio.create_task(light_caller(light, light_metadata, stop))
         burster = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.support.burst", json.dumps(spec),
+            sys.executable, "-m", "devtools.burst", json.dumps(spec),
             stdout=asyncio.subprocess.PIPE, cwd=ROOT,
         )  # fmt: skip
         out, _ = await asyncio.wait_for(burster.communicate(), 90)
