@@ -8,21 +8,24 @@ apply, `RetryInfo` (when waiting helps), `QuotaFailure` (which limit was hit) an
 message; the message is for humans and never carries internals (stack traces,
 addresses): those go to the log.
 
-Code raises a `ProxyError` subclass; the error interceptor turns it into the status
-(`abort_with`, or `to_status_proto` for an in-band stream error chunk). Upstream
+Code raises a `ProxyError` subclass; the pipeline's one error frame
+(server/request/pipeline.py, with interceptors/error_handling.py) turns it into the
+status (`abort_with`, or `to_status_proto` for an in-band stream error chunk). Upstream
 failures are mapped onto the same shape by core/upstream_errors.py.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, NoReturn
+from typing import ClassVar, Final, NoReturn
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+
+from aiproxy.core.types import Context, Metadata
 
 DOMAIN: Final = "aiproxy.ai.agent.v1"
 
@@ -40,10 +43,13 @@ RETRY_AFTER_KEY: Final = "retry-after"
 # What a caller is told to wait when the upstreams are unavailable and did not say.
 UNAVAILABLE_RETRY_DELAY_S: Final = 1.0
 
+# What a caller refused with OVERLOADED is told to wait, by the overload gate and by the
+# cap on calls in flight alike (one reason, one delay): long enough for a burst to pass,
+# short enough that a retry (jittered by the client) soon finds room.
+OVERLOADED_RETRY_DELAY_S: Final = 1.0
+
 # An upstream message longer than this is not passed on (see `_safe_upstream_message`).
 MAX_UPSTREAM_MESSAGE_LEN: Final = 200
-
-Metadata = Sequence[tuple[str, str | bytes]]
 
 
 class Reason(enum.StrEnum):
@@ -292,7 +298,7 @@ def to_grpc_status(err: ProxyError) -> grpc.Status:
 
 
 async def abort_with(
-    context: grpc.aio.ServicerContext[Any, Any], err: ProxyError, trailing_metadata: Metadata = ()
+    context: Context, err: ProxyError, trailing_metadata: Metadata = ()
 ) -> NoReturn:
     """End the call with `err`, keeping the trailing metadata already set on `context`.
 

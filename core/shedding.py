@@ -114,9 +114,12 @@ class FairShedder:
             # admitted: many groups dividing a low limit never refuse a light one. Inside
             # a group holding its share, its keys split that share: minting keys (client
             # ids, made-up credentials) buys nothing.
-            if held >= self.min_share and held + 1 > group_share:
-                if self._keys.get(_qualified(group, key), 0) + 1 > key_share:
-                    return OVER_SHARE
+            if (
+                held >= self.min_share
+                and held + 1 > group_share
+                and self._keys.get(_qualified(group, key), 0) + 1 > key_share
+            ):
+                return OVER_SHARE
         self._take(group, key)
         return Ticket(self, group, key)
 

@@ -1,6 +1,6 @@
 """The pipeline's first step: refuse new API calls at once while the proxy is full.
 
-Why a gate before everything else (issue 13, item 5): grpc.aio takes new calls from
+Why a gate before everything else: grpc.aio takes new calls from
 grpc-core one at a time, on the event loop, a few loop iterations per call. Every call it
 takes then runs the whole pipeline before the limiter in interceptors/limits.py
 can refuse it, and while the loop is busy with that, the next callers wait in grpc-core's
@@ -12,7 +12,7 @@ ever reaching the proxy's code.
 This gate makes a refusal as cheap as it can be, so the loop drains that queue fast:
 when the calls being forwarded (`active()`) reach the current limit, a new API call is
 answered RESOURCE_EXHAUSTED (ErrorInfo OVERLOADED, RetryInfo) with a prebuilt status,
-before the request is decoded or a CallInfo exists (server/pipeline.py runs `check`
+before the request is decoded or a CallInfo exists (server/request/pipeline.py runs `check`
 first, on the raw request bytes).
 interceptors/limits.py keeps its exact, lease-based cap further in; this one reads a
 counter the forwarder keeps anyway, so admitted calls pay nothing for it.
@@ -23,7 +23,7 @@ backs grpc-core's queue up with only a few dozen streams open, and the active co
 never reaches any sane ceiling. Nor can the loop's lag: it stays at a few ms while the
 queue grows, because the loop is not slow, it only takes one call per few iterations
 (grpc/grpc#43436 works on that main loop's throughput). So the proxy measures the wait
-itself (server/backlog.py: a probe call to its own listener that queues like any other
+itself (server/pool/backlog.py: a probe call to its own listener that queues like any other
 new call) and the limit follows it, AIMD as TCP and Netflix's concurrency-limits do with
 latency: while the wait is above its target the limit drops below what is open now, so
 new calls are refused cheaply and the queue drains; once the wait is back under the
@@ -43,9 +43,15 @@ from typing import Any, Final
 
 import grpc
 
-from aiproxy.core.errors import Overloaded, to_grpc_status
+from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S, Overloaded, to_grpc_status
 from aiproxy.core.headers import EDGE_SECRET_HEADER
-from aiproxy.core.ratelimit import API_KEY_HEADER, CLIENT_ID_HEADER, hash_api_key, peer_host
+from aiproxy.core.ratelimit import (
+    API_KEY_HEADER,
+    CLIENT_ID_HEADER,
+    hash_api_key,
+    peer_host,
+    peer_ip,
+)
 from aiproxy.core.service import Method
 from aiproxy.core.shedding import (
     BLIND,
@@ -56,11 +62,8 @@ from aiproxy.core.shedding import (
     FairShedder,
     Ticket,
 )
-from aiproxy.interceptors.limits import _as_peer, _peer_ip
-
-# What a refused caller is told to wait: long enough for a burst to pass, short enough
-# that a retry (jittered by the client) soon finds room.
-OVERLOADED_RETRY_DELAY_S: Final = 1.0
+from aiproxy.core.types import Context
+from aiproxy.interceptors.limits import _as_peer
 
 
 class BacklogLimit:
@@ -228,7 +231,7 @@ class CallerIdentity:
         return f"peer:{peer_host(peer)}"
 
     def _from_edge(self, peer: str, headers: dict[str, Any]) -> bool:
-        ip = _peer_ip(peer)
+        ip = peer_ip(peer)
         if ip is None or not any(ip in net for net in self._edges):
             return False
         if not self._edge_secret:
@@ -372,7 +375,7 @@ class GateCheck:
     def gate(self) -> OverloadGate:
         return self._gate
 
-    async def check(self, context: Any, headers: dict[str, Any]) -> Ticket | None:
+    async def check(self, context: Context, headers: dict[str, Any]) -> Ticket | None:
         gate = self._gate
         if gate.probe_token and headers.get(PROBE_HEADER) == gate.probe_token:
             await context.abort(*_PROBE_ANSWER)
@@ -399,7 +402,7 @@ class GateCheck:
         ticket.cred = cred
         return ticket
 
-    async def _refuse(self, context: Any, cause: str, cls: str) -> None:
+    async def _refuse(self, context: Context, cause: str, cls: str) -> None:
         gate = self._gate
         if gate._on_reject is not None:
             gate._on_reject(self._path, cause, cls)

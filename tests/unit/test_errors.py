@@ -534,9 +534,8 @@ async def guarded() -> AsyncIterator[grpc.aio.Channel]:
     that fails in every way, and beside it a service with a request stream, registered
     as health and reflection are (interceptors/error_handling.SafeGenericHandler)."""
     from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
-    from aiproxy.core.service import agent_service
     from aiproxy.interceptors.error_handling import SafeGenericHandler
-    from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
+    from tests.support.pipeline import channel_for
 
     class Failing:
         async def Generate(
@@ -576,16 +575,8 @@ async def guarded() -> AsyncIterator[grpc.aio.Channel]:
             ),
         },
     )
-    server = grpc.aio.server()
-    Pipeline(agent_service(), [], ServicerTerminal(Failing())).register(server)
-    server.add_generic_rpc_handlers((SafeGenericHandler(beside),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            yield ch
-    finally:
-        await server.stop(None)
+    async with channel_for(Failing(), beside=[SafeGenericHandler(beside)]) as ch:
+        yield ch
 
 
 # Field 1 length-delimited, length 100, then 3 bytes: not a message.

@@ -168,7 +168,9 @@ def test_address_ranges_get_their_class_and_a_header_never_does() -> None:
     ident = CallerIdentity(caller_classes={"cidr:10.2.0.0/16": "interactive"})
     assert ident({}, "ipv4:10.2.3.4:1")[3] == "interactive"
     assert ident({}, "ipv4:10.3.3.4:1")[3] is None
-    assert ident({"x-aiproxy-class": "interactive", "x-priority": "0"}, "ipv4:10.3.3.4:1")[3] is None
+    assert (
+        ident({"x-aiproxy-class": "interactive", "x-priority": "0"}, "ipv4:10.3.3.4:1")[3] is None
+    )
 
 
 # ---- FirstChunkEstimate ----------------------------------------------------------------------
@@ -198,5 +200,10 @@ def test_overload_settings_refuse_unknown_classes_and_bad_keys() -> None:
         Settings(overload={"callers": {"ip:1.2.3.4": "batch"}})
     with pytest.raises(ValueError, match="has no method"):
         Settings(overload={"methods": {"Nope": "batch"}})
-    s = Settings(overload={"methods": {"BatchGenerate": "batch"}, "callers": {"cidr:10.0.0.0/8": "interactive"}})
+    s = Settings(
+        overload={
+            "methods": {"BatchGenerate": "batch"},
+            "callers": {"cidr:10.0.0.0/8": "interactive"},
+        }
+    )
     assert s.overload.policy == "fair"
