@@ -3,7 +3,7 @@ bench/run.py's burst row).
 
 Run as `python -m devtools.burst SPEC_JSON`; prints one JSON line with every stream's
 outcome. SPEC: {"targets": [address per caller], "metadata": [[[k, v], ...] per caller],
-"streams": N, "max_tokens": M, "timeout_s": T}. Stream i goes to caller i % callers, each
+"streams": N, "max_tokens": M, "timeout_s": T, "rate_per_s": R (0: all at once)}. Stream i goes to caller i % callers, each
 caller on its own connection. Its own process so the callers' client work (3,000 streams)
 does not slow the loop of whoever measures the light caller beside it.
 
@@ -84,13 +84,16 @@ async def burst(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 30) for c in channels))
         stubs = [pb_grpc.AgentServiceStub(c) for c in channels]
         timeout_s = float(spec.get("timeout_s", 60))
+        rate = float(spec.get("rate_per_s", 0))
+        t0 = time.monotonic()
+
+        async def paced(i: int) -> dict[str, Any]:
+            if rate:  # stream i starts at i / rate (0: all at once)
+                await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+            return await one_stream(stubs[i % callers], request, metadata[i % callers], timeout_s)
+
         started = time.time()
-        results = await asyncio.gather(
-            *(
-                one_stream(stubs[i % callers], request, metadata[i % callers], timeout_s)
-                for i in range(int(spec["streams"]))
-            )
-        )
+        results = await asyncio.gather(*(paced(i) for i in range(int(spec["streams"]))))
         ended = time.time()
     finally:
         await asyncio.gather(*(c.close() for c in channels))
@@ -160,6 +163,7 @@ async def run_burst(
     streams: int = 3000,
     quiet: bool = False,
     by_address: bool = False,
+    rate_per_s: float = 0.0,
 ) -> dict[str, Any]:
     """The burst (`streams` over the callers' own connections, from its own process: this
     module's main) beside the light caller (on the caller's loop); the figures.
@@ -171,12 +175,14 @@ async def run_burst(
             return await run_burst(
                 proxy_address, burst_metadata, light_metadata, burst_targets=targets,
                 light_target=light_target, streams=streams, quiet=quiet,
+                rate_per_s=rate_per_s,
             )  # fmt: skip
     callers = len(burst_metadata)
     spec = {
         "targets": burst_targets or [proxy_address] * callers,
         "metadata": [list(md) for md in burst_metadata],
         "streams": streams,
+        "rate_per_s": rate_per_s,
         "max_tokens": 20,
         "timeout_s": 60,
     }

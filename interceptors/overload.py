@@ -305,7 +305,7 @@ class OverloadGate:
         self.fair = policy == "fair"
         # The adaptive limit never passes capacity x (1 - reserve): the rest is for callers
         # under their share and classes that shed later.
-        self.top = max(1, int(capacity * (1.0 - reserve))) if self.fair else capacity
+        self.top = max(1, round(capacity * (1.0 - reserve))) if self.fair else capacity
         self.identity = identity if identity is not None else CallerIdentity()
         self.sheds_at = classes if classes is not None else {DEFAULT_CLASS: 1.0}
         self._method_classes = method_classes or {}

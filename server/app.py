@@ -192,7 +192,7 @@ class ProxyServer:
         s = self.settings.server
         o = self.settings.overload
         fair = o.policy == "fair"
-        top = max(1, int(capacity * (1 - o.reserve))) if fair else capacity
+        top = max(1, round(capacity * (1 - o.reserve))) if fair else capacity
         # The probe calls the plaintext listener; with TLS the gate keeps its fixed limit.
         if s.overload_wait_target_ms and not self.settings.tls.server.enabled:
             self._backlog_limit = BacklogLimit(
