@@ -111,7 +111,10 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def light_caller(
-    channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...], stop: asyncio.Event
+    channel: grpc.aio.Channel,
+    metadata: tuple[tuple[str, str], ...],
+    stop: asyncio.Event,
+    request: pb.GenerateRequest = LIGHT_REQUEST,
 ) -> list[dict]:
     """One Generate every LIGHT_EVERY_S (started on a clock, not after the last answer)."""
     calls: list[asyncio.Task[dict]] = []
@@ -119,9 +122,7 @@ async def light_caller(
     async def one() -> dict:
         started, at = time.monotonic(), time.time()
         try:
-            await pb_grpc.AgentServiceStub(channel).Generate(
-                LIGHT_REQUEST, metadata=metadata, timeout=10
-            )
+            await pb_grpc.AgentServiceStub(channel).Generate(request, metadata=metadata, timeout=10)
             return {"code": "OK", "s": time.monotonic() - started, "at": at}
         except grpc.aio.AioRpcError as err:
             code, reason, retry = shape(err)
@@ -164,6 +165,8 @@ async def run_burst(
     quiet: bool = False,
     by_address: bool = False,
     rate_per_s: float = 0.0,
+    max_tokens: int = 20,
+    light_max_tokens: int = 4,
 ) -> dict[str, Any]:
     """The burst (`streams` over the callers' own connections, from its own process: this
     module's main) beside the light caller (on the caller's loop); the figures.
@@ -175,7 +178,8 @@ async def run_burst(
             return await run_burst(
                 proxy_address, burst_metadata, light_metadata, burst_targets=targets,
                 light_target=light_target, streams=streams, quiet=quiet,
-                rate_per_s=rate_per_s,
+                rate_per_s=rate_per_s, max_tokens=max_tokens,
+                light_max_tokens=light_max_tokens,
             )  # fmt: skip
     callers = len(burst_metadata)
     spec = {
@@ -183,7 +187,7 @@ async def run_burst(
         "metadata": [list(md) for md in burst_metadata],
         "streams": streams,
         "rate_per_s": rate_per_s,
-        "max_tokens": 20,
+        "max_tokens": max_tokens,
         "timeout_s": 60,
     }
     light = grpc.aio.insecure_channel(
@@ -194,15 +198,19 @@ async def run_burst(
     try:
         await asyncio.wait_for(light.channel_ready(), 30)
         # The light caller is already calling when the burst comes.
-        await pb_grpc.AgentServiceStub(light).Generate(
-            LIGHT_REQUEST, metadata=light_metadata, timeout=10
+        light_request = pb.GenerateRequest(
+            prompt="light", options=pb.GenerationOptions(max_tokens=light_max_tokens)
         )
-        lighter = asyncio.create_task(light_caller(light, light_metadata, stop))
+        await pb_grpc.AgentServiceStub(light).Generate(
+            light_request, metadata=light_metadata, timeout=10
+        )
+        lighter = asyncio.create_task(light_caller(light, light_metadata, stop, light_request))
         burster = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "devtools.burst", json.dumps(spec),
             stdout=asyncio.subprocess.PIPE, cwd=ROOT,
         )  # fmt: skip
-        out, _ = await asyncio.wait_for(burster.communicate(), 90)
+        paced_s = streams / rate_per_s if rate_per_s else 0.0
+        out, _ = await asyncio.wait_for(burster.communicate(), 90 + paced_s)
         stop.set()
         light_results = await asyncio.wait_for(lighter, 30)
     finally:

@@ -9,13 +9,20 @@ queued for many seconds, and the calls grpc-core held past
 `grpc.server_max_unrequested_time_in_server` (30 s by default) were CANCELLED without
 ever reaching the proxy's code.
 
-This gate makes a refusal as cheap as it can be, so the loop drains that queue fast:
-when the calls being forwarded (`active()`) reach the current limit, a new API call is
-answered RESOURCE_EXHAUSTED (ErrorInfo OVERLOADED, RetryInfo) with a prebuilt status,
-before the request is decoded or a CallInfo exists (server/request/pipeline.py runs `check`
-first, on the raw request bytes).
-interceptors/limits.py keeps its exact, lease-based cap further in; this one reads a
-counter the forwarder keeps anyway, so admitted calls pay nothing for it.
+This gate makes a refusal as cheap as it can be, so the loop drains that queue fast: it
+runs on the caller's metadata alone, before the request message is read or decoded or a
+CallInfo exists (server/request/pipeline.py runs `check` first), and answers
+RESOURCE_EXHAUSTED (ErrorInfo OVERLOADED with its `cause`, RetryInfo) with a prebuilt
+status. interceptors/limits.py keeps its exact, lease-based cap further in.
+
+WHOM it refuses (issue 23; docs/overload.md): with `policy="fair"` the gate counts the
+calls it admitted per caller (core/shedding.py: groups are verified identities and
+addresses, keys inside an address are client ids and unverified credentials; who is
+who: `CallerIdentity`), and past the limit refuses only callers holding their fair share
+or more; priority classes come from the operator's configuration only. A stream whose
+deadline ends before streams lately took to their first chunk (`FirstChunkEstimate`)
+is refused at the door (`deadline`). `policy="blind"` is the gate as it was: every new
+call past the limit is refused, whoever sends it.
 
 The limit is `capacity` (a fixed ceiling) lowered by `BacklogLimit` while new calls
 wait too long to be taken. A fixed number alone cannot tell: a burst of short streams
@@ -23,8 +30,9 @@ backs grpc-core's queue up with only a few dozen streams open, and the active co
 never reaches any sane ceiling. Nor can the loop's lag: it stays at a few ms while the
 queue grows, because the loop is not slow, it only takes one call per few iterations
 (grpc/grpc#43436 works on that main loop's throughput). So the proxy measures the wait
-itself (server/pool/backlog.py: a probe call to its own listener that queues like any other
-new call) and the limit follows it, AIMD as TCP and Netflix's concurrency-limits do with
+itself (server/pool/backlog.py: a probe call to its own listener, on each API method that
+takes calls since each registered method has its own queue in grpc-core; the gate
+answers it first thing) and the limit follows the longest, AIMD as TCP and Netflix's concurrency-limits do with
 latency: while the wait is above its target the limit drops below what is open now, so
 new calls are refused cheaply and the queue drains; once the wait is back under the
 target the limit climbs again. A floor keeps the proxy serving whatever happens.

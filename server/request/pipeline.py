@@ -133,9 +133,6 @@ class Pipeline:
         # (a light caller's Generate is taken beside 3,000 queued StreamGenerate).
         server.add_registered_method_handlers(self.service.name, self.handlers)
 
-    def generic_handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(self.service.name, self.handlers)
-
 
 async def _read_one(context: Context) -> bytes:
     """The call's request message (see the module docstring: why not grpc's own read)."""
