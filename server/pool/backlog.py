@@ -89,7 +89,8 @@ class BacklogProbe:
         clock, taken = self._clock, self._taken
         # No serializers: the probe sends and expects raw bytes.
         probe: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
-        seen = -1
+        # A method is probed once it takes calls (without `taken`: always).
+        seen = taken.get(path, 0) if taken is not None else -1
         while True:
             count = taken.get(path, 0) if taken is not None else 0
             if taken is None or count != seen or self._last[path] > self.interval_s:

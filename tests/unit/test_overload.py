@@ -339,5 +339,5 @@ async def test_probe_only_methods_that_take_calls() -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await server.stop(None)
-    # Each path once at the start; then only the one that keeps taking calls.
-    assert sent.count("/a.S/Idle") == 1 and sent.count("/a.S/Busy") > 3
+    # Only the method that takes calls is probed.
+    assert sent.count("/a.S/Idle") == 0 and sent.count("/a.S/Busy") > 3
