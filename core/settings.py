@@ -122,7 +122,7 @@ class OverloadSettings(_Section):
     reserve: float = Field(default=0.1, ge=0, lt=1)
     # Past the limit, a caller holding fewer calls than this is admitted whatever its share
     # (up to max_active_calls): many callers dividing a low limit never refuse a light one.
-    min_share: int = Field(default=4, ge=1)
+    min_share: int = Field(default=2, ge=1)
     # Classes, most important first (health, reflection and admin never meet the gate).
     classes: list[ShedClassSettings] = Field(default_factory=_default_shed_classes, min_length=1)
     # Operator-marked callers -> class: "apikey:<auth.api_keys name>", "sub:<JWT subject>",

@@ -133,7 +133,12 @@ def _cred_id(credential: str) -> str:
 class FirstChunkEstimate:
     """How long admitted streams recently took from the gate to their first chunk: the
     90th percentile of the last `size` samples younger than `horizon_s` (0 when there are
-    fewer than `min_samples`): an idle proxy forgets a slow minute."""
+    fewer than `min_samples`): an idle proxy forgets a slow minute.
+
+    `excess()` is what the gate's limit follows besides the queue wait: how far the recent
+    p90 is above twice a slow-moving floor of the median (the model's own time to first
+    token, whatever it is: a slow model is not an overloaded proxy, a proxy whose streams
+    start twice as slow as they usually do is)."""
 
     def __init__(
         self,
@@ -148,6 +153,7 @@ class FirstChunkEstimate:
         self._next = 0
         self._cached = 0.0
         self._stale = True
+        self.floor = 0.0  # the median's floor: drops at once, climbs 2 % per estimate
 
     def sample(self, seconds: float) -> None:
         entry = (self._clock(), seconds)
@@ -162,9 +168,22 @@ class FirstChunkEstimate:
         if self._stale:
             horizon = self._clock() - self._horizon_s
             fresh = sorted(s for at, s in self._samples if at >= horizon)
-            self._cached = fresh[int(0.9 * (len(fresh) - 1))] if len(fresh) >= self._min else 0.0
+            if len(fresh) >= self._min:
+                self._cached = fresh[int(0.9 * (len(fresh) - 1))]
+                median = fresh[len(fresh) // 2]
+                floor = self.floor
+                self.floor = (
+                    median if not floor or median < floor else floor + 0.02 * (median - floor)
+                )
+            else:
+                self._cached = 0.0
             self._stale = False
         return self._cached
+
+    def excess(self) -> float:
+        """Seconds the recent p90 is above twice the median's floor (0: not above)."""
+        p90 = self.p90()
+        return max(0.0, p90 - 2 * self.floor) if p90 else 0.0
 
 
 class CallerIdentity:

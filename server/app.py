@@ -277,8 +277,13 @@ class ProxyServer:
         self.telemetry.proxy.queue_wait.set_function(probe.delay)
         self._background = [
             asyncio.create_task(probe.run(), name="backlog-probe"),
+            # What callers feel: the longest queue wait, or how far streams' recent
+            # first chunks are above their usual (interceptors/overload.FirstChunkEstimate).
             asyncio.create_task(
-                limit.run(probe.delay, lambda: max(forwarder.active, gate.shedder.in_flight)),
+                limit.run(
+                    lambda: max(probe.delay(), gate.first_chunk.excess()),
+                    lambda: max(forwarder.active, gate.shedder.in_flight),
+                ),
                 name="backlog-limit",
             ),
         ]

@@ -207,3 +207,17 @@ def test_overload_settings_refuse_unknown_classes_and_bad_keys() -> None:
         }
     )
     assert s.overload.policy == "fair"
+
+
+def test_first_chunk_excess_is_measured_against_the_usual_not_an_absolute() -> None:
+    slow_model = FirstChunkEstimate(size=20, min_samples=5, clock=lambda: 0.0)
+    for _ in range(20):
+        slow_model.sample(2.0)  # a model that takes 2 s to its first token
+    assert slow_model.excess() == 0.0
+    proxy = FirstChunkEstimate(size=20, min_samples=5, clock=lambda: 0.0)
+    for _ in range(20):
+        proxy.sample(0.05)
+    assert proxy.excess() == 0.0 and proxy.floor == 0.05
+    for _ in range(20):
+        proxy.sample(1.0)  # the same streams now start 20x slower: the proxy is behind
+    assert proxy.excess() > 0.25
