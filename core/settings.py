@@ -123,6 +123,11 @@ class OverloadSettings(_Section):
     # Past the limit, a caller holding fewer calls than this is admitted whatever its share
     # (up to max_active_calls): many callers dividing a low limit never refuse a light one.
     min_share: int = Field(default=2, ge=1)
+    # While a method's new calls wait longer than this to be taken, its calls past the
+    # limit are refused whoever sends them (cause "queue"; CoDel's idea): those calls
+    # already waited, and the queue must drain before grpc-core cancels what it holds
+    # (30 s). Other methods' queues keep fair shedding. 0 = never.
+    distress_wait_ms: float = Field(default=1000.0, ge=0)
     # Classes, most important first (health, reflection and admin never meet the gate).
     classes: list[ShedClassSettings] = Field(default_factory=_default_shed_classes, min_length=1)
     # Operator-marked callers -> class: "apikey:<auth.api_keys name>", "sub:<JWT subject>",

@@ -40,6 +40,7 @@ DEFAULT_CLASS: Final = "default"
 OVER_SHARE: Final = "over_share"  # past the limit, and this caller holds its share or more
 FULL: Final = "full"  # the hard ceiling: nobody is admitted
 DEADLINE: Final = "deadline"  # its deadline ends before a first chunk could come
+QUEUE: Final = "queue"  # past the limit while its method's queue is long: no exemptions
 BLIND: Final = "limit"  # the old blind gate (server.overload_policy: blind)
 
 
@@ -101,13 +102,19 @@ class FairShedder:
         keys = self._keys_in.get(group, 0) + (_qualified(group, key) not in self._keys)
         return group_share, group_share / keys
 
-    def admit(self, group: str, key: str, sheds_at: float = 1.0, busy: int = 0) -> Ticket | str:
-        """A Ticket, or the cause of the refusal (OVER_SHARE, FULL). `busy`: calls in
-        flight as someone else counts them, when that is more (the forwarder's)."""
+    def admit(
+        self, group: str, key: str, sheds_at: float = 1.0, busy: int = 0, strict: bool = False
+    ) -> Ticket | str:
+        """A Ticket, or the cause of the refusal (OVER_SHARE, FULL, QUEUE). `busy`: calls in
+        flight as someone else counts them, when that is more (the forwarder's). `strict`:
+        the call's queue is in distress (CoDel's idea: calls that waited that long are
+        refused until it drains), past the limit nobody is admitted."""
         n = max(self.in_flight, busy)
         if n >= self.ceiling:
             return FULL
         if n >= self.limit * sheds_at:
+            if strict:
+                return QUEUE
             held = self._groups.get(group, 0)
             group_share, key_share = self.share(group, key, sheds_at)
             # A group holding fewer than `min_share` calls, or less than its share, is

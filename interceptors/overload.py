@@ -67,6 +67,7 @@ from aiproxy.core.shedding import (
     DEFAULT_CLASS,
     FULL,
     OVER_SHARE,
+    QUEUE,
     FairShedder,
     Ticket,
 )
@@ -323,6 +324,7 @@ class OverloadGate:
         refuse_doomed_streams: bool = True,
         probe_token: str = "",
         min_share: int = 1,
+        distress_s: float = 0.0,
     ) -> None:
         self._active = active
         self.capacity = capacity
@@ -341,8 +343,12 @@ class OverloadGate:
         self.shedder = FairShedder(capacity, self.top, min_share)
         self.first_chunk = FirstChunkEstimate()
         self.taken: dict[str, int] = {}  # calls that reached the gate, per method path
+        # A method's queue wait (the probe's, server/pool/backlog.py) and the wait past
+        # which its calls get no exemption past the limit (0: never).
+        self.queue_wait: Callable[[str], float] | None = None
+        self.distress_s = distress_s
         self.refusals = {
-            cause: _refusal(capacity, cause) for cause in (BLIND, OVER_SHARE, FULL, DEADLINE)
+            cause: _refusal(capacity, cause) for cause in (BLIND, OVER_SHARE, FULL, DEADLINE, QUEUE)
         }
         self.refusal = self.refusals[BLIND]
 
@@ -377,6 +383,8 @@ def _refusal(capacity: int, cause: str) -> tuple[Any, str, tuple[Any, ...]]:
         if cause in (BLIND, FULL)
         else "the proxy is shedding load from the callers using the most; retry after the delay in RetryInfo"
         if cause == OVER_SHARE
+        else "the proxy's queue for this method is long; retry after the delay in RetryInfo"
+        if cause == QUEUE
         else "the proxy cannot start this stream before its deadline; retry after the delay in RetryInfo"
     )
     metadata = {"limit": str(capacity)}
@@ -415,7 +423,9 @@ class GateCheck:
         cls = caller_class or self._class
         shedder = gate.shedder
         shedder.limit = gate.limit()
-        ticket = shedder.admit(group, key, gate.sheds_at.get(cls, 1.0), gate._active())
+        wait = gate.queue_wait
+        strict = bool(wait and gate.distress_s and wait(self._path) > gate.distress_s)
+        ticket = shedder.admit(group, key, gate.sheds_at.get(cls, 1.0), gate._active(), strict)
         if isinstance(ticket, str):
             await self._refuse(context, ticket, cls)
             raise AssertionError("unreachable: abort raises")  # pragma: no cover

@@ -224,6 +224,7 @@ class ProxyServer:
             refuse_doomed_streams=o.refuse_doomed_streams,
             probe_token=secrets.token_hex(16),
             min_share=o.min_share,
+            distress_s=o.distress_wait_ms / 1000,
         )
         metrics.overload_limit.set_function(gate.limit)
         metrics.overload_in_flight.set_function(lambda: gate.shedder.in_flight)
@@ -274,6 +275,7 @@ class ProxyServer:
             metadata=((PROBE_HEADER, gate.probe_token),),
         )
         forwarder = self.forwarder
+        gate.queue_wait = probe.wait
         self.telemetry.proxy.queue_wait.set_function(probe.delay)
         self._background = [
             asyncio.create_task(probe.run(), name="backlog-probe"),

@@ -70,6 +70,12 @@ class BacklogProbe:
         if value is not None:
             self._sent[self._paths[0]] = value
 
+    def wait(self, path: str) -> float:
+        """One method's wait: its last probe's, or the age of the one out now if longer."""
+        sent = self._sent.get(path)
+        last = self._last.get(path, 0.0)
+        return last if sent is None else max(last, self._clock() - sent)
+
     def delay(self) -> float:
         """The longest wait: of the last probes, or the age of one out now if longer."""
         delay = self.last_s

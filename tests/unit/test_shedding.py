@@ -221,3 +221,10 @@ def test_first_chunk_excess_is_measured_against_the_usual_not_an_absolute() -> N
     for _ in range(20):
         proxy.sample(1.0)  # the same streams now start 20x slower: the proxy is behind
     assert proxy.excess() > 0.25
+
+
+def test_a_queue_in_distress_gets_no_exemption_past_the_limit() -> None:
+    shedder = FairShedder(ceiling=100, limit=10, min_share=2)
+    fill(shedder, "peer:heavy", "", 10)
+    assert isinstance(shedder.admit("peer:light", ""), Ticket)  # exempt: holds nothing
+    assert shedder.admit("peer:light", "", strict=True) == "queue"
