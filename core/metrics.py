@@ -109,7 +109,8 @@ class ProxyMetrics:
         self.overload_refusals = Counter(
             "ai_proxy_overload_refusals_total",
             "Calls the overload gate refused, by method, cause (over_share: past the limit and "
-            "holding its fair share or more; full: at server.max_active_calls; deadline: its "
+            "holding its fair share or more; queue: past the limit while the method's queue is "
+            "long; full: at server.max_active_calls; deadline: its "
             "deadline ends before a first chunk could come; limit: the blind policy) and the "
             "caller's class (overload.classes).",
             ["method", "cause", "caller_class"],
