@@ -3,6 +3,7 @@
 #   make test   everything CI runs: `make lint`, then the whole pytest suite
 #   make lint   buf lint + buf breaking, ruff (check, format), mypy, import-linter contracts
 #   make unit   the unit tests only (seconds; no processes, no Envoy)
+#   make docs   regenerate docs/configuration.md's reference and config.example.yaml
 # Each target creates .venv, installs the package and its tools, and generates the stubs.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 BUF    := build/tools/node_modules/.bin/buf
 
-.PHONY: demo test unit lint lint-proto lint-py typecheck lint-imports gen install system-deps \
+.PHONY: demo test unit lint lint-proto lint-py typecheck lint-imports gen docs install system-deps node-deps \
 	clean bench bench-quick bench-deps
 
 $(STAMP): pyproject.toml
@@ -26,8 +27,25 @@ install: $(STAMP)
 gen: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
+# The configuration reference (docs/configuration.md) and config.example.yaml, generated
+# from the descriptions in core/settings.py; tests/unit/test_config_docs.py fails when the
+# committed files are stale.
+docs: gen
+	$(BIN)/python scripts/gen_config_docs.py
+
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix build/tools @bufbuild/buf
+
+# npm packages the tests drive, beside buf in build/tools: @connectrpc/connect-node (its
+# gRPC-Web and Connect transports) and @bufbuild/protobuf (a registry read from the
+# descriptor set, no generated code) for tests/integration/test_connect_clients.py.
+# Major versions pinned: the test reads their error classes and details.
+CONNECT_NPM := build/tools/node_modules/@connectrpc/connect-node/package.json
+$(CONNECT_NPM):
+	npm install --silent --no-audit --no-fund --prefix build/tools \
+	  @connectrpc/connect@2 @connectrpc/connect-node@2 @bufbuild/protobuf@2
+
+node-deps: $(CONNECT_NPM)
 
 # Each check is its own target (`make typecheck`, ...); `make -k lint` runs them all even
 # after one fails.
@@ -79,7 +97,7 @@ demo: gen
 # processes under load, so they run alone). Exit 5 (nothing selected, e.g. PYTEST_ARGS
 # names a file with no chaos test) is not a failure of that pass.
 PYTEST_WORKERS ?= 2
-test: lint system-deps
+test: lint system-deps node-deps
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not chaos and not serial" $(PYTEST_ARGS) \
 	  || [ $$? -eq 5 ]
 	$(BIN)/python -m pytest -m "chaos or serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
