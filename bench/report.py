@@ -691,6 +691,18 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
                 w(f"| `{row['function']}` | {row['share'] * 100:.1f} % |")
         w("")
 
+    if "burst" in sc:
+        from bench.burst import format_rows
+
+        b = sc["burst"]
+        w(f"## Burst: {b['streams']} streams from {b['callers']} callers beside a light caller\n")
+        w("The old blind gate and the fair one (overload.policy), same run, same agent "
+          "(bench/burst.py). First chunk and refusal latency are those of admitted / refused "
+          "streams as the burst's own (loaded) client sees them; the light caller sends one "
+          "Generate every 100 ms from its own process.\n")  # fmt: skip
+        for line in format_rows(b):
+            w(line)
+        w("")
     if png_name:
         w(f"![throughput and latency]({png_name})\n")
     if results.get("notes"):
