@@ -54,6 +54,8 @@ is even chosen, for EVERY call: the API, health, reflection, admin), in this ord
                                  the access log, and its abort should use
                                  aiproxy.core.errors.abort_with to be shaped like ours
                                  (google.rpc.Status + ErrorInfo; interceptors/examples/).
+                                 They see the overload gate's probes of the listener too
+                                 (x-aiproxy-probe), which they should let through.
 With neither, the server is built with no interceptor at all: the composed pipeline's
 speed is untouched for deployments that add none.
 

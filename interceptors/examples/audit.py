@@ -8,6 +8,8 @@ stages do not use it (server/chain.py: they are bound once per method into one h
 one generator frame per chunk, where the package adds one per interceptor per chunk).
 
 What it does, to show each thing such an interceptor must get right:
+- lets the overload gate's own probe calls (`x-aiproxy-probe`) through untouched: a
+  server interceptor sees every call that reaches the listener, those included;
 - logs one `audit_call` line per call when it ENDS (streams included: the response
   iterator is wrapped, so the whole stream is inside, with its message count), for every
   service (API, health, reflection, admin);
@@ -31,6 +33,7 @@ from grpc_interceptor import AsyncServerInterceptor
 
 from aiproxy.core.errors import PermissionDenied, abort_with
 from aiproxy.core.logs import log_event
+from aiproxy.interceptors.overload import PROBE_HEADER
 
 log = logging.getLogger("aiproxy.example.audit")
 
@@ -52,9 +55,12 @@ class CallAudit(AsyncServerInterceptor):
         method_name: str,
     ) -> Any:
         started = time.monotonic()
-        tenant = next(
-            (str(v) for k, v in (context.invocation_metadata() or ()) if k == "x-tenant"), ""
-        )
+        metadata = context.invocation_metadata() or ()
+        if any(k == PROBE_HEADER for k, _ in metadata):
+            # The overload gate's own probe of the listener's queues (interceptors/
+            # overload.py): not a caller's call; let it through untouched.
+            return await _passthrough(method, request_or_iterator, context)
+        tenant = next((str(v) for k, v in metadata if k == "x-tenant"), "")
         if tenant and tenant in self.denied:
             _audit(method_name, tenant, started, "PERMISSION_DENIED", 0)
             await abort_with(context, PermissionDenied(f"tenant {tenant!r} is not allowed"))
@@ -86,6 +92,11 @@ class CallAudit(AsyncServerInterceptor):
             outcome = "OK"
         finally:
             _audit(method_name, tenant, started, _code(context, outcome), count)
+
+
+async def _passthrough(method: Callable[..., Any], request: Any, context: Any) -> Any:
+    result = method(request, context)
+    return result if hasattr(result, "__aiter__") else await result
 
 
 def _code(context: grpc.aio.ServicerContext[Any, Any], default: str) -> str:
