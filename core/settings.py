@@ -90,6 +90,23 @@ class ServerSettings(_Section):
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
 
+class AffinitySettings(_Section):
+    """Routing that follows the conversation (server/pool/balancer.py; README: Sessions).
+    A call with a key (its `session_id`, or the caller's `x-aiproxy-affinity` header),
+    scoped by the caller's verified identity, goes to the key's first choice among the
+    usable endpoints by rendezvous hashing; the same key, the same replica, from every
+    proxy process that sees the same endpoints. Calls without a key: P2C."""
+
+    enabled: bool = True
+    # Bounded load: an endpoint with more calls in flight than load_factor x the mean
+    # (over the usable endpoints, counting this call) takes no more keyed calls; they
+    # spill to the key's next choice.
+    load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
+    # ...but an endpoint with fewer calls in flight than this never spills: at a handful
+    # of calls, evening the load out is not worth a conversation's cached prefix.
+    min_spill_in_flight: int = Field(default=8, ge=1)
+
+
 class UpstreamSettings(_Section):
     """The agent replicas the proxy forwards to."""
 
@@ -116,6 +133,8 @@ class UpstreamSettings(_Section):
     drop_metadata: list[str] = Field(
         default_factory=lambda: ["authorization", "cookie", "x-api-key"]
     )
+    # Which replica takes a session's calls (and calls naming x-aiproxy-affinity).
+    affinity: AffinitySettings = Field(default_factory=AffinitySettings)
 
     @field_validator("endpoints")
     @classmethod

@@ -7,6 +7,14 @@ came (never re-serialized) and its metadata (minus transport and credential head
 read once into CallInfo) with the request id, give the upstream call what is left of
 the call's effective deadline, and relay the answer.
 
+A call with an affinity key goes where its key says (server/pool/balancer.py: rendezvous
+hashing with bounded loads), the others by P2C. The key is the request's `session_id`
+(methods whose request has one: Chat, StreamChat, the session API), else the caller's
+`x-aiproxy-affinity` header, in the caller's scope: its verified identity with auth on
+(the same `sub:` / `key:` that scopes its sessions in the agent), "anonymous" without.
+It is read here, from the message the pipeline already decoded: one attribute read and
+one dict look-up per call, and a hash only for calls that have a key.
+
 Retries live here, at the pool level, because the next attempt must be able to go to
 another endpoint (a channel's own interceptors only ever see one endpoint). They follow
 interceptors/retry.py's policy: unary calls, and streams before their first chunk has
@@ -25,11 +33,17 @@ import grpc
 
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.errors import CircuitOpen, DeadlineExceeded
-from aiproxy.core.headers import COALESCE_HEADER, PROXY_ONLY_METADATA, PROXY_PREFIX
+from aiproxy.core.headers import (
+    AFFINITY_HEADER,
+    COALESCE_HEADER,
+    PROXY_ONLY_METADATA,
+    PROXY_PREFIX,
+)
 from aiproxy.core.retry import RetryPolicy
 from aiproxy.core.service import Method, agent_service
 from aiproxy.core.settings import Settings
 from aiproxy.interceptors.deadline import Deadline
+from aiproxy.server.pool.balancer import key_hash
 from aiproxy.server.pool.endpoint import Endpoint
 from aiproxy.server.pool.pool import UpstreamPool
 from aiproxy.server.request.streaming import StreamPump
@@ -66,6 +80,11 @@ _HOP_METADATA = frozenset(
 _NEVER_FORWARDED_PREFIXES = (":", PROXY_PREFIX)
 
 T = TypeVar("T")
+# The scope of every call without a verified identity (auth off): its session ids and
+# affinity keys are shared by every such caller.
+ANONYMOUS_SCOPE = "anonymous"
+# The request field that names a conversation.
+SESSION_FIELD = "session_id"
 # An upstream DEADLINE_EXCEEDED this close to the call's own deadline is grpc's local
 # deadline (the `timeout=` each attempt carries), i.e. the call's deadline passed.
 _DEADLINE_SLACK_S = 0.01
@@ -107,6 +126,10 @@ class Forwarder:
             | PROXY_ONLY_METADATA
             | {k.lower() for k in settings.upstream.drop_metadata}
         )
+        self._affinity = settings.upstream.affinity.enabled
+        # With auth on, every call has a verified identity (the auth stage refuses the
+        # others): its scope. Without, limits may set a `peer:` identity: not a scope.
+        self._scoped = settings.auth.active
         # Calls being forwarded now; drain waits for them, not for health Watch streams.
         self.active = 0
         self._idle = asyncio.Event()
@@ -143,6 +166,25 @@ class Forwarder:
         out.append((REQUEST_ID, call.request_id))
         return out
 
+    def keyed(self, method: Method) -> bool:
+        """Whether the method's calls are routed by their session id when they have one."""
+        fields = method.request_cls.DESCRIPTOR.fields_by_name
+        field = fields.get(SESSION_FIELD)
+        return self._affinity and field is not None and field.type == field.TYPE_STRING
+
+    def affinity_key(self, call: CallInfo, request: Any, keyed: bool) -> int | None:
+        """The hash of the call's scoped affinity key (see the module docstring), or None
+        when it has none (or affinity is off): P2C then."""
+        if not self._affinity:
+            return None
+        name = request.session_id if keyed else ""
+        if not name:
+            name = call.header(AFFINITY_HEADER)
+            if not name:
+                return None
+        scope = (call.identity or ANONYMOUS_SCOPE) if self._scoped else ANONYMOUS_SCOPE
+        return key_hash(f"{scope}\x00{name}")
+
     def _deadline(self, context: grpc.aio.ServicerContext, call: CallInfo) -> Deadline | None:
         timeout = call.timeout_s if call.timeout_s is not None else context.time_remaining()
         return None if timeout is None else Deadline.from_timeout(timeout)
@@ -153,6 +195,7 @@ class Forwarder:
         call: CallInfo,
         deadline: Deadline | None,
         attempt_on: Callable[[Endpoint, list[tuple[str, Any]], float | None], Awaitable[T]],
+        key: int | None = None,
     ) -> T:
         """`_with_retries`, ended by the proxy itself with DEADLINE_EXCEEDED when the
         call's effective deadline comes, so the caller gets the shaped error before its
@@ -162,7 +205,7 @@ class Forwarder:
         attempt that grpc ended at that deadline becomes the proxy's own
         DEADLINE_EXCEEDED; picks are synchronous."""
         try:
-            return await self._with_retries(context, call, deadline, attempt_on)
+            return await self._with_retries(context, call, deadline, attempt_on, key)
         except grpc.aio.AioRpcError as exc:
             if (
                 deadline is not None
@@ -179,11 +222,14 @@ class Forwarder:
         call: CallInfo,
         deadline: Deadline | None,
         attempt_on: Callable[[Endpoint, list[tuple[str, Any]], float | None], Awaitable[T]],
+        key: int | None = None,
     ) -> T:
         """Run `attempt_on(endpoint, metadata, timeout)` until it succeeds or may not retry.
 
         A breaker rejection sent nothing upstream, so it moves on to another endpoint
         at once; an upstream failure with a retryable code waits a jittered backoff.
+        With an affinity `key`, each attempt goes to the key's next choice (the first is
+        its replica; a retry goes where its later calls fail over to if it stays down).
         """
         metadata = self._metadata(context, call)
         tried: set[str] = set()
@@ -192,7 +238,10 @@ class Forwarder:
         try:
             while True:
                 attempt += 1
-                endpoint = self._pool.pick(exclude=tried)
+                if key is None:
+                    endpoint = self._pool.pick(exclude=tried)
+                else:
+                    endpoint, call.affinity = self._pool.pick_affine(key, tried)
                 if endpoint is None:
                     raise self._pool.unavailable_error()
                 tried.add(endpoint.address)
@@ -234,6 +283,7 @@ class Forwarder:
 
     def unary(self, method: Method) -> Callable[..., Awaitable[Any]]:
         path, deserialize = method.path, method.response_cls.FromString
+        keyed = self.keyed(method)
 
         async def forward_unary(
             request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
@@ -244,10 +294,11 @@ class Forwarder:
                 # The caller's bytes go upstream as they came.
                 return endpoint.unary(path, deserialize, raw, metadata, timeout)
 
+            key = self.affinity_key(call, request, keyed)
             self._enter()
             try:
                 response = await self._within_deadline(
-                    context, call, self._deadline(context, call), attempt
+                    context, call, self._deadline(context, call), attempt, key
                 )
             finally:
                 self._leave()
@@ -265,6 +316,7 @@ class Forwarder:
         window_ms = settings.coalesce_window_ms_per_method.get(
             method.name, settings.coalesce_window_ms
         )
+        keyed = self.keyed(method)
 
         async def forward_stream(
             request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
@@ -292,10 +344,11 @@ class Forwarder:
                 endpoint.in_flight += 1  # the stream stays open past the attempt
                 return first, chunks, endpoint
 
+            key = self.affinity_key(call, request, keyed)
             self._enter()
             try:
                 first, chunks, endpoint = await self._within_deadline(
-                    context, call, deadline, attempt
+                    context, call, deadline, attempt, key
                 )
             except BaseException:
                 self._leave()
