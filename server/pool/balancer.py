@@ -125,6 +125,7 @@ def pick_affine(
     One pass computes the weights, the load over the usable members and the best
     candidate; the sorted order is only needed when that candidate is at the bound.
     """
+    p = _P
     top: Member | None = None  # the key's first choice, usable or not
     top_w = -1
     best: Member | None = None  # its first usable choice not excluded
@@ -132,13 +133,13 @@ def pick_affine(
     usable = 0
     total = 0
     for m in members:
-        w = (h * m.a + m.b) % _P
+        w = (h * m.a + m.b) % p
         if w > top_w:
             top, top_w = m, w
         if m.usable:
             usable += 1
             total += m.endpoint.in_flight
-            if w > best_w and m.endpoint.address not in exclude:
+            if w > best_w and (not exclude or m.endpoint.address not in exclude):
                 best, best_w = m, w
     if usable == 0:
         return None, FAILOVER
