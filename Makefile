@@ -45,17 +45,17 @@ lint-py: gen
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Strict on the lower layers (pyproject.toml [tool.mypy]); server/, agent/ and the tests
-# are not type-checked yet.
+# Strict on the proxy: core/, interceptors/ and server/ (pyproject.toml [tool.mypy]);
+# agent/ and the tests are not type-checked yet.
 typecheck: gen
-	$(BIN)/mypy -p aiproxy.core -p aiproxy.interceptors
+	$(BIN)/mypy -p aiproxy.core -p aiproxy.interceptors -p aiproxy.server
 
 # The layering contracts in pyproject.toml [tool.importlinter].
 lint-imports: gen
 	$(BIN)/lint-imports
 
 # Debian packages the tests drive for real (headless Chromium, redis-server for the shared
-# limits). Skipped when present.
+# limits, curl for the README's examples). Skipped when present.
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing chromium (Debian) for the browser test"; \
@@ -63,6 +63,9 @@ system-deps:
 	@command -v h2load >/dev/null 2>&1 || { \
 	  echo "installing h2load (Debian nghttp2-client) for the benchmark smoke test"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; }
+	@command -v curl >/dev/null 2>&1 || { \
+	  echo "installing curl (Debian) for the README's examples (tests/integration/test_docs.py)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (Debian) for the shared limits tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }

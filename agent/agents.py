@@ -21,12 +21,12 @@ from typing import Any
 from aiproxy.agent import textgen
 from aiproxy.agent.logs import log_event
 from aiproxy.agent.tools import Tool, ToolError, struct_safe
+from aiproxy.core.contract import MAX_STEPS
 
 log = logging.getLogger("agent.tools")
 
 DEFAULT_MAX_STEPS = 5
-MAX_STEPS_LIMIT = 50
-MAX_TOOLS = 16
+MAX_STEPS_LIMIT = MAX_STEPS  # the contract's (core/contract.py, shared with the proxy)
 
 
 class AgentKind(enum.IntEnum):

@@ -17,7 +17,6 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from aiproxy.agent import faults, textgen
 from aiproxy.agent.agents import (
-    MAX_TOOLS,
     AgentKind,
     AgentRun,
     RunStatus,
@@ -34,11 +33,10 @@ from aiproxy.agent.settings import AgentSettings
 from aiproxy.agent.tools import Tool
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from aiproxy.core.contract import MAX_ID_CHARS, MAX_STOP_SEQUENCES, MAX_TOOLS, TEMPERATURE, TOP_P
 
 Chunk = TypeVar("Chunk", bound=Message)
 
-MAX_SESSION_ID_CHARS = 128
-MAX_STOP_SEQUENCES = 16
 _ROLE_NAMES = {
     pb.CHAT_ROLE_SYSTEM: "system",
     pb.CHAT_ROLE_USER: "user",
@@ -163,10 +161,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self, request: pb.ChatRequest | pb.StreamChatRequest
     ) -> tuple[str, list[SessionMessage]]:
         """Validate a chat request: its session id and the conversation so far."""
-        if len(request.session_id) > MAX_SESSION_ID_CHARS:
-            raise InvalidArgument(
-                "session_id", f"must be at most {MAX_SESSION_ID_CHARS} characters"
-            )
+        if len(request.session_id) > MAX_ID_CHARS:
+            raise InvalidArgument("session_id", f"must be at most {MAX_ID_CHARS} characters")
         for i, message in enumerate(request.messages):
             if message.role not in _ROLE_NAMES:
                 raise InvalidArgument(
@@ -322,11 +318,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
 
 def _checked_options(options: pb.GenerationOptions) -> pb.GenerationOptions:
-    # Written as "not inside" so that NaN is rejected too.
-    if not 0 <= options.temperature <= 2:
-        raise InvalidArgument("options.temperature", "must be between 0 and 2")
-    if not 0 <= options.top_p <= 1:
-        raise InvalidArgument("options.top_p", "must be between 0 and 1")
+    # The contract's ranges (core/contract.py, shared with the proxy); NaN is outside.
+    if options.temperature not in TEMPERATURE:
+        raise InvalidArgument("options.temperature", TEMPERATURE.violation)
+    if options.top_p not in TOP_P:
+        raise InvalidArgument("options.top_p", TOP_P.violation)
     if options.max_tokens < 0:
         raise InvalidArgument("options.max_tokens", "must not be negative")
     if len(options.stop) > MAX_STOP_SEQUENCES:

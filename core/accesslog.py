@@ -4,7 +4,7 @@ One JSON line per API call is production's most useful log and, done naively, th
 costliest thing a Python hop does per call: the stdlib builds a LogRecord on the event
 loop (~20 us: the caller's frame, thread and process names), and a QueueListener thread
 wakes for every record, takes the GIL from the event loop and writes one line per
-`write` + `flush`. Measured on the proxy (issue 15, 2 cores, Generate at 32 in flight):
+`write` + `flush`. Measured on the proxy (2 cores, Generate at 32 in flight):
 ~200 us of CPU per unary call, a fifth of the whole hop.
 
 Here the event loop only appends (time, fields) to a queue (~1 us). The writer thread

@@ -30,17 +30,17 @@ mid-way, ejected the endpoint for everyone. What counts now, and why:
   that its calls work (an agent whose model backend is down answers SERVING and fails
   every call: exactly the case only a breaker catches). What a health check does show
   (process gone, process hung) takes the endpoint out directly and faster: health
-  following and the liveness probe in server/upstream.py, whatever the traffic.
+  following and the liveness probe in server/pool/health.py, whatever the traffic.
 
 So the breaker opens only on an endpoint-wide, multi-caller failure that health cannot
 see; a dead or hung endpoint is handled before it gets there. Breaker state also does
-not decide the proxy's own readiness (server/health.py): an open breaker on every
+not decide the proxy's own readiness (server/request/health.py): an open breaker on every
 endpoint still answers each call at once, with CIRCUIT_OPEN and RetryInfo.
 
 States. CLOSED lets calls through and counts as above. OPEN rejects at once, for
 `reset_timeout_s`. Then HALF_OPEN admits at most `half_open_max_probes` calls at a time
-(everyone else is still rejected; the source document's version let every request
-through here, which hammers an upstream that is just coming back). `success_threshold`
+(everyone else is still rejected: a half-open state that lets every request through
+hammers an upstream that is just coming back). `success_threshold`
 probe successes close it. Probe failures re-open it once they come from
 `min_failing_callers` distinct callers: one caller whose requests fail cannot keep it
 open either, and a failed probe only frees its slot for the next caller's probe.
@@ -68,9 +68,9 @@ from typing import Final
 
 import grpc
 
-log = logging.getLogger(__name__)
+from aiproxy.core.types import Clock
 
-Clock = Callable[[], float]
+log = logging.getLogger(__name__)
 
 
 class BreakerState(enum.IntEnum):

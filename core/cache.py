@@ -14,7 +14,7 @@ many identical requests in flight (single flight).
   proto bytes), replayed in order, first chunk at once. Only complete answers are stored:
   an error, a cancelled or truncated stream never is.
 - L1 (`LruCache`): in process, LRU bounded in bytes (and per entry), TTL per entry, on an
-  injected clock. L2 (`L2Cache` Protocol): shared; `MemoryL2` here, server/redis_cache.py
+  injected clock. L2 (`L2Cache` Protocol): shared; `MemoryL2` here, server/stores/redis_cache.py
   on Redis. A hit in L2 fills L1 (with L2's remaining TTL).
 - Single flight (`ResponseCache.stream`): concurrent identical requests share one
   producer. The producer runs in its own task, not in the first caller's: a caller that
@@ -40,8 +40,7 @@ from typing import Final, NamedTuple, Protocol, runtime_checkable
 from google.protobuf.message import Message
 
 from aiproxy.core.headers import CACHE_CONTROL  # proxy-only: never forwarded upstream
-
-Clock = Callable[[], float]
+from aiproxy.core.types import Clock
 
 CACHE_HEADER: Final = "x-aiproxy-cache"  # response metadata: hit | miss
 _ENTRY_VERSION: Final = 1

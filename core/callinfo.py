@@ -1,6 +1,6 @@
 """What the proxy knows about the call in progress, shared along the pipeline.
 
-The pipeline (server/pipeline.py) creates one CallInfo per call, with the caller's
+The pipeline (server/request/pipeline.py) creates one CallInfo per call, with the caller's
 metadata read once into a dict, and puts it in `current_call`; the stages and the
 forwarder fill it in; the observability stage reads it when the call ends. One object
 per call instead of many context variables keeps the hot path cheap.
@@ -8,16 +8,23 @@ per call instead of many context variables keeps the hot path cheap.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import dataclasses
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any
 
-Metadata = Sequence[tuple[str, str | bytes]]
+if TYPE_CHECKING:
+    # What the limits stage holds for a call (core/ratelimit.py, core/limitstore.py):
+    # for the annotations only, so this module stays at the bottom of core/.
+    from aiproxy.core.limitstore import Reservation, StreamLease
+    from aiproxy.core.ratelimit import Lease
 
 
-def metadata_dict(metadata: Metadata | None) -> tuple[dict[str, str | bytes], frozenset[str]]:
+def metadata_dict(
+    metadata: Collection[tuple[str, str | bytes]] | None,
+) -> tuple[dict[str, str | bytes], frozenset[str]]:
     """The caller's metadata as a dict (the first value of each key wins) and the keys
     that appear more than once (auth refuses a repeated credential instead of choosing)."""
     headers: dict[str, str | bytes] = {}
@@ -46,7 +53,9 @@ class CallInfo:
     # Keys that appear more than once in the metadata.
     repeated: frozenset[str] = frozenset()
     peer: str = ""
-    # Who the caller is for limits and logs: "sub:", "key:", "client:<id>@<addr>", "peer:".
+    # Who the caller is for logs and the cache's scope: its identity ("sub:", "key:",
+    # "peer:"), or "<declared id>@<identity>" ("client:<id>@peer:10.0.0.1") when it
+    # declared an id (interceptors/limits.py: a sub-bucket inside the identity's).
     caller: str = ""
     # The caller's tenant (the value of limits.tenant_claim in its JWT), set by auth; ""
     # when none. Its callers share `tenant:<value>` overrides and daily token budget
@@ -84,20 +93,23 @@ class CallInfo:
     # shared in-flight call), "resume" (a replay from the stream buffer), "cancel". The
     # upstream was paid for once already: no token charge for this call.
     replayed: str = ""
-    # Set by a resumable stream whose caller left while its generation goes on (server/
-    # resume.py): a future resolved with (last chunk, tokens produced) when the generation
-    # ends, so the limits settle the call's token reservation with all it produced, once.
-    generation_end: Any = None
-    # What the limits stage holds for this call, released when it ends.
-    in_flight_lease: Any = None
-    stream_lease: Any = None
-    reservation: Any = None
+    # Set by a resumable stream whose caller left while its generation goes on
+    # (server/request/resume.py): a future resolved with (last chunk, tokens produced)
+    # when the generation ends, so the limits settle the call's token reservation with
+    # all it produced, once.
+    generation_end: asyncio.Future[tuple[Any, int]] | None = None
+    # What the limits stage holds for this call, released when it ends: its slot under
+    # the proxy-wide cap on calls in flight, its stream slot and its token reservation
+    # in the limit store.
+    in_flight_lease: Lease | None = None
+    stream_lease: StreamLease | None = None
+    reservation: Reservation | None = None
     # Token-aware limits (core/tokens.py): the prompt's estimated tokens; when the limits
     # stage holds a reservation, `chunk_tokens` (chunk -> its completion tokens) is set
     # and the pipeline adds up, in `streamed_tokens`, those of the chunks handed to gRPC:
     # what a stream that ends without usage (cancelled, failed) is charged.
     prompt_estimate: int = 0
-    chunk_tokens: Any = None
+    chunk_tokens: Callable[[Any], int] | None = None
     streamed_tokens: int = 0
 
     def header(self, key: str) -> str | None:

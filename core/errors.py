@@ -8,35 +8,48 @@ apply, `RetryInfo` (when waiting helps), `QuotaFailure` (which limit was hit) an
 message; the message is for humans and never carries internals (stack traces,
 addresses): those go to the log.
 
-Code raises a `ProxyError` subclass; the error interceptor turns it into the status
-(`abort_with`, or `to_status_proto` for an in-band stream error chunk). Upstream
+Code raises a `ProxyError` subclass; the pipeline's one error frame
+(server/request/pipeline.py, with interceptors/error_handling.py) turns it into the
+status (`abort_with`, or `to_status_proto` for an in-band stream error chunk). Upstream
 failures are mapped onto the same shape by core/upstream_errors.py.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, NoReturn
+from typing import ClassVar, Final, NoReturn
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+
+from aiproxy.core.types import Context, Metadata
 
 DOMAIN: Final = "aiproxy.ai.agent.v1"
 
 # Trailer that carries the serialized google.rpc.Status (the gRPC convention).
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 
+# Trailer beside RetryInfo: the same delay in whole seconds, rounded up. An error before
+# the first chunk is a trailers-only response, whose metadata Envoy's transcoder turns
+# into HTTP response headers: HTTP callers get `retry-after`, which browsers' fetch code
+# and HTTP SDKs pace their retries by (measured with Envoy 1.40: a trailer sent after
+# initial metadata would not reach the HTTP headers, and the proxy sends initial metadata
+# only with the first chunk). gRPC callers read RetryInfo and ignore it.
+RETRY_AFTER_KEY: Final = "retry-after"
+
 # What a caller is told to wait when the upstreams are unavailable and did not say.
 UNAVAILABLE_RETRY_DELAY_S: Final = 1.0
 
+# What a caller refused with OVERLOADED is told to wait, by the overload gate and by the
+# cap on calls in flight alike (one reason, one delay): long enough for a burst to pass,
+# short enough that a retry (jittered by the client) soon finds room.
+OVERLOADED_RETRY_DELAY_S: Final = 1.0
+
 # An upstream message longer than this is not passed on (see `_safe_upstream_message`).
 MAX_UPSTREAM_MESSAGE_LEN: Final = 200
-
-Metadata = Sequence[tuple[str, str | bytes]]
 
 
 class Reason(enum.StrEnum):
@@ -253,14 +266,39 @@ def to_status_proto(err: ProxyError) -> status_pb2.Status:
     return status
 
 
+def retry_after_s(retry: error_details_pb2.RetryInfo) -> int:
+    """RetryInfo's delay as `retry-after` says it: whole seconds, rounded up."""
+    delay = retry.retry_delay
+    return max(0, int(delay.seconds) + (1 if delay.nanos > 0 else 0))
+
+
+class _Status(grpc.Status):
+    """grpc.Status is an interface; grpc_status.rpc_status.to_status builds the same."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, str | bytes], ...],
+    ) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
 def to_grpc_status(err: ProxyError) -> grpc.Status:
-    """`err` as a grpc.Status whose trailing metadata carries the rich status."""
-    status: grpc.Status = rpc_status.to_status(to_status_proto(err))
-    return status
+    """`err` as a grpc.Status whose trailing metadata carries the rich status, and
+    `retry-after` when it has RetryInfo (same delay, whole seconds rounded up)."""
+    proto = to_status_proto(err)
+    trailers: list[tuple[str, str | bytes]] = [(STATUS_DETAILS_KEY, proto.SerializeToString())]
+    if err.retry_delay_s is not None:
+        retry = error_details_pb2.RetryInfo(retry_delay=_duration(err.retry_delay_s))
+        trailers.append((RETRY_AFTER_KEY, str(retry_after_s(retry))))
+    return _Status(err.code, proto.message, tuple(trailers))
 
 
 async def abort_with(
-    context: grpc.aio.ServicerContext[Any, Any], err: ProxyError, trailing_metadata: Metadata = ()
+    context: Context, err: ProxyError, trailing_metadata: Metadata = ()
 ) -> NoReturn:
     """End the call with `err`, keeping the trailing metadata already set on `context`.
 

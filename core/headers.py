@@ -14,19 +14,21 @@ core/cache.py, server/request/forwarding.py, interceptors/limits.py).
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Final
 
 # Every request header named x-aiproxy-* is this proxy's own (see the module docstring).
 PROXY_PREFIX: Final = "x-aiproxy-"
 
-# Resumable streams (core/streambuffer.py, server/resume.py).
+# Resumable streams (core/streambuffer.py, server/request/resume.py).
 RESUMABLE_HEADER: Final = "x-aiproxy-resumable"  # "1" asks for a resumable stream
 RESUME_HEADER: Final = "x-aiproxy-resume"  # the stream id to resume
 LAST_EVENT_ID_HEADER: Final = "last-event-id"  # the last seq the caller saw (SSE's name)
 CANCEL_HEADER: Final = "x-aiproxy-cancel"  # stop that stream's upstream now
 # The response cache (core/cache.py): the HTTP convention, max-age / no-cache / no-store.
 CACHE_CONTROL: Final = "cache-control"
-# A caller's own stream coalescing window in ms (server/forwarding.py).
+# A caller's own stream coalescing window in ms (server/request/forwarding.py).
 COALESCE_HEADER: Final = "x-aiproxy-coalesce-ms"
 # The edge's proof that a call came through Envoy (interceptors/limits.py); a secret.
 EDGE_SECRET_HEADER: Final = "x-aiproxy-edge"
@@ -46,3 +48,46 @@ PROXY_ONLY_METADATA: Final = frozenset(
         AFFINITY_HEADER,
     }
 )
+
+
+# Credentials: a class of names, not a list. A header whose name has one of these words
+# (split on "-", "_", ".") carries something that proves who the caller is or opens a
+# session: authorization, proxy-authorization, cookie, x-api-key, x-auth-token,
+# x-goog-api-key, ocp-apim-subscription-key, x-csrf-token, x-amz-security-token, any
+# *-secret, *-password... The forwarder never sends one to an agent (an agent has no
+# business holding the caller's credentials, and one behind another hop could replay
+# them); the proxy's own edge secret is x-aiproxy-* and dropped by its prefix as well.
+CREDENTIAL_WORDS: Final = frozenset(
+    {
+        "auth",
+        "authorization",
+        "authenticate",
+        "authentication",
+        "apikey",
+        "key",
+        "cookie",
+        "cookies",
+        "token",
+        "jwt",
+        "bearer",
+        "secret",
+        "password",
+        "passwd",
+        "credential",
+        "credentials",
+        "session",
+        "sessionid",
+        "csrf",
+        "xsrf",
+        "signature",
+    }
+)
+_WORD_SPLIT: Final = re.compile(r"[-_.]+")
+
+
+@functools.lru_cache(maxsize=4096)
+def is_credential(name: str) -> bool:
+    """Whether request metadata `name` (lowercase, as gRPC gives it) carries a credential
+    (see CREDENTIAL_WORDS). Memoized: called for every forwarded key of every call."""
+    base = name[:-4] if name.endswith("-bin") else name
+    return not CREDENTIAL_WORDS.isdisjoint(_WORD_SPLIT.split(base))

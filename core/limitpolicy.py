@@ -6,7 +6,9 @@ and passes them to `store.admit(...)`. This is that resolution, pure and precomp
 (a few dict lookups per call), so the stage and its tests share one definition:
 
 - overrides are looked up most specific first: the caller's own key (`sub:`, `key:`,
-  `client:`, `peer:`), then `apikey:<name>` (an API key caller, by its configured name),
+  `peer:`; and `client:<id>` / an unverified `key:` for the sub-bucket of an id the caller
+  declared, which can only narrow: interceptors/limits.py), then `apikey:<name>` (an API
+  key caller, by its configured name),
   then `tenant:<value>` (the value of `limits.tenant_claim` in the caller's JWT);
 - rate, burst, stream cap and tokens per minute stay per caller (the key passed to the
   store), shaped by the override found;

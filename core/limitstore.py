@@ -1,6 +1,6 @@
 """The limits store: where per-caller limit state lives, behind one async interface.
 
-Three kinds of state, each keyed by a caller (or tenant) key the interceptor chooses:
+Three kinds of state, each keyed by a caller (or tenant) key the limits stage chooses:
 
 - request rate: a token bucket per key (`take`), the spec passed on each call so the
   store holds no policy (overrides and tenants are resolved by the caller of the store);
@@ -17,7 +17,7 @@ neither) and `finish` at its end (release and settle): one step, and with Redis 
 round trip, at each end. The single operations exist for callers that need one of them.
 
 `LimitStore` is the interface; `MemoryLimitStore` is the embedded backend (one process,
-nothing to run) and `server/redis_limits.py` the shared one. Every method is async so the
+nothing to run) and `server/stores/redis_limits.py` the shared one. Every method is async so the
 interceptor has one code path; the memory backend never suspends, and also offers
 `*_nowait` twins (`store.local` says they exist) that skip the coroutine: ~2 us per call
 (bench/limits_cost.py), 0.2 % of a proxied call, so awaiting is fine everywhere.
@@ -39,13 +39,13 @@ import grpc
 
 from aiproxy.core.errors import ProxyError, QuotaViolation, RateLimited, Reason
 from aiproxy.core.ratelimit import (
-    Clock,
     Decision,
     LimitSpec,
     TokenBucket,
     concurrency_limited_error,
     rate_limited_error,
 )
+from aiproxy.core.types import Clock
 
 _EPS: Final = 1e-9
 DAY_S: Final = 86_400
@@ -171,6 +171,9 @@ class Admission:
     reservation: Reservation | None = None
     rejection: TokenRejection | None = None
     stream_limit: int = 0
+    # The key whose limit refused: the sub-bucket's when a declared id's own bucket
+    # refused (see `admit`), else "" (the caller's key).
+    refused_key: str = ""
 
     @property
     def allowed(self) -> bool:
@@ -260,11 +263,19 @@ class LimitStore(Protocol):
         tokens: int = 0,
         token_limits: TokenLimits | None = None,
         budget_key: str | None = None,
+        sub_key: str | None = None,
+        sub_spec: LimitSpec | None = None,
     ) -> Admission:
         """Everything a call takes at its start in one step (one round trip when shared):
         a request token; then, if asked (stream_limit > 0, token_limits enforced), a
         stream lease and a token reservation, both or neither. A call refused by the
-        streams or tokens still spent its request token (retrying in a loop is limited)."""
+        streams or tokens still spent its request token (retrying in a loop is limited).
+
+        `sub_key` / `sub_spec`: a bucket inside `key`'s (a caller-declared id's share of
+        its address's or identity's budget). The request token is taken from both or
+        from neither: `key`'s bucket is always charged, so declaring ids (any number of
+        them) never adds to `key`'s budget; the sub-bucket can only refuse sooner. A
+        refusal by the sub-bucket sets `refused_key`. Streams and tokens are `key`'s."""
         ...
 
     async def finish(
@@ -412,18 +423,19 @@ class MemoryLimitStore:
         self._meters: _Lru[TokenMeter] = _Lru(max_keys, 60.0, clock)
         self._days: _Lru[tuple[int, int]] = _Lru(max_keys, math.inf, clock)  # key -> (day, used)
         self._streams: dict[str, int] = {}
-        self._leases: dict[str, StreamLease] = {}
-        self._reservations = 0
 
     # -- request rate
 
     def take_nowait(self, key: str, spec: LimitSpec, n: int = 1) -> Decision:
         self._evict_full_buckets()
+        return self._bucket(key, spec).try_acquire(n)
+
+    def _bucket(self, key: str, spec: LimitSpec) -> TokenBucket:
         entry = self._buckets.get(key)
         if entry is None or (entry[0] is not spec and entry[0] != spec):
             entry = (spec, TokenBucket(spec.rate_per_s, spec.burst, self._clock))
             self._buckets.put(key, entry)
-        return entry[1].try_acquire(n)
+        return entry[1]
 
     async def take(self, key: str, spec: LimitSpec, n: int = 1) -> Decision:
         return self.take_nowait(key, spec, n)
@@ -520,7 +532,6 @@ class MemoryLimitStore:
         if limits.per_day is not None:
             used += amount
             self._days.set(budget_key, (day, used))
-        self._reservations += 1
         return Reservation(
             f"{self.name}:{next(_ids)}",
             key,
@@ -589,10 +600,24 @@ class MemoryLimitStore:
         tokens: int = 0,
         token_limits: TokenLimits | None = None,
         budget_key: str | None = None,
+        sub_key: str | None = None,
+        sub_spec: LimitSpec | None = None,
     ) -> Admission:
-        decision = self.take_nowait(key, spec)
+        self._evict_full_buckets()
+        sub = None
+        if sub_key is not None and sub_spec is not None:
+            # Inner first, without taking: a refusal there charges neither bucket.
+            sub = self._bucket(sub_key, sub_spec)
+            peeked = sub.peek()
+            if not peeked.allowed:
+                return Admission(peeked, "rate", stream_limit=stream_limit, refused_key=sub_key)
+        decision = self._bucket(key, spec).try_acquire()
         if not decision.allowed:
             return Admission(decision, "rate", stream_limit=stream_limit)
+        if sub is not None:
+            inner = sub.try_acquire()  # peeked above, nothing ran since: it admits
+            if inner.remaining < decision.remaining:
+                decision = inner  # the headers tell the tighter of the two
         # Check the stream slot before reserving tokens: a reservation cannot fail after
         # the lease was taken, so nothing is ever taken and given back.
         if stream_limit and self._streams.get(key, 0) >= stream_limit:
@@ -615,6 +640,8 @@ class MemoryLimitStore:
         tokens: int = 0,
         token_limits: TokenLimits | None = None,
         budget_key: str | None = None,
+        sub_key: str | None = None,
+        sub_spec: LimitSpec | None = None,
     ) -> Admission:
         return self.admit_nowait(
             key,
@@ -623,6 +650,8 @@ class MemoryLimitStore:
             tokens=tokens,
             token_limits=token_limits,
             budget_key=budget_key,
+            sub_key=sub_key,
+            sub_spec=sub_spec,
         )
 
     def finish_nowait(

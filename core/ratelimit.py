@@ -1,8 +1,8 @@
-"""Rate and concurrency limits per caller: the pure logic behind the limit interceptor.
+"""Rate and concurrency limits per caller: the pure logic behind the limits stage.
 
 - `TokenBucket`: `burst` tokens, refilled continuously at `rate_per_s` (fractional refill:
-  0.25 s at 4/s is exactly one token; the source document refilled in whole-interval
-  steps, which lets a caller burst twice at every step boundary).
+  0.25 s at 4/s is exactly one token; a bucket refilled in whole-interval steps lets a
+  caller burst twice at every step boundary).
 - `KeyedLimiter`: one bucket per caller key, a default spec and per-key overrides, with
   memory bounded however many distinct keys arrive.
 - `ConcurrencyLimiter`: open streams per key (long streams are what loads an LLM).
@@ -19,14 +19,13 @@ import math
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, NamedTuple
 
 from aiproxy.core.errors import ConcurrencyLimited, QuotaViolation, RateLimited
-
-Clock = Callable[[], float]
+from aiproxy.core.types import Clock
 
 # Tolerance for float refill arithmetic: a caller who waits exactly `retry_after_s`
 # must get the token even if the subtraction came out a hair short.
@@ -34,7 +33,7 @@ _EPS: Final = 1e-9
 
 API_KEY_HEADER: Final = "x-api-key"
 CLIENT_ID_HEADER: Final = "x-client-id"
-_MAX_CLIENT_ID_LEN: Final = 128
+MAX_CLIENT_ID_LEN: Final = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +112,21 @@ class TokenBucket:
             self._tokens = tokens
             return Decision(True, int(tokens + _EPS), 0.0, (burst - tokens) / rate, burst)
         self._tokens = tokens
+        return Decision(
+            False, int(tokens + _EPS), (n - tokens) / rate, (burst - tokens) / rate, burst
+        )
+
+    def peek(self, n: int = 1) -> Decision:
+        """What `try_acquire(n)` would answer now, taking nothing (a hierarchical
+        admission checks its inner bucket before it charges the outer one)."""
+        rate, burst = self._rate, self._burst
+        tokens = self._tokens
+        now = self._clock()
+        if now > self._stamp:
+            tokens = min(float(burst), tokens + (now - self._stamp) * rate)
+        if tokens + _EPS >= n:
+            left = tokens - n if tokens > n else 0.0
+            return Decision(True, int(left + _EPS), 0.0, (burst - left) / rate, burst)
         return Decision(
             False, int(tokens + _EPS), (n - tokens) / rate, (burst - tokens) / rate, burst
         )
@@ -274,30 +288,50 @@ def hash_api_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
-def peer_host(peer: str) -> str:
-    """The caller's address without the port, from grpc's `context.peer()`.
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-    "ipv4:127.0.0.1:5555" -> "127.0.0.1". IPv6 peers ("ipv6:[2001:db8::1]:5555", which
-    grpc 1.85 writes URL-encoded: "ipv6:%5B2001:db8::1%5D:5555") become their /64
-    network, since one client usually owns a whole /64 and could rotate addresses in it;
-    loopback and IPv4-mapped addresses stay single hosts. Other peers (unix sockets) are
-    returned as they are.
+
+def peer_ip(peer: str) -> IPAddress | None:
+    """The IP address of a grpc peer string (`context.peer()`), or None (unix sockets,
+    anything unparsable): the one parser of peers, for keys and for trusted edges alike.
+
+    "ipv4:127.0.0.1:5555" -> 127.0.0.1; "ipv6:[::1]:5555", which grpc 1.85 writes
+    URL-encoded ("ipv6:%5B::1%5D:5555"), -> ::1 (a zone "%eth0" is dropped); an IPv4
+    client of a dual-stack listener ("ipv6:[::ffff:10.0.0.1]:5") -> 10.0.0.1.
     """
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
-        return rest.rpartition(":")[0] or rest
-    if kind == "ipv6":
-        host = urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")
-        try:
-            address = ipaddress.IPv6Address(host.split("%")[0])
-        except ValueError:
-            return host
-        if address.ipv4_mapped is not None:  # an IPv4 client of a dual-stack listener
-            return str(address.ipv4_mapped)
-        if address.is_loopback:
-            return str(address)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return peer
+        host = rest.rpartition(":")[0] or rest
+    elif kind == "ipv6":
+        host = urllib.parse.unquote(rest)
+        if host.startswith("["):
+            host = host[1:].partition("]")[0]
+        host = host.split("%")[0]
+    else:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def peer_host(peer: str) -> str:
+    """The caller's address without the port, from grpc's `context.peer()` (`peer_ip`).
+
+    "ipv4:127.0.0.1:5555" -> "127.0.0.1". IPv6 peers become their /64 network, since one
+    client usually owns a whole /64 and could rotate addresses in it; loopback and
+    IPv4-mapped addresses stay single hosts. Other peers (unix sockets) are returned as
+    they are.
+    """
+    ip = peer_ip(peer)
+    if ip is None:
+        return peer
+    if ip.version == 4 or ip.is_loopback:
+        return str(ip)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 def caller_key(metadata: Mapping[str, str], peer: str, subject: str | None = None) -> str:
@@ -305,9 +339,10 @@ def caller_key(metadata: Mapping[str, str], peer: str, subject: str | None = Non
     (hashed), else the client id header, else the peer address; prefixed with the kind
     ("sub:", "key:", "client:", "peer:") so the kinds never collide.
 
-    The API key and client id are chosen by the caller: unless authentication checks
-    them, a caller can mint new ones to get fresh buckets; the proxy-wide cap is the
-    guard for that.
+    Only the subject and a VERIFIED API key are identities (auth uses this for them). The
+    limits stage never keys a bucket on an unverified key or a client id alone: those
+    are declared labels, given a sub-bucket inside the caller's identity or address
+    (interceptors/limits.py), so minting them gains nothing.
     """
     if subject:
         return f"sub:{subject}"
@@ -315,6 +350,6 @@ def caller_key(metadata: Mapping[str, str], peer: str, subject: str | None = Non
     if api_key:
         return f"key:{hash_api_key(api_key)}"
     client_id = metadata.get(CLIENT_ID_HEADER)
-    if client_id and len(client_id) <= _MAX_CLIENT_ID_LEN and client_id.isprintable():
+    if client_id and len(client_id) <= MAX_CLIENT_ID_LEN and client_id.isprintable():
         return f"client:{client_id}"
     return f"peer:{peer_host(peer)}"

@@ -36,9 +36,9 @@ class Method:
 
 
 class Service:
-    """The service and its methods, with look-ups by path and by name."""
+    """The service and its methods, with a look-up by name."""
 
-    __slots__ = ("by_name", "by_path", "descriptor", "methods", "name")
+    __slots__ = ("by_name", "descriptor", "methods", "name")
 
     def __init__(
         self, name: str, descriptor: _descriptor.ServiceDescriptor, methods: tuple[Method, ...]
@@ -46,16 +46,11 @@ class Service:
         self.name = name
         self.descriptor = descriptor
         self.methods = methods
-        self.by_path: dict[str, Method] = {m.path: m for m in methods}
         self.by_name: dict[str, Method] = {m.name: m for m in methods}
 
     @property
     def paths(self) -> tuple[str, ...]:
         return tuple(m.path for m in self.methods)
-
-    @property
-    def streaming_paths(self) -> tuple[str, ...]:
-        return tuple(m.path for m in self.methods if m.streaming)
 
 
 def _deadline_class(method: _descriptor.MethodDescriptor) -> DeadlineClass:

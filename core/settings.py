@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import pathlib
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -28,6 +28,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from aiproxy.core.contract import MAX_ID_CHARS, MAX_STEPS, MAX_STOP_SEQUENCES, MAX_TOOLS
 from aiproxy.core.service import SERVICE_NAME, agent_service
 
 ENV_PREFIX = "AIPROXY_"
@@ -67,7 +68,7 @@ class ServerSettings(_Section):
     # 0 = no gate (limits.max_concurrent_calls still applies further in).
     max_active_calls: int = Field(default=2000, ge=0)
     # ... and while new calls wait longer than this to be taken (measured by a probe to
-    # the proxy's own listener, server/backlog.py), the limit drops until the queue drains,
+    # the proxy's own listener, server/pool/backlog.py), the limit drops until the queue drains,
     # never below overload_min_active_calls (0 = fixed limit only; also off with TLS).
     overload_wait_target_ms: float = Field(default=250.0, ge=0)
     overload_min_active_calls: int = Field(default=16, ge=1)
@@ -125,7 +126,7 @@ class UpstreamSettings(_Section):
     # A hung or silently dead endpoint is taken out (new calls avoided, its calls in
     # flight failed with UNAVAILABLE) within keepalive_time_s + keepalive_timeout_s:
     # HTTP/2 keepalive pings with that ack timeout, and a health Check with that deadline
-    # every keepalive_time_s on a separate connection (server/upstream.py).
+    # every keepalive_time_s on a separate connection (server/pool/health.py).
     keepalive_time_s: float = Field(default=10.0, gt=0)
     keepalive_timeout_s: float = Field(default=5.0, gt=0)
     reconnect_backoff_max_s: float = Field(default=2.0, gt=0)
@@ -143,7 +144,7 @@ class UpstreamSettings(_Section):
 
 
 class ResumeSettings(_Section):
-    """Resumable streams (server/resume.py; README: Resumable streams). A resumable stream
+    """Resumable streams (server/request/resume.py; README: Resumable streams). A resumable stream
     gets an id (x-aiproxy-stream-id), its chunks are kept in the stream buffer, and a
     caller that lost its connection resumes it (x-aiproxy-resume + last-event-id) instead
     of paying for the generation again."""
@@ -195,11 +196,11 @@ class StreamSettings(_Section):
     idle_timeout_s: float = Field(default=60.0, gt=0)
     # Merge chunks that queued up behind a slow caller into one (never delays a chunk).
     coalesce: bool = True
-    # Opt-in: at most one push per this many ms after the first chunk (the source
-    # documents' 50 ms; the first chunk is never held back); deltas arriving meanwhile go
+    # Opt-in: at most one push per this many ms after the first chunk (50 ms is a
+    # common choice; the first chunk is never held back); deltas arriving meanwhile go
     # out merged. Fewer, larger messages are what a Python proxy's CPU is spent on
     # (bench/REPORT.md). 0 = off. Not the default: on the shared 2-core bench box the
-    # chunk interval p99 with 50 ms went past 100 ms (issue 15's condition).
+    # chunk interval p99 with 50 ms went past the 100 ms target.
     coalesce_window_ms: float = Field(default=0.0, ge=0, le=1000)
     # The window per method (bare method name, e.g. {"StreamGenerate": 0}), overriding
     # coalesce_window_ms. A caller chooses its own with the `x-aiproxy-coalesce-ms`
@@ -235,7 +236,8 @@ def _method_names() -> set[str]:
 
 
 class DeadlineSettings(_Section):
-    """Per-kind default and maximum deadlines, in seconds (the source documents' values)."""
+    """Per-kind default and maximum deadlines, in seconds: 30 s for a unary call, 2 min
+    for a stream, 5 min for an agent run (see interceptors/deadline.py)."""
 
     unary_default_s: float = Field(default=30.0, gt=0)
     unary_max_s: float = Field(default=30.0, gt=0)
@@ -269,7 +271,7 @@ class DeadlineSettings(_Section):
 
 class BreakerSettings(_Section):
     """One circuit breaker per upstream endpoint (client side). It opens only on a failure
-    many callers share (interceptors/breaker.py says why each rule is there)."""
+    many callers share (core/breaker.py says why each rule is there)."""
 
     enabled: bool = True
     failure_ratio: float = Field(default=0.5, gt=0, le=1)  # share of calls that failed
@@ -341,9 +343,12 @@ class RateLimitOverride(_Section):
 class LimitSettings(_Section):
     """Admission control on calls into the proxy (server side).
 
-    Callers are keyed by authenticated subject, then API key (hashed), then the
-    x-client-id header, then peer address: "sub:alice", "key:<sha256/128>",
-    "client:web-42", "peer:10.0.0.7". Overrides are keyed the same way.
+    Callers are keyed by who they are: authenticated subject or API key (hashed), else
+    peer address ("sub:alice", "key:<sha256/128>", "peer:10.0.0.7"). An id the caller
+    declares (x-client-id; x-api-key while auth is off) only gets a sub-bucket inside
+    that key's ("client:web-42@peer:10.0.0.7"): it splits the budget, never multiplies it
+    (interceptors/limits.py). Overrides are keyed "sub:", "key:", "peer:", "client:<id>"
+    (a declared id's share: it can only narrow), "apikey:<name>", "tenant:<value>".
     """
 
     enabled: bool = True
@@ -358,7 +363,7 @@ class LimitSettings(_Section):
     # How many proxy processes share the limits (workers x replicas): under fail_open each
     # one allows limit/N (rounded up), so the fleet stays near the limit while Redis is away.
     expected_processes: int = Field(default=1, ge=1, le=4096)
-    # Token bucket per caller: sustained rate and burst (source documents: 100 QPS).
+    # Token bucket per caller: sustained rate and burst (default 100 QPS).
     rate_per_s: float = Field(default=100.0, gt=0)
     burst: int = Field(default=100, ge=1)
     # Open streams per caller: long generations are what really load an LLM.
@@ -455,7 +460,9 @@ _RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "
 
 
 class ValidationSettings(_Section):
-    """Request checks made before a call costs anything upstream."""
+    """Request checks made before a call costs anything upstream. The counts default to
+    the request contract's (core/contract.py); the operator may set others (the reference
+    agent still enforces the contract's own)."""
 
     enabled: bool = True
     max_prompt_chars: int = Field(default=32_000, ge=1)
@@ -463,14 +470,16 @@ class ValidationSettings(_Section):
     max_message_chars: int = Field(default=32_000, ge=1)
     max_total_chars: int = Field(default=200_000, ge=1)  # all text fields of one request
     max_tokens: int = Field(default=4096, ge=1)
-    max_stop_sequences: int = Field(default=16, ge=0)
+    max_stop_sequences: int = Field(default=MAX_STOP_SEQUENCES, ge=0)
     max_batch_prompts: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=50, ge=1)
     max_filters: int = Field(default=16, ge=0)
-    max_tools: int = Field(default=16, ge=0)
-    max_steps: int = Field(default=50, ge=1)
+    max_tools: int = Field(default=MAX_TOOLS, ge=0)
+    max_steps: int = Field(default=MAX_STEPS, ge=1)
     max_context_bytes: int = Field(default=64 * 1024, ge=0)  # agent context, serialized
-    max_id_chars: int = Field(default=128, ge=1)  # model, session id, tool and filter names
+    max_id_chars: int = Field(
+        default=MAX_ID_CHARS, ge=1
+    )  # model, session id, tool and filter names
 
 
 class ApiKeySettings(_Section):
@@ -496,6 +505,12 @@ def _check_file(value: str | None) -> str | None:
     if value is not None and not pathlib.Path(value).is_file():
         raise ValueError(f"file not found: {value}")
     return value
+
+
+# The scope the admin service needs by default (auth.admin_scopes).
+ADMIN_SCOPE: Final = "aiproxy.admin"
+# The proxy's own admin service (proto/ai/proxy/v1): every method of it needs admin_scopes.
+ADMIN_SERVICE_NAME: Final = "ai.proxy.v1.ProxyAdminService"
 
 
 class AuthSettings(_Section):
@@ -524,6 +539,11 @@ class AuthSettings(_Section):
     # Method ("ExecuteAgent" or "/ai.agent.v1.AgentService/ExecuteAgent") -> scopes the
     # caller must all have (JWT `scope`, space-separated, or `scp` list; API key scopes).
     method_scopes: dict[str, list[str]] = Field(default_factory=dict)
+    # Scopes a caller must all have to call the proxy's own admin service
+    # (ai.proxy.v1.ProxyAdminService: the pool, its addresses and health). Authenticating
+    # is not enough: a token minted for the AI API must not read the deployment. [] lets
+    # any authenticated caller in (not recommended).
+    admin_scopes: list[str] = Field(default_factory=lambda: [ADMIN_SCOPE])
 
     _v_files = field_validator("jwt_public_key_file", "jwks_file")(
         classmethod(lambda cls, v: _check_file(v))
@@ -665,7 +685,7 @@ class TlsSettings(_Section):
 
 class RedisSettings(_Section):
     """The Redis that holds shared limits when limits.backend is redis
-    (server/redis_limits.py; README: Shared limits). One Redis, not a Cluster: a token
+    (server/stores/redis_limits.py; README: Shared limits). One Redis, not a Cluster: a token
     reservation touches a caller's bucket and its tenant's budget in one script."""
 
     # redis://HOST:PORT/DB, rediss:// (TLS) or unix:///path.sock. No password in it:
@@ -704,7 +724,7 @@ class RedisSettings(_Section):
 
 
 class CacheSettings(_Section):
-    """The response cache (server/caching.py; README: Response cache): exact-match
+    """The response cache (server/request/caching.py; README: Response cache): exact-match
     answers, L1 in this process (LRU bounded in bytes), L2 the shared backend. A call
     opts in with `cache-control: max-age=N`; the operator per method with a TTL."""
 

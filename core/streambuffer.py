@@ -5,7 +5,7 @@ One stream in the buffer is written by one *owner* (the replica pumping the upst
 read by any number of *readers* (the original caller, then whoever resumes):
 
 - `create(scope, owner, holder)` gives an unguessable id (128 random bits, urlsafe)
-  bound to `scope` (who may read or cancel it: server/resume.py's stream_scope): a read
+  bound to `scope` (who may read or cancel it: server/request/resume.py's stream_scope): a read
   with another scope is NOT_FOUND, exactly like an unknown id, so ids cannot be probed
   across tenants; `holder` (the caller) is whom the stream counts against;
 - `append(id, seq, data)`: one chunk, its serialized proto bytes; `seq` numbers the
@@ -41,7 +41,7 @@ longer while a reader is attached somewhere, and stops at once on a cancel reque
 why the upstream must be cancelled.
 
 `MemoryStreamBuffer` is the embedded backend (one process: resume on the same replica
-only); `server/redis_streams.py` the shared one (Redis Streams). Single-threaded by design
+only); `server/stores/redis_streams.py` the shared one (Redis Streams). Single-threaded by design
 (one asyncio loop per process); nothing here locks.
 """
 
@@ -65,8 +65,7 @@ from aiproxy.core.headers import (
     RESUMABLE_HEADER,
     RESUME_HEADER,
 )
-
-Clock = Callable[[], float]
+from aiproxy.core.types import Clock
 
 ID_BYTES: Final = 16  # 128 bits: unguessable, so an id is a capability (with its scope)
 DEFAULT_MAX_BYTES: Final = 1 << 20
@@ -515,7 +514,7 @@ class MemoryStreamBuffer:
             # while the owner may append, finish included: the slice we walked is stale.
             # Decide on the stream's state as it is NOW, never on a flag read after the
             # snapshot: checking `finished` alone here lost the final chunk of a resumed
-            # stream whenever it was appended during the reader's last yield (issue 16).
+            # stream whenever it was appended during the reader's last yield.
             if last + 1 < s.next_seq:
                 continue  # more arrived while we yielded: send it before anything else
             if s.finished:  # the final chunk was at or before after_seq: nothing more

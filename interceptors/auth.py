@@ -19,7 +19,9 @@ overrides and shared daily token budget (core/limitpolicy.py). API key callers a
 matched to their configured name (`apikey:<name>` overrides) by the limit policy, from
 the key's hash. Only a verified token names a tenant: a header never does. Scopes (JWT `scope`
 space-separated or `scp` list; an API key's configured scopes) are checked against
-`auth.method_scopes`.
+`auth.method_scopes`; every method of the proxy's admin service needs `auth.admin_scopes`
+as well (default `aiproxy.admin`): being authenticated for the AI API is not enough to
+read the deployment.
 
 Failures raise Unauthenticated (no, bad, or expired credentials) or PermissionDenied
 (a scope this caller lacks); the pipeline turns them into the one error shape.
@@ -40,6 +42,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import pathlib
 import time
 from collections import OrderedDict
@@ -59,11 +62,13 @@ from aiproxy.core.logs import log_event
 from aiproxy.core.ratelimit import API_KEY_HEADER, caller_key, hash_api_key
 from aiproxy.core.service import SERVICE_NAME, Method
 from aiproxy.core.settings import (
+    ADMIN_SERVICE_NAME,
     HMAC_ALGORITHMS,
     OKP_ALGORITHMS,
     RSA_ALGORITHMS,
     AuthSettings,
 )
+from aiproxy.core.types import Clock, Context
 
 log = logging.getLogger("aiproxy.auth")
 
@@ -74,14 +79,13 @@ OPEN_METHOD_PREFIXES: Final = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+_ADMIN_PREFIX: Final = f"/{ADMIN_SERVICE_NAME}/"
 # Longer credentials are refused before any parsing (a JWT is typically ~1 KiB).
 MAX_TOKEN_LEN: Final = 8192
 MAX_API_KEY_LEN: Final = 512
 MAX_SUBJECT_LEN: Final = 256
 # Verified tokens remembered (per process); the least recently used are dropped.
 TOKEN_CACHE_SIZE: Final = 4096
-
-Clock = Callable[[], float]
 
 
 class Cause(enum.StrEnum):
@@ -218,6 +222,7 @@ class Authenticator:
             (m if m.startswith("/") else f"/{SERVICE_NAME}/{m}"): frozenset(scopes)
             for m, scopes in settings.method_scopes.items()
         }
+        self._admin_scopes = frozenset(settings.admin_scopes)
         # token -> (principal, valid from, valid until): both bounds already include leeway.
         self._cache: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
 
@@ -292,10 +297,16 @@ class Authenticator:
                 return principal
             del self._cache[token]
         principal, valid_from, valid_until = self._verify(token)
-        if valid_from <= now < valid_until:
-            self._cache[token] = (principal, valid_from, valid_until)
-            if len(self._cache) > TOKEN_CACHE_SIZE:
-                self._cache.popitem(last=False)
+        # PyJWT checked exp/nbf against its own clock; the same bounds (the same parse of
+        # the same claims) are enforced here on this authenticator's clock, so a fresh
+        # token and a cached one expire at one instant.
+        if now >= valid_until:
+            raise _unauthenticated(Cause.TOKEN_EXPIRED, "token expired")
+        if now < valid_from:
+            raise _unauthenticated(Cause.TOKEN_NOT_YET_VALID, "token not yet valid")
+        self._cache[token] = (principal, valid_from, valid_until)
+        if len(self._cache) > TOKEN_CACHE_SIZE:
+            self._cache.popitem(last=False)
         return principal
 
     def _verify(self, token: str) -> tuple[Principal, float, float]:
@@ -343,8 +354,8 @@ class Authenticator:
         if not usable:
             raise _unauthenticated(Cause.INVALID_CLAIMS, "token subject is not usable")
         leeway = self._settings.leeway_s
-        valid_from = _number(claims.get("nbf"), float("-inf")) - leeway
-        valid_until = _number(claims.get("exp"), float("inf")) + leeway
+        valid_from = _time_claim(claims, "nbf", -math.inf) - leeway
+        valid_until = _time_claim(claims, "exp", math.inf) + leeway
         return (
             Principal(
                 caller_key({}, "", subject=subject),
@@ -359,7 +370,12 @@ class Authenticator:
     # -- authorization -----------------------------------------------------------------
 
     def required_scopes(self, method: str) -> frozenset[str]:
-        return self._method_scopes.get(method, frozenset())
+        """The scopes `method` needs: its `method_scopes`, and for every method of the
+        admin service, `admin_scopes` too."""
+        scopes = self._method_scopes.get(method, frozenset())
+        if method.startswith(_ADMIN_PREFIX):
+            scopes |= self._admin_scopes
+        return scopes
 
     def authorize(self, principal: Principal, method: str) -> None:
         """PermissionDenied unless `principal` has every scope `method` requires."""
@@ -372,10 +388,18 @@ class Authenticator:
             )
 
 
-def _number(value: Any, default: float) -> float:
-    return (
-        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
-    )
+def _time_claim(claims: Mapping[str, Any], name: str, default: float) -> float:
+    """A time claim (exp, nbf) read exactly as PyJWT read it when it checked it:
+    `int(value)` (so "1700000000" and 1.7e9 count, as they did for PyJWT), a time past
+    what a float holds being never/always, `default` when absent. PyJWT refused the
+    token if `int()` failed, so it cannot fail here."""
+    if name not in claims:
+        return default
+    value = int(claims[name])
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -425,7 +449,7 @@ class _Bound:
         self._auth, self._path = auth, path
         self._scopes = auth.required_scopes(path)
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         auth = self._auth
         try:
             principal = auth.authenticate_headers(call.metadata, call.repeated, call.peer)

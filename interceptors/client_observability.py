@@ -3,8 +3,8 @@
 - `ClientMetrics` drives py-grpc-prometheus's grpc_client_* series (see
   server/telemetry.py): started, handled{grpc_code}, handling seconds (streams: until
   the stream ends), messages sent and received. The upstream call itself
-  (server/upstream.py) calls it, not a grpc.aio client interceptor: that machinery
-  cost more CPU per call than the metrics (issue 15).
+  (server/pool/) calls it, not a grpc.aio client interceptor: that machinery
+  cost more CPU per call than the metrics.
 - `client_tracing_interceptors` (opt-in) are opentelemetry-instrumentation-grpc's aio client
   interceptors: a CLIENT span per upstream attempt, the W3C `traceparent` injected into
   the outgoing metadata (replacing the caller's, which the proxy's server span already
@@ -28,13 +28,13 @@ class ClientMethod:
     """One upstream method's grpc_client_* label children, resolved once."""
 
     __slots__ = (
-        "labels",
-        "started",
-        "handled_parent",
         "handled_children",
+        "handled_parent",
         "handling",
-        "sent",
+        "labels",
         "received",
+        "sent",
+        "started",
     )
 
     def __init__(self, metrics: GrpcClientMetrics, path: str, grpc_type: str) -> None:

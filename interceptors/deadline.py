@@ -3,8 +3,8 @@
 Each method has a default (used when the caller set no deadline) and a maximum; the
 effective timeout is the tighter of the caller's remaining time and the maximum, and it
 is what the upstream call gets, so a caller who leaves early or a runaway generation
-never holds an upstream past it. The source documents' values: 30 s for unary calls,
-2 min for streams, 5 min for agent runs (streamed or not: the run is what is long).
+never holds an upstream past it. The defaults: 30 s for unary calls, 2 min for streams,
+5 min for agent runs (streamed or not: the run is what is long).
 
 When the caller's own deadline is the binding one, the proxy ends the call a little
 before it (`EndMargin`): when the caller's deadline fires, grpc-core cancels the call
@@ -18,15 +18,14 @@ call, and count the call as DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.errors import DeadlineExceeded
 from aiproxy.core.service import Method, Service
-
-Clock = Callable[[], float]
+from aiproxy.core.types import Clock, Context
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +143,7 @@ class _Bound:
     def __init__(self, deadlines: MethodDeadlines, path: str) -> None:
         self._deadlines, self._path = deadlines, path
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         timeout = self._deadlines.effective_timeout(self._path, context.time_remaining())
         if timeout <= 0:
             raise DeadlineExceeded("the caller's deadline had passed before the call started")

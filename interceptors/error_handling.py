@@ -1,6 +1,6 @@
 """Error shaping: every error leaves the proxy in the one shape of core/errors.py.
 
-The pipeline (server/pipeline.py) is the one frame that turns exceptions into the
+The pipeline (server/request/pipeline.py) is the one frame that turns exceptions into the
 status; these are its pieces:
 
 - A ProxyError raised anywhere inside (a stage, the forwarder) becomes its
@@ -30,6 +30,7 @@ from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.errors import Internal, MalformedRequest, ProxyError, abort_with, to_status_proto
 from aiproxy.core.logs import log_event
+from aiproxy.core.types import Context
 from aiproxy.core.upstream_errors import to_proxy_error
 
 log = logging.getLogger("aiproxy.errors")
@@ -110,7 +111,7 @@ async def fail(context: grpc.aio.ServicerContext[Any, Any], err: ProxyError) -> 
     await abort_with(context, err)
 
 
-def cancelled_code(context: Any) -> str:
+def cancelled_code(context: Context) -> str:
     """Why a call was cancelled under the handler: the caller's deadline (grpc-core ends
     the call when it passes; the proxy normally answers just before, see
     interceptors/deadline.py) or the caller leaving."""

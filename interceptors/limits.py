@@ -10,17 +10,27 @@ Three checks, cheapest and least personal first, before a call costs anything up
      -remaining and -reset in their response headers;
   3. for streams, the caller's open-stream cap: RESOURCE_EXHAUSTED (CONCURRENCY_LIMITED).
 
-The caller's key is the authenticated identity that the auth stage put in
-CallInfo.caller, else what `caller_key` derives from the API key, client id header or
-address; it is written back to CallInfo.caller so the log shows who was limited.
+Whose budget a call spends (`Limits.keys`). The owner is an identity the caller cannot
+choose: the one auth verified (CallInfo.identity: `sub:<subject>`, `key:<hash>`), else
+the caller's address (`peer:<address>`, see below). The owner's bucket is charged for
+every call, and the owner's stream cap and token quotas are the ones that apply.
 
-x-client-id is a label the caller declares, not an identity: keyed on its own, any
-caller could drain a victim's bucket by sending the victim's id, or mint ids to get
-fresh buckets. So a client id keys a bucket only inside the caller's address
-(`client:<id>@<address>`: callers behind one address, e.g. one office or one service's
-pods, can still be told apart); an override written for `client:<id>` still applies
-to it. CallInfo.identity, what the upstream breaker counts as distinct callers, is only
-ever unforgeable: the authenticated subject or verified key, else the address.
+An id the caller declares about itself is a label, not an identity: x-client-id, and,
+while auth is off (nothing verifies it), x-api-key. A label may SPLIT its owner's
+budget, never MULTIPLY it: it gets its own request bucket INSIDE the owner's
+(`client:<id>@<owner>`, `key:<hash>@<owner>`), and a call is admitted only when both
+admit (checked inner first, then both charged or neither; one step in the store, one
+Lua script in Redis). So a backend serving many users through one address or API key
+can give each user a share (an override for `client:<id>` shapes that user's bucket),
+but a caller rotating ids per call still draws on one owner bucket: 20 fresh ids get
+what one id gets. An override for a label can only narrow (the owner's bucket still
+applies); to give a caller more, override its owner (`peer:<address>`, `sub:`,
+`apikey:<name>` with auth on). A label can never reach another owner's bucket either
+(the victim's id from another address is another bucket). A sub-bucket of the owner's
+own shape could never refuse first, so it is skipped (no extra state). CallInfo.caller
+is the label's key when there is one (logs, the cache's scope: a label only narrows it),
+else the owner; CallInfo.identity, what the upstream breaker, resume bounds and stream
+scopes count as distinct callers, is always the owner.
 
 Behind the edge every HTTP caller's peer is Envoy, so anonymous callers would share one
 bucket (one heavy browser exhausts everyone's budget). Envoy puts the caller's own
@@ -66,13 +76,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from google.protobuf.message import Message
 
 from aiproxy.core import headers, tokens
 from aiproxy.core.callinfo import CallInfo
-from aiproxy.core.errors import Overloaded
+from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S, Overloaded
 from aiproxy.core.limitpolicy import LimitPolicy
 from aiproxy.core.limitstore import (
     LimitStore,
@@ -84,30 +94,51 @@ from aiproxy.core.limitstore import (
 from aiproxy.core.ratelimit import (
     API_KEY_HEADER,
     CLIENT_ID_HEADER,
+    MAX_CLIENT_ID_LEN,
     ConcurrencyLimiter,
-    Lease,
     LimitSpec,
-    caller_key,
+    hash_api_key,
     peer_host,
+    peer_ip,
 )
 from aiproxy.core.service import Method
 from aiproxy.core.settings import LimitSettings
+from aiproxy.core.types import Context
 
 _PROXY_KEY: Final = "*"  # the one key of the proxy-wide cap
 # The edge's proof that a call came through it (see the module docstring); named in
 # core/headers.py with the proxy's other own headers (never forwarded upstream).
 EDGE_SECRET_HEADER: Final = headers.EDGE_SECRET_HEADER
-# What an OVERLOADED caller is told to wait: calls finish in well under a second on
-# average, so a short, jittered retry (the client's job) finds room.
-OVERLOADED_RETRY_DELAY_S: Final = 0.5
 STREAM_RETRY_DELAY_S: Final = 1.0
 
 
-def override_key(key: str) -> str:
-    """The key an override is written for: `client:<id>` for `client:<id>@<address>`."""
-    if key.startswith("client:"):
-        return key.partition("@")[0]
-    return key
+class Keys(NamedTuple):
+    """Whose budget a call spends.
+
+    owner: the bucket always charged, and the key of its streams and tokens: the
+    verified identity (`sub:`, `key:`) or the address (`peer:<address>`);
+    declared: `<label>@<owner>` when the caller declared an id, else None: a sub-bucket
+    inside the owner's (it can only refuse sooner); label: that id as overrides name it
+    (`client:<id>`, or `key:<hash>` for an API key that auth did not verify).
+    """
+
+    owner: str
+    declared: str | None
+    label: str | None
+
+
+def declared_label(call: CallInfo, *, verified: bool) -> str | None:
+    """The id a caller declares about itself, as overrides name it, or None: x-client-id
+    (`client:<id>`, printable, at most 128 characters), or, when auth has not verified
+    the caller, its x-api-key (`key:<hash>`: unverified, it is only a label)."""
+    if not verified:
+        api_key = call.header(API_KEY_HEADER)
+        if api_key:
+            return f"key:{hash_api_key(api_key)}"
+    client_id = call.header(CLIENT_ID_HEADER)
+    if client_id and len(client_id) <= MAX_CLIENT_ID_LEN and client_id.isprintable():
+        return f"client:{client_id}"
+    return None
 
 
 class Limits:
@@ -123,7 +154,6 @@ class Limits:
         """`policy`: LimitPolicy.from_settings(settings) so `apikey:<name>` overrides find
         their callers (the default knows no API key names)."""
         self.policy = policy if policy is not None else LimitPolicy(settings)
-        self.default = self.policy.default.spec
         self.store: LimitStore = (
             store if store is not None else MemoryLimitStore(max_keys=settings.max_tracked_callers)
         )
@@ -143,41 +173,48 @@ class Limits:
     # -- keys ------------------------------------------------------------------------
 
     def key(self, call: CallInfo) -> str:
-        """The caller's limits key (and CallInfo.caller / .identity when unset)."""
-        if call.caller:
-            return call.caller
-        peer = call.peer
-        if self._address_header:
-            forwarded = call.header(self._address_header)
-            if forwarded and self._from_edge(peer, call.header(EDGE_SECRET_HEADER)):
-                peer = _as_peer(forwarded) or peer
-        address = peer_host(peer)
+        """The caller's key for logs and scopes (CallInfo.caller): its `Keys.declared`
+        when it declared an id, else its `Keys.owner`."""
+        keys = self.keys(call)
+        return keys.declared or keys.owner
+
+    def keys(self, call: CallInfo) -> Keys:
+        """Whose budget a call spends (see the module docstring); sets CallInfo.identity
+        (when auth has not) and CallInfo.caller."""
         if not call.identity:
-            call.identity = f"peer:{address}"
-        api_key = call.header(API_KEY_HEADER)
-        if api_key:
-            key = caller_key({API_KEY_HEADER: api_key}, peer)
-        else:
-            key = caller_key({CLIENT_ID_HEADER: call.header(CLIENT_ID_HEADER) or ""}, peer)
-            if key.startswith("client:"):
-                key = f"{key}@{address}"
-        call.caller = key
-        return key
+            peer = call.peer
+            if self._address_header:
+                forwarded = call.header(self._address_header)
+                if forwarded and self._from_edge(peer, call.header(EDGE_SECRET_HEADER)):
+                    peer = _as_peer(forwarded) or peer
+            call.identity = f"peer:{peer_host(peer)}"
+        owner = call.identity
+        label = declared_label(call, verified=not owner.startswith("peer:"))
+        if label is None:
+            call.caller = owner
+            return Keys(owner, None, None)
+        declared = f"{label}@{owner}"
+        call.caller = declared
+        return Keys(owner, declared, label)
 
     def _from_edge(self, peer: str, secret: str | None) -> bool:
         """Whether the call came through the edge (see the module docstring)."""
-        ip = _peer_ip(peer)
+        ip = peer_ip(peer)
         if ip is None or not any(ip in net for net in self._edges):
             return False
         if not self._edge_secret:
             return True
         return secret is not None and hmac.compare_digest(secret.encode(), self._edge_secret)
 
-    def spec_for(self, key: str) -> LimitSpec:
-        return self.policy.for_caller(override_key(key)).spec
-
-    def streams_for(self, key: str) -> int:
-        return self.policy.for_caller(override_key(key)).stream_limit
+    def sub_spec(self, keys: Keys, owner_spec: LimitSpec) -> LimitSpec | None:
+        """The declared id's own bucket shape: its override's (`client:<id>`, or
+        `apikey:<name>` / `key:<hash>` for an unverified API key), else the default. None
+        when it is the owner's shape: a bucket inside one of the same shape, charged only
+        with a share of what the outer one is, can never refuse first, so it is skipped."""
+        if keys.label is None:
+            return None
+        spec = self.policy.for_caller(keys.label).spec
+        return None if spec == owner_spec else spec
 
     # -- the end of a call -----------------------------------------------------------
 
@@ -207,7 +244,7 @@ class _Bound:
         self._metered = metered  # the method's answers report LLM token usage
         self.exit = self._exit
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         limits = self._limits
         overall = limits.in_flight.try_acquire(_PROXY_KEY)
         if overall is None:
@@ -217,9 +254,9 @@ class _Bound:
                 retry_delay_s=OVERLOADED_RETRY_DELAY_S,
             )
         try:
-            key = limits.key(call)
-            # Overrides for `client:<id>` apply to `client:<id>@<address>` (its bucket).
-            resolved = limits.policy.for_caller(override_key(key), call.tenant or None)
+            keys = limits.keys(call)
+            key = keys.owner
+            resolved = limits.policy.for_caller(key, call.tenant or None)
             token_limits = resolved.token_limits if self._metered else None
             reserve = 0
             if token_limits is not None:
@@ -231,10 +268,12 @@ class _Bound:
                 tokens=reserve,
                 token_limits=token_limits,
                 budget_key=resolved.budget_key,
+                sub_key=keys.declared,
+                sub_spec=limits.sub_spec(keys, resolved.spec),
             )
             if not admission.allowed:
                 # A tenant's exhausted daily budget is the tenant's, not this caller's.
-                subject = key
+                subject = admission.refused_key or key
                 if admission.refused == "tokens_per_day" and resolved.budget_key:
                     subject = resolved.budget_key
                 raise refusal_error(subject, admission, STREAM_RETRY_DELAY_S)
@@ -263,7 +302,7 @@ class _Bound:
             limits.finish(call.stream_lease, None, 0)
             call.stream_lease = call.reservation = None
 
-            def settle(done: Any) -> None:
+            def settle(done: asyncio.Future[tuple[Any, int]]) -> None:
                 last, produced = (None, 0) if done.cancelled() else done.result()
                 limits.finish(None, reservation, generated_tokens(last, produced, prompt))
 
@@ -301,11 +340,6 @@ def generated_tokens(last: Any, produced: int, prompt_estimate: int) -> int:
     return prompt_estimate + produced if produced else 0
 
 
-def _release(leases: list[Lease]) -> None:
-    for lease in leases:
-        lease.release()
-
-
 def _as_peer(address: str) -> str | None:
     """A client address from a trusted header, in grpc's peer format (so that
     `caller_key` treats it like a connection's address), or None if it is not one."""
@@ -314,21 +348,3 @@ def _as_peer(address: str) -> str | None:
     except ValueError:
         return None
     return f"ipv4:{ip}:0" if ip.version == 4 else f"ipv6:[{ip}]:0"
-
-
-def _peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP of a grpc peer string ("ipv4:1.2.3.4:5", "ipv6:[::1]:5"), or None (unix: ...)."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        host = rest.rpartition(":")[0]
-    elif kind == "ipv6":
-        host = rest.rpartition(":")[0].strip("[]")
-    else:
-        return None
-    try:
-        ip = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return None
-    # An IPv4 peer on a dual-stack socket reads as ::ffff:a.b.c.d.
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return mapped or ip

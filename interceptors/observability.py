@@ -36,6 +36,7 @@ from aiproxy.core.errors import Reason
 from aiproxy.core.logs import log_event
 from aiproxy.core.metrics import CallTelemetry
 from aiproxy.core.service import Method
+from aiproxy.core.types import Context
 
 OK = grpc.StatusCode.OK
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -165,7 +166,7 @@ class _Method:
         self.response_model = _has_field(response, "model")
         self.response_usage = _has_field(response, "usage")
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         if self.started is None:
             self._resolve()
         self.started.inc()

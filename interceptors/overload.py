@@ -1,6 +1,6 @@
 """The pipeline's first step: refuse new API calls at once while the proxy is full.
 
-Why a gate before everything else (issue 13, item 5): grpc.aio takes new calls from
+Why a gate before everything else: grpc.aio takes new calls from
 grpc-core one at a time, on the event loop, a few loop iterations per call. Every call it
 takes then runs the whole pipeline before the limiter in interceptors/limits.py
 can refuse it, and while the loop is busy with that, the next callers wait in grpc-core's
@@ -12,7 +12,7 @@ ever reaching the proxy's code.
 This gate makes a refusal as cheap as it can be, so the loop drains that queue fast:
 when the calls being forwarded (`active()`) reach the current limit, a new API call is
 answered RESOURCE_EXHAUSTED (ErrorInfo OVERLOADED, RetryInfo) with a prebuilt status,
-before the request is decoded or a CallInfo exists (server/pipeline.py runs `check`
+before the request is decoded or a CallInfo exists (server/request/pipeline.py runs `check`
 first, on the raw request bytes).
 interceptors/limits.py keeps its exact, lease-based cap further in; this one reads a
 counter the forwarder keeps anyway, so admitted calls pay nothing for it.
@@ -23,7 +23,7 @@ backs grpc-core's queue up with only a few dozen streams open, and the active co
 never reaches any sane ceiling. Nor can the loop's lag: it stays at a few ms while the
 queue grows, because the loop is not slow, it only takes one call per few iterations
 (grpc/grpc#43436 works on that main loop's throughput). So the proxy measures the wait
-itself (server/backlog.py: a probe call to its own listener that queues like any other
+itself (server/pool/backlog.py: a probe call to its own listener that queues like any other
 new call) and the limit follows it, AIMD as TCP and Netflix's concurrency-limits do with
 latency: while the wait is above its target the limit drops below what is open now, so
 new calls are refused cheaply and the queue drains; once the wait is back under the
@@ -34,14 +34,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Final
 
-from aiproxy.core.errors import Overloaded, to_grpc_status
+from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S, Overloaded, to_grpc_status
 from aiproxy.core.service import Method
-
-# What a refused caller is told to wait: long enough for a burst to pass, short enough
-# that a retry (jittered by the client) soon finds room.
-OVERLOADED_RETRY_DELAY_S: Final = 1.0
+from aiproxy.core.types import Context
 
 
 class BacklogLimit:
@@ -125,7 +121,7 @@ class GateCheck:
     def __init__(self, gate: OverloadGate, path: str) -> None:
         self._gate, self._path = gate, path
 
-    async def check(self, context: Any) -> None:
+    async def check(self, context: Context) -> None:
         gate = self._gate
         if gate.full():
             if gate._on_reject is not None:

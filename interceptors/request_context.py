@@ -12,6 +12,7 @@ from typing import Any
 
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.service import Method
+from aiproxy.core.types import Context
 
 REQUEST_ID = "x-request-id"
 _MAX_REQUEST_ID_LEN = 128
@@ -35,7 +36,7 @@ class _Bound:
     __slots__ = ()
     exit = None
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         call.request_id = request_id_from(call.metadata)
         context.set_trailing_metadata(((REQUEST_ID, call.request_id),))
 

@@ -26,6 +26,7 @@ from typing import Any, Final, Protocol
 
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.service import Method
+from aiproxy.core.types import Context
 
 Exit = Callable[[CallInfo], None]
 
@@ -33,9 +34,11 @@ Exit = Callable[[CallInfo], None]
 class Bound(Protocol):
     """A stage's hooks for one method."""
 
-    exit: Exit | None
+    # Read-only here, so a stage may declare it as a plain `exit = None` or a bound method.
+    @property
+    def exit(self) -> Exit | None: ...
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None: ...
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None: ...
 
 
 class Stage(Protocol):

@@ -1,6 +1,6 @@
 """An endpoint's circuit breaker at the upstream call: the gate and its settlement.
 
-Plain helpers, not grpc.aio client interceptors: the upstream call (server/upstream.py,
+Plain helpers, not grpc.aio client interceptors: the upstream call (server/pool/endpoint.py,
 `Endpoint.unary` / `Endpoint.stream`) takes the permit before anything is sent and
 settles it with the outcome. grpc.aio's client-interceptor machinery cost about 115 us
 of CPU per call (extra tasks and call objects per interceptor), more than the breaker.
@@ -10,7 +10,7 @@ sent. Otherwise the call's outcome settles its permit, which carries the caller'
 (the breaker's injected caller source): failures with the breaker's failure codes count,
 everything else (the caller's own errors, request-specific INTERNAL, cancellations) does
 not. A stream is settled when it ends, so a stream that fails mid-way with UNAVAILABLE
-counts; which callers failed is what decides (interceptors/breaker.py).
+counts; which callers failed is what decides (core/breaker.py).
 """
 
 from __future__ import annotations

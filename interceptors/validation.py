@@ -25,9 +25,11 @@ from google.protobuf.descriptor import EnumDescriptor, ServiceDescriptor
 
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.contract import TEMPERATURE, TOP_P
 from aiproxy.core.errors import FieldViolation, InvalidArgument
 from aiproxy.core.service import Method
 from aiproxy.core.settings import ValidationSettings
+from aiproxy.core.types import Context
 
 Violations = list[FieldViolation]
 Validator = Callable[[Any], Violations]
@@ -99,11 +101,11 @@ class RequestRules:
         if not request.HasField("options"):
             return
         o = request.options
-        # `not a <= x <= b` is also true for NaN.
-        if not 0.0 <= o.temperature <= 2.0:
-            out.append(FieldViolation("options.temperature", "must be between 0 and 2"))
-        if not 0.0 <= o.top_p <= 1.0:
-            out.append(FieldViolation("options.top_p", "must be between 0 and 1"))
+        # Outside a contract Range is also true for NaN (core/contract.py).
+        if o.temperature not in TEMPERATURE:
+            out.append(FieldViolation("options.temperature", TEMPERATURE.violation))
+        if o.top_p not in TOP_P:
+            out.append(FieldViolation("options.top_p", TOP_P.violation))
         if not 0 <= o.max_tokens <= self.limits.max_tokens:
             out.append(
                 FieldViolation(
@@ -262,7 +264,7 @@ class _Bound:
     def __init__(self, validator: Validator) -> None:
         self._validator = validator
 
-    async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
+    async def enter(self, call: CallInfo, request: Any, context: Context) -> None:
         violations = self._validator(request)
         if violations:
             raise invalid_request(violations)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -91,12 +92,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _run(coro: Any) -> None:
+    """Run the server's coroutine, on uvloop when it is installed. Never inside the
+    `except ImportError`: everything raised in the server would be chained to it ("During
+    handling of the above exception... No module named 'uvloop'") in every traceback."""
     try:
         import uvloop
     except ImportError:  # optional: grpc.aio runs on the default loop too
-        asyncio.run(coro)
+        runner: Callable[[Any], Any] = asyncio.run
     else:
-        uvloop.run(coro)
+        runner = uvloop.run
+    runner(coro)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -164,4 +164,8 @@ def server_tracing_interceptor(tracer_provider: Any) -> grpc.aio.ServerIntercept
     from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
     skip = filters.any_of(*(filters.service_name(s) for s in untraced_services()))
-    return aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(skip))
+    # opentelemetry-instrumentation-grpc declares no types for it.
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
+        tracer_provider=tracer_provider, filter_=filters.negate(skip)
+    )
+    return interceptor

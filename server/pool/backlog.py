@@ -55,7 +55,8 @@ class BacklogProbe:
         async with grpc.aio.insecure_channel(
             self._target, options=[("grpc.use_local_subchannel_pool", 1)]
         ) as channel:
-            probe = channel.unary_unary(PROBE_PATH)
+            # No serializers: the probe sends and expects raw bytes.
+            probe: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(PROBE_PATH)
             while True:
                 self._sent_at = clock()
                 try:

@@ -136,14 +136,17 @@ class Endpoint:
 
     def _route(self, path: str, streaming: bool, deserializer: Callable[[bytes], Any]) -> Route:
         # serializer None: the caller's request bytes go upstream as they came.
+        # _registered_method: grpc.aio's own (private) hint that spares a per-call method
+        # lookup; the grpcio stubs do not declare it.
+        callables: list[Any]
         if streaming:
             callables = [
-                ch.unary_stream(path, response_deserializer=deserializer, _registered_method=True)
+                ch.unary_stream(path, response_deserializer=deserializer, _registered_method=True)  # type: ignore[call-arg]
                 for ch in self.channels
             ]
         else:
             callables = [
-                ch.unary_unary(path, response_deserializer=deserializer, _registered_method=True)
+                ch.unary_unary(path, response_deserializer=deserializer, _registered_method=True)  # type: ignore[call-arg]
                 for ch in self.channels
             ]
         metrics = None if self._metrics is None else self._metrics.method(path, streaming)

@@ -108,7 +108,7 @@ class EndpointHealth:
             try:
                 # wait_for_ready: while the endpoint is down the call waits for the channel
                 # to reconnect instead of failing in a tight loop.
-                async for response in stub.Watch(request, wait_for_ready=True):
+                async for response in stub.Watch(request, wait_for_ready=True):  # type: ignore[attr-defined]  # stubs: HealthStub has no methods
                     backoff = 0.05
                     self._endpoint.set_serving(response.status == SERVING, "watch")
                 self._endpoint.set_serving(False, "watch stream ended")
@@ -125,7 +125,7 @@ class EndpointHealth:
         interval = self._settings.health_check_interval_s
         while True:
             try:
-                response = await stub.Check(request, timeout=interval, wait_for_ready=True)
+                response = await stub.Check(request, timeout=interval, wait_for_ready=True)  # type: ignore[attr-defined]  # stubs: HealthStub has no methods
                 self._endpoint.set_serving(response.status == SERVING, "check")
             except grpc.aio.AioRpcError as exc:
                 self._endpoint.set_serving(False, f"check failed: {exc.code().name}")
@@ -155,7 +155,7 @@ class EndpointHealth:
                     await asyncio.wait_for(self.probe_now.wait(), delay - spacing)
             self.probe_now.clear()
             try:
-                await stub.Check(request, timeout=timeout)
+                await stub.Check(request, timeout=timeout)  # type: ignore[attr-defined]  # stubs: HealthStub has no methods
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code is grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -216,7 +216,7 @@ class UpstreamPool:
     @property
     def healthy_count(self) -> int:
         """Endpoints SERVING and answering, whatever their breakers say: what the
-        proxy's readiness follows (server/health.py)."""
+        proxy's readiness follows (server/request/health.py)."""
         return sum(1 for ep in self.endpoints.values() if ep.healthy)
 
     def pick(self, exclude: frozenset[str] | set[str] = frozenset()) -> Endpoint | None:

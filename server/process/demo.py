@@ -27,7 +27,6 @@ from aiproxy.server.process import devtoken
 AGENT = "127.0.0.1:50052"
 PROXY = "127.0.0.1:50051"
 ENVOY_HTTP = "127.0.0.1:8080"
-METRICS = "127.0.0.1:9091"
 
 
 @dataclass
@@ -59,7 +58,7 @@ async def _wait_serving(address: str, timeout: float = 30.0) -> None:
         deadline = loop.time() + timeout
         while True:
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)  # type: ignore[attr-defined]  # stubs: HealthStub has no methods
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:

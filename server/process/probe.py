@@ -18,7 +18,8 @@ async def check(address: str, service: str = "", timeout_s: float = 3.0) -> tupl
     """(exit status, what to print) for one Health/Check of `service` at `address`."""
     async with grpc.aio.insecure_channel(address) as channel:
         try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(  # type: ignore[attr-defined]  # stubs: HealthStub has no methods
                 health_pb2.HealthCheckRequest(service=service),
                 timeout=timeout_s,
                 wait_for_ready=True,

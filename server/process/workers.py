@@ -148,7 +148,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any
             event = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if event.get("event") == "listening":
+        if isinstance(event, dict) and event.get("event") == "listening":
             return event
     raise TimeoutError(f"worker {proc.pid} not ready after {READY_TIMEOUT_S:g}s")
 
@@ -206,8 +206,8 @@ def supervise(settings: Settings, args: argparse.Namespace) -> int:
                 )
             )
         for proc in procs:
-            event = _wait_ready(proc, deadline)
-            ready.append({"pid": proc.pid, "metrics_address": event.get("metrics_address")})
+            listening = _wait_ready(proc, deadline)
+            ready.append({"pid": proc.pid, "metrics_address": listening.get("metrics_address")})
             threading.Thread(target=_drain_stdout, args=(proc,), daemon=True).start()
     except (RuntimeError, TimeoutError) as exc:
         log_event(log, "workers_start_failed", level=logging.ERROR, error=str(exc))

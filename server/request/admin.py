@@ -1,14 +1,19 @@
-"""ai.proxy.v1.ProxyAdminService: the pool as the proxy sees it (read-only)."""
+"""ai.proxy.v1.ProxyAdminService: the pool as the proxy sees it (read-only).
+
+With auth on, every method needs the caller's credentials AND `auth.admin_scopes`
+(default `aiproxy.admin`; interceptors/auth.py), checked by AuthStage.guard."""
 
 from __future__ import annotations
 
-import grpc
-
 from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
 from aiproxy.ai.proxy.v1 import admin_service_pb2_grpc as admin_grpc
+from aiproxy.core.settings import ADMIN_SERVICE_NAME
+from aiproxy.core.types import Context
 from aiproxy.server.pool.pool import UpstreamPool
 
-ADMIN_SERVICE_NAME = admin_pb.DESCRIPTOR.services_by_name["ProxyAdminService"].full_name
+# The name auth's admin scope check uses must be the proto's.
+if admin_pb.DESCRIPTOR.services_by_name["ProxyAdminService"].full_name != ADMIN_SERVICE_NAME:
+    raise RuntimeError("core.settings.ADMIN_SERVICE_NAME differs from the admin proto")
 
 
 class ProxyAdmin(admin_grpc.ProxyAdminServiceServicer):
@@ -16,7 +21,7 @@ class ProxyAdmin(admin_grpc.ProxyAdminServiceServicer):
         self._pool = pool
 
     async def ListEndpoints(
-        self, request: admin_pb.ListEndpointsRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb.ListEndpointsRequest, context: Context
     ) -> admin_pb.ListEndpointsResponse:
         endpoints = [
             admin_pb.UpstreamEndpoint(
@@ -25,7 +30,7 @@ class ProxyAdmin(admin_grpc.ProxyAdminServiceServicer):
                 usable=ep.usable,
                 in_flight=ep.in_flight,
                 total_calls=ep.total_calls,
-                breaker_state=ep.breaker_state_proto(),
+                breaker_state=admin_pb.BreakerState.Name(ep.breaker_state_proto()),
             )
             for ep in self._pool.endpoints.values()
         ]

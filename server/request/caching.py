@@ -21,15 +21,16 @@ no upstream call, no token charge.
 
 Scope: `tenant:<t>` when the caller has a tenant, else its caller key (so anonymous
 callers behind different addresses never share answers); "" when the operator sets
-`cache.shared_across_tenants`.
+`cache.shared_across_tenants`. The caller key is its identity (verified, else its
+address), or `<declared id>@<identity>`: an id the caller declares (x-client-id, an
+unverified x-api-key) only narrows the scope inside its identity, never widens it to
+whoever else declares the same value.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
-
-import grpc
 
 from aiproxy.core.cache import (
     CACHE_HEADER,
@@ -45,10 +46,8 @@ from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.metrics import ProxyMetrics
 from aiproxy.core.service import Method
 from aiproxy.core.settings import CacheSettings, Settings
+from aiproxy.core.types import Context, StreamCall, UnaryCall
 from aiproxy.server.request.resume import DetachedContext, initial_metadata
-
-UnaryCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], Awaitable[Any]]
-StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
 
 
 class _Incomplete(Exception):
@@ -95,9 +94,7 @@ class Caching:
         count = self._counter(method)
         cache = self.cache
 
-        async def cached_unary(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> Any:
+        async def cached_unary(request: Any, raw: bytes, context: Context, call: CallInfo) -> Any:
             decision = decide(parse_cache_control(call.metadata.items()), ttl, max_ttl)
             if decision.bypass:
                 count(Outcome.BYPASS)
@@ -125,8 +122,8 @@ class Caching:
         count = self._counter(method)
 
         def cached_stream(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> AsyncIterator[Any]:
+            request: Any, raw: bytes, context: Context, call: CallInfo
+        ) -> AsyncGenerator[Any, None]:
             decision = decide(parse_cache_control(call.metadata.items()), ttl, max_ttl)
             if decision.bypass:
                 count(Outcome.BYPASS)
@@ -143,9 +140,9 @@ class Caching:
         count: Callable[[Outcome], None],
         request: Any,
         raw: bytes,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         cls = method.response_cls
         key = cache_key(method.path, self._scope(call), canonical_request(request))
         detached = DetachedContext(context)

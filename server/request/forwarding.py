@@ -1,7 +1,7 @@
-"""The forwarding servicer: every AgentService method, re-exported and sent upstream.
+"""The forwarder: every AgentService method, re-exported and sent upstream.
 
-It is the pipeline's terminal (server/pipeline.py): one forwarding function per method
-of the service model, so a method added to the proto is forwarded without code here.
+It is the pipeline's terminal (server/request/pipeline.py): one forwarding function per
+method of the service model, so a method added to the proto is forwarded without code here.
 Each call: pick an endpoint from the pool, forward the caller's request bytes as they
 came (never re-serialized) and its metadata (minus transport and credential headers,
 read once into CallInfo) with the request id, give the upstream call what is left of
@@ -17,7 +17,7 @@ one dict look-up per call, and a hash only for calls that have a key.
 
 Retries live here, at the pool level, because the next attempt must be able to go to
 another endpoint (a channel's own interceptors only ever see one endpoint). They follow
-interceptors/retry.py's policy: unary calls, and streams before their first chunk has
+core/retry.py's policy: unary calls, and streams before their first chunk has
 reached the caller; never past the deadline. Everything else that protects the
 upstreams or the callers is a stage or an interceptor (see server/chain.py).
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -38,10 +38,12 @@ from aiproxy.core.headers import (
     COALESCE_HEADER,
     PROXY_ONLY_METADATA,
     PROXY_PREFIX,
+    is_credential,
 )
 from aiproxy.core.retry import RetryPolicy
-from aiproxy.core.service import Method, agent_service
+from aiproxy.core.service import Method
 from aiproxy.core.settings import Settings
+from aiproxy.core.types import Context, StreamCall, UnaryCall
 from aiproxy.interceptors.deadline import Deadline
 from aiproxy.server.pool.balancer import key_hash
 from aiproxy.server.pool.endpoint import Endpoint
@@ -60,7 +62,9 @@ ATTEMPTS_TRAILER = "x-aiproxy-attempts"
 
 # Metadata that describes the caller's hop, not the call: never forwarded. Nor is what
 # only this proxy interprets (core/headers.py: resume, cancel, cache-control, coalescing,
-# the edge's secret, and any x-aiproxy-* by its prefix).
+# the edge's secret, and any x-aiproxy-* by its prefix), nor any credential-bearing
+# header (core/headers.is_credential: authorization, proxy-authorization, cookie,
+# x-api-key, *-token, *-secret..., a class of names), nor `upstream.drop_metadata`.
 _HOP_METADATA = frozenset(
     {
         "content-type",
@@ -115,7 +119,8 @@ def coalesce_window(call: CallInfo, default_ms: float) -> float:
 
 
 class Forwarder:
-    """Builds the generic handler that re-exports AgentService through the pool."""
+    """The pipeline's terminal: per method, the function that sends an admitted call
+    through the pool (with retries) and relays the answer."""
 
     def __init__(self, pool: UpstreamPool, settings: Settings) -> None:
         self._pool = pool
@@ -147,21 +152,18 @@ class Forwarder:
         if not self.active:
             self._idle.set()
 
-    @staticmethod
-    def stream_response_classes() -> dict[str, type]:
-        """Method path -> chunk class, for every server-streaming method."""
-        return {m.path: m.response_cls for m in agent_service().methods if m.streaming}
-
     # -- per call ---------------------------------------------------------------------
 
-    def _metadata(self, context: grpc.aio.ServicerContext, call: CallInfo) -> list[tuple[str, Any]]:
+    def _metadata(self, context: Context, call: CallInfo) -> list[tuple[str, Any]]:
         drop = self._drop
         # The dict read on entry; a key the caller repeated keeps all its values.
         pairs = context.invocation_metadata() or () if call.repeated else call.metadata.items()
         out = [
             (key, value)
             for key, value in pairs
-            if key not in drop and not key.startswith(_NEVER_FORWARDED_PREFIXES)
+            if key not in drop
+            and not key.startswith(_NEVER_FORWARDED_PREFIXES)
+            and not is_credential(key)
         ]
         out.append((REQUEST_ID, call.request_id))
         return out
@@ -185,13 +187,13 @@ class Forwarder:
         scope = (call.identity or ANONYMOUS_SCOPE) if self._scoped else ANONYMOUS_SCOPE
         return key_hash(f"{scope}\x00{name}")
 
-    def _deadline(self, context: grpc.aio.ServicerContext, call: CallInfo) -> Deadline | None:
+    def _deadline(self, context: Context, call: CallInfo) -> Deadline | None:
         timeout = call.timeout_s if call.timeout_s is not None else context.time_remaining()
         return None if timeout is None else Deadline.from_timeout(timeout)
 
     async def _within_deadline(
         self,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
         deadline: Deadline | None,
         attempt_on: Callable[[Endpoint, list[tuple[str, Any]], float | None], Awaitable[T]],
@@ -218,7 +220,7 @@ class Forwarder:
 
     async def _with_retries(
         self,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
         deadline: Deadline | None,
         attempt_on: Callable[[Endpoint, list[tuple[str, Any]], float | None], Awaitable[T]],
@@ -281,15 +283,13 @@ class Forwarder:
 
     # -- the pipeline's terminal: one forwarding function per method ------------------
 
-    def unary(self, method: Method) -> Callable[..., Awaitable[Any]]:
+    def unary(self, method: Method) -> UnaryCall:
         path, deserialize = method.path, method.response_cls.FromString
         keyed = self.keyed(method)
 
-        async def forward_unary(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> Any:
+        async def forward_unary(request: Any, raw: bytes, context: Context, call: CallInfo) -> Any:
             def attempt(
-                endpoint: Endpoint, metadata: list, timeout: float | None
+                endpoint: Endpoint, metadata: list[tuple[str, Any]], timeout: float | None
             ) -> Awaitable[Any]:
                 # The caller's bytes go upstream as they came.
                 return endpoint.unary(path, deserialize, raw, metadata, timeout)
@@ -309,7 +309,7 @@ class Forwarder:
 
         return forward_unary
 
-    def stream(self, method: Method) -> Callable[..., AsyncIterator[Any]]:
+    def stream(self, method: Method) -> StreamCall:
         path, response_cls = method.path, method.response_cls
         deserialize = response_cls.FromString
         settings = self._settings.stream
@@ -319,14 +319,14 @@ class Forwarder:
         keyed = self.keyed(method)
 
         async def forward_stream(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> AsyncIterator[Any]:
+            request: Any, raw: bytes, context: Context, call: CallInfo
+        ) -> AsyncGenerator[Any, None]:
             deadline = self._deadline(context, call)
             end_at = None if deadline is None else deadline.expires_at
             window = coalesce_window(call, window_ms)
 
             async def attempt(
-                endpoint: Endpoint, metadata: list, timeout: float | None
+                endpoint: Endpoint, metadata: list[tuple[str, Any]], timeout: float | None
             ) -> tuple[Any, Any, Endpoint]:
                 upstream = endpoint.stream(path, deserialize, raw, metadata, timeout)
                 # The pump ends the stream at the deadline (StreamDeadline), in-band.

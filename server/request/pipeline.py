@@ -24,10 +24,12 @@ serializer. Every method is registered as request-STREAMING and the frame reads 
 message itself (`context.read()`): grpc.aio's unary-request path, given a call whose
 stream ends without one whole message (no DATA, or a length prefix larger than the bytes
 that came, then END_STREAM), never calls the handler and never answers either, so the
-caller waited until its own deadline, forever without one (issue 20). Here such a call
-gets INVALID_ARGUMENT / MALFORMED_REQUEST at once, like any request that does not decode. Health, reflection and admin are registered beside the pipeline (with the
-same MALFORMED_REQUEST shaping, interceptors/error_handling.safe_handler) and never run
-the business chain.
+caller waited until its own deadline, forever without one. Here such a call gets
+INVALID_ARGUMENT / MALFORMED_REQUEST at once, like any request that does not decode.
+
+Health, reflection and admin are registered beside the pipeline (with the same
+MALFORMED_REQUEST shaping, interceptors/error_handling.safe_handler) and never run the
+business chain.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -43,6 +45,7 @@ import grpc
 from aiproxy.core.callinfo import CallInfo, current_call, metadata_dict
 from aiproxy.core.errors import MalformedRequest
 from aiproxy.core.service import Method, Service
+from aiproxy.core.types import Context, StreamCall, UnaryCall
 from aiproxy.interceptors.error_handling import (
     cancelled_code,
     decode,
@@ -52,68 +55,27 @@ from aiproxy.interceptors.error_handling import (
     shape,
 )
 from aiproxy.interceptors.overload import GateCheck, OverloadGate
-from aiproxy.interceptors.stage import DECODE, Bound
+from aiproxy.interceptors.stage import Bound, Decode, Exit, Step
 
 log = logging.getLogger("aiproxy.pipeline")
 
-UnaryCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], Awaitable[Any]]
-StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
-
 
 class Terminal(Protocol):
-    """What the pipeline hands an admitted call to (the forwarder), per method."""
+    """What the pipeline hands an admitted call to, per method: the forwarder (with the
+    cache and resumable streams in front of it); in tests, a stand-in agent
+    (tests/support/pipeline.py)."""
 
     def unary(self, method: Method) -> UnaryCall: ...
 
     def stream(self, method: Method) -> StreamCall: ...
 
 
-async def _unimplemented(request: Any, context: grpc.aio.ServicerContext) -> Any:
-    raise NotImplementedError  # shaped INTERNAL by the pipeline
-
-
-async def _unimplemented_stream(
-    request: Any, context: grpc.aio.ServicerContext
-) -> AsyncIterator[Any]:
-    raise NotImplementedError
-    yield  # pragma: no cover  (an async generator, as a stream method is)
-
-
-class ServicerTerminal:
-    """A terminal from an AgentService servicer object (tests, the demo): each method
-    calls `servicer.<Name>(request, context)`; a method it lacks is UNIMPLEMENTED."""
-
-    def __init__(self, servicer: Any) -> None:
-        self._servicer = servicer
-
-    def unary(self, method: Method) -> UnaryCall:
-        behavior = getattr(self._servicer, method.name, _unimplemented)
-
-        async def call_servicer(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> Any:
-            return await behavior(request, context)
-
-        return call_servicer
-
-    def stream(self, method: Method) -> StreamCall:
-        behavior = getattr(self._servicer, method.name, _unimplemented_stream)
-
-        def call_servicer(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> AsyncIterator[Any]:
-            result: AsyncIterator[Any] = behavior(request, context)
-            return result
-
-        return call_servicer
-
-
-def _aborted_code(context: grpc.aio.ServicerContext) -> str:
+def _aborted_code(context: Context) -> str:
     code = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
-def _run_exits(exits: Sequence[Callable[[CallInfo], None] | None], n: int, call: CallInfo) -> None:
+def _run_exits(exits: Sequence[Exit | None], n: int, call: CallInfo) -> None:
     """The exits of the first `n` stages, innermost first; one failing never skips the
     others (it is a bug: logged, the call's outcome unchanged)."""
     for i in range(n - 1, -1, -1):
@@ -131,17 +93,17 @@ class Pipeline:
     def __init__(
         self,
         service: Service,
-        stages: Sequence[Any],
+        stages: Sequence[Step],
         terminal: Terminal,
         gate: OverloadGate | None = None,
     ) -> None:
         self.service = service
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.handlers: dict[str, grpc.RpcMethodHandler[bytes, Any]] = {}
         for method in service.methods:
             bound: list[Bound] = []
             decode_at = -1
             for stage in stages:
-                if stage is DECODE:
+                if isinstance(stage, Decode):
                     decode_at = len(bound)
                     continue
                 b = stage.bind(method)
@@ -170,7 +132,7 @@ class Pipeline:
         return grpc.method_handlers_generic_handler(self.service.name, self.handlers)
 
 
-async def _read_one(context: grpc.aio.ServicerContext) -> bytes:
+async def _read_one(context: Context) -> bytes:
     """The call's request message (see the module docstring: why not grpc's own read)."""
     try:
         raw: bytes = await read_one(context)
@@ -179,7 +141,7 @@ async def _read_one(context: grpc.aio.ServicerContext) -> bytes:
     return raw
 
 
-def _open(method: Method, context: grpc.aio.ServicerContext) -> CallInfo:
+def _open(method: Method, context: Context) -> CallInfo:
     headers, repeated = metadata_dict(context.invocation_metadata())
     call = CallInfo(method.path, metadata=headers, repeated=repeated, peer=context.peer())
     current_call.set(call)
@@ -192,13 +154,13 @@ def _unary_handler(
     bound: Sequence[Bound],
     decode_at: int,
     terminal: UnaryCall,
-) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+) -> Callable[[Any, Context], Awaitable[Any]]:
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
     path, request_cls = method.path, method.request_cls
 
-    async def unary(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(_requests: Any, context: Context) -> Any:
         raw = await _read_one(context)
         if check is not None:
             await check.check(context)
@@ -239,23 +201,24 @@ def _stream_handler(
     bound: Sequence[Bound],
     decode_at: int,
     terminal: StreamCall,
-) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+) -> Callable[[Any, Context], AsyncGenerator[Any, None]]:
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
     path, request_cls, chunk_cls = method.path, method.request_cls, method.response_cls
     monotonic = time.monotonic
 
-    async def stream(_requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream(_requests: Any, context: Context) -> AsyncGenerator[Any, None]:
         raw = await _read_one(context)
         if check is not None:
             await check.check(context)
         call = _open(method, context)
         entered = 0
         sent = 0
-        first = last = None
+        first: Any = None  # the first and last chunk handed to gRPC (None: none yet)
+        last: Any = None
         first_at = last_at = gap_max = 0.0
-        chunks: AsyncIterator[Any] | None = None
+        chunks: AsyncGenerator[Any, None] | None = None
         try:
             err = None
             try:
@@ -311,7 +274,7 @@ def _stream_handler(
             call.first_at, call.last_at, call.gap_max = first_at, last_at, gap_max
             try:
                 if chunks is not None:
-                    await chunks.aclose()  # type: ignore[attr-defined]
+                    await chunks.aclose()
             finally:
                 _run_exits(exits, entered, call)
 

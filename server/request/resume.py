@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Final, cast
 
 import grpc
@@ -70,11 +70,11 @@ from aiproxy.core.streambuffer import (
     parse_resume,
     watch_owner,
 )
+from aiproxy.core.types import Context, StreamCall
 from aiproxy.interceptors.error_handling import final_chunk, shape
 
 log = logging.getLogger("aiproxy.resume")
 
-StreamCall = Callable[[Any, bytes, grpc.aio.ServicerContext, CallInfo], AsyncIterator[Any]]
 
 REQUEST_ID: Final = "x-request-id"
 # The owner's heartbeat (and so how soon a cancel request or the grace's end is seen).
@@ -97,7 +97,7 @@ class DetachedContext:
 
     __slots__ = ("_context", "initial")
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, context: Context) -> None:
         self._context = context
         self.initial: tuple[tuple[str, str], ...] | None = None
 
@@ -110,9 +110,9 @@ class DetachedContext:
         except Exception:  # noqa: BLE001 - the caller's call is over: nobody to tell
             pass
 
-    def as_context(self) -> grpc.aio.ServicerContext:
+    def as_context(self) -> Context:
         """This object, typed as what the inner terminal takes (it duck-types it)."""
-        return cast("grpc.aio.ServicerContext", self)
+        return cast(Context, self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -140,13 +140,22 @@ def stream_scope(call: CallInfo) -> str:
     id gets the same NOT_FOUND as another scope's (nothing to probe). What a shared scope
     must not share, the per-caller bound, is counted per caller (`holder` in create): one
     anonymous caller cannot flush another's streams. Authenticated callers and tenants
-    get their own scope: a leaked id is useless to anyone outside it.
+    get their own scope: a leaked id is useless to anyone outside it. Both the scope and
+    the holder come from CallInfo.identity (what auth verified, else the address), never
+    from an id the caller declares (x-client-id, an unverified x-api-key): a fresh id per
+    call must not be a fresh per-caller bound (`caller_of`).
     """
     if call.tenant:
         return f"tenant:{call.tenant}"
-    if call.caller.startswith(("sub:", "key:")):
-        return call.caller
+    if call.identity.startswith(("sub:", "key:")):  # verified by auth, never declared
+        return call.identity
     return "anon"
+
+
+def caller_of(call: CallInfo) -> str:
+    """Whom a stream counts against in the per-caller bounds: the caller's unforgeable
+    identity (see `stream_scope`)."""
+    return call.identity or call.peer
 
 
 class _End:
@@ -248,8 +257,8 @@ class Resumer:
         name = method.name
 
         def resumable_stream(
-            request: Any, raw: bytes, context: grpc.aio.ServicerContext, call: CallInfo
-        ) -> AsyncIterator[Any]:
+            request: Any, raw: bytes, context: Context, call: CallInfo
+        ) -> AsyncGenerator[Any, None]:
             ask = parse_resume(call.metadata.items())
             if ask.cancel is not None:
                 return self._cancel(ask.cancel, context, call)
@@ -266,8 +275,8 @@ class Resumer:
     # -- x-aiproxy-cancel ----------------------------------------------------------------
 
     async def _cancel(
-        self, sid: str, context: grpc.aio.ServicerContext, call: CallInfo
-    ) -> AsyncIterator[Any]:
+        self, sid: str, context: Context, call: CallInfo
+    ) -> AsyncGenerator[Any, None]:
         call.replayed = "cancel"
         if not await self.buffer.request_cancel(sid, stream_scope(call)):
             raise StreamNotFound()
@@ -282,9 +291,9 @@ class Resumer:
         method: Method,
         sid: str,
         after_seq: int,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         call.replayed = "resume"  # no upstream call: the limits charge no tokens for it
         cls = method.response_cls
         reader = self.buffer.read(sid, stream_scope(call), after_seq)
@@ -326,19 +335,17 @@ class Resumer:
         inner: StreamCall,
         request: Any,
         raw: bytes,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         call: CallInfo,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         try:
-            sid = await self.buffer.create(
-                stream_scope(call), self.replica_id, call.caller or call.peer
-            )
+            sid = await self.buffer.create(stream_scope(call), self.replica_id, caller_of(call))
         except StreamStoreUnavailable:
             # The store is away: the stream runs, not resumable (no id is promised).
             async for chunk in inner(request, raw, context, call):
                 yield chunk
             return
-        owner = _Owner(sid, self._queue_chunks, call.caller or call.peer)
+        owner = _Owner(sid, self._queue_chunks, caller_of(call))
         owner.count = call.chunk_tokens  # set by the limits when the call reserved tokens
         detached = DetachedContext(context)
         grace = Grace(self.settings.grace_s)

@@ -11,7 +11,7 @@ Every chunk the caller sees is renumbered (`seq`), since heartbeats and coalesci
 change how many chunks there are. Chunks that queued up behind a slow caller may be
 merged into one (the first chunk is never held back: merging only takes what is
 already waiting). With a coalescing window (opt-in: `coalesce_window_ms`, per method, or
-the caller's `x-aiproxy-coalesce-ms` header, see server/forwarding.py) later chunks are
+the caller's `x-aiproxy-coalesce-ms` header, see server/request/forwarding.py) later chunks are
 pushed at most once per window, so a fast token stream becomes fewer, larger messages.
 
 The pump reads the time (heartbeat and idle deadlines, the call's deadline, the coalescing
@@ -26,7 +26,7 @@ import asyncio
 import collections
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from aiproxy.core.errors import DeadlineExceeded
@@ -143,7 +143,7 @@ class StreamPump:
         self.seq += 1
         return seq
 
-    async def chunks(self) -> AsyncIterator[Any]:
+    async def chunks(self) -> AsyncGenerator[Any, None]:
         """The caller's chunks, in upstream order, renumbered, with heartbeats."""
         queue = self._queue
         heartbeat_s = self._settings.heartbeat_interval_s

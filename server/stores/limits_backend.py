@@ -3,7 +3,7 @@ its state in the metrics.
 
 `limits.backend: memory` is core/limitstore.py's MemoryLimitStore (state in this process:
 with N workers or replicas every caller gets N times its limits). `redis` is
-server/redis_limits.py's RedisLimitStore on `redis.url`, shared by every worker and
+server/stores/redis_limits.py's RedisLimitStore on `redis.url`, shared by every worker and
 replica; its failure policy, bounded wait and lease TTL come from the settings.
 
 The assembly does, once per process:

@@ -3,7 +3,7 @@
 One key per answer (`{prefix}<sha256>`), the encoded Entry as value, `SET ... PX` with
 the entry's TTL; a lookup is `GET` and `PTTL` sent together (one write, one round trip)
 so the L1 copy a hit makes expires when the shared one does. Both go over the one
-pipelined connection of server/redis_limits.py (`_AutoPipeline`).
+pipelined connection of server/stores/redis_limits.py (`_AutoPipeline`).
 
 Fail-open: every call is bounded by `timeout_s`; a failure or timeout is a miss (get) or
 a no-op (set), so the proxy serves from L1 and the upstream. The first failure logs one

@@ -115,6 +115,24 @@ local function take_rate(key, rate_s, burst, n, now)
   return {allowed, math.floor(tokens + 1e-9), retry, reset}
 end
 
+-- The same answer without taking or writing anything (a hierarchical admission checks
+-- its inner bucket before it charges the outer one). {allowed, remaining, retry_us, reset_us}
+local function peek_rate(key, rate_s, burst, n, now)
+  local rate = rate_s / 1000000
+  local v = redis.call('HMGET', key, 't', 's')
+  local tokens, stamp = tonumber(v[1]), tonumber(v[2])
+  if tokens == nil or stamp == nil then tokens = burst; stamp = now end
+  if now > stamp then tokens = tokens + (now - stamp) * rate end
+  if tokens > burst then tokens = burst end
+  if tokens + 1e-9 >= n then
+    local left = tokens - n
+    if left < 0 then left = 0 end
+    return {1, math.floor(left + 1e-9), 0, math.ceil((burst - left) / rate)}
+  end
+  return {0, math.floor(tokens + 1e-9), math.ceil((n - tokens) / rate),
+          math.ceil((burst - tokens) / rate)}
+end
+
 -- Stream leases: a sorted set, member = lease id, score = expiry (ms). Re-adding a member
 -- that is still there renews it; a lapsed one gets a slot back only if there is room.
 local function lease_room(key, limit, member, now)
@@ -262,29 +280,44 @@ return settle(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]), t
 # One round trip per admission. The request token is taken first (a refused call still
 # counts as a request, so retrying a refused stream in a loop is rate limited); the stream
 # slot and the tokens are then taken both or neither.
-# KEYS: bucket, stream set, tpm bucket, day prefix, reservation.
+# A declared id's sub-bucket (KEYS[6], '' = none) is checked first without taking; the
+# caller's bucket is then always charged, and the sub-bucket with it: both or neither.
+# KEYS: bucket, stream set, tpm bucket, day prefix, reservation, sub-bucket.
 # ARGV: rate_per_s, burst, n, stream limit (0 = no lease), lease ttl ms, lease member,
-#       amount, per_minute, per_day (0 = not enforced; both 0 = no reservation), rsv ttl ms.
-# Returns {outcome (0 admitted, 1 rate, 2 streams, 3 tokens), rate row, tokens row or 0}.
+#       amount, per_minute, per_day (0 = not enforced; both 0 = no reservation), rsv ttl ms,
+#       sub rate_per_s, sub burst.
+# Returns {outcome (0 admitted, 1 rate, 2 streams, 3 tokens, 4 the sub-bucket's rate),
+#          rate row (the tighter bucket's when admitted), tokens row or 0, rate row's burst}.
 _ADMIT_LUA: Final = (
     _LIB_LUA
     + """
 local now, sec = clock()
-local rate = take_rate(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), now)
-if rate[1] == 0 then return {1, rate, 0} end
+local n = tonumber(ARGV[3])
+local sub, sub_rate, sub_burst = KEYS[6], tonumber(ARGV[11]), tonumber(ARGV[12])
+if sub ~= '' then
+  local peeked = peek_rate(sub, sub_rate, sub_burst, n, now)
+  if peeked[1] == 0 then return {4, peeked, 0, sub_burst} end
+end
+local burst = tonumber(ARGV[2])
+local rate = take_rate(KEYS[1], tonumber(ARGV[1]), burst, n, now)
+if rate[1] == 0 then return {1, rate, 0, burst} end
+if sub ~= '' then
+  local inner = take_rate(sub, sub_rate, sub_burst, n, now)
+  if inner[2] < rate[2] then rate = inner; burst = sub_burst end
+end
 local limit = tonumber(ARGV[4])
-if limit > 0 and not lease_room(KEYS[2], limit, ARGV[6], now) then return {2, rate, 0} end
+if limit > 0 and not lease_room(KEYS[2], limit, ARGV[6], now) then return {2, rate, 0, burst} end
 local amount, pm, pd = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local row = 0
 if pm > 0 or pd > 0 then
   local s = tokens_check(KEYS[3], KEYS[4], amount, pm, pd, now, sec)
   row = tokens_row(s, pm, pd)
-  if row[1] == 0 then return {3, rate, row} end
+  if row[1] == 0 then return {3, rate, row, burst} end
   tokens_apply(s, KEYS[3], KEYS[5], amount, pm, pd, ARGV[10], now)
   row = tokens_row(s, pm, pd)
 end
 if limit > 0 then lease_add(KEYS[2], tonumber(ARGV[5]), ARGV[6], now) end
-return {0, rate, row}
+return {0, rate, row, burst}
 """
 )
 
@@ -367,7 +400,8 @@ class _AutoPipeline:
         return fut
 
     async def _run(self) -> None:
-        conn = self._client.connection_pool.make_connection()
+        # redis-py leaves this one unannotated.
+        conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task[None]] = []
         error: BaseException = ConnectionError("limits pipeline closed")
@@ -782,6 +816,8 @@ class RedisLimitStore:
         tokens: int = 0,
         token_limits: TokenLimits | None = None,
         budget_key: str | None = None,
+        sub_key: str | None = None,
+        sub_spec: LimitSpec | None = None,
     ) -> Admission:
         if stream_limit < 0 or tokens < 0:
             raise ValueError("stream_limit and tokens must not be negative")
@@ -792,7 +828,8 @@ class RedisLimitStore:
             uid = f"{self._token}:{next(self._ids)}"
             p = self._prefix
             try:
-                outcome, rate_row, token_row = await self._script(
+                sub = sub_key is not None and sub_spec is not None
+                outcome, rate_row, token_row, burst = await self._script(
                     self._admit,
                     (
                         f"{p}rate:{key}",
@@ -800,6 +837,7 @@ class RedisLimitStore:
                         f"{p}tpm:{key}",
                         f"{p}day:{budget_key}",
                         f"{p}rsv:{uid}",
+                        f"{p}rate:{sub_key}" if sub else "",
                     ),
                     (
                         repr(spec.rate_per_s),
@@ -812,17 +850,21 @@ class RedisLimitStore:
                         limits.per_minute or 0,
                         limits.per_day or 0,
                         self._rsv_ttl_ms,
-                    ),  # fmt: skip
+                        repr(sub_spec.rate_per_s) if sub_spec is not None else 0,
+                        sub_spec.burst if sub_spec is not None else 0,
+                    ),
                 )
             except _FAILURES as exc:
                 self._degrade(exc)
             else:
                 allowed, remaining, retry_us, reset_us = rate_row
-                decision = Decision(
-                    allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, spec.burst
-                )
+                decision = Decision(allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, burst)
                 if outcome == 1:
                     return Admission(decision, "rate", stream_limit=stream_limit)
+                if outcome == 4:
+                    return Admission(
+                        decision, "rate", stream_limit=stream_limit, refused_key=sub_key or ""
+                    )
                 if outcome == 2:
                     return Admission(decision, "streams", stream_limit=stream_limit)
                 reservation = rejection = None
@@ -851,6 +893,8 @@ class RedisLimitStore:
             tokens=tokens,
             token_limits=self._scaled_limits(limits) if reserve else None,
             budget_key=budget_key,
+            sub_key=sub_key,
+            sub_spec=self._scaled(sub_spec) if sub_spec is not None else None,
         )
 
     async def finish(

@@ -9,10 +9,10 @@ Keys per stream (one hash tag per stream, so they would sit on one Cluster slot)
   serialized chunk) and k (0 data, 1 final, 2 error);
 - `{prefix}{<id>}:o` the owner's lease (PX), `{prefix}{<id>}:r` a reader's lease (PX).
   `create` takes the owner's first lease; the owner's watcher renews it (every 0.25 s,
-  server/resume.py), independently of chunks.
+  server/request/resume.py), independently of chunks.
 
 Every write is one Lua script (check seq, XADD, bytes accounting and trimming, expiry),
-one round trip, sent over the one pipelined connection of server/redis_limits.py
+one round trip, sent over the one pipelined connection of server/stores/redis_limits.py
 (`_AutoPipeline`). Bounds: `max_bytes` and `max_chunks` per stream (the oldest entries
 are XDEL'd past either, never the newest; "first" records it, so a resume from before
 is STREAM_EXPIRED, not a silent gap), and `ttl_s` after the last write (PEXPIRE on both

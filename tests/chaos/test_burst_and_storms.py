@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import time
 
 import grpc
@@ -40,8 +41,11 @@ async def _burst_stream(channel: grpc.aio.Channel, caller: int) -> dict:
     started = time.monotonic()
     first_at = None
     chunks = []
+    # Distinct callers: edge-reported addresses (loopback is a trusted edge by default). A
+    # self-declared x-client-id would be one caller, with one address's budget.
+    address = str(ipaddress.IPv4Address(0x0A580000 + caller + 1))
     call = stub(channel).StreamGenerate(
-        BURST_REQUEST, metadata=(("x-client-id", f"caller-{caller}"),), timeout=120
+        BURST_REQUEST, metadata=(("x-envoy-external-address", address),), timeout=120
     )
     try:
         async for chunk in call:

@@ -28,12 +28,11 @@ from aiproxy.ai.proxy.v1 import admin_service_pb2, admin_service_pb2_grpc
 from aiproxy.core.callinfo import current_call
 from aiproxy.core.errors import DOMAIN
 from aiproxy.core.ratelimit import caller_key, hash_api_key
-from aiproxy.core.service import agent_service
 from aiproxy.core.settings import load_settings
 from aiproxy.server.chain import pipeline_stages
-from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
 from tests.conftest import proxy_args
 from tests.support.grpc_helpers import SERVING, stub, wait_health
+from tests.support.pipeline import serving
 from tests.support.procs import aiproxy_argv
 
 SECRET = "integration-secret-0123456789abcdefghij"
@@ -218,13 +217,25 @@ async def test_health_and_reflection_need_no_credentials(channel) -> None:
     assert "ai.agent.v1.AgentService" in {s.name for s in reply.list_services_response.service}
 
 
-async def test_admin_service_needs_credentials(channel) -> None:
+async def test_admin_service_needs_credentials_and_the_admin_scope(channel) -> None:
     admin = admin_service_pb2_grpc.ProxyAdminServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await admin.ListEndpoints(admin_service_pb2.ListEndpointsRequest(), timeout=10)
     assert exc.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    # Issue 20 §4: any authenticated subject, with no scope, could read the pool.
+    for scope in (None, "agent:execute", "aiproxy.admins"):
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await admin.ListEndpoints(
+                admin_service_pb2.ListEndpointsRequest(),
+                metadata=bearer(token(scope=scope)),
+                timeout=10,
+            )
+        assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert error_info(denied.value).metadata["scope"] == "aiproxy.admin"
     reply = await admin.ListEndpoints(
-        admin_service_pb2.ListEndpointsRequest(), metadata=bearer(token()), timeout=10
+        admin_service_pb2.ListEndpointsRequest(),
+        metadata=bearer(token(scope="agent:execute aiproxy.admin")),
+        timeout=10,
     )
     assert reply.endpoints
 
@@ -260,17 +271,9 @@ async def chain_server(monkeypatch) -> AsyncIterator[tuple[str, RecordingAgent]]
     for key, value in AUTH_ENV.items():
         monkeypatch.setenv(key, value)
     settings = load_settings()
-    server = grpc.aio.server()
     servicer = RecordingAgent()
-    Pipeline(agent_service(), pipeline_stages(settings), ServicerTerminal(servicer)).register(
-        server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}", servicer
-    finally:
-        await server.stop(0)
+    async with serving(servicer, pipeline_stages(settings)) as address:
+        yield address, servicer
 
 
 async def test_the_subject_is_the_callers_rate_limit_key(chain_server) -> None:

@@ -1,4 +1,4 @@
-"""server/limits_backend.py: the store the settings name, against a real redis-server;
+"""server/stores/limits_backend.py: the store the settings name, against a real redis-server;
 its state in the metrics; a Redis that is away at start-up or goes away later."""
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ async def test_metrics_after_known_traffic(agent, proxy) -> None:
         ("StreamGenerate", SERVICE, "SERVER_STREAMING"): n_chunks,
     }
     # The pool's health Watch and liveness Checks run on a plain channel of their own (no
-    # breaker, no client metrics): probes are not upstream traffic (server/upstream.py).
+    # breaker, no client metrics): probes are not upstream traffic (server/pool/).
     assert not any(
         labels["grpc_method"] in ("Watch", "Check") for labels, _ in m["grpc_client_started_total"]
     )

@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.ai.proxy.v1 import admin_service_pb2 as admin_pb
-from aiproxy.core.errors import DOMAIN
+from aiproxy.core.errors import DOMAIN, OVERLOADED_RETRY_DELAY_S
 from tests.conftest import agent_args, proxy_args
 from tests.integration.test_pool import endpoints
 from tests.support.grpc_helpers import SERVING, health_status, max_wire_timeout_ms, stub
@@ -191,6 +191,28 @@ async def test_a_victims_client_id_does_not_drain_the_victims_bucket(spawn, agen
         # The victim (another address) still has its whole burst.
         for _ in range(2):
             await api.Generate(PROMPT, metadata=(victim, caller("victim")), timeout=10)
+
+
+async def test_rotating_declared_ids_gets_one_addresss_budget(spawn, agent) -> None:
+    """Issue 20 §3, as measured: auth off, one client rotating x-client-id (or x-api-key,
+    unverified) got 20/20 admitted where its limit admits 2."""
+    proxy = spawn(
+        *proxy_args(agent.address), env=env(limits__rate_per_s=0.01, limits__burst=2), name="proxy"
+    )
+    me = caller(f"rotating-{uuid.uuid4().hex}")
+    codes = []
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        api = stub(channel)
+        for i in range(20):
+            header = "x-client-id" if i % 2 else "x-api-key"
+            declared = (header, f"{uuid.uuid4().hex}-{i}")
+            try:
+                await api.Generate(PROMPT, metadata=(me, declared), timeout=10)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as err:
+                codes.append(err.code())
+    assert codes.count(grpc.StatusCode.OK) == 2, codes
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 18, codes
 
 
 async def test_breaker_opens_rejects_half_open_admits_exact_probes_then_closes(spawn) -> None:
@@ -534,8 +556,8 @@ async def test_100_concurrent_calls_against_a_burst_of_10_admit_exactly_10(spawn
             assert r.quota == [("peer:127.0.0.1", "at most 10 requests in a burst")]
             # One token at 0.01/s: about 100 s from an empty bucket.
             assert r.retry_delay_s is not None and 95 < r.retry_delay_s <= 100
-        # Another caller key has its own bucket.
-        await api.Generate(PROMPT, metadata=(("x-client-id", "other-service"),), timeout=10)
+        # Another caller (another address, set by the edge) has its own bucket.
+        await api.Generate(PROMPT, metadata=(caller("other-service"),), timeout=10)
     assert len(agent.log_events("call_started")) == 11
 
 
@@ -561,15 +583,11 @@ async def test_stream_cap_per_caller_and_proxy_wide_cap(spawn, agent) -> None:
         )
 
         # Another caller may stream; then the proxy-wide cap (3 calls in flight) is reached.
-        other = api.StreamGenerate(
-            STREAM_PROMPT, metadata=(*hang, ("x-client-id", "b")), timeout=10
-        )
+        other = api.StreamGenerate(STREAM_PROMPT, metadata=(*hang, caller("b")), timeout=10)
         await wait_started(agent, 3)
-        r = rich(
-            await call_error(api.Generate(PROMPT, metadata=(("x-client-id", "c"),), timeout=10))
-        )
+        r = rich(await call_error(api.Generate(PROMPT, metadata=(caller("c"),), timeout=10)))
         assert (r.code, r.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")
-        assert r.metadata == {"limit": "3"} and r.retry_delay_s == 0.5
+        assert r.metadata == {"limit": "3"} and r.retry_delay_s == OVERLOADED_RETRY_DELAY_S
 
         # A stream that ends gives its slots back.
         open_streams[0].cancel()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import subprocess
 import sys
 import time
@@ -465,5 +466,91 @@ async def test_admit_under_fail_open_uses_the_local_share_and_finish_frees_it(
         await store.finish(first.lease, first.reservation, 400)
         fourth = await store.admit("a", spec, stream_limit=4)
         assert fourth.allowed and fourth.lease is not None
+    finally:
+        await store.aclose()
+
+
+# ---- declared ids split their owner's budget, never multiply it (issue 20 §3) ---------------
+
+
+async def test_a_declared_ids_sub_bucket_is_charged_with_its_owners_or_not_at_all(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    rng = random.Random()
+    stores = [RedisLimitStore.from_url(redis_server.url, timeout_s=2.0) for _ in range(2)]
+    for store in stores:
+        await store.start()
+    try:
+        owner_spec, sub_spec = LimitSpec(0.001, 5), LimitSpec(0.001, 2)
+        for backend in (MemoryLimitStore(), stores[0]):
+            owner = f"peer:10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}"
+            one = f"client:{rng.getrandbits(48):x}@{owner}"
+            first = [await backend.admit(owner, owner_spec, sub_key=one, sub_spec=sub_spec)]
+            first.append(await backend.admit(owner, owner_spec, sub_key=one, sub_spec=sub_spec))
+            assert [a.allowed for a in first] == [True, True]
+            assert first[1].decision.remaining == 0 and first[1].decision.limit == 2  # the tighter
+            for _ in range(
+                rng.randrange(3, 10)
+            ):  # refused by its own bucket: the owner's untouched
+                refused = await backend.admit(owner, owner_spec, sub_key=one, sub_spec=sub_spec)
+                assert (refused.refused, refused.refused_key) == ("rate", one)
+                assert refused.decision.retry_after_s > 0
+            others = [f"client:{rng.getrandbits(64):x}-{i}@{owner}" for i in range(50)]
+            admitted = [
+                (await backend.admit(owner, owner_spec, sub_key=o, sub_spec=sub_spec)).allowed
+                for o in others
+            ]
+            assert sum(admitted) == 3, "the owner's 5 tokens, 2 of them spent by `one`"
+            last = await backend.admit(owner, owner_spec, sub_key=others[-1], sub_spec=sub_spec)
+            assert (last.refused, last.refused_key) == ("rate", "")  # the owner's refusal
+
+        # Many processes, many fresh ids at once: exactly the owner's burst is admitted.
+        owner = f"peer:{rng.getrandbits(32):x}"
+        outcomes = await asyncio.gather(
+            *(
+                stores[i % 2].admit(
+                    owner,
+                    owner_spec,
+                    sub_key=f"key:{rng.getrandbits(128):032x}@{owner}",
+                    sub_spec=sub_spec,
+                )
+                for i in range(rng.randrange(40, 120))
+            )
+        )
+        assert sum(a.allowed for a in outcomes) == 5
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_rotating_client_ids_through_the_stage_on_redis_get_the_address_budget(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """What the issue measured (20/20 admitted where 2 are), with the shared store."""
+    from aiproxy.core.callinfo import CallInfo
+    from aiproxy.core.errors import RateLimited
+    from aiproxy.core.service import agent_service
+    from aiproxy.core.settings import load_settings
+    from aiproxy.interceptors.limits import Limits
+
+    rng = random.Random()
+    store = RedisLimitStore.from_url(redis_server.url, timeout_s=2.0)
+    await store.start()
+    try:
+        stage = Limits(load_settings(limits={"rate_per_s": 0.01, "burst": 2}).limits, store)
+        bound = stage.bind(agent_service().by_name["Generate"])
+        address = f"ipv4:10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        admitted = 0
+        for header in ("x-client-id", "x-api-key"):
+            for i in range(20):
+                value = f"{rng.getrandbits(64):x}-{i}"
+                call = CallInfo("/x", metadata={header: value}, peer=f"{address}:{i + 1}")
+                try:
+                    await bound.enter(call, None, None)
+                except RateLimited:
+                    continue
+                admitted += 1
+                bound.exit(call)
+        assert admitted == 2
     finally:
         await store.aclose()

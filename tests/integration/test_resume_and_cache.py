@@ -540,7 +540,7 @@ async def test_jwt_tenants_scope_resumes_cancels_and_cached_answers(
 async def test_anonymous_callers_share_a_scope_the_id_is_the_capability(spawn) -> None:
     """Anonymous callers (no JWT, no API key) share one resume scope, by design: a caller
     that comes back as another caller (another address, another x-client-id) still
-    resumes with the id it was given; a guessed id is NOT_FOUND (server/resume.py's
+    resumes with the id it was given; a guessed id is NOT_FOUND (server/request/resume.py's
     stream_scope says why)."""
     agent = spawn(*agent_args(token_delay_ms=50), name="agent")
     proxy = spawn(*proxy_args(agent.address), name="proxy")

@@ -107,7 +107,8 @@ async def test_n_concurrent_calls_against_a_budget_for_k_admit_exactly_k(
     channels = [grpc.aio.insecure_channel(p.address) for p in proxies]
     try:
         await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 10) for c in channels))
-        # One caller (x-client-id inside 127.0.0.1) through every process.
+        # One caller through every process: a declared id inside 127.0.0.1, whose tokens
+        # are its address's (a declared id splits a budget, never adds one).
         who = (("x-client-id", "team-a"),)
         results = await asyncio.gather(
             *(generate(channels[i % len(channels)], metadata=who) for i in range(n))
@@ -121,7 +122,7 @@ async def test_n_concurrent_calls_against_a_budget_for_k_admit_exactly_k(
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == n - k, codes
     for code, rich, _ in results:
         if code != grpc.StatusCode.OK:
-            assert_token_refusal(rich, "client:team-a@127.0.0.1")
+            assert_token_refusal(rich, "peer:127.0.0.1")
     # Each admitted call was reserved exactly its share (prompt + max_tokens), and the
     # agent reported exactly that much: the settles changed nothing.
     for code, response, headers in results:
@@ -130,7 +131,7 @@ async def test_n_concurrent_calls_against_a_budget_for_k_admit_exactly_k(
             assert used == RESERVE, response.usage
             assert 0 <= int(headers[DAY_REMAINING]) <= (k - 1) * RESERVE
     if backend == "redis":
-        assert await day_used_in_redis(redis_server.url, "client:team-a@127.0.0.1") == k * RESERVE
+        assert await day_used_in_redis(redis_server.url, "peer:127.0.0.1") == k * RESERVE
 
 
 async def day_used_in_redis(url: str, budget_key: str) -> int:

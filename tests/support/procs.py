@@ -149,4 +149,4 @@ def recorded_metadata(path: pathlib.Path | str) -> list[dict[str, Any]]:
 
 
 # Request metadata the proxy must never forward upstream (upstream.drop_metadata default).
-CREDENTIAL_HEADERS = ("authorization", "cookie", "x-api-key")
+CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "cookie", "x-api-key")

@@ -1,4 +1,4 @@
-"""server/resume.py and server/caching.py around a stand-in terminal (pure logic: the
+"""server/request/resume.py and server/request/caching.py around a stand-in terminal (pure logic: the
 real processes are in tests/integration/test_resume_and_cache.py)."""
 
 from __future__ import annotations
@@ -75,10 +75,15 @@ REQUEST = pb.StreamGenerateRequest(prompt="hi")
 
 
 def test_stream_scope_prefers_tenant_then_authenticated_identity() -> None:
-    assert stream_scope(CallInfo("m", tenant="acme", caller="sub:a")) == "tenant:acme"
-    assert stream_scope(CallInfo("m", caller="key:abc")) == "key:abc"
+    assert stream_scope(CallInfo("m", tenant="acme", caller="sub:a", identity="sub:a")) == (
+        "tenant:acme"
+    )
+    assert stream_scope(CallInfo("m", caller="key:abc", identity="key:abc")) == "key:abc"
     # Anonymous: the id alone (a phone that comes back from another address resumes).
-    assert stream_scope(CallInfo("m", caller="peer:10.0.0.1")) == "anon"
+    assert stream_scope(CallInfo("m", caller="peer:10.0.0.1", identity="peer:10.0.0.1")) == "anon"
+    # A declared (unverified) key is a label, never a scope of its own.
+    unverified = CallInfo("m", caller="key:abc@peer:10.0.0.1", identity="peer:10.0.0.1")
+    assert stream_scope(unverified) == "anon"
 
 
 async def test_cached_stream_skips_heartbeats_and_incomplete_streams_are_not_stored() -> None:

@@ -22,6 +22,7 @@ from aiproxy.core.settings import AuthSettings, ConfigError, load_settings
 from aiproxy.interceptors.auth import Authenticator, AuthStage, Cause, Principal, is_open_method
 from aiproxy.server.chain import pipeline_stages
 from tests.support.certs import SigningKeys, make_signing_keys
+from tests.support.clock import FakeClock
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"  # 38 bytes
 OTHER_SECRET = "another-secret-that-is-long-enough-000"
@@ -289,16 +290,8 @@ def test_method_scopes_need_every_scope() -> None:
 # -- the verified-token cache -------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_verified_tokens_are_cached_until_they_expire(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = Clock()
+    clock = FakeClock(time.time())
     auth = Authenticator(settings(leeway_s=5), clock=clock)
     verified: list[str] = []
     real_verify = auth._verify
@@ -312,9 +305,41 @@ def test_verified_tokens_are_cached_until_they_expire(monkeypatch: pytest.Monkey
     for _ in range(3):
         assert auth.authenticate(bearer(token), PEER).caller == "sub:alice"
     assert len(verified) == 1
-    clock.now += 66  # past exp + leeway on the cache's clock: verified again, not served
-    auth.authenticate(bearer(token), PEER)
+    clock.now += 66  # past exp + leeway on the authenticator's clock: verified again, refused
+    with pytest.raises(Unauthenticated) as expired:
+        auth.authenticate(bearer(token), PEER)
+    assert cause_of(expired) == Cause.TOKEN_EXPIRED
     assert len(verified) == 2
+
+
+@pytest.mark.parametrize("exp", [10**400, 2**64, 1e308], ids=["10**400", "2**64", "1e308"])
+def test_an_expiry_past_what_a_float_holds_is_valid_not_a_crash(exp: Any) -> None:
+    """Issue 20 §4: `exp: 10**400` (validly signed) got HTTP 500 (OverflowError)."""
+    auth = Authenticator(settings())
+    assert auth.authenticate(bearer(hs(exp=exp)), PEER).caller == "sub:alice"
+    assert auth.authenticate(bearer(hs(exp=exp)), PEER).caller == "sub:alice"  # cached
+
+
+@pytest.mark.parametrize("as_text", [str, lambda n: f"{n}.0", float])
+def test_an_expiry_pyjwt_accepted_is_the_one_enforced_once_cached(as_text: Any) -> None:
+    """Issue 20 §4: a string `exp` passed PyJWT (it reads int(exp)) but was ignored by the
+    cache's own parse, so the token stayed valid forever once cached."""
+    clock = FakeClock(time.time())
+    auth = Authenticator(settings(leeway_s=5), clock=clock)
+    exp = int(clock.now) + 60
+    try:
+        token = hs(exp=as_text(exp))
+        auth.authenticate(bearer(token), PEER)
+    except Unauthenticated:
+        return  # PyJWT refused this form: nothing to cache
+    clock.now += 66
+    with pytest.raises(Unauthenticated) as expired:
+        auth.authenticate(bearer(token), PEER)
+    assert cause_of(expired) == Cause.TOKEN_EXPIRED
+    clock.now -= 66 + 120  # and before its string nbf
+    with pytest.raises(Unauthenticated) as early:
+        auth.authenticate(bearer(hs(nbf=str(int(clock.now) + 120 + 60))), PEER)
+    assert cause_of(early) == Cause.TOKEN_NOT_YET_VALID
 
 
 # -- wiring and configuration -------------------------------------------------------------
@@ -431,3 +456,22 @@ def test_the_pipeline_passes_the_tenant_claim_to_auth() -> None:
     )
     auth = next(s for s in stages if isinstance(s, AuthStage))
     assert auth.authenticator.authenticate(bearer(hs(team="blue"))).tenant == "blue"
+
+
+def test_the_admin_service_needs_its_own_scope_configurable() -> None:
+    """Issue 20 §4: authenticated with no scope was enough for ProxyAdminService."""
+    path = "/ai.proxy.v1.ProxyAdminService/ListEndpoints"
+    plain = Principal("sub:alice", frozenset({"agent:execute"}), "jwt")
+    admin = Principal("sub:root", frozenset({"aiproxy.admin"}), "jwt")
+    auth = Authenticator(settings())
+    assert auth.required_scopes(path) == {"aiproxy.admin"}
+    assert auth.required_scopes(GENERATE) == frozenset()
+    with pytest.raises(PermissionDenied) as denied:
+        auth.authorize(plain, path)
+    assert denied.value.metadata["scope"] == "aiproxy.admin"
+    auth.authorize(admin, path)
+    ops = Authenticator(settings(admin_scopes=["ops", "read"]))
+    with pytest.raises(PermissionDenied):
+        ops.authorize(admin, path)
+    ops.authorize(Principal("sub:o", frozenset({"ops", "read"}), "jwt"), path)
+    Authenticator(settings(admin_scopes=[])).authorize(plain, path)  # the operator's choice

@@ -25,16 +25,8 @@ from aiproxy.core.cache import (
     parse_cache_control,
 )
 from aiproxy.core.errors import UpstreamUnavailable
+from tests.support.clock import FakeClock
 from tests.support.waiting import eventually
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 CACHED = Decision(True, 60)
 
@@ -108,7 +100,7 @@ def test_entry_encoding_round_trip_and_malformed() -> None:
 
 
 def test_lru_bounded_in_bytes_with_ttl() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     lru = LruCache(1000, max_entry_bytes=400, clock=clock)
     big = Entry((b"x" * 300,))
     assert lru.put("a", big, 10) and lru.put("b", big, 10)
@@ -126,7 +118,7 @@ def test_lru_bounded_in_bytes_with_ttl() -> None:
 
 
 async def test_l2_hit_fills_l1_with_remaining_ttl() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     l2 = MemoryL2(clock)
     assert isinstance(l2, L2Cache)
     writer = ResponseCache(LruCache(10_000, clock=clock), l2)

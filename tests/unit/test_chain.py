@@ -81,7 +81,7 @@ def test_every_stage_binds_every_api_method_once() -> None:
 
 
 def test_upstream_channels_carry_no_interceptors_unless_tracing() -> None:
-    # The breaker and the client metrics are in the upstream call (server/upstream.py),
+    # The breaker and the client metrics are in the upstream call (server/pool/endpoint.py),
     # not grpc.aio client interceptors (issue 15: ~115 us of CPU per call).
     assert client_interceptors(None) == []
     assert client_interceptors(Telemetry(load_settings())) == []

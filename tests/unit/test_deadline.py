@@ -6,6 +6,7 @@ import pytest
 
 from aiproxy.core.service import agent_service
 from aiproxy.interceptors.deadline import Deadline, DeadlineLimit, EndMargin, MethodDeadlines
+from tests.support.clock import FakeClock
 
 SERVICE = agent_service()
 UNARY = DeadlineLimit(default_s=30, max_s=30)
@@ -83,16 +84,8 @@ def test_bad_limits_are_refused(default_s: float, max_s: float) -> None:
         DeadlineLimit(default_s, max_s)
 
 
-class FakeClock:
-    def __init__(self, now: float = 50.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_deadline_counts_down_and_expires() -> None:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     deadline = Deadline.from_timeout(2.5, clock)
     assert deadline.expires_at == 52.5
     assert deadline.remaining() == 2.5 and not deadline.expired
@@ -105,7 +98,7 @@ def test_deadline_counts_down_and_expires() -> None:
 
 
 def test_deadlines_order_by_expiry() -> None:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     near, far = Deadline.from_timeout(1, clock), Deadline.from_timeout(5, clock)
     assert min(far, near) is near
     assert Deadline.from_timeout(1, clock) == near

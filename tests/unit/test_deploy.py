@@ -380,7 +380,9 @@ def test_k8s_proxies_share_limits_in_the_redis_service(tmp_path: pathlib.Path) -
         if service["spec"]["selector"].items()
         <= d["spec"]["template"]["metadata"]["labels"].items()
     ]
-    assert redis["spec"]["replicas"] == 1  # one Redis, not a Cluster (server/redis_limits.py)
+    assert (
+        redis["spec"]["replicas"] == 1
+    )  # one Redis, not a Cluster (server/stores/redis_limits.py)
     (container,) = containers(redis)
     assert container["image"].startswith("redis:")
     named = {p["name"]: p["containerPort"] for p in container["ports"]}

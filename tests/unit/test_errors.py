@@ -142,6 +142,29 @@ def test_grpc_status_carries_the_rich_status_in_the_details_trailer() -> None:
     assert status_pb2.Status.FromString(value) == to_status_proto(err)
 
 
+@pytest.mark.parametrize(
+    ("delay_s", "retry_after"),
+    [(0.0, "0"), (0.0001, "1"), (0.3, "1"), (1.0, "1"), (1.0004, "2"), (2.5, "3"), (30.0, "30")],
+)
+def test_retry_after_trailer_is_retry_info_in_whole_seconds_rounded_up(
+    delay_s: float, retry_after: str
+) -> None:
+    """HTTP callers read `retry-after` (Envoy's transcoder turns a trailers-only
+    response's metadata into headers): the same delay as RetryInfo, never shorter."""
+    err = errors.RateLimited(retry_delay_s=delay_s)
+    status = to_grpc_status(err)
+    trailers = dict(status.trailing_metadata)
+    assert trailers[errors.RETRY_AFTER_KEY] == retry_after
+    (retry,) = details_of(
+        status_pb2.Status.FromString(trailers[errors.STATUS_DETAILS_KEY]),
+        error_details_pb2.RetryInfo,
+    )
+    assert int(retry_after) * 10**9 >= retry.retry_delay.ToNanoseconds()
+    assert int(retry_after) == errors.retry_after_s(retry)
+    # No RetryInfo, no retry-after.
+    assert errors.RETRY_AFTER_KEY not in dict(to_grpc_status(errors.Internal()).trailing_metadata)
+
+
 def test_upstream_error_takes_its_code_but_never_ok() -> None:
     assert errors.UpstreamError(code=Code.NOT_FOUND).code is Code.NOT_FOUND
     assert errors.UpstreamError.code is Code.INTERNAL  # the class default is untouched
@@ -488,6 +511,8 @@ async def test_abort_with_round_trips_through_grpc_status(
     trailers = dict(caught.value.trailing_metadata() or ())
     assert trailers["x-request-id"] == "req-1"
     assert trailers["x-ratelimit-limit"] == "10"
+    # retry-after with RetryInfo (0.5 s -> 1), none without.
+    assert trailers.get("retry-after") == ("1" if err.retry_delay_s is not None else None)
 
 
 async def test_abort_with_ends_a_stream_after_its_chunks(channel: grpc.aio.Channel) -> None:
@@ -509,9 +534,8 @@ async def guarded() -> AsyncIterator[grpc.aio.Channel]:
     that fails in every way, and beside it a service with a request stream, registered
     as health and reflection are (interceptors/error_handling.SafeGenericHandler)."""
     from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
-    from aiproxy.core.service import agent_service
     from aiproxy.interceptors.error_handling import SafeGenericHandler
-    from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
+    from tests.support.pipeline import channel_for
 
     class Failing:
         async def Generate(
@@ -551,16 +575,8 @@ async def guarded() -> AsyncIterator[grpc.aio.Channel]:
             ),
         },
     )
-    server = grpc.aio.server()
-    Pipeline(agent_service(), [], ServicerTerminal(Failing())).register(server)
-    server.add_generic_rpc_handlers((SafeGenericHandler(beside),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            yield ch
-    finally:
-        await server.stop(None)
+    async with channel_for(Failing(), beside=[SafeGenericHandler(beside)]) as ch:
+        yield ch
 
 
 # Field 1 length-delimited, length 100, then 3 bytes: not a message.

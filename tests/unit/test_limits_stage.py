@@ -5,6 +5,7 @@ identity for the breaker."""
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from aiproxy.core.ratelimit import hash_api_key
 from aiproxy.core.service import agent_service
 from aiproxy.core.settings import load_settings
 from aiproxy.core.tokens import DEFAULT_COMPLETION_TOKENS
-from aiproxy.interceptors.limits import Limits, override_key, used_tokens
+from aiproxy.interceptors.limits import Limits, used_tokens
 
 GENERATE = agent_service().by_name["Generate"]
 STREAM = agent_service().by_name["StreamGenerate"]
@@ -50,8 +51,8 @@ def test_a_client_id_keys_a_bucket_only_inside_the_callers_address() -> None:
     stage = limits()
     a = call_from("ipv4:10.0.0.1:5000", ("x-client-id", "victim"))
     b = call_from("ipv4:10.0.0.2:6000", ("x-client-id", "victim"))
-    assert stage.key(a) == "client:victim@10.0.0.1"
-    assert stage.key(b) == "client:victim@10.0.0.2"
+    assert stage.keys(a) == ("peer:10.0.0.1", "client:victim@peer:10.0.0.1", "client:victim")
+    assert stage.key(b) == "client:victim@peer:10.0.0.2"
     # The breaker's identity is the address, never the declared id.
     assert (a.identity, b.identity) == ("peer:10.0.0.1", "peer:10.0.0.2")
     minted = call_from("ipv4:10.0.0.2:6000", ("x-client-id", "fresh-123"))
@@ -70,8 +71,86 @@ async def test_sending_a_victims_client_id_does_not_drain_the_victims_bucket() -
     await admit(stage, call_from(victim, ("x-client-id", "victim")))  # still has its tokens
 
 
+def declared(kind: str, value: str) -> tuple[str, str]:
+    return ("x-client-id" if kind == "client" else "x-api-key", value)
+
+
+@pytest.mark.parametrize("kind", ["client", "api_key"])
+async def test_rotating_declared_ids_never_multiplies_the_address_budget(kind: str) -> None:
+    """Issue 20 §3: one anonymous address rotating x-client-id (or x-api-key, a label
+    while auth is off) got a fresh bucket per value: 20/20 admitted where 2 are."""
+    rng = random.Random()
+    stage = limits()  # burst 2, no refill to speak of
+    address = f"ipv4:10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+    ids = {f"{rng.getrandbits(64):x}-{i}" for i in range(rng.randrange(20, 200))}
+    admitted = 0
+    for value in ids:
+        try:
+            await admit(
+                stage, call_from(f"{address}:{rng.randrange(1, 65536)}", declared(kind, value))
+            )
+        except RateLimited:
+            continue
+        admitted += 1
+    assert admitted == 2, f"{len(ids)} ids from one address got {admitted} calls"
+    # Without any id, the address is refused too: the ids spent its budget.
+    with pytest.raises(RateLimited):
+        await admit(stage, call_from(f"{address}:1"))
+
+
+async def test_an_override_for_a_declared_id_splits_its_owners_budget_never_adds() -> None:
+    stage = limits(
+        rate_per_s=0.01,
+        burst=2,
+        overrides={
+            "peer:10.0.0.1": {"burst": 50},  # a backend serving many users
+            "client:batch": {"burst": 1},  # one of them, narrowed
+            "client:greedy": {"burst": 1000},  # an override can never widen
+        },
+    )
+    backend = "ipv4:10.0.0.1:1"
+    await admit(stage, call_from(backend, ("x-client-id", "batch")))
+    with pytest.raises(RateLimited) as refused:
+        await admit(stage, call_from(backend, ("x-client-id", "batch")))
+    assert refused.value.quota_violations[0].subject == "client:batch@peer:10.0.0.1"
+    for user in range(10):  # the others behind it still get their share
+        await admit(stage, call_from(backend, ("x-client-id", f"user-{user}")))
+    # Elsewhere, the generous id override gets no more than the address's default.
+    elsewhere = "ipv4:10.0.0.2:1"
+    for _ in range(2):
+        await admit(stage, call_from(elsewhere, ("x-client-id", "greedy")))
+    with pytest.raises(RateLimited) as owner:
+        await admit(stage, call_from(elsewhere, ("x-client-id", "greedy")))
+    assert owner.value.quota_violations[0].subject == "peer:10.0.0.2"
+
+
+async def test_a_refusal_by_the_declared_ids_bucket_spends_nothing_of_the_owners() -> None:
+    stage = limits(overrides={"client:one": {"burst": 1}})
+    address = "ipv4:10.0.0.9:1"
+    await admit(stage, call_from(address, ("x-client-id", "one")))
+    for _ in range(5):
+        with pytest.raises(RateLimited):
+            await admit(stage, call_from(address, ("x-client-id", "one")))
+    await admit(stage, call_from(address))  # the address's second token is still there
+
+
+async def test_an_authenticated_callers_declared_ids_split_its_subject_budget() -> None:
+    stage = limits(overrides={"client:u1": {"burst": 1}})
+    ids = [f"u{i}" for i in range(1, 30)]
+    admitted = 0
+    for value in ids:
+        call = call_from("ipv4:10.0.0.1:1", ("x-client-id", value), caller="sub:svc")
+        try:
+            await admit(stage, call)
+        except RateLimited:
+            continue
+        admitted += 1
+        assert call.identity == "sub:svc"
+    assert admitted == 2
+
+
 async def test_minting_client_ids_shares_the_address_identity_and_the_cap() -> None:
-    stage = limits(max_concurrent_calls=3)
+    stage = limits(max_concurrent_calls=3, rate_per_s=1000, burst=100)
     held = []
     for i in range(3):
         call = call_from("ipv4:10.6.6.6:1", ("x-client-id", f"id-{i}"))
@@ -84,18 +163,25 @@ async def test_minting_client_ids_shares_the_address_identity_and_the_cap() -> N
     await admit(stage, call_from("ipv4:10.6.6.6:1", ("x-client-id", "id-9")))
 
 
-async def test_overrides_still_match_by_client_id() -> None:
-    stage = limits(overrides={"client:batch": {"rate_per_s": 1000, "burst": 50}})
-    assert override_key("client:batch@10.0.0.1") == "client:batch"
-    for _ in range(20):
-        await admit(stage, call_from("ipv4:10.0.0.1:1", ("x-client-id", "batch")))
+async def test_rotating_ids_does_not_multiply_the_stream_cap() -> None:
+    stage = limits(max_streams_per_caller=2, rate_per_s=1000, burst=1000)
+    admitted = 0
+    for i in range(20):
+        call = call_from("ipv4:10.0.0.1:1", ("x-client-id", f"s-{random.getrandbits(32)}-{i}"))
+        try:
+            await admit(stage, call, STREAM)
+        except ConcurrencyLimited:
+            continue
+        admitted += 1
+    assert admitted == 2
 
 
 async def test_an_authenticated_caller_is_keyed_and_identified_by_its_subject() -> None:
     stage = limits()
     call = call_from("ipv4:10.0.0.1:1", ("x-client-id", "spoof"), caller="sub:alice")
     await admit(stage, call)
-    assert (call.caller, call.identity) == ("sub:alice", "sub:alice")
+    # The declared id is a label inside the subject's budget (logs show it), never its identity.
+    assert (call.caller, call.identity) == ("client:spoof@sub:alice", "sub:alice")
     assert dict(call.reply_metadata)["x-ratelimit-limit"] == "2"
 
 
@@ -242,7 +328,7 @@ async def test_a_failed_stream_with_an_error_chunk_is_charged_its_deltas() -> No
 
 
 async def test_a_generation_that_outlives_its_caller_is_charged_all_it_produced() -> None:
-    """A resumable stream whose caller left goes on (server/resume.py): its stream slot is
+    """A resumable stream whose caller left goes on (server/request/resume.py): its stream slot is
     freed at once, its tokens are settled once, when the generation ends, with its usage."""
     store = FakeStore()
     stage = token_stage(store)
@@ -314,6 +400,11 @@ async def test_a_tenants_callers_share_its_daily_budget() -> None:
 async def test_an_api_key_caller_gets_its_names_override() -> None:
     store = FakeStore()
     stage = token_stage(store, overrides={"apikey:ci": {"tokens_per_day": 7}})
-    call = call_from("ipv4:10.0.0.1:1", ("x-api-key", "k-ci"))
+    # Verified by auth (which sets the identity before the limits run).
+    call = call_from("ipv4:10.0.0.1:1", ("x-api-key", "k-ci"), caller=f"key:{hash_api_key('k-ci')}")
     await enter(stage, call, gen(1))
     assert store.admits[0]["token_limits"] == TokenLimits(10_000, 7)
+    # Unverified (auth off), the key is a label inside its address: the address's quotas.
+    await enter(stage, call_from("ipv4:10.0.0.2:1", ("x-api-key", "k-ci")), gen(1))
+    assert store.admits[1]["key"] == "peer:10.0.0.2"
+    assert store.admits[1]["token_limits"] == TokenLimits(10_000, 100)

@@ -25,8 +25,8 @@ from aiproxy.interceptors.error_handling import cancelled_code
 from aiproxy.interceptors.observability import Observability
 from aiproxy.interceptors.request_context import RequestContext
 from aiproxy.server.chain import DECODE
-from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
 from aiproxy.server.telemetry import Telemetry
+from tests.support.pipeline import channel_for
 from tests.support.waiting import eventually
 
 SERVICE = "ai.agent.v1.AgentService"
@@ -76,7 +76,7 @@ class StandInForwarder:
         assert call is not None
         call.upstream, call.attempts = "10.0.0.7:50052", 1
         yield pb.StreamGenerateResponse(delta="a", model="m-1")
-        for i in range(2):
+        for _ in range(2):
             await asyncio.sleep(CHUNK_PAUSE_S)
             yield pb.StreamGenerateResponse(delta="b")
         if request.prompt == "fail-midway":
@@ -90,17 +90,9 @@ class StandInForwarder:
 async def served():
     settings = load_settings(metrics={"enabled": False})
     telemetry = Telemetry(settings)
-    server = grpc.aio.server()
     stages = [RequestContext(), Observability(telemetry), StandInLimiter(), DECODE]
-    Pipeline(agent_service(), stages, ServicerTerminal(StandInForwarder())).register(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    async with channel_for(StandInForwarder(), stages) as channel:
         yield telemetry, pb_grpc.AgentServiceStub(channel)
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 def value(telemetry: Telemetry, name: str, **labels: str) -> float:

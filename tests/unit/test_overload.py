@@ -1,4 +1,4 @@
-"""The overload gate (interceptors/overload.py) and the backlog probe (server/backlog.py).
+"""The overload gate (interceptors/overload.py) and the backlog probe (server/pool/backlog.py).
 
 BacklogLimit is pure logic, fed samples by hand; the gate runs on a real grpc.aio server
 on port 0 with a counter standing in for the forwarder's active calls; the probe runs
@@ -18,10 +18,10 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
-from aiproxy.core.service import agent_service
-from aiproxy.interceptors.overload import OVERLOADED_RETRY_DELAY_S, BacklogLimit, OverloadGate
+from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S
+from aiproxy.interceptors.overload import BacklogLimit, OverloadGate
 from aiproxy.server.pool.backlog import BacklogProbe
-from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
+from tests.support.pipeline import channel_for
 
 # ---- BacklogLimit --------------------------------------------------------------------------
 
@@ -102,16 +102,8 @@ async def gated() -> AsyncIterator[tuple[grpc.aio.Channel, Harness, OverloadGate
     gate = OverloadGate(
         active=lambda: harness.active, capacity=10, on_reject=harness.refused.append
     )
-    server = grpc.aio.server()
-    Pipeline(agent_service(), [], ServicerTerminal(Agent()), gate).register(server)
-    server.add_generic_rpc_handlers((beside,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel, harness, gate
-    finally:
-        await server.stop(None)
+    async with channel_for(Agent(), gate=gate, beside=[beside]) as channel:
+        yield channel, harness, gate
 
 
 def _overloaded(err: grpc.aio.AioRpcError) -> float:
@@ -123,6 +115,9 @@ def _overloaded(err: grpc.aio.AioRpcError) -> float:
     assert status.details[0].Unpack(info) and info.reason == "OVERLOADED"
     assert info.metadata["limit"] == "10"
     assert status.details[1].Unpack(retry)
+    # HTTP callers read the same delay as retry-after (whole seconds, rounded up).
+    trailers = dict(err.trailing_metadata() or ())
+    assert trailers["retry-after"] == str(-(-retry.retry_delay.ToNanoseconds() // 10**9))
     return retry.retry_delay.ToNanoseconds() / 1e9
 
 

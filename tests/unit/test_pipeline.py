@@ -1,4 +1,4 @@
-"""The pipeline (server/pipeline.py) on a real grpc.aio server (port 0), with recording
+"""The pipeline (server/request/pipeline.py) on a real grpc.aio server (port 0), with recording
 stages: each stage's exit runs exactly once, innermost first, only after its enter
 succeeded, however the call ends; decoding happens where DECODE sits; a stream's chunks
 are counted and timed inline."""
@@ -18,7 +18,7 @@ from aiproxy.core.errors import InvalidArgument, MalformedRequest
 from aiproxy.core.service import Method, agent_service
 from aiproxy.interceptors import error_handling
 from aiproxy.server.chain import DECODE
-from aiproxy.server.request.pipeline import Pipeline, ServicerTerminal
+from tests.support.pipeline import channel_for, pipeline_for
 from tests.support.waiting import eventually
 
 GENERATE = "/ai.agent.v1.AgentService/Generate"
@@ -79,21 +79,14 @@ async def served() -> AsyncIterator[tuple[grpc.aio.Channel, list[str], list[Call
         DECODE,
         Recorder("c", log, calls),
     ]
-    server = grpc.aio.server()
-    Pipeline(agent_service(), stages, ServicerTerminal(Agent())).register(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel, log, calls, stages
-    finally:
-        await server.stop(None)
+    async with channel_for(Agent(), stages) as channel:
+        yield channel, log, calls, stages
 
 
 def test_stages_are_bound_once_per_method_at_build_time() -> None:
     log: list[str] = []
     stage = Recorder("a", log, [])
-    Pipeline(agent_service(), [stage], ServicerTerminal(Agent()))
+    pipeline_for(Agent(), [stage])
     assert stage.binds == len(agent_service().methods)
     assert log == []
 
@@ -246,9 +239,7 @@ async def test_a_chunk_handed_to_grpc_is_charged_even_if_the_caller_leaves_befor
             call.chunk_tokens = lambda chunk: len(chunk.delta)
             calls.append(call)
 
-    handler = Pipeline(agent_service(), [DECODE, Tokens()], ServicerTerminal(Agent())).handlers[
-        "StreamGenerate"
-    ]
+    handler = pipeline_for(Agent(), [DECODE, Tokens()]).handlers["StreamGenerate"]
     raw = pb.StreamGenerateRequest(prompt="hang").SerializeToString()
     chunks = handler.stream_stream(None, _Context(raw))
     for _ in range(2):

@@ -29,15 +29,8 @@ from aiproxy.core.streambuffer import (
     valid_stream_id,
     watch_owner,
 )
+from tests.support.clock import FakeClock
 from tests.support.waiting import eventually
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def collect(buf: StreamBuffer, sid: str, scope: str, after: int = -1) -> list[Chunk]:

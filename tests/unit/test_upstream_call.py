@@ -1,4 +1,4 @@
-"""The upstream call (server/upstream.py Endpoint.unary / .stream) against a real
+"""The upstream call (server/pool/endpoint.py Endpoint.unary / .stream) against a real
 in-process grpc.aio server: the breaker gate and settlement and the grpc_client_* series
 that used to be grpc.aio client interceptors, and the caller's coalescing header."""
 

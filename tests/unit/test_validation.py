@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from google.protobuf import struct_pb2
@@ -129,5 +130,5 @@ def test_deadline_config_is_checked() -> None:
         load_settings(deadlines={"unary_default_s": 60, "unary_max_s": 30})
     with pytest.raises(ConfigError, match="unknown methods"):
         load_settings(deadlines={"per_method": {"Nope": {"default_s": 1, "max_s": 2}}})
-    with pytest.raises(ConfigError, match="limits.overrides.peer:10.0.0.1.burst"):
+    with pytest.raises(ConfigError, match=re.escape("limits.overrides.peer:10.0.0.1.burst")):
         load_settings(limits={"overrides": {"peer:10.0.0.1": {"rate_per_s": 1, "burst": 0}}})
