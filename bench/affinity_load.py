@@ -12,6 +12,11 @@ One run, one machine, the same agents for both arms:
     serves it (a replica caches a session's conversation when it serves one of its turns);
   - two proxies over the same 3 agents: `on` (the default, rendezvous hashing with
     bounded loads on the session) and `off` (upstream.affinity.enabled false: P2C).
+Each chat starts with a system prompt of `--context-words` (600) words, like the
+instructions and documents real conversations carry, and answers are short
+(`--max-tokens`, 16): the prompt, which prefill is paid on, is what grows, and the CPU a
+chunk costs (not what is measured) stays low enough on a shared 2-core box not to drown
+the prefill the arms differ by.
 Each arm runs `--chats` conversations at once (their starts spread over `--ramp-s`), each
 `--turns` StreamChat turns one after the other, with fresh session ids per arm and round
 (no arm inherits the other's caches). Arms alternate (off, on, then on, off, ...).
@@ -82,15 +87,26 @@ def summary(ttft: list[list[float]]) -> dict[str, Any]:
 
 
 async def chat(
-    stub: Any, session: str, turns: int, ramp_s: float, rng: random.Random, out: list[list[float]]
+    stub: Any,
+    session: str,
+    turns: int,
+    ramp_s: float,
+    rng: random.Random,
+    out: list[list[float]],
+    max_tokens: int,
+    context: str,
 ) -> str | None:
     """One conversation; appends each turn's first-token time to out[turn]. The error
     code name if a turn failed (the chat stops there)."""
     await asyncio.sleep(rng.random() * ramp_s)
     for t in range(turns):
         request = pb.StreamChatRequest(
-            session_id=session, user_message=QUESTIONS[t % len(QUESTIONS)]
+            session_id=session,
+            user_message=QUESTIONS[t % len(QUESTIONS)],
+            options=pb.GenerationOptions(max_tokens=max_tokens),
         )
+        if t == 0 and context:  # the conversation starts with its context (a system prompt)
+            request.messages.add(role=pb.CHAT_ROLE_SYSTEM, content=context)
         start = time.perf_counter()
         first = None
         try:
@@ -108,7 +124,14 @@ async def chat(
 
 
 async def arm(
-    target: str, name: str, n: int, turns: int, ramp_s: float, seed: int
+    target: str,
+    name: str,
+    n: int,
+    turns: int,
+    ramp_s: float,
+    seed: int,
+    max_tokens: int,
+    context: str,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     ttft: list[list[float]] = [[] for _ in range(turns)]
@@ -129,6 +152,8 @@ async def arm(
                     ramp_s,
                     rng,
                     ttft,
+                    max_tokens,
+                    context,
                 )
                 for i in range(n)
             )
@@ -177,9 +202,13 @@ def run(
     rounds: int = 1,
     ramp_s: float = 2.0,
     token_delay_ms: float = 5.0,
+    max_tokens: int = 16,
+    context_words: int = 600,
     procs: Procs | None = None,
 ) -> dict[str, Any]:
     own = procs is None
+    words = "the proxy routes every turn of a conversation to the replica that holds it".split()
+    context = " ".join(words[i % len(words)] for i in range(context_words))
     procs = procs or Procs()
     redis = RedisServer().start()
     try:
@@ -222,7 +251,9 @@ def run(
         for r in range(rounds):
             order = ("off", "on") if r % 2 == 0 else ("on", "off")
             for name in order:
-                res = asyncio.run(arm(proxies[name].address, name, chats, turns, ramp_s, seed=r))
+                res = asyncio.run(
+                    arm(proxies[name].address, name, chats, turns, ramp_s, r, max_tokens, context)
+                )
                 print(f"affinity {name:>3} round {r}: {json.dumps(res)}", flush=True)
                 results[name].append(res)
         return {
@@ -231,6 +262,8 @@ def run(
             "replicas": replicas,
             "prefill_ms_per_token": prefill_ms_per_token,
             "token_delay_ms": token_delay_ms,
+            "max_tokens": max_tokens,
+            "context_words": context_words,
             "ramp_s": ramp_s,
             "rounds": rounds,
             "session_store": "redis",
@@ -252,6 +285,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--ramp-s", type=float, default=2.0)
     parser.add_argument("--token-delay-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--max-tokens", type=int, default=16, help="per answer: short answers, less CPU"
+    )
+    parser.add_argument(
+        "--context-words", type=int, default=600, help="the system prompt each chat starts with"
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     result = run(
@@ -262,6 +301,8 @@ def main() -> int:
         rounds=args.rounds,
         ramp_s=args.ramp_s,
         token_delay_ms=args.token_delay_ms,
+        max_tokens=args.max_tokens,
+        context_words=args.context_words,
     )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -92,20 +92,31 @@ class ServerSettings(_Section):
 
 
 class AffinitySettings(_Section):
-    """Routing that follows the conversation (server/pool/balancer.py; README: Sessions).
-    A call with a key (its `session_id`, or the caller's `x-aiproxy-affinity` header),
-    scoped by the caller's verified identity, goes to the key's first choice among the
-    usable endpoints by rendezvous hashing; the same key, the same replica, from every
-    proxy process that sees the same endpoints. Calls without a key: P2C."""
+    """Routing that follows the conversation (server/pool/balancer.py). A call with a key
+    (its `session_id`, or the caller's `x-aiproxy-affinity` header), scoped by the
+    caller's verified identity, goes to the key's first choice among the usable endpoints
+    by rendezvous hashing: the same key, the same replica, from every proxy process that
+    sees the same endpoints. Calls without a key: P2C."""
 
-    enabled: bool = True
-    # Bounded load: an endpoint with more calls in flight than load_factor x the mean
-    # (over the usable endpoints, counting this call) takes no more keyed calls; they
-    # spill to the key's next choice.
-    load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
-    # ...but an endpoint with fewer calls in flight than this never spills: at a handful
-    # of calls, evening the load out is not worth a conversation's cached prefix.
-    min_spill_in_flight: int = Field(default=8, ge=1)
+    enabled: bool = Field(
+        default=True,
+        description="Route a session's calls (and calls naming x-aiproxy-affinity) to one "
+        "replica; false: every call by P2C.",
+    )
+    load_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        le=10.0,
+        description="Bounded load: an endpoint with more calls in flight than this x the "
+        "mean over the usable endpoints (counting the new call) takes no more keyed calls; "
+        "they spill to the key's next choice.",
+    )
+    min_spill_in_flight: int = Field(
+        default=8,
+        ge=1,
+        description="An endpoint with fewer calls in flight than this never spills: at a "
+        "handful of calls, evening the load out is not worth a conversation's cached prefix.",
+    )
 
 
 class UpstreamSettings(_Section):
@@ -134,8 +145,17 @@ class UpstreamSettings(_Section):
     drop_metadata: list[str] = Field(
         default_factory=lambda: ["authorization", "cookie", "x-api-key"]
     )
-    # Which replica takes a session's calls (and calls naming x-aiproxy-affinity).
-    affinity: AffinitySettings = Field(default_factory=AffinitySettings)
+    affinity: AffinitySettings = Field(
+        default_factory=AffinitySettings,
+        description="Which replica takes a session's calls (and calls naming x-aiproxy-affinity).",
+    )
+    reply_metadata: list[str] = Field(
+        default_factory=lambda: ["x-agent-replica"],
+        description="Response metadata of the upstream passed on to the caller with the "
+        "proxy's response headers (the agent's initial metadata, and a unary call's "
+        "trailing metadata): by default the name of the replica that answered. [] relays "
+        "nothing.",
+    )
 
     @field_validator("endpoints")
     @classmethod

@@ -25,6 +25,7 @@ upstreams or the callers is a stage or an interceptor (see server/chain.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -135,6 +136,8 @@ class Forwarder:
         # With auth on, every call has a verified identity (the auth stage refuses the
         # others): its scope. Without, limits may set a `peer:` identity: not a scope.
         self._scoped = settings.auth.active
+        # The upstream's response metadata passed on to the caller (which replica answered).
+        self._relayed = frozenset(k.lower() for k in settings.upstream.reply_metadata)
         # Calls being forwarded now; drain waits for them, not for health Watch streams.
         self.active = 0
         self._idle = asyncio.Event()
@@ -186,6 +189,13 @@ class Forwarder:
                 return None
         scope = (call.identity or ANONYMOUS_SCOPE) if self._scoped else ANONYMOUS_SCOPE
         return key_hash(f"{scope}\x00{name}")
+
+    def _relay(self, call: CallInfo, metadata: Any) -> None:
+        """Add the upstream's `reply_metadata` keys (text values) to the caller's headers."""
+        names = self._relayed
+        pairs = tuple((k, v) for k, v in metadata or () if k in names and isinstance(v, str))
+        if pairs:
+            call.reply_metadata += pairs
 
     def _deadline(self, context: Context, call: CallInfo) -> Deadline | None:
         timeout = call.timeout_s if call.timeout_s is not None else context.time_remaining()
@@ -288,11 +298,13 @@ class Forwarder:
         keyed = self.keyed(method)
 
         async def forward_unary(request: Any, raw: bytes, context: Context, call: CallInfo) -> Any:
+            relay = None if not self._relayed else functools.partial(self._relay, call)
+
             def attempt(
                 endpoint: Endpoint, metadata: list[tuple[str, Any]], timeout: float | None
             ) -> Awaitable[Any]:
                 # The caller's bytes go upstream as they came.
-                return endpoint.unary(path, deserialize, raw, metadata, timeout)
+                return endpoint.unary(path, deserialize, raw, metadata, timeout, relay)
 
             key = self.affinity_key(call, request, keyed)
             self._enter()
@@ -341,6 +353,9 @@ class Forwarder:
                 except BaseException:
                     await chunks.aclose()
                     raise
+                if first is not None and self._relayed:
+                    # Its headers came before its first chunk: which replica answers.
+                    self._relay(call, await upstream.initial_metadata())
                 endpoint.in_flight += 1  # the stream stays open past the attempt
                 return first, chunks, endpoint
 

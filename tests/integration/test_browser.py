@@ -2,7 +2,8 @@
 loaded through a real Envoy in front of a real proxy and agent.
 
 It streams an answer (text arrives in several steps, then completes), shows an error
-before the first chunk and one in the middle of a stream, and stops a stream on demand.
+before the first chunk and one in the middle of a stream, stops a stream on demand, and
+keeps a chat's session across turns, naming the replica that answered.
 """
 
 from __future__ import annotations
@@ -170,6 +171,30 @@ def test_chat_and_agent_endpoints_work_from_the_page(page: Any) -> None:
         assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
         assert (page.text_content("#output") or "").strip()
     assert page.locator("#steps li").count() >= 1  # the agent's reasoning steps
+
+
+def test_the_chat_keeps_its_session_across_turns_and_shows_the_replica(
+    page: Any, edge: dict[str, ServiceProcess]
+) -> None:
+    """Three turns in one session: the same session id each time, the conversation grows
+    (each turn's prompt holds the turns before it: its total tokens grow), and the page
+    names the replica that answered. "New chat" starts another session."""
+    totals = []
+    for text in ("Hello there.", "What did I just say?", "And before that?"):
+        _ask(page, text, endpoint="chat")
+        assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
+        status = page.text_content("#status") or ""
+        totals.append(int(status.split(" tokens", 1)[0].rsplit(" ", 1)[1]))
+        assert page.get_attribute("#replica", "data-replica") == edge["agent"].address
+    sessions = {page.get_attribute("#session", "data-session")}
+    assert len(sessions) == 1 and None not in sessions
+    assert totals == sorted(totals) and len(set(totals)) == 3, totals
+    page.click("#new-chat")
+    _ask(page, "Hello there.", endpoint="chat")
+    assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
+    assert page.get_attribute("#session", "data-session") not in sessions
+    status = page.text_content("#status") or ""
+    assert int(status.split(" tokens", 1)[0].rsplit(" ", 1)[1]) == totals[0]  # fresh
 
 
 def test_an_error_before_the_first_chunk_is_shown(
