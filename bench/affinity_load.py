@@ -16,10 +16,16 @@ Each chat starts with a system prompt of `--context-words` (600) words, like the
 instructions and documents real conversations carry, and answers are short
 (`--max-tokens`, 16): the prompt, which prefill is paid on, is what grows, and the CPU a
 chunk costs (not what is measured) stays low enough on a shared 2-core box not to drown
-the prefill the arms differ by.
-Each arm runs `--chats` conversations at once (their starts spread over `--ramp-s`), each
-`--turns` StreamChat turns one after the other, with fresh session ids per arm and round
-(no arm inherits the other's caches). Arms alternate (off, on, then on, off, ...).
+the prefill the arms differ by. Between turns a chat pauses `--think-s` (3 s, 0.5x to
+1.5x at random), as its user reads and types: 200 chats without pauses are 80 turns/s,
+which saturates this box's CPU and measures its queues instead (measured: ~1 s p50 for
+first turns too, in both arms).
+The `--chats` conversations run at once (their starts spread over `--ramp-s`), half
+through each proxy: both arms see the same moments of a shared machine, whose other load
+otherwise decides which arm looks faster (`--one-arm-at-a-time`: each arm runs all the
+chats alone, arms alternating off, on, then on, off). Each chat is `--turns` StreamChat
+turns one after the other, with fresh session ids per arm and round (no arm inherits the
+other's caches; a prefix cache holds per session, so the arms do not share entries).
 Measured per turn: the time from the call's start to its first chunk carrying text. The
 row: first-token p50 / p99 of all turns, and of turns 2.. (the first turn of a chat has
 nothing cached anywhere), per arm; the `on` proxy's ai_proxy_affinity_total outcomes.
@@ -95,11 +101,14 @@ async def chat(
     out: list[list[float]],
     max_tokens: int,
     context: str,
+    think_s: float,
 ) -> str | None:
     """One conversation; appends each turn's first-token time to out[turn]. The error
     code name if a turn failed (the chat stops there)."""
     await asyncio.sleep(rng.random() * ramp_s)
     for t in range(turns):
+        if t:  # the user reads the answer and types the next message
+            await asyncio.sleep(think_s * (0.5 + rng.random()))
         request = pb.StreamChatRequest(
             session_id=session,
             user_message=QUESTIONS[t % len(QUESTIONS)],
@@ -132,6 +141,7 @@ async def arm(
     seed: int,
     max_tokens: int,
     context: str,
+    think_s: float,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     ttft: list[list[float]] = [[] for _ in range(turns)]
@@ -154,6 +164,7 @@ async def arm(
                     ttft,
                     max_tokens,
                     context,
+                    think_s,
                 )
                 for i in range(n)
             )
@@ -204,6 +215,8 @@ def run(
     token_delay_ms: float = 5.0,
     max_tokens: int = 16,
     context_words: int = 600,
+    think_s: float = 3.0,
+    simultaneous: bool = True,
     procs: Procs | None = None,
 ) -> dict[str, Any]:
     own = procs is None
@@ -248,11 +261,49 @@ def run(
         for p in proxies.values():
             asyncio.run(wait_usable(p.address, replicas))
         results: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+
+        async def both(r: int) -> list[dict[str, Any]]:
+            # The arms at once, half the chats each: the same moment of a shared box.
+            half = chats // 2
+            return list(
+                await asyncio.gather(
+                    *(
+                        arm(
+                            proxies[name].address,
+                            name,
+                            half,
+                            turns,
+                            ramp_s,
+                            r,
+                            max_tokens,
+                            context,
+                            think_s,
+                        )
+                        for name in ("off", "on")
+                    )
+                )
+            )
+
         for r in range(rounds):
+            if simultaneous:
+                for name, res in zip(("off", "on"), asyncio.run(both(r)), strict=True):
+                    print(f"affinity {name:>3} round {r}: {json.dumps(res)}", flush=True)
+                    results[name].append(res)
+                continue
             order = ("off", "on") if r % 2 == 0 else ("on", "off")
             for name in order:
                 res = asyncio.run(
-                    arm(proxies[name].address, name, chats, turns, ramp_s, r, max_tokens, context)
+                    arm(
+                        proxies[name].address,
+                        name,
+                        chats,
+                        turns,
+                        ramp_s,
+                        r,
+                        max_tokens,
+                        context,
+                        think_s,
+                    )
                 )
                 print(f"affinity {name:>3} round {r}: {json.dumps(res)}", flush=True)
                 results[name].append(res)
@@ -264,6 +315,8 @@ def run(
             "token_delay_ms": token_delay_ms,
             "max_tokens": max_tokens,
             "context_words": context_words,
+            "think_s": think_s,
+            "simultaneous": simultaneous,
             "ramp_s": ramp_s,
             "rounds": rounds,
             "session_store": "redis",
@@ -291,6 +344,14 @@ def main() -> int:
     parser.add_argument(
         "--context-words", type=int, default=600, help="the system prompt each chat starts with"
     )
+    parser.add_argument(
+        "--think-s", type=float, default=3.0, help="mean pause between a chat's turns"
+    )
+    parser.add_argument(
+        "--one-arm-at-a-time",
+        action="store_true",
+        help="each arm runs all --chats alone, in turn (default: both at once, half each)",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     result = run(
@@ -303,6 +364,8 @@ def main() -> int:
         token_delay_ms=args.token_delay_ms,
         max_tokens=args.max_tokens,
         context_words=args.context_words,
+        think_s=args.think_s,
+        simultaneous=not args.one_arm_at_a_time,
     )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -65,3 +65,14 @@ def test_affinity_off_keys_nothing() -> None:
     fw = forwarder(upstream={"affinity": {"enabled": False}})
     assert not any(fw.keyed(m) for m in agent_service().methods)
     assert key(fw, "Generate", pb.GenerateRequest(), **{AFFINITY_HEADER: "k"}) is None
+
+
+def test_only_the_configured_upstream_metadata_is_passed_on_to_the_caller() -> None:
+    fw = forwarder()
+    call = CallInfo("/m", reply_metadata=(("x-ratelimit-remaining", "9"),))
+    fw._relay(call, (("x-agent-replica", "agent-2"), ("x-other", "no"), ("x-bin", b"\0")))
+    assert call.reply_metadata == (("x-ratelimit-remaining", "9"), ("x-agent-replica", "agent-2"))
+    fw = forwarder(upstream={"reply_metadata": []})
+    call = CallInfo("/m")
+    fw._relay(call, (("x-agent-replica", "agent-2"),))
+    assert call.reply_metadata == ()
