@@ -353,8 +353,10 @@ class Forwarder:
                 except BaseException:
                     await chunks.aclose()
                     raise
-                if first is not None and self._relayed:
-                    # Its headers came before its first chunk: which replica answers.
+                if self._relayed and first is not None and not first.heartbeat:
+                    # An upstream chunk: its headers came before it (which replica
+                    # answers). Not after a heartbeat the pump made while the upstream was
+                    # still silent: the caller's headers go out with it, now.
                     self._relay(call, await upstream.initial_metadata())
                 endpoint.in_flight += 1  # the stream stays open past the attempt
                 return first, chunks, endpoint
