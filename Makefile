@@ -3,6 +3,7 @@
 #   make test   everything CI runs: `make lint`, then the whole pytest suite
 #   make lint   buf lint + buf breaking, ruff (check, format), mypy, import-linter contracts
 #   make unit   the unit tests only (seconds; no processes, no Envoy)
+#   make docs   regenerate docs/configuration.md's reference and config.example.yaml
 # Each target creates .venv, installs the package and its tools, and generates the stubs.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 BUF    := build/tools/node_modules/.bin/buf
 
-.PHONY: demo test unit lint lint-proto lint-py typecheck lint-imports gen install system-deps \
+.PHONY: demo test unit lint lint-proto lint-py typecheck lint-imports gen docs install system-deps \
 	clean bench bench-quick bench-deps
 
 $(STAMP): pyproject.toml
@@ -25,6 +26,12 @@ install: $(STAMP)
 
 gen: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
+
+# The configuration reference (docs/configuration.md) and config.example.yaml, generated
+# from the descriptions in core/settings.py; tests/unit/test_config_docs.py fails when the
+# committed files are stale.
+docs: gen
+	$(BIN)/python scripts/gen_config_docs.py
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix build/tools @bufbuild/buf

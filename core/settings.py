@@ -1,7 +1,8 @@
 """Settings: embedded defaults, then a YAML file, then AIPROXY_* environment, then flags.
 
 pydantic-settings does the merging and gives error messages that name the bad key; the
-defaults alone run the demo. Nested keys map to environment variables with `__`, e.g.
+defaults alone run the demo. Every key is documented once, in its `Field(description=...)`:
+docs/configuration.md and config.example.yaml are generated from them. Nested keys map to environment variables with `__`, e.g.
 `upstream.endpoints` <- AIPROXY_UPSTREAM__ENDPOINTS='["10.0.0.1:50052"]'.
 """
 
@@ -53,40 +54,91 @@ class _Section(BaseModel):
 
 
 class ServerSettings(_Section):
-    """The proxy's gRPC listener."""
+    """The proxy's gRPC listener, its shutdown and the transport bounds on callers."""
 
-    listen: str = "127.0.0.1:50051"
-    # SIGTERM: report NOT_SERVING, wait drain_delay_s for balancers to notice, stop
-    # accepting, let calls finish for grace_period_s, then cancel what is left.
-    grace_period_s: float = Field(default=30.0, ge=0)
-    drain_delay_s: float = Field(default=0.0, ge=0)
-    # grpc.aio cancels bursts of new calls past max_pending_requests (default 1000):
-    # admission is the limiters' job, so this is set far above any real burst.
-    max_pending_requests: int = Field(default=20_000, ge=1)
-    # Calls being forwarded past which new API calls are refused at once, before any
-    # other work (RESOURCE_EXHAUSTED, OVERLOADED, RetryInfo): see interceptors/overload.py.
-    # 0 = no gate (limits.max_concurrent_calls still applies further in).
-    max_active_calls: int = Field(default=2000, ge=0)
-    # ... and while new calls wait longer than this to be taken (measured by a probe to
-    # the proxy's own listener, server/pool/backlog.py), the limit drops until the queue drains,
-    # never below overload_min_active_calls (0 = fixed limit only; also off with TLS).
-    overload_wait_target_ms: float = Field(default=250.0, ge=0)
-    overload_min_active_calls: int = Field(default=16, ge=1)
-    max_concurrent_streams_per_connection: int = Field(default=10_000, ge=1)
-    max_receive_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    max_send_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    # Request metadata (headers) larger than this is refused by grpc itself (soft and hard
-    # limit alike, so the answer is deterministic). Envoy allows 60 KiB; JWTs are ~1 KiB.
-    max_metadata_bytes: int = Field(default=16 * 1024, ge=1024)
-    # A connection with no call for this long is closed with GOAWAY (0 = never).
-    max_connection_idle_s: float = Field(default=300.0, ge=0)
-    # Connections are recycled after this long (0 = never), so new replicas of the proxy
-    # behind an L4 balancer get traffic; calls in flight get the grace period to finish.
-    max_connection_age_s: float = Field(default=0.0, ge=0)
-    max_connection_age_grace_s: float = Field(default=330.0, ge=0)
-    # Processes serving the one port (SO_REUSEPORT; the kernel spreads connections), so a
-    # machine's cores are all used: `aiproxy serve --workers N`. 1: this process alone.
-    workers: int = Field(default=1, ge=1, le=64)
+    listen: str = Field(
+        default="127.0.0.1:50051",
+        description="HOST:PORT of the gRPC listener (containers: 0.0.0.0:50051); port 0 "
+        "picks a free one, reported in the ready line.",
+    )
+    grace_period_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="SIGTERM: report NOT_SERVING, wait `drain_delay_s` for balancers to notice, "
+        "stop accepting, let calls in flight finish for this long, then cancel what is left.",
+    )
+    drain_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="After NOT_SERVING and before the listener stops, so balancers notice.",
+    )
+    max_pending_requests: int = Field(
+        default=20_000,
+        ge=1,
+        description="grpc.aio's queue of new calls: it cancels bursts past it (grpc's default "
+        "is 1000). Admission is the limiters' job, so this is set far above any real burst.",
+    )
+    max_active_calls: int = Field(
+        default=2000,
+        ge=0,
+        description="Calls being forwarded past which new API calls are refused at once, before "
+        "any other work (RESOURCE_EXHAUSTED, OVERLOADED, RetryInfo; "
+        "interceptors/overload.py). 0 = no gate (`limits.max_concurrent_calls` still applies "
+        "further in).",
+    )
+    overload_wait_target_ms: float = Field(
+        default=250.0,
+        ge=0,
+        description="While new calls wait longer than this to be taken (measured by a probe to "
+        "the proxy's own listener, server/pool/backlog.py), the gate's limit drops until the "
+        "queue drains, never below `overload_min_active_calls`. 0 = fixed limit only; also "
+        "off with TLS.",
+    )
+    overload_min_active_calls: int = Field(
+        default=16, ge=1, description="The lowest the overload gate's limit drops to."
+    )
+    max_concurrent_streams_per_connection: int = Field(
+        default=10_000, ge=1, description="HTTP/2 streams (calls) open at once on one connection."
+    )
+    max_receive_message_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Larger requests are refused by grpc itself (RESOURCE_EXHAUSTED).",
+    )
+    max_send_message_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="The largest message sent to a caller."
+    )
+    max_metadata_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        description="Request metadata (headers) larger than this is refused by grpc itself "
+        "(RESOURCE_EXHAUSTED; soft and hard limit alike, so the answer is deterministic). "
+        "Envoy allows 60 KiB; JWTs are ~1 KiB.",
+    )
+    max_connection_idle_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="A connection with no call for this long is closed with GOAWAY (0 = never).",
+    )
+    max_connection_age_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Connections are recycled after this long (0 = never), so new replicas of "
+        "the proxy behind an L4 balancer get traffic.",
+    )
+    max_connection_age_grace_s: float = Field(
+        default=330.0,
+        ge=0,
+        description="Calls in flight on a recycled connection get this long to finish.",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Processes serving the one port (SO_REUSEPORT; the kernel spreads "
+        "connections), so a machine's cores are all used: `aiproxy serve --workers N`. "
+        "1: this process alone.",
+    )
 
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
@@ -122,28 +174,64 @@ class AffinitySettings(_Section):
 class UpstreamSettings(_Section):
     """The agent replicas the proxy forwards to."""
 
-    endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:50052"], min_length=1)
-    # Start-up waits this long for a usable endpoint before it reports ready.
-    startup_wait_s: float = Field(default=5.0, ge=0)
-    # Names (not IP literals) are re-resolved this often; the pool follows the answer.
-    dns_refresh_s: float = Field(default=5.0, gt=0)
-    # Connections per endpoint, so HTTP/2 stream limits never queue thousands of
-    # concurrent streams behind one connection; calls take them in turn.
-    channels_per_endpoint: int = Field(default=2, ge=1, le=64)
-    # grpc.health.v1 service name watched on each endpoint ("" = the server as a whole).
-    health_service: str = SERVICE_NAME
-    # Used only when an endpoint does not implement Health/Watch.
-    health_check_interval_s: float = Field(default=2.0, gt=0)
-    # A hung or silently dead endpoint is taken out (new calls avoided, its calls in
-    # flight failed with UNAVAILABLE) within keepalive_time_s + keepalive_timeout_s:
-    # HTTP/2 keepalive pings with that ack timeout, and a health Check with that deadline
-    # every keepalive_time_s on a separate connection (server/pool/health.py).
-    keepalive_time_s: float = Field(default=10.0, gt=0)
-    keepalive_timeout_s: float = Field(default=5.0, gt=0)
-    reconnect_backoff_max_s: float = Field(default=2.0, gt=0)
-    # Metadata never forwarded upstream (credentials the agent has no business seeing).
+    endpoints: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:50052"],
+        min_length=1,
+        description="HOST:PORT of each agent replica: IPs, or DNS names re-resolved every "
+        "`dns_refresh_s` (one endpoint per address in the answer).",
+    )
+    startup_wait_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="Start-up waits this long for a usable endpoint before it reports ready.",
+    )
+    dns_refresh_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Names (not IP literals) are re-resolved this often; the pool follows the "
+        "answer.",
+    )
+    channels_per_endpoint: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="HTTP/2 connections per endpoint, so HTTP/2 stream limits never queue "
+        "thousands of concurrent streams behind one connection; calls take them in turn.",
+    )
+    health_service: str = Field(
+        default=SERVICE_NAME,
+        description='grpc.health.v1 service name watched on each endpoint ("" = the server '
+        "as a whole).",
+    )
+    health_check_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Polling interval, used only when an endpoint does not implement Health/Watch.",
+    )
+    keepalive_time_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A hung (SIGSTOPped) or silently dead endpoint is taken out (new calls "
+        "avoided, its calls in flight failed with UNAVAILABLE) within keepalive_time_s + "
+        "keepalive_timeout_s: HTTP/2 keepalive pings with that ack timeout, and a health "
+        "Check with that deadline every keepalive_time_s on a separate connection "
+        "(server/pool/health.py).",
+    )
+    keepalive_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="The ack timeout of the keepalive ping and the deadline of the liveness "
+        "Check (see `keepalive_time_s`).",
+    )
+    reconnect_backoff_max_s: float = Field(
+        default=2.0, gt=0, description="The longest wait between reconnection attempts."
+    )
     drop_metadata: list[str] = Field(
-        default_factory=lambda: ["authorization", "cookie", "x-api-key"]
+        default_factory=lambda: ["authorization", "cookie", "x-api-key"],
+        description="Metadata never forwarded upstream (credentials the agent has no business "
+        "seeing), besides every header whose name carries a credential word "
+        "(core/headers.is_credential). The proxy's own headers (core/headers.py) are never "
+        "forwarded either.",
     )
     affinity: AffinitySettings = Field(
         default_factory=AffinitySettings,
@@ -164,68 +252,131 @@ class UpstreamSettings(_Section):
 
 
 class ResumeSettings(_Section):
-    """Resumable streams (server/request/resume.py; README: Resumable streams). A resumable stream
+    """Resumable streams (server/request/resume.py; docs/streaming.md). A resumable stream
     gets an id (x-aiproxy-stream-id), its chunks are kept in the stream buffer, and a
     caller that lost its connection resumes it (x-aiproxy-resume + last-event-id) instead
     of paying for the generation again."""
 
-    # Where chunks are kept: memory (this process: resume on the same replica only) or
-    # redis (redis.url, shared by every replica). null: the same as limits.backend.
-    backend: Literal["memory", "redis"] | None = None
-    # Streams are resumable without the caller asking (x-aiproxy-resumable: 1)...
-    default: bool = False
-    # ...or only these methods ("StreamGenerate" or the full path); the caller's
-    # x-aiproxy-resumable: 0 still opts out.
-    methods: list[str] = Field(default_factory=list)
-    # How long the upstream generation continues after its caller dropped, waiting for a
-    # resume; then it is cancelled (the cancellation reaches the agent, only later).
-    grace_s: float = Field(default=5.0, ge=0, le=600)
-    # Bounds per buffered stream: payload bytes (the oldest chunks are dropped past it)
-    # and time after the last write (then a resume is STREAM_NOT_FOUND).
-    max_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
-    ttl_s: float = Field(default=300.0, gt=0, le=86_400)
-    # The owner replica's lease on each stream it generates, renewed every 0.25 s apart
-    # from the chunks (a slow generation keeps it). A resumer of a stream whose lease
-    # lapsed before its final chunk (the replica died) gets the stored chunks, then
-    # UNAVAILABLE STREAM_ORIGIN_LOST, within about owner_lease_s + 1 s of the death.
-    owner_lease_s: float = Field(default=3.0, ge=1.0, le=60)
-    # memory backend: streams held per process and per caller (one caller cannot flush
-    # everyone's streams: past its own bound it loses its own oldest).
-    max_streams: int = Field(default=10_000, ge=1)
-    max_streams_per_caller: int = Field(default=256, ge=1)
-    # Generations kept running after their caller dropped (in their grace), per caller and
-    # per process: past either bound the oldest is stopped at once. Without it a caller
-    # could open streams, drop them, and keep any number of generations running (its
-    # open-stream limit counts connected streams only).
-    max_detached_per_caller: int = Field(default=8, ge=0)
-    max_detached: int = Field(default=1000, ge=0)
-    # Every Redis key of the stream buffer starts with this.
-    key_prefix: str = Field(default="aiproxy:streams:", min_length=1, max_length=128)
+    backend: Literal["memory", "redis"] | None = Field(
+        default=None,
+        description="Where chunks are kept: memory (this process: resume on the same replica "
+        "only) or redis (`redis.url`, shared by every replica). null: the same as "
+        "`limits.backend`.",
+    )
+    default: bool = Field(
+        default=False,
+        description="Every stream is resumable without the caller asking "
+        "(`x-aiproxy-resumable: 1`); the caller's `x-aiproxy-resumable: 0` still opts out.",
+    )
+    methods: list[str] = Field(
+        default_factory=list,
+        description='Or only these methods are resumable by default ("StreamGenerate" or the '
+        "full path), e.g. [StreamGenerate].",
+    )
+    grace_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=600,
+        description="How long the upstream generation continues after its caller dropped, "
+        "waiting for a resume (longer while someone reads it); then it is cancelled (the "
+        "cancellation reaches the agent, only later).",
+    )
+    max_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        le=64 << 20,
+        description="Chunk payload bytes kept per stream: the oldest chunks are dropped past "
+        "it (a resume from before them is STREAM_EXPIRED).",
+    )
+    ttl_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="A stream is kept this long after its last write (then a resume is "
+        "STREAM_NOT_FOUND).",
+    )
+    owner_lease_s: float = Field(
+        default=3.0,
+        ge=1.0,
+        le=60,
+        description="The owner replica's lease on each stream it generates, renewed every "
+        "0.25 s apart from the chunks (a slow generation keeps it). A resumer of a stream "
+        "whose lease lapsed before its final chunk (the replica died) gets the stored chunks, "
+        "then UNAVAILABLE STREAM_ORIGIN_LOST, within about owner_lease_s + 1 s of the death.",
+    )
+    max_streams: int = Field(
+        default=10_000, ge=1, description="memory backend: streams held per process."
+    )
+    max_streams_per_caller: int = Field(
+        default=256,
+        ge=1,
+        description="memory backend: streams held per caller; past it the caller loses its "
+        "own oldest stream, never another's.",
+    )
+    max_detached_per_caller: int = Field(
+        default=8,
+        ge=0,
+        description="Generations kept running after their caller dropped (in their grace), per "
+        "caller: past it the oldest is stopped at once. Without it a caller could open "
+        "streams, drop them, and keep any number of generations running (its open-stream "
+        "limit counts connected streams only).",
+    )
+    max_detached: int = Field(
+        default=1000,
+        ge=0,
+        description="The same bound per process: past it the oldest detached generation is "
+        "stopped at once.",
+    )
+    key_prefix: str = Field(
+        default="aiproxy:streams:",
+        min_length=1,
+        max_length=128,
+        description="Every Redis key of the stream buffer starts with this.",
+    )
 
 
 class StreamSettings(_Section):
-    """How server streams are pumped from the upstream to the caller."""
+    """How server streams are pumped from the upstream to the caller (docs/streaming.md)."""
 
-    resume: ResumeSettings = Field(default_factory=ResumeSettings)
-
-    # Chunks read ahead of a slow caller; past it the upstream read waits (backpressure).
-    buffer_chunks: int = Field(default=100, ge=1)
-    # A heartbeat chunk after this long without one, so idle connections stay open.
-    heartbeat_interval_s: float = Field(default=15.0, gt=0)
-    # An upstream that sends nothing for this long ends the stream with DEADLINE_EXCEEDED.
-    idle_timeout_s: float = Field(default=60.0, gt=0)
-    # Merge chunks that queued up behind a slow caller into one (never delays a chunk).
-    coalesce: bool = True
-    # Opt-in: at most one push per this many ms after the first chunk (50 ms is a
-    # common choice; the first chunk is never held back); deltas arriving meanwhile go
-    # out merged. Fewer, larger messages are what a Python proxy's CPU is spent on
-    # (bench/REPORT.md). 0 = off. Not the default: on the shared 2-core bench box the
-    # chunk interval p99 with 50 ms went past the 100 ms target.
-    coalesce_window_ms: float = Field(default=0.0, ge=0, le=1000)
-    # The window per method (bare method name, e.g. {"StreamGenerate": 0}), overriding
-    # coalesce_window_ms. A caller chooses its own with the `x-aiproxy-coalesce-ms`
-    # request header (0 = off, at most 1000), e.g. a UI that wants every token at once.
-    coalesce_window_ms_per_method: dict[str, float] = Field(default_factory=dict)
+    resume: ResumeSettings = Field(default_factory=ResumeSettings, description="Resumable streams.")
+    buffer_chunks: int = Field(
+        default=100,
+        ge=1,
+        description="Chunks read ahead of a slow caller; past it the upstream read waits "
+        "(backpressure).",
+    )
+    heartbeat_interval_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A heartbeat chunk after this long without one, so idle connections stay open.",
+    )
+    idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="An upstream that sends nothing for this long ends the stream with "
+        "DEADLINE_EXCEEDED.",
+    )
+    coalesce: bool = Field(
+        default=True,
+        description="Merge chunks that queued up behind a slow caller into one (never delays "
+        "a chunk).",
+    )
+    coalesce_window_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=1000,
+        description="Opt-in: at most one push per this many ms after the first chunk (the "
+        "first chunk is never held back); deltas arriving meanwhile go out merged. Fewer, "
+        "larger messages are what a Python proxy's CPU is spent on (docs/performance.md). "
+        "0 = off. Not the default: on the shared 2-core bench box the chunk interval p99 with "
+        "50 ms went past 100 ms.",
+    )
+    coalesce_window_ms_per_method: dict[str, float] = Field(
+        default_factory=dict,
+        description='The window per method (bare method name, e.g. {"StreamGenerate": 50}), '
+        "overriding `coalesce_window_ms`. A caller chooses its own with the "
+        "`x-aiproxy-coalesce-ms` request header (0 = off, at most 1000).",
+    )
 
     @model_validator(mode="after")
     def _v_windows(self) -> StreamSettings:
@@ -241,8 +392,10 @@ class StreamSettings(_Section):
 
 
 class DeadlineOverride(_Section):
-    default_s: float = Field(gt=0)
-    max_s: float = Field(gt=0)
+    """One method's deadlines (`deadlines.per_method`), in seconds."""
+
+    default_s: float = Field(gt=0, description="The deadline when the caller sets none.")
+    max_s: float = Field(gt=0, description="The most a caller's deadline may be.")
 
     @model_validator(mode="after")
     def _v_order(self) -> DeadlineOverride:
@@ -257,23 +410,52 @@ def _method_names() -> set[str]:
 
 class DeadlineSettings(_Section):
     """Per-kind default and maximum deadlines, in seconds: 30 s for a unary call, 2 min
-    for a stream, 5 min for an agent run (see interceptors/deadline.py)."""
+    for a stream, 5 min for an agent run (see interceptors/deadline.py). The effective
+    deadline is the tighter of the caller's and the maximum, the default when the caller
+    sets none."""
 
-    unary_default_s: float = Field(default=30.0, gt=0)
-    unary_max_s: float = Field(default=30.0, gt=0)
-    stream_default_s: float = Field(default=120.0, gt=0)
-    stream_max_s: float = Field(default=120.0, gt=0)
-    agent_default_s: float = Field(default=300.0, gt=0)
-    agent_max_s: float = Field(default=300.0, gt=0)
-    # By bare method name, e.g. {"BatchGenerate": {"default_s": 60, "max_s": 90}}.
-    per_method: dict[str, DeadlineOverride] = Field(default_factory=dict)
-    # When the caller's own deadline is the binding one, the proxy ends the call this much
-    # before it (ratio of the caller's remaining time, clamped to [min, max] and to half
-    # of it), so the caller gets DEADLINE_EXCEEDED with ErrorInfo -- and a stream its final
-    # in-band error chunk -- instead of its deadline cutting the call off silently.
-    end_margin_ratio: float = Field(default=0.05, ge=0, le=0.5)
-    end_margin_min_s: float = Field(default=0.02, ge=0)
-    end_margin_max_s: float = Field(default=1.0, ge=0)
+    unary_default_s: float = Field(
+        default=30.0, gt=0, description="Unary calls, when the caller sets no deadline."
+    )
+    unary_max_s: float = Field(
+        default=30.0, gt=0, description="Unary calls: the most a caller's deadline may be."
+    )
+    stream_default_s: float = Field(
+        default=120.0, gt=0, description="Server streams, when the caller sets no deadline."
+    )
+    stream_max_s: float = Field(
+        default=120.0, gt=0, description="Server streams: the most a caller's deadline may be."
+    )
+    agent_default_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="ExecuteAgent and StreamExecuteAgent, when the caller sets no deadline.",
+    )
+    agent_max_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="ExecuteAgent and StreamExecuteAgent: the most a caller's deadline may be.",
+    )
+    per_method: dict[str, DeadlineOverride] = Field(
+        default_factory=dict,
+        description='By bare method name, e.g. {"BatchGenerate": {"default_s": 60, "max_s": 90}}.',
+    )
+    end_margin_ratio: float = Field(
+        default=0.05,
+        ge=0,
+        le=0.5,
+        description="When the caller's own deadline is the binding one, the proxy ends the call "
+        "this share of the caller's remaining time early (clamped to [`end_margin_min_s`, "
+        "`end_margin_max_s`] and to half of it), so the caller gets DEADLINE_EXCEEDED with "
+        "ErrorInfo, and a stream its final in-band error chunk, instead of its deadline "
+        "cutting the call off silently.",
+    )
+    end_margin_min_s: float = Field(
+        default=0.02, ge=0, description="The smallest end margin (see `end_margin_ratio`)."
+    )
+    end_margin_max_s: float = Field(
+        default=1.0, ge=0, description="The largest end margin (see `end_margin_ratio`)."
+    )
 
     @model_validator(mode="after")
     def _v_order(self) -> DeadlineSettings:
@@ -293,18 +475,36 @@ class BreakerSettings(_Section):
     """One circuit breaker per upstream endpoint (client side). It opens only on a failure
     many callers share (core/breaker.py says why each rule is there)."""
 
-    enabled: bool = True
-    failure_ratio: float = Field(default=0.5, gt=0, le=1)  # share of calls that failed
-    window_s: float = Field(default=10.0, gt=0)  # ... over this rolling window
-    min_volume: int = Field(default=20, ge=1)  # ... once it holds this many calls
-    # ... and the failures came from this many distinct callers (one caller never opens it).
-    min_failing_callers: int = Field(default=3, ge=1, le=64)
-    # gRPC code names that count as the endpoint's failure; INTERNAL/UNKNOWN are the
-    # request's, DEADLINE_EXCEEDED the caller's deadline: not counted by default.
-    failure_codes: list[str] = Field(default_factory=lambda: ["UNAVAILABLE"], min_length=1)
-    reset_timeout_s: float = Field(default=30.0, gt=0)  # open -> half-open after this
-    half_open_max_probes: int = Field(default=1, ge=1)  # calls admitted while half-open
-    success_threshold: int = Field(default=1, ge=1)  # probe successes that close it
+    enabled: bool = Field(default=True, description="Breakers on or off.")
+    failure_ratio: float = Field(
+        default=0.5, gt=0, le=1, description="It opens when this share of calls failed ..."
+    )
+    window_s: float = Field(default=10.0, gt=0, description="... over this rolling window ...")
+    min_volume: int = Field(
+        default=20, ge=1, description="... once the window holds this many calls ..."
+    )
+    min_failing_callers: int = Field(
+        default=3,
+        ge=1,
+        le=64,
+        description="... and the failures came from this many distinct callers (one caller "
+        "never opens it).",
+    )
+    failure_codes: list[str] = Field(
+        default_factory=lambda: ["UNAVAILABLE"],
+        min_length=1,
+        description="gRPC code names that count as the endpoint's failure; INTERNAL/UNKNOWN are "
+        "the request's, DEADLINE_EXCEEDED the caller's deadline: not counted by default.",
+    )
+    reset_timeout_s: float = Field(
+        default=30.0, gt=0, description="Open -> half-open after this long."
+    )
+    half_open_max_probes: int = Field(
+        default=1, ge=1, description="Calls let through while half-open."
+    )
+    success_threshold: int = Field(
+        default=1, ge=1, description="Probe successes that close it again."
+    )
 
     @field_validator("failure_codes")
     @classmethod
@@ -313,14 +513,22 @@ class BreakerSettings(_Section):
 
 
 class RetrySettings(_Section):
-    """Retries of upstream calls: unary calls, and streams before their first chunk."""
+    """Retries of upstream calls: unary calls, and streams before their first chunk, on
+    another endpoint, within the caller's deadline (core/retry.py)."""
 
-    max_attempts: int = Field(default=3, ge=1)  # the first call included
-    initial_backoff_s: float = Field(default=0.05, ge=0)
-    max_backoff_s: float = Field(default=1.0, ge=0)
-    multiplier: float = Field(default=2.0, ge=1)
-    # gRPC code names worth another attempt on another endpoint.
-    retryable_codes: list[str] = Field(default_factory=lambda: ["UNAVAILABLE"])
+    max_attempts: int = Field(default=3, ge=1, description="Attempts, the first call included.")
+    initial_backoff_s: float = Field(
+        default=0.05,
+        ge=0,
+        description="Full jitter: before attempt n+1 sleep uniform(0, min(max_backoff_s, "
+        "initial_backoff_s * multiplier^n)).",
+    )
+    max_backoff_s: float = Field(default=1.0, ge=0, description="The backoff's cap.")
+    multiplier: float = Field(default=2.0, ge=1, description="The backoff's growth per attempt.")
+    retryable_codes: list[str] = Field(
+        default_factory=lambda: ["UNAVAILABLE"],
+        description="gRPC code names worth another attempt on another endpoint.",
+    )
 
     @field_validator("retryable_codes")
     @classmethod
@@ -352,16 +560,19 @@ class RateLimitOverride(_Section):
     """A caller's (or a group's: `apikey:NAME`, `tenant:VALUE`) own limits, replacing the
     defaults. A key left out is inherited from the defaults (filled in when loaded)."""
 
-    rate_per_s: float | None = Field(default=None, gt=0)
-    burst: int | None = Field(default=None, ge=1)
-    max_streams: int | None = Field(default=None, ge=1)
-    # LLM tokens; left out: the default; 0: not enforced for this key.
-    tokens_per_minute: int | None = Field(default=None, ge=0)
-    tokens_per_day: int | None = Field(default=None, ge=0)
+    rate_per_s: float | None = Field(default=None, gt=0, description="Sustained calls per second.")
+    burst: int | None = Field(default=None, ge=1, description="Bucket size.")
+    max_streams: int | None = Field(default=None, ge=1, description="Open streams at once.")
+    tokens_per_minute: int | None = Field(
+        default=None, ge=0, description="LLM tokens per minute; 0: not enforced for this key."
+    )
+    tokens_per_day: int | None = Field(
+        default=None, ge=0, description="LLM tokens per UTC day; 0: not enforced for this key."
+    )
 
 
 class LimitSettings(_Section):
-    """Admission control on calls into the proxy (server side).
+    """Admission control on calls into the proxy (server side; docs/limits.md).
 
     Callers are keyed by who they are: authenticated subject or API key (hashed), else
     peer address ("sub:alice", "key:<sha256/128>", "peer:10.0.0.7"). An id the caller
@@ -371,50 +582,95 @@ class LimitSettings(_Section):
     (a declared id's share: it can only narrow), "apikey:<name>", "tenant:<value>".
     """
 
-    enabled: bool = True
-    # Where limit state lives (README: Shared limits). memory: in each process (nothing to
-    # run; limits multiply by workers and replicas). redis: one Redis (`redis.url`) shared
-    # by every worker and replica, so N processes admit what one would.
-    backend: Literal["memory", "redis"] = "memory"
-    # With redis, when Redis does not answer within redis.timeout_ms: fail_open limits each
-    # process from its own memory at limit/expected_processes; fail_closed refuses the call
-    # (UNAVAILABLE, reason LIMITS_UNAVAILABLE, RetryInfo). Recovery is automatic.
-    failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
-    # How many proxy processes share the limits (workers x replicas): under fail_open each
-    # one allows limit/N (rounded up), so the fleet stays near the limit while Redis is away.
-    expected_processes: int = Field(default=1, ge=1, le=4096)
-    # Token bucket per caller: sustained rate and burst (default 100 QPS).
-    rate_per_s: float = Field(default=100.0, gt=0)
-    burst: int = Field(default=100, ge=1)
-    # Open streams per caller: long generations are what really load an LLM.
-    max_streams_per_caller: int = Field(default=100, ge=1)
-    # Every call in flight through this proxy process; past it RESOURCE_EXHAUSTED
-    # (OVERLOADED) at once instead of a queue that grows.
-    max_concurrent_calls: int = Field(default=10_000, ge=1)
-    # Buckets kept at most (least recently used dropped first): memory stays bounded.
-    max_tracked_callers: int = Field(default=100_000, ge=1)
-    # LLM tokens per caller (reserved at admission from max_tokens or an estimate, settled
-    # with the usage the agent reports): a bucket refilled over a minute, and a budget
-    # per UTC day, per caller or per tenant. null or 0: not enforced.
-    tokens_per_minute: int | None = Field(default=None, ge=0)
-    tokens_per_day: int | None = Field(default=None, ge=0)
-    # A JWT claim naming the caller's tenant (e.g. "tenant"): callers whose tokens carry
-    # the same value share a `tenant:<value>` override and its daily token budget.
-    # null: no tenants (overrides by sub, API key and client only).
-    tenant_claim: str | None = Field(default=None, min_length=1, max_length=64)
-    # Keyed "<kind>:<value>", kind one of OVERRIDE_KINDS; the most specific key wins:
-    # the caller's own (sub/key/client/peer), then apikey:<name>, then tenant:<value>.
-    overrides: dict[str, RateLimitOverride] = Field(default_factory=dict)
-    # Behind the edge every caller has Envoy's address: the header that the project's
-    # Envoy sets to the caller's address (it overwrites whatever a caller sent). Empty:
-    # always the peer address of the connection.
-    client_address_header: str = "x-envoy-external-address"
-    # Whom that header is believed from (interceptors/limits.py says why): peers in
-    # these networks, and, when edge_secret is set, only calls that also carry it in
-    # x-aiproxy-edge (Envoy adds it: `aiproxy envoy` reads AIPROXY_LIMITS__EDGE_SECRET).
-    # Anyone else who sends the header is keyed by their own peer address.
-    trusted_edges: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    edge_secret: SecretStr | None = None
+    enabled: bool = Field(default=True, description="Limits on or off.")
+    backend: Literal["memory", "redis"] = Field(
+        default="memory",
+        description="Where limit state lives. memory: in each process (nothing to run; limits "
+        "multiply by workers and replicas). redis: one Redis (`redis.url`) shared by every "
+        "worker and replica, so N processes admit what one would.",
+    )
+    failure_policy: Literal["fail_open", "fail_closed"] = Field(
+        default="fail_open",
+        description="With redis, when Redis does not answer within `redis.timeout_ms`: "
+        "fail_open limits each process from its own memory at limit / "
+        "`expected_processes`; fail_closed refuses the call (UNAVAILABLE, reason "
+        "LIMITS_UNAVAILABLE, RetryInfo). Recovery is automatic.",
+    )
+    expected_processes: int = Field(
+        default=1,
+        ge=1,
+        le=4096,
+        description="How many proxy processes share the limits (workers x replicas): under "
+        "fail_open each one allows limit/N (rounded up), so the fleet stays near the limit "
+        "while Redis is away.",
+    )
+    rate_per_s: float = Field(
+        default=100.0, gt=0, description="Token bucket per caller: sustained calls per second."
+    )
+    burst: int = Field(default=100, ge=1, description="Token bucket per caller: its size.")
+    max_streams_per_caller: int = Field(
+        default=100,
+        ge=1,
+        description="Open streams per caller: long generations are what really load an LLM.",
+    )
+    max_concurrent_calls: int = Field(
+        default=10_000,
+        ge=1,
+        description="Every call in flight through this proxy process; past it "
+        "RESOURCE_EXHAUSTED (OVERLOADED) at once instead of a queue that grows.",
+    )
+    max_tracked_callers: int = Field(
+        default=100_000,
+        ge=1,
+        description="Buckets kept at most (least recently used dropped first): memory stays "
+        "bounded.",
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=0,
+        description="LLM tokens per caller, a bucket refilled over a minute (reserved at "
+        "admission from max_tokens or an estimate, settled with the usage the agent "
+        "reports). null or 0: not enforced.",
+    )
+    tokens_per_day: int | None = Field(
+        default=None,
+        ge=0,
+        description="LLM tokens per UTC day, per caller or per tenant. null or 0: not enforced.",
+    )
+    tenant_claim: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description='A JWT claim naming the caller\'s tenant (e.g. "tenant"): callers whose '
+        "tokens carry the same value share a `tenant:<value>` override and its daily token "
+        "budget. null: no tenants.",
+    )
+    overrides: dict[str, RateLimitOverride] = Field(
+        default_factory=dict,
+        description='Keyed "<kind>:<value>", kind one of sub, key, client, peer, apikey, '
+        "tenant (client:<id> is a declared id's share inside its owner's, and can only "
+        "narrow); the most specific key wins: the caller's own (sub/key/client/peer), then "
+        'apikey:<name>, then tenant:<value>. E.g. {"sub:batch-service": {"rate_per_s": 500, '
+        '"burst": 1000, "max_streams": 400}, "tenant:acme": {"tokens_per_day": 2000000}}.',
+    )
+    client_address_header: str = Field(
+        default="x-envoy-external-address",
+        description="Behind the edge every caller has Envoy's address: the header that the "
+        "project's Envoy sets to the caller's address (it overwrites whatever a caller "
+        'sent). "": always the peer address of the connection.',
+    )
+    trusted_edges: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="The networks whose peers are believed when they send "
+        "`client_address_header` (interceptors/limits.py says why). Anyone else who sends the "
+        "header is keyed by their own peer address.",
+    )
+    edge_secret: SecretStr | None = Field(
+        default=None,
+        description="When set, the header is believed only from calls that also carry this "
+        "secret in x-aiproxy-edge (`aiproxy envoy` adds it when it finds the same "
+        "AIPROXY_LIMITS__EDGE_SECRET in its environment).",
+    )
 
     @field_validator("trusted_edges")
     @classmethod
@@ -480,37 +736,59 @@ _RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "
 
 
 class ValidationSettings(_Section):
-    """Request checks made before a call costs anything upstream. The counts default to
-    the request contract's (core/contract.py); the operator may set others (the reference
-    agent still enforces the contract's own)."""
+    """Request checks made before a call costs anything upstream (interceptors/validation.py).
+    The counts default to the request contract's (core/contract.py); the operator may set
+    others (the reference agent still enforces the contract's own)."""
 
-    enabled: bool = True
-    max_prompt_chars: int = Field(default=32_000, ge=1)
-    max_messages: int = Field(default=200, ge=1)
-    max_message_chars: int = Field(default=32_000, ge=1)
-    max_total_chars: int = Field(default=200_000, ge=1)  # all text fields of one request
-    max_tokens: int = Field(default=4096, ge=1)
-    max_stop_sequences: int = Field(default=MAX_STOP_SEQUENCES, ge=0)
-    max_batch_prompts: int = Field(default=64, ge=1)
-    max_top_k: int = Field(default=50, ge=1)
-    max_filters: int = Field(default=16, ge=0)
-    max_tools: int = Field(default=MAX_TOOLS, ge=0)
-    max_steps: int = Field(default=MAX_STEPS, ge=1)
-    max_context_bytes: int = Field(default=64 * 1024, ge=0)  # agent context, serialized
+    enabled: bool = Field(default=True, description="Validation on or off.")
+    max_prompt_chars: int = Field(
+        default=32_000, ge=1, description="A prompt, RAG query or agent task, in characters."
+    )
+    max_messages: int = Field(default=200, ge=1, description="Messages in one chat request.")
+    max_message_chars: int = Field(
+        default=32_000, ge=1, description="One chat message, in characters."
+    )
+    max_total_chars: int = Field(
+        default=200_000, ge=1, description="All text fields of one request together."
+    )
+    max_tokens: int = Field(default=4096, ge=1, description="The largest `options.max_tokens`.")
+    max_stop_sequences: int = Field(
+        default=MAX_STOP_SEQUENCES, ge=0, description="Entries of `options.stop`."
+    )
+    max_batch_prompts: int = Field(default=64, ge=1, description="Prompts in one BatchGenerate.")
+    max_top_k: int = Field(default=50, ge=1, description="The largest RAG `top_k`.")
+    max_filters: int = Field(default=16, ge=0, description="RAG filters in one request.")
+    max_tools: int = Field(default=MAX_TOOLS, ge=0, description="Tools named in one agent run.")
+    max_steps: int = Field(
+        default=MAX_STEPS, ge=1, description="The largest `max_steps` of an agent run."
+    )
+    max_context_bytes: int = Field(
+        default=64 * 1024, ge=0, description="An agent run's context, serialized."
+    )
     max_id_chars: int = Field(
-        default=MAX_ID_CHARS, ge=1
-    )  # model, session id, tool and filter names
+        default=MAX_ID_CHARS,
+        ge=1,
+        description="Model, session id, tool and filter names, stop sequences.",
+    )
 
 
 class ApiKeySettings(_Section):
     """A static API key, known by its hash only (`aiproxy api-key` makes one)."""
 
-    # Shown nowhere but the config: the caller identity is "key:<key_hash>", the same key
-    # the rate limiter derives from x-api-key (core.ratelimit.caller_key).
-    name: str = Field(min_length=1, max_length=64)
-    # core.ratelimit.hash_api_key(raw key): 32 lowercase hex characters.
-    key_hash: str = Field(pattern=r"^[0-9a-f]{32}$")
-    scopes: list[str] = Field(default_factory=list)
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        description="Shown nowhere but the config and `apikey:<name>` limit overrides: the "
+        'caller identity is "key:<key_hash>", the same key the rate limiter derives from '
+        "x-api-key.",
+    )
+    key_hash: str = Field(
+        pattern=r"^[0-9a-f]{32}$",
+        description="core.ratelimit.hash_api_key(raw key): 32 lowercase hex characters.",
+    )
+    scopes: list[str] = Field(
+        default_factory=list, description="What the key may do (`auth.method_scopes`)."
+    )
 
 
 # Signature algorithms a token may use; "none" is never one of them.
@@ -534,36 +812,67 @@ ADMIN_SERVICE_NAME: Final = "ai.proxy.v1.ProxyAdminService"
 
 
 class AuthSettings(_Section):
-    """Who may call (interceptors/auth.py). Off unless a credential source is configured:
-    setting jwt_secret (AIPROXY_AUTH__JWT_SECRET), a key file, a JWKS file or an API key
-    turns it on; `enabled: false` turns it off explicitly, `enabled: true` without any
-    source is an error. Health and reflection are always open."""
+    """Who may call (interceptors/auth.py; docs/security.md). Off unless a credential source
+    is configured: setting jwt_secret (AIPROXY_AUTH__JWT_SECRET), a key file, a JWKS file or
+    an API key turns it on; `enabled: false` turns it off explicitly, `enabled: true`
+    without any source is an error. Health and reflection are always open."""
 
-    enabled: bool | None = None
-    # HS256/384/512 shared secret; at least 32 bytes (RFC 7518 3.2: as long as the hash).
-    jwt_secret: SecretStr | None = None
-    # PEM public key (RSA or EC) for RS*/PS*/ES* tokens.
-    jwt_public_key_file: str | None = None
-    # JSON Web Key Set file (the IdP's jwks.json); tokens pick their key by `kid`.
-    jwks_file: str | None = None
-    # Allowed `alg` values; empty = every algorithm the configured keys can verify.
-    algorithms: list[str] = Field(default_factory=list)
-    # When set, tokens must carry this `iss` / one of these `aud`. Without an audience,
-    # tokens that carry an `aud` are refused (they were meant for someone else).
-    issuer: str | None = None
-    audience: list[str] = Field(default_factory=list)
-    # Clock skew allowed on exp/nbf/iat.
-    leeway_s: float = Field(default=30.0, ge=0, le=300)
-    required_claims: list[str] = Field(default_factory=lambda: ["exp", "sub"])
-    api_keys: list[ApiKeySettings] = Field(default_factory=list)
-    # Method ("ExecuteAgent" or "/ai.agent.v1.AgentService/ExecuteAgent") -> scopes the
-    # caller must all have (JWT `scope`, space-separated, or `scp` list; API key scopes).
-    method_scopes: dict[str, list[str]] = Field(default_factory=dict)
-    # Scopes a caller must all have to call the proxy's own admin service
-    # (ai.proxy.v1.ProxyAdminService: the pool, its addresses and health). Authenticating
-    # is not enough: a token minted for the AI API must not read the deployment. [] lets
-    # any authenticated caller in (not recommended).
-    admin_scopes: list[str] = Field(default_factory=lambda: [ADMIN_SCOPE])
+    enabled: bool | None = Field(
+        default=None,
+        description="null: on iff jwt_secret, jwt_public_key_file, jwks_file or api_keys is "
+        "set; false: off even then; true: on (an error without a credential source).",
+    )
+    jwt_secret: SecretStr | None = Field(
+        default=None,
+        description="HS256/384/512 shared secret, at least 32 bytes (RFC 7518 3.2: as long as "
+        "the hash). Better from the environment: AIPROXY_AUTH__JWT_SECRET.",
+    )
+    jwt_public_key_file: str | None = Field(
+        default=None,
+        description="PEM public key (or certificate) for RS*/PS*/ES*/EdDSA tokens.",
+    )
+    jwks_file: str | None = Field(
+        default=None,
+        description="JSON Web Key Set file (the identity provider's jwks.json); tokens pick "
+        "their key by `kid`.",
+    )
+    algorithms: list[str] = Field(
+        default_factory=list,
+        description="Allowed `alg` values; empty: every algorithm the configured keys can "
+        'verify; never "none".',
+    )
+    issuer: str | None = Field(default=None, description="When set, tokens must carry this `iss`.")
+    audience: list[str] = Field(
+        default_factory=list,
+        description="Accepted `aud` values. Empty: tokens that carry an `aud` are refused "
+        "(they were meant for someone else).",
+    )
+    leeway_s: float = Field(
+        default=30.0, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat."
+    )
+    required_claims: list[str] = Field(
+        default_factory=lambda: ["exp", "sub"],
+        description="Claims a token must carry; `sub` is always required: it is the caller's "
+        "identity.",
+    )
+    api_keys: list[ApiKeySettings] = Field(
+        default_factory=list,
+        description='Static API keys, e.g. [{"name": "ci", "key_hash": "<aiproxy api-key>", '
+        '"scopes": ["agent:execute"]}].',
+    )
+    method_scopes: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='Method ("ExecuteAgent" or "/ai.agent.v1.AgentService/ExecuteAgent") -> '
+        "scopes the caller must all have (JWT `scope`, space-separated, or `scp` list; API "
+        'key scopes), e.g. {"ExecuteAgent": ["agent:execute"]}.',
+    )
+    admin_scopes: list[str] = Field(
+        default_factory=lambda: [ADMIN_SCOPE],
+        description="Scopes a caller must all have to call the proxy's own admin service "
+        "(ai.proxy.v1.ProxyAdminService: the pool, its addresses and health). "
+        "Authenticating is not enough: a token minted for the AI API must not read the "
+        "deployment. [] lets any authenticated caller in (not recommended).",
+    )
 
     _v_files = field_validator("jwt_public_key_file", "jwks_file")(
         classmethod(lambda cls, v: _check_file(v))
@@ -642,9 +951,12 @@ class ServerTlsSettings(_Section):
     """TLS on the proxy's listener. Both files set: TLS; client_ca_file too: mutual TLS
     (callers must present a certificate signed by that CA). Neither: plaintext."""
 
-    cert_file: str | None = None  # PEM certificate chain
-    key_file: str | None = None  # PEM private key
-    client_ca_file: str | None = None
+    cert_file: str | None = Field(default=None, description="PEM certificate chain.")
+    key_file: str | None = Field(default=None, description="PEM private key.")
+    client_ca_file: str | None = Field(
+        default=None,
+        description="Set: callers must present a certificate this CA signed (mutual TLS).",
+    )
 
     _v_files = field_validator("cert_file", "key_file", "client_ca_file")(
         classmethod(lambda cls, v: _check_file(v))
@@ -667,15 +979,23 @@ class UpstreamTlsSettings(_Section):
     """TLS towards the agent replicas. Any file set (or enabled: true) turns it on;
     cert_file + key_file present a client certificate (mutual TLS)."""
 
-    enabled: bool | None = None
-    ca_file: str | None = (
-        None  # PEM roots that sign the upstreams' certificates; default: system roots
+    enabled: bool | None = Field(
+        default=None, description="null: on iff ca_file, cert_file or server_name is set."
     )
-    cert_file: str | None = None
-    key_file: str | None = None
-    # The name the upstream certificates must carry. Default: the endpoints' DNS name when
-    # they share one (discovery dials the resolved IPs), else the address dialled.
-    server_name: str | None = None
+    ca_file: str | None = Field(
+        default=None,
+        description="PEM roots that sign the agents' certificates; default: the system roots.",
+    )
+    cert_file: str | None = Field(
+        default=None, description="The proxy's client certificate (mutual TLS)."
+    )
+    key_file: str | None = Field(default=None, description="... and its key.")
+    server_name: str | None = Field(
+        default=None,
+        description="The name the agents' certificates must carry. Default: the endpoints' DNS "
+        "name when they share one (discovery dials the resolved IPs), else the address "
+        "dialled.",
+    )
 
     _v_files = field_validator("ca_file", "cert_file", "key_file")(
         classmethod(lambda cls, v: _check_file(v))
@@ -699,32 +1019,66 @@ class UpstreamTlsSettings(_Section):
 class TlsSettings(_Section):
     """TLS for the listener and towards upstreams (server/tls.py); plaintext by default."""
 
-    server: ServerTlsSettings = Field(default_factory=ServerTlsSettings)
-    upstream: UpstreamTlsSettings = Field(default_factory=UpstreamTlsSettings)
+    server: ServerTlsSettings = Field(
+        default_factory=ServerTlsSettings, description="The proxy's listener."
+    )
+    upstream: UpstreamTlsSettings = Field(
+        default_factory=UpstreamTlsSettings, description="Towards the agents."
+    )
 
 
 class RedisSettings(_Section):
-    """The Redis that holds shared limits when limits.backend is redis
-    (server/stores/redis_limits.py; README: Shared limits). One Redis, not a Cluster: a token
-    reservation touches a caller's bucket and its tenant's budget in one script."""
+    """The Redis that holds shared state when limits.backend, stream.resume.backend or
+    cache.backend is redis (server/stores/; docs/limits.md). One Redis, not a Cluster: a
+    token reservation touches a caller's bucket and its tenant's budget in one script."""
 
-    # redis://HOST:PORT/DB, rediss:// (TLS) or unix:///path.sock. No password in it:
-    # the URL is shown by check-config and logs; put the password in redis.password.
-    url: str | None = None
-    password: SecretStr | None = None  # AIPROXY_REDIS__PASSWORD
-    # Every key starts with this, so several proxies (or environments) can share a Redis.
-    key_prefix: str = Field(default="aiproxy:limits:", min_length=1, max_length=128)
-    # The bounded wait for one Redis call; past it the call goes to limits.failure_policy.
-    # Event-loop lag counts against it: 10-25 ms suits a loaded 2-core box.
-    timeout_ms: float = Field(default=20.0, gt=0, le=5000)
-    connect_timeout_s: float = Field(default=1.0, gt=0, le=60)
-    # While degraded, Redis is PINGed this often; the first answer restores it.
-    probe_interval_s: float = Field(default=0.5, gt=0, le=60)
-    # A stream's lease lapses this long after its process stops renewing it (it died):
-    # renewed every lease_ttl_s / 3, in one batch per process.
-    lease_ttl_s: float = Field(default=10.0, ge=1, le=3600)
-    # A token reservation whose process died before settling is forgotten after this.
-    reservation_ttl_s: float = Field(default=3600.0, ge=60, le=7 * 86_400)
+    url: str | None = Field(
+        default=None,
+        description="redis://HOST:PORT/DB, rediss:// (TLS) or unix:///path.sock. No password "
+        "in it (the URL is shown by check-config and logs): put it in `redis.password`.",
+    )
+    password: SecretStr | None = Field(
+        default=None, description="Better from the environment: AIPROXY_REDIS__PASSWORD."
+    )
+    key_prefix: str = Field(
+        default="aiproxy:limits:",
+        min_length=1,
+        max_length=128,
+        description="Every limits key starts with this, so several proxies (or environments) "
+        "can share a Redis.",
+    )
+    timeout_ms: float = Field(
+        default=20.0,
+        gt=0,
+        le=5000,
+        description="The bounded wait for one Redis call; past it the call goes to "
+        "`limits.failure_policy`. Event-loop lag counts against it: 10-25 ms suits a loaded "
+        "2-core box.",
+    )
+    connect_timeout_s: float = Field(
+        default=1.0, gt=0, le=60, description="The wait for a new connection to Redis."
+    )
+    probe_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="While degraded, Redis is PINGed this often; the first answer restores it.",
+    )
+    lease_ttl_s: float = Field(
+        default=10.0,
+        ge=1,
+        le=3600,
+        description="A stream's lease lapses this long after its process stops renewing it "
+        "(it died), so a dead replica's callers get their stream slots back: renewed every "
+        "lease_ttl_s / 3, in one batch per process.",
+    )
+    reservation_ttl_s: float = Field(
+        default=3600.0,
+        ge=60,
+        le=7 * 86_400,
+        description="A token reservation whose process died before settling is forgotten "
+        "after this.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -744,32 +1098,56 @@ class RedisSettings(_Section):
 
 
 class CacheSettings(_Section):
-    """The response cache (server/request/caching.py; README: Response cache): exact-match
+    """The response cache (server/request/caching.py; docs/streaming.md): exact-match
     answers, L1 in this process (LRU bounded in bytes), L2 the shared backend. A call
     opts in with `cache-control: max-age=N`; the operator per method with a TTL."""
 
-    enabled: bool = True
-    # L2: memory (none: L1 only) or redis (redis.url, shared by replicas). null: the
-    # same as limits.backend.
-    backend: Literal["memory", "redis"] | None = None
-    # Method name ("Generate") or full path -> TTL in seconds: cached without the caller
-    # asking (cache-control: no-store / no-cache still bypass).
-    methods: dict[str, int] = Field(default_factory=dict)
-    # A caller's max-age is capped to this.
-    max_ttl_s: int = Field(default=3600, ge=1, le=7 * 86_400)
-    # L1 bound in bytes, and the largest entry kept (in L1 and sent to L2).
-    l1_max_bytes: int = Field(default=64 << 20, ge=1024)
-    max_entry_bytes: int = Field(default=1 << 20, ge=256)
-    # Answers are keyed by the caller's tenant (else the caller): never served across
-    # tenants. True shares answers between every caller (public, non-personal prompts).
-    shared_across_tenants: bool = False
-    key_prefix: str = Field(default="aiproxy:cache:", min_length=1, max_length=128)
+    enabled: bool = Field(default=True, description="The cache on or off.")
+    backend: Literal["memory", "redis"] | None = Field(
+        default=None,
+        description="L2: memory (none: L1 only) or redis (`redis.url`, shared by replicas). "
+        "null: the same as `limits.backend`.",
+    )
+    methods: dict[str, int] = Field(
+        default_factory=dict,
+        description='Method name ("SearchRag") or full path -> TTL in seconds: cached without '
+        "the caller asking (cache-control: no-store / no-cache still bypass), e.g. "
+        '{"SearchRag": 300}.',
+    )
+    max_ttl_s: int = Field(
+        default=3600, ge=1, le=7 * 86_400, description="A caller's max-age is capped to this."
+    )
+    l1_max_bytes: int = Field(
+        default=64 << 20, ge=1024, description="The in-process LRU's bound, in bytes."
+    )
+    max_entry_bytes: int = Field(
+        default=1 << 20,
+        ge=256,
+        description="The largest answer kept (in L1 and sent to L2); larger ones are not cached.",
+    )
+    shared_across_tenants: bool = Field(
+        default=False,
+        description="Answers are keyed by the caller's tenant (else the caller): never served "
+        "across tenants. true shares answers between every caller (public, non-personal "
+        "prompts only).",
+    )
+    key_prefix: str = Field(
+        default="aiproxy:cache:",
+        min_length=1,
+        max_length=128,
+        description="Every Redis key of the cache starts with this.",
+    )
 
 
 class LogSettings(_Section):
-    level: str = "INFO"
-    # One JSON "access" line per call (ids, method, status, timings, tokens; never prompts).
-    access: bool = True
+    """JSON lines on stderr (docs/operations.md)."""
+
+    level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    access: bool = Field(
+        default=True,
+        description='One JSON "access" line per call (ids, method, status, timings, tokens; '
+        "never prompts, never credentials).",
+    )
 
     @field_validator("level")
     @classmethod
@@ -783,9 +1161,12 @@ class LogSettings(_Section):
 class MetricsSettings(_Section):
     """The Prometheus scrape endpoint (`/metrics`), see server/telemetry.py."""
 
-    enabled: bool = True
-    # HOST:PORT of the HTTP listener; port 0 picks a free one (reported in the ready line).
-    listen: str = "127.0.0.1:9091"
+    enabled: bool = Field(default=True, description="The endpoint on or off.")
+    listen: str = Field(
+        default="127.0.0.1:9091",
+        description="HOST:PORT of the HTTP listener (containers: 0.0.0.0:9091); port 0 picks a "
+        "free one (reported in the ready line).",
+    )
 
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
@@ -793,14 +1174,23 @@ class MetricsSettings(_Section):
 class TracingSettings(_Section):
     """OpenTelemetry traces (W3C trace context in and out), see server/telemetry.py."""
 
-    # none: no spans are made (the caller's traceparent still passes through untouched);
-    # console: one JSON line per span on stderr (stdout is for the ready line);
-    # otlp: OTLP/gRPC to otlp_endpoint.
-    exporter: str = "none"
-    otlp_endpoint: str = "http://127.0.0.1:4317"
-    service_name: str = "aiproxy"
-    # Share of new traces recorded (a caller's sampled flag is honoured: parent-based).
-    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    exporter: str = Field(
+        default="none",
+        description="none: no spans are made (the caller's traceparent still passes through "
+        "untouched); console: one JSON line per span on stderr (stdout is for the ready "
+        "line); otlp: OTLP/gRPC to `otlp_endpoint`.",
+    )
+    otlp_endpoint: str = Field(
+        default="http://127.0.0.1:4317", description="The OTLP/gRPC collector."
+    )
+    service_name: str = Field(default="aiproxy", description="The spans' service.name.")
+    sample_ratio: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded (a caller's sampled flag is honoured: "
+        "parent-based).",
+    )
 
     @field_validator("exporter")
     @classmethod
@@ -819,7 +1209,12 @@ _yaml_file: contextvars.ContextVar[pathlib.Path | None] = contextvars.ContextVar
 
 
 class Settings(BaseSettings):
-    """Everything the proxy can be told. See config.example.yaml and .env.example."""
+    """Everything the proxy can be told.
+
+    This model is the one source of the configuration reference: each section's docstring
+    and each field's `description` are what scripts/gen_config_docs.py writes into
+    docs/configuration.md and config.example.yaml (`make docs`; a unit test fails when
+    they are out of step). Document a new key here, nowhere else."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,

@@ -103,7 +103,7 @@ class LocalReply:
 
     http_status: int
     code: int  # google.rpc.Code
-    reason: str  # ErrorInfo.reason: stable, part of the API (README: "Errors at the edge")
+    reason: str  # ErrorInfo.reason: stable, part of the API (docs/http.md: "Errors over HTTP")
     message: str | None = None
     retry_delay_s: int | None = None
 

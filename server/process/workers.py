@@ -8,7 +8,7 @@ except, with `limits.backend: redis`, the limits. With the default `memory` back
 worker has its own buckets, so a caller gets N times its configured limits: the
 supervisor says so at start-up (one WARNING line, `limits_per_worker`) rather than
 refusing, since many workers on one box without Redis is a sound way to use its cores
-when N x the limits is acceptable (README: Shared limits).
+when N x the limits is acceptable (docs/limits.md).
 
 Each worker's HTTP listener (Prometheus /metrics) needs a port of its own: worker i gets
 PORT+i, or with port 0 a free port each; the supervisor's ready line lists every worker's

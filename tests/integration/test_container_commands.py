@@ -4,7 +4,7 @@ Only what cannot be the same on a test machine is replaced: listen addresses bec
 127.0.0.1:0, cluster DNS names become the addresses of the processes started here, and a
 ConfigMap's mount path becomes a temporary file with the ConfigMap's content. The agent's
 environment is its ConfigMap (k8s) or its compose environment with nothing set in the
-shell; the real-model variant edits the ConfigMap as the README says and points it at
+shell; the real-model variant edits the ConfigMap as docs/agent.md says and points it at
 tests.support.fake_openai.
 """
 
@@ -93,7 +93,7 @@ def agent_config_map(container: dict) -> dict[str, str]:
 
 
 async def test_kubernetes_agent_with_a_real_model_backend(spawn) -> None:
-    """The ConfigMap edited for a real model and the key from the Secret, as the README
+    """The ConfigMap edited for a real model and the key from the Secret, as docs/agent.md
     says: the agent answers from the model server with the key, and while the model server
     is away its readiness probe fails and its liveness probe does not (no restart loop)."""
     container = containers(by_kind("Deployment")["aiproxy-agent"])[0]

@@ -5,7 +5,7 @@
 - compose and Kubernetes: every container command parses with the real `aiproxy` CLI,
   every AIPROXY_* variable and config file is accepted by the real config schema, ports,
   probe service names, selectors and DNS names agree with each other;
-- the agent's model backend (README: Put a real model behind it): every AIPROXY_AGENT_* /
+- the agent's model backend (docs/agent.md: A real model behind it): every AIPROXY_AGENT_* /
   OPENAI_* variable the files set is one the agent reads, the reference backend is the
   default, the openai backend is one environment (compose) or ConfigMap (k8s) away, and the
   API key comes from the environment or a Secret, never from the files;
@@ -395,7 +395,7 @@ def test_k8s_proxies_share_limits_in_the_redis_service(tmp_path: pathlib.Path) -
     assert "redis.yaml" in kustomization["resources"]
 
 
-# ---- The agent's model backend (README: Put a real model behind it) ----------------------
+# ---- The agent's model backend (docs/agent.md: A real model behind it) ----------------------
 
 # Each setting the deploy files expose, a value an operator might give it, and where it lands.
 MODEL_SETTINGS: dict[str, tuple[str, str, object]] = {
