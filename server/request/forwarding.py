@@ -10,8 +10,9 @@ the call's effective deadline, and relay the answer.
 A call with an affinity key goes where its key says (server/pool/balancer.py: rendezvous
 hashing with bounded loads), the others by P2C. The key is the request's `session_id`
 (methods whose request has one: Chat, StreamChat, the session API), else the caller's
-`x-aiproxy-affinity` header, in the caller's scope: its verified identity with auth on
-(the same `sub:` / `key:` that scopes its sessions in the agent), "anonymous" without.
+`x-aiproxy-affinity` header, in the caller's scope: its verified identity (`sub:` /
+`key:`) with auth on, "anonymous" without, so that two callers naming the same id are
+two keys (and an anonymous caller's id is everyone's, as its session is in the agent).
 It is read here, from the message the pipeline already decoded: one attribute read and
 one dict look-up per call, and a hash only for calls that have a key.
 
