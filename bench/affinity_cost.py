@@ -1,4 +1,4 @@
-"""CPU per pick of the pool's balancer: P2C against affinity routing (issue 22).
+"""CPU per pick of the pool's balancer: P2C against affinity routing.
 
     .venv/bin/python -m bench.affinity_cost [--picks 20000] [--out FILE]
 

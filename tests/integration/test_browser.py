@@ -199,7 +199,7 @@ def chat_edge() -> Iterator[dict[str, ServiceProcess]]:
 
 
 def _names_its_replica_in_stream_headers(agent: ServiceProcess) -> bool:
-    """Whether the agent sends x-agent-replica in a stream's headers (issue 22's agent
+    """Whether the agent sends x-agent-replica in a stream's headers (the agent
     side), asked directly (a sync channel: Playwright's sync API owns this thread's loop)."""
     import grpc
 
