@@ -37,6 +37,9 @@ from aiproxy.agent.logs import log_event
 log = logging.getLogger("agent.calls")
 
 SERVICE_NAME = "ai.agent.v1.AgentService"
+# Trailing metadata on every AgentService call: which replica answered (--replica-name,
+# default the bound HOST:PORT), e.g. for a demo page or a test of session routing.
+REPLICA_TRAILER = "x-agent-replica"
 # Methods where x-fault-rate applies to each item of the request, not to the call.
 PER_ITEM_FAULT_METHODS = frozenset({"BatchGenerate"})
 
@@ -121,6 +124,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         self._enable_faults = enable_faults
         self._recorder = recorder  # test only, see MetadataRecorder
+        # Set by AgentServer once it has bound its port (x-agent-replica); "" sends none.
+        self.replica = ""
         self._prefix = f"/{service}/"
         self._per_item = {self._prefix + m for m in PER_ITEM_FAULT_METHODS}
         # Handlers are wrapped once per method, not per call: the wrapper reads all it
@@ -189,6 +194,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     async for chunk in chunks:
                         if fails and call.chunks == spec.after:
                             await self._inject(call, spec, context)
+                        if not call.chunks and self.replica:
+                            # In the headers too: a stream's trailers come after its body,
+                            # too late for a caller (a browser through Envoy) to show them.
+                            await context.send_initial_metadata(((REPLICA_TRAILER, self.replica),))
                         await context.write(chunk)
                         call.chunks += 1
 
@@ -198,6 +207,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     ) -> AsyncIterator[_Call]:
         """Log the call's start and end; map handler exceptions to statuses."""
         call = _Call(method, context)
+        if self.replica:
+            # Kept by errors.abort_with, which merges its status into the trailers.
+            context.set_trailing_metadata(((REPLICA_TRAILER, self.replica),))
         try:
             yield call
         except asyncio.CancelledError:

@@ -36,6 +36,10 @@ EDGE_SECRET_HEADER: Final = "x-aiproxy-edge"
 # caller's identity, like session ids) go to the same replica (server/pool/balancer.py).
 AFFINITY_HEADER: Final = "x-aiproxy-affinity"
 
+# Set by the proxy, never by a caller (a caller's own is dropped with every x-aiproxy-*):
+# whose conversations a session method may see, for the agent (core/sessions.py).
+SESSION_OWNER_HEADER: Final = "x-aiproxy-session-owner"
+
 PROXY_ONLY_METADATA: Final = frozenset(
     {
         RESUMABLE_HEADER,

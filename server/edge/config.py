@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import pathlib
+import re
 import string
 import sys
 from dataclasses import dataclass, field
@@ -333,19 +334,36 @@ def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
         key: connect_error(GUARD_CODES.get(key, 3), message, _guard_reason(key))
         for key, message in GUARD_MESSAGES.items()
     }
-    # Paths with {variables} would need a pattern match; this API has none, and a path
-    # the table misses only falls back to the transcoder's 404.
-    allow = {
+    bindings = {
         path: ", ".join([*sorted(verbs), "OPTIONS"])
         for path, verbs in http_bindings(descriptor).items()
-        if "{" not in path
     }
+    allow = {path: verbs for path, verbs in bindings.items() if "{" not in path}
+    # Paths with {variables} (/api/v1/ai/sessions/{session_id}) as anchored Lua patterns,
+    # a variable matching one path segment, tried after the exact paths.
+    patterns = [
+        f"{{{json.dumps(_lua_path_pattern(path))}, {json.dumps(verbs)}}}"
+        for path, verbs in sorted(bindings.items())
+        if "{" in path
+    ]
     return {
         "lua_messages": _lua_table(messages),
         "lua_grpc_details": _lua_table(details),
         "lua_connect_errors": _lua_table(connect_errors),
         "lua_allow": _lua_table(allow),
+        "lua_allow_patterns": "{" + ", ".join(patterns) + "}",
     }
+
+
+def _lua_path_pattern(path: str) -> str:
+    """An HTTP rule's path template as an anchored Lua pattern: `{name}` (one segment)
+    becomes `[^/]+`, every other character is literal (Lua's magic ones escaped)."""
+    out = []
+    for literal, variable in re.findall(r"([^{]*)(\{[^}]*\})?", path):
+        out.append(re.sub(r"([%^$().\[\]*+\-?])", r"%\1", literal))
+        if variable:
+            out.append("[^/]+")
+    return "^" + "".join(out) + "$"
 
 
 class EdgeError(Exception):

@@ -10,9 +10,9 @@ the call's effective deadline, and relay the answer.
 A call with an affinity key goes where its key says (server/pool/balancer.py: rendezvous
 hashing with bounded loads), the others by P2C. The key is the request's `session_id`
 (methods whose request has one: Chat, StreamChat, the session API), else the caller's
-`x-aiproxy-affinity` header, in the caller's scope: its verified identity (`sub:` /
-`key:`) with auth on, "anonymous" without, so that two callers naming the same id are
-two keys (and an anonymous caller's id is everyone's, as its session is in the agent).
+`x-aiproxy-affinity` header, in the caller's scope: the session owner the agent is told
+(core/sessions.py: from the verified identity, "anonymous" without one), so the key is
+exactly what the agent keys the conversation by (`scoped_key`).
 It is read here, from the message the pipeline already decoded: one attribute read and
 one dict look-up per call, and a hash only for calls that have a key.
 
@@ -40,12 +40,15 @@ from aiproxy.core.headers import (
     COALESCE_HEADER,
     PROXY_ONLY_METADATA,
     PROXY_PREFIX,
+    SESSION_OWNER_HEADER,
     is_credential,
 )
 from aiproxy.core.retry import RetryPolicy
-from aiproxy.core.service import Method
+from aiproxy.core.service import Method, agent_service
+from aiproxy.core.sessions import scoped_key, session_owner
 from aiproxy.core.settings import Settings
 from aiproxy.core.types import Context, StreamCall, UnaryCall
+from aiproxy.core.upstream_errors import not_the_replicas_fault
 from aiproxy.interceptors.deadline import Deadline
 from aiproxy.server.pool.balancer import key_hash
 from aiproxy.server.pool.endpoint import Endpoint
@@ -86,9 +89,6 @@ _HOP_METADATA = frozenset(
 _NEVER_FORWARDED_PREFIXES = (":", PROXY_PREFIX)
 
 T = TypeVar("T")
-# The scope of every call without a verified identity (auth off): its session ids and
-# affinity keys are shared by every such caller.
-ANONYMOUS_SCOPE = "anonymous"
 # The request field that names a conversation.
 SESSION_FIELD = "session_id"
 # An upstream DEADLINE_EXCEEDED this close to the call's own deadline is grpc's local
@@ -134,11 +134,10 @@ class Forwarder:
             | {k.lower() for k in settings.upstream.drop_metadata}
         )
         self._affinity = settings.upstream.affinity.enabled
-        # With auth on, every call has a verified identity (the auth stage refuses the
-        # others): its scope. Without, limits may set a `peer:` identity: not a scope.
-        self._scoped = settings.auth.active
         # The upstream's response metadata passed on to the caller (which replica answered).
         self._relayed = frozenset(k.lower() for k in settings.upstream.reply_metadata)
+        # Methods that reach a conversation: the agent is told whose (core/sessions.py).
+        self._session_paths = frozenset(m.path for m in agent_service().methods if m.sessions)
         # Calls being forwarded now; drain waits for them, not for health Watch streams.
         self.active = 0
         self._idle = asyncio.Event()
@@ -170,6 +169,9 @@ class Forwarder:
             and not is_credential(key)
         ]
         out.append((REQUEST_ID, call.request_id))
+        if call.method in self._session_paths:
+            # After the filter above, which dropped any the caller sent: only ours goes.
+            out.append((SESSION_OWNER_HEADER, session_owner(call)))
         return out
 
     def keyed(self, method: Method) -> bool:
@@ -188,8 +190,7 @@ class Forwarder:
             name = call.header(AFFINITY_HEADER)
             if not name:
                 return None
-        scope = (call.identity or ANONYMOUS_SCOPE) if self._scoped else ANONYMOUS_SCOPE
-        return key_hash(f"{scope}\x00{name}")
+        return key_hash(scoped_key(session_owner(call), name))
 
     def _relay(self, call: CallInfo, metadata: Any) -> None:
         """Add the upstream's `reply_metadata` keys (text values) to the caller's headers."""
@@ -276,11 +277,14 @@ class Forwarder:
                 except grpc.aio.AioRpcError as exc:
                     remaining = None if deadline is None else deadline.remaining()
                     backoff = policy.backoff(attempt)
-                    if not policy.should_retry(
-                        exc.code(), attempt, remaining, backoff
-                    ) or not self._pool.has_other_usable(tried):
+                    if (
+                        not policy.should_retry(exc.code(), attempt, remaining, backoff)
+                        or not self._pool.has_other_usable(tried)
+                        or not_the_replicas_fault(exc)
+                    ):
                         # A retry goes to another endpoint (never the one that failed):
-                        # with none left, the backoff would only delay the same error.
+                        # with none left, the backoff would only delay the same error;
+                        # a shared store that is down fails every replica alike.
                         raise
                     del exc  # not kept alive (with its frames) across the backoff
                     call.retries += 1

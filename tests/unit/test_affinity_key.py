@@ -8,6 +8,7 @@ from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.headers import AFFINITY_HEADER, PROXY_ONLY_METADATA
 from aiproxy.core.service import agent_service
+from aiproxy.core.sessions import scoped_key, session_owner
 from aiproxy.core.settings import load_settings
 from aiproxy.server.pool.balancer import key_hash
 from aiproxy.server.request.forwarding import Forwarder
@@ -55,7 +56,8 @@ def test_keys_are_scoped_by_the_verified_identity_only_with_auth_on() -> None:
     on = forwarder(auth={"jwt_secret": SECRET})
     alice = key(on, "Chat", req, identity="sub:alice")
     mallory = key(on, "Chat", req, identity="sub:mallory")
-    assert alice == key_hash("sub:alice\x00support-42") and alice != mallory
+    owner = session_owner(CallInfo("/m", identity="sub:alice"))
+    assert alice == key_hash(scoped_key(owner, "support-42")) and alice != mallory
     # Auth off: a `peer:` identity (what limits set) is no scope; every caller shares one.
     off = forwarder()
     assert key(off, "Chat", req, identity="peer:127.0.0.1:1") == key_hash("anonymous\x00support-42")

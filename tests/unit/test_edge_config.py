@@ -154,6 +154,9 @@ def test_the_guard_runs_first_and_knows_the_api_paths() -> None:
     # The methods each HTTP path allows come from the descriptor set (google.api.http).
     assert '["/api/v1/ai/generate"] = "POST, OPTIONS"' in source
     assert '["/api/v1/ai/generate/stream"] = "GET, POST, OPTIONS"' in source
+    # A path with a {variable} is an anchored pattern, one segment per variable.
+    assert '{"^/api/v1/ai/sessions/[^/]+$", "DELETE, GET, OPTIONS"}' in source
+    assert '["/api/v1/ai/sessions"] = "POST, OPTIONS"' in source
     # The spec's grpc-timeout grammar: 1-8 digits, one unit; "$$" rendered to "$".
     assert 'local TIMEOUT = "^%d%d?%d?%d?%d?%d?%d?%d?[HMSmun]$"' in source
     assert "$$" not in source
