@@ -76,6 +76,7 @@ class Reason(enum.StrEnum):
     STREAM_ORIGIN_LOST = "STREAM_ORIGIN_LOST"  # the replica generating the stream is gone
     SESSION_NOT_FOUND = "SESSION_NOT_FOUND"  # no conversation by that id (for this caller)
     SESSION_STORE_UNAVAILABLE = "SESSION_STORE_UNAVAILABLE"  # the agents' session store is down
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"  # the OpenAI API's `model` names no configured model
 
 
 @dataclass(frozen=True, slots=True)
