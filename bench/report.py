@@ -691,9 +691,21 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
                 w(f"| `{row['function']}` | {row['share'] * 100:.1f} % |")
         w("")
 
+    if "burst" in sc:
+        from bench.burst import format_rows
+
+        b = sc["burst"]
+        w(f"## Burst: {b['streams']} streams from {b['callers']} callers beside a light caller\n")
+        w("The old blind gate and the fair one (overload.policy), same run, same agent "
+          "(bench/burst.py). First chunk and refusal latency are those of admitted / refused "
+          "streams as the burst's own (loaded) client sees them; the light caller sends one "
+          "Generate every 100 ms from its own process.\n")  # fmt: skip
+        for line in format_rows(b):
+            w(line)
+        w("")
     aff = sc.get("affinity")
     if aff:
-        w("## Conversation routing: affinity on vs off (issue 22)\n")
+        w("## Conversation routing: affinity on vs off\n")
         w(
             f"{aff['chats']} concurrent chats of {aff['turns']} turns over {aff['replicas']} "
             f"replicas, sessions in Redis, prefix-cache model {aff['prefill_ms_per_token']} ms "

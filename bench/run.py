@@ -187,7 +187,17 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-ALL_SCENARIOS = ("unary", "latency", "streams", "sse", "openai", "workers", "profile", "affinity")
+ALL_SCENARIOS = (
+    "unary",
+    "latency",
+    "streams",
+    "sse",
+    "openai",
+    "workers",
+    "profile",
+    "burst",
+    "affinity",
+)
 # Stream paths unless a shape names its own: the bare hop is in every row that compares
 # per-message cost; the hold rows (capacity, memory) leave Envoy out.
 STREAM_PATHS = ("direct", "bare", "proxy", "envoy")
@@ -819,6 +829,14 @@ class Bench(Stack):
 
     # -- the run ---------------------------------------------------------------------
 
+    def scenario_burst(self) -> None:
+        """3,000 streams from 50 callers at once beside a light caller, the blind gate and
+        the fair one in the same run (bench/burst.py; issue 23)."""
+        from bench.burst import burst_rows
+
+        streams = 300 if self.mode == "smoke" else 3000
+        self.results["scenarios"]["burst"] = burst_rows(self.procs, streams=streams)
+
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         self.results["machine"] = machine()
@@ -832,6 +850,7 @@ class Bench(Stack):
             ("openai", self.scenario_openai),
             ("workers", self.scenario_workers),
             ("profile", self.scenario_profile),
+            ("burst", self.scenario_burst),
             ("affinity", self.scenario_affinity),
         ]
         for name, fn in steps:
