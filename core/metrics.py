@@ -245,6 +245,15 @@ class ProxyMetrics:
             ["method"],
             registry=registry,
         )
+        self.affinity = Counter(
+            "ai_proxy_affinity_total",
+            "Calls with an affinity key (a session id or x-aiproxy-affinity), by method and "
+            "where the pool sent them: hit (the key's replica), spill (its replica was at "
+            "the load bound: the key's next choice under it), failover (its replica is not "
+            "usable, or failed this call already: the key's next choice).",
+            ["method", "outcome"],
+            registry=registry,
+        )
         self.active_streams = Gauge(
             "ai_proxy_active_streams",
             "Server streams open to callers now, by method.",

@@ -167,6 +167,34 @@ def _check_import_path(value: str) -> str:
     return value
 
 
+class AffinitySettings(_Section):
+    """Routing that follows the conversation (server/pool/balancer.py). A call with a key
+    (its `session_id`, or the caller's `x-aiproxy-affinity` header), scoped by the
+    caller's verified identity, goes to the key's first choice among the usable endpoints
+    by rendezvous hashing: the same key, the same replica, from every proxy process that
+    sees the same endpoints. Calls without a key: P2C."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Route a session's calls (and calls naming x-aiproxy-affinity) to one "
+        "replica; false: every call by P2C.",
+    )
+    load_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        le=10.0,
+        description="Bounded load: an endpoint with more calls in flight than this x the "
+        "mean over the usable endpoints (counting the new call) takes no more keyed calls; "
+        "they spill to the key's next choice.",
+    )
+    min_spill_in_flight: int = Field(
+        default=8,
+        ge=1,
+        description="An endpoint with fewer calls in flight than this never spills: at a "
+        "handful of calls, evening the load out is not worth a conversation's cached prefix.",
+    )
+
+
 class ShedClassSettings(_Section):
     """A class of callers or methods for the overload gate (core/shedding.py)."""
 
@@ -350,6 +378,17 @@ class UpstreamSettings(_Section):
         "seeing), besides every header whose name carries a credential word "
         "(core/headers.is_credential). The proxy's own headers (core/headers.py) are never "
         "forwarded either.",
+    )
+    affinity: AffinitySettings = Field(
+        default_factory=AffinitySettings,
+        description="Which replica takes a session's calls (and calls naming x-aiproxy-affinity).",
+    )
+    reply_metadata: list[str] = Field(
+        default_factory=lambda: ["x-agent-replica"],
+        description="Response metadata of the upstream passed on to the caller with the "
+        "proxy's response headers (the agent's initial metadata, and a unary call's "
+        "trailing metadata): by default the name of the replica that answered. [] relays "
+        "nothing.",
     )
     extra_interceptors: list[str] = Field(
         default_factory=list,
