@@ -160,6 +160,7 @@ class ProxyServer:
         self.gate: OverloadGate | None = None
         self._background: list[asyncio.Task[None]] = []
         self.port: int | None = None
+        self._probe_port: int | None = None
         # Resumable streams and the response cache (opened in start, closed in drain).
         self.resumer: Resumer | None = None
         self.caching: Caching | None = None
@@ -263,16 +264,11 @@ class ProxyServer:
         limit, gate = self._backlog_limit, self.gate
         if limit is None or gate is None:
             return
-        host, _ = parse_hostport(self.settings.server.listen)
-        if host in ("", "0.0.0.0"):
-            host = "127.0.0.1"
-        elif host in ("::", "[::]"):
-            host = "::1"
         # Each API method has its own queue in grpc-core (registered methods): the probe
         # measures the wait of every method that is taking calls, the gate follows the
         # longest (server/pool/backlog.py).
         probe = BacklogProbe(
-            f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}",
+            f"127.0.0.1:{self._probe_port}",
             paths=tuple(gate.taken),
             taken=gate.taken,
             metadata=((PROBE_HEADER, gate.probe_token),),
@@ -369,6 +365,13 @@ class ProxyServer:
             self.port = server.add_secure_port(self.settings.server.listen, credentials)
         if not self.port:
             raise OSError(f"cannot listen on {self.settings.server.listen}")
+        if self._backlog_limit is not None:
+            # The backlog probe's own loopback port: the same server, so the same
+            # per-method queues, but a port no other process shares. With --workers N the
+            # public port is shared (SO_REUSEPORT): a probe sent there could be taken by
+            # another worker, which does not know this one's token and would count it as
+            # a call (and measure its own queue, not this one's).
+            self._probe_port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         self._server = server
         self._start_backlog_probe()
