@@ -512,21 +512,32 @@ class Bench(Stack):
                 )
                 print_stream(shape, name, row[name])
             if with_sse:
-                edge = self.envoy_edge(procs["proxy"].address)
-                if edge is not None:
-                    self.stream_load(
-                        "sse",
-                        edge.address,
-                        warm_shape,
-                        warm_expected,
-                        {"prompt": PROMPT, "options": {"maxTokens": 2}},
-                        watch=None,
-                    )
-                    body = {"prompt": PROMPT, "options": {"maxTokens": n}}
-                    row["sse"] = self.stream_load(
-                        "sse", edge.address, shape, expected, body, watch=procs["proxy"]
-                    )
-                    print_stream(shape, "sse", row["sse"])
+                # The edge as it ships (its SSE coalescing window, when it has one), then,
+                # in the same run, with every chunk as it comes ("sse_each").
+                variants = [("sse", ())]
+                if self._edge_available() and "--sse-coalesce-ms" in self._edge_help:
+                    variants.append(("sse_each", ("--sse-coalesce-ms", "0")))
+                for key, flags in variants:
+                    edge = self.envoy_edge(procs["proxy"].address, *flags)
+                    if edge is None:
+                        break
+                    try:
+                        self.stream_load(
+                            "sse",
+                            edge.address,
+                            warm_shape,
+                            warm_expected,
+                            {"prompt": PROMPT, "options": {"maxTokens": 2}},
+                            watch=None,
+                        )
+                        body = {"prompt": PROMPT, "options": {"maxTokens": n}}
+                        row[key] = self.stream_load(
+                            "sse", edge.address, shape, expected, body, watch=procs["proxy"]
+                        )
+                        print_stream(shape, key, row[key])
+                    finally:
+                        self.stop(edge)
+                        edge = None
             d, p = row["direct"], row["proxy"]
             row["proxy_over_direct_chunks"] = (
                 p["chunks_per_s"] / d["chunks_per_s"] if d["chunks_per_s"] else None

@@ -297,7 +297,7 @@ class Stack:
             self.notes.append(f"h2load killed after {duration_s + 60:.0f}s: {' '.join(argv)}")
         return stdout
 
-    def envoy_edge(self, proxy_address: str) -> Proc | None:
+    def envoy_edge(self, proxy_address: str, *flags: str) -> Proc | None:
         """The Envoy edge from envoy/ (another part of the project), if it exists here."""
         if not self._edge_available():
             return None
@@ -308,7 +308,9 @@ class Stack:
         )
         return self._start(
             "edge",
-            aiproxy_argv("envoy", "--listen", "127.0.0.1:0", "--proxy", proxy_address, *extra),
+            aiproxy_argv(
+                "envoy", "--listen", "127.0.0.1:0", "--proxy", proxy_address, *extra, *flags
+            ),
         )
 
     def _edge_available(self) -> bool:
