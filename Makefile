@@ -12,7 +12,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 BUF    := build/tools/node_modules/.bin/buf
 
-.PHONY: demo test unit lint lint-proto lint-py typecheck lint-imports gen docs install system-deps \
+.PHONY: demo test unit lint lint-proto lint-py typecheck lint-imports gen docs install system-deps node-deps \
 	clean bench bench-quick bench-deps
 
 $(STAMP): pyproject.toml
@@ -35,6 +35,17 @@ docs: gen
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix build/tools @bufbuild/buf
+
+# npm packages the tests drive, beside buf in build/tools: @connectrpc/connect-node (its
+# gRPC-Web and Connect transports) and @bufbuild/protobuf (a registry read from the
+# descriptor set, no generated code) for tests/integration/test_connect_clients.py.
+# Major versions pinned: the test reads their error classes and details.
+CONNECT_NPM := build/tools/node_modules/@connectrpc/connect-node/package.json
+$(CONNECT_NPM):
+	npm install --silent --no-audit --no-fund --prefix build/tools \
+	  @connectrpc/connect@2 @connectrpc/connect-node@2 @bufbuild/protobuf@2
+
+node-deps: $(CONNECT_NPM)
 
 # Each check is its own target (`make typecheck`, ...); `make -k lint` runs them all even
 # after one fails.
@@ -86,7 +97,7 @@ demo: gen
 # processes under load, so they run alone). Exit 5 (nothing selected, e.g. PYTEST_ARGS
 # names a file with no chaos test) is not a failure of that pass.
 PYTEST_WORKERS ?= 2
-test: lint system-deps
+test: lint system-deps node-deps
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not chaos and not serial" $(PYTEST_ARGS) \
 	  || [ $$? -eq 5 ]
 	$(BIN)/python -m pytest -m "chaos or serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]

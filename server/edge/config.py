@@ -84,7 +84,16 @@ GUARD_MESSAGES: dict[str, str] = {
     "content-type": "malformed content-type header: application/grpc or application/grpc+FORMAT expected",
     "size": "request headers too large",
     "repeated": "repeated gRPC-reserved header: each grpc-* header may appear once",
+    "connect-timeout-ms": "malformed connect-timeout-ms header: 1 to 10 digits expected",
+    "connect-content-encoding": "unsupported connect-content-encoding header: identity, gzip or deflate expected",
+    "connect-accept-encoding": "malformed connect-accept-encoding header: content-coding names expected",
+    "connect-get": "Connect GET requests are not supported (no method of this API is free of side effects): use POST",
+    "connect-codec": "Connect with the binary codec only: content-type application/proto (unary) or application/connect+proto (streams)",
 }
+# The google.rpc.Code of the guard's answer where it is not INVALID_ARGUMENT: Connect's
+# JSON codec (HTTP 415, as the Connect protocol says) and Connect GET (405) are not
+# implemented.
+GUARD_CODES: dict[str, int] = {"connect-codec": 12, "connect-get": 12}
 BODY_TOO_LARGE = "request body too large"
 
 # Delay a caller is told to wait before retrying an edge-level unavailability (the proxy's
@@ -185,11 +194,45 @@ _GRPC_REQUEST = {
 }
 
 
+# The guard's own answer to a Connect unary call it refused: already Connect's JSON error
+# (the guard writes it), which the HTTP mappers would wrap in a Status. Not a request no
+# filter has seen (the codec's 431): Envoy's default, match_if_key_not_found true, would
+# take one for a Connect caller.
+_CONNECT_REFUSED = {
+    "and_filter": {
+        "filters": [
+            {
+                "metadata_filter": {
+                    "matcher": {
+                        "filter": "aiproxy.edge",
+                        "path": [{"key": "protocol"}],
+                        "value": {"string_match": {"exact": "connect"}},
+                    },
+                    "match_if_key_not_found": False,
+                }
+            },
+            {
+                "metadata_filter": {
+                    "matcher": {
+                        "filter": "aiproxy.edge",
+                        "path": [{"key": "rejected"}],
+                        "value": {"present_match": True},
+                    },
+                    "match_if_key_not_found": False,
+                }
+            },
+        ]
+    }
+}
+
+
 def local_reply_mappers() -> list[dict[str, Any]]:
-    """local_reply_config mappers: per status, one for native gRPC callers (the Status as
-    grpc-status-details-bin, grpc-message fixed to match it) and one for HTTP callers
+    """local_reply_config mappers: first the guard's answers to Connect unary calls, left
+    as they are; then per status, one for native gRPC callers (the Status as
+    grpc-status-details-bin, grpc-message fixed to match it; gRPC-Web and Connect callers
+    are gRPC callers by then, and their filters translate it) and one for HTTP callers
     (the Status as the JSON body). Only the first matching mapper applies."""
-    mappers: list[dict[str, Any]] = []
+    mappers: list[dict[str, Any]] = [{"filter": _CONNECT_REFUSED}]
     for reply in LOCAL_REPLIES:
         if reply.message is not None:
             # Envoy puts a gRPC local reply's body into grpc-message.
@@ -253,10 +296,41 @@ def http_bindings(
     return out
 
 
+# The Connect protocol's names of the google.rpc.Code values (connectrpc.com/docs/protocol).
+CONNECT_CODES = (
+    "ok", "canceled", "unknown", "invalid_argument", "deadline_exceeded", "not_found",
+    "already_exists", "permission_denied", "resource_exhausted", "failed_precondition",
+    "aborted", "out_of_range", "unimplemented", "internal", "unavailable", "data_loss",
+    "unauthenticated",
+)  # fmt: skip
+
+
+def connect_error(code: int, message: str, reason: str) -> str:
+    """A Connect error as JSON (what a Connect unary call's body or its stream's end
+    message holds): the code's name, the message and the ErrorInfo as a detail (its type
+    name and its bytes in unpadded base64)."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN).SerializeToString()
+    detail = {"type": "google.rpc.ErrorInfo", "value": base64.b64encode(info).decode().rstrip("=")}
+    body = {"code": CONNECT_CODES[code], "message": message, "details": [detail]}
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _guard_reason(key: str) -> str:
+    if key == "size":
+        return "HEADERS_TOO_LARGE"
+    if key == "connect-get":
+        return "METHOD_NOT_ALLOWED"
+    return "UNSUPPORTED_MEDIA_TYPE" if key == "connect-codec" else "INVALID_ARGUMENT"
+
+
 def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
     messages = {**GUARD_MESSAGES, "body": BODY_TOO_LARGE, "not-allowed": "method not allowed"}
     details = {
-        key: status_bin(3, message, "HEADERS_TOO_LARGE" if key == "size" else "INVALID_ARGUMENT")
+        key: status_bin(GUARD_CODES.get(key, 3), message, _guard_reason(key))
+        for key, message in GUARD_MESSAGES.items()
+    }
+    connect_errors = {
+        key: connect_error(GUARD_CODES.get(key, 3), message, _guard_reason(key))
         for key, message in GUARD_MESSAGES.items()
     }
     # Paths with {variables} would need a pattern match; this API has none, and a path
@@ -269,6 +343,7 @@ def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
     return {
         "lua_messages": _lua_table(messages),
         "lua_grpc_details": _lua_table(details),
+        "lua_connect_errors": _lua_table(connect_errors),
         "lua_allow": _lua_table(allow),
     }
 

@@ -10,9 +10,10 @@ callers' calls (for good: the entry stays). The edge sends no dynamic table upst
 This is a property, not a list of examples: each run draws hostile headers at random
 (random names, -bin values of every length mod 4 over the base64 alphabet and beyond,
 grpc-encoding of random letters, grpc-timeout of random shapes, lb-cost-bin of random
-lengths, the other headers grpc-core parses), sends them as HTTP/JSON or native gRPC
-callers through ONE Envoy worker (one upstream connection), and after each one other
-callers make good calls that carry the same header name with a valid value. Then:
+lengths, the other headers grpc-core parses), sends them as HTTP/JSON, native gRPC,
+gRPC-Web or Connect callers through ONE Envoy worker (one upstream connection), and after
+each one other callers make good calls that carry the same header name with a valid value.
+Then:
 - 0 good calls fail;
 - the attacker gets an answer about its own request: 200, or 400 / INVALID_ARGUMENT with
   the Status and ErrorInfo (504 / DEADLINE_EXCEEDED for a valid tiny grpc-timeout), never
@@ -167,8 +168,56 @@ def curl_grpc(
     return found
 
 
+# gRPC-Web and Connect callers (the grpc_web and connect_grpc_bridge filters make them gRPC
+# callers of the proxy, over the same upstream connection), over HTTP/1.1 as browsers send.
+BROWSER_GRPC = {
+    "grpc-web": {"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+    "connect": {"content-type": "application/proto", "connect-protocol-version": "1"},
+}
+
+
+def browser_grpc(address: str, kind: str, headers: list[tuple[str, str]]) -> Any:
+    message = pb.GenerateRequest(prompt="p")
+    body = _frame(message) if kind == "grpc-web" else message.SerializeToString()
+    pairs = [*BROWSER_GRPC[kind].items(), *headers]
+    return request(address, "POST", "/ai.agent.v1.AgentService/Generate", body, pairs, timeout=20)
+
+
+def _grpc_web_status(answer: Any) -> dict[str, str]:
+    """grpc-status and its friends of a gRPC-Web answer: its headers (trailers-only) or its
+    trailer frame (flag 0x80, the last frame of the body)."""
+    if "grpc-status" in answer.headers:
+        return dict(answer.headers)
+    body, pos, trailer = answer.body, 0, b""
+    while pos + 5 <= len(body):
+        (length,) = struct.unpack(">I", body[pos + 1 : pos + 5])
+        if body[pos] & 0x80:
+            trailer = body[pos + 5 : pos + 5 + length]
+        pos += 5 + length
+    lines = trailer.decode(errors="replace").split("\r\n")
+    return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
+def _browser_ok(kind: str, answer: Any) -> bool:
+    if kind == "grpc-web":
+        return answer.status == 200 and _grpc_web_status(answer).get("grpc-status") == "0"
+    return answer.status == 200
+
+
 def _attacker_outcome(kind: str, answer: Any) -> str | None:
     """What is wrong with the attacker's own answer (None: a clear answer about itself)."""
+    if kind == "grpc-web":
+        answer = _grpc_web_status(answer)
+        kind = "grpc"
+    if kind == "connect":
+        if answer.status == 200:
+            return None
+        error = answer.json() if answer.content_type == "application/json" else {}
+        if error.get("code") == "deadline_exceeded":
+            return None
+        if error.get("code") == "invalid_argument" and error.get("details"):
+            return None
+        return f"Connect {answer.status} {answer.body[:200]!r}"
     if kind == "http":
         if answer.status in (200, 504):
             return None
@@ -206,11 +255,13 @@ def test_random_unparsable_headers_never_fail_other_callers(
             if time.monotonic() - started > TIME_BUDGET_S:
                 break
             name, value = hostile_header(rng)
-            via = rng.choice(["http", "grpc"])
+            via = rng.choice(["http", "grpc", "grpc-web", "connect"])
             if via == "http":
                 answer: Any = request(
                     edge, "POST", GENERATE, {"prompt": "x"}, headers=[(name, value)], timeout=20
                 )
+            elif via in BROWSER_GRPC:
+                answer = browser_grpc(edge, via, [(name, value)])
             else:
                 answer = curl_grpc(edge, [(name, value)], tmp_path)
                 if "grpc-status" not in answer:  # refused at the headers (see curl_grpc)
@@ -242,6 +293,14 @@ def test_random_unparsable_headers_never_fail_other_callers(
                 if http.status != 200:
                     victims.append(
                         f"after {name}: {value!r}: HTTP {http.status} {http.body[:200]!r}"
+                    )
+            if name.endswith("-bin") or name == "grpc-timeout":
+                kind = rng.choice(list(BROWSER_GRPC))
+                good += 1
+                reply_of = browser_grpc(edge, kind, [(name, ok)])
+                if not _browser_ok(kind, reply_of):
+                    victims.append(
+                        f"after {name}: {value!r}: {kind} {reply_of.status} {reply_of.body[:200]!r}"
                     )
             if name.endswith("-bin"):
                 metadata = [(name, base64.b64decode(ok))]

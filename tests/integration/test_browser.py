@@ -118,7 +118,7 @@ def _wait_state(page: Any, *states: str) -> str:
     return str(page.get_attribute("#status", "data-state"))
 
 
-@pytest.mark.parametrize("transport", ["fetch", "eventsource"])
+@pytest.mark.parametrize("transport", ["fetch", "eventsource", "connect"])
 def test_an_answer_streams_in_several_steps_and_completes(page: Any, transport: str) -> None:
     _ask(page, "Explain circuit breakers in two sentences.", transport=transport)
     assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
@@ -164,9 +164,10 @@ def test_heartbeats_are_skipped_by_the_page(page: Any, edge: dict[str, ServicePr
     assert page.text_content("#output") == "".join(e["delta"] for e in events if not e["heartbeat"])
 
 
-def test_chat_and_agent_endpoints_work_from_the_page(page: Any) -> None:
-    for endpoint in ("chat", "agent"):
-        _ask(page, "What is 12*7?", endpoint=endpoint)
+@pytest.mark.parametrize("transport", ["fetch", "connect"])
+def test_chat_and_agent_endpoints_work_from_the_page(page: Any, transport: str) -> None:
+    for endpoint in ("chat", "rag", "agent"):
+        _ask(page, "What is 12*7?", endpoint=endpoint, transport=transport)
         assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
         assert (page.text_content("#output") or "").strip()
     assert page.locator("#steps li").count() >= 1  # the agent's reasoning steps
@@ -209,11 +210,12 @@ def test_an_error_before_the_first_chunk_is_shown(
             proc.cleanup()
 
 
-def test_an_error_mid_stream_is_shown_after_the_text_so_far(page: Any) -> None:
+@pytest.mark.parametrize("transport", ["fetch", "connect"])
+def test_an_error_mid_stream_is_shown_after_the_text_so_far(page: Any, transport: str) -> None:
     page.click("summary")
     page.select_option("#fault-code", "INTERNAL")
     page.fill("#fault-after", "4")
-    _ask(page, "fail half way")
+    _ask(page, "fail half way", transport=transport)
     assert _wait_state(page, "done", "error") == "error"
     assert page.locator("#error").get_attribute("data-code") == "13"
     # Four tokens (perhaps merged into fewer chunks by the proxy), then the error chunk.
@@ -269,3 +271,20 @@ def test_drop_connection_resumes_where_the_answer_was(
     assert page.text_content("#output") == expected
     # One generation for the page's call: the resume made no upstream call.
     assert len(edge["agent"].log_events("call_started")) == started_before + 1
+
+
+def test_an_error_before_the_first_chunk_over_connect(page: Any) -> None:
+    """Connect: the error is the stream's end message (HTTP 200 all the same), with the
+    Status details the edge writes into it (Envoy's bridge alone drops them)."""
+    page.click("summary")
+    page.select_option("#fault-code", "UNAVAILABLE")
+    page.fill("#fault-after", "0")
+    _ask(page, "fail please", transport="connect")
+    assert _wait_state(page, "done", "error") == "error"
+    error = page.locator("#error")
+    assert error.get_attribute("data-code") == "14", page.text_content("#error")
+    # Before the first chunk the proxy may also have sent heartbeats (this stack's interval
+    # is short): the reason is what must be there, the text must not.
+    assert error.get_attribute("data-reason") == "UPSTREAM_UNAVAILABLE"
+    assert "retry in 1s" in (page.text_content("#error") or "")
+    assert page.text_content("#output") == ""

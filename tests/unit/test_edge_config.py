@@ -4,12 +4,13 @@ Envoy itself accepts it (`envoy --mode validate`, no sockets opened)."""
 from __future__ import annotations
 
 import base64
+import json
 import pathlib
 from typing import Any
 
 import pytest
 import yaml
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from aiproxy.core.errors import DOMAIN
 from aiproxy.server.edge.cli import parse, settings_from_args
@@ -183,7 +184,10 @@ def test_every_answer_envoy_makes_itself_has_error_info() -> None:
     mappers = _hcm(_config())["local_reply_config"]["mappers"]
     http = {}
     grpc_bins = {}
-    for mapper in mappers:
+    # The first mapper leaves the guard's answers to Connect callers as they are (already
+    # Connect's error JSON, with the ErrorInfo: test_connect_errors_of_the_guard).
+    assert "body_format_override" not in mappers[0] and "headers_to_add" not in mappers[0]
+    for mapper in mappers[1:]:
         flt = mapper["filter"]
         if "and_filter" in flt:
             status = flt["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"][
@@ -287,3 +291,23 @@ def test_sse_ids_filter_streams_and_sits_before_the_transcoder() -> None:
         assert header in cors["allow_headers"]
     for header in ("x-aiproxy-stream-id", "x-aiproxy-cache"):
         assert header in cors["expose_headers"]
+
+
+@needs_descriptor
+def test_connect_errors_of_the_guard() -> None:
+    """The guard answers a Connect caller with Connect's error JSON: the code's name, the
+    guard's message, the ErrorInfo as {"type", "value": unpadded base64 of its bytes}."""
+    from aiproxy.server.edge.config import GUARD_MESSAGES, connect_error
+
+    error = json.loads(connect_error(3, GUARD_MESSAGES["-bin"], "INVALID_ARGUMENT"))
+    assert error["code"] == "invalid_argument" and error["message"] == GUARD_MESSAGES["-bin"]
+    (detail,) = error["details"]
+    assert detail["type"] == "google.rpc.ErrorInfo" and not detail["value"].endswith("=")
+    value = detail["value"] + "=" * (-len(detail["value"]) % 4)
+    info = error_details_pb2.ErrorInfo.FromString(base64.b64decode(value))
+    assert info.reason == "INVALID_ARGUMENT" and info.domain == DOMAIN
+    assert json.loads(connect_error(12, "x", "UNSUPPORTED_MEDIA_TYPE"))["code"] == "unimplemented"
+    source = _hcm(_config())["http_filters"][0]["typed_config"]["default_source_code"][
+        "inline_string"
+    ]
+    assert '["connect-codec"] = "{\\"code\\":\\"unimplemented\\"' in source
