@@ -36,7 +36,7 @@ PROXY_ENV = {
     # noise into RESOURCE_EXHAUSTED streams, whose CPU then counts against the chunks
     # that did flow; the fixed capacity (server.max_active_calls) still applies.
     "AIPROXY_SERVER__OVERLOAD_WAIT_TARGET_MS": "0",
-    # The gate's fixed capacity (2000 calls in flight by default) would cap the hold rows,
+    # The gate's fixed capacity (5000 calls in flight by default) would cap the hold rows,
     # which measure how many slow streams one process can carry: raised like the limits.
     "AIPROXY_SERVER__MAX_ACTIVE_CALLS": "1000000",
     "AIPROXY_METRICS__LISTEN": "127.0.0.1:0",

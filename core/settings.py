@@ -79,12 +79,16 @@ class ServerSettings(_Section):
         "is 1000). Admission is the limiters' job, so this is set far above any real burst.",
     )
     max_active_calls: int = Field(
-        default=2000,
+        default=5000,
         ge=0,
         description="Calls being forwarded past which new API calls are refused at once, before "
         "any other work (RESOURCE_EXHAUSTED, OVERLOADED, RetryInfo; "
         "interceptors/overload.py). 0 = no gate (`limits.max_concurrent_calls` still applies "
-        "further in).",
+        "further in). The default is the most slow streams one process held with none lost "
+        "on the 2-core bench box (bench hold rows, docs/performance.md: 5,000 held, ~38 KiB "
+        "each; at 10,000 grpc-core cancelled the calls the event loop could not take within "
+        "its ~30 s): a call past it would wait to be cancelled, not be served. Re-derive it "
+        "on other hardware with `python -m bench.run --only streams` (the hold rows).",
     )
     overload_wait_target_ms: float = Field(
         default=250.0,
