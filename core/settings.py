@@ -333,8 +333,8 @@ class StreamSettings(_Section):
         description="Opt-in: at most one push per this many ms after the first chunk (the "
         "first chunk is never held back); deltas arriving meanwhile go out merged. Fewer, "
         "larger messages are what a Python proxy's CPU is spent on (docs/performance.md). "
-        "0 = off. Not the default: on the shared 2-core bench box the chunk interval p99 with "
-        "50 ms went past 100 ms.",
+        "0 = off. Off here for native gRPC callers; the edge sends 50 for HTTP/JSON (SSE) "
+        "callers (`aiproxy envoy --sse-coalesce-ms`, docs/streaming.md).",
     )
     coalesce_window_ms_per_method: dict[str, float] = Field(
         default_factory=dict,
