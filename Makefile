@@ -38,14 +38,18 @@ $(BUF):
 
 # npm packages the tests drive, beside buf in build/tools: @connectrpc/connect-node (its
 # gRPC-Web and Connect transports) and @bufbuild/protobuf (a registry read from the
-# descriptor set, no generated code) for tests/integration/test_connect_clients.py.
-# Major versions pinned: the test reads their error classes and details.
+# descriptor set, no generated code) for tests/integration/test_connect_clients.py; the
+# `openai` package for tests/integration/test_openai_sdk.py.
+# Major versions pinned: the tests read their error classes and details.
 CONNECT_NPM := build/tools/node_modules/@connectrpc/connect-node/package.json
 $(CONNECT_NPM):
 	npm install --silent --no-audit --no-fund --prefix build/tools \
 	  @connectrpc/connect@2 @connectrpc/connect-node@2 @bufbuild/protobuf@2
+OPENAI_NPM := build/tools/node_modules/openai/package.json
+$(OPENAI_NPM):
+	npm install --silent --no-audit --no-fund --prefix build/tools openai@7
 
-node-deps: $(CONNECT_NPM)
+node-deps: $(CONNECT_NPM) $(OPENAI_NPM)
 
 # Each check is its own target (`make typecheck`, ...); `make -k lint` runs them all even
 # after one fails.

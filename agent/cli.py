@@ -3,6 +3,8 @@
     add_arguments(parser)   adds --listen, --enable-faults, --first-token-delay-ms,
                             --token-delay-ms, --model, --backend, --base-url,
                             --model-timeout-s, --health-interval-s, --batch-concurrency,
+                            --sessions, --redis-url, --session-ttl-s,
+                            --prefill-ms-per-token, --replica-name,
                             --log-level, --trace-exporter,
                             --otlp-endpoint, --tls-cert, --tls-key, --tls-client-ca,
                             --record-metadata (TEST ONLY)
@@ -29,7 +31,13 @@ from typing import Any
 from aiproxy.agent import logs
 from aiproxy.agent.logs import log_event
 from aiproxy.agent.server import AgentServer
-from aiproxy.agent.settings import BACKENDS, DEFAULT_LISTEN, DEFAULT_MODEL, AgentSettings
+from aiproxy.agent.settings import (
+    BACKENDS,
+    DEFAULT_LISTEN,
+    DEFAULT_MODEL,
+    SESSION_STORES,
+    AgentSettings,
+)
 from aiproxy.agent.tracing import DEFAULT_OTLP_ENDPOINT, EXPORTERS, build_tracer_provider
 
 DESCRIPTION = (
@@ -111,6 +119,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(env AIPROXY_AGENT_BATCH_CONCURRENCY; default 4)",
     )
     parser.add_argument(
+        "--sessions",
+        default=None,
+        choices=SESSION_STORES,
+        help="where chat sessions are kept: memory (this process) or redis (shared by every "
+        "replica, --redis-url) (env AIPROXY_AGENT_SESSIONS; default memory)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=None,
+        metavar="URL",
+        help="--sessions redis: redis://HOST:PORT/DB (env AIPROXY_AGENT_REDIS_URL)",
+    )
+    parser.add_argument(
+        "--session-ttl-s",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="a session is forgotten this long after its last turn "
+        "(env AIPROXY_AGENT_SESSION_TTL_S; default 86400)",
+    )
+    parser.add_argument(
+        "--prefill-ms-per-token",
+        type=_milliseconds,
+        default=0.0,
+        metavar="MS",
+        help="modelled prefix cache: a chat turn's first token waits MS per prompt token not "
+        "cached on this replica (default 0: off)",
+    )
+    parser.add_argument(
+        "--replica-name",
+        default=None,
+        metavar="NAME",
+        help="sent back in trailing metadata x-agent-replica (default: the bound HOST:PORT)",
+    )
+    parser.add_argument(
         "--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)"
     )
     parser.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
@@ -168,6 +211,7 @@ def settings_from_args(
         ("model_timeout_s", "MODEL_TIMEOUT_S", float),
         ("health_interval_s", "HEALTH_INTERVAL_S", float),
         ("batch_concurrency", "BATCH_CONCURRENCY", int),
+        ("session_ttl_s", "SESSION_TTL_S", float),
     ):
         value = pick(getattr(args, key, None), name)
         if value is not None:
@@ -187,6 +231,10 @@ def settings_from_args(
         backend=backend,
         base_url=pick(getattr(args, "base_url", None), "BASE_URL", "OPENAI_BASE_URL"),
         api_key=(env.get("OPENAI_API_KEY") or None) if backend == "openai" else None,
+        sessions=pick(getattr(args, "sessions", None), "SESSIONS") or "memory",
+        redis_url=pick(getattr(args, "redis_url", None), "REDIS_URL"),
+        prefill_ms_per_token=getattr(args, "prefill_ms_per_token", 0.0),
+        replica_name=getattr(args, "replica_name", None),
         **extra,
     )
 

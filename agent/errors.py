@@ -57,5 +57,10 @@ def rpc_status_proto(code: int, message: str, *details: object) -> status_pb2.St
 
 
 async def abort_with(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
-    """End the call with `status`, its details in the grpc-status-details-bin trailer."""
-    await context.abort_with_status(rpc_status.to_status(status))
+    """End the call with `status`, its details in the grpc-status-details-bin trailer,
+    keeping the trailers already set (abort_with_status would replace them)."""
+    rich = rpc_status.to_status(status)
+    kept = tuple(
+        (k, v) for k, v in (context.trailing_metadata() or ()) if k != "grpc-status-details-bin"
+    )
+    await context.abort(rich.code, rich.details, (*kept, *rich.trailing_metadata))

@@ -37,6 +37,9 @@ from aiproxy.agent.logs import log_event
 log = logging.getLogger("agent.calls")
 
 SERVICE_NAME = "ai.agent.v1.AgentService"
+# Trailing metadata on every AgentService call: which replica answered (--replica-name,
+# default the bound HOST:PORT), e.g. for a demo page or a test of session routing.
+REPLICA_TRAILER = "x-agent-replica"
 # Methods where x-fault-rate applies to each item of the request, not to the call.
 PER_ITEM_FAULT_METHODS = frozenset({"BatchGenerate"})
 
@@ -121,6 +124,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         self._enable_faults = enable_faults
         self._recorder = recorder  # test only, see MetadataRecorder
+        # Set by AgentServer once it has bound its port (x-agent-replica); "" sends none.
+        self.replica = ""
         self._prefix = f"/{service}/"
         self._per_item = {self._prefix + m for m in PER_ITEM_FAULT_METHODS}
         # Handlers are wrapped once per method, not per call: the wrapper reads all it
@@ -198,6 +203,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     ) -> AsyncIterator[_Call]:
         """Log the call's start and end; map handler exceptions to statuses."""
         call = _Call(method, context)
+        if self.replica:
+            # Kept by errors.abort_with, which merges its status into the trailers.
+            context.set_trailing_metadata(((REPLICA_TRAILER, self.replica),))
         try:
             yield call
         except asyncio.CancelledError:

@@ -146,18 +146,18 @@ class ModelAgentServicer(AgentServicer):
     # --- chat ---------------------------------------------------------------------
 
     async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
-        session_id, history = self._conversation(request)
+        turn = await self._turn(request, context)
         model = request.model or self.settings.model
         options = _model_options(_checked_options(request.options))
         completion = await self.client.complete(
-            _chat_messages(history),
+            _chat_messages(turn.history),
             model=model,
             options=options,
             timeout_s=context.time_remaining(),
         )
-        self.sessions.put(session_id, [*history, (pb.CHAT_ROLE_ASSISTANT, completion.text)])
+        await self.conversations.finish(turn, (pb.CHAT_ROLE_ASSISTANT, completion.text))
         return pb.ChatResponse(
-            session_id=session_id,
+            session_id=turn.session_id,
             message=pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT, content=completion.text),
             model=model,
             usage=_usage(completion.usage),
@@ -167,27 +167,27 @@ class ModelAgentServicer(AgentServicer):
     async def StreamChat(
         self, request: pb.StreamChatRequest, context: Any
     ) -> AsyncIterator[pb.StreamChatResponse]:
-        session_id, history = self._conversation(request)
+        turn = await self._turn(request, context)
         model = request.model or self.settings.model
         options = _model_options(_checked_options(request.options))
         text: list[str] = []
         async with contextlib.aclosing(
             self._stream(
                 pb.StreamChatResponse,
-                _chat_messages(history),
+                _chat_messages(turn.history),
                 model,
                 options,
                 context,
-                {"session_id": session_id},
+                {"session_id": turn.session_id},
                 text,
             )
         ) as chunks:
             async for chunk in chunks:
-                if chunk.is_final:
-                    # Remembered once the whole answer is out; a cancelled answer is forgotten.
-                    self.sessions.put(
-                        session_id, [*history, (pb.CHAT_ROLE_ASSISTANT, "".join(text))]
-                    )
+                if chunk.is_final and not chunk.HasField("error"):
+                    # Remembered once the whole answer is out, before the final chunk (a
+                    # store failure ends the stream with its error instead); a cancelled
+                    # or failed answer is forgotten.
+                    await self.conversations.finish(turn, (pb.CHAT_ROLE_ASSISTANT, "".join(text)))
                 yield chunk
 
     # --- retrieval ------------------------------------------------------------------

@@ -24,7 +24,7 @@ from aiproxy.agent.model_service import ModelAgentServicer
 from aiproxy.agent.openai_backend import HealthMonitor, ModelClient, ModelSettings
 from aiproxy.agent.rag import Corpus
 from aiproxy.agent.service import AgentServicer
-from aiproxy.agent.sessions import SessionStore
+from aiproxy.agent.sessions import Bounds, Conversations, PrefixCache, build_store
 from aiproxy.agent.settings import AgentSettings, safe_url
 from aiproxy.agent.tools import build_tools
 from aiproxy.agent.tracing import server_interceptors as tracing_interceptors
@@ -57,12 +57,24 @@ class AgentServer:
         self.tracer_provider = tracer_provider
         self.health = health_aio.HealthServicer()
         corpus = Corpus.bundled()
-        parts = (
-            self.settings,
-            corpus,
-            SessionStore(self.settings.max_sessions, self.settings.max_session_messages),
-            build_tools(corpus),
+        s = self.settings
+        # The store connects on first use: an agent starts whether Redis is up or not.
+        self.conversations = Conversations(
+            build_store(
+                s.sessions,
+                Bounds(
+                    max_sessions=s.max_sessions,
+                    max_messages=s.max_session_messages,
+                    max_chars=s.max_message_chars,
+                    ttl_s=s.session_ttl_s,
+                    max_sessions_per_owner=s.max_sessions_per_owner,
+                ),
+                redis_url=s.redis_url,
+                timeout_s=s.session_store_timeout_s,
+            ),
+            PrefixCache(s.prefix_cache_tokens),
         )
+        parts = (self.settings, corpus, self.conversations, build_tools(corpus))
         # backend openai: one pooled HTTP client for the process, made here and closed in
         # stop(); a monitor probes the model server and drives health.
         self.model: ModelClient | None = None
@@ -113,9 +125,8 @@ class AgentServer:
         settings = self.settings
         if self.record_metadata:
             self._recorder = MetadataRecorder(self.record_metadata)
-        interceptors: list[grpc.aio.ServerInterceptor] = [
-            CallInterceptor(enable_faults=settings.enable_faults, recorder=self._recorder)
-        ]
+        calls = CallInterceptor(enable_faults=settings.enable_faults, recorder=self._recorder)
+        interceptors: list[grpc.aio.ServerInterceptor] = [calls]
         if self.tracer_provider is not None:
             # Outermost, so the span covers fault injection and the call log too.
             interceptors[:0] = tracing_interceptors(self.tracer_provider)
@@ -149,8 +160,9 @@ class AgentServer:
                 port = server.add_secure_port(settings.listen, credentials)
         except (RuntimeError, OSError) as exc:
             raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
-        await server.start()
         self._server, self._port = server, port
+        calls.replica = settings.replica_name or self.address
+        await server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self._monitor is not None:
             # The first probe before the first health answer (bounded by its timeout).
@@ -169,6 +181,10 @@ class AgentServer:
             recording_metadata=self._recorder is not None,
             first_token_delay_ms=settings.first_token_delay_ms,
             token_delay_ms=settings.token_delay_ms,
+            sessions=settings.sessions,
+            redis_url=safe_url(settings.redis_url) if settings.redis_url else None,
+            prefill_ms_per_token=settings.prefill_ms_per_token,
+            replica=calls.replica,
         )
         return port
 
@@ -222,6 +238,7 @@ class AgentServer:
         await self._server.stop(grace)
         if self.model is not None:
             await self.model.aclose()  # after the calls that use it have ended
+        await self.conversations.store.aclose()
         if self._recorder is not None:
             self._recorder.close()
         if self.tracer_provider is not None and hasattr(self.tracer_provider, "shutdown"):

@@ -7,7 +7,6 @@ fault injection and turning InvalidArgument into a status live in agent.intercep
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -27,8 +26,7 @@ from aiproxy.agent.agents import (
 from aiproxy.agent.errors import InvalidArgument, rpc_status_proto
 from aiproxy.agent.pacing import Pacer
 from aiproxy.agent.rag import DEFAULT_TOP_K, MAX_TOP_K, Corpus, Hit
-from aiproxy.agent.sessions import Message as SessionMessage
-from aiproxy.agent.sessions import SessionStore
+from aiproxy.agent.sessions import Conversations, Turn
 from aiproxy.agent.settings import AgentSettings
 from aiproxy.agent.tools import Tool
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
@@ -54,12 +52,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self,
         settings: AgentSettings,
         corpus: Corpus,
-        sessions: SessionStore,
+        conversations: Conversations,
         tools: dict[str, Tool],
     ) -> None:
         self.settings = settings
         self.corpus = corpus
-        self.sessions = sessions
+        self.conversations = conversations
         self.tools = tools
 
     # --- generation ---------------------------------------------------------------
@@ -118,13 +116,19 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         return response
 
     # --- chat ---------------------------------------------------------------------
+    #
+    # A turn reads its session when it starts and remembers its message(s) and answer in
+    # one append when the answer is complete (agent/sessions.py: order, scope, bounds);
+    # a turn cancelled or failed before that leaves no trace. A stream remembers before
+    # its final chunk: if the store fails then, the stream ends with that error instead.
 
     async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
-        model, session_id, history, completion = self._chat(request)
-        await self._pacer().wait(completion.completion_tokens)
-        self._remember(session_id, history, completion)
+        turn = await self._turn(request, context)
+        model, completion = self._chat_completion(request, turn)
+        await self._pacer(self._prefill(turn, completion)).wait(completion.completion_tokens)
+        await self._remember(turn, completion)
         return pb.ChatResponse(
-            session_id=session_id,
+            session_id=turn.session_id,
             message=pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT, content=completion.text),
             model=model,
             usage=_usage(completion),
@@ -134,35 +138,29 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def StreamChat(
         self, request: pb.StreamChatRequest, context: Any
     ) -> AsyncIterator[pb.StreamChatResponse]:
-        model, session_id, history, completion = self._chat(request)
+        turn = await self._turn(request, context)
+        model, completion = self._chat_completion(request, turn)
         events = _text_events(
-            pb.StreamChatResponse, completion, first={"model": model, "session_id": session_id}
+            pb.StreamChatResponse, completion, first={"model": model, "session_id": turn.session_id}
         )
-        async for chunk in _paced(events, self._pacer()):
+        async for chunk in _paced(events, self._pacer(self._prefill(turn, completion))):
             if chunk.is_final:
-                # Remembered once the whole answer is out; a cancelled answer is forgotten.
-                self._remember(session_id, history, completion)
+                await self._remember(turn, completion)
             yield chunk
 
-    def _chat(
-        self, request: pb.ChatRequest | pb.StreamChatRequest
-    ) -> tuple[str, str, list[SessionMessage], textgen.Completion]:
-        session_id, history = self._conversation(request)
+    def _chat_completion(
+        self, request: pb.ChatRequest | pb.StreamChatRequest, turn: Turn
+    ) -> tuple[str, textgen.Completion]:
+        history = turn.history
         prompt = "\n".join(
             f"{_ROLE_NAMES.get(role, 'user')}: {content}" for role, content in history
         )
         latest = next((c for r, c in reversed(history) if r == pb.CHAT_ROLE_USER), history[-1][1])
-        model, completion = self._generate(
-            prompt, request.model, request.options, topic_text=latest
-        )
-        return model, session_id, history, completion
+        return self._generate(prompt, request.model, request.options, topic_text=latest)
 
-    def _conversation(
-        self, request: pb.ChatRequest | pb.StreamChatRequest
-    ) -> tuple[str, list[SessionMessage]]:
-        """Validate a chat request: its session id and the conversation so far."""
-        if len(request.session_id) > MAX_ID_CHARS:
-            raise InvalidArgument("session_id", f"must be at most {MAX_ID_CHARS} characters")
+    async def _turn(self, request: pb.ChatRequest | pb.StreamChatRequest, context: Any) -> Turn:
+        """Validate a chat request, then read the conversation it continues."""
+        _check_session_id(request.session_id, required=False)
         for i, message in enumerate(request.messages):
             if message.role not in _ROLE_NAMES:
                 raise InvalidArgument(
@@ -173,23 +171,59 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             raise InvalidArgument(
                 "messages", "the conversation is empty: send messages or user_message"
             )
-        session_id = request.session_id or f"sess_{uuid.uuid4().hex}"
         # Messages sent with the request are the conversation so far and replace what the
         # session remembers (so a repeated request gets the same answer); user_message
         # alone continues the remembered conversation (the GET binding's only input).
-        history: list[SessionMessage] = (
-            [(m.role, m.content) for m in request.messages]
-            if request.messages
-            else list(self.sessions.get(session_id))
+        turn = await self.conversations.begin(
+            context.invocation_metadata(),
+            request.session_id,
+            [(m.role, m.content) for m in request.messages],
+            request.user_message,
+            pb.CHAT_ROLE_USER,
         )
-        if request.user_message:
-            history.append((pb.CHAT_ROLE_USER, request.user_message))
-        return session_id, history
+        if not turn.history:  # unreachable after the checks above; kept for the types
+            raise InvalidArgument("messages", "the conversation is empty")
+        return turn
 
-    def _remember(
-        self, session_id: str, history: list[SessionMessage], completion: textgen.Completion
-    ) -> None:
-        self.sessions.put(session_id, [*history, (pb.CHAT_ROLE_ASSISTANT, completion.text)])
+    def _prefill(self, turn: Turn, completion: textgen.Completion) -> float:
+        """The modelled prefill (ms) of a turn: its prompt tokens not cached on this
+        replica (sessions.PrefixCache), which then holds the prompt."""
+        per_token = self.settings.prefill_ms_per_token
+        cache = self.conversations.prefix_cache
+        uncached = cache.uncached(turn.key, completion.prompt_tokens)
+        cache.remember(turn.key, completion.prompt_tokens)
+        return uncached * per_token
+
+    async def _remember(self, turn: Turn, completion: textgen.Completion) -> None:
+        await self.conversations.finish(turn, (pb.CHAT_ROLE_ASSISTANT, completion.text))
+        self.conversations.prefix_cache.remember(
+            turn.key, completion.prompt_tokens + completion.completion_tokens
+        )
+
+    # --- sessions -------------------------------------------------------------------
+
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: Any
+    ) -> pb.CreateSessionResponse:
+        session_id = await self.conversations.create(context.invocation_metadata())
+        return pb.CreateSessionResponse(session_id=session_id)
+
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: Any
+    ) -> pb.GetSessionResponse:
+        _check_session_id(request.session_id, required=True)
+        messages = await self.conversations.get(context.invocation_metadata(), request.session_id)
+        return pb.GetSessionResponse(
+            session_id=request.session_id,
+            messages=[pb.ChatMessage(role=role, content=content) for role, content in messages],
+        )
+
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: Any
+    ) -> pb.DeleteSessionResponse:
+        _check_session_id(request.session_id, required=True)
+        await self.conversations.delete(context.invocation_metadata(), request.session_id)
+        return pb.DeleteSessionResponse()
 
     # --- retrieval ------------------------------------------------------------------
 
@@ -280,10 +314,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     # --- shared ---------------------------------------------------------------------
 
-    def _pacer(self) -> Pacer:
+    def _pacer(self, prefill_ms: float = 0.0) -> Pacer:
         slow = faults.current().slow_ms
         return Pacer(
-            self.settings.first_token_delay_ms,
+            self.settings.first_token_delay_ms + prefill_ms,
             self.settings.token_delay_ms if slow is None else slow,
         )
 
@@ -315,6 +349,15 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
 
 # --- validation ---------------------------------------------------------------------
+
+
+def _check_session_id(session_id: str, *, required: bool) -> None:
+    if required and not session_id:
+        raise InvalidArgument("session_id", "must not be empty")
+    if len(session_id) > MAX_ID_CHARS:
+        raise InvalidArgument("session_id", f"must be at most {MAX_ID_CHARS} characters")
+    if session_id and not session_id.isprintable():
+        raise InvalidArgument("session_id", "must be printable text")
 
 
 def _checked_options(options: pb.GenerationOptions) -> pb.GenerationOptions:

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 DEFAULT_LISTEN = "127.0.0.1:50052"
 DEFAULT_MODEL = "ref-model-1"
 BACKENDS = ("reference", "openai")
+SESSION_STORES = ("memory", "redis")
 
 
 @dataclass
@@ -22,9 +23,27 @@ class AgentSettings:
     token_delay_ms: float = 15.0
     # The model named in answers when a request names none.
     model: str = DEFAULT_MODEL
-    # Chat memory bounds: sessions kept (least recently used dropped), messages per session.
+    # Chat sessions (agent/sessions.py): where they are kept, "memory" (this process) or
+    # "redis" (shared by every replica, at redis_url), and their bounds: sessions kept
+    # (least recently used dropped), messages per session, characters per message, and a
+    # TTL refreshed by every turn; one owner (caller) keeps at most max_sessions_per_owner.
+    # Each store call waits at most session_store_timeout_s.
+    sessions: str = "memory"
+    redis_url: str | None = None
     max_sessions: int = 10_000
+    max_sessions_per_owner: int = 1000
     max_session_messages: int = 100
+    max_message_chars: int = 8192
+    session_ttl_s: float = 24 * 3600.0
+    session_store_timeout_s: float = 1.0
+    # The modelled prefix cache (agent/sessions.PrefixCache, reference backend): the first
+    # token of a chat turn waits this long per prompt token not cached on this replica
+    # (0: off); the cache holds at most prefix_cache_tokens tokens.
+    prefill_ms_per_token: float = 0.0
+    prefix_cache_tokens: int = 1_000_000
+    # Sent back as trailing metadata x-agent-replica on every call (default: the bound
+    # HOST:PORT), so a caller can see which replica answered.
+    replica_name: str | None = None
     # Prompts per BatchGenerate call; more is INVALID_ARGUMENT.
     max_batch_size: int = 64
     # HTTP/2 streams per connection: a proxy multiplexes thousands of streams on one.
@@ -55,7 +74,7 @@ class AgentSettings:
     def __post_init__(self) -> None:
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
-        for name in ("first_token_delay_ms", "token_delay_ms"):
+        for name in ("first_token_delay_ms", "token_delay_ms", "prefill_ms_per_token"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 <= value < math.inf):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
@@ -86,7 +105,35 @@ class AgentSettings:
                 raise ValueError(
                     f"base_url must be an http(s) URL, got {safe_url(self.base_url)!r}"
                 )
-        for name in ("model_timeout_s", "health_interval_s"):
+        if self.sessions not in SESSION_STORES:
+            raise ValueError(
+                f"sessions must be one of {', '.join(SESSION_STORES)}, got {self.sessions!r}"
+            )
+        if self.sessions == "redis":
+            if not self.redis_url:
+                raise ValueError(
+                    "sessions redis needs redis_url (--redis-url or AIPROXY_AGENT_REDIS_URL)"
+                )
+            if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+                raise ValueError(
+                    f"redis_url must be redis://, rediss:// or unix://, got "
+                    f"{safe_url(self.redis_url)!r}"
+                )
+        for name in ("max_message_chars", "prefix_cache_tokens", "max_sessions_per_owner"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.replica_name is not None and not (
+            0 < len(self.replica_name) <= 128
+            and self.replica_name.isascii()
+            and self.replica_name.isprintable()
+        ):
+            raise ValueError("replica_name must be 1-128 printable ASCII characters")
+        for name in (
+            "model_timeout_s",
+            "health_interval_s",
+            "session_ttl_s",
+            "session_store_timeout_s",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 < value < math.inf):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")

@@ -1,6 +1,6 @@
 """The benchmark: what one aiproxy hop costs, against a direct call and against Envoy alone.
 
-    python -m bench.run [--quick] [--only unary,latency,streams,sse,workers,profile]
+    python -m bench.run [--quick] [--only unary,latency,streams,sse,openai,workers,profile]
 
 Every scenario runs its baseline in the same run on the same machine, and every figure is
 written next to it: bench/results/<date>-results.json, bench/results/REPORT.md and a PNG.
@@ -20,6 +20,8 @@ Paths measured:
            decoding every header literally) in the upstream's grpc-core
   sse      HTTP caller -> Envoy edge from envoy/ (transcoder, SSE) -> aiproxy -> agent,
            when `aiproxy envoy` exists (skipped with a note otherwise)
+  openai   the OpenAI API's streams through the same edge vs its native SSE route (and
+           LiteLLM's proxy with BENCH_LITELLM_PYTHON): bench/openai_edge.py
 
 The harness: run.py holds the scenarios (one `scenario_*` method per row family) and the
 command line; stack.py starts and stops the processes; stats.py turns measurements into
@@ -185,7 +187,7 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-ALL_SCENARIOS = ("unary", "latency", "streams", "sse", "workers", "profile")
+ALL_SCENARIOS = ("unary", "latency", "streams", "sse", "openai", "workers", "profile")
 # Stream paths unless a shape names its own: the bare hop is in every row that compares
 # per-message cost; the hold rows (capacity, memory) leave Envoy out.
 STREAM_PATHS = ("direct", "bare", "proxy", "envoy")
@@ -590,6 +592,26 @@ class Bench(Stack):
         ]
         self.results["scenarios"]["streams"]["held_zero_loss"] = max(clean) if clean else 0
 
+    # -- the OpenAI API ----------------------------------------------------------------
+
+    def scenario_openai(self) -> None:
+        """OpenAI-API streaming through the edge vs the native SSE route (and LiteLLM's
+        proxy when BENCH_LITELLM_PYTHON names a Python with `litellm[proxy]`): the row of
+        bench/openai_edge.py, run as its own process set."""
+        smoke = self.mode == "smoke"
+        argv = [sys.executable, "-m", "bench.openai_edge", "--streams", "10" if smoke else "100",
+                "--chunks", "30", "--reps", "3" if self.mode == "full" else "1"]  # fmt: skip
+        litellm = os.environ.get("BENCH_LITELLM_PYTHON")
+        if litellm:
+            argv += ["--litellm", litellm]
+        self.commands.append(" ".join(argv))
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+        line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+        if done.returncode or not line.startswith("{"):
+            raise RuntimeError(f"bench.openai_edge failed:\n{done.stderr[-3000:]}")
+        print(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "", flush=True)
+        self.results["scenarios"]["openai"] = json.loads(line)
+
     # -- workers ---------------------------------------------------------------------
 
     def scenario_workers(self) -> None:
@@ -791,6 +813,7 @@ class Bench(Stack):
             ("unary", self.scenario_unary),
             ("latency", self.scenario_latency),
             ("streams", lambda: self.scenario_streams("sse" in self.only)),
+            ("openai", self.scenario_openai),
             ("workers", self.scenario_workers),
             ("profile", self.scenario_profile),
         ]

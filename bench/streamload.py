@@ -2,9 +2,10 @@
 
     python -m bench.streamload --spec SPEC.json
 
-SPEC (JSON): {"mode": "grpc"|"sse", "target": "HOST:PORT", "path": "/pkg.Svc/Method" or
-"/api/...", "request": "<hex of the serialized request>" (grpc) or {...} (sse JSON body),
-"expected": ["piece", ...], "streams": K, "ramp_s": S, "timeout_s": T, "channels": C,
+SPEC (JSON): {"mode": "grpc"|"sse"|"openai", "target": "HOST:PORT", "path": "/pkg.Svc/Method"
+or "/api/..." or "/v1/chat/completions", "request": "<hex of the serialized request>" (grpc)
+or {...} (the JSON body: sse, and openai, whose events are OpenAI's chunks),
+"expected": ["piece", ...], "headers": {...} (optional, sse/openai), "streams": K, "ramp_s": S, "timeout_s": T, "channels": C,
 "duration_s": D, "max_rounds": R}: K callers each run stream after stream for D seconds.
 
 Each stream checks that `seq` counts 0, 1, 2, ... with no gap or repeat, that the deltas
@@ -166,7 +167,8 @@ async def sse_stream(spec: dict[str, Any], tally: Tally) -> None:
                 (
                     f"POST {spec['path']} HTTP/1.1\r\nHost: {spec['target']}\r\n"
                     f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n"
+                    + "".join(f"{k}: {v}\r\n" for k, v in spec.get("headers", {}).items())
+                    + f"Content-Length: {len(body)}\r\n\r\n"
                 ).encode()
                 + body
             )
@@ -183,12 +185,41 @@ async def sse_stream(spec: dict[str, Any], tally: Tally) -> None:
                 tally.error(f"HTTP {status}")
                 return
             buf = b""
+            openai = spec["mode"] == "openai"
             async for data in _body(reader, headers):
                 buf += data
                 while b"\n\n" in buf:
                     event, buf = buf.split(b"\n\n", 1)
                     for line in event.split(b"\n"):
+                        if line.startswith(b": "):
+                            tally.heartbeats += 1  # the OpenAI route's keep-alive comment
+                            continue
                         if not line.startswith(b"data:"):
+                            continue
+                        if openai:
+                            # OpenAI's chunks: no seq; the text in choices[0].delta; the
+                            # finish_reason chunk is the final one, [DONE] ends the body.
+                            if line == b"data: [DONE]":
+                                continue
+                            msg = json.loads(line[5:])
+                            now = time.monotonic()
+                            if first:
+                                tally.ttfc_s.append(now - t0)
+                                first = False
+                            tally.messages += 1
+                            if msg.get("error"):
+                                tally.error("in-band error")
+                                tally.settle("".join(parts), seq_ok, final)
+                                return
+                            choices = msg.get("choices") or [{}]
+                            piece = choices[0].get("delta", {}).get("content")
+                            if piece:
+                                if last_content:
+                                    tally.interval(now - last_content)
+                                last_content = now
+                                parts.append(piece)
+                            if choices[0].get("finish_reason"):
+                                final = True
                             continue
                         msg = json.loads(line[5:])
                         now = time.monotonic()

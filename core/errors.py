@@ -74,6 +74,9 @@ class Reason(enum.StrEnum):
     STREAM_STORE_UNAVAILABLE = "STREAM_STORE_UNAVAILABLE"  # the shared stream store is down
     STREAM_FINISHED = "STREAM_FINISHED"  # resumed after the final chunk: nothing left to send
     STREAM_ORIGIN_LOST = "STREAM_ORIGIN_LOST"  # the replica generating the stream is gone
+    SESSION_NOT_FOUND = "SESSION_NOT_FOUND"  # no conversation by that id (for this caller)
+    SESSION_STORE_UNAVAILABLE = "SESSION_STORE_UNAVAILABLE"  # the agents' session store is down
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"  # the OpenAI API's `model` names no configured model
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +183,25 @@ class UpstreamError(ProxyError):
             field_violations=field_violations,
         )
         self.code = code
+
+
+class SessionNotFound(ProxyError):
+    """The agent has no conversation by that id in the caller's scope: never existed,
+    expired, deleted, or another caller's (the same answer for all four)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = Reason.SESSION_NOT_FOUND
+    default_message = "session not found"
+
+
+class SessionStoreUnavailable(ProxyError):
+    """The agents' shared session store is down: the turn did not run (or its answer was
+    not remembered); the caller retries after RetryInfo. Not the replica's fault, so it
+    neither counts against that replica's breaker nor is retried on another."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = Reason.SESSION_STORE_UNAVAILABLE
+    default_message = "session store unavailable"
 
 
 class DeadlineExceeded(ProxyError):

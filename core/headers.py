@@ -33,6 +33,10 @@ COALESCE_HEADER: Final = "x-aiproxy-coalesce-ms"
 # The edge's proof that a call came through Envoy (interceptors/limits.py); a secret.
 EDGE_SECRET_HEADER: Final = "x-aiproxy-edge"
 
+# Set by the proxy, never by a caller (a caller's own is dropped with every x-aiproxy-*):
+# whose conversations a session method may see, for the agent (core/sessions.py).
+SESSION_OWNER_HEADER: Final = "x-aiproxy-session-owner"
+
 PROXY_ONLY_METADATA: Final = frozenset(
     {
         RESUMABLE_HEADER,

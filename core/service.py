@@ -20,6 +20,13 @@ SERVICE_NAME: Final = "ai.agent.v1.AgentService"
 # Agent runs are what is long, streamed or not (5 min by default, against 30 s / 2 min).
 AGENT_METHODS: Final = frozenset({"ExecuteAgent", "StreamExecuteAgent"})
 
+# Methods that read or change a conversation the agent remembers (ChatRequest.session_id
+# and the session API): the forwarder tells the agent whose it is (core/sessions.py),
+# and the response cache never answers them (their answer depends on stored state).
+SESSION_METHODS: Final = frozenset(
+    {"Chat", "StreamChat", "CreateSession", "GetSession", "DeleteSession"}
+)
+
 DeadlineClass = Literal["unary", "stream", "agent"]
 
 
@@ -33,6 +40,7 @@ class Method:
     request_cls: Any  # the generated message classes
     response_cls: Any
     deadline_class: DeadlineClass
+    sessions: bool = False  # in SESSION_METHODS
 
 
 class Service:
@@ -76,6 +84,7 @@ def agent_service() -> Service:
             request_cls=message_factory.GetMessageClass(m.input_type),
             response_cls=message_factory.GetMessageClass(m.output_type),
             deadline_class=_deadline_class(m),
+            sessions=m.name in SESSION_METHODS,
         )
         for m in descriptor.methods
     )

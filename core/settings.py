@@ -1104,6 +1104,56 @@ class CacheSettings(_Section):
     )
 
 
+class OpenAIModel(_Section):
+    """One model of the OpenAI-compatible API (GET /v1/models, a request's `model`)."""
+
+    id: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="The id callers name: `model` in a request, `id` in GET /v1/models.",
+    )
+    upstream: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="The model the agents are asked for (ChatRequest.model); null: the id.",
+    )
+    owned_by: str = Field(
+        default="aiproxy",
+        min_length=1,
+        max_length=64,
+        description="`owned_by` in the model list.",
+    )
+
+
+class OpenAISettings(_Section):
+    """The OpenAI-compatible HTTP API through the edge (docs/openai.md): /v1/chat/completions
+    and /v1/models, mapped onto Chat / StreamChat through the same pipeline as native calls
+    (server/request/openai_front.py)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Serve ai.openai.v1.OpenAIService (the edge routes /v1/chat/completions "
+        "and /v1/models to it).",
+    )
+    models: list[OpenAIModel] = Field(
+        default_factory=lambda: [OpenAIModel(id="ref-model-1")],
+        min_length=1,
+        description="What GET /v1/models lists and a request's `model` may name; any other "
+        "model is 404 model_not_found. The operator says, because the agents cannot: "
+        "AgentService has no model list and the reference agent answers any name.",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _v_models(cls, value: list[OpenAIModel]) -> list[OpenAIModel]:
+        ids = [m.id for m in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("model ids must be unique")
+        return value
+
+
 class LogSettings(_Section):
     """JSON lines on stderr (docs/operations.md)."""
 
@@ -1203,6 +1253,7 @@ class Settings(BaseSettings):
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
 
     @model_validator(mode="after")
     def _v_cross_sections(self) -> Settings:

@@ -27,6 +27,9 @@ from aiproxy.core.errors import (
     ProxyError,
     QuotaViolation,
     RateLimited,
+    Reason,
+    SessionNotFound,
+    SessionStoreUnavailable,
     UpstreamError,
     UpstreamUnavailable,
     internal_error,
@@ -51,6 +54,18 @@ _LEAK_MARKERS: Final = ("traceback", 'file "', "exception", "ipv4:", "ipv6:", "u
 
 # Upstream ErrorInfo reasons that mean "this caller is rate limited" (ours and Google's).
 _UPSTREAM_RATE_LIMIT_REASONS: Final = frozenset({"RATE_LIMITED", "RATE_LIMIT_EXCEEDED"})
+
+# Reasons the agents give (agent/sessions.py) that the caller gets as they are: what its
+# conversation is (not found), or what is down (the agents' shared session store).
+_SESSION_ERRORS: Final = {
+    (grpc.StatusCode.NOT_FOUND, Reason.SESSION_NOT_FOUND.value): SessionNotFound,
+    (grpc.StatusCode.UNAVAILABLE, Reason.SESSION_STORE_UNAVAILABLE.value): SessionStoreUnavailable,
+}
+
+# An upstream UNAVAILABLE with these reasons is a shared dependency that is down, not the
+# replica that answered: it says nothing about that replica (its breaker does not count
+# it) and another replica would fail the same way (the call is not retried).
+NOT_THE_REPLICAS_FAULT: Final = frozenset({Reason.SESSION_STORE_UNAVAILABLE.value})
 
 
 def _safe_upstream_message(code: grpc.StatusCode, message: str) -> str | None:
@@ -117,6 +132,8 @@ def from_upstream(
 
     UNAVAILABLE, and CANCELLED the proxy did not ask for (the upstream went away) ->
     UpstreamUnavailable with RetryInfo (the upstream's delay, else `unavailable_retry_s`);
+    NOT_FOUND SESSION_NOT_FOUND -> SessionNotFound; UNAVAILABLE SESSION_STORE_UNAVAILABLE
+    -> SessionStoreUnavailable with RetryInfo (the agents' reasons, kept as they are);
     DEADLINE_EXCEEDED -> DeadlineExceeded; INVALID_ARGUMENT -> InvalidArgument keeping
     the upstream's BadRequest; PERMISSION_DENIED -> PermissionDenied;
     RESOURCE_EXHAUSTED -> RateLimited if the upstream's ErrorInfo says so, else
@@ -131,6 +148,12 @@ def from_upstream(
     found = _upstream_details(code, status_proto)
     message = _safe_upstream_message(code, details)
     metadata = {"upstreamCode": code.name}
+    session_error = _SESSION_ERRORS.get((code, found.reason))
+    if session_error is not None:
+        delay = found.retry_delay_s
+        if delay is None and code is grpc.StatusCode.UNAVAILABLE:
+            delay = unavailable_retry_s
+        return session_error(metadata=metadata, retry_delay_s=delay)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         delay = found.retry_delay_s if found.retry_delay_s is not None else unavailable_retry_s
         return UpstreamUnavailable(metadata=metadata, retry_delay_s=delay)
@@ -173,6 +196,21 @@ def parse_rpc_error(
     except (ValueError, DecodeError):
         status = None
     return err.code(), err.details() or "", status
+
+
+def upstream_reason(err: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a failed upstream call ("" when it has none). Parses the
+    status details: for failure paths only (e.g. `NOT_THE_REPLICAS_FAULT`)."""
+    code, _, status = parse_rpc_error(err)
+    return _upstream_details(code, status).reason
+
+
+def not_the_replicas_fault(err: grpc.aio.AioRpcError) -> bool:
+    """True for an UNAVAILABLE that names a shared dependency (NOT_THE_REPLICAS_FAULT):
+    neither a breaker failure of the replica nor a reason to retry on another."""
+    return err.code() is grpc.StatusCode.UNAVAILABLE and upstream_reason(err) in (
+        NOT_THE_REPLICAS_FAULT
+    )
 
 
 def to_proxy_error(exc: Exception) -> ProxyError:

@@ -437,6 +437,21 @@ def _claims_error(exc: Exception) -> Unauthenticated:
     return _unauthenticated(Cause.INVALID_CLAIMS, "token claims not accepted")
 
 
+def bearer_as_api_key(authorization: str) -> str | None:
+    """`authorization: Bearer <key>` as OpenAI's SDKs send an API key, in the form this
+    stage reads an API key from (`ApiKey <key>`); None when it stays as it is.
+
+    Only the OpenAI API's front (server/request/openai_front.py) applies it, to its own
+    calls: there an aiproxy API key works as a Bearer key. A JWT still goes through as
+    one: a credential in JWS compact form (three dot-separated parts) is left alone.
+    """
+    scheme, _, credential = authorization.strip().partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential or credential.count(".") == 2:
+        return None
+    return f"ApiKey {credential}"
+
+
 def is_open_method(method: str) -> bool:
     return method.startswith(OPEN_METHOD_PREFIXES)
 

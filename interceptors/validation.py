@@ -65,6 +65,9 @@ class RequestRules:
             pb.ExecuteAgentRequest.DESCRIPTOR.full_name: self.agent,
             pb.StreamExecuteAgentRequest.DESCRIPTOR.full_name: self.agent,
             pb.BatchGenerateRequest.DESCRIPTOR.full_name: self.batch,
+            pb.CreateSessionRequest.DESCRIPTOR.full_name: self.create_session,
+            pb.GetSessionRequest.DESCRIPTOR.full_name: self.session,
+            pb.DeleteSessionRequest.DESCRIPTOR.full_name: self.session,
         }
 
     def for_service(self, service: ServiceDescriptor) -> dict[str, Validator]:
@@ -246,6 +249,16 @@ class RequestRules:
             )
         self._id(out, "model", request.model)
         self._options(out, request)
+        return out
+
+    def create_session(self, request: Any) -> Violations:
+        return []  # nothing to check: the agent mints the id
+
+    def session(self, request: Any) -> Violations:
+        out: Violations = []
+        if not request.session_id:
+            out.append(FieldViolation("session_id", "must not be empty"))
+        self._id(out, "session_id", request.session_id)
         return out
 
 

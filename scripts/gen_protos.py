@@ -35,6 +35,7 @@ _STUB_IMPORT = re.compile(r"^(from|import) ai([. ])", re.MULTILINE)
 GOOGLEAPIS = [
     "google/api/annotations.proto",
     "google/api/http.proto",
+    "google/api/httpbody.proto",
     "google/rpc/status.proto",
     "google/rpc/error_details.proto",
     "google/rpc/code.proto",

@@ -43,6 +43,7 @@ from aiproxy.server.request.caching import (
 )
 from aiproxy.server.request.forwarding import Forwarder
 from aiproxy.server.request.health import ProxyHealth
+from aiproxy.server.request.openai_front import OPENAI_SERVICE_NAME, OpenAIFront
 from aiproxy.server.request.pipeline import Pipeline
 from aiproxy.server.request.resume import Resumer, build_stream_buffer, resume_backend
 from aiproxy.server.stores.limits_backend import close_limit_store, open_limit_store
@@ -267,8 +268,16 @@ class ProxyServer:
             # under limits.failure_policy; it recovers by itself.
             self.limit_store = await open_limit_store(self.settings, self.telemetry.proxy)
         stages = pipeline_stages(self.settings, self.telemetry, limit_store=self.limit_store)
-        Pipeline(agent_service(), stages, self._terminal(), self._gate()).register(server)
+        pipeline = Pipeline(agent_service(), stages, self._terminal(), self._gate())
+        pipeline.register(server)
         auth = next((s for s in stages if isinstance(s, AuthStage)), None)
+        if self.settings.openai.enabled:
+            # The OpenAI-compatible API: a front on the same Chat / StreamChat handlers.
+            OpenAIFront(
+                pipeline,
+                self.settings.openai,
+                auth.authenticator.authenticate if auth is not None else None,
+            ).register(server)
         beside = _BesideThePipeline(server, auth).as_server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, beside)
         # Untyped: protoc's generated *_pb2_grpc.py, and the grpcio-reflection stubs'
@@ -278,6 +287,7 @@ class ProxyServer:
             reflection.aio.ReflectionServicer(
                 (
                     SERVICE_NAME,
+                    OPENAI_SERVICE_NAME,
                     ADMIN_SERVICE_NAME,
                     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME,

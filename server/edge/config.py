@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import pathlib
+import re
 import string
 import sys
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ DEFAULT_PROXY = "127.0.0.1:50051"
 # Front ends served from another origin that may call the API (a local dev server).
 DEFAULT_CORS_ORIGINS = ("http://localhost:3000", "http://127.0.0.1:3000")
 CLUSTER = "aiproxy"
+# The services the transcoder maps HTTP onto (the template's `services:`).
+AGENT_SERVICE = "ai.agent.v1.AgentService"
+OPENAI_SERVICE = "ai.openai.v1.OpenAIService"  # the OpenAI-compatible API (docs/openai.md)
 
 # Envoy's own log lines as JSON, like every other aiproxy process (%j escapes for JSON).
 LOG_FORMAT = '{"ts":"%Y-%m-%dT%T.%eZ","event":"envoy_log","level":"%l","logger":"%n","msg":"%j"}'
@@ -226,12 +230,65 @@ _CONNECT_REFUSED = {
 }
 
 
+# A caller of the OpenAI-compatible API (/v1/...), as the guard recorded its path: Envoy's
+# own answers to it take OpenAI's error shape, which its SDKs read. A request no filter has
+# seen (the codec's 431) has no path: not one.
+_OPENAI_REQUEST = {
+    "metadata_filter": {
+        "matcher": {
+            "filter": "aiproxy.edge",
+            "path": [{"key": "path"}],
+            "value": {"string_match": {"prefix": "/v1/"}},
+        },
+        "match_if_key_not_found": False,
+    }
+}
+
+
+def _openai_type(http_status: int) -> str:
+    if http_status == 429:
+        return "requests"
+    return "server_error" if http_status >= 500 else "invalid_request_error"
+
+
+def _openai_mapper(reply: LocalReply) -> dict[str, Any]:
+    """Envoy's answer to an OpenAI API caller: `{"error": {message, type, param, code}}`,
+    and retry-after / retry-after-ms where a retry helps (server/request/openai_api.py
+    gives the proxy's own answers the same shape)."""
+    message = reply.message if reply.message is not None else "%LOCAL_REPLY_BODY%"
+    body = {
+        "error": {
+            "message": message,
+            "type": _openai_type(reply.http_status),
+            "param": None,
+            "code": reply.reason.lower(),
+        }
+    }
+    mapper: dict[str, Any] = {
+        "filter": {"and_filter": {"filters": [_status_filter(reply.http_status), _OPENAI_REQUEST]}},
+        "body_format_override": {"json_format": body},
+    }
+    if reply.retry_delay_s is not None:
+        mapper["headers_to_add"] = [
+            {
+                "header": {"key": key, "value": value},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+            for key, value in (
+                ("retry-after", str(reply.retry_delay_s)),
+                ("retry-after-ms", str(reply.retry_delay_s * 1000)),
+            )
+        ]
+    return mapper
+
+
 def local_reply_mappers() -> list[dict[str, Any]]:
     """local_reply_config mappers: first the guard's answers to Connect unary calls, left
     as they are; then per status, one for native gRPC callers (the Status as
     grpc-status-details-bin, grpc-message fixed to match it; gRPC-Web and Connect callers
     are gRPC callers by then, and their filters translate it) and one for HTTP callers
-    (the Status as the JSON body). Only the first matching mapper applies."""
+    (the Status as the JSON body), callers of the OpenAI API (/v1/...) getting OpenAI's
+    error body instead. Only the first matching mapper applies."""
     mappers: list[dict[str, Any]] = [{"filter": _CONNECT_REFUSED}]
     for reply in LOCAL_REPLIES:
         if reply.message is not None:
@@ -244,6 +301,7 @@ def local_reply_mappers() -> list[dict[str, Any]]:
                 }],
                 "body_format_override": {"text_format_source": {"inline_string": reply.message}},
             })  # fmt: skip
+        mappers.append(_openai_mapper(reply))
         message = reply.message if reply.message is not None else "%LOCAL_REPLY_BODY%"
         body = {
             "code": reply.code,
@@ -333,19 +391,37 @@ def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
         key: connect_error(GUARD_CODES.get(key, 3), message, _guard_reason(key))
         for key, message in GUARD_MESSAGES.items()
     }
-    # Paths with {variables} would need a pattern match; this API has none, and a path
-    # the table misses only falls back to the transcoder's 404.
-    allow = {
-        path: ", ".join([*sorted(verbs), "OPTIONS"])
-        for path, verbs in http_bindings(descriptor).items()
-        if "{" not in path
-    }
+    rules = http_bindings(descriptor)
+    for path, verbs in http_bindings(descriptor, OPENAI_SERVICE).items():
+        rules.setdefault(path, set()).update(verbs)
+    bindings = {path: ", ".join([*sorted(verbs), "OPTIONS"]) for path, verbs in rules.items()}
+    allow = {path: verbs for path, verbs in bindings.items() if "{" not in path}
+    # Paths with {variables} (/api/v1/ai/sessions/{session_id}) as anchored Lua patterns,
+    # a variable matching one path segment, tried after the exact paths.
+    patterns = [
+        f"{{{json.dumps(_lua_path_pattern(path))}, {json.dumps(verbs)}}}"
+        for path, verbs in sorted(bindings.items())
+        if "{" in path
+    ]
     return {
         "lua_messages": _lua_table(messages),
         "lua_grpc_details": _lua_table(details),
         "lua_connect_errors": _lua_table(connect_errors),
         "lua_allow": _lua_table(allow),
+        "lua_allow_patterns": "{" + ", ".join(patterns) + "}",
     }
+
+
+def _lua_path_pattern(path: str) -> str:
+    """An HTTP rule's path template as an anchored Lua pattern: `{name}` (one segment)
+    becomes `[^/]+`, `{name=**}` (the rest of the path: /v1/models/{model=**}) `.+`, every
+    other character is literal (Lua's magic ones escaped)."""
+    out = []
+    for literal, variable in re.findall(r"([^{]*)(\{[^}]*\})?", path):
+        out.append(re.sub(r"([%^$().\[\]*+\-?])", r"%\1", literal))
+        if variable:
+            out.append(".+" if variable.endswith("=**}") else "[^/]+")
+    return "^" + "".join(out) + "$"
 
 
 class EdgeError(Exception):

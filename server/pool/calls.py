@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from aiproxy.core.breaker import Permit
+from aiproxy.core.upstream_errors import not_the_replicas_fault
 from aiproxy.interceptors.client_observability import ClientMethod
 
 
@@ -24,6 +25,18 @@ class Tracked:
     def __init__(self, call: Any) -> None:
         self.call = call
         self.why: str | None = None  # set when the pool fails the call
+
+
+def settle_failed(permit: Permit | None, exc: grpc.aio.AioRpcError) -> None:
+    """Settle the breaker permit of a call that failed with `exc`: its code counts,
+    unless the agent said a shared dependency is down (not the replica's fault:
+    core/upstream_errors.NOT_THE_REPLICAS_FAULT), which gives no verdict."""
+    if permit is None:
+        return
+    if not_the_replicas_fault(exc):
+        permit.ignore()
+    else:
+        permit.record(exc.code())
 
 
 def _unavailable(why: str) -> grpc.aio.AioRpcError:
@@ -72,7 +85,11 @@ class CallsInFlight:
         """Raise UNAVAILABLE for a call the pool failed; hint at an UNAVAILABLE of its own."""
         if entry.why is not None:
             raise _unavailable(entry.why) from None
-        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.UNAVAILABLE:
+        if (
+            isinstance(exc, grpc.aio.AioRpcError)
+            and exc.code() is grpc.StatusCode.UNAVAILABLE
+            and not not_the_replicas_fault(exc)
+        ):
             self.on_unavailable()
 
 
@@ -162,10 +179,8 @@ class UpstreamStream:
         """The status code a stream that raised `exc` ends with; settles the permit (then
         the caller calls `ended_badly`, which may raise UNAVAILABLE instead)."""
         if isinstance(exc, grpc.aio.AioRpcError):
-            code = exc.code()
-            if permit is not None:
-                permit.record(code)
-            return code
+            settle_failed(permit, exc)
+            return exc.code()
         if permit is not None:
             permit.ignore()
         if isinstance(exc, asyncio.CancelledError):

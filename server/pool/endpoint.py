@@ -22,7 +22,15 @@ from aiproxy.core.logs import log_event
 from aiproxy.core.settings import UpstreamSettings
 from aiproxy.interceptors.client_observability import ClientMetrics
 from aiproxy.interceptors.upstream_breaker import acquire
-from aiproxy.server.pool.calls import CANCELLED, OK, UNKNOWN, CallsInFlight, Route, UpstreamStream
+from aiproxy.server.pool.calls import (
+    CANCELLED,
+    OK,
+    UNKNOWN,
+    CallsInFlight,
+    Route,
+    UpstreamStream,
+    settle_failed,
+)
 from aiproxy.server.pool.health import EndpointHealth
 
 log = logging.getLogger("aiproxy.upstream")
@@ -176,8 +184,7 @@ class Endpoint:
             response = await call
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            if permit is not None:
-                permit.record(code)
+            settle_failed(permit, exc)
             if entry is not None:
                 self.calls.ended_badly(entry, exc)
             raise

@@ -19,6 +19,11 @@ upstream call was made for it, including a shared flight) and counts in
 ai_proxy_cache_requests_total{method,outcome}. A hit sets CallInfo.replayed = "cache":
 no upstream call, no token charge.
 
+Never cached: the methods that reach a conversation (core/service.SESSION_METHODS: Chat,
+StreamChat and the session API), whatever cache-control or `cache.methods` say. Their
+answer depends on what the agent remembers, a hit would not be remembered as a turn, and
+a conversation is per subject while the cache is shared by a tenant.
+
 Scope: `tenant:<t>` when the caller has a tenant, else its caller key (so anonymous
 callers behind different addresses never share answers); "" when the operator sets
 `cache.shared_across_tenants`. The caller key is its identity (verified, else its
@@ -216,10 +221,12 @@ class AnswerTerminal:
 
     def unary(self, method: Method) -> UnaryCall:
         call: UnaryCall = self._forwarder.unary(method)
-        return call if self._caching is None else self._caching.unary(method, call)
+        if self._caching is None or method.sessions:
+            return call
+        return self._caching.unary(method, call)
 
     def stream(self, method: Method) -> StreamCall:
         call: StreamCall = self._forwarder.stream(method)
-        if self._caching is not None:
+        if self._caching is not None and not method.sessions:
             call = self._caching.stream(method, call)
         return call if self._resumer is None else self._resumer.wrap(method, call)

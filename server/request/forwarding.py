@@ -29,12 +29,15 @@ from aiproxy.core.headers import (
     COALESCE_HEADER,
     PROXY_ONLY_METADATA,
     PROXY_PREFIX,
+    SESSION_OWNER_HEADER,
     is_credential,
 )
 from aiproxy.core.retry import RetryPolicy
-from aiproxy.core.service import Method
+from aiproxy.core.service import Method, agent_service
+from aiproxy.core.sessions import session_owner
 from aiproxy.core.settings import Settings
 from aiproxy.core.types import Context, StreamCall, UnaryCall
+from aiproxy.core.upstream_errors import not_the_replicas_fault
 from aiproxy.interceptors.deadline import Deadline
 from aiproxy.server.pool.endpoint import Endpoint
 from aiproxy.server.pool.pool import UpstreamPool
@@ -116,6 +119,8 @@ class Forwarder:
             | PROXY_ONLY_METADATA
             | {k.lower() for k in settings.upstream.drop_metadata}
         )
+        # Methods that reach a conversation: the agent is told whose (core/sessions.py).
+        self._session_paths = frozenset(m.path for m in agent_service().methods if m.sessions)
         # Calls being forwarded now; drain waits for them, not for health Watch streams.
         self.active = 0
         self._idle = asyncio.Event()
@@ -147,6 +152,9 @@ class Forwarder:
             and not is_credential(key)
         ]
         out.append((REQUEST_ID, call.request_id))
+        if call.method in self._session_paths:
+            # After the filter above, which dropped any the caller sent: only ours goes.
+            out.append((SESSION_OWNER_HEADER, session_owner(call)))
         return out
 
     def _deadline(self, context: Context, call: CallInfo) -> Deadline | None:
@@ -220,11 +228,14 @@ class Forwarder:
                 except grpc.aio.AioRpcError as exc:
                     remaining = None if deadline is None else deadline.remaining()
                     backoff = policy.backoff(attempt)
-                    if not policy.should_retry(
-                        exc.code(), attempt, remaining, backoff
-                    ) or not self._pool.has_other_usable(tried):
+                    if (
+                        not policy.should_retry(exc.code(), attempt, remaining, backoff)
+                        or not self._pool.has_other_usable(tried)
+                        or not_the_replicas_fault(exc)
+                    ):
                         # A retry goes to another endpoint (never the one that failed):
-                        # with none left, the backoff would only delay the same error.
+                        # with none left, the backoff would only delay the same error;
+                        # a shared store that is down fails every replica alike.
                         raise
                     del exc  # not kept alive (with its frames) across the backoff
                     call.retries += 1

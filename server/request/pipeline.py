@@ -59,6 +59,12 @@ from aiproxy.interceptors.stage import Bound, Decode, Exit, Step
 
 log = logging.getLogger("aiproxy.pipeline")
 
+# What a handler decodes at DECODE: the wire input (the request bytes, for a native call)
+# -> the request message and the bytes the terminal forwards upstream. A front (another
+# API mapped onto a method, server/request/openai_front.py) brings its own, raising a
+# ProxyError for input it refuses; the pipeline shapes that like any other refusal.
+Decoder = Callable[[Any], tuple[Any, bytes]]
+
 
 class Terminal(Protocol):
     """What the pipeline hands an admitted call to, per method: the forwarder (with the
@@ -99,6 +105,8 @@ class Pipeline:
     ) -> None:
         self.service = service
         self.handlers: dict[str, grpc.RpcMethodHandler[bytes, Any]] = {}
+        # Per method: what its handlers are built from (a front builds more, `behavior`).
+        self._parts: dict[str, tuple[Method, GateCheck | None, list[Bound], int, Any]] = {}
         for method in service.methods:
             bound: list[Bound] = []
             decode_at = -1
@@ -112,18 +120,33 @@ class Pipeline:
             if decode_at < 0:
                 decode_at = len(bound)
             check = gate.bind(method) if gate is not None else None
+            # A StreamCall for a streaming method, else a UnaryCall.
+            end: Any = terminal.stream(method) if method.streaming else terminal.unary(method)
+            self._parts[method.name] = (method, check, bound, decode_at, end)
+            decoder = native_decoder(method.request_cls)
             if method.streaming:
                 self.handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                    _stream_handler(method, check, bound, decode_at, terminal.stream(method)),
+                    _stream_handler(method, check, bound, decode_at, end, decoder, read=True),
                     request_deserializer=None,
                     response_serializer=method.response_cls.SerializeToString,
                 )
             else:
                 self.handlers[method.name] = grpc.stream_unary_rpc_method_handler(
-                    _unary_handler(method, check, bound, decode_at, terminal.unary(method)),
+                    _unary_handler(method, check, bound, decode_at, end, decoder, read=True),
                     request_deserializer=None,
                     response_serializer=method.response_cls.SerializeToString,
                 )
+
+    def behavior(self, name: str, decoder: Decoder) -> Callable[..., Any]:
+        """Method `name`'s handler function, `(wire input, context)`, with `decoder` at
+        DECODE: the same gate, stages and terminal as the method's own handler (built
+        once, at start-up), given its input instead of reading it. A front calls it with
+        its own input and a context of its own (server/request/openai_front.py) and gets
+        the method's answer or chunks."""
+        method, check, bound, decode_at, end = self._parts[name]
+        if method.streaming:
+            return _stream_handler(method, check, bound, decode_at, end, decoder, read=False)
+        return _unary_handler(method, check, bound, decode_at, end, decoder, read=False)
 
     def register(self, server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers((self.generic_handler(),))
@@ -141,6 +164,16 @@ async def _read_one(context: Context) -> bytes:
     return raw
 
 
+def native_decoder(request_cls: Any) -> Decoder:
+    """A native call's decoder: the message from the caller's bytes, which go upstream
+    as they came (never re-serialized)."""
+
+    def decode_native(raw: bytes) -> tuple[Any, bytes]:
+        return decode(request_cls, raw), raw
+
+    return decode_native
+
+
 def _open(method: Method, context: Context) -> CallInfo:
     headers, repeated = metadata_dict(context.invocation_metadata())
     call = CallInfo(method.path, metadata=headers, repeated=repeated, peer=context.peer())
@@ -154,27 +187,36 @@ def _unary_handler(
     bound: Sequence[Bound],
     decode_at: int,
     terminal: UnaryCall,
+    decoder: Decoder,
+    *,
+    read: bool,
 ) -> Callable[[Any, Context], Awaitable[Any]]:
+    """`read`: the handler reads its request message itself (native, registered as
+    request-streaming; its first argument is grpc's request iterator, unused), else its
+    first argument is the wire input (a front's)."""
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
-    path, request_cls = method.path, method.request_cls
+    path = method.path
 
-    async def unary(_requests: Any, context: Context) -> Any:
-        raw = await _read_one(context)
+    async def unary(given: Any, context: Context) -> Any:
+        wire = await _read_one(context) if read else given
         if check is not None:
             await check.check(context)
         call = _open(method, context)
         entered = 0
         try:
             request = None
+            raw = b""
             while entered < n:
                 if entered == decode_at:
-                    request = call.request = decode(request_cls, raw)
+                    request, raw = decoder(wire)
+                    call.request = request
                 await enters[entered](call, request, context)
                 entered += 1
             if decode_at == n:
-                request = call.request = decode(request_cls, raw)
+                request, raw = decoder(wire)
+                call.request = request
             response = await terminal(request, raw, context, call)
             call.first = call.last = response
             return response
@@ -201,15 +243,19 @@ def _stream_handler(
     bound: Sequence[Bound],
     decode_at: int,
     terminal: StreamCall,
+    decoder: Decoder,
+    *,
+    read: bool,
 ) -> Callable[[Any, Context], AsyncGenerator[Any, None]]:
+    """`read` as for _unary_handler."""
     enters = tuple(b.enter for b in bound)
     exits = tuple(b.exit for b in bound)
     n = len(enters)
-    path, request_cls, chunk_cls = method.path, method.request_cls, method.response_cls
+    path, chunk_cls = method.path, method.response_cls
     monotonic = time.monotonic
 
-    async def stream(_requests: Any, context: Context) -> AsyncGenerator[Any, None]:
-        raw = await _read_one(context)
+    async def stream(given: Any, context: Context) -> AsyncGenerator[Any, None]:
+        wire = await _read_one(context) if read else given
         if check is not None:
             await check.check(context)
         call = _open(method, context)
@@ -223,13 +269,16 @@ def _stream_handler(
             err = None
             try:
                 request = None
+                raw = b""
                 while entered < n:
                     if entered == decode_at:
-                        request = call.request = decode(request_cls, raw)
+                        request, raw = decoder(wire)
+                        call.request = request
                     await enters[entered](call, request, context)
                     entered += 1
                 if decode_at == n:
-                    request = call.request = decode(request_cls, raw)
+                    request, raw = decoder(wire)
+                    call.request = request
                 chunks = terminal(request, raw, context, call)
                 # Set by the limits stage when the call holds a token reservation: a
                 # stream that ends without usage is charged the chunks that went out.

@@ -107,7 +107,10 @@ UNARY_ROUTES: list[tuple[str, dict[str, Any], set[str]]] = [
     ("/api/v1/ai/rag/search", {"query": "circuit breaker half-open", "topK": 2}, {"sources"}),
     ("/api/v1/ai/agents/execute", {"agentType": "AGENT_TYPE_ANALYSIS", "task": "What is 12*7?", "tools": ["calculator"]}, {"result", "toolCalls", "status", "reasoningSteps", "usage", "model"}),
     ("/api/v1/ai/generate/batch", {"prompts": ["one", "two"], "options": {"maxTokens": 4}}, {"results", "model", "succeeded", "failed", "usage"}),
+    ("/api/v1/ai/sessions", {}, {"sessionId"}),
 ]  # fmt: skip
+# The routes of one session (GET and DELETE): tests/integration/test_sessions.py.
+SESSION_ROUTES = {("GET", "/api/v1/ai/sessions/{session_id}"), ("DELETE", "/api/v1/ai/sessions/{session_id}")}  # fmt: skip
 
 STREAM_ROUTES: list[tuple[str, dict[str, Any]]] = [
     ("/api/v1/ai/generate/stream", {"prompt": "Stream a haiku about queues", "options": {"maxTokens": 12}}),
@@ -121,11 +124,16 @@ def test_every_http_route_is_a_method_of_the_service() -> None:
     """The lists above must follow the proto's google.api.http annotations."""
     from google.api import annotations_pb2
 
-    paths = set()
+    paths, others = set(), set()
     for method in pb.DESCRIPTOR.services_by_name["AgentService"].methods:
         rule = method.GetOptions().Extensions[annotations_pb2.http]
-        paths.add(rule.post)
+        if rule.post:
+            paths.add(rule.post)
+        else:
+            verb = rule.WhichOneof("pattern")
+            others.add((verb.upper(), getattr(rule, verb)))
     assert paths == {p for p, _, _ in UNARY_ROUTES} | {p for p, _ in STREAM_ROUTES}
+    assert others == SESSION_ROUTES
 
 
 @pytest.mark.parametrize(("path", "body", "fields"), UNARY_ROUTES, ids=[r[0] for r in UNARY_ROUTES])

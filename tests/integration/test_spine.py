@@ -78,8 +78,10 @@ STREAM_CALLS = [
         ),
     ),
 ]
+# The session API: state, not a pure answer (test_the_session_api_through_proxy_is_the_agents).
+SESSION_CALLS = ["CreateSession", "GetSession", "DeleteSession"]
 # The proxy must re-export every RPC of the service; this list must follow the proto.
-assert {m for m, _ in UNARY_CALLS + STREAM_CALLS} == set(
+assert {m for m, _ in UNARY_CALLS + STREAM_CALLS} | set(SESSION_CALLS) == set(
     pb.DESCRIPTOR.services_by_name["AgentService"].methods_by_name
 )
 
@@ -101,6 +103,26 @@ async def test_unary_through_proxy_equals_direct(
     # Field by field: the dict form names the first field that differs.
     assert json_format.MessageToDict(proxied) == json_format.MessageToDict(direct)
     assert proxied == direct
+
+
+async def test_the_session_api_through_proxy_is_the_agents(agent_channel, proxy_channel) -> None:
+    """Auth off: the proxy names the owner "anonymous", as the agent calls a direct caller,
+    so a session made through the proxy reads the same both ways, and is gone both ways."""
+    sid = (
+        await stub(proxy_channel).CreateSession(pb.CreateSessionRequest(), timeout=10)
+    ).session_id
+    await stub(proxy_channel).Chat(
+        pb.ChatRequest(session_id=sid, messages=CHAT_MESSAGES), timeout=10
+    )
+    read = pb.GetSessionRequest(session_id=sid)
+    proxied = await stub(proxy_channel).GetSession(read, timeout=10)
+    assert proxied == await stub(agent_channel).GetSession(read, timeout=10)
+    assert len(proxied.messages) == 3  # the two sent, and the answer
+    await stub(proxy_channel).DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=10)
+    for channel in (agent_channel, proxy_channel):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub(channel).GetSession(read, timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize(("method", "request_msg"), STREAM_CALLS, ids=[m for m, _ in STREAM_CALLS])

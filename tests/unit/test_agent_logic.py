@@ -13,7 +13,7 @@ from aiproxy.agent import faults, textgen
 from aiproxy.agent.agents import AgentKind, RunStatus, run_agent
 from aiproxy.agent.errors import InvalidArgument
 from aiproxy.agent.rag import Corpus
-from aiproxy.agent.sessions import SessionStore
+from aiproxy.agent.sessions import Bounds, MemorySessionStore, PrefixCache
 from aiproxy.agent.tools import ToolError, build_tools, evaluate, struct_safe
 
 # --- textgen --------------------------------------------------------------------------
@@ -254,17 +254,40 @@ def test_agent_types_reason_differently(corpus: Corpus) -> None:
 # --- sessions -------------------------------------------------------------------------
 
 
-def test_sessions_are_bounded_lru() -> None:
-    store = SessionStore(max_sessions=2, max_messages=3, max_chars=5)
-    store.put("a", [(2, "hello world")])
-    store.put("b", [(2, "x")])
-    store.get("a")  # a is now the most recently used
-    store.put("c", [(2, "y")])
-    assert "a" in store and "c" in store and "b" not in store
-    assert store.get("a") == ((2, "hello"),)  # content capped
+async def test_sessions_are_bounded_by_last_write_with_a_ttl() -> None:
+    now = [0.0]
+    store = MemorySessionStore(
+        Bounds(max_sessions=2, max_messages=3, max_chars=5, ttl_s=10), clock=lambda: now[0]
+    )
+    await store.append("b", [(2, "x")], replace=False)
+    await store.append("a", [(2, "hello world")], replace=False)
+    assert await store.load("b") == ((2, "x"),)  # a read changes nothing
+    await store.append("c", [(2, "y")], replace=False)
+    assert await store.load("b") is None  # the least recently written went
+    assert await store.load("a") == ((2, "hello"),)  # content capped
 
-    store.put("a", [(1, "sys"), (2, "1"), (3, "2"), (2, "3"), (3, "4")])
-    assert store.get("a") == ((1, "sys"), (2, "3"), (3, "4"))  # the system message is kept
+    await store.append("a", [(1, "sys"), (2, "1"), (3, "2"), (2, "3"), (3, "4")], replace=True)
+    assert await store.load("a") == ((1, "sys"), (2, "3"), (3, "4"))  # the system message is kept
+    await store.append("a", [(2, "5")], replace=False)
+    assert await store.load("a") == ((1, "sys"), (3, "4"), (2, "5"))
+
+    now[0] = 9.0
+    await store.append("c", [(3, "z")], replace=False)  # a turn refreshes the TTL
+    now[0] = 12.0
+    assert await store.load("a") is None  # expired: 10 s after its last turn
+    assert await store.load("c") == ((2, "y"), (3, "z"))
+    await store.create("d")
+    assert await store.load("d") == ()  # created: exists, empty
+    assert await store.delete("d") and not await store.delete("d")
+
+
+def test_the_prefix_cache_counts_what_a_replica_has_not_seen() -> None:
+    cache = PrefixCache(max_tokens=100)
+    assert cache.uncached("s", 40) == 40  # never served here: everything is prefilled
+    cache.remember("s", 60)  # prompt and answer
+    assert cache.uncached("s", 75) == 15  # the next turn extends it
+    cache.remember("t", 50)  # 110 tokens held: the least recently used goes
+    assert cache.uncached("s", 75) == 75 and cache.uncached("t", 50) == 0
 
 
 # --- faults ---------------------------------------------------------------------------

@@ -20,9 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from aiproxy.agent.interceptor import REPLICA_TRAILER
 from aiproxy.agent.server import AgentServer, AgentSettings
+from aiproxy.agent.sessions import SessionStoreUnavailable
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from aiproxy.core.headers import SESSION_OWNER_HEADER
 from tests.support.grpc_helpers import max_wire_timeout_ms
 from tests.support.waiting import eventually
 
@@ -251,6 +254,158 @@ async def test_chat_without_session_id_gets_one(stub: pb_grpc.AgentServiceStub) 
         pb.ChatRequest(session_id=reply.session_id, user_message="more please")
     )
     assert continued.usage.prompt_tokens > reply.usage.prompt_tokens
+
+
+def _owner(name: str) -> tuple[tuple[str, str], ...]:
+    """The owner the proxy would name (x-aiproxy-session-owner: the agent trusts it)."""
+    return ((SESSION_OWNER_HEADER, name),)
+
+
+def _reason(err: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info.reason
+
+
+async def test_the_session_api_is_scoped_by_the_owner(stub: pb_grpc.AgentServiceStub) -> None:
+    created = await stub.CreateSession(pb.CreateSessionRequest(), metadata=_owner("alice"))
+    sid = created.session_id
+    assert sid.startswith("sess_") and len(sid) == 5 + 22  # 128 bits, URL-safe base64
+    assert sid != (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+    empty = await stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=_owner("alice"))
+    assert empty.session_id == sid and list(empty.messages) == []
+
+    first = await stub.Chat(
+        pb.ChatRequest(session_id=sid, user_message="hello there"), metadata=_owner("alice")
+    )
+    second = await stub.Chat(
+        pb.ChatRequest(session_id=sid, user_message="and then?"), metadata=_owner("alice")
+    )
+    got = await stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=_owner("alice"))
+    assert [(m.role, m.content) for m in got.messages] == [
+        (USER, "hello there"),
+        (ASSISTANT, first.message.content),
+        (USER, "and then?"),
+        (ASSISTANT, second.message.content),
+    ]
+
+    # Another owner naming the id: its own empty conversation, NOT_FOUND on the API.
+    other = await stub.Chat(
+        pb.ChatRequest(session_id=sid, user_message="hello there"), metadata=_owner("mallory")
+    )
+    assert other.usage.prompt_tokens == first.usage.prompt_tokens < second.usage.prompt_tokens
+    for call in (
+        stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=_owner("carol")),
+        stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), metadata=_owner("carol")),
+        stub.GetSession(pb.GetSessionRequest(session_id="never-made"), metadata=_owner("alice")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert _reason(err.value) == "SESSION_NOT_FOUND"
+
+    await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), metadata=_owner("alice"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=_owner("alice"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    fresh = await stub.Chat(
+        pb.ChatRequest(session_id=sid, user_message="hello there"), metadata=_owner("alice")
+    )
+    assert fresh.usage.prompt_tokens == first.usage.prompt_tokens  # starts fresh
+    # Mallory's conversation under the same id was never touched.
+    kept = await stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=_owner("mallory"))
+    assert len(kept.messages) == 2
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda stub: stub.GetSession(pb.GetSessionRequest()),
+        lambda stub: stub.DeleteSession(pb.DeleteSessionRequest(session_id="x" * 129)),
+    ],
+)
+async def test_session_ids_are_checked(stub: pb_grpc.AgentServiceStub, call: Any) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(stub)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _bad_request_fields(err.value) == ["session_id"]
+
+
+async def test_an_answer_the_store_cannot_remember_ends_with_its_error(
+    server: AgentServer, stub: pb_grpc.AgentServiceStub
+) -> None:
+    """A stream is remembered just before its final chunk: when that write fails, the
+    caller gets SESSION_STORE_UNAVAILABLE instead of a final chunk (never an answer that
+    looks complete but is not in the session); a unary turn fails whole."""
+    store = server.conversations.store
+
+    async def failing_append(*args: Any, **kwargs: Any) -> None:
+        raise SessionStoreUnavailable()
+
+    store.append = failing_append  # type: ignore[method-assign]
+    chunks = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for chunk in stub.StreamChat(pb.StreamChatRequest(session_id="w", user_message="hi")):
+            chunks.append(chunk)
+    assert chunks and not any(c.is_final for c in chunks)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _reason(err.value) == "SESSION_STORE_UNAVAILABLE"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Chat(pb.ChatRequest(session_id="w", user_message="hi"))
+    assert _reason(err.value) == "SESSION_STORE_UNAVAILABLE"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetSession(pb.GetSessionRequest(session_id="w"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was remembered
+
+
+async def test_every_answer_says_which_replica_gave_it(server: AgentServer) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.AgentServiceStub(channel)
+        call = stub.Generate(pb.GenerateRequest(prompt="hi"))
+        await call
+        assert (REPLICA_TRAILER, server.address) in list(await call.trailing_metadata())
+        failing = stub.GetSession(pb.GetSessionRequest(session_id="nope"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await failing
+        trailers = list(err.value.trailing_metadata())
+        assert (REPLICA_TRAILER, server.address) in trailers  # errors keep it
+        assert _reason(err.value) == "SESSION_NOT_FOUND"
+
+
+async def test_the_modelled_prefix_cache_delays_only_uncached_prompt_tokens() -> None:
+    """Prefill (the first token's extra wait) is per prompt token this replica has not
+    cached: a whole prompt on a replica new to the session, only the new turn after."""
+    a = await _serve(prefill_ms_per_token=20, replica_name="replica-a")
+    b = await _serve(prefill_ms_per_token=20, replica_name="replica-b")
+    try:
+        async with (
+            grpc.aio.insecure_channel(a.address) as ch_a,
+            grpc.aio.insecure_channel(b.address) as ch_b,
+        ):
+            stub_a, stub_b = pb_grpc.AgentServiceStub(ch_a), pb_grpc.AgentServiceStub(ch_b)
+            history = [pb.ChatMessage(role=USER, content="word " * 30)]
+            first = await stub_a.Chat(pb.ChatRequest(session_id="p", messages=history))
+            assert first.usage.prompt_tokens >= 30
+            history.append(first.message)
+            history.append(pb.ChatMessage(role=USER, content="more"))
+            caches = {
+                "a": a.conversations.prefix_cache,
+                "b": b.conversations.prefix_cache,
+            }
+            key = next(iter(caches["a"]._entries))
+            prompt = first.usage.prompt_tokens + first.usage.completion_tokens + 3
+            # a holds the first turn (prompt and answer); b has never seen the session.
+            assert caches["a"].uncached(key, prompt) <= 5
+            assert caches["b"].uncached(key, prompt) == prompt
+            call = stub_b.Chat(pb.ChatRequest(session_id="p", messages=history))
+            await call
+            assert ("x-agent-replica", "replica-b") in list(await call.trailing_metadata())
+            assert caches["b"].uncached(key, prompt) <= 5
+    finally:
+        await a.stop(None)
+        await b.stop(None)
 
 
 async def test_stream_chat_shape(stub: pb_grpc.AgentServiceStub) -> None:

@@ -463,6 +463,8 @@ def test_compose_agents_take_the_model_backend_from_the_environment() -> None:
             DEFAULT_MODEL,
             None,
         )
+        # Chat sessions shared through the stack's Redis (docs/sessions.md).
+        assert (settings.sessions, settings.redis_url) == ("redis", "redis://redis:6379/1")
         # Every setting the file passes on is one the agent reads.
         shell = {k: v for k, (v, _, _) in MODEL_SETTINGS.items()} | {"OPENAI_API_KEY": API_KEY}
         settings = agent_settings(service["command"], interpolate_all(environment, shell))
@@ -504,6 +506,10 @@ def test_k8s_agent_takes_the_model_backend_from_a_config_map_and_the_key_from_a_
         DEFAULT_MODEL,
         None,
     )
+    # Chat sessions in the Redis of redis.yaml, shared by the replicas (docs/sessions.md).
+    redis = by_kind("Service")["aiproxy-redis"]["metadata"]
+    assert settings.sessions == "redis" and settings.redis_url is not None
+    assert f"//{redis['name']}.{redis['namespace']}.svc" in settings.redis_url
     # The ConfigMap edited for a real model, and the Secret created: every key is read.
     edited = {k: v for k, (v, _, _) in MODEL_SETTINGS.items()}
     settings = agent_settings(container["args"], {**data, **edited, "OPENAI_API_KEY": API_KEY})

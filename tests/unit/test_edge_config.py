@@ -173,6 +173,9 @@ def test_the_guard_runs_first_and_knows_the_api_paths() -> None:
     # The methods each HTTP path allows come from the descriptor set (google.api.http).
     assert '["/api/v1/ai/generate"] = "POST, OPTIONS"' in source
     assert '["/api/v1/ai/generate/stream"] = "GET, POST, OPTIONS"' in source
+    # A path with a {variable} is an anchored pattern, one segment per variable.
+    assert '{"^/api/v1/ai/sessions/[^/]+$", "DELETE, GET, OPTIONS"}' in source
+    assert '["/api/v1/ai/sessions"] = "POST, OPTIONS"' in source
     # The spec's grpc-timeout grammar: 1-8 digits, one unit; "$$" rendered to "$".
     assert 'local TIMEOUT = "^%d%d?%d?%d?%d?%d?%d?%d?[HMSmun]$"' in source
     assert "$$" not in source
@@ -189,6 +192,8 @@ def test_every_answer_envoy_makes_itself_has_error_info() -> None:
     assert "body_format_override" not in mappers[0] and "headers_to_add" not in mappers[0]
     for mapper in mappers[1:]:
         flt = mapper["filter"]
+        if "error" in mapper["body_format_override"].get("json_format", {}):
+            continue  # the OpenAI API's shape (test_the_openai_api_is_transcoded_...)
         if "and_filter" in flt:
             status = flt["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"][
                 "default_value"
@@ -294,6 +299,38 @@ def test_sse_ids_filter_streams_and_sits_before_the_transcoder() -> None:
 
 
 @needs_descriptor
+def test_the_openai_api_is_transcoded_with_its_own_response_code_and_error_shape() -> None:
+    config = _config()
+    transcoder = _filter(config, "envoy.filters.http.grpc_json_transcoder")
+    assert "ai.openai.v1.OpenAIService" in transcoder["services"]
+    assert http_bindings(DESCRIPTOR, "ai.openai.v1.OpenAIService") == {
+        "/v1/models": {"GET"},
+        "/v1/models/{model=**}": {"GET"},
+        "/v1/chat/completions": {"POST"},
+    }
+    vhost = _hcm(config)["route_config"]["virtual_hosts"][0]
+    route = next(
+        r for r in vhost["routes"] if r["match"] == {"prefix": "/ai.openai.v1.OpenAIService/"}
+    )
+    code = route["typed_per_filter_config"]["aiproxy.sse_ids"]["source_code"]["inline_string"]
+    assert 'headers:get("x-aiproxy-http-status")' in code and '":status"' in code
+    assert route["route"]["timeout"] == "0s"
+    guard = _filter(config, "envoy.filters.http.lua")["default_source_code"]["inline_string"]
+    assert '["/v1/chat/completions"] = "POST, OPTIONS"' in guard
+    openai_503 = next(
+        m
+        for m in _hcm(config)["local_reply_config"]["mappers"]
+        if "error" in m.get("body_format_override", {}).get("json_format", {})
+        and "503" in str(m["filter"])
+    )
+    assert openai_503["body_format_override"]["json_format"]["error"]["type"] == "server_error"
+    assert {h["header"]["key"] for h in openai_503["headers_to_add"]} == {
+        "retry-after",
+        "retry-after-ms",
+    }
+
+
+@needs_descriptor
 def test_connect_errors_of_the_guard() -> None:
     """The guard answers a Connect caller with Connect's error JSON: the code's name, the
     guard's message, the ErrorInfo as {"type", "value": unpadded base64 of its bytes}."""
@@ -311,3 +348,11 @@ def test_connect_errors_of_the_guard() -> None:
         "inline_string"
     ]
     assert '["connect-codec"] = "{\\"code\\":\\"unimplemented\\"' in source
+
+
+def test_path_templates_as_lua_patterns() -> None:
+    from aiproxy.server.edge.config import _lua_path_pattern
+
+    assert _lua_path_pattern("/api/v1/ai/sessions/{session_id}") == "^/api/v1/ai/sessions/[^/]+$"
+    # A rest-of-path variable: model ids such as meta-llama/Llama-3 have slashes.
+    assert _lua_path_pattern("/v1/models/{model=**}") == "^/v1/models/.+$"

@@ -1,0 +1,56 @@
+"""Whose conversation a session is: the owner the proxy tells the agent.
+
+A chat session is scoped by the caller's verified identity. The proxy derives an opaque
+owner from what its auth stage verified (interceptors/auth.py: `CallInfo.identity`
+"sub:<JWT subject>" or "key:<hash of the API key>", and `CallInfo.tenant`, the token's
+tenant claim) and sends it to the agent with every session method in request metadata
+`x-aiproxy-session-owner` (server/request/forwarding.py). The agent keys every session
+by owner and id together (`scoped_key`): another owner naming the same id reaches
+another conversation, never this one.
+
+- Sessions are per subject (or API key), within its tenant: a tenant shares nothing.
+  Two people of one tenant have separate conversations; the same subject under two
+  tenants too. (Tenants share limits and cached answers, core/limitpolicy.py and
+  core/cache.py; a conversation is personal.)
+- Anonymous callers (auth off) all have the owner "anonymous": a caller-chosen id is
+  then a name anyone can use, and only CreateSession's ids (128 random bits) keep a
+  conversation private, as a bearer capability. Keying anonymous callers by address
+  would isolate nobody behind Envoy (every call has Envoy's address) and break a phone
+  that changes networks.
+- Callers cannot forge the owner: the forwarder drops every caller-sent x-aiproxy-*
+  header before it adds its own. The agent trusts the header because it listens behind
+  the proxy only (a private address, mutual TLS with the proxy's client certificate
+  where configured: `aiproxy agent --tls-client-ca`); anyone who can call the agent
+  directly can name any owner.
+
+The owner is a hash (128 bits, hex): ASCII whatever the subject holds, of bounded
+length, and no subject or key hash in the agent's store or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+from aiproxy.core.callinfo import CallInfo
+
+ANONYMOUS_OWNER: Final = "anonymous"
+# What the auth stage puts in CallInfo.identity for a verified caller; the limits stage
+# puts "peer:<address>" there for an unauthenticated one, which is not an identity.
+_VERIFIED_PREFIXES: Final = ("sub:", "key:")
+_DOMAIN: Final = b"aiproxy-session-owner\x00"
+
+
+def session_owner(call: CallInfo) -> str:
+    """The owner of the sessions `call` may see (see the module docstring)."""
+    identity = call.identity
+    if not identity.startswith(_VERIFIED_PREFIXES):
+        return ANONYMOUS_OWNER
+    digest = hashlib.sha256(_DOMAIN + call.tenant.encode() + b"\x00" + identity.encode())
+    return digest.hexdigest()[:32]
+
+
+def scoped_key(owner: str, session_id: str) -> str:
+    """One owner's session: what the agent stores it under (and what affinity routing
+    hashes), so that equal ids of two owners never meet."""
+    return f"{owner}\x00{session_id}"
