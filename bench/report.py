@@ -692,6 +692,37 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
                 w(f"| `{row['function']}` | {row['share'] * 100:.1f} % |")
         w("")
 
+    if "burst" in sc:
+        from bench.burst import format_rows
+
+        b = sc["burst"]
+        w(f"## Burst: {b['streams']} streams from {b['callers']} callers beside a light caller\n")
+        w("The old blind gate and the fair one (overload.policy), same run, same agent "
+          "(bench/burst.py). First chunk and refusal latency are those of admitted / refused "
+          "streams as the burst's own (loaded) client sees them; the light caller sends one "
+          "Generate every 100 ms from its own process.\n")  # fmt: skip
+        for line in format_rows(b):
+            w(line)
+        w("")
+    aff = sc.get("affinity")
+    if aff:
+        w("## Conversation routing: affinity on vs off\n")
+        w(
+            f"{aff['chats']} concurrent chats of {aff['turns']} turns over {aff['replicas']} "
+            f"replicas, sessions in Redis, prefix-cache model {aff['prefill_ms_per_token']} ms "
+            "per uncached prompt token; both arms at once, half the chats each. First token, ms:\n"
+        )
+        w("| arm | round | p50 | p99 | turns 2.. p50 | turns 2.. p99 | first turn p50 | failed |")
+        w("|---|---|---|---|---|---|---|---|")
+        for name in ("off", "on"):
+            for i, r in enumerate(aff["arms"][name]):
+                w(
+                    f"| {name} | {i} | {_f(r['ttft_p50_ms'])} | {_f(r['ttft_p99_ms'])} | "
+                    f"{_f(r['later_turns_ttft_p50_ms'])} | {_f(r['later_turns_ttft_p99_ms'])} | "
+                    f"{_f(r['first_turn_ttft_p50_ms'])} | {sum(r['failed'].values())} |"
+                )
+        w(f"\nThe `on` proxy's picks: {aff.get('on_proxy_affinity_outcomes')}.\n")
+
     if png_name:
         w(f"![throughput and latency]({png_name})\n")
     if results.get("notes"):

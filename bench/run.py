@@ -187,7 +187,17 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-ALL_SCENARIOS = ("unary", "latency", "streams", "sse", "openai", "workers", "profile")
+ALL_SCENARIOS = (
+    "unary",
+    "latency",
+    "streams",
+    "sse",
+    "openai",
+    "workers",
+    "profile",
+    "burst",
+    "affinity",
+)
 # Stream paths unless a shape names its own: the bare hop is in every row that compares
 # per-message cost; the hold rows (capacity, memory) leave Envoy out.
 STREAM_PATHS = ("direct", "bare", "proxy", "envoy")
@@ -695,6 +705,33 @@ class Bench(Stack):
 
     # -- profile ---------------------------------------------------------------------
 
+    def scenario_affinity(self) -> None:
+        """Issue 22's row: first-token p50/p99 of concurrent multi-turn chats over 3
+        replicas with the agents' prefix-cache model, affinity on vs off, both at once
+        (bench/affinity_load.py)."""
+        from bench import affinity_load
+
+        chats, rounds = (
+            (200, 2) if self.mode == "full" else (200, 1) if self.mode == "quick" else (6, 1)
+        )
+        result = affinity_load.run(
+            chats=chats,
+            turns=6 if self.mode != "smoke" else 2,
+            prefill_ms_per_token=0.5,
+            rounds=rounds,
+            think_s=3.0 if self.mode != "smoke" else 0.1,
+            procs=self.procs,
+        )
+        self.results["scenarios"]["affinity"] = result
+        for name in ("off", "on"):
+            for r in result["arms"][name]:
+                print(
+                    f"  affinity {name:<3} first token p50 {r['ttft_p50_ms']} ms, p99 "
+                    f"{r['ttft_p99_ms']} ms (turns 2..: {r['later_turns_ttft_p50_ms']} / "
+                    f"{r['later_turns_ttft_p99_ms']} ms)",
+                    flush=True,
+                )
+
     def scenario_profile(self) -> None:
         """py-spy (with native frames, so time inside gRPC's C core and syscalls is
         attributed) on the proxy under unary load, then under stream load."""
@@ -823,6 +860,14 @@ class Bench(Stack):
 
     # -- the run ---------------------------------------------------------------------
 
+    def scenario_burst(self) -> None:
+        """3,000 streams from 50 callers at once beside a light caller, the blind gate and
+        the fair one in the same run (bench/burst.py; issue 23)."""
+        from bench.burst import burst_rows
+
+        streams = 300 if self.mode == "smoke" else 3000
+        self.results["scenarios"]["burst"] = burst_rows(self.procs, streams=streams)
+
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         self.results["machine"] = machine()
@@ -836,6 +881,8 @@ class Bench(Stack):
             ("openai", self.scenario_openai),
             ("workers", self.scenario_workers),
             ("profile", self.scenario_profile),
+            ("burst", self.scenario_burst),
+            ("affinity", self.scenario_affinity),
         ]
         for name, fn in steps:
             if name not in self.only and not (name == "streams" and "sse" in self.only):

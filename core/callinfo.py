@@ -67,6 +67,9 @@ class CallInfo:
     # Seconds the upstream call may take (the tighter of the caller's and the method's).
     timeout_s: float | None = None
     upstream: str = ""
+    # How the pool placed a call with an affinity key (its session, or x-aiproxy-affinity):
+    # "hit", "spill" or "failover" (server/pool/balancer.py); "" for a call without one.
+    affinity: str = ""
     attempts: int = 0
     retries: int = 0
     code: str = "OK"

@@ -1,10 +1,10 @@
 """Request metadata that only this proxy interprets: defined once, never forwarded upstream.
 
 A caller (or Envoy, from HTTP headers) sends these to steer the proxy: resume a stream,
-cancel one on purpose, use the cache, pick a coalescing window, prove it came through the
-edge. None of them means anything to an agent, and some would mislead one (an agent
-behind another aiproxy would act on `x-aiproxy-resume` or `cache-control` a second
-time) or leak a capability (a stream id is the key to someone's answer). So the forwarder
+cancel one on purpose, use the cache, pick a coalescing window, name a routing key, prove
+it came through the edge. None of them means anything to an agent, and some would mislead
+one (an agent behind another aiproxy would act on `x-aiproxy-resume` or `cache-control` a
+second time) or leak a capability (a stream id is the key to someone's answer). So the forwarder
 drops every name in `PROXY_ONLY_METADATA`, and, so that a header added later cannot slip
 through by being forgotten here, every request key with the `x-aiproxy-` prefix too.
 
@@ -32,6 +32,9 @@ CACHE_CONTROL: Final = "cache-control"
 COALESCE_HEADER: Final = "x-aiproxy-coalesce-ms"
 # The edge's proof that a call came through Envoy (interceptors/limits.py); a secret.
 EDGE_SECRET_HEADER: Final = "x-aiproxy-edge"
+# A routing key for a call without a session: calls naming the same key (scoped by the
+# caller's identity, like session ids) go to the same replica (server/pool/balancer.py).
+AFFINITY_HEADER: Final = "x-aiproxy-affinity"
 
 # Set by the proxy, never by a caller (a caller's own is dropped with every x-aiproxy-*):
 # whose conversations a session method may see, for the agent (core/sessions.py).
@@ -46,6 +49,7 @@ PROXY_ONLY_METADATA: Final = frozenset(
         CACHE_CONTROL,
         COALESCE_HEADER,
         EDGE_SECRET_HEADER,
+        AFFINITY_HEADER,
     }
 )
 

@@ -106,6 +106,39 @@ class ProxyMetrics:
             ["method", "reason", "source"],
             registry=registry,
         )
+        self.overload_refusals = Counter(
+            "ai_proxy_overload_refusals_total",
+            "Calls the overload gate refused, by method, cause (over_share: past the limit and "
+            "holding its fair share or more; queue: past the limit while the method's queue is "
+            "long; full: at server.max_active_calls; deadline: its "
+            "deadline ends before a first chunk could come; limit: the blind policy) and the "
+            "caller's class (overload.classes).",
+            ["method", "cause", "caller_class"],
+            registry=registry,
+        )
+        self.overload_limit = Gauge(
+            "ai_proxy_overload_limit",
+            "The overload gate's current limit of calls in flight (past it, only callers under "
+            "their fair share are admitted, up to server.max_active_calls).",
+            registry=registry,
+        )
+        self.overload_in_flight = Gauge(
+            "ai_proxy_overload_in_flight",
+            "Calls the overload gate admitted that have not ended.",
+            registry=registry,
+        )
+        self.queue_wait = Gauge(
+            "ai_proxy_queue_wait_seconds",
+            "How long a new call waits before the proxy's gRPC server takes it (the longest "
+            "of the probed methods' queues).",
+            registry=registry,
+        )
+        self.first_chunk_estimate = Gauge(
+            "ai_proxy_overload_first_chunk_seconds",
+            "The gate's estimate of time to first chunk (p90 of recent admitted streams, "
+            "from the gate); streams whose deadline is shorter are refused at the door.",
+            registry=registry,
+        )
         self.breaker_state = Gauge(
             "ai_proxy_circuit_breaker_state",
             "Circuit breaker state per upstream endpoint: 0 closed, 1 half-open, 2 open.",
@@ -128,6 +161,15 @@ class ProxyMetrics:
             "ai_proxy_upstream_retries_total",
             "Upstream attempts beyond the first, by method.",
             ["method"],
+            registry=registry,
+        )
+        self.affinity = Counter(
+            "ai_proxy_affinity_total",
+            "Calls with an affinity key (a session id or x-aiproxy-affinity), by method and "
+            "where the pool sent them: hit (the key's replica), spill (its replica was at "
+            "the load bound: the key's next choice under it), failover (its replica is not "
+            "usable, or failed this call already: the key's next choice).",
+            ["method", "outcome"],
             registry=registry,
         )
         self.active_streams = Gauge(

@@ -147,6 +147,145 @@ class ServerSettings(_Section):
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
 
+class AffinitySettings(_Section):
+    """Routing that follows the conversation (server/pool/balancer.py). A call with a key
+    (its `session_id`, or the caller's `x-aiproxy-affinity` header), scoped by the
+    caller's verified identity, goes to the key's first choice among the usable endpoints
+    by rendezvous hashing: the same key, the same replica, from every proxy process that
+    sees the same endpoints. Calls without a key: P2C."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Route a session's calls (and calls naming x-aiproxy-affinity) to one "
+        "replica; false: every call by P2C.",
+    )
+    load_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        le=10.0,
+        description="Bounded load: an endpoint with more calls in flight than this x the "
+        "mean over the usable endpoints (counting the new call) takes no more keyed calls; "
+        "they spill to the key's next choice.",
+    )
+    min_spill_in_flight: int = Field(
+        default=8,
+        ge=1,
+        description="An endpoint with fewer calls in flight than this never spills: at a "
+        "handful of calls, evening the load out is not worth a conversation's cached prefix.",
+    )
+
+
+class ShedClassSettings(_Section):
+    """A class of callers or methods for the overload gate (core/shedding.py)."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=32,
+        pattern=r"^[a-z][a-z0-9_-]*$",
+        description="The class's name, as `overload.callers` and `overload.methods` use it.",
+    )
+    sheds_at: float = Field(
+        gt=0,
+        le=2,
+        description="Past this fraction of the gate's limit, the class's callers are held to "
+        "their fair share: below 1 it is shed earlier than the default (batch), above 1 later "
+        "(interactive).",
+    )
+
+
+def _default_shed_classes() -> list[ShedClassSettings]:
+    return [
+        ShedClassSettings(name="interactive", sheds_at=1.1),
+        ShedClassSettings(name="default", sheds_at=1.0),
+        ShedClassSettings(name="batch", sheds_at=0.7),
+    ]
+
+
+class OverloadSettings(_Section):
+    """Who the overload gate refuses when it must (interceptors/overload.py, core/shedding.py;
+    docs/overload.md). The gate's size is server.max_active_calls and its adaptive limit
+    server.overload_wait_target_ms; this section says whom it refuses."""
+
+    policy: Literal["fair", "blind"] = Field(
+        default="fair",
+        description="fair: past the limit, refuse only callers holding their fair share or "
+        "more (per verified identity, else per address; inside an address per credential or "
+        "client id). blind: the old gate, every new call past the limit refused (to compare).",
+    )
+    reserve: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="The part of `server.max_active_calls` the adaptive limit never uses: room "
+        "for callers under their share and for classes that shed later, before the ceiling.",
+    )
+    min_share: int = Field(
+        default=2,
+        ge=1,
+        description="Past the limit, a caller holding fewer calls than this is admitted "
+        "whatever its share (up to `server.max_active_calls`): many callers dividing a low "
+        "limit never refuse a light one.",
+    )
+    distress_wait_ms: float = Field(
+        default=1000.0,
+        ge=0,
+        description="While a method's new calls wait longer than this to be taken, its calls "
+        "past the limit are refused whoever sends them (cause `queue`, CoDel's idea): they "
+        "already waited, and grpc-core cancels what it holds for 30 s. Other methods keep "
+        "fair shedding. 0 = never.",
+    )
+    classes: list[ShedClassSettings] = Field(
+        default_factory=_default_shed_classes,
+        min_length=1,
+        description="Classes, most important first; one must be `default`. Health, "
+        "reflection and admin never meet the gate.",
+    )
+    callers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Operator-marked callers -> class: `apikey:<auth.api_keys name>`, "
+        "`sub:<JWT subject>`, `tenant:<limits.tenant_claim value>`, `cidr:<network>`. A JWT "
+        "caller's class applies once the proxy has verified its token (its first call).",
+    )
+    methods: dict[str, str] = Field(
+        default_factory=dict,
+        description="Methods (`BatchGenerate` or the full path) -> class; a marked caller's "
+        "class wins.",
+    )
+    refuse_doomed_streams: bool = Field(
+        default=True,
+        description="A stream whose deadline ends before streams lately took to their first "
+        "chunk (p90) is refused at the door (cause `deadline`) instead of admitted to time out.",
+    )
+
+    @model_validator(mode="after")
+    def _v_classes(self) -> OverloadSettings:
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):
+            raise ValueError("overload.classes names must be unique")
+        if "default" not in names:
+            raise ValueError("overload.classes must have a class named 'default'")
+        for where, mapping in (("callers", self.callers), ("methods", self.methods)):
+            for key, cls in mapping.items():
+                if cls not in names:
+                    raise ValueError(f"overload.{where}[{key!r}]: no class {cls!r} ({names})")
+        for key in self.callers:
+            kind, sep, value = key.partition(":")
+            if not sep or not value or kind not in ("apikey", "sub", "tenant", "cidr"):
+                raise ValueError(
+                    f"overload.callers key {key!r}: apikey:NAME, sub:SUBJECT, tenant:VALUE or cidr:NET"
+                )
+            if kind == "cidr":
+                try:
+                    ipaddress.ip_network(value, strict=False)
+                except ValueError as err:
+                    raise ValueError(f"overload.callers key {key!r}: {err}") from None
+        known = agent_service().by_name
+        for method in self.methods:
+            if not method.startswith("/") and method not in known:
+                raise ValueError(f"overload.methods: {SERVICE_NAME} has no method {method!r}")
+        return self
+
+
 class UpstreamSettings(_Section):
     """The agent replicas the proxy forwards to."""
 
@@ -208,6 +347,17 @@ class UpstreamSettings(_Section):
         "seeing), besides every header whose name carries a credential word "
         "(core/headers.is_credential). The proxy's own headers (core/headers.py) are never "
         "forwarded either.",
+    )
+    affinity: AffinitySettings = Field(
+        default_factory=AffinitySettings,
+        description="Which replica takes a session's calls (and calls naming x-aiproxy-affinity).",
+    )
+    reply_metadata: list[str] = Field(
+        default_factory=lambda: ["x-agent-replica"],
+        description="Response metadata of the upstream passed on to the caller with the "
+        "proxy's response headers (the agent's initial metadata, and a unary call's "
+        "trailing metadata): by default the name of the replica that answered. [] relays "
+        "nothing.",
     )
 
     @field_validator("endpoints")
@@ -1254,6 +1404,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    overload: OverloadSettings = Field(default_factory=OverloadSettings)
 
     @model_validator(mode="after")
     def _v_cross_sections(self) -> Settings:

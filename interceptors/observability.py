@@ -8,8 +8,8 @@ cancellations by the caller). It never changes the outcome.
 Per call it records, once, at the end (streams: after the last chunk or the error, so
 durations cover the whole stream):
   - py-grpc-prometheus's grpc_server_* series;
-  - ai_proxy_requests_total, ai_proxy_request_duration_seconds, retries, limiter
-    rejections, tokens by model, stream first-chunk time, mean and largest chunk
+  - ai_proxy_requests_total, ai_proxy_request_duration_seconds, retries, affinity
+    outcomes (hit, spill, failover), limiter rejections, tokens by model, stream first-chunk time, mean and largest chunk
     interval, active streams;
   - the span attributes (request id, upstream, attempts, GenAI model and tokens);
   - one JSON access log line (aiproxy.access), formatted and written off the event loop,
@@ -58,6 +58,8 @@ class _Method:
     """One method's label children (made once) and what its messages carry."""
 
     __slots__ = (
+        "_affinity",
+        "_affinity_children",
         "_handled",
         "_handled_children",
         "_obs",
@@ -95,6 +97,7 @@ class _Method:
         self.grpc_type = SERVER_STREAMING if method.streaming else UNARY
         self.api = True
         self._handled_children: dict[str, Any] = {}
+        self._affinity_children: dict[str, Any] = {}
         self._requests_children: dict[str, Any] = {}
         self.request_model = self.response_model = self.response_usage = False
         self._probed_request = self._probed_response = False
@@ -123,6 +126,7 @@ class _Method:
         self._handled = g.handled
         p = telemetry.proxy
         self._requests = p.requests
+        self._affinity = p.affinity
         self.duration = p.request_duration.labels(name)
         self.retries = p.retries.labels(name)
         if self.grpc_type is SERVER_STREAMING:
@@ -139,6 +143,12 @@ class _Method:
             child = self._handled_children[code] = self._handled.labels(
                 self.grpc_type, *self.path.lstrip("/").split("/", 1), code
             )
+        return child
+
+    def affinity(self, outcome: str) -> Any:
+        child = self._affinity_children.get(outcome)
+        if child is None:
+            child = self._affinity_children[outcome] = self._affinity.labels(self.name, outcome)
         return child
 
     def requests(self, status: str) -> Any:
@@ -223,6 +233,8 @@ class Observability:
         m.duration.observe(elapsed)
         if call.retries:
             m.retries.inc(call.retries)
+        if call.affinity:
+            m.affinity(call.affinity).inc()
         if call.reason in LIMIT_REASONS:
             source = "proxy" if call.attempts == 0 else "upstream"
             self._t.proxy.rate_limit_rejections.labels(m.name, call.reason, source).inc()
@@ -309,6 +321,7 @@ class Observability:
             prompt_tokens=call.prompt_tokens,
             completion_tokens=call.completion_tokens,
             upstream=call.upstream,
+            affinity=call.affinity,
             attempts=call.attempts,
             retries=call.retries,
         )

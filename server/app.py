@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import logging
 import os
 import secrets
@@ -29,7 +30,12 @@ from aiproxy.core.service import SERVICE_NAME, agent_service
 from aiproxy.core.settings import ADMIN_SERVICE_NAME, ServerSettings, Settings, parse_hostport
 from aiproxy.interceptors.auth import AuthStage, is_open_method
 from aiproxy.interceptors.error_handling import SafeGenericHandler, safe_handler
-from aiproxy.interceptors.overload import BacklogLimit, OverloadGate
+from aiproxy.interceptors.overload import (
+    PROBE_HEADER,
+    BacklogLimit,
+    CallerIdentity,
+    OverloadGate,
+)
 from aiproxy.server import tls
 from aiproxy.server.chain import client_interceptors, pipeline_stages
 from aiproxy.server.pool.backlog import BacklogProbe
@@ -149,6 +155,7 @@ class ProxyServer:
         self.forwarder = Forwarder(self.pool, settings)
         self._server: grpc.aio.Server | None = None
         self._backlog_limit: BacklogLimit | None = None
+        self.gate: OverloadGate | None = None
         self._background: list[asyncio.Task[None]] = []
         self.port: int | None = None
         # Resumable streams and the response cache (opened in start, closed in drain).
@@ -157,40 +164,74 @@ class ProxyServer:
 
     def _gate(self) -> OverloadGate | None:
         """The overload gate, first in the pipeline (interceptors/overload.py), when a
-        capacity is set."""
+        capacity is set; whom it refuses is overload.* (core/shedding.py)."""
         capacity = self.settings.server.max_active_calls
         if not capacity:
             return None
-        rejections = self.telemetry.proxy.rate_limit_rejections
-        requests = self.telemetry.proxy.requests
+        metrics = self.telemetry.proxy
+        rejections = metrics.rate_limit_rejections
+        requests = metrics.requests
+        shed = metrics.overload_refusals
         # Label children made on a method's first refusal (a series only once it
         # counts something), then reused.
-        children: dict[str, tuple[Any, Any]] = {}
+        children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
 
-        def count(path: str) -> None:
-            pair = children.get(path)
-            if pair is None:
+        def count(path: str, cause: str, cls: str) -> None:
+            labels = (path, cause, cls)
+            trio = children.get(labels)
+            if trio is None:
                 name = path.rsplit("/", 1)[-1]
-                pair = children[path] = (
+                trio = children[labels] = (
                     rejections.labels(name, Reason.OVERLOADED.value, "proxy"),
                     requests.labels(name, "RESOURCE_EXHAUSTED"),
+                    shed.labels(name, cause, cls),
                 )
-            pair[0].inc()
-            pair[1].inc()
+            for child in trio:
+                child.inc()
 
         forwarder = self.forwarder
         s = self.settings.server
+        o = self.settings.overload
+        fair = o.policy == "fair"
+        top = max(1, round(capacity * (1 - o.reserve))) if fair else capacity
         # The probe calls the plaintext listener; with TLS the gate keeps its fixed limit.
         if s.overload_wait_target_ms and not self.settings.tls.server.enabled:
             self._backlog_limit = BacklogLimit(
-                capacity, s.overload_min_active_calls, s.overload_wait_target_ms / 1000
+                top, s.overload_min_active_calls, s.overload_wait_target_ms / 1000
             )
-        return OverloadGate(
+        limits = self.settings.limits
+        secret = limits.edge_secret.get_secret_value() if limits.edge_secret else ""
+        identity = CallerIdentity(
+            address_header=limits.client_address_header,
+            trusted_edges=tuple(
+                ipaddress.ip_network(net, strict=False) for net in limits.trusted_edges
+            ),
+            edge_secret=secret.encode(),
+            api_keys={k.key_hash: k.name for k in self.settings.auth.api_keys}
+            if self.settings.auth.active
+            else {},
+            caller_classes=dict(o.callers),
+        )
+        gate = OverloadGate(
             active=lambda: forwarder.active,
             capacity=capacity,
             on_reject=count,
             backlog_limit=self._backlog_limit,
+            policy=o.policy,
+            reserve=o.reserve,
+            identity=identity,
+            classes={c.name: c.sheds_at for c in o.classes},
+            method_classes=dict(o.methods),
+            refuse_doomed_streams=o.refuse_doomed_streams,
+            probe_token=secrets.token_hex(16),
+            min_share=o.min_share,
+            distress_s=o.distress_wait_ms / 1000,
         )
+        metrics.overload_limit.set_function(gate.limit)
+        metrics.overload_in_flight.set_function(lambda: gate.shedder.in_flight)
+        metrics.first_chunk_estimate.set_function(gate.first_chunk.p90)
+        self.gate = gate
+        return gate
 
     def _terminal(self) -> AnswerTerminal:
         """The forwarder behind the response cache and resumable streams (server/request/caching.py,
@@ -217,20 +258,36 @@ class ProxyServer:
         return AnswerTerminal(self.forwarder, self.caching, self.resumer)
 
     def _start_backlog_probe(self) -> None:
-        limit = self._backlog_limit
-        if limit is None:
+        limit, gate = self._backlog_limit, self.gate
+        if limit is None or gate is None:
             return
         host, _ = parse_hostport(self.settings.server.listen)
         if host in ("", "0.0.0.0"):
             host = "127.0.0.1"
         elif host in ("::", "[::]"):
             host = "::1"
-        probe = BacklogProbe(f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}")
+        # Each API method has its own queue in grpc-core (registered methods): the probe
+        # measures the wait of every method that is taking calls, the gate follows the
+        # longest (server/pool/backlog.py).
+        probe = BacklogProbe(
+            f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}",
+            paths=tuple(gate.taken),
+            taken=gate.taken,
+            metadata=((PROBE_HEADER, gate.probe_token),),
+        )
         forwarder = self.forwarder
+        gate.queue_wait = probe.wait
+        self.telemetry.proxy.queue_wait.set_function(probe.delay)
         self._background = [
             asyncio.create_task(probe.run(), name="backlog-probe"),
+            # What callers feel: the longest queue wait, or how far streams' recent
+            # first chunks are above their usual (interceptors/overload.FirstChunkEstimate).
             asyncio.create_task(
-                limit.run(probe.delay, lambda: forwarder.active), name="backlog-limit"
+                limit.run(
+                    lambda: max(probe.delay(), gate.first_chunk.excess()),
+                    lambda: max(forwarder.active, gate.shedder.in_flight),
+                ),
+                name="backlog-limit",
             ),
         ]
 

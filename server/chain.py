@@ -6,9 +6,11 @@ on the way in and `exit` in reverse when the call ends). The order, outermost fi
 why:
 
   0. OverloadGate               (when a capacity is set) before anything else, on the
-                                raw request bytes: refusing must be as cheap as it can
-                                be while grpc-core's queue backs up (interceptors/
-                                overload.py). Not a stage: no CallInfo exists yet.
+                                caller's metadata alone (the request not yet read):
+                                refusing must be as cheap as it can be while grpc-core's
+                                queue backs up, and it refuses the callers using the
+                                most (interceptors/overload.py, core/shedding.py). Not
+                                a stage: no CallInfo exists yet.
   1. RequestContext             the request id that every later stage, the access log
                                 and the upstream call use (the pipeline has already
                                 read the metadata once into CallInfo).

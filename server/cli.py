@@ -8,7 +8,8 @@ aiproxy health [--address HOST:PORT] [--service NAME]
 aiproxy token --sub SUBJECT [--scope S] [--ttl SECONDS] [--secret S | --private-key FILE]
 aiproxy api-key --name NAME [--key RAW] [--scope S]
 aiproxy envoy --listen HOST:PORT --proxy HOST:PORT [--proxy ...]
-aiproxy demo
+aiproxy demo [--model-server local|URL] [--model NAME]
+aiproxy model-server [--listen HOST:PORT] [--check]
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from aiproxy.server.process.demo import run_demo
 
     return run_demo(args)
+
+
+def cmd_model_server(args: argparse.Namespace) -> int:
+    from aiproxy.server.process import localmodel
+
+    return localmodel.main(args)
 
 
 def _run(coro: Any) -> None:
@@ -177,7 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.set_defaults(func=cmd_envoy)
 
     demo = sub.add_parser("demo", help="reference agent + proxy + Envoy on the default ports")
+    from aiproxy.server.process import demo as demo_cmd
+
+    demo_cmd.add_arguments(demo)
     demo.set_defaults(func=cmd_demo)
+
+    model_server = sub.add_parser(
+        "model-server",
+        help="serve the small local model (SmolLM2 via llama.cpp, OpenAI API) on loopback",
+    )
+    from aiproxy.server.process import localmodel
+
+    localmodel.add_arguments(model_server)
+    model_server.set_defaults(func=cmd_model_server)
     return parser
 
 

@@ -41,6 +41,7 @@ from aiproxy.core.metrics import (
     untraced_services,
 )
 from aiproxy.core.settings import Settings, TracingSettings, parse_hostport
+from aiproxy.interceptors.overload import PROBE_HEADER
 
 log = logging.getLogger("aiproxy.telemetry")
 
@@ -211,10 +212,14 @@ def build_tracer_provider(settings: TracingSettings) -> Any | None:
 def server_tracing_interceptor(tracer_provider: Any) -> grpc.aio.ServerInterceptor:
     """opentelemetry-instrumentation-grpc's aio server interceptor: extracts the caller's
     W3C trace context from the metadata and opens the SERVER span, except for health
-    checks and reflection."""
+    checks, reflection and the overload gate's queue probe."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-    skip = filters.any_of(*(filters.service_name(s) for s in untraced_services()))
+    def probe(details: Any) -> bool:
+        # The overload gate's own queue probe (server/pool/backlog.py): not a caller's call.
+        return any(key == PROBE_HEADER for key, _ in details.invocation_metadata or ())
+
+    skip = filters.any_of(probe, *(filters.service_name(s) for s in untraced_services()))
     # opentelemetry-instrumentation-grpc declares no types for it.
     interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
         tracer_provider=tracer_provider, filter_=filters.negate(skip)

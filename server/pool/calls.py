@@ -158,6 +158,10 @@ class UpstreamStream:
         cancelled: bool = self._call.cancel()
         return cancelled
 
+    async def initial_metadata(self) -> Any:
+        """The upstream's response headers (already here once a chunk has come)."""
+        return await self._call.initial_metadata()
+
     def _done(self, call: Any) -> None:
         self._calls.untrack(self._entry)
         if not self._started and call.cancelled():

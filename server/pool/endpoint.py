@@ -168,10 +168,13 @@ class Endpoint:
         request: bytes,
         metadata: Sequence[tuple[str, Any]],
         timeout: float | None,
+        on_metadata: Callable[[Any], None] | None = None,
     ) -> Any:
         """One unary call upstream: the breaker's permit first (CircuitOpen, nothing
         sent, while open), then the call on the next channel, settled by its outcome;
-        the grpc_client_* series count it. UNAVAILABLE when the pool failed it."""
+        the grpc_client_* series count it. UNAVAILABLE when the pool failed it.
+        `on_metadata`, when given, gets the upstream's initial then trailing metadata of
+        a call that succeeded."""
         route = self._routes.get((path, False)) or self._route(path, False, deserializer)
         permit = acquire(self.breaker)
         m = route.metrics
@@ -182,6 +185,9 @@ class Endpoint:
             call = route.callable()(request, metadata=metadata, timeout=timeout)
             entry = self.calls.track(call)
             response = await call
+            if on_metadata is not None:
+                on_metadata(await call.initial_metadata())
+                on_metadata(await call.trailing_metadata())
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             settle_failed(permit, exc)

@@ -30,7 +30,7 @@ from aiproxy.core.logs import log_event
 from aiproxy.core.metrics import GrpcClientMetrics
 from aiproxy.core.settings import BreakerSettings, UpstreamSettings
 from aiproxy.interceptors.client_observability import ClientMetrics
-from aiproxy.server.pool.balancer import pick_p2c
+from aiproxy.server.pool.balancer import Member, Outcome, pick_affine, pick_p2c, seed
 from aiproxy.server.pool.discovery import Discovery, Resolver, system_resolver
 from aiproxy.server.pool.endpoint import Endpoint
 
@@ -81,6 +81,12 @@ class UpstreamPool:
         self.endpoints: dict[str, Endpoint] = {}
         self._listeners: list[Callable[[UpstreamPool], None]] = []
         self._usable: list[Endpoint] = []
+        # Every endpoint with its rendezvous coefficients, for keyed calls (balancer.py).
+        affinity = settings.affinity
+        self.affinity = affinity.enabled
+        self._load_factor = affinity.load_factor
+        self._min_spill = affinity.min_spill_in_flight
+        self._members: tuple[Member, ...] = ()
         self._retiring: set[asyncio.Task[None]] = set()
 
     def add_listener(self, listener: Callable[[UpstreamPool], None]) -> None:
@@ -218,6 +224,21 @@ class UpstreamPool:
         can; None when none is usable."""
         return pick_p2c(self._usable, self._rng, exclude)
 
+    def pick_affine(
+        self, key_hash: int, exclude: frozenset[str] | set[str] = frozenset()
+    ) -> tuple[Endpoint | None, Outcome]:
+        """The endpoint for the next attempt of a call with an affinity key (its
+        `balancer.key_hash`): the key's first usable choice under the load bound, avoiding
+        `exclude` when it can; None when none is usable. With the outcome: hit, spill or
+        failover (balancer.py)."""
+        return pick_affine(
+            self._members,
+            key_hash,
+            load_factor=self._load_factor,
+            min_spill=self._min_spill,
+            exclude=exclude,
+        )
+
     def snapshot(self) -> list[dict[str, Any]]:
         return [ep.snapshot() for ep in self.endpoints.values()]
 
@@ -225,6 +246,14 @@ class UpstreamPool:
         self._refresh()
 
     def _refresh(self) -> None:
-        self._usable = [ep for ep in self.endpoints.values() if ep.usable]
+        usable: list[Endpoint] = []
+        members: list[Member] = []
+        for ep in self.endpoints.values():
+            ok = ep.usable
+            if ok:
+                usable.append(ep)
+            members.append(Member(*seed(ep.address), ep, ok))
+        self._usable = usable
+        self._members = tuple(members)
         for listener in self._listeners:
             listener(self)

@@ -7,6 +7,15 @@ came (never re-serialized) and its metadata (minus transport and credential head
 read once into CallInfo) with the request id, give the upstream call what is left of
 the call's effective deadline, and relay the answer.
 
+A call with an affinity key goes where its key says (server/pool/balancer.py: rendezvous
+hashing with bounded loads), the others by P2C. The key is the request's `session_id`
+(methods whose request has one: Chat, StreamChat, the session API), else the caller's
+`x-aiproxy-affinity` header, in the caller's scope: the session owner the agent is told
+(core/sessions.py: from the verified identity, "anonymous" without one), so the key is
+exactly what the agent keys the conversation by (`scoped_key`).
+It is read here, from the message the pipeline already decoded: one attribute read and
+one dict look-up per call, and a hash only for calls that have a key.
+
 Retries live here, at the pool level, because the next attempt must be able to go to
 another endpoint (a channel's own interceptors only ever see one endpoint). They follow
 core/retry.py's policy: unary calls, and streams before their first chunk has
@@ -17,6 +26,7 @@ upstreams or the callers is a stage or an interceptor (see server/chain.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -26,6 +36,7 @@ import grpc
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.errors import CircuitOpen, DeadlineExceeded
 from aiproxy.core.headers import (
+    AFFINITY_HEADER,
     COALESCE_HEADER,
     PROXY_ONLY_METADATA,
     PROXY_PREFIX,
@@ -34,11 +45,12 @@ from aiproxy.core.headers import (
 )
 from aiproxy.core.retry import RetryPolicy
 from aiproxy.core.service import Method, agent_service
-from aiproxy.core.sessions import session_owner
+from aiproxy.core.sessions import scoped_key, session_owner
 from aiproxy.core.settings import Settings
 from aiproxy.core.types import Context, StreamCall, UnaryCall
 from aiproxy.core.upstream_errors import not_the_replicas_fault
 from aiproxy.interceptors.deadline import Deadline
+from aiproxy.server.pool.balancer import key_hash
 from aiproxy.server.pool.endpoint import Endpoint
 from aiproxy.server.pool.pool import UpstreamPool
 from aiproxy.server.request.streaming import StreamPump
@@ -77,6 +89,8 @@ _HOP_METADATA = frozenset(
 _NEVER_FORWARDED_PREFIXES = (":", PROXY_PREFIX)
 
 T = TypeVar("T")
+# The request field that names a conversation.
+SESSION_FIELD = "session_id"
 # An upstream DEADLINE_EXCEEDED this close to the call's own deadline is grpc's local
 # deadline (the `timeout=` each attempt carries), i.e. the call's deadline passed.
 _DEADLINE_SLACK_S = 0.01
@@ -119,6 +133,9 @@ class Forwarder:
             | PROXY_ONLY_METADATA
             | {k.lower() for k in settings.upstream.drop_metadata}
         )
+        self._affinity = settings.upstream.affinity.enabled
+        # The upstream's response metadata passed on to the caller (which replica answered).
+        self._relayed = frozenset(k.lower() for k in settings.upstream.reply_metadata)
         # Methods that reach a conversation: the agent is told whose (core/sessions.py).
         self._session_paths = frozenset(m.path for m in agent_service().methods if m.sessions)
         # Calls being forwarded now; drain waits for them, not for health Watch streams.
@@ -157,6 +174,31 @@ class Forwarder:
             out.append((SESSION_OWNER_HEADER, session_owner(call)))
         return out
 
+    def keyed(self, method: Method) -> bool:
+        """Whether the method's calls are routed by their session id when they have one."""
+        fields = method.request_cls.DESCRIPTOR.fields_by_name
+        field = fields.get(SESSION_FIELD)
+        return self._affinity and field is not None and field.type == field.TYPE_STRING
+
+    def affinity_key(self, call: CallInfo, request: Any, keyed: bool) -> int | None:
+        """The hash of the call's scoped affinity key (see the module docstring), or None
+        when it has none (or affinity is off): P2C then."""
+        if not self._affinity:
+            return None
+        name = request.session_id if keyed else ""
+        if not name:
+            name = call.header(AFFINITY_HEADER)
+            if not name:
+                return None
+        return key_hash(scoped_key(session_owner(call), name))
+
+    def _relay(self, call: CallInfo, metadata: Any) -> None:
+        """Add the upstream's `reply_metadata` keys (text values) to the caller's headers."""
+        names = self._relayed
+        pairs = tuple((k, v) for k, v in metadata or () if k in names and isinstance(v, str))
+        if pairs:
+            call.reply_metadata += pairs
+
     def _deadline(self, context: Context, call: CallInfo) -> Deadline | None:
         timeout = call.timeout_s if call.timeout_s is not None else context.time_remaining()
         return None if timeout is None else Deadline.from_timeout(timeout)
@@ -167,6 +209,7 @@ class Forwarder:
         call: CallInfo,
         deadline: Deadline | None,
         attempt_on: Callable[[Endpoint, list[tuple[str, Any]], float | None], Awaitable[T]],
+        key: int | None = None,
     ) -> T:
         """`_with_retries`, ended by the proxy itself with DEADLINE_EXCEEDED when the
         call's effective deadline comes, so the caller gets the shaped error before its
@@ -176,7 +219,7 @@ class Forwarder:
         attempt that grpc ended at that deadline becomes the proxy's own
         DEADLINE_EXCEEDED; picks are synchronous."""
         try:
-            return await self._with_retries(context, call, deadline, attempt_on)
+            return await self._with_retries(context, call, deadline, attempt_on, key)
         except grpc.aio.AioRpcError as exc:
             if (
                 deadline is not None
@@ -193,11 +236,14 @@ class Forwarder:
         call: CallInfo,
         deadline: Deadline | None,
         attempt_on: Callable[[Endpoint, list[tuple[str, Any]], float | None], Awaitable[T]],
+        key: int | None = None,
     ) -> T:
         """Run `attempt_on(endpoint, metadata, timeout)` until it succeeds or may not retry.
 
         A breaker rejection sent nothing upstream, so it moves on to another endpoint
         at once; an upstream failure with a retryable code waits a jittered backoff.
+        With an affinity `key`, each attempt goes to the key's next choice (the first is
+        its replica; a retry goes where its later calls fail over to if it stays down).
         """
         metadata = self._metadata(context, call)
         tried: set[str] = set()
@@ -206,7 +252,10 @@ class Forwarder:
         try:
             while True:
                 attempt += 1
-                endpoint = self._pool.pick(exclude=tried)
+                if key is None:
+                    endpoint = self._pool.pick(exclude=tried)
+                else:
+                    endpoint, call.affinity = self._pool.pick_affine(key, tried)
                 if endpoint is None:
                     raise self._pool.unavailable_error()
                 tried.add(endpoint.address)
@@ -251,18 +300,22 @@ class Forwarder:
 
     def unary(self, method: Method) -> UnaryCall:
         path, deserialize = method.path, method.response_cls.FromString
+        keyed = self.keyed(method)
 
         async def forward_unary(request: Any, raw: bytes, context: Context, call: CallInfo) -> Any:
+            relay = None if not self._relayed else functools.partial(self._relay, call)
+
             def attempt(
                 endpoint: Endpoint, metadata: list[tuple[str, Any]], timeout: float | None
             ) -> Awaitable[Any]:
                 # The caller's bytes go upstream as they came.
-                return endpoint.unary(path, deserialize, raw, metadata, timeout)
+                return endpoint.unary(path, deserialize, raw, metadata, timeout, relay)
 
+            key = self.affinity_key(call, request, keyed)
             self._enter()
             try:
                 response = await self._within_deadline(
-                    context, call, self._deadline(context, call), attempt
+                    context, call, self._deadline(context, call), attempt, key
                 )
             finally:
                 self._leave()
@@ -280,6 +333,7 @@ class Forwarder:
         window_ms = settings.coalesce_window_ms_per_method.get(
             method.name, settings.coalesce_window_ms
         )
+        keyed = self.keyed(method)
 
         async def forward_stream(
             request: Any, raw: bytes, context: Context, call: CallInfo
@@ -304,13 +358,19 @@ class Forwarder:
                 except BaseException:
                     await chunks.aclose()
                     raise
+                if self._relayed and first is not None and not first.heartbeat:
+                    # An upstream chunk: its headers came before it (which replica
+                    # answers). Not after a heartbeat the pump made while the upstream was
+                    # still silent: the caller's headers go out with it, now.
+                    self._relay(call, await upstream.initial_metadata())
                 endpoint.in_flight += 1  # the stream stays open past the attempt
                 return first, chunks, endpoint
 
+            key = self.affinity_key(call, request, keyed)
             self._enter()
             try:
                 first, chunks, endpoint = await self._within_deadline(
-                    context, call, deadline, attempt
+                    context, call, deadline, attempt, key
                 )
             except BaseException:
                 self._leave()

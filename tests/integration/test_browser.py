@@ -2,7 +2,8 @@
 loaded through a real Envoy in front of a real proxy and agent.
 
 It streams an answer (text arrives in several steps, then completes), shows an error
-before the first chunk and one in the middle of a stream, and stops a stream on demand.
+before the first chunk and one in the middle of a stream, stops a stream on demand, and
+keeps a chat's session across turns, naming the replica that answered.
 """
 
 from __future__ import annotations
@@ -171,6 +172,86 @@ def test_chat_and_agent_endpoints_work_from_the_page(page: Any, transport: str) 
         assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
         assert (page.text_content("#output") or "").strip()
     assert page.locator("#steps li").count() >= 1  # the agent's reasoning steps
+
+
+@pytest.fixture(scope="module")
+def chat_edge() -> Iterator[dict[str, ServiceProcess]]:
+    """Two agent replicas whose first token comes before any heartbeat (the replica's
+    name rides on the first chunk's headers; after a heartbeat the headers are gone)."""
+    started: list[ServiceProcess] = []
+
+    def start(argv: list[str], name: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        proc = ServiceProcess(aiproxy_argv(*argv), name=name, env=env)
+        started.append(proc)
+        return proc.start(timeout=60)
+
+    try:
+        agents = [start(agent_args(token_delay_ms=5), f"agent{i}") for i in range(2)]
+        proxy = start(proxy_args(*(a.address for a in agents)), "proxy", env=GENEROUS_LIMITS)
+        envoy = start(
+            ["envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address, "--concurrency", "1"],
+            "envoy",
+        )
+        yield {"agents": agents, "proxy": proxy, "envoy": envoy}  # type: ignore[dict-item]
+    finally:
+        for proc in reversed(started):
+            proc.cleanup()
+
+
+def _names_its_replica_in_stream_headers(agent: ServiceProcess) -> bool:
+    """Whether the agent sends x-agent-replica in a stream's headers (the agent
+    side), asked directly (a sync channel: Playwright's sync API owns this thread's loop)."""
+    import grpc
+
+    from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
+    from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(agent.address) as channel:
+        call = pb_grpc.AgentServiceStub(channel).StreamGenerate(
+            pb.StreamGenerateRequest(prompt="hi"), timeout=10
+        )
+        for _ in call:
+            pass
+        return any(k == "x-agent-replica" for k, _ in call.initial_metadata())
+
+
+def _total_tokens(page: Any) -> int:
+    status = page.text_content("#status") or ""
+    return int(status.split(" tokens", 1)[0].rsplit(" ", 1)[1])
+
+
+@pytest.mark.parametrize("transport", ["fetch", "connect"])
+def test_the_chat_keeps_its_session_across_turns_and_shows_the_replica(
+    browser: Any, chat_edge: dict[str, Any], transport: str
+) -> None:
+    """Three turns in one session: the same session id each time, the conversation grows
+    (each turn's prompt holds the turns before it: its total tokens grow), every turn is
+    answered by one replica, which the page names. "New chat" starts another session."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(f"http://{chat_edge['envoy'].address}/")
+        addresses = {a.address for a in chat_edge["agents"]}
+        totals, replicas, sessions = [], set(), set()
+        for text in ("Hello there.", "What did I just say?", "And before that?"):
+            _ask(page, text, endpoint="chat", transport=transport)
+            assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
+            totals.append(_total_tokens(page))
+            replicas.add(page.get_attribute("#replica", "data-replica"))
+            sessions.add(page.get_attribute("#session", "data-session"))
+        assert len(sessions) == 1 and None not in sessions
+        assert totals == sorted(totals) and len(set(totals)) == 3, totals
+        page.click("#new-chat")
+        _ask(page, "Hello there.", endpoint="chat", transport=transport)
+        assert _wait_state(page, "done", "error") == "done", page.text_content("#error")
+        assert page.get_attribute("#session", "data-session") not in sessions
+        assert _total_tokens(page) == totals[0]  # a fresh conversation
+    finally:
+        context.close()
+    if not _names_its_replica_in_stream_headers(chat_edge["agents"][0]):
+        pytest.skip("this agent does not name its replica in a stream's headers yet")
+    assert len(replicas) == 1 and replicas <= addresses, replicas
 
 
 def test_an_error_before_the_first_chunk_is_shown(

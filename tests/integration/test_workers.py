@@ -76,6 +76,9 @@ def test_one_worker_is_the_plain_proxy(spawn) -> None:
         agent.address,
         "--workers",
         "1",
+        # A free port: the default (9091) may be taken by anything else on the machine.
+        "--metrics-listen",
+        "127.0.0.1:0",
         name="proxy",
     )
     assert "workers" not in proxy.ready

@@ -22,6 +22,7 @@ from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S
 from aiproxy.interceptors.overload import BacklogLimit, OverloadGate
 from aiproxy.server.pool.backlog import BacklogProbe
 from tests.support.pipeline import channel_for
+from tests.support.waiting import eventually
 
 # ---- BacklogLimit --------------------------------------------------------------------------
 
@@ -100,7 +101,10 @@ async def gated() -> AsyncIterator[tuple[grpc.aio.Channel, Harness, OverloadGate
         "test.Beside", {"Health": grpc.unary_unary_rpc_method_handler(health)}
     )
     gate = OverloadGate(
-        active=lambda: harness.active, capacity=10, on_reject=harness.refused.append
+        active=lambda: harness.active,
+        capacity=10,
+        on_reject=lambda path, cause, cls: harness.refused.append(path),
+        policy="blind",
     )
     async with channel_for(Agent(), gate=gate, beside=[beside]) as channel:
         yield channel, harness, gate
@@ -202,3 +206,138 @@ async def test_probe_measures_how_long_a_new_call_waits_to_be_taken() -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await server.stop(None)
+
+
+# ---- the fair gate on a real server -------------------------------------------------------
+
+
+class Slow:
+    """An agent whose calls wait until released, so calls stay in flight."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def Generate(self, request: Any, context: Any) -> Any:
+        await self.release.wait()
+        return pb.GenerateResponse(text="ok")
+
+    async def StreamGenerate(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        await self.release.wait()
+        yield pb.StreamGenerateResponse(delta="chunk")
+
+
+async def wait_until_async(check: Any) -> None:
+    await eventually(check, 5, "calls in flight at the gate", interval=0.01)
+
+
+def _cause(err: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None and err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info) and info.reason == "OVERLOADED"
+    assert status.details[1].Is(error_details_pb2.RetryInfo.DESCRIPTOR)
+    return info.metadata["cause"]
+
+
+async def test_fair_gate_refuses_the_heavy_caller_and_admits_the_light_one() -> None:
+    agent = Slow()
+    refused: list[tuple[str, str, str]] = []
+    gate = OverloadGate(
+        active=lambda: 0, capacity=100, on_reject=lambda *a: refused.append(a), reserve=0.9
+    )  # limit 10
+    async with channel_for(agent, gate=gate) as channel:
+        generate = channel.unary_unary(UNARY)
+        heavy = [
+            asyncio.ensure_future(generate(b"", metadata=(("x-client-id", "heavy"),), timeout=10))
+            for _ in range(10)
+        ]
+        await wait_until_async(lambda: gate.shedder.in_flight == 10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await generate(b"", metadata=(("x-client-id", "heavy"),), timeout=5)
+        assert _cause(caught.value) == "over_share"
+        light = asyncio.ensure_future(
+            generate(b"", metadata=(("x-client-id", "light"),), timeout=10)
+        )
+        await wait_until_async(lambda: gate.shedder.in_flight == 11)
+        agent.release.set()
+        assert await light == OK and all(r == OK for r in await asyncio.gather(*heavy))
+    assert refused == [(UNARY, "over_share", "default")]
+    assert gate.shedder.in_flight == 0 and len(gate.shedder) == 0  # every place released
+
+
+async def test_a_stream_that_would_time_out_before_its_first_chunk_is_refused_at_the_door() -> None:
+    agent = Slow()
+    agent.release.set()
+    gate = OverloadGate(active=lambda: 0, capacity=100)
+    for _ in range(16):
+        gate.first_chunk.sample(2.0)  # streams lately took 2 s to their first chunk
+    async with channel_for(agent, gate=gate) as channel:
+        stream = channel.unary_stream(STREAM)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stream(b"", timeout=0.5):
+                pass
+        assert _cause(caught.value) == "deadline"
+        assert [c async for c in stream(b"", timeout=10)] == [CHUNK]  # a long deadline
+        assert [c async for c in stream(b"")] == [CHUNK]  # no deadline
+    assert gate.shedder.in_flight == 0
+
+
+async def test_the_probe_is_answered_at_once_and_not_counted() -> None:
+    gate = OverloadGate(active=lambda: 0, capacity=1, probe_token="t0k3n")
+    gate.shedder.in_flight = 1  # full: a real call would be refused
+    async with channel_for(Slow(), gate=gate) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary(UNARY)(
+                b"", metadata=(("x-aiproxy-probe", "t0k3n"),), timeout=5
+            )
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # a wrong token is a call
+            await channel.unary_unary(UNARY)(b"", metadata=(("x-aiproxy-probe", "x"),), timeout=5)
+        assert _cause(caught.value) == "full"
+    assert gate.taken[UNARY] == 1
+
+
+def test_a_verified_bearer_token_counts_under_its_identity_after_its_first_call() -> None:
+    gate = OverloadGate(active=lambda: 0, capacity=10)
+    headers = {"authorization": "Bearer abc"}
+    group, key, cred, _ = gate.identity(headers, "ipv4:10.0.0.1:1")
+    ticket = gate.shedder.admit(group, key)
+    assert not isinstance(ticket, str)
+    ticket.cred = cred
+    gate.release(ticket, "sub:alice", "")
+    assert gate.identity(headers, "ipv4:10.0.0.1:1")[0] == "sub:alice"
+    # An identity auth did not verify ("peer:...") is never learned.
+    other = {"authorization": "Bearer xyz"}
+    group, key, cred, _ = gate.identity(other, "ipv4:10.0.0.1:1")
+    ticket = gate.shedder.admit(group, key)
+    assert not isinstance(ticket, str)
+    ticket.cred = cred
+    gate.release(ticket, "peer:10.0.0.1", "")
+    assert gate.identity(other, "ipv4:10.0.0.1:1")[0] == "peer:10.0.0.1"
+
+
+async def test_probe_only_methods_that_take_calls() -> None:
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    taken = {"/a.S/Busy": 0, "/a.S/Idle": 0}
+    probe = BacklogProbe(f"127.0.0.1:{port}", interval_s=0.01, paths=tuple(taken), taken=taken)
+    sent: list[str] = []
+
+    class Recording(dict):  # type: ignore[type-arg]
+        def __setitem__(self, key: str, value: float) -> None:
+            sent.append(key)
+            super().__setitem__(key, value)
+
+    probe._sent = Recording()
+    task = asyncio.create_task(probe.run())
+    try:
+        for i in range(20):
+            taken["/a.S/Busy"] = i
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.stop(None)
+    # Only the method that takes calls is probed.
+    assert sent.count("/a.S/Idle") == 0 and sent.count("/a.S/Busy") > 3

@@ -1,0 +1,170 @@
+"""Who is refused when the proxy must refuse: fair shares between callers, operator classes.
+
+Pure logic (no gRPC): the overload gate (interceptors/overload.py) asks `admit(...)` with
+the caller's group, key and class before anything is decoded, and `release(ticket)` when
+the call ends. Single-threaded by design (one asyncio loop); nothing here awaits or locks.
+
+Callers are counted in two levels, so that what a caller can mint buys it nothing:
+- the GROUP is who the caller verifiably is: its address (behind the edge, the client
+  address Envoy puts in the trusted header), or, once the auth stage has verified its
+  credential, the identity behind it ("sub:<JWT subject>", "key:<API key hash>"), which
+  then counts on its own whatever address it calls from;
+- the KEY is the caller within its group: an unverified credential (a keyed hash of the
+  bearer token or API key) or x-client-id. Minting keys splits the group's share, never
+  adds to it.
+
+The rule, with n calls in flight, `limit` the gate's current limit and `ceiling` the hard
+cap (server.max_active_calls):
+- while n < limit x the class's `sheds_at`, every call is admitted;
+- past it, a call is admitted if its group holds fewer than `min_share` calls (a light
+  caller is never refused because many callers divide a low limit) or less than its fair
+  share, share(group) = limit x sheds_at / groups in flight (its own counted); in a group
+  holding its share, only a key under share(group) / keys in flight in that group is
+  admitted; refusals therefore come from the callers using the most, never first from one
+  far under its share;
+- never at or past the ceiling, whoever asks (the reserve between limit and ceiling is
+  what callers under their share are admitted into).
+A class with `sheds_at` < 1 (batch) is shed earlier than the default, one above 1
+(interactive) later: priority comes from the operator's configuration only (a caller's
+own header never raises it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+DEFAULT_CLASS: Final = "default"
+
+# Why a call was refused (the `cause` in its ErrorInfo metadata and the metric label).
+OVER_SHARE: Final = "over_share"  # past the limit, and this caller holds its share or more
+FULL: Final = "full"  # the hard ceiling: nobody is admitted
+DEADLINE: Final = "deadline"  # its deadline ends before a first chunk could come
+QUEUE: Final = "queue"  # past the limit while its method's queue is long: no exemptions
+BLIND: Final = "limit"  # the old blind gate (server.overload_policy: blind)
+
+
+@dataclass(frozen=True, slots=True)
+class ShedClass:
+    """An operator-defined class of callers or methods. `sheds_at`: the fraction of the
+    gate's limit past which its callers are held to their fair share; `rank`: its order
+    (0 first), for metrics and docs."""
+
+    name: str
+    sheds_at: float
+    rank: int
+
+
+class Ticket:
+    """One admitted call's place in the counts; `release()` frees it, once."""
+
+    __slots__ = ("_shedder", "cred", "group", "key", "released")
+
+    def __init__(self, shedder: FairShedder, group: str, key: str) -> None:
+        self._shedder, self.group, self.key = shedder, group, key
+        self.released = False
+        # The gate's id of the caller's bearer token, to learn its verified identity.
+        self.cred: str | None = None
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._shedder._release(self.group, self.key)
+
+
+class FairShedder:
+    """The counts and the rule (see the module docstring). `limit` is set by the gate's
+    controller; `ceiling` is fixed."""
+
+    def __init__(self, ceiling: int, limit: int | None = None, min_share: int = 1) -> None:
+        if ceiling < 1:
+            raise ValueError(f"ceiling must be at least 1, got {ceiling}")
+        self.ceiling = ceiling
+        self.min_share = max(1, min_share)
+        self.limit = ceiling if limit is None else min(limit, ceiling)
+        self.in_flight = 0
+        self._groups: dict[str, int] = {}  # calls in flight per group
+        self._keys: dict[str, int] = {}  # calls in flight per key (group-qualified)
+        self._keys_in: dict[str, int] = {}  # keys in flight per group
+
+    def __len__(self) -> int:
+        """Groups with a call in flight."""
+        return len(self._groups)
+
+    def usage(self, group: str, key: str = "") -> int:
+        return self._keys.get(_qualified(group, key), 0)
+
+    def share(self, group: str, key: str = "", sheds_at: float = 1.0) -> tuple[float, float]:
+        """The fair shares (of its group, of its key) a call of `key` in `group` would have
+        if it asked now, in a class that sheds at `sheds_at`."""
+        groups = len(self._groups) + (group not in self._groups)
+        group_share = self.limit * sheds_at / groups
+        keys = self._keys_in.get(group, 0) + (_qualified(group, key) not in self._keys)
+        return group_share, group_share / keys
+
+    def admit(
+        self, group: str, key: str, sheds_at: float = 1.0, busy: int = 0, strict: bool = False
+    ) -> Ticket | str:
+        """A Ticket, or the cause of the refusal (OVER_SHARE, FULL, QUEUE). `busy`: calls in
+        flight as someone else counts them, when that is more (the forwarder's). `strict`:
+        the call's queue is in distress (CoDel's idea: calls that waited that long are
+        refused until it drains), past the limit nobody is admitted."""
+        n = max(self.in_flight, busy)
+        if n >= self.ceiling:
+            return FULL
+        if n >= self.limit * sheds_at:
+            if strict:
+                return QUEUE
+            held = self._groups.get(group, 0)
+            group_share, key_share = self.share(group, key, sheds_at)
+            # A group holding fewer than `min_share` calls, or less than its share, is
+            # admitted: many groups dividing a low limit never refuse a light one. Inside
+            # a group holding its share, its keys split that share: minting keys (client
+            # ids, made-up credentials) buys nothing.
+            if (
+                held >= self.min_share
+                and held + 1 > group_share
+                and self._keys.get(_qualified(group, key), 0) + 1 > key_share
+            ):
+                return OVER_SHARE
+        self._take(group, key)
+        return Ticket(self, group, key)
+
+    def take(self, group: str, key: str) -> Ticket:
+        """Count a call admitted without the rule (the blind policy still counts callers)."""
+        self._take(group, key)
+        return Ticket(self, group, key)
+
+    def _take(self, group: str, key: str) -> None:
+        self.in_flight += 1
+        groups = self._groups
+        groups[group] = groups.get(group, 0) + 1
+        qualified = _qualified(group, key)
+        keys = self._keys
+        count = keys.get(qualified, 0)
+        if not count:
+            self._keys_in[group] = self._keys_in.get(group, 0) + 1
+        keys[qualified] = count + 1
+
+    def _release(self, group: str, key: str) -> None:
+        self.in_flight -= 1
+        qualified = _qualified(group, key)
+        count = self._keys[qualified] - 1
+        if count:
+            self._keys[qualified] = count
+        else:
+            del self._keys[qualified]
+            left = self._keys_in[group] - 1
+            if left:
+                self._keys_in[group] = left
+            else:
+                del self._keys_in[group]
+        count = self._groups[group] - 1
+        if count:
+            self._groups[group] = count
+        else:
+            del self._groups[group]
+
+
+def _qualified(group: str, key: str) -> str:
+    return f"{group}\x00{key}" if key else group

@@ -1,0 +1,230 @@
+"""Fair shedding (core/shedding.py) and who a call comes from at the gate
+(interceptors/overload.CallerIdentity): pure logic, no server."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from aiproxy.core.ratelimit import hash_api_key
+from aiproxy.core.settings import Settings
+from aiproxy.core.shedding import FULL, OVER_SHARE, FairShedder, Ticket
+from aiproxy.interceptors.overload import CallerIdentity, FirstChunkEstimate
+
+# ---- FairShedder ---------------------------------------------------------------------------
+
+
+def fill(shedder: FairShedder, group: str, key: str, n: int) -> list[Ticket]:
+    tickets = []
+    for _ in range(n):
+        t = shedder.admit(group, key)
+        assert isinstance(t, Ticket)
+        tickets.append(t)
+    return tickets
+
+
+def test_under_the_limit_everyone_is_admitted() -> None:
+    shedder = FairShedder(ceiling=100, limit=10)
+    fill(shedder, "peer:a", "", 10)
+    assert shedder.in_flight == 10
+
+
+def test_past_the_limit_the_heavy_caller_is_refused_and_the_light_one_admitted() -> None:
+    shedder = FairShedder(ceiling=100, limit=10)
+    fill(shedder, "peer:heavy", "", 10)
+    assert shedder.admit("peer:heavy", "") == OVER_SHARE
+    # The light caller's share is 10 / 2 groups = 5: it is admitted up to it.
+    fill(shedder, "peer:light", "", 5)
+    assert shedder.admit("peer:light", "") == OVER_SHARE
+    assert shedder.in_flight == 15  # past the limit, under the ceiling
+
+
+def test_the_ceiling_refuses_everyone() -> None:
+    shedder = FairShedder(ceiling=4, limit=4)
+    fill(shedder, "peer:a", "", 4)
+    assert shedder.admit("peer:b", "") == FULL
+
+
+def test_minted_keys_split_their_group_share_and_never_add_to_it() -> None:
+    """x-client-id or unverified credentials inside one address share that address's part."""
+    shedder = FairShedder(ceiling=1000, limit=20)
+    fill(shedder, "peer:other", "", 20)
+    admitted = 0
+    for i in range(100):  # one address minting 100 client ids, 5 calls each
+        for _ in range(5):
+            if isinstance(shedder.admit("peer:minter", f"client:{i}"), Ticket):
+                admitted += 1
+    # Its group's share is 20 / 2 = 10, then split between its keys: about that (keys
+    # seen before the group held its share got their call), nowhere near 500.
+    assert admitted <= 25
+    assert shedder.admit("peer:third", "") != OVER_SHARE
+
+
+def test_min_share_keeps_a_light_caller_in_when_many_callers_divide_a_low_limit() -> None:
+    shedder = FairShedder(ceiling=1000, limit=16, min_share=4)
+    for i in range(50):
+        fill(shedder, f"peer:{i}", "", 4)
+    for i in range(50):
+        assert shedder.admit(f"peer:{i}", "") == OVER_SHARE  # share 16 / 51 < 1
+    fill(shedder, "peer:light", "", 4)
+    assert shedder.admit("peer:light", "") == OVER_SHARE
+
+
+def test_inside_a_heavy_group_a_light_key_still_gets_its_part() -> None:
+    shedder = FairShedder(ceiling=1000, limit=20)
+    fill(shedder, "peer:a", "client:heavy", 20)
+    assert shedder.admit("peer:a", "client:heavy") == OVER_SHARE
+    # The group's share (20) split between 2 keys: the light key gets up to 10.
+    fill(shedder, "peer:a", "client:light", 10)
+    assert shedder.admit("peer:a", "client:light") == OVER_SHARE
+
+
+def test_a_class_that_sheds_earlier_is_held_to_its_share_sooner() -> None:
+    shedder = FairShedder(ceiling=100, limit=10)
+    fill(shedder, "peer:a", "", 7)
+    assert shedder.admit("peer:a", "", sheds_at=0.7) == OVER_SHARE  # batch: share 7
+    assert isinstance(shedder.admit("peer:a", "", sheds_at=1.0), Ticket)  # default
+    fill(shedder, "peer:a", "", 2)
+    assert shedder.admit("peer:a", "") == OVER_SHARE
+    assert isinstance(shedder.admit("peer:a", "", sheds_at=1.1), Ticket)  # interactive
+
+
+def test_release_frees_the_place_once_and_forgets_idle_callers() -> None:
+    shedder = FairShedder(ceiling=10, limit=10)
+    tickets = fill(shedder, "peer:a", "client:x", 3)
+    for t in tickets:
+        t.release()
+        t.release()
+    assert shedder.in_flight == 0 and len(shedder) == 0
+    assert shedder.usage("peer:a", "client:x") == 0
+
+
+def test_someone_elses_busier_count_is_the_one_that_counts() -> None:
+    shedder = FairShedder(ceiling=10, limit=5)
+    assert shedder.admit("peer:a", "", busy=10) == FULL
+
+
+# ---- CallerIdentity -------------------------------------------------------------------------
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+
+
+def test_address_is_the_peer_and_a_client_id_is_a_key_inside_it() -> None:
+    ident = CallerIdentity()
+    assert ident({}, "ipv4:10.0.0.1:5555") == ("peer:10.0.0.1", "", None, None)
+    group, key, _, _ = ident({"x-client-id": "app"}, "ipv4:10.0.0.1:5555")
+    assert (group, key) == ("peer:10.0.0.1", "client:app")
+
+
+def test_the_edge_header_is_believed_only_from_the_edge_with_its_secret() -> None:
+    ident = CallerIdentity(
+        address_header="x-envoy-external-address", trusted_edges=LOOPBACK, edge_secret=b"s3"
+    )
+    forwarded = {"x-envoy-external-address": "203.0.113.7"}
+    assert ident(forwarded, "ipv4:127.0.0.1:1")[0] == "peer:127.0.0.1"  # no secret
+    assert ident({**forwarded, "x-aiproxy-edge": "s3"}, "ipv4:127.0.0.1:1")[0] == (
+        "peer:203.0.113.7"
+    )
+    assert ident({**forwarded, "x-aiproxy-edge": "s3"}, "ipv4:10.1.1.1:1")[0] == "peer:10.1.1.1"
+
+
+def test_a_bearer_token_is_a_key_in_its_address_until_verified_then_its_identity() -> None:
+    ident = CallerIdentity(caller_classes={"sub:alice": "interactive"})
+    headers = {"authorization": "Bearer abc.def.ghi"}
+    group, key, cred, cls = ident(headers, "ipv4:10.0.0.1:1")
+    assert group == "peer:10.0.0.1" and key.startswith("cred:") and cred and cls is None
+    assert "abc" not in key  # never the credential itself
+    ident.learn(cred, "sub:alice", "")
+    assert ident(headers, "ipv4:10.0.0.9:1") == ("sub:alice", "", cred, "interactive")
+    # Another token is another credential: unverified, inside its address.
+    assert ident({"authorization": "Bearer forged"}, "ipv4:10.0.0.1:1")[0] == "peer:10.0.0.1"
+
+
+def test_a_tenant_class_applies_once_the_token_is_verified() -> None:
+    ident = CallerIdentity(caller_classes={"tenant:acme": "batch"})
+    _, _, cred, _ = ident({"authorization": "Bearer t"}, "ipv4:10.0.0.1:1")
+    assert cred is not None
+    ident.learn(cred, "sub:bob", "acme")
+    assert ident({"authorization": "Bearer t"}, "ipv4:10.0.0.1:1")[3] == "batch"
+
+
+def test_a_configured_api_key_is_verified_by_its_hash_and_gets_its_class() -> None:
+    raw = "k" * 40
+    ident = CallerIdentity(
+        api_keys={hash_api_key(raw): "reports"}, caller_classes={"apikey:reports": "batch"}
+    )
+    assert ident({"x-api-key": raw}, "ipv4:10.0.0.1:1") == (
+        f"key:{hash_api_key(raw)}",
+        "",
+        None,
+        "batch",
+    )
+    group, key, _, cls = ident({"x-api-key": "unknown"}, "ipv4:10.0.0.1:1")
+    assert (group, cls) == ("peer:10.0.0.1", None) and key.startswith("cred:")
+
+
+def test_address_ranges_get_their_class_and_a_header_never_does() -> None:
+    ident = CallerIdentity(caller_classes={"cidr:10.2.0.0/16": "interactive"})
+    assert ident({}, "ipv4:10.2.3.4:1")[3] == "interactive"
+    assert ident({}, "ipv4:10.3.3.4:1")[3] is None
+    assert (
+        ident({"x-aiproxy-class": "interactive", "x-priority": "0"}, "ipv4:10.3.3.4:1")[3] is None
+    )
+
+
+# ---- FirstChunkEstimate ----------------------------------------------------------------------
+
+
+def test_first_chunk_estimate_is_a_recent_p90_and_forgets_old_samples() -> None:
+    now = [0.0]
+    est = FirstChunkEstimate(size=20, horizon_s=10, min_samples=5, clock=lambda: now[0])
+    for _ in range(4):
+        est.sample(1.0)
+    assert est.p90() == 0.0  # too few
+    for s in (0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 2.0):
+        est.sample(s)
+    assert est.p90() == 1.0
+    now[0] = 11.0
+    est.sample(0.2)
+    assert est.p90() == 0.0  # the old samples are past the horizon
+
+
+# ---- settings ------------------------------------------------------------------------------
+
+
+def test_overload_settings_refuse_unknown_classes_and_bad_keys() -> None:
+    with pytest.raises(ValueError, match="no class"):
+        Settings(overload={"callers": {"sub:x": "gold"}})
+    with pytest.raises(ValueError, match="apikey:NAME"):
+        Settings(overload={"callers": {"ip:1.2.3.4": "batch"}})
+    with pytest.raises(ValueError, match="has no method"):
+        Settings(overload={"methods": {"Nope": "batch"}})
+    s = Settings(
+        overload={
+            "methods": {"BatchGenerate": "batch"},
+            "callers": {"cidr:10.0.0.0/8": "interactive"},
+        }
+    )
+    assert s.overload.policy == "fair"
+
+
+def test_first_chunk_excess_is_measured_against_the_usual_not_an_absolute() -> None:
+    slow_model = FirstChunkEstimate(size=20, min_samples=5, clock=lambda: 0.0)
+    for _ in range(20):
+        slow_model.sample(2.0)  # a model that takes 2 s to its first token
+    assert slow_model.excess() == 0.0
+    proxy = FirstChunkEstimate(size=20, min_samples=5, clock=lambda: 0.0)
+    for _ in range(20):
+        proxy.sample(0.05)
+    assert proxy.excess() == 0.0 and proxy.floor == 0.05
+    for _ in range(20):
+        proxy.sample(1.0)  # the same streams now start 20x slower: the proxy is behind
+    assert proxy.excess() > 0.25
+
+
+def test_a_queue_in_distress_gets_no_exemption_past_the_limit() -> None:
+    shedder = FairShedder(ceiling=100, limit=10, min_share=2)
+    fill(shedder, "peer:heavy", "", 10)
+    assert isinstance(shedder.admit("peer:light", ""), Ticket)  # exempt: holds nothing
+    assert shedder.admit("peer:light", "", strict=True) == "queue"
