@@ -44,6 +44,36 @@ REQUEST_BUCKETS = (
     300.0,
 )
 
+# The OpenTelemetry GenAI semantic conventions' bucket boundaries (semantic-conventions
+# docs/gen-ai/gen-ai-metrics.md, "ExplicitBucketBoundaries").
+GEN_AI_TOKEN_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)  # fmt: skip
+GEN_AI_DURATION_BUCKETS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+GEN_AI_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+GEN_AI_TPOT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+
+# gen_ai.operation.name per AgentService method: the spec's well-known values where one
+# applies (text_completion, chat, invoke_agent); RAG search is "retrieval" (a custom value,
+# which the spec allows when none applies).
+GEN_AI_OPERATIONS = {
+    "Generate": "text_completion",
+    "StreamGenerate": "text_completion",
+    "BatchGenerate": "text_completion",
+    "StreamRagGenerate": "text_completion",
+    "Chat": "chat",
+    "StreamChat": "chat",
+    "SearchRag": "retrieval",
+    "ExecuteAgent": "invoke_agent",
+    "StreamExecuteAgent": "invoke_agent",
+}
+
 _LEGACY_SERVER = ("legacy_grpc_server_handled_latency_seconds",)
 _LEGACY_CLIENT = (
     "legacy_grpc_client_completed_counter",
@@ -81,10 +111,62 @@ class GrpcClientMetrics:
         self.handling_seconds: Histogram = m["grpc_client_handled_histogram"]
 
 
-class ProxyMetrics:
-    """The proxy's own metrics (`ai_proxy_*`)."""
+class GenAiMetrics:
+    """The OpenTelemetry GenAI semantic conventions' instruments, named for Prometheus as
+    the OpenTelemetry Prometheus compatibility spec says: dots become underscores, a unit
+    in curly braces (`{token}`) adds no suffix, `s` adds `_seconds`; histograms add
+    `_bucket`/`_sum`/`_count`. Attributes become labels the same way (`gen_ai.operation.name`
+    -> `gen_ai_operation_name`, `error.type` -> `error_type`, empty when the call succeeded).
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+      gen_ai.client.token.usage            {token} gen_ai_client_token_usage
+      gen_ai.server.request.duration       s       gen_ai_server_request_duration_seconds
+      gen_ai.server.time_to_first_token    s       gen_ai_server_time_to_first_token_seconds
+      gen_ai.server.time_per_output_token  s       gen_ai_server_time_per_output_token_seconds
+    """
+
+    def __init__(self, registry: CollectorRegistry, provider: str) -> None:
+        self.provider = provider
+        common = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage",
+            "Number of input and output tokens used (gen_ai.client.token.usage, {token}), per "
+            "call the upstream answered with usage; cache hits and resumes consumed none.",
+            [*common, "gen_ai_token_type"],
+            buckets=GEN_AI_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "gen_ai_server_request_duration_seconds",
+            "Generative AI server request duration, to the last output chunk "
+            "(gen_ai.server.request.duration, s); error_type is the gRPC status of a failed call.",
+            [*common, "error_type"],
+            buckets=GEN_AI_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time to generate the first token for successful responses: the first chunk of a "
+            "stream (gen_ai.server.time_to_first_token, s).",
+            common,
+            buckets=GEN_AI_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.time_per_output_token = Histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per output token generated after the first token for successful streams: "
+            "(duration - time to first token) / (output tokens - 1) "
+            "(gen_ai.server.time_per_output_token, s).",
+            common,
+            buckets=GEN_AI_TPOT_BUCKETS,
+            registry=registry,
+        )
+
+
+class ProxyMetrics:
+    """The proxy's own metrics (`ai_proxy_*`), and the GenAI conventions' (`gen_ai`)."""
+
+    def __init__(self, registry: CollectorRegistry, gen_ai_provider: str = "aiproxy.agent") -> None:
+        self.gen_ai = GenAiMetrics(registry, gen_ai_provider)
         self.requests = Counter(
             "ai_proxy_requests_total",
             "Calls to the AI API, by method and final gRPC status.",
@@ -248,6 +330,20 @@ class ProxyMetrics:
             "Calls that used the response cache, by method and outcome (hit, shared: joined "
             "an identical call in flight, miss, bypass: no-store / no-cache).",
             ["method", "outcome"],
+            registry=registry,
+        )
+        self.discovery_up = Gauge(
+            "ai_proxy_discovery_up",
+            "1 while a dynamic discovery source (consul://..., dns://NAME:PORT) answers, 0 "
+            "while it fails and the pool keeps its last known endpoints.",
+            ["source"],
+            registry=registry,
+        )
+        self.discovery_errors = Counter(
+            "ai_proxy_discovery_errors_total",
+            "Failed queries or resolutions of a discovery source (the last known endpoints "
+            "were kept).",
+            ["source"],
             registry=registry,
         )
         self._models: set[str] = set()

@@ -143,8 +143,32 @@ class ServerSettings(_Section):
         "connections), so a machine's cores are all used: `aiproxy serve --workers N`. "
         "1: this process alone.",
     )
+    extra_interceptors: list[str] = Field(
+        default_factory=list,
+        description="The deployment's own grpc.aio.ServerInterceptors, `module:attribute` (a "
+        "class or a factory called with no arguments, an instance, or a list): outermost, "
+        "after tracing, in this order (server/chain.py; docs/interceptors.md). Empty: the "
+        "server runs no interceptor for them at all.",
+    )
 
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
+    _v_extra = field_validator("extra_interceptors")(
+        classmethod(lambda cls, v: [_check_import_path(p) for p in v])
+    )
+
+
+def _check_import_path(value: str) -> str:
+    module, sep, attribute = value.partition(":")
+    if (
+        not sep
+        or not module
+        or not attribute
+        or not all(part.isidentifier() for part in (*module.split("."), *attribute.split(".")))
+    ):
+        raise ValueError(
+            f"expected module:attribute (e.g. mypkg.grpc:AuditInterceptor), got {value!r}"
+        )
+    return value
 
 
 class AffinitySettings(_Section):
@@ -293,7 +317,11 @@ class UpstreamSettings(_Section):
         default_factory=lambda: ["127.0.0.1:50052"],
         min_length=1,
         description="HOST:PORT of each agent replica: IPs, or DNS names re-resolved every "
-        "`dns_refresh_s` (one endpoint per address in the answer).",
+        "`dns_refresh_s` (one endpoint per address in the answer); or "
+        "`consul://HOST:PORT/SERVICE[?tag=T&dc=D]` (Consul's healthy instances, followed with "
+        "blocking queries; the ACL token from $CONSUL_HTTP_TOKEN only); or "
+        "`srv://_SERVICE._PROTO.NAME[?nameserver=HOST:PORT]` (DNS SRV, re-resolved like "
+        "names). docs/discovery.md.",
     )
     startup_wait_s: float = Field(
         default=5.0,
@@ -305,6 +333,13 @@ class UpstreamSettings(_Section):
         gt=0,
         description="Names (not IP literals) are re-resolved this often; the pool follows the "
         "answer.",
+    )
+    consul_wait_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=600,
+        description="The `wait` of Consul's blocking queries (Consul caps it at 10 minutes): how "
+        "long Consul may hold a query when nothing changes; changes come back at once.",
     )
     channels_per_endpoint: int = Field(
         default=2,
@@ -359,11 +394,23 @@ class UpstreamSettings(_Section):
         "trailing metadata): by default the name of the replica that answered. [] relays "
         "nothing.",
     )
+    extra_interceptors: list[str] = Field(
+        default_factory=list,
+        description="The deployment's own grpc.aio.ClientInterceptors on every endpoint's "
+        "channels, `module:attribute` like `server.extra_interceptors`: innermost, once per "
+        "attempt (server/chain.py; docs/interceptors.md).",
+    )
+
+    _v_extra = field_validator("extra_interceptors")(
+        classmethod(lambda cls, v: [_check_import_path(p) for p in v])
+    )
 
     @field_validator("endpoints")
     @classmethod
     def _v_endpoints(cls, value: list[str]) -> list[str]:
-        return [_check_address(v) for v in value]
+        # consul://... and srv://... are checked by server/pool/consul.py and srv.py at
+        # start-up (core/ does not know the discovery sources' grammar).
+        return [v if v.startswith(("consul://", "srv://")) else _check_address(v) for v in value]
 
 
 class ResumeSettings(_Section):
@@ -1331,6 +1378,15 @@ class MetricsSettings(_Section):
         default="127.0.0.1:9091",
         description="HOST:PORT of the HTTP listener (containers: 0.0.0.0:9091); port 0 picks a "
         "free one (reported in the ready line).",
+    )
+    gen_ai_provider_name: str = Field(
+        default="aiproxy.agent",
+        min_length=1,
+        max_length=64,
+        description="The gen_ai.provider.name of the OpenTelemetry GenAI series (gen_ai_*): who "
+        "serves the models behind the agents, one of the spec's well-known values (openai, "
+        "anthropic, aws.bedrock, ...) when it applies; the default names the agent service "
+        "itself (docs/genai-metrics.md).",
     )
 
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))

@@ -11,6 +11,9 @@ durations cover the whole stream):
   - ai_proxy_requests_total, ai_proxy_request_duration_seconds, retries, affinity
     outcomes (hit, spill, failover), limiter rejections, tokens by model, stream first-chunk time, mean and largest chunk
     interval, active streams;
+  - the OpenTelemetry GenAI conventions' gen_ai_* histograms (core/metrics.GenAiMetrics):
+    duration of every call, token usage, and for successful streams the time to the first
+    chunk and per output token after it;
   - the span attributes (request id, upstream, attempts, GenAI model and tokens);
   - one JSON access log line (aiproxy.access), formatted and written off the event loop,
     in batches (core/accesslog.py).
@@ -34,7 +37,7 @@ from aiproxy.core.accesslog import access_log
 from aiproxy.core.callinfo import CallInfo
 from aiproxy.core.errors import Reason
 from aiproxy.core.logs import log_event
-from aiproxy.core.metrics import CallTelemetry
+from aiproxy.core.metrics import GEN_AI_OPERATIONS, CallTelemetry
 from aiproxy.core.service import Method
 from aiproxy.core.types import Context
 
@@ -74,6 +77,8 @@ class _Method:
         "exit",
         "first_chunk",
         "gap_max",
+        "gen_ai_children",
+        "gen_ai_operation",
         "grpc_type",
         "handling",
         "interval",
@@ -114,6 +119,9 @@ class _Method:
         self.first_chunk: Any = None
         self.interval: Any = None
         self.gap_max: Any = None
+        self.gen_ai_operation = GEN_AI_OPERATIONS.get(name, "")
+        # (model label, error type) -> the gen_ai_* children of this method.
+        self.gen_ai_children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     def _resolve(self) -> None:
         telemetry = self._obs._t
@@ -249,6 +257,8 @@ class Observability:
                 m.interval.observe((call.last_at - call.first_at) / (n - 1))
                 m.gap_max.observe(call.gap_max)
         requested = self._usage(m, call, call.request, call.first, call.last)
+        if m.gen_ai_operation:
+            self._gen_ai(m, call, requested, elapsed)
         if self._current_span is not None:
             self._annotate_span(call, requested)
         if self._access:
@@ -277,6 +287,35 @@ class Observability:
             if not call.replayed:  # a cache hit or a resume consumed no tokens upstream
                 self._count_tokens(call.model, usage.prompt_tokens, usage.completion_tokens)
         return requested
+
+    def _gen_ai(self, m: _Method, call: CallInfo, requested: str, elapsed: float) -> None:
+        """The gen_ai_* series (core/metrics.GenAiMetrics): gen_ai.request.model is the
+        model the request named, else the one that answered (the service's default)."""
+        ok = call.code == "OK"
+        model = self._t.proxy.model_label(requested or call.model or "unknown")
+        key = (model, "" if ok else call.code)
+        children = m.gen_ai_children.get(key)
+        if children is None:
+            g = self._t.proxy.gen_ai
+            labels = (m.gen_ai_operation, g.provider, model)
+            children = m.gen_ai_children[key] = (
+                g.request_duration.labels(*labels, key[1]),
+                g.token_usage.labels(*labels, "input"),
+                g.token_usage.labels(*labels, "output"),
+                # Streams only: a unary answer has no first token to time.
+                g.time_to_first_token.labels(*labels) if m.chunks is not None else None,
+                g.time_per_output_token.labels(*labels) if m.chunks is not None else None,
+            )
+        duration, tokens_in, tokens_out, ttft, tpot = children
+        duration.observe(elapsed)
+        if (call.prompt_tokens or call.completion_tokens) and not call.replayed:
+            tokens_in.observe(call.prompt_tokens)
+            tokens_out.observe(call.completion_tokens)
+        first = call.first_chunk_s
+        if ok and first is not None and ttft is not None:
+            ttft.observe(first)
+            if call.completion_tokens > 1 and tpot is not None:
+                tpot.observe(max(0.0, elapsed - first) / (call.completion_tokens - 1))
 
     def _annotate_span(self, call: CallInfo, requested_model: str) -> None:
         assert self._current_span is not None

@@ -37,7 +37,7 @@ from aiproxy.interceptors.overload import (
     OverloadGate,
 )
 from aiproxy.server import tls
-from aiproxy.server.chain import client_interceptors, pipeline_stages
+from aiproxy.server.chain import client_interceptors, pipeline_stages, server_interceptors
 from aiproxy.server.pool.backlog import BacklogProbe
 from aiproxy.server.pool.pool import UpstreamPool
 from aiproxy.server.request.admin import ProxyAdmin
@@ -53,7 +53,7 @@ from aiproxy.server.request.openai_front import OPENAI_SERVICE_NAME, OpenAIFront
 from aiproxy.server.request.pipeline import Pipeline
 from aiproxy.server.request.resume import Resumer, build_stream_buffer, resume_backend
 from aiproxy.server.stores.limits_backend import close_limit_store, open_limit_store
-from aiproxy.server.telemetry import Telemetry, server_tracing_interceptor
+from aiproxy.server.telemetry import Telemetry
 
 log = logging.getLogger("aiproxy.server")
 
@@ -143,7 +143,9 @@ class ProxyServer:
         self.pool = UpstreamPool(
             settings.upstream,
             breaker_settings=settings.breaker,
-            client_interceptors=client_interceptors(self.telemetry),
+            client_interceptors=client_interceptors(
+                self.telemetry, settings.upstream.extra_interceptors
+            ),
             client_metrics=self.telemetry.grpc_client,
             credentials=tls.channel_credentials(settings.tls.upstream),
             extra_channel_options=tls.channel_options(
@@ -310,13 +312,10 @@ class ProxyServer:
             )
         self.telemetry.start_metrics_server()
         # API calls run no grpc.aio interceptor: the pipeline is their one handler. The
-        # OpenTelemetry server interceptor stays one when tracing is on (opt-in): it opens
-        # the SERVER span before the handler, so the whole pipeline is inside it.
-        tracing = self.telemetry.tracing
+        # OpenTelemetry server interceptor (tracing on, opt-in) and the deployment's own
+        # (server.extra_interceptors) are the only ones (server/chain.py says where).
         server = grpc.aio.server(
-            interceptors=[server_tracing_interceptor(self.telemetry.tracer_provider)]
-            if tracing
-            else None,
+            interceptors=server_interceptors(self.settings, self.telemetry),
             options=server_options(self.settings),
         )
         if self.limit_store is None and self.settings.limits.enabled:
@@ -339,7 +338,16 @@ class ProxyServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, beside)
         # Untyped: protoc's generated *_pb2_grpc.py, and the grpcio-reflection stubs'
         # declaration of it.
-        admin_grpc.add_ProxyAdminServiceServicer_to_server(ProxyAdmin(self.pool), beside)  # type: ignore[no-untyped-call]
+        resumer = self.resumer
+        admin = ProxyAdmin(
+            self.pool,
+            settings=self.settings,
+            metrics=self.telemetry.proxy,
+            serving=lambda: self.health.serving,
+            active_calls=lambda: self.forwarder.active,
+            resumable=lambda: (0, 0) if resumer is None else (resumer.generating, resumer.detached),
+        )
+        admin_grpc.add_ProxyAdminServiceServicer_to_server(admin, beside)  # type: ignore[no-untyped-call]
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
             reflection.aio.ReflectionServicer(
                 (
@@ -364,6 +372,8 @@ class ProxyServer:
         await server.start()
         self._server = server
         self._start_backlog_probe()
+        # The admin overview's rates: counters sampled once a second (server/request/admin.py).
+        self._background.append(asyncio.create_task(admin.sampler.run(), name="admin-sampler"))
         log_event(
             log,
             "proxy_started",

@@ -37,9 +37,27 @@ why:
 
 Error shaping is the pipeline's own frame (server/request/pipeline.py), around all of them: one
 place turns exceptions into the Status, never overwrites an abort, and ends a failing
-stream with its in-band final chunk. With tracing on, the OpenTelemetry server
-interceptor stays a real grpc.aio interceptor (opt-in; it opens the SERVER span from the
-caller's W3C context before the handler runs, so every stage's work is inside it).
+stream with its in-band final chunk.
+
+Real grpc.aio server interceptors, outside all of the above (they run before the handler
+is even chosen, for EVERY call: the API, health, reflection, admin), in this order:
+
+  a. OpenTelemetry server        (tracing on) opens the SERVER span from the caller's W3C
+     interceptor                 context, so everything below is inside it.
+  b. server.extra_interceptors   the deployment's own (server/extensions.py), in the
+                                 configured order, the first outermost. They see each
+                                 call before the overload gate, with the request as the
+                                 handler gets it: API methods take raw bytes as a request
+                                 stream (the pipeline decodes), streams are async
+                                 generators. A call one of them refuses never reaches
+                                 the pipeline: it is not in ai_proxy_requests_total or
+                                 the access log, and its abort should use
+                                 aiproxy.core.errors.abort_with to be shaped like ours
+                                 (google.rpc.Status + ErrorInfo; interceptors/examples/).
+                                 They see the overload gate's probes of the listener too
+                                 (x-aiproxy-probe), which they should let through.
+With neither, the server is built with no interceptor at all: the composed pipeline's
+speed is untouched for deployments that add none.
 
 Upstream side: no grpc.aio client interceptors on the endpoints' channels unless
 tracing is on (that machinery cost ~115 us of CPU per call). Each upstream
@@ -55,14 +73,20 @@ attempt (server/pool/upstream.py `Endpoint.unary` / `.stream`) does, in this ord
   3. the call, tracked                so that the pool can fail it at once when the
                                       endpoint stops answering (CallsInFlight).
   4. OpenTelemetry client             (tracing on) one CLIENT span per attempt,
-     interceptors                     traceparent injected: the only channel
-                                      interceptors, innermost.
+     interceptors                     traceparent injected.
+  5. upstream.extra_interceptors      the deployment's own grpc.aio ClientInterceptors,
+                                      innermost (inside the CLIENT span; metadata they
+                                      add is sent), once per attempt, retries included.
+                                      Channel interceptors cost ~115 us of CPU per call:
+                                      none are installed unless configured.
 
 Retries sit above the channels, in server/request/forwarding.py, because the next attempt must
 be free to go to another endpoint.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import grpc
 
@@ -79,15 +103,33 @@ from aiproxy.interceptors.observability import Observability
 from aiproxy.interceptors.request_context import RequestContext
 from aiproxy.interceptors.stage import DECODE, Step
 from aiproxy.interceptors.validation import RequestRules, Validation
-from aiproxy.server.telemetry import Telemetry
+from aiproxy.server import extensions
+from aiproxy.server.telemetry import Telemetry, server_tracing_interceptor
 
 
-def client_interceptors(telemetry: Telemetry | None = None) -> list[grpc.aio.ClientInterceptor]:
-    """The interceptors on each upstream endpoint's channels: the OpenTelemetry client
-    interceptors when tracing is on, else none (see the module doc)."""
+def client_interceptors(
+    telemetry: Telemetry | None = None, extra: Sequence[str] = ()
+) -> list[grpc.aio.ClientInterceptor]:
+    """The interceptors on each upstream endpoint's channels, outermost first: the
+    OpenTelemetry client interceptors when tracing is on, then upstream.extra_interceptors
+    (`extra`); none at all by default (see the module doc)."""
+    out: list[grpc.aio.ClientInterceptor] = []
     if telemetry is not None and telemetry.tracing:
-        return client_tracing_interceptors(telemetry.tracer_provider)
-    return []
+        out.extend(client_tracing_interceptors(telemetry.tracer_provider))
+    out.extend(extensions.client_interceptors(list(extra)))
+    return out
+
+
+def server_interceptors(
+    settings: Settings, telemetry: Telemetry | None = None
+) -> list[grpc.aio.ServerInterceptor] | None:
+    """The grpc.aio server interceptors, outermost first (module doc: a, b), or None when
+    there are none (grpc.aio then wraps nothing)."""
+    out: list[grpc.aio.ServerInterceptor] = []
+    if telemetry is not None and telemetry.tracing:
+        out.append(server_tracing_interceptor(telemetry.tracer_provider))
+    out.extend(extensions.server_interceptors(settings.server.extra_interceptors))
+    return out or None
 
 
 def method_deadlines(settings: Settings) -> MethodDeadlines:

@@ -44,9 +44,11 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiproxy.server.app import run_proxy
+    from aiproxy.server.extensions import check_settings
 
     try:
         settings = load_settings(args.config, **_serve_overrides(args))
+        check_settings(settings)
     except ConfigError as exc:
         print(f"aiproxy: {exc}", file=sys.stderr)
         return 2

@@ -72,7 +72,7 @@ class Telemetry:
         self.registry = CollectorRegistry(auto_describe=True)
         self.grpc_server = GrpcServerMetrics(self.registry)
         self.grpc_client = GrpcClientMetrics(self.registry)
-        self.proxy = ProxyMetrics(self.registry)
+        self.proxy = ProxyMetrics(self.registry, settings.metrics.gen_ai_provider_name)
         self.access_log = settings.log.access
         # Started and stopped by the server (server/app.py) with the process's log handlers.
         self.access_writer = AccessLogWriter(access_log) if self.access_log else None
@@ -155,6 +155,12 @@ class Telemetry:
         """Keep the breaker, health and usable gauges in step with the pool."""
         pool.add_listener(self._pool_changed)
         self._pool_changed(pool)
+        pool.discovery.add_status_listener(self._discovery_status)
+
+    def _discovery_status(self, source: str, up: bool) -> None:
+        self.proxy.discovery_up.labels(source).set(1 if up else 0)
+        if not up:
+            self.proxy.discovery_errors.labels(source).inc()
 
     def _pool_changed(self, pool: Any) -> None:
         pm = self.proxy

@@ -65,6 +65,8 @@ def expected_server_name(
         return settings.server_name
     names = set()
     for endpoint in endpoints:
+        if endpoint.startswith(("consul://", "srv://")):
+            return None  # Consul's instances carry addresses: set server_name
         host, _ = parse_hostport(endpoint)
         try:
             ipaddress.ip_address(host)

@@ -101,6 +101,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"file holding the secret Envoy adds as {EDGE_SECRET_HEADER} (the proxy's limits.edge_secret); default: ${EDGE_SECRET_ENV}",
     )
+    parser.add_argument(
+        "--no-compression",
+        action="store_true",
+        help="do not compress responses (default: brotli or gzip, as the caller accepts, for JSON answers and pages of at least --compress-min-bytes)",
+    )
+    parser.add_argument(
+        "--compress-min-bytes",
+        type=int,
+        default=1024,
+        help="smallest response body compressed (default 1024)",
+    )
+    parser.add_argument(
+        "--compress-sse",
+        action="store_true",
+        help="compress SSE streams (text/event-stream) too (default off; docs/operations.md has the measurement)",
+    )
+    parser.add_argument(
+        "--admin-view",
+        action="store_true",
+        help="serve the operators' live view at /admin/ and GET /admin/v1/overview (ProxyAdminService.GetOverview; needs an admin scope when the proxy's auth is on)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the rendered configuration and exit")  # fmt: skip
 
 
@@ -125,6 +146,10 @@ def settings_from_args(args: argparse.Namespace) -> EdgeSettings:
         health_interval_s=args.health_interval_s,
         sse_coalesce_ms=args.sse_coalesce_ms,
         edge_secret=_edge_secret(args.edge_secret_file),
+        compression=not args.no_compression,
+        compress_min_bytes=args.compress_min_bytes,
+        compress_sse=args.compress_sse,
+        admin_view=args.admin_view,
         descriptor=args.descriptor,
         page=args.page,
     )

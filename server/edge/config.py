@@ -45,6 +45,7 @@ def _envoy_dir() -> pathlib.Path:
 ENVOY_DIR = _envoy_dir()
 TEMPLATE = ENVOY_DIR / "envoy.yaml.tmpl"
 PAGE = ENVOY_DIR / "page" / "index.html"
+ADMIN_PAGE = ENVOY_DIR / "page" / "admin.html"
 
 
 def _descriptor() -> pathlib.Path:
@@ -99,6 +100,9 @@ GUARD_MESSAGES: dict[str, str] = {
 # implemented.
 GUARD_CODES: dict[str, int] = {"connect-codec": 12, "connect-get": 12}
 BODY_TOO_LARGE = "request body too large"
+ADMIN_NOT_EXPOSED = "not available through the edge"
+ADMIN_VIEW_OFF = "the live view is off (aiproxy envoy --admin-view turns it on)"
+ADMIN_SERVICE = "ai.proxy.v1.ProxyAdminService"
 
 # Delay a caller is told to wait before retrying an edge-level unavailability (the proxy's
 # own UNAVAILABLE_RETRY_DELAY_S is the same 1 s).
@@ -382,7 +386,12 @@ def _guard_reason(key: str) -> str:
 
 
 def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
-    messages = {**GUARD_MESSAGES, "body": BODY_TOO_LARGE, "not-allowed": "method not allowed"}
+    messages = {
+        **GUARD_MESSAGES,
+        "body": BODY_TOO_LARGE,
+        "not-allowed": "method not allowed",
+        "admin": ADMIN_NOT_EXPOSED,
+    }
     details = {
         key: status_bin(GUARD_CODES.get(key, 3), message, _guard_reason(key))
         for key, message in GUARD_MESSAGES.items()
@@ -391,6 +400,8 @@ def _guard_tables(descriptor: pathlib.Path) -> dict[str, str]:
         key: connect_error(GUARD_CODES.get(key, 3), message, _guard_reason(key))
         for key, message in GUARD_MESSAGES.items()
     }
+    details["admin"] = status_bin(7, ADMIN_NOT_EXPOSED, "PERMISSION_DENIED")
+    connect_errors["admin"] = connect_error(7, ADMIN_NOT_EXPOSED, "PERMISSION_DENIED")
     rules = http_bindings(descriptor)
     for path, verbs in http_bindings(descriptor, OPENAI_SERVICE).items():
         rules.setdefault(path, set()).update(verbs)
@@ -454,6 +465,15 @@ class EdgeSettings:
     # Added to every forwarded request as x-aiproxy-edge: the proxy believes the
     # client-address header only with it (when its limits.edge_secret is set).
     edge_secret: str | None = field(default=None, repr=False)
+    # Response compression (brotli, gzip) of JSON answers and pages at least this large;
+    # SSE streams only with compress_sse (see the template).
+    compression: bool = True
+    compress_min_bytes: int = 1024
+    compress_sse: bool = False
+    # The operators' live view at /admin/ and its GET /admin/v1/overview (ProxyAdminService
+    # through the transcoder; an admin scope when the proxy's auth is on).
+    admin_view: bool = False
+    admin_page: pathlib.Path = ADMIN_PAGE
     descriptor: pathlib.Path = DESCRIPTOR
     page: pathlib.Path = PAGE
     template: pathlib.Path = TEMPLATE
@@ -467,8 +487,19 @@ class EdgeSettings:
             parse_hostport(proxy)
         if not 0 <= self.sse_coalesce_ms <= 1000:
             raise EdgeError("the SSE coalescing window must be within 0..1000 ms")
+        if not 0 <= self.compress_min_bytes <= 1 << 20:
+            raise EdgeError("--compress-min-bytes must be between 0 and 1 MiB")
         if self.health_interval_s <= 0 or self.stream_idle_timeout_s <= 0:
             raise EdgeError("intervals and timeouts must be positive")
+
+
+# What the edge compresses: the transcoder's JSON answers and errors, the pages.
+COMPRESSED_TYPES = ("application/json", "text/html", "application/javascript", "text/css")
+SSE_TYPE = "text/event-stream"
+
+
+def compress_content_types(settings: EdgeSettings) -> list[str]:
+    return [*COMPRESSED_TYPES, *((SSE_TYPE,) if settings.compress_sse else ())]
 
 
 def _duration(seconds: float) -> str:
@@ -512,6 +543,7 @@ def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool =
     for what, path in (
         ("descriptor set", settings.descriptor),
         ("page", settings.page),
+        ("admin page", settings.admin_page),
         ("template", settings.template),
     ):
         if not path.is_file():
@@ -543,6 +575,17 @@ def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool =
         "descriptor_path": json.dumps(str(settings.descriptor.resolve())),
         "page_path": json.dumps(str(settings.page.resolve())),
         "local_reply_mappers": json.dumps(local_reply_mappers()),
+        "transcoder_services": json.dumps(
+            [AGENT_SERVICE, OPENAI_SERVICE, *((ADMIN_SERVICE,) if settings.admin_view else ())]
+        ),
+        "admin_page_response": json.dumps(
+            {"status": 200, "body": {"filename": str(settings.admin_page.resolve())}}
+            if settings.admin_view
+            else {"status": 404, "body": {"inline_string": ADMIN_VIEW_OFF}}
+        ),
+        "compress_enabled": json.dumps(settings.compression),
+        "compress_min_bytes": settings.compress_min_bytes,
+        "compress_content_types": json.dumps(compress_content_types(settings)),
         "edge_request_headers": json.dumps(
             _edge_request_headers(
                 settings.edge_secret if reveal_secret or not settings.edge_secret else _MASKED

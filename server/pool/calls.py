@@ -59,6 +59,9 @@ class CallsInFlight:
 
     def __init__(self, on_unavailable: Callable[[], None] = lambda: None) -> None:
         self._calls: set[Tracked] = set()
+        # Calls that ended with the endpoint's error or because the pool failed them
+        # (callers' cancellations excluded): the admin overview's error rate.
+        self.failed = 0
         # Told when a call fails with UNAVAILABLE by itself (the liveness probe's hint).
         self.on_unavailable = on_unavailable
 
@@ -84,13 +87,14 @@ class CallsInFlight:
     def ended_badly(self, entry: Tracked, exc: BaseException) -> None:
         """Raise UNAVAILABLE for a call the pool failed; hint at an UNAVAILABLE of its own."""
         if entry.why is not None:
+            self.failed += 1
             raise _unavailable(entry.why) from None
-        if (
-            isinstance(exc, grpc.aio.AioRpcError)
-            and exc.code() is grpc.StatusCode.UNAVAILABLE
-            and not not_the_replicas_fault(exc)
-        ):
-            self.on_unavailable()
+        if isinstance(exc, grpc.aio.AioRpcError):
+            code = exc.code()
+            if code is not grpc.StatusCode.CANCELLED:
+                self.failed += 1
+            if code is grpc.StatusCode.UNAVAILABLE and not not_the_replicas_fault(exc):
+                self.on_unavailable()
 
 
 OK = grpc.StatusCode.OK

@@ -241,6 +241,11 @@ class Endpoint:
             raise
         return UpstreamStream(call, self.calls, permit, m, start)
 
+    @property
+    def failed_calls(self) -> int:
+        """Calls sent here that failed (server/pool/calls.py CallsInFlight.failed)."""
+        return self.calls.failed
+
     def breaker_state_proto(self) -> int:
         """The breaker's state as ai.proxy.v1.BreakerState (UNSPECIFIED: no breaker)."""
         return 0 if self.breaker is None else int(self.breaker.state) + 1

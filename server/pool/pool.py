@@ -76,6 +76,7 @@ class UpstreamPool:
             self.set_addresses,
             refresh_s=settings.dns_refresh_s,
             resolver=resolver or system_resolver,
+            consul_options={"wait_s": settings.consul_wait_s},
         )
         self._rng = rng or random.Random()
         self.endpoints: dict[str, Endpoint] = {}

@@ -114,6 +114,7 @@ def _banner(model: ModelChoice | None = None) -> str:
     return f"""
 aiproxy demo is up.
   browser page     {http}/   (through Envoy: type a prompt, watch it stream)
+  live view        {http}/admin/   (endpoints, breakers, streams, calls/s; refreshes itself)
   Envoy (HTTP)     {ENVOY_HTTP}    (JSON + SSE under /api/v1/ai/..., gRPC too; /healthz)
   proxy (gRPC)     {PROXY}   (health, reflection: grpcurl works)
   agent (gRPC)     {AGENT}   {agent}{model_line}
@@ -177,7 +178,10 @@ async def _demo(args: argparse.Namespace) -> int:
         children.append(await _spawn("agent", *_agent_args(model)))
         children.append(await _spawn("proxy", "serve", "--listen", PROXY, "--upstream", AGENT))
         await _wait_serving(PROXY)
-        children.append(await _spawn("envoy", "envoy", "--listen", ENVOY_HTTP, "--proxy", PROXY))
+        # The live view too: the demo's proxy has no auth and listens on loopback only.
+        children.append(
+            await _spawn("envoy", "envoy", "--listen", ENVOY_HTTP, "--proxy", PROXY, "--admin-view")
+        )
         await _wait_http_ok(f"http://{ENVOY_HTTP}/healthz")
         print(_banner(model) + devtoken.demo_hint(), flush=True)
         waiters = [asyncio.ensure_future(c.proc.wait()) for c in children]

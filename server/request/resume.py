@@ -227,6 +227,11 @@ class Resumer:
     def detached(self) -> int:
         return len(self._detached)
 
+    @property
+    def generating(self) -> int:
+        """Resumable generations running (caller attached, or in its grace)."""
+        return len(self._tasks)
+
     def _detach(self, owner: _Owner) -> None:
         """The caller left: count the owner against the bounds; evict the oldest past them."""
         owner.detach()

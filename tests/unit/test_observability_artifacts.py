@@ -15,7 +15,7 @@ from aiproxy.server.telemetry import Telemetry
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "aiproxy-alerts.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "aiproxy-dashboard.json"
-SERIES = re.compile(r"\b((?:ai_proxy|grpc_(?:server|client))_[a-z_]+)\b")
+SERIES = re.compile(r"\b((?:ai_proxy|grpc_(?:server|client)|gen_ai_(?:server|client))_[a-z_]+)\b")
 
 
 def exported_series() -> set[str]:
@@ -56,8 +56,8 @@ def test_dashboard_panels_query_exported_series() -> None:
             used = set(SERIES.findall(target["expr"]))
             assert used <= exported, (panel["title"], used - exported)
             queried |= used
-    # Every proxy metric has a panel.
-    own = {name for name in exported if name.startswith("ai_proxy_")}
+    # Every proxy metric, and every GenAI conventions' one, has a panel.
+    own = {name for name in exported if name.startswith(("ai_proxy_", "gen_ai_"))}
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in own}
     covered = {re.sub(r"_(bucket|sum|count)$", "", n) for n in queried}
     assert families <= covered, families - covered
