@@ -38,6 +38,7 @@ PATH_LABEL = {
     "envoy": "Envoy alone",
     "envoy_hpack0": "Envoy, hpack_table_size 0",
     "sse": "sse (edge → aiproxy)",
+    "sse_each": "sse, edge coalescing off",
 }
 
 
@@ -600,14 +601,14 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
             "Rows with several repetitions show the median one (by server CPU/chunk).\n"
         )
         w(
-            "| scenario | path | streams × chunks @ interval | calls ok | chunks/s | messages/s | × direct | TTFC p50 | TTFC p99 | interval p99 | lost | seq errors | server CPU/chunk | × bare hop CPU/chunk | server CPU/stream | KiB/stream | generator CPU/chunk | errors |"
+            "| scenario | path | streams × chunks @ interval | calls ok | chunks/s | messages/s | × direct | TTFC p50 | TTFC p99 | interval mean | interval p99 | lost | seq errors | server CPU/chunk | × bare hop CPU/chunk | server CPU/stream | KiB/stream | generator CPU/chunk | errors |"
         )
-        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in streams.get("rows", []) + streams.get("hold", []):
             s = r["shape"]
             d = r["direct"]["chunks_per_s"] or 0
             bare_cpu = (r.get("bare") or {}).get("server_cpu_us_per_chunk")
-            for path in ("direct", "bare", "proxy", "envoy", "sse"):
+            for path in ("direct", "bare", "proxy", "envoy", "sse", "sse_each"):
                 if path not in r:
                     continue
                 x = r[path]
@@ -616,13 +617,13 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
                 cpu = x.get("server_cpu_us_per_chunk")
                 over_bare = (
                     cpu / bare_cpu
-                    if bare_cpu and cpu and path in ("proxy", "envoy", "sse")
+                    if bare_cpu and cpu and path in ("proxy", "envoy", "sse", "sse_each")
                     else None
                 )
                 reps = _reps([y.get("server_cpu_us_per_chunk") for y in x.get("reps", [])])
                 w(
                     f"| {s['name']} | {PATH_LABEL[path]} | {s['k']} × {s['n']} @ {s['interval_ms']} ms | {x['ok']}/{x['calls']} | {x['chunks_per_s']:.0f} | {x['messages_per_s']:.0f} | {ratio:.2f}x | "
-                    f"{_f(x['ttfc_p50_ms'], '{:.1f} ms')} | {_f(x['ttfc_p99_ms'], '{:.1f} ms')} | {_f(x.get('chunk_interval_p99_ms'), '{:.1f} ms')} | {x['lost_pieces']} | {x['seq_errors']} | "
+                    f"{_f(x['ttfc_p50_ms'], '{:.1f} ms')} | {_f(x['ttfc_p99_ms'], '{:.1f} ms')} | {_f(x.get('chunk_interval_mean_ms'), '{:.1f} ms')} | {_f(x.get('chunk_interval_p99_ms'), '{:.1f} ms')} | {x['lost_pieces']} | {x['seq_errors']} | "
                     f"{_f(cpu, '{:.0f} µs')}{reps} | {_f(over_bare, '{:.2f}x')} | {_f(x.get('server_cpu_us_per_call'), '{:.0f} µs')} | {_f(None if kib is None else kib / 1024, '{:.1f}')} | {_f(x.get('client_cpu_us_per_chunk'), '{:.0f} µs')} | {x['errors'] or ''} |"
                 )
         w(

@@ -524,21 +524,52 @@ class Bench(Stack):
                 )
                 print_stream(shape, name, row[name])
             if with_sse:
-                edge = self.envoy_edge(procs["proxy"].address)
-                if edge is not None:
-                    self.stream_load(
-                        "sse",
-                        edge.address,
-                        warm_shape,
-                        warm_expected,
-                        {"prompt": PROMPT, "options": {"maxTokens": 2}},
-                        watch=None,
-                    )
-                    body = {"prompt": PROMPT, "options": {"maxTokens": n}}
-                    row["sse"] = self.stream_load(
-                        "sse", edge.address, shape, expected, body, watch=procs["proxy"]
-                    )
-                    print_stream(shape, "sse", row["sse"])
+                # The edge as it ships (its SSE coalescing window, when it has one), then,
+                # in the same run, with every chunk as it comes ("sse_each").
+                variants: list[tuple[str, tuple[str, ...]]] = [("sse", ())]
+                if self._edge_available() and "--sse-coalesce-ms" in self._edge_help:
+                    variants.append(("sse_each", ("--sse-coalesce-ms", "0")))
+                for key, flags in variants:
+                    edge = self.envoy_edge(procs["proxy"].address, *flags)
+                    if edge is None:
+                        break
+                    try:
+                        self.stream_load(
+                            "sse",
+                            edge.address,
+                            warm_shape,
+                            warm_expected,
+                            {"prompt": PROMPT, "options": {"maxTokens": 2}},
+                            watch=None,
+                        )
+                        body = {"prompt": PROMPT, "options": {"maxTokens": n}}
+                        # The edge's own CPU too (Envoy is its child): a chunk through the
+                        # edge costs Envoy + aiproxy, compared with Envoy alone + bare hop.
+                        edge_cpu = Sampler(edge)
+                        row[key] = self.stream_load(
+                            "sse", edge.address, shape, expected, body, watch=procs["proxy"]
+                        )
+                        edge_s = edge_cpu.stop()["cpu_s"]
+                        r = row[key]
+                        if r["pieces_delivered"]:
+                            r["edge_cpu_us_per_chunk"] = edge_s / r["pieces_delivered"] * 1e6
+                            both = (r.get("server_cpu_us_per_chunk") or 0) + r[
+                                "edge_cpu_us_per_chunk"
+                            ]
+                            floor = sum(
+                                (row.get(p) or {}).get("server_cpu_us_per_chunk") or 0
+                                for p in ("envoy", "bare")
+                            )
+                            r["edge_plus_proxy_over_envoy_plus_bare"] = ratio(both, floor or None)
+                        print_stream(shape, key, r)
+                        print(
+                            f"  streams {shape['name']:<10} {key}: edge {_num(r.get('edge_cpu_us_per_chunk'))} us/chunk, "
+                            f"(edge + aiproxy) / (Envoy + bare) {fmt_x(r.get('edge_plus_proxy_over_envoy_plus_bare'))}",
+                            flush=True,
+                        )
+                    finally:
+                        self.stop(edge)
+                        edge = None
             d, p = row["direct"], row["proxy"]
             row["proxy_over_direct_chunks"] = (
                 p["chunks_per_s"] / d["chunks_per_s"] if d["chunks_per_s"] else None
@@ -872,6 +903,10 @@ class Bench(Stack):
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+def _num(v: float | None) -> str:
+    return "—" if v is None else f"{v:.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:

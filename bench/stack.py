@@ -36,7 +36,7 @@ PROXY_ENV = {
     # noise into RESOURCE_EXHAUSTED streams, whose CPU then counts against the chunks
     # that did flow; the fixed capacity (server.max_active_calls) still applies.
     "AIPROXY_SERVER__OVERLOAD_WAIT_TARGET_MS": "0",
-    # The gate's fixed capacity (2000 calls in flight by default) would cap the hold rows,
+    # The gate's fixed capacity (5000 calls in flight by default) would cap the hold rows,
     # which measure how many slow streams one process can carry: raised like the limits.
     "AIPROXY_SERVER__MAX_ACTIVE_CALLS": "1000000",
     "AIPROXY_METRICS__LISTEN": "127.0.0.1:0",
@@ -297,7 +297,7 @@ class Stack:
             self.notes.append(f"h2load killed after {duration_s + 60:.0f}s: {' '.join(argv)}")
         return stdout
 
-    def envoy_edge(self, proxy_address: str) -> Proc | None:
+    def envoy_edge(self, proxy_address: str, *flags: str) -> Proc | None:
         """The Envoy edge from envoy/ (another part of the project), if it exists here."""
         if not self._edge_available():
             return None
@@ -308,7 +308,9 @@ class Stack:
         )
         return self._start(
             "edge",
-            aiproxy_argv("envoy", "--listen", "127.0.0.1:0", "--proxy", proxy_address, *extra),
+            aiproxy_argv(
+                "envoy", "--listen", "127.0.0.1:0", "--proxy", proxy_address, *extra, *flags
+            ),
         )
 
     def _edge_available(self) -> bool:

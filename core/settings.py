@@ -84,7 +84,11 @@ class ServerSettings(_Section):
         description="Calls being forwarded past which new API calls are refused at once, before "
         "any other work (RESOURCE_EXHAUSTED, OVERLOADED, RetryInfo; "
         "interceptors/overload.py). 0 = no gate (`limits.max_concurrent_calls` still applies "
-        "further in).",
+        "further in). On the 2-core bench box one process held 5,000 slow streams with none "
+        "lost (bench hold rows, docs/performance.md; at 10,000 grpc-core cancelled the calls "
+        "the event loop could not take within its ~30 s); the default stays at 2,000 until "
+        "the fair gate's burst behaviour is measured with a higher ceiling. Re-derive it on "
+        "other hardware with `python -m bench.run --only streams` (the hold rows).",
     )
     overload_wait_target_ms: float = Field(
         default=250.0,
@@ -526,8 +530,8 @@ class StreamSettings(_Section):
         description="Opt-in: at most one push per this many ms after the first chunk (the "
         "first chunk is never held back); deltas arriving meanwhile go out merged. Fewer, "
         "larger messages are what a Python proxy's CPU is spent on (docs/performance.md). "
-        "0 = off. Not the default: on the shared 2-core bench box the chunk interval p99 with "
-        "50 ms went past 100 ms.",
+        "0 = off. Off here for native gRPC callers; the edge sends 50 for HTTP/JSON (SSE) "
+        "callers (`aiproxy envoy --sse-coalesce-ms`, docs/streaming.md).",
     )
     coalesce_window_ms_per_method: dict[str, float] = Field(
         default_factory=dict,

@@ -19,13 +19,17 @@ reasons from enums, upstreams from the configured pool, models from upstream ans
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import socketserver
 import sys
 import threading
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from aiproxy.core.accesslog import AccessLogWriter, access_log
 from aiproxy.core.breaker import BreakerState
@@ -40,6 +44,24 @@ from aiproxy.core.settings import Settings, TracingSettings, parse_hostport
 from aiproxy.interceptors.overload import PROBE_HEADER
 
 log = logging.getLogger("aiproxy.telemetry")
+
+
+# The metrics server's accept loop looks for a shutdown request this often when nothing
+# comes (stop_metrics_server wakes it at once by connecting).
+_METRICS_POLL_S = 3600.0
+
+
+class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _MetricsServer6(_MetricsServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes are not logged
 
 
 class Telemetry:
@@ -72,25 +94,54 @@ class Telemetry:
     # -- the scrape endpoint ------------------------------------------------------------
 
     def start_metrics_server(self) -> str | None:
-        """Serve /metrics (prometheus-client's threaded HTTP server: scrapes never run on
-        the event loop). Returns the bound HOST:PORT, or None when metrics are disabled."""
+        """Serve /metrics (a threaded WSGI server, as prometheus-client's own: scrapes never
+        run on the event loop). Returns the bound HOST:PORT, or None when metrics are
+        disabled. Its accept loop sleeps until a scrape comes: prometheus-client's
+        start_http_server wakes twice a second to look for a shutdown request, which is
+        CPU an idle proxy pays; stop_metrics_server wakes it by connecting instead."""
         m = self.settings.metrics
         if not m.enabled:
             return None
         host, port = parse_hostport(m.listen)
-        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = self._http.server_port
+        server_cls = _MetricsServer6 if ":" in host else _MetricsServer
+        httpd = make_server(
+            host, port, make_wsgi_app(self.registry), server_cls, handler_class=_QuietHandler
+        )
+        thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": _METRICS_POLL_S},
+            name="aiproxy-metrics",
+            daemon=True,
+        )
+        thread.start()
+        self._http, self._http_thread = httpd, thread
+        bound = httpd.server_port
         self.metrics_address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         log_event(log, "metrics_listening", address=self.metrics_address, path="/metrics")
         return self.metrics_address
 
     def stop_metrics_server(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            if self._http_thread is not None:
-                self._http_thread.join(timeout=5)
-            self._http = self._http_thread = None
+        httpd, thread = self._http, self._http_thread
+        if httpd is None:
+            return
+        # shutdown() waits for the accept loop to look again; a connection wakes it now.
+        stopper = threading.Thread(target=httpd.shutdown, daemon=True)
+        stopper.start()
+        host, _ = parse_hostport(self.metrics_address or "127.0.0.1:0")
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host in ("::", "[::]"):
+            host = "::1"
+        for _ in range(50):  # bounded: 50 x 0.1 s
+            with contextlib.suppress(OSError):
+                socket.create_connection((host.strip("[]"), httpd.server_port), timeout=0.5).close()
+            stopper.join(0.1)
+            if not stopper.is_alive():
+                break
+        httpd.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        self._http = self._http_thread = None
 
     def shutdown(self) -> None:
         self.stop_metrics_server()

@@ -49,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="active gRPC health check interval (default 1)",
     )
     parser.add_argument(
+        "--sse-coalesce-ms",
+        type=int,
+        default=50,
+        help="stream coalescing window for HTTP/JSON (SSE) callers that send no "
+        "x-aiproxy-coalesce-ms: at most one event per window after the first, which is never "
+        "held back (default 50, the streaming spec's; 0 = every chunk as it comes)",
+    )
+    parser.add_argument(
         "--startup-wait-s",
         type=float,
         default=10.0,
@@ -136,6 +144,7 @@ def settings_from_args(args: argparse.Namespace) -> EdgeSettings:
         proxies=tuple(args.proxy or (DEFAULT_PROXY,)),
         cors_origins=tuple(args.cors_origin or DEFAULT_CORS_ORIGINS),
         health_interval_s=args.health_interval_s,
+        sse_coalesce_ms=args.sse_coalesce_ms,
         edge_secret=_edge_secret(args.edge_secret_file),
         compression=not args.no_compression,
         compress_min_bytes=args.compress_min_bytes,

@@ -455,6 +455,13 @@ class EdgeSettings:
     # the metadata the proxy forwards. nginx's default line buffer is 8 KiB too.
     max_header_kb: int = 8
     max_header_count: int = 100
+    # HTTP/JSON callers (the SSE routes: browsers, EventSource) get this stream coalescing
+    # window unless they send their own x-aiproxy-coalesce-ms: at most one SSE event per
+    # window after the first, which is never held back (the streaming spec's "at most one
+    # push per 50 ms"). Each event costs the proxy a message and Envoy a transcoded frame
+    # and a pass of the Lua filter (docs/performance.md). 0 = none added (every chunk as it
+    # comes, unless the proxy's own stream.coalesce_window_ms says otherwise).
+    sse_coalesce_ms: int = 50
     # Added to every forwarded request as x-aiproxy-edge: the proxy believes the
     # client-address header only with it (when its limits.edge_secret is set).
     edge_secret: str | None = field(default=None, repr=False)
@@ -478,6 +485,8 @@ class EdgeSettings:
             raise EdgeError("at least one --proxy HOST:PORT is needed")
         for proxy in self.proxies:
             parse_hostport(proxy)
+        if not 0 <= self.sse_coalesce_ms <= 1000:
+            raise EdgeError("the SSE coalescing window must be within 0..1000 ms")
         if not 0 <= self.compress_min_bytes <= 1 << 20:
             raise EdgeError("--compress-min-bytes must be between 0 and 1 MiB")
         if self.health_interval_s <= 0 or self.stream_idle_timeout_s <= 0:
@@ -559,6 +568,7 @@ def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool =
         "max_request_body_bytes": settings.max_request_body_bytes,
         "max_header_kb": settings.max_header_kb,
         "max_header_count": settings.max_header_count,
+        "sse_coalesce_ms": settings.sse_coalesce_ms,
         # The codec's own limits, well above: past them HTTP/2 callers get GOAWAY.
         "codec_header_kb": max(96, 4 * settings.max_header_kb),
         "codec_header_count": max(200, 4 * settings.max_header_count),

@@ -9,7 +9,7 @@ client metrics when it ends, however it ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -177,11 +177,36 @@ class UpstreamStream:
             if self._metrics is not None:
                 self._metrics.finish(CANCELLED, self._start)
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
+    def _begin(self) -> tuple[Permit | None, ClientMethod | None]:
         self._started = True
-        permit = None if self._settled else self._permit
-        m = None if self._settled else self._metrics
-        received = 0  # counted once at the end: no metric lock per chunk
+        if self._settled:
+            return None, None
+        return self._permit, self._metrics
+
+    def _failed(self, permit: Permit | None, exc: BaseException) -> Any:
+        """The status code a stream that raised `exc` ends with; settles the permit (then
+        the caller calls `ended_badly`, which may raise UNAVAILABLE instead)."""
+        if isinstance(exc, grpc.aio.AioRpcError):
+            settle_failed(permit, exc)
+            return exc.code()
+        if permit is not None:
+            permit.ignore()
+        if isinstance(exc, asyncio.CancelledError):
+            return CANCELLED
+        if isinstance(exc, GeneratorExit):  # closed early by its reader
+            return CANCELLED
+        return UNKNOWN
+
+    def _end(self, m: ClientMethod | None, code: Any, received: int) -> None:
+        self._calls.untrack(self._entry)
+        if m is not None:
+            if received:  # counted once at the end: no metric lock per chunk
+                m.received.inc(received)
+            m.finish(code, self._start)
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        permit, m = self._begin()
+        received = 0
         code = UNKNOWN
         # call.read() rather than `async for`: grpc.aio's iterator is one more async
         # generator frame per chunk (_fetch_stream_responses) around the same read.
@@ -196,26 +221,41 @@ class UpstreamStream:
             code = OK
             if permit is not None:
                 permit.success()
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            settle_failed(permit, exc)
-            self._calls.ended_badly(self._entry, exc)
-            raise
-        except asyncio.CancelledError as exc:
-            code = CANCELLED
-            if permit is not None:
-                permit.ignore()
-            self._calls.ended_badly(self._entry, exc)
-            raise
         except BaseException as exc:
-            if isinstance(exc, GeneratorExit):  # closed early by its reader
-                code = CANCELLED
-            if permit is not None:
-                permit.ignore()
+            code = self._failed(permit, exc)
+            if isinstance(exc, grpc.aio.AioRpcError | asyncio.CancelledError):
+                self._calls.ended_badly(self._entry, exc)
             raise
         finally:
-            self._calls.untrack(self._entry)
-            if m is not None:
-                if received:
-                    m.received.inc(received)
-                m.finish(code, self._start)
+            self._end(m, code, received)
+
+    async def drain(
+        self, offer: Callable[[Any], bool], space: Callable[[], Awaitable[None]]
+    ) -> None:
+        """What the stream pump's reader runs (server/request/streaming.py): every chunk
+        into `offer` (sync; False when the buffer is full, then `space()` is awaited before
+        the next read), the upstream's error raised. The same settling as iteration, but
+        per chunk only one grpc read and one plain call: no async generator frame and no
+        coroutine around each chunk."""
+        permit, m = self._begin()
+        received = 0
+        code = UNKNOWN
+        read = self._call.read
+        try:
+            while True:
+                response = await read()
+                if response is _EOF:
+                    break
+                received += 1
+                if not offer(response):
+                    await space()
+            code = OK
+            if permit is not None:
+                permit.success()
+        except BaseException as exc:
+            code = self._failed(permit, exc)
+            if isinstance(exc, grpc.aio.AioRpcError | asyncio.CancelledError):
+                self._calls.ended_badly(self._entry, exc)
+            raise
+        finally:
+            self._end(m, code, received)

@@ -117,6 +117,25 @@ def test_bad_settings_are_refused(tmp_path: pathlib.Path) -> None:
         EdgeSettings(proxies=("no-port",))
     with pytest.raises(EdgeError, match="make gen"):
         render(EdgeSettings(descriptor=tmp_path / "missing.pb"))
+    with pytest.raises(EdgeError, match="coalescing"):
+        EdgeSettings(sse_coalesce_ms=1001)
+
+
+@needs_descriptor
+def test_http_callers_get_the_sse_coalescing_window_by_default() -> None:
+    def guard(config: dict[str, Any]) -> str:
+        source: str = _hcm(config)["http_filters"][0]["typed_config"]["default_source_code"][
+            "inline_string"
+        ]
+        return source
+
+    # The streaming spec's window, added only where the caller sent none (a caller's own
+    # x-aiproxy-coalesce-ms, 0 included, wins), and only for HTTP/JSON callers.
+    assert "local SSE_COALESCE_MS = 50\n" in guard(_config())
+    assert 'not headers:get("x-aiproxy-coalesce-ms")' in guard(_config())
+    assert "local SSE_COALESCE_MS = 0\n" in guard(_config(sse_coalesce_ms=0))
+    args = parse(["--sse-coalesce-ms", "20"])
+    assert settings_from_args(args).sse_coalesce_ms == 20
 
 
 @pytest.mark.envoy

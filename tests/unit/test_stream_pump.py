@@ -42,6 +42,22 @@ class FakeUpstream:
             raise self.error
 
 
+class DrainingUpstream(FakeUpstream):
+    """The same script through `drain(offer, space)`, the path UpstreamStream gives the
+    pump (server/pool/calls.py): no iteration."""
+
+    async def drain(self, offer, space) -> None:
+        async for item in FakeUpstream.__aiter__(self):
+            if not offer(item):
+                await space()
+
+    def __aiter__(self):
+        raise AssertionError("the pump must drain an upstream that can, not iterate it")
+
+
+UPSTREAMS = pytest.mark.parametrize("upstream_cls", [FakeUpstream, DrainingUpstream])
+
+
 def chunk(delta: str = "", **fields) -> pb.StreamGenerateResponse:
     return pb.StreamGenerateResponse(delta=delta, **fields)
 
@@ -59,8 +75,9 @@ async def collect(pump: StreamPump, *, delay: float = 0.0) -> list:
     return out
 
 
-async def test_passes_chunks_in_order_and_renumbers_seq() -> None:
-    upstream = FakeUpstream(
+@UPSTREAMS
+async def test_passes_chunks_in_order_and_renumbers_seq(upstream_cls) -> None:
+    upstream = upstream_cls(
         [chunk("a", seq=7, model="m"), chunk("b", seq=9), chunk("", is_final=True)]
     )
     out = await collect(StreamPump(upstream, pb.StreamGenerateResponse, settings(coalesce=False)))
@@ -108,8 +125,9 @@ async def test_idle_upstream_ends_stream() -> None:
     assert upstream.cancelled
 
 
-async def test_upstream_error_after_chunks_is_raised_in_order() -> None:
-    upstream = FakeUpstream([chunk("a"), chunk("b")], error=RuntimeError("boom"))
+@UPSTREAMS
+async def test_upstream_error_after_chunks_is_raised_in_order(upstream_cls) -> None:
+    upstream = upstream_cls([chunk("a"), chunk("b")], error=RuntimeError("boom"))
     pump = StreamPump(upstream, pb.StreamGenerateResponse, settings(coalesce=False))
     out = []
     with pytest.raises(RuntimeError, match="boom"):
@@ -118,8 +136,9 @@ async def test_upstream_error_after_chunks_is_raised_in_order() -> None:
     assert out == ["a", "b"]
 
 
-async def test_bounded_buffer_backpressures_the_upstream() -> None:
-    upstream = FakeUpstream([chunk(str(i)) for i in range(1000)] + [chunk("", is_final=True)])
+@UPSTREAMS
+async def test_bounded_buffer_backpressures_the_upstream(upstream_cls) -> None:
+    upstream = upstream_cls([chunk(str(i)) for i in range(1000)] + [chunk("", is_final=True)])
     pump = StreamPump(
         upstream, pb.StreamGenerateResponse, settings(buffer_chunks=5, coalesce=False)
     )
@@ -128,7 +147,7 @@ async def test_bounded_buffer_backpressures_the_upstream() -> None:
     for _ in range(10):
         await asyncio.sleep(0)
     # The reader stops when the queue is full: at most buffer + the chunk in hand + one
-    # blocked in put().
+    # read ahead.
     assert first.delta == "0"
     assert upstream.sent <= 5 + 2
     await chunks.aclose()

@@ -148,6 +148,50 @@ async def test_a_stream_is_settled_when_it_ends_and_counted_per_message(echo) ->
     assert len(endpoint.calls) == 0
 
 
+async def test_drain_settles_like_iteration_and_waits_for_space(echo) -> None:
+    """What the stream pump's reader runs: every chunk offered in order; a full buffer
+    (offer answers False) makes it wait for space before the next read; the end and a
+    failure settle the breaker and the metrics as iteration does."""
+    _service, address = echo
+    clock = FakeClock()
+    registry = CollectorRegistry()
+    breaker = _breaker(clock)
+    endpoint = Endpoint(
+        address,
+        UpstreamSettings(endpoints=[address]),
+        lambda _ep: None,
+        breaker=breaker,
+        client_metrics=ClientMetrics(GrpcClientMetrics(registry)),
+    )
+    labels = {"grpc_type": "SERVER_STREAMING", "grpc_service": "test.Echo", "grpc_method": "Stream"}
+    got: list[bytes] = []
+    waits = 0
+
+    def offer(chunk: bytes) -> bool:
+        got.append(chunk)
+        return False  # always "full": every chunk is followed by a wait for space
+
+    async def space() -> None:
+        nonlocal waits
+        waits += 1
+
+    try:
+        await endpoint.stream(STREAM, _identity, b"ok", (), 5).drain(offer, space)
+        assert (got, waits) == ([b"a", b"b"], 2)
+        assert breaker.state is BreakerState.CLOSED
+        got.clear()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await endpoint.stream(STREAM, _identity, b"fail", (), 5).drain(offer, space)
+        assert got == [b"a", b"b"]
+        assert breaker.state is BreakerState.OPEN  # a stream failing mid-way counts
+    finally:
+        await endpoint.close()
+    assert _sample(registry, "grpc_client_msg_received_total", **labels) == 4
+    assert _sample(registry, "grpc_client_handled_total", grpc_code="OK", **labels) == 1
+    assert _sample(registry, "grpc_client_handled_total", grpc_code="UNAVAILABLE", **labels) == 1
+    assert len(endpoint.calls) == 0
+
+
 async def test_a_stream_cancelled_before_its_first_read_frees_the_half_open_probe(echo) -> None:
     _service, address = echo
     clock = FakeClock()
