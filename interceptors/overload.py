@@ -15,7 +15,7 @@ CallInfo exists (server/request/pipeline.py runs `check` first), and answers
 RESOURCE_EXHAUSTED (ErrorInfo OVERLOADED with its `cause`, RetryInfo) with a prebuilt
 status. interceptors/limits.py keeps its exact, lease-based cap further in.
 
-WHOM it refuses (issue 23; docs/overload.md): with `policy="fair"` the gate counts the
+WHOM it refuses (docs/overload.md): with `policy="fair"` the gate counts the
 calls it admitted per caller (core/shedding.py: groups are verified identities and
 addresses, keys inside an address are client ids and unverified credentials; who is
 who: `CallerIdentity`), and past the limit refuses only callers holding their fair share
