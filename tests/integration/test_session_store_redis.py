@@ -16,6 +16,7 @@ from aiproxy.agent.sessions import (
     SessionStoreUnavailable,
 )
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+from tests.support.waiting import eventually
 
 USER, ASSISTANT, SYSTEM = 2, 3, 1
 
@@ -149,15 +150,20 @@ async def test_one_owner_making_sessions_pushes_out_its_own_not_everyones(
 
 
 async def test_the_ttl_runs_from_the_last_turn(redis_server: RedisServer) -> None:  # noqa: F811
-    store = RedisSessionStore(redis_server.url, Bounds(ttl_s=0.3), timeout_s=0.5)
+    # Margins of 0.4 s either side of the expiry (a loaded box oversleeps by tens of ms);
+    # the end is waited for as a state, not slept past.
+    store = RedisSessionStore(redis_server.url, Bounds(ttl_s=1.0), timeout_s=0.5)
     try:
         await store.append("k", [(USER, "a")], replace=False)
-        await asyncio.sleep(0.2)
-        await store.append("k", [(USER, "b")], replace=False)  # refreshed
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.6)
+        await store.append("k", [(USER, "b")], replace=False)  # refreshed: now until +1.6 s
+        await asyncio.sleep(0.6)  # past the first turn's expiry (+1.0 s)
         assert await store.load("k") == ((USER, "a"), (USER, "b"))
-        await asyncio.sleep(0.35)
-        assert await store.load("k") is None
+
+        async def expired() -> bool:
+            return await store.load("k") is None
+
+        await eventually(expired, 5, "the session expired a TTL after its last turn")
     finally:
         await store.aclose()
 
