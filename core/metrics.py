@@ -215,6 +215,12 @@ class ProxyMetrics:
             "of the probed methods' queues).",
             registry=registry,
         )
+        self.stream_lateness = Gauge(
+            "ai_proxy_overload_stream_lateness_seconds",
+            "How late admitted streams in flight are by their own cadence (p90 of a sample; "
+            "0: on time); past server.overload_wait_target_ms the gate's limit drops.",
+            registry=registry,
+        )
         self.first_chunk_estimate = Gauge(
             "ai_proxy_overload_first_chunk_seconds",
             "The gate's estimate of time to first chunk (p90 of recent admitted streams, "

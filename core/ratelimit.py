@@ -318,6 +318,19 @@ def peer_ip(peer: str) -> IPAddress | None:
     return ip
 
 
+def as_peer(address: str) -> str | None:
+    """A client address from a trusted header (an edge's client-address header), in
+    grpc's peer format, so that `peer_ip`, `peer_host` and `caller_key` treat it like a
+    connection's address; None if it is not an IP address. Shared by the limiter
+    (interceptors/limits.py) and the overload gate (interceptors/overload.py), which must
+    read the same header the same way."""
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return None
+    return f"ipv4:{ip}:0" if ip.version == 4 else f"ipv6:[{ip}]:0"
+
+
 def peer_host(peer: str) -> str:
     """The caller's address without the port, from grpc's `context.peer()` (`peer_ip`).
 

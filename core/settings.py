@@ -258,6 +258,20 @@ class OverloadSettings(_Section):
         "already waited, and grpc-core cancels what it holds for 30 s. Other methods keep "
         "fair shedding. 0 = never.",
     )
+    gap_factor: float = Field(
+        default=4.0,
+        gt=0,
+        description="A stream in flight is late once it has sent nothing for this many times "
+        "its own mean gap between chunks so far (its time to first chunk after one chunk; "
+        "before its first chunk, this many times the usual time to first chunk). When one "
+        "stream in ten is late by more than server.overload_wait_target_ms, the gate's "
+        "limit drops as it does for a long queue: a steady slow stream is never late.",
+    )
+    gap_grace_ms: float = Field(
+        default=500.0,
+        ge=0,
+        description="No silence shorter than this makes a stream late, whatever its cadence.",
+    )
     classes: list[ShedClassSettings] = Field(
         default_factory=_default_shed_classes,
         min_length=1,

@@ -56,20 +56,33 @@ class ShedClass:
 
 
 class Ticket:
-    """One admitted call's place in the counts; `release()` frees it, once."""
+    """One admitted call's place in the counts; `release()` frees it, once.
 
-    __slots__ = ("_shedder", "cred", "group", "key", "released")
+    A stream's ticket also carries its cadence, for the gate's sampler (`lateness`):
+    when it was admitted (`at`), its first and last chunk times and its chunk count. The
+    stream's own loop writes `first_at`, `last_at` and `chunks` as chunks go out (plain
+    attribute stores: no lock, no allocation on the chunk path); the sampler reads them."""
+
+    __slots__ = (
+        "_shedder", "at", "chunks", "cred", "first_at", "group", "key", "last_at", "released",
+        "slot",
+    )  # fmt: skip
 
     def __init__(self, shedder: FairShedder, group: str, key: str) -> None:
         self._shedder, self.group, self.key = shedder, group, key
         self.released = False
         # The gate's id of the caller's bearer token, to learn its verified identity.
         self.cred: str | None = None
+        self.at = self.first_at = self.last_at = 0.0
+        self.chunks = 0
+        self.slot = -1  # its index in FairShedder.streams while tracked
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self._shedder._release(self.group, self.key)
+            if self.slot >= 0:
+                self._shedder._untrack(self)
 
 
 class FairShedder:
@@ -86,6 +99,9 @@ class FairShedder:
         self._groups: dict[str, int] = {}  # calls in flight per group
         self._keys: dict[str, int] = {}  # calls in flight per key (group-qualified)
         self._keys_in: dict[str, int] = {}  # keys in flight per group
+        # Admitted streams in flight (tracked), in no order: add and remove are O(1)
+        # (a removed ticket's place is taken by the last one), the sampler reads a window.
+        self.streams: list[Ticket] = []
 
     def __len__(self) -> int:
         """Groups with a call in flight."""
@@ -135,6 +151,21 @@ class FairShedder:
         self._take(group, key)
         return Ticket(self, group, key)
 
+    def track(self, ticket: Ticket, now: float) -> None:
+        """Follow an admitted stream's cadence until its ticket is released."""
+        if ticket.slot < 0 and not ticket.released:
+            ticket.at = now
+            ticket.slot = len(self.streams)
+            self.streams.append(ticket)
+
+    def _untrack(self, ticket: Ticket) -> None:
+        streams, slot = self.streams, ticket.slot
+        moved = streams.pop()
+        if moved is not ticket:
+            streams[slot] = moved
+            moved.slot = slot
+        ticket.slot = -1
+
     def _take(self, group: str, key: str) -> None:
         self.in_flight += 1
         groups = self._groups
@@ -168,3 +199,43 @@ class FairShedder:
 
 def _qualified(group: str, key: str) -> str:
     return f"{group}\x00{key}" if key else group
+
+
+def lateness(
+    now: float,
+    ticket: Ticket,
+    factor: float,
+    grace_s: float,
+    usual_first_s: float,
+) -> float:
+    """Seconds a stream in flight is late by its own cadence (0: on time).
+
+    A stream is judged against itself, so a long, healthy stream is never late however
+    long it lasts, and a slow model's steady cadence is not distress: its silence since its
+    last chunk is late past `factor` x its mean gap so far (its time to first chunk while it
+    has sent one chunk), and never before `grace_s`. A stream still waiting for its first
+    chunk is late past `factor` x the usual time to first chunk (`usual_first_s`, the
+    gate's slow floor of the median; 0: not known yet, no judgement), also never before
+    `grace_s`."""
+    chunks = ticket.chunks
+    if chunks == 0:
+        if usual_first_s <= 0.0:
+            return 0.0
+        late = now - ticket.at - max(factor * usual_first_s, grace_s)
+    else:
+        last_at = ticket.last_at
+        if chunks == 1:
+            cadence = last_at - ticket.at
+        else:
+            cadence = (last_at - ticket.first_at) / (chunks - 1)
+        late = now - last_at - max(factor * cadence, grace_s)
+    return late if late > 0.0 else 0.0
+
+
+def late_p90(latenesses: list[float], min_samples: int = 8) -> float:
+    """The 90th percentile of streams' lateness (0 with fewer than `min_samples`
+    streams): a stuck stream or a few do not move the limit, one stream in ten late does."""
+    n = len(latenesses)
+    if n < min_samples:
+        return 0.0
+    return sorted(latenesses)[int(0.9 * (n - 1))]

@@ -97,6 +97,7 @@ from aiproxy.core.ratelimit import (
     MAX_CLIENT_ID_LEN,
     ConcurrencyLimiter,
     LimitSpec,
+    as_peer,
     hash_api_key,
     peer_host,
     peer_ip,
@@ -186,7 +187,7 @@ class Limits:
             if self._address_header:
                 forwarded = call.header(self._address_header)
                 if forwarded and self._from_edge(peer, call.header(EDGE_SECRET_HEADER)):
-                    peer = _as_peer(forwarded) or peer
+                    peer = as_peer(forwarded) or peer
             call.identity = f"peer:{peer_host(peer)}"
         owner = call.identity
         label = declared_label(call, verified=not owner.startswith("peer:"))
@@ -338,13 +339,3 @@ def generated_tokens(last: Any, produced: int, prompt_estimate: int) -> int:
     if reported is not None:
         return reported
     return prompt_estimate + produced if produced else 0
-
-
-def _as_peer(address: str) -> str | None:
-    """A client address from a trusted header, in grpc's peer format (so that
-    `caller_key` treats it like a connection's address), or None if it is not one."""
-    try:
-        ip = ipaddress.ip_address(address.strip())
-    except ValueError:
-        return None
-    return f"ipv4:{ip}:0" if ip.version == 4 else f"ipv6:[{ip}]:0"

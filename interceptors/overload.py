@@ -56,6 +56,7 @@ from aiproxy.core.headers import EDGE_SECRET_HEADER
 from aiproxy.core.ratelimit import (
     API_KEY_HEADER,
     CLIENT_ID_HEADER,
+    as_peer,
     hash_api_key,
     peer_host,
     peer_ip,
@@ -70,9 +71,10 @@ from aiproxy.core.shedding import (
     QUEUE,
     FairShedder,
     Ticket,
+    late_p90,
+    lateness,
 )
 from aiproxy.core.types import Context
-from aiproxy.interceptors.limits import _as_peer
 
 
 class BacklogLimit:
@@ -124,6 +126,7 @@ _PROBE_ANSWER: Final = (grpc.StatusCode.UNAVAILABLE, "probe", ())
 # this process's own, so nobody outside can aim at a hash.
 _CRED_KEY: Final = secrets.token_bytes(16)
 MAX_VERIFIED: Final = 10_000  # credentials whose verified identity the gate remembers
+STREAM_SAMPLE: Final = 256  # streams in flight the lateness sampler reads per call
 _MAX_CLIENT_ID_LEN: Final = 128
 
 
@@ -253,9 +256,9 @@ class CallerIdentity:
         if self._address_header:
             forwarded = headers.get(self._address_header)
             if isinstance(forwarded, str) and forwarded and self._from_edge(peer, headers):
-                as_peer = _as_peer(forwarded)
-                if as_peer is not None:
-                    peer = as_peer
+                edge_peer = as_peer(forwarded)
+                if edge_peer is not None:
+                    peer = edge_peer
         return f"peer:{peer_host(peer)}"
 
     def _from_edge(self, peer: str, headers: dict[str, Any]) -> bool:
@@ -325,6 +328,9 @@ class OverloadGate:
         probe_token: str = "",
         min_share: int = 1,
         distress_s: float = 0.0,
+        gap_factor: float = 4.0,
+        gap_grace_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._active = active
         self.capacity = capacity
@@ -347,6 +353,12 @@ class OverloadGate:
         # which its calls get no exemption past the limit (0: never).
         self.queue_wait: Callable[[str], float] | None = None
         self.distress_s = distress_s
+        # How late streams in flight are by their own cadence (core/shedding.lateness):
+        # the sampler reads a window of at most STREAM_SAMPLE streams per call.
+        self.gap_factor, self.gap_grace_s = gap_factor, gap_grace_s
+        self.clock = clock
+        self.late_s = 0.0  # the last sample's p90 (a gauge)
+        self._cursor = 0
         self.refusals = {
             cause: _refusal(capacity, cause) for cause in (BLIND, OVER_SHARE, FULL, DEADLINE, QUEUE)
         }
@@ -357,6 +369,26 @@ class OverloadGate:
         backlog_limit = self.backlog_limit
         top = self.top
         return top if backlog_limit is None else min(top, backlog_limit.limit)
+
+    def stream_lateness(self) -> float:
+        """The p90 of how late admitted streams in flight are (seconds; 0: on time), over a
+        rotating window of at most STREAM_SAMPLE of them: what callers of streams feel
+        besides their first chunk. Read by the limit's sampler, never on the chunk path."""
+        streams = self.shedder.streams
+        n = len(streams)
+        if not n:
+            self.late_s = 0.0
+            return 0.0
+        k = min(n, STREAM_SAMPLE)
+        start = self._cursor % n
+        window = streams[start : start + k]
+        if len(window) < k:
+            window += streams[: k - len(window)]
+        self._cursor = start + k
+        now, factor, grace = self.clock(), self.gap_factor, self.gap_grace_s
+        usual = self.first_chunk.floor
+        self.late_s = late = late_p90([lateness(now, t, factor, grace, usual) for t in window])
+        return late
 
     def full(self) -> bool:
         return self._active() >= self.limit()
@@ -437,6 +469,8 @@ class GateCheck:
                     ticket.release()
                     await self._refuse(context, DEADLINE, cls)
         ticket.cred = cred
+        if self._streaming:
+            shedder.track(ticket, gate.clock())
         return ticket
 
     async def _refuse(self, context: Context, cause: str, cls: str) -> None:

@@ -229,10 +229,13 @@ class ProxyServer:
             probe_token=secrets.token_hex(16),
             min_share=o.min_share,
             distress_s=o.distress_wait_ms / 1000,
+            gap_factor=o.gap_factor,
+            gap_grace_s=o.gap_grace_ms / 1000,
         )
         metrics.overload_limit.set_function(gate.limit)
         metrics.overload_in_flight.set_function(lambda: gate.shedder.in_flight)
         metrics.first_chunk_estimate.set_function(gate.first_chunk.p90)
+        metrics.stream_lateness.set_function(lambda: gate.late_s)
         self.gate = gate
         return gate
 
@@ -278,11 +281,14 @@ class ProxyServer:
         self.telemetry.proxy.queue_wait.set_function(probe.delay)
         self._background = [
             asyncio.create_task(probe.run(), name="backlog-probe"),
-            # What callers feel: the longest queue wait, or how far streams' recent
-            # first chunks are above their usual (interceptors/overload.FirstChunkEstimate).
+            # What callers feel: the longest queue wait, how far streams' recent first
+            # chunks are above their usual (interceptors/overload.FirstChunkEstimate), or
+            # how late streams in flight are by their own cadence (stream_lateness).
             asyncio.create_task(
                 limit.run(
-                    lambda: max(probe.delay(), gate.first_chunk.excess()),
+                    lambda: max(
+                        probe.delay(), gate.first_chunk.excess(), gate.stream_lateness()
+                    ),
                     lambda: max(forwarder.active, gate.shedder.in_flight),
                 ),
                 name="backlog-limit",

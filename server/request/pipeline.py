@@ -330,8 +330,15 @@ def _stream_handler(
                         first_at, first = now, chunk
                         if first_chunk is not None:
                             first_chunk(now - taken_at)
+                        if ticket is not None:
+                            ticket.first_at = now
                     last_at, last = now, chunk
                     sent += 1
+                    if ticket is not None:
+                        # The gate's sampler reads the stream's cadence from its ticket
+                        # (interceptors/overload.OverloadGate.stream_lateness).
+                        ticket.last_at = now
+                        ticket.chunks = sent
                     # Counted as it is handed to gRPC, not after the write: a caller that
                     # cancels right after reading a chunk can cancel before this frame
                     # resumes, and must still be charged for it (at most one chunk in

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 
 import pytest
 
-from aiproxy.core.ratelimit import hash_api_key
+from aiproxy.core.ratelimit import as_peer, hash_api_key, peer_host
 from aiproxy.core.settings import Settings
-from aiproxy.core.shedding import FULL, OVER_SHARE, FairShedder, Ticket
-from aiproxy.interceptors.overload import CallerIdentity, FirstChunkEstimate
+from aiproxy.core.shedding import FULL, OVER_SHARE, FairShedder, Ticket, late_p90, lateness
+from aiproxy.interceptors.overload import CallerIdentity, FirstChunkEstimate, OverloadGate
 
 # ---- FairShedder ---------------------------------------------------------------------------
 
@@ -228,3 +229,117 @@ def test_a_queue_in_distress_gets_no_exemption_past_the_limit() -> None:
     fill(shedder, "peer:heavy", "", 10)
     assert isinstance(shedder.admit("peer:light", ""), Ticket)  # exempt: holds nothing
     assert shedder.admit("peer:light", "", strict=True) == "queue"
+
+
+# ---- Streams in flight: lateness by their own cadence ----------------------------------------
+
+
+def _stream(shedder: FairShedder, at: float, gaps: list[float]) -> Ticket:
+    """A stream admitted at `at` whose chunks came after `gaps` (the first: its time to
+    first chunk), as the pipeline writes them on its ticket."""
+    t = shedder.admit("peer:a", "")
+    assert isinstance(t, Ticket)
+    shedder.track(t, at)
+    now = at
+    for i, gap in enumerate(gaps):
+        now += gap
+        if i == 0:
+            t.first_at = now
+        t.last_at, t.chunks = now, i + 1
+    return t
+
+
+def test_a_steady_stream_is_never_late_however_long_or_slow() -> None:
+    """Generated cadences from 1 ms to 5 s: a stream whose silence is within factor x its
+    own cadence (and the grace) is on time, after 5 chunks or 5,000."""
+    rng = random.Random(23)
+    shedder = FairShedder(ceiling=100_000)
+    for _ in range(500):
+        cadence = 10 ** rng.uniform(-3, 0.7)
+        chunks = rng.choice((2, 5, 50, 5000))
+        gaps = [cadence * rng.uniform(0.8, 1.2) for _ in range(chunks)]
+        t = _stream(shedder, 0.0, gaps)
+        mean = (t.last_at - t.first_at) / (chunks - 1)
+        silence = rng.uniform(0, 3.9 * mean)  # under factor 4 x its own mean gap
+        assert lateness(t.last_at + silence, t, 4.0, 0.5, 0.1) == 0.0
+        assert lateness(t.last_at + 0.49, t, 4.0, 0.5, 0.1) == 0.0  # the grace
+
+
+def test_a_stream_silent_past_its_cadence_is_late_by_the_excess() -> None:
+    rng = random.Random(7)
+    shedder = FairShedder(ceiling=100_000)
+    for _ in range(500):
+        cadence = 10 ** rng.uniform(-3, 0)
+        t = _stream(shedder, 0.0, [cadence] * rng.randint(2, 200))
+        expected = max(4.0 * cadence, 0.5)
+        extra = rng.uniform(0.001, 10)
+        late = lateness(t.last_at + expected + extra, t, 4.0, 0.5, 0.1)
+        assert abs(late - extra) < 1e-6
+
+
+def test_before_its_first_chunk_a_stream_is_judged_by_the_usual_first_chunk() -> None:
+    shedder = FairShedder(ceiling=10)
+    t = _stream(shedder, 10.0, [])
+    assert lateness(99.0, t, 4.0, 0.5, 0.0) == 0.0  # the usual is not known yet
+    assert lateness(10.0 + 0.79, t, 4.0, 0.5, 0.2) == 0.0  # 4 x 0.2 s not passed
+    assert abs(lateness(10.0 + 1.3, t, 4.0, 0.5, 0.2) - 0.5) < 1e-9
+    one = _stream(shedder, 0.0, [0.3])  # one chunk: its first-chunk time is its cadence
+    assert lateness(0.3 + 1.19, one, 4.0, 0.5, 0.0) == 0.0
+    assert lateness(0.3 + 1.3, one, 4.0, 0.5, 0.0) > 0.0
+
+
+def test_late_p90_needs_one_stream_in_ten_not_a_stuck_few() -> None:
+    rng = random.Random(1)
+    for _ in range(200):
+        n = rng.randint(8, 300)
+        stuck = rng.randint(0, n // 10 - 1) if n >= 20 else 0
+        values = [0.0] * (n - stuck) + [rng.uniform(1, 100) for _ in range(stuck)]
+        rng.shuffle(values)
+        assert late_p90(values) == 0.0
+        many = [rng.uniform(1, 2) for _ in range(n // 5 + 1)] + [0.0] * (n - n // 5 - 1)
+        assert late_p90(many) >= 1.0
+    assert late_p90([5.0] * 7) == 0.0  # too few streams to judge
+
+
+def test_tracked_streams_come_and_go_in_constant_time_whatever_the_order() -> None:
+    rng = random.Random(3)
+    shedder = FairShedder(ceiling=10_000)
+    live: list[Ticket] = []
+    for _ in range(3000):
+        if live and rng.random() < 0.45:
+            t = live.pop(rng.randrange(len(live)))
+            t.release()
+            t.release()
+        else:
+            t = shedder.admit("peer:a", "")
+            assert isinstance(t, Ticket)
+            shedder.track(t, 0.0)
+            live.append(t)
+        assert len(shedder.streams) == len(live) == shedder.in_flight
+        assert all(shedder.streams[t.slot] is t for t in live)
+    for t in live:
+        t.release()
+    assert shedder.streams == [] and shedder.in_flight == 0
+
+
+def test_the_gate_samples_a_rotating_window_of_streams() -> None:
+    now = [100.0]
+    gate = OverloadGate(active=lambda: 0, capacity=10_000, clock=lambda: now[0])
+    shedder = gate.shedder
+    # 50 chunks 10 ms apart, the last 10 ms ago (healthy) or 3 s ago (stuck).
+    for _ in range(300):
+        _stream(shedder, now[0] - 0.51, [0.01] * 50)
+    assert gate.stream_lateness() == 0.0
+    stuck = [_stream(shedder, now[0] - 3.5, [0.01] * 50) for _ in range(300)]
+    seen = [gate.stream_lateness() for _ in range(3)]  # 600 streams, 256 a sample
+    assert max(seen) > 2.0 and gate.late_s == seen[-1]
+    for t in stuck:
+        t.release()
+    assert gate.stream_lateness() == 0.0
+
+
+def test_as_peer_gives_an_edge_address_in_grpc_peer_format() -> None:
+    assert as_peer(" 10.1.2.3 ") == "ipv4:10.1.2.3:0"
+    assert as_peer("2001:db8::1") == "ipv6:[2001:db8::1]:0"
+    assert as_peer("not an address") is None and as_peer("10.0.0.1:80") is None
+    assert peer_host(as_peer("10.1.2.3") or "") == "10.1.2.3"
