@@ -224,10 +224,10 @@ def lateness(
         late = now - ticket.at - max(factor * usual_first_s, grace_s)
     else:
         last_at = ticket.last_at
-        if chunks == 1:
-            cadence = last_at - ticket.at
-        else:
-            cadence = (last_at - ticket.first_at) / (chunks - 1)
+        # Its mean gap so far; after one chunk, its time to first chunk.
+        cadence = (
+            (last_at - ticket.at) if chunks == 1 else (last_at - ticket.first_at) / (chunks - 1)
+        )
         late = now - last_at - max(factor * cadence, grace_s)
     return late if late > 0.0 else 0.0
 

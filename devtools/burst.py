@@ -118,20 +118,25 @@ async def light_caller(
 ) -> list[dict]:
     """One Generate every LIGHT_EVERY_S (started on a clock, not after the last answer)."""
     calls: list[asyncio.Task[dict]] = []
+    # Each call carries its own x-request-id, so the proxy's and Envoy's access logs can
+    # be matched with what the caller saw (bench/edge_burst.py).
+    prefix = f"light-{time.time_ns()}-"
 
-    async def one() -> dict:
+    async def one(n: int) -> dict:
         started, at = time.monotonic(), time.time()
+        rid = f"{prefix}{n}"
+        md = (*metadata, ("x-request-id", rid))
         try:
-            await pb_grpc.AgentServiceStub(channel).Generate(request, metadata=metadata, timeout=10)
-            return {"code": "OK", "s": time.monotonic() - started, "at": at}
+            await pb_grpc.AgentServiceStub(channel).Generate(request, metadata=md, timeout=10)
+            return {"code": "OK", "s": time.monotonic() - started, "at": at, "rid": rid}
         except grpc.aio.AioRpcError as err:
             code, reason, retry = shape(err)
             return {"code": code, "reason": reason, "retry": retry,
-                    "s": time.monotonic() - started, "at": at}  # fmt: skip
+                    "s": time.monotonic() - started, "at": at, "rid": rid}  # fmt: skip
 
     next_at = time.monotonic()
     while not stop.is_set():
-        calls.append(asyncio.create_task(one()))
+        calls.append(asyncio.create_task(one(len(calls))))
         next_at += LIGHT_EVERY_S
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
     return list(await asyncio.gather(*calls))
@@ -227,6 +232,7 @@ async def run_burst(
     refused = [r for r in results if r["code"] != "OK"]
     light_ok = [r for r in during if r["code"] == "OK"]
     figures = {
+        "started": started,
         "wall_s": ended - started,
         "counts": collections.Counter((r["code"], r.get("reason", "")) for r in results),
         "admitted": len(ok) / len(results),
@@ -248,7 +254,7 @@ async def run_burst(
             + ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in figures.items()
-                if k not in ("results", "light")
+                if k not in ("results", "light", "started")
             )
         )
     return figures

@@ -286,9 +286,7 @@ class ProxyServer:
             # how late streams in flight are by their own cadence (stream_lateness).
             asyncio.create_task(
                 limit.run(
-                    lambda: max(
-                        probe.delay(), gate.first_chunk.excess(), gate.stream_lateness()
-                    ),
+                    lambda: max(probe.delay(), gate.first_chunk.excess(), gate.stream_lateness()),
                     lambda: max(forwarder.active, gate.shedder.in_flight),
                 ),
                 name="backlog-limit",
