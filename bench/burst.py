@@ -93,10 +93,20 @@ def burst_rows(procs: Procs, streams: int = 3000, rounds: int = 1) -> dict[str, 
         "held-agent",
         aiproxy_argv("agent", "--listen", "127.0.0.1:0", "--token-delay-ms", "250"),
     )
+    # Past the ceiling: streams of 30 s (30 chunks 1 s apart: few messages, so holding
+    # them is cheap) started fast enough that 1.5x server.max_active_calls would be open
+    # together; the gate can only hold the ceiling, and should hold about that.
+    ceiling_agent = procs.start(
+        "ceiling-agent",
+        aiproxy_argv("agent", "--listen", "127.0.0.1:0", "--token-delay-ms", "1000"),
+    )
     capacity = start_capacity(
         procs, agent, (25, 50) if small else (25, 50, 100, 200, 400, 800), 2 if small else 4
     )
     rate = max(capacity["rate_per_s"], 25)
+    ceiling_tokens = 3 if small else 30
+    # All started within 25 s (5 s before the first ends), at least at the start capacity.
+    ceiling_rate = max(rate, streams / (ceiling_tokens - 5)) if not small else rate
     runs: dict[str, list[dict[str, Any]]] = {}
     for r in range(rounds):
         for policy in POLICIES if r % 2 == 0 else POLICIES[::-1]:
@@ -118,14 +128,29 @@ def burst_rows(procs: Procs, streams: int = 3000, rounds: int = 1) -> dict[str, 
                     light_max_tokens=1,
                 )
             )
+            # Past the ceiling: what the gate holds of 1.5x server.max_active_calls.
+            runs.setdefault(f"{policy}, past the ceiling", []).append(
+                _one(
+                    procs,
+                    ceiling_agent,
+                    policy,
+                    f"ceiling-{policy}-{r}",
+                    streams=streams,
+                    rate_per_s=ceiling_rate,
+                    max_tokens=ceiling_tokens,
+                    light_max_tokens=1,
+                )
+            )
     procs.stop(agent)
     procs.stop(slow)
+    procs.stop(ceiling_agent)
     rows = {
         name: {k: statistics.median(run[k] for run in got) for k in KEYS}
         for name, got in runs.items()
     }
     return {"streams": streams, "callers": 50, "rounds": rounds, "rows": rows, "runs": runs,
-            "start_capacity": capacity, "held_rate_per_s": rate}  # fmt: skip
+            "start_capacity": capacity, "held_rate_per_s": rate,
+            "ceiling_rate_per_s": ceiling_rate, "ceiling_tokens": ceiling_tokens}  # fmt: skip
 
 
 def format_rows(result: dict[str, Any]) -> list[str]:
@@ -142,6 +167,11 @@ def format_rows(result: dict[str, Any]) -> list[str]:
         f"{result['held_rate_per_s']}/s, the start capacity (about "
         f"{min(result['streams'], result['held_rate_per_s'] * 10)} open at once; 3,000 at once "
         "is 1.5x server.max_active_calls).",
+        "",
+        f"*past the ceiling*: {result['streams']} streams of "
+        f"{result.get('ceiling_tokens', 30)} s (a chunk a second) started at "
+        f"{result.get('ceiling_rate_per_s', 0):.0f}/s, so that all would be open together: "
+        "the gate can hold server.max_active_calls (2,000) of them at most.",
         "",
         head,
         "|---|---|---|---|---|---|---|",
