@@ -244,11 +244,13 @@ class OverloadSettings(_Section):
         "for callers under their share and for classes that shed later, before the ceiling.",
     )
     min_share: int = Field(
-        default=2,
+        default=4,
         ge=1,
         description="Past the limit, a caller holding fewer calls than this is admitted "
         "whatever its share (up to `server.max_active_calls`): many callers dividing a low "
-        "limit never refuse a light one.",
+        "limit never refuse a light one, even when its calls reach the gate together (held "
+        "behind a burst in Envoy or on a shared connection). A method whose queue is in "
+        "distress (`distress_wait_ms`) gives no such exemption.",
     )
     distress_wait_ms: float = Field(
         default=1000.0,
