@@ -212,8 +212,8 @@ def lateness(
 
     A stream is judged against itself, so a long, healthy stream is never late however
     long it lasts, and a slow model's steady cadence is not distress: its silence since its
-    last chunk is late past `factor` x its mean gap so far (its time to first chunk while it
-    has sent one chunk), and never before `grace_s`. A stream still waiting for its first
+    last chunk is late past `factor` x its mean gap so far, and never before `grace_s`
+    (after one chunk, with no gap seen yet, past `factor` x `grace_s`). A stream still waiting for its first
     chunk is late past `factor` x the usual time to first chunk (`usual_first_s`, the
     gate's slow floor of the median; 0: not known yet, no judgement), also never before
     `grace_s`."""
@@ -222,12 +222,14 @@ def lateness(
         if usual_first_s <= 0.0:
             return 0.0
         late = now - ticket.at - max(factor * usual_first_s, grace_s)
+    elif chunks == 1:
+        # No gap seen yet, and its time to first chunk says nothing about its gaps (a
+        # model sends its first token at once and the next a second later): only a long
+        # silence counts, `factor` x the grace.
+        late = now - ticket.last_at - factor * grace_s
     else:
         last_at = ticket.last_at
-        # Its mean gap so far; after one chunk, its time to first chunk.
-        cadence = (
-            (last_at - ticket.at) if chunks == 1 else (last_at - ticket.first_at) / (chunks - 1)
-        )
+        cadence = (last_at - ticket.first_at) / (chunks - 1)  # its mean gap so far
         late = now - last_at - max(factor * cadence, grace_s)
     return late if late > 0.0 else 0.0
 

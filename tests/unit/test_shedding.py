@@ -283,9 +283,12 @@ def test_before_its_first_chunk_a_stream_is_judged_by_the_usual_first_chunk() ->
     assert lateness(99.0, t, 4.0, 0.5, 0.0) == 0.0  # the usual is not known yet
     assert lateness(10.0 + 0.79, t, 4.0, 0.5, 0.2) == 0.0  # 4 x 0.2 s not passed
     assert abs(lateness(10.0 + 1.3, t, 4.0, 0.5, 0.2) - 0.5) < 1e-9
-    one = _stream(shedder, 0.0, [0.3])  # one chunk: its first-chunk time is its cadence
-    assert lateness(0.3 + 1.19, one, 4.0, 0.5, 0.0) == 0.0
-    assert lateness(0.3 + 1.3, one, 4.0, 0.5, 0.0) > 0.0
+    # One chunk, no gap seen yet: a fast first token followed by 1 s gaps is on time; only
+    # a silence past factor x grace (2 s) is late.
+    one = _stream(shedder, 0.0, [0.04])
+    assert lateness(0.04 + 1.0, one, 4.0, 0.5, 0.05) == 0.0
+    assert lateness(0.04 + 1.99, one, 4.0, 0.5, 0.05) == 0.0
+    assert abs(lateness(0.04 + 2.5, one, 4.0, 0.5, 0.05) - 0.5) < 1e-9
 
 
 def test_late_p90_needs_one_stream_in_ten_not_a_stuck_few() -> None:
