@@ -460,7 +460,7 @@ class Bench(Stack):
         started: list[Proc] = [agent]
         edge = None
         try:
-            procs: dict[str, Proc] = {"direct": agent}
+            procs: dict[str, Proc] = {"direct": agent} if "direct" in wanted else {}
             if "bare" in wanted:
                 procs["bare"] = self.barehop(agent.address)
                 started.append(procs["bare"])
@@ -570,9 +570,9 @@ class Bench(Stack):
                     finally:
                         self.stop(edge)
                         edge = None
-            d, p = row["direct"], row["proxy"]
+            d, p = row.get("direct") or {}, row["proxy"]
             row["proxy_over_direct_chunks"] = (
-                p["chunks_per_s"] / d["chunks_per_s"] if d["chunks_per_s"] else None
+                p["chunks_per_s"] / d["chunks_per_s"] if d.get("chunks_per_s") else None
             )
             if d.get("ttfc_p50_ms") is not None and p.get("ttfc_p50_ms") is not None:
                 row["ttfc_added_p50_ms"] = p["ttfc_p50_ms"] - d["ttfc_p50_ms"]
@@ -595,7 +595,7 @@ class Bench(Stack):
 
     def scenario_streams(self, with_sse: bool) -> None:
         rows = []
-        for shape in self.cfg["streams"]:
+        for shape in self.cfg["streams"] if self.cfg.get("stream_rows", True) else []:
             rows.append(self.stream_paths(shape, with_sse))
         hold_rows = []
         for k in self.cfg["hold"]:
@@ -603,11 +603,11 @@ class Bench(Stack):
                 "name": f"hold{k}",
                 "k": k,
                 "n": self.cfg["hold_n"],
-                "interval_ms": 1000,
+                "interval_ms": self.cfg.get("hold_interval_ms", 1000),
                 "first_ms": 50,
                 "duration_s": 0,
                 "ramp_s": self.cfg["hold_ramp_s"],
-                "paths": ["direct", "bare", "proxy"],
+                "paths": self.cfg.get("hold_paths", ["direct", "bare", "proxy"]),
             }
             row = self.stream_paths(shape, with_sse)
             hold_rows.append(row)
@@ -934,6 +934,28 @@ def main(argv: list[str] | None = None) -> int:
         help="Envoy worker threads for the plain-Envoy baseline (default 1, like one proxy process)",
     )
     parser.add_argument("--no-report", action="store_true", help="write only the JSON results")
+    parser.add_argument(
+        "--hold",
+        help="the slow-stream hold rows to run (comma-separated stream counts), instead of the mode's",
+    )
+    parser.add_argument(
+        "--hold-paths",
+        help="paths of the hold rows (default direct,bare,proxy)",
+    )
+    parser.add_argument(
+        "--hold-ramp-s", type=float, help="seconds over which a hold row opens its streams"
+    )
+    parser.add_argument(
+        "--hold-interval-ms", type=int, help="a hold row's token interval (default 1000)"
+    )
+    parser.add_argument(
+        "--hold-n", type=int, help="chunks per stream of a hold row"
+    )
+    parser.add_argument(
+        "--no-stream-rows",
+        action="store_true",
+        help="streams scenario: only the hold rows (no throughput rows)",
+    )
     args = parser.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = only - set(ALL_SCENARIOS)
@@ -954,6 +976,19 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _interrupt)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     bench = Bench(mode, only, out, args.envoy_concurrency)
+    bench.cfg = dict(bench.cfg)  # the mode's table stays as it is
+    if args.hold:
+        bench.cfg["hold"] = [int(k) for k in args.hold.split(",") if k.strip()]
+    if args.hold_paths:
+        bench.cfg["hold_paths"] = [p.strip() for p in args.hold_paths.split(",") if p.strip()]
+    if args.hold_ramp_s is not None:
+        bench.cfg["hold_ramp_s"] = args.hold_ramp_s
+    if args.hold_interval_ms is not None:
+        bench.cfg["hold_interval_ms"] = args.hold_interval_ms
+    if args.hold_n is not None:
+        bench.cfg["hold_n"] = args.hold_n
+    if args.no_stream_rows:
+        bench.cfg["stream_rows"] = False
     try:
         results = bench.run()
     finally:
