@@ -476,12 +476,14 @@ class Bench(Stack):
             request = pb.StreamGenerateRequest(
                 prompt=PROMPT, options=pb.GenerationOptions(max_tokens=n)
             ).SerializeToString()
-            expected = self.probe_stream(agent.address, request)
+            # A slow row's stream lasts first_ms + n * interval_ms: the probes wait for it.
+            probe_s = 60 + (shape["first_ms"] + n * shape["interval_ms"]) / 1000
+            expected = self.probe_stream(agent.address, request, probe_s)
             if len(expected) != n:
                 raise RuntimeError(f"expected {n} pieces from the agent, got {len(expected)}")
             for name, proc in procs.items():
                 if name != "direct" and "".join(
-                    self.probe_stream(proc.address, request)
+                    self.probe_stream(proc.address, request, probe_s)
                 ) != "".join(expected):
                     raise RuntimeError(f"the answer through {name} differs from the agent's")
             row: dict[str, Any] = {"shape": shape}
