@@ -606,7 +606,7 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
         w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in streams.get("rows", []) + streams.get("hold", []):
             s = r["shape"]
-            d = r["direct"]["chunks_per_s"] or 0
+            d = (r.get("direct") or {}).get("chunks_per_s") or 0
             bare_cpu = (r.get("bare") or {}).get("server_cpu_us_per_chunk")
             for path in ("direct", "bare", "proxy", "envoy", "sse", "sse_each"):
                 if path not in r:
@@ -627,7 +627,8 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
                     f"{_f(cpu, '{:.0f} µs')}{reps} | {_f(over_bare, '{:.2f}x')} | {_f(x.get('server_cpu_us_per_call'), '{:.0f} µs')} | {_f(None if kib is None else kib / 1024, '{:.1f}')} | {_f(x.get('client_cpu_us_per_chunk'), '{:.0f} µs')} | {x['errors'] or ''} |"
                 )
         w(
-            f"\nHighest number of concurrent slow streams (1 chunk/s) held with zero loss in this run: **{streams.get('held_zero_loss')}**.\n"
+            f"\nHighest number of concurrent slow streams held with zero loss in this run: **{streams.get('held_zero_loss')}** "
+            f"(rows `holdK`: 1 chunk/s; `holdK@Ns`: a chunk every N s, opened at K / ramp a second).\n"
         )
         if not any("sse" in r for r in streams.get("rows", [])):
             w("SSE through Envoy's transcoder: not measured in this run (see notes).\n")

@@ -410,7 +410,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             n = max(1, first)
             out["census_bytes_per_stream"] = round(sum(d[0] for d in diff) / n, 1)
             out["census_top"] = [
-                {"type": name, "objects_per_stream": round(c / n, 2), "bytes_per_stream": round(b / n, 1)}
+                {
+                    "type": name,
+                    "objects_per_stream": round(c / n, 2),
+                    "bytes_per_stream": round(b / n, 1),
+                }
                 for b, c, name in diff[: args.top]
             ]
         if snap_path:
@@ -420,7 +424,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             out["python_bytes_per_stream"] = py_total / max(1, first)
             out["python_top"] = [
                 {
-                    "where": str(s.traceback).splitlines()[-1] if not args.by_traceback
+                    "where": str(s.traceback).splitlines()[-1]
+                    if not args.by_traceback
                     else " <- ".join(str(f) for f in reversed(s.traceback)),
                     "bytes_per_stream": round(s.size_diff / max(1, first), 1),
                     "blocks_per_stream": round(s.count_diff / max(1, first), 2),
@@ -467,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold-s", type=int, default=40, help="chunks (= seconds) per stream")
     parser.add_argument("--server-arg", action="append", default=[], metavar="K=V")
     parser.add_argument("--channel-arg", action="append", default=[], metavar="K=V")
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="the hop's environment")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help="the hop's environment"
+    )
     parser.add_argument("--census", action="store_true", help="live objects by type, per stream")
     parser.add_argument("--tracemalloc", action="store_true")
     parser.add_argument("--by-traceback", action="store_true")
