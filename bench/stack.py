@@ -188,7 +188,8 @@ class Stack:
             return [
                 c.delta
                 for c in (
-                    pb.StreamGenerateResponse.FromString(raw) for raw in call(request, timeout=timeout)
+                    pb.StreamGenerateResponse.FromString(raw)
+                    for raw in call(request, timeout=timeout)
                 )
                 if c.delta
             ]
