@@ -32,6 +32,7 @@ was measured; report.py writes REPORT.md and the plot.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import json
 import math
@@ -481,15 +482,27 @@ class Bench(Stack):
             request = pb.StreamGenerateRequest(
                 prompt=PROMPT, options=pb.GenerationOptions(max_tokens=n)
             ).SerializeToString()
-            # A slow row's stream lasts first_ms + n * interval_ms: the probes wait for it.
+            # A slow row's stream lasts first_ms + n * interval_ms: the probes wait for it,
+            # all at once (one after the other, three 80 s streams would be 4 minutes).
             probe_s = 60 + (shape["first_ms"] + n * shape["interval_ms"]) / 1000
-            expected = self.probe_stream(agent.address, request, probe_s)
+            targets = {"direct": agent.address} | {
+                name: proc.address for name, proc in procs.items() if name != "direct"
+            }
+            with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
+                answers = dict(
+                    zip(
+                        targets,
+                        pool.map(
+                            lambda a: self.probe_stream(a, request, probe_s), targets.values()
+                        ),
+                        strict=True,
+                    )
+                )
+            expected = answers["direct"]
             if len(expected) != n:
                 raise RuntimeError(f"expected {n} pieces from the agent, got {len(expected)}")
-            for name, proc in procs.items():
-                if name != "direct" and "".join(
-                    self.probe_stream(proc.address, request, probe_s)
-                ) != "".join(expected):
+            for name, answer in answers.items():
+                if "".join(answer) != "".join(expected):
                     raise RuntimeError(f"the answer through {name} differs from the agent's")
             row: dict[str, Any] = {"shape": shape}
             # Warm every path up (connections, first-call code paths) with a short load
