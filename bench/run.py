@@ -1009,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-report", action="store_true", help="write only the JSON results")
     parser.add_argument(
         "--hold",
-        help="the slow-stream hold rows to run (comma-separated stream counts), instead of the mode's",
+        help="the slow-stream hold rows to run (comma-separated stream counts; none: no hold row), instead of the mode's",
     )
     parser.add_argument(
         "--hold-paths",
@@ -1049,7 +1049,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(mode, only, out, args.envoy_concurrency)
     bench.cfg = dict(bench.cfg)  # the mode's table stays as it is
     if args.hold:
-        bench.cfg["hold"] = [int(k) for k in args.hold.split(",") if k.strip()]
+        bench.cfg["hold"] = [
+            int(k) for k in args.hold.split(",") if k.strip() and k.strip() != "none"
+        ]
         bench.cfg["hold_slow"] = []
     if args.hold_paths:
         bench.cfg["hold_paths"] = [p.strip() for p in args.hold_paths.split(",") if p.strip()]
