@@ -2,7 +2,7 @@
 
     python -m bench.streammem --target proxy --streams 2000 [--server-arg K=V] [--channel-arg K=V]
     python -m bench.streammem --target bare  --streams 2000
-    python -m bench.streammem --target proxy --streams 2000 --tracemalloc   # Python's share, by line
+    python -m bench.streammem --target proxy --streams 2000 --census   # Python's share, by type
 
 Starts a reference agent that answers slowly (one token a second after the first), the
 hop (`proxy`: `aiproxy serve` with the bench's admission settings, bench/stack.py
@@ -15,9 +15,11 @@ the RSS read again (what the allocator keeps).
 
 `--server-arg` / `--channel-arg` add grpc channel arguments to the hop's server (the
 callers' side) and to its upstream channel, to see what grpc-core's settings change;
-values are ints when they parse as ints. `--tracemalloc`: the hop runs under tracemalloc
-and the difference between the two snapshots (warmed up, K open) is printed by line:
-what the Python side holds per stream; RSS minus that is grpc-core's and the allocator's.
+values are ints when they parse as ints. `--census`: the live objects the collector
+tracks, by type, counted in the hop (on SIGUSR2) when warmed up and with K open; the
+difference per stream (count, `sys.getsizeof` bytes) is what the Python side holds; RSS
+minus that is mostly grpc-core's and the allocator's. `--env K=V` sets the hop's
+environment (e.g. MALLOC_ARENA_MAX).
 
 One JSON line at the end; the hop's and the agent's processes are stopped by PID.
 """
@@ -38,7 +40,7 @@ from typing import Any
 from bench.procs import Procs, aiproxy_argv, rss_bytes
 from bench.stack import PROXY_ENV, SERVICE
 
-SNAP_ENV = "BENCH_STREAMMEM_SNAPSHOT"  # where the child writes tracemalloc snapshots
+SNAP_ENV = "BENCH_STREAMMEM_CENSUS"  # where the child writes its object census
 ARGS_ENV = "BENCH_STREAMMEM_ARGS"  # JSON {"server": [[k, v]...], "channel": [[k, v]...]}
 
 
@@ -56,32 +58,9 @@ def _parse_args(pairs: list[str]) -> list[list[Any]]:
 # -- the hop, run in this module so that its grpc arguments can be extended ---------------
 
 
-def _install_snapshot_handler() -> None:
-    import tracemalloc
-
-    path = os.environ.get(SNAP_ENV)
-    if not path:
-        return
-    if os.environ.get("BENCH_STREAMMEM_TRACE") and not tracemalloc.is_tracing():
-        tracemalloc.start(8)
-    count = [0]
-
-    def dump(_sig: int, _frame: Any) -> None:
-        import gc
-
-        gc.collect()
-        snap = tracemalloc.take_snapshot()
-        snap.dump(f"{path}.{count[0]}")
-        count[0] += 1
-        with open(f"{path}.{count[0] - 1}.done", "w") as f:
-            f.write("ok")
-
-    signal.signal(signal.SIGUSR1, dump)
-
-
 def _install_census_handler() -> None:
     """SIGUSR2: the live objects the collector tracks, by type (count, sys.getsizeof
-    total), to `<snapshot path>.census.N`: what the Python side holds, by kind."""
+    total), to `<census path>.census.N`: what the Python side holds, by kind."""
     path = os.environ.get(SNAP_ENV)
     if not path:
         return
@@ -113,7 +92,6 @@ def child(kind: str, argv: list[str]) -> int:
     extra = json.loads(os.environ.get(ARGS_ENV) or "{}")
     server_extra = [tuple(p) for p in extra.get("server", [])]
     channel_extra = [tuple(p) for p in extra.get("channel", [])]
-    _install_snapshot_handler()
     _install_census_handler()
     if kind == "bare":
         from bench import barehop
@@ -215,19 +193,6 @@ def _settle_rss(pid: int, seconds: float = 2.0) -> int:
     return max(samples)
 
 
-def _snapshot(pid: int, path: str, index: int, timeout: float = 120.0) -> Any:
-    import tracemalloc
-
-    os.kill(pid, signal.SIGUSR1)
-    done = pathlib.Path(f"{path}.{index}.done")
-    end = time.monotonic() + timeout
-    while not done.exists():
-        if time.monotonic() > end:
-            raise TimeoutError("no tracemalloc snapshot from the hop")
-        time.sleep(0.2)
-    return tracemalloc.Snapshot.load(f"{path}.{index}")
-
-
 def _census(pid: int, path: str, index: int, timeout: float = 120.0) -> dict[str, Any]:
     os.kill(pid, signal.SIGUSR2)
     done = pathlib.Path(f"{path}.census.{index}")
@@ -319,14 +284,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             )
         }
         env.update(dict(pair.split("=", 1) for pair in args.env))
-        snap_path = None
         census_path = None
-        if args.tracemalloc or args.census:
-            census_path = str(procs.workdir / "snap")
+        if args.census:
+            census_path = str(procs.workdir / "census")
             env[SNAP_ENV] = census_path
-        if args.tracemalloc:
-            snap_path = census_path
-            env["BENCH_STREAMMEM_TRACE"] = "1"
         if args.target == "proxy":
             argv = [
                 sys.executable,
@@ -375,7 +336,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(1.0)
         base = _settle_rss(hop.pid)
         out["rss_base"] = base
-        snap0 = _snapshot(hop.pid, snap_path, 0) if snap_path else None
         census0 = _census(hop.pid, census_path, 0) if census_path else None
         request = pb.StreamGenerateRequest(
             prompt="hold", options=pb.GenerationOptions(max_tokens=args.hold_s)
@@ -416,21 +376,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "bytes_per_stream": round(b / n, 1),
                 }
                 for b, c, name in diff[: args.top]
-            ]
-        if snap_path:
-            snap1 = _snapshot(hop.pid, snap_path, 1)
-            stats = snap1.compare_to(snap0, "traceback" if args.by_traceback else "lineno")
-            py_total = sum(s.size_diff for s in stats)
-            out["python_bytes_per_stream"] = py_total / max(1, first)
-            out["python_top"] = [
-                {
-                    "where": str(s.traceback).splitlines()[-1]
-                    if not args.by_traceback
-                    else " <- ".join(str(f) for f in reversed(s.traceback)),
-                    "bytes_per_stream": round(s.size_diff / max(1, first), 1),
-                    "blocks_per_stream": round(s.count_diff / max(1, first), 2),
-                }
-                for s in stats[: args.top]
             ]
         for p in gens:
             assert p.stdin is not None
@@ -476,8 +421,6 @@ def main(argv: list[str] | None = None) -> int:
         "--env", action="append", default=[], metavar="K=V", help="the hop's environment"
     )
     parser.add_argument("--census", action="store_true", help="live objects by type, per stream")
-    parser.add_argument("--tracemalloc", action="store_true")
-    parser.add_argument("--by-traceback", action="store_true")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     result = measure(args)
