@@ -161,16 +161,17 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             h["ttfc_added_p50_ms"] = k1000[0].get("ttfc_added_p50_ms")
         # Every scenario within what the machine holds; the escalation step that failed
         # (if any) is reported on its own line.
-        held = streams.get("held_zero_loss") or 0
+        # (A hold row that lost anything is the bound of its group: 1 chunk/s, or slow.)
         within = [r for r in streams.get("rows", [])] + [
-            r for r in streams.get("hold", []) if r["shape"]["k"] <= held
+            r for r in streams.get("hold", []) if r["proxy"]["zero_loss"]
         ]
         h["all_streams_zero_loss"] = all(r["proxy"]["zero_loss"] for r in within)
-        beyond = [r for r in streams.get("hold", []) if r["shape"]["k"] > held]
+        beyond = [r for r in streams.get("hold", []) if not r["proxy"]["zero_loss"]]
         if beyond:
             b = beyond[0]["proxy"]
             h["first_failed_hold"] = {
                 "k": beyond[0]["shape"]["k"],
+                "interval_ms": beyond[0]["shape"]["interval_ms"],
                 "failed": b["failed"],
                 "errors": b["errors"],
                 "lost": b["lost_pieces"],
@@ -502,7 +503,7 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
     if h.get("first_failed_hold"):
         f = h["first_failed_hold"]
         w(
-            f"Beyond that: at {f['k']} slow streams {f['failed']} calls failed ({f['errors']}), {f['lost']} chunks never sent, {f['seq_errors']} out of order; "
+            f"Beyond that: at {f['k']} streams of a chunk every {f.get('interval_ms', 1000) / 1000:g} s, {f['failed']} calls failed ({f['errors']}), {f['lost']} chunks never sent, {f['seq_errors']} out of order; "
             f"time to first chunk p99 {f['ttfc_p99_ms'] / 1000:.1f} s. {_hold_failure_causes(f['errors'])}"
             "No accepted stream lost or reordered a chunk.\n"
             if not f["seq_errors"]
