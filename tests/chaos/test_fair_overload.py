@@ -99,7 +99,7 @@ async def test_light_caller_is_served_beside_a_burst_through_envoy(spawn) -> Non
     # Envoy shares between every caller before the gate sees it (docs/overload.md,
     # "Through Envoy"; bench/edge_burst.py measures each part), and its calls that then
     # reach the gate together are kept in by overload.min_share (4). Measured on the
-    # shared 2-core box (load average 3.5-6): served 96-98 %, p99 0.75-1.1 s. The served
+    # shared 2-core box (load average 3.5-10, 4 runs): served 95-100 %, p99 0.52-1.1 s. The served
     # share is the issue's; the p99 bound is not its 500 ms: the wait before the gate is
     # bounded by the box's CPU (both cores busy with the burst, its client and Envoy).
     assert_fair(figures, p99_s=2.5, served=0.9)
