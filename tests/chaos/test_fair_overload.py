@@ -77,9 +77,9 @@ async def test_light_caller_is_served_beside_a_burst_with_auth_on(spawn) -> None
     figures = await run_burst(
         proxy.address, [bearer(f"burst-{i}") for i in range(BURST_CALLERS)], bearer("light")
     )
-    # Measured on the shared 2-core box: served 97-100 %, p99 0.23-0.77 s (the slowest
-    # with the box at load average 13-22): the bound is the served share and 1 s.
-    assert_fair(figures, p99_s=1.0)
+    # Measured on the shared 2-core box: served 100 %, p99 0.07-0.15 s (3 runs, load
+    # average 2-10; earlier 0.23-0.77 s at load average 13-22): the bounds.
+    assert_fair(figures)
 
 
 async def test_light_caller_is_served_beside_a_burst_through_envoy(spawn) -> None:
