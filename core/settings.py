@@ -84,11 +84,12 @@ class ServerSettings(_Section):
         description="Calls being forwarded past which new API calls are refused at once, before "
         "any other work (RESOURCE_EXHAUSTED, OVERLOADED, RetryInfo; "
         "interceptors/overload.py). 0 = no gate (`limits.max_concurrent_calls` still applies "
-        "further in). On the 2-core bench box one process held 5,000 slow streams with none "
-        "lost (bench hold rows, docs/performance.md; at 10,000 grpc-core cancelled the calls "
-        "the event loop could not take within its ~30 s); the default stays at 2,000 until "
-        "the fair gate's burst behaviour is measured with a higher ceiling. Re-derive it on "
-        "other hardware with `python -m bench.run --only streams` (the hold rows).",
+        "further in). The smallest of three bounds measured on the 2-core bench box "
+        "(docs/overload.md): streams held with none lost (10,000 slow ones), chunks a "
+        "process can forward (~3,300/s a core: 2,000 streams at a chunk every 0.6 s), and "
+        "streams started per second within the first-chunk target (50-100/s) times a long "
+        "answer's 20-40 s. Re-derive it on other hardware with `python -m bench.run --only "
+        "streams,burst`.",
     )
     overload_wait_target_ms: float = Field(
         default=250.0,
