@@ -52,6 +52,7 @@ from aiproxy.core.metrics import ProxyMetrics
 from aiproxy.core.service import Method
 from aiproxy.core.settings import CacheSettings, Settings
 from aiproxy.core.types import Context, StreamCall, UnaryCall
+from aiproxy.server.request.forwarding import send_reply_metadata
 from aiproxy.server.request.resume import DetachedContext, initial_metadata
 
 
@@ -115,9 +116,11 @@ class Caching:
             count(outcome)
             if outcome is not Outcome.MISS:
                 call.replayed = "cache"
-            await context.send_initial_metadata(
-                initial_metadata(call, detached, (CACHE_HEADER, outcome.header))
-            )
+            cache_header = (CACHE_HEADER, outcome.header)
+            if call.reply_in_trailers:
+                await send_reply_metadata(context, call, cache_header)
+            else:
+                await context.send_initial_metadata(initial_metadata(call, detached, cache_header))
             return cls.FromString(data)
 
         return cached_unary
