@@ -704,6 +704,17 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
         for line in format_rows(b):
             w(line)
         w("")
+    idle = sc.get("idle")
+    if idle:
+        cpu = idle["cpu_s_per_10s"]
+        w("## Idle\n")
+        w(
+            f"CPU seconds per 10 s of processes that take no call, measured over "
+            f"{idle['window_s']} s after a few calls (bench.run `scenario_idle`):\n"
+        )
+        w("| proxy | bare hop | agent |")
+        w("|---|---|---|")
+        w(f"| {cpu['proxy']:.4f} | {cpu['bare']:.4f} | {cpu['agent']:.4f} |\n")
     aff = sc.get("affinity")
     if aff:
         w("## Conversation routing: affinity on vs off\n")

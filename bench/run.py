@@ -1,6 +1,6 @@
 """The benchmark: what one aiproxy hop costs, against a direct call and against Envoy alone.
 
-    python -m bench.run [--quick] [--only unary,latency,streams,sse,openai,workers,profile]
+    python -m bench.run [--quick] [--only unary,latency,streams,sse,openai,workers,profile,idle]
 
 Every scenario runs its baseline in the same run on the same machine, and every figure is
 written next to it: bench/results/<date>-results.json, bench/results/REPORT.md and a PNG.
@@ -197,6 +197,7 @@ ALL_SCENARIOS = (
     "profile",
     "burst",
     "affinity",
+    "idle",
 )
 # Stream paths unless a shape names its own: the bare hop is in every row that compares
 # per-message cost; the hold rows (capacity, memory) leave Envoy out.
@@ -868,6 +869,34 @@ class Bench(Stack):
         streams = 300 if self.mode == "smoke" else 3000
         self.results["scenarios"]["burst"] = burst_rows(self.procs, streams=streams)
 
+    def scenario_idle(self) -> None:
+        """CPU of idle processes, per 10 s: the proxy (default settings) after a few calls,
+        beside the bare hop and the agent measured over the same window. Whatever still
+        wakes an idle proxy is what every idle replica of a fleet pays."""
+        window_s = {"smoke": 2.0, "quick": 20.0, "full": 60.0}[self.mode]
+        agent = self.agent()
+        bare = self.barehop(agent.address)
+        proxy = self.proxy(agent.address)
+        procs = {"proxy": proxy, "bare": bare, "agent": agent}
+        try:
+            for p in (proxy, bare):
+                self.probe_unary(p.address, self.unary_request(), calls=5)
+            time.sleep(2.0)  # the calls' own after-work (access log, sampler) settles
+            before = {name: p.tree_cpu() for name, p in procs.items()}
+            t0 = time.monotonic()
+            time.sleep(window_s)
+            elapsed = time.monotonic() - t0
+            per_10s = {
+                name: round((p.tree_cpu() - before[name]) * 10.0 / elapsed, 4)
+                for name, p in procs.items()
+            }
+        finally:
+            self.stop(proxy, bare, agent)
+        self.results["scenarios"]["idle"] = {
+            "window_s": round(elapsed, 1),
+            "cpu_s_per_10s": per_10s,
+        }
+
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         self.results["machine"] = machine()
@@ -883,6 +912,7 @@ class Bench(Stack):
             ("profile", self.scenario_profile),
             ("burst", self.scenario_burst),
             ("affinity", self.scenario_affinity),
+            ("idle", self.scenario_idle),
         ]
         for name, fn in steps:
             if name not in self.only and not (name == "streams" and "sse" in self.only):

@@ -46,7 +46,7 @@ import hmac
 import ipaddress
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import grpc
@@ -108,11 +108,27 @@ class BacklogLimit:
         elif self.limit < self.ceiling:
             self.limit = min(self.ceiling, self.limit + max(1, int(self.limit * self._increase)))
 
-    async def run(self, delay: Callable[[], float], active: Callable[[], int]) -> None:
-        """Sample until cancelled."""
+    async def run(
+        self,
+        delay: Callable[[], float],
+        active: Callable[[], int],
+        idle: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Sample until cancelled. With `idle` (the gate's `next_call`), a proxy with no
+        call open, no wait and the limit back at its ceiling is not sampled again until
+        `idle()` returns: there is nothing to measure, and an idle replica wakes for
+        nothing."""
         while True:
             await asyncio.sleep(self.interval_s)
-            self.sample(delay(), active())
+            waited, open_calls = delay(), active()
+            self.sample(waited, open_calls)
+            if (
+                idle is not None
+                and not open_calls
+                and waited <= self.target_s
+                and self.limit >= self.ceiling
+            ):
+                await idle()
 
 
 # The probe's header (server/pool/backlog.py): a call carrying this process's probe token
@@ -351,6 +367,10 @@ class OverloadGate:
             cause: _refusal(capacity, cause) for cause in (BLIND, OVER_SHARE, FULL, DEADLINE, QUEUE)
         }
         self.refusal = self.refusals[BLIND]
+        # The loops that measure traffic (the backlog probe, the adaptive limit, the
+        # admin's rates) park on `next_call()` while there is none: one future, resolved
+        # by the next call that reaches the gate (probes excepted).
+        self._next_call: asyncio.Future[None] | None = None
 
     def limit(self) -> int:
         """The limit now: past it the gate sheds (fair) or refuses (blind)."""
@@ -360,6 +380,19 @@ class OverloadGate:
 
     def full(self) -> bool:
         return self._active() >= self.limit()
+
+    async def next_call(self) -> None:
+        """Return when the next call reaches the gate."""
+        waiting = self._next_call
+        if waiting is None:
+            waiting = self._next_call = asyncio.get_running_loop().create_future()
+        # Shielded: a waiter cancelled (the proxy stopping) leaves the others waiting.
+        await asyncio.shield(waiting)
+
+    def _arrived(self) -> None:
+        waiting, self._next_call = self._next_call, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
 
     def release(self, ticket: Ticket | None, identity: str, tenant: str) -> None:
         """The end of an admitted call: its place is freed, and a bearer token the auth
@@ -415,6 +448,8 @@ class GateCheck:
         if gate.probe_token and headers.get(PROBE_HEADER) == gate.probe_token:
             await context.abort(*_PROBE_ANSWER)
         gate.taken[self._path] += 1
+        if gate._next_call is not None:
+            gate._arrived()
         if not gate.fair:
             if gate.full():
                 await self._refuse(context, BLIND, self._class)

@@ -264,6 +264,7 @@ class ProxyServer:
         limit, gate = self._backlog_limit, self.gate
         if limit is None or gate is None:
             return
+        forwarder = self.forwarder
         # Each API method has its own queue in grpc-core (registered methods): the probe
         # measures the wait of every method that is taking calls, the gate follows the
         # longest (server/pool/backlog.py).
@@ -272,8 +273,9 @@ class ProxyServer:
             paths=tuple(gate.taken),
             taken=gate.taken,
             metadata=((PROBE_HEADER, gate.probe_token),),
+            idle=gate.next_call,
+            in_flight=lambda: max(forwarder.active, gate.shedder.in_flight),
         )
-        forwarder = self.forwarder
         gate.queue_wait = probe.wait
         self.telemetry.proxy.queue_wait.set_function(probe.delay)
         self._background = [
@@ -284,6 +286,7 @@ class ProxyServer:
                 limit.run(
                     lambda: max(probe.delay(), gate.first_chunk.excess()),
                     lambda: max(forwarder.active, gate.shedder.in_flight),
+                    gate.next_call,
                 ),
                 name="backlog-limit",
             ),
@@ -375,8 +378,15 @@ class ProxyServer:
         await server.start()
         self._server = server
         self._start_backlog_probe()
-        # The admin overview's rates: counters sampled once a second (server/request/admin.py).
-        self._background.append(asyncio.create_task(admin.sampler.run(), name="admin-sampler"))
+        # The admin overview's rates: counters sampled once a second while they move, asleep
+        # until the next call when they do not (server/request/admin.py).
+        gate, forwarder = self.gate, self.forwarder
+        sampling = (
+            admin.sampler.run(gate.next_call, lambda: max(forwarder.active, gate.shedder.in_flight))
+            if gate is not None
+            else admin.sampler.run()
+        )
+        self._background.append(asyncio.create_task(sampling, name="admin-sampler"))
         log_event(
             log,
             "proxy_started",

@@ -4,7 +4,10 @@
 
 Rates (calls per second by status, per endpoint calls and error rate) come from counters
 sampled once a second into a ring of RATE_WINDOW_S seconds (`OverviewSampler.run`, started
-with the server): an overview is a subtraction, never a scan of past calls.
+with the server): an overview is a subtraction, never a scan of past calls. While nothing
+changes and no call is open the sampler sleeps until the next call (the overload gate's
+`next_call`): the counters cannot move meanwhile, so the sample taken on waking stands for
+the whole pause.
 
 With auth on, every method needs the caller's credentials AND `auth.admin_scopes`
 (default `aiproxy.admin`; interceptors/auth.py), checked by AuthStage.guard."""
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +63,10 @@ class _Sample:
     by_endpoint: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
+def _same_counts(a: _Sample, b: _Sample) -> bool:
+    return a.by_code == b.by_code and a.by_endpoint == b.by_endpoint
+
+
 class OverviewSampler:
     """Counters sampled every SAMPLE_INTERVAL_S, the last RATE_WINDOW_S of them kept."""
 
@@ -88,15 +95,36 @@ class OverviewSampler:
         self._ring.append(current)
         return current
 
-    async def run(self) -> None:
+    async def run(
+        self,
+        idle: Callable[[], Awaitable[None]] | None = None,
+        in_flight: Callable[[], int] = lambda: 0,
+    ) -> None:
+        """Sample until cancelled; with `idle`, sleep through pauses (no change since the
+        last sample and no call open) until `idle()` returns."""
+        ring = self._ring
         while True:
-            self.sample()
+            current = self.sample()
+            if (
+                idle is not None
+                and len(ring) > 1
+                and _same_counts(ring[-2], current)
+                and not in_flight()
+            ):
+                await idle()
+                self.sample()  # the counters as they stood through the pause
             await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     def rates(self) -> tuple[float, dict[str, float], dict[str, tuple[float, float]]]:
         """(window seconds, calls/s by code, address -> (calls/s, error rate))."""
         now = self.sample()
-        oldest = self._ring[0]
+        # The oldest sample within the window. After a pause that is the one taken on
+        # waking; if the sampler has not woken yet, the last one before the pause (the
+        # counters did not move through it, so the rates over the longer window are exact).
+        since = now.at - RATE_WINDOW_S
+        oldest = next(sample for sample in self._ring if sample.at >= since)
+        if oldest is now and len(self._ring) > 1:
+            oldest = self._ring[-2]
         window = now.at - oldest.at
         if window <= 0:
             return 0.0, {}, {}

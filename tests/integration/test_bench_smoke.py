@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 @pytest.mark.envoy
 @pytest.mark.serial
 @pytest.mark.skipif(h2load.find() is None, reason=h2load.INSTALL_HINT)
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_smoke_run_writes_verified_results(tmp_path: pathlib.Path) -> None:
     if (
         shutil.which(
@@ -43,14 +43,14 @@ def test_smoke_run_writes_verified_results(tmp_path: pathlib.Path) -> None:
             "bench.run",
             "--smoke",
             "--only",
-            "unary,latency,streams",
+            "unary,latency,streams,idle",
             "--out",
             str(tmp_path),
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=80,
+        timeout=110,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     (results_file,) = tmp_path.glob("*-results.json")
@@ -83,9 +83,15 @@ def test_smoke_run_writes_verified_results(tmp_path: pathlib.Path) -> None:
         assert r["chunk_interval_p99_ms"] > 0
     assert "proxy_cpu_per_chunk_over_bare" in stream
 
+    idle = results["scenarios"]["idle"]
+    assert idle["window_s"] >= 2.0
+    assert set(idle["cpu_s_per_10s"]) == {"proxy", "bare", "agent"}
+    assert all(v >= 0 for v in idle["cpu_s_per_10s"].values())
+
     report = (tmp_path / "REPORT.md").read_text()
     assert report.startswith("# aiproxy benchmark")
     assert "against the floor of a Python hop" in report and "| bare hop |" in report
+    assert "## Idle" in report
 
 
 def test_bench_does_not_import_tests() -> None:
