@@ -2,7 +2,8 @@
 
 The request id comes from the caller's `x-request-id` (Envoy sets one on every HTTP
 request) or is generated; it goes upstream with the call and back to the caller in
-the response metadata (initial metadata on success, trailing metadata always).
+the trailing metadata always, and with the reply metadata on success (initial metadata;
+for a native gRPC unary answer the trailers: core/headers.REPLY_HEADERS_HEADER).
 """
 
 from __future__ import annotations
