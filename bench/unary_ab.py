@@ -8,7 +8,7 @@ checkouts of the code, or other settings) side by side, interleaved repetitions.
 Every variant is `aiproxy serve` with the benchmark's proxy settings (bench/stack.PROXY_ENV)
 against one agent, beside one bare hop (bench/barehop.py). `CHECKOUT` is a directory with
 the code to run (a `git archive` of another commit, with its generated stubs in
-aiproxy/ai), or `.` for this checkout; the ENV pairs are extra environment for that
+aiproxy/ai), `.` for this checkout, or a script taking the bare hop's arguments; the ENV pairs are extra environment for that
 variant (e.g. `AIPROXY_LIMITS__ENABLED=false`). Per repetition each path gets one h2load
 run (Generate at `--level` in flight) in rotating order, so drift in the machine's load
 hits every path alike; the report gives each path's median CPU per call and its ratio to
@@ -62,6 +62,12 @@ class AB(Stack):
             self._agent.address,
         ]
         full_env = {**PROXY_ENV, "PYTHONPATH": str(code), **env}
+        if checkout.endswith(".py"):
+            # Another hop to set beside them (an experiment on the bare hop, say): a
+            # script with the bare hop's command line.
+            argv = [sys.executable, checkout, "--listen", "127.0.0.1:0"]
+            argv += ["--upstream", self._agent.address]
+            full_env = {**env}
         return self._start(f"proxy-{name}", argv, env=full_env)
 
 

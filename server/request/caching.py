@@ -48,6 +48,7 @@ from aiproxy.core.cache import (
     parse_cache_control,
 )
 from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.headers import CACHE_CONTROL
 from aiproxy.core.metrics import ProxyMetrics
 from aiproxy.core.service import Method
 from aiproxy.core.settings import CacheSettings, Settings
@@ -101,6 +102,11 @@ class Caching:
         cache = self.cache
 
         async def cached_unary(request: Any, raw: bytes, context: Context, call: CallInfo) -> Any:
+            if not ttl and CACHE_CONTROL not in call.metadata:
+                # Neither the operator nor the caller asked (gRPC metadata keys are
+                # lowercase): the common case, without parsing the metadata.
+                count(Outcome.BYPASS)
+                return await inner(request, raw, context, call)
             decision = decide(parse_cache_control(call.metadata.items()), ttl, max_ttl)
             if decision.bypass:
                 count(Outcome.BYPASS)
