@@ -161,16 +161,17 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             h["ttfc_added_p50_ms"] = k1000[0].get("ttfc_added_p50_ms")
         # Every scenario within what the machine holds; the escalation step that failed
         # (if any) is reported on its own line.
-        held = streams.get("held_zero_loss") or 0
+        # (A hold row that lost anything is the bound of its group: 1 chunk/s, or slow.)
         within = [r for r in streams.get("rows", [])] + [
-            r for r in streams.get("hold", []) if r["shape"]["k"] <= held
+            r for r in streams.get("hold", []) if r["proxy"]["zero_loss"]
         ]
         h["all_streams_zero_loss"] = all(r["proxy"]["zero_loss"] for r in within)
-        beyond = [r for r in streams.get("hold", []) if r["shape"]["k"] > held]
+        beyond = [r for r in streams.get("hold", []) if not r["proxy"]["zero_loss"]]
         if beyond:
             b = beyond[0]["proxy"]
             h["first_failed_hold"] = {
                 "k": beyond[0]["shape"]["k"],
+                "interval_ms": beyond[0]["shape"]["interval_ms"],
                 "failed": b["failed"],
                 "errors": b["errors"],
                 "lost": b["lost_pieces"],
@@ -502,7 +503,7 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
     if h.get("first_failed_hold"):
         f = h["first_failed_hold"]
         w(
-            f"Beyond that: at {f['k']} slow streams {f['failed']} calls failed ({f['errors']}), {f['lost']} chunks never sent, {f['seq_errors']} out of order; "
+            f"Beyond that: at {f['k']} streams of a chunk every {f.get('interval_ms', 1000) / 1000:g} s, {f['failed']} calls failed ({f['errors']}), {f['lost']} chunks never sent, {f['seq_errors']} out of order; "
             f"time to first chunk p99 {f['ttfc_p99_ms'] / 1000:.1f} s. {_hold_failure_causes(f['errors'])}"
             "No accepted stream lost or reordered a chunk.\n"
             if not f["seq_errors"]
@@ -606,7 +607,7 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
         w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in streams.get("rows", []) + streams.get("hold", []):
             s = r["shape"]
-            d = r["direct"]["chunks_per_s"] or 0
+            d = (r.get("direct") or {}).get("chunks_per_s") or 0
             bare_cpu = (r.get("bare") or {}).get("server_cpu_us_per_chunk")
             for path in ("direct", "bare", "proxy", "envoy", "sse", "sse_each"):
                 if path not in r:
@@ -627,7 +628,8 @@ def markdown(results: dict[str, Any], json_name: str, png_name: str | None) -> s
                     f"{_f(cpu, '{:.0f} µs')}{reps} | {_f(over_bare, '{:.2f}x')} | {_f(x.get('server_cpu_us_per_call'), '{:.0f} µs')} | {_f(None if kib is None else kib / 1024, '{:.1f}')} | {_f(x.get('client_cpu_us_per_chunk'), '{:.0f} µs')} | {x['errors'] or ''} |"
                 )
         w(
-            f"\nHighest number of concurrent slow streams (1 chunk/s) held with zero loss in this run: **{streams.get('held_zero_loss')}**.\n"
+            f"\nHighest number of concurrent slow streams held with zero loss in this run: **{streams.get('held_zero_loss')}** "
+            f"(rows `holdK`: 1 chunk/s; `holdK@Ns`: a chunk every N s, opened at K / ramp a second).\n"
         )
         if not any("sse" in r for r in streams.get("rows", [])):
             w("SSE through Envoy's transcoder: not measured in this run (see notes).\n")

@@ -32,6 +32,7 @@ was measured; report.py writes REPORT.md and the plot.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import json
 import math
@@ -176,9 +177,13 @@ MODES: dict[str, dict[str, Any]] = {
         ],
         # Slow streams (1 chunk/s, 20 s each, opened over 10 s): escalate until one
         # loses anything or the list ends.
-        "hold": [5000, 10000, 15000],
+        "hold": [5000, 10000],
         "hold_n": 20,
         "hold_ramp_s": 10.0,
+        # 10,000 slow streams: a chunk every 5 s for 80 s, opened at 250 a second (40 s).
+        # At 1 chunk/s, 10,000 streams are 10,000 chunks/s, more than this 2-core box
+        # serves through any Python hop (the bare hop loses calls there too).
+        "hold_slow": [{"k": 10000, "n": 16, "interval_ms": 5000, "ramp_s": 40.0}],
         "workers_level": 128,
         "workers_duration_s": 6.0,
         "profile_s": 10,
@@ -392,7 +397,11 @@ class Bench(Stack):
     ) -> dict[str, Any]:
         """Run K streams from G generator processes; sample `watch` (CPU, RSS) meanwhile."""
         k = shape["k"]
-        gens = 1 if k < 1000 else 2
+        # Callers as a fleet opens them: one generator process per 2,500 streams (at least
+        # two from 1,000), each on its own connections (at most 1,000 streams on one), at
+        # the row's bounded start rate (k / ramp_s): one Python process opening 5,000
+        # streams while reading theirs is itself late to read, which is not the hop's cost.
+        gens = 1 if k < 1000 else max(2, math.ceil(k / 2500))
         ramp_s = shape.get("ramp_s", min(5.0, k / 2000))
         per_stream_s = (shape["first_ms"] + shape["n"] * shape["interval_ms"]) / 1000
         timeout_s = per_stream_s + ramp_s + 60
@@ -461,7 +470,7 @@ class Bench(Stack):
         started: list[Proc] = [agent]
         edge = None
         try:
-            procs: dict[str, Proc] = {"direct": agent}
+            procs: dict[str, Proc] = {"direct": agent} if "direct" in wanted else {}
             if "bare" in wanted:
                 procs["bare"] = self.barehop(agent.address)
                 started.append(procs["bare"])
@@ -473,13 +482,27 @@ class Bench(Stack):
             request = pb.StreamGenerateRequest(
                 prompt=PROMPT, options=pb.GenerationOptions(max_tokens=n)
             ).SerializeToString()
-            expected = self.probe_stream(agent.address, request)
+            # A slow row's stream lasts first_ms + n * interval_ms: the probes wait for it,
+            # all at once (one after the other, three 80 s streams would be 4 minutes).
+            probe_s = 60 + (shape["first_ms"] + n * shape["interval_ms"]) / 1000
+            targets = {"direct": agent.address} | {
+                name: proc.address for name, proc in procs.items() if name != "direct"
+            }
+            with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
+                answers = dict(
+                    zip(
+                        targets,
+                        pool.map(
+                            lambda a: self.probe_stream(a, request, probe_s), targets.values()
+                        ),
+                        strict=True,
+                    )
+                )
+            expected = answers["direct"]
             if len(expected) != n:
                 raise RuntimeError(f"expected {n} pieces from the agent, got {len(expected)}")
-            for name, proc in procs.items():
-                if name != "direct" and "".join(
-                    self.probe_stream(proc.address, request)
-                ) != "".join(expected):
+            for name, answer in answers.items():
+                if "".join(answer) != "".join(expected):
                     raise RuntimeError(f"the answer through {name} differs from the agent's")
             row: dict[str, Any] = {"shape": shape}
             # Warm every path up (connections, first-call code paths) with a short load
@@ -571,9 +594,9 @@ class Bench(Stack):
                     finally:
                         self.stop(edge)
                         edge = None
-            d, p = row["direct"], row["proxy"]
+            d, p = row.get("direct") or {}, row["proxy"]
             row["proxy_over_direct_chunks"] = (
-                p["chunks_per_s"] / d["chunks_per_s"] if d["chunks_per_s"] else None
+                p["chunks_per_s"] / d["chunks_per_s"] if d.get("chunks_per_s") else None
             )
             if d.get("ttfc_p50_ms") is not None and p.get("ttfc_p50_ms") is not None:
                 row["ttfc_added_p50_ms"] = p["ttfc_p50_ms"] - d["ttfc_p50_ms"]
@@ -596,25 +619,45 @@ class Bench(Stack):
 
     def scenario_streams(self, with_sse: bool) -> None:
         rows = []
-        for shape in self.cfg["streams"]:
+        for shape in self.cfg["streams"] if self.cfg.get("stream_rows", True) else []:
             rows.append(self.stream_paths(shape, with_sse))
         hold_rows = []
-        for k in self.cfg["hold"]:
-            shape = {
-                "name": f"hold{k}",
-                "k": k,
-                "n": self.cfg["hold_n"],
-                "interval_ms": 1000,
-                "first_ms": 50,
-                "duration_s": 0,
-                "ramp_s": self.cfg["hold_ramp_s"],
-                "paths": ["direct", "bare", "proxy"],
-            }
-            row = self.stream_paths(shape, with_sse)
-            hold_rows.append(row)
-            p = row["proxy"]
-            if p["failed"] or p["lost_pieces"] or p["seq_errors"]:
-                break
+        # Two groups: streams at 1 chunk/s, escalated until one loses anything; then the
+        # slow rows (a chunk every few seconds, opened at a bounded rate), where the
+        # number held is bounded by memory and by how fast new calls are taken, not by
+        # chunks per second.
+        groups = [
+            [
+                {
+                    "k": k,
+                    "n": self.cfg["hold_n"],
+                    "interval_ms": self.cfg.get("hold_interval_ms", 1000),
+                    "ramp_s": self.cfg["hold_ramp_s"],
+                }
+                for k in self.cfg["hold"]
+            ],
+            [dict(spec) for spec in self.cfg.get("hold_slow", [])],
+        ]
+        for group in groups:
+            for spec in group:
+                k = spec["k"]
+                shape = {
+                    "name": f"hold{k}"
+                    if spec["interval_ms"] == 1000
+                    else f"hold{k}@{spec['interval_ms'] / 1000:g}s",
+                    "k": k,
+                    "n": spec["n"],
+                    "interval_ms": spec["interval_ms"],
+                    "first_ms": 50,
+                    "duration_s": 0,
+                    "ramp_s": spec["ramp_s"],
+                    "paths": self.cfg.get("hold_paths", ["direct", "bare", "proxy"]),
+                }
+                row = self.stream_paths(shape, with_sse)
+                hold_rows.append(row)
+                p = row["proxy"]
+                if p["failed"] or p["lost_pieces"] or p["seq_errors"]:
+                    break
         self.results["scenarios"]["streams"] = {"rows": rows, "hold": hold_rows}
         clean = [
             r["shape"]["k"]
@@ -964,6 +1007,26 @@ def main(argv: list[str] | None = None) -> int:
         help="Envoy worker threads for the plain-Envoy baseline (default 1, like one proxy process)",
     )
     parser.add_argument("--no-report", action="store_true", help="write only the JSON results")
+    parser.add_argument(
+        "--hold",
+        help="the slow-stream hold rows to run (comma-separated stream counts; none: no hold row), instead of the mode's",
+    )
+    parser.add_argument(
+        "--hold-paths",
+        help="paths of the hold rows (default direct,bare,proxy)",
+    )
+    parser.add_argument(
+        "--hold-ramp-s", type=float, help="seconds over which a hold row opens its streams"
+    )
+    parser.add_argument(
+        "--hold-interval-ms", type=int, help="a hold row's token interval (default 1000)"
+    )
+    parser.add_argument("--hold-n", type=int, help="chunks per stream of a hold row")
+    parser.add_argument(
+        "--no-stream-rows",
+        action="store_true",
+        help="streams scenario: only the hold rows (no throughput rows)",
+    )
     args = parser.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = only - set(ALL_SCENARIOS)
@@ -984,6 +1047,22 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _interrupt)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     bench = Bench(mode, only, out, args.envoy_concurrency)
+    bench.cfg = dict(bench.cfg)  # the mode's table stays as it is
+    if args.hold:
+        bench.cfg["hold"] = [
+            int(k) for k in args.hold.split(",") if k.strip() and k.strip() != "none"
+        ]
+        bench.cfg["hold_slow"] = []
+    if args.hold_paths:
+        bench.cfg["hold_paths"] = [p.strip() for p in args.hold_paths.split(",") if p.strip()]
+    if args.hold_ramp_s is not None:
+        bench.cfg["hold_ramp_s"] = args.hold_ramp_s
+    if args.hold_interval_ms is not None:
+        bench.cfg["hold_interval_ms"] = args.hold_interval_ms
+    if args.hold_n is not None:
+        bench.cfg["hold_n"] = args.hold_n
+    if args.no_stream_rows:
+        bench.cfg["stream_rows"] = False
     try:
         results = bench.run()
     finally:

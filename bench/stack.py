@@ -178,7 +178,7 @@ class Stack:
             "response_sizes": sorted(sizes),
         }
 
-    def probe_stream(self, target: str, request: bytes) -> list[str]:
+    def probe_stream(self, target: str, request: bytes, timeout: float = 60.0) -> list[str]:
         import grpc
 
         from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
@@ -188,7 +188,8 @@ class Stack:
             return [
                 c.delta
                 for c in (
-                    pb.StreamGenerateResponse.FromString(raw) for raw in call(request, timeout=60)
+                    pb.StreamGenerateResponse.FromString(raw)
+                    for raw in call(request, timeout=timeout)
                 )
                 if c.delta
             ]
