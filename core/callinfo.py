@@ -94,6 +94,10 @@ class CallInfo:
     completion_tokens: int = 0
     # Metadata the caller gets with the response headers (e.g. x-ratelimit-*).
     reply_metadata: tuple[tuple[str, str], ...] = ()
+    # A unary answer's reply metadata goes in the trailing metadata, with the status,
+    # instead of as initial metadata of its own (core/headers.REPLY_HEADERS_HEADER): set
+    # by the pipeline for native gRPC callers that did not ask for "initial".
+    reply_in_trailers: bool = False
     # Set when the answer does not come from an upstream call: "cache" (a cache hit or a
     # shared in-flight call), "resume" (a replay from the stream buffer), "cancel". The
     # upstream was paid for once already: no token charge for this call.

@@ -39,6 +39,15 @@ AFFINITY_HEADER: Final = "x-aiproxy-affinity"
 # Set by the proxy, never by a caller (a caller's own is dropped with every x-aiproxy-*):
 # whose conversations a session method may see, for the agent (core/sessions.py).
 SESSION_OWNER_HEADER: Final = "x-aiproxy-session-owner"
+# "initial": a unary answer's reply metadata (x-request-id, x-ratelimit-*, the relayed
+# upstream.reply_metadata, x-aiproxy-cache) goes out as initial metadata, before the
+# answer. Without it a native gRPC unary call gets them in the trailing metadata, with the
+# status: grpc.aio sends custom initial metadata as a batch of its own (one more write
+# and event-loop round trip per call, ~90 us of CPU, ~0.1x of a bare hop's cost), while
+# the trailers go out with the answer anyway. The edge sends "initial" for its HTTP/JSON,
+# gRPC-Web and Connect callers, which read them as response headers. Streams always send
+# them as initial metadata, with the first chunk.
+REPLY_HEADERS_HEADER: Final = "x-aiproxy-reply-headers"
 
 PROXY_ONLY_METADATA: Final = frozenset(
     {
@@ -50,6 +59,7 @@ PROXY_ONLY_METADATA: Final = frozenset(
         COALESCE_HEADER,
         EDGE_SECRET_HEADER,
         AFFINITY_HEADER,
+        REPLY_HEADERS_HEADER,
     }
 )
 

@@ -339,6 +339,22 @@ def peer_host(peer: str) -> str:
     IPv4-mapped addresses stay single hosts. Other peers (unix sockets) are returned as
     they are.
     """
+    host = _PEER_HOSTS.get(peer)
+    if host is None:
+        if len(_PEER_HOSTS) >= _PEER_HOSTS_MAX:
+            _PEER_HOSTS.clear()
+        host = _PEER_HOSTS[peer] = _peer_host(peer)
+    return host
+
+
+# peer string -> peer_host: the overload gate and the limits both ask once per call, and
+# parsing with ipaddress costs ~10 us each time; a connection's calls share one peer
+# string. Bounded (cleared when full), so a flood of new connections cannot grow it.
+_PEER_HOSTS: dict[str, str] = {}
+_PEER_HOSTS_MAX = 4096
+
+
+def _peer_host(peer: str) -> str:
     ip = peer_ip(peer)
     if ip is None:
         return peer

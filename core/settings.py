@@ -407,8 +407,9 @@ class UpstreamSettings(_Section):
     reply_metadata: list[str] = Field(
         default_factory=lambda: ["x-agent-replica"],
         description="Response metadata of the upstream passed on to the caller with the "
-        "proxy's response headers (the agent's initial metadata, and a unary call's "
-        "trailing metadata): by default the name of the replica that answered. [] relays "
+        "proxy's reply metadata (response headers; a native gRPC unary answer's trailers, "
+        "docs/protection.md), from the agent's initial metadata and a unary call's "
+        "trailing metadata: by default the name of the replica that answered. [] relays "
         "nothing.",
     )
     extra_interceptors: list[str] = Field(

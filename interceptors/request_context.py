@@ -2,12 +2,13 @@
 
 The request id comes from the caller's `x-request-id` (Envoy sets one on every HTTP
 request) or is generated; it goes upstream with the call and back to the caller in
-the response metadata (initial metadata on success, trailing metadata always).
+the trailing metadata always, and with the reply metadata on success (initial metadata;
+for a native gRPC unary answer the trailers: core/headers.REPLY_HEADERS_HEADER).
 """
 
 from __future__ import annotations
 
-import uuid
+import os
 from typing import Any
 
 from aiproxy.core.callinfo import CallInfo
@@ -29,7 +30,8 @@ def request_id_from(metadata: Any) -> str:
     # A caller's id is echoed into logs and headers: keep it short and printable.
     if isinstance(value, str) and 0 < len(value) <= _MAX_REQUEST_ID_LEN and value.isprintable():
         return value
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex, at a third of its cost.
+    return os.urandom(16).hex()
 
 
 class _Bound:

@@ -48,10 +48,12 @@ from aiproxy.core.cache import (
     parse_cache_control,
 )
 from aiproxy.core.callinfo import CallInfo
+from aiproxy.core.headers import CACHE_CONTROL
 from aiproxy.core.metrics import ProxyMetrics
 from aiproxy.core.service import Method
 from aiproxy.core.settings import CacheSettings, Settings
 from aiproxy.core.types import Context, StreamCall, UnaryCall
+from aiproxy.server.request.forwarding import send_reply_metadata
 from aiproxy.server.request.resume import DetachedContext, initial_metadata
 
 
@@ -100,6 +102,11 @@ class Caching:
         cache = self.cache
 
         async def cached_unary(request: Any, raw: bytes, context: Context, call: CallInfo) -> Any:
+            if not ttl and CACHE_CONTROL not in call.metadata:
+                # Neither the operator nor the caller asked (gRPC metadata keys are
+                # lowercase): the common case, without parsing the metadata.
+                count(Outcome.BYPASS)
+                return await inner(request, raw, context, call)
             decision = decide(parse_cache_control(call.metadata.items()), ttl, max_ttl)
             if decision.bypass:
                 count(Outcome.BYPASS)
@@ -115,9 +122,11 @@ class Caching:
             count(outcome)
             if outcome is not Outcome.MISS:
                 call.replayed = "cache"
-            await context.send_initial_metadata(
-                initial_metadata(call, detached, (CACHE_HEADER, outcome.header))
-            )
+            cache_header = (CACHE_HEADER, outcome.header)
+            if call.reply_in_trailers:
+                await send_reply_metadata(context, call, cache_header)
+            else:
+                await context.send_initial_metadata(initial_metadata(call, detached, cache_header))
             return cls.FromString(data)
 
         return cached_unary

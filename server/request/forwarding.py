@@ -120,6 +120,22 @@ def coalesce_window(call: CallInfo, default_ms: float) -> float:
     return ms if 0 <= ms <= 1000 else default_ms
 
 
+async def send_reply_metadata(context: Context, call: CallInfo, *extra: tuple[str, str]) -> None:
+    """A unary answer's reply metadata: x-request-id, call.reply_metadata and `extra`. In
+    the trailing metadata, with the attempts it took, when call.reply_in_trailers (no
+    batch of its own: core/headers.REPLY_HEADERS_HEADER); else as initial metadata (the
+    trailers keep x-request-id and the attempts, set when the attempts ended)."""
+    if call.reply_in_trailers:
+        attempts = ((ATTEMPTS_TRAILER, str(call.attempts)),) if call.attempts else ()
+        context.set_trailing_metadata(
+            ((REQUEST_ID, call.request_id), *attempts, *call.reply_metadata, *extra)
+        )
+    else:
+        await context.send_initial_metadata(
+            ((REQUEST_ID, call.request_id), *call.reply_metadata, *extra)
+        )
+
+
 class Forwarder:
     """The pipeline's terminal: per method, the function that sends an admitted call
     through the pool (with retries) and relays the answer."""
@@ -319,9 +335,7 @@ class Forwarder:
                 )
             finally:
                 self._leave()
-            await context.send_initial_metadata(
-                ((REQUEST_ID, call.request_id), *call.reply_metadata)
-            )
+            await send_reply_metadata(context, call)
             return response
 
         return forward_unary

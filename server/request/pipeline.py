@@ -45,6 +45,7 @@ import grpc
 
 from aiproxy.core.callinfo import CallInfo, current_call, metadata_dict
 from aiproxy.core.errors import MalformedRequest
+from aiproxy.core.headers import REPLY_HEADERS_HEADER
 from aiproxy.core.service import Method, Service
 from aiproxy.core.shedding import Ticket
 from aiproxy.core.types import Context, StreamCall, UnaryCall
@@ -226,6 +227,9 @@ def _unary_handler(
         try:
             wire = await _read_one(context) if read else given
             call = _open(method, context, headers, repeated)
+            # A native caller gets the reply metadata with the status unless it asks
+            # otherwise; a front's caller (read=False) reads them as response headers.
+            call.reply_in_trailers = read and headers.get(REPLY_HEADERS_HEADER) != "initial"
             request = None
             raw = b""
             while entered < n:

@@ -316,6 +316,8 @@ def test_the_access_log_names_the_callers_protocol(stack: dict[str, ServiceProce
         rid = f"protocol-{protocol}"
         reply = request(edge, "POST", GENERATE, body, headers={**headers, "x-request-id": rid})
         assert reply.status == 200, reply
+        # A unary answer's reply metadata are response headers for these protocols too.
+        assert reply.headers["x-request-id"] == rid and reply.headers["x-ratelimit-limit"]
         line = wait_access_log(stack["envoy"], rid)
         # (Its grpc_status reads the response trailers, which these protocols' filters have
         # moved into the body by then: "Unknown", docs/http.md.)

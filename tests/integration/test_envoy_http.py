@@ -144,7 +144,10 @@ def test_unary_routes_answer_json(
     reply = request(edge, "POST", path, body, headers={"x-request-id": rid})
     assert reply.status == 200, reply.body
     assert reply.content_type == "application/json"
+    # The reply metadata are response headers for HTTP callers (the edge asks the proxy
+    # for them first: x-aiproxy-reply-headers), not HTTP trailers they could not read.
     assert reply.headers["x-request-id"] == rid
+    assert int(reply.headers["x-ratelimit-limit"]) > 0
     doc = reply.json()
     assert fields <= doc.keys(), doc
     if path == "/api/v1/ai/generate/batch":
@@ -452,6 +455,13 @@ async def test_grpc_clients_come_in_through_envoy_too(edge: str) -> None:
                 timeout=30,
             )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A native caller's unary reply metadata come in the trailers, through the edge
+        # as directly (the edge asks for them first only for its HTTP-side protocols).
+        call = stub(channel).Generate(pb.GenerateRequest(prompt="x"), timeout=30)
+        await call
+        trailers = dict(await call.trailing_metadata())
+        assert trailers["x-request-id"] and int(trailers["x-ratelimit-limit"]) > 0
+        assert "x-ratelimit-limit" not in dict(await call.initial_metadata())
 
 
 def test_no_request_failed_at_the_edge_itself(stack: dict[str, ServiceProcess]) -> None:

@@ -259,7 +259,8 @@ async def test_identical_concurrent_requests_make_one_upstream_call(stack) -> No
         async def one(channel, metadata):
             call = stub(channel).Generate(request, metadata=metadata, timeout=30)
             reply = await call
-            return reply, dict(await call.initial_metadata()).get("x-aiproxy-cache")
+            # A unary answer's reply metadata: in the trailers, with the status.
+            return reply, dict(await call.trailing_metadata()).get("x-aiproxy-cache")
 
         answers = await asyncio.gather(*(one(ca, cached) for _ in range(50)))
         assert agent_calls(record, UNARY) == 1
@@ -531,7 +532,7 @@ async def test_jwt_tenants_scope_resumes_cancels_and_cached_answers(
         for who in (alice, bob, carol, carol):
             reply = api.Generate(unary, metadata=(*opt_in, *who), timeout=30)
             answer = await reply
-            outcomes.append(dict(await reply.initial_metadata()).get("x-aiproxy-cache"))
+            outcomes.append(dict(await reply.trailing_metadata()).get("x-aiproxy-cache"))
             assert answer.text
         assert outcomes == ["miss", "hit", "miss", "hit"]
         assert agent_calls(record, UNARY) == calls + 2  # one per tenant

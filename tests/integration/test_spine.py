@@ -164,8 +164,20 @@ async def test_request_id_forwarded_and_echoed(agent, proxy_channel) -> None:
         GENERATE, metadata=(("x-request-id", "req-abc-123"),), timeout=10
     )
     await call
-    assert dict(await call.initial_metadata())["x-request-id"] == "req-abc-123"
+    # A native unary call: the reply metadata comes with the status, in the trailers, and
+    # no custom initial metadata (one gRPC batch less per call).
     assert dict(await call.trailing_metadata())["x-request-id"] == "req-abc-123"
+    assert "x-request-id" not in dict(await call.initial_metadata())
+    # Asked for first (what the edge asks for its HTTP, gRPC-Web and Connect callers):
+    # as initial metadata, and still in the trailers.
+    call = stub(proxy_channel).Generate(
+        GENERATE,
+        metadata=(("x-request-id", "req-abc-124"), ("x-aiproxy-reply-headers", "initial")),
+        timeout=10,
+    )
+    await call
+    assert dict(await call.initial_metadata())["x-request-id"] == "req-abc-124"
+    assert dict(await call.trailing_metadata())["x-request-id"] == "req-abc-124"
     agent.wait_for_log(
         lambda e: e.get("event") == "call_started" and e.get("request_id") == "req-abc-123"
     )

@@ -67,7 +67,8 @@ def redis_env(url: str) -> dict[str, str]:
 async def generate(
     channel: grpc.aio.Channel, request: Any = GENERATE, metadata: tuple = ()
 ) -> tuple[grpc.StatusCode, Any, dict[str, str]]:
-    """(code, response or rich error, initial metadata) of one Generate."""
+    """(code, response or rich error, reply metadata: a unary answer's trailers) of one
+    Generate."""
     call = stub(channel).Generate(request, metadata=metadata, timeout=30)
     try:
         response = await call
@@ -75,7 +76,7 @@ async def generate(
         status = rpc_status.from_call(err)  # type: ignore[arg-type]
         assert status is not None, err
         return err.code(), rich_from_status(status), {}
-    headers = {k: str(v) for k, v in (await call.initial_metadata() or ())}
+    headers = {k: str(v) for k, v in (await call.trailing_metadata() or ())}
     return grpc.StatusCode.OK, response, headers
 
 

@@ -270,3 +270,44 @@ async def test_a_call_without_its_whole_request_message_is_refused_not_left_wait
     with pytest.raises(MalformedRequest, match="did not arrive"):
         await error_handling.read_one(Silent())  # type: ignore[arg-type]
     assert await error_handling.read_one(_Context(b"raw")) == b"raw"  # type: ignore[arg-type]
+
+
+async def test_the_read_timeout_refuses_only_late_reads_and_leaves_no_timer_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One timer per event loop watches every waiting read: a silent caller is refused,
+    one whose message comes is not, a cancellation from elsewhere stays a cancellation,
+    and once nothing waits nothing is left scheduled (an idle proxy is not woken)."""
+
+    class Late:
+        def __init__(self, after: float) -> None:
+            self.after = after
+
+        async def read(self) -> Any:
+            await asyncio.sleep(self.after)
+            return b"late"
+
+    monkeypatch.setattr(error_handling, "READ_TIMEOUT_S", 0.2)
+    silent = asyncio.ensure_future(error_handling.read_one(Late(3600)))  # type: ignore[arg-type]
+    prompt = asyncio.ensure_future(error_handling.read_one(Late(0.01)))  # type: ignore[arg-type]
+    cancelled = asyncio.ensure_future(error_handling.read_one(Late(3600)))  # type: ignore[arg-type]
+    assert await prompt == b"late"
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    with pytest.raises(MalformedRequest, match="did not arrive"):
+        await silent
+    loop = asyncio.get_running_loop()
+    watch = error_handling._WATCHES.get(loop)
+    assert watch is None or (not watch.waiting and not watch.expired)
+    # A shorter timeout than the one the timer is set for is still honoured.
+    monkeypatch.setattr(error_handling, "READ_TIMEOUT_S", 30.0)
+    slow = asyncio.ensure_future(error_handling.read_one(Late(3600)))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    monkeypatch.setattr(error_handling, "READ_TIMEOUT_S", 0.05)
+    with pytest.raises(MalformedRequest, match="did not arrive"):
+        await error_handling.read_one(Late(3600))  # type: ignore[arg-type]
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    assert error_handling._WATCHES[loop].waiting == {}
