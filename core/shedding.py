@@ -18,7 +18,10 @@ cap (server.max_active_calls):
 - while n < limit x the class's `sheds_at`, every call is admitted;
 - past it, a call is admitted if its group holds fewer than `min_share` calls (a light
   caller is never refused because many callers divide a low limit) or less than its fair
-  share, share(group) = limit x sheds_at / groups in flight (its own counted); in a group
+  share: the larger of limit x sheds_at / groups in flight (its own counted) and, when
+  calls admitted before the limit fell are still open, what the other groups hold on
+  average (x sheds_at), so a caller holding fewer than the others is admitted while the
+  ones holding the most are refused; in a group
   holding its share, only a key under share(group) / keys in flight in that group is
   admitted; refusals therefore come from the callers using the most, never first from one
   far under its share;
@@ -133,6 +136,13 @@ class FairShedder:
                 return QUEUE
             held = self._groups.get(group, 0)
             group_share, key_share = self.share(group, key, sheds_at)
+            # Calls admitted before the limit fell may still be open: a group holding
+            # fewer than the other groups hold on average is under its share whatever the
+            # limit, so refusals come from the callers holding the most. (The others'
+            # mean, not everyone's: a group's own calls never raise its share.)
+            others = len(self._groups) - (group in self._groups)
+            if others:
+                group_share = max(group_share, (self.in_flight - held) * sheds_at / others)
             # A group holding fewer than `min_share` calls, or less than its share, is
             # admitted: many groups dividing a low limit never refuse a light one. Inside
             # a group holding its share, its keys split that share: minting keys (client

@@ -35,10 +35,49 @@ def test_past_the_limit_the_heavy_caller_is_refused_and_the_light_one_admitted()
     shedder = FairShedder(ceiling=100, limit=10)
     fill(shedder, "peer:heavy", "", 10)
     assert shedder.admit("peer:heavy", "") == OVER_SHARE
-    # The light caller's share is 10 / 2 groups = 5: it is admitted up to it.
-    fill(shedder, "peer:light", "", 5)
+    # The heavy caller's calls were admitted before the limit was reached and are still
+    # open: the light caller is under its share while it holds less than the others do
+    # on average, so it is admitted up to what the heavy caller holds, not past it.
+    fill(shedder, "peer:light", "", 10)
     assert shedder.admit("peer:light", "") == OVER_SHARE
-    assert shedder.in_flight == 15  # past the limit, under the ceiling
+    assert shedder.admit("peer:heavy", "") == OVER_SHARE
+    assert shedder.in_flight == 20  # past the limit, under the ceiling
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_past_the_limit_only_callers_at_or_over_the_mean_are_refused(seed: int) -> None:
+    """Generated holdings: a caller under the mean of what groups hold is never refused
+    over_share, and the caller holding the most (past min_share) always is."""
+    rng = random.Random(seed)
+    groups = rng.randint(2, 40)
+    held = {f"peer:{i}": rng.choice([0, 0, 1, 2, 5, 8, 20, 60]) for i in range(groups)}
+    n = sum(held.values())
+    min_share = rng.choice([1, 2, 4])
+    shedder = FairShedder(ceiling=10 * n + 100, min_share=min_share)
+    for group, count in held.items():
+        if count:
+            fill(shedder, group, "", count)
+    shedder.limit = max(1, n // rng.randint(2, 8))  # the limit fell with these open
+    in_flight = shedder.in_flight
+    if in_flight < shedder.limit:
+        return  # under the limit everyone is admitted (another test)
+    for group, count in held.items():
+        counted = len(shedder) + (count == 0)
+        mean = in_flight / counted
+        ticket = shedder.admit(group, "")
+        if isinstance(ticket, Ticket):
+            ticket.release()
+            assert count < min_share or count + 1 <= max(shedder.limit, mean) + 1e-9, (
+                group,
+                count,
+                mean,
+            )
+        else:
+            assert ticket == OVER_SHARE
+            assert count >= min_share and count + 1 > mean, (group, count, mean)
+    top = max(held, key=lambda g: held[g])
+    if held[top] >= min_share and held[top] + 1 > max(shedder.limit, in_flight) / len(shedder):
+        assert shedder.admit(top, "") == OVER_SHARE
 
 
 def test_the_ceiling_refuses_everyone() -> None:
@@ -56,9 +95,10 @@ def test_minted_keys_split_their_group_share_and_never_add_to_it() -> None:
         for _ in range(5):
             if isinstance(shedder.admit("peer:minter", f"client:{i}"), Ticket):
                 admitted += 1
-    # Its group's share is 20 / 2 = 10, then split between its keys: about that (keys
-    # seen before the group held its share got their call), nowhere near 500.
-    assert admitted <= 25
+    # Its group's share is what the other group holds (20), and past it its keys split
+    # the limit's share (20 / 2 = 10): about that (keys seen before the group held its
+    # share got their call), nowhere near 500.
+    assert admitted <= 30
     assert shedder.admit("peer:third", "") != OVER_SHARE
 
 
