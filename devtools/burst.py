@@ -31,6 +31,17 @@ from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.ai.agent.v1 import agent_service_pb2_grpc as pb_grpc
 
 
+def cause_of(err: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo's `cause` (the overload gate's reason for a refusal), or ""."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.metadata.get("cause", ""))
+    return ""
+
+
 def shape(err: grpc.aio.AioRpcError) -> tuple[str, str, bool]:
     """(code, ErrorInfo reason, whether RetryInfo is there) of a gRPC error."""
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
@@ -131,7 +142,7 @@ async def light_caller(
             return {"code": "OK", "s": time.monotonic() - started, "at": at, "rid": rid}
         except grpc.aio.AioRpcError as err:
             code, reason, retry = shape(err)
-            return {"code": code, "reason": reason, "retry": retry,
+            return {"code": code, "reason": reason, "retry": retry, "cause": cause_of(err),
                     "s": time.monotonic() - started, "at": at, "rid": rid}  # fmt: skip
 
     next_at = time.monotonic()
@@ -245,6 +256,10 @@ async def run_burst(
         "light_p50": percentile([r["s"] for r in during], 0.5),
         "light_p99": percentile([r["s"] for r in during], 0.99),
         "light_codes": collections.Counter(r["code"] for r in during),
+        # Why the light caller was refused, when it was (the gate's ErrorInfo cause).
+        "light_causes": collections.Counter(
+            r.get("cause", "") for r in during if r["code"] != "OK"
+        ),
         "results": results,
         "light": during,
     }
