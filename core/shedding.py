@@ -115,11 +115,23 @@ class FairShedder:
 
     def share(self, group: str, key: str = "", sheds_at: float = 1.0) -> tuple[float, float]:
         """The fair shares (of its group, of its key) a call of `key` in `group` would have
-        if it asked now, in a class that sheds at `sheds_at`."""
+        if it asked now past the limit, in a class that sheds at `sheds_at`.
+
+        The group's: its part of the limit, or what the other groups hold on average when
+        that is more (calls admitted before the limit fell may still be open: a group
+        holding fewer than the others is under its share whatever the limit, so refusals
+        come from the callers holding the most; the others' mean, not everyone's, so a
+        group's own calls never raise its share). The key's: its part of the group's part
+        of the limit, so minting keys never adds to a group."""
         groups = len(self._groups) + (group not in self._groups)
-        group_share = self.limit * sheds_at / groups
+        limit_share = self.limit * sheds_at / groups
+        group_share = limit_share
+        held = self._groups.get(group, 0)
+        others = groups - 1
+        if others:
+            group_share = max(limit_share, (self.in_flight - held) * sheds_at / others)
         keys = self._keys_in.get(group, 0) + (_qualified(group, key) not in self._keys)
-        return group_share, group_share / keys
+        return group_share, limit_share / keys
 
     def admit(
         self, group: str, key: str, sheds_at: float = 1.0, busy: int = 0, strict: bool = False
@@ -136,13 +148,6 @@ class FairShedder:
                 return QUEUE
             held = self._groups.get(group, 0)
             group_share, key_share = self.share(group, key, sheds_at)
-            # Calls admitted before the limit fell may still be open: a group holding
-            # fewer than the other groups hold on average is under its share whatever the
-            # limit, so refusals come from the callers holding the most. (The others'
-            # mean, not everyone's: a group's own calls never raise its share.)
-            others = len(self._groups) - (group in self._groups)
-            if others:
-                group_share = max(group_share, (self.in_flight - held) * sheds_at / others)
             # A group holding fewer than `min_share` calls, or less than its share, is
             # admitted: many groups dividing a low limit never refuse a light one. Inside
             # a group holding its share, its keys split that share: minting keys (client
