@@ -180,17 +180,17 @@ async def test_stream_duration_covers_the_whole_stream(served) -> None:
     assert (
         value(telemetry, "ai_proxy_stream_first_chunk_seconds_count", method="StreamGenerate") == 1
     )
-    assert (
-        value(telemetry, "ai_proxy_stream_first_chunk_seconds_sum", method="StreamGenerate")
-        < CHUNK_PAUSE_S
-    )
-    # Mean interval: (3 gaps: pause, pause, ~0) / 3; largest gap: one pause.
+    # No upper timing bounds (a loaded box stretches any of them); how the figures relate
+    # instead: first chunk, then three gaps spanning at least the two pauses, the largest
+    # gap at least one pause, and all of it inside the stream's whole duration.
+    duration = value(telemetry, "ai_proxy_request_duration_seconds_sum", method="StreamGenerate")
+    first = value(telemetry, "ai_proxy_stream_first_chunk_seconds_sum", method="StreamGenerate")
     mean = value(telemetry, "ai_proxy_stream_chunk_interval_seconds_sum", method="StreamGenerate")
-    assert 2 * CHUNK_PAUSE_S / 3 <= mean < CHUNK_PAUSE_S
-    assert (
-        value(telemetry, "ai_proxy_stream_chunk_gap_max_seconds_sum", method="StreamGenerate")
-        >= CHUNK_PAUSE_S
-    )
+    gap_max = value(telemetry, "ai_proxy_stream_chunk_gap_max_seconds_sum", method="StreamGenerate")
+    assert first > 0
+    assert 3 * mean >= 2 * CHUNK_PAUSE_S
+    assert CHUNK_PAUSE_S <= gap_max <= 3 * mean + 1e-6
+    assert first + 3 * mean <= duration + 1e-6
     assert value(telemetry, "ai_proxy_active_streams", method="StreamGenerate") == 0
     assert value(telemetry, "ai_proxy_tokens_total", model="m-1", kind="completion") == 2
     assert value(telemetry, "ai_proxy_requests_total", method="StreamGenerate", status="OK") == 1
