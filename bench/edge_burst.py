@@ -10,16 +10,27 @@ burst: what the caller saw, what Envoy's access log says (its first byte to the 
 the replica's first byte back, the whole), what the proxy's access log says (its own
 duration); the proxy's queue wait (ai_proxy_queue_wait_seconds, scraped every 100 ms);
 and each process's CPU seconds over the burst (Envoy, proxy, agent, relay, burst client,
-this process), so the light caller's p99 can be put on one of them.
+this process), so the light caller's p99 can be put on one of them. The caller's wait
+outside Envoy is split by Envoy's START_TIME: before Envoy's codec took the request
+(`light_to_envoy`) and after its last byte (`light_after_envoy`).
+
+Controls: `--envoy-config bench/edge_burst_control.yaml` puts a router-only Envoy in the
+edge's place; `--nice envoy=-10` (or proxy, agent) starts that process at another
+niceness. What they showed (2026-12-06, docs/overload.md "Through Envoy"): the light
+caller's wait is before Envoy reads its request, with the edge's configuration and with
+the router-only one alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import pathlib
+import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -117,6 +128,15 @@ def main() -> None:
     parser.add_argument("--proxy-access-log", action="store_true")
     parser.add_argument("--proxy-env", action="append", default=[], help="K=V for the proxy")
     parser.add_argument("--envoy-arg", action="append", default=[])
+    parser.add_argument(
+        "--envoy-config",
+        help="run this Envoy config instead of `aiproxy envoy` (a control: {{PORT}}, "
+        "{{ADMIN_PORT}}, {{PROXY_HOST}}, {{PROXY_PORT}} are filled in)",
+    )
+    parser.add_argument(
+        "--nice", action="append", default=[],
+        help="NAME=N: start that process (agent, proxy, envoy) at this niceness (experiment)",
+    )  # fmt: skip
     args = parser.parse_args()
     procs = Procs()
     sampler = CpuSampler()
@@ -138,14 +158,32 @@ def main() -> None:
             aiproxy_argv("serve", "--listen", "127.0.0.1:0", "--upstream", agent.address),
             env=env,
         )
-        envoy = procs.start(
-            "envoy",
-            aiproxy_argv(
-                "envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address,
-                "--concurrency", str(args.concurrency), "--log-flush-ms", "100",
-                "--log-level", "error", *args.envoy_arg,
-            ),
-        )  # fmt: skip
+        if args.envoy_config:
+            port, admin_port = _free_port(), _free_port()
+            host, _, proxy_port = proxy.address.rpartition(":")
+            config = pathlib.Path(args.envoy_config).read_text()
+            for key, value in (("PORT", port), ("ADMIN_PORT", admin_port),
+                               ("PROXY_HOST", host), ("PROXY_PORT", proxy_port)):  # fmt: skip
+                config = config.replace("{{" + key + "}}", str(value))
+            path = pathlib.Path(procs.workdir) / "envoy-control.yaml"
+            path.write_text(config)
+            envoy = procs.start(
+                "envoy",
+                [_envoy_binary(), "-c", str(path), "--concurrency", str(args.concurrency),
+                 "--log-level", "error", "--base-id", str(os.getpid() % 60000)],
+                ready=lambda _p: _listening(port),
+            )  # fmt: skip
+            envoy_address = f"127.0.0.1:{port}"
+        else:
+            envoy = procs.start(
+                "envoy",
+                aiproxy_argv(
+                    "envoy", "--listen", "127.0.0.1:0", "--proxy", proxy.address,
+                    "--concurrency", str(args.concurrency), "--log-flush-ms", "100",
+                    "--log-level", "error", *args.envoy_arg,
+                ),
+            )  # fmt: skip
+            envoy_address = envoy.address
         metrics_at = next(
             (
                 x["address"]
@@ -159,11 +197,17 @@ def main() -> None:
         stop = threading.Event()
         if metrics_url:
             threading.Thread(target=_scrape, args=(metrics_url, stop, scraped), daemon=True).start()
+        for spec in args.nice:
+            name, _, value = spec.partition("=")
+            pid = {"agent": agent, "proxy": proxy, "envoy": envoy}[name].pid
+            for each in _tree(pid):
+                for task in os.listdir(f"/proc/{each}/task"):
+                    os.setpriority(os.PRIO_PROCESS, int(task), int(value))
         time.sleep(0.5)
         sampler.start_window()
         t0 = time.time()
         figures = asyncio.run(
-            run_burst(envoy.address, [() for _ in range(50)], (), streams=args.streams,
+            run_burst(envoy_address, [() for _ in range(50)], (), streams=args.streams,
                       quiet=True, by_address=True)
         )  # fmt: skip
         time.sleep(0.4)
@@ -229,12 +273,30 @@ def main() -> None:
                 "upstream_rx_ms": _num(e.get("upstream_rx_ms")), "proxy_ms": p.get("duration_ms"),
             })  # fmt: skip
         report["slowest_light"] = rows
+        admin = next((x.get("admin") for x in envoy.stdout_lines() if x.get("admin")), "")
+        if admin:
+            # Envoy's flow control during the run: paused reads and backed-up buffers.
+            text = urllib.request.urlopen(f"http://{admin}/stats", timeout=2).read().decode()
+            report["envoy_flow_control"] = {
+                k: v for k, _, v in (line.partition(": ") for line in text.splitlines())
+                if ("flow_control" in k or "watermark" in k or "overflow" in k)
+                and v not in ("0", "")
+            }  # fmt: skip
         before_envoy, in_proxy_queue = [], []
+        to_envoy: list[float] = []
+        after_envoy: list[float] = []
         for r in light:
             e = by_rid_envoy.get(r["rid"])
             if e is None or _num(e.get("duration_ms")) is None:
                 continue
             before_envoy.append(1000 * r["s"] - _num(e["duration_ms"]))  # type: ignore[operator]
+            started_at = _epoch(e.get("ts"))
+            if started_at is not None:
+                # Envoy's START_TIME has ms resolution: the split is good to about 1 ms.
+                to_envoy.append(1000 * (started_at - r["at"]))
+                after_envoy.append(
+                    1000 * (r["at"] + r["s"] - started_at) - _num(e["duration_ms"])  # type: ignore[operator]
+                )
             p = by_rid_proxy.get(r["rid"])
             rx = _num(e.get("upstream_rx_ms"))
             tx = _num(e.get("upstream_tx_ms")) or 0.0
@@ -244,6 +306,10 @@ def main() -> None:
         # the proxy's answer, minus the proxy's own handler time (its intake queue).
         report["light_before_envoy"] = _ms(before_envoy)
         report["light_proxy_intake"] = _ms(in_proxy_queue)
+        # The same wait split: sent by the caller -> Envoy's first byte; Envoy's last
+        # byte -> the caller's answer.
+        report["light_to_envoy"] = _ms(to_envoy)
+        report["light_after_envoy"] = _ms(after_envoy)
         print(json.dumps(report, indent=1))
     finally:
         sampler.stop.set()
@@ -254,6 +320,36 @@ def _num(v: Any) -> float | None:
     try:
         return float(v)
     except (TypeError, ValueError):
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _envoy_binary() -> str:
+    return str(pathlib.Path(sys.executable).parent / "envoy")
+
+
+def _epoch(ts: Any) -> float | None:
+    """Envoy's START_TIME (%Y-%m-%dT%H:%M:%S.%3fZ, UTC) as epoch seconds."""
+    try:
+        return (
+            datetime.datetime.strptime(str(ts), "%Y-%m-%dT%H:%M:%S.%fZ")
+            .replace(tzinfo=datetime.UTC)
+            .timestamp()
+        )
+    except ValueError:
         return None
 
 
