@@ -253,6 +253,18 @@ class OverloadSettings(_Section):
         "behind a burst in Envoy or on a shared connection). A method whose queue is in "
         "distress (`distress_wait_ms`) gives no such exemption.",
     )
+    share_wait_ms: float = Field(
+        default=1000.0,
+        ge=0,
+        description="Past the limit, a call over its caller's share waits up to this long "
+        "(and half of what is left of its deadline) for one of that caller's own calls to "
+        "end, then is "
+        "admitted if it is under its share by then, else refused (`over_share`). Calls "
+        "that reach the gate together (held behind a burst in Envoy or on a shared "
+        "connection) take their caller's own slots in turn instead of being refused; a "
+        "caller only ever waits on itself, and at most server.max_active_calls calls wait "
+        "at once. 0 = refuse at once.",
+    )
     distress_wait_ms: float = Field(
         default=1000.0,
         ge=0,

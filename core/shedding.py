@@ -27,6 +27,11 @@ cap (server.max_active_calls):
   far under its share;
 - never at or past the ceiling, whoever asks (the reserve between limit and ceiling is
   what callers under their share are admitted into).
+A call refused over its share may wait for one of its own group's calls to end (`wait`;
+the gate bounds the wait, server `overload.share_wait_ms`): calls that reach the gate
+together (held behind a burst in Envoy or on a shared connection) then take their
+group's own slots in turn, a short caller's quickly, a long-stream caller's rarely. A
+group only ever waits on itself, so what one caller holds never delays another.
 A class with `sheds_at` < 1 (batch) is shed earlier than the default, one above 1
 (interactive) later: priority comes from the operator's configuration only (a caller's
 own header never raises it).
@@ -34,6 +39,8 @@ own header never raises it).
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -105,6 +112,10 @@ class FairShedder:
         # Admitted streams in flight (tracked), in no order: add and remove are O(1)
         # (a removed ticket's place is taken by the last one), the sampler reads a window.
         self.streams: list[Ticket] = []
+        # Calls over their share waiting for one of their group's own calls to end:
+        # group -> wake-up callbacks, oldest first (`wait`); `waiting` counts them all.
+        self._waiting: dict[str, deque[Callable[[], None]]] = {}
+        self.waiting = 0
 
     def __len__(self) -> int:
         """Groups with a call in flight."""
@@ -161,6 +172,36 @@ class FairShedder:
         self._take(group, key)
         return Ticket(self, group, key)
 
+    def wait(self, group: str, wake: Callable[[], None]) -> None:
+        """Call `wake()` once, when one of `group`'s calls ends (oldest waiter first),
+        unless `unwait` comes first. A group holding nothing is never over its share, so
+        a waiting group always has a call of its own that will end."""
+        waiting = self._waiting.get(group)
+        if waiting is None:
+            waiting = self._waiting[group] = deque()
+        waiting.append(wake)
+        self.waiting += 1
+
+    def unwait(self, group: str, wake: Callable[[], None]) -> None:
+        """Forget a waiter (woken, timed out or gone); a no-op when it is not waiting."""
+        waiting = self._waiting.get(group)
+        if waiting is None:
+            return
+        try:
+            waiting.remove(wake)
+        except ValueError:
+            return
+        self.waiting -= 1
+        if not waiting:
+            del self._waiting[group]
+
+    def waiters(self, group: str | None = None) -> int:
+        """Calls waiting on `group`'s own calls (on any group's, with None)."""
+        if group is None:
+            return self.waiting
+        waiting = self._waiting.get(group)
+        return 0 if waiting is None else len(waiting)
+
     def take(self, group: str, key: str) -> Ticket:
         """Count a call admitted without the rule (the blind policy still counts callers)."""
         self._take(group, key)
@@ -210,6 +251,14 @@ class FairShedder:
             self._groups[group] = count
         else:
             del self._groups[group]
+        if self._waiting:
+            waiting = self._waiting.get(group)
+            if waiting:
+                wake = waiting.popleft()
+                self.waiting -= 1
+                if not waiting:
+                    del self._waiting[group]
+                wake()
 
 
 def _qualified(group: str, key: str) -> str:

@@ -19,7 +19,9 @@ WHOM it refuses (docs/overload.md): with `policy="fair"` the gate counts the
 calls it admitted per caller (core/shedding.py: groups are verified identities and
 addresses, keys inside an address are client ids and unverified credentials; who is
 who: `CallerIdentity`), and past the limit refuses only callers holding their fair share
-or more; priority classes come from the operator's configuration only. A stream whose
+or more, after letting such a call wait briefly for one of its caller's own calls to end
+(`share_wait_s`: calls that arrive bunched take their caller's own slots in turn);
+priority classes come from the operator's configuration only. A stream whose
 deadline ends before streams lately took to their first chunk (`FirstChunkEstimate`)
 is refused at the door (`deadline`). `policy="blind"` is the gate as it was: every new
 call past the limit is refused, whoever sends it.
@@ -343,6 +345,7 @@ class OverloadGate:
         refuse_doomed_streams: bool = True,
         probe_token: str = "",
         min_share: int = 1,
+        share_wait_s: float = 0.0,
         distress_s: float = 0.0,
         gap_factor: float = 4.0,
         gap_grace_s: float = 0.5,
@@ -369,6 +372,8 @@ class OverloadGate:
         # which its calls get no exemption past the limit (0: never).
         self.queue_wait: Callable[[str], float] | None = None
         self.distress_s = distress_s
+        # How long a call over its share may wait for one of its own group's calls to end.
+        self.share_wait_s = share_wait_s
         # How late streams in flight are by their own cadence (core/shedding.lateness):
         # the sampler reads a window of at most STREAM_SAMPLE streams per call.
         self.gap_factor, self.gap_grace_s = gap_factor, gap_grace_s
@@ -442,6 +447,11 @@ class OverloadGate:
         return GateCheck(self, method, cls or DEFAULT_CLASS)
 
 
+def _time_up(woken: asyncio.Future[bool]) -> None:
+    if not woken.done():
+        woken.set_result(False)
+
+
 def _refusal(capacity: int, cause: str) -> tuple[Any, str, tuple[Any, ...]]:
     message = (
         "the proxy is at capacity; retry after the delay in RetryInfo"
@@ -492,7 +502,10 @@ class GateCheck:
         shedder.limit = gate.limit()
         wait = gate.queue_wait
         strict = bool(wait and gate.distress_s and wait(self._path) > gate.distress_s)
-        ticket = shedder.admit(group, key, gate.sheds_at.get(cls, 1.0), gate._active(), strict)
+        sheds_at = gate.sheds_at.get(cls, 1.0)
+        ticket = shedder.admit(group, key, sheds_at, gate._active(), strict)
+        if ticket == OVER_SHARE and gate.share_wait_s > 0.0 and shedder.waiting < gate.capacity:
+            ticket = await self._wait_for_own_call(context, group, key, sheds_at)
         if isinstance(ticket, str):
             await self._refuse(context, ticket, cls)
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
@@ -507,6 +520,48 @@ class GateCheck:
         if self._streaming:
             shedder.track(ticket, gate.clock())
         return ticket
+
+    async def _wait_for_own_call(
+        self, context: Context, group: str, key: str, sheds_at: float
+    ) -> Ticket | str:
+        """A call over its group's share waits, at most `share_wait_s` and half of what is
+        left of its deadline (so a caller still gets the refusal, with its RetryInfo,
+        rather than DEADLINE_EXCEEDED), for one of the group's own calls to end, then asks
+        again; the cause of its refusal if it is still not admitted (core/shedding.py,
+        FairShedder.wait). At most `capacity` calls wait at once (past that, refused at
+        once): waiting is not a way around the ceiling."""
+        gate = self._gate
+        shedder = gate.shedder
+        loop = asyncio.get_running_loop()
+        budget = gate.share_wait_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining / 2)
+        end = loop.time() + budget
+        while True:
+            left = end - loop.time()
+            if left <= 0.0:
+                return OVER_SHARE
+            woken: asyncio.Future[bool] = loop.create_future()
+
+            def wake(woken: asyncio.Future[bool] = woken) -> None:
+                if not woken.done():
+                    woken.set_result(True)
+
+            timer = loop.call_later(left, _time_up, woken)
+            shedder.wait(group, wake)
+            try:
+                if not await woken:
+                    return OVER_SHARE
+            finally:
+                timer.cancel()
+                shedder.unwait(group, wake)
+            shedder.limit = gate.limit()
+            wait = gate.queue_wait
+            strict = bool(wait and gate.distress_s and wait(self._path) > gate.distress_s)
+            ticket = shedder.admit(group, key, sheds_at, gate._active(), strict)
+            if ticket != OVER_SHARE:
+                return ticket
 
     async def _refuse(self, context: Context, cause: str, cls: str) -> None:
         gate = self._gate

@@ -228,6 +228,7 @@ class ProxyServer:
             refuse_doomed_streams=o.refuse_doomed_streams,
             probe_token=secrets.token_hex(16),
             min_share=o.min_share,
+            share_wait_s=o.share_wait_ms / 1000,
             distress_s=o.distress_wait_ms / 1000,
             gap_factor=o.gap_factor,
             gap_grace_s=o.gap_grace_ms / 1000,

@@ -8,6 +8,7 @@ against a real server whose accept path is held up by a busy event loop.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from grpc_status import rpc_status
 
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S
-from aiproxy.interceptors.overload import BacklogLimit, OverloadGate
+from aiproxy.interceptors.overload import BacklogLimit, CallerIdentity, OverloadGate
 from aiproxy.server.pool.backlog import BacklogProbe
 from tests.support.pipeline import channel_for
 from tests.support.waiting import eventually
@@ -263,6 +264,125 @@ async def test_fair_gate_refuses_the_heavy_caller_and_admits_the_light_one() -> 
         assert await light == OK and all(r == OK for r in await asyncio.gather(*heavy))
     assert refused == [(UNARY, "over_share", "default")]
     assert gate.shedder.in_flight == 0 and len(gate.shedder) == 0  # every place released
+
+
+class Held:
+    """An agent whose calls each wait for their own release, in the order they came."""
+
+    def __init__(self) -> None:
+        self.calls: list[asyncio.Event] = []
+
+    async def Generate(self, request: Any, context: Any) -> Any:
+        done = asyncio.Event()
+        self.calls.append(done)
+        await done.wait()
+        return pb.GenerateResponse(text="ok")
+
+    def release_all(self) -> None:
+        for done in self.calls:
+            done.set()
+
+
+def _share_gate(share_wait_s: float, refused: list[tuple[str, str, str]]) -> OverloadGate:
+    """Limit 10, callers told apart by the edge's address header (loopback is the edge)."""
+    identity = CallerIdentity(
+        address_header="x-envoy-external-address",
+        trusted_edges=(ipaddress.ip_network("127.0.0.0/8"),),
+    )
+    return OverloadGate(
+        active=lambda: 0, capacity=100, reserve=0.9, identity=identity,
+        on_reject=lambda *a: refused.append(a), share_wait_s=share_wait_s,
+    )  # fmt: skip
+
+
+def _from(address: str) -> tuple[tuple[str, str], ...]:
+    return (("x-envoy-external-address", address),)
+
+
+async def test_a_call_over_its_share_waits_for_one_of_its_own_calls_and_is_admitted() -> None:
+    """Calls that reach the gate together take their caller's own slots in turn: another
+    caller's call ending never lets it in, one of its own does."""
+    agent, refused = Held(), []
+    gate = _share_gate(30.0, refused)
+    async with channel_for(agent, gate=gate) as channel:
+        generate = channel.unary_unary(UNARY)
+        heavy = [
+            asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.1"), timeout=60))
+            for _ in range(10)
+        ]
+        await wait_until_async(lambda: len(agent.calls) == 10)
+        over = asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.1"), timeout=60))
+        await wait_until_async(lambda: gate.shedder.waiters() == 1)
+        other = asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.2"), timeout=60))
+        await wait_until_async(lambda: len(agent.calls) == 11)  # under its share: admitted
+        agent.calls[10].set()
+        assert await other == OK
+        assert gate.shedder.waiters() == 1 and len(agent.calls) == 11  # still waiting
+        agent.calls[0].set()  # one of its own ends: its place is taken by the waiter
+        ended, _ = await asyncio.wait(heavy, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert [t.result() for t in ended] == [OK]
+        await wait_until_async(lambda: len(agent.calls) == 12)
+        assert gate.shedder.waiters() == 0
+        agent.release_all()
+        assert await over == OK and all(r == OK for r in await asyncio.gather(*heavy))
+    assert refused == []
+    assert gate.shedder.in_flight == 0 and gate.shedder.waiters() == 0
+
+
+async def test_a_call_whose_own_calls_do_not_end_is_refused_after_the_wait() -> None:
+    agent, refused = Held(), []
+    gate = _share_gate(0.2, refused)
+    async with channel_for(agent, gate=gate) as channel:
+        generate = channel.unary_unary(UNARY)
+        heavy = [
+            asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.1"), timeout=60))
+            for _ in range(10)
+        ]
+        await wait_until_async(lambda: len(agent.calls) == 10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await generate(b"", metadata=_from("10.0.0.1"), timeout=60)
+        assert _cause(caught.value) == "over_share"
+        # A deadline shorter than the wait: refused in time to be told why, at half of it.
+        gate.share_wait_s = 30.0
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await generate(b"", metadata=_from("10.0.0.1"), timeout=2)
+        assert _cause(caught.value) == "over_share"
+        # A caller that gives up while waiting leaves nothing behind.
+        gone = asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.1"), timeout=60))
+        await wait_until_async(lambda: gate.shedder.waiters() == 1)
+        gone.cancel()
+        await wait_until_async(lambda: gate.shedder.waiters() == 0)
+        agent.release_all()
+        assert all(r == OK for r in await asyncio.gather(*heavy))
+    assert [cause for _, cause, _ in refused] == ["over_share", "over_share"]
+    assert gate.shedder.in_flight == 0 and len(agent.calls) == 10
+
+
+async def test_no_more_calls_wait_than_the_ceiling_allows_in_flight() -> None:
+    """Waiting is no way around server.max_active_calls: past `capacity` waiters, a call
+    over its share is refused at once."""
+    agent, refused = Held(), []
+    gate = _share_gate(30.0, refused)
+    gate.capacity = 3  # at most 3 waiters (the limit stays 10)
+    async with channel_for(agent, gate=gate) as channel:
+        generate = channel.unary_unary(UNARY)
+        calls = [
+            asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.1"), timeout=60))
+            for _ in range(13)
+        ]
+        await wait_until_async(lambda: len(agent.calls) == 10 and gate.shedder.waiters() == 3)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await generate(b"", metadata=_from("10.0.0.1"), timeout=60)
+        assert _cause(caught.value) == "over_share"
+
+        def all_admitted() -> bool:  # the waiters are admitted as the others end
+            agent.release_all()
+            return len(agent.calls) == 13
+
+        await wait_until_async(all_admitted)
+        agent.release_all()
+        assert all(r == OK for r in await asyncio.gather(*calls))
+    assert len(refused) == 1 and gate.shedder.waiters() == 0
 
 
 async def test_a_stream_that_would_time_out_before_its_first_chunk_is_refused_at_the_door() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -144,6 +145,74 @@ def test_release_frees_the_place_once_and_forgets_idle_callers() -> None:
 def test_someone_elses_busier_count_is_the_one_that_counts() -> None:
     shedder = FairShedder(ceiling=10, limit=5)
     assert shedder.admit("peer:a", "", busy=10) == FULL
+
+
+def test_a_waiter_is_woken_by_its_own_groups_release_only_oldest_first() -> None:
+    shedder = FairShedder(ceiling=10, limit=4)
+    mine = fill(shedder, "peer:a", "", 2)
+    theirs = fill(shedder, "peer:b", "", 2)
+    woken: list[str] = []
+    first, second = (lambda: woken.append("first")), (lambda: woken.append("second"))
+    shedder.wait("peer:a", first)
+    shedder.wait("peer:a", second)
+    assert shedder.waiters("peer:a") == 2 and shedder.waiters() == 2
+    theirs[0].release()  # another group's call ending wakes nobody here
+    assert woken == []
+    mine[0].release()
+    assert woken == ["first"] and shedder.waiters("peer:a") == 1
+    shedder.unwait("peer:a", second)  # gone (timed out, cancelled): forgotten
+    shedder.unwait("peer:a", second)  # twice is a no-op
+    mine[1].release()
+    assert woken == ["first"] and shedder.waiters() == 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_waiter_is_woken_once_by_its_own_group_or_forgotten(seed: int) -> None:
+    """Generated interleavings of admissions, releases, waits and give-ups: a waiter is
+    woken at most once, only when a call of its own group ends, and nothing is left
+    behind once everyone is done."""
+    rng = random.Random(seed)
+    shedder = FairShedder(ceiling=1000, limit=1000)
+    groups = [f"peer:10.0.0.{i}" for i in range(4)]
+    held: dict[str, list[Ticket]] = {g: [] for g in groups}
+    waiting: list[tuple[str, Callable[[], None]]] = []
+    wakes: list[tuple[int, str, str]] = []  # (waiter, its group, the group that woke it)
+    ending: list[str] = []  # the group whose call is ending now
+
+    def release(group: str, ticket: Ticket) -> None:
+        ending.append(group)
+        ticket.release()
+        ending.pop()
+
+    for n in range(400):
+        group = rng.choice(groups)
+        action = rng.random()
+        if action < 0.35:
+            t = shedder.admit(group, "")
+            assert isinstance(t, Ticket)
+            held[group].append(t)
+        elif action < 0.65 and held[group]:
+            release(group, held[group].pop(rng.randrange(len(held[group]))))
+        elif action < 0.85 and held[group]:
+
+            def wake(n: int = n, group: str = group) -> None:
+                wakes.append((n, group, ending[-1]))
+
+            shedder.wait(group, wake)
+            waiting.append((group, wake))
+        elif waiting:
+            g, gone = waiting.pop(rng.randrange(len(waiting)))
+            shedder.unwait(g, gone)
+    for group in groups:
+        for t in held[group]:
+            release(group, t)
+    for g, gone in waiting:
+        shedder.unwait(g, gone)
+    assert shedder.waiters() == 0 and shedder.in_flight == 0 and len(shedder) == 0
+    assert wakes, "the generated run woke nobody"
+    assert all(mine == by for _, mine, by in wakes), wakes
+    woken = [n for n, _, _ in wakes]
+    assert len(woken) == len(set(woken))
 
 
 # ---- CallerIdentity -------------------------------------------------------------------------
