@@ -78,6 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=int, default=None, help="Envoy worker threads (default: one per core)"
     )
     parser.add_argument(
+        "--max-requests-per-io-cycle",
+        type=int,
+        default=1,
+        help="new requests Envoy takes from one connection per I/O cycle of a worker, the "
+        "rest in the next (Envoy's http.max_requests_per_io_cycle): a burst on a few "
+        "connections takes turns with every other caller (default 1; 0 = no limit)",
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         choices=["trace", "debug", "info", "warning", "error", "critical", "off"],
@@ -145,6 +153,7 @@ def settings_from_args(args: argparse.Namespace) -> EdgeSettings:
         cors_origins=tuple(args.cors_origin or DEFAULT_CORS_ORIGINS),
         health_interval_s=args.health_interval_s,
         sse_coalesce_ms=args.sse_coalesce_ms,
+        max_requests_per_io_cycle=args.max_requests_per_io_cycle,
         edge_secret=_edge_secret(args.edge_secret_file),
         compression=not args.no_compression,
         compress_min_bytes=args.compress_min_bytes,

@@ -447,6 +447,15 @@ class EdgeSettings:
     health_interval_s: float = 1.0
     stream_idle_timeout_s: float = 300.0
     max_concurrent_streams: int = 10_000
+    # Envoy's runtime key http.max_requests_per_io_cycle: at most this many new requests
+    # from one downstream connection per I/O cycle of a worker, the rest in the next ones
+    # (Envoy 1.27.1 release notes: "mitigates CPU starvation by connections that
+    # simultaneously send high number of requests"). 1: a caller's burst of thousands of
+    # streams on a few connections takes turns with every other connection on the worker
+    # instead of being decoded, filtered and forwarded whole first while a light caller's
+    # request sits unread (docs/overload.md, "Through Envoy"). 0 = Envoy's default (no
+    # limit).
+    max_requests_per_io_cycle: int = 1
     max_request_body_bytes: int = 1024 * 1024
     # Request headers the guard accepts. Below the proxy's server.max_metadata_bytes
     # (16 KiB, refused there as RESOURCE_EXHAUSTED, which an HTTP caller would read as
@@ -565,6 +574,11 @@ def render(settings: EdgeSettings, *, admin_port: int = 0, reveal_secret: bool =
         "health_interval": json.dumps(_duration(settings.health_interval_s)),
         "stream_idle_timeout": json.dumps(_duration(settings.stream_idle_timeout_s)),
         "max_concurrent_streams": settings.max_concurrent_streams,
+        "runtime": json.dumps(
+            {"http.max_requests_per_io_cycle": settings.max_requests_per_io_cycle}
+            if settings.max_requests_per_io_cycle > 0
+            else {}
+        ),
         "max_request_body_bytes": settings.max_request_body_bytes,
         "max_header_kb": settings.max_header_kb,
         "max_header_count": settings.max_header_count,

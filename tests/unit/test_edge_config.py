@@ -148,6 +148,31 @@ def test_envoy_accepts_the_rendered_configuration() -> None:
     )
 
 
+@needs_descriptor
+def test_each_connection_takes_turns_on_a_worker_unless_switched_off() -> None:
+    """http.max_requests_per_io_cycle (docs/overload.md, "Through Envoy"): 1 by default,
+    from the command line too; 0 leaves Envoy's default (no limit)."""
+
+    def static_layer(config: dict[str, Any]) -> dict[str, Any]:
+        (layer,) = config["layered_runtime"]["layers"]
+        return dict(layer["static_layer"])
+
+    assert static_layer(_config()) == {"http.max_requests_per_io_cycle": 1}
+    assert static_layer(_config(max_requests_per_io_cycle=4)) == {
+        "http.max_requests_per_io_cycle": 4
+    }
+    assert static_layer(_config(max_requests_per_io_cycle=0)) == {}
+    args = parse(["--max-requests-per-io-cycle", "0"])
+    assert settings_from_args(args).max_requests_per_io_cycle == 0
+    assert settings_from_args(parse([])).max_requests_per_io_cycle == 1
+
+
+@pytest.mark.envoy
+@needs_descriptor
+def test_envoy_accepts_the_rendered_configuration_without_the_turn_limit() -> None:
+    validate(EdgeSettings(listen="127.0.0.1:0", max_requests_per_io_cycle=0))
+
+
 @pytest.mark.envoy
 @needs_descriptor
 def test_envoy_rejects_a_broken_template(tmp_path: pathlib.Path) -> None:
