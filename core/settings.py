@@ -256,7 +256,8 @@ class OverloadSettings(_Section):
     share_wait_ms: float = Field(
         default=1000.0,
         ge=0,
-        description="Past the limit, a call over its caller's share waits up to this long "
+        description="Past the limit, a call over its caller's share, from a caller holding "
+        "fewer than 2 x `min_share` calls, waits up to this long "
         "(and half of what is left of its deadline) for one of that caller's own calls to "
         "end, then is "
         "admitted if it is under its share by then, else refused (`over_share`). Calls "

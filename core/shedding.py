@@ -27,11 +27,13 @@ cap (server.max_active_calls):
   far under its share;
 - never at or past the ceiling, whoever asks (the reserve between limit and ceiling is
   what callers under their share are admitted into).
-A call refused over its share may wait for one of its own group's calls to end (`wait`;
-the gate bounds the wait, server `overload.share_wait_ms`): calls that reach the gate
-together (held behind a burst in Envoy or on a shared connection) then take their
-group's own slots in turn, a short caller's quickly, a long-stream caller's rarely. A
-group only ever waits on itself, so what one caller holds never delays another.
+A call refused over its share from a group holding only a handful of calls (fewer than
+2 x min_share) may wait for one of its own group's calls to end (`wait`; the gate bounds
+the wait, `overload.share_wait_ms`): calls that reach the gate together (held behind a
+burst in Envoy or on a shared connection) then take their group's own slots in turn. A
+group holding more is refused at once: its calls are no bunch, and a heavy caller's
+streams would rarely end within the wait. A group only ever waits on itself, so what one
+caller holds never delays another.
 A class with `sheds_at` < 1 (batch) is shed earlier than the default, one above 1
 (interactive) later: priority comes from the operator's configuration only (a caller's
 own header never raises it).
@@ -123,6 +125,10 @@ class FairShedder:
 
     def usage(self, group: str, key: str = "") -> int:
         return self._keys.get(_qualified(group, key), 0)
+
+    def held(self, group: str) -> int:
+        """Calls in flight of `group` (all its keys)."""
+        return self._groups.get(group, 0)
 
     def share(self, group: str, key: str = "", sheds_at: float = 1.0) -> tuple[float, float]:
         """The fair shares (of its group, of its key) a call of `key` in `group` would have

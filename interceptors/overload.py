@@ -504,7 +504,12 @@ class GateCheck:
         strict = bool(wait and gate.distress_s and wait(self._path) > gate.distress_s)
         sheds_at = gate.sheds_at.get(cls, 1.0)
         ticket = shedder.admit(group, key, sheds_at, gate._active(), strict)
-        if ticket == OVER_SHARE and gate.share_wait_s > 0.0 and shedder.waiting < gate.capacity:
+        if (
+            ticket == OVER_SHARE
+            and gate.share_wait_s > 0.0
+            and shedder.held(group) < 2 * shedder.min_share
+            and shedder.waiting < gate.capacity
+        ):
             ticket = await self._wait_for_own_call(context, group, key, sheds_at)
         if isinstance(ticket, str):
             await self._refuse(context, ticket, cls)
@@ -528,8 +533,11 @@ class GateCheck:
         left of its deadline (so a caller still gets the refusal, with its RetryInfo,
         rather than DEADLINE_EXCEEDED), for one of the group's own calls to end, then asks
         again; the cause of its refusal if it is still not admitted (core/shedding.py,
-        FairShedder.wait). At most `capacity` calls wait at once (past that, refused at
-        once): waiting is not a way around the ceiling."""
+        FairShedder.wait). Only a group holding a handful (fewer than 2 x min_share: a
+        light caller's calls arriving bunched) waits; a heavier one is refused at once, as
+        its calls are no bunch and its streams rarely end within the wait. At most
+        `capacity` calls wait at once (past that, refused at once): waiting is not a way
+        around the ceiling."""
         gate = self._gate
         shedder = gate.shedder
         loop = asyncio.get_running_loop()

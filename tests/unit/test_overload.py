@@ -283,8 +283,11 @@ class Held:
             done.set()
 
 
-def _share_gate(share_wait_s: float, refused: list[tuple[str, str, str]]) -> OverloadGate:
-    """Limit 10, callers told apart by the edge's address header (loopback is the edge)."""
+def _share_gate(
+    share_wait_s: float, refused: list[tuple[str, str, str]], min_share: int = 6
+) -> OverloadGate:
+    """Limit 10, callers told apart by the edge's address header (loopback is the edge);
+    min_share 6, so a caller holding 10 (< 2 x 6) still counts as a handful that waits."""
     identity = CallerIdentity(
         address_header="x-envoy-external-address",
         trusted_edges=(ipaddress.ip_network("127.0.0.0/8"),),
@@ -292,6 +295,7 @@ def _share_gate(share_wait_s: float, refused: list[tuple[str, str, str]]) -> Ove
     return OverloadGate(
         active=lambda: 0, capacity=100, reserve=0.9, identity=identity,
         on_reject=lambda *a: refused.append(a), share_wait_s=share_wait_s,
+        min_share=min_share,
     )  # fmt: skip
 
 
@@ -356,6 +360,27 @@ async def test_a_call_whose_own_calls_do_not_end_is_refused_after_the_wait() -> 
         assert all(r == OK for r in await asyncio.gather(*heavy))
     assert [cause for _, cause, _ in refused] == ["over_share", "over_share"]
     assert gate.shedder.in_flight == 0 and len(agent.calls) == 10
+
+
+async def test_a_caller_holding_more_than_a_handful_is_refused_without_waiting() -> None:
+    """Past 2 x min_share calls a caller's calls are no bunch (and its streams would rarely
+    end within the wait): refused at once, as before the share wait."""
+    agent, refused = Held(), []
+    gate = _share_gate(30.0, refused, min_share=2)  # 10 held >= 2 x 2
+    async with channel_for(agent, gate=gate) as channel:
+        generate = channel.unary_unary(UNARY)
+        heavy = [
+            asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.1"), timeout=60))
+            for _ in range(10)
+        ]
+        await wait_until_async(lambda: len(agent.calls) == 10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            # Well inside the 30 s it would wait: a bound that only says it did not.
+            await asyncio.wait_for(generate(b"", metadata=_from("10.0.0.1"), timeout=60), 10)
+        assert _cause(caught.value) == "over_share"
+        agent.release_all()
+        assert all(r == OK for r in await asyncio.gather(*heavy))
+    assert len(refused) == 1 and gate.shedder.waiters() == 0
 
 
 async def test_no_more_calls_wait_than_the_ceiling_allows_in_flight() -> None:
