@@ -101,6 +101,6 @@ async def test_light_caller_is_served_beside_a_burst_through_envoy(spawn) -> Non
     # every connection takes turns (docs/overload.md, "Through Envoy"; bench/edge_burst.py
     # measures each part). Its calls that still reach the gate together are kept in by
     # overload.min_share and the share wait. Measured on the shared 2-core box (load
-    # average 2-3, 11 runs): served 100 %, p99 0.08-0.42 s; before the runtime key, the
+    # average 2-3, 13 runs): served 100 %, p99 0.14-0.42 s; before the runtime key, the
     # same session: p99 0.85-1.1 s.
     assert_fair(figures)

@@ -303,6 +303,15 @@ def _from(address: str) -> tuple[tuple[str, str], ...]:
     return (("x-envoy-external-address", address),)
 
 
+async def _hold(generate: Any, agent: Held, address: str, n: int) -> list[asyncio.Future[Any]]:
+    """`n` calls from `address`, once all are held by the agent (in flight at the gate)."""
+    calls = [
+        asyncio.ensure_future(generate(b"", metadata=_from(address), timeout=60)) for _ in range(n)
+    ]
+    await wait_until_async(lambda: len(agent.calls) == n)
+    return calls
+
+
 async def test_a_call_over_its_share_waits_for_one_of_its_own_calls_and_is_admitted() -> None:
     """Calls that reach the gate together take their caller's own slots in turn: another
     caller's call ending never lets it in, one of its own does."""
@@ -310,11 +319,7 @@ async def test_a_call_over_its_share_waits_for_one_of_its_own_calls_and_is_admit
     gate = _share_gate(30.0, refused)
     async with channel_for(agent, gate=gate) as channel:
         generate = channel.unary_unary(UNARY)
-        heavy = [
-            asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.1"), timeout=60))
-            for _ in range(10)
-        ]
-        await wait_until_async(lambda: len(agent.calls) == 10)
+        heavy = await _hold(generate, agent, "10.0.0.1", 10)
         over = asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.1"), timeout=60))
         await wait_until_async(lambda: gate.shedder.waiters() == 1)
         other = asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.2"), timeout=60))
@@ -338,11 +343,7 @@ async def test_a_call_whose_own_calls_do_not_end_is_refused_after_the_wait() -> 
     gate = _share_gate(0.2, refused)
     async with channel_for(agent, gate=gate) as channel:
         generate = channel.unary_unary(UNARY)
-        heavy = [
-            asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.1"), timeout=60))
-            for _ in range(10)
-        ]
-        await wait_until_async(lambda: len(agent.calls) == 10)
+        heavy = await _hold(generate, agent, "10.0.0.1", 10)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await generate(b"", metadata=_from("10.0.0.1"), timeout=60)
         assert _cause(caught.value) == "over_share"
@@ -369,11 +370,7 @@ async def test_a_caller_holding_more_than_a_handful_is_refused_without_waiting()
     gate = _share_gate(30.0, refused, min_share=2)  # 10 held >= 2 x 2
     async with channel_for(agent, gate=gate) as channel:
         generate = channel.unary_unary(UNARY)
-        heavy = [
-            asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.1"), timeout=60))
-            for _ in range(10)
-        ]
-        await wait_until_async(lambda: len(agent.calls) == 10)
+        heavy = await _hold(generate, agent, "10.0.0.1", 10)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             # Well inside the 30 s it would wait: a bound that only says it did not.
             await asyncio.wait_for(generate(b"", metadata=_from("10.0.0.1"), timeout=60), 10)
