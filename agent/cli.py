@@ -212,6 +212,7 @@ def settings_from_args(
         ("health_interval_s", "HEALTH_INTERVAL_S", float),
         ("batch_concurrency", "BATCH_CONCURRENCY", int),
         ("session_ttl_s", "SESSION_TTL_S", float),
+        ("max_sessions_per_owner", "MAX_SESSIONS_PER_OWNER", int),
     ):
         value = pick(getattr(args, key, None), name)
         if value is not None:

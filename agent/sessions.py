@@ -27,7 +27,9 @@ Bounds, on every axis, so no caller grows the store without limit: characters pe
 message (longer content is cut), messages per session (the oldest are dropped, a
 leading system message kept), sessions per owner and sessions in all (the least
 recently written are dropped: one caller making sessions in a loop pushes out its own
-first), and a TTL refreshed by every turn (CreateSession sets it; reads do not).
+first; anonymous callers, who share one owner, are counted per address as the proxy names
+it in x-aiproxy-session-quota, the last writer's), and a TTL refreshed by every turn
+(CreateSession sets it; reads do not).
 
 Failures. A store that cannot answer (Redis down, slow past `--session-store-timeout-s`)
 fails the call with UNAVAILABLE, ErrorInfo SESSION_STORE_UNAVAILABLE and RetryInfo: never
@@ -59,7 +61,7 @@ from redis.exceptions import RedisError
 
 from aiproxy.agent.errors import StatusError, rpc_status_proto
 from aiproxy.agent.logs import log_event
-from aiproxy.core.headers import SESSION_OWNER_HEADER
+from aiproxy.core.headers import SESSION_OWNER_HEADER, SESSION_QUOTA_HEADER
 from aiproxy.core.sessions import ANONYMOUS_OWNER, scoped_key
 
 log = logging.getLogger("agent.sessions")
@@ -128,6 +130,18 @@ def owner_of(metadata: Iterable[tuple[str, Any]] | None) -> str:
     return ANONYMOUS_OWNER
 
 
+def quota_of(metadata: Iterable[tuple[str, Any]] | None, owner: str) -> str:
+    """Whose count the sessions this call writes go to, for max_sessions_per_owner: what
+    the proxy named (for an anonymous caller, a hash of its address: anonymous callers
+    share one owner, not one bound), else the owner itself."""
+    for key, value in metadata or ():
+        if key == SESSION_QUOTA_HEADER and isinstance(value, str):
+            if not value or len(value) > MAX_OWNER_CHARS or not value.isprintable():
+                return owner
+            return value
+    return owner
+
+
 @dataclass(frozen=True, slots=True)
 class Bounds:
     max_sessions: int = 10_000
@@ -135,8 +149,9 @@ class Bounds:
     max_chars: int = 8192
     ttl_s: float = DEFAULT_TTL_S
     # One owner's sessions: past it, that owner's least recently written goes, so one
-    # caller making sessions in a loop pushes out its own, not everyone's. Anonymous
-    # callers share one owner, and so this bound.
+    # caller making sessions in a loop pushes out its own, not everyone's. Counted per
+    # quota (`quota_of`): the owner, or for anonymous callers (who share one owner) the
+    # caller's address as the proxy names it, so they do not share this bound either.
     max_sessions_per_owner: int = 1000
 
     def __post_init__(self) -> None:
@@ -166,15 +181,19 @@ class SessionStore(Protocol):
     bounds: Bounds
     kind: str
 
-    async def create(self, key: str) -> None:
-        """An empty conversation (it exists: GetSession answers it)."""
+    async def create(self, key: str, quota: str | None = None) -> None:
+        """An empty conversation (it exists: GetSession answers it). `quota`: whose count
+        it goes to for max_sessions_per_owner (None: its owner's)."""
 
     async def load(self, key: str) -> tuple[Message, ...] | None:
         """The conversation, oldest first; None when there is none by that key."""
 
-    async def append(self, key: str, messages: Sequence[Message], *, replace: bool) -> None:
+    async def append(
+        self, key: str, messages: Sequence[Message], *, replace: bool, quota: str | None = None
+    ) -> None:
         """Add `messages` at the end (replace: instead of what was there), atomically;
-        creates the conversation when needed; refreshes its TTL."""
+        creates the conversation when needed; refreshes its TTL. The session then counts
+        to `quota` (None: its owner), the last writer's."""
 
     async def delete(self, key: str) -> bool:
         """Forget the conversation; False when there was none."""
@@ -195,20 +214,27 @@ class MemorySessionStore:
         self.bounds = bounds or Bounds()
         self._clock = clock
         self._sessions: OrderedDict[str, tuple[list[Message], float]] = OrderedDict()
-        # Each owner's keys, least recently written first (the per-owner bound).
+        # Each quota's keys, least recently written first (the per-owner bound), and the
+        # quota each key counts to now (its last writer's).
         self._owners: dict[str, OrderedDict[str, None]] = {}
+        self._quota_of: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def _drop(self, key: str) -> None:
         self._sessions.pop(key, None)
-        owner = owner_part(key)
-        mine = self._owners.get(owner)
+        self._uncount(key)
+
+    def _uncount(self, key: str) -> None:
+        quota = self._quota_of.pop(key, None)
+        if quota is None:
+            return
+        mine = self._owners.get(quota)
         if mine is not None:
             mine.pop(key, None)
             if not mine:
-                del self._owners[owner]
+                del self._owners[quota]
 
     def _live(self, key: str) -> list[Message] | None:
         entry = self._sessions.get(key)
@@ -219,10 +245,14 @@ class MemorySessionStore:
             return None
         return entry[0]
 
-    def _store(self, key: str, messages: list[Message]) -> None:
+    def _store(self, key: str, messages: list[Message], quota: str | None) -> None:
         self._sessions[key] = (messages, self._clock() + self.bounds.ttl_s)
         self._sessions.move_to_end(key)
-        mine = self._owners.setdefault(owner_part(key), OrderedDict())
+        quota = quota or owner_part(key)
+        if self._quota_of.get(key, quota) != quota:
+            self._uncount(key)  # written by another caller now: it counts to that one
+        self._quota_of[key] = quota
+        mine = self._owners.setdefault(quota, OrderedDict())
         mine[key] = None
         mine.move_to_end(key)
         while len(mine) > self.bounds.max_sessions_per_owner:
@@ -230,16 +260,18 @@ class MemorySessionStore:
         while len(self._sessions) > self.bounds.max_sessions:
             self._drop(next(iter(self._sessions)))
 
-    async def create(self, key: str) -> None:
-        self._store(key, [])
+    async def create(self, key: str, quota: str | None = None) -> None:
+        self._store(key, [], quota)
 
     async def load(self, key: str) -> tuple[Message, ...] | None:
         messages = self._live(key)
         return None if messages is None else tuple(messages)
 
-    async def append(self, key: str, messages: Sequence[Message], *, replace: bool) -> None:
+    async def append(
+        self, key: str, messages: Sequence[Message], *, replace: bool, quota: str | None = None
+    ) -> None:
         kept = [] if replace else (self._live(key) or [])
-        self._store(key, bounded([*kept, *messages], self.bounds))
+        self._store(key, bounded([*kept, *messages], self.bounds), quota)
 
     async def delete(self, key: str) -> bool:
         if self._live(key) is None:
@@ -257,8 +289,10 @@ class MemorySessionStore:
 #   {prefix}{<h>}:l   the messages, a list, oldest first, each "<role>:<content>"
 #   {prefix}{<h>}:e   the marker that the session exists (a created session has no list)
 #   {prefix}{<h>}:t   the ids of its last appends (a retried append is applied once)
+#   {prefix}{<h>}:q   the name of the owner index it counts in now (its last writer's)
 # and, for the bounds on sessions, the sorted sets {prefix}index (every session) and
-# {prefix}owner:<owner hash> (one owner's), member <h>, score the order of its last write
+# {prefix}owner:<quota hash> (one owner's, or for anonymous callers one address's: see
+# Bounds), member <h>, score the order of its last write
 # (the counter {prefix}index:seq). <h> is the first 128 bits of SHA-256 over the scoped key: no owner or id in
 # Redis. The index spans sessions, so this store wants one Redis (a primary, replicas
 # allowed), not a Cluster.
@@ -277,13 +311,17 @@ local function trim(index, prefix, max)
     local old = redis.call('ZPOPMIN', index, over)
     for i = 1, #old, 2 do
       local base = prefix .. '{' .. old[i] .. '}'
-      redis.call('DEL', base .. ':l', base .. ':e', base .. ':t')
+      redis.call('DEL', base .. ':l', base .. ':e', base .. ':t', base .. ':q')
     end
   end
 end
-local function bound(index, owner_index, prefix, member, ttl, max, max_owner)
+local function bound(index, owner_index, quota_key, prefix, member, ttl, max, max_owner)
   local seq = redis.call('INCR', index .. ':seq')
   redis.call('ZADD', index, seq, member)
+  -- Written by another caller than last time: it leaves that caller's count.
+  local was = redis.call('GET', quota_key)
+  if was and was ~= owner_index then redis.call('ZREM', was, member) end
+  redis.call('SET', quota_key, owner_index, 'PX', ttl)
   redis.call('ZADD', owner_index, seq, member)
   redis.call('PEXPIRE', owner_index, ttl)
   trim(owner_index, prefix, max_owner)
@@ -292,20 +330,20 @@ local function bound(index, owner_index, prefix, member, ttl, max, max_owner)
 end
 """
 
-# KEYS: list, marker, index, owner index. ARGV: prefix, member, ttl_ms, max_sessions,
-# max_sessions_per_owner.
+# KEYS: list, marker, index, owner index, applied appends, quota pointer. ARGV: prefix,
+# member, ttl_ms, max_sessions, max_sessions_per_owner.
 _CREATE_LUA: Final = (
     _BOUND_LUA
     + """
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
-bound(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+bound(KEYS[3], KEYS[4], KEYS[6], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 return 1
 """
 )
 
-# KEYS: list, marker, index, owner index, applied appends. ARGV: prefix, member, ttl_ms,
-# max_sessions, max_sessions_per_owner, max_messages, replace (0/1), append id, then the
+# KEYS: list, marker, index, owner index, applied appends, quota pointer. ARGV: prefix,
+# member, ttl_ms, max_sessions, max_sessions_per_owner, max_messages, replace (0/1), append id, then the
 # encoded messages. An append id already applied is not applied again (-1): a retry after
 # a lost reply never adds a turn twice. The last 32 ids are kept.
 _APPEND_LUA: Final = (
@@ -327,7 +365,7 @@ if n > max then
 end
 redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local seq = bound(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+local seq = bound(KEYS[3], KEYS[4], KEYS[6], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 redis.call('ZADD', KEYS[5], seq, ARGV[8])
 redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -33)
 redis.call('PEXPIRE', KEYS[5], ARGV[3])
@@ -341,11 +379,13 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return {0, {}} end
 return {1, redis.call('LRANGE', KEYS[1], 0, -1)}
 """
 
-# KEYS: list, marker, index, owner index, applied appends. ARGV: member. 1 when the
-# session existed.
+# KEYS: list, marker, index, owner index, applied appends, quota pointer. ARGV: member.
+# 1 when the session existed.
 _DELETE_LUA: Final = """
 local existed = redis.call('DEL', KEYS[2])
-redis.call('DEL', KEYS[1], KEYS[5])
+local was = redis.call('GET', KEYS[6])
+if was then redis.call('ZREM', was, ARGV[1]) end
+redis.call('DEL', KEYS[1], KEYS[5], KEYS[6])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 return existed
@@ -404,16 +444,17 @@ class RedisSessionStore:
         self._delete = self._client.register_script(_DELETE_LUA)
         self._degraded = False
 
-    def _keys(self, key: str) -> tuple[str, list[str]]:
+    def _keys(self, key: str, quota: str | None = None) -> tuple[str, list[str]]:
         member = _digest(key)
         base = f"{self._prefix}{{{member}}}"
-        owner_index = f"{self._prefix}owner:{_digest(owner_part(key))}"
+        owner_index = f"{self._prefix}owner:{_digest(quota or owner_part(key))}"
         return member, [
             f"{base}:l",
             f"{base}:e",
             f"{self._prefix}index",
             owner_index,
             f"{base}:t",
+            f"{base}:q",
         ]
 
     def _common(self, member: str) -> list[Any]:
@@ -452,9 +493,9 @@ class RedisSessionStore:
             log_event(log, "session_store_healthy", op=op)
         return result
 
-    async def create(self, key: str) -> None:
-        member, keys = self._keys(key)
-        await self._run("create", self._create, keys[:4], self._common(member))
+    async def create(self, key: str, quota: str | None = None) -> None:
+        member, keys = self._keys(key, quota)
+        await self._run("create", self._create, keys, self._common(member))
 
     async def load(self, key: str) -> tuple[Message, ...] | None:
         _, keys = self._keys(key)
@@ -463,8 +504,10 @@ class RedisSessionStore:
             return None
         return tuple(_decode(item) for item in items)
 
-    async def append(self, key: str, messages: Sequence[Message], *, replace: bool) -> None:
-        member, keys = self._keys(key)
+    async def append(
+        self, key: str, messages: Sequence[Message], *, replace: bool, quota: str | None = None
+    ) -> None:
+        member, keys = self._keys(key, quota)
         b = self.bounds
         encoded = [_encode(m) for m in bounded(messages, b)]
         append_id = secrets.token_hex(8)
@@ -531,6 +574,7 @@ class Turn:
     """One chat call's conversation: whose, which, what it read at its start."""
 
     key: str  # scoped_key(owner, session_id)
+    quota: str  # whose count it goes to (quota_of)
     session_id: str
     history: list[Message]  # the conversation for the prompt, this turn's message(s) last
     new: list[Message]  # what the turn adds when it completes (before the answer)
@@ -568,15 +612,19 @@ class Conversations:
         if user_message:
             history.append((user_role, user_message))
             new.append((user_role, user_message))
-        return Turn(key, session_id, history, new, replace=bool(messages))
+        quota = quota_of(metadata, owner_of(metadata))
+        return Turn(key, quota, session_id, history, new, replace=bool(messages))
 
     async def finish(self, turn: Turn, answer: Message) -> None:
         """Remember the turn: its message(s) and the answer, in one atomic append."""
-        await self.store.append(turn.key, [*turn.new, answer], replace=turn.replace)
+        await self.store.append(
+            turn.key, [*turn.new, answer], replace=turn.replace, quota=turn.quota
+        )
 
     async def create(self, metadata: Iterable[tuple[str, Any]] | None) -> str:
         session_id = new_session_id()
-        await self.store.create(self.key(metadata, session_id))
+        quota = quota_of(metadata, owner_of(metadata))
+        await self.store.create(self.key(metadata, session_id), quota)
         return session_id
 
     async def get(

@@ -39,6 +39,9 @@ AFFINITY_HEADER: Final = "x-aiproxy-affinity"
 # Set by the proxy, never by a caller (a caller's own is dropped with every x-aiproxy-*):
 # whose conversations a session method may see, for the agent (core/sessions.py).
 SESSION_OWNER_HEADER: Final = "x-aiproxy-session-owner"
+# ... and whose count a session it writes goes to, for the agent's bound on sessions per
+# owner: the owner, or for an anonymous caller its address (hashed; core/sessions.py).
+SESSION_QUOTA_HEADER: Final = "x-aiproxy-session-quota"
 # "initial": a unary answer's reply metadata (x-request-id, x-ratelimit-*, the relayed
 # upstream.reply_metadata, x-aiproxy-cache) goes out as initial metadata, before the
 # answer. Without it a native gRPC unary call gets them in the trailing metadata, with the

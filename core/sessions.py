@@ -15,8 +15,11 @@ another conversation, never this one.
 - Anonymous callers (auth off) all have the owner "anonymous": a caller-chosen id is
   then a name anyone can use, and only CreateSession's ids (128 random bits) keep a
   conversation private, as a bearer capability. Keying anonymous callers by address
-  would isolate nobody behind Envoy (every call has Envoy's address) and break a phone
-  that changes networks.
+  would break a phone that changes networks. But the agent's bound on sessions per
+  owner is counted per caller (`session_quota`, in `x-aiproxy-session-quota`): for an
+  anonymous caller, per the address the proxy believes (behind Envoy, the client
+  address it reports), so one anonymous caller creating sessions in a loop pushes out
+  its own oldest, never another caller's.
 - Callers cannot forge the owner: the forwarder drops every caller-sent x-aiproxy-*
   header before it adds its own. The agent trusts the header because it listens behind
   the proxy only (a private address, mutual TLS with the proxy's client certificate
@@ -39,6 +42,7 @@ ANONYMOUS_OWNER: Final = "anonymous"
 # puts "peer:<address>" there for an unauthenticated one, which is not an identity.
 _VERIFIED_PREFIXES: Final = ("sub:", "key:")
 _DOMAIN: Final = b"aiproxy-session-owner\x00"
+_QUOTA_DOMAIN: Final = b"aiproxy-session-quota\x00"
 
 
 def session_owner(call: CallInfo) -> str:
@@ -48,6 +52,20 @@ def session_owner(call: CallInfo) -> str:
         return ANONYMOUS_OWNER
     digest = hashlib.sha256(_DOMAIN + call.tenant.encode() + b"\x00" + identity.encode())
     return digest.hexdigest()[:32]
+
+
+def session_quota(call: CallInfo, owner: str) -> str:
+    """Whose count the sessions `call` writes go to, for the agent's bound on sessions
+    per owner: the owner itself for a verified caller; for an anonymous one its address
+    ("peer:<address>" from the limits stage, hashed: no address reaches the agent), so
+    that anonymous callers, who share one owner, do not share that bound. "anonymous"
+    (shared, as before) when the proxy knows no address for it."""
+    if owner != ANONYMOUS_OWNER:
+        return owner
+    identity = call.identity
+    if not identity.startswith("peer:"):
+        return ANONYMOUS_OWNER
+    return "a" + hashlib.sha256(_QUOTA_DOMAIN + identity.encode()).hexdigest()[:32]
 
 
 def scoped_key(owner: str, session_id: str) -> str:

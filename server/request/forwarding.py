@@ -41,11 +41,12 @@ from aiproxy.core.headers import (
     PROXY_ONLY_METADATA,
     PROXY_PREFIX,
     SESSION_OWNER_HEADER,
+    SESSION_QUOTA_HEADER,
     is_credential,
 )
 from aiproxy.core.retry import RetryPolicy
 from aiproxy.core.service import Method, agent_service
-from aiproxy.core.sessions import scoped_key, session_owner
+from aiproxy.core.sessions import scoped_key, session_owner, session_quota
 from aiproxy.core.settings import Settings
 from aiproxy.core.types import Context, StreamCall, UnaryCall
 from aiproxy.core.upstream_errors import not_the_replicas_fault
@@ -187,7 +188,9 @@ class Forwarder:
         out.append((REQUEST_ID, call.request_id))
         if call.method in self._session_paths:
             # After the filter above, which dropped any the caller sent: only ours goes.
-            out.append((SESSION_OWNER_HEADER, session_owner(call)))
+            owner = session_owner(call)
+            out.append((SESSION_OWNER_HEADER, owner))
+            out.append((SESSION_QUOTA_HEADER, session_quota(call, owner)))
         return out
 
     def keyed(self, method: Method) -> bool:

@@ -149,6 +149,48 @@ async def test_one_owner_making_sessions_pushes_out_its_own_not_everyones(
         await store.aclose()
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_anonymous_callers_at_two_addresses_each_push_out_only_their_own(
+    kind: str,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """One owner ("anonymous"), two quotas (two callers' addresses): one caller making
+    sessions in a loop pushes out its own oldest, never the other's; a session written
+    last by the other counts to the other (and leaves the first's count), and deleting
+    it frees that place."""
+    bounds = Bounds(max_sessions=100, max_sessions_per_owner=3, ttl_s=60)
+    store: SessionStore = (
+        MemorySessionStore(bounds)
+        if kind == "memory"
+        else RedisSessionStore(redis_server.url, bounds, timeout_s=0.5)
+    )
+    try:
+        await store.append("anonymous\x00alice", [(USER, "keep me")], replace=False, quota="qa")
+        for n in range(10):
+            await store.create(f"anonymous\x00m{n}", "qm")
+        assert await store.load("anonymous\x00alice") == ((USER, "keep me"),)
+        alive = [n for n in range(10) if await store.load(f"anonymous\x00m{n}") is not None]
+        assert alive == [7, 8, 9]
+        # qa writes one of qm's: it counts to qa now, so qm has room for one more.
+        await store.append("anonymous\x00m7", [(USER, "mine now")], replace=False, quota="qa")
+        await store.create("anonymous\x00m10", "qm")
+        assert [await store.load(f"anonymous\x00m{n}") is not None for n in (7, 8, 9, 10)] == [
+            True, True, True, True,
+        ]  # fmt: skip
+        # qa's count: alice, m7 (2 of 3): two more of its own push out alice only.
+        await store.create("anonymous\x00a1", "qa")
+        await store.create("anonymous\x00a2", "qa")
+        assert await store.load("anonymous\x00alice") is None
+        assert await store.load("anonymous\x00m7") is not None
+        assert await store.delete("anonymous\x00m7")  # leaves qa's count
+        await store.create("anonymous\x00a3", "qa")
+        assert [await store.load(f"anonymous\x00a{n}") is not None for n in (1, 2, 3)] == [
+            True, True, True,
+        ]  # fmt: skip
+    finally:
+        await store.aclose()
+
+
 async def test_the_ttl_runs_from_the_last_turn(redis_server: RedisServer) -> None:  # noqa: F811
     # Margins of 0.4 s either side of the expiry (a loaded box oversleeps by tens of ms);
     # the end is waited for as a state, not slept past.

@@ -435,3 +435,47 @@ async def test_the_three_http_routes_through_envoy(spawn: Any, tmp_path: pathlib
         status = gone.json()
         assert status["code"] == 5
         assert status["details"][0]["reason"] == "SESSION_NOT_FOUND"
+
+
+async def test_an_anonymous_caller_making_sessions_pushes_out_only_its_own(spawn: Any) -> None:
+    """Auth off: every caller is the owner "anonymous", but the agent's bound on sessions
+    per owner (3 here) counts each caller's address (the one the proxy believes: from
+    loopback, the edge header). A caller creating sessions in a loop, even one sending its
+    own x-aiproxy-session-quota (dropped by the proxy), pushes out only its own."""
+    agent = spawn(*agent_args(), env={"AIPROXY_AGENT_MAX_SESSIONS_PER_OWNER": "3"}, name="agent")
+    proxy = spawn(*proxy_args(agent.address), name="proxy")
+
+    def at(address: str, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+        return (("x-envoy-external-address", address), *extra)
+
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        s = stub(channel)
+        alice = at("198.51.100.7")
+        created = await s.CreateSession(pb.CreateSessionRequest(), metadata=alice, timeout=10)
+        mine = created.session_id
+        await s.Chat(pb.ChatRequest(session_id=mine, user_message="hi"), metadata=alice, timeout=10)
+        # Mallory, at another address, makes sessions in a loop (naming alice's quota, in
+        # vain: the proxy sends its own).
+        mallory = at("203.0.113.9", ("x-aiproxy-session-quota", "anonymous"))
+        theirs = [
+            (
+                await s.CreateSession(pb.CreateSessionRequest(), metadata=mallory, timeout=10)
+            ).session_id
+            for _ in range(8)
+        ]
+        got = await s.GetSession(pb.GetSessionRequest(session_id=mine), metadata=alice, timeout=10)
+        assert got.messages[0].content == "hi"
+        alive = []
+        for sid in theirs:
+            try:
+                await s.GetSession(
+                    pb.GetSessionRequest(session_id=sid), metadata=mallory, timeout=10
+                )
+                alive.append(sid)
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert alive == theirs[-3:]  # its own oldest went, nobody else's
+        # A session is still reachable by its id from any address (the id is the capability).
+        other = at("192.0.2.1")
+        got = await s.GetSession(pb.GetSessionRequest(session_id=mine), metadata=other, timeout=10)
+        assert len(got.messages) == 2

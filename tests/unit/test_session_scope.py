@@ -13,13 +13,13 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from aiproxy.agent.sessions import SessionNotFound as AgentSessionNotFound
 from aiproxy.agent.sessions import SessionStoreUnavailable as AgentStoreUnavailable
-from aiproxy.agent.sessions import owner_of
+from aiproxy.agent.sessions import owner_of, quota_of
 from aiproxy.ai.agent.v1 import agent_service_pb2 as pb
 from aiproxy.core import errors
 from aiproxy.core.callinfo import CallInfo
-from aiproxy.core.headers import SESSION_OWNER_HEADER
+from aiproxy.core.headers import SESSION_OWNER_HEADER, SESSION_QUOTA_HEADER
 from aiproxy.core.service import SESSION_METHODS, agent_service
-from aiproxy.core.sessions import ANONYMOUS_OWNER, scoped_key, session_owner
+from aiproxy.core.sessions import ANONYMOUS_OWNER, scoped_key, session_owner, session_quota
 from aiproxy.core.settings import ValidationSettings
 from aiproxy.core.upstream_errors import from_upstream, not_the_replicas_fault, to_proxy_error
 from aiproxy.interceptors.validation import RequestRules
@@ -30,6 +30,36 @@ Code = grpc.StatusCode
 
 def _call(identity: str = "", tenant: str = "") -> CallInfo:
     return CallInfo("/ai.agent.v1.AgentService/Chat", identity=identity, tenant=tenant)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_anonymous_callers_share_the_owner_but_each_address_has_its_own_quota(seed: int) -> None:
+    """Generated addresses: every anonymous caller is the owner "anonymous", but counts its
+    sessions under its own address's quota (a hash: no address in it); a verified caller's
+    quota is its owner; no address known, the shared "anonymous" as before."""
+    import random
+
+    rng = random.Random(seed)
+    addresses = {f"{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}.{n}"
+                 for n in range(50)} | {f"2001:db8::{rng.randrange(1 << 16):x}"}  # fmt: skip
+    quotas = {}
+    for address in addresses:
+        call = _call(f"peer:{address}")
+        owner = session_owner(call)
+        assert owner == ANONYMOUS_OWNER
+        quota = session_quota(call, owner)
+        assert quota == session_quota(_call(f"peer:{address}"), owner)  # stable
+        assert address not in quota and len(quota) == 33 and quota.isascii()
+        assert quota_of([(SESSION_QUOTA_HEADER, quota)], owner) == quota  # the agent reads it
+        quotas[address] = quota
+    assert len(set(quotas.values())) == len(addresses)
+    alice = _call("sub:alice")
+    assert session_quota(alice, session_owner(alice)) == session_owner(alice)
+    assert session_quota(_call(""), ANONYMOUS_OWNER) == ANONYMOUS_OWNER
+    # The agent falls back to the owner for a missing or malformed quota.
+    assert quota_of([], "o") == "o"
+    assert quota_of([(SESSION_QUOTA_HEADER, "x" * 500)], "o") == "o"
+    assert quota_of([(SESSION_QUOTA_HEADER, "bad\x00value")], "o") == "o"
 
 
 def test_the_owner_is_the_verified_identity_hashed_and_anonymous_otherwise() -> None:
