@@ -263,8 +263,8 @@ class OverloadSettings(_Section):
         "admitted if it is under its share by then, else refused (`over_share`). Calls "
         "that reach the gate together (held behind a burst in Envoy or on a shared "
         "connection) take their caller's own slots in turn instead of being refused; a "
-        "caller only ever waits on itself, and at most server.max_active_calls calls wait "
-        "at once. 0 = refuse at once.",
+        "caller only ever waits on itself; at most 4 x `min_share` calls of one caller and "
+        "server.max_active_calls in all wait at once. 0 = refuse at once.",
     )
     distress_wait_ms: float = Field(
         default=1000.0,

@@ -33,7 +33,7 @@ the wait, `overload.share_wait_ms`): calls that reach the gate together (held be
 burst in Envoy or on a shared connection) then take their group's own slots in turn. A
 group holding more is refused at once: its calls are no bunch, and a heavy caller's
 streams would rarely end within the wait. A group only ever waits on itself, so what one
-caller holds never delays another.
+caller holds never delays another (the gate also caps each group's waiters).
 A class with `sheds_at` < 1 (batch) is shed earlier than the default, one above 1
 (interactive) later: priority comes from the operator's configuration only (a caller's
 own header never raises it).

@@ -508,6 +508,7 @@ class GateCheck:
             ticket == OVER_SHARE
             and gate.share_wait_s > 0.0
             and shedder.held(group) < 2 * shedder.min_share
+            and shedder.waiters(group) < 4 * shedder.min_share
             and shedder.waiting < gate.capacity
         ):
             ticket = await self._wait_for_own_call(context, group, key, sheds_at)
@@ -536,8 +537,9 @@ class GateCheck:
         FairShedder.wait). Only a group holding a handful (fewer than 2 x min_share: a
         light caller's calls arriving bunched) waits; a heavier one is refused at once, as
         its calls are no bunch and its streams rarely end within the wait. At most
-        `capacity` calls wait at once (past that, refused at once): waiting is not a way
-        around the ceiling."""
+        4 x min_share calls of one group wait (so one caller cannot take the room others'
+        bunches wait in) and `capacity` in all (past either, refused at once): waiting is
+        not a way around the ceiling."""
         gate = self._gate
         shedder = gate.shedder
         loop = asyncio.get_running_loop()

@@ -407,6 +407,34 @@ async def test_no_more_calls_wait_than_the_ceiling_allows_in_flight() -> None:
     assert len(refused) == 1 and gate.shedder.waiters() == 0
 
 
+async def test_one_caller_cannot_take_the_room_others_wait_in() -> None:
+    """At most 4 x min_share calls of one caller wait (24 here); its next is refused at
+    once, and the room left is everyone else's."""
+    agent, refused = Held(), []
+    gate = _share_gate(30.0, refused)  # min_share 6
+    async with channel_for(agent, gate=gate) as channel:
+        generate = channel.unary_unary(UNARY)
+        heavy = await _hold(generate, agent, "10.0.0.1", 10)
+        waiting = [
+            asyncio.ensure_future(generate(b"", metadata=_from("10.0.0.1"), timeout=60))
+            for _ in range(24)
+        ]
+        await wait_until_async(lambda: gate.shedder.waiters("peer:10.0.0.1") == 24)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(generate(b"", metadata=_from("10.0.0.1"), timeout=60), 10)
+        assert _cause(caught.value) == "over_share"
+        assert gate.shedder.waiters() == 24
+
+        def all_admitted() -> bool:
+            agent.release_all()
+            return len(agent.calls) == 34
+
+        await wait_until_async(all_admitted)
+        agent.release_all()
+        assert all(r == OK for r in await asyncio.gather(*heavy, *waiting))
+    assert len(refused) == 1 and gate.shedder.waiters() == 0
+
+
 async def test_a_stream_that_would_time_out_before_its_first_chunk_is_refused_at_the_door() -> None:
     agent = Slow()
     agent.release.set()
