@@ -120,17 +120,19 @@ async def test_the_least_recently_written_sessions_go_past_the_bound(
         await store.aclose()
 
 
+def _three_per_owner(kind: str, redis_server: RedisServer) -> SessionStore:  # noqa: F811
+    bounds = Bounds(max_sessions=100, max_sessions_per_owner=3, ttl_s=60)
+    if kind == "memory":
+        return MemorySessionStore(bounds)
+    return RedisSessionStore(redis_server.url, bounds, timeout_s=0.5)
+
+
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_one_owner_making_sessions_pushes_out_its_own_not_everyones(
     kind: str,
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
-    bounds = Bounds(max_sessions=100, max_sessions_per_owner=3, ttl_s=60)
-    store: SessionStore = (
-        MemorySessionStore(bounds)
-        if kind == "memory"
-        else RedisSessionStore(redis_server.url, bounds, timeout_s=0.5)
-    )
+    store = _three_per_owner(kind, redis_server)
     try:
         await store.append("alice\x00mine", [(USER, "keep me")], replace=False)
         for n in range(10):
@@ -158,12 +160,7 @@ async def test_anonymous_callers_at_two_addresses_each_push_out_only_their_own(
     sessions in a loop pushes out its own oldest, never the other's; a session written
     last by the other counts to the other (and leaves the first's count), and deleting
     it frees that place."""
-    bounds = Bounds(max_sessions=100, max_sessions_per_owner=3, ttl_s=60)
-    store: SessionStore = (
-        MemorySessionStore(bounds)
-        if kind == "memory"
-        else RedisSessionStore(redis_server.url, bounds, timeout_s=0.5)
-    )
+    store = _three_per_owner(kind, redis_server)
     try:
         await store.append("anonymous\x00alice", [(USER, "keep me")], replace=False, quota="qa")
         for n in range(10):
