@@ -134,13 +134,6 @@ def main() -> None:
         "{{ADMIN_PORT}}, {{PROXY_HOST}}, {{PROXY_PORT}} are filled in)",
     )
     parser.add_argument(
-        "--envoy-runtime",
-        action="append",
-        default=[],
-        help="K=V: set an Envoy runtime key through its admin API before the burst "
-        "(e.g. http.max_requests_per_io_cycle=1)",
-    )
-    parser.add_argument(
         "--nice", action="append", default=[],
         help="NAME=N: start that process (agent, proxy, envoy) at this niceness (experiment)",
     )  # fmt: skip
@@ -204,16 +197,6 @@ def main() -> None:
         stop = threading.Event()
         if metrics_url:
             threading.Thread(target=_scrape, args=(metrics_url, stop, scraped), daemon=True).start()
-        admin_at = (
-            f"127.0.0.1:{admin_port}"
-            if args.envoy_config
-            else next((x.get("admin") for x in envoy.stdout_lines() if x.get("admin")), "")
-        )
-        for spec in args.envoy_runtime:
-            request = urllib.request.Request(
-                f"http://{admin_at}/runtime_modify?{spec}", method="POST", data=b""
-            )
-            urllib.request.urlopen(request, timeout=2).read()
         for spec in args.nice:
             name, _, value = spec.partition("=")
             pid = {"agent": agent, "proxy": proxy, "envoy": envoy}[name].pid

@@ -21,6 +21,7 @@ from aiproxy.server.pool.backlog import BacklogProbe
 from aiproxy.server.request import admin
 from aiproxy.server.request.admin import OverviewSampler
 from tests.support.pipeline import channel_for
+from tests.support.probes import record_probes
 from tests.support.waiting import eventually
 
 UNARY = "/ai.agent.v1.AgentService/Generate"
@@ -149,14 +150,7 @@ async def test_the_probe_sleeps_until_a_call_arrives_then_measures_that_method()
         idle=idle,
         in_flight=lambda: in_flight[0],
     )
-    sent: list[str] = []
-
-    class Recording(dict):  # type: ignore[type-arg]
-        def __setitem__(self, key: str, value: float) -> None:
-            sent.append(key)
-            super().__setitem__(key, value)
-
-    probe._sent = Recording()
+    sent = record_probes(probe)
     task = asyncio.create_task(probe.run())
     try:
         await eventually(lambda: idle.waiting, 5, "the probe's first pause")

@@ -23,6 +23,7 @@ from aiproxy.core.errors import OVERLOADED_RETRY_DELAY_S
 from aiproxy.interceptors.overload import BacklogLimit, CallerIdentity, OverloadGate
 from aiproxy.server.pool.backlog import BacklogProbe
 from tests.support.pipeline import channel_for
+from tests.support.probes import record_probes
 from tests.support.waiting import eventually
 
 # ---- BacklogLimit --------------------------------------------------------------------------
@@ -492,14 +493,7 @@ async def test_probe_only_methods_that_take_calls() -> None:
     await server.start()
     taken = {"/a.S/Busy": 0, "/a.S/Idle": 0}
     probe = BacklogProbe(f"127.0.0.1:{port}", interval_s=0.01, paths=tuple(taken), taken=taken)
-    sent: list[str] = []
-
-    class Recording(dict):  # type: ignore[type-arg]
-        def __setitem__(self, key: str, value: float) -> None:
-            sent.append(key)
-            super().__setitem__(key, value)
-
-    probe._sent = Recording()
+    sent = record_probes(probe)
     task = asyncio.create_task(probe.run())
     try:
         for i in range(20):
